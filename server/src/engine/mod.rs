@@ -1,0 +1,1897 @@
+//! The lease engine: who holds which key, what each quota group has spent, who waits. Plain,
+//! synchronous and deterministic: each command takes the current wall-clock milliseconds, decides
+//! the reply and changes the state, and records what happened as events for the shell to carry
+//! out (wake a waiter, stream an event, persist). No I/O, no tokio, no protocol types.
+
+pub mod memory;
+pub mod quota;
+
+use crate::secret::ApiKey;
+use memory::BoundedMemory;
+use quota::{CooldownReason, DailyReset, Limits, QuotaGroup};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+
+/// The pool an acquire without one goes to.
+pub const DEFAULT_POOL: &str = "gemini";
+/// Longest task id, client request id and failure detail, in bytes.
+pub const MAX_ID_BYTES: usize = 256;
+pub const MAX_DETAIL_BYTES: usize = 1024;
+/// How many grantable keys, least recently used first, are compared for quota headroom.
+const SPREAD_CANDIDATES: usize = 4;
+const LEASE_ID_PREFIX: &str = "lease-";
+
+/// The rules the engine enforces, validated by the configuration before it gets here.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub default_ttl_ms: u64,
+    pub max_ttl_ms: u64,
+    pub max_requests_per_lease: u32,
+    /// The provider's sliding window (60 s for Gemini; shorter for scaled-time tests).
+    pub window_ms: u64,
+    /// Added to how long a request stays on the books after its lease ends.
+    pub safety_margin_ms: u64,
+    /// How long a key-related failure keeps the key away from the task that saw it.
+    pub exclusion_ttl_ms: u64,
+    /// First rate-limit cooldown without a provider retry delay; doubles per repeat.
+    pub cooldown_base_ms: u64,
+    pub cooldown_max_ms: u64,
+    /// How many tasks' exclusions, client request ids and ended leases are remembered.
+    pub memory_capacity: usize,
+    pub daily: DailyReset,
+    pub pools: BTreeMap<String, PoolConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Live leases a key may have at once, unless the key says otherwise.
+    pub max_leases_per_key: u32,
+    /// Limits per canonical model name.
+    pub models: BTreeMap<String, Limits>,
+    /// Limits of one project for one model, replacing the model's.
+    pub project_limits: BTreeMap<(String, String), Limits>,
+}
+
+/// One key as configured.
+#[derive(Debug, Clone)]
+pub struct KeySpec {
+    pub id: String,
+    pub pool: String,
+    pub project: String,
+    pub secret: ApiKey,
+    pub max_leases: Option<u32>,
+}
+
+/// `models/gemini-2.5-flash` and `gemini-2.5-flash` are one model.
+pub fn canonical_model(model: &str) -> &str {
+    let model = model.trim();
+    model.strip_prefix("models/").unwrap_or(model)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    #[error("lease_id: no lease {0}")]
+    LeaseNotFound(String),
+    #[error("lease {lease_id}: {reason}")]
+    StaleLease { lease_id: String, reason: String },
+    #[error("key_id: no key {0}")]
+    KeyNotFound(String),
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> EngineError {
+    EngineError::InvalidArgument {
+        field,
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SetupError {
+    #[error("key {0} is configured twice")]
+    DuplicateKeyId(String),
+    #[error("key {key}: unknown pool {pool}")]
+    UnknownPool { key: String, pool: String },
+}
+
+/// What a worker asks for.
+#[derive(Debug, Clone, Default)]
+pub struct AcquireRequest {
+    pub task_id: String,
+    /// Empty means [`DEFAULT_POOL`].
+    pub pool: String,
+    pub model: String,
+    pub exclude_key_ids: Vec<String>,
+    pub ttl_ms: Option<u64>,
+    /// Queue when no key can be lent now (the shell owns the deadline).
+    pub wait: bool,
+    /// 0 means 1.
+    pub requests: u32,
+    pub estimated_tokens: u64,
+    pub client_request_id: Option<String>,
+}
+
+/// A lease as the holder sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseView {
+    pub lease_id: String,
+    pub key_id: String,
+    pub api_key: ApiKey,
+    pub fencing_token: u64,
+    pub ttl_ms: u64,
+    pub expires_ms: u64,
+    pub pool: String,
+    pub project: String,
+    pub model: String,
+    pub requests_granted: u32,
+    pub task_id: String,
+}
+
+/// A lease as others see it: no secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseSummary {
+    pub lease_id: String,
+    pub task_id: String,
+    pub model: String,
+    pub fencing_token: u64,
+    pub requests_granted: u32,
+    pub expires_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnavailableReason {
+    AllLeased,
+    CoolingDown,
+    QuotaSpent,
+    AllDisabled,
+    AllExcluded,
+}
+
+impl UnavailableReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AllLeased => "every usable key is leased",
+            Self::CoolingDown => "every usable key's project is cooling down for this model",
+            Self::QuotaSpent => "every usable key's project has spent its quota for this model",
+            Self::AllDisabled => "every key of the pool is disabled",
+            Self::AllExcluded => "every enabled key is excluded for this task",
+        }
+    }
+}
+
+/// Why no key can be lent, and the earliest time one may be, when known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unavailable {
+    pub reason: UnavailableReason,
+    pub retry_at_ms: Option<u64>,
+}
+
+pub type WaiterId = u64;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Acquired {
+    Granted(LeaseView),
+    /// Waiting in line; the grant arrives through [`Engine::drain`].
+    Queued(WaiterId),
+    Unavailable(Unavailable),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Renewed {
+    Done(LeaseView),
+    /// The TTL was extended, the extra requests not reserved.
+    QuotaUnavailable(LeaseView, Unavailable),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    RateLimited,
+    DailyQuotaExhausted,
+    InvalidKey,
+    PermissionDenied,
+    ServerError,
+    Timeout,
+    Other,
+}
+
+impl FailureKind {
+    /// Failures that say something about the key or its project, not about the provider.
+    pub fn blames_key(self) -> bool {
+        matches!(
+            self,
+            Self::RateLimited
+                | Self::DailyQuotaExhausted
+                | Self::InvalidKey
+                | Self::PermissionDenied
+        )
+    }
+
+    /// Evidence that the key itself is bad: acted on even when it arrives late.
+    pub fn disables_key(self) -> bool {
+        matches!(self, Self::InvalidKey | Self::PermissionDenied)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RateLimited => "rate limited",
+            Self::DailyQuotaExhausted => "daily quota exhausted",
+            Self::InvalidKey => "invalid key",
+            Self::PermissionDenied => "permission denied",
+            Self::ServerError => "server error",
+            Self::Timeout => "timeout",
+            Self::Other => "other",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FailureReport {
+    pub kind: FailureKind,
+    pub retry_after_ms: Option<u64>,
+    pub detail: String,
+    /// `None` counts every granted request as sent.
+    pub requests_sent: Option<u32>,
+}
+
+/// What a report did, and what to ask for to replace the lease.
+#[derive(Debug, Clone)]
+pub struct Reported {
+    pub key_id: String,
+    pub replacement: AcquireRequest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseEvent {
+    pub lease: LeaseSummary,
+    pub key_id: String,
+    pub project: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    Granted(LeaseEvent),
+    Renewed(LeaseEvent),
+    Released {
+        lease: LeaseEvent,
+        requests_sent: u64,
+    },
+    Expired(LeaseEvent),
+    Failed {
+        lease: LeaseEvent,
+        kind: FailureKind,
+        detail: String,
+    },
+    CooledDown {
+        pool: String,
+        project: String,
+        model: String,
+        until_ms: u64,
+        reason: CooldownReason,
+    },
+    KeyDisabled {
+        key_id: String,
+        reason: String,
+    },
+    KeyEnabled {
+        key_id: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub at_ms: u64,
+    pub kind: EventKind,
+}
+
+/// What the shell must carry out after a command.
+#[derive(Debug, Default)]
+pub struct Notices {
+    pub events: Vec<Event>,
+    pub waiter_grants: Vec<(WaiterId, LeaseView)>,
+    pub waiter_failures: Vec<(WaiterId, Unavailable)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    Available,
+    Leased,
+    CoolingDown,
+    Disabled,
+}
+
+#[derive(Debug, Clone)]
+pub struct KeyView {
+    pub key_id: String,
+    pub masked_key: String,
+    pub pool: String,
+    pub project: String,
+    pub state: KeyState,
+    pub disabled_reason: Option<String>,
+    pub max_leases: u32,
+    pub leases: Vec<LeaseSummary>,
+    pub cooling_until_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageView {
+    pub used: u64,
+    pub limit: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GroupView {
+    pub pool: String,
+    pub project: String,
+    pub model: String,
+    pub requests_per_minute: UsageView,
+    pub tokens_per_minute: UsageView,
+    pub requests_per_day: UsageView,
+    pub cooldown: Option<quota::Cooldown>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StatusView {
+    pub keys: Vec<KeyView>,
+    pub groups: Vec<GroupView>,
+    /// (pool, model, waiters).
+    pub waiting: Vec<(String, String, usize)>,
+    /// Offset of the next page, when there is one.
+    pub next_offset: Option<usize>,
+    pub total_keys: usize,
+    pub live_leases: usize,
+    pub now_ms: u64,
+}
+
+type PoolIdx = u32;
+type ProjectIdx = u32;
+type ModelIdx = u32;
+type KeyIdx = usize;
+type Token = u64;
+
+/// A (pool, project, model): the unit the provider's limits apply to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct GroupKey {
+    pool: PoolIdx,
+    project: ProjectIdx,
+    model: ModelIdx,
+}
+
+#[derive(Debug)]
+struct Key {
+    spec: KeySpec,
+    pool: PoolIdx,
+    project: ProjectIdx,
+    max_leases: u32,
+    disabled: Option<String>,
+    /// Fencing tokens of its live leases.
+    live: Vec<Token>,
+    /// Orders the pool's free keys: least recently granted first.
+    last_granted_ms: u64,
+}
+
+impl Key {
+    fn has_free_slot(&self) -> bool {
+        self.disabled.is_none() && (self.live.len() as u32) < self.max_leases
+    }
+}
+
+#[derive(Debug)]
+struct Pool {
+    name: String,
+    config: PoolConfig,
+    keys: Vec<KeyIdx>,
+    enabled_keys: usize,
+    /// Enabled keys with a free slot, least recently granted first.
+    free: BTreeSet<(u64, KeyIdx)>,
+    /// Per model: the largest limit of any project (`None`: some project has no limit), so
+    /// that an ask no project could ever serve is refused at once.
+    largest_limits: HashMap<ModelIdx, Limits>,
+}
+
+#[derive(Debug, Clone)]
+struct Lease {
+    key: KeyIdx,
+    task_id: String,
+    model: ModelIdx,
+    requests: u64,
+    tokens: u64,
+    ttl_ms: u64,
+    expires_ms: u64,
+}
+
+/// What is remembered of an ended lease: enough to act on late evidence and answer retries.
+#[derive(Debug, Clone)]
+struct EndedLease {
+    key: KeyIdx,
+    task_id: String,
+    model: ModelIdx,
+    requests: u64,
+    tokens: u64,
+    ttl_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Waiter {
+    id: WaiterId,
+    task_id: String,
+    model: ModelIdx,
+    excluded: HashSet<KeyIdx>,
+    requests: u64,
+    tokens: u64,
+    ttl_ms: u64,
+    client_request_id: Option<String>,
+}
+
+/// The line for one (pool, model).
+#[derive(Debug, Default)]
+struct WaitQueue {
+    waiters: VecDeque<Waiter>,
+    /// Groups an earlier waiter could not afford at the last pass: later arrivals keep off them.
+    blocked: HashSet<GroupKey>,
+    /// When the books next change by themselves, so the line is looked at again.
+    wake_at_ms: Option<u64>,
+}
+
+/// Keys a task failed on, with when each exclusion ends.
+type TaskExclusions = Vec<(KeyIdx, u64)>;
+
+enum Selection {
+    Key(KeyIdx),
+    /// No key; these groups were usable but could not afford the ask.
+    None {
+        unaffordable: Vec<GroupKey>,
+    },
+}
+
+pub struct Engine {
+    config: EngineConfig,
+    keys: Vec<Key>,
+    key_by_id: HashMap<String, KeyIdx>,
+    pools: Vec<Pool>,
+    pool_by_name: HashMap<String, PoolIdx>,
+    projects: Vec<String>,
+    models: Vec<String>,
+    model_by_name: HashMap<String, ModelIdx>,
+    groups: HashMap<GroupKey, QuotaGroup>,
+    /// Consecutive rate-limit cooldowns without a provider delay, per (pool, project).
+    backoff: HashMap<(PoolIdx, ProjectIdx), u32>,
+    leases: HashMap<Token, Lease>,
+    expiries: BTreeSet<(u64, Token)>,
+    /// Live leases of each task.
+    task_leases: HashMap<String, Vec<Token>>,
+    exclusions: BoundedMemory<String, TaskExclusions>,
+    request_ids: BoundedMemory<String, Token>,
+    ended: BoundedMemory<Token, EndedLease>,
+    queues: BTreeMap<(PoolIdx, ModelIdx), WaitQueue>,
+    next_token: Token,
+    next_waiter: WaiterId,
+    /// The latest time seen: the engine's time never runs backwards.
+    now_ms: u64,
+    /// Something freed capacity since waiters were last served.
+    freed: bool,
+    notices: Notices,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig, keys: Vec<KeySpec>, now_ms: u64) -> Result<Self, SetupError> {
+        let mut engine = Self {
+            exclusions: BoundedMemory::new(config.memory_capacity),
+            request_ids: BoundedMemory::new(config.memory_capacity),
+            ended: BoundedMemory::new(config.memory_capacity),
+            config,
+            keys: Vec::new(),
+            key_by_id: HashMap::new(),
+            pools: Vec::new(),
+            pool_by_name: HashMap::new(),
+            projects: Vec::new(),
+            models: Vec::new(),
+            model_by_name: HashMap::new(),
+            groups: HashMap::new(),
+            backoff: HashMap::new(),
+            leases: HashMap::new(),
+            expiries: BTreeSet::new(),
+            task_leases: HashMap::new(),
+            queues: BTreeMap::new(),
+            next_token: 1,
+            next_waiter: 1,
+            now_ms,
+            freed: false,
+            notices: Notices::default(),
+        };
+        for (name, pool_config) in engine.config.pools.clone() {
+            let mut largest_limits = HashMap::new();
+            for (model, limits) in &pool_config.models {
+                let model_idx = engine.intern_model(model);
+                let mut largest = *limits;
+                for ((_, m), project_limits) in &pool_config.project_limits {
+                    if m == model {
+                        largest = larger_limits(largest, *project_limits);
+                    }
+                }
+                largest_limits.insert(model_idx, largest);
+            }
+            engine
+                .pool_by_name
+                .insert(name.clone(), engine.pools.len() as PoolIdx);
+            engine.pools.push(Pool {
+                name,
+                config: pool_config,
+                keys: Vec::new(),
+                enabled_keys: 0,
+                free: BTreeSet::new(),
+                largest_limits,
+            });
+        }
+        for spec in keys {
+            if engine.key_by_id.contains_key(&spec.id) {
+                return Err(SetupError::DuplicateKeyId(spec.id));
+            }
+            let Some(&pool) = engine.pool_by_name.get(&spec.pool) else {
+                return Err(SetupError::UnknownPool {
+                    key: spec.id,
+                    pool: spec.pool,
+                });
+            };
+            let project = engine.intern_project(&spec.project);
+            let idx = engine.keys.len();
+            let pool_entry = &mut engine.pools[pool as usize];
+            let max_leases = spec
+                .max_leases
+                .unwrap_or(pool_entry.config.max_leases_per_key);
+            pool_entry.keys.push(idx);
+            pool_entry.enabled_keys += 1;
+            pool_entry.free.insert((0, idx));
+            engine.key_by_id.insert(spec.id.clone(), idx);
+            engine.keys.push(Key {
+                spec,
+                pool,
+                project,
+                max_leases,
+                disabled: None,
+                live: Vec::new(),
+                last_granted_ms: 0,
+            });
+        }
+        Ok(engine)
+    }
+
+    fn intern_project(&mut self, name: &str) -> ProjectIdx {
+        if let Some(idx) = self.projects.iter().position(|p| p == name) {
+            return idx as ProjectIdx;
+        }
+        self.projects.push(name.to_string());
+        (self.projects.len() - 1) as ProjectIdx
+    }
+
+    fn intern_model(&mut self, name: &str) -> ModelIdx {
+        if let Some(&idx) = self.model_by_name.get(name) {
+            return idx;
+        }
+        let idx = self.models.len() as ModelIdx;
+        self.models.push(name.to_string());
+        self.model_by_name.insert(name.to_string(), idx);
+        idx
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Everything the shell must carry out since the last call.
+    pub fn drain(&mut self) -> Notices {
+        std::mem::take(&mut self.notices)
+    }
+
+    /// When the engine next needs [`Engine::tick`] without a command: a lease expires, or the
+    /// books change for someone waiting.
+    pub fn next_wakeup_ms(&self) -> Option<u64> {
+        let expiry = self.expiries.first().map(|&(at, _)| at);
+        let queues = self.queues.values().filter_map(|q| q.wake_at_ms).min();
+        match (expiry, queues) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Brings the state to `now_ms`: ends expired leases and serves waiters that can now be.
+    pub fn tick(&mut self, now_ms: u64) -> u64 {
+        let now = self.now_ms.max(now_ms);
+        self.now_ms = now;
+        while let Some(&(expires_ms, token)) = self.expiries.first() {
+            if expires_ms > now {
+                break;
+            }
+            let lease = self.leases[&token].clone();
+            let event = self.end_lease(token, now, lease.requests, lease.tokens);
+            self.emit(now, EventKind::Expired(event));
+        }
+        let wake_due = self
+            .queues
+            .values()
+            .any(|q| q.wake_at_ms.is_some_and(|at| at <= now));
+        if self.freed || wake_due {
+            self.freed = false;
+            self.serve_waiters(now);
+        }
+        now
+    }
+
+    // ---- acquire -------------------------------------------------------------------------
+
+    pub fn acquire(
+        &mut self,
+        now_ms: u64,
+        request: AcquireRequest,
+    ) -> Result<Acquired, EngineError> {
+        let now = self.tick(now_ms);
+        let ask = self.validate_acquire(&request)?;
+
+        if let Some(id) = &request.client_request_id
+            && let Some(&token) = self.request_ids.get(id)
+        {
+            return match self.leases.get(&token) {
+                Some(lease) if lease.task_id == request.task_id => {
+                    Ok(Acquired::Granted(self.view(token)))
+                }
+                Some(_) => Err(invalid("client_request_id", "already used by another task")),
+                None => Err(EngineError::StaleLease {
+                    lease_id: lease_id(token),
+                    reason: "the lease granted for this client_request_id has ended".into(),
+                }),
+            };
+        }
+
+        if let Some(token) =
+            self.held_lease(&request.task_id, ask.pool, ask.model, &ask.excluded, now)
+        {
+            return Ok(Acquired::Granted(self.view(token)));
+        }
+
+        let queue_key = (ask.pool, ask.model);
+        let blocked = self
+            .queues
+            .get(&queue_key)
+            .map(|q| q.blocked.clone())
+            .unwrap_or_default();
+        let selection = self.select(
+            now,
+            ask.pool,
+            ask.model,
+            &request.task_id,
+            &ask.excluded,
+            &blocked,
+            ask.requests,
+            ask.tokens,
+        );
+        match selection {
+            Selection::Key(key) => {
+                let token = self.grant(
+                    now,
+                    key,
+                    &request.task_id,
+                    ask.model,
+                    ask.requests,
+                    ask.tokens,
+                    ask.ttl_ms,
+                    request.client_request_id,
+                    None,
+                );
+                Ok(Acquired::Granted(self.view(token)))
+            }
+            Selection::None { unaffordable } => {
+                let unavailable = self.unavailable(
+                    now,
+                    ask.pool,
+                    ask.model,
+                    &request.task_id,
+                    &ask.excluded,
+                    ask.requests,
+                    ask.tokens,
+                );
+                let hopeless = matches!(
+                    unavailable.reason,
+                    UnavailableReason::AllDisabled | UnavailableReason::AllExcluded
+                );
+                if !request.wait || hopeless {
+                    return Ok(Acquired::Unavailable(unavailable));
+                }
+                let id = self.next_waiter;
+                self.next_waiter += 1;
+                let wake_at = self.pool_next_change(now, ask.pool);
+                let queue = self.queues.entry(queue_key).or_default();
+                queue.blocked.extend(unaffordable);
+                queue.wake_at_ms = wake_at;
+                queue.waiters.push_back(Waiter {
+                    id,
+                    task_id: request.task_id,
+                    model: ask.model,
+                    excluded: ask.excluded,
+                    requests: ask.requests,
+                    tokens: ask.tokens,
+                    ttl_ms: ask.ttl_ms,
+                    client_request_id: request.client_request_id,
+                });
+                Ok(Acquired::Queued(id))
+            }
+        }
+    }
+
+    /// Takes a waiter out of line (deadline, disconnect). `None` when it is no longer waiting
+    /// (it was granted or failed, and that is in the notices); otherwise why it got nothing.
+    pub fn cancel_waiter(&mut self, now_ms: u64, id: WaiterId) -> Option<Unavailable> {
+        let now = self.tick(now_ms);
+        let (&(pool, _), queue) = self
+            .queues
+            .iter_mut()
+            .find(|(_, q)| q.waiters.iter().any(|w| w.id == id))?;
+        let position = queue.waiters.iter().position(|w| w.id == id)?;
+        let waiter = queue.waiters.remove(position)?;
+        // A waiter leaving can unblock those behind it.
+        self.freed = true;
+        let unavailable = self.unavailable(
+            now,
+            pool,
+            waiter.model,
+            &waiter.task_id,
+            &waiter.excluded,
+            waiter.requests,
+            waiter.tokens,
+        );
+        self.tick(now);
+        Some(unavailable)
+    }
+
+    fn validate_acquire(&self, request: &AcquireRequest) -> Result<Ask, EngineError> {
+        validate_id("task_id", &request.task_id, true)?;
+        if let Some(id) = &request.client_request_id {
+            validate_id("client_request_id", id, false)?;
+        }
+        let pool_name = if request.pool.is_empty() {
+            DEFAULT_POOL
+        } else {
+            request.pool.as_str()
+        };
+        let &pool = self
+            .pool_by_name
+            .get(pool_name)
+            .ok_or_else(|| invalid("pool", format!("unknown pool {pool_name:?}")))?;
+        let model = self.model_of(pool, &request.model)?;
+        let ttl_ms =
+            self.validate_ttl(request.ttl_ms.unwrap_or(self.config.default_ttl_ms), false)?;
+        let requests = u64::from(request.requests.max(1));
+        if requests > u64::from(self.config.max_requests_per_lease) {
+            return Err(invalid(
+                "requests",
+                format!(
+                    "{requests} is above the maximum of {} per lease",
+                    self.config.max_requests_per_lease
+                ),
+            ));
+        }
+        self.check_servable(pool, model, requests, request.estimated_tokens)?;
+        let excluded = request
+            .exclude_key_ids
+            .iter()
+            .filter_map(|id| self.key_by_id.get(id).copied())
+            .collect();
+        Ok(Ask {
+            pool,
+            model,
+            ttl_ms,
+            requests,
+            tokens: request.estimated_tokens,
+            excluded,
+        })
+    }
+
+    fn model_of(&self, pool: PoolIdx, model: &str) -> Result<ModelIdx, EngineError> {
+        let name = canonical_model(model);
+        if name.is_empty() {
+            return Err(invalid("model", "empty"));
+        }
+        let pool = &self.pools[pool as usize];
+        self.model_by_name
+            .get(name)
+            .copied()
+            .filter(|m| pool.largest_limits.contains_key(m))
+            .ok_or_else(|| {
+                let known: Vec<&str> = pool.config.models.keys().map(String::as_str).collect();
+                invalid(
+                    "model",
+                    format!(
+                        "unknown model {name:?} in pool {:?} (known: {})",
+                        pool.name,
+                        known.join(", ")
+                    ),
+                )
+            })
+    }
+
+    /// A TTL of zero or above the maximum is refused, or capped when `cap` (renewals).
+    fn validate_ttl(&self, ttl_ms: u64, cap: bool) -> Result<u64, EngineError> {
+        if ttl_ms == 0 {
+            return Err(invalid("ttl", "must be above zero"));
+        }
+        if ttl_ms > self.config.max_ttl_ms {
+            if cap {
+                return Ok(self.config.max_ttl_ms);
+            }
+            return Err(invalid(
+                "ttl",
+                format!(
+                    "{} is above the maximum {}",
+                    show_ms(ttl_ms),
+                    show_ms(self.config.max_ttl_ms)
+                ),
+            ));
+        }
+        Ok(ttl_ms)
+    }
+
+    /// Refuses an ask that no project of the pool could ever afford.
+    fn check_servable(
+        &self,
+        pool: PoolIdx,
+        model: ModelIdx,
+        requests: u64,
+        tokens: u64,
+    ) -> Result<(), EngineError> {
+        let largest = self.pools[pool as usize].largest_limits[&model];
+        let name = &self.models[model as usize];
+        for (field, amount, limit, what) in [
+            (
+                "requests",
+                requests,
+                largest.requests_per_minute,
+                "requests per minute",
+            ),
+            (
+                "requests",
+                requests,
+                largest.requests_per_day,
+                "requests per day",
+            ),
+            (
+                "estimated_input_tokens",
+                tokens,
+                largest.tokens_per_minute,
+                "tokens per minute",
+            ),
+        ] {
+            if let Some(limit) = limit
+                && amount > limit
+            {
+                return Err(invalid(
+                    field,
+                    format!("{amount} exceeds the limit of {limit} {what} of {name}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The task's live lease for this pool and model, unless its key is now excluded.
+    fn held_lease(
+        &self,
+        task: &str,
+        pool: PoolIdx,
+        model: ModelIdx,
+        excluded: &HashSet<KeyIdx>,
+        now: u64,
+    ) -> Option<Token> {
+        let tokens = self.task_leases.get(task)?;
+        tokens.iter().copied().find(|token| {
+            let lease = &self.leases[token];
+            lease.model == model
+                && self.keys[lease.key].pool == pool
+                && !excluded.contains(&lease.key)
+                && !self.task_excludes(task, lease.key, now)
+        })
+    }
+
+    fn task_excludes(&self, task: &str, key: KeyIdx, now: u64) -> bool {
+        self.exclusions
+            .get(task)
+            .is_some_and(|list| list.iter().any(|&(k, until)| k == key && until > now))
+    }
+
+    /// Picks a key for an ask: among the first grantable keys, least recently used first, the
+    /// one whose group has the most headroom.
+    #[allow(clippy::too_many_arguments)]
+    fn select(
+        &mut self,
+        now: u64,
+        pool: PoolIdx,
+        model: ModelIdx,
+        task: &str,
+        excluded: &HashSet<KeyIdx>,
+        blocked: &HashSet<GroupKey>,
+        requests: u64,
+        tokens: u64,
+    ) -> Selection {
+        let task_exclusions: Vec<KeyIdx> = self
+            .exclusions
+            .get(task)
+            .map(|list| {
+                list.iter()
+                    .filter(|&&(_, until)| until > now)
+                    .map(|&(k, _)| k)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut unaffordable = Vec::new();
+        let mut best: Option<(KeyIdx, f64)> = None;
+        let mut candidates = 0;
+        let pool_entry = &self.pools[pool as usize];
+        for &(_, key) in &pool_entry.free {
+            if excluded.contains(&key) || task_exclusions.contains(&key) {
+                continue;
+            }
+            let group_key = GroupKey {
+                pool,
+                project: self.keys[key].project,
+                model,
+            };
+            if blocked.contains(&group_key) || unaffordable.contains(&group_key) {
+                continue;
+            }
+            let group = group_entry(
+                &mut self.groups,
+                pool_entry,
+                &self.projects,
+                &self.models,
+                group_key,
+                now,
+                self.config.daily,
+            );
+            if group.cooldown.is_some() {
+                continue;
+            }
+            if !group.can_afford(requests, tokens) {
+                unaffordable.push(group_key);
+                continue;
+            }
+            let headroom = group.headroom();
+            if best.is_none_or(|(_, h)| headroom > h) {
+                best = Some((key, headroom));
+            }
+            candidates += 1;
+            if candidates == SPREAD_CANDIDATES {
+                break;
+            }
+        }
+        match best {
+            Some((key, _)) => Selection::Key(key),
+            None => Selection::None { unaffordable },
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn grant(
+        &mut self,
+        now: u64,
+        key: KeyIdx,
+        task: &str,
+        model: ModelIdx,
+        requests: u64,
+        tokens: u64,
+        ttl_ms: u64,
+        client_request_id: Option<String>,
+        waiter: Option<WaiterId>,
+    ) -> Token {
+        let token = self.next_token;
+        self.next_token += 1;
+        let pool = self.keys[key].pool;
+        let group_key = GroupKey {
+            pool,
+            project: self.keys[key].project,
+            model,
+        };
+        self.groups
+            .get_mut(&group_key)
+            .expect("select looked the group up")
+            .reserve(requests, tokens);
+        self.set_free(key, false);
+        let entry = &mut self.keys[key];
+        entry.live.push(token);
+        entry.last_granted_ms = now;
+        self.set_free(key, true);
+        let expires_ms = now + ttl_ms;
+        self.leases.insert(
+            token,
+            Lease {
+                key,
+                task_id: task.to_string(),
+                model,
+                requests,
+                tokens,
+                ttl_ms,
+                expires_ms,
+            },
+        );
+        self.expiries.insert((expires_ms, token));
+        self.task_leases
+            .entry(task.to_string())
+            .or_default()
+            .push(token);
+        if let Some(id) = client_request_id {
+            self.request_ids.insert(id, token);
+        }
+        let event = self.lease_event(token);
+        self.emit(now, EventKind::Granted(event));
+        if let Some(waiter) = waiter {
+            let view = self.view(token);
+            self.notices.waiter_grants.push((waiter, view));
+        }
+        token
+    }
+
+    /// Keeps `key`'s place in its pool's free set in step with its state: call with `false`
+    /// before changing what orders or qualifies it, and with `true` after.
+    fn set_free(&mut self, key: KeyIdx, after_change: bool) {
+        let entry = &self.keys[key];
+        let slot = (entry.last_granted_ms, key);
+        let free = &mut self.pools[entry.pool as usize].free;
+        if after_change && entry.has_free_slot() {
+            free.insert(slot);
+        } else {
+            free.remove(&slot);
+        }
+    }
+
+    /// Serves every line in order, first come first served: a waiter is passed over only for
+    /// keys it cannot use (excluded) or groups an earlier waiter could not afford.
+    fn serve_waiters(&mut self, now: u64) {
+        let keys: Vec<(PoolIdx, ModelIdx)> = self.queues.keys().copied().collect();
+        for queue_key in keys {
+            let mut queue = std::mem::take(self.queues.get_mut(&queue_key).expect("listed"));
+            let (pool, model) = queue_key;
+            let mut blocked = HashSet::new();
+            let mut position = 0;
+            while position < queue.waiters.len() {
+                if self.pools[pool as usize].enabled_keys == 0 {
+                    let waiter = queue.waiters.remove(position).expect("in range");
+                    let failure = Unavailable {
+                        reason: UnavailableReason::AllDisabled,
+                        retry_at_ms: None,
+                    };
+                    self.notices.waiter_failures.push((waiter.id, failure));
+                    continue;
+                }
+                if self.pools[pool as usize].free.is_empty() {
+                    break;
+                }
+                let waiter = &queue.waiters[position];
+                match self.select(
+                    now,
+                    pool,
+                    model,
+                    &waiter.task_id,
+                    &waiter.excluded,
+                    &blocked,
+                    waiter.requests,
+                    waiter.tokens,
+                ) {
+                    Selection::Key(key) => {
+                        let waiter = queue.waiters.remove(position).expect("in range");
+                        self.grant(
+                            now,
+                            key,
+                            &waiter.task_id,
+                            model,
+                            waiter.requests,
+                            waiter.tokens,
+                            waiter.ttl_ms,
+                            waiter.client_request_id,
+                            Some(waiter.id),
+                        );
+                    }
+                    Selection::None { unaffordable } => {
+                        blocked.extend(unaffordable);
+                        position += 1;
+                    }
+                }
+            }
+            queue.blocked = blocked;
+            queue.wake_at_ms = if queue.waiters.is_empty() {
+                None
+            } else {
+                self.pool_next_change(now, pool)
+            };
+            if queue.waiters.is_empty() {
+                self.queues.remove(&queue_key);
+            } else {
+                self.queues.insert(queue_key, queue);
+            }
+        }
+    }
+
+    /// The next time any group of the pool changes by itself.
+    fn pool_next_change(&self, now: u64, pool: PoolIdx) -> Option<u64> {
+        self.groups
+            .iter()
+            .filter(|(k, _)| k.pool == pool)
+            .filter_map(|(_, g)| g.next_change_after(now, self.config.daily))
+            .min()
+    }
+
+    /// Why an ask gets no key now, and when it might.
+    #[allow(clippy::too_many_arguments)]
+    fn unavailable(
+        &mut self,
+        now: u64,
+        pool: PoolIdx,
+        model: ModelIdx,
+        task: &str,
+        excluded: &HashSet<KeyIdx>,
+        requests: u64,
+        tokens: u64,
+    ) -> Unavailable {
+        let mut usable = 0;
+        let mut any_enabled = false;
+        let mut earliest: Option<(u64, UnavailableReason)> = None;
+        let mut reasons = Vec::new();
+        for position in 0..self.pools[pool as usize].keys.len() {
+            let key = self.pools[pool as usize].keys[position];
+            if self.keys[key].disabled.is_some() {
+                continue;
+            }
+            any_enabled = true;
+            if excluded.contains(&key) || self.task_excludes(task, key, now) {
+                continue;
+            }
+            usable += 1;
+            let entry = &self.keys[key];
+            let slot_free_at = if entry.has_free_slot() {
+                Some(now)
+            } else {
+                entry.live.iter().map(|t| self.leases[t].expires_ms).min()
+            };
+            let group_key = GroupKey {
+                pool,
+                project: entry.project,
+                model,
+            };
+            let pool_entry = &self.pools[pool as usize];
+            let group = group_entry(
+                &mut self.groups,
+                pool_entry,
+                &self.projects,
+                &self.models,
+                group_key,
+                now,
+                self.config.daily,
+            );
+            let reason = if !self.keys[key].has_free_slot() {
+                UnavailableReason::AllLeased
+            } else if group.cooldown.is_some() {
+                UnavailableReason::CoolingDown
+            } else {
+                UnavailableReason::QuotaSpent
+            };
+            reasons.push(reason);
+            let ready = match (
+                slot_free_at,
+                group.affordable_at(now, requests, tokens, self.config.daily),
+            ) {
+                (Some(slot), Some(quota)) => Some(slot.max(quota)),
+                _ => None,
+            };
+            if let Some(ready) = ready
+                && earliest.is_none_or(|(at, _)| ready < at)
+            {
+                earliest = Some((ready, reason));
+            }
+        }
+        if !any_enabled {
+            return Unavailable {
+                reason: UnavailableReason::AllDisabled,
+                retry_at_ms: None,
+            };
+        }
+        if usable == 0 {
+            let retry_at_ms = self.exclusions.get(task).and_then(|list| {
+                list.iter()
+                    .filter(|&&(k, _)| !excluded.contains(&k))
+                    .map(|&(_, until)| until)
+                    .min()
+            });
+            return Unavailable {
+                reason: UnavailableReason::AllExcluded,
+                retry_at_ms,
+            };
+        }
+        match earliest {
+            Some((at, reason)) => Unavailable {
+                reason,
+                retry_at_ms: Some(at.max(now)),
+            },
+            None => Unavailable {
+                reason: reasons[0],
+                retry_at_ms: None,
+            },
+        }
+    }
+
+    // ---- renew, release, report --------------------------------------------------------
+
+    /// The live lease `lease_id` if `fencing_token` is its own.
+    fn live_lease(&self, lease_id: &str, fencing_token: u64) -> Result<Token, EngineError> {
+        let token = self.known_token(lease_id)?;
+        if !self.leases.contains_key(&token) {
+            return Err(EngineError::StaleLease {
+                lease_id: lease_id.to_string(),
+                reason: "it has ended".into(),
+            });
+        }
+        if token != fencing_token {
+            return Err(EngineError::StaleLease {
+                lease_id: lease_id.to_string(),
+                reason: format!("fencing token {fencing_token} is not the lease's"),
+            });
+        }
+        Ok(token)
+    }
+
+    /// The token a lease id names, if such a lease was ever granted.
+    fn known_token(&self, lease_id: &str) -> Result<Token, EngineError> {
+        lease_id
+            .strip_prefix(LEASE_ID_PREFIX)
+            .and_then(|t| t.parse::<Token>().ok())
+            .filter(|&t| t > 0 && t < self.next_token)
+            .ok_or_else(|| EngineError::LeaseNotFound(lease_id.to_string()))
+    }
+
+    pub fn renew(
+        &mut self,
+        now_ms: u64,
+        lease_id: &str,
+        fencing_token: u64,
+        ttl_ms: Option<u64>,
+        additional_requests: u32,
+        additional_tokens: u64,
+    ) -> Result<Renewed, EngineError> {
+        let now = self.tick(now_ms);
+        let token = self.live_lease(lease_id, fencing_token)?;
+        let lease = &self.leases[&token];
+        let ttl_ms = self.validate_ttl(ttl_ms.unwrap_or(lease.ttl_ms), true)?;
+        let total = lease.requests + u64::from(additional_requests);
+        if total > u64::from(self.config.max_requests_per_lease) {
+            return Err(invalid(
+                "additional_requests",
+                format!(
+                    "{total} in all is above the maximum of {} per lease",
+                    self.config.max_requests_per_lease
+                ),
+            ));
+        }
+        let key = lease.key;
+        let model = lease.model;
+        let pool = self.keys[key].pool;
+        self.check_servable(pool, model, total, lease.tokens + additional_tokens)?;
+
+        let old_expiry = (lease.expires_ms, token);
+        self.expiries.remove(&old_expiry);
+        let lease = self.leases.get_mut(&token).expect("live");
+        lease.ttl_ms = ttl_ms;
+        lease.expires_ms = now + ttl_ms;
+        self.expiries.insert((now + ttl_ms, token));
+
+        let mut shortfall = None;
+        if additional_requests > 0 || additional_tokens > 0 {
+            let group_key = GroupKey {
+                pool,
+                project: self.keys[key].project,
+                model,
+            };
+            let pool_entry = &self.pools[pool as usize];
+            let group = group_entry(
+                &mut self.groups,
+                pool_entry,
+                &self.projects,
+                &self.models,
+                group_key,
+                now,
+                self.config.daily,
+            );
+            let (requests, tokens) = (u64::from(additional_requests), additional_tokens);
+            if group.cooldown.is_none() && group.can_afford(requests, tokens) {
+                group.reserve(requests, tokens);
+                let lease = self.leases.get_mut(&token).expect("live");
+                lease.requests += requests;
+                lease.tokens += tokens;
+            } else {
+                let reason = if group.cooldown.is_some() {
+                    UnavailableReason::CoolingDown
+                } else {
+                    UnavailableReason::QuotaSpent
+                };
+                let retry_at_ms = group.affordable_at(now, requests, tokens, self.config.daily);
+                shortfall = Some(Unavailable {
+                    reason,
+                    retry_at_ms,
+                });
+            }
+        }
+        let event = self.lease_event(token);
+        self.emit(now, EventKind::Renewed(event));
+        let view = self.view(token);
+        Ok(match shortfall {
+            None => Renewed::Done(view),
+            Some(unavailable) => Renewed::QuotaUnavailable(view, unavailable),
+        })
+    }
+
+    /// Ends a lease with what it used. `Ok(false)` when it had already ended.
+    pub fn release(
+        &mut self,
+        now_ms: u64,
+        lease_id: &str,
+        fencing_token: u64,
+        requests_sent: u32,
+        input_tokens: u64,
+    ) -> Result<bool, EngineError> {
+        let now = self.tick(now_ms);
+        let token = self.known_token(lease_id)?;
+        if !self.leases.contains_key(&token) {
+            return Ok(false);
+        }
+        let token = self.live_lease(lease_id, fencing_token)?;
+        let key = self.leases[&token].key;
+        let event = self.end_lease(token, now, u64::from(requests_sent), input_tokens);
+        if requests_sent > 0 {
+            // A call went through: the project's rate-limit backoff starts over.
+            self.backoff
+                .remove(&(self.keys[key].pool, self.keys[key].project));
+        }
+        self.emit(
+            now,
+            EventKind::Released {
+                lease: event,
+                requests_sent: u64::from(requests_sent),
+            },
+        );
+        self.tick(now);
+        Ok(true)
+    }
+
+    /// Records a failed call: ends the lease, acts on the failure's class, and says what to ask
+    /// for to replace it. Late reports are refused, except evidence that the key is bad.
+    pub fn report_failure(
+        &mut self,
+        now_ms: u64,
+        lease_id: &str,
+        fencing_token: u64,
+        report: FailureReport,
+    ) -> Result<Reported, EngineError> {
+        let now = self.tick(now_ms);
+        if report.detail.len() > MAX_DETAIL_BYTES {
+            return Err(invalid(
+                "detail",
+                format!(
+                    "{} bytes is above the maximum of {MAX_DETAIL_BYTES}",
+                    report.detail.len()
+                ),
+            ));
+        }
+        if let Some(retry_after_ms) = report.retry_after_ms
+            && retry_after_ms > DAY_MS
+        {
+            return Err(invalid(
+                "retry_after",
+                format!("{} is longer than a day", show_ms(retry_after_ms)),
+            ));
+        }
+        let (ended, event) = match self.live_lease(lease_id, fencing_token) {
+            Ok(token) => {
+                let lease = self.leases[&token].clone();
+                let sent = report.requests_sent.map_or(lease.requests, u64::from);
+                let event = self.end_lease(token, now, sent, lease.tokens);
+                (
+                    self.ended.get(&token).expect("just remembered").clone(),
+                    event,
+                )
+            }
+            Err(EngineError::StaleLease { .. }) if report.kind.disables_key() => {
+                let token = self.known_token(lease_id)?;
+                let Some(ended) = self.ended.get(&token).cloned() else {
+                    return Err(EngineError::StaleLease {
+                        lease_id: lease_id.to_string(),
+                        reason: "it ended too long ago to act on".into(),
+                    });
+                };
+                let event = LeaseEvent {
+                    lease: LeaseSummary {
+                        lease_id: lease_id.to_string(),
+                        task_id: ended.task_id.clone(),
+                        model: self.models[ended.model as usize].clone(),
+                        fencing_token: token,
+                        requests_granted: ended.requests as u32,
+                        expires_ms: now,
+                    },
+                    key_id: self.keys[ended.key].spec.id.clone(),
+                    project: self.projects[self.keys[ended.key].project as usize].clone(),
+                };
+                (ended, event)
+            }
+            Err(error) => return Err(error),
+        };
+        let key = ended.key;
+        self.emit(
+            now,
+            EventKind::Failed {
+                lease: event,
+                kind: report.kind,
+                detail: report.detail.clone(),
+            },
+        );
+        if report.kind.blames_key() {
+            let until = now + self.config.exclusion_ttl_ms;
+            let list = self
+                .exclusions
+                .touch_or_insert_with(ended.task_id.clone(), Vec::new);
+            list.retain(|&(k, u)| k != key && u > now);
+            list.push((key, until));
+        }
+        let pool = self.keys[key].pool;
+        let project = self.keys[key].project;
+        match report.kind {
+            FailureKind::RateLimited => {
+                let backoff = self.backoff.entry((pool, project)).or_insert(0);
+                let delay = report.retry_after_ms.unwrap_or_else(|| {
+                    let doubled = self
+                        .config
+                        .cooldown_base_ms
+                        .saturating_mul(1u64 << (*backoff).min(32));
+                    doubled.min(self.config.cooldown_max_ms)
+                });
+                *backoff += 1;
+                self.cool_down(
+                    now,
+                    GroupKey {
+                        pool,
+                        project,
+                        model: ended.model,
+                    },
+                    now + delay,
+                    CooldownReason::RateLimited,
+                );
+            }
+            FailureKind::DailyQuotaExhausted => {
+                let until = self.config.daily.next_reset_after(now);
+                self.cool_down(
+                    now,
+                    GroupKey {
+                        pool,
+                        project,
+                        model: ended.model,
+                    },
+                    until,
+                    CooldownReason::DailyQuotaExhausted,
+                );
+            }
+            FailureKind::InvalidKey | FailureKind::PermissionDenied => {
+                let reason = if report.detail.is_empty() {
+                    report.kind.as_str().to_string()
+                } else {
+                    format!("{}: {}", report.kind.as_str(), report.detail)
+                };
+                self.disable(now, key, reason);
+            }
+            FailureKind::ServerError | FailureKind::Timeout | FailureKind::Other => {}
+        }
+        self.tick(now);
+        Ok(Reported {
+            key_id: self.keys[key].spec.id.clone(),
+            replacement: AcquireRequest {
+                task_id: ended.task_id,
+                pool: self.pools[pool as usize].name.clone(),
+                model: self.models[ended.model as usize].clone(),
+                exclude_key_ids: Vec::new(),
+                ttl_ms: Some(ended.ttl_ms),
+                wait: false,
+                requests: ended.requests as u32,
+                estimated_tokens: ended.tokens,
+                client_request_id: None,
+            },
+        })
+    }
+
+    fn cool_down(&mut self, now: u64, group_key: GroupKey, until_ms: u64, reason: CooldownReason) {
+        let pool_entry = &self.pools[group_key.pool as usize];
+        let group = group_entry(
+            &mut self.groups,
+            pool_entry,
+            &self.projects,
+            &self.models,
+            group_key,
+            now,
+            self.config.daily,
+        );
+        let cooldown = group.cool_down(until_ms, reason);
+        self.emit(
+            now,
+            EventKind::CooledDown {
+                pool: self.pools[group_key.pool as usize].name.clone(),
+                project: self.projects[group_key.project as usize].clone(),
+                model: self.models[group_key.model as usize].clone(),
+                until_ms: cooldown.until_ms,
+                reason: cooldown.reason,
+            },
+        );
+    }
+
+    // ---- operators -----------------------------------------------------------------------
+
+    /// Disables a key (its leases end, counted as fully used) or enables it again.
+    pub fn set_key_enabled(
+        &mut self,
+        now_ms: u64,
+        key_id: &str,
+        enabled: bool,
+        reason: &str,
+    ) -> Result<KeyView, EngineError> {
+        let now = self.tick(now_ms);
+        let &key = self
+            .key_by_id
+            .get(key_id)
+            .ok_or_else(|| EngineError::KeyNotFound(key_id.to_string()))?;
+        if enabled {
+            if self.keys[key].disabled.is_some() {
+                self.set_free(key, false);
+                self.keys[key].disabled = None;
+                self.set_free(key, true);
+                self.pools[self.keys[key].pool as usize].enabled_keys += 1;
+                self.freed = true;
+                self.emit(
+                    now,
+                    EventKind::KeyEnabled {
+                        key_id: key_id.to_string(),
+                    },
+                );
+            }
+        } else {
+            let reason = if reason.is_empty() {
+                "disabled by an operator"
+            } else {
+                reason
+            };
+            self.disable(now, key, reason.to_string());
+        }
+        self.tick(now);
+        Ok(self.key_view(key, now))
+    }
+
+    fn disable(&mut self, now: u64, key: KeyIdx, reason: String) {
+        if self.keys[key].disabled.is_some() {
+            return;
+        }
+        for token in self.keys[key].live.clone() {
+            let lease = self.leases[&token].clone();
+            let event = self.end_lease(token, now, lease.requests, lease.tokens);
+            self.emit(
+                now,
+                EventKind::Released {
+                    lease: event,
+                    requests_sent: lease.requests,
+                },
+            );
+        }
+        self.set_free(key, false);
+        self.keys[key].disabled = Some(reason.clone());
+        self.pools[self.keys[key].pool as usize].enabled_keys -= 1;
+        // Waiters that only this key could serve must now fail rather than wait.
+        self.freed = true;
+        self.emit(
+            now,
+            EventKind::KeyDisabled {
+                key_id: self.keys[key].spec.id.clone(),
+                reason,
+            },
+        );
+    }
+
+    /// Ends a live lease: frees its slot and settles its quota.
+    fn end_lease(&mut self, token: Token, now: u64, sent: u64, used_tokens: u64) -> LeaseEvent {
+        let event = self.lease_event(token);
+        let lease = self.leases.remove(&token).expect("live lease");
+        self.expiries.remove(&(lease.expires_ms, token));
+        self.set_free(lease.key, false);
+        self.keys[lease.key].live.retain(|&t| t != token);
+        self.set_free(lease.key, true);
+        if let Some(tokens) = self.task_leases.get_mut(&lease.task_id) {
+            tokens.retain(|&t| t != token);
+            if tokens.is_empty() {
+                self.task_leases.remove(&lease.task_id);
+            }
+        }
+        let key = &self.keys[lease.key];
+        let group_key = GroupKey {
+            pool: key.pool,
+            project: key.project,
+            model: lease.model,
+        };
+        let pool_entry = &self.pools[key.pool as usize];
+        let group = group_entry(
+            &mut self.groups,
+            pool_entry,
+            &self.projects,
+            &self.models,
+            group_key,
+            now,
+            self.config.daily,
+        );
+        group.settle(
+            now,
+            self.config.window_ms,
+            self.config.safety_margin_ms,
+            lease.requests,
+            lease.tokens,
+            sent,
+            used_tokens,
+        );
+        self.ended.insert(
+            token,
+            EndedLease {
+                key: lease.key,
+                task_id: lease.task_id,
+                model: lease.model,
+                requests: lease.requests,
+                tokens: lease.tokens,
+                ttl_ms: lease.ttl_ms,
+            },
+        );
+        self.freed = true;
+        event
+    }
+
+    fn emit(&mut self, at_ms: u64, kind: EventKind) {
+        self.notices.events.push(Event { at_ms, kind });
+    }
+
+    // ---- views ---------------------------------------------------------------------------
+
+    fn summary(&self, token: Token) -> LeaseSummary {
+        let lease = &self.leases[&token];
+        LeaseSummary {
+            lease_id: lease_id(token),
+            task_id: lease.task_id.clone(),
+            model: self.models[lease.model as usize].clone(),
+            fencing_token: token,
+            requests_granted: lease.requests as u32,
+            expires_ms: lease.expires_ms,
+        }
+    }
+
+    fn lease_event(&self, token: Token) -> LeaseEvent {
+        let key = &self.keys[self.leases[&token].key];
+        LeaseEvent {
+            lease: self.summary(token),
+            key_id: key.spec.id.clone(),
+            project: self.projects[key.project as usize].clone(),
+        }
+    }
+
+    fn view(&self, token: Token) -> LeaseView {
+        let lease = &self.leases[&token];
+        let key = &self.keys[lease.key];
+        LeaseView {
+            lease_id: lease_id(token),
+            key_id: key.spec.id.clone(),
+            api_key: key.spec.secret.clone(),
+            fencing_token: token,
+            ttl_ms: lease.ttl_ms,
+            expires_ms: lease.expires_ms,
+            pool: self.pools[key.pool as usize].name.clone(),
+            project: self.projects[key.project as usize].clone(),
+            model: self.models[lease.model as usize].clone(),
+            requests_granted: lease.requests as u32,
+            task_id: lease.task_id.clone(),
+        }
+    }
+
+    pub fn key_status(&mut self, now_ms: u64, key_id: &str) -> Result<KeyView, EngineError> {
+        let now = self.tick(now_ms);
+        let &key = self
+            .key_by_id
+            .get(key_id)
+            .ok_or_else(|| EngineError::KeyNotFound(key_id.to_string()))?;
+        Ok(self.key_view(key, now))
+    }
+
+    fn key_view(&self, key: KeyIdx, now: u64) -> KeyView {
+        let cooling_until_ms = self
+            .groups
+            .iter()
+            .filter(|(g, _)| g.pool == self.keys[key].pool && g.project == self.keys[key].project)
+            .filter_map(|(_, group)| group.cooldown.map(|c| c.until_ms))
+            .filter(|&until| until > now)
+            .max();
+        self.key_view_with(key, cooling_until_ms)
+    }
+
+    fn key_view_with(&self, key: KeyIdx, cooling_until_ms: Option<u64>) -> KeyView {
+        let entry = &self.keys[key];
+        let state = if entry.disabled.is_some() {
+            KeyState::Disabled
+        } else if !entry.live.is_empty() {
+            KeyState::Leased
+        } else if cooling_until_ms.is_some() {
+            KeyState::CoolingDown
+        } else {
+            KeyState::Available
+        };
+        KeyView {
+            key_id: entry.spec.id.clone(),
+            masked_key: entry.spec.secret.masked(),
+            pool: self.pools[entry.pool as usize].name.clone(),
+            project: self.projects[entry.project as usize].clone(),
+            state,
+            disabled_reason: entry.disabled.clone(),
+            max_leases: entry.max_leases,
+            leases: entry.live.iter().map(|&t| self.summary(t)).collect(),
+            cooling_until_ms,
+        }
+    }
+
+    /// Keys (a page of them), quota groups and lines, for operators.
+    pub fn status(
+        &mut self,
+        now_ms: u64,
+        pool: Option<&str>,
+        offset: usize,
+        page_size: usize,
+    ) -> Result<StatusView, EngineError> {
+        let now = self.tick(now_ms);
+        let pool = match pool {
+            None => None,
+            Some(name) => Some(
+                *self
+                    .pool_by_name
+                    .get(name)
+                    .ok_or_else(|| invalid("pool", format!("unknown pool {name:?}")))?,
+            ),
+        };
+        let mut cooling: HashMap<(PoolIdx, ProjectIdx), u64> = HashMap::new();
+        for (group_key, group) in self.groups.iter_mut() {
+            group.advance(now, self.config.daily);
+            if let Some(cooldown) = group.cooldown {
+                let until = cooling
+                    .entry((group_key.pool, group_key.project))
+                    .or_insert(0);
+                *until = (*until).max(cooldown.until_ms);
+            }
+        }
+        self.groups.retain(|_, group| !group.is_idle());
+        let selected: Vec<KeyIdx> = (0..self.keys.len())
+            .filter(|&k| pool.is_none_or(|p| self.keys[k].pool == p))
+            .collect();
+        let keys = selected
+            .iter()
+            .skip(offset)
+            .take(page_size)
+            .map(|&k| {
+                let entry = &self.keys[k];
+                self.key_view_with(k, cooling.get(&(entry.pool, entry.project)).copied())
+            })
+            .collect();
+        let next_offset = (offset + page_size < selected.len()).then_some(offset + page_size);
+        let mut groups: Vec<GroupView> = self
+            .groups
+            .iter()
+            .filter(|(g, _)| pool.is_none_or(|p| g.pool == p))
+            .map(|(g, group)| GroupView {
+                pool: self.pools[g.pool as usize].name.clone(),
+                project: self.projects[g.project as usize].clone(),
+                model: self.models[g.model as usize].clone(),
+                requests_per_minute: UsageView {
+                    used: group.requests_in_window(),
+                    limit: group.limits.requests_per_minute,
+                },
+                tokens_per_minute: UsageView {
+                    used: group.tokens_in_window(),
+                    limit: group.limits.tokens_per_minute,
+                },
+                requests_per_day: UsageView {
+                    used: group.requests_today(),
+                    limit: group.limits.requests_per_day,
+                },
+                cooldown: group.cooldown,
+            })
+            .collect();
+        groups
+            .sort_by(|a, b| (&a.pool, &a.project, &a.model).cmp(&(&b.pool, &b.project, &b.model)));
+        let waiting = self
+            .queues
+            .iter()
+            .filter(|((p, _), _)| pool.is_none_or(|pool| *p == pool))
+            .map(|(&(p, m), q)| {
+                (
+                    self.pools[p as usize].name.clone(),
+                    self.models[m as usize].clone(),
+                    q.waiters.len(),
+                )
+            })
+            .collect();
+        Ok(StatusView {
+            keys,
+            groups,
+            waiting,
+            next_offset,
+            total_keys: selected.len(),
+            live_leases: self.leases.len(),
+            now_ms: now,
+        })
+    }
+}
+
+/// A validated acquire.
+struct Ask {
+    pool: PoolIdx,
+    model: ModelIdx,
+    ttl_ms: u64,
+    requests: u64,
+    tokens: u64,
+    excluded: HashSet<KeyIdx>,
+}
+
+const DAY_MS: u64 = 24 * 3_600_000;
+
+pub fn lease_id(token: Token) -> String {
+    format!("{LEASE_ID_PREFIX}{token}")
+}
+
+fn validate_id(field: &'static str, id: &str, required: bool) -> Result<(), EngineError> {
+    if required && id.is_empty() {
+        return Err(invalid(field, "empty"));
+    }
+    if id.len() > MAX_ID_BYTES {
+        return Err(invalid(
+            field,
+            format!("{} bytes is above the maximum of {MAX_ID_BYTES}", id.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn show_ms(ms: u64) -> String {
+    humantime::format_duration(std::time::Duration::from_millis(ms)).to_string()
+}
+
+fn larger_limits(a: Limits, b: Limits) -> Limits {
+    let larger = |x: Option<u64>, y: Option<u64>| x.zip(y).map(|(x, y)| x.max(y));
+    Limits {
+        requests_per_minute: larger(a.requests_per_minute, b.requests_per_minute),
+        tokens_per_minute: larger(a.tokens_per_minute, b.tokens_per_minute),
+        requests_per_day: larger(a.requests_per_day, b.requests_per_day),
+    }
+}
+
+/// The group's books, brought to `now` (made on first use with its configured limits).
+fn group_entry<'a>(
+    groups: &'a mut HashMap<GroupKey, QuotaGroup>,
+    pool: &Pool,
+    projects: &[String],
+    models: &[String],
+    key: GroupKey,
+    now: u64,
+    daily: DailyReset,
+) -> &'a mut QuotaGroup {
+    let group = groups.entry(key).or_insert_with(|| {
+        let project = &projects[key.project as usize];
+        let model = &models[key.model as usize];
+        let limits = pool
+            .config
+            .project_limits
+            .get(&(project.clone(), model.clone()))
+            .or_else(|| pool.config.models.get(model))
+            .copied()
+            .unwrap_or_default();
+        QuotaGroup::new(limits, daily.day_of(now))
+    });
+    group.advance(now, daily);
+    group
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,13 @@
+//! keylease-server: lends API keys to workers as time-bounded leases.
+//!
+//! - [`engine`]: the lease engine, plain synchronous rules over an injected time; the heart.
+//! - [`config`]: configuration and key sources, validated before anything starts.
+//! - [`service`]: the gRPC service, a thin shell that maps the protocol onto the engine.
+//! - [`server`]: serving on a listener until a shutdown future resolves; timers and waiters.
+//! - [`secret`]: API keys that never print, and the ids derived from them.
+//! - [`clock`]: the one place that reads the time.
+#![forbid(unsafe_code)]
+
+pub mod clock;
+pub mod engine;
+pub mod secret;
