@@ -697,10 +697,8 @@ impl Engine {
                 }
                 let id = self.next_waiter;
                 self.next_waiter += 1;
-                let wake_at = self.pool_next_change(now, ask.pool);
-                let queue = self.queues.entry(queue_key).or_default();
+                let mut queue = self.queues.remove(&queue_key).unwrap_or_default();
                 queue.blocked.extend(unaffordable);
-                queue.wake_at_ms = wake_at;
                 queue.waiters.push_back(Waiter {
                     id,
                     task_id: request.task_id,
@@ -711,6 +709,8 @@ impl Engine {
                     ttl_ms: ask.ttl_ms,
                     client_request_id: request.client_request_id,
                 });
+                queue.wake_at_ms = self.queue_wake_at(now, ask.pool, &queue.waiters);
+                self.queues.insert(queue_key, queue);
                 Ok(Acquired::Queued(id))
             }
         }
@@ -1093,11 +1093,7 @@ impl Engine {
                 }
             }
             queue.blocked = blocked;
-            queue.wake_at_ms = if queue.waiters.is_empty() {
-                None
-            } else {
-                self.pool_next_change(now, pool)
-            };
+            queue.wake_at_ms = self.queue_wake_at(now, pool, &queue.waiters);
             if queue.waiters.is_empty() {
                 self.queues.remove(&queue_key);
             } else {
@@ -1106,13 +1102,23 @@ impl Engine {
         }
     }
 
-    /// The next time any group of the pool changes by itself.
-    fn pool_next_change(&self, now: u64, pool: PoolIdx) -> Option<u64> {
-        self.groups
+    /// When a line must be looked at again though nothing was freed: a group of its pool
+    /// changes by itself, or a waiter's exclusion of a key ends.
+    fn queue_wake_at(&self, now: u64, pool: PoolIdx, waiters: &VecDeque<Waiter>) -> Option<u64> {
+        if waiters.is_empty() {
+            return None;
+        }
+        let groups = self
+            .groups
             .iter()
             .filter(|(k, _)| k.pool == pool)
-            .filter_map(|(_, g)| g.next_change_after(now, self.config.daily))
-            .min()
+            .filter_map(|(_, g)| g.next_change_after(now, self.config.daily));
+        let exclusions = waiters
+            .iter()
+            .filter_map(|w| self.exclusions.get(w.task_id.as_str()))
+            .flat_map(|list| list.iter().map(|&(_, until)| until))
+            .filter(|&until| until > now);
+        groups.chain(exclusions).min()
     }
 
     /// Why an ask gets no key now, and when it might.
@@ -1127,10 +1133,21 @@ impl Engine {
         requests: u64,
         tokens: u64,
     ) -> Unavailable {
+        // Only ending leases can make room in a group whose live leases fill it: until the
+        // first of the project's leases ends, nothing changes.
+        let mut project_expiry: HashMap<ProjectIdx, u64> = HashMap::new();
+        for &key in &self.pools[pool as usize].keys {
+            for token in &self.keys[key].live {
+                let at = project_expiry
+                    .entry(self.keys[key].project)
+                    .or_insert(u64::MAX);
+                *at = (*at).min(self.leases[token].expires_ms);
+            }
+        }
         let mut usable = 0;
         let mut any_enabled = false;
         let mut earliest: Option<(u64, UnavailableReason)> = None;
-        let mut reasons = Vec::new();
+        let mut first_reason = None;
         for position in 0..self.pools[pool as usize].keys.len() {
             let key = self.pools[pool as usize].keys[position];
             if self.keys[key].disabled.is_some() {
@@ -1147,9 +1164,10 @@ impl Engine {
             } else {
                 entry.live.iter().map(|t| self.leases[t].expires_ms).min()
             };
+            let project = entry.project;
             let group_key = GroupKey {
                 pool,
-                project: entry.project,
+                project,
                 model,
             };
             let pool_entry = &self.pools[pool as usize];
@@ -1162,21 +1180,20 @@ impl Engine {
                 now,
                 self.config.daily,
             );
-            let reason = if !self.keys[key].has_free_slot() {
-                UnavailableReason::AllLeased
-            } else if group.cooldown.is_some() {
+            let reason = if group.cooldown.is_some() {
                 UnavailableReason::CoolingDown
-            } else {
+            } else if !group.can_afford(requests, tokens) {
                 UnavailableReason::QuotaSpent
+            } else {
+                UnavailableReason::AllLeased
             };
-            reasons.push(reason);
-            let ready = match (
-                slot_free_at,
-                group.affordable_at(now, requests, tokens, self.config.daily),
-            ) {
-                (Some(slot), Some(quota)) => Some(slot.max(quota)),
-                _ => None,
-            };
+            first_reason.get_or_insert(reason);
+            let quota_at = group
+                .affordable_at(now, requests, tokens, self.config.daily)
+                .or_else(|| project_expiry.get(&project).copied());
+            let ready = slot_free_at
+                .zip(quota_at)
+                .map(|(slot, quota)| slot.max(quota));
             if let Some(ready) = ready
                 && earliest.is_none_or(|(at, _)| ready < at)
             {
@@ -1192,7 +1209,7 @@ impl Engine {
         if usable == 0 {
             let retry_at_ms = self.exclusions.get(task).and_then(|list| {
                 list.iter()
-                    .filter(|&&(k, _)| !excluded.contains(&k))
+                    .filter(|&&(k, until)| !excluded.contains(&k) && until > now)
                     .map(|&(_, until)| until)
                     .min()
             });
@@ -1207,7 +1224,7 @@ impl Engine {
                 retry_at_ms: Some(at.max(now)),
             },
             None => Unavailable {
-                reason: reasons[0],
+                reason: first_reason.expect("a usable key gave a reason"),
                 retry_at_ms: None,
             },
         }

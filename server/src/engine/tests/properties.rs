@@ -1,0 +1,445 @@
+//! Random interleavings of acquire, renew, release, report, cancel, operator toggles and clock
+//! advances, checked after every step against a model of what the provider would see: each
+//! request sent on a lease arrives at some moment of that lease chosen adversarially (at its
+//! grant, at its end, or between), and no provider window nor Pacific day may exceed its limit.
+
+use super::*;
+use proptest::prelude::*;
+use std::collections::{BTreeMap, HashMap};
+
+const RPM: usize = 4;
+const RPD: usize = 30;
+/// 23:40 in Los Angeles, so that runs cross the daily reset.
+const START: u64 = T0 + 10 * 60 * MINUTE + 40 * MINUTE;
+const KEYS: [(&str, &str); 5] = [
+    ("k1", "p1"),
+    ("k2", "p1"),
+    ("k3", "p2"),
+    ("k4", "p3"),
+    ("k5", "p3"),
+];
+const TASKS: u8 = 6;
+/// Short, so that exclusions end while tasks still wait.
+const EXCLUSION: u64 = 30 * SECOND;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Acquire {
+        task: u8,
+        requests: u8,
+        wait: bool,
+        exclude: Option<u8>,
+    },
+    Release {
+        pick: u16,
+        sent: u8,
+    },
+    Renew {
+        pick: u16,
+        add: u8,
+    },
+    Report {
+        pick: u16,
+        kind: u8,
+        retry_after_s: Option<u8>,
+        sent: u8,
+        rotate: bool,
+    },
+    Cancel {
+        pick: u16,
+    },
+    Toggle {
+        key: u8,
+    },
+    Advance {
+        ms: u32,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..TASKS, 1..=3u8, any::<bool>(), proptest::option::weighted(0.2, 0..5u8))
+            .prop_map(|(task, requests, wait, exclude)| Op::Acquire { task, requests, wait, exclude }),
+        3 => (any::<u16>(), 0..=3u8).prop_map(|(pick, sent)| Op::Release { pick, sent }),
+        1 => (any::<u16>(), 0..=2u8).prop_map(|(pick, add)| Op::Renew { pick, add }),
+        2 => (any::<u16>(), 0..7u8, proptest::option::of(1..90u8), 0..=3u8, any::<bool>())
+            .prop_map(|(pick, kind, retry_after_s, sent, rotate)| Op::Report { pick, kind, retry_after_s, sent, rotate }),
+        1 => any::<u16>().prop_map(|pick| Op::Cancel { pick }),
+        1 => (0..5u8).prop_map(|key| Op::Toggle { key }),
+        3 => (0..40_000u32).prop_map(|ms| Op::Advance { ms }),
+    ]
+}
+
+const KINDS: [FailureKind; 7] = [
+    FailureKind::RateLimited,
+    FailureKind::DailyQuotaExhausted,
+    FailureKind::InvalidKey,
+    FailureKind::PermissionDenied,
+    FailureKind::ServerError,
+    FailureKind::Timeout,
+    FailureKind::Other,
+];
+
+/// A live lease as the provider model tracks it.
+#[derive(Debug)]
+struct Tracked {
+    key_id: String,
+    project: String,
+    /// (granted at, requests): the first grant and each renewal that added requests.
+    batches: Vec<(u64, u64)>,
+}
+
+#[derive(Debug, Clone)]
+struct WaitingTask {
+    id: WaiterId,
+    task: String,
+    excluded: Option<String>,
+}
+
+#[derive(Default)]
+struct Model {
+    now: u64,
+    live: BTreeMap<u64, Tracked>,
+    /// Every lease ever granted: (lease id, token), to exercise late calls too.
+    all: Vec<(String, u64)>,
+    arrivals: HashMap<String, Vec<u64>>,
+    last_token: HashMap<String, u64>,
+    disabled: HashMap<String, bool>,
+    cooling_until: HashMap<String, u64>,
+    waiting: Vec<WaitingTask>,
+    /// (task, key) -> excluded until.
+    exclusions: HashMap<(String, String), u64>,
+    /// Requests sent, as reported, per lease id about to be ended by a report.
+    reported_sent: HashMap<String, u64>,
+}
+
+fn max_leases(key_id: &str) -> usize {
+    if key_id == "k1" { 2 } else { 1 }
+}
+
+impl Model {
+    fn excludes(&self, waiter: &WaitingTask, key_id: &str, at: u64) -> bool {
+        waiter.excluded.as_deref() == Some(key_id)
+            || self
+                .exclusions
+                .get(&(waiter.task.clone(), key_id.to_string()))
+                .is_some_and(|&until| until > at)
+    }
+
+    /// A grant of `key_id` at `at` to someone other than the waiters still in line.
+    fn check_no_overtaking(
+        &self,
+        key_id: &str,
+        at: u64,
+        granted_waiter: Option<WaiterId>,
+    ) -> Result<(), TestCaseError> {
+        for earlier in &self.waiting {
+            if Some(earlier.id) == granted_waiter {
+                break;
+            }
+            prop_assert!(
+                self.excludes(earlier, key_id, at),
+                "{key_id} went past waiter {} ({}) that could use it",
+                earlier.id,
+                earlier.task
+            );
+        }
+        Ok(())
+    }
+
+    fn end(&mut self, token: u64, end_ms: u64, sent: u64) {
+        let Some(tracked) = self.live.remove(&token) else {
+            return;
+        };
+        let mut left = sent;
+        let mut index = 0u64;
+        for &(granted_ms, requests) in &tracked.batches {
+            for _ in 0..requests.min(left) {
+                // Adversarial arrival: at the grant, at the end, or midway.
+                let arrival = match (token + index) % 3 {
+                    0 => granted_ms,
+                    1 => end_ms,
+                    _ => granted_ms + (end_ms - granted_ms) / 2,
+                };
+                self.arrivals
+                    .entry(tracked.project.clone())
+                    .or_default()
+                    .push(arrival);
+                index += 1;
+            }
+            left -= requests.min(left);
+        }
+    }
+
+    fn absorb(&mut self, notices: Notices, daily: DailyReset) -> Result<(), TestCaseError> {
+        let granted_waiters: HashMap<String, WaiterId> = notices
+            .waiter_grants
+            .iter()
+            .map(|(id, lease)| (lease.lease_id.clone(), *id))
+            .collect();
+        for event in notices.events {
+            let at = event.at_ms;
+            match event.kind {
+                EventKind::Granted(le) => {
+                    let key = le.key_id.clone();
+                    let token = le.lease.fencing_token;
+                    prop_assert!(
+                        token > *self.last_token.get(&key).unwrap_or(&0),
+                        "token {token} not above the last on {key}"
+                    );
+                    self.last_token.insert(key.clone(), token);
+                    prop_assert!(
+                        !self.disabled.get(&key).copied().unwrap_or(false),
+                        "lease on disabled {key}"
+                    );
+                    let cooling = self.cooling_until.get(&le.project).copied().unwrap_or(0);
+                    prop_assert!(
+                        cooling <= at,
+                        "lease on {key} while {} cools until {cooling}",
+                        le.project
+                    );
+                    let waiter = granted_waiters.get(&le.lease.lease_id).copied();
+                    self.check_no_overtaking(&key, at, waiter)?;
+                    if let Some(id) = waiter {
+                        self.waiting.retain(|w| w.id != id);
+                    }
+                    self.all.push((le.lease.lease_id.clone(), token));
+                    self.live.insert(
+                        token,
+                        Tracked {
+                            key_id: key.clone(),
+                            project: le.project,
+                            batches: vec![(at, u64::from(le.lease.requests_granted))],
+                        },
+                    );
+                    let holders = self.live.values().filter(|t| t.key_id == key).count();
+                    prop_assert!(
+                        holders <= max_leases(&key),
+                        "{holders} live leases on {key}"
+                    );
+                }
+                EventKind::Renewed(le) => {
+                    let tracked = self
+                        .live
+                        .get_mut(&le.lease.fencing_token)
+                        .expect("renewed lease is live");
+                    let held: u64 = tracked.batches.iter().map(|b| b.1).sum();
+                    let added = u64::from(le.lease.requests_granted) - held;
+                    if added > 0 {
+                        tracked.batches.push((at, added));
+                    }
+                }
+                EventKind::Released {
+                    lease,
+                    requests_sent,
+                } => self.end(lease.lease.fencing_token, at, requests_sent),
+                EventKind::Expired(lease) => {
+                    let all = u64::from(lease.lease.requests_granted);
+                    self.end(lease.lease.fencing_token, at, all);
+                }
+                EventKind::Failed { lease, kind, .. } => {
+                    let sent = self
+                        .reported_sent
+                        .remove(&lease.lease.lease_id)
+                        .unwrap_or(0);
+                    self.end(lease.lease.fencing_token, at, sent);
+                    if kind.blames_key() {
+                        self.exclusions
+                            .insert((lease.lease.task_id, lease.key_id), at + EXCLUSION);
+                    }
+                }
+                EventKind::CooledDown {
+                    project, until_ms, ..
+                } => {
+                    let until = self.cooling_until.entry(project).or_insert(0);
+                    *until = (*until).max(until_ms);
+                }
+                EventKind::KeyDisabled { key_id, .. } => {
+                    self.disabled.insert(key_id, true);
+                }
+                EventKind::KeyEnabled { key_id } => {
+                    self.disabled.insert(key_id, false);
+                }
+            }
+        }
+        for (id, _) in notices.waiter_failures {
+            self.waiting.retain(|w| w.id != id);
+        }
+        self.check_provider_windows(daily)
+    }
+
+    /// What the provider would count: no sliding window over RPM, no Pacific day over RPD.
+    fn check_provider_windows(&self, daily: DailyReset) -> Result<(), TestCaseError> {
+        for (project, arrivals) in &self.arrivals {
+            let mut sorted = arrivals.clone();
+            sorted.sort_unstable();
+            for (i, &start) in sorted.iter().enumerate() {
+                let in_window = sorted[i..]
+                    .iter()
+                    .take_while(|&&a| a < start + MINUTE)
+                    .count();
+                prop_assert!(
+                    in_window <= RPM,
+                    "{project}: {in_window} requests in the minute from {start}"
+                );
+            }
+            let mut per_day: HashMap<i64, usize> = HashMap::new();
+            for &a in &sorted {
+                *per_day.entry(daily.day_of(a)).or_default() += 1;
+            }
+            for (day, count) in per_day {
+                prop_assert!(count <= RPD, "{project}: {count} requests on day {day}");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn property_engine() -> Engine {
+    let mut cfg = config(RPM as u64, RPD as u64);
+    cfg.safety_margin_ms = 0;
+    cfg.cooldown_base_ms = 5 * SECOND;
+    cfg.exclusion_ttl_ms = EXCLUSION;
+    cfg.default_ttl_ms = 20 * SECOND;
+    let mut specs = key_specs(&KEYS);
+    specs[0].max_leases = Some(2);
+    Engine::new(cfg, specs, START).unwrap()
+}
+
+fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let mut engine = property_engine();
+    let daily = engine.config().daily;
+    let mut model = Model {
+        now: START,
+        ..Default::default()
+    };
+    for op in ops {
+        let now = model.now;
+        match op {
+            Op::Acquire {
+                task,
+                requests,
+                wait,
+                exclude,
+            } => {
+                let excluded = exclude.map(|k| KEYS[k as usize].0.to_string());
+                let task = format!("t{task}");
+                let request = AcquireRequest {
+                    task_id: task.clone(),
+                    model: MODEL.into(),
+                    requests: u32::from(requests),
+                    wait,
+                    exclude_key_ids: excluded.iter().cloned().collect(),
+                    ..Default::default()
+                };
+                match engine.acquire(now, request) {
+                    Ok(Acquired::Queued(id)) => {
+                        model.waiting.push(WaitingTask { id, task, excluded })
+                    }
+                    Ok(Acquired::Granted(_) | Acquired::Unavailable(_)) => {}
+                    Err(error) => {
+                        return Err(TestCaseError::fail(format!("acquire refused: {error}")));
+                    }
+                }
+            }
+            Op::Release { pick, sent } => {
+                if let Some((id, token)) = pick_lease(&model, pick) {
+                    let granted = model
+                        .live
+                        .get(&token)
+                        .map_or(0, |t| t.batches.iter().map(|b| b.1).sum::<u64>());
+                    let sent = u64::from(sent).min(granted) as u32;
+                    let released = engine.release(now, &id, token, sent, 0);
+                    prop_assert!(released.is_ok(), "release of {id}: {released:?}");
+                }
+            }
+            Op::Renew { pick, add } => {
+                if let Some((id, token)) = pick_lease(&model, pick) {
+                    let _ = engine.renew(now, &id, token, None, u32::from(add), 0);
+                }
+            }
+            Op::Report {
+                pick,
+                kind,
+                retry_after_s,
+                sent,
+                rotate,
+            } => {
+                if let Some((id, token)) = pick_lease(&model, pick) {
+                    let granted = model
+                        .live
+                        .get(&token)
+                        .map_or(0, |t| t.batches.iter().map(|b| b.1).sum::<u64>());
+                    let sent = u64::from(sent).min(granted);
+                    model.reported_sent.insert(id.clone(), sent);
+                    let report = FailureReport {
+                        kind: KINDS[kind as usize],
+                        retry_after_ms: retry_after_s.map(|s| u64::from(s) * SECOND),
+                        detail: String::new(),
+                        requests_sent: Some(sent as u32),
+                    };
+                    if let Ok(reported) = engine.report_failure(now, &id, token, report)
+                        && rotate
+                    {
+                        model.absorb(engine.drain(), daily)?;
+                        let _ = engine.acquire(now, reported.replacement);
+                    }
+                }
+            }
+            Op::Cancel { pick } => {
+                if !model.waiting.is_empty() {
+                    let waiter = model.waiting[pick as usize % model.waiting.len()].id;
+                    if engine.cancel_waiter(now, waiter).is_some() {
+                        model.waiting.retain(|w| w.id != waiter);
+                    }
+                }
+            }
+            Op::Toggle { key } => {
+                let key_id = KEYS[key as usize].0;
+                let enable = model.disabled.get(key_id).copied().unwrap_or(false);
+                engine.set_key_enabled(now, key_id, enable, "").unwrap();
+            }
+            Op::Advance { ms } => {
+                model.now += u64::from(ms);
+                engine.tick(model.now);
+            }
+        }
+        model.absorb(engine.drain(), daily)?;
+    }
+    // Whatever is still live may yet send everything it holds before it ends.
+    let end = model.now + 10 * MINUTE;
+    for token in model.live.keys().copied().collect::<Vec<_>>() {
+        let held = model.live[&token].batches.iter().map(|b| b.1).sum();
+        model.end(token, end, held);
+    }
+    model.check_provider_windows(daily)
+}
+
+/// Mostly live leases, sometimes one that has ended.
+fn pick_lease(model: &Model, pick: u16) -> Option<(String, u64)> {
+    if pick % 5 == 0 && !model.all.is_empty() {
+        return Some(model.all[pick as usize % model.all.len()].clone());
+    }
+    let live: Vec<u64> = model.live.keys().copied().collect();
+    if live.is_empty() {
+        return None;
+    }
+    let token = live[pick as usize % live.len()];
+    let id = model
+        .all
+        .iter()
+        .find(|(_, t)| *t == token)
+        .expect("granted")
+        .0
+        .clone();
+    Some((id, token))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn no_interleaving_breaks_the_leasing_rules(ops in proptest::collection::vec(op(), 1..120)) {
+        run(ops)?;
+    }
+}
