@@ -9,5 +9,6 @@
 #![forbid(unsafe_code)]
 
 pub mod clock;
+pub mod config;
 pub mod engine;
 pub mod secret;

@@ -1,0 +1,646 @@
+//! Configuration: the TOML file with `KEYLEASE_…` overrides, and the keys from config entries, a
+//! keys file and `GEMINI_API_KEY*` variables. Everything is read and validated here, before any
+//! port is bound; an error names the file, field or line, and the reason, never a secret.
+
+use crate::engine::{
+    DEFAULT_POOL, EngineConfig, KeySpec, PoolConfig, canonical_model, quota::DailyReset,
+    quota::Limits,
+};
+use crate::secret::ApiKey;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Prefix of environment overrides: `KEYLEASE_SERVER__LISTEN=0.0.0.0:50051`.
+pub const ENV_PREFIX: &str = "KEYLEASE";
+/// Keys from the environment: `GEMINI_API_KEY`, `GEMINI_API_KEY_1`, `GEMINI_API_KEY_2`, ...
+const GEMINI_KEY_VAR: &str = "GEMINI_API_KEY";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{location}: {reason}")]
+    Invalid { location: String, reason: String },
+}
+
+fn invalid(location: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        location: location.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The file's shape. Every section has defaults; unknown fields are errors (typos).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    pub server: ServerSection,
+    pub leases: LeaseSection,
+    pub quota: QuotaSection,
+    pub key_sources: KeySourceSection,
+    pub pools: BTreeMap<String, PoolSection>,
+    pub keys: Vec<KeyEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    pub listen: String,
+    /// `text` or `json`.
+    pub log_format: String,
+    /// How long in-flight calls get to finish at shutdown.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50051".into(),
+            log_format: "text".into(),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseSection {
+    #[serde(with = "humantime_serde")]
+    pub default_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// Longest an acquire (or a renewal waiting for quota) may wait.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    pub max_requests_per_lease: u32,
+    /// How long a key-related failure keeps the key away from the task that saw it.
+    #[serde(with = "humantime_serde")]
+    pub exclusion_ttl: Duration,
+    /// Tasks, client request ids and ended leases remembered (oldest forgotten first).
+    pub memory_capacity: usize,
+}
+
+impl Default for LeaseSection {
+    fn default() -> Self {
+        Self {
+            default_ttl: Duration::from_secs(60),
+            max_ttl: Duration::from_secs(600),
+            max_wait: Duration::from_secs(300),
+            max_requests_per_lease: 1000,
+            exclusion_ttl: Duration::from_secs(600),
+            memory_capacity: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaSection {
+    /// The provider's sliding window; shorter only for scaled-time tests and benchmarks.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    #[serde(with = "humantime_serde")]
+    pub safety_margin: Duration,
+    pub daily_reset_time_zone: String,
+    #[serde(with = "humantime_serde")]
+    pub cooldown_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub cooldown_max: Duration,
+}
+
+impl Default for QuotaSection {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(60),
+            safety_margin: Duration::from_secs(2),
+            daily_reset_time_zone: "America/Los_Angeles".into(),
+            cooldown_base: Duration::from_secs(60),
+            cooldown_max: Duration::from_secs(900),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeySourceSection {
+    /// One key per line; relative to the config file.
+    pub file: Option<PathBuf>,
+    /// Read `GEMINI_API_KEY` and `GEMINI_API_KEY_<n>` (project from `GEMINI_API_KEY_<n>_PROJECT`).
+    pub environment: bool,
+    /// Salt of the ids derived from secrets; set your own to keep ids unlinkable elsewhere.
+    pub id_salt: String,
+}
+
+impl Default for KeySourceSection {
+    fn default() -> Self {
+        Self {
+            file: None,
+            environment: true,
+            id_salt: "keylease".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolSection {
+    pub max_leases_per_key: Option<u32>,
+    /// Limits per model.
+    pub models: BTreeMap<String, LimitSection>,
+    /// Limits per project and model, replacing the model's.
+    pub projects: BTreeMap<String, BTreeMap<String, LimitSection>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSection {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub requests_per_day: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyEntry {
+    pub id: Option<String>,
+    pub secret: Option<ApiKeyField>,
+    /// Name of an environment variable holding the secret.
+    pub secret_env: Option<String>,
+    pub project: Option<String>,
+    pub pool: Option<String>,
+    pub max_leases: Option<u32>,
+}
+
+/// A secret as read from the file: masked in `Debug` like every secret.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct ApiKeyField(String);
+
+impl std::fmt::Debug for ApiKeyField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", ApiKey::new(self.0.clone()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Everything the server needs, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub log_format: LogFormat,
+    pub shutdown_grace: Duration,
+    pub max_wait: Duration,
+    pub engine: EngineConfig,
+    pub keys: Vec<KeySpec>,
+}
+
+/// What the command line may override.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub keys_file: Option<PathBuf>,
+    pub log_format: Option<String>,
+}
+
+/// Reads the file (if any) and the environment's overrides, then validates everything.
+/// `env` is the process environment, passed in so tests can feed their own.
+pub fn load(
+    path: Option<&Path>,
+    env: &HashMap<String, String>,
+    overrides: &Overrides,
+) -> Result<Settings, ConfigError> {
+    let origin = path.map_or_else(|| "configuration".to_string(), |p| p.display().to_string());
+    let mut builder = config::Config::builder();
+    if let Some(path) = path {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid(&origin, format!("cannot read: {e}")))?;
+        builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+    }
+    let overrides_from_env: config::Map<String, String> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}_")))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    builder = builder.add_source(
+        config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .source(Some(overrides_from_env)),
+    );
+    let file: FileConfig = builder
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| invalid(&origin, e.to_string()))?;
+    let base_dir = path.and_then(Path::parent).unwrap_or(Path::new("."));
+    validate(file, &origin, base_dir, env, overrides)
+}
+
+/// Turns a parsed file into settings, or says what is wrong and where.
+pub fn validate(
+    mut file: FileConfig,
+    origin: &str,
+    base_dir: &Path,
+    env: &HashMap<String, String>,
+    overrides: &Overrides,
+) -> Result<Settings, ConfigError> {
+    let at = |field: &str| format!("{origin}: {field}");
+    if let Some(listen) = &overrides.listen {
+        file.server.listen = listen.clone();
+    }
+    if let Some(format) = &overrides.log_format {
+        file.server.log_format = format.clone();
+    }
+    let listen = SocketAddr::from_str(&file.server.listen).map_err(|_| {
+        invalid(
+            at("server.listen"),
+            format!("{:?} is not an address:port", file.server.listen),
+        )
+    })?;
+    let log_format = match file.server.log_format.as_str() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            return Err(invalid(
+                at("server.log_format"),
+                format!("{other:?} is neither \"text\" nor \"json\""),
+            ));
+        }
+    };
+
+    let leases = &file.leases;
+    for (field, value) in [
+        ("leases.default_ttl", leases.default_ttl),
+        ("leases.max_ttl", leases.max_ttl),
+        ("leases.exclusion_ttl", leases.exclusion_ttl),
+        ("quota.window", file.quota.window),
+        ("quota.cooldown_base", file.quota.cooldown_base),
+        ("quota.cooldown_max", file.quota.cooldown_max),
+    ] {
+        if value.as_millis() == 0 {
+            return Err(invalid(at(field), "must be at least a millisecond"));
+        }
+    }
+    if leases.default_ttl > leases.max_ttl {
+        return Err(invalid(at("leases.default_ttl"), "is above leases.max_ttl"));
+    }
+    if file.quota.cooldown_base > file.quota.cooldown_max {
+        return Err(invalid(
+            at("quota.cooldown_base"),
+            "is above quota.cooldown_max",
+        ));
+    }
+    if leases.max_requests_per_lease == 0 {
+        return Err(invalid(
+            at("leases.max_requests_per_lease"),
+            "must be above zero",
+        ));
+    }
+    if leases.memory_capacity == 0 {
+        return Err(invalid(at("leases.memory_capacity"), "must be above zero"));
+    }
+    let zone = chrono_tz::Tz::from_str(&file.quota.daily_reset_time_zone).map_err(|_| {
+        invalid(
+            at("quota.daily_reset_time_zone"),
+            format!(
+                "{:?} is not an IANA time zone",
+                file.quota.daily_reset_time_zone
+            ),
+        )
+    })?;
+
+    if file.pools.is_empty() {
+        return Err(invalid(
+            at("pools"),
+            "no pool is configured (add [pools.gemini.models.\"MODEL\"] with its limits)",
+        ));
+    }
+    let mut pools = BTreeMap::new();
+    for (name, pool) in &file.pools {
+        pools.insert(name.clone(), pool_config(name, pool, &at)?);
+    }
+
+    let mut keys = KeyCollector::new(&file.key_sources.id_salt);
+    for (index, entry) in file.keys.iter().enumerate() {
+        keys.add_entry(&at(&format!("keys[{index}]")), entry, env)?;
+    }
+    let keys_file = overrides
+        .keys_file
+        .clone()
+        .or_else(|| file.key_sources.file.as_ref().map(|f| base_dir.join(f)));
+    if let Some(path) = keys_file {
+        keys.add_file(&path)?;
+    }
+    if file.key_sources.environment {
+        keys.add_environment(env)?;
+    }
+    let keys = keys.finish();
+    if keys.is_empty() {
+        return Err(invalid(
+            origin,
+            format!(
+                "no keys: add [[keys]] entries, key_sources.file, or {GEMINI_KEY_VAR} / {GEMINI_KEY_VAR}_<n>"
+            ),
+        ));
+    }
+    for key in &keys {
+        if !pools.contains_key(&key.pool) {
+            return Err(invalid(
+                format!("key {}", key.id),
+                format!("unknown pool {:?}", key.pool),
+            ));
+        }
+    }
+
+    Ok(Settings {
+        listen,
+        log_format,
+        shutdown_grace: file.server.shutdown_grace,
+        max_wait: leases.max_wait,
+        engine: EngineConfig {
+            default_ttl_ms: leases.default_ttl.as_millis() as u64,
+            max_ttl_ms: leases.max_ttl.as_millis() as u64,
+            max_requests_per_lease: leases.max_requests_per_lease,
+            window_ms: file.quota.window.as_millis() as u64,
+            safety_margin_ms: file.quota.safety_margin.as_millis() as u64,
+            exclusion_ttl_ms: leases.exclusion_ttl.as_millis() as u64,
+            cooldown_base_ms: file.quota.cooldown_base.as_millis() as u64,
+            cooldown_max_ms: file.quota.cooldown_max.as_millis() as u64,
+            memory_capacity: leases.memory_capacity,
+            daily: DailyReset { zone },
+            pools,
+        },
+        keys,
+    })
+}
+
+fn pool_config(
+    name: &str,
+    pool: &PoolSection,
+    at: &dyn Fn(&str) -> String,
+) -> Result<PoolConfig, ConfigError> {
+    let field = |rest: &str| at(&format!("pools.{name}.{rest}"));
+    if pool.models.is_empty() {
+        return Err(invalid(field("models"), "no model is configured"));
+    }
+    let max_leases_per_key = pool.max_leases_per_key.unwrap_or(1);
+    if max_leases_per_key == 0 {
+        return Err(invalid(field("max_leases_per_key"), "must be above zero"));
+    }
+    let mut models = BTreeMap::new();
+    for (model, limits) in &pool.models {
+        let canonical = canonical_model(model).to_string();
+        if canonical.is_empty() {
+            return Err(invalid(field("models"), "a model name is empty"));
+        }
+        if models
+            .insert(
+                canonical.clone(),
+                limits_of(limits, &field(&format!("models.{model:?}")))?,
+            )
+            .is_some()
+        {
+            return Err(invalid(
+                field(&format!("models.{model:?}")),
+                format!("{canonical} is configured twice"),
+            ));
+        }
+    }
+    let mut project_limits = BTreeMap::new();
+    for (project, per_model) in &pool.projects {
+        for (model, limits) in per_model {
+            let location = field(&format!("projects.{project:?}.{model:?}"));
+            let canonical = canonical_model(model).to_string();
+            if !models.contains_key(&canonical) {
+                return Err(invalid(
+                    location,
+                    format!("unknown model {canonical:?} (not in pools.{name}.models)"),
+                ));
+            }
+            project_limits.insert((project.clone(), canonical), limits_of(limits, &location)?);
+        }
+    }
+    Ok(PoolConfig {
+        max_leases_per_key,
+        models,
+        project_limits,
+    })
+}
+
+fn limits_of(limits: &LimitSection, location: &str) -> Result<Limits, ConfigError> {
+    for (field, value) in [
+        ("requests_per_minute", limits.requests_per_minute),
+        ("tokens_per_minute", limits.tokens_per_minute),
+        ("requests_per_day", limits.requests_per_day),
+    ] {
+        if value == Some(0) {
+            return Err(invalid(
+                format!("{location}.{field}"),
+                "must be above zero (leave it out for no limit)",
+            ));
+        }
+    }
+    Ok(Limits {
+        requests_per_minute: limits.requests_per_minute,
+        tokens_per_minute: limits.tokens_per_minute,
+        requests_per_day: limits.requests_per_day,
+    })
+}
+
+/// Gathers keys from every source, refusing duplicates with both places named.
+struct KeyCollector<'a> {
+    id_salt: &'a str,
+    keys: Vec<KeySpec>,
+    /// Where each secret and each id came from.
+    secret_origin: HashMap<ApiKey, String>,
+    id_origin: HashMap<String, String>,
+}
+
+impl<'a> KeyCollector<'a> {
+    fn new(id_salt: &'a str) -> Self {
+        Self {
+            id_salt,
+            keys: Vec::new(),
+            secret_origin: HashMap::new(),
+            id_origin: HashMap::new(),
+        }
+    }
+
+    fn add(
+        &mut self,
+        origin: &str,
+        secret: &str,
+        id: Option<&str>,
+        project: Option<&str>,
+        pool: Option<&str>,
+        max_leases: Option<u32>,
+    ) -> Result<(), ConfigError> {
+        let secret = secret.trim();
+        if secret.is_empty() {
+            return Err(invalid(origin, "the key is empty"));
+        }
+        if secret.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(invalid(origin, "the key contains white space"));
+        }
+        let secret = ApiKey::new(secret);
+        if let Some(first) = self.secret_origin.get(&secret) {
+            return Err(invalid(
+                origin,
+                format!("duplicate key {} (first at {first})", secret.masked()),
+            ));
+        }
+        let id = match id {
+            Some(id) if id.trim().is_empty() => return Err(invalid(origin, "the id is empty")),
+            Some(id) => id.trim().to_string(),
+            None => secret.derived_id(self.id_salt),
+        };
+        if let Some(first) = self.id_origin.get(&id) {
+            return Err(invalid(
+                origin,
+                format!("duplicate key id {id:?} (first at {first})"),
+            ));
+        }
+        if max_leases == Some(0) {
+            return Err(invalid(origin, "max_leases must be above zero"));
+        }
+        let project = match project {
+            Some(p) if p.trim().is_empty() => return Err(invalid(origin, "the project is empty")),
+            Some(p) => p.trim().to_string(),
+            // Without a project the key is its own quota group.
+            None => format!("project-of-{id}"),
+        };
+        self.secret_origin
+            .insert(secret.clone(), origin.to_string());
+        self.id_origin.insert(id.clone(), origin.to_string());
+        self.keys.push(KeySpec {
+            id,
+            pool: pool.unwrap_or(DEFAULT_POOL).to_string(),
+            project,
+            secret,
+            max_leases,
+        });
+        Ok(())
+    }
+
+    fn add_entry(
+        &mut self,
+        origin: &str,
+        entry: &KeyEntry,
+        env: &HashMap<String, String>,
+    ) -> Result<(), ConfigError> {
+        let secret = match (&entry.secret, &entry.secret_env) {
+            (Some(secret), None) => secret.0.clone(),
+            (None, Some(var)) => env.get(var).cloned().ok_or_else(|| {
+                invalid(origin, format!("secret_env names {var}, which is not set"))
+            })?,
+            (Some(_), Some(_)) => {
+                return Err(invalid(origin, "give secret or secret_env, not both"));
+            }
+            (None, None) => return Err(invalid(origin, "no secret (give secret or secret_env)")),
+        };
+        self.add(
+            origin,
+            &secret,
+            entry.id.as_deref(),
+            entry.project.as_deref(),
+            entry.pool.as_deref(),
+            entry.max_leases,
+        )
+    }
+
+    /// One key per line: `SECRET [id=ID] [project=P] [pool=POOL] [max_leases=N]`, `#` comments.
+    fn add_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid(&name, format!("cannot read the keys file: {e}")))?;
+        for (number, line) in text.lines().enumerate() {
+            let origin = format!("{name}:{}", number + 1);
+            // A comment starts the line or follows white space: keys never hold either.
+            let comment = line
+                .char_indices()
+                .find(|&(i, c)| c == '#' && (i == 0 || line[..i].ends_with(char::is_whitespace)));
+            let line = comment.map_or(line, |(i, _)| &line[..i]);
+            let mut words = line.split_whitespace();
+            let Some(secret) = words.next() else { continue };
+            let mut notes: HashMap<&str, &str> = HashMap::new();
+            for word in words {
+                let (name, value) = word.split_once('=').ok_or_else(|| {
+                    invalid(
+                        &origin,
+                        format!("expected name=value after the key, found {word:?}"),
+                    )
+                })?;
+                if !matches!(name, "id" | "project" | "pool" | "max_leases") {
+                    return Err(invalid(
+                        &origin,
+                        format!("unknown annotation {name:?} (id, project, pool, max_leases)"),
+                    ));
+                }
+                notes.insert(name, value);
+            }
+            let max_leases = notes
+                .get("max_leases")
+                .map(|v| {
+                    v.parse::<u32>()
+                        .map_err(|_| invalid(&origin, format!("max_leases={v} is not a number")))
+                })
+                .transpose()?;
+            self.add(
+                &origin,
+                secret,
+                notes.get("id").copied(),
+                notes.get("project").copied(),
+                notes.get("pool").copied(),
+                max_leases,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn add_environment(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
+        let mut numbered: Vec<(u32, &String)> = env
+            .iter()
+            .filter_map(|(name, value)| {
+                let n = name
+                    .strip_prefix(GEMINI_KEY_VAR)?
+                    .strip_prefix('_')?
+                    .parse()
+                    .ok()?;
+                Some((n, value))
+            })
+            .collect();
+        numbered.sort();
+        if let Some(value) = env.get(GEMINI_KEY_VAR) {
+            self.add(
+                GEMINI_KEY_VAR,
+                value,
+                None,
+                env.get(&format!("{GEMINI_KEY_VAR}_PROJECT"))
+                    .map(String::as_str),
+                None,
+                None,
+            )?;
+        }
+        for (n, value) in numbered {
+            let var = format!("{GEMINI_KEY_VAR}_{n}");
+            let project = env.get(&format!("{var}_PROJECT")).map(String::as_str);
+            self.add(&var, value, None, project, None, None)?;
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Vec<KeySpec> {
+        self.keys
+    }
+}
+
+#[cfg(test)]
+mod tests;
