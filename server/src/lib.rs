@@ -3,7 +3,9 @@
 //! - [`engine`]: the lease engine, plain synchronous rules over an injected time; the heart.
 //! - [`config`]: configuration and key sources, validated before anything starts.
 //! - [`service`]: the gRPC service, a thin shell that maps the protocol onto the engine.
-//! - [`server`]: serving on a listener until a shutdown future resolves; timers and waiters.
+//! - [`server`]: serving on a listener, with health and reflection, until a shutdown future.
+//! - [`state`]: the engine's shell: one lock, waiters' channels, events, the expiry timer.
+//! - [`wire`]: conversions between the protocol and the engine, and errors to gRPC statuses.
 //! - [`secret`]: API keys that never print, and the ids derived from them.
 //! - [`clock`]: the one place that reads the time.
 #![forbid(unsafe_code)]
@@ -12,3 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod secret;
+pub mod server;
+pub mod service;
+pub mod state;
+pub mod wire;

@@ -1,0 +1,64 @@
+//! Serving: the KeyLease service with gRPC health and reflection (v1 and v1alpha, for grpcurl) on
+//! a listener, until a shutdown future resolves. Then health turns to not serving, waiters get
+//! `UNAVAILABLE`, event streams end, and in-flight calls finish.
+
+use crate::service::KeyLeaseService;
+use crate::state::State;
+use keylease::pb;
+use keylease::pb::key_lease_server::KeyLeaseServer;
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("server reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves on `listener` until `shutdown` resolves and in-flight calls have finished.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<KeyLeaseServer<KeyLeaseService>>()
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // So grpcurl can show the RetryInfo and ErrorInfo of a RESOURCE_EXHAUSTED reply.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let timer = tokio::spawn(state.clone().run_timer());
+    let signal = {
+        let state = state.clone();
+        async move {
+            shutdown.await;
+            health
+                .set_not_serving::<KeyLeaseServer<KeyLeaseService>>()
+                .await;
+            state.shut_down();
+        }
+    };
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(KeyLeaseServer::new(KeyLeaseService::new(state)))
+        .serve_with_incoming_shutdown(incoming, signal)
+        .await?;
+    let _ = timer.await;
+    Ok(())
+}

@@ -1,0 +1,302 @@
+//! The edge between the protocol and the engine: conversions of `keylease.v1` messages to domain
+//! types (validating what the wire can get wrong, such as negative durations) and back, and the
+//! one mapping of domain errors to gRPC status codes.
+
+use crate::engine::{
+    AcquireRequest, EngineError, EventKind, FailureKind, KeyState, KeyView, LeaseEvent,
+    LeaseSummary, LeaseView, Unavailable, UnavailableReason, UsageView,
+};
+use crate::state::AcquireFailure;
+use keylease::pb;
+use std::time::Duration;
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The domain of `google.rpc.ErrorInfo` details.
+pub const ERROR_DOMAIN: &str = "keylease.v1";
+/// Metadata key carrying the retry-after in milliseconds, for clients that skip the details.
+pub const RETRY_AFTER_METADATA: &str = "retry-after-ms";
+
+impl From<EngineError> for Status {
+    fn from(error: EngineError) -> Self {
+        let code = match &error {
+            EngineError::InvalidArgument { .. } => Code::InvalidArgument,
+            EngineError::LeaseNotFound(_) | EngineError::KeyNotFound(_) => Code::NotFound,
+            EngineError::StaleLease { .. } => Code::FailedPrecondition,
+        };
+        Status::new(code, error.to_string())
+    }
+}
+
+/// An acquire that got no lease, as a status; `now_ms` turns the engine's instants into delays.
+pub fn acquire_failure_status(failure: AcquireFailure, now_ms: u64) -> Status {
+    match failure {
+        AcquireFailure::Invalid(error) => error.into(),
+        AcquireFailure::Unavailable(unavailable) => unavailable_status(unavailable, now_ms),
+        AcquireFailure::ShuttingDown => Status::unavailable("the server is shutting down"),
+    }
+}
+
+/// `RESOURCE_EXHAUSTED` with why and when to retry: `google.rpc.RetryInfo` and `ErrorInfo` in
+/// the details, and `retry-after-ms` in the metadata.
+pub fn unavailable_status(unavailable: Unavailable, now_ms: u64) -> Status {
+    let retry_after = retry_after(unavailable, now_ms);
+    let mut details = ErrorDetails::new();
+    details.set_error_info(
+        reason_code(unavailable.reason),
+        ERROR_DOMAIN,
+        std::collections::HashMap::new(),
+    );
+    let mut metadata = MetadataMap::new();
+    let mut message = format!("no key available: {}", unavailable.reason.as_str());
+    if let Some(delay) = retry_after {
+        details.set_retry_info(Some(delay));
+        if let Ok(value) = delay.as_millis().to_string().parse() {
+            metadata.insert(RETRY_AFTER_METADATA, value);
+        }
+        message.push_str(&format!(
+            "; retry after {}",
+            humantime::format_duration(delay)
+        ));
+    }
+    Status::with_error_details_and_metadata(Code::ResourceExhausted, message, details, metadata)
+}
+
+fn retry_after(unavailable: Unavailable, now_ms: u64) -> Option<Duration> {
+    let at = unavailable.retry_at_ms?;
+    Some(Duration::from_millis(at.saturating_sub(now_ms)))
+}
+
+fn reason_code(reason: UnavailableReason) -> &'static str {
+    match reason {
+        UnavailableReason::AllLeased => "ALL_LEASED",
+        UnavailableReason::CoolingDown => "COOLING_DOWN",
+        UnavailableReason::QuotaSpent => "QUOTA_SPENT",
+        UnavailableReason::AllDisabled => "ALL_DISABLED",
+        UnavailableReason::AllExcluded => "ALL_EXCLUDED",
+    }
+}
+
+pub fn unavailable_to_pb(unavailable: Unavailable, now_ms: u64) -> pb::Unavailable {
+    let reason = match unavailable.reason {
+        UnavailableReason::AllLeased => pb::UnavailableReason::AllLeased,
+        UnavailableReason::CoolingDown => pb::UnavailableReason::CoolingDown,
+        UnavailableReason::QuotaSpent => pb::UnavailableReason::QuotaSpent,
+        UnavailableReason::AllDisabled => pb::UnavailableReason::AllDisabled,
+        UnavailableReason::AllExcluded => pb::UnavailableReason::AllExcluded,
+    };
+    pb::Unavailable {
+        reason: reason as i32,
+        retry_after: retry_after(unavailable, now_ms).map(duration_to_pb),
+    }
+}
+
+/// An optional wire duration in milliseconds; negative or malformed ones are refused by name.
+pub fn duration_ms(
+    field: &'static str,
+    duration: Option<prost_types::Duration>,
+) -> Result<Option<u64>, Status> {
+    let Some(duration) = duration else {
+        return Ok(None);
+    };
+    let invalid = |reason: &str| Status::invalid_argument(format!("{field}: {reason}"));
+    if duration.seconds < 0 || duration.nanos < 0 {
+        return Err(invalid("must not be negative"));
+    }
+    if duration.nanos >= 1_000_000_000 {
+        return Err(invalid("nanos must be below one second"));
+    }
+    let millis = (duration.seconds as u64)
+        .checked_mul(1000)
+        .and_then(|ms| ms.checked_add(duration.nanos as u64 / 1_000_000))
+        .ok_or_else(|| invalid("too long"))?;
+    Ok(Some(millis))
+}
+
+/// How long to wait: unset or zero fails fast; more than `max` is refused.
+pub fn wait_of(
+    field: &'static str,
+    duration: Option<prost_types::Duration>,
+    max: Duration,
+) -> Result<Duration, Status> {
+    let wait = Duration::from_millis(duration_ms(field, duration)?.unwrap_or(0));
+    if wait > max {
+        return Err(Status::invalid_argument(format!(
+            "{field}: {} is above the maximum {}",
+            humantime::format_duration(wait),
+            humantime::format_duration(max)
+        )));
+    }
+    Ok(wait)
+}
+
+pub fn duration_to_pb(duration: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: duration.as_secs() as i64,
+        nanos: duration.subsec_nanos() as i32,
+    }
+}
+
+fn ms_to_pb(ms: u64) -> prost_types::Duration {
+    duration_to_pb(Duration::from_millis(ms))
+}
+
+pub fn timestamp(at_ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: (at_ms / 1000) as i64,
+        nanos: ((at_ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+pub fn acquire_request(request: pb::AcquireKeyRequest) -> Result<AcquireRequest, Status> {
+    Ok(AcquireRequest {
+        task_id: request.task_id,
+        pool: request.pool,
+        model: request.model,
+        exclude_key_ids: request.exclude_key_ids,
+        ttl_ms: duration_ms("ttl", request.ttl)?,
+        wait: false,
+        requests: request.requests,
+        estimated_tokens: request.estimated_input_tokens,
+        client_request_id: Some(request.client_request_id).filter(|id| !id.is_empty()),
+    })
+}
+
+pub fn failure_kind(kind: i32) -> Result<FailureKind, Status> {
+    match pb::FailureKind::try_from(kind) {
+        Ok(pb::FailureKind::RateLimited) => Ok(FailureKind::RateLimited),
+        Ok(pb::FailureKind::DailyQuotaExhausted) => Ok(FailureKind::DailyQuotaExhausted),
+        Ok(pb::FailureKind::InvalidKey) => Ok(FailureKind::InvalidKey),
+        Ok(pb::FailureKind::PermissionDenied) => Ok(FailureKind::PermissionDenied),
+        Ok(pb::FailureKind::ServerError) => Ok(FailureKind::ServerError),
+        Ok(pb::FailureKind::Timeout) => Ok(FailureKind::Timeout),
+        Ok(pb::FailureKind::Other) => Ok(FailureKind::Other),
+        Ok(pb::FailureKind::Unspecified) | Err(_) => Err(Status::invalid_argument(format!(
+            "kind: {kind} is not a failure kind (RATE_LIMITED, ...)"
+        ))),
+    }
+}
+
+fn failure_kind_to_pb(kind: FailureKind) -> pb::FailureKind {
+    match kind {
+        FailureKind::RateLimited => pb::FailureKind::RateLimited,
+        FailureKind::DailyQuotaExhausted => pb::FailureKind::DailyQuotaExhausted,
+        FailureKind::InvalidKey => pb::FailureKind::InvalidKey,
+        FailureKind::PermissionDenied => pb::FailureKind::PermissionDenied,
+        FailureKind::ServerError => pb::FailureKind::ServerError,
+        FailureKind::Timeout => pb::FailureKind::Timeout,
+        FailureKind::Other => pb::FailureKind::Other,
+    }
+}
+
+/// The lease as its holder gets it: the only place a secret is revealed.
+pub fn lease_to_pb(lease: LeaseView) -> pb::Lease {
+    pb::Lease {
+        lease_id: lease.lease_id,
+        key_id: lease.key_id,
+        api_key: lease.api_key.reveal().to_string(),
+        fencing_token: lease.fencing_token,
+        ttl: Some(ms_to_pb(lease.ttl_ms)),
+        expires_at: Some(timestamp(lease.expires_ms)),
+        project: lease.project,
+        model: lease.model,
+        pool: lease.pool,
+        requests_granted: lease.requests_granted,
+        task_id: lease.task_id,
+    }
+}
+
+fn summary_to_pb(lease: LeaseSummary) -> pb::LeaseSummary {
+    pb::LeaseSummary {
+        lease_id: lease.lease_id,
+        task_id: lease.task_id,
+        model: lease.model,
+        fencing_token: lease.fencing_token,
+        requests_granted: lease.requests_granted,
+        expires_at: Some(timestamp(lease.expires_ms)),
+    }
+}
+
+pub fn key_to_pb(key: KeyView) -> pb::KeyStatus {
+    let state = match key.state {
+        KeyState::Available => pb::KeyState::Available,
+        KeyState::Leased => pb::KeyState::Leased,
+        KeyState::CoolingDown => pb::KeyState::CoolingDown,
+        KeyState::Disabled => pb::KeyState::Disabled,
+    };
+    pb::KeyStatus {
+        key_id: key.key_id,
+        masked_key: key.masked_key,
+        pool: key.pool,
+        project: key.project,
+        state: state as i32,
+        disabled_reason: key.disabled_reason.unwrap_or_default(),
+        max_leases: key.max_leases,
+        leases: key.leases.into_iter().map(summary_to_pb).collect(),
+        cooling_until: key.cooling_until_ms.map(timestamp),
+    }
+}
+
+pub fn usage_to_pb(usage: UsageView) -> pb::Usage {
+    pb::Usage {
+        used: usage.used,
+        limit: usage.limit.unwrap_or(0),
+    }
+}
+
+fn lease_event_to_pb(event: LeaseEvent, requests_sent: u64) -> pb::LeaseEvent {
+    pb::LeaseEvent {
+        lease: Some(summary_to_pb(event.lease)),
+        key_id: event.key_id,
+        project: event.project,
+        requests_sent: requests_sent as u32,
+    }
+}
+
+pub fn event_to_pb(event: crate::engine::Event) -> pb::Event {
+    use pb::event::Kind;
+    let kind = match event.kind {
+        EventKind::Granted(lease) => Kind::Granted(lease_event_to_pb(lease, 0)),
+        EventKind::Renewed(lease) => Kind::Renewed(lease_event_to_pb(lease, 0)),
+        EventKind::Released {
+            lease,
+            requests_sent,
+        } => Kind::Released(lease_event_to_pb(lease, requests_sent)),
+        EventKind::Expired(lease) => Kind::Expired(lease_event_to_pb(lease, 0)),
+        EventKind::Failed {
+            lease,
+            kind,
+            detail,
+        } => Kind::Failed(pb::FailureEvent {
+            lease: Some(summary_to_pb(lease.lease)),
+            key_id: lease.key_id,
+            kind: failure_kind_to_pb(kind) as i32,
+            detail,
+        }),
+        EventKind::CooledDown {
+            pool,
+            project,
+            model,
+            until_ms,
+            reason,
+        } => Kind::CooledDown(pb::CooldownEvent {
+            pool,
+            project,
+            model,
+            until: Some(timestamp(until_ms)),
+            reason: reason.as_str().to_string(),
+        }),
+        EventKind::KeyDisabled { key_id, reason } => {
+            Kind::Disabled(pb::KeyEvent { key_id, reason })
+        }
+        EventKind::KeyEnabled { key_id } => Kind::Enabled(pb::KeyEvent {
+            key_id,
+            reason: String::new(),
+        }),
+    };
+    pb::Event {
+        at: Some(timestamp(event.at_ms)),
+        kind: Some(kind),
+    }
+}
