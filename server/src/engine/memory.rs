@@ -60,10 +60,6 @@ impl<K: Hash + Eq + Clone, V> BoundedMemory<K, V> {
             *slot = value;
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
 }
 
 #[cfg(test)]
@@ -80,6 +76,6 @@ mod tests {
         assert_eq!(memory.get(&"a"), Some(&1));
         assert_eq!(memory.get(&"b"), None);
         assert_eq!(memory.get(&"c"), Some(&3));
-        assert_eq!(memory.len(), 2);
+        assert_eq!(memory.entries.len(), 2);
     }
 }

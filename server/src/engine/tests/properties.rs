@@ -417,7 +417,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
 
 /// Mostly live leases, sometimes one that has ended.
 fn pick_lease(model: &Model, pick: u16) -> Option<(String, u64)> {
-    if pick % 5 == 0 && !model.all.is_empty() {
+    if pick.is_multiple_of(5) && !model.all.is_empty() {
         return Some(model.all[pick as usize % model.all.len()].clone());
     }
     let live: Vec<u64> = model.live.keys().copied().collect();

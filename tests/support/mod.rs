@@ -1,0 +1,150 @@
+//! The end-to-end harness: a real keylease server on an ephemeral loopback port, configured
+//! through the real configuration loader, and a gRPC client connected to it.
+#![allow(dead_code)]
+
+use keylease::pb;
+use keylease::pb::key_lease_client::KeyLeaseClient;
+use keylease_server::clock::Clock;
+use keylease_server::config::{self, Overrides};
+use keylease_server::server::{ServeError, serve};
+use keylease_server::state::State;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+pub type Client = KeyLeaseClient<Channel>;
+pub const MODEL: &str = "gemini-2.5-flash";
+
+/// A key for a test configuration: (id, project).
+pub fn fake_secret(id: &str) -> String {
+    format!("AIzaFAKE-e2e-{id}-{}", "0".repeat(24))
+}
+
+/// The TOML of a pool whose keys are `keys` and whose model allows `rpm` requests a minute.
+pub fn config_toml(keys: &[(&str, &str)], rpm: u64, extra: &str) -> String {
+    let mut text = format!(
+        "[key_sources]\nenvironment = false\n\n[pools.gemini.models.\"{MODEL}\"]\nrequests_per_minute = {rpm}\nrequests_per_day = 100000\n\n{extra}\n"
+    );
+    for (id, project) in keys {
+        text.push_str(&format!(
+            "[[keys]]\nid = \"{id}\"\nproject = \"{project}\"\nsecret = \"{}\"\n\n",
+            fake_secret(id)
+        ));
+    }
+    text
+}
+
+pub struct TestServer {
+    pub address: String,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<Result<(), ServeError>>>,
+    config_dir: PathBuf,
+}
+
+impl TestServer {
+    /// Starts a server on 127.0.0.1:0 with this configuration text.
+    pub async fn start(config_text: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let config_dir =
+            std::env::temp_dir().join(format!("keylease-e2e-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&config_dir).unwrap();
+        let path = config_dir.join("keylease.toml");
+        std::fs::write(&path, config_text).unwrap();
+        let settings = config::load(Some(&path), &HashMap::new(), &Overrides::default())
+            .expect("test configuration");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        let state = State::new(&settings, Clock::system()).unwrap();
+        let (stop, stopped) = oneshot::channel();
+        let handle = tokio::spawn(serve(listener, state, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            address,
+            stop: Some(stop),
+            handle: Some(handle),
+            config_dir,
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        KeyLeaseClient::connect(self.address.clone())
+            .await
+            .expect("connect")
+    }
+
+    /// Starts the graceful shutdown and waits until the server has stopped.
+    pub async fn shut_down(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            handle.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = std::fs::remove_dir_all(&self.config_dir);
+    }
+}
+
+pub fn acquire(task: &str) -> pb::AcquireKeyRequest {
+    pb::AcquireKeyRequest {
+        task_id: task.into(),
+        model: MODEL.into(),
+        ..Default::default()
+    }
+}
+
+pub fn seconds(s: u64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: s as i64,
+        nanos: 0,
+    })
+}
+
+pub fn millis(ms: u64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    })
+}
+
+pub fn release(lease: &pb::Lease, sent: u32) -> pb::ReleaseRequest {
+    pb::ReleaseRequest {
+        lease_id: lease.lease_id.clone(),
+        fencing_token: lease.fencing_token,
+        requests_sent: sent,
+        input_tokens: 0,
+    }
+}
+
+/// How many acquires wait in line, as the server reports it.
+pub async fn waiting(client: &mut Client) -> u32 {
+    let status = client
+        .get_status(pb::GetStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    status.waiting.iter().map(|w| w.waiters).sum()
+}
+
+/// Waits until the server reports `expected` waiters, asking at most a bounded number of times.
+pub async fn until_waiting(client: &mut Client, expected: u32) {
+    for _ in 0..2_000 {
+        if waiting(client).await == expected {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("the server never reported {expected} waiters");
+}
