@@ -443,6 +443,34 @@ enum Selection {
     },
 }
 
+/// Every quota group's books, with the limits each is opened with.
+#[derive(Debug)]
+struct Books {
+    groups: HashMap<GroupKey, QuotaGroup>,
+    /// A model's limits in a pool.
+    model_limits: HashMap<(PoolIdx, ModelIdx), Limits>,
+    /// A project's own limits for a model, replacing the model's.
+    project_limits: HashMap<GroupKey, Limits>,
+    daily: DailyReset,
+}
+
+impl Books {
+    /// The group's books brought to `now` (opened on first use).
+    fn group(&mut self, key: GroupKey, now: u64) -> &mut QuotaGroup {
+        let group = self.groups.entry(key).or_insert_with(|| {
+            let limits = self
+                .project_limits
+                .get(&key)
+                .or_else(|| self.model_limits.get(&(key.pool, key.model)))
+                .copied()
+                .unwrap_or_default();
+            QuotaGroup::new(limits, self.daily.day_of(now))
+        });
+        group.advance(now, self.daily);
+        group
+    }
+}
+
 pub struct Engine {
     config: EngineConfig,
     keys: Vec<Key>,
@@ -450,9 +478,10 @@ pub struct Engine {
     pools: Vec<Pool>,
     pool_by_name: HashMap<String, PoolIdx>,
     projects: Vec<String>,
+    project_by_name: HashMap<String, ProjectIdx>,
     models: Vec<String>,
     model_by_name: HashMap<String, ModelIdx>,
-    groups: HashMap<GroupKey, QuotaGroup>,
+    books: Books,
     /// Consecutive rate-limit cooldowns without a provider delay, per (pool, project).
     backoff: HashMap<(PoolIdx, ProjectIdx), u32>,
     leases: HashMap<Token, Lease>,
@@ -474,6 +503,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(config: EngineConfig, keys: Vec<KeySpec>, now_ms: u64) -> Result<Self, SetupError> {
+        let daily = config.daily;
         let mut engine = Self {
             exclusions: BoundedMemory::new(config.memory_capacity),
             request_ids: BoundedMemory::new(config.memory_capacity),
@@ -484,9 +514,15 @@ impl Engine {
             pools: Vec::new(),
             pool_by_name: HashMap::new(),
             projects: Vec::new(),
+            project_by_name: HashMap::new(),
             models: Vec::new(),
             model_by_name: HashMap::new(),
-            groups: HashMap::new(),
+            books: Books {
+                groups: HashMap::new(),
+                model_limits: HashMap::new(),
+                project_limits: HashMap::new(),
+                daily,
+            },
             backoff: HashMap::new(),
             leases: HashMap::new(),
             expiries: BTreeSet::new(),
@@ -499,20 +535,24 @@ impl Engine {
             notices: Notices::default(),
         };
         for (name, pool_config) in engine.config.pools.clone() {
+            let pool = engine.pools.len() as PoolIdx;
             let mut largest_limits = HashMap::new();
             for (model, limits) in &pool_config.models {
-                let model_idx = engine.intern_model(model);
-                let mut largest = *limits;
-                for ((_, m), project_limits) in &pool_config.project_limits {
-                    if m == model {
-                        largest = larger_limits(largest, *project_limits);
-                    }
-                }
-                largest_limits.insert(model_idx, largest);
+                let model = engine.intern_model(model);
+                engine.books.model_limits.insert((pool, model), *limits);
+                largest_limits.insert(model, *limits);
             }
-            engine
-                .pool_by_name
-                .insert(name.clone(), engine.pools.len() as PoolIdx);
+            for ((project, model), limits) in &pool_config.project_limits {
+                let group = GroupKey {
+                    pool,
+                    project: engine.intern_project(project),
+                    model: engine.intern_model(model),
+                };
+                engine.books.project_limits.insert(group, *limits);
+                let largest = largest_limits.entry(group.model).or_insert(*limits);
+                *largest = larger_limits(*largest, *limits);
+            }
+            engine.pool_by_name.insert(name.clone(), pool);
             engine.pools.push(Pool {
                 name,
                 config: pool_config,
@@ -556,11 +596,13 @@ impl Engine {
     }
 
     fn intern_project(&mut self, name: &str) -> ProjectIdx {
-        if let Some(idx) = self.projects.iter().position(|p| p == name) {
-            return idx as ProjectIdx;
+        if let Some(&idx) = self.project_by_name.get(name) {
+            return idx;
         }
+        let idx = self.projects.len() as ProjectIdx;
         self.projects.push(name.to_string());
-        (self.projects.len() - 1) as ProjectIdx
+        self.project_by_name.insert(name.to_string(), idx);
+        idx
     }
 
     fn intern_model(&mut self, name: &str) -> ModelIdx {
@@ -935,15 +977,7 @@ impl Engine {
             if blocked.contains(&group_key) || unaffordable.contains(&group_key) {
                 continue;
             }
-            let group = group_entry(
-                &mut self.groups,
-                pool_entry,
-                &self.projects,
-                &self.models,
-                group_key,
-                now,
-                self.config.daily,
-            );
+            let group = self.books.group(group_key, now);
             if group.cooldown.is_some() {
                 continue;
             }
@@ -987,7 +1021,8 @@ impl Engine {
             project: self.keys[key].project,
             model,
         };
-        self.groups
+        self.books
+            .groups
             .get_mut(&group_key)
             .expect("select looked the group up")
             .reserve(requests, tokens);
@@ -1109,6 +1144,7 @@ impl Engine {
             return None;
         }
         let groups = self
+            .books
             .groups
             .iter()
             .filter(|(k, _)| k.pool == pool)
@@ -1170,16 +1206,7 @@ impl Engine {
                 project,
                 model,
             };
-            let pool_entry = &self.pools[pool as usize];
-            let group = group_entry(
-                &mut self.groups,
-                pool_entry,
-                &self.projects,
-                &self.models,
-                group_key,
-                now,
-                self.config.daily,
-            );
+            let group = self.books.group(group_key, now);
             let reason = if group.cooldown.is_some() {
                 UnavailableReason::CoolingDown
             } else if !group.can_afford(requests, tokens) {
@@ -1301,16 +1328,7 @@ impl Engine {
                 project: self.keys[key].project,
                 model,
             };
-            let pool_entry = &self.pools[pool as usize];
-            let group = group_entry(
-                &mut self.groups,
-                pool_entry,
-                &self.projects,
-                &self.models,
-                group_key,
-                now,
-                self.config.daily,
-            );
+            let group = self.books.group(group_key, now);
             let (requests, tokens) = (u64::from(additional_requests), additional_tokens);
             if group.cooldown.is_none() && group.can_afford(requests, tokens) {
                 group.reserve(requests, tokens);
@@ -1515,16 +1533,7 @@ impl Engine {
     }
 
     fn cool_down(&mut self, now: u64, group_key: GroupKey, until_ms: u64, reason: CooldownReason) {
-        let pool_entry = &self.pools[group_key.pool as usize];
-        let group = group_entry(
-            &mut self.groups,
-            pool_entry,
-            &self.projects,
-            &self.models,
-            group_key,
-            now,
-            self.config.daily,
-        );
+        let group = self.books.group(group_key, now);
         let cooldown = group.cool_down(until_ms, reason);
         self.emit(
             now,
@@ -1628,16 +1637,7 @@ impl Engine {
             project: key.project,
             model: lease.model,
         };
-        let pool_entry = &self.pools[key.pool as usize];
-        let group = group_entry(
-            &mut self.groups,
-            pool_entry,
-            &self.projects,
-            &self.models,
-            group_key,
-            now,
-            self.config.daily,
-        );
+        let group = self.books.group(group_key, now);
         group.settle(
             now,
             self.config.window_ms,
@@ -1718,6 +1718,7 @@ impl Engine {
 
     fn key_view(&self, key: KeyIdx, now: u64) -> KeyView {
         let cooling_until_ms = self
+            .books
             .groups
             .iter()
             .filter(|(g, _)| g.pool == self.keys[key].pool && g.project == self.keys[key].project)
@@ -1770,7 +1771,7 @@ impl Engine {
             ),
         };
         let mut cooling: HashMap<(PoolIdx, ProjectIdx), u64> = HashMap::new();
-        for (group_key, group) in self.groups.iter_mut() {
+        for (group_key, group) in self.books.groups.iter_mut() {
             group.advance(now, self.config.daily);
             if let Some(cooldown) = group.cooldown {
                 let until = cooling
@@ -1779,7 +1780,7 @@ impl Engine {
                 *until = (*until).max(cooldown.until_ms);
             }
         }
-        self.groups.retain(|_, group| !group.is_idle());
+        self.books.groups.retain(|_, group| !group.is_idle());
         let selected: Vec<KeyIdx> = (0..self.keys.len())
             .filter(|&k| pool.is_none_or(|p| self.keys[k].pool == p))
             .collect();
@@ -1794,6 +1795,7 @@ impl Engine {
             .collect();
         let next_offset = (offset + page_size < selected.len()).then_some(offset + page_size);
         let mut groups: Vec<GroupView> = self
+            .books
             .groups
             .iter()
             .filter(|(g, _)| pool.is_none_or(|p| g.pool == p))
@@ -1882,32 +1884,6 @@ fn larger_limits(a: Limits, b: Limits) -> Limits {
         tokens_per_minute: larger(a.tokens_per_minute, b.tokens_per_minute),
         requests_per_day: larger(a.requests_per_day, b.requests_per_day),
     }
-}
-
-/// The group's books, brought to `now` (made on first use with its configured limits).
-fn group_entry<'a>(
-    groups: &'a mut HashMap<GroupKey, QuotaGroup>,
-    pool: &Pool,
-    projects: &[String],
-    models: &[String],
-    key: GroupKey,
-    now: u64,
-    daily: DailyReset,
-) -> &'a mut QuotaGroup {
-    let group = groups.entry(key).or_insert_with(|| {
-        let project = &projects[key.project as usize];
-        let model = &models[key.model as usize];
-        let limits = pool
-            .config
-            .project_limits
-            .get(&(project.clone(), model.clone()))
-            .or_else(|| pool.config.models.get(model))
-            .copied()
-            .unwrap_or_default();
-        QuotaGroup::new(limits, daily.day_of(now))
-    });
-    group.advance(now, daily);
-    group
 }
 
 #[cfg(test)]
