@@ -77,15 +77,14 @@ async fn a_waiter_is_woken_by_a_release() {
         .await
         .unwrap()
         .into_inner();
-    let mut waiter_client = server.client().await;
-    let waiter = tokio::spawn(async move {
-        waiter_client
-            .acquire_key(pb::AcquireKeyRequest {
-                wait: seconds(30),
-                ..acquire("waiter")
-            })
-            .await
-    });
+    let waiter = spawn_acquire(
+        &server,
+        pb::AcquireKeyRequest {
+            wait: seconds(30),
+            ..acquire("waiter")
+        },
+    )
+    .await;
     until_waiting(&mut client, 1).await;
     client.release(release(&held, 1)).await.unwrap();
     let lease = waiter.await.unwrap().unwrap().into_inner();
@@ -299,15 +298,14 @@ async fn a_waiter_that_disconnects_leaves_the_line_and_gets_nothing() {
         .await
         .unwrap()
         .into_inner();
-    let mut gone_client = server.client().await;
-    let gone = tokio::spawn(async move {
-        gone_client
-            .acquire_key(pb::AcquireKeyRequest {
-                wait: seconds(60),
-                ..acquire("gone")
-            })
-            .await
-    });
+    let gone = spawn_acquire(
+        &server,
+        pb::AcquireKeyRequest {
+            wait: seconds(60),
+            ..acquire("gone")
+        },
+    )
+    .await;
     until_waiting(&mut client, 1).await;
     gone.abort();
     until_waiting(&mut client, 0).await;
@@ -526,15 +524,14 @@ async fn shutdown_tells_waiters_and_finishes() {
     let mut server = TestServer::start(&config_toml(&[("k1", "p1")], 100, "")).await;
     let mut client = server.client().await;
     client.acquire_key(acquire("holder")).await.unwrap();
-    let mut waiter_client = server.client().await;
-    let waiter = tokio::spawn(async move {
-        waiter_client
-            .acquire_key(pb::AcquireKeyRequest {
-                wait: seconds(60),
-                ..acquire("waiter")
-            })
-            .await
-    });
+    let waiter = spawn_acquire(
+        &server,
+        pb::AcquireKeyRequest {
+            wait: seconds(60),
+            ..acquire("waiter")
+        },
+    )
+    .await;
     until_waiting(&mut client, 1).await;
     let mut watcher = client
         .watch_events(pb::WatchEventsRequest {})

@@ -128,6 +128,15 @@ pub fn release(lease: &pb::Lease, sent: u32) -> pb::ReleaseRequest {
     }
 }
 
+/// An acquire on its own connection, running in the background (a waiter, typically).
+pub async fn spawn_acquire(
+    server: &TestServer,
+    request: pb::AcquireKeyRequest,
+) -> JoinHandle<Result<tonic::Response<pb::Lease>, tonic::Status>> {
+    let mut client = server.client().await;
+    tokio::spawn(async move { client.acquire_key(request).await })
+}
+
 /// How many acquires wait in line, as the server reports it.
 pub async fn waiting(client: &mut Client) -> u32 {
     let status = client
