@@ -53,6 +53,8 @@ pub struct ServerSection {
     /// How long in-flight calls get to finish at shutdown.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// When set, KeyLease calls must carry `authorization: Bearer <one of these>`.
+    pub auth_tokens: Vec<ApiKeyField>,
 }
 
 impl Default for ServerSection {
@@ -61,6 +63,7 @@ impl Default for ServerSection {
             listen: "127.0.0.1:50051".into(),
             log_format: "text".into(),
             shutdown_grace: Duration::from_secs(10),
+            auth_tokens: Vec::new(),
         }
     }
 }
@@ -174,7 +177,7 @@ pub struct KeyEntry {
     pub max_leases: Option<u32>,
 }
 
-/// A secret as read from the file: masked in `Debug` like every secret.
+/// A secret (API key, auth token) as read from the file: masked in `Debug` like every secret.
 #[derive(Clone, Deserialize)]
 #[serde(transparent)]
 pub struct ApiKeyField(String);
@@ -197,6 +200,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
+    /// Bearer tokens callers must present; empty: no check.
+    pub auth_tokens: Vec<ApiKey>,
     pub max_wait: Duration,
     pub engine: EngineConfig,
     pub keys: Vec<KeySpec>,
@@ -317,6 +322,18 @@ pub fn validate(
         )
     })?;
 
+    let mut auth_tokens = Vec::new();
+    for (index, token) in file.server.auth_tokens.iter().enumerate() {
+        if token.0.trim().is_empty() || token.0.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(
+                at(&format!("server.auth_tokens[{index}]")),
+                "must be non-empty, without white space",
+            ));
+        }
+        auth_tokens.push(ApiKey::new(token.0.clone()));
+    }
+
     if file.pools.is_empty() {
         return Err(invalid(
             at("pools"),
@@ -364,6 +381,7 @@ pub fn validate(
         listen,
         log_format,
         shutdown_grace: file.server.shutdown_grace,
+        auth_tokens,
         max_wait: leases.max_wait,
         engine: EngineConfig {
             default_ttl_ms: leases.default_ttl.as_millis() as u64,

@@ -2,6 +2,7 @@
 //! a listener, until a shutdown future resolves. Then health turns to not serving, waiters get
 //! `UNAVAILABLE`, event streams end, and in-flight calls finish.
 
+use crate::secret::ApiKey;
 use crate::service::KeyLeaseService;
 use crate::state::State;
 use keylease::pb;
@@ -52,13 +53,58 @@ pub async fn serve(
         }
     };
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let check = BearerCheck::new(state.auth_tokens());
     Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(KeyLeaseServer::new(KeyLeaseService::new(state)))
+        .add_service(KeyLeaseServer::with_interceptor(
+            KeyLeaseService::new(state),
+            check,
+        ))
         .serve_with_incoming_shutdown(incoming, signal)
         .await?;
     let _ = timer.await;
     Ok(())
+}
+
+/// Admits KeyLease calls that carry `authorization: Bearer <token>` with a configured token;
+/// with none configured, every call. Health and reflection stay open for probes and grpcurl.
+#[derive(Clone)]
+struct BearerCheck {
+    accepted: Arc<Vec<String>>,
+}
+
+impl BearerCheck {
+    fn new(tokens: &[ApiKey]) -> Self {
+        Self {
+            accepted: Arc::new(
+                tokens
+                    .iter()
+                    .map(|t| format!("Bearer {}", t.reveal()))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for BearerCheck {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if self.accepted.is_empty() {
+            return Ok(request);
+        }
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        match presented {
+            Some(value) if self.accepted.iter().any(|t| t == value) => Ok(request),
+            Some(_) => Err(tonic::Status::unauthenticated(
+                "authorization: the bearer token is not accepted",
+            )),
+            None => Err(tonic::Status::unauthenticated(
+                "authorization: a bearer token is required",
+            )),
+        }
+    }
 }

@@ -55,6 +55,7 @@ pub struct State {
     shutdown: CancellationToken,
     /// Longest an acquire or a renewal may wait.
     pub max_wait: Duration,
+    auth_tokens: Vec<crate::secret::ApiKey>,
 }
 
 impl State {
@@ -75,7 +76,13 @@ impl State {
             timer_target: AtomicU64::new(u64::MAX),
             shutdown: CancellationToken::new(),
             max_wait: settings.max_wait,
+            auth_tokens: settings.auth_tokens.clone(),
         }))
+    }
+
+    /// Bearer tokens callers must present; empty: no check.
+    pub fn auth_tokens(&self) -> &[crate::secret::ApiKey] {
+        &self.auth_tokens
     }
 
     pub fn now_ms(&self) -> u64 {

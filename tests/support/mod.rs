@@ -37,6 +37,33 @@ pub fn config_toml(keys: &[(&str, &str)], rpm: u64, extra: &str) -> String {
     text
 }
 
+/// A fake Gemini whose keys are the test configuration's, each in its project, serving
+/// `MODEL` with these per-project limits.
+pub async fn start_fake(
+    keys: &[(&str, &str)],
+    limits: fake_gemini::limits::Limits,
+    time_scale: f64,
+) -> fake_gemini::RunningFake {
+    let config = fake_gemini::FakeConfig {
+        keys: keys
+            .iter()
+            .map(|(id, project)| fake_gemini::FakeKey {
+                id: id.to_string(),
+                secret: fake_secret(id),
+                project: project.to_string(),
+                health: fake_gemini::KeyHealth::Healthy,
+            })
+            .collect(),
+        models: [(MODEL.to_string(), limits)].into(),
+        time_scale,
+        faults: fake_gemini::Faults::default(),
+        seed: 7,
+    };
+    fake_gemini::FakeGemini::start(config)
+        .await
+        .expect("fake gemini")
+}
+
 pub struct TestServer {
     pub address: String,
     stop: Option<oneshot::Sender<()>>,

@@ -1,0 +1,247 @@
+//! The connection to keylease: one or several endpoints (balanced, reconnecting), an optional
+//! bearer token, per-call timeouts, and a bounded retry when the service cannot be reached, after
+//! which calls fail with [`Error::Unreachable`] rather than hang.
+
+use crate::lease::{AcquireOptions, LeaseGuard};
+use keylease::pb;
+use keylease::pb::key_lease_client::KeyLeaseClient as Stub;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+/// How to reach keylease.
+#[derive(Clone)]
+pub struct ClientConfig {
+    /// `http://host:port`, one or more; calls are balanced over those that answer.
+    pub endpoints: Vec<String>,
+    /// Sent as `authorization: Bearer TOKEN` on every call.
+    pub auth_token: Option<String>,
+    pub connect_timeout: Duration,
+    /// Longest any call may take, on top of the time it asked to wait for a key.
+    pub call_timeout: Duration,
+    /// Tries of a call while the service is unreachable, before [`Error::Unreachable`].
+    pub attempts: u32,
+    /// Pause after the first failed try; doubles with each further one.
+    pub retry_backoff: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        Self {
+            endpoints: vec![endpoint.into()],
+            auth_token: None,
+            connect_timeout: Duration::from_secs(5),
+            call_timeout: Duration::from_secs(10),
+            attempts: 3,
+            retry_backoff: Duration::from_millis(200),
+        }
+    }
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("endpoints", &self.endpoints)
+            .field("auth_token", &self.auth_token.as_ref().map(|_| "…"))
+            .field("call_timeout", &self.call_timeout)
+            .field("attempts", &self.attempts)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid endpoint {endpoint:?}: {reason}")]
+    InvalidEndpoint { endpoint: String, reason: String },
+    #[error("keylease unreachable after {attempts} attempts: {last}")]
+    Unreachable { attempts: u32, last: String },
+    /// No key could be lent in time: why, and when one may be.
+    #[error("no key available ({reason}){}", retry_after.map(|d| format!("; retry after {d:?}")).unwrap_or_default())]
+    NoKey {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// The lease ended (expired, or its key was disabled): the key must not be used any more.
+    #[error("lease {0} has ended")]
+    LeaseEnded(String),
+    /// Every request the lease covers was sent: renew for more, or release.
+    #[error("lease {0} has no requests left")]
+    BudgetSpent(String),
+    /// keylease refused the call (bad argument, unknown lease).
+    #[error("keylease refused: {} ({:?})", .0.message(), .0.code())]
+    Refused(Status),
+}
+
+impl Error {
+    pub(crate) fn from_status(status: Status) -> Self {
+        if status.code() != Code::ResourceExhausted {
+            return Self::Refused(status);
+        }
+        // keylease puts the delay in the metadata too, which spares a dependency on tonic-types.
+        let retry_after = status
+            .metadata()
+            .get("retry-after-ms")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis);
+        Self::NoKey {
+            reason: status.message().to_string(),
+            retry_after,
+        }
+    }
+}
+
+type Authenticated = InterceptedService<Channel, Authorization>;
+
+#[derive(Clone)]
+pub struct Authorization(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Authorization {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A handle on keylease; cheap to clone, shared by all of a process's jobs.
+#[derive(Clone)]
+pub struct KeyLeaseClient {
+    stub: Stub<Authenticated>,
+    config: Arc<ClientConfig>,
+    /// Makes client request ids unique within this process.
+    next_request: Arc<AtomicU64>,
+    /// Makes them unique across processes.
+    instance: u64,
+}
+
+impl KeyLeaseClient {
+    /// Prepares the connection; it is made on first use and remade after failures.
+    pub fn connect(config: ClientConfig) -> Result<Self, Error> {
+        if config.endpoints.is_empty() {
+            return Err(Error::InvalidEndpoint {
+                endpoint: String::new(),
+                reason: "no endpoint given".into(),
+            });
+        }
+        let mut endpoints = Vec::new();
+        for endpoint in &config.endpoints {
+            let parsed = Endpoint::from_shared(endpoint.clone())
+                .map_err(|e| Error::InvalidEndpoint {
+                    endpoint: endpoint.clone(),
+                    reason: e.to_string(),
+                })?
+                .connect_timeout(config.connect_timeout)
+                .tcp_nodelay(true);
+            endpoints.push(parsed);
+        }
+        let channel = Channel::balance_list(endpoints.into_iter());
+        let token = match &config.auth_token {
+            None => None,
+            Some(token) => {
+                Some(
+                    format!("Bearer {token}")
+                        .parse()
+                        .map_err(|_| Error::InvalidEndpoint {
+                            endpoint: config.endpoints[0].clone(),
+                            reason: "the auth token is not valid header text".into(),
+                        })?,
+                )
+            }
+        };
+        Ok(Self {
+            stub: Stub::with_interceptor(channel, Authorization(token)),
+            config: Arc::new(config),
+            next_request: Arc::new(AtomicU64::new(1)),
+            instance: std::process::id() as u64
+                ^ (crate::clock::now().elapsed().as_nanos() as u64).rotate_left(32),
+        })
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    pub(crate) fn next_request_id(&self) -> String {
+        format!(
+            "{:x}-{}",
+            self.instance,
+            self.next_request.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Borrows a key for a task; the guard renews it in the background and releases it when dropped.
+    pub async fn acquire(&self, options: AcquireOptions) -> Result<LeaseGuard, Error> {
+        LeaseGuard::acquire(self.clone(), options).await
+    }
+
+    /// Runs a call, retrying while the service is unreachable. `extra` is how long the call may
+    /// legitimately take on the server (a wait for a key); the timeout is that plus the call timeout.
+    pub(crate) async fn call<T, F, Fut>(&self, extra: Duration, mut call: F) -> Result<T, Error>
+    where
+        F: FnMut(Stub<Authenticated>, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let timeout = extra + self.config.call_timeout;
+        let mut backoff = self.config.retry_backoff;
+        let mut last = String::new();
+        for attempt in 1..=self.config.attempts.max(1) {
+            match tokio::time::timeout(timeout, call(self.stub.clone(), timeout)).await {
+                Ok(Ok(response)) => return Ok(response.into_inner()),
+                Ok(Err(status)) if !unreachable(&status) => return Err(Error::from_status(status)),
+                Ok(Err(status)) => last = format!("{:?}: {}", status.code(), status.message()),
+                Err(_) => last = format!("no answer within {timeout:?}"),
+            }
+            if attempt < self.config.attempts {
+                tracing::debug!(attempt, %last, "keylease call failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+        }
+        Err(Error::Unreachable {
+            attempts: self.config.attempts.max(1),
+            last,
+        })
+    }
+
+    /// Keys, leases and usage, as operators see them.
+    pub async fn status(&self) -> Result<pb::GetStatusResponse, Error> {
+        self.call(Duration::ZERO, |mut stub, timeout| async move {
+            let mut request = Request::new(pb::GetStatusRequest::default());
+            request.set_timeout(timeout);
+            stub.get_status(request).await
+        })
+        .await
+    }
+}
+
+/// Failures that say the service could not be reached or answer, as opposed to a refusal.
+fn unreachable(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled
+    )
+}
+
+/// A wire duration from a std one.
+pub(crate) fn to_pb(duration: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: duration.as_secs() as i64,
+        nanos: duration.subsec_nanos() as i32,
+    }
+}
+
+/// A std duration from a wire one (negative counts as zero).
+pub(crate) fn from_pb(duration: Option<prost_types::Duration>) -> Duration {
+    duration.map_or(Duration::ZERO, |d| {
+        Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
+    })
+}

@@ -1,0 +1,252 @@
+//! What a Gemini error answer means for the key: read from the status, `QuotaFailure.quotaId`
+//! (per minute or per day), `RetryInfo.retryDelay`, the `Please retry in` text, `ErrorInfo.reason`
+//! and the leaked-key message, in bodies that may come wrapped in a one-element array.
+
+use keylease::pb::FailureKind;
+use serde_json::Value;
+use std::time::Duration;
+
+/// What failed, from the key's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// A per-minute limit (requests or tokens), or a 429 that says no more: the project rests
+    /// for the retry delay.
+    RateLimited,
+    /// The project has spent the day's quota for the model (or has none: `limit: 0`).
+    DailyQuota,
+    /// The key is invalid, expired or unknown.
+    InvalidKey,
+    /// The key or its project may not be used: leaked, suspended, API disabled.
+    KeyUnusable,
+    /// No key reached the provider: a bug in the caller, not the key's fault.
+    CallerBug,
+    /// The request itself is wrong (other 400s, 404, unsupported location): do not retry.
+    Request,
+    /// Provider trouble (500, 503, 504): back off and retry; the key is fine.
+    Server,
+}
+
+impl Failure {
+    /// The kind to report to keylease; `None` for failures that say nothing about the key.
+    pub fn report_kind(self) -> Option<FailureKind> {
+        match self {
+            Self::RateLimited => Some(FailureKind::RateLimited),
+            Self::DailyQuota => Some(FailureKind::DailyQuotaExhausted),
+            Self::InvalidKey => Some(FailureKind::InvalidKey),
+            Self::KeyUnusable => Some(FailureKind::PermissionDenied),
+            Self::Server => Some(FailureKind::ServerError),
+            Self::CallerBug | Self::Request => None,
+        }
+    }
+
+    /// Whether the failure is the key's (or its project's): rotating to another key helps.
+    pub fn blames_key(self) -> bool {
+        matches!(
+            self,
+            Self::RateLimited | Self::DailyQuota | Self::InvalidKey | Self::KeyUnusable
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Classified {
+    pub failure: Failure,
+    /// The provider's retry delay, when it gave one.
+    pub retry_after: Option<Duration>,
+    /// The provider's message, for people.
+    pub message: String,
+    /// `ErrorInfo.reason` or the `status` word, for the report.
+    pub reason: String,
+}
+
+/// Classifies an error answer by its HTTP status and body.
+pub fn classify(status: u16, body: &str) -> Classified {
+    let parsed: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    let error = match &parsed {
+        Value::Array(items) => items.first().and_then(|i| i.get("error")),
+        other => other.get("error"),
+    };
+    let text = |field: &str| {
+        error
+            .and_then(|e| e.get(field))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    };
+    let message = text("message").to_string();
+    let status_word = text("status").to_string();
+    let details: &[Value] = error
+        .and_then(|e| e.get("details"))
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice);
+    let detail_of = |suffix: &str| {
+        details.iter().find(|d| {
+            d.get("@type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.ends_with(suffix))
+        })
+    };
+
+    let error_reason = detail_of("ErrorInfo")
+        .and_then(|d| d.get("reason"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let retry_after = detail_of("RetryInfo")
+        .and_then(|d| d.get("retryDelay"))
+        .and_then(Value::as_str)
+        .and_then(parse_seconds)
+        .or_else(|| retry_hint_in(&message));
+    let per_day = detail_of("QuotaFailure")
+        .and_then(|d| d.get("violations"))
+        .and_then(Value::as_array)
+        .is_some_and(|violations| {
+            violations.iter().any(|v| {
+                v.get("quotaId")
+                    .and_then(Value::as_str)
+                    .is_some_and(|id| id.contains("PerDay"))
+            })
+        });
+    let no_quota_at_all = message.contains("limit: 0,") || message.contains("limit: 0\n");
+
+    let failure = match status {
+        429 if per_day || no_quota_at_all => Failure::DailyQuota,
+        429 => Failure::RateLimited,
+        400 if error_reason.as_deref() == Some("API_KEY_INVALID") => Failure::InvalidKey,
+        403 if message.contains("unregistered callers") => Failure::CallerBug,
+        403 if message.contains("reported as leaked")
+            || matches!(
+                error_reason.as_deref(),
+                Some("CONSUMER_SUSPENDED" | "SERVICE_DISABLED" | "API_KEY_SERVICE_BLOCKED")
+            ) =>
+        {
+            Failure::KeyUnusable
+        }
+        // Other permission errors are about the key or its project too.
+        401 | 403 => Failure::KeyUnusable,
+        500..=599 => Failure::Server,
+        _ => Failure::Request,
+    };
+    let reason = error_reason.unwrap_or_else(|| {
+        if status_word.is_empty() {
+            format!("HTTP {status}")
+        } else {
+            status_word
+        }
+    });
+    Classified {
+        failure,
+        retry_after,
+        message,
+        reason,
+    }
+}
+
+/// `"26s"`, `"55.837881432s"`.
+fn parse_seconds(text: &str) -> Option<Duration> {
+    let seconds: f64 = text.strip_suffix('s')?.parse().ok()?;
+    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
+}
+
+/// `Please retry in 55.837881432s.` in the message text.
+fn retry_hint_in(message: &str) -> Option<Duration> {
+    let rest = &message[message.find("retry in ")? + "retry in ".len()..];
+    let end = rest.find('s')?;
+    parse_seconds(&rest[..=end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> String {
+        let path = format!(
+            "{}/../fake-gemini/fixtures/errors/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    fn of(status: u16, name: &str) -> Classified {
+        classify(status, &fixture(name))
+    }
+
+    #[test]
+    fn every_fixture_is_classified_as_the_wire_facts_say() {
+        let expected = [
+            (400, "400-api-key-expired.json", Failure::InvalidKey),
+            (400, "400-api-key-invalid.json", Failure::InvalidKey),
+            (400, "400-location-unsupported.json", Failure::Request),
+            (403, "403-consumer-suspended.json", Failure::KeyUnusable),
+            (403, "403-leaked.json", Failure::KeyUnusable),
+            (403, "403-service-disabled.json", Failure::KeyUnusable),
+            (403, "403-unregistered-caller.json", Failure::CallerBug),
+            (404, "404-model-not-found.json", Failure::Request),
+            (429, "429-limit-zero-text-only.json", Failure::DailyQuota),
+            (429, "429-no-details.json", Failure::RateLimited),
+            (429, "429-requests-per-day.json", Failure::DailyQuota),
+            (429, "429-requests-per-minute.json", Failure::RateLimited),
+            (429, "429-tokens-per-minute.json", Failure::RateLimited),
+            (429, "429-wrapped-in-array.json", Failure::RateLimited),
+            (500, "500-internal.json", Failure::Server),
+            (503, "503-overloaded.json", Failure::Server),
+        ];
+        let listed = std::fs::read_dir(format!(
+            "{}/../fake-gemini/fixtures/errors",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+        .count();
+        assert_eq!(listed, expected.len(), "a fixture without an expectation");
+        for (status, name, failure) in expected {
+            assert_eq!(of(status, name).failure, failure, "{name}");
+        }
+    }
+
+    #[test]
+    fn retry_delays_come_from_retry_info_or_the_message() {
+        assert_eq!(
+            of(429, "429-requests-per-minute.json").retry_after,
+            Some(Duration::from_secs(47))
+        );
+        assert_eq!(
+            of(429, "429-wrapped-in-array.json").retry_after,
+            Some(Duration::from_secs(12))
+        );
+        let text_only = of(429, "429-limit-zero-text-only.json")
+            .retry_after
+            .unwrap();
+        assert_eq!(text_only.as_millis(), 55_837);
+        assert_eq!(of(429, "429-no-details.json").retry_after, None);
+    }
+
+    #[test]
+    fn reasons_name_what_the_provider_said() {
+        assert_eq!(
+            of(403, "403-consumer-suspended.json").reason,
+            "CONSUMER_SUSPENDED"
+        );
+        assert_eq!(of(403, "403-leaked.json").reason, "PERMISSION_DENIED");
+        assert!(
+            of(403, "403-leaked.json")
+                .message
+                .contains("reported as leaked")
+        );
+    }
+
+    #[test]
+    fn an_unreadable_body_is_classified_by_status_alone() {
+        assert_eq!(
+            classify(503, "<html>Service Unavailable</html>").failure,
+            Failure::Server
+        );
+        assert_eq!(classify(429, "").failure, Failure::RateLimited);
+        assert_eq!(classify(400, "null").failure, Failure::Request);
+    }
+
+    #[test]
+    fn only_key_failures_rotate_and_request_errors_are_not_reported() {
+        assert!(Failure::RateLimited.blames_key() && Failure::KeyUnusable.blames_key());
+        assert!(!Failure::Server.blames_key() && !Failure::Request.blames_key());
+        assert_eq!(Failure::Request.report_kind(), None);
+        assert_eq!(Failure::CallerBug.report_kind(), None);
+    }
+}

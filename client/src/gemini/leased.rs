@@ -1,0 +1,201 @@
+//! One Gemini call under a lease: borrow a key, send, classify the outcome, report it, and act.
+//! Quota errors rotate to another project's key, bad keys are disabled and rotated away from,
+//! provider trouble is retried with backoff, request errors end at once with the provider's
+//! message. Key failures do not spend the task's retry budget (they are the service's business);
+//! provider trouble does. An overall deadline bounds everything.
+
+use super::{CallError, Failure, GeminiClient, GenerateContentRequest, GenerateContentResponse};
+use crate::client::{Error, KeyLeaseClient};
+use crate::clock::now;
+use crate::lease::AcquireOptions;
+use keylease::pb::FailureKind;
+use std::time::Duration;
+
+/// How hard to try.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Tries of a call that met provider trouble (5xx, timeouts) before giving up.
+    pub task_attempts: u32,
+    /// First backoff after provider trouble; doubles, up to `backoff_max`.
+    pub backoff: Duration,
+    pub backoff_max: Duration,
+    /// Longest one Gemini call may take.
+    pub call_timeout: Duration,
+    /// Bounds the whole call: waits for keys, retries and all.
+    pub deadline: Duration,
+    /// Lease time to live; `None`: the server's default.
+    pub lease_ttl: Option<Duration>,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            task_attempts: 4,
+            backoff: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(8),
+            call_timeout: Duration::from_secs(60),
+            deadline: Duration::from_secs(300),
+            lease_ttl: None,
+        }
+    }
+}
+
+/// A call's result: an answer, or a safety block (a content decision, not a failure).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Generated {
+    Answer(GenerateContentResponse),
+    Blocked {
+        block: super::Block,
+        response: GenerateContentResponse,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    /// The request itself is wrong; retrying does not help.
+    #[error("Gemini refused the request ({status}): {message}")]
+    Request { status: u16, message: String },
+    /// Provider trouble outlasted the retry budget.
+    #[error("Gemini failed {attempts} times; last: {last}")]
+    Provider { attempts: u32, last: String },
+    #[error("no answer within the deadline of {0:?}")]
+    DeadlineExceeded(Duration),
+    #[error(transparent)]
+    KeyLease(#[from] Error),
+}
+
+/// Gemini calls, each under a keylease lease.
+#[derive(Clone)]
+pub struct LeasedGemini {
+    keylease: KeyLeaseClient,
+    gemini: GeminiClient,
+    policy: RetryPolicy,
+}
+
+impl LeasedGemini {
+    pub fn new(keylease: KeyLeaseClient, gemini: GeminiClient, policy: RetryPolicy) -> Self {
+        Self {
+            keylease,
+            gemini,
+            policy,
+        }
+    }
+
+    /// One `generateContent` call for `task_id`, on whatever key keylease lends.
+    pub async fn generate(
+        &self,
+        task_id: &str,
+        model: &str,
+        request: &GenerateContentRequest,
+    ) -> Result<Generated, GenerateError> {
+        let deadline = now() + self.policy.deadline;
+        let remaining = || deadline.saturating_duration_since(now());
+        let mut options = AcquireOptions::new(task_id, model);
+        options.ttl = self.policy.lease_ttl;
+        options.estimated_input_tokens = request.estimated_input_tokens();
+        options.wait = remaining();
+        let mut lease = self.keylease.acquire(options.clone()).await?;
+        let mut provider_failures = 0;
+        let mut backoff = self.policy.backoff;
+        loop {
+            if remaining().is_zero() {
+                return Err(GenerateError::DeadlineExceeded(self.policy.deadline));
+            }
+            let call_time = self.policy.call_timeout.min(remaining());
+            let key = lease.begin_request(call_time).await?;
+            let answer = tokio::time::timeout(
+                call_time,
+                self.gemini.generate_content(&key, model, request),
+            )
+            .await;
+            let failure = match answer {
+                Ok(Ok(response)) => {
+                    let usage = response.usage_metadata.unwrap_or_default();
+                    lease.record_tokens(usage.prompt_token_count);
+                    lease.release().await?;
+                    return Ok(match response.block() {
+                        Some(block) => Generated::Blocked { block, response },
+                        None => Generated::Answer(response),
+                    });
+                }
+                Ok(Err(CallError::Provider { status, classified })) => match classified.failure {
+                    Failure::Request | Failure::CallerBug => {
+                        lease.release().await?;
+                        return Err(GenerateError::Request {
+                            status,
+                            message: classified.message,
+                        });
+                    }
+                    failure => Reported {
+                        kind: failure
+                            .report_kind()
+                            .expect("every other failure is reported"),
+                        retry_after: classified.retry_after,
+                        detail: format!("{status} {}", classified.reason),
+                        blames_key: failure.blames_key(),
+                    },
+                },
+                Ok(Err(CallError::Decode(message))) => {
+                    Reported::provider(FailureKind::ServerError, message)
+                }
+                Ok(Err(CallError::Transport { message, timed_out })) => Reported::provider(
+                    if timed_out {
+                        FailureKind::Timeout
+                    } else {
+                        FailureKind::ServerError
+                    },
+                    message,
+                ),
+                Err(_) => Reported::provider(
+                    FailureKind::Timeout,
+                    format!("no answer within {call_time:?}"),
+                ),
+            };
+            let report = crate::lease::Failure {
+                kind: failure.kind,
+                retry_after: failure.retry_after,
+                detail: failure.detail.clone(),
+            };
+            if failure.blames_key {
+                // The service rests or disables the key and lends one from elsewhere.
+                tracing::debug!(task_id, kind = ?failure.kind, "rotating to another key");
+                match lease.report_failure(report, Some(remaining())).await? {
+                    Some(next) => lease = next,
+                    None => return Err(GenerateError::DeadlineExceeded(self.policy.deadline)),
+                }
+                continue;
+            }
+            provider_failures += 1;
+            lease.report_failure(report, None).await?;
+            if provider_failures >= self.policy.task_attempts {
+                return Err(GenerateError::Provider {
+                    attempts: provider_failures,
+                    last: failure.detail,
+                });
+            }
+            tokio::time::sleep(backoff.min(remaining())).await;
+            backoff = (backoff * 2).min(self.policy.backoff_max);
+            options.wait = remaining();
+            lease = self.keylease.acquire(options.clone()).await?;
+        }
+    }
+}
+
+/// What to tell keylease about a failed call.
+struct Reported {
+    kind: FailureKind,
+    retry_after: Option<Duration>,
+    detail: String,
+    blames_key: bool,
+}
+
+impl Reported {
+    fn provider(kind: FailureKind, detail: String) -> Self {
+        Self {
+            kind,
+            retry_after: None,
+            detail,
+            blames_key: false,
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! A borrowed key: the lease guard. Its deadline counts from when each grant or renewal was
+//! *sent*, so a slow reply never makes it believe it holds the key longer than the server does.
+//! It renews in the background once a third of the TTL has passed, stops offering the key when
+//! its deadline passes, renews before any call that could outlive it, and releases (with the
+//! usage recorded) when dropped.
+
+use crate::client::{Error, KeyLeaseClient, from_pb, to_pb};
+use crate::clock::now;
+use keylease::pb;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tonic::Request;
+
+/// What to borrow.
+#[derive(Debug, Clone)]
+pub struct AcquireOptions {
+    pub task_id: String,
+    pub model: String,
+    /// Empty: the server's default pool.
+    pub pool: String,
+    pub exclude_key_ids: Vec<String>,
+    /// `None`: the server's default.
+    pub ttl: Option<Duration>,
+    /// How long to wait for a key; zero fails fast.
+    pub wait: Duration,
+    pub requests: u32,
+    pub estimated_input_tokens: u64,
+}
+
+impl AcquireOptions {
+    pub fn new(task_id: impl Into<String>, model: impl Into<String>) -> Self {
+        Self {
+            task_id: task_id.into(),
+            model: model.into(),
+            pool: String::new(),
+            exclude_key_ids: Vec::new(),
+            ttl: None,
+            wait: Duration::from_secs(30),
+            requests: 1,
+            estimated_input_tokens: 0,
+        }
+    }
+}
+
+/// What a lease was used for, reported when it ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Every request sent, whatever its answer.
+    pub requests_sent: u32,
+    pub input_tokens: u64,
+}
+
+/// A failed call, to report.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub kind: pb::FailureKind,
+    pub retry_after: Option<Duration>,
+    /// Short, and never the key.
+    pub detail: String,
+}
+
+#[derive(Debug)]
+struct Held {
+    lease: pb::Lease,
+    /// When this client stops using the key: send time of the last grant or renewal + its TTL.
+    deadline: Instant,
+    usage: Usage,
+    /// Released, reported, or found ended by a renewal.
+    ended: bool,
+}
+
+/// A borrowed key. Use [`LeaseGuard::api_key`] for each call, record what was sent, and end it
+/// with [`LeaseGuard::release`] or [`LeaseGuard::report_failure`]; dropped, it releases itself.
+pub struct LeaseGuard {
+    client: KeyLeaseClient,
+    held: Arc<Mutex<Held>>,
+    renewer: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for LeaseGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held = lock(&self.held);
+        f.debug_struct("LeaseGuard")
+            .field("lease_id", &held.lease.lease_id)
+            .field("key_id", &held.lease.key_id)
+            .field("deadline", &held.deadline)
+            .finish()
+    }
+}
+
+fn lock(held: &Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
+    held.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl LeaseGuard {
+    pub(crate) async fn acquire(
+        client: KeyLeaseClient,
+        options: AcquireOptions,
+    ) -> Result<Self, Error> {
+        let request = pb::AcquireKeyRequest {
+            task_id: options.task_id,
+            pool: options.pool,
+            model: options.model,
+            exclude_key_ids: options.exclude_key_ids,
+            ttl: options.ttl.map(to_pb),
+            wait: Some(to_pb(options.wait)),
+            requests: options.requests,
+            estimated_input_tokens: options.estimated_input_tokens,
+            // Retries after a lost reply get the same lease instead of a second one.
+            client_request_id: client.next_request_id(),
+        };
+        let mut sent_at = now();
+        let lease = client
+            .call(options.wait, |mut stub, timeout| {
+                let mut call = Request::new(request.clone());
+                call.set_timeout(timeout);
+                sent_at = now();
+                async move { stub.acquire_key(call).await }
+            })
+            .await?;
+        Ok(Self::hold(client, lease, sent_at))
+    }
+
+    /// Wraps a lease granted at `sent_at` (acquire or replacement) and starts renewing it.
+    fn hold(client: KeyLeaseClient, lease: pb::Lease, sent_at: Instant) -> Self {
+        let deadline = sent_at + from_pb(lease.ttl);
+        let held = Arc::new(Mutex::new(Held {
+            lease,
+            deadline,
+            usage: Usage::default(),
+            ended: false,
+        }));
+        let renewer = tokio::spawn(renew_in_background(client.clone(), Arc::downgrade(&held)));
+        Self {
+            client,
+            held,
+            renewer,
+        }
+    }
+
+    /// The key, while the lease is live by this client's own reckoning.
+    pub fn api_key(&self) -> Result<String, Error> {
+        let held = lock(&self.held);
+        if held.ended || now() >= held.deadline {
+            return Err(Error::LeaseEnded(held.lease.lease_id.clone()));
+        }
+        Ok(held.lease.api_key.clone())
+    }
+
+    pub fn lease(&self) -> pb::Lease {
+        let mut lease = lock(&self.held).lease.clone();
+        lease.api_key.clear();
+        lease
+    }
+
+    pub fn key_id(&self) -> String {
+        lock(&self.held).lease.key_id.clone()
+    }
+
+    pub fn project(&self) -> String {
+        lock(&self.held).lease.project.clone()
+    }
+
+    /// How long the key may still be used.
+    pub fn remaining(&self) -> Duration {
+        lock(&self.held).deadline.saturating_duration_since(now())
+    }
+
+    /// Before a call that may take `call_time`: renews first if the lease could end during it,
+    /// and takes one of the lease's requests. The key to send is returned.
+    pub async fn begin_request(&self, call_time: Duration) -> Result<String, Error> {
+        if self.remaining() <= call_time {
+            self.renew(None, 0).await?;
+            if self.remaining() <= call_time {
+                return Err(Error::LeaseEnded(lock(&self.held).lease.lease_id.clone()));
+            }
+        }
+        let mut held = lock(&self.held);
+        if held.usage.requests_sent >= held.lease.requests_granted {
+            return Err(Error::BudgetSpent(held.lease.lease_id.clone()));
+        }
+        held.usage.requests_sent += 1;
+        drop(held);
+        self.api_key()
+    }
+
+    /// Records input tokens actually used, reported when the lease ends.
+    pub fn record_tokens(&self, input_tokens: u64) {
+        lock(&self.held).usage.input_tokens += input_tokens;
+    }
+
+    pub fn usage(&self) -> Usage {
+        lock(&self.held).usage
+    }
+
+    /// Extends the lease (`ttl`: the server's cap applies) and reserves `more_requests`, waiting
+    /// for quota up to the call timeout.
+    pub async fn renew(&self, ttl: Option<Duration>, more_requests: u32) -> Result<(), Error> {
+        renew(&self.client, &self.held, ttl, more_requests).await
+    }
+
+    /// Ends the lease with the usage recorded.
+    pub async fn release(self) -> Result<(), Error> {
+        let (request, _) = self.end();
+        let Some(request) = request else {
+            return Ok(());
+        };
+        self.client
+            .call(Duration::ZERO, |mut stub, timeout| {
+                let mut call = Request::new(request.clone());
+                call.set_timeout(timeout);
+                async move { stub.release(call).await }
+            })
+            .await
+            .map(drop)
+    }
+
+    /// Reports a failed call and ends the lease; with `replacement`, borrows another key that
+    /// avoids every key this task failed on, waiting up to `wait`.
+    pub async fn report_failure(
+        self,
+        failure: Failure,
+        replacement: Option<Duration>,
+    ) -> Result<Option<LeaseGuard>, Error> {
+        let (_, lease) = self.end();
+        let usage = lock(&self.held).usage;
+        let request = pb::ReportFailureRequest {
+            lease_id: lease.lease_id.clone(),
+            fencing_token: lease.fencing_token,
+            kind: failure.kind as i32,
+            retry_after: failure.retry_after.map(to_pb),
+            detail: failure.detail.chars().take(1024).collect(),
+            rotate: replacement.is_some(),
+            requests_sent: Some(usage.requests_sent),
+            replacement_wait: replacement.map(to_pb),
+        };
+        let mut sent_at = now();
+        let wait = replacement.unwrap_or_default();
+        let reported = self
+            .client
+            .call(wait, |mut stub, timeout| {
+                let mut call = Request::new(request.clone());
+                call.set_timeout(timeout);
+                sent_at = now();
+                async move { stub.report_failure(call).await }
+            })
+            .await;
+        let reported = match reported {
+            Ok(reported) => reported,
+            // The lease ended meanwhile (expired): the report has nothing left to end.
+            Err(Error::Refused(status))
+                if status.code() == tonic::Code::FailedPrecondition && replacement.is_none() =>
+            {
+                return Ok(None);
+            }
+            Err(error) => return Err(error),
+        };
+        match (reported.replacement, reported.replacement_unavailable) {
+            (Some(next), _) => Ok(Some(Self::hold(self.client.clone(), next, sent_at))),
+            (None, Some(why)) if replacement.is_some() => Err(Error::NoKey {
+                reason: format!(
+                    "{:?}",
+                    pb::UnavailableReason::try_from(why.reason).unwrap_or_default()
+                ),
+                retry_after: why.retry_after.map(|d| from_pb(Some(d))),
+            }),
+            _ => Ok(None),
+        }
+    }
+
+    /// Marks the lease ended; the release to send unless it already was.
+    fn end(&self) -> (Option<pb::ReleaseRequest>, pb::Lease) {
+        self.renewer.abort();
+        let mut held = lock(&self.held);
+        let was_ended = std::mem::replace(&mut held.ended, true);
+        let request = (!was_ended).then(|| pb::ReleaseRequest {
+            lease_id: held.lease.lease_id.clone(),
+            fencing_token: held.lease.fencing_token,
+            requests_sent: held.usage.requests_sent,
+            input_tokens: held.usage.input_tokens,
+        });
+        (request, held.lease.clone())
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        let (request, _) = self.end();
+        let (Some(request), Ok(runtime)) = (request, tokio::runtime::Handle::try_current()) else {
+            // Without a runtime the lease simply expires on the server.
+            return;
+        };
+        let client = self.client.clone();
+        runtime.spawn(async move {
+            let released = client
+                .call(Duration::ZERO, |mut stub, timeout| {
+                    let mut call = Request::new(request.clone());
+                    call.set_timeout(timeout);
+                    async move { stub.release(call).await }
+                })
+                .await;
+            if let Err(error) = released {
+                tracing::warn!(%error, "releasing a dropped lease failed; it will expire");
+            }
+        });
+    }
+}
+
+async fn renew(
+    client: &KeyLeaseClient,
+    held: &Mutex<Held>,
+    ttl: Option<Duration>,
+    more_requests: u32,
+) -> Result<(), Error> {
+    let (request, ended) = {
+        let held = lock(held);
+        let request = pb::RenewLeaseRequest {
+            lease_id: held.lease.lease_id.clone(),
+            fencing_token: held.lease.fencing_token,
+            ttl: ttl.map(to_pb),
+            additional_requests: more_requests,
+            additional_input_tokens: 0,
+            wait: (more_requests > 0).then(|| to_pb(client.config().call_timeout / 2)),
+        };
+        (request, held.ended)
+    };
+    if ended {
+        return Err(Error::LeaseEnded(request.lease_id));
+    }
+    let mut sent_at = now();
+    let renewed = client
+        .call(Duration::ZERO, |mut stub, timeout| {
+            let mut call = Request::new(request.clone());
+            call.set_timeout(timeout);
+            sent_at = now();
+            async move { stub.renew_lease(call).await }
+        })
+        .await;
+    let mut held = lock(held);
+    match renewed {
+        Ok(response) => {
+            let lease = response.lease.unwrap_or_default();
+            held.deadline = sent_at + from_pb(lease.ttl);
+            held.lease.ttl = lease.ttl;
+            held.lease.expires_at = lease.expires_at;
+            held.lease.requests_granted = lease.requests_granted;
+            Ok(())
+        }
+        Err(Error::Refused(status)) if status.code() == tonic::Code::FailedPrecondition => {
+            held.ended = true;
+            Err(Error::LeaseEnded(held.lease.lease_id.clone()))
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// Renews once a third of the TTL has passed, until the lease ends or the guard is gone.
+async fn renew_in_background(client: KeyLeaseClient, held: std::sync::Weak<Mutex<Held>>) {
+    loop {
+        let Some(strong) = held.upgrade() else { return };
+        let (wake, ended) = {
+            let held = lock(&strong);
+            let ttl = from_pb(held.lease.ttl);
+            (
+                held.deadline
+                    .checked_sub(ttl - ttl / 3)
+                    .unwrap_or(held.deadline),
+                held.ended,
+            )
+        };
+        drop(strong);
+        if ended {
+            return;
+        }
+        tokio::time::sleep_until(wake).await;
+        let Some(strong) = held.upgrade() else { return };
+        match renew(&client, &strong, None, 0).await {
+            Ok(()) => {}
+            Err(Error::LeaseEnded(_)) => return,
+            Err(error) => {
+                // Unreachable for now: keep trying until the deadline, then stop offering the key.
+                tracing::warn!(%error, "renewing a lease failed");
+                if now() >= lock(&strong).deadline {
+                    return;
+                }
+                tokio::time::sleep(client.config().retry_backoff).await;
+            }
+        }
+    }
+}
