@@ -136,6 +136,23 @@ async fn a_guard_never_sends_more_requests_than_granted() {
 }
 
 #[tokio::test]
+async fn a_call_longer_than_the_lease_is_bounded_by_it() {
+    let server = TestServer::start(&config_toml(&[("k1", "p1")], 100, "")).await;
+    let guard = client_for(&server)
+        .acquire(AcquireOptions {
+            ttl: Some(Duration::from_millis(500)),
+            ..options("slow")
+        })
+        .await
+        .unwrap();
+    let (_, allowed) = guard.begin_request(Duration::from_secs(60)).await.unwrap();
+    assert!(
+        allowed > Duration::ZERO && allowed <= Duration::from_millis(500),
+        "{allowed:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_guard_stops_offering_its_key_at_its_own_deadline() {
     let mut server = TestServer::start(&config_toml(&[("k1", "p1")], 100, "")).await;
     let client = client_for(&server);

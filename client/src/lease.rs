@@ -168,22 +168,24 @@ impl LeaseGuard {
         lock(&self.held).deadline.saturating_duration_since(now())
     }
 
-    /// Before a call that may take `call_time`: renews first if the lease could end during it,
-    /// and takes one of the lease's requests. The key to send is returned.
-    pub async fn begin_request(&self, call_time: Duration) -> Result<String, Error> {
+    /// Before a call that wants up to `call_time`: renews first if the lease could end sooner,
+    /// and takes one of the lease's requests. Returns the key and how long the call may take,
+    /// which is never past the lease's end: bound the call by it.
+    pub async fn begin_request(&self, call_time: Duration) -> Result<(String, Duration), Error> {
         if self.remaining() <= call_time {
             self.renew(None, 0).await?;
-            if self.remaining() <= call_time {
-                return Err(Error::LeaseEnded(lock(&self.held).lease.lease_id.clone()));
-            }
         }
+        let allowed = self.remaining().min(call_time);
         let mut held = lock(&self.held);
+        if allowed.is_zero() {
+            return Err(Error::LeaseEnded(held.lease.lease_id.clone()));
+        }
         if held.usage.requests_sent >= held.lease.requests_granted {
             return Err(Error::BudgetSpent(held.lease.lease_id.clone()));
         }
         held.usage.requests_sent += 1;
         drop(held);
-        self.api_key()
+        Ok((self.api_key()?, allowed))
     }
 
     /// Records input tokens actually used, reported when the lease ends.

@@ -101,8 +101,9 @@ impl LeasedGemini {
             if remaining().is_zero() {
                 return Err(GenerateError::DeadlineExceeded(self.policy.deadline));
             }
-            let call_time = self.policy.call_timeout.min(remaining());
-            let key = lease.begin_request(call_time).await?;
+            let (key, call_time) = lease
+                .begin_request(self.policy.call_timeout.min(remaining()))
+                .await?;
             let answer = tokio::time::timeout(
                 call_time,
                 self.gemini.generate_content(&key, model, request),

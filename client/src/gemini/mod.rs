@@ -2,10 +2,12 @@
 //! `streamGenerateContent?alt=sse`, the classifier of its error answers, and [`LeasedGemini`],
 //! which wraps every call in a keylease lease.
 
+mod batch;
 pub mod classify;
 mod leased;
 mod types;
 
+pub use batch::run_batch;
 pub use classify::{Classified, Failure, classify};
 pub use leased::{GenerateError, Generated, LeasedGemini, RetryPolicy};
 pub use types::*;
