@@ -43,30 +43,10 @@ const UNLIMITED: Limits = Limits {
     requests_per_day: None,
 };
 
-/// Waits for the next event of the kind `pick` accepts, for at most `count` events.
-async fn next_event<T>(
-    events: &mut tonic::Streaming<pb::Event>,
-    pick: impl Fn(pb::event::Kind) -> Option<T>,
-) -> T {
-    for _ in 0..100 {
-        let event = events.message().await.unwrap().expect("stream ended");
-        if let Some(found) = event.kind.and_then(&pick) {
-            return found;
-        }
-    }
-    panic!("no such event among the next 100");
-}
-
 #[tokio::test]
 async fn a_guard_renews_its_lease_in_the_background() {
     let server = TestServer::start(&config_toml(&[("k1", "p1")], 100, "")).await;
-    let mut watcher = server
-        .client()
-        .await
-        .watch_events(pb::WatchEventsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watcher = server.watch().await;
     let client = client_for(&server);
     let guard = client
         .acquire(AcquireOptions {
@@ -92,13 +72,7 @@ async fn a_guard_renews_its_lease_in_the_background() {
 #[tokio::test]
 async fn a_dropped_guard_releases_with_its_usage() {
     let server = TestServer::start(&config_toml(&[("k1", "p1")], 100, "")).await;
-    let mut watcher = server
-        .client()
-        .await
-        .watch_events(pb::WatchEventsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watcher = server.watch().await;
     let client = client_for(&server);
     let guard = client
         .acquire(AcquireOptions {
@@ -218,13 +192,7 @@ async fn a_call_returns_the_answer_and_reports_the_tokens_used() {
     let keys = [("k1", "p1")];
     let server = TestServer::start(&config_toml(&keys, 100, "")).await;
     let fake = start_fake(&keys, UNLIMITED, 1.0).await;
-    let mut watcher = server
-        .client()
-        .await
-        .watch_events(pb::WatchEventsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watcher = server.watch().await;
     let calls = leased(&server, &fake.base_url(), quick_policy());
     let request = GenerateContentRequest::text("Say hello in three languages, please.");
     let Generated::Answer(answer) = calls.generate("hello", MODEL, &request).await.unwrap() else {

@@ -194,13 +194,7 @@ async fn a_killed_workers_key_is_reclaimed_after_its_ttl() {
     ))
     .await;
     let fake = start_fake(&keys, Limits::default(), 1.0).await;
-    let mut watcher = server
-        .client()
-        .await
-        .watch_events(pb::WatchEventsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watcher = server.watch().await;
 
     let mut holder = worker("holder", &server, &fake.base_url(), "holder", 0, 0);
     let held = line_with(&mut holder, "holding");
@@ -216,12 +210,11 @@ async fn a_killed_workers_key_is_reclaimed_after_its_ttl() {
     // Only the holder's key exists: these jobs finish only if it comes back.
     let rest = worker("batch", &server, &fake.base_url(), "survivor", 3, 2);
     assert!(exit_of(rest).await.success());
-    loop {
-        let event = watcher.message().await.unwrap().expect("events");
-        if let Some(pb::event::Kind::Expired(expired)) = event.kind {
-            assert_eq!(expired.lease.unwrap().lease_id, lease_id);
-            break;
-        }
-    }
+    let expired = next_event(&mut watcher, |k| match k {
+        pb::event::Kind::Expired(e) => Some(e),
+        _ => None,
+    })
+    .await;
+    assert_eq!(expired.lease.unwrap().lease_id, lease_id);
     assert_eq!(fake.fake.stats().all().status(200), 3);
 }

@@ -71,21 +71,7 @@ async fn concurrent_tasks_competing_for_few_keys_never_share_one() {
 #[tokio::test]
 async fn a_waiter_is_woken_by_a_release() {
     let server = TestServer::start(&config_toml(&[("k1", "p1")], 100, "")).await;
-    let mut client = server.client().await;
-    let held = client
-        .acquire_key(acquire("holder"))
-        .await
-        .unwrap()
-        .into_inner();
-    let waiter = spawn_acquire(
-        &server,
-        pb::AcquireKeyRequest {
-            wait: seconds(30),
-            ..acquire("waiter")
-        },
-    )
-    .await;
-    until_waiting(&mut client, 1).await;
+    let (mut client, held, waiter) = server.held_with_waiter("waiter", 30).await;
     client.release(release(&held, 1)).await.unwrap();
     let lease = waiter.await.unwrap().unwrap().into_inner();
     assert_eq!(lease.key_id, "k1");
@@ -292,21 +278,7 @@ async fn when_every_key_is_disabled_a_waiting_acquire_fails_at_once() {
 #[tokio::test]
 async fn a_waiter_that_disconnects_leaves_the_line_and_gets_nothing() {
     let server = TestServer::start(&config_toml(&[("k1", "p1")], 100, "")).await;
-    let mut client = server.client().await;
-    let held = client
-        .acquire_key(acquire("holder"))
-        .await
-        .unwrap()
-        .into_inner();
-    let gone = spawn_acquire(
-        &server,
-        pb::AcquireKeyRequest {
-            wait: seconds(60),
-            ..acquire("gone")
-        },
-    )
-    .await;
-    until_waiting(&mut client, 1).await;
+    let (mut client, held, gone) = server.held_with_waiter("gone", 60).await;
     gone.abort();
     until_waiting(&mut client, 0).await;
     client.release(release(&held, 1)).await.unwrap();
@@ -322,11 +294,7 @@ async fn a_waiter_that_disconnects_leaves_the_line_and_gets_nothing() {
 async fn watchers_see_grants_and_releases() {
     let server = TestServer::start(&config_toml(&[("k1", "p1")], 100, "")).await;
     let mut client = server.client().await;
-    let mut events = client
-        .watch_events(pb::WatchEventsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut events = server.watch().await;
     let lease = client
         .acquire_key(acquire("job"))
         .await
@@ -522,22 +490,8 @@ async fn status_masks_every_secret_and_pages_through_keys() {
 #[tokio::test]
 async fn shutdown_tells_waiters_and_finishes() {
     let mut server = TestServer::start(&config_toml(&[("k1", "p1")], 100, "")).await;
-    let mut client = server.client().await;
-    client.acquire_key(acquire("holder")).await.unwrap();
-    let waiter = spawn_acquire(
-        &server,
-        pb::AcquireKeyRequest {
-            wait: seconds(60),
-            ..acquire("waiter")
-        },
-    )
-    .await;
-    until_waiting(&mut client, 1).await;
-    let mut watcher = client
-        .watch_events(pb::WatchEventsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let (_client, _held, waiter) = server.held_with_waiter("waiter", 60).await;
+    let mut watcher = server.watch().await;
     server.shut_down().await;
     let refused = waiter.await.unwrap().unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");

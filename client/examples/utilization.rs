@@ -63,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
             (
                 format!("k{i}"),
                 format!("p{}", i % args.projects),
-                format!("AIzaFAKE-utilization-{i:02}-{}", "0".repeat(20)),
+                format!("AIzaFAKE.utilization-{i:02}-{}", "0".repeat(20)),
             )
         })
         .collect();

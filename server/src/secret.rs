@@ -59,7 +59,7 @@ impl fmt::Display for ApiKey {
 mod tests {
     use super::*;
 
-    const FAKE: &str = "AIzaFAKE-test-key-0000000000000000000x9Q2";
+    const FAKE: &str = "AIzaFAKE.test-key-0000000000000000000x9Q2";
 
     #[test]
     fn debug_and_display_mask_the_secret() {

@@ -20,7 +20,7 @@ pub const MODEL: &str = "gemini-2.5-flash";
 
 /// A key for a test configuration: (id, project).
 pub fn fake_secret(id: &str) -> String {
-    format!("AIzaFAKE-e2e-{id}-{}", "0".repeat(24))
+    format!("AIzaFAKE.e2e-{id}-{}", "0".repeat(24))
 }
 
 /// The TOML of a pool whose keys are `keys` and whose model allows `rpm` requests a minute.
@@ -104,6 +104,45 @@ impl TestServer {
             .expect("connect")
     }
 
+    /// The server's event stream, from now on.
+    pub async fn watch(&self) -> tonic::Streaming<pb::Event> {
+        self.client()
+            .await
+            .watch_events(pb::WatchEventsRequest {})
+            .await
+            .expect("watch")
+            .into_inner()
+    }
+
+    /// A client whose task `holder` holds the only free key, and `waiter` in line behind it,
+    /// willing to wait `wait_seconds`.
+    pub async fn held_with_waiter(
+        &self,
+        waiter: &str,
+        wait_seconds: u64,
+    ) -> (
+        Client,
+        pb::Lease,
+        JoinHandle<Result<tonic::Response<pb::Lease>, tonic::Status>>,
+    ) {
+        let mut client = self.client().await;
+        let held = client
+            .acquire_key(acquire("holder"))
+            .await
+            .expect("the key")
+            .into_inner();
+        let waiting = spawn_acquire(
+            self,
+            pb::AcquireKeyRequest {
+                wait: seconds(wait_seconds),
+                ..acquire(waiter)
+            },
+        )
+        .await;
+        until_waiting(&mut client, 1).await;
+        (client, held, waiting)
+    }
+
     /// Starts the graceful shutdown and waits until the server has stopped.
     pub async fn shut_down(&mut self) {
         if let Some(stop) = self.stop.take() {
@@ -162,6 +201,24 @@ pub async fn spawn_acquire(
 ) -> JoinHandle<Result<tonic::Response<pb::Lease>, tonic::Status>> {
     let mut client = server.client().await;
     tokio::spawn(async move { client.acquire_key(request).await })
+}
+
+/// The next event that `pick` accepts, among the next hundred.
+pub async fn next_event<T>(
+    events: &mut tonic::Streaming<pb::Event>,
+    pick: impl Fn(pb::event::Kind) -> Option<T>,
+) -> T {
+    for _ in 0..100 {
+        let event = events
+            .message()
+            .await
+            .expect("event stream")
+            .expect("stream ended");
+        if let Some(found) = event.kind.and_then(&pick) {
+            return found;
+        }
+    }
+    panic!("no such event among the next 100");
 }
 
 /// How many acquires wait in line, as the server reports it.

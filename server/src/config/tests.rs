@@ -3,7 +3,7 @@
 use super::*;
 use std::io::Write;
 
-const SECRET: &str = "AIzaFAKE-config-test-key-000000000000SECRET";
+const SECRET: &str = "AIzaFAKE.config-test-key-000000000000SECRET";
 
 fn example_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/keylease.example.toml")
@@ -114,11 +114,11 @@ fn keys_come_from_the_environment_with_projects() {
     let vars = env(&[
         (
             "GEMINI_API_KEY_2",
-            "AIzaFAKE-env-two-00000000000000000000000",
+            "AIzaFAKE.env-two-00000000000000000000000",
         ),
         (
             "GEMINI_API_KEY_1",
-            "AIzaFAKE-env-one-00000000000000000000000",
+            "AIzaFAKE.env-one-00000000000000000000000",
         ),
         ("GEMINI_API_KEY_1_PROJECT", "shared"),
     ]);
@@ -159,22 +159,22 @@ fn a_duplicate_key_names_both_places_and_masks_the_secret() {
 fn keys_file_mistakes_name_the_line() {
     let cases = [
         (
-            "AIzaFAKE-one-0000000000000000000000000000 colour=red\n",
+            "AIzaFAKE.one-0000000000000000000000000000 colour=red\n",
             "keys.txt:1",
             "unknown annotation",
         ),
         (
-            "\n\nAIzaFAKE-one-0000000000000000000000000000 project\n",
+            "\n\nAIzaFAKE.one-0000000000000000000000000000 project\n",
             "keys.txt:3",
             "name=value",
         ),
         (
-            "AIzaFAKE-one-0000000000000000000000000000 max_leases=x\n",
+            "AIzaFAKE.one-0000000000000000000000000000 max_leases=x\n",
             "keys.txt:1",
             "not a number",
         ),
         (
-            "AIzaFAKE-one-000000000000000000000000000 id=a\nAIzaFAKE-two-000000000000000000000000000 id=a\n",
+            "AIzaFAKE.one-000000000000000000000000000 id=a\nAIzaFAKE.two-000000000000000000000000000 id=a\n",
             "keys.txt:2",
             "duplicate key id",
         ),

@@ -47,7 +47,7 @@ fn key_specs(keys: &[(&str, &str)]) -> Vec<KeySpec> {
             id: id.to_string(),
             pool: DEFAULT_POOL.to_string(),
             project: project.to_string(),
-            secret: ApiKey::new(format!("AIzaFAKE-{id}-000000000000000000000000")),
+            secret: ApiKey::new(format!("AIzaFAKE.{id}-000000000000000000000000")),
             max_leases: None,
         })
         .collect()
