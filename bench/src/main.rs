@@ -1,0 +1,83 @@
+//! `keylease-bench`: where keylease stands against the limit and the alternatives, with real
+//! processes on loopback. Each scenario prints a Markdown table for `BENCHMARKS.md`; `--smoke`
+//! runs it at a size that only shows it still works (CI does that; figures are never asserted).
+//!
+//! ```sh
+//! cargo run --release -p keylease-bench -- overhead | scale | utilization | all [--smoke]
+//! ```
+//! The other subcommands are the roles the scenarios start this binary in.
+
+mod overhead;
+mod procs;
+mod roles;
+mod scale;
+mod utilization;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[command(subcommand)]
+    command: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// AcquireKey+Release cycles against a no-op RPC of the same server, at 1, 16, 256 clients.
+    Overhead {
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// Acquire latency with 10, 1,000 and 100,000 keys; 10,000 waiters: memory and order.
+    Scale {
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// Share of the aggregate limit served, and 429s: keylease against two common alternatives.
+    Utilization {
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// Every scenario.
+    All {
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// Role: a keylease server on 127.0.0.1:0.
+    #[command(hide = true)]
+    Serve { config: PathBuf },
+    /// Role: a fake Gemini on 127.0.0.1:0.
+    #[command(hide = true)]
+    Fake { config: PathBuf },
+    /// Role: a worker process of the utilization scenario.
+    #[command(hide = true)]
+    Worker(roles::WorkerArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.command {
+        Scenario::Serve { config } => return roles::serve(config).await,
+        Scenario::Fake { config } => return roles::fake(config).await,
+        Scenario::Worker(worker) => return roles::worker(worker).await,
+        _ => {}
+    }
+    println!("Machine: {}", procs::machine());
+    procs::keep_off_server_core();
+    match args.command {
+        Scenario::Overhead { smoke } => overhead::run(smoke).await?,
+        Scenario::Scale { smoke } => scale::run(smoke).await?,
+        Scenario::Utilization { smoke } => utilization::run(smoke).await?,
+        Scenario::All { smoke } => {
+            overhead::run(smoke).await?;
+            scale::run(smoke).await?;
+            utilization::run(smoke).await?;
+        }
+        Scenario::Serve { .. } | Scenario::Fake { .. } | Scenario::Worker(_) => {
+            unreachable!("handled above")
+        }
+    }
+    Ok(())
+}

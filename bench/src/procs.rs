@@ -1,0 +1,187 @@
+//! Real processes on loopback: this binary run again in a role (server, fake Gemini, worker),
+//! their addresses, their memory, and the machine the figures come from.
+
+use anyhow::{Context, bail};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A child process, killed when dropped.
+pub struct Child {
+    child: std::process::Child,
+    /// What it printed after `listening on `, for servers.
+    pub address: String,
+    /// Its further output lines.
+    pub lines: mpsc::Receiver<String>,
+}
+
+/// Starts this binary with `args`; for servers, waits until it prints `listening on ADDRESS`.
+/// With [`Cores::Split`], servers run on core 0 alone and everything else on the other cores,
+/// so a load generator does not take the server's CPU.
+pub fn spawn(args: &[String], server: bool) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe()?;
+    let mut command = match (server, split_cores()) {
+        (true, Some((server_core, _))) => {
+            let mut taskset = Command::new("taskset");
+            taskset.args(["-c", &server_core]).arg(exe);
+            taskset
+        }
+        _ => Command::new(exe),
+    };
+    let mut child = command
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting a bench process")?;
+    let stdout = BufReader::new(child.stdout.take().expect("piped"));
+    let (sender, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            if sender.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut address = String::new();
+    if server {
+        let line = lines
+            .recv_timeout(Duration::from_secs(120))
+            .context("the server did not start")?;
+        let Some(found) = line.strip_prefix("listening on ") else {
+            bail!("unexpected first line {line:?}")
+        };
+        address = found.to_string();
+    }
+    Ok(Child {
+        child,
+        address,
+        lines,
+    })
+}
+
+impl Child {
+    /// Peak resident memory so far, in MiB (`VmHWM`).
+    pub fn peak_memory_mib(&self) -> Option<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib / 1024.0)
+    }
+
+    /// Waits for the process to end, at most `limit`.
+    pub fn wait(mut self, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = std::mem::replace(&mut self.child, Command::new("true").spawn()?);
+        let (sender, exit) = mpsc::channel();
+        std::thread::spawn(move || sender.send(child.wait()));
+        Ok(exit
+            .recv_timeout(limit)
+            .context("a bench process did not finish")??)
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// On a machine of two or more cores with `taskset`: the server's core and the others.
+fn split_cores() -> Option<(String, String)> {
+    let cores = std::thread::available_parallelism().ok()?.get();
+    let has_taskset = Command::new("taskset")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    (cores >= 2 && has_taskset).then(|| ("0".to_string(), format!("1-{}", cores - 1)))
+}
+
+/// Moves this process (every thread) off the servers' core, when cores are split.
+pub fn keep_off_server_core() {
+    if let Some((_, others)) = split_cores() {
+        let pid = std::process::id().to_string();
+        let _ = Command::new("taskset")
+            .args(["-a", "-p", "-c", &others, &pid])
+            .output();
+    }
+}
+
+/// How the figures' processes share the machine, for the report.
+pub fn placement() -> &'static str {
+    if split_cores().is_some() {
+        "servers on core 0, load on the others"
+    } else {
+        "all processes share every core"
+    }
+}
+
+/// A fresh directory for a scenario's files.
+pub fn scratch(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("keylease-bench-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// "2 cores, 23 GiB" and today's date, for the report.
+pub fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    format!(
+        "{cores} cores, {memory_gib:.0} GiB, {}; {}",
+        chrono::Local::now().format("%Y-%m-%d"),
+        placement()
+    )
+}
+
+/// A keylease configuration: `keys` lines of `SECRET project=P id=ID` in a keys file, one model
+/// with `limits` (TOML lines), and `extra` TOML.
+pub fn keylease_config(
+    dir: &std::path::Path,
+    keys: &[(String, String, String)],
+    model: &str,
+    limits: &str,
+    extra: &str,
+) -> anyhow::Result<PathBuf> {
+    let mut file = String::new();
+    for (id, project, secret) in keys {
+        file.push_str(&format!("{secret} id={id} project={project}\n"));
+    }
+    std::fs::write(dir.join("keys.txt"), file)?;
+    let config = format!(
+        "[key_sources]\nfile = \"keys.txt\"\nenvironment = false\n\n{extra}\n\n[pools.gemini.models.\"{model}\"]\n{limits}\n"
+    );
+    let path = dir.join("keylease.toml");
+    std::fs::write(&path, config)?;
+    Ok(path)
+}
+
+/// `count` fake keys spread over `projects` projects: (id, project, secret).
+pub fn fake_keys(count: usize, projects: usize) -> Vec<(String, String, String)> {
+    (0..count)
+        .map(|i| {
+            (
+                format!("k{i}"),
+                format!("p{}", i % projects.max(1)),
+                format!("AIzaFAKE.bench.{i:06}"),
+            )
+        })
+        .collect()
+}
+
+/// Percentile `p` (0 to 1) of sorted samples.
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}

@@ -1,0 +1,168 @@
+//! The processes a scenario starts: a keylease server, a fake Gemini, and workers that call it
+//! through keylease or the way hand-rolled rotators do.
+
+use clap::ValueEnum;
+use fake_gemini::{FakeConfig, FakeGemini};
+use keylease_client::gemini::{
+    CallError, GeminiClient, GenerateContentRequest, Generated, LeasedGemini, RetryPolicy,
+};
+use keylease_client::{ClientConfig, KeyLeaseClient};
+use keylease_server::clock::Clock;
+use keylease_server::config::{self, Overrides};
+use keylease_server::state::State;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+pub async fn serve(config: PathBuf) -> anyhow::Result<()> {
+    let settings = config::load(Some(&config), &Default::default(), &Overrides::default())?;
+    let state = State::new(&settings, Clock::system())?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    keylease_server::server::serve(listener, state, std::future::pending()).await?;
+    Ok(())
+}
+
+pub async fn fake(config: PathBuf) -> anyhow::Result<()> {
+    let config: FakeConfig = serde_json::from_str(&std::fs::read_to_string(config)?)?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    FakeGemini::new(config)
+        .serve(listener, std::future::pending())
+        .await?;
+    Ok(())
+}
+
+/// How a worker picks keys.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Mode {
+    /// Every call under a keylease lease.
+    Keylease,
+    /// Each process rotates over all keys on its own, moving on at each 429.
+    RoundRobin,
+    /// Each job pins one key and paces itself at one request per 4 provider seconds.
+    Pinned,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    #[arg(long, value_enum)]
+    mode: Mode,
+    #[arg(long)]
+    keylease: String,
+    #[arg(long)]
+    gemini: String,
+    /// One secret per line (the baselines hold keys themselves).
+    #[arg(long)]
+    secrets: PathBuf,
+    #[arg(long)]
+    model: String,
+    #[arg(long)]
+    jobs: usize,
+    /// This process's number among `processes`.
+    #[arg(long)]
+    index: usize,
+    #[arg(long)]
+    processes: usize,
+    /// How much faster than real time the provider's clock runs.
+    #[arg(long)]
+    time_scale: f64,
+    #[arg(long)]
+    warmup_ms: u64,
+    #[arg(long)]
+    measure_ms: u64,
+}
+
+/// Calls until the measurement ends and prints `answered N` (calls answered within it).
+pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let secrets: Arc<Vec<String>> = Arc::new(
+        std::fs::read_to_string(&args.secrets)?
+            .lines()
+            .map(str::to_string)
+            .collect(),
+    );
+    let gemini = GeminiClient::new(&args.gemini, Duration::from_secs(10))?;
+    let leased = LeasedGemini::new(
+        KeyLeaseClient::connect(ClientConfig::new(args.keylease.clone()))?,
+        gemini.clone(),
+        RetryPolicy {
+            deadline: Duration::from_millis(args.warmup_ms + args.measure_ms + 30_000),
+            ..RetryPolicy::default()
+        },
+    );
+    let start = now();
+    let counted_from = start + Duration::from_millis(args.warmup_ms);
+    let stop = counted_from + Duration::from_millis(args.measure_ms);
+    let answered = Arc::new(AtomicU64::new(0));
+    let rotation = Arc::new(AtomicUsize::new(args.index));
+    // One request per 4 provider seconds, in real time.
+    let pace = Duration::from_secs_f64(4.0 / args.time_scale);
+    let mut jobs = Vec::new();
+    for job in 0..args.jobs {
+        let (gemini, leased, secrets, answered, rotation) = (
+            gemini.clone(),
+            leased.clone(),
+            secrets.clone(),
+            answered.clone(),
+            rotation.clone(),
+        );
+        let (mode, model, name) = (
+            args.mode,
+            args.model.clone(),
+            format!("p{}j{job}", args.index),
+        );
+        let pinned = secrets[(args.index * args.jobs + job) % secrets.len()].clone();
+        jobs.push(tokio::spawn(async move {
+            let request = GenerateContentRequest::text("a short prompt");
+            let mut call = 0u64;
+            while now() < stop {
+                call += 1;
+                let began = now();
+                let ok = match mode {
+                    Mode::Keylease => {
+                        matches!(
+                            leased
+                                .generate(&format!("{name}-{call}"), &model, &request)
+                                .await,
+                            Ok(Generated::Answer(_))
+                        )
+                    }
+                    Mode::RoundRobin => {
+                        let key =
+                            &secrets[rotation.fetch_add(1, Ordering::Relaxed) % secrets.len()];
+                        !matches!(
+                            gemini.generate_content(key, &model, &request).await,
+                            Err(CallError::Provider { .. }
+                                | CallError::Transport { .. }
+                                | CallError::Decode(_))
+                        )
+                    }
+                    Mode::Pinned => {
+                        let ok = gemini
+                            .generate_content(&pinned, &model, &request)
+                            .await
+                            .is_ok();
+                        tokio::time::sleep_until(began + pace).await;
+                        ok
+                    }
+                };
+                if ok && (counted_from..=stop).contains(&now()) {
+                    answered.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for job in jobs {
+        job.await?;
+    }
+    println!("answered {}", answered.load(Ordering::Relaxed));
+    Ok(())
+}
+
+/// Workers measure real elapsed time.
+#[allow(clippy::disallowed_methods)]
+pub fn now() -> tokio::time::Instant {
+    tokio::time::Instant::now()
+}

@@ -1,0 +1,147 @@
+//! Scenario 3: how much of the provider's limit a fleet gets. 8 worker processes of 8 jobs call
+//! the fake Gemini (12 keys in 5 projects, limits on scaled time) through keylease, and the same
+//! workload the two usual ways without it: each process rotating round-robin over all keys, and
+//! each job pinning one key at a fixed pace of a request per 4 provider seconds.
+
+use crate::procs::{self, Child};
+use crate::roles::Mode;
+use std::time::Duration;
+
+const MODEL: &str = "gemini-2.5-flash";
+const PROJECTS: usize = 5;
+const KEYS: usize = 12;
+const PROCESSES: usize = 8;
+const JOBS: usize = 8;
+/// Requests per provider minute, per project.
+const RPM: u64 = 10;
+/// The provider's minute lasts a second.
+const TIME_SCALE: f64 = 60.0;
+
+pub async fn run(smoke: bool) -> anyhow::Result<()> {
+    let (warmup, measured) = if smoke {
+        (Duration::from_secs(1), Duration::from_secs(2))
+    } else {
+        (Duration::from_secs(3), Duration::from_secs(30))
+    };
+    let dir = procs::scratch("utilization")?;
+    let keys = procs::fake_keys(KEYS, PROJECTS);
+    let secrets = dir.join("secrets.txt");
+    std::fs::write(
+        &secrets,
+        keys.iter()
+            .map(|(_, _, s)| format!("{s}\n"))
+            .collect::<String>(),
+    )?;
+    let fake_config = dir.join("fake.json");
+    let fake_keys: Vec<serde_json::Value> = keys
+        .iter()
+        .map(|(id, project, secret)| serde_json::json!({"id": id, "secret": secret, "project": project}))
+        .collect();
+    std::fs::write(
+        &fake_config,
+        serde_json::json!({
+            "keys": fake_keys,
+            "models": {MODEL: {"requests_per_minute": RPM}},
+            "time_scale": TIME_SCALE,
+            "faults": {"latency_ms": 5},
+        })
+        .to_string(),
+    )?;
+    let limits = format!("requests_per_minute = {RPM}");
+    let scaled = "[quota]\nwindow = \"1s\"\nsafety_margin = \"5ms\"";
+    let keylease_config = procs::keylease_config(&dir, &keys, MODEL, &limits, scaled)?;
+    let server = procs::spawn(
+        &["serve".into(), keylease_config.display().to_string()],
+        true,
+    )?;
+
+    println!("\n### Quota utilization\n");
+    println!(
+        "`cargo run --release -p keylease-bench -- utilization`; {PROCESSES} worker processes x {JOBS} jobs, {KEYS} keys in {PROJECTS} projects, \
+         {RPM} requests per provider minute per project, the provider's minute lasting 1 s, calls of 5 ms; \
+         {} s measured after {} s of warm-up.\n",
+        measured.as_secs(),
+        warmup.as_secs()
+    );
+    println!("| how keys are chosen | calls answered | aggregate limit | utilization | 429s |");
+    println!("|---|---|---|---|---|");
+    let limit = RPM * PROJECTS as u64 * measured.as_secs();
+    for (mode, name) in [
+        (Mode::Keylease, "keylease"),
+        (Mode::RoundRobin, "round-robin over all keys, per process"),
+        (
+            Mode::Pinned,
+            "one key per job, a request per 4 provider seconds",
+        ),
+    ] {
+        let fake = procs::spawn(&["fake".into(), fake_config.display().to_string()], true)?;
+        let workers: Vec<Child> = (0..PROCESSES)
+            .map(|index| {
+                let args: Vec<String> = [
+                    "worker",
+                    "--mode",
+                    mode_name(mode),
+                    "--keylease",
+                    &server.address,
+                    "--gemini",
+                    &fake.address,
+                    "--secrets",
+                    &secrets.display().to_string(),
+                    "--model",
+                    MODEL,
+                    "--jobs",
+                    &JOBS.to_string(),
+                    "--index",
+                    &index.to_string(),
+                    "--processes",
+                    &PROCESSES.to_string(),
+                    "--time-scale",
+                    &TIME_SCALE.to_string(),
+                    "--warmup-ms",
+                    &warmup.as_millis().to_string(),
+                    "--measure-ms",
+                    &measured.as_millis().to_string(),
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                procs::spawn(&args, false)
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let mut answered = 0u64;
+        for worker in workers {
+            let line = worker
+                .lines
+                .recv_timeout(warmup + measured + Duration::from_secs(120))?;
+            answered += line
+                .strip_prefix("answered ")
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+            worker.wait(Duration::from_secs(60))?;
+        }
+        let stats = fake_stats(&fake.address).await?;
+        println!(
+            "| {name} | {answered} | {limit} | {:.1}% | {} |",
+            100.0 * answered as f64 / limit as f64,
+            stats.all().status(429)
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Keylease => "keylease",
+        Mode::RoundRobin => "round-robin",
+        Mode::Pinned => "pinned",
+    }
+}
+
+async fn fake_stats(address: &str) -> anyhow::Result<fake_gemini::Stats> {
+    Ok(reqwest::get(format!("{address}/_fake/stats"))
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
