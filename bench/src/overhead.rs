@@ -69,6 +69,30 @@ where
     })
 }
 
+/// Cycles per second of the engine itself: the same configuration, no gRPC, one thread.
+fn engine_alone(config: &std::path::Path, cycles: usize) -> anyhow::Result<f64> {
+    use keylease_server::engine::{AcquireRequest, Acquired, Engine};
+    let settings =
+        keylease_server::config::load(Some(config), &Default::default(), &Default::default())?;
+    let clock = keylease_server::clock::Clock::system();
+    let mut engine = Engine::new(settings.engine, settings.keys, clock.now_ms())?;
+    let tasks: Vec<String> = (0..256).map(|i| format!("bench-{i}")).collect();
+    let began = now();
+    for i in 0..cycles {
+        let request = AcquireRequest {
+            task_id: tasks[i % tasks.len()].clone(),
+            model: MODEL.into(),
+            ..Default::default()
+        };
+        let Acquired::Granted(lease) = engine.acquire(clock.now_ms(), request)? else {
+            anyhow::bail!("no key")
+        };
+        engine.release(clock.now_ms(), &lease.lease_id, lease.fencing_token, 1, 0)?;
+        engine.drain();
+    }
+    Ok(cycles as f64 / began.elapsed().as_secs_f64())
+}
+
 /// One AcquireKey and its Release, as client `client`'s task.
 pub async fn cycle(channel: Channel, client: usize) -> anyhow::Result<()> {
     let mut keylease = KeyLeaseClient::new(channel);
@@ -131,6 +155,10 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
     println!(
         "\nServer peak memory: {:.0} MiB",
         server.peak_memory_mib().unwrap_or(0.0)
+    );
+    let engine = engine_alone(&config, if smoke { 20_000 } else { 1_000_000 })?;
+    println!(
+        "\nThe engine alone, in this process without gRPC: {engine:.0} AcquireKey+Release cycles/s on one core."
     );
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
