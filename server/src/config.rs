@@ -229,9 +229,10 @@ pub fn load(
             .map_err(|e| invalid(&origin, format!("cannot read: {e}")))?;
         builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
     }
+    // Only `KEYLEASE_SECTION__FIELD`: other KEYLEASE_ variables (KEYLEASE_LOG) are not config.
     let overrides_from_env: config::Map<String, String> = env
         .iter()
-        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}_")))
+        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}_")) && k.contains("__"))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     builder = builder.add_source(

@@ -97,6 +97,12 @@ fn environment_overrides_the_file() {
 }
 
 #[test]
+fn other_keylease_variables_are_not_configuration() {
+    let vars = env(&[("KEYLEASE_LOG", "debug"), ("KEYLEASE_FLEET_ROLE", "batch")]);
+    load(Some(&example_path()), &vars, &Overrides::default()).unwrap();
+}
+
+#[test]
 fn command_line_overrides_win() {
     let overrides = Overrides {
         listen: Some("127.0.0.1:7000".into()),

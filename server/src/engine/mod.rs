@@ -1427,7 +1427,12 @@ impl Engine {
                     event,
                 )
             }
-            Err(EngineError::StaleLease { .. }) if report.kind.disables_key() => {
+            // A lease that ended may still bring news of its key; a live one with another
+            // token is simply refused.
+            Err(EngineError::StaleLease { .. })
+                if report.kind.disables_key()
+                    && !self.leases.contains_key(&self.known_token(lease_id)?) =>
+            {
                 let token = self.known_token(lease_id)?;
                 let Some(ended) = self.ended.get(&token).cloned() else {
                     return Err(EngineError::StaleLease {

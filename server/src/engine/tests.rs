@@ -589,6 +589,25 @@ fn late_evidence_of_a_bad_key_still_disables_it() {
 }
 
 #[test]
+fn bad_key_evidence_with_a_wrong_token_for_a_live_lease_is_refused() {
+    let mut e = engine(&[("k1", "p1")]);
+    let lease = granted(e.acquire(T0, ask("a")));
+    let forged = e.report_failure(
+        T0,
+        &lease.lease_id,
+        lease.fencing_token + 1,
+        report(FailureKind::InvalidKey),
+    );
+    match forged {
+        Err(EngineError::StaleLease { reason, .. }) => {
+            assert!(reason.contains("fencing token"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(e.key_status(T0, "k1").unwrap().state, KeyState::Leased);
+}
+
+#[test]
 fn server_errors_keep_the_key_healthy_and_usable_by_the_task() {
     let mut e = engine(&[("k1", "p1")]);
     let lease = granted(e.acquire(T0, ask("a")));
