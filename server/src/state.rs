@@ -119,11 +119,11 @@ impl State {
                 let _ = self.events.send(event);
             }
             for (id, lease) in notices.waiter_grants {
-                let delivered = match inner.waiters.remove(&id) {
-                    Some(sender) => sender.send(Ok(lease.clone())).is_ok(),
-                    None => false,
+                let undelivered = match inner.waiters.remove(&id) {
+                    Some(sender) => sender.send(Ok(lease)).err().and_then(Result::ok),
+                    None => Some(lease),
                 };
-                if !delivered {
+                if let Some(lease) = undelivered {
                     // Its caller is gone: the key goes straight back, unused.
                     let now = self.clock.now_ms();
                     let _ = inner
