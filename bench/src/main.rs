@@ -20,6 +20,9 @@ use std::path::PathBuf;
 struct Args {
     #[command(subcommand)]
     command: Scenario,
+    /// Let the scheduler place the processes on every core, instead of all on one.
+    #[arg(long, global = true)]
+    all_cores: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -64,8 +67,13 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Worker(worker) => return roles::worker(worker).await,
         _ => {}
     }
-    println!("Machine: {}", procs::machine());
-    procs::keep_off_server_core();
+    let machine = procs::machine();
+    let placement = if args.all_cores {
+        "processes on every core".to_string()
+    } else {
+        procs::run_on_one_core()
+    };
+    println!("Machine: {machine}; {placement}");
     match args.command {
         Scenario::Overhead { smoke } => overhead::run(smoke).await?,
         Scenario::Scale { smoke } => scale::run(smoke).await?,
