@@ -65,6 +65,14 @@ fn ask(task: &str) -> AcquireRequest {
     }
 }
 
+/// `task` asking for `requests` requests.
+fn ask_n(task: &str, requests: u32) -> AcquireRequest {
+    AcquireRequest {
+        requests,
+        ..ask(task)
+    }
+}
+
 fn granted(outcome: Result<Acquired, EngineError>) -> LeaseView {
     match outcome {
         Ok(Acquired::Granted(lease)) => lease,
@@ -296,13 +304,7 @@ fn renew_reserves_more_requests_while_the_quota_allows() {
 #[test]
 fn keys_of_one_project_share_its_quota() {
     let mut e = Engine::new(config(2, 100), key_specs(&[("k1", "p1"), ("k2", "p1")]), T0).unwrap();
-    let first = granted(e.acquire(
-        T0,
-        AcquireRequest {
-            requests: 2,
-            ..ask("a")
-        },
-    ));
+    let first = granted(e.acquire(T0, ask_n("a", 2)));
     assert_eq!(first.project, "p1");
     let why = unavailable(e.acquire(T0, ask("b")));
     assert_eq!(why.reason, UnavailableReason::QuotaSpent);
@@ -311,13 +313,7 @@ fn keys_of_one_project_share_its_quota() {
 #[test]
 fn sent_requests_hold_the_window_until_a_window_after_release() {
     let mut e = Engine::new(config(2, 100), key_specs(&[("k1", "p1")]), T0).unwrap();
-    let lease = granted(e.acquire(
-        T0,
-        AcquireRequest {
-            requests: 2,
-            ..ask("a")
-        },
-    ));
+    let lease = granted(e.acquire(T0, ask_n("a", 2)));
     let released_at = T0 + 5 * SECOND;
     e.release(released_at, &lease.lease_id, lease.fencing_token, 2, 0)
         .unwrap();
@@ -333,37 +329,16 @@ fn sent_requests_hold_the_window_until_a_window_after_release() {
 #[test]
 fn unsent_requests_are_refunded_at_release() {
     let mut e = Engine::new(config(3, 100), key_specs(&[("k1", "p1")]), T0).unwrap();
-    let lease = granted(e.acquire(
-        T0,
-        AcquireRequest {
-            requests: 3,
-            ..ask("a")
-        },
-    ));
+    let lease = granted(e.acquire(T0, ask_n("a", 3)));
     e.release(T0, &lease.lease_id, lease.fencing_token, 1, 0)
         .unwrap();
-    granted(e.acquire(
-        T0,
-        AcquireRequest {
-            requests: 2,
-            ..ask("b")
-        },
-    ));
+    granted(e.acquire(T0, ask_n("b", 2)));
 }
 
 #[test]
 fn asking_for_more_than_any_limit_is_invalid() {
     let mut e = Engine::new(config(5, 100), key_specs(&[("k1", "p1")]), T0).unwrap();
-    assert_eq!(
-        invalid_field(e.acquire(
-            T0,
-            AcquireRequest {
-                requests: 6,
-                ..ask("a")
-            }
-        )),
-        "requests"
-    );
+    assert_eq!(invalid_field(e.acquire(T0, ask_n("a", 6))), "requests");
     let tokens = AcquireRequest {
         estimated_tokens: 100_001,
         ..ask("a")
@@ -383,26 +358,14 @@ fn project_limits_replace_the_model_defaults() {
         .project_limits
         .insert(("big".into(), MODEL.into()), limits(5, 100));
     let mut e = Engine::new(cfg, key_specs(&[("k1", "small"), ("k2", "big")]), T0).unwrap();
-    let lease = granted(e.acquire(
-        T0,
-        AcquireRequest {
-            requests: 5,
-            ..ask("a")
-        },
-    ));
+    let lease = granted(e.acquire(T0, ask_n("a", 5)));
     assert_eq!(lease.project, "big");
 }
 
 #[test]
 fn the_daily_count_resets_at_midnight_pacific() {
     let mut e = Engine::new(config(10, 2), key_specs(&[("k1", "p1")]), T0).unwrap();
-    let lease = granted(e.acquire(
-        T0,
-        AcquireRequest {
-            requests: 2,
-            ..ask("a")
-        },
-    ));
+    let lease = granted(e.acquire(T0, ask_n("a", 2)));
     e.release(T0, &lease.lease_id, lease.fencing_token, 2, 0)
         .unwrap();
     let hour_later = T0 + 60 * MINUTE;
@@ -718,13 +681,7 @@ fn waiters_are_served_first_come_first_served() {
 #[test]
 fn a_newcomer_does_not_overtake_a_waiter_blocked_on_quota() {
     let mut e = Engine::new(config(3, 100), key_specs(&[("k1", "p1"), ("k2", "p1")]), T0).unwrap();
-    let lease = granted(e.acquire(
-        T0,
-        AcquireRequest {
-            requests: 2,
-            ..ask("holder")
-        },
-    ));
+    let lease = granted(e.acquire(T0, ask_n("holder", 2)));
     queued(e.acquire(
         T0,
         AcquireRequest {
@@ -902,13 +859,7 @@ fn the_least_recently_used_key_is_lent_first() {
 #[test]
 fn the_key_with_the_most_quota_headroom_is_preferred() {
     let mut e = engine(&[("k1", "busy"), ("k2", "busy"), ("k3", "idle")]);
-    let lease = granted(e.acquire(
-        T0,
-        AcquireRequest {
-            requests: 5,
-            ..ask("a")
-        },
-    ));
+    let lease = granted(e.acquire(T0, ask_n("a", 5)));
     e.release(T0, &lease.lease_id, lease.fencing_token, 5, 0)
         .unwrap();
     let busy_project = lease.project.clone();
@@ -963,13 +914,7 @@ fn bad_acquires_name_the_field_at_fault() {
             },
             "ttl",
         ),
-        (
-            AcquireRequest {
-                requests: 51,
-                ..ask("a")
-            },
-            "requests",
-        ),
+        (ask_n("a", 51), "requests"),
         (
             AcquireRequest {
                 client_request_id: Some("r".repeat(300)),
