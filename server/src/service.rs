@@ -249,9 +249,6 @@ impl KeyLease for KeyLeaseService {
         request: Request<pb::SetKeyEnabledRequest>,
     ) -> Result<Response<pb::KeyStatus>, Status> {
         let request = request.into_inner();
-        if request.reason.len() > crate::engine::MAX_DETAIL_BYTES {
-            return Err(Status::invalid_argument("reason: longer than 1024 bytes"));
-        }
         let key = self.state.run(|engine, now| {
             engine.set_key_enabled(now, &request.key_id, request.enabled, &request.reason)
         })?;

@@ -399,17 +399,6 @@ struct Lease {
     expires_ms: u64,
 }
 
-/// What is remembered of an ended lease: enough to act on late evidence and answer retries.
-#[derive(Debug, Clone)]
-struct EndedLease {
-    key: KeyIdx,
-    task_id: String,
-    model: ModelIdx,
-    requests: u64,
-    tokens: u64,
-    ttl_ms: u64,
-}
-
 #[derive(Debug, Clone)]
 struct Waiter {
     id: WaiterId,
@@ -490,7 +479,8 @@ pub struct Engine {
     task_leases: HashMap<String, Vec<Token>>,
     exclusions: BoundedMemory<String, TaskExclusions>,
     request_ids: BoundedMemory<String, Token>,
-    ended: BoundedMemory<Token, EndedLease>,
+    /// Leases that ended, as they last were: to act on late evidence of a bad key.
+    ended: BoundedMemory<Token, Lease>,
     queues: BTreeMap<(PoolIdx, ModelIdx), WaitQueue>,
     next_token: Token,
     next_waiter: WaiterId,
@@ -1400,15 +1390,7 @@ impl Engine {
         report: FailureReport,
     ) -> Result<Reported, EngineError> {
         let now = self.tick(now_ms);
-        if report.detail.len() > MAX_DETAIL_BYTES {
-            return Err(invalid(
-                "detail",
-                format!(
-                    "{} bytes is above the maximum of {MAX_DETAIL_BYTES}",
-                    report.detail.len()
-                ),
-            ));
-        }
+        validate_detail("detail", &report.detail)?;
         if let Some(retry_after_ms) = report.retry_after_ms
             && retry_after_ms > DAY_MS
         {
@@ -1422,10 +1404,7 @@ impl Engine {
                 let lease = self.leases[&token].clone();
                 let sent = report.requests_sent.map_or(lease.requests, u64::from);
                 let event = self.end_lease(token, now, sent, lease.tokens);
-                (
-                    self.ended.get(&token).expect("just remembered").clone(),
-                    event,
-                )
+                (lease, event)
             }
             // A lease that ended may still bring news of its key; a live one with another
             // token is simply refused.
@@ -1440,18 +1419,7 @@ impl Engine {
                         reason: "it ended too long ago to act on".into(),
                     });
                 };
-                let event = LeaseEvent {
-                    lease: LeaseSummary {
-                        lease_id: lease_id.to_string(),
-                        task_id: ended.task_id.clone(),
-                        model: self.models[ended.model as usize].clone(),
-                        fencing_token: token,
-                        requests_granted: ended.requests as u32,
-                        expires_ms: now,
-                    },
-                    key_id: self.keys[ended.key].spec.id.clone(),
-                    project: self.projects[self.keys[ended.key].project as usize].clone(),
-                };
+                let event = self.event_of(token, &ended);
                 (ended, event)
             }
             Err(error) => return Err(error),
@@ -1563,6 +1531,7 @@ impl Engine {
         reason: &str,
     ) -> Result<KeyView, EngineError> {
         let now = self.tick(now_ms);
+        validate_detail("reason", reason)?;
         let &key = self
             .key_by_id
             .get(key_id)
@@ -1652,17 +1621,7 @@ impl Engine {
             sent,
             used_tokens,
         );
-        self.ended.insert(
-            token,
-            EndedLease {
-                key: lease.key,
-                task_id: lease.task_id,
-                model: lease.model,
-                requests: lease.requests,
-                tokens: lease.tokens,
-                ttl_ms: lease.ttl_ms,
-            },
-        );
+        self.ended.insert(token, lease);
         self.freed = true;
         event
     }
@@ -1674,7 +1633,11 @@ impl Engine {
     // ---- views ---------------------------------------------------------------------------
 
     fn summary(&self, token: Token) -> LeaseSummary {
-        let lease = &self.leases[&token];
+        self.summary_of(token, &self.leases[&token])
+    }
+
+    /// A live or ended lease, as others see it.
+    fn summary_of(&self, token: Token, lease: &Lease) -> LeaseSummary {
         LeaseSummary {
             lease_id: lease_id(token),
             task_id: lease.task_id.clone(),
@@ -1686,9 +1649,13 @@ impl Engine {
     }
 
     fn lease_event(&self, token: Token) -> LeaseEvent {
-        let key = &self.keys[self.leases[&token].key];
+        self.event_of(token, &self.leases[&token])
+    }
+
+    fn event_of(&self, token: Token, lease: &Lease) -> LeaseEvent {
+        let key = &self.keys[lease.key];
         LeaseEvent {
-            lease: self.summary(token),
+            lease: self.summary_of(token, lease),
             key_id: key.spec.id.clone(),
             project: self.projects[key.project as usize].clone(),
         }
@@ -1873,6 +1840,20 @@ fn validate_id(field: &'static str, id: &str, required: bool) -> Result<(), Engi
         return Err(invalid(
             field,
             format!("{} bytes is above the maximum of {MAX_ID_BYTES}", id.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Free text from a caller (a failure's detail, a disable's reason), bounded in size.
+fn validate_detail(field: &'static str, text: &str) -> Result<(), EngineError> {
+    if text.len() > MAX_DETAIL_BYTES {
+        return Err(invalid(
+            field,
+            format!(
+                "{} bytes is above the maximum of {MAX_DETAIL_BYTES}",
+                text.len()
+            ),
         ));
     }
     Ok(())
