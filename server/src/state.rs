@@ -152,23 +152,31 @@ impl State {
         wait: Duration,
     ) -> Result<LeaseView, AcquireFailure> {
         request.wait = !wait.is_zero();
-        let deadline = tokio::time::sleep(wait);
-        let (sender, receiver) = oneshot::channel();
-        let waiter = {
+        let now = self.clock.now_ms();
+        let (waiter, receiver) = {
             let mut inner = self.lock();
-            let outcome = inner.engine.acquire(self.clock.now_ms(), request);
-            if let Ok(Acquired::Queued(id)) = outcome {
-                inner.waiters.insert(id, sender);
-            }
+            let outcome = inner.engine.acquire(now, request);
+            // Only a caller that waits needs a channel; it is registered under the same lock
+            // as the acquire, so no grant can be sent before it is there.
+            let receiver = match outcome {
+                Ok(Acquired::Queued(id)) => {
+                    let (sender, receiver) = oneshot::channel();
+                    inner.waiters.insert(id, sender);
+                    Some(receiver)
+                }
+                _ => None,
+            };
             self.carry_out(&mut inner);
-            match outcome? {
-                Acquired::Granted(lease) => return Ok(lease),
-                Acquired::Unavailable(unavailable) => {
+            match (outcome?, receiver) {
+                (Acquired::Granted(lease), _) => return Ok(lease),
+                (Acquired::Unavailable(unavailable), _) => {
                     return Err(AcquireFailure::Unavailable(unavailable));
                 }
-                Acquired::Queued(id) => id,
+                (Acquired::Queued(id), Some(receiver)) => (id, receiver),
+                (Acquired::Queued(_), None) => unreachable!("a queued acquire has a channel"),
             }
         };
+        let deadline = tokio::time::sleep_until(self.clock.instant_at(now) + wait);
         Waiting {
             state: self,
             id: waiter,
