@@ -9,6 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tokio::time::Instant;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -185,17 +186,28 @@ impl KeyLeaseClient {
 
     /// Runs a call, retrying while the service is unreachable. `extra` is how long the call may
     /// legitimately take on the server (a wait for a key); the timeout is that plus the call timeout.
-    pub(crate) async fn call<T, F, Fut>(&self, extra: Duration, mut call: F) -> Result<T, Error>
+    /// The answer comes with the send time of the attempt that got it: lease deadlines count
+    /// from there.
+    pub(crate) async fn call<M, T, F, Fut>(
+        &self,
+        extra: Duration,
+        message: &M,
+        mut send: F,
+    ) -> Result<(T, Instant), Error>
     where
-        F: FnMut(Stub<Authenticated>, Duration) -> Fut,
+        M: Clone,
+        F: FnMut(Stub<Authenticated>, Request<M>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let timeout = extra + self.config.call_timeout;
         let mut backoff = self.config.retry_backoff;
         let mut last = String::new();
         for attempt in 1..=self.config.attempts.max(1) {
-            match tokio::time::timeout(timeout, call(self.stub.clone(), timeout)).await {
-                Ok(Ok(response)) => return Ok(response.into_inner()),
+            let mut request = Request::new(message.clone());
+            request.set_timeout(timeout);
+            let sent_at = crate::clock::now();
+            match tokio::time::timeout(timeout, send(self.stub.clone(), request)).await {
+                Ok(Ok(response)) => return Ok((response.into_inner(), sent_at)),
                 Ok(Err(status)) if !unreachable(&status) => return Err(Error::from_status(status)),
                 Ok(Err(status)) => last = format!("{:?}: {}", status.code(), status.message()),
                 Err(_) => last = format!("no answer within {timeout:?}"),
@@ -214,12 +226,13 @@ impl KeyLeaseClient {
 
     /// Keys, leases and usage, as operators see them.
     pub async fn status(&self) -> Result<pb::GetStatusResponse, Error> {
-        self.call(Duration::ZERO, |mut stub, timeout| async move {
-            let mut request = Request::new(pb::GetStatusRequest::default());
-            request.set_timeout(timeout);
-            stub.get_status(request).await
-        })
-        .await
+        let request = pb::GetStatusRequest::default();
+        let (status, _) = self
+            .call(Duration::ZERO, &request, |mut stub, request| async move {
+                stub.get_status(request).await
+            })
+            .await?;
+        Ok(status)
     }
 }
 

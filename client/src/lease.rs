@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tonic::Request;
 
 /// What to borrow.
 #[derive(Debug, Clone)]
@@ -111,13 +110,9 @@ impl LeaseGuard {
             // Retries after a lost reply get the same lease instead of a second one.
             client_request_id: client.next_request_id(),
         };
-        let mut sent_at = now();
-        let lease = client
-            .call(options.wait, |mut stub, timeout| {
-                let mut call = Request::new(request.clone());
-                call.set_timeout(timeout);
-                sent_at = now();
-                async move { stub.acquire_key(call).await }
+        let (lease, sent_at) = client
+            .call(options.wait, &request, |mut stub, request| async move {
+                stub.acquire_key(request).await
             })
             .await?;
         Ok(Self::hold(client, lease, sent_at))
@@ -209,14 +204,7 @@ impl LeaseGuard {
         let Some(request) = request else {
             return Ok(());
         };
-        self.client
-            .call(Duration::ZERO, |mut stub, timeout| {
-                let mut call = Request::new(request.clone());
-                call.set_timeout(timeout);
-                async move { stub.release(call).await }
-            })
-            .await
-            .map(drop)
+        send_release(&self.client, &request).await
     }
 
     /// Reports a failed call and ends the lease; with `replacement`, borrows another key that
@@ -238,19 +226,16 @@ impl LeaseGuard {
             requests_sent: Some(usage.requests_sent),
             replacement_wait: replacement.map(to_pb),
         };
-        let mut sent_at = now();
-        let wait = replacement.unwrap_or_default();
         let reported = self
             .client
-            .call(wait, |mut stub, timeout| {
-                let mut call = Request::new(request.clone());
-                call.set_timeout(timeout);
-                sent_at = now();
-                async move { stub.report_failure(call).await }
-            })
+            .call(
+                replacement.unwrap_or_default(),
+                &request,
+                |mut stub, request| async move { stub.report_failure(request).await },
+            )
             .await;
-        let reported = match reported {
-            Ok(reported) => reported,
+        let (reported, sent_at) = match reported {
+            Ok(answer) => answer,
             // The lease ended meanwhile (expired): the report has nothing left to end.
             Err(Error::Refused(status))
                 if status.code() == tonic::Code::FailedPrecondition && replacement.is_none() =>
@@ -296,18 +281,20 @@ impl Drop for LeaseGuard {
         };
         let client = self.client.clone();
         runtime.spawn(async move {
-            let released = client
-                .call(Duration::ZERO, |mut stub, timeout| {
-                    let mut call = Request::new(request.clone());
-                    call.set_timeout(timeout);
-                    async move { stub.release(call).await }
-                })
-                .await;
+            let released = send_release(&client, &request).await;
             if let Err(error) = released {
                 tracing::warn!(%error, "releasing a dropped lease failed; it will expire");
             }
         });
     }
+}
+
+/// Ends a lease on the server with the usage in `request`.
+async fn send_release(client: &KeyLeaseClient, request: &pb::ReleaseRequest) -> Result<(), Error> {
+    let released = client.call(Duration::ZERO, request, |mut stub, request| async move {
+        stub.release(request).await
+    });
+    released.await.map(drop)
 }
 
 async fn renew(
@@ -331,18 +318,14 @@ async fn renew(
     if ended {
         return Err(Error::LeaseEnded(request.lease_id));
     }
-    let mut sent_at = now();
     let renewed = client
-        .call(Duration::ZERO, |mut stub, timeout| {
-            let mut call = Request::new(request.clone());
-            call.set_timeout(timeout);
-            sent_at = now();
-            async move { stub.renew_lease(call).await }
+        .call(Duration::ZERO, &request, |mut stub, request| async move {
+            stub.renew_lease(request).await
         })
         .await;
     let mut held = lock(held);
     match renewed {
-        Ok(response) => {
+        Ok((response, sent_at)) => {
             let lease = response.lease.unwrap_or_default();
             held.deadline = sent_at + from_pb(lease.ttl);
             held.lease.ttl = lease.ttl;
