@@ -10,7 +10,8 @@ use std::time::Duration;
 
 /// A child process, killed when dropped.
 pub struct Child {
-    child: std::process::Child,
+    /// `None` once handed to [`Child::wait`].
+    child: Option<std::process::Child>,
     /// What it printed after `listening on `, for servers.
     pub address: String,
     /// Its further output lines.
@@ -44,7 +45,7 @@ pub fn spawn(args: &[String], server: bool) -> anyhow::Result<Child> {
         address = found.to_string();
     }
     Ok(Child {
-        child,
+        child: Some(child),
         address,
         lines,
     })
@@ -53,7 +54,8 @@ pub fn spawn(args: &[String], server: bool) -> anyhow::Result<Child> {
 impl Child {
     /// Peak resident memory so far, in MiB (`VmHWM`).
     pub fn peak_memory_mib(&self) -> Option<f64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.child.as_ref()?.id())).ok()?;
         let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
         let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kib / 1024.0)
@@ -61,7 +63,7 @@ impl Child {
 
     /// Waits for the process to end, at most `limit`.
     pub fn wait(mut self, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        let mut child = std::mem::replace(&mut self.child, Command::new("true").spawn()?);
+        let mut child = self.child.take().expect("waited for once");
         let (sender, exit) = mpsc::channel();
         std::thread::spawn(move || sender.send(child.wait()));
         Ok(exit
@@ -72,8 +74,10 @@ impl Child {
 
 impl Drop for Child {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
