@@ -453,7 +453,7 @@ impl Books {
                 .or_else(|| self.model_limits.get(&(key.pool, key.model)))
                 .copied()
                 .unwrap_or_default();
-            QuotaGroup::new(limits, self.daily.day_of(now))
+            QuotaGroup::new(limits, now, self.daily)
         });
         group.advance(now, self.daily);
         group
@@ -1138,7 +1138,7 @@ impl Engine {
             .groups
             .iter()
             .filter(|(k, _)| k.pool == pool)
-            .filter_map(|(_, g)| g.next_change_after(now, self.config.daily));
+            .filter_map(|(_, g)| g.next_change_after(now));
         let exclusions = waiters
             .iter()
             .filter_map(|w| self.exclusions.get(w.task_id.as_str()))

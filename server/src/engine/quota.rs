@@ -69,6 +69,11 @@ impl DailyReset {
         self.start_of_day(self.day_of(at_ms) + 1)
     }
 
+    /// The last local midnight at or before `at_ms`, in milliseconds.
+    fn last_reset_at_or_before(&self, at_ms: u64) -> u64 {
+        self.start_of_day(self.day_of(at_ms))
+    }
+
     fn start_of_day(&self, day: i64) -> u64 {
         let date = chrono::NaiveDate::from_num_days_from_ce_opt(day as i32).expect("day in range");
         let midnight = date.and_time(NaiveTime::MIN);
@@ -94,15 +99,17 @@ pub struct QuotaGroup {
     settled: VecDeque<Settled>,
     settled_requests: u64,
     settled_tokens: u64,
-    /// The day `day_requests` counts.
-    day: i64,
-    /// Requests counted against `day`.
+    /// The first midnight after the day `day_requests` counts: the time zone is only consulted
+    /// when the day turns, not on every grant.
+    day_ends_ms: u64,
+    /// Requests counted against the current day.
     day_requests: u64,
     pub cooldown: Option<Cooldown>,
 }
 
 impl QuotaGroup {
-    pub fn new(limits: Limits, day: i64) -> Self {
+    /// A group with nothing on the books, at `now_ms`.
+    pub fn new(limits: Limits, now_ms: u64, daily: DailyReset) -> Self {
         Self {
             limits,
             live_requests: 0,
@@ -110,7 +117,7 @@ impl QuotaGroup {
             settled: VecDeque::new(),
             settled_requests: 0,
             settled_tokens: 0,
-            day,
+            day_ends_ms: daily.next_reset_after(now_ms),
             day_requests: 0,
             cooldown: None,
         }
@@ -118,18 +125,17 @@ impl QuotaGroup {
 
     /// Brings the books to `now_ms`: forgets what left the window and starts a new day.
     pub fn advance(&mut self, now_ms: u64, daily: DailyReset) {
-        let day = daily.day_of(now_ms);
-        if day != self.day {
+        if now_ms >= self.day_ends_ms {
             // Live leases and leases that ended after midnight may send (or have sent) their
             // requests in the new day: they count against it too.
-            let day_start = daily.start_of_day(day);
+            let day_start = daily.last_reset_at_or_before(now_ms);
             let recent: u64 = self
                 .settled
                 .iter()
                 .filter(|s| s.ended_ms >= day_start)
                 .map(|s| s.requests)
                 .sum();
-            self.day = day;
+            self.day_ends_ms = daily.next_reset_after(now_ms);
             self.day_requests = self.live_requests + recent;
         }
         while let Some(front) = self.settled.front() {
@@ -263,7 +269,7 @@ impl QuotaGroup {
 
     /// The next time the books change by themselves: a cooldown ends, a settled entry leaves the
     /// window, or the day turns while something is spent.
-    pub fn next_change_after(&self, now_ms: u64, daily: DailyReset) -> Option<u64> {
+    pub fn next_change_after(&self, now_ms: u64) -> Option<u64> {
         let mut next: Option<u64> = None;
         let mut consider = |at: u64| {
             if at > now_ms {
@@ -277,7 +283,7 @@ impl QuotaGroup {
             consider(front.until_ms);
         }
         if self.limits.requests_per_day.is_some() && self.day_requests > 0 {
-            consider(daily.next_reset_after(now_ms));
+            consider(self.day_ends_ms);
         }
         next
     }
@@ -325,7 +331,7 @@ mod tests {
             tokens_per_minute: Some(1_000),
             requests_per_day: Some(rpd),
         };
-        QuotaGroup::new(limits, daily().day_of(EVENING_BEFORE_DST))
+        QuotaGroup::new(limits, EVENING_BEFORE_DST, daily())
     }
 
     #[test]
