@@ -3,13 +3,14 @@
 //! the reply and changes the state, and records what happened as events for the shell to carry
 //! out (wake a waiter, stream an event, persist). No I/O, no tokio, no protocol types.
 
-pub mod memory;
 pub mod quota;
 
 use crate::secret::ApiKey;
-use memory::BoundedMemory;
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use lru::LruCache;
 use quota::{CooldownReason, DailyReset, Limits, QuotaGroup};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::num::NonZeroUsize;
 
 /// The pool an acquire without one goes to.
 pub const DEFAULT_POOL: &str = "gemini";
@@ -477,10 +478,12 @@ pub struct Engine {
     expiries: BTreeSet<(u64, Token)>,
     /// Live leases of each task.
     task_leases: HashMap<String, Vec<Token>>,
-    exclusions: BoundedMemory<String, TaskExclusions>,
-    request_ids: BoundedMemory<String, Token>,
+    // What the engine remembers about tasks, requests and ended leases is bounded, the least
+    // recently touched forgotten first, so that no client can grow the server without limit.
+    exclusions: LruCache<String, TaskExclusions>,
+    request_ids: LruCache<String, Token>,
     /// Leases that ended, as they last were: to act on late evidence of a bad key.
-    ended: BoundedMemory<Token, Lease>,
+    ended: LruCache<Token, Lease>,
     queues: BTreeMap<(PoolIdx, ModelIdx), WaitQueue>,
     next_token: Token,
     next_waiter: WaiterId,
@@ -494,10 +497,12 @@ pub struct Engine {
 impl Engine {
     pub fn new(config: EngineConfig, keys: Vec<KeySpec>, now_ms: u64) -> Result<Self, SetupError> {
         let daily = config.daily;
+        let memory_capacity =
+            NonZeroUsize::new(config.memory_capacity).unwrap_or(NonZeroUsize::MIN);
         let mut engine = Self {
-            exclusions: BoundedMemory::new(config.memory_capacity),
-            request_ids: BoundedMemory::new(config.memory_capacity),
-            ended: BoundedMemory::new(config.memory_capacity),
+            exclusions: LruCache::new(memory_capacity),
+            request_ids: LruCache::new(memory_capacity),
+            ended: LruCache::new(memory_capacity),
             config,
             keys: Vec::new(),
             key_by_id: HashMap::new(),
@@ -659,7 +664,7 @@ impl Engine {
         let ask = self.validate_acquire(&request)?;
 
         if let Some(id) = &request.client_request_id
-            && let Some(&token) = self.request_ids.get(id)
+            && let Some(&token) = self.request_ids.peek(id)
         {
             return match self.leases.get(&token) {
                 Some(lease) if lease.task_id == request.task_id => {
@@ -923,7 +928,7 @@ impl Engine {
 
     fn task_excludes(&self, task: &str, key: KeyIdx, now: u64) -> bool {
         self.exclusions
-            .get(task)
+            .peek(task)
             .is_some_and(|list| list.iter().any(|&(k, until)| k == key && until > now))
     }
 
@@ -943,7 +948,7 @@ impl Engine {
     ) -> Selection {
         let task_exclusions: Vec<KeyIdx> = self
             .exclusions
-            .get(task)
+            .peek(task)
             .map(|list| {
                 list.iter()
                     .filter(|&&(_, until)| until > now)
@@ -1040,7 +1045,7 @@ impl Engine {
             .or_default()
             .push(token);
         if let Some(id) = client_request_id {
-            self.request_ids.insert(id, token);
+            self.request_ids.put(id, token);
         }
         let event = self.lease_event(token);
         self.emit(now, EventKind::Granted(event));
@@ -1141,7 +1146,7 @@ impl Engine {
             .filter_map(|(_, g)| g.next_change_after(now));
         let exclusions = waiters
             .iter()
-            .filter_map(|w| self.exclusions.get(w.task_id.as_str()))
+            .filter_map(|w| self.exclusions.peek(w.task_id.as_str()))
             .flat_map(|list| list.iter().map(|&(_, until)| until))
             .filter(|&until| until > now);
         groups.chain(exclusions).min()
@@ -1224,7 +1229,7 @@ impl Engine {
             };
         }
         if usable == 0 {
-            let retry_at_ms = self.exclusions.get(task).and_then(|list| {
+            let retry_at_ms = self.exclusions.peek(task).and_then(|list| {
                 list.iter()
                     .filter(|&&(k, until)| !excluded.contains(&k) && until > now)
                     .map(|&(_, until)| until)
@@ -1413,7 +1418,7 @@ impl Engine {
                     && !self.leases.contains_key(&self.known_token(lease_id)?) =>
             {
                 let token = self.known_token(lease_id)?;
-                let Some(ended) = self.ended.get(&token).cloned() else {
+                let Some(ended) = self.ended.peek(&token).cloned() else {
                     return Err(EngineError::StaleLease {
                         lease_id: lease_id.to_string(),
                         reason: "it ended too long ago to act on".into(),
@@ -1437,7 +1442,7 @@ impl Engine {
             let until = now + self.config.exclusion_ttl_ms;
             let list = self
                 .exclusions
-                .touch_or_insert_with(ended.task_id.clone(), Vec::new);
+                .get_or_insert_mut(ended.task_id.clone(), Vec::new);
             list.retain(|&(k, u)| k != key && u > now);
             list.push((key, until));
         }
@@ -1621,7 +1626,7 @@ impl Engine {
             sent,
             used_tokens,
         );
-        self.ended.insert(token, lease);
+        self.ended.put(token, lease);
         self.freed = true;
         event
     }

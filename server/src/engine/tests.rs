@@ -552,6 +552,34 @@ fn late_evidence_of_a_bad_key_still_disables_it() {
 }
 
 #[test]
+fn only_the_most_recently_ended_leases_are_remembered() {
+    let mut cfg = config(10, 100);
+    cfg.memory_capacity = 2;
+    let mut e = Engine::new(cfg, key_specs(&[("k1", "p1"), ("k2", "p2")]), T0).unwrap();
+    let mut ended = Vec::new();
+    for task in ["a", "b", "c"] {
+        let lease = granted(e.acquire(T0, ask(task)));
+        e.release(T0, &lease.lease_id, lease.fencing_token, 0, 0)
+            .unwrap();
+        ended.push(lease);
+    }
+    let leaked = || report(FailureKind::PermissionDenied);
+    let oldest = &ended[0];
+    let forgotten = e.report_failure(T0, &oldest.lease_id, oldest.fencing_token, leaked());
+    assert!(
+        matches!(&forgotten, Err(EngineError::StaleLease { reason, .. }) if reason.contains("too long ago")),
+        "{forgotten:?}"
+    );
+    let newest = &ended[2];
+    e.report_failure(T0, &newest.lease_id, newest.fencing_token, leaked())
+        .unwrap();
+    assert_eq!(
+        e.key_status(T0, &newest.key_id).unwrap().state,
+        KeyState::Disabled
+    );
+}
+
+#[test]
 fn bad_key_evidence_with_a_wrong_token_for_a_live_lease_is_refused() {
     let mut e = engine(&[("k1", "p1")]);
     let lease = granted(e.acquire(T0, ask("a")));
