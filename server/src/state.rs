@@ -177,13 +177,17 @@ impl State {
             }
         };
         let deadline = tokio::time::sleep_until(self.clock.instant_at(now) + wait);
-        Waiting {
-            state: self,
-            id: waiter,
-            receiver,
-            done: false,
-        }
-        .until(deadline)
+        // Boxed: the wait's timer and select would otherwise make every acquire's future several
+        // times larger, copied through each layer of the server, though most are granted at once.
+        Box::pin(
+            Waiting {
+                state: self,
+                id: waiter,
+                receiver,
+                done: false,
+            }
+            .until(deadline),
+        )
         .await
     }
 
