@@ -14,21 +14,62 @@ use tonic_health::pb::health_client::HealthClient;
 
 const MODEL: &str = "bench-model";
 
-/// Calls per second and latency percentiles (microseconds) of one measurement.
-pub struct Measured {
-    pub per_second: f64,
-    pub p50: u64,
-    pub p99: u64,
-    pub p999: u64,
+/// How each client sends: as soon as its previous call returned (closed loop, the most the
+/// machine can do), or on a fixed schedule (open loop, latency at a set load).
+#[derive(Clone, Copy)]
+pub enum Pace {
+    Closed,
+    Every(Duration),
+}
+
+/// The calls of one or more measurements: latencies (microseconds), time, and the CPU the server
+/// and this process (the load) used meanwhile.
+#[derive(Default)]
+pub struct Samples {
+    latencies: Vec<u64>,
+    elapsed: Duration,
+    server_cpu: Duration,
+    load_cpu: Duration,
+}
+
+impl Samples {
+    fn add(&mut self, other: Samples) {
+        self.latencies.extend(other.latencies);
+        self.elapsed += other.elapsed;
+        self.server_cpu += other.server_cpu;
+        self.load_cpu += other.load_cpu;
+    }
+
+    pub fn per_second(&self) -> f64 {
+        self.latencies.len() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// Latency percentile `p` (0 to 1), in microseconds.
+    pub fn percentile(&mut self, p: f64) -> u64 {
+        self.latencies.sort_unstable();
+        percentile(&self.latencies, p)
+    }
+
+    /// CPU per call in microseconds: (server, load).
+    fn cpu_per_call(&self) -> (f64, f64) {
+        let calls = self.latencies.len().max(1) as f64;
+        (
+            self.server_cpu.as_secs_f64() * 1e6 / calls,
+            self.load_cpu.as_secs_f64() * 1e6 / calls,
+        )
+    }
 }
 
 /// Runs `call` from `clients` concurrent loops for `duration`, over a few shared connections.
+/// On a schedule, a call that could not be sent on time counts from when it was due, so a
+/// server that falls behind is not flattered by the calls it delayed.
 pub async fn measure<F, Fut>(
-    address: &str,
+    server: &procs::Child,
     clients: usize,
     duration: Duration,
+    pace: Pace,
     call: F,
-) -> anyhow::Result<Measured>
+) -> anyhow::Result<Samples>
 where
     F: Fn(Channel, usize) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = anyhow::Result<()>> + Send,
@@ -36,37 +77,65 @@ where
     let mut channels = Vec::new();
     for _ in 0..clients.clamp(1, 8) {
         channels.push(
-            Channel::from_shared(address.to_string())?
+            Channel::from_shared(server.address.clone())?
                 .tcp_nodelay(true)
                 .connect()
                 .await?,
         );
     }
-    let stop = now() + duration;
+    let cpu = || (server.cpu_time(), procs::cpu_time_of("self"));
+    let cpu_before = cpu();
+    let began = now();
+    let stop = began + duration;
     let mut loops = Vec::new();
     for client in 0..clients {
         let (channel, call) = (channels[client % channels.len()].clone(), call.clone());
         loops.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
-            while now() < stop {
-                let began = now();
-                call(channel.clone(), client).await?;
-                latencies.push(began.elapsed().as_micros() as u64);
+            // Clients start spread over one interval, not all at once.
+            let mut due = match pace {
+                Pace::Closed => began,
+                Pace::Every(interval) => began + interval * client as u32 / clients as u32,
+            };
+            while due < stop {
+                if let Pace::Every(interval) = pace {
+                    // Behind schedule, the wait for the previous call counts; ahead of it, the
+                    // call counts from when the timer (1 ms grain) actually woke us.
+                    let sent = if now() < due {
+                        tokio::time::sleep_until(due).await;
+                        now()
+                    } else {
+                        due
+                    };
+                    call(channel.clone(), client).await?;
+                    latencies.push(sent.elapsed().as_micros() as u64);
+                    due += interval;
+                } else {
+                    let sent = now();
+                    call(channel.clone(), client).await?;
+                    latencies.push(sent.elapsed().as_micros() as u64);
+                    due = now();
+                }
             }
             anyhow::Ok(latencies)
         }));
     }
-    let mut all = Vec::new();
+    let mut samples = Samples {
+        elapsed: duration,
+        ..Default::default()
+    };
     for handle in loops {
-        all.extend(handle.await??);
+        samples.latencies.extend(handle.await??);
     }
-    all.sort_unstable();
-    Ok(Measured {
-        per_second: all.len() as f64 / duration.as_secs_f64(),
-        p50: percentile(&all, 0.5),
-        p99: percentile(&all, 0.99),
-        p999: percentile(&all, 0.999),
-    })
+    let cpu_after = cpu();
+    let used = |before: Option<Duration>, after: Option<Duration>| {
+        after
+            .zip(before)
+            .map_or(Duration::ZERO, |(a, b)| a.saturating_sub(b))
+    };
+    samples.server_cpu = used(cpu_before.0, cpu_after.0);
+    samples.load_cpu = used(cpu_before.1, cpu_after.1);
+    Ok(samples)
 }
 
 /// Cycles per second of the engine itself: the same configuration, no gRPC, one thread.
@@ -121,35 +190,94 @@ async fn noop(channel: Channel, _client: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Rounds of cycles and no-ops taken in turn, so that whatever else the machine does falls on
+/// both alike.
+const ROUNDS: usize = 5;
+
 pub async fn run(smoke: bool) -> anyhow::Result<()> {
     let dir = procs::scratch("overhead")?;
     // More keys than clients, no limits: the cycle measures the service, not contention.
     let keys = procs::fake_keys(512, 512);
     let config = procs::keylease_config(&dir, &keys, MODEL, "", "")?;
     let server = procs::spawn(&["serve".into(), config.display().to_string()], true)?;
-    let duration = Duration::from_secs(if smoke { 1 } else { 5 });
+    let (rounds, round) = if smoke {
+        (1, Duration::from_millis(500))
+    } else {
+        (ROUNDS, Duration::from_secs(1))
+    };
     println!("\n### Overhead (in-memory engine)\n");
     println!(
-        "`cargo run --release -p keylease-bench -- overhead`; {} s per row; one server process, the load from this one.\n",
-        duration.as_secs()
+        "`cargo run --release -p keylease-bench -- overhead`; per row {rounds} rounds of {} ms of cycles and {} ms of no-ops, taken in turn; one server process, the load from this one.\n",
+        round.as_millis(),
+        round.as_millis()
     );
     println!(
         "| clients | cycles/s | cycle p50 | p99 | p99.9 | no-op RPC/s | no-op p50 | p99 | cycles / no-op |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
+    let mut cpu_rows = Vec::new();
+    let mut closed_loop_16 = 0.0;
     for clients in [1, 16, 256] {
-        let cycles = measure(&server.address, clients, duration, cycle).await?;
-        let baseline = measure(&server.address, clients, duration, noop).await?;
+        let (mut cycles, mut noops) = (Samples::default(), Samples::default());
+        for _ in 0..rounds {
+            cycles.add(measure(&server, clients, round, Pace::Closed, cycle).await?);
+            noops.add(measure(&server, clients, round, Pace::Closed, noop).await?);
+        }
         println!(
             "| {clients} | {:.0} | {} µs | {} µs | {} µs | {:.0} | {} µs | {} µs | {:.3} |",
-            cycles.per_second,
-            cycles.p50,
-            cycles.p99,
-            cycles.p999,
-            baseline.per_second,
-            baseline.p50,
-            baseline.p99,
-            cycles.per_second / baseline.per_second
+            cycles.per_second(),
+            cycles.percentile(0.5),
+            cycles.percentile(0.99),
+            cycles.percentile(0.999),
+            noops.per_second(),
+            noops.percentile(0.5),
+            noops.percentile(0.99),
+            cycles.per_second() / noops.per_second()
+        );
+        if clients == 16 {
+            closed_loop_16 = cycles.per_second();
+        }
+        cpu_rows.push((clients, cycles.cpu_per_call(), noops.cpu_per_call()));
+    }
+    println!("\nCPU per call, in µs (user + system, from /proc; the load is this process):\n");
+    println!(
+        "| clients | server per cycle | server per no-op | load per cycle | load per no-op | whole cycle / whole no-op |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (clients, cycle, noop) in cpu_rows {
+        println!(
+            "| {clients} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
+            cycle.0,
+            noop.0,
+            cycle.1,
+            noop.1,
+            (cycle.0 + cycle.1) / (noop.0 + noop.1)
+        );
+    }
+
+    println!(
+        "\nLatency at a set load: 16 clients, each on a fixed schedule, together offering a share of the closed-loop rate above ({closed_loop_16:.0} cycles/s); a call sent late because the previous one had not returned counts from when it was due. The no-op is offered the same number of calls.\n"
+    );
+    println!("| offered | cycles/s | cycle p50 | p99 | p99.9 | no-op p50 | p99 | p99.9 |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for share in [0.25, 0.5, 0.75] {
+        let rate = (closed_loop_16 * share).max(16.0);
+        let pace = Pace::Every(Duration::from_secs_f64(16.0 / rate));
+        let (mut cycles, mut noops) = (Samples::default(), Samples::default());
+        for _ in 0..rounds {
+            cycles.add(measure(&server, 16, round, pace, cycle).await?);
+            noops.add(measure(&server, 16, round, pace, noop).await?);
+        }
+        println!(
+            "| {:.0}% | {:.0} | {} µs | {} µs | {} µs | {} µs | {} µs | {} µs |",
+            share * 100.0,
+            cycles.per_second(),
+            cycles.percentile(0.5),
+            cycles.percentile(0.99),
+            cycles.percentile(0.999),
+            noops.percentile(0.5),
+            noops.percentile(0.99),
+            noops.percentile(0.999),
         );
     }
     println!(

@@ -61,6 +61,11 @@ impl Child {
         Some(kib / 1024.0)
     }
 
+    /// CPU time (user + system) the process has used so far.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        cpu_time_of(&self.child.as_ref()?.id().to_string())
+    }
+
     /// Waits for the process to end, at most `limit`.
     pub fn wait(mut self, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
         let mut child = self.child.take().expect("waited for once");
@@ -79,6 +84,17 @@ impl Drop for Child {
             let _ = child.wait();
         }
     }
+}
+
+/// CPU time (user + system) used so far by process `pid` ("self" for this one), from
+/// `/proc/PID/stat`, in the kernel's clock ticks (100 a second on Linux).
+pub fn cpu_time_of(pid: &str) -> Option<Duration> {
+    const TICKS_PER_SECOND: u64 = 100;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after it are plain numbers.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 1000 / TICKS_PER_SECOND))
 }
 
 /// Runs this process, and so every process it starts, on the last core alone (core 0 takes

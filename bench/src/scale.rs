@@ -2,7 +2,7 @@
 //! 10,000 acquirers waiting at once for 10 leased keys: the server's peak memory, and whether
 //! they were served in the order they arrived (read from the server's own grant events).
 
-use crate::overhead::{cycle, measure};
+use crate::overhead::{Pace, cycle, measure};
 use crate::procs::{self, percentile};
 use crate::roles::now;
 use keylease::pb;
@@ -33,7 +33,7 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         let server = procs::spawn(&["serve".into(), config.display().to_string()], true)?;
         let start_time = started.elapsed();
         let cycles = if smoke { 200 } else { 5_000 };
-        let latencies = acquire_latencies(&server.address, cycles).await?;
+        let latencies = acquire_latencies(&server, cycles).await?;
         p50s.push(percentile(&latencies, 0.5));
         println!(
             "| {count} | {} µs | {} µs | {:.0} ms | {:.0} MiB |",
@@ -54,14 +54,14 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
 }
 
 /// Latency of AcquireKey alone (the release is not timed), sorted, in microseconds.
-async fn acquire_latencies(address: &str, cycles: usize) -> anyhow::Result<Vec<u64>> {
-    let channel = Channel::from_shared(address.to_string())?
+async fn acquire_latencies(server: &procs::Child, cycles: usize) -> anyhow::Result<Vec<u64>> {
+    let channel = Channel::from_shared(server.address.clone())?
         .tcp_nodelay(true)
         .connect()
         .await?;
     let mut client = KeyLeaseClient::new(channel);
     // Warm up the connection and the allocator.
-    measure(address, 1, Duration::from_millis(300), cycle).await?;
+    measure(server, 1, Duration::from_millis(300), Pace::Closed, cycle).await?;
     let mut latencies = Vec::with_capacity(cycles);
     for i in 0..cycles {
         let request = pb::AcquireKeyRequest {
