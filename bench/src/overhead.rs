@@ -98,24 +98,22 @@ where
                 Pace::Every(interval) => began + interval * client as u32 / clients as u32,
             };
             while due < stop {
-                if let Pace::Every(interval) = pace {
-                    // Behind schedule, the wait for the previous call counts; ahead of it, the
-                    // call counts from when the timer (1 ms grain) actually woke us.
-                    let sent = if now() < due {
+                // Behind schedule, the wait for the previous call counts; ahead of it, the call
+                // counts from when the timer (1 ms grain) actually woke us.
+                let sent = match pace {
+                    Pace::Every(_) if now() < due => {
                         tokio::time::sleep_until(due).await;
                         now()
-                    } else {
-                        due
-                    };
-                    call(channel.clone(), client).await?;
-                    latencies.push(sent.elapsed().as_micros() as u64);
-                    due += interval;
-                } else {
-                    let sent = now();
-                    call(channel.clone(), client).await?;
-                    latencies.push(sent.elapsed().as_micros() as u64);
-                    due = now();
-                }
+                    }
+                    Pace::Every(_) => due,
+                    Pace::Closed => now(),
+                };
+                call(channel.clone(), client).await?;
+                latencies.push(sent.elapsed().as_micros() as u64);
+                due = match pace {
+                    Pace::Every(interval) => due + interval,
+                    Pace::Closed => now(),
+                };
             }
             anyhow::Ok(latencies)
         }));
@@ -194,6 +192,22 @@ async fn noop(channel: Channel, _client: usize) -> anyhow::Result<()> {
 /// both alike.
 const ROUNDS: usize = 5;
 
+/// Cycles and no-ops, `rounds` rounds of `round` each, taken in turn.
+async fn in_turn(
+    server: &procs::Child,
+    clients: usize,
+    rounds: usize,
+    round: Duration,
+    pace: Pace,
+) -> anyhow::Result<(Samples, Samples)> {
+    let (mut cycles, mut noops) = (Samples::default(), Samples::default());
+    for _ in 0..rounds {
+        cycles.add(measure(server, clients, round, pace, cycle).await?);
+        noops.add(measure(server, clients, round, pace, noop).await?);
+    }
+    Ok((cycles, noops))
+}
+
 pub async fn run(smoke: bool) -> anyhow::Result<()> {
     let dir = procs::scratch("overhead")?;
     // More keys than clients, no limits: the cycle measures the service, not contention.
@@ -218,11 +232,8 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
     let mut cpu_rows = Vec::new();
     let mut closed_loop_16 = 0.0;
     for clients in [1, 16, 256] {
-        let (mut cycles, mut noops) = (Samples::default(), Samples::default());
-        for _ in 0..rounds {
-            cycles.add(measure(&server, clients, round, Pace::Closed, cycle).await?);
-            noops.add(measure(&server, clients, round, Pace::Closed, noop).await?);
-        }
+        let (mut cycles, mut noops) =
+            in_turn(&server, clients, rounds, round, Pace::Closed).await?;
         println!(
             "| {clients} | {:.0} | {} µs | {} µs | {} µs | {:.0} | {} µs | {} µs | {:.3} |",
             cycles.per_second(),
@@ -263,11 +274,7 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
     for share in [0.25, 0.5, 0.75] {
         let rate = (closed_loop_16 * share).max(16.0);
         let pace = Pace::Every(Duration::from_secs_f64(16.0 / rate));
-        let (mut cycles, mut noops) = (Samples::default(), Samples::default());
-        for _ in 0..rounds {
-            cycles.add(measure(&server, 16, round, pace, cycle).await?);
-            noops.add(measure(&server, 16, round, pace, noop).await?);
-        }
+        let (mut cycles, mut noops) = in_turn(&server, 16, rounds, round, pace).await?;
         println!(
             "| {:.0}% | {:.0} | {} µs | {} µs | {} µs | {} µs | {} µs | {} µs |",
             share * 100.0,
