@@ -450,6 +450,67 @@ async fn bad_requests_name_the_field_and_the_server_keeps_serving() {
 }
 
 #[tokio::test]
+async fn a_release_that_says_nothing_books_the_whole_grant() {
+    let server = TestServer::start(&config_toml(&[("k1", "p1")], 100, "")).await;
+    let mut client = server.client().await;
+    let request = pb::AcquireKeyRequest {
+        requests: 2,
+        estimated_input_tokens: 500,
+        ..acquire("minimal")
+    };
+    let lease = client.acquire_key(request).await.unwrap().into_inner();
+    // What a client written from the proto sends when it fills in only what it must.
+    let minimal = pb::ReleaseRequest {
+        lease_id: lease.lease_id.clone(),
+        fencing_token: lease.fencing_token,
+        ..Default::default()
+    };
+    let released = client.release(minimal).await.unwrap().into_inner();
+    assert_eq!(
+        (
+            released.released,
+            released.requests_booked,
+            released.input_tokens_booked
+        ),
+        (true, 2, 500)
+    );
+    let status = client
+        .get_status(pb::GetStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.quota_groups[0].requests_per_minute.unwrap().used, 2);
+}
+
+#[tokio::test]
+async fn absurd_usage_figures_book_no_more_than_the_grant_and_the_ceiling() {
+    let server = TestServer::start(&config_toml(&[("k1", "p1")], 100, "")).await;
+    let mut client = server.client().await;
+    let lease = client
+        .acquire_key(acquire("liar"))
+        .await
+        .unwrap()
+        .into_inner();
+    let release = pb::ReleaseRequest {
+        lease_id: lease.lease_id.clone(),
+        fencing_token: lease.fencing_token,
+        requests_sent: Some(u32::MAX),
+        input_tokens: Some(u64::MAX),
+    };
+    let released = client.release(release).await.unwrap().into_inner();
+    assert_eq!(
+        (released.requests_booked, released.input_tokens_booked),
+        (1, keylease::MAX_INPUT_TOKENS)
+    );
+    let status = client
+        .get_status(pb::GetStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.quota_groups[0].requests_per_day.unwrap().used, 1);
+}
+
+#[tokio::test]
 async fn status_masks_every_secret_and_pages_through_keys() {
     let keys = [("k1", "p1"), ("k2", "p1"), ("k3", "p2")];
     let server = TestServer::start(&config_toml(&keys, 100, "")).await;
@@ -462,14 +523,8 @@ async fn status_masks_every_secret_and_pages_through_keys() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        (
-            first.keys.len(),
-            first.total_keys,
-            first.next_page_token.as_str()
-        ),
-        (2, 3, "2")
-    );
+    assert_eq!((first.keys.len(), first.total_keys), (2, 3));
+    assert!(!first.next_page_token.is_empty());
     let rest = pb::GetStatusRequest {
         page_size: 2,
         page_token: first.next_page_token.clone(),
@@ -485,6 +540,25 @@ async fn status_masks_every_secret_and_pages_through_keys() {
         assert!(!text.contains(&fake_secret(id)), "a secret in the status");
     }
     assert_eq!(first.keys[0].masked_key, "AIza…0000");
+    // Tokens are opaque: an offset, the largest number, or a token naming no key (hex of
+    // "k9") is refused by name, and the server keeps serving.
+    for token in ["2", "18446744073709551615", "p1.6b39", "p1.zz"] {
+        let request = pb::GetStatusRequest {
+            page_token: token.into(),
+            ..Default::default()
+        };
+        let refused = client.get_status(request).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert!(
+            refused.message().starts_with("page_token: "),
+            "{}",
+            refused.message()
+        );
+    }
+    client
+        .get_status(pb::GetStatusRequest::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

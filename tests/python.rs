@@ -26,5 +26,8 @@ async fn the_python_example_borrows_and_returns_a_key() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("leased k1 of project p1"), "{stdout}");
-    assert!(stdout.contains("released: True"), "{stdout}");
+    assert!(
+        stdout.contains("released: True, booked 1 request(s) and 12 input tokens"),
+        "{stdout}"
+    );
 }

@@ -138,11 +138,11 @@ where
 
 /// Cycles per second of the engine itself: the same configuration, no gRPC, one thread.
 fn engine_alone(config: &std::path::Path, cycles: usize) -> anyhow::Result<f64> {
-    use keylease_server::engine::{AcquireRequest, Acquired, Engine};
+    use keylease_server::engine::{AcquireRequest, Acquired, Engine, Usage};
     let settings =
         keylease_server::config::load(Some(config), &Default::default(), &Default::default())?;
     let clock = keylease_server::clock::Clock::system();
-    let mut engine = Engine::new(settings.engine, settings.keys, clock.now_ms())?;
+    let mut engine = Engine::new(settings.engine, settings.keys, clock.now())?;
     let tasks: Vec<String> = (0..256).map(|i| format!("bench-{i}")).collect();
     let began = now();
     for i in 0..cycles {
@@ -151,10 +151,14 @@ fn engine_alone(config: &std::path::Path, cycles: usize) -> anyhow::Result<f64> 
             model: MODEL.into(),
             ..Default::default()
         };
-        let Acquired::Granted(lease) = engine.acquire(clock.now_ms(), request)? else {
+        let Acquired::Granted(lease) = engine.acquire(clock.now(), request)? else {
             anyhow::bail!("no key")
         };
-        engine.release(clock.now_ms(), &lease.lease_id, lease.fencing_token, 1, 0)?;
+        let usage = Usage {
+            requests_sent: Some(1),
+            input_tokens: Some(0),
+        };
+        engine.release(clock.now(), &lease.lease_id, lease.fencing_token, usage)?;
         engine.drain();
     }
     Ok(cycles as f64 / began.elapsed().as_secs_f64())
@@ -172,8 +176,8 @@ pub async fn cycle(channel: Channel, client: usize) -> anyhow::Result<()> {
     let release = pb::ReleaseRequest {
         lease_id: lease.lease_id,
         fencing_token: lease.fencing_token,
-        requests_sent: 1,
-        input_tokens: 0,
+        requests_sent: Some(1),
+        input_tokens: Some(0),
     };
     keylease.release(release).await?;
     Ok(())

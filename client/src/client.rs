@@ -86,7 +86,7 @@ impl Error {
         // keylease puts the delay in the metadata too, which spares a dependency on tonic-types.
         let retry_after = status
             .metadata()
-            .get("retry-after-ms")
+            .get(keylease::RETRY_AFTER_METADATA)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .map(Duration::from_millis);

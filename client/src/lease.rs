@@ -48,7 +48,8 @@ impl AcquireOptions {
 pub struct Usage {
     /// Every request sent, whatever its answer.
     pub requests_sent: u32,
-    pub input_tokens: u64,
+    /// Input tokens recorded; `None` until some are, and then the server keeps the estimate.
+    pub input_tokens: Option<u64>,
 }
 
 /// A failed call, to report.
@@ -56,7 +57,8 @@ pub struct Usage {
 pub struct Failure {
     pub kind: pb::FailureKind,
     pub retry_after: Option<Duration>,
-    /// Short, and never the key.
+    /// Short (cut to `keylease::MAX_DETAIL_BYTES` when sent); a key in it is masked by the
+    /// server, but better never put one there.
     pub detail: String,
 }
 
@@ -185,7 +187,8 @@ impl LeaseGuard {
 
     /// Records input tokens actually used, reported when the lease ends.
     pub fn record_tokens(&self, input_tokens: u64) {
-        lock(&self.held).usage.input_tokens += input_tokens;
+        let usage = &mut lock(&self.held).usage;
+        usage.input_tokens = Some(usage.input_tokens.unwrap_or(0).saturating_add(input_tokens));
     }
 
     pub fn usage(&self) -> Usage {
@@ -221,7 +224,11 @@ impl LeaseGuard {
             fencing_token: lease.fencing_token,
             kind: failure.kind as i32,
             retry_after: failure.retry_after.map(to_pb),
-            detail: failure.detail.chars().take(1024).collect(),
+            detail: keylease::truncate_on_char_boundary(
+                &failure.detail,
+                keylease::MAX_DETAIL_BYTES,
+            )
+            .to_string(),
             rotate: replacement.is_some(),
             requests_sent: Some(usage.requests_sent),
             replacement_wait: replacement.map(to_pb),
@@ -265,7 +272,7 @@ impl LeaseGuard {
         let request = (!was_ended).then(|| pb::ReleaseRequest {
             lease_id: held.lease.lease_id.clone(),
             fencing_token: held.lease.fencing_token,
-            requests_sent: held.usage.requests_sent,
+            requests_sent: Some(held.usage.requests_sent),
             input_tokens: held.usage.input_tokens,
         });
         (request, held.lease.clone())

@@ -59,11 +59,14 @@ def main():
         print(f"leased {lease.key_id} of project {lease.project}, fencing token {lease.fencing_token}")
 
         # Call Gemini here with lease.api_key in the x-goog-api-key header, then say what it used.
+        # Left unset, requests_sent counts every granted request as sent and input_tokens keeps
+        # the estimate: a release that says nothing never under-books the project's quota.
         # On a 429 or 403, call ReportFailure with rotate=True instead to get another key.
         released = keylease.Release(pb.ReleaseRequest(
             lease_id=lease.lease_id, fencing_token=lease.fencing_token,
             requests_sent=1, input_tokens=12), timeout=10)
-        print(f"released: {released.released}")
+        print(f"released: {released.released}, booked {released.requests_booked} request(s) "
+              f"and {released.input_tokens_booked} input tokens")
 
 
 if __name__ == "__main__":

@@ -1,43 +1,82 @@
-//! The one place that reads the time. The engine works on wall-clock milliseconds passed in; the
-//! shell gets them here, from tokio's clock anchored to the wall clock at start, so that
-//! `tokio::time::pause` and `advance` drive expiry and cooldowns in tests.
+//! The one place that reads the time. Each reading has two parts (see
+//! [`crate::engine::calendar`]): a steady time from tokio's clock, anchored to the wall clock
+//! at start, so that `tokio::time::pause` and `advance` drive expiry and cooldowns in tests; and
+//! the wall clock itself, read afresh each time, for the calendar.
 #![allow(clippy::disallowed_methods)]
 
+use crate::engine::Time;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
-/// Wall-clock milliseconds since the Unix epoch, advancing with tokio's (pausable) clock.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Clock {
-    /// Wall time at `anchor`.
+    /// Steady time at `anchor`: the wall time when the clock was made.
     anchor_ms: u64,
     /// tokio's instant when the clock was made.
     anchor: Instant,
+    /// `None`: the system's wall clock. Otherwise the wall clock reads the steady time plus
+    /// this step, which tests move to play an NTP step.
+    wall_step_ms: Option<Arc<AtomicI64>>,
 }
 
 impl Clock {
-    /// Anchored to the system's wall clock now.
+    /// Anchored to the system's wall clock now, which it keeps reading.
     pub fn system() -> Self {
-        let wall = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        Self::starting_at(wall.as_millis() as u64)
+        Self {
+            anchor_ms: system_wall_ms(),
+            anchor: Instant::now(),
+            wall_step_ms: None,
+        }
     }
 
-    /// Anchored to a chosen wall time (tests).
+    /// Starting at a chosen time, with a wall clock that follows the steady one until
+    /// [`Clock::step_wall`] (tests).
     pub fn starting_at(anchor_ms: u64) -> Self {
         Self {
             anchor_ms,
             anchor: Instant::now(),
+            wall_step_ms: Some(Arc::new(AtomicI64::new(0))),
         }
     }
 
+    /// Steps the wall clock of a clock made by [`Clock::starting_at`] by `by_ms`, as NTP would;
+    /// the steady clock goes on unmoved. The system's wall clock is not ours to step.
+    pub fn step_wall(&self, by_ms: i64) {
+        if let Some(step) = &self.wall_step_ms {
+            step.fetch_add(by_ms, Ordering::Relaxed);
+        }
+    }
+
+    /// Both readings, now.
+    pub fn now(&self) -> Time {
+        let steady_ms = self.now_ms();
+        let wall_ms = match &self.wall_step_ms {
+            None => system_wall_ms(),
+            Some(step) => {
+                (i128::from(steady_ms) + i128::from(step.load(Ordering::Relaxed))).max(0) as u64
+            }
+        };
+        Time::new(wall_ms, steady_ms)
+    }
+
+    /// The steady reading, now.
     pub fn now_ms(&self) -> u64 {
         self.anchor_ms + self.anchor.elapsed().as_millis() as u64
     }
 
-    /// The tokio instant at which this clock reads `at_ms`.
+    /// The tokio instant at which the steady clock reads `at_ms` (at most a century ahead).
     pub fn instant_at(&self, at_ms: u64) -> Instant {
-        self.anchor + Duration::from_millis(at_ms.saturating_sub(self.anchor_ms))
+        const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+        let after = Duration::from_millis(at_ms.saturating_sub(self.anchor_ms)).min(CENTURY);
+        self.anchor + after
     }
+}
+
+fn system_wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
 }

@@ -3,8 +3,7 @@
 //! port is bound; an error names the file, field or line, and the reason, never a secret.
 
 use crate::engine::{
-    DEFAULT_POOL, EngineConfig, KeySpec, PoolConfig, canonical_model, quota::DailyReset,
-    quota::Limits,
+    DEFAULT_POOL, DailyReset, EngineConfig, KeySpec, PoolConfig, canonical_model, quota::Limits,
 };
 use crate::secret::ApiKey;
 use serde::Deserialize;

@@ -1,10 +1,14 @@
-//! API key secrets and the identifiers derived from them. A secret is a newtype whose `Debug` and
-//! `Display` mask it; `reveal` is the one way to read it, used only where the key is handed to a
-//! client or sent to a provider.
+//! API key secrets, the identifiers derived from them, and the one redaction of secrets in free
+//! text. A secret is a newtype whose `Debug` and `Display` mask it; `reveal` is the one way to
+//! read it, used only where the key is handed to a client or sent to a provider.
 
+use aho_corasick::{AhoCorasick, MatchKind};
 use hmac::{Hmac, Mac};
+use regex::Regex;
 use sha2::Sha256;
+use std::borrow::Cow;
 use std::fmt;
+use std::sync::{Arc, LazyLock};
 
 /// An API key. Never printed in full.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -55,9 +59,122 @@ impl fmt::Display for ApiKey {
     }
 }
 
+/// Text shaped like a credential, ours or not: Google API keys, `sk-` keys, bearer tokens.
+static CREDENTIAL_SHAPES: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"AIza[0-9A-Za-z_\-]{35}|\bsk-[0-9A-Za-z_\-]{20,}|(?i:\bbearer\s+)[0-9A-Za-z._~+/=\-]{8,}",
+    )
+    .expect("a valid pattern")
+});
+
+/// Masks secrets in free text that clients or configuration mistakes put there (a provider's
+/// error message pasted into a failure report, a key typed as a reason): every secret the server
+/// was configured with, and anything shaped like a credential. Each is replaced by its masked
+/// form, as [`ApiKey::masked`] shows it. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Redactor {
+    /// Every configured secret; `None` when there are none.
+    known: Option<Arc<AhoCorasick>>,
+}
+
+impl Redactor {
+    pub fn new<'a>(secrets: impl IntoIterator<Item = &'a ApiKey>) -> Self {
+        let secrets: Vec<&str> = secrets
+            .into_iter()
+            .map(ApiKey::reveal)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if secrets.is_empty() {
+            return Self::default();
+        }
+        let known = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(secrets)
+            .expect("secrets are bounded in number and size");
+        Self {
+            known: Some(Arc::new(known)),
+        }
+    }
+
+    /// `text` with every secret in it masked; borrowed when there was none.
+    pub fn redact<'t>(&self, text: &'t str) -> Cow<'t, str> {
+        let mut text = Cow::Borrowed(text);
+        if let Some(known) = &self.known
+            && known.is_match(text.as_ref())
+        {
+            let mut masked = String::with_capacity(text.len());
+            known.replace_all_with(&text, &mut masked, |_, secret, out| {
+                out.push_str(&ApiKey::new(secret).masked());
+                true
+            });
+            text = Cow::Owned(masked);
+        }
+        if CREDENTIAL_SHAPES.is_match(&text) {
+            let masked = CREDENTIAL_SHAPES
+                .replace_all(&text, |found: &regex::Captures<'_>| {
+                    ApiKey::new(&found[0]).masked()
+                })
+                .into_owned();
+            text = Cow::Owned(masked);
+        }
+        text
+    }
+
+    /// Whether `text` holds anything [`Redactor::redact`] would mask.
+    pub fn finds_secret(&self, text: &str) -> bool {
+        self.known.as_ref().is_some_and(|k| k.is_match(text)) || CREDENTIAL_SHAPES.is_match(text)
+    }
+}
+
+impl fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.known.as_ref().map_or(0, |k| k.patterns_len());
+        write!(f, "Redactor({count} secrets)")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A string of the real Gemini key shape, made at run time so no such literal is in the tree.
+    fn key_shaped() -> String {
+        format!("AIza{}", "Xy9_-".repeat(7))
+    }
+
+    #[test]
+    fn configured_secrets_are_masked_wherever_they_stand() {
+        let arbitrary = ApiKey::new("tok3n-without-any-shape-9Zq");
+        let redactor = Redactor::new([&arbitrary, &ApiKey::new(FAKE)]);
+        let text = format!("got 403 for key={FAKE}&x=1; token {}!", arbitrary.reveal());
+        let masked = redactor.redact(&text);
+        assert_eq!(masked, "got 403 for key=AIza…x9Q2&x=1; token tok3…-9Zq!");
+        assert!(redactor.finds_secret(&text));
+    }
+
+    #[test]
+    fn credential_shaped_text_is_masked_though_not_configured() {
+        let redactor = Redactor::default();
+        let key = key_shaped();
+        for text in [
+            format!("API key not valid: {key}"),
+            "header Authorization: Bearer abcdEFGH1234.5678-zz".to_string(),
+            format!("openai said sk-proj-{}", "a1B2".repeat(8)),
+        ] {
+            let masked = redactor.redact(&text);
+            assert_ne!(masked, text);
+            assert!(
+                !masked.contains(&key)
+                    && !masked.contains("abcdEFGH1234")
+                    && !masked.contains("a1B2a1B2"),
+                "{masked}"
+            );
+        }
+        assert!(matches!(
+            redactor.redact("nothing secret here"),
+            Cow::Borrowed(_)
+        ));
+    }
 
     const FAKE: &str = "AIzaFAKE.test-key-0000000000000000000x9Q2";
 

@@ -1,11 +1,14 @@
 //! The gRPC service `keylease.v1.KeyLease`: each call converts its request at the edge, runs
 //! engine commands through the shared state, and converts the answer back. No rules live here.
+//! Free text from clients is redacted here, before any command sees it, and so is every error
+//! message on its way out.
 
 use crate::engine::{EventKind, FailureReport, Renewed};
 use crate::state::{AcquireFailure, State};
 use crate::wire;
 use keylease::pb;
 use keylease::pb::key_lease_server::KeyLease;
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc};
@@ -25,28 +28,44 @@ impl KeyLeaseService {
     pub fn new(state: Arc<State>) -> Self {
         Self { state }
     }
-}
 
-#[tonic::async_trait]
-impl KeyLease for KeyLeaseService {
-    async fn acquire_key(
-        &self,
-        request: Request<pb::AcquireKeyRequest>,
-    ) -> Result<Response<pb::Lease>, Status> {
-        let request = request.into_inner();
+    /// `text` with any secret in it masked.
+    fn redact(&self, text: String) -> String {
+        match self.state.redactor().redact(&text) {
+            Cow::Borrowed(_) => text,
+            Cow::Owned(masked) => masked,
+        }
+    }
+
+    /// The status with any secret in its message masked (errors quote what clients sent).
+    fn redact_status<T>(&self, result: Result<T, Status>) -> Result<T, Status> {
+        result.map_err(
+            |status| match self.state.redactor().redact(status.message()) {
+                Cow::Borrowed(_) => status,
+                Cow::Owned(message) => Status::with_details_and_metadata(
+                    status.code(),
+                    message,
+                    status.details().to_vec().into(),
+                    status.metadata().clone(),
+                ),
+            },
+        )
+    }
+
+    async fn acquire_key(&self, request: pb::AcquireKeyRequest) -> Result<pb::Lease, Status> {
         let wait = wire::wait_of("wait", request.wait, self.state.max_wait)?;
-        let request = wire::acquire_request(request)?;
+        let mut request = wire::acquire_request(request)?;
+        request.task_id = self.redact(request.task_id);
         match self.state.acquire(request, wait).await {
-            Ok(lease) => Ok(Response::new(wire::lease_to_pb(lease))),
+            Ok(lease) => Ok(wire::lease_to_pb(lease, self.state.time())),
             Err(failure) => Err(wire::acquire_failure_status(failure, self.state.now_ms())),
         }
     }
 
     async fn renew_lease(
         &self,
-        request: Request<pb::RenewLeaseRequest>,
-    ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
-        let request = request.into_inner();
+        request: pb::RenewLeaseRequest,
+    ) -> Result<pb::RenewLeaseResponse, Status> {
         let ttl_ms = wire::duration_ms("ttl", request.ttl)?;
         let wait = wire::wait_of("wait", request.wait, self.state.max_wait)?;
         let deadline_ms = self.state.now_ms() + wait.as_millis() as u64;
@@ -66,9 +85,9 @@ impl KeyLease for KeyLeaseService {
             })?;
             let (lease, unavailable) = match renewed {
                 Renewed::Done(lease) => {
-                    return Ok(Response::new(pb::RenewLeaseResponse {
-                        lease: Some(wire::lease_to_pb(lease)),
-                    }));
+                    return Ok(pb::RenewLeaseResponse {
+                        lease: Some(wire::lease_to_pb(lease, self.state.time())),
+                    });
                 }
                 Renewed::QuotaUnavailable(lease, unavailable) => (lease, unavailable),
             };
@@ -89,32 +108,26 @@ impl KeyLease for KeyLeaseService {
         }
     }
 
-    async fn release(
-        &self,
-        request: Request<pb::ReleaseRequest>,
-    ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        let request = request.into_inner();
-        let released = self.state.run(|engine, now| {
-            engine.release(
-                now,
-                &request.lease_id,
-                request.fencing_token,
-                request.requests_sent,
-                request.input_tokens,
-            )
+    async fn release(&self, request: pb::ReleaseRequest) -> Result<pb::ReleaseResponse, Status> {
+        let usage = wire::usage(&request);
+        let booked = self.state.run(|engine, now| {
+            engine.release(now, &request.lease_id, request.fencing_token, usage)
         })?;
-        Ok(Response::new(pb::ReleaseResponse { released }))
+        Ok(pb::ReleaseResponse {
+            released: booked.is_some(),
+            requests_booked: booked.map_or(0, |b| b.requests as u32),
+            input_tokens_booked: booked.map_or(0, |b| b.tokens),
+        })
     }
 
     async fn report_failure(
         &self,
-        request: Request<pb::ReportFailureRequest>,
-    ) -> Result<Response<pb::ReportFailureResponse>, Status> {
-        let request = request.into_inner();
+        request: pb::ReportFailureRequest,
+    ) -> Result<pb::ReportFailureResponse, Status> {
         let report = FailureReport {
             kind: wire::failure_kind(request.kind)?,
             retry_after_ms: wire::duration_ms("retry_after", request.retry_after)?,
-            detail: request.detail,
+            detail: self.redact(request.detail),
             requests_sent: request.requests_sent,
         };
         let wait = wire::wait_of(
@@ -129,12 +142,15 @@ impl KeyLease for KeyLeaseService {
             .state
             .run(|engine, now| engine.key_status(now, &reported.key_id))?;
         let mut response = pb::ReportFailureResponse {
-            key: Some(wire::key_to_pb(key)),
+            key: Some(wire::key_to_pb(key, self.state.time())),
+            requests_booked: reported.booked.map_or(0, |b| b.requests as u32),
             ..Default::default()
         };
         if request.rotate {
             match self.state.acquire(reported.replacement, wait).await {
-                Ok(lease) => response.replacement = Some(wire::lease_to_pb(lease)),
+                Ok(lease) => {
+                    response.replacement = Some(wire::lease_to_pb(lease, self.state.time()))
+                }
                 Err(AcquireFailure::Unavailable(unavailable)) => {
                     response.replacement_unavailable =
                         Some(wire::unavailable_to_pb(unavailable, self.state.now_ms()));
@@ -144,14 +160,13 @@ impl KeyLease for KeyLeaseService {
                 }
             }
         }
-        Ok(Response::new(response))
+        Ok(response)
     }
 
     async fn get_status(
         &self,
-        request: Request<pb::GetStatusRequest>,
-    ) -> Result<Response<pb::GetStatusResponse>, Status> {
-        let request = request.into_inner();
+        request: pb::GetStatusRequest,
+    ) -> Result<pb::GetStatusResponse, Status> {
         let page_size = match request.page_size as usize {
             0 => DEFAULT_PAGE_SIZE,
             size if size > MAX_PAGE_SIZE => {
@@ -161,20 +176,18 @@ impl KeyLease for KeyLeaseService {
             }
             size => size,
         };
-        let offset = match request.page_token.as_str() {
-            "" => 0,
-            token => token.parse::<usize>().map_err(|_| {
-                Status::invalid_argument(format!(
-                    "page_token: {token:?} is not a token this server gave"
-                ))
-            })?,
-        };
+        let after = wire::page_after(&request.page_token)?;
         let pool = Some(request.pool.as_str()).filter(|p| !p.is_empty());
         let status = self
             .state
-            .run(|engine, now| engine.status(now, pool, offset, page_size))?;
-        Ok(Response::new(pb::GetStatusResponse {
-            keys: status.keys.into_iter().map(wire::key_to_pb).collect(),
+            .run(|engine, now| engine.status(now, pool, after.as_deref(), page_size))?;
+        let now = status.now;
+        Ok(pb::GetStatusResponse {
+            keys: status
+                .keys
+                .into_iter()
+                .map(|key| wire::key_to_pb(key, now))
+                .collect(),
             quota_groups: status
                 .groups
                 .into_iter()
@@ -185,7 +198,9 @@ impl KeyLease for KeyLeaseService {
                     requests_per_minute: Some(wire::usage_to_pb(group.requests_per_minute)),
                     tokens_per_minute: Some(wire::usage_to_pb(group.tokens_per_minute)),
                     requests_per_day: Some(wire::usage_to_pb(group.requests_per_day)),
-                    cooling_until: group.cooldown.map(|c| wire::timestamp(c.until_ms)),
+                    cooling_until: group
+                        .cooldown
+                        .map(|c| wire::steady_timestamp(c.until_ms, now)),
                     cooling_reason: group
                         .cooldown
                         .map(|c| c.reason.as_str().to_string())
@@ -202,21 +217,16 @@ impl KeyLease for KeyLeaseService {
                 })
                 .collect(),
             next_page_token: status
-                .next_offset
-                .map(|o| o.to_string())
+                .next_after
+                .map(|key_id| wire::page_token(&key_id))
                 .unwrap_or_default(),
             total_keys: status.total_keys as u32,
             live_leases: status.live_leases as u32,
-            now: Some(wire::timestamp(status.now_ms)),
-        }))
+            now: Some(wire::timestamp(now.wall_ms)),
+        })
     }
 
-    type WatchEventsStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
-
-    async fn watch_events(
-        &self,
-        _: Request<pb::WatchEventsRequest>,
-    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+    fn watch_events(&self) -> Result<WatchStream, Status> {
         let mut events = self.state.subscribe();
         let shutdown = self.state.shutdown_token();
         let state = self.state.clone();
@@ -228,7 +238,7 @@ impl KeyLease for KeyLeaseService {
                     received = events.recv() => match received {
                         Ok(event) => wire::event_to_pb(event),
                         Err(broadcast::error::RecvError::Lagged(missed)) => pb::Event {
-                            at: Some(wire::timestamp(state.now_ms())),
+                            at: Some(wire::timestamp(state.time().wall_ms)),
                             kind: Some(pb::event::Kind::Missed(missed)),
                         },
                         Err(broadcast::error::RecvError::Closed) => return,
@@ -241,18 +251,81 @@ impl KeyLease for KeyLeaseService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+        Ok(Box::pin(ReceiverStream::new(receiver)))
+    }
+
+    async fn set_key_enabled(
+        &self,
+        request: pb::SetKeyEnabledRequest,
+    ) -> Result<pb::KeyStatus, Status> {
+        let reason = self.redact(request.reason);
+        let key = self.state.run(|engine, now| {
+            engine.set_key_enabled(now, &request.key_id, request.enabled, &reason)
+        })?;
+        Ok(wire::key_to_pb(key, self.state.time()))
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+/// Each call unwraps its request, runs the handler above, and redacts the error on its way out.
+#[tonic::async_trait]
+impl KeyLease for KeyLeaseService {
+    async fn acquire_key(
+        &self,
+        request: Request<pb::AcquireKeyRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
+        let answer = self.acquire_key(request.into_inner()).await;
+        self.redact_status(answer).map(Response::new)
+    }
+
+    async fn renew_lease(
+        &self,
+        request: Request<pb::RenewLeaseRequest>,
+    ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
+        let answer = self.renew_lease(request.into_inner()).await;
+        self.redact_status(answer).map(Response::new)
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let answer = self.release(request.into_inner()).await;
+        self.redact_status(answer).map(Response::new)
+    }
+
+    async fn report_failure(
+        &self,
+        request: Request<pb::ReportFailureRequest>,
+    ) -> Result<Response<pb::ReportFailureResponse>, Status> {
+        let answer = self.report_failure(request.into_inner()).await;
+        self.redact_status(answer).map(Response::new)
+    }
+
+    async fn get_status(
+        &self,
+        request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        let answer = self.get_status(request.into_inner()).await;
+        self.redact_status(answer).map(Response::new)
+    }
+
+    type WatchEventsStream = WatchStream;
+
+    async fn watch_events(
+        &self,
+        _: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        self.redact_status(self.watch_events()).map(Response::new)
     }
 
     async fn set_key_enabled(
         &self,
         request: Request<pb::SetKeyEnabledRequest>,
     ) -> Result<Response<pb::KeyStatus>, Status> {
-        let request = request.into_inner();
-        let key = self.state.run(|engine, now| {
-            engine.set_key_enabled(now, &request.key_id, request.enabled, &request.reason)
-        })?;
-        Ok(Response::new(wire::key_to_pb(key)))
+        let answer = self.set_key_enabled(request.into_inner()).await;
+        self.redact_status(answer).map(Response::new)
     }
 }
 

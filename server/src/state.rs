@@ -9,8 +9,9 @@ use crate::clock::Clock;
 use crate::config::Settings;
 use crate::engine::{
     AcquireRequest, Acquired, Engine, EngineError, Event, EventKind, LeaseView, Notices,
-    SetupError, Unavailable, WaiterId,
+    SetupError, Time, Unavailable, Usage, WaiterId,
 };
+use crate::secret::{ApiKey, Redactor};
 use std::collections::HashMap;
 use std::future::pending;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 /// How many events a slow `WatchEvents` stream may fall behind before it is told it missed some.
 const EVENT_BUFFER: usize = 4096;
+/// Longest the timer sleeps while acquires wait: a line may wait for the day to turn, which the
+/// engine foresees from the wall clock, and a stepped wall clock must be followed this soon.
+const CALENDAR_RECHECK: Duration = Duration::from_secs(1);
 
 /// Why an acquire got no lease.
 #[derive(Debug)]
@@ -55,16 +59,21 @@ pub struct State {
     shutdown: CancellationToken,
     /// Longest an acquire or a renewal may wait.
     pub max_wait: Duration,
-    auth_tokens: Vec<crate::secret::ApiKey>,
+    auth_tokens: Vec<ApiKey>,
+    /// Masks every configured secret (keys and auth tokens) in free text.
+    redactor: Redactor,
 }
 
 impl State {
     pub fn new(settings: &Settings, clock: Clock) -> Result<Arc<Self>, SetupError> {
-        let engine = Engine::new(
-            settings.engine.clone(),
-            settings.keys.clone(),
-            clock.now_ms(),
-        )?;
+        let engine = Engine::new(settings.engine.clone(), settings.keys.clone(), clock.now())?;
+        let redactor = Redactor::new(
+            settings
+                .keys
+                .iter()
+                .map(|key| &key.secret)
+                .chain(&settings.auth_tokens),
+        );
         Ok(Arc::new(Self {
             inner: Mutex::new(Inner {
                 engine,
@@ -77,16 +86,28 @@ impl State {
             shutdown: CancellationToken::new(),
             max_wait: settings.max_wait,
             auth_tokens: settings.auth_tokens.clone(),
+            redactor,
         }))
     }
 
     /// Bearer tokens callers must present; empty: no check.
-    pub fn auth_tokens(&self) -> &[crate::secret::ApiKey] {
+    pub fn auth_tokens(&self) -> &[ApiKey] {
         &self.auth_tokens
     }
 
+    /// Masks secrets in free text from clients before it is stored or shown.
+    pub fn redactor(&self) -> &Redactor {
+        &self.redactor
+    }
+
+    /// The steady reading of the clock: what the engine's instants are in.
     pub fn now_ms(&self) -> u64 {
         self.clock.now_ms()
+    }
+
+    /// Both readings of the clock.
+    pub fn time(&self) -> Time {
+        self.clock.now()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -96,9 +117,9 @@ impl State {
     }
 
     /// Runs one engine command at the current time and carries out what it decided.
-    pub fn run<R>(&self, command: impl FnOnce(&mut Engine, u64) -> R) -> R {
+    pub fn run<R>(&self, command: impl FnOnce(&mut Engine, Time) -> R) -> R {
         let mut inner = self.lock();
-        let result = command(&mut inner.engine, self.clock.now_ms());
+        let result = command(&mut inner.engine, self.clock.now());
         self.carry_out(&mut inner);
         result
     }
@@ -125,10 +146,13 @@ impl State {
                 };
                 if let Some(lease) = undelivered {
                     // Its caller is gone: the key goes straight back, unused.
-                    let now = self.clock.now_ms();
-                    let _ = inner
-                        .engine
-                        .release(now, &lease.lease_id, lease.fencing_token, 0, 0);
+                    let now = self.clock.now();
+                    let _ = inner.engine.release(
+                        now,
+                        &lease.lease_id,
+                        lease.fencing_token,
+                        Usage::UNUSED,
+                    );
                 }
             }
             for (id, unavailable) in notices.waiter_failures {
@@ -152,7 +176,7 @@ impl State {
         wait: Duration,
     ) -> Result<LeaseView, AcquireFailure> {
         request.wait = !wait.is_zero();
-        let now = self.clock.now_ms();
+        let now = self.clock.now();
         let (waiter, receiver) = {
             let mut inner = self.lock();
             let outcome = inner.engine.acquire(now, request);
@@ -176,7 +200,7 @@ impl State {
                 (Acquired::Queued(_), None) => unreachable!("a queued acquire has a channel"),
             }
         };
-        let deadline = tokio::time::sleep_until(self.clock.instant_at(now) + wait);
+        let deadline = tokio::time::sleep_until(self.clock.instant_at(now.steady_ms) + wait);
         // Boxed: the wait's timer and select would otherwise make every acquire's future several
         // times larger, copied through each layer of the server, though most are granted at once.
         Box::pin(
@@ -214,7 +238,16 @@ impl State {
     /// Ticks the engine at each of its deadlines until shutdown; nothing polls.
     pub async fn run_timer(self: Arc<Self>) {
         loop {
-            let next = self.lock().engine.next_wakeup_ms();
+            let (next, waiters) = {
+                let inner = self.lock();
+                (inner.engine.next_wakeup_ms(), inner.engine.has_waiters())
+            };
+            let next = if waiters {
+                let recheck = self.clock.now_ms() + CALENDAR_RECHECK.as_millis() as u64;
+                Some(next.map_or(recheck, |at| at.min(recheck)))
+            } else {
+                next
+            };
             self.timer_target
                 .store(next.unwrap_or(u64::MAX), Ordering::Release);
             let sleep = async {
@@ -322,9 +355,7 @@ impl Waiting<'_> {
     /// Takes the waiter out of line; `None` when it was already served.
     fn cancel(&mut self) -> Option<Unavailable> {
         let mut inner = self.state.lock();
-        let unavailable = inner
-            .engine
-            .cancel_waiter(self.state.clock.now_ms(), self.id);
+        let unavailable = inner.engine.cancel_waiter(self.state.clock.now(), self.id);
         inner.waiters.remove(&self.id);
         self.state.carry_out(&mut inner);
         unavailable
@@ -339,7 +370,7 @@ impl Drop for Waiting<'_> {
         if let Ok(Ok(lease)) = self.receiver.try_recv() {
             self.state.run(|engine, now| {
                 engine
-                    .release(now, &lease.lease_id, lease.fencing_token, 0, 0)
+                    .release(now, &lease.lease_id, lease.fencing_token, Usage::UNUSED)
                     .ok()
             });
         }

@@ -4,19 +4,17 @@
 
 use crate::engine::{
     AcquireRequest, EngineError, EventKind, FailureKind, KeyState, KeyView, LeaseEvent,
-    LeaseSummary, LeaseView, Unavailable, UnavailableReason, UsageView,
+    LeaseSummary, LeaseView, Time, Unavailable, UnavailableReason, Usage, UsageView,
 };
 use crate::state::AcquireFailure;
-use keylease::pb;
+use keylease::{ERROR_DOMAIN, RETRY_AFTER_METADATA, pb};
 use std::time::Duration;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-/// The domain of `google.rpc.ErrorInfo` details.
-pub const ERROR_DOMAIN: &str = "keylease.v1";
-/// Metadata key carrying the retry-after in milliseconds, for clients that skip the details.
-pub const RETRY_AFTER_METADATA: &str = "retry-after-ms";
+/// Starts every page token; what follows is the hex of the key the page starts after.
+const PAGE_TOKEN_PREFIX: &str = "p1.";
 
 impl From<EngineError> for Status {
     fn from(error: EngineError) -> Self {
@@ -142,11 +140,50 @@ fn ms_to_pb(ms: u64) -> prost_types::Duration {
     duration_to_pb(Duration::from_millis(ms))
 }
 
-pub fn timestamp(at_ms: u64) -> prost_types::Timestamp {
+/// A wall-clock time in milliseconds, for display.
+pub fn timestamp(wall_ms: u64) -> prost_types::Timestamp {
     prost_types::Timestamp {
-        seconds: (at_ms / 1000) as i64,
-        nanos: ((at_ms % 1000) * 1_000_000) as i32,
+        seconds: (wall_ms / 1000) as i64,
+        nanos: ((wall_ms % 1000) * 1_000_000) as i32,
     }
+}
+
+/// An engine instant (steady time) for display, as the wall clock read it or will read it.
+pub fn steady_timestamp(steady_ms: u64, now: Time) -> prost_types::Timestamp {
+    timestamp(now.wall_at(steady_ms))
+}
+
+/// What a release reports it used.
+pub fn usage(request: &pb::ReleaseRequest) -> Usage {
+    Usage {
+        requests_sent: request.requests_sent,
+        input_tokens: request.input_tokens,
+    }
+}
+
+/// The token of the page after key `key_id`: opaque to clients.
+pub fn page_token(key_id: &str) -> String {
+    let hex: String = key_id.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("{PAGE_TOKEN_PREFIX}{hex}")
+}
+
+/// The key a page token names the page after; refused, without echoing it, unless this server
+/// made it. The engine then checks that the key is in the listing.
+pub fn page_after(token: &str) -> Result<Option<String>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let refused = || Status::invalid_argument("page_token: not a next_page_token this server gave");
+    let hex = token.strip_prefix(PAGE_TOKEN_PREFIX).ok_or_else(refused)?;
+    if hex.is_empty() || hex.len() % 2 != 0 || !hex.is_ascii() {
+        return Err(refused());
+    }
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|_| refused())?;
+    String::from_utf8(bytes).map(Some).map_err(|_| refused())
 }
 
 pub fn acquire_request(request: pb::AcquireKeyRequest) -> Result<AcquireRequest, Status> {
@@ -191,14 +228,14 @@ fn failure_kind_to_pb(kind: FailureKind) -> pb::FailureKind {
 }
 
 /// The lease as its holder gets it: the only place a secret is revealed.
-pub fn lease_to_pb(lease: LeaseView) -> pb::Lease {
+pub fn lease_to_pb(lease: LeaseView, now: Time) -> pb::Lease {
     pb::Lease {
         lease_id: lease.lease_id,
         key_id: lease.key_id,
         api_key: lease.api_key.reveal().to_string(),
         fencing_token: lease.fencing_token,
         ttl: Some(ms_to_pb(lease.ttl_ms)),
-        expires_at: Some(timestamp(lease.expires_ms)),
+        expires_at: Some(steady_timestamp(lease.expires_ms, now)),
         project: lease.project,
         model: lease.model,
         pool: lease.pool,
@@ -207,18 +244,18 @@ pub fn lease_to_pb(lease: LeaseView) -> pb::Lease {
     }
 }
 
-fn summary_to_pb(lease: LeaseSummary) -> pb::LeaseSummary {
+fn summary_to_pb(lease: LeaseSummary, now: Time) -> pb::LeaseSummary {
     pb::LeaseSummary {
         lease_id: lease.lease_id,
         task_id: lease.task_id,
         model: lease.model,
         fencing_token: lease.fencing_token,
         requests_granted: lease.requests_granted,
-        expires_at: Some(timestamp(lease.expires_ms)),
+        expires_at: Some(steady_timestamp(lease.expires_ms, now)),
     }
 }
 
-pub fn key_to_pb(key: KeyView) -> pb::KeyStatus {
+pub fn key_to_pb(key: KeyView, now: Time) -> pb::KeyStatus {
     let state = match key.state {
         KeyState::Available => pb::KeyState::Available,
         KeyState::Leased => pb::KeyState::Leased,
@@ -233,8 +270,14 @@ pub fn key_to_pb(key: KeyView) -> pb::KeyStatus {
         state: state as i32,
         disabled_reason: key.disabled_reason.unwrap_or_default(),
         max_leases: key.max_leases,
-        leases: key.leases.into_iter().map(summary_to_pb).collect(),
-        cooling_until: key.cooling_until_ms.map(timestamp),
+        leases: key
+            .leases
+            .into_iter()
+            .map(|lease| summary_to_pb(lease, now))
+            .collect(),
+        cooling_until: key
+            .cooling_until_ms
+            .map(|until| steady_timestamp(until, now)),
     }
 }
 
@@ -245,9 +288,9 @@ pub fn usage_to_pb(usage: UsageView) -> pb::Usage {
     }
 }
 
-fn lease_event_to_pb(event: LeaseEvent, requests_sent: u64) -> pb::LeaseEvent {
+fn lease_event_to_pb(event: LeaseEvent, requests_sent: u64, at: Time) -> pb::LeaseEvent {
     pb::LeaseEvent {
-        lease: Some(summary_to_pb(event.lease)),
+        lease: Some(summary_to_pb(event.lease, at)),
         key_id: event.key_id,
         project: event.project,
         requests_sent: requests_sent as u32,
@@ -256,20 +299,21 @@ fn lease_event_to_pb(event: LeaseEvent, requests_sent: u64) -> pb::LeaseEvent {
 
 pub fn event_to_pb(event: crate::engine::Event) -> pb::Event {
     use pb::event::Kind;
+    let at = event.at;
     let kind = match event.kind {
-        EventKind::Granted(lease) => Kind::Granted(lease_event_to_pb(lease, 0)),
-        EventKind::Renewed(lease) => Kind::Renewed(lease_event_to_pb(lease, 0)),
+        EventKind::Granted(lease) => Kind::Granted(lease_event_to_pb(lease, 0, at)),
+        EventKind::Renewed(lease) => Kind::Renewed(lease_event_to_pb(lease, 0, at)),
         EventKind::Released {
             lease,
             requests_sent,
-        } => Kind::Released(lease_event_to_pb(lease, requests_sent)),
-        EventKind::Expired(lease) => Kind::Expired(lease_event_to_pb(lease, 0)),
+        } => Kind::Released(lease_event_to_pb(lease, requests_sent, at)),
+        EventKind::Expired(lease) => Kind::Expired(lease_event_to_pb(lease, 0, at)),
         EventKind::Failed {
             lease,
             kind,
             detail,
         } => Kind::Failed(pb::FailureEvent {
-            lease: Some(summary_to_pb(lease.lease)),
+            lease: Some(summary_to_pb(lease.lease, at)),
             key_id: lease.key_id,
             kind: failure_kind_to_pb(kind) as i32,
             detail,
@@ -284,7 +328,7 @@ pub fn event_to_pb(event: crate::engine::Event) -> pb::Event {
             pool,
             project,
             model,
-            until: Some(timestamp(until_ms)),
+            until: Some(steady_timestamp(until_ms, at)),
             reason: reason.as_str().to_string(),
         }),
         EventKind::KeyDisabled { key_id, reason } => {
@@ -296,7 +340,7 @@ pub fn event_to_pb(event: crate::engine::Event) -> pb::Event {
         }),
     };
     pb::Event {
-        at: Some(timestamp(event.at_ms)),
+        at: Some(timestamp(at.wall_ms)),
         kind: Some(kind),
     }
 }

@@ -189,8 +189,8 @@ pub fn release(lease: &pb::Lease, sent: u32) -> pb::ReleaseRequest {
     pb::ReleaseRequest {
         lease_id: lease.lease_id.clone(),
         fencing_token: lease.fencing_token,
-        requests_sent: sent,
-        input_tokens: 0,
+        requests_sent: Some(sent),
+        input_tokens: Some(0),
     }
 }
 

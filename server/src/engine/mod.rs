@@ -1,22 +1,24 @@
 //! The lease engine: who holds which key, what each quota group has spent, who waits. Plain,
-//! synchronous and deterministic: each command takes the current wall-clock milliseconds, decides
-//! the reply and changes the state, and records what happened as events for the shell to carry
-//! out (wake a waiter, stream an event, persist). No I/O, no tokio, no protocol types.
+//! synchronous and deterministic: each command takes the current time (two readings, see
+//! [`calendar`]), decides the reply and changes the state, and records what happened as events
+//! for the shell to carry out (wake a waiter, stream an event, persist). No I/O, no tokio, no
+//! protocol types.
 
+pub mod calendar;
 pub mod quota;
 
 use crate::secret::ApiKey;
+pub use calendar::{DailyReset, Time};
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use keylease::{MAX_DETAIL_BYTES, MAX_ID_BYTES, MAX_INPUT_TOKENS};
 use lru::LruCache;
-use quota::{CooldownReason, DailyReset, Limits, QuotaGroup};
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+pub use quota::Amount;
+use quota::{BookKeeping, CooldownReason, Limits, QuotaGroup};
+use std::collections::{BTreeMap, BTreeSet};
 use std::num::NonZeroUsize;
 
 /// The pool an acquire without one goes to.
 pub const DEFAULT_POOL: &str = "gemini";
-/// Longest task id, client request id and failure detail, in bytes.
-pub const MAX_ID_BYTES: usize = 256;
-pub const MAX_DETAIL_BYTES: usize = 1024;
 /// How many grantable keys, least recently used first, are compared for quota headroom.
 const SPREAD_CANDIDATES: usize = 4;
 const LEASE_ID_PREFIX: &str = "lease-";
@@ -234,10 +236,29 @@ pub struct FailureReport {
     pub requests_sent: Option<u32>,
 }
 
+/// What a lease used, as its holder reports it at release.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    /// `None`, or more than were granted: every granted request was sent.
+    pub requests_sent: Option<u32>,
+    /// `None`: the estimate stands. Counts as at most [`MAX_INPUT_TOKENS`].
+    pub input_tokens: Option<u64>,
+}
+
+impl Usage {
+    /// Nothing was sent: a grant handed back without use.
+    pub const UNUSED: Self = Self {
+        requests_sent: Some(0),
+        input_tokens: Some(0),
+    };
+}
+
 /// What a report did, and what to ask for to replace the lease.
 #[derive(Debug, Clone)]
 pub struct Reported {
     pub key_id: String,
+    /// What the books now hold for the lease; `None` when it had already ended.
+    pub booked: Option<Amount>,
     pub replacement: AcquireRequest,
 }
 
@@ -280,7 +301,8 @@ pub enum EventKind {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
-    pub at_ms: u64,
+    /// When it happened; steady times in `kind` convert to wall time with it.
+    pub at: Time,
     pub kind: EventKind,
 }
 
@@ -336,11 +358,11 @@ pub struct StatusView {
     pub groups: Vec<GroupView>,
     /// (pool, model, waiters).
     pub waiting: Vec<(String, String, usize)>,
-    /// Offset of the next page, when there is one.
-    pub next_offset: Option<usize>,
+    /// The last key of this page, when more follow: the next page starts after it.
+    pub next_after: Option<String>,
     pub total_keys: usize,
     pub live_leases: usize,
-    pub now_ms: u64,
+    pub now: Time,
 }
 
 type PoolIdx = u32;
@@ -402,24 +424,46 @@ struct Lease {
 
 #[derive(Debug, Clone)]
 struct Waiter {
-    id: WaiterId,
     task_id: String,
-    model: ModelIdx,
     excluded: HashSet<KeyIdx>,
     requests: u64,
     tokens: u64,
     ttl_ms: u64,
     client_request_id: Option<String>,
+    /// When the task's exclusions that were running as it joined the line end.
+    exclusion_ends: Vec<u64>,
 }
 
 /// The line for one (pool, model).
 #[derive(Debug, Default)]
 struct WaitQueue {
-    waiters: VecDeque<Waiter>,
-    /// Groups an earlier waiter could not afford at the last pass: later arrivals keep off them.
+    /// In line order: waiter ids only grow, so the first is the one waiting longest. A map, so
+    /// that a waiter leaves from anywhere in the line in O(log n).
+    waiters: BTreeMap<WaiterId, Waiter>,
+    /// Groups an earlier waiter could not have at the last pass (spent or cooling): later
+    /// arrivals keep off them.
     blocked: HashSet<GroupKey>,
+    /// (end, waiter) of the waiters' exclusions: the line is looked at again when one ends.
+    exclusion_ends: BTreeSet<(u64, WaiterId)>,
     /// When the books next change by themselves, so the line is looked at again.
     wake_at_ms: Option<u64>,
+}
+
+impl WaitQueue {
+    fn push(&mut self, id: WaiterId, waiter: Waiter) {
+        for &end in &waiter.exclusion_ends {
+            self.exclusion_ends.insert((end, id));
+        }
+        self.waiters.insert(id, waiter);
+    }
+
+    fn remove(&mut self, id: WaiterId) -> Option<Waiter> {
+        let waiter = self.waiters.remove(&id)?;
+        for &end in &waiter.exclusion_ends {
+            self.exclusion_ends.remove(&(end, id));
+        }
+        Some(waiter)
+    }
 }
 
 /// Keys a task failed on, with when each exclusion ends.
@@ -427,7 +471,7 @@ type TaskExclusions = Vec<(KeyIdx, u64)>;
 
 enum Selection {
     Key(KeyIdx),
-    /// No key; these groups were usable but could not afford the ask.
+    /// No key; these groups were usable but could not serve the ask now (spent or cooling).
     None {
         unaffordable: Vec<GroupKey>,
     },
@@ -442,11 +486,12 @@ struct Books {
     /// A project's own limits for a model, replacing the model's.
     project_limits: HashMap<GroupKey, Limits>,
     daily: DailyReset,
+    keeping: BookKeeping,
 }
 
 impl Books {
     /// The group's books brought to `now` (opened on first use).
-    fn group(&mut self, key: GroupKey, now: u64) -> &mut QuotaGroup {
+    fn group(&mut self, key: GroupKey, now: Time) -> &mut QuotaGroup {
         let group = self.groups.entry(key).or_insert_with(|| {
             let limits = self
                 .project_limits
@@ -485,18 +530,31 @@ pub struct Engine {
     /// Leases that ended, as they last were: to act on late evidence of a bad key.
     ended: LruCache<Token, Lease>,
     queues: BTreeMap<(PoolIdx, ModelIdx), WaitQueue>,
+    /// The line each waiter stands in.
+    waiter_lines: HashMap<WaiterId, (PoolIdx, ModelIdx)>,
     next_token: Token,
     next_waiter: WaiterId,
-    /// The latest time seen: the engine's time never runs backwards.
-    now_ms: u64,
+    /// The latest time seen: its steady reading never runs backwards.
+    time: Time,
     /// Something freed capacity since waiters were last served.
     freed: bool,
+    /// How many times a waiter was considered for a key: the cost of serving lines.
+    #[cfg(test)]
+    waiters_looked_at: u64,
     notices: Notices,
 }
 
 impl Engine {
-    pub fn new(config: EngineConfig, keys: Vec<KeySpec>, now_ms: u64) -> Result<Self, SetupError> {
+    pub fn new(
+        config: EngineConfig,
+        keys: Vec<KeySpec>,
+        now: impl Into<Time>,
+    ) -> Result<Self, SetupError> {
         let daily = config.daily;
+        let keeping = BookKeeping {
+            window_ms: config.window_ms,
+            safety_margin_ms: config.safety_margin_ms,
+        };
         let memory_capacity =
             NonZeroUsize::new(config.memory_capacity).unwrap_or(NonZeroUsize::MIN);
         let mut engine = Self {
@@ -517,16 +575,20 @@ impl Engine {
                 model_limits: HashMap::new(),
                 project_limits: HashMap::new(),
                 daily,
+                keeping,
             },
             backoff: HashMap::new(),
             leases: HashMap::new(),
             expiries: BTreeSet::new(),
             task_leases: HashMap::new(),
             queues: BTreeMap::new(),
+            waiter_lines: HashMap::new(),
             next_token: 1,
             next_waiter: 1,
-            now_ms,
+            time: now.into(),
             freed: false,
+            #[cfg(test)]
+            waiters_looked_at: 0,
             notices: Notices::default(),
         };
         for (name, pool_config) in engine.config.pools.clone() {
@@ -619,8 +681,16 @@ impl Engine {
         std::mem::take(&mut self.notices)
     }
 
-    /// When the engine next needs [`Engine::tick`] without a command: a lease expires, or the
-    /// books change for someone waiting.
+    /// Whether any acquire waits in line (a line may wait for the calendar: see
+    /// [`Engine::next_wakeup_ms`]).
+    pub fn has_waiters(&self) -> bool {
+        !self.waiter_lines.is_empty()
+    }
+
+    /// The steady time at which the engine next needs [`Engine::tick`] without a command: a
+    /// lease expires, or the books change for someone waiting. A day turning is foreseen from
+    /// the wall clock as it reads now; a shell that has waiters ticks often enough to follow a
+    /// stepped wall clock.
     pub fn next_wakeup_ms(&self) -> Option<u64> {
         let expiry = self.expiries.first().map(|&(at, _)| at);
         let queues = self.queues.values().filter_map(|q| q.wake_at_ms).min();
@@ -630,37 +700,43 @@ impl Engine {
         }
     }
 
-    /// Brings the state to `now_ms`: ends expired leases and serves waiters that can now be.
-    pub fn tick(&mut self, now_ms: u64) -> u64 {
-        let now = self.now_ms.max(now_ms);
-        self.now_ms = now;
+    /// Brings the state to `now`: ends expired leases and serves waiters that can now be.
+    pub fn tick(&mut self, now: impl Into<Time>) -> Time {
+        let now: Time = now.into();
+        let time = Time::new(now.wall_ms, self.time.steady_ms.max(now.steady_ms));
+        self.time = time;
         while let Some(&(expires_ms, token)) = self.expiries.first() {
-            if expires_ms > now {
+            if expires_ms > time.steady_ms {
                 break;
             }
-            let lease = self.leases[&token].clone();
-            let event = self.end_lease(token, now, lease.requests, lease.tokens);
-            self.emit(now, EventKind::Expired(event));
+            let lease = &self.leases[&token];
+            let used = Amount {
+                requests: lease.requests,
+                tokens: lease.tokens,
+            };
+            let event = self.end_lease(token, time, used);
+            self.emit(time, EventKind::Expired(event));
         }
         let wake_due = self
             .queues
             .values()
-            .any(|q| q.wake_at_ms.is_some_and(|at| at <= now));
+            .any(|q| q.wake_at_ms.is_some_and(|at| at <= time.steady_ms));
         if self.freed || wake_due {
             self.freed = false;
-            self.serve_waiters(now);
+            self.serve_waiters(time);
         }
-        now
+        time
     }
 
     // ---- acquire -------------------------------------------------------------------------
 
     pub fn acquire(
         &mut self,
-        now_ms: u64,
+        now: impl Into<Time>,
         request: AcquireRequest,
     ) -> Result<Acquired, EngineError> {
-        let now = self.tick(now_ms);
+        let time = self.tick(now);
+        let now = time.steady_ms;
         let ask = self.validate_acquire(&request)?;
 
         if let Some(id) = &request.client_request_id
@@ -691,7 +767,7 @@ impl Engine {
             .map(|q| q.blocked.clone())
             .unwrap_or_default();
         let selection = self.select(
-            now,
+            time,
             ask.pool,
             ask.model,
             &request.task_id,
@@ -703,7 +779,7 @@ impl Engine {
         match selection {
             Selection::Key(key) => {
                 let token = self.grant(
-                    now,
+                    time,
                     key,
                     &request.task_id,
                     ask.model,
@@ -717,7 +793,7 @@ impl Engine {
             }
             Selection::None { unaffordable } => {
                 let unavailable = self.unavailable(
-                    now,
+                    time,
                     ask.pool,
                     ask.model,
                     &request.task_id,
@@ -734,20 +810,33 @@ impl Engine {
                 }
                 let id = self.next_waiter;
                 self.next_waiter += 1;
+                let exclusion_ends = self
+                    .exclusions
+                    .peek(request.task_id.as_str())
+                    .map(|list| {
+                        list.iter()
+                            .map(|&(_, until)| until)
+                            .filter(|&until| until > now)
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 let mut queue = self.queues.remove(&queue_key).unwrap_or_default();
                 queue.blocked.extend(unaffordable);
-                queue.waiters.push_back(Waiter {
+                queue.push(
                     id,
-                    task_id: request.task_id,
-                    model: ask.model,
-                    excluded: ask.excluded,
-                    requests: ask.requests,
-                    tokens: ask.tokens,
-                    ttl_ms: ask.ttl_ms,
-                    client_request_id: request.client_request_id,
-                });
-                queue.wake_at_ms = self.queue_wake_at(now, ask.pool, &queue.waiters);
+                    Waiter {
+                        task_id: request.task_id,
+                        excluded: ask.excluded,
+                        requests: ask.requests,
+                        tokens: ask.tokens,
+                        ttl_ms: ask.ttl_ms,
+                        client_request_id: request.client_request_id,
+                        exclusion_ends,
+                    },
+                );
+                queue.wake_at_ms = self.queue_wake_at(time, ask.pool, &queue);
                 self.queues.insert(queue_key, queue);
+                self.waiter_lines.insert(id, queue_key);
                 Ok(Acquired::Queued(id))
             }
         }
@@ -755,26 +844,31 @@ impl Engine {
 
     /// Takes a waiter out of line (deadline, disconnect). `None` when it is no longer waiting
     /// (it was granted or failed, and that is in the notices); otherwise why it got nothing.
-    pub fn cancel_waiter(&mut self, now_ms: u64, id: WaiterId) -> Option<Unavailable> {
-        let now = self.tick(now_ms);
-        let (&(pool, _), queue) = self
+    pub fn cancel_waiter(&mut self, now: impl Into<Time>, id: WaiterId) -> Option<Unavailable> {
+        let time = self.tick(now);
+        let queue_key = self.waiter_lines.remove(&id)?;
+        let (pool, model) = queue_key;
+        let queue = self
             .queues
-            .iter_mut()
-            .find(|(_, q)| q.waiters.iter().any(|w| w.id == id))?;
-        let position = queue.waiters.iter().position(|w| w.id == id)?;
-        let waiter = queue.waiters.remove(position)?;
-        // A waiter leaving can unblock those behind it.
-        self.freed = true;
+            .get_mut(&queue_key)
+            .expect("a waiter's line exists");
+        let waiter = queue.remove(id).expect("a waiter is in its line");
+        // A waiter leaving can unblock those behind it, but only where it held groups back.
+        if queue.waiters.is_empty() {
+            self.queues.remove(&queue_key);
+        } else if !queue.blocked.is_empty() {
+            self.freed = true;
+        }
         let unavailable = self.unavailable(
-            now,
+            time,
             pool,
-            waiter.model,
+            model,
             &waiter.task_id,
             &waiter.excluded,
             waiter.requests,
             waiter.tokens,
         );
-        self.tick(now);
+        self.tick(time);
         Some(unavailable)
     }
 
@@ -795,6 +889,7 @@ impl Engine {
         let model = self.model_of(pool, &request.model)?;
         let ttl_ms =
             self.validate_ttl(request.ttl_ms.unwrap_or(self.config.default_ttl_ms), false)?;
+        validate_tokens("estimated_input_tokens", request.estimated_tokens)?;
         let requests = u64::from(request.requests.max(1));
         if requests > u64::from(self.config.max_requests_per_lease) {
             return Err(invalid(
@@ -937,7 +1032,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     fn select(
         &mut self,
-        now: u64,
+        time: Time,
         pool: PoolIdx,
         model: ModelIdx,
         task: &str,
@@ -946,6 +1041,7 @@ impl Engine {
         requests: u64,
         tokens: u64,
     ) -> Selection {
+        let now = time.steady_ms;
         let task_exclusions: Vec<KeyIdx> = self
             .exclusions
             .peek(task)
@@ -972,11 +1068,8 @@ impl Engine {
             if blocked.contains(&group_key) || unaffordable.contains(&group_key) {
                 continue;
             }
-            let group = self.books.group(group_key, now);
-            if group.cooldown.is_some() {
-                continue;
-            }
-            if !group.can_afford(requests, tokens) {
+            let group = self.books.group(group_key, time);
+            if group.cooldown().is_some() || !group.can_afford(requests, tokens) {
                 unaffordable.push(group_key);
                 continue;
             }
@@ -998,7 +1091,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     fn grant(
         &mut self,
-        now: u64,
+        time: Time,
         key: KeyIdx,
         task: &str,
         model: ModelIdx,
@@ -1008,6 +1101,7 @@ impl Engine {
         client_request_id: Option<String>,
         waiter: Option<WaiterId>,
     ) -> Token {
+        let now = time.steady_ms;
         let token = self.next_token;
         self.next_token += 1;
         let pool = self.keys[key].pool;
@@ -1048,7 +1142,7 @@ impl Engine {
             self.request_ids.put(id, token);
         }
         let event = self.lease_event(token);
-        self.emit(now, EventKind::Granted(event));
+        self.emit(time, EventKind::Granted(event));
         if let Some(waiter) = waiter {
             let view = self.view(token);
             self.notices.waiter_grants.push((waiter, view));
@@ -1070,30 +1164,42 @@ impl Engine {
     }
 
     /// Serves every line in order, first come first served: a waiter is passed over only for
-    /// keys it cannot use (excluded) or groups an earlier waiter could not afford.
-    fn serve_waiters(&mut self, now: u64) {
+    /// keys it cannot use (excluded) or groups an earlier waiter could not have. A pass over a
+    /// line stops as soon as no one further back could get anything, so that a long line
+    /// waiting on spent quota costs little to look at.
+    fn serve_waiters(&mut self, time: Time) {
         let keys: Vec<(PoolIdx, ModelIdx)> = self.queues.keys().copied().collect();
         for queue_key in keys {
             let mut queue = std::mem::take(self.queues.get_mut(&queue_key).expect("listed"));
             let (pool, model) = queue_key;
             let mut blocked = HashSet::new();
-            let mut position = 0;
-            while position < queue.waiters.len() {
+            let mut next = queue.waiters.first_key_value().map(|(&id, _)| id);
+            while let Some(id) = next {
+                next = queue
+                    .waiters
+                    .range(id + 1..)
+                    .next()
+                    .map(|(&later, _)| later);
                 if self.pools[pool as usize].enabled_keys == 0 {
-                    let waiter = queue.waiters.remove(position).expect("in range");
+                    queue.remove(id);
+                    self.waiter_lines.remove(&id);
                     let failure = Unavailable {
                         reason: UnavailableReason::AllDisabled,
                         retry_at_ms: None,
                     };
-                    self.notices.waiter_failures.push((waiter.id, failure));
+                    self.notices.waiter_failures.push((id, failure));
                     continue;
                 }
-                if self.pools[pool as usize].free.is_empty() {
+                if !self.any_key_beyond(pool, model, &blocked) {
                     break;
                 }
-                let waiter = &queue.waiters[position];
+                #[cfg(test)]
+                {
+                    self.waiters_looked_at += 1;
+                }
+                let waiter = &queue.waiters[&id];
                 match self.select(
-                    now,
+                    time,
                     pool,
                     model,
                     &waiter.task_id,
@@ -1103,9 +1209,10 @@ impl Engine {
                     waiter.tokens,
                 ) {
                     Selection::Key(key) => {
-                        let waiter = queue.waiters.remove(position).expect("in range");
+                        let waiter = queue.remove(id).expect("in line");
+                        self.waiter_lines.remove(&id);
                         self.grant(
-                            now,
+                            time,
                             key,
                             &waiter.task_id,
                             model,
@@ -1113,17 +1220,14 @@ impl Engine {
                             waiter.tokens,
                             waiter.ttl_ms,
                             waiter.client_request_id,
-                            Some(waiter.id),
+                            Some(id),
                         );
                     }
-                    Selection::None { unaffordable } => {
-                        blocked.extend(unaffordable);
-                        position += 1;
-                    }
+                    Selection::None { unaffordable } => blocked.extend(unaffordable),
                 }
             }
             queue.blocked = blocked;
-            queue.wake_at_ms = self.queue_wake_at(now, pool, &queue.waiters);
+            queue.wake_at_ms = self.queue_wake_at(time, pool, &queue);
             if queue.waiters.is_empty() {
                 self.queues.remove(&queue_key);
             } else {
@@ -1132,10 +1236,21 @@ impl Engine {
         }
     }
 
+    /// Whether the pool has a free key outside the `blocked` groups for this model.
+    fn any_key_beyond(&self, pool: PoolIdx, model: ModelIdx, blocked: &HashSet<GroupKey>) -> bool {
+        self.pools[pool as usize].free.iter().any(|&(_, key)| {
+            !blocked.contains(&GroupKey {
+                pool,
+                project: self.keys[key].project,
+                model,
+            })
+        })
+    }
+
     /// When a line must be looked at again though nothing was freed: a group of its pool
     /// changes by itself, or a waiter's exclusion of a key ends.
-    fn queue_wake_at(&self, now: u64, pool: PoolIdx, waiters: &VecDeque<Waiter>) -> Option<u64> {
-        if waiters.is_empty() {
+    fn queue_wake_at(&self, time: Time, pool: PoolIdx, queue: &WaitQueue) -> Option<u64> {
+        if queue.waiters.is_empty() {
             return None;
         }
         let groups = self
@@ -1143,20 +1258,20 @@ impl Engine {
             .groups
             .iter()
             .filter(|(k, _)| k.pool == pool)
-            .filter_map(|(_, g)| g.next_change_after(now));
-        let exclusions = waiters
-            .iter()
-            .filter_map(|w| self.exclusions.peek(w.task_id.as_str()))
-            .flat_map(|list| list.iter().map(|&(_, until)| until))
-            .filter(|&until| until > now);
-        groups.chain(exclusions).min()
+            .filter_map(|(_, g)| g.next_change_after(time));
+        let exclusion = queue
+            .exclusion_ends
+            .range((time.steady_ms + 1, 0)..)
+            .next()
+            .map(|&(end, _)| end);
+        groups.chain(exclusion).min()
     }
 
     /// Why an ask gets no key now, and when it might.
     #[allow(clippy::too_many_arguments)]
     fn unavailable(
         &mut self,
-        now: u64,
+        time: Time,
         pool: PoolIdx,
         model: ModelIdx,
         task: &str,
@@ -1164,6 +1279,7 @@ impl Engine {
         requests: u64,
         tokens: u64,
     ) -> Unavailable {
+        let now = time.steady_ms;
         // Only ending leases can make room in a group whose live leases fill it: until the
         // first of the project's leases ends, nothing changes.
         let mut project_expiry: HashMap<ProjectIdx, u64> = HashMap::new();
@@ -1201,8 +1317,8 @@ impl Engine {
                 project,
                 model,
             };
-            let group = self.books.group(group_key, now);
-            let reason = if group.cooldown.is_some() {
+            let group = self.books.group(group_key, time);
+            let reason = if group.cooldown().is_some() {
                 UnavailableReason::CoolingDown
             } else if !group.can_afford(requests, tokens) {
                 UnavailableReason::QuotaSpent
@@ -1211,7 +1327,7 @@ impl Engine {
             };
             first_reason.get_or_insert(reason);
             let quota_at = group
-                .affordable_at(now, requests, tokens, self.config.daily)
+                .affordable_at(time, requests, tokens)
                 .or_else(|| project_expiry.get(&project).copied());
             let ready = slot_free_at
                 .zip(quota_at)
@@ -1283,17 +1399,28 @@ impl Engine {
 
     pub fn renew(
         &mut self,
-        now_ms: u64,
+        now: impl Into<Time>,
         lease_id: &str,
         fencing_token: u64,
         ttl_ms: Option<u64>,
         additional_requests: u32,
         additional_tokens: u64,
     ) -> Result<Renewed, EngineError> {
-        let now = self.tick(now_ms);
+        let time = self.tick(now);
+        let now = time.steady_ms;
         let token = self.live_lease(lease_id, fencing_token)?;
         let lease = &self.leases[&token];
         let ttl_ms = self.validate_ttl(ttl_ms.unwrap_or(lease.ttl_ms), true)?;
+        validate_tokens("additional_input_tokens", additional_tokens)?;
+        let total_tokens = lease.tokens.saturating_add(additional_tokens);
+        if total_tokens > MAX_INPUT_TOKENS {
+            return Err(invalid(
+                "additional_input_tokens",
+                format!(
+                    "the lease's {total_tokens} input tokens in all are above the maximum of {MAX_INPUT_TOKENS}"
+                ),
+            ));
+        }
         let total = lease.requests + u64::from(additional_requests);
         if total > u64::from(self.config.max_requests_per_lease) {
             return Err(invalid(
@@ -1307,7 +1434,7 @@ impl Engine {
         let key = lease.key;
         let model = lease.model;
         let pool = self.keys[key].pool;
-        self.check_servable(pool, model, total, lease.tokens + additional_tokens)?;
+        self.check_servable(pool, model, total, total_tokens)?;
 
         let old_expiry = (lease.expires_ms, token);
         self.expiries.remove(&old_expiry);
@@ -1323,20 +1450,20 @@ impl Engine {
                 project: self.keys[key].project,
                 model,
             };
-            let group = self.books.group(group_key, now);
+            let group = self.books.group(group_key, time);
             let (requests, tokens) = (u64::from(additional_requests), additional_tokens);
-            if group.cooldown.is_none() && group.can_afford(requests, tokens) {
+            if group.cooldown().is_none() && group.can_afford(requests, tokens) {
                 group.reserve(requests, tokens);
                 let lease = self.leases.get_mut(&token).expect("live");
                 lease.requests += requests;
                 lease.tokens += tokens;
             } else {
-                let reason = if group.cooldown.is_some() {
+                let reason = if group.cooldown().is_some() {
                     UnavailableReason::CoolingDown
                 } else {
                     UnavailableReason::QuotaSpent
                 };
-                let retry_at_ms = group.affordable_at(now, requests, tokens, self.config.daily);
+                let retry_at_ms = group.affordable_at(time, requests, tokens);
                 shortfall = Some(Unavailable {
                     reason,
                     retry_at_ms,
@@ -1344,7 +1471,7 @@ impl Engine {
             }
         }
         let event = self.lease_event(token);
-        self.emit(now, EventKind::Renewed(event));
+        self.emit(time, EventKind::Renewed(event));
         let view = self.view(token);
         Ok(match shortfall {
             None => Renewed::Done(view),
@@ -1352,49 +1479,60 @@ impl Engine {
         })
     }
 
-    /// Ends a lease with what it used. `Ok(false)` when it had already ended.
+    /// Ends a lease with what it used, and says what the books now hold for it: requests sent
+    /// are at most those granted, tokens at most [`MAX_INPUT_TOKENS`]. `Ok(None)` when it had
+    /// already ended.
     pub fn release(
         &mut self,
-        now_ms: u64,
+        now: impl Into<Time>,
         lease_id: &str,
         fencing_token: u64,
-        requests_sent: u32,
-        input_tokens: u64,
-    ) -> Result<bool, EngineError> {
-        let now = self.tick(now_ms);
+        usage: Usage,
+    ) -> Result<Option<Amount>, EngineError> {
+        let time = self.tick(now);
         let token = self.known_token(lease_id)?;
         if !self.leases.contains_key(&token) {
-            return Ok(false);
+            return Ok(None);
         }
         let token = self.live_lease(lease_id, fencing_token)?;
-        let key = self.leases[&token].key;
-        let event = self.end_lease(token, now, u64::from(requests_sent), input_tokens);
-        if requests_sent > 0 {
+        let lease = &self.leases[&token];
+        let key = lease.key;
+        let used = Amount {
+            requests: usage
+                .requests_sent
+                .map_or(lease.requests, |sent| u64::from(sent).min(lease.requests)),
+            tokens: usage
+                .input_tokens
+                .map_or(lease.tokens, |tokens| tokens.min(MAX_INPUT_TOKENS)),
+        };
+        let event = self.end_lease(token, time, used);
+        if used.requests > 0 {
             // A call went through: the project's rate-limit backoff starts over.
             self.backoff
                 .remove(&(self.keys[key].pool, self.keys[key].project));
         }
         self.emit(
-            now,
+            time,
             EventKind::Released {
                 lease: event,
-                requests_sent: u64::from(requests_sent),
+                requests_sent: used.requests,
             },
         );
-        self.tick(now);
-        Ok(true)
+        self.tick(time);
+        Ok(Some(used))
     }
 
     /// Records a failed call: ends the lease, acts on the failure's class, and says what to ask
     /// for to replace it. Late reports are refused, except evidence that the key is bad.
     pub fn report_failure(
         &mut self,
-        now_ms: u64,
+        now: impl Into<Time>,
         lease_id: &str,
         fencing_token: u64,
         report: FailureReport,
     ) -> Result<Reported, EngineError> {
-        let now = self.tick(now_ms);
+        let time = self.tick(now);
+        let now = time.steady_ms;
         validate_detail("detail", &report.detail)?;
         if let Some(retry_after_ms) = report.retry_after_ms
             && retry_after_ms > DAY_MS
@@ -1404,12 +1542,17 @@ impl Engine {
                 format!("{} is longer than a day", show_ms(retry_after_ms)),
             ));
         }
-        let (ended, event) = match self.live_lease(lease_id, fencing_token) {
+        let (ended, event, booked) = match self.live_lease(lease_id, fencing_token) {
             Ok(token) => {
                 let lease = self.leases[&token].clone();
-                let sent = report.requests_sent.map_or(lease.requests, u64::from);
-                let event = self.end_lease(token, now, sent, lease.tokens);
-                (lease, event)
+                let used = Amount {
+                    requests: report
+                        .requests_sent
+                        .map_or(lease.requests, |sent| u64::from(sent).min(lease.requests)),
+                    tokens: lease.tokens,
+                };
+                let event = self.end_lease(token, time, used);
+                (lease, event, Some(used))
             }
             // A lease that ended may still bring news of its key; a live one with another
             // token is simply refused.
@@ -1425,13 +1568,13 @@ impl Engine {
                     });
                 };
                 let event = self.event_of(token, &ended);
-                (ended, event)
+                (ended, event, None)
             }
             Err(error) => return Err(error),
         };
         let key = ended.key;
         self.emit(
-            now,
+            time,
             EventKind::Failed {
                 lease: event,
                 kind: report.kind,
@@ -1458,30 +1601,25 @@ impl Engine {
                         .saturating_mul(1u64 << (*backoff).min(32));
                     doubled.min(self.config.cooldown_max_ms)
                 });
-                *backoff += 1;
-                self.cool_down(
-                    now,
-                    GroupKey {
-                        pool,
-                        project,
-                        model: ended.model,
-                    },
-                    now + delay,
-                    CooldownReason::RateLimited,
-                );
+                *backoff = backoff.saturating_add(1);
+                let group_key = GroupKey {
+                    pool,
+                    project,
+                    model: ended.model,
+                };
+                let group = self.books.group(group_key, time);
+                let cooldown =
+                    group.cool_down(now.saturating_add(delay), CooldownReason::RateLimited);
+                self.cooled_down(time, group_key, cooldown);
             }
             FailureKind::DailyQuotaExhausted => {
-                let until = self.config.daily.next_reset_after(now);
-                self.cool_down(
-                    now,
-                    GroupKey {
-                        pool,
-                        project,
-                        model: ended.model,
-                    },
-                    until,
-                    CooldownReason::DailyQuotaExhausted,
-                );
+                let group_key = GroupKey {
+                    pool,
+                    project,
+                    model: ended.model,
+                };
+                let cooldown = self.books.group(group_key, time).rest_for_the_day(time);
+                self.cooled_down(time, group_key, cooldown);
             }
             FailureKind::InvalidKey | FailureKind::PermissionDenied => {
                 let reason = if report.detail.is_empty() {
@@ -1489,13 +1627,14 @@ impl Engine {
                 } else {
                     format!("{}: {}", report.kind.as_str(), report.detail)
                 };
-                self.disable(now, key, reason);
+                self.disable(time, key, reason);
             }
             FailureKind::ServerError | FailureKind::Timeout | FailureKind::Other => {}
         }
-        self.tick(now);
+        self.tick(time);
         Ok(Reported {
             key_id: self.keys[key].spec.id.clone(),
+            booked,
             replacement: AcquireRequest {
                 task_id: ended.task_id,
                 pool: self.pools[pool as usize].name.clone(),
@@ -1510,11 +1649,9 @@ impl Engine {
         })
     }
 
-    fn cool_down(&mut self, now: u64, group_key: GroupKey, until_ms: u64, reason: CooldownReason) {
-        let group = self.books.group(group_key, now);
-        let cooldown = group.cool_down(until_ms, reason);
+    fn cooled_down(&mut self, time: Time, group_key: GroupKey, cooldown: quota::Cooldown) {
         self.emit(
-            now,
+            time,
             EventKind::CooledDown {
                 pool: self.pools[group_key.pool as usize].name.clone(),
                 project: self.projects[group_key.project as usize].clone(),
@@ -1530,12 +1667,12 @@ impl Engine {
     /// Disables a key (its leases end, counted as fully used) or enables it again.
     pub fn set_key_enabled(
         &mut self,
-        now_ms: u64,
+        now: impl Into<Time>,
         key_id: &str,
         enabled: bool,
         reason: &str,
     ) -> Result<KeyView, EngineError> {
-        let now = self.tick(now_ms);
+        let time = self.tick(now);
         validate_detail("reason", reason)?;
         let &key = self
             .key_by_id
@@ -1549,7 +1686,7 @@ impl Engine {
                 self.pools[self.keys[key].pool as usize].enabled_keys += 1;
                 self.freed = true;
                 self.emit(
-                    now,
+                    time,
                     EventKind::KeyEnabled {
                         key_id: key_id.to_string(),
                     },
@@ -1561,24 +1698,28 @@ impl Engine {
             } else {
                 reason
             };
-            self.disable(now, key, reason.to_string());
+            self.disable(time, key, reason.to_string());
         }
-        self.tick(now);
-        Ok(self.key_view(key, now))
+        self.tick(time);
+        Ok(self.key_view(key, time.steady_ms))
     }
 
-    fn disable(&mut self, now: u64, key: KeyIdx, reason: String) {
+    fn disable(&mut self, time: Time, key: KeyIdx, reason: String) {
         if self.keys[key].disabled.is_some() {
             return;
         }
         for token in self.keys[key].live.clone() {
-            let lease = self.leases[&token].clone();
-            let event = self.end_lease(token, now, lease.requests, lease.tokens);
+            let lease = &self.leases[&token];
+            let used = Amount {
+                requests: lease.requests,
+                tokens: lease.tokens,
+            };
+            let event = self.end_lease(token, time, used);
             self.emit(
-                now,
+                time,
                 EventKind::Released {
                     lease: event,
-                    requests_sent: lease.requests,
+                    requests_sent: used.requests,
                 },
             );
         }
@@ -1588,7 +1729,7 @@ impl Engine {
         // Waiters that only this key could serve must now fail rather than wait.
         self.freed = true;
         self.emit(
-            now,
+            time,
             EventKind::KeyDisabled {
                 key_id: self.keys[key].spec.id.clone(),
                 reason,
@@ -1596,8 +1737,8 @@ impl Engine {
         );
     }
 
-    /// Ends a live lease: frees its slot and settles its quota.
-    fn end_lease(&mut self, token: Token, now: u64, sent: u64, used_tokens: u64) -> LeaseEvent {
+    /// Ends a live lease: frees its slot and settles its quota with what it `used`.
+    fn end_lease(&mut self, token: Token, time: Time, used: Amount) -> LeaseEvent {
         let event = self.lease_event(token);
         let lease = self.leases.remove(&token).expect("live lease");
         self.expiries.remove(&(lease.expires_ms, token));
@@ -1616,23 +1757,21 @@ impl Engine {
             project: key.project,
             model: lease.model,
         };
-        let group = self.books.group(group_key, now);
-        group.settle(
-            now,
-            self.config.window_ms,
-            self.config.safety_margin_ms,
-            lease.requests,
-            lease.tokens,
-            sent,
-            used_tokens,
-        );
+        let keeping = self.books.keeping;
+        let reserved = Amount {
+            requests: lease.requests,
+            tokens: lease.tokens,
+        };
+        self.books
+            .group(group_key, time)
+            .settle(time, keeping, reserved, used);
         self.ended.put(token, lease);
         self.freed = true;
         event
     }
 
-    fn emit(&mut self, at_ms: u64, kind: EventKind) {
-        self.notices.events.push(Event { at_ms, kind });
+    fn emit(&mut self, at: Time, kind: EventKind) {
+        self.notices.events.push(Event { at, kind });
     }
 
     // ---- views ---------------------------------------------------------------------------
@@ -1684,13 +1823,17 @@ impl Engine {
         }
     }
 
-    pub fn key_status(&mut self, now_ms: u64, key_id: &str) -> Result<KeyView, EngineError> {
-        let now = self.tick(now_ms);
+    pub fn key_status(
+        &mut self,
+        now: impl Into<Time>,
+        key_id: &str,
+    ) -> Result<KeyView, EngineError> {
+        let time = self.tick(now);
         let &key = self
             .key_by_id
             .get(key_id)
             .ok_or_else(|| EngineError::KeyNotFound(key_id.to_string()))?;
-        Ok(self.key_view(key, now))
+        Ok(self.key_view(key, time.steady_ms))
     }
 
     fn key_view(&self, key: KeyIdx, now: u64) -> KeyView {
@@ -1699,7 +1842,7 @@ impl Engine {
             .groups
             .iter()
             .filter(|(g, _)| g.pool == self.keys[key].pool && g.project == self.keys[key].project)
-            .filter_map(|(_, group)| group.cooldown.map(|c| c.until_ms))
+            .filter_map(|(_, group)| group.cooldown().map(|c| c.until_ms))
             .filter(|&until| until > now)
             .max();
         self.key_view_with(key, cooling_until_ms)
@@ -1729,15 +1872,16 @@ impl Engine {
         }
     }
 
-    /// Keys (a page of them), quota groups and lines, for operators.
+    /// Keys (a page of them, starting after key `after`), quota groups and lines, for
+    /// operators.
     pub fn status(
         &mut self,
-        now_ms: u64,
+        now: impl Into<Time>,
         pool: Option<&str>,
-        offset: usize,
+        after: Option<&str>,
         page_size: usize,
     ) -> Result<StatusView, EngineError> {
-        let now = self.tick(now_ms);
+        let time = self.tick(now);
         let pool = match pool {
             None => None,
             Some(name) => Some(
@@ -1749,8 +1893,8 @@ impl Engine {
         };
         let mut cooling: HashMap<(PoolIdx, ProjectIdx), u64> = HashMap::new();
         for (group_key, group) in self.books.groups.iter_mut() {
-            group.advance(now, self.config.daily);
-            if let Some(cooldown) = group.cooldown {
+            group.advance(time, self.config.daily);
+            if let Some(cooldown) = group.cooldown() {
                 let until = cooling
                     .entry((group_key.pool, group_key.project))
                     .or_insert(0);
@@ -1761,16 +1905,37 @@ impl Engine {
         let selected: Vec<KeyIdx> = (0..self.keys.len())
             .filter(|&k| pool.is_none_or(|p| self.keys[k].pool == p))
             .collect();
-        let keys = selected
+        let start = match after {
+            None => 0,
+            Some(key_id) => self
+                .key_by_id
+                .get(key_id)
+                .and_then(|key| selected.binary_search(key).ok())
+                .map(|position| position + 1)
+                .ok_or_else(|| {
+                    invalid(
+                        "page_token",
+                        "names no key of this listing (was the pool changed?)",
+                    )
+                })?,
+        };
+        let page: Vec<KeyIdx> = selected
             .iter()
-            .skip(offset)
+            .skip(start)
             .take(page_size)
+            .copied()
+            .collect();
+        let next_after = page
+            .last()
+            .filter(|_| start.saturating_add(page.len()) < selected.len())
+            .map(|&k| self.keys[k].spec.id.clone());
+        let keys = page
+            .iter()
             .map(|&k| {
                 let entry = &self.keys[k];
                 self.key_view_with(k, cooling.get(&(entry.pool, entry.project)).copied())
             })
             .collect();
-        let next_offset = (offset + page_size < selected.len()).then_some(offset + page_size);
         let mut groups: Vec<GroupView> = self
             .books
             .groups
@@ -1792,7 +1957,7 @@ impl Engine {
                     used: group.requests_today(),
                     limit: group.limits.requests_per_day,
                 },
-                cooldown: group.cooldown,
+                cooldown: group.cooldown(),
             })
             .collect();
         groups
@@ -1813,10 +1978,10 @@ impl Engine {
             keys,
             groups,
             waiting,
-            next_offset,
+            next_after,
             total_keys: selected.len(),
             live_leases: self.leases.len(),
-            now_ms: now,
+            now: time,
         })
     }
 }
@@ -1845,6 +2010,17 @@ fn validate_id(field: &'static str, id: &str, required: bool) -> Result<(), Engi
         return Err(invalid(
             field,
             format!("{} bytes is above the maximum of {MAX_ID_BYTES}", id.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// A token figure from a caller, bounded so that no sum of them can overflow.
+fn validate_tokens(field: &'static str, tokens: u64) -> Result<(), EngineError> {
+    if tokens > MAX_INPUT_TOKENS {
+        return Err(invalid(
+            field,
+            format!("{tokens} is above the maximum of {MAX_INPUT_TOKENS}"),
         ));
     }
     Ok(())

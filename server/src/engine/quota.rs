@@ -7,8 +7,7 @@
 //! it granted last: every other request in that window was granted earlier and ended at or after
 //! the window's start, so it was still on the books at that grant, and that grant fit the limit.
 
-use chrono::{Datelike, NaiveTime, TimeZone};
-use chrono_tz::Tz;
+use super::calendar::{DailyReset, Time};
 use std::collections::VecDeque;
 
 /// Limits of one model in one project; `None` is not limited.
@@ -35,6 +34,7 @@ impl CooldownReason {
     }
 }
 
+/// A rest, until a steady time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cooldown {
     pub until_ms: u64,
@@ -44,45 +44,13 @@ pub struct Cooldown {
 /// Requests and tokens of ended leases, kept on the books until `until_ms`.
 #[derive(Debug, Clone, Copy)]
 struct Settled {
+    /// Steady time at which the entry leaves the window.
     until_ms: u64,
-    /// When the lease ended plus the safety margin: the latest its requests could have arrived.
-    ended_ms: u64,
+    /// Wall time at which the lease ended, plus the safety margin: the latest its requests
+    /// could have arrived, for the day they count against.
+    ended_wall_ms: u64,
     requests: u64,
     tokens: u64,
-}
-
-/// How the day is cut: the daily counts reset at midnight in this zone.
-#[derive(Debug, Clone, Copy)]
-pub struct DailyReset {
-    pub zone: Tz,
-}
-
-impl DailyReset {
-    /// The local calendar day of `at_ms`, as a day number.
-    pub fn day_of(&self, at_ms: u64) -> i64 {
-        let local = self.zone.timestamp_millis_opt(at_ms as i64).unwrap();
-        i64::from(local.date_naive().num_days_from_ce())
-    }
-
-    /// The first local midnight after `at_ms`, in milliseconds.
-    pub fn next_reset_after(&self, at_ms: u64) -> u64 {
-        self.start_of_day(self.day_of(at_ms) + 1)
-    }
-
-    /// The last local midnight at or before `at_ms`, in milliseconds.
-    fn last_reset_at_or_before(&self, at_ms: u64) -> u64 {
-        self.start_of_day(self.day_of(at_ms))
-    }
-
-    fn start_of_day(&self, day: i64) -> u64 {
-        let date = chrono::NaiveDate::from_num_days_from_ce_opt(day as i32).expect("day in range");
-        let midnight = date.and_time(NaiveTime::MIN);
-        // Midnight exists in every zone we know of; fall back to UTC midnight should a zone skip it.
-        match self.zone.from_local_datetime(&midnight).earliest() {
-            Some(local) => local.timestamp_millis() as u64,
-            None => midnight.and_utc().timestamp_millis() as u64,
-        }
-    }
 }
 
 /// What a group could take now, for choosing among keys: the smallest fraction left of any limit.
@@ -99,17 +67,25 @@ pub struct QuotaGroup {
     settled: VecDeque<Settled>,
     settled_requests: u64,
     settled_tokens: u64,
-    /// The first midnight after the day `day_requests` counts: the time zone is only consulted
-    /// when the day turns, not on every grant.
+    /// The local day `day_requests` counts; never goes back, so a wall clock stepped back over
+    /// midnight cannot start the same day twice.
+    day: i64,
+    /// Wall time of the first reset after the day `day_requests` counts: the time zone is only
+    /// consulted when the day turns, not on every grant.
     day_ends_ms: u64,
     /// Requests counted against the current day.
     day_requests: u64,
-    pub cooldown: Option<Cooldown>,
+    cooldown: Option<Cooldown>,
+    /// The cooldown ends when the day turns, wherever the wall clock is stepped meanwhile.
+    rest_until_day_turns: bool,
 }
 
+// Sums saturate: every figure that reaches the books is bounded (requests by the lease maximum,
+// tokens by `keylease::MAX_INPUT_TOKENS`), so no real sum comes near `u64::MAX`, and one that
+// did would block rather than wrap round to admit.
 impl QuotaGroup {
-    /// A group with nothing on the books, at `now_ms`.
-    pub fn new(limits: Limits, now_ms: u64, daily: DailyReset) -> Self {
+    /// A group with nothing on the books, at `time`.
+    pub fn new(limits: Limits, time: Time, daily: DailyReset) -> Self {
         Self {
             limits,
             live_requests: 0,
@@ -117,61 +93,81 @@ impl QuotaGroup {
             settled: VecDeque::new(),
             settled_requests: 0,
             settled_tokens: 0,
-            day_ends_ms: daily.next_reset_after(now_ms),
+            day: daily.day_of(time.wall_ms),
+            day_ends_ms: daily.next_reset_after(time.wall_ms),
             day_requests: 0,
             cooldown: None,
+            rest_until_day_turns: false,
         }
     }
 
-    /// Brings the books to `now_ms`: forgets what left the window and starts a new day.
-    pub fn advance(&mut self, now_ms: u64, daily: DailyReset) {
-        if now_ms >= self.day_ends_ms {
-            // Live leases and leases that ended after midnight may send (or have sent) their
-            // requests in the new day: they count against it too.
-            let day_start = daily.last_reset_at_or_before(now_ms);
-            let recent: u64 = self
-                .settled
-                .iter()
-                .filter(|s| s.ended_ms >= day_start)
-                .map(|s| s.requests)
-                .sum();
-            self.day_ends_ms = daily.next_reset_after(now_ms);
-            self.day_requests = self.live_requests + recent;
+    /// Brings the books to `time`: forgets what left the window and starts a new day.
+    pub fn advance(&mut self, time: Time, daily: DailyReset) {
+        if time.wall_ms >= self.day_ends_ms {
+            let day = daily.day_of(time.wall_ms);
+            if day > self.day {
+                // Live leases and leases that ended after midnight may send (or have sent)
+                // their requests in the new day: they count against it too.
+                let day_start = daily.start_of_day_at(time.wall_ms);
+                let recent = self
+                    .settled
+                    .iter()
+                    .filter(|s| s.ended_wall_ms >= day_start)
+                    .fold(0u64, |sum, s| sum.saturating_add(s.requests));
+                self.day = day;
+                self.day_requests = self.live_requests.saturating_add(recent);
+                if self.rest_until_day_turns {
+                    self.cooldown = None;
+                    self.rest_until_day_turns = false;
+                }
+            }
+            self.day_ends_ms = daily.next_reset_after(time.wall_ms);
         }
         while let Some(front) = self.settled.front() {
-            if front.until_ms > now_ms {
+            if front.until_ms > time.steady_ms {
                 break;
             }
-            self.settled_requests -= front.requests;
-            self.settled_tokens -= front.tokens;
+            self.settled_requests = self.settled_requests.saturating_sub(front.requests);
+            self.settled_tokens = self.settled_tokens.saturating_sub(front.tokens);
             self.settled.pop_front();
         }
-        if self.cooldown.is_some_and(|c| c.until_ms <= now_ms) {
-            self.cooldown = None;
+        match &mut self.cooldown {
+            // The rest follows the calendar: where the wall clock was stepped, so is its end.
+            Some(cooldown) if self.rest_until_day_turns => {
+                cooldown.until_ms = time.steady_at(self.day_ends_ms);
+            }
+            Some(cooldown) if cooldown.until_ms <= time.steady_ms => self.cooldown = None,
+            _ => {}
         }
     }
 
     pub fn requests_in_window(&self) -> u64 {
-        self.live_requests + self.settled_requests
+        self.live_requests.saturating_add(self.settled_requests)
     }
 
     pub fn tokens_in_window(&self) -> u64 {
-        self.live_tokens + self.settled_tokens
+        self.live_tokens.saturating_add(self.settled_tokens)
     }
 
     pub fn requests_today(&self) -> u64 {
         self.day_requests
     }
 
+    pub fn cooldown(&self) -> Option<Cooldown> {
+        self.cooldown
+    }
+
     /// Whether `requests` and `tokens` more fit every limit (cooldowns aside).
     pub fn can_afford(&self, requests: u64, tokens: u64) -> bool {
         fits(
-            self.requests_in_window() + requests,
+            self.requests_in_window(),
+            requests,
             self.limits.requests_per_minute,
         ) && fits(
-            self.tokens_in_window() + tokens,
+            self.tokens_in_window(),
+            tokens,
             self.limits.tokens_per_minute,
-        ) && fits(self.day_requests + requests, self.limits.requests_per_day)
+        ) && fits(self.day_requests, requests, self.limits.requests_per_day)
     }
 
     /// The smallest fraction left of any limit, in [0, 1].
@@ -186,90 +182,94 @@ impl QuotaGroup {
     }
 
     pub fn reserve(&mut self, requests: u64, tokens: u64) {
-        self.live_requests += requests;
-        self.live_tokens += tokens;
-        self.day_requests += requests;
+        self.live_requests = self.live_requests.saturating_add(requests);
+        self.live_tokens = self.live_tokens.saturating_add(tokens);
+        self.day_requests = self.day_requests.saturating_add(requests);
     }
 
-    /// A lease that reserved `reserved_*` ended at `now_ms` having sent `sent_requests` and used
-    /// `used_tokens`: unsent requests are refunded and the estimate replaced by the actual count,
-    /// and what was used stays on the books until one window after `now_ms` plus `margin_ms`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn settle(
-        &mut self,
-        now_ms: u64,
-        window_ms: u64,
-        margin_ms: u64,
-        reserved_requests: u64,
-        reserved_tokens: u64,
-        sent_requests: u64,
-        used_tokens: u64,
-    ) {
-        self.live_requests -= reserved_requests;
-        self.live_tokens -= reserved_tokens;
-        self.day_requests = (self.day_requests + sent_requests).saturating_sub(reserved_requests);
-        if sent_requests == 0 && used_tokens == 0 {
+    /// A lease that reserved `reserved` ended at `time` having used `used`: unsent requests are
+    /// refunded and the estimate replaced by the actual count, and what was used stays on the
+    /// books until one window plus the margin after `time`.
+    pub fn settle(&mut self, time: Time, books: BookKeeping, reserved: Amount, used: Amount) {
+        self.live_requests = self.live_requests.saturating_sub(reserved.requests);
+        self.live_tokens = self.live_tokens.saturating_sub(reserved.tokens);
+        self.day_requests = self
+            .day_requests
+            .saturating_add(used.requests)
+            .saturating_sub(reserved.requests);
+        if used.requests == 0 && used.tokens == 0 {
             return;
         }
         self.settled.push_back(Settled {
-            until_ms: now_ms + window_ms + margin_ms,
-            ended_ms: now_ms + margin_ms,
-            requests: sent_requests,
-            tokens: used_tokens,
+            until_ms: time
+                .steady_ms
+                .saturating_add(books.window_ms)
+                .saturating_add(books.safety_margin_ms),
+            ended_wall_ms: time.wall_ms.saturating_add(books.safety_margin_ms),
+            requests: used.requests,
+            tokens: used.tokens,
         });
-        self.settled_requests += sent_requests;
-        self.settled_tokens += used_tokens;
+        self.settled_requests = self.settled_requests.saturating_add(used.requests);
+        self.settled_tokens = self.settled_tokens.saturating_add(used.tokens);
     }
 
-    /// Rests the group until `until_ms`; a shorter rest never shortens a longer one.
+    /// Rests the group until steady time `until_ms`; a shorter rest never shortens a longer one.
     pub fn cool_down(&mut self, until_ms: u64, reason: CooldownReason) -> Cooldown {
         match self.cooldown {
             Some(current) if current.until_ms >= until_ms => current,
             _ => {
                 let cooldown = Cooldown { until_ms, reason };
                 self.cooldown = Some(cooldown);
+                self.rest_until_day_turns = false;
                 cooldown
             }
         }
     }
 
-    /// The earliest time after `now_ms` at which `requests` and `tokens` might fit without any
-    /// live lease ending: `None` when only ending leases can make room.
-    pub fn affordable_at(
-        &self,
-        now_ms: u64,
-        requests: u64,
-        tokens: u64,
-        daily: DailyReset,
-    ) -> Option<u64> {
-        let mut at = now_ms;
+    /// Rests the group until its day turns (the books must be advanced to `time`).
+    pub fn rest_for_the_day(&mut self, time: Time) -> Cooldown {
+        let cooldown = self.cool_down(
+            time.steady_at(self.day_ends_ms),
+            CooldownReason::DailyQuotaExhausted,
+        );
+        if cooldown.reason == CooldownReason::DailyQuotaExhausted {
+            self.rest_until_day_turns = true;
+        }
+        cooldown
+    }
+
+    /// The earliest steady time at which `requests` and `tokens` might fit without any live
+    /// lease ending: `None` when only ending leases can make room.
+    pub fn affordable_at(&self, time: Time, requests: u64, tokens: u64) -> Option<u64> {
+        let mut at = time.steady_ms;
         if let Some(cooldown) = self.cooldown {
             at = at.max(cooldown.until_ms);
         }
-        if !fits(self.day_requests + requests, self.limits.requests_per_day) {
+        if !fits(self.day_requests, requests, self.limits.requests_per_day) {
             // Tomorrow starts with the live leases' requests only (an upper bound on the wait).
-            if !fits(self.live_requests + requests, self.limits.requests_per_day) {
+            if !fits(self.live_requests, requests, self.limits.requests_per_day) {
                 return None;
             }
-            at = at.max(daily.next_reset_after(now_ms));
+            at = at.max(time.steady_at(self.day_ends_ms));
         }
-        let mut window_requests = self.requests_in_window() + requests;
-        let mut window_tokens = self.tokens_in_window() + tokens;
+        let mut window_requests = self.requests_in_window().saturating_add(requests);
+        let mut window_tokens = self.tokens_in_window().saturating_add(tokens);
         let mut settled = self.settled.iter();
-        while !fits(window_requests, self.limits.requests_per_minute)
-            || !fits(window_tokens, self.limits.tokens_per_minute)
+        while !fits(window_requests, 0, self.limits.requests_per_minute)
+            || !fits(window_tokens, 0, self.limits.tokens_per_minute)
         {
             let next = settled.next()?;
-            window_requests -= next.requests;
-            window_tokens -= next.tokens;
+            window_requests = window_requests.saturating_sub(next.requests);
+            window_tokens = window_tokens.saturating_sub(next.tokens);
             at = at.max(next.until_ms);
         }
         Some(at)
     }
 
-    /// The next time the books change by themselves: a cooldown ends, a settled entry leaves the
-    /// window, or the day turns while something is spent.
-    pub fn next_change_after(&self, now_ms: u64) -> Option<u64> {
+    /// The next steady time the books change by themselves: a cooldown ends, a settled entry
+    /// leaves the window, or the day turns while something is spent.
+    pub fn next_change_after(&self, time: Time) -> Option<u64> {
+        let now_ms = time.steady_ms;
         let mut next: Option<u64> = None;
         let mut consider = |at: u64| {
             if at > now_ms {
@@ -283,7 +283,7 @@ impl QuotaGroup {
             consider(front.until_ms);
         }
         if self.limits.requests_per_day.is_some() && self.day_requests > 0 {
-            consider(self.day_ends_ms);
+            consider(time.steady_at(self.day_ends_ms));
         }
         next
     }
@@ -298,8 +298,25 @@ impl QuotaGroup {
     }
 }
 
-fn fits(amount: u64, limit: Option<u64>) -> bool {
-    limit.is_none_or(|limit| amount <= limit)
+/// Requests and tokens, reserved or used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Amount {
+    pub requests: u64,
+    pub tokens: u64,
+}
+
+/// How long what was used stays on the books after a lease ends.
+#[derive(Debug, Clone, Copy)]
+pub struct BookKeeping {
+    /// The provider's sliding window.
+    pub window_ms: u64,
+    /// Added to it, for clocks that disagree and requests in flight.
+    pub safety_margin_ms: u64,
+}
+
+/// Whether `used` plus `more` stays within `limit`.
+fn fits(used: u64, more: u64, limit: Option<u64>) -> bool {
+    limit.is_none_or(|limit| used.checked_add(more).is_some_and(|sum| sum <= limit))
 }
 
 fn fraction_left(used: u64, limit: Option<u64>) -> f64 {
@@ -316,13 +333,26 @@ mod tests {
 
     const WINDOW: u64 = 60_000;
     const MARGIN: u64 = 1_000;
+    const BOOKS: BookKeeping = BookKeeping {
+        window_ms: WINDOW,
+        safety_margin_ms: MARGIN,
+    };
     /// 2026-03-08 06:00 UTC: 22:00 PST on the eve of the spring-forward day.
     const EVENING_BEFORE_DST: u64 = 1_772_949_600_000;
+    const HOUR: u64 = 3_600_000;
 
     fn daily() -> DailyReset {
         DailyReset {
             zone: chrono_tz::America::Los_Angeles,
         }
+    }
+
+    fn at(ms: u64) -> Time {
+        Time::at(ms)
+    }
+
+    fn amount(requests: u64, tokens: u64) -> Amount {
+        Amount { requests, tokens }
     }
 
     fn group(rpm: u64, rpd: u64) -> QuotaGroup {
@@ -331,16 +361,7 @@ mod tests {
             tokens_per_minute: Some(1_000),
             requests_per_day: Some(rpd),
         };
-        QuotaGroup::new(limits, EVENING_BEFORE_DST, daily())
-    }
-
-    #[test]
-    fn daily_reset_is_midnight_pacific_across_dst() {
-        let reset = daily().next_reset_after(EVENING_BEFORE_DST);
-        // Midnight PST (UTC-8) on 2026-03-08 is 08:00 UTC.
-        assert_eq!(reset, EVENING_BEFORE_DST + 2 * 3_600_000);
-        // The next one comes after a 23-hour day, at midnight PDT (UTC-7).
-        assert_eq!(daily().next_reset_after(reset), reset + 23 * 3_600_000);
+        QuotaGroup::new(limits, at(EVENING_BEFORE_DST), daily())
     }
 
     #[test]
@@ -349,10 +370,10 @@ mod tests {
         let t = EVENING_BEFORE_DST;
         g.reserve(2, 0);
         assert!(!g.can_afford(1, 0));
-        g.settle(t + 5_000, WINDOW, MARGIN, 2, 0, 2, 0);
-        g.advance(t + 5_000 + WINDOW + MARGIN - 1, daily());
+        g.settle(at(t + 5_000), BOOKS, amount(2, 0), amount(2, 0));
+        g.advance(at(t + 5_000 + WINDOW + MARGIN - 1), daily());
         assert!(!g.can_afford(1, 0));
-        g.advance(t + 5_000 + WINDOW + MARGIN, daily());
+        g.advance(at(t + 5_000 + WINDOW + MARGIN), daily());
         assert!(g.can_afford(2, 0));
     }
 
@@ -360,7 +381,12 @@ mod tests {
     fn unsent_requests_are_refunded_and_estimates_replaced() {
         let mut g = group(10, 100);
         g.reserve(5, 800);
-        g.settle(EVENING_BEFORE_DST, WINDOW, MARGIN, 5, 800, 1, 100);
+        g.settle(
+            at(EVENING_BEFORE_DST),
+            BOOKS,
+            amount(5, 800),
+            amount(1, 100),
+        );
         assert_eq!(g.requests_in_window(), 1);
         assert_eq!(g.tokens_in_window(), 100);
         assert_eq!(g.requests_today(), 1);
@@ -371,7 +397,7 @@ mod tests {
         let mut g = group(10, 3);
         let t = EVENING_BEFORE_DST;
         g.reserve(2, 0);
-        g.advance(daily().next_reset_after(t) + 1, daily());
+        g.advance(at(daily().next_reset_after(t) + 1), daily());
         assert_eq!(g.requests_today(), 2);
         assert!(!g.can_afford(2, 0));
     }
@@ -390,10 +416,62 @@ mod tests {
         let mut g = group(2, 100);
         let t = EVENING_BEFORE_DST;
         g.reserve(2, 0);
-        g.settle(t, WINDOW, MARGIN, 2, 0, 2, 0);
-        assert_eq!(g.affordable_at(t, 1, 0, daily()), Some(t + WINDOW + MARGIN));
+        g.settle(at(t), BOOKS, amount(2, 0), amount(2, 0));
+        assert_eq!(g.affordable_at(at(t), 1, 0), Some(t + WINDOW + MARGIN));
         g.reserve(2, 0);
         // Two live requests fill the window whatever settles: only a release makes room.
-        assert_eq!(g.affordable_at(t, 1, 0, daily()), None);
+        assert_eq!(g.affordable_at(at(t), 1, 0), None);
+    }
+
+    #[test]
+    fn sums_near_the_top_of_u64_never_wrap_into_admitting() {
+        let mut g = group(10, 100);
+        g.reserve(0, u64::MAX - 5);
+        g.reserve(0, 10);
+        assert_eq!(g.tokens_in_window(), u64::MAX);
+        assert!(!g.can_afford(0, 0) && !g.can_afford(0, 1));
+        assert_eq!(g.affordable_at(at(EVENING_BEFORE_DST), 0, 1), None);
+        g.settle(
+            at(EVENING_BEFORE_DST),
+            BOOKS,
+            amount(0, u64::MAX),
+            amount(u64::MAX, u64::MAX),
+        );
+        assert!(!g.can_afford(1, 0));
+    }
+
+    #[test]
+    fn a_daily_rest_follows_a_stepped_wall_clock_and_windows_do_not() {
+        let mut g = group(1, 100);
+        let t = EVENING_BEFORE_DST;
+        let midnight = daily().next_reset_after(t);
+        g.reserve(1, 0);
+        g.settle(at(t), BOOKS, amount(1, 0), amount(1, 0));
+        g.rest_for_the_day(at(t));
+        assert_eq!(g.cooldown().unwrap().until_ms, midnight);
+        // The wall clock is stepped 90 minutes ahead while the steady clock moves one second:
+        // the rest ends 90 minutes sooner in steady time, the window entry is still there.
+        let stepped = Time::new(t + 90 * 60_000 + 1_000, t + 1_000);
+        g.advance(stepped, daily());
+        assert_eq!(g.cooldown().unwrap().until_ms, midnight - 90 * 60_000);
+        assert!(!g.can_afford(1, 0));
+        // Past midnight on the wall clock the day turns and the rest is over, at once.
+        let after = Time::new(midnight + 1, t + 2 * HOUR);
+        g.advance(after, daily());
+        assert_eq!(g.cooldown(), None);
+        assert_eq!(g.requests_today(), 0);
+    }
+
+    #[test]
+    fn a_wall_clock_stepped_back_over_midnight_does_not_start_the_day_again() {
+        let mut g = group(10, 3);
+        let t = EVENING_BEFORE_DST;
+        let midnight = daily().next_reset_after(t);
+        g.advance(at(midnight + 1_000), daily());
+        g.reserve(3, 0);
+        // Stepped back into yesterday evening, then forward past the same midnight once more.
+        g.advance(Time::new(midnight - 30 * 60_000, midnight + 2_000), daily());
+        g.advance(Time::new(midnight + 5_000, midnight + 40 * 60_000), daily());
+        assert_eq!(g.requests_today(), 3);
     }
 }

@@ -103,6 +103,14 @@ fn report(kind: FailureKind) -> FailureReport {
     }
 }
 
+/// A release's usage, both figures given.
+fn used(requests_sent: u32, input_tokens: u64) -> Usage {
+    Usage {
+        requests_sent: Some(requests_sent),
+        input_tokens: Some(input_tokens),
+    }
+}
+
 fn invalid_field(outcome: Result<Acquired, EngineError>) -> &'static str {
     match outcome {
         Err(EngineError::InvalidArgument { field, .. }) => field,
@@ -228,7 +236,7 @@ fn stale_fencing_token_is_refused_and_changes_nothing() {
     let wrong_token = e.renew(now, &current.lease_id, old.fencing_token, None, 0, 0);
     assert!(matches!(wrong_token, Err(EngineError::StaleLease { .. })));
 
-    let status = e.status(now, None, 0, 10).unwrap();
+    let status = e.status(now, None, None, 10).unwrap();
     assert_eq!(status.keys[0].leases[0].lease_id, current.lease_id);
     assert!(status.groups.iter().all(|g| g.cooldown.is_none()));
 }
@@ -238,14 +246,17 @@ fn release_is_idempotent() {
     let mut e = engine(&[("k1", "p1")]);
     let lease = granted(e.acquire(T0, ask("a")));
     assert_eq!(
-        e.release(T0, &lease.lease_id, lease.fencing_token, 1, 10),
-        Ok(true)
+        e.release(T0, &lease.lease_id, lease.fencing_token, used(1, 10)),
+        Ok(Some(Amount {
+            requests: 1,
+            tokens: 10
+        }))
     );
     assert_eq!(
-        e.release(T0, &lease.lease_id, lease.fencing_token, 1, 10),
-        Ok(false)
+        e.release(T0, &lease.lease_id, lease.fencing_token, used(1, 10)),
+        Ok(None)
     );
-    let status = e.status(T0, None, 0, 10).unwrap();
+    let status = e.status(T0, None, None, 10).unwrap();
     assert_eq!(status.groups[0].requests_per_minute.used, 1);
 }
 
@@ -254,7 +265,7 @@ fn an_unknown_lease_is_not_found() {
     let mut e = engine(&[("k1", "p1")]);
     for id in ["lease-99", "nonsense", ""] {
         assert_eq!(
-            e.release(T0, id, 1, 0, 0),
+            e.release(T0, id, 1, used(0, 0)),
             Err(EngineError::LeaseNotFound(id.to_string()))
         );
     }
@@ -315,8 +326,13 @@ fn sent_requests_hold_the_window_until_a_window_after_release() {
     let mut e = Engine::new(config(2, 100), key_specs(&[("k1", "p1")]), T0).unwrap();
     let lease = granted(e.acquire(T0, ask_n("a", 2)));
     let released_at = T0 + 5 * SECOND;
-    e.release(released_at, &lease.lease_id, lease.fencing_token, 2, 0)
-        .unwrap();
+    e.release(
+        released_at,
+        &lease.lease_id,
+        lease.fencing_token,
+        used(2, 0),
+    )
+    .unwrap();
     let free_at = released_at + MINUTE + SECOND;
     let why = unavailable(e.acquire(free_at - 1, ask("b")));
     assert_eq!(
@@ -330,7 +346,7 @@ fn sent_requests_hold_the_window_until_a_window_after_release() {
 fn unsent_requests_are_refunded_at_release() {
     let mut e = Engine::new(config(3, 100), key_specs(&[("k1", "p1")]), T0).unwrap();
     let lease = granted(e.acquire(T0, ask_n("a", 3)));
-    e.release(T0, &lease.lease_id, lease.fencing_token, 1, 0)
+    e.release(T0, &lease.lease_id, lease.fencing_token, used(1, 0))
         .unwrap();
     granted(e.acquire(T0, ask_n("b", 2)));
 }
@@ -366,7 +382,7 @@ fn project_limits_replace_the_model_defaults() {
 fn the_daily_count_resets_at_midnight_pacific() {
     let mut e = Engine::new(config(10, 2), key_specs(&[("k1", "p1")]), T0).unwrap();
     let lease = granted(e.acquire(T0, ask_n("a", 2)));
-    e.release(T0, &lease.lease_id, lease.fencing_token, 2, 0)
+    e.release(T0, &lease.lease_id, lease.fencing_token, used(2, 0))
         .unwrap();
     let hour_later = T0 + 60 * MINUTE;
     let why = unavailable(e.acquire(hour_later, ask("b")));
@@ -436,7 +452,7 @@ fn rate_limits_without_a_delay_back_off_exponentially_until_a_success() {
         now += expected;
     }
     let lease = granted(e.acquire(now, ask("b")));
-    e.release(now, &lease.lease_id, lease.fencing_token, 1, 0)
+    e.release(now, &lease.lease_id, lease.fencing_token, used(1, 0))
         .unwrap();
     let lease = granted(e.acquire(now, ask("c")));
     e.report_failure(
@@ -545,10 +561,9 @@ fn late_evidence_of_a_bad_key_still_disables_it() {
         old.expires_ms,
         &current.lease_id,
         current.fencing_token,
-        0,
-        0,
+        used(0, 0),
     );
-    assert_eq!(released, Ok(false));
+    assert_eq!(released, Ok(None));
 }
 
 #[test]
@@ -559,7 +574,7 @@ fn only_the_most_recently_ended_leases_are_remembered() {
     let mut ended = Vec::new();
     for task in ["a", "b", "c"] {
         let lease = granted(e.acquire(T0, ask(task)));
-        e.release(T0, &lease.lease_id, lease.fencing_token, 0, 0)
+        e.release(T0, &lease.lease_id, lease.fencing_token, used(0, 0))
             .unwrap();
         ended.push(lease);
     }
@@ -627,8 +642,13 @@ fn a_key_related_failure_excludes_the_key_from_the_task_for_a_while() {
         .unwrap();
     let replacement = granted(e.acquire(T0, reported.replacement));
     assert_ne!(replacement.key_id, lease.key_id);
-    e.release(T0, &replacement.lease_id, replacement.fencing_token, 1, 0)
-        .unwrap();
+    e.release(
+        T0,
+        &replacement.lease_id,
+        replacement.fencing_token,
+        used(1, 0),
+    )
+    .unwrap();
 
     // Other tasks may use the failed key once it cooled down; this task not for ten minutes.
     let later = T0 + 2 * SECOND;
@@ -687,8 +707,13 @@ fn waiters_are_served_first_come_first_served() {
             ..ask("w2")
         },
     ));
-    e.release(T0 + SECOND, &lease.lease_id, lease.fencing_token, 1, 0)
-        .unwrap();
+    e.release(
+        T0 + SECOND,
+        &lease.lease_id,
+        lease.fencing_token,
+        used(1, 0),
+    )
+    .unwrap();
     let grants = e.drain().waiter_grants;
     assert_eq!(grants.len(), 1);
     assert_eq!((grants[0].0, grants[0].1.task_id.as_str()), (first, "w1"));
@@ -698,8 +723,7 @@ fn waiters_are_served_first_come_first_served() {
         T0 + 2 * SECOND,
         &w1_lease.lease_id,
         w1_lease.fencing_token,
-        1,
-        0,
+        used(1, 0),
     )
     .unwrap();
     unavailable(e.acquire(T0 + 2 * SECOND, ask("newcomer")));
@@ -720,7 +744,7 @@ fn a_newcomer_does_not_overtake_a_waiter_blocked_on_quota() {
     ));
     // One request would fit, but the waiter ahead needs that room first.
     unavailable(e.acquire(T0, ask("small")));
-    e.release(T0, &lease.lease_id, lease.fencing_token, 0, 0)
+    e.release(T0, &lease.lease_id, lease.fencing_token, used(0, 0))
         .unwrap();
     assert_eq!(e.drain().waiter_grants[0].1.task_id, "big");
 }
@@ -746,7 +770,7 @@ fn a_later_waiter_may_take_a_key_the_earlier_one_excluded() {
             ..ask("w2")
         },
     ));
-    e.release(T0, &k1_only.lease_id, k1_only.fencing_token, 1, 0)
+    e.release(T0, &k1_only.lease_id, k1_only.fencing_token, used(1, 0))
         .unwrap();
     let grants = e.drain().waiter_grants;
     assert_eq!((grants[0].0, grants[0].1.key_id.as_str()), (w2, "k1"));
@@ -766,10 +790,10 @@ fn a_cancelled_waiter_is_never_granted() {
     let why = e.cancel_waiter(T0, waiter).unwrap();
     assert_eq!(why.reason, UnavailableReason::AllLeased);
     assert_eq!(e.cancel_waiter(T0, waiter), None);
-    e.release(T0, &lease.lease_id, lease.fencing_token, 1, 0)
+    e.release(T0, &lease.lease_id, lease.fencing_token, used(1, 0))
         .unwrap();
     assert!(e.drain().waiter_grants.is_empty());
-    assert_eq!(e.status(T0, None, 0, 10).unwrap().live_leases, 0);
+    assert_eq!(e.status(T0, None, None, 10).unwrap().live_leases, 0);
 }
 
 #[test]
@@ -874,7 +898,7 @@ fn the_least_recently_used_key_is_lent_first() {
     for (i, task) in ["a", "b", "c", "d"].iter().enumerate() {
         let now = T0 + i as u64 * SECOND;
         let lease = granted(e.acquire(now, ask(task)));
-        e.release(now, &lease.lease_id, lease.fencing_token, 0, 0)
+        e.release(now, &lease.lease_id, lease.fencing_token, used(0, 0))
             .unwrap();
         order.push(lease.key_id);
     }
@@ -888,7 +912,7 @@ fn the_least_recently_used_key_is_lent_first() {
 fn the_key_with_the_most_quota_headroom_is_preferred() {
     let mut e = engine(&[("k1", "busy"), ("k2", "busy"), ("k3", "idle")]);
     let lease = granted(e.acquire(T0, ask_n("a", 5)));
-    e.release(T0, &lease.lease_id, lease.fencing_token, 5, 0)
+    e.release(T0, &lease.lease_id, lease.fencing_token, used(5, 0))
         .unwrap();
     let busy_project = lease.project.clone();
     let next = granted(e.acquire(T0 + SECOND, ask("b")));
@@ -961,10 +985,261 @@ fn bad_acquires_name_the_field_at_fault() {
 fn the_engine_clock_never_runs_backwards() {
     let mut e = engine(&[("k1", "p1")]);
     let lease = granted(e.acquire(T0, ask("a")));
-    // A wall clock stepped back does not revive the expired lease or shorten anything.
+    // A steady reading that went back does not revive the expired lease or shorten anything.
     e.tick(lease.expires_ms);
-    assert_eq!(e.tick(T0), lease.expires_ms);
+    assert_eq!(e.tick(T0).steady_ms, lease.expires_ms);
     granted(e.acquire(T0, ask("b")));
+}
+
+// ---- numbers from clients ----------------------------------------------------------------
+
+#[test]
+fn requests_sent_above_the_grant_book_only_the_grant() {
+    let mut e = engine(&[("k1", "p1")]);
+    let lease = granted(e.acquire(T0, ask_n("a", 2)));
+    let booked = e
+        .release(T0, &lease.lease_id, lease.fencing_token, used(u32::MAX, 0))
+        .unwrap();
+    assert_eq!(booked.map(|b| b.requests), Some(2));
+    let status = e.status(T0, None, None, 10).unwrap();
+    assert_eq!(status.groups[0].requests_per_day.used, 2);
+    // The project is not locked for the day: the window frees a minute later.
+    granted(e.acquire(T0 + MINUTE + SECOND, ask_n("b", 8)));
+}
+
+#[test]
+fn a_report_books_at_most_the_granted_requests() {
+    let mut e = engine(&[("k1", "p1")]);
+    let lease = granted(e.acquire(T0, ask_n("a", 3)));
+    let reported = e
+        .report_failure(
+            T0,
+            &lease.lease_id,
+            lease.fencing_token,
+            FailureReport {
+                requests_sent: Some(u32::MAX),
+                ..report(FailureKind::ServerError)
+            },
+        )
+        .unwrap();
+    assert_eq!(reported.booked.map(|b| b.requests), Some(3));
+    let status = e.status(T0, None, None, 10).unwrap();
+    assert_eq!(status.groups[0].requests_per_day.used, 3);
+}
+
+#[test]
+fn unset_usage_books_every_granted_request_and_keeps_the_estimate() {
+    let mut e = engine(&[("k1", "p1")]);
+    let lease = granted(e.acquire(
+        T0,
+        AcquireRequest {
+            estimated_tokens: 700,
+            ..ask_n("a", 2)
+        },
+    ));
+    let booked = e
+        .release(T0, &lease.lease_id, lease.fencing_token, Usage::default())
+        .unwrap();
+    assert_eq!(
+        booked,
+        Some(Amount {
+            requests: 2,
+            tokens: 700
+        })
+    );
+    let status = e.status(T0, None, None, 10).unwrap();
+    assert_eq!(status.groups[0].requests_per_minute.used, 2);
+    assert_eq!(status.groups[0].tokens_per_minute.used, 700);
+}
+
+#[test]
+fn token_figures_above_the_ceiling_are_refused() {
+    let mut unlimited = config(10, 100);
+    let pool = unlimited.pools.get_mut(DEFAULT_POOL).unwrap();
+    pool.models.get_mut(MODEL).unwrap().tokens_per_minute = None;
+    let mut e = Engine::new(unlimited, key_specs(&[("k1", "p1")]), T0).unwrap();
+    let too_many = AcquireRequest {
+        estimated_tokens: MAX_INPUT_TOKENS + 1,
+        ..ask("a")
+    };
+    assert_eq!(
+        invalid_field(e.acquire(T0, too_many)),
+        "estimated_input_tokens"
+    );
+    let lease = granted(e.acquire(
+        T0,
+        AcquireRequest {
+            estimated_tokens: MAX_INPUT_TOKENS,
+            ..ask("a")
+        },
+    ));
+    // A renewal may not take the lease's tokens past the ceiling, nor wrap them round.
+    for more in [1, u64::MAX] {
+        let renewed = e.renew(T0, &lease.lease_id, lease.fencing_token, None, 0, more);
+        assert!(
+            matches!(
+                renewed,
+                Err(EngineError::InvalidArgument {
+                    field: "additional_input_tokens",
+                    ..
+                })
+            ),
+            "{renewed:?}"
+        );
+    }
+}
+
+#[test]
+fn a_release_of_absurd_token_counts_blocks_the_window_and_never_admits() {
+    let mut e = engine(&[("k1", "p1")]);
+    let lease = granted(e.acquire(T0, ask("a")));
+    let booked = e
+        .release(T0, &lease.lease_id, lease.fencing_token, used(1, u64::MAX))
+        .unwrap();
+    assert_eq!(booked.map(|b| b.tokens), Some(MAX_INPUT_TOKENS));
+    for tokens in [0, 1] {
+        let ask = AcquireRequest {
+            estimated_tokens: tokens,
+            ..ask("b")
+        };
+        assert_eq!(
+            unavailable(e.acquire(T0, ask)).reason,
+            UnavailableReason::QuotaSpent
+        );
+    }
+    // A window (and the margin) later the tokens have left the books.
+    granted(e.acquire(T0 + MINUTE + SECOND, ask("b")));
+}
+
+// ---- two clocks ------------------------------------------------------------------------------
+
+#[test]
+fn a_stepped_wall_clock_moves_the_daily_reset_and_no_lease_or_window() {
+    let mut e = Engine::new(config(10, 3), key_specs(&[("k1", "p1")]), T0).unwrap();
+    let spent = granted(e.acquire(T0, ask_n("a", 2)));
+    e.release(T0, &spent.lease_id, spent.fencing_token, used(2, 0))
+        .unwrap();
+    let lease = granted(e.acquire(T0 + SECOND, ask("b")));
+    unavailable(e.acquire(T0 + SECOND, ask("c")));
+    // NTP steps the wall clock into tomorrow while one steady second passes: the day has
+    // turned (only the live lease counts against it), but the lease lives on and the window
+    // still holds every request.
+    let midnight = T0 + 11 * 60 * MINUTE;
+    let stepped = Time::new(midnight + 60 * MINUTE, T0 + 2 * SECOND);
+    let status = e.status(stepped, None, None, 10).unwrap();
+    assert_eq!(status.keys[0].leases[0].lease_id, lease.lease_id);
+    assert_eq!(status.groups[0].requests_per_day.used, 1);
+    assert_eq!(status.groups[0].requests_per_minute.used, 3);
+    assert_eq!(status.now.wall_ms, midnight + 60 * MINUTE);
+    assert_eq!(e.next_wakeup_ms(), Some(lease.expires_ms));
+}
+
+#[test]
+fn a_daily_rest_ends_when_a_stepped_wall_clock_reaches_midnight() {
+    let mut e = engine(&[("k1", "p1")]);
+    let lease = granted(e.acquire(T0, ask("a")));
+    e.report_failure(
+        T0,
+        &lease.lease_id,
+        lease.fencing_token,
+        report(FailureKind::DailyQuotaExhausted),
+    )
+    .unwrap();
+    let midnight = T0 + 11 * 60 * MINUTE;
+    // The wall clock was 30 minutes slow and is stepped right: the rest ends 30 minutes sooner
+    // in steady time, which is midnight on the corrected clock.
+    let corrected = Time::new(T0 + 31 * MINUTE, T0 + MINUTE);
+    let why = unavailable(e.acquire(corrected, ask("b")));
+    assert_eq!(why.retry_at_ms, Some(midnight - 30 * MINUTE));
+    granted(e.acquire(Time::new(midnight, midnight - 30 * MINUTE), ask("b")));
+}
+
+// ---- lines and pages -------------------------------------------------------------------------
+
+#[test]
+fn a_cancelled_waiter_that_held_a_group_back_lets_the_next_one_in() {
+    let mut e = Engine::new(config(3, 100), key_specs(&[("k1", "p1"), ("k2", "p1")]), T0).unwrap();
+    granted(e.acquire(T0, ask_n("holder", 2)));
+    let big = queued(e.acquire(
+        T0,
+        AcquireRequest {
+            wait: true,
+            ..ask_n("big", 2)
+        },
+    ));
+    let small = queued(e.acquire(
+        T0,
+        AcquireRequest {
+            wait: true,
+            ..ask("small")
+        },
+    ));
+    assert!(e.drain().waiter_grants.is_empty());
+    assert!(e.cancel_waiter(T0, big).is_some());
+    let grants = e.drain().waiter_grants;
+    assert_eq!(grants.len(), 1);
+    assert_eq!(grants[0].0, small);
+    assert!(!e.has_waiters());
+}
+
+#[test]
+fn a_long_line_on_spent_quota_is_looked_at_only_as_far_as_hope_goes() {
+    // Cancelling any waiter of a long line costs a look at the first few, not at the line:
+    // here, with every group held back by the first waiter, nobody behind it is looked at.
+    let mut e = Engine::new(config(1, 100), key_specs(&[("k1", "p1"), ("k2", "p1")]), T0).unwrap();
+    let lease = granted(e.acquire(T0, ask("holder")));
+    let mut waiters: Vec<WaiterId> = (0..2_000)
+        .map(|i| {
+            queued(e.acquire(
+                T0,
+                AcquireRequest {
+                    wait: true,
+                    ..ask(&format!("w{i}"))
+                },
+            ))
+        })
+        .collect();
+    e.release(T0, &lease.lease_id, lease.fencing_token, used(1, 0))
+        .unwrap();
+    while let Some(id) = waiters.pop() {
+        assert!(e.cancel_waiter(T0, id).is_some());
+        if waiters.len() == 1_000 {
+            let status = e.status(T0, None, None, 10).unwrap();
+            assert_eq!(status.waiting[0].2, 1_000);
+        }
+    }
+    assert!(!e.has_waiters());
+    assert!(e.drain().waiter_grants.is_empty());
+    assert!(
+        e.waiters_looked_at <= 2 * 2_000,
+        "{} looks at waiters for 2,000 cancels",
+        e.waiters_looked_at
+    );
+}
+
+#[test]
+fn status_pages_continue_after_the_last_key_and_refuse_foreign_cursors() {
+    let mut e = engine(&[("k1", "p1"), ("k2", "p1"), ("k3", "p2")]);
+    let first = e.status(T0, None, None, 2).unwrap();
+    let ids: Vec<&str> = first.keys.iter().map(|k| k.key_id.as_str()).collect();
+    assert_eq!(ids, ["k1", "k2"]);
+    assert_eq!(first.next_after.as_deref(), Some("k2"));
+    let second = e.status(T0, None, Some("k2"), 2).unwrap();
+    assert_eq!(second.keys[0].key_id, "k3");
+    assert_eq!(second.next_after, None);
+    for cursor in ["k9", ""] {
+        let refused = e.status(T0, None, Some(cursor), 2);
+        assert!(
+            matches!(
+                refused,
+                Err(EngineError::InvalidArgument {
+                    field: "page_token",
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+    }
 }
 
 #[test]

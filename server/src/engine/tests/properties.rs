@@ -2,6 +2,9 @@
 //! advances, checked after every step against a model of what the provider would see: each
 //! request sent on a lease arrives at some moment of that lease chosen adversarially (at its
 //! grant, at its end, or between), and no provider window nor Pacific day may exceed its limit.
+//! Every number a client sends is drawn with extremes (0, the bounds, `u32::MAX`, `u64::MAX`):
+//! the engine refuses exactly what it should, books at most what was granted, and no grant is
+//! admitted over the tokens-per-minute books as an independent model keeps them.
 
 use super::*;
 use proptest::prelude::*;
@@ -19,6 +22,8 @@ const KEYS: [(&str, &str); 5] = [
     ("k5", "p3"),
 ];
 const TASKS: u8 = 6;
+/// The tokens per minute of `limits()`.
+const TPM: u128 = 100_000;
 /// Short, so that exclusions end while tasks still wait.
 const EXCLUSION: u64 = 30 * SECOND;
 
@@ -26,23 +31,28 @@ const EXCLUSION: u64 = 30 * SECOND;
 enum Op {
     Acquire {
         task: u8,
-        requests: u8,
+        requests: u32,
+        tokens: u64,
+        ttl_ms: Option<u64>,
         wait: bool,
         exclude: Option<u8>,
     },
     Release {
         pick: u16,
-        sent: u8,
+        sent: Option<u32>,
+        tokens: Option<u64>,
     },
     Renew {
         pick: u16,
-        add: u8,
+        add: u32,
+        tokens: u64,
+        ttl_ms: Option<u64>,
     },
     Report {
         pick: u16,
         kind: u8,
-        retry_after_s: Option<u8>,
-        sent: u8,
+        retry_after_ms: Option<u64>,
+        sent: Option<u32>,
         rotate: bool,
     },
     Cancel {
@@ -56,14 +66,46 @@ enum Op {
     },
 }
 
+/// Mostly small counts, often the extremes a hostile or buggy client sends.
+fn count_u32(small: u32) -> impl Strategy<Value = u32> {
+    prop_oneof![
+        6 => 0..=small,
+        1 => Just(u32::MAX),
+        1 => Just(u32::MAX - 1),
+        1 => any::<u32>(),
+    ]
+}
+
+fn count_u64(small: u64) -> impl Strategy<Value = u64> {
+    prop_oneof![
+        6 => 0..=small,
+        1 => Just(MAX_INPUT_TOKENS),
+        1 => Just(MAX_INPUT_TOKENS + 1),
+        1 => Just(u64::MAX),
+        1 => any::<u64>(),
+    ]
+}
+
+/// Durations in ms: mostly sensible, sometimes zero or absurd.
+fn duration_ms(small: u64) -> impl Strategy<Value = u64> {
+    prop_oneof![
+        6 => 1..=small,
+        1 => Just(0u64),
+        1 => Just(u64::MAX),
+        1 => any::<u64>(),
+    ]
+}
+
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (0..TASKS, 1..=3u8, any::<bool>(), proptest::option::weighted(0.2, 0..5u8))
-            .prop_map(|(task, requests, wait, exclude)| Op::Acquire { task, requests, wait, exclude }),
-        3 => (any::<u16>(), 0..=3u8).prop_map(|(pick, sent)| Op::Release { pick, sent }),
-        1 => (any::<u16>(), 0..=2u8).prop_map(|(pick, add)| Op::Renew { pick, add }),
-        2 => (any::<u16>(), 0..7u8, proptest::option::of(1..90u8), 0..=3u8, any::<bool>())
-            .prop_map(|(pick, kind, retry_after_s, sent, rotate)| Op::Report { pick, kind, retry_after_s, sent, rotate }),
+        4 => (0..TASKS, count_u32(3), count_u64(40_000), proptest::option::weighted(0.2, duration_ms(60_000)), any::<bool>(), proptest::option::weighted(0.2, 0..5u8))
+            .prop_map(|(task, requests, tokens, ttl_ms, wait, exclude)| Op::Acquire { task, requests, tokens, ttl_ms, wait, exclude }),
+        3 => (any::<u16>(), proptest::option::weighted(0.8, count_u32(3)), proptest::option::weighted(0.8, count_u64(60_000)))
+            .prop_map(|(pick, sent, tokens)| Op::Release { pick, sent, tokens }),
+        1 => (any::<u16>(), count_u32(2), count_u64(20_000), proptest::option::weighted(0.2, duration_ms(60_000)))
+            .prop_map(|(pick, add, tokens, ttl_ms)| Op::Renew { pick, add, tokens, ttl_ms }),
+        2 => (any::<u16>(), 0..7u8, proptest::option::of(duration_ms(90_000)), proptest::option::weighted(0.8, count_u32(3)), any::<bool>())
+            .prop_map(|(pick, kind, retry_after_ms, sent, rotate)| Op::Report { pick, kind, retry_after_ms, sent, rotate }),
         1 => any::<u16>().prop_map(|pick| Op::Cancel { pick }),
         1 => (0..5u8).prop_map(|key| Op::Toggle { key }),
         3 => (0..40_000u32).prop_map(|ms| Op::Advance { ms }),
@@ -87,6 +129,8 @@ struct Tracked {
     project: String,
     /// (granted at, requests): the first grant and each renewal that added requests.
     batches: Vec<(u64, u64)>,
+    /// Input tokens reserved: the estimate and what renewals added.
+    tokens: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +138,7 @@ struct WaitingTask {
     id: WaiterId,
     task: String,
     excluded: Option<String>,
+    tokens: u64,
 }
 
 #[derive(Default)]
@@ -109,8 +154,13 @@ struct Model {
     waiting: Vec<WaitingTask>,
     /// (task, key) -> excluded until.
     exclusions: HashMap<(String, String), u64>,
-    /// Requests sent, as reported, per lease id about to be ended by a report.
-    reported_sent: HashMap<String, u64>,
+    /// (requests, tokens) used, as the model expects them booked, per lease id about to be
+    /// ended by a release or a report.
+    reported_use: HashMap<String, (u64, u64)>,
+    /// Estimates of acquires about to be granted at once, by task.
+    asked_tokens: HashMap<String, u64>,
+    /// Per project: (steady time the tokens leave the books, tokens) of ended leases.
+    ended_tokens: HashMap<String, Vec<(u64, u64)>>,
 }
 
 fn max_leases(key_id: &str) -> usize {
@@ -147,10 +197,16 @@ impl Model {
         Ok(())
     }
 
-    fn end(&mut self, token: u64, end_ms: u64, sent: u64) {
+    /// Ends a live lease at `end_ms`, with `sent` requests and `tokens` used (`None`: its
+    /// reservation).
+    fn end(&mut self, token: u64, end_ms: u64, sent: u64, tokens: Option<u64>) {
         let Some(tracked) = self.live.remove(&token) else {
             return;
         };
+        self.ended_tokens
+            .entry(tracked.project.clone())
+            .or_default()
+            .push((end_ms + MINUTE, tokens.unwrap_or(tracked.tokens)));
         let mut left = sent;
         let mut index = 0u64;
         for &(granted_ms, requests) in &tracked.batches {
@@ -178,7 +234,7 @@ impl Model {
             .map(|(id, lease)| (lease.lease_id.clone(), *id))
             .collect();
         for event in notices.events {
-            let at = event.at_ms;
+            let at = event.at.steady_ms;
             match event.kind {
                 EventKind::Granted(le) => {
                     let key = le.key_id.clone();
@@ -200,9 +256,19 @@ impl Model {
                     );
                     let waiter = granted_waiters.get(&le.lease.lease_id).copied();
                     self.check_no_overtaking(&key, at, waiter)?;
-                    if let Some(id) = waiter {
-                        self.waiting.retain(|w| w.id != id);
-                    }
+                    let tokens = match waiter {
+                        Some(id) => {
+                            let tokens = self
+                                .waiting
+                                .iter()
+                                .find(|w| w.id == id)
+                                .map_or(0, |w| w.tokens);
+                            self.waiting.retain(|w| w.id != id);
+                            tokens
+                        }
+                        None => self.asked_tokens.remove(&le.lease.task_id).unwrap_or(0),
+                    };
+                    self.check_token_books(&le.project, at, u128::from(tokens))?;
                     self.all.push((le.lease.lease_id.clone(), token));
                     self.live.insert(
                         token,
@@ -210,6 +276,7 @@ impl Model {
                             key_id: key.clone(),
                             project: le.project,
                             batches: vec![(at, u64::from(le.lease.requests_granted))],
+                            tokens,
                         },
                     );
                     let holders = self.live.values().filter(|t| t.key_id == key).count();
@@ -232,17 +299,31 @@ impl Model {
                 EventKind::Released {
                     lease,
                     requests_sent,
-                } => self.end(lease.lease.fencing_token, at, requests_sent),
+                } => {
+                    // A release reported by a client, or a disable ending the lease in full.
+                    let all = u64::from(lease.lease.requests_granted);
+                    let (sent, tokens) = match self.reported_use.remove(&lease.lease.lease_id) {
+                        Some((sent, tokens)) => (sent, Some(tokens)),
+                        None => (all, None),
+                    };
+                    prop_assert_eq!(
+                        requests_sent,
+                        sent,
+                        "requests booked for {}",
+                        lease.lease.lease_id
+                    );
+                    self.end(lease.lease.fencing_token, at, sent, tokens);
+                }
                 EventKind::Expired(lease) => {
                     let all = u64::from(lease.lease.requests_granted);
-                    self.end(lease.lease.fencing_token, at, all);
+                    self.end(lease.lease.fencing_token, at, all, None);
                 }
                 EventKind::Failed { lease, kind, .. } => {
-                    let sent = self
-                        .reported_sent
+                    let (sent, _) = self
+                        .reported_use
                         .remove(&lease.lease.lease_id)
-                        .unwrap_or(0);
-                    self.end(lease.lease.fencing_token, at, sent);
+                        .unwrap_or((0, 0));
+                    self.end(lease.lease.fencing_token, at, sent, None);
                     if kind.blames_key() {
                         self.exclusions
                             .insert((lease.lease.task_id, lease.key_id), at + EXCLUSION);
@@ -266,6 +347,30 @@ impl Model {
             self.waiting.retain(|w| w.id != id);
         }
         self.check_provider_windows(daily)
+    }
+
+    /// A grant of `tokens` to `project` at `at` fits the tokens per minute on top of the live
+    /// leases' reservations and what ended leases used within the last window.
+    fn check_token_books(&self, project: &str, at: u64, tokens: u128) -> Result<(), TestCaseError> {
+        let live: u128 = self
+            .live
+            .values()
+            .filter(|t| t.project == project)
+            .map(|t| u128::from(t.tokens))
+            .sum();
+        let ended: u128 = self
+            .ended_tokens
+            .get(project)
+            .into_iter()
+            .flatten()
+            .filter(|&&(until, _)| until > at)
+            .map(|&(_, t)| u128::from(t))
+            .sum();
+        prop_assert!(
+            live + ended + tokens <= TPM,
+            "{project}: a grant of {tokens} tokens on top of {live} live and {ended} ended"
+        );
+        Ok(())
     }
 
     /// What the provider would count: no sliding window over RPM, no Pacific day over RPD.
@@ -319,6 +424,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Acquire {
                 task,
                 requests,
+                tokens,
+                ttl_ms,
                 wait,
                 exclude,
             } => {
@@ -327,61 +434,103 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let request = AcquireRequest {
                     task_id: task.clone(),
                     model: MODEL.into(),
-                    requests: u32::from(requests),
+                    requests,
+                    estimated_tokens: tokens,
+                    ttl_ms,
                     wait,
                     exclude_key_ids: excluded.iter().cloned().collect(),
                     ..Default::default()
                 };
-                match engine.acquire(now, request) {
-                    Ok(Acquired::Queued(id)) => {
-                        model.waiting.push(WaitingTask { id, task, excluded })
-                    }
-                    Ok(Acquired::Granted(_) | Acquired::Unavailable(_)) => {}
-                    Err(error) => {
-                        return Err(TestCaseError::fail(format!("acquire refused: {error}")));
-                    }
+                // Refused: more requests than a minute or a lease allows, more tokens than a
+                // minute allows, or a TTL of zero or above the maximum.
+                let refused = requests.max(1) as usize > RPM
+                    || u128::from(tokens) > TPM
+                    || ttl_ms.is_some_and(|ttl| ttl == 0 || ttl > 10 * MINUTE);
+                model.asked_tokens.insert(task.clone(), tokens);
+                let outcome = engine.acquire(now, request);
+                prop_assert_eq!(outcome.is_err(), refused, "acquire: {:?}", outcome);
+                if let Ok(Acquired::Queued(id)) = outcome {
+                    model.waiting.push(WaitingTask {
+                        id,
+                        task,
+                        excluded,
+                        tokens,
+                    })
                 }
             }
-            Op::Release { pick, sent } => {
+            Op::Release { pick, sent, tokens } => {
                 if let Some((id, token)) = pick_lease(&model, pick) {
-                    let granted = model
-                        .live
-                        .get(&token)
-                        .map_or(0, |t| t.batches.iter().map(|b| b.1).sum::<u64>());
-                    let sent = u64::from(sent).min(granted) as u32;
-                    let released = engine.release(now, &id, token, sent, 0);
+                    if let Some(tracked) = model.live.get(&token) {
+                        let granted = tracked.batches.iter().map(|b| b.1).sum::<u64>();
+                        let booked_sent = sent.map_or(granted, |s| u64::from(s).min(granted));
+                        let booked_tokens =
+                            tokens.map_or(tracked.tokens, |t| t.min(MAX_INPUT_TOKENS));
+                        model
+                            .reported_use
+                            .insert(id.clone(), (booked_sent, booked_tokens));
+                    }
+                    let usage = Usage {
+                        requests_sent: sent,
+                        input_tokens: tokens,
+                    };
+                    let released = engine.release(now, &id, token, usage);
                     prop_assert!(released.is_ok(), "release of {id}: {released:?}");
                 }
             }
-            Op::Renew { pick, add } => {
+            Op::Renew {
+                pick,
+                add,
+                tokens,
+                ttl_ms,
+            } => {
                 if let Some((id, token)) = pick_lease(&model, pick) {
-                    let _ = engine.renew(now, &id, token, None, u32::from(add), 0);
+                    let renewed = engine.renew(now, &id, token, ttl_ms, add, tokens);
+                    if let Ok(Renewed::Done(_)) = renewed
+                        && let Some(tracked) = model.live.get_mut(&token)
+                    {
+                        tracked.tokens += tokens;
+                        prop_assert!(
+                            u128::from(tracked.tokens) <= TPM,
+                            "a renewal reserved {} tokens",
+                            tracked.tokens
+                        );
+                    }
                 }
             }
             Op::Report {
                 pick,
                 kind,
-                retry_after_s,
+                retry_after_ms,
                 sent,
                 rotate,
             } => {
                 if let Some((id, token)) = pick_lease(&model, pick) {
-                    let granted = model
-                        .live
-                        .get(&token)
-                        .map_or(0, |t| t.batches.iter().map(|b| b.1).sum::<u64>());
-                    let sent = u64::from(sent).min(granted);
-                    model.reported_sent.insert(id.clone(), sent);
+                    if let Some(tracked) = model.live.get(&token) {
+                        let granted = tracked.batches.iter().map(|b| b.1).sum::<u64>();
+                        let booked_sent = sent.map_or(granted, |s| u64::from(s).min(granted));
+                        model
+                            .reported_use
+                            .insert(id.clone(), (booked_sent, tracked.tokens));
+                    }
                     let report = FailureReport {
                         kind: KINDS[kind as usize],
-                        retry_after_ms: retry_after_s.map(|s| u64::from(s) * SECOND),
+                        retry_after_ms,
                         detail: String::new(),
-                        requests_sent: Some(sent as u32),
+                        requests_sent: sent,
                     };
-                    if let Ok(reported) = engine.report_failure(now, &id, token, report)
+                    let outcome = engine.report_failure(now, &id, token, report);
+                    if retry_after_ms.is_some_and(|ms| ms > 24 * 60 * MINUTE) {
+                        prop_assert!(outcome.is_err(), "a retry delay over a day was taken");
+                        model.reported_use.remove(&id);
+                    }
+                    if let Ok(reported) = outcome
                         && rotate
                     {
                         model.absorb(engine.drain(), daily)?;
+                        model.asked_tokens.insert(
+                            reported.replacement.task_id.clone(),
+                            reported.replacement.estimated_tokens,
+                        );
                         let _ = engine.acquire(now, reported.replacement);
                     }
                 }
@@ -410,7 +559,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let end = model.now + 10 * MINUTE;
     for token in model.live.keys().copied().collect::<Vec<_>>() {
         let held = model.live[&token].batches.iter().map(|b| b.1).sum();
-        model.end(token, end, held);
+        model.end(token, end, held, None);
     }
     model.check_provider_windows(daily)
 }
