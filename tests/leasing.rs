@@ -450,6 +450,81 @@ async fn bad_requests_name_the_field_and_the_server_keeps_serving() {
 }
 
 #[tokio::test]
+async fn secrets_in_free_text_are_masked_for_every_viewer() {
+    let keys = [("k1", "p1"), ("k2", "p2"), ("k3", "p3")];
+    let server = TestServer::start(&config_toml(&keys, 100, "")).await;
+    let mut client = server.client().await;
+    let mut events = server.watch().await;
+    // A key of ours, and one shaped like a Google key that keylease never saw.
+    let ours = fake_secret("k1");
+    let foreign = format!("AIza{}", "Q7_-x".repeat(7));
+    let leaked =
+        |text: &str| text.contains(&ours[4..ours.len() - 4]) || text.contains(&foreign[4..35]);
+
+    let lease = client
+        .acquire_key(acquire("t1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let report = pb::ReportFailureRequest {
+        lease_id: lease.lease_id.clone(),
+        fencing_token: lease.fencing_token,
+        kind: pb::FailureKind::InvalidKey as i32,
+        detail: format!("API key not valid. key={ours}; also tried {foreign}"),
+        ..Default::default()
+    };
+    let reply = client.report_failure(report).await.unwrap().into_inner();
+    let reason = reply.key.unwrap().disabled_reason;
+    assert!(!leaked(&reason) && reason.contains("AIza…"), "{reason}");
+
+    let disable = pb::SetKeyEnabledRequest {
+        key_id: "k2".into(),
+        enabled: false,
+        reason: format!("rotated, the old one was {}", fake_secret("k2")),
+    };
+    let k2 = client.set_key_enabled(disable).await.unwrap().into_inner();
+    assert!(
+        !k2.disabled_reason.contains(&fake_secret("k2")[4..40]),
+        "{}",
+        k2.disabled_reason
+    );
+
+    let task = client
+        .acquire_key(acquire(&format!("job-{ours}")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!leaked(&task.task_id), "{}", task.task_id);
+    let refused = client
+        .acquire_key(pb::AcquireKeyRequest {
+            model: ours.clone(),
+            ..acquire("t2")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(!leaked(refused.message()), "{}", refused.message());
+
+    let status = client
+        .get_status(pb::GetStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = format!("{status:?}");
+    for _ in 0..4 {
+        seen.push_str(&format!("{:?}", events.message().await.unwrap().unwrap()));
+    }
+    assert!(
+        !leaked(&seen) && !seen.contains(&fake_secret("k2")),
+        "{seen}"
+    );
+    assert!(
+        seen.contains("disabled_reason: \"invalid key: API key not valid."),
+        "{seen}"
+    );
+}
+
+#[tokio::test]
 async fn a_release_that_says_nothing_books_the_whole_grant() {
     let server = TestServer::start(&config_toml(&[("k1", "p1")], 100, "")).await;
     let mut client = server.client().await;

@@ -1,22 +1,28 @@
 //! Configuration: the TOML file with `KEYLEASE_…` overrides, and the keys from config entries, a
 //! keys file and `GEMINI_API_KEY*` variables. Everything is read and validated here, before any
-//! port is bound; an error names the file, field or line, and the reason, never a secret.
+//! port is bound; an error names the file, field or line, and the reason, never a secret. Text
+//! that can hold one (a secret or token field, a keys-file line, a token variable, any value a
+//! parser quotes) is never quoted: the error gives where it is and what was expected.
 
 use crate::engine::{
     DEFAULT_POOL, DailyReset, EngineConfig, KeySpec, PoolConfig, canonical_model, quota::Limits,
 };
-use crate::secret::ApiKey;
+use crate::secret::{ApiKey, Redactor};
+use regex::Regex;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 /// Prefix of environment overrides: `KEYLEASE_SERVER__LISTEN=0.0.0.0:50051`.
 pub const ENV_PREFIX: &str = "KEYLEASE";
 /// Keys from the environment: `GEMINI_API_KEY`, `GEMINI_API_KEY_1`, `GEMINI_API_KEY_2`, ...
 const GEMINI_KEY_VAR: &str = "GEMINI_API_KEY";
+/// Settings that are lists, so that their `KEYLEASE_…` override may be `a,b,c`.
+const LIST_SETTINGS: [&str; 1] = ["server.auth_tokens"];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -226,6 +232,7 @@ pub fn load(
     if let Some(path) = path {
         let text = std::fs::read_to_string(path)
             .map_err(|e| invalid(&origin, format!("cannot read: {e}")))?;
+        check_toml_syntax(&origin, &text)?;
         builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
     }
     // Only `KEYLEASE_SECTION__FIELD`: other KEYLEASE_ variables (KEYLEASE_LOG) are not config.
@@ -234,19 +241,69 @@ pub fn load(
         .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}_")) && k.contains("__"))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    builder = builder.add_source(
-        config::Environment::with_prefix(ENV_PREFIX)
-            .prefix_separator("_")
-            .separator("__")
-            .try_parsing(true)
-            .source(Some(overrides_from_env)),
-    );
+    let mut environment = config::Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator("_")
+        .separator("__")
+        .try_parsing(true)
+        .list_separator(",");
+    for key in LIST_SETTINGS {
+        environment = environment.with_list_parse_key(key);
+    }
+    builder = builder.add_source(environment.source(Some(overrides_from_env)));
     let file: FileConfig = builder
         .build()
         .and_then(|c| c.try_deserialize())
-        .map_err(|e| invalid(&origin, e.to_string()))?;
+        .map_err(|e| {
+            invalid(
+                format!("{origin} (or its {ENV_PREFIX}_ overrides)"),
+                without_values(&e.to_string()),
+            )
+        })?;
     let base_dir = path.and_then(Path::parent).unwrap_or(Path::new("."));
     validate(file, &origin, base_dir, env, overrides)
+}
+
+/// Refuses a file that is not TOML, by line and column: the parser's own report quotes the
+/// line, which may be a secret's.
+fn check_toml_syntax(origin: &str, text: &str) -> Result<(), ConfigError> {
+    let Err(error) = text.parse::<toml::Table>() else {
+        return Ok(());
+    };
+    let place = match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+            format!("{origin}:{line}:{column}")
+        }
+        None => origin.to_string(),
+    };
+    let message = without_values(error.message().trim()).replace('\n', "; ");
+    Err(invalid(place, format!("not valid TOML: {message}")))
+}
+
+/// A parser's message without the values it quotes: a value may be a secret in the wrong field.
+/// Field names and paths in backticks stay (lower case, as every field of ours is, and not
+/// shaped like a credential), as do single marks such as `"`.
+fn without_values(message: &str) -> String {
+    static QUOTED: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(r#""(?:[^"\\]|\\.)*"|'[^']*'|`([^`]*)`"#).expect("a valid pattern")
+    });
+    static FIELD_PATH: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(r"^[a-z0-9_\-]{1,40}(?:\[[0-9]+\])*(?:\.?[a-z0-9_\-]{1,40}(?:\[[0-9]+\])*)*$|^[^A-Za-z0-9]$")
+            .expect("a valid pattern")
+    });
+    let shapes = Redactor::default();
+    QUOTED
+        .replace_all(message, |found: &regex::Captures<'_>| match found.get(1) {
+            Some(name)
+                if FIELD_PATH.is_match(name.as_str()) && !shapes.finds_secret(name.as_str()) =>
+            {
+                found[0].to_string()
+            }
+            _ => "(a value, not shown)".to_string(),
+        })
+        .into_owned()
 }
 
 /// Turns a parsed file into settings, or says what is wrong and where.
@@ -359,7 +416,7 @@ pub fn validate(
     if file.key_sources.environment {
         keys.add_environment(env)?;
     }
-    let keys = keys.finish();
+    let keys = keys.finish()?;
     if keys.is_empty() {
         return Err(invalid(
             origin,
@@ -508,6 +565,12 @@ impl<'a> KeyCollector<'a> {
         if secret.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(invalid(origin, "the key contains white space"));
         }
+        if ASSIGNMENT.is_match(secret) {
+            return Err(invalid(
+                origin,
+                "the key starts with a variable name and '=': give the key alone",
+            ));
+        }
         let secret = ApiKey::new(secret);
         if let Some(first) = self.secret_origin.get(&secret) {
             return Err(invalid(
@@ -574,56 +637,124 @@ impl<'a> KeyCollector<'a> {
         )
     }
 
-    /// One key per line: `SECRET [id=ID] [project=P] [pool=POOL] [max_leases=N]`, `#` comments.
+    /// One key per line: `SECRET [id=ID] [project=P] [pool=POOL] [max_leases=N]`, `#` comments;
+    /// or `.env` lines, `[export] GEMINI_API_KEY[_<n>][_PROJECT]=VALUE`, read as the environment
+    /// source reads those variables. Errors give the line and column, never the line's text.
     fn add_file(&mut self, path: &Path) -> Result<(), ConfigError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path)
+        let bytes = std::fs::read(path)
             .map_err(|e| invalid(&name, format!("cannot read the keys file: {e}")))?;
-        for (number, line) in text.lines().enumerate() {
+        let bytes = bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(&bytes);
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            invalid(
+                &name,
+                format!("not UTF-8 text (at byte {})", e.valid_up_to()),
+            )
+        })?;
+        let mut variables: HashMap<String, String> = HashMap::new();
+        let mut variable_lines: HashMap<String, usize> = HashMap::new();
+        for (number, line) in lines_any_ending(text).enumerate() {
             let origin = format!("{name}:{}", number + 1);
+            let at_column = |word: &str| {
+                let offset = word.as_ptr() as usize - line.as_ptr() as usize;
+                format!("{origin}:{}", line[..offset].chars().count() + 1)
+            };
             // A comment starts the line or follows white space: keys never hold either.
             let comment = line
                 .char_indices()
                 .find(|&(i, c)| c == '#' && (i == 0 || line[..i].ends_with(char::is_whitespace)));
             let line = comment.map_or(line, |(i, _)| &line[..i]);
-            let mut words = line.split_whitespace();
-            let Some(secret) = words.next() else { continue };
-            let mut notes: HashMap<&str, &str> = HashMap::new();
-            for word in words {
-                let (name, value) = word.split_once('=').ok_or_else(|| {
-                    invalid(
-                        &origin,
-                        format!("expected name=value after the key, found {word:?}"),
-                    )
-                })?;
-                if !matches!(name, "id" | "project" | "pool" | "max_leases") {
+            let mut words = line.split_whitespace().peekable();
+            if words.peek() == Some(&"export") {
+                words.next();
+            }
+            let Some(first) = words.next() else { continue };
+            if let Some((variable, value)) = first.split_once('=')
+                && ASSIGNMENT.is_match(first)
+            {
+                if !is_key_variable(variable) {
                     return Err(invalid(
-                        &origin,
-                        format!("unknown annotation {name:?} (id, project, pool, max_leases)"),
+                        at_column(first),
+                        format!(
+                            "a NAME=VALUE line whose name is not {GEMINI_KEY_VAR}, {GEMINI_KEY_VAR}_<n> or {GEMINI_KEY_VAR}_<n>_PROJECT (the line is not shown: it may hold a secret)"
+                        ),
                     ));
                 }
-                notes.insert(name, value);
+                let rest_start = value.as_ptr() as usize - line.as_ptr() as usize;
+                let value = line[rest_start..].trim();
+                let value = ['"', '\'']
+                    .iter()
+                    .find_map(|&q| value.strip_prefix(q).and_then(|v| v.strip_suffix(q)))
+                    .unwrap_or(value);
+                if let Some(first_line) = variable_lines.insert(variable.to_string(), number + 1) {
+                    return Err(invalid(
+                        at_column(first),
+                        format!("{variable} is set twice (first on line {first_line})"),
+                    ));
+                }
+                variables.insert(variable.to_string(), value.to_string());
+                continue;
+            }
+            if let Some((annotation, _)) = first.split_once('=')
+                && matches!(annotation, "id" | "project" | "pool" | "max_leases")
+            {
+                return Err(invalid(
+                    at_column(first),
+                    "the key must come first on the line, before id=, project=, pool= and max_leases=",
+                ));
+            }
+            let mut notes: HashMap<&str, &str> = HashMap::new();
+            for word in words {
+                let Some((annotation, value)) = word.split_once('=') else {
+                    return Err(invalid(
+                        at_column(word),
+                        "expected name=value after the key, found a word without '=' (one key per line; the word is not shown)",
+                    ));
+                };
+                if !matches!(annotation, "id" | "project" | "pool" | "max_leases") {
+                    return Err(invalid(
+                        at_column(word),
+                        "unknown annotation (id, project, pool, max_leases); the word is not shown",
+                    ));
+                }
+                notes.insert(annotation, value);
             }
             let max_leases = notes
                 .get("max_leases")
                 .map(|v| {
                     v.parse::<u32>()
-                        .map_err(|_| invalid(&origin, format!("max_leases={v} is not a number")))
+                        .map_err(|_| invalid(&origin, "max_leases is not a number"))
                 })
                 .transpose()?;
             self.add(
                 &origin,
-                secret,
+                first,
                 notes.get("id").copied(),
                 notes.get("project").copied(),
                 notes.get("pool").copied(),
                 max_leases,
             )?;
         }
-        Ok(())
+        let origin_of = |variable: &str| {
+            format!(
+                "{name}:{} ({variable})",
+                variable_lines.get(variable).copied().unwrap_or(0)
+            )
+        };
+        self.add_variables(&variables, origin_of)
     }
 
     fn add_environment(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
+        self.add_variables(env, |variable| variable.to_string())
+    }
+
+    /// The keys in `GEMINI_API_KEY` and `GEMINI_API_KEY_<n>` of `env`, each in the project of
+    /// its `…_PROJECT` variable; `origin_of` says where a variable was set.
+    fn add_variables(
+        &mut self,
+        env: &HashMap<String, String>,
+        origin_of: impl Fn(&str) -> String,
+    ) -> Result<(), ConfigError> {
         let mut numbered: Vec<(u32, &String)> = env
             .iter()
             .filter_map(|(name, value)| {
@@ -638,7 +769,7 @@ impl<'a> KeyCollector<'a> {
         numbered.sort();
         if let Some(value) = env.get(GEMINI_KEY_VAR) {
             self.add(
-                GEMINI_KEY_VAR,
+                &origin_of(GEMINI_KEY_VAR),
                 value,
                 None,
                 env.get(&format!("{GEMINI_KEY_VAR}_PROJECT"))
@@ -650,14 +781,52 @@ impl<'a> KeyCollector<'a> {
         for (n, value) in numbered {
             let var = format!("{GEMINI_KEY_VAR}_{n}");
             let project = env.get(&format!("{var}_PROJECT")).map(String::as_str);
-            self.add(&var, value, None, project, None, None)?;
+            self.add(&origin_of(&var), value, None, project, None, None)?;
         }
         Ok(())
     }
 
-    fn finish(self) -> Vec<KeySpec> {
-        self.keys
+    /// The keys, unless an id or project holds a secret: both are shown to every operator.
+    fn finish(self) -> Result<Vec<KeySpec>, ConfigError> {
+        let redactor = Redactor::new(self.keys.iter().map(|k| &k.secret));
+        for key in &self.keys {
+            for (what, text) in [("id", &key.id), ("project", &key.project)] {
+                if redactor.finds_secret(text) {
+                    let origin = &self.secret_origin[&key.secret];
+                    return Err(invalid(
+                        origin,
+                        format!(
+                            "the {what} holds a key or looks like one; ids and projects are shown to every operator"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(self.keys)
     }
+}
+
+/// `NAME=` at the start of a word: an environment assignment, not a key.
+static ASSIGNMENT: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^[A-Z_][A-Z0-9_]*=").expect("a valid pattern"));
+
+/// Whether `name` is a variable the environment source reads: `GEMINI_API_KEY`,
+/// `GEMINI_API_KEY_<n>`, and the same with `_PROJECT`.
+fn is_key_variable(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(GEMINI_KEY_VAR) else {
+        return false;
+    };
+    let rest = rest.strip_suffix("_PROJECT").unwrap_or(rest);
+    rest.is_empty()
+        || rest
+            .strip_prefix('_')
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Lines of a text file, each ended by LF, CRLF or a lone CR.
+fn lines_any_ending(text: &str) -> impl Iterator<Item = &str> {
+    text.split('\n')
+        .flat_map(|line| line.strip_suffix('\r').unwrap_or(line).split('\r'))
 }
 
 #[cfg(test)]

@@ -314,3 +314,159 @@ fn toml_like(text: &str) -> FileConfig {
         .try_deserialize()
         .unwrap()
 }
+
+/// Secrets to plant in mistakes: one of the real key shape, made at run time so that no such
+/// literal is in the tree, and one of no particular shape.
+fn planted_secrets() -> [String; 2] {
+    [
+        format!("AIza{}", "Q7_-x".repeat(7)),
+        "tok-Zq9.arbitrary/Secret+value".to_string(),
+    ]
+}
+
+/// The error of loading `config` with `keys` as the keys file and `vars` as the environment,
+/// checked to name `place` and to hold no part of `secret`.
+fn refused_without_secret(
+    config: &str,
+    keys: Option<&[u8]>,
+    vars: &HashMap<String, String>,
+    secret: &str,
+    place: &str,
+) -> String {
+    let dir = Dir::new(config);
+    if let Some(keys) = keys {
+        std::fs::write(dir.path.join("keys.txt"), keys).unwrap();
+    }
+    let error = error_of(dir.load(vars));
+    assert!(error.contains(place), "{place:?} not in: {error}");
+    let middle = &secret[4..secret.len() - 4];
+    assert!(!error.contains(middle), "the secret leaked: {error}");
+    error
+}
+
+#[test]
+fn toml_errors_on_a_secret_line_give_line_and_column_not_the_line() {
+    for secret in planted_secrets() {
+        for (line, expected) in [
+            (format!("secret = \"{secret}"), "keylease.toml:6:"),
+            (format!("secret = {secret}"), "keylease.toml:6:10"),
+            (secret.clone(), "keylease.toml:6:"),
+        ] {
+            let config = format!("{POOL}\n[[keys]]\n{line}\n");
+            let error = refused_without_secret(&config, None, &no_env(), &secret, expected);
+            assert!(error.contains("not valid TOML"), "{error}");
+        }
+    }
+}
+
+#[test]
+fn a_secret_in_the_wrong_field_is_not_quoted() {
+    for secret in planted_secrets() {
+        let config = format!("{POOL}\n[[keys]]\nsecret = \"x-key\"\nmax_leases = \"{secret}\"\n");
+        let error = refused_without_secret(&config, None, &no_env(), &secret, "max_leases");
+        assert!(error.contains("expected an integer"), "{error}");
+        let config = format!("{POOL}\n[leases]\n\"{secret}\" = 1\n[[keys]]\nsecret = \"x-key\"\n");
+        refused_without_secret(&config, None, &no_env(), &secret, "unknown field");
+    }
+}
+
+#[test]
+fn keys_file_mistakes_never_quote_the_line() {
+    let config = format!("{POOL}\n[key_sources]\nfile = \"keys.txt\"\n");
+    for secret in planted_secrets() {
+        let cases: [(String, &str, &str); 4] = [
+            (
+                format!("id=x {secret}\n"),
+                "keys.txt:1:1",
+                "must come first",
+            ),
+            (
+                format!("{secret} {secret}2\n"),
+                "keys.txt:1:",
+                "without '='",
+            ),
+            (
+                format!("{secret} colour={secret}\n"),
+                "keys.txt:1:",
+                "unknown annotation",
+            ),
+            (
+                format!("OPENAI_API_KEY={secret}\n"),
+                "keys.txt:1:1",
+                "NAME=VALUE",
+            ),
+        ];
+        for (text, place, reason) in cases {
+            let error =
+                refused_without_secret(&config, Some(text.as_bytes()), &no_env(), &secret, place);
+            assert!(error.contains(reason), "{error}");
+        }
+    }
+}
+
+#[test]
+fn a_malformed_token_variable_is_not_quoted() {
+    for secret in planted_secrets() {
+        let vars = env(&[("KEYLEASE_SERVER__AUTH_TOKENS", &format!("{secret} x,"))]);
+        let config = format!("{POOL}\n[[keys]]\nsecret = \"x-key\"\n");
+        refused_without_secret(&config, None, &vars, &secret, "server.auth_tokens[0]");
+    }
+}
+
+#[test]
+fn auth_tokens_from_the_environment_are_a_comma_separated_list() {
+    let vars = env(&[("KEYLEASE_SERVER__AUTH_TOKENS", "first-token,second-token")]);
+    let settings = Dir::new(&format!("{POOL}\n[[keys]]\nsecret = \"x-key\"\n"))
+        .load(&vars)
+        .unwrap();
+    let tokens: Vec<&str> = settings.auth_tokens.iter().map(ApiKey::reveal).collect();
+    assert_eq!(tokens, ["first-token", "second-token"]);
+}
+
+#[test]
+fn a_keys_file_may_be_a_dotenv_file_with_a_byte_order_mark_and_any_line_ends() {
+    let config = format!("{POOL}\n[key_sources]\nfile = \"keys.txt\"\n");
+    let [shaped, arbitrary] = planted_secrets();
+    let text = format!(
+        "\u{feff}# from .env\r\nexport GEMINI_API_KEY_1=\"{shaped}\"\rGEMINI_API_KEY_1_PROJECT=team one\nGEMINI_API_KEY_2='{arbitrary}'\n"
+    );
+    let dir = Dir::new(&config);
+    dir.write("keys.txt", &text);
+    let settings = dir.load(&no_env()).unwrap();
+    let keys: Vec<(&str, &str)> = settings
+        .keys
+        .iter()
+        .map(|k| (k.secret.reveal(), k.project.as_str()))
+        .collect();
+    assert_eq!(keys[0], (shaped.as_str(), "team one"));
+    assert_eq!(keys[1].0, arbitrary);
+    assert_eq!(keys.len(), 2);
+    // A plain keys file with a byte order mark and CR-only line ends: the mark is no part of
+    // key 1, and the lines are two keys.
+    dir.write(
+        "keys.txt",
+        &format!("\u{feff}{shaped}\r{arbitrary} project=p\r"),
+    );
+    let settings = dir.load(&no_env()).unwrap();
+    assert_eq!(settings.keys[0].secret.reveal(), shaped);
+    assert_eq!(settings.keys[1].project, "p");
+}
+
+#[test]
+fn a_variable_name_is_never_kept_in_a_secret() {
+    let [shaped, _] = planted_secrets();
+    let config = format!("{POOL}\n[[keys]]\nsecret = \"GEMINI_API_KEY={shaped}\"\n");
+    let error = refused_without_secret(&config, None, &no_env(), &shaped, "keys[0]");
+    assert!(error.contains("variable name"), "{error}");
+}
+
+#[test]
+fn an_id_or_project_holding_a_key_is_refused() {
+    for secret in planted_secrets() {
+        let config = format!(
+            "{POOL}\n[[keys]]\nid = \"{secret}\"\nsecret = \"{secret}\"\n[[keys]]\nsecret = \"other-key\"\nproject = \"p-{secret}\"\n"
+        );
+        let error = refused_without_secret(&config, None, &no_env(), &secret, "keys[0]");
+        assert!(error.contains("the id holds a key"), "{error}");
+    }
+}
