@@ -60,6 +60,20 @@ pub struct ServerSection {
     pub shutdown_grace: Duration,
     /// When set, KeyLease calls must carry `authorization: Bearer <one of these>`.
     pub auth_tokens: Vec<ApiKeyField>,
+    /// Client connections at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Calls at once on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_calls_per_connection: u32,
+    /// `WatchEvents` streams at once, over all connections.
+    pub max_watch_streams: usize,
+    /// A connection with no call in flight this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// HTTP/2 pings this often; a peer that does not answer within `keepalive_timeout` is gone.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for ServerSection {
@@ -69,6 +83,12 @@ impl Default for ServerSection {
             log_format: "text".into(),
             shutdown_grace: Duration::from_secs(10),
             auth_tokens: Vec::new(),
+            max_connections: 1024,
+            max_calls_per_connection: 256,
+            max_watch_streams: 64,
+            idle_timeout: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -199,12 +219,24 @@ pub enum LogFormat {
     Json,
 }
 
+/// What clients may hold of the server, so that none can exhaust it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub max_calls_per_connection: u32,
+    pub max_watch_streams: usize,
+    pub idle_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
 /// Everything the server needs, validated.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
+    pub limits: ConnectionLimits,
     /// Bearer tokens callers must present; empty: no check.
     pub auth_tokens: Vec<ApiKey>,
     pub max_wait: Duration,
@@ -338,8 +370,33 @@ pub fn validate(
         }
     };
 
+    let server = &file.server;
+    for (field, value) in [
+        ("server.max_connections", server.max_connections as u64),
+        (
+            "server.max_calls_per_connection",
+            u64::from(server.max_calls_per_connection),
+        ),
+        ("server.max_watch_streams", server.max_watch_streams as u64),
+    ] {
+        if value == 0 {
+            return Err(invalid(at(field), "must be above zero"));
+        }
+    }
+    let limits = ConnectionLimits {
+        max_connections: server.max_connections,
+        max_calls_per_connection: server.max_calls_per_connection,
+        max_watch_streams: server.max_watch_streams,
+        idle_timeout: server.idle_timeout,
+        keepalive_interval: server.keepalive_interval,
+        keepalive_timeout: server.keepalive_timeout,
+    };
+
     let leases = &file.leases;
     for (field, value) in [
+        ("server.idle_timeout", server.idle_timeout),
+        ("server.keepalive_interval", server.keepalive_interval),
+        ("server.keepalive_timeout", server.keepalive_timeout),
         ("leases.default_ttl", leases.default_ttl),
         ("leases.max_ttl", leases.max_ttl),
         ("leases.exclusion_ttl", leases.exclusion_ttl),
@@ -438,6 +495,7 @@ pub fn validate(
         listen,
         log_format,
         shutdown_grace: file.server.shutdown_grace,
+        limits,
         auth_tokens,
         max_wait: leases.max_wait,
         engine: EngineConfig {

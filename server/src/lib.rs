@@ -4,6 +4,7 @@
 //! - [`config`]: configuration and key sources, validated before anything starts.
 //! - [`service`]: the gRPC service, a thin shell that maps the protocol onto the engine.
 //! - [`server`]: serving on a listener, with health and reflection, until a shutdown future.
+//! - [`connections`]: what client connections may hold: how many, and how long idle.
 //! - [`state`]: the engine's shell: one lock, waiters' channels, events, the expiry timer.
 //! - [`wire`]: conversions between the protocol and the engine, and errors to gRPC statuses.
 //! - [`secret`]: API keys that never print, and the ids derived from them.
@@ -12,6 +13,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod connections;
 pub mod engine;
 pub mod secret;
 pub mod server;

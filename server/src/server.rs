@@ -1,7 +1,9 @@
 //! Serving: the KeyLease service with gRPC health and reflection (v1 and v1alpha, for grpcurl) on
 //! a listener, until a shutdown future resolves. Then health turns to not serving, waiters get
-//! `UNAVAILABLE`, event streams end, and in-flight calls finish.
+//! `UNAVAILABLE`, event streams end, and in-flight calls finish. Connections are held within
+//! the configured limits ([`crate::connections`]), and HTTP/2 pings find peers that are gone.
 
+use crate::connections::{self, TrackCalls};
 use crate::secret::ApiKey;
 use crate::service::KeyLeaseService;
 use crate::state::State;
@@ -11,7 +13,6 @@ use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -52,9 +53,14 @@ pub async fn serve(
             state.shut_down();
         }
     };
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let limits = state.limits;
+    let incoming = connections::accept(listener, limits, state.clock().clone());
     let check = BearerCheck::new(state.auth_tokens());
     Server::builder()
+        .max_concurrent_streams(limits.max_calls_per_connection)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .layer(TrackCalls)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

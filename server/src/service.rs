@@ -11,7 +11,7 @@ use keylease::pb::key_lease_server::KeyLease;
 use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::Arc;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -22,11 +22,14 @@ const MAX_PAGE_SIZE: usize = 10_000;
 
 pub struct KeyLeaseService {
     state: Arc<State>,
+    /// One permit per `WatchEvents` stream that may be open.
+    watch_slots: Arc<Semaphore>,
 }
 
 impl KeyLeaseService {
     pub fn new(state: Arc<State>) -> Self {
-        Self { state }
+        let watch_slots = Arc::new(Semaphore::new(state.limits.max_watch_streams));
+        Self { state, watch_slots }
     }
 
     /// `text` with any secret in it masked.
@@ -227,12 +230,19 @@ impl KeyLeaseService {
     }
 
     fn watch_events(&self) -> Result<WatchStream, Status> {
+        let slot = self.watch_slots.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "watch_events: {} streams are open, as many as the server allows (server.max_watch_streams)",
+                self.state.limits.max_watch_streams
+            ))
+        })?;
         let mut events = self.state.subscribe();
         let shutdown = self.state.shutdown_token();
         let state = self.state.clone();
         let (sender, receiver) = mpsc::channel(64);
-        // Ends when the server shuts down or the watcher goes away.
+        // Ends when the server shuts down or the watcher goes away, giving its slot back.
         tokio::spawn(async move {
+            let _slot = slot;
             loop {
                 let event = tokio::select! {
                     received = events.recv() => match received {

@@ -6,7 +6,7 @@
 //! A std mutex, not tokio's: nothing awaits under it and each critical section is one command.
 
 use crate::clock::Clock;
-use crate::config::Settings;
+use crate::config::{ConnectionLimits, Settings};
 use crate::engine::{
     AcquireRequest, Acquired, Engine, EngineError, Event, EventKind, LeaseView, Notices,
     SetupError, Time, Unavailable, Usage, WaiterId,
@@ -62,6 +62,8 @@ pub struct State {
     auth_tokens: Vec<ApiKey>,
     /// Masks every configured secret (keys and auth tokens) in free text.
     redactor: Redactor,
+    /// What clients may hold of the server.
+    pub limits: ConnectionLimits,
 }
 
 impl State {
@@ -87,6 +89,7 @@ impl State {
             max_wait: settings.max_wait,
             auth_tokens: settings.auth_tokens.clone(),
             redactor,
+            limits: settings.limits,
         }))
     }
 
@@ -108,6 +111,10 @@ impl State {
     /// Both readings of the clock.
     pub fn time(&self) -> Time {
         self.clock.now()
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

@@ -136,3 +136,38 @@ fn operators_can_explore_it_with_grpcurl_and_stop_it_with_sigterm() {
         .unwrap();
     assert!(status.success(), "exit: {status:?}");
 }
+
+#[test]
+fn an_unknown_flag_exits_64() {
+    let output = Command::new(BINARY).arg("--bogus").output().unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--bogus"));
+}
+
+/// Runs the server on an address another socket holds, with text logs into a pipe.
+fn run_on_a_taken_address() -> std::process::Output {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    Command::new(BINARY)
+        .args(["--config", example_config().to_str().unwrap()])
+        .args(["--listen", &address, "--log-format", "text"])
+        .env_remove("GEMINI_API_KEY")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_taken_address_exits_69_naming_it() {
+    let output = run_on_a_taken_address();
+    assert_eq!(output.status.code(), Some(69));
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(log.contains("cannot listen on 127.0.0.1:"), "{log}");
+}
+
+#[test]
+fn logs_into_a_pipe_carry_no_colour_codes() {
+    let output = run_on_a_taken_address();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(log.contains("ERROR"), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a pipe: {log:?}");
+}

@@ -1,20 +1,30 @@
 //! `keylease-server`: loads and validates the configuration, binds, and serves until SIGINT or
-//! SIGTERM; in-flight calls then get the configured grace period to finish.
+//! SIGTERM; in-flight calls then get the configured grace period to finish. Exit codes follow
+//! sysexits(3); a panic, which is a bug, aborts the process rather than serve on from a state
+//! it may have left half changed.
 
-use anyhow::Context;
 use clap::Parser;
 use keylease_server::clock::Clock;
 use keylease_server::config::{self, LogFormat, Overrides, Settings};
 use keylease_server::server::serve;
 use keylease_server::state::State;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
-/// Exit code of an invalid configuration (EX_USAGE).
-const EXIT_CONFIG: u8 = 64;
+/// Invalid command line or configuration (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+/// The listen address cannot be had: in use, or not this host's (EX_UNAVAILABLE).
+const EXIT_UNAVAILABLE: u8 = 69;
+/// The server failed while serving (EX_SOFTWARE).
+const EXIT_SOFTWARE: u8 = 70;
+/// The operating system refused a resource: threads, signal handlers (EX_OSERR).
+const EXIT_OS: u8 = 71;
+/// Binding a port needs a permission this process lacks (EX_NOPERM).
+const EXIT_NO_PERMISSION: u8 = 77;
 const DEFAULT_CONFIG: &str = "keylease.toml";
 
 /// Lends API keys to workers as time-bounded leases over gRPC.
@@ -36,7 +46,18 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    abort_on_panic();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let config_path = args.config.clone().or_else(|| {
         let default = PathBuf::from(DEFAULT_CONFIG);
         default.exists().then_some(default)
@@ -51,7 +72,7 @@ fn main() -> ExitCode {
         Ok(settings) => settings,
         Err(error) => {
             eprintln!("keylease-server: invalid configuration: {error}");
-            return ExitCode::from(EXIT_CONFIG);
+            return ExitCode::from(EXIT_USAGE);
         }
     };
     init_logging(settings.log_format);
@@ -59,22 +80,66 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("keylease-server: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(EXIT_OS);
         }
     };
     match runtime.block_on(run(settings)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!("{error:#}");
-            ExitCode::FAILURE
+        Err(failure) => {
+            tracing::error!("{failure}");
+            ExitCode::from(failure.exit_code())
+        }
+    }
+}
+
+/// Prints the panic as usual, then aborts: tonic would otherwise turn a handler's panic into a
+/// dropped call and serve on.
+fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
+}
+
+/// Why the server stopped other than by a signal.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("invalid key setup: {0}")]
+    Setup(#[from] keylease_server::engine::SetupError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("serving failed: {0}")]
+    Serve(#[from] keylease_server::server::ServeError),
+}
+
+impl Failure {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Self::Setup(_) => EXIT_USAGE,
+            Self::Listen { source, .. }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                EXIT_NO_PERMISSION
+            }
+            Self::Listen { .. } => EXIT_UNAVAILABLE,
+            Self::Signals(_) => EXIT_OS,
+            Self::Serve(_) => EXIT_SOFTWARE,
         }
     }
 }
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("KEYLEASE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal, never in a file or a pipe.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
@@ -82,16 +147,21 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn run(settings: Settings) -> anyhow::Result<()> {
-    let state = State::new(&settings, Clock::system()).context("invalid key setup")?;
+async fn run(settings: Settings) -> Result<(), Failure> {
+    let state = State::new(&settings, Clock::system())?;
+    let listen_failed = |source| Failure::Listen {
+        address: settings.listen,
+        source,
+    };
     let listener = TcpListener::bind(settings.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", settings.listen))?;
-    tracing::info!(address = %listener.local_addr()?, keys = settings.keys.len(), "keylease serving");
+        .map_err(listen_failed)?;
+    let address = listener.local_addr().map_err(listen_failed)?;
+    tracing::info!(%address, keys = settings.keys.len(), "keylease serving");
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(Failure::Signals)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(Failure::Signals)?;
     tokio::spawn(async move {
         tokio::select! {
             _ = interrupt.recv() => {}
