@@ -363,8 +363,10 @@ impl Waiting<'_> {
     fn cancel(&mut self) -> Option<Unavailable> {
         let mut inner = self.state.lock();
         let unavailable = inner.engine.cancel_waiter(self.state.clock.now(), self.id);
-        inner.waiters.remove(&self.id);
+        // The engine brings itself to now before the waiter leaves, which may serve this very
+        // waiter: its lease must reach the channel, not be handed back as undelivered.
         self.state.carry_out(&mut inner);
+        inner.waiters.remove(&self.id);
         unavailable
     }
 }
@@ -381,5 +383,45 @@ impl Drop for Waiting<'_> {
                     .ok()
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{self, Overrides};
+
+    fn state(config: &str) -> Arc<State> {
+        let dir = std::env::temp_dir().join(format!("keylease-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keylease.toml");
+        std::fs::write(&path, config).unwrap();
+        let settings = config::load(Some(&path), &HashMap::new(), &Overrides::default()).unwrap();
+        State::new(&settings, Clock::starting_at(1_773_086_400_000)).unwrap()
+    }
+
+    fn ask(task: &str) -> AcquireRequest {
+        AcquireRequest {
+            task_id: task.into(),
+            model: "m".into(),
+            ttl_ms: Some(1_000),
+            ..Default::default()
+        }
+    }
+
+    /// No timer task runs here: only the waiter's own deadline brings the engine to the moment
+    /// the holder's lease expires, which serves the waiter as it leaves.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_served_as_its_deadline_passes_gets_the_lease() {
+        let state = state(
+            "[key_sources]\nenvironment = false\n[pools.gemini.models.m]\n[[keys]]\nid = \"k1\"\nsecret = \"fake-key-1\"\n",
+        );
+        let held = state.acquire(ask("holder"), Duration::ZERO).await.unwrap();
+        let waited = state
+            .acquire(ask("waiter"), Duration::from_millis(1_000))
+            .await;
+        let lease = waited.unwrap_or_else(|failure| panic!("no lease: {failure:?}"));
+        assert_eq!(lease.key_id, "k1");
+        assert!(lease.fencing_token > held.fencing_token);
     }
 }
