@@ -16,6 +16,9 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+/// Longest error message sent, in bytes: it travels in a header (`grpc-message`), which
+/// clients bound (16 KiB by default) and fail on as a transport error beyond.
+const MAX_MESSAGE_BYTES: usize = 2048;
 /// Keys per `GetStatus` page unless asked otherwise, and at most.
 const DEFAULT_PAGE_SIZE: usize = 1000;
 const MAX_PAGE_SIZE: usize = 10_000;
@@ -40,19 +43,27 @@ impl KeyLeaseService {
         }
     }
 
-    /// The status with any secret in its message masked (errors quote what clients sent).
-    fn redact_status<T>(&self, result: Result<T, Status>) -> Result<T, Status> {
-        result.map_err(
-            |status| match self.state.redactor().redact(status.message()) {
-                Cow::Borrowed(_) => status,
-                Cow::Owned(message) => Status::with_details_and_metadata(
-                    status.code(),
-                    message,
-                    status.details().to_vec().into(),
-                    status.metadata().clone(),
-                ),
-            },
-        )
+    /// The status as it may leave: errors quote what clients sent, so any secret in the
+    /// message is masked and the message is cut to fit a header.
+    fn outgoing<T>(&self, result: Result<T, Status>) -> Result<T, Status> {
+        result.map_err(|status| {
+            let message = self.state.redactor().redact(status.message());
+            let fitting = keylease::truncate_on_char_boundary(&message, MAX_MESSAGE_BYTES);
+            if matches!(message, Cow::Borrowed(_)) && fitting.len() == message.len() {
+                return status;
+            }
+            let cut = if fitting.len() < message.len() {
+                "…"
+            } else {
+                ""
+            };
+            Status::with_details_and_metadata(
+                status.code(),
+                format!("{fitting}{cut}"),
+                status.details().to_vec().into(),
+                status.metadata().clone(),
+            )
+        })
     }
 
     async fn acquire_key(&self, request: pb::AcquireKeyRequest) -> Result<pb::Lease, Status> {
@@ -278,7 +289,8 @@ impl KeyLeaseService {
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 
-/// Each call unwraps its request, runs the handler above, and redacts the error on its way out.
+/// Each call unwraps its request, runs the handler above, and passes its error through
+/// [`KeyLeaseService::outgoing`].
 #[tonic::async_trait]
 impl KeyLease for KeyLeaseService {
     async fn acquire_key(
@@ -286,7 +298,7 @@ impl KeyLease for KeyLeaseService {
         request: Request<pb::AcquireKeyRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
         let answer = self.acquire_key(request.into_inner()).await;
-        self.redact_status(answer).map(Response::new)
+        self.outgoing(answer).map(Response::new)
     }
 
     async fn renew_lease(
@@ -294,7 +306,7 @@ impl KeyLease for KeyLeaseService {
         request: Request<pb::RenewLeaseRequest>,
     ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
         let answer = self.renew_lease(request.into_inner()).await;
-        self.redact_status(answer).map(Response::new)
+        self.outgoing(answer).map(Response::new)
     }
 
     async fn release(
@@ -302,7 +314,7 @@ impl KeyLease for KeyLeaseService {
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let answer = self.release(request.into_inner()).await;
-        self.redact_status(answer).map(Response::new)
+        self.outgoing(answer).map(Response::new)
     }
 
     async fn report_failure(
@@ -310,7 +322,7 @@ impl KeyLease for KeyLeaseService {
         request: Request<pb::ReportFailureRequest>,
     ) -> Result<Response<pb::ReportFailureResponse>, Status> {
         let answer = self.report_failure(request.into_inner()).await;
-        self.redact_status(answer).map(Response::new)
+        self.outgoing(answer).map(Response::new)
     }
 
     async fn get_status(
@@ -318,7 +330,7 @@ impl KeyLease for KeyLeaseService {
         request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
         let answer = self.get_status(request.into_inner()).await;
-        self.redact_status(answer).map(Response::new)
+        self.outgoing(answer).map(Response::new)
     }
 
     type WatchEventsStream = WatchStream;
@@ -327,7 +339,7 @@ impl KeyLease for KeyLeaseService {
         &self,
         _: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        self.redact_status(self.watch_events()).map(Response::new)
+        self.outgoing(self.watch_events()).map(Response::new)
     }
 
     async fn set_key_enabled(
@@ -335,7 +347,7 @@ impl KeyLease for KeyLeaseService {
         request: Request<pb::SetKeyEnabledRequest>,
     ) -> Result<Response<pb::KeyStatus>, Status> {
         let answer = self.set_key_enabled(request.into_inner()).await;
-        self.redact_status(answer).map(Response::new)
+        self.outgoing(answer).map(Response::new)
     }
 }
 
