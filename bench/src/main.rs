@@ -3,10 +3,11 @@
 //! runs it at a size that only shows it still works (CI does that; figures are never asserted).
 //!
 //! ```sh
-//! cargo run --release -p keylease-bench -- overhead | scale | utilization | all [--smoke]
+//! cargo run --release -p keylease-bench -- overhead | scale | utilization | limits | all [--smoke]
 //! ```
 //! The other subcommands are the roles the scenarios start this binary in.
 
+mod limits;
 mod overhead;
 mod procs;
 mod roles;
@@ -39,6 +40,11 @@ enum Scenario {
     },
     /// Share of the aggregate limit served, and 429s: keylease against two common alternatives.
     Utilization {
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// Memory under non-reading event streams; time to take thousands of waiters out of line.
+    Limits {
         #[arg(long)]
         smoke: bool,
     },
@@ -78,10 +84,12 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Overhead { smoke } => overhead::run(smoke).await?,
         Scenario::Scale { smoke } => scale::run(smoke).await?,
         Scenario::Utilization { smoke } => utilization::run(smoke).await?,
+        Scenario::Limits { smoke } => limits::run(smoke).await?,
         Scenario::All { smoke } => {
             overhead::run(smoke).await?;
             scale::run(smoke).await?;
             utilization::run(smoke).await?;
+            limits::run(smoke).await?;
         }
         Scenario::Serve { .. } | Scenario::Fake { .. } | Scenario::Worker(_) => {
             unreachable!("handled above")

@@ -54,9 +54,18 @@ pub fn spawn(args: &[String], server: bool) -> anyhow::Result<Child> {
 impl Child {
     /// Peak resident memory so far, in MiB (`VmHWM`).
     pub fn peak_memory_mib(&self) -> Option<f64> {
+        self.status_mib("VmHWM:")
+    }
+
+    /// Resident memory now, in MiB (`VmRSS`).
+    pub fn memory_mib(&self) -> Option<f64> {
+        self.status_mib("VmRSS:")
+    }
+
+    fn status_mib(&self, field: &str) -> Option<f64> {
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", self.child.as_ref()?.id())).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let line = status.lines().find(|l| l.starts_with(field))?;
         let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kib / 1024.0)
     }

@@ -26,6 +26,7 @@ fn every_scenario_runs_at_smoke_size() {
         "### Overhead",
         "### Scale",
         "### Quota utilization",
+        "### Hostile clients",
         "| keylease |",
     ] {
         assert!(output.contains(table), "{table} missing from:\n{output}");
