@@ -1,12 +1,17 @@
-//! What client connections may hold of the server: at most `max_connections` at once (one more
-//! is accepted and closed at once, so that its client fails fast instead of hanging in the
-//! listen backlog), and a connection with no call in flight for `idle_timeout` is closed. A
-//! call is in flight from its request until its response body ends, so a `WatchEvents` stream
-//! or a waiting `AcquireKey` keeps its connection open however long it lasts.
+//! Client connections and what each may hold of the server. Connections are served with
+//! hyper's HTTP/2 directly (tonic's router as the service), so that every limit is ours to set:
+//! at most `max_connections` at once (one more is accepted and closed at once, so that its
+//! client fails fast instead of hanging in the listen backlog); at most `max_calls_per_connection`
+//! calls on one; at most [`MAX_SEND_BUFFER`] bytes queued for a stream whose reader has stopped;
+//! HTTP/2 pings to find peers that are gone; and a connection with no call in flight for
+//! `idle_timeout` is closed. A call is in flight from its request until its response body ends,
+//! so a `WatchEvents` stream or a waiting `AcquireKey` keeps its connection however long it lasts.
 
 use crate::clock::Clock;
 use crate::config::ConnectionLimits;
-use futures_util::Stream;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -19,45 +24,78 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tonic::codegen::http;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::service::Routes;
+use tonic::transport::server::TcpConnectInfo;
 
+/// Most bytes queued for one stream that its peer does not read: 300 stalled event streams
+/// then hold 20 MB, where hyper's default (400 KB) let them hold well over 100 MB.
+pub const MAX_SEND_BUFFER: usize = 64 * 1024;
 /// How long to wait before accepting again when the process is out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// The connections accepted on `listener`, within `limits`.
-pub fn accept(
+/// Serves `routes` to the connections accepted on `listener`, within `limits`, until
+/// `shutdown` resolves; then accepts no more, tells every connection to finish (HTTP/2 GOAWAY)
+/// and waits until they have.
+pub async fn serve(
     listener: TcpListener,
     limits: ConnectionLimits,
     clock: Clock,
-) -> impl Stream<Item = io::Result<Connection>> {
+    routes: Routes,
+    shutdown: impl Future<Output = ()>,
+) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    futures_util::stream::unfold(listener, move |listener| {
-        let (slots, clock) = (slots.clone(), clock.clone());
-        async move {
-            loop {
-                let stream = match listener.accept().await {
-                    Ok((stream, _)) => stream,
-                    Err(error) => {
-                        // Out of descriptors or a connection reset before it was taken:
-                        // nothing to serve, and the listener itself is fine.
-                        tracing::warn!(%error, "accepting a connection failed");
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
-                        continue;
-                    }
-                };
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    tracing::warn!(
-                        max_connections = limits.max_connections,
-                        "connection refused: the server holds as many as it may"
-                    );
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_calls_per_connection)
+        .keep_alive_interval(limits.keepalive_interval)
+        .keep_alive_timeout(limits.keepalive_timeout)
+        .max_send_buf_size(MAX_SEND_BUFFER);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of descriptors, or a connection reset before it was taken: the
+                    // listener itself is fine.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
-                };
-                let _ = stream.set_nodelay(true);
-                let connection = Connection::new(stream, slot, limits.idle_timeout, clock.clone());
-                return Some((Ok(connection), listener));
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                max_connections = limits.max_connections,
+                "connection refused: the server holds as many as it may"
+            );
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let info = TcpConnectInfo {
+            local_addr: stream.local_addr().ok(),
+            remote_addr: stream.peer_addr().ok(),
+        };
+        let connection = Connection::new(stream, slot, limits.idle_timeout, clock.clone());
+        let service = Tracked {
+            routes: routes.clone(),
+            activity: connection.activity.clone(),
+            info,
+        };
+        let served = graceful.watch(
+            http2.serve_connection(TokioIo::new(connection), TowerToHyperService::new(service)),
+        );
+        tokio::spawn(async move {
+            if let Err(error) = served.await {
+                tracing::debug!(%error, "connection ended");
             }
-        }
-    })
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// Calls in flight on one connection, and since when it has had none.
@@ -101,15 +139,8 @@ impl Drop for CallGuard {
     }
 }
 
-/// What a request knows of its connection (a request extension).
-#[derive(Debug, Clone)]
-pub struct ConnectionInfo {
-    pub tcp: TcpConnectInfo,
-    pub activity: Arc<Activity>,
-}
-
 /// An accepted connection holding one of the server's connection slots.
-pub struct Connection {
+struct Connection {
     stream: TcpStream,
     _slot: OwnedSemaphorePermit,
     activity: Arc<Activity>,
@@ -155,17 +186,6 @@ impl Connection {
         // Registers the waker; it cannot be ready, the deadline being in the future.
         let _ = self.idle_check.as_mut().poll(cx);
         false
-    }
-}
-
-impl Connected for Connection {
-    type ConnectInfo = ConnectionInfo;
-
-    fn connect_info(&self) -> ConnectionInfo {
-        ConnectionInfo {
-            tcp: self.stream.connect_info(),
-            activity: self.activity.clone(),
-        }
     }
 }
 
@@ -216,53 +236,42 @@ impl AsyncWrite for Connection {
     }
 }
 
-/// Marks every call in flight on its connection until its response body has ended.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TrackCalls;
-
-impl<S> tower::Layer<S> for TrackCalls {
-    type Service = Tracked<S>;
-
-    fn layer(&self, inner: S) -> Tracked<S> {
-        Tracked(inner)
-    }
+/// The router as one connection serves it: each call is marked in flight until its response
+/// body has ended, and carries the connection's addresses (as tonic's own server would).
+#[derive(Clone)]
+struct Tracked {
+    routes: Routes,
+    activity: Arc<Activity>,
+    info: TcpConnectInfo,
 }
-
-#[derive(Debug, Clone)]
-pub struct Tracked<S>(S);
 
 type Response = http::Response<tonic::body::Body>;
 
-impl<S, B> tower::Service<http::Request<B>> for Tracked<S>
+impl<B> tower::Service<http::Request<B>> for Tracked
 where
-    S: tower::Service<http::Request<B>, Response = Response> + Send,
-    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError>,
 {
     type Response = Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, S::Error>> + Send>>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Self::Error>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.0.poll_ready(cx)
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        tower::Service::<http::Request<B>>::poll_ready(&mut self.routes, cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let guard = request
-            .extensions()
-            .get::<ConnectionInfo>()
-            .map(|info| info.activity.call());
-        let response = self.0.call(request);
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        request.extensions_mut().insert(self.info.clone());
+        let guard = self.activity.call();
+        let response = self.routes.call(request);
         Box::pin(async move {
             let response = response.await?;
-            Ok(match guard {
-                Some(guard) => response.map(|body| {
-                    tonic::body::Body::new(GuardedBody {
-                        body,
-                        _guard: guard,
-                    })
-                }),
-                None => response,
-            })
+            Ok(response.map(|body| {
+                tonic::body::Body::new(GuardedBody {
+                    body,
+                    _guard: guard,
+                })
+            }))
         })
     }
 }

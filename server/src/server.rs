@@ -3,7 +3,7 @@
 //! `UNAVAILABLE`, event streams end, and in-flight calls finish. Connections are held within
 //! the configured limits ([`crate::connections`]), and HTTP/2 pings find peers that are gone.
 
-use crate::connections::{self, TrackCalls};
+use crate::connections;
 use crate::secret::ApiKey;
 use crate::service::KeyLeaseService;
 use crate::state::State;
@@ -12,14 +12,12 @@ use keylease::pb::key_lease_server::KeyLeaseServer;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tonic::transport::Server;
+use tonic::service::Routes;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error("transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
 }
 
 /// Serves on `listener` until `shutdown` resolves and in-flight calls have finished.
@@ -53,23 +51,17 @@ pub async fn serve(
             state.shut_down();
         }
     };
-    let limits = state.limits;
-    let incoming = connections::accept(listener, limits, state.clock().clone());
+    let (limits, clock) = (state.limits, state.clock().clone());
     let check = BearerCheck::new(state.auth_tokens());
-    Server::builder()
-        .max_concurrent_streams(limits.max_calls_per_connection)
-        .http2_keepalive_interval(Some(limits.keepalive_interval))
-        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-        .layer(TrackCalls)
-        .add_service(health_service)
+    let routes = Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(KeyLeaseServer::with_interceptor(
             KeyLeaseService::new(state),
             check,
         ))
-        .serve_with_incoming_shutdown(incoming, signal)
-        .await?;
+        .prepare();
+    connections::serve(listener, limits, clock, routes, signal).await;
     let _ = timer.await;
     Ok(())
 }
