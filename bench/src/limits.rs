@@ -25,6 +25,8 @@ use tonic::transport::{Channel, Endpoint, Uri};
 const MODEL: &str = "bench-model";
 /// The largest HTTP/2 window there is.
 const HUGE_WINDOW: u32 = (1 << 31) - 1;
+/// Rounds of opening and closing the streams on one server.
+const ROUNDS: usize = 3;
 
 pub async fn run(smoke: bool) -> anyhow::Result<()> {
     println!("\n### Hostile clients\n");
@@ -35,9 +37,12 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         "{streams} `WatchEvents` streams on connections that grant a 2 GB window and then stop reading their sockets, while another client runs {cycles} AcquireKey+Release cycles (two events each). Server resident memory (VmRSS):\n"
     );
     println!(
-        "| server.max_watch_streams | streams open | refused | before | while they hang | after they close | growth while open |"
+        "Each server takes {ROUNDS} rounds: a leak would show as memory after a round that grows from round to round.\n"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| server.max_watch_streams | round | streams open | refused | before | while they hang | after they close | growth while open |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for cap in [64, streams] {
         watchers(cap, streams, cycles).await?;
     }
@@ -70,7 +75,40 @@ async fn watchers(cap: usize, streams: usize, cycles: usize) -> anyhow::Result<(
         cycle(busy.clone(), 0).await?;
     }
     let before = server.memory_mib().unwrap_or(0.0);
+    for number in 1..=ROUNDS {
+        let round = Round {
+            cap,
+            number,
+            streams,
+            cycles,
+        };
+        hang(&server, &busy, round, before).await?;
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
 
+/// A round of stalled streams on a server with a watch-stream cap.
+struct Round {
+    cap: usize,
+    number: usize,
+    streams: usize,
+    cycles: usize,
+}
+
+/// One round: the streams open and stall while the cycles run, then close.
+async fn hang(
+    server: &procs::Child,
+    busy: &Channel,
+    round: Round,
+    before: f64,
+) -> anyhow::Result<()> {
+    let Round {
+        cap,
+        number: round,
+        streams,
+        cycles,
+    } = round;
     let mut sockets = Vec::new();
     let mut open = Vec::new();
     let mut refused = 0;
@@ -112,10 +150,9 @@ async fn watchers(cap: usize, streams: usize, cycles: usize) -> anyhow::Result<(
         after = after.min(server.memory_mib().unwrap_or(0.0));
     }
     println!(
-        "| {cap} | {opened} | {refused} | {before:.0} MiB | {peak:.0} MiB | {after:.0} MiB | {:.0} MiB |",
+        "| {cap} | {round} | {opened} | {refused} | {before:.0} MiB | {peak:.0} MiB | {after:.0} MiB | {:.0} MiB |",
         peak - before
     );
-    let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }
 

@@ -1,12 +1,12 @@
 //! The `keylease-server` binary as an operator runs it: configuration errors, reflection and
 //! health through the real grpcurl, and a graceful stop on SIGTERM.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+mod support;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_keylease-server");
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+use support::BINARY;
 
 fn example_config() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/keylease.example.toml")
@@ -24,46 +24,6 @@ fn grpcurl(args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout).unwrap()
-}
-
-/// Starts the server on an ephemeral port and returns it with the address it logged.
-fn start() -> (Child, String) {
-    let mut child = Command::new(BINARY)
-        .args([
-            "--config",
-            example_config().to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .env_remove("GEMINI_API_KEY")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = BufReader::new(child.stderr.take().unwrap());
-    let (found, address) = std::sync::mpsc::channel();
-    // Reads the whole log, so the server never blocks on a full pipe.
-    std::thread::spawn(move || {
-        for line in log.lines().map_while(Result::ok) {
-            if line.contains("keylease serving")
-                && let Some(address) = line
-                    .split("\"address\":\"")
-                    .nth(1)
-                    .and_then(|rest| rest.split('"').next())
-            {
-                let _ = found.send(address.to_string());
-            }
-        }
-    });
-    match address.recv_timeout(Duration::from_secs(30)) {
-        Ok(address) => (child, address),
-        Err(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the server did not report that it is serving");
-        }
-    }
 }
 
 #[test]
@@ -97,7 +57,8 @@ fn a_bad_flag_names_the_field_and_binds_nothing() {
 
 #[test]
 fn operators_can_explore_it_with_grpcurl_and_stop_it_with_sigterm() {
-    let (child, address) = start();
+    let server = support::start(example_config().to_str().unwrap(), &[]);
+    let address = server.address.clone();
     let services = grpcurl(&["-plaintext", &address, "list"]);
     assert!(
         services.contains("keylease.v1.KeyLease") && services.contains("grpc.health.v1.Health"),
@@ -123,17 +84,13 @@ fn operators_can_explore_it_with_grpcurl_and_stop_it_with_sigterm() {
     );
 
     let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &server.pid().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
-    let (exited, exit) = std::sync::mpsc::channel();
-    let mut child = child;
-    std::thread::spawn(move || exited.send(child.wait()));
-    let status = exit
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the server did not stop on SIGTERM")
-        .unwrap();
+    let status = server
+        .wait(Duration::from_secs(30))
+        .expect("the server did not stop on SIGTERM");
     assert!(status.success(), "exit: {status:?}");
 }
 

@@ -6,18 +6,16 @@
 //! `CANCELLED`; the run fails when the server's output holds a `panicked at` line or any
 //! configured secret (the fuzzer plants them in free text), or the server stops answering.
 
+mod support;
+
 use keylease::pb;
 use keylease::pb::key_lease_client::KeyLeaseClient;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 use tonic::Code;
 use tonic::transport::Channel;
-
-const BINARY: &str = env!("CARGO_BIN_EXE_keylease-server");
 const MODEL: &str = "gemini-2.5-flash";
 /// Longest any one call may take: the configured max_wait is far shorter.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -301,82 +299,7 @@ fn call() -> impl Strategy<Value = Call> {
     ]
 }
 
-// ---- the server and the calls ---------------------------------------------------------------
-
-struct Server {
-    child: Child,
-    address: String,
-    output: Arc<Mutex<String>>,
-    dir: std::path::PathBuf,
-}
-
-impl Server {
-    fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!("keylease-fuzz-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("keylease.toml");
-        std::fs::write(&path, config()).unwrap();
-        let mut child = Command::new(BINARY)
-            .args([
-                "--config",
-                path.to_str().unwrap(),
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--log-format", "json"])
-            .env("KEYLEASE_LOG", "info,keylease_server=debug")
-            .env_remove("GEMINI_API_KEY")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let output = Arc::new(Mutex::new(String::new()));
-        let (found, address) = std::sync::mpsc::channel();
-        for stream in [
-            Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stdout.take().unwrap()),
-        ] {
-            let output = output.clone();
-            let found = found.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if line.contains("keylease serving")
-                        && let Some(address) = line
-                            .split("\"address\":\"")
-                            .nth(1)
-                            .and_then(|rest| rest.split('"').next())
-                    {
-                        let _ = found.send(address.to_string());
-                    }
-                    let mut output = output.lock().unwrap();
-                    output.push_str(&line);
-                    output.push('\n');
-                }
-            });
-        }
-        let address = address
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the server did not report that it is serving");
-        Self {
-            child,
-            address,
-            output,
-            dir,
-        }
-    }
-
-    fn output(&self) -> String {
-        self.output.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+// ---- the calls ------------------------------------------------------------------------------
 
 type Client = KeyLeaseClient<
     tonic::service::interceptor::InterceptedService<
@@ -462,7 +385,14 @@ fn no_request_makes_the_server_fail_panic_or_leak() {
 }
 
 fn fuzz() {
-    let server = Server::start();
+    let dir = std::env::temp_dir().join(format!("keylease-fuzz-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("keylease.toml");
+    std::fs::write(&path, config()).unwrap();
+    let server = support::start(
+        path.to_str().unwrap(),
+        &[("KEYLEASE_LOG", "info,keylease_server=debug")],
+    );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -531,6 +461,8 @@ fn fuzz() {
         "the fuzzer never reached a report:\n{}",
         tail(&output)
     );
+    drop(server);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 fn tail(output: &str) -> String {
