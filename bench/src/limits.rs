@@ -14,9 +14,9 @@ use keylease_server::config::{self, Overrides};
 use keylease_server::engine::AcquireRequest;
 use keylease_server::state::State;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -64,7 +64,10 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
 
 async fn watchers(cap: usize, streams: usize, cycles: usize) -> anyhow::Result<()> {
     let dir = procs::scratch(&format!("watchers-{cap}"))?;
-    let extra = format!("[server]\nmax_watch_streams = {cap}\n");
+    // The engine remembers ended leases up to leases.memory_capacity (100,000 by default),
+    // which the cycles here would fill round by round: kept small, the rounds measure
+    // connections and streams alone.
+    let extra = format!("[server]\nmax_watch_streams = {cap}\n\n[leases]\nmemory_capacity = 1000\n");
     let config = procs::keylease_config(&dir, &procs::fake_keys(4, 4), MODEL, "", &extra)?;
     let server = procs::spawn(&["serve".into(), config.display().to_string()], true)?;
     let busy = Channel::from_shared(server.address.clone())?
@@ -126,8 +129,8 @@ async fn hang(
         }
     }
     // From now on those connections read nothing: what the server sends them piles up.
-    for paused in &sockets {
-        paused.store(true, Ordering::Release);
+    for socket in &sockets {
+        socket.stall();
     }
     let mut peak: f64 = 0.0;
     for i in 0..cycles {
@@ -139,6 +142,10 @@ async fn hang(
     peak = peak.max(server.memory_mib().unwrap_or(0.0));
     let opened = open.len();
     drop(open);
+    // The clients go away: their sockets fail, and the server sees the connections end.
+    for socket in &sockets {
+        socket.cut();
+    }
     drop(sockets);
     // The server notices closed connections when it next writes to them: a few more events.
     let mut after = f64::MAX;
@@ -156,17 +163,16 @@ async fn hang(
     Ok(())
 }
 
-/// A channel on one connection that grants a 2 GB window, and a switch that makes its socket
-/// stop reading (the connection stays open).
-async fn stalling_channel(address: &str) -> anyhow::Result<(Channel, Arc<AtomicBool>)> {
-    let paused = Arc::new(AtomicBool::new(false));
+/// A channel on one connection that grants a 2 GB window, and the switches of its socket.
+async fn stalling_channel(address: &str) -> anyhow::Result<(Channel, Arc<Switches>)> {
+    let switches = Arc::new(Switches::default());
     let target = address.trim_start_matches("http://").to_string();
-    let switch = paused.clone();
+    let shared = switches.clone();
     let connector = tower::service_fn(move |_: Uri| {
-        let (target, paused) = (target.clone(), switch.clone());
+        let (target, switches) = (target.clone(), shared.clone());
         async move {
             let stream = TcpStream::connect(target).await?;
-            Ok::<_, std::io::Error>(TokioIo::new(Stalling { stream, paused }))
+            Ok::<_, std::io::Error>(TokioIo::new(Stalling { stream, switches }))
         }
     });
     let channel = Endpoint::from_shared(address.to_string())?
@@ -174,13 +180,40 @@ async fn stalling_channel(address: &str) -> anyhow::Result<(Channel, Arc<AtomicB
         .initial_connection_window_size(HUGE_WINDOW)
         .connect_with_connector(connector)
         .await?;
-    Ok((channel, paused))
+    Ok((channel, switches))
+}
+
+/// What a stalling socket does: read, read nothing (the connection stays open), or fail as a
+/// socket whose client went away.
+#[derive(Default)]
+struct Switches {
+    stalled: AtomicBool,
+    cut: AtomicBool,
+    /// The reader waiting while stalled, woken when the socket is cut.
+    reader: Mutex<Option<Waker>>,
+}
+
+impl Switches {
+    fn stall(&self) {
+        self.stalled.store(true, Ordering::Release);
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::Release);
+        if let Some(reader) = self.reader.lock().unwrap().take() {
+            reader.wake();
+        }
+    }
+
+    fn gone() -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::ConnectionReset, "the client went away")
+    }
 }
 
 /// A socket that stops reading when told to, as a client that never drains its streams does.
 struct Stalling {
     stream: TcpStream,
-    paused: Arc<AtomicBool>,
+    switches: Arc<Switches>,
 }
 
 impl AsyncRead for Stalling {
@@ -189,7 +222,11 @@ impl AsyncRead for Stalling {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if self.paused.load(Ordering::Acquire) {
+        if self.switches.cut.load(Ordering::Acquire) {
+            return Poll::Ready(Err(Switches::gone()));
+        }
+        if self.switches.stalled.load(Ordering::Acquire) {
+            *self.switches.reader.lock().unwrap() = Some(cx.waker().clone());
             return Poll::Pending;
         }
         Pin::new(&mut self.stream).poll_read(cx, buf)
@@ -202,6 +239,9 @@ impl AsyncWrite for Stalling {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        if self.switches.cut.load(Ordering::Acquire) {
+            return Poll::Ready(Err(Switches::gone()));
+        }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
