@@ -67,7 +67,8 @@ async fn watchers(cap: usize, streams: usize, cycles: usize) -> anyhow::Result<(
     // The engine remembers ended leases up to leases.memory_capacity (100,000 by default),
     // which the cycles here would fill round by round: kept small, the rounds measure
     // connections and streams alone.
-    let extra = format!("[server]\nmax_watch_streams = {cap}\n\n[leases]\nmemory_capacity = 1000\n");
+    let extra =
+        format!("[server]\nmax_watch_streams = {cap}\n\n[leases]\nmemory_capacity = 1000\n");
     let config = procs::keylease_config(&dir, &procs::fake_keys(4, 4), MODEL, "", &extra)?;
     let server = procs::spawn(&["serve".into(), config.display().to_string()], true)?;
     let busy = Channel::from_shared(server.address.clone())?

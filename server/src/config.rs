@@ -21,6 +21,8 @@ use std::time::Duration;
 pub const ENV_PREFIX: &str = "KEYLEASE";
 /// Keys from the environment: `GEMINI_API_KEY`, `GEMINI_API_KEY_1`, `GEMINI_API_KEY_2`, ...
 const GEMINI_KEY_VAR: &str = "GEMINI_API_KEY";
+/// Longest any configured duration may be.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Settings that are lists, so that their `KEYLEASE_…` override may be `a,b,c`.
 const LIST_SETTINGS: [&str; 1] = ["server.auth_tokens"];
 
@@ -406,6 +408,25 @@ pub fn validate(
     ] {
         if value.as_millis() == 0 {
             return Err(invalid(at(field), "must be at least a millisecond"));
+        }
+    }
+    // Deadlines are steady time plus these: a year keeps every sum far from overflowing.
+    for (field, value) in [
+        ("server.shutdown_grace", server.shutdown_grace),
+        ("server.idle_timeout", server.idle_timeout),
+        ("server.keepalive_interval", server.keepalive_interval),
+        ("server.keepalive_timeout", server.keepalive_timeout),
+        ("leases.default_ttl", leases.default_ttl),
+        ("leases.max_ttl", leases.max_ttl),
+        ("leases.max_wait", leases.max_wait),
+        ("leases.exclusion_ttl", leases.exclusion_ttl),
+        ("quota.window", file.quota.window),
+        ("quota.safety_margin", file.quota.safety_margin),
+        ("quota.cooldown_base", file.quota.cooldown_base),
+        ("quota.cooldown_max", file.quota.cooldown_max),
+    ] {
+        if value > MAX_DURATION {
+            return Err(invalid(at(field), "must be at most a year"));
         }
     }
     if leases.default_ttl > leases.max_ttl {

@@ -161,7 +161,10 @@ impl Connection {
             idle_since_ms: AtomicU64::new(clock.now_ms()),
             clock,
         });
-        let first_check = activity.clock.instant_at(activity.clock.now_ms()) + idle_timeout;
+        let timeout_ms = idle_timeout.as_millis() as u64;
+        let first_check = activity
+            .clock
+            .instant_at(activity.clock.now_ms().saturating_add(timeout_ms));
         Self {
             stream,
             _slot: slot,
@@ -178,11 +181,17 @@ impl Connection {
         let now = clock.now_ms();
         let next_check = match self.activity.idle_deadline_ms(self.idle_timeout) {
             Some(deadline) if deadline <= now => return true,
-            Some(deadline) => deadline,
-            // Calls are in flight: look again a timeout from now.
-            None => now.saturating_add(self.idle_timeout.as_millis() as u64),
+            Some(deadline) => clock.instant_at(deadline),
+            // Calls are in flight: a check still ahead will do; else look a timeout from now.
+            None if self.idle_check.deadline() > clock.instant_at(now) => {
+                self.idle_check.deadline()
+            }
+            None => clock.instant_at(now.saturating_add(self.idle_timeout.as_millis() as u64)),
         };
-        self.idle_check.as_mut().reset(clock.instant_at(next_check));
+        // Most reads of a busy connection find the check already set: no timer to move.
+        if self.idle_check.deadline() != next_check {
+            self.idle_check.as_mut().reset(next_check);
+        }
         // Registers the waker; it cannot be ready, the deadline being in the future.
         let _ = self.idle_check.as_mut().poll(cx);
         false

@@ -244,6 +244,14 @@ fn configuration_mistakes_name_the_field() {
             "server.listen",
         ),
         (
+            format!("[leases]\nmax_wait = \"1000000y\"\n{POOL}{key}"),
+            "leases.max_wait",
+        ),
+        (
+            format!("[server]\nidle_timeout = \"500y\"\n{POOL}{key}"),
+            "server.idle_timeout",
+        ),
+        (
             format!("[server]\nlog_format = \"xml\"\n{POOL}{key}"),
             "server.log_format",
         ),
