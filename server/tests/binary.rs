@@ -128,3 +128,59 @@ fn logs_into_a_pipe_carry_no_colour_codes() {
     assert!(log.contains("ERROR"), "{log}");
     assert!(!log.contains('\u{1b}'), "colour codes in a pipe: {log:?}");
 }
+
+/// Every start-up error that could quote a secret, run through the binary: the output holds
+/// no part of a key-shaped or an arbitrary secret, and the exit code is 64.
+#[test]
+fn start_up_errors_never_print_a_secret() {
+    let dir = std::env::temp_dir().join(format!("keylease-secrets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pool = "[key_sources]\nenvironment = false\n[pools.gemini.models.m]\n";
+    for secret in [
+        format!("AIza{}", "Q7_-x".repeat(7)),
+        "tok-Zq9.arbitrary/Secret+value".to_string(),
+    ] {
+        // A configuration whose keys file holds `text`.
+        let keys_file = |text: String| {
+            std::fs::write(dir.join("keys.txt"), text).unwrap();
+            "[key_sources]\nenvironment = false\nfile = \"keys.txt\"\n[pools.gemini.models.m]\n"
+                .to_string()
+        };
+        let cases: Vec<(String, Vec<(&str, String)>)> = vec![
+            (format!("{pool}[[keys]]\nsecret = \"{secret}\n"), vec![]),
+            (format!("{pool}[[keys]]\nsecret = {secret}\n"), vec![]),
+            (
+                format!("{pool}[[keys]]\nsecret = \"k\"\nmax_leases = \"{secret}\"\n"),
+                vec![],
+            ),
+            (keys_file(format!("id=x {secret}\n")), vec![]),
+            (keys_file(format!("{secret} {secret}\n")), vec![]),
+            (keys_file(format!("OTHER_KEY={secret}\n")), vec![]),
+            (
+                format!("{pool}[[keys]]\nsecret = \"k\"\n"),
+                vec![("KEYLEASE_SERVER__AUTH_TOKENS", format!("{secret} x"))],
+            ),
+        ];
+        for (config, env) in cases {
+            let path = dir.join("keylease.toml");
+            std::fs::write(&path, &config).unwrap();
+            let output = Command::new(BINARY)
+                .args(["--config", path.to_str().unwrap()])
+                .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+                .env_remove("GEMINI_API_KEY")
+                .output()
+                .unwrap();
+            let printed = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert_eq!(output.status.code(), Some(64), "{config}\n{printed}");
+            assert!(
+                !printed.contains(&secret[4..secret.len() - 4]),
+                "a secret printed for\n{config}\n{printed}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
