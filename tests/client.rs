@@ -429,3 +429,24 @@ async fn a_report_rotates_the_guard_to_another_project() {
         .unwrap();
     assert_ne!(next.project(), first_project);
 }
+
+#[tokio::test]
+async fn a_long_provider_message_in_a_non_latin_script_is_reported() {
+    let server = TestServer::start(&config_toml(&[("a1", "pa"), ("b1", "pb")], 100, "")).await;
+    let mut watcher = server.watch().await;
+    let guard = client_for(&server).acquire(options("kanji")).await.unwrap();
+    // 700 characters of three bytes each: under 1,024 characters, over 1,024 bytes.
+    let failure = keylease_client::Failure {
+        kind: pb::FailureKind::ServerError,
+        retry_after: None,
+        detail: "内部エラー".repeat(140),
+    };
+    guard.report_failure(failure, None).await.unwrap();
+    let reported = next_event(&mut watcher, |k| match k {
+        pb::event::Kind::Failed(e) => Some(e),
+        _ => None,
+    })
+    .await;
+    assert!(reported.detail.starts_with("内部エラー"));
+    assert!(reported.detail.len() <= keylease::MAX_DETAIL_BYTES);
+}

@@ -409,6 +409,42 @@ mod tests {
         }
     }
 
+    /// A waiter on a project resting for the day is served within a second of the wall clock
+    /// being stepped past midnight, though no command comes and the steady clock barely moves.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_follows_a_stepped_wall_clock_within_a_second() {
+        let state = state(
+            "[key_sources]\nenvironment = false\n[pools.gemini.models.m]\n[[keys]]\nid = \"k1\"\nsecret = \"fake-key-1\"\n",
+        );
+        tokio::spawn(state.clone().run_timer());
+        let lease = state.acquire(ask("a"), Duration::ZERO).await.unwrap();
+        let report = crate::engine::FailureReport {
+            kind: crate::engine::FailureKind::DailyQuotaExhausted,
+            retry_after_ms: None,
+            detail: String::new(),
+            requests_sent: None,
+        };
+        state
+            .run(|engine, now| {
+                engine.report_failure(now, &lease.lease_id, lease.fencing_token, report)
+            })
+            .unwrap();
+        let waiter = {
+            let state = state.clone();
+            tokio::spawn(async move { state.acquire(ask("b"), Duration::from_secs(3_600)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!waiter.is_finished());
+        // 13:00 in Los Angeles: midnight is eleven hours away; NTP steps the clock past it.
+        state.clock().step_wall(11 * 3_600_000);
+        tokio::time::sleep(CALENDAR_RECHECK + Duration::from_millis(10)).await;
+        assert!(
+            waiter.is_finished(),
+            "the waiter still waits a second after the step"
+        );
+        assert_eq!(waiter.await.unwrap().unwrap().key_id, "k1");
+    }
+
     /// No timer task runs here: only the waiter's own deadline brings the engine to the moment
     /// the holder's lease expires, which serves the waiter as it leaves.
     #[tokio::test(start_paused = true)]

@@ -22,6 +22,9 @@ pub const DEFAULT_POOL: &str = "gemini";
 /// How many grantable keys, least recently used first, are compared for quota headroom.
 const SPREAD_CANDIDATES: usize = 4;
 const LEASE_ID_PREFIX: &str = "lease-";
+/// How far the wall clock must move against the steady one to count as stepped (two readings
+/// taken one after the other differ by a millisecond or so).
+const WALL_STEP_MS: i128 = 1_000;
 
 /// The rules the engine enforces, validated by the configuration before it gets here.
 #[derive(Debug, Clone)]
@@ -536,6 +539,8 @@ pub struct Engine {
     next_waiter: WaiterId,
     /// The latest time seen: its steady reading never runs backwards.
     time: Time,
+    /// Wall minus steady at the latest time: when it jumps, the wall clock was stepped.
+    wall_offset_ms: i128,
     /// Something freed capacity since waiters were last served.
     freed: bool,
     /// How many times a waiter was considered for a key: the cost of serving lines.
@@ -550,6 +555,7 @@ impl Engine {
         keys: Vec<KeySpec>,
         now: impl Into<Time>,
     ) -> Result<Self, SetupError> {
+        let now: Time = now.into();
         let daily = config.daily;
         let keeping = BookKeeping {
             window_ms: config.window_ms,
@@ -585,7 +591,8 @@ impl Engine {
             waiter_lines: HashMap::new(),
             next_token: 1,
             next_waiter: 1,
-            time: now.into(),
+            time: now,
+            wall_offset_ms: i128::from(now.wall_ms) - i128::from(now.steady_ms),
             freed: false,
             #[cfg(test)]
             waiters_looked_at: 0,
@@ -705,6 +712,13 @@ impl Engine {
         let now: Time = now.into();
         let time = Time::new(now.wall_ms, self.time.steady_ms.max(now.steady_ms));
         self.time = time;
+        let offset = i128::from(time.wall_ms) - i128::from(time.steady_ms);
+        if (offset - self.wall_offset_ms).abs() > WALL_STEP_MS {
+            // The lines' wake times were foreseen from the wall clock as it read then, and a
+            // day may have turned: look at every line again.
+            self.freed = true;
+        }
+        self.wall_offset_ms = offset;
         while let Some(&(expires_ms, token)) = self.expiries.first() {
             if expires_ms > time.steady_ms {
                 break;

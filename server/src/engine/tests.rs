@@ -1135,6 +1135,34 @@ fn a_stepped_wall_clock_moves_the_daily_reset_and_no_lease_or_window() {
 }
 
 #[test]
+fn a_waiter_on_a_daily_rest_is_served_when_the_wall_clock_is_stepped_past_midnight() {
+    let mut e = engine(&[("k1", "p1")]);
+    let lease = granted(e.acquire(T0, ask("a")));
+    e.report_failure(
+        T0,
+        &lease.lease_id,
+        lease.fencing_token,
+        report(FailureKind::DailyQuotaExhausted),
+    )
+    .unwrap();
+    let waiter = queued(e.acquire(
+        T0,
+        AcquireRequest {
+            wait: true,
+            ..ask("b")
+        },
+    ));
+    e.drain();
+    // One steady second later the wall clock reads just past midnight: nothing but the step
+    // tells the engine that the day has turned.
+    let midnight = T0 + 11 * 60 * MINUTE;
+    e.tick(Time::new(midnight + SECOND, T0 + SECOND));
+    let grants = e.drain().waiter_grants;
+    assert_eq!(grants.len(), 1);
+    assert_eq!(grants[0].0, waiter);
+}
+
+#[test]
 fn a_daily_rest_ends_when_a_stepped_wall_clock_reaches_midnight() {
     let mut e = engine(&[("k1", "p1")]);
     let lease = granted(e.acquire(T0, ask("a")));
