@@ -395,36 +395,25 @@ pub fn validate(
     };
 
     let leases = &file.leases;
-    for (field, value) in [
-        ("server.idle_timeout", server.idle_timeout),
-        ("server.keepalive_interval", server.keepalive_interval),
-        ("server.keepalive_timeout", server.keepalive_timeout),
-        ("leases.default_ttl", leases.default_ttl),
-        ("leases.max_ttl", leases.max_ttl),
-        ("leases.exclusion_ttl", leases.exclusion_ttl),
-        ("quota.window", file.quota.window),
-        ("quota.cooldown_base", file.quota.cooldown_base),
-        ("quota.cooldown_max", file.quota.cooldown_max),
+    // Each duration, and whether it may be zero. At most a year: deadlines are steady time
+    // plus these, and a year keeps every sum far from overflowing.
+    for (field, value, may_be_zero) in [
+        ("server.shutdown_grace", server.shutdown_grace, true),
+        ("server.idle_timeout", server.idle_timeout, false),
+        ("server.keepalive_interval", server.keepalive_interval, false),
+        ("server.keepalive_timeout", server.keepalive_timeout, false),
+        ("leases.default_ttl", leases.default_ttl, false),
+        ("leases.max_ttl", leases.max_ttl, false),
+        ("leases.max_wait", leases.max_wait, true),
+        ("leases.exclusion_ttl", leases.exclusion_ttl, false),
+        ("quota.window", file.quota.window, false),
+        ("quota.safety_margin", file.quota.safety_margin, true),
+        ("quota.cooldown_base", file.quota.cooldown_base, false),
+        ("quota.cooldown_max", file.quota.cooldown_max, false),
     ] {
-        if value.as_millis() == 0 {
+        if !may_be_zero && value.as_millis() == 0 {
             return Err(invalid(at(field), "must be at least a millisecond"));
         }
-    }
-    // Deadlines are steady time plus these: a year keeps every sum far from overflowing.
-    for (field, value) in [
-        ("server.shutdown_grace", server.shutdown_grace),
-        ("server.idle_timeout", server.idle_timeout),
-        ("server.keepalive_interval", server.keepalive_interval),
-        ("server.keepalive_timeout", server.keepalive_timeout),
-        ("leases.default_ttl", leases.default_ttl),
-        ("leases.max_ttl", leases.max_ttl),
-        ("leases.max_wait", leases.max_wait),
-        ("leases.exclusion_ttl", leases.exclusion_ttl),
-        ("quota.window", file.quota.window),
-        ("quota.safety_margin", file.quota.safety_margin),
-        ("quota.cooldown_base", file.quota.cooldown_base),
-        ("quota.cooldown_max", file.quota.cooldown_max),
-    ] {
         if value > MAX_DURATION {
             return Err(invalid(at(field), "must be at most a year"));
         }
