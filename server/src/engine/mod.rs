@@ -867,7 +867,7 @@ impl Engine {
             .get_mut(&queue_key)
             .expect("a waiter's line exists");
         let waiter = queue.remove(id).expect("a waiter is in its line");
-        // A waiter leaving can unblock those behind it, but only where it held groups back.
+        // A waiter leaving can unblock those behind it only where the line holds groups back.
         if queue.waiters.is_empty() {
             self.queues.remove(&queue_key);
         } else if !queue.blocked.is_empty() {
