@@ -400,7 +400,11 @@ pub fn validate(
     for (field, value, may_be_zero) in [
         ("server.shutdown_grace", server.shutdown_grace, true),
         ("server.idle_timeout", server.idle_timeout, false),
-        ("server.keepalive_interval", server.keepalive_interval, false),
+        (
+            "server.keepalive_interval",
+            server.keepalive_interval,
+            false,
+        ),
         ("server.keepalive_timeout", server.keepalive_timeout, false),
         ("leases.default_ttl", leases.default_ttl, false),
         ("leases.max_ttl", leases.max_ttl, false),

@@ -60,9 +60,10 @@ impl fmt::Display for ApiKey {
 }
 
 /// Text shaped like a credential, ours or not: Google API keys, `sk-` keys, bearer tokens.
+/// Word boundaries are ASCII ones, so that non-ASCII text keeps the regex on its fast path.
 static CREDENTIAL_SHAPES: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
-        r"AIza[0-9A-Za-z_\-]{35}|\bsk-[0-9A-Za-z_\-]{20,}|(?i:\bbearer\s+)[0-9A-Za-z._~+/=\-]{8,}",
+        r"AIza[0-9A-Za-z_\-]{35}|(?-u:\b)sk-[0-9A-Za-z_\-]{20,}|(?i-u:\bbearer\s+)[0-9A-Za-z._~+/=\-]{8,}",
     )
     .expect("a valid pattern")
 });
