@@ -392,11 +392,14 @@ mod tests {
     use crate::config::{self, Overrides};
 
     fn state(config: &str) -> Arc<State> {
-        let dir = std::env::temp_dir().join(format!("keylease-state-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("keylease-state-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("keylease.toml");
         std::fs::write(&path, config).unwrap();
         let settings = config::load(Some(&path), &HashMap::new(), &Overrides::default()).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
         State::new(&settings, Clock::starting_at(1_773_086_400_000)).unwrap()
     }
 
