@@ -27,20 +27,20 @@ impl Time {
         Self::new(ms, ms)
     }
 
+    /// How far the wall clock reads ahead of the steady one: it moves when the wall clock is
+    /// stepped.
+    pub fn wall_offset_ms(&self) -> i128 {
+        i128::from(self.wall_ms) - i128::from(self.steady_ms)
+    }
+
     /// The steady reading at which the wall clock will read `wall_ms`, unless it is stepped.
     pub fn steady_at(&self, wall_ms: u64) -> u64 {
-        shift(
-            self.steady_ms,
-            i128::from(wall_ms) - i128::from(self.wall_ms),
-        )
+        clamp_ms(i128::from(wall_ms) - self.wall_offset_ms())
     }
 
     /// The wall-clock reading at steady time `steady_ms`, for display.
     pub fn wall_at(&self, steady_ms: u64) -> u64 {
-        shift(
-            self.wall_ms,
-            i128::from(steady_ms) - i128::from(self.steady_ms),
-        )
+        clamp_ms(i128::from(steady_ms) + self.wall_offset_ms())
     }
 }
 
@@ -52,8 +52,9 @@ impl From<u64> for Time {
     }
 }
 
-fn shift(base: u64, by: i128) -> u64 {
-    (i128::from(base) + by).clamp(0, i128::from(u64::MAX)) as u64
+/// Milliseconds that fit a u64.
+fn clamp_ms(ms: i128) -> u64 {
+    ms.clamp(0, i128::from(u64::MAX)) as u64
 }
 
 /// How the day is cut: the daily counts reset at midnight in this zone, or, on a day whose

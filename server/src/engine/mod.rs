@@ -47,6 +47,16 @@ pub struct EngineConfig {
     pub pools: BTreeMap<String, PoolConfig>,
 }
 
+impl EngineConfig {
+    /// How long what a lease used stays on its group's books.
+    fn book_keeping(&self) -> BookKeeping {
+        BookKeeping {
+            window_ms: self.window_ms,
+            safety_margin_ms: self.safety_margin_ms,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
     /// Live leases a key may have at once, unless the key says otherwise.
@@ -425,6 +435,29 @@ struct Lease {
     expires_ms: u64,
 }
 
+impl Lease {
+    /// What the lease holds on its group's books.
+    fn reserved(&self) -> Amount {
+        Amount {
+            requests: self.requests,
+            tokens: self.tokens,
+        }
+    }
+
+    /// What its holder says it used, as the books take it: requests at most those granted,
+    /// tokens at most [`MAX_INPUT_TOKENS`]; what is not said, as reserved.
+    fn used(&self, usage: Usage) -> Amount {
+        Amount {
+            requests: usage
+                .requests_sent
+                .map_or(self.requests, |sent| u64::from(sent).min(self.requests)),
+            tokens: usage
+                .input_tokens
+                .map_or(self.tokens, |tokens| tokens.min(MAX_INPUT_TOKENS)),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Waiter {
     task_id: String,
@@ -489,7 +522,6 @@ struct Books {
     /// A project's own limits for a model, replacing the model's.
     project_limits: HashMap<GroupKey, Limits>,
     daily: DailyReset,
-    keeping: BookKeeping,
 }
 
 impl Books {
@@ -539,8 +571,6 @@ pub struct Engine {
     next_waiter: WaiterId,
     /// The latest time seen: its steady reading never runs backwards.
     time: Time,
-    /// Wall minus steady at the latest time: when it jumps, the wall clock was stepped.
-    wall_offset_ms: i128,
     /// Something freed capacity since waiters were last served.
     freed: bool,
     /// How many times a waiter was considered for a key: the cost of serving lines.
@@ -557,10 +587,6 @@ impl Engine {
     ) -> Result<Self, SetupError> {
         let now: Time = now.into();
         let daily = config.daily;
-        let keeping = BookKeeping {
-            window_ms: config.window_ms,
-            safety_margin_ms: config.safety_margin_ms,
-        };
         let memory_capacity =
             NonZeroUsize::new(config.memory_capacity).unwrap_or(NonZeroUsize::MIN);
         let mut engine = Self {
@@ -581,7 +607,6 @@ impl Engine {
                 model_limits: HashMap::new(),
                 project_limits: HashMap::new(),
                 daily,
-                keeping,
             },
             backoff: HashMap::new(),
             leases: HashMap::new(),
@@ -592,7 +617,6 @@ impl Engine {
             next_token: 1,
             next_waiter: 1,
             time: now,
-            wall_offset_ms: i128::from(now.wall_ms) - i128::from(now.steady_ms),
             freed: false,
             #[cfg(test)]
             waiters_looked_at: 0,
@@ -711,23 +735,17 @@ impl Engine {
     pub fn tick(&mut self, now: impl Into<Time>) -> Time {
         let now: Time = now.into();
         let time = Time::new(now.wall_ms, self.time.steady_ms.max(now.steady_ms));
-        self.time = time;
-        let offset = i128::from(time.wall_ms) - i128::from(time.steady_ms);
-        if (offset - self.wall_offset_ms).abs() > WALL_STEP_MS {
+        if (time.wall_offset_ms() - self.time.wall_offset_ms()).abs() > WALL_STEP_MS {
             // The lines' wake times were foreseen from the wall clock as it read then, and a
             // day may have turned: look at every line again.
             self.freed = true;
         }
-        self.wall_offset_ms = offset;
+        self.time = time;
         while let Some(&(expires_ms, token)) = self.expiries.first() {
             if expires_ms > time.steady_ms {
                 break;
             }
-            let lease = &self.leases[&token];
-            let used = Amount {
-                requests: lease.requests,
-                tokens: lease.tokens,
-            };
+            let used = self.leases[&token].reserved();
             let event = self.end_lease(token, time, used);
             self.emit(time, EventKind::Expired(event));
         }
@@ -1511,14 +1529,7 @@ impl Engine {
         let token = self.live_lease(lease_id, fencing_token)?;
         let lease = &self.leases[&token];
         let key = lease.key;
-        let used = Amount {
-            requests: usage
-                .requests_sent
-                .map_or(lease.requests, |sent| u64::from(sent).min(lease.requests)),
-            tokens: usage
-                .input_tokens
-                .map_or(lease.tokens, |tokens| tokens.min(MAX_INPUT_TOKENS)),
-        };
+        let used = lease.used(usage);
         let event = self.end_lease(token, time, used);
         if used.requests > 0 {
             // A call went through: the project's rate-limit backoff starts over.
@@ -1559,12 +1570,10 @@ impl Engine {
         let (ended, event, booked) = match self.live_lease(lease_id, fencing_token) {
             Ok(token) => {
                 let lease = self.leases[&token].clone();
-                let used = Amount {
-                    requests: report
-                        .requests_sent
-                        .map_or(lease.requests, |sent| u64::from(sent).min(lease.requests)),
-                    tokens: lease.tokens,
-                };
+                let used = lease.used(Usage {
+                    requests_sent: report.requests_sent,
+                    input_tokens: None,
+                });
                 let event = self.end_lease(token, time, used);
                 (lease, event, Some(used))
             }
@@ -1723,11 +1732,7 @@ impl Engine {
             return;
         }
         for token in self.keys[key].live.clone() {
-            let lease = &self.leases[&token];
-            let used = Amount {
-                requests: lease.requests,
-                tokens: lease.tokens,
-            };
+            let used = self.leases[&token].reserved();
             let event = self.end_lease(token, time, used);
             self.emit(
                 time,
@@ -1771,14 +1776,10 @@ impl Engine {
             project: key.project,
             model: lease.model,
         };
-        let keeping = self.books.keeping;
-        let reserved = Amount {
-            requests: lease.requests,
-            tokens: lease.tokens,
-        };
+        let keeping = self.config.book_keeping();
         self.books
             .group(group_key, time)
-            .settle(time, keeping, reserved, used);
+            .settle(time, keeping, lease.reserved(), used);
         self.ended.put(token, lease);
         self.freed = true;
         event
