@@ -768,7 +768,7 @@ impl<'a> KeyCollector<'a> {
                 continue;
             }
             if let Some((annotation, _)) = first.split_once('=')
-                && matches!(annotation, "id" | "project" | "pool" | "max_leases")
+                && ANNOTATIONS.contains(&annotation)
             {
                 return Err(invalid(
                     at_column(first),
@@ -783,7 +783,7 @@ impl<'a> KeyCollector<'a> {
                         "expected name=value after the key, found a word without '=' (one key per line; the word is not shown)",
                     ));
                 };
-                if !matches!(annotation, "id" | "project" | "pool" | "max_leases") {
+                if !ANNOTATIONS.contains(&annotation) {
                     return Err(invalid(
                         at_column(word),
                         "unknown annotation (id, project, pool, max_leases); the word is not shown",
@@ -877,6 +877,9 @@ impl<'a> KeyCollector<'a> {
         Ok(self.keys)
     }
 }
+
+/// What a keys-file line may say after its key, as `name=value`.
+const ANNOTATIONS: [&str; 4] = ["id", "project", "pool", "max_leases"];
 
 /// `NAME=` at the start of a word: an environment assignment, not a key.
 static ASSIGNMENT: LazyLock<Regex> =
