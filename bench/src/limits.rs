@@ -266,7 +266,7 @@ async fn cancels(count: usize) -> anyhow::Result<()> {
         "[leases]\nmax_wait = \"1h\"",
     )?;
     let settings = config::load(Some(&config), &Default::default(), &Overrides::default())?;
-    let state = State::new(&settings, Clock::system())?;
+    let (state, _) = State::open(&settings, Clock::system(), false)?;
     let ask = |task: String| AcquireRequest {
         task_id: task,
         model: MODEL.into(),
@@ -285,7 +285,7 @@ async fn cancels(count: usize) -> anyhow::Result<()> {
             let _ = state.acquire(request, Duration::from_secs(3600)).await;
         }));
     }
-    while waiting_now(&state) < count {
+    while waiting_now(&state).await < count {
         tokio::task::yield_now().await;
     }
     let began = now();
@@ -294,13 +294,15 @@ async fn cancels(count: usize) -> anyhow::Result<()> {
     }
     // A GetStatus as an operator would send it while the line empties.
     let status_began = now();
-    state.run(|engine, now| engine.status(now, None, None, 10).map(drop))?;
+    state
+        .read(|engine, now| engine.status(now, None, None, 10).map(drop))
+        .await??;
     let status_took = status_began.elapsed();
     for task in waiting {
         let _ = task.await;
     }
     let took = began.elapsed();
-    anyhow::ensure!(waiting_now(&state) == 0, "waiters left in line");
+    anyhow::ensure!(waiting_now(&state).await == 0, "waiters left in line");
     println!(
         "| {count} | {:.1} ms | {:.2} µs | {:.2} ms |",
         took.as_secs_f64() * 1e3,
@@ -311,9 +313,12 @@ async fn cancels(count: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn waiting_now(state: &State) -> usize {
-    state
-        .run(|engine, now| engine.status(now, None, None, 1))
-        .map(|status| status.waiting.iter().map(|w| w.2).sum())
-        .unwrap_or(0)
+async fn waiting_now(state: &State) -> usize {
+    match state
+        .read(|engine, now| engine.status(now, None, None, 1))
+        .await
+    {
+        Ok(Ok(status)) => status.waiting.iter().map(|w| w.2).sum(),
+        _ => 0,
+    }
 }

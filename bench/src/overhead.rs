@@ -138,11 +138,16 @@ where
 
 /// Cycles per second of the engine itself: the same configuration, no gRPC, one thread.
 fn engine_alone(config: &std::path::Path, cycles: usize) -> anyhow::Result<f64> {
-    use keylease_server::engine::{AcquireRequest, Acquired, Engine, Usage};
+    use keylease_server::engine::{AcquireRequest, Acquired, Command, Engine, Setup, Usage};
     let settings =
         keylease_server::config::load(Some(config), &Default::default(), &Default::default())?;
     let clock = keylease_server::clock::Clock::system();
-    let mut engine = Engine::new(settings.engine, settings.keys, clock.now())?;
+    let setup = Setup {
+        config: settings.engine,
+        keys: settings.keys,
+        token_floor: 0,
+    };
+    let mut engine = Engine::new(setup, clock.now())?;
     let tasks: Vec<String> = (0..256).map(|i| format!("bench-{i}")).collect();
     let began = now();
     for i in 0..cycles {
@@ -151,15 +156,19 @@ fn engine_alone(config: &std::path::Path, cycles: usize) -> anyhow::Result<f64> 
             model: MODEL.into(),
             ..Default::default()
         };
-        let Acquired::Granted(lease) = engine.acquire(clock.now(), request)? else {
+        let (reply, _) = engine.apply(clock.now(), Command::Acquire(request));
+        let Acquired::Granted(lease) = reply.into_acquired()? else {
             anyhow::bail!("no key")
         };
-        let usage = Usage {
-            requests_sent: Some(1),
-            input_tokens: Some(0),
+        let release = Command::Release {
+            lease_id: lease.lease_id,
+            fencing_token: lease.fencing_token,
+            usage: Usage {
+                requests_sent: Some(1),
+                input_tokens: Some(0),
+            },
         };
-        engine.release(clock.now(), &lease.lease_id, lease.fencing_token, usage)?;
-        engine.drain();
+        engine.apply(clock.now(), release).0.into_released()?;
     }
     Ok(cycles as f64 / began.elapsed().as_secs_f64())
 }

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 
 pub async fn serve(config: PathBuf) -> anyhow::Result<()> {
     let settings = config::load(Some(&config), &Default::default(), &Overrides::default())?;
-    let state = State::new(&settings, Clock::system())?;
+    let (state, _) = State::open(&settings, Clock::system(), false)?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     println!("listening on http://{}", listener.local_addr()?);
     keylease_server::server::serve(listener, state, std::future::pending()).await?;

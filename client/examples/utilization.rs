@@ -81,11 +81,16 @@ async fn main() -> anyhow::Result<()> {
     let path =
         std::env::temp_dir().join(format!("keylease-utilization-{}.toml", std::process::id()));
     std::fs::write(&path, toml)?;
-    let settings = config::load(Some(&path), &Default::default(), &Overrides::default())?;
+    // A demo: nothing to keep across runs.
+    let ephemeral = Overrides {
+        ephemeral: true,
+        ..Overrides::default()
+    };
+    let settings = config::load(Some(&path), &Default::default(), &ephemeral)?;
     std::fs::remove_file(&path)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let keylease_url = format!("http://{}", listener.local_addr()?);
-    let state = State::new(&settings, Clock::system())?;
+    let (state, _) = State::open(&settings, Clock::system(), false)?;
     tokio::spawn(keylease_server::server::serve(
         listener,
         state,

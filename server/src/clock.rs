@@ -41,6 +41,22 @@ impl Clock {
         }
     }
 
+    /// The same clock, its steady reading moved forward where needed so that it never reads
+    /// before `floor_ms`: a restarted server's steady time goes on from the recovered state's,
+    /// whatever the wall clock did meanwhile.
+    pub fn not_before(mut self, floor_ms: u64) -> Self {
+        let now = self.now_ms();
+        if now < floor_ms {
+            let ahead = floor_ms - now;
+            self.anchor_ms += ahead;
+            if let Some(step) = &self.wall_step_ms {
+                // A test clock's wall reading stays where it was.
+                step.fetch_sub(ahead as i64, Ordering::Relaxed);
+            }
+        }
+        self
+    }
+
     /// Steps the wall clock of a clock made by [`Clock::starting_at`] by `by_ms`, as NTP would;
     /// the steady clock goes on unmoved. The system's wall clock is not ours to step.
     pub fn step_wall(&self, by_ms: i64) {

@@ -47,9 +47,32 @@ pub struct FileConfig {
     pub leases: LeaseSection,
     pub quota: QuotaSection,
     pub key_sources: KeySourceSection,
+    pub state: StateSection,
     pub pools: BTreeMap<String, PoolSection>,
     pub keys: Vec<KeyEntry>,
 }
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateSection {
+    /// Where leases, quotas and disabled keys are kept; relative to the config file.
+    /// Default: `keylease-state` beside the config file (or in the working directory).
+    pub dir: Option<PathBuf>,
+    /// Keep nothing: a restart forgets every lease and quota (tests, demos).
+    pub ephemeral: bool,
+}
+
+/// Where the server keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateLocation {
+    /// Memory only.
+    Ephemeral,
+    /// A state directory, locked by the running server.
+    Directory(PathBuf),
+}
+
+/// The state directory's name when none is configured.
+pub const DEFAULT_STATE_DIR: &str = "keylease-state";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -244,6 +267,7 @@ pub struct Settings {
     pub max_wait: Duration,
     pub engine: EngineConfig,
     pub keys: Vec<KeySpec>,
+    pub state: StateLocation,
 }
 
 /// What the command line may override.
@@ -252,6 +276,9 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub keys_file: Option<PathBuf>,
     pub log_format: Option<String>,
+    /// Relative to the working directory, as command-line paths are.
+    pub state_dir: Option<PathBuf>,
+    pub ephemeral: bool,
 }
 
 /// Reads the file (if any) and the environment's overrides, then validates everything.
@@ -505,7 +532,17 @@ pub fn validate(
         }
     }
 
+    let state = if overrides.ephemeral || file.state.ephemeral {
+        StateLocation::Ephemeral
+    } else {
+        StateLocation::Directory(match (&overrides.state_dir, &file.state.dir) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(dir)) => base_dir.join(dir),
+            (None, None) => base_dir.join(DEFAULT_STATE_DIR),
+        })
+    };
     Ok(Settings {
+        state,
         listen,
         log_format,
         shutdown_grace: file.server.shutdown_grace,
@@ -674,6 +711,7 @@ impl<'a> KeyCollector<'a> {
             .insert(secret.clone(), origin.to_string());
         self.id_origin.insert(id.clone(), origin.to_string());
         self.keys.push(KeySpec {
+            fingerprint: String::new(),
             id,
             pool: pool.unwrap_or(DEFAULT_POOL).to_string(),
             project,

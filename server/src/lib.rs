@@ -5,7 +5,9 @@
 //! - [`service`]: the gRPC service, a thin shell that maps the protocol onto the engine.
 //! - [`server`]: serving on a listener, with health and reflection, until a shutdown future.
 //! - [`connections`]: what client connections may hold: how many, and how long idle.
-//! - [`state`]: the engine's shell: one lock, waiters' channels, events, the expiry timer.
+//! - [`state`]: the engine's shell: one lock, the store's journal, waiters' channels, events,
+//!   the expiry timer.
+//! - [`store`]: durable state: the log of commands and snapshots, recovery, group commit.
 //! - [`wire`]: conversions between the protocol and the engine, and errors to gRPC statuses.
 //! - [`secret`]: API keys that never print, and the ids derived from them.
 //! - [`clock`]: the one place that reads the time.
@@ -19,4 +21,5 @@ pub mod secret;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod store;
 pub mod wire;

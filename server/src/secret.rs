@@ -11,7 +11,7 @@ use std::fmt;
 use std::sync::{Arc, LazyLock};
 
 /// An API key. Never printed in full.
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct ApiKey(String);
 
 impl ApiKey {
@@ -38,13 +38,54 @@ impl ApiKey {
     /// A stable identifier that is not secret: a keyed hash, so that the id of a key cannot be
     /// checked against a guessed secret without the salt.
     pub fn derived_id(&self, salt: &str) -> String {
-        let mut mac = Hmac::<Sha256>::new_from_slice(salt.as_bytes())
-            .expect("HMAC takes a key of any length");
-        mac.update(self.0.as_bytes());
-        let digest = mac.finalize().into_bytes();
-        let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
-        format!("key-{hex}")
+        format!("key-{}", hex(&keyed_hash(salt.as_bytes(), &self.0)[..6]))
     }
+
+    /// The key's identity in a state store, whatever id it is configured under: a keyed hash
+    /// under the store's own key, so the store never holds anything a secret can be checked
+    /// against without that key.
+    pub fn fingerprint(&self, key: &FingerprintKey) -> String {
+        hex(&keyed_hash(&key.0, &self.0)[..16])
+    }
+}
+
+/// The key of the fingerprints, kept in the state directory (memory only when ephemeral).
+#[derive(Clone, PartialEq, Eq)]
+pub struct FingerprintKey([u8; 32]);
+
+impl FingerprintKey {
+    pub const LEN: usize = 32;
+
+    pub fn from_bytes(bytes: [u8; Self::LEN]) -> Self {
+        Self(bytes)
+    }
+
+    /// A new key from the operating system's random source.
+    pub fn random() -> Result<Self, getrandom::Error> {
+        let mut bytes = [0; Self::LEN];
+        getrandom::fill(&mut bytes)?;
+        Ok(Self(bytes))
+    }
+
+    pub fn as_bytes(&self) -> &[u8; Self::LEN] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for FingerprintKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FingerprintKey(…)")
+    }
+}
+
+fn keyed_hash(key: &[u8], text: &str) -> [u8; 32] {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes a key of any length");
+    mac.update(text.as_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl fmt::Debug for ApiKey {

@@ -3,7 +3,7 @@
 //! Free text from clients is redacted here, before any command sees it, and so is every error
 //! message on its way out.
 
-use crate::engine::{EventKind, FailureReport, Renewed};
+use crate::engine::{Command, EventKind, FailureReport, Renewed};
 use crate::state::{AcquireFailure, State};
 use crate::wire;
 use keylease::pb;
@@ -87,16 +87,17 @@ impl KeyLeaseService {
         loop {
             // Subscribed before trying, so a release between the try and the wait is not missed.
             let mut events = self.state.subscribe();
-            let renewed = self.state.run(|engine, now| {
-                engine.renew(
-                    now,
-                    &request.lease_id,
-                    request.fencing_token,
+            let renewed = self
+                .state
+                .run(Command::Renew {
+                    lease_id: request.lease_id.clone(),
+                    fencing_token: request.fencing_token,
                     ttl_ms,
-                    request.additional_requests,
-                    request.additional_input_tokens,
-                )
-            })?;
+                    additional_requests: request.additional_requests,
+                    additional_tokens: request.additional_input_tokens,
+                })
+                .await?
+                .into_renewed()?;
             let (lease, unavailable) = match renewed {
                 Renewed::Done(lease) => {
                     return Ok(pb::RenewLeaseResponse {
@@ -124,9 +125,15 @@ impl KeyLeaseService {
 
     async fn release(&self, request: pb::ReleaseRequest) -> Result<pb::ReleaseResponse, Status> {
         let usage = wire::usage(&request);
-        let booked = self.state.run(|engine, now| {
-            engine.release(now, &request.lease_id, request.fencing_token, usage)
-        })?;
+        let booked = self
+            .state
+            .run(Command::Release {
+                lease_id: request.lease_id,
+                fencing_token: request.fencing_token,
+                usage,
+            })
+            .await?
+            .into_released()?;
         Ok(pb::ReleaseResponse {
             released: booked.is_some(),
             requests_booked: booked.map_or(0, |b| b.requests as u32),
@@ -149,12 +156,19 @@ impl KeyLeaseService {
             request.replacement_wait,
             self.state.max_wait,
         )?;
-        let reported = self.state.run(|engine, now| {
-            engine.report_failure(now, &request.lease_id, request.fencing_token, report)
-        })?;
+        let reported = self
+            .state
+            .run(Command::ReportFailure {
+                lease_id: request.lease_id,
+                fencing_token: request.fencing_token,
+                report,
+            })
+            .await?
+            .into_reported()?;
         let key = self
             .state
-            .run(|engine, now| engine.key_status(now, &reported.key_id))?;
+            .read(|engine, now| engine.key_status(now, &reported.key_id))
+            .await??;
         let mut response = pb::ReportFailureResponse {
             key: Some(wire::key_to_pb(key, self.state.time())),
             requests_booked: reported.booked.map_or(0, |b| b.requests as u32),
@@ -194,7 +208,8 @@ impl KeyLeaseService {
         let pool = Some(request.pool.as_str()).filter(|p| !p.is_empty());
         let status = self
             .state
-            .run(|engine, now| engine.status(now, pool, after.as_deref(), page_size))?;
+            .read(|engine, now| engine.status(now, pool, after.as_deref(), page_size))
+            .await??;
         let now = status.now;
         Ok(pb::GetStatusResponse {
             keys: status
@@ -257,7 +272,14 @@ impl KeyLeaseService {
             loop {
                 let event = tokio::select! {
                     received = events.recv() => match received {
-                        Ok(event) => wire::event_to_pb(event),
+                        Ok((seq, event)) => {
+                            // Shown once it would survive a crash; a store that stopped ends
+                            // the stream.
+                            if state.durable_event(seq).await.is_err() {
+                                return;
+                            }
+                            wire::event_to_pb(event)
+                        }
                         Err(broadcast::error::RecvError::Lagged(missed)) => pb::Event {
                             at: Some(wire::timestamp(state.time().wall_ms)),
                             kind: Some(pb::event::Kind::Missed(missed)),
@@ -280,9 +302,15 @@ impl KeyLeaseService {
         request: pb::SetKeyEnabledRequest,
     ) -> Result<pb::KeyStatus, Status> {
         let reason = self.redact(request.reason);
-        let key = self.state.run(|engine, now| {
-            engine.set_key_enabled(now, &request.key_id, request.enabled, &reason)
-        })?;
+        let key = self
+            .state
+            .run(Command::SetKeyEnabled {
+                key_id: request.key_id,
+                enabled: request.enabled,
+                reason,
+            })
+            .await?
+            .into_key_set()?;
         Ok(wire::key_to_pb(key, self.state.time()))
     }
 }
@@ -352,10 +380,10 @@ impl KeyLease for KeyLeaseService {
 }
 
 /// Resolves at the next event that may have made quota room: a lease ended.
-async fn room_made(events: &mut broadcast::Receiver<crate::engine::Event>) {
+async fn room_made(events: &mut broadcast::Receiver<(u64, crate::engine::Event)>) {
     loop {
         match events.recv().await {
-            Ok(event)
+            Ok((_, event))
                 if matches!(
                     event.kind,
                     EventKind::Released { .. } | EventKind::Expired(_) | EventKind::Failed { .. }

@@ -1,19 +1,25 @@
-//! The engine's shell: the engine behind one mutex, the clock, the channels of waiting acquires,
-//! the event broadcast, and the timer that ticks the engine at its next deadline. Every engine
-//! command runs under the lock with its notices carried out before the lock is let go, so a grant
-//! to a waiter and that waiter giving up can never cross.
+//! The engine's shell: the engine behind one mutex, the clock, the store's journal, the
+//! channels of waiting acquires, the event broadcast, and the timer that ticks the engine at its
+//! next deadline. Every state change is a [`Command`] applied under the lock, its record queued
+//! for the store in the same critical section (log order is apply order), and its notices
+//! carried out before the lock is let go, so a grant to a waiter and that waiter giving up can
+//! never cross. Replies, grants and events are released once their record is durable.
 //!
 //! A std mutex, not tokio's: nothing awaits under it and each critical section is one command.
 
 use crate::clock::Clock;
-use crate::config::{ConnectionLimits, Settings};
+use crate::config::{ConnectionLimits, Settings, StateLocation};
 use crate::engine::{
-    AcquireRequest, Acquired, Engine, EngineError, Event, EventKind, LeaseView, Notices,
-    SetupError, Time, Unavailable, Usage, WaiterId,
+    AcquireRequest, Acquired, Command, Engine, EngineError, Event, EventKind, LeaseView, Notices,
+    Reply, Setup, SetupError, Time, Unavailable, WaiterId,
 };
-use crate::secret::{ApiKey, Redactor};
+use crate::secret::{ApiKey, FingerprintKey, Redactor};
+use crate::store::embedded::{EmbeddedStore, StateDir};
+use crate::store::journal::{Journal, StoreFailed};
+use crate::store::{self, Snapshot, StoreError};
 use std::collections::HashMap;
 use std::future::pending;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -25,6 +31,11 @@ const EVENT_BUFFER: usize = 4096;
 /// Longest the timer sleeps while acquires wait: a line may wait for the day to turn, which the
 /// engine foresees from the wall clock, and a stepped wall clock must be followed this soon.
 const CALENDAR_RECHECK: Duration = Duration::from_secs(1);
+/// Records between snapshots: bounds how much of the log a restart replays.
+pub const SNAPSHOT_EVERY: u64 = 100_000;
+/// Fencing tokens handed out per millisecond of wall time that a restart without state
+/// ([`token_floor`]) can never reach again.
+const TOKENS_PER_MS: u64 = 1_000;
 
 /// Why an acquire got no lease.
 #[derive(Debug)]
@@ -32,6 +43,7 @@ pub enum AcquireFailure {
     Invalid(EngineError),
     Unavailable(Unavailable),
     ShuttingDown,
+    Store(StoreFailed),
 }
 
 impl From<EngineError> for AcquireFailure {
@@ -40,18 +52,52 @@ impl From<EngineError> for AcquireFailure {
     }
 }
 
+impl From<StoreFailed> for AcquireFailure {
+    fn from(failure: StoreFailed) -> Self {
+        Self::Store(failure)
+    }
+}
+
+/// Why the state could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("invalid key setup: {0}")]
+    Setup(#[from] SetupError),
+    #[error("state: {0}")]
+    Store(#[from] StoreError),
+}
+
 type WaiterOutcome = Result<LeaseView, Unavailable>;
 
 struct Inner {
     engine: Engine,
-    /// Where to send each waiter's lease.
-    waiters: HashMap<WaiterId, oneshot::Sender<WaiterOutcome>>,
+    /// Where to send each waiter's outcome, with the record it must wait for.
+    waiters: HashMap<WaiterId, oneshot::Sender<(WaiterOutcome, u64)>>,
+    /// The last record queued for the store.
+    last_seq: u64,
+    /// Records queued since the last snapshot.
+    since_snapshot: u64,
+}
+
+/// What start-up found in the state directory.
+#[derive(Debug, Default, Clone)]
+pub struct Recovered {
+    pub from_snapshot: bool,
+    pub records_replayed: u64,
+    pub live_leases: usize,
+    pub disabled_keys: usize,
+    pub cooling_groups: usize,
+    pub quota_groups: usize,
+    pub next_fencing_token: u64,
+    /// Where `--reset-state` moved the old state.
+    pub moved_aside: Option<PathBuf>,
 }
 
 pub struct State {
     inner: Mutex<Inner>,
     clock: Clock,
-    events: broadcast::Sender<Event>,
+    /// Events with the record that made them.
+    events: broadcast::Sender<(u64, Event)>,
     /// Wakes the timer when the engine's next deadline moved earlier.
     timer: Notify,
     /// The deadline the timer sleeps until (`u64::MAX`: none).
@@ -64,33 +110,158 @@ pub struct State {
     redactor: Redactor,
     /// What clients may hold of the server.
     pub limits: ConnectionLimits,
+    /// `None`: ephemeral, nothing is kept.
+    journal: Option<Arc<Journal>>,
+    /// The locked state directory, held for as long as the state lives.
+    _state_dir: Option<StateDir>,
+    snapshot_every: u64,
+}
+
+/// Fencing tokens after a start are at least this: above any a previous run of this machine can
+/// have handed out unless it granted more than [`TOKENS_PER_MS`] leases per millisecond on
+/// average, so tokens never repeat even without a state directory (if the wall clock was not
+/// set back).
+pub fn token_floor(wall_ms: u64) -> u64 {
+    wall_ms.saturating_mul(TOKENS_PER_MS)
 }
 
 impl State {
-    pub fn new(settings: &Settings, clock: Clock) -> Result<Arc<Self>, SetupError> {
-        let engine = Engine::new(settings.engine.clone(), settings.keys.clone(), clock.now())?;
-        let redactor = Redactor::new(
-            settings
-                .keys
-                .iter()
-                .map(|key| &key.secret)
-                .chain(&settings.auth_tokens),
-        );
-        Ok(Arc::new(Self {
+    /// Opens the state (recovering what the state directory holds), applies the configuration,
+    /// and returns the state with what was recovered. `reset` moves an existing state aside.
+    pub fn open(
+        settings: &Settings,
+        clock: Clock,
+        reset: bool,
+    ) -> Result<(Arc<Self>, Recovered), OpenError> {
+        Self::open_with(settings, clock, reset, SNAPSHOT_EVERY)
+    }
+
+    pub fn open_with(
+        settings: &Settings,
+        clock: Clock,
+        reset: bool,
+        snapshot_every: u64,
+    ) -> Result<(Arc<Self>, Recovered), OpenError> {
+        let mut recovered = Recovered::default();
+        let (state_dir, store, fingerprint_key) = match &settings.state {
+            StateLocation::Ephemeral => (
+                None,
+                None,
+                FingerprintKey::random().map_err(|e| StoreError::Io {
+                    path: PathBuf::from("(memory)"),
+                    reason: format!("no random source: {e}"),
+                })?,
+            ),
+            StateLocation::Directory(path) => {
+                let reset_at = reset.then(|| clock.now().wall_ms);
+                let (dir, moved_aside) = StateDir::open(path, reset_at)?;
+                recovered.moved_aside = moved_aside;
+                let store = EmbeddedStore::open(&dir)?;
+                let key = dir.fingerprint_key.clone();
+                (Some(dir), Some(store), key)
+            }
+        };
+        let mut keys = settings.keys.clone();
+        for key in &mut keys {
+            key.fingerprint = key.secret.fingerprint(&fingerprint_key);
+        }
+        let started = clock.now();
+        let setup = Setup {
+            config: settings.engine.clone(),
+            keys,
+            token_floor: token_floor(started.wall_ms),
+        };
+        // Refused before anything is logged.
+        let fresh = Engine::new(setup.clone(), started)?;
+
+        let (engine, last_seq, clock) = match &store {
+            None => (None, 0, clock),
+            Some(store) => {
+                let recovery = store::recover(store)?;
+                recovered.from_snapshot = recovery.from_snapshot;
+                recovered.records_replayed = recovery.records_replayed;
+                // The steady clock goes on from where the recovered state left it.
+                let clock = match &recovery.engine {
+                    Some(engine) => clock.not_before(engine.now().steady_ms),
+                    None => clock,
+                };
+                (recovery.engine, recovery.last_seq, clock)
+            }
+        };
+        let journal = store.map(|store| Journal::start(Box::new(store), last_seq));
+        let recovering = engine.is_some();
+        let state = Arc::new(Self {
             inner: Mutex::new(Inner {
-                engine,
+                engine: engine.unwrap_or(fresh),
                 waiters: HashMap::new(),
+                last_seq,
+                since_snapshot: 0,
             }),
-            clock,
             events: broadcast::channel(EVENT_BUFFER).0,
             timer: Notify::new(),
             timer_target: AtomicU64::new(u64::MAX),
             shutdown: CancellationToken::new(),
             max_wait: settings.max_wait,
             auth_tokens: settings.auth_tokens.clone(),
-            redactor,
+            redactor: Redactor::new(
+                settings
+                    .keys
+                    .iter()
+                    .map(|key| &key.secret)
+                    .chain(&settings.auth_tokens),
+            ),
             limits: settings.limits,
-        }))
+            journal,
+            _state_dir: state_dir,
+            snapshot_every: snapshot_every.max(1),
+            clock,
+        });
+        {
+            let mut inner = state.lock();
+            if recovering {
+                // Their callers died with the process that queued them; clients retry.
+                let (_, notices) = state.apply_locked(&mut inner, Command::DropWaiters);
+                state.carry_out(&mut inner, notices);
+            }
+            let (reply, notices) = if recovering {
+                state.apply_locked(&mut inner, Command::Configure(setup))
+            } else {
+                // The first record of a log: the setup the fresh engine was built with.
+                state.log(&mut inner, started, &Command::Configure(setup));
+                (Reply::Ticked, Notices::default())
+            };
+            state.carry_out(&mut inner, notices);
+            if let Reply::Configured(configured) = reply {
+                let configured = configured?;
+                for (key_id, leases) in &configured.removed_keys {
+                    tracing::warn!(
+                        key_id,
+                        leases,
+                        "key no longer configured: dropped with its leases"
+                    );
+                }
+                for (old, new) in &configured.renamed_keys {
+                    tracing::info!(old, new, "key renamed: its state carries over");
+                }
+                if configured.dropped_leases > 0 {
+                    tracing::warn!(
+                        leases = configured.dropped_leases,
+                        "leases dropped: their model or pool is no longer configured"
+                    );
+                }
+            }
+            if let Some(journal) = &state.journal {
+                // The next start begins here, not at the head of the log.
+                journal.push_snapshot(Snapshot::of(&inner.engine, inner.last_seq));
+            }
+            let counts = inner.engine.counts(state.clock.now());
+            recovered.live_leases = counts.live_leases;
+            recovered.disabled_keys = counts.disabled_keys;
+            recovered.quota_groups = counts.quota_groups;
+            recovered.cooling_groups = counts.cooling_groups;
+            recovered.next_fencing_token = inner.engine.next_fencing_token();
+        }
+        Ok((state, recovered))
     }
 
     /// Bearer tokens callers must present; empty: no check.
@@ -117,56 +288,127 @@ impl State {
         &self.clock
     }
 
+    /// The store's journal, when the state is kept.
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_deref()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // The engine keeps its invariants between commands; a panic inside one is a bug that
-        // must not stop everyone else from being served.
+        // Without a store, the engine keeps its invariants between commands and a panic inside
+        // one (a bug) must not stop everyone else from being served. With one, a panic inside
+        // `apply` aborts the process before the lock is let go (see `apply_locked`).
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Runs one engine command at the current time and carries out what it decided.
-    pub fn run<R>(&self, command: impl FnOnce(&mut Engine, Time) -> R) -> R {
-        let mut inner = self.lock();
-        let result = command(&mut inner.engine, self.clock.now());
-        self.carry_out(&mut inner);
-        result
+    /// Applies one command at the current time and queues its record; the caller carries out
+    /// the notices.
+    fn apply_locked(&self, inner: &mut Inner, command: Command) -> (Reply, Notices) {
+        let time = self.clock.now();
+        let record = self
+            .journal
+            .as_ref()
+            .map(|_| store::encode_record(time, &command));
+        let _abort = self.journal.as_ref().map(|_| AbortOnPanic);
+        let applied = inner.engine.apply(time, command);
+        if let (Some(journal), Some(record)) = (&self.journal, record) {
+            inner.last_seq += 1;
+            journal.push(inner.last_seq, record);
+            inner.since_snapshot += 1;
+            if inner.since_snapshot >= self.snapshot_every {
+                inner.since_snapshot = 0;
+                journal.push_snapshot(Snapshot::of(&inner.engine, inner.last_seq));
+            }
+        }
+        applied
     }
 
-    /// Sends waiters their outcome, streams events, and moves the timer if needed.
-    fn carry_out(&self, inner: &mut Inner) {
-        loop {
-            let notices: Notices = inner.engine.drain();
-            if notices.events.is_empty()
-                && notices.waiter_grants.is_empty()
-                && notices.waiter_failures.is_empty()
-            {
-                break;
+    /// Queues a record of a command applied outside [`State::apply_locked`] (the setup a
+    /// fresh engine was built with).
+    fn log(&self, inner: &mut Inner, time: Time, command: &Command) {
+        if let Some(journal) = &self.journal {
+            inner.last_seq += 1;
+            journal.push(inner.last_seq, store::encode_record(time, command));
+        }
+    }
+
+    /// Resolves once record `seq` would survive a crash.
+    async fn durable(&self, seq: u64) -> Result<(), StoreFailed> {
+        match &self.journal {
+            None => Ok(()),
+            Some(journal) => journal.wait(seq).await,
+        }
+    }
+
+    /// Applies a command and carries out what it decided, without waiting for the store: for
+    /// the shell's own commands, which nobody waits on.
+    fn execute(&self, command: Command) {
+        let mut inner = self.lock();
+        let (_, notices) = self.apply_locked(&mut inner, command);
+        self.carry_out(&mut inner, notices);
+    }
+
+    /// Applies one command at the current time, carries out what it decided, and answers once
+    /// its record is durable.
+    pub async fn run(&self, command: Command) -> Result<Reply, StoreFailed> {
+        let (reply, seq) = {
+            let mut inner = self.lock();
+            let (reply, notices) = self.apply_locked(&mut inner, command);
+            self.carry_out(&mut inner, notices);
+            (reply, inner.last_seq)
+        };
+        self.durable(seq).await?;
+        Ok(reply)
+    }
+
+    /// Reads the engine as it is now (ticked first when due), once what it shows is durable.
+    pub async fn read<R>(&self, read: impl FnOnce(&Engine, Time) -> R) -> Result<R, StoreFailed> {
+        let (result, seq) = {
+            let mut inner = self.lock();
+            let now = self.clock.now();
+            if inner.engine.tick_due(now) {
+                let (_, notices) = self.apply_locked(&mut inner, Command::Tick);
+                self.carry_out(&mut inner, notices);
             }
+            (read(&inner.engine, now), inner.last_seq)
+        };
+        self.durable(seq).await?;
+        Ok(result)
+    }
+
+    /// Sends waiters their outcome, streams events, and moves the timer if needed. A grant
+    /// whose waiter is gone goes straight back, by a command of its own.
+    fn carry_out(&self, inner: &mut Inner, mut notices: Notices) {
+        while !notices.is_empty() {
+            let seq = inner.last_seq;
             for event in notices.events {
                 log(&event);
                 // No subscriber is fine.
-                let _ = self.events.send(event);
+                let _ = self.events.send((seq, event));
             }
+            let mut more = Notices::default();
             for (id, lease) in notices.waiter_grants {
                 let undelivered = match inner.waiters.remove(&id) {
-                    Some(sender) => sender.send(Ok(lease)).err().and_then(Result::ok),
+                    Some(sender) => sender
+                        .send((Ok(lease), seq))
+                        .err()
+                        .and_then(|(o, _)| o.ok()),
                     None => Some(lease),
                 };
                 if let Some(lease) = undelivered {
-                    // Its caller is gone: the key goes straight back, unused.
-                    let now = self.clock.now();
-                    let _ = inner.engine.release(
-                        now,
-                        &lease.lease_id,
-                        lease.fencing_token,
-                        Usage::UNUSED,
-                    );
+                    let hand_back = Command::HandBack {
+                        lease_id: lease.lease_id,
+                        fencing_token: lease.fencing_token,
+                    };
+                    let (_, handed_back) = self.apply_locked(inner, hand_back);
+                    more.extend(handed_back);
                 }
             }
             for (id, unavailable) in notices.waiter_failures {
                 if let Some(sender) = inner.waiters.remove(&id) {
-                    let _ = sender.send(Err(unavailable));
+                    let _ = sender.send((Err(unavailable), seq));
                 }
             }
+            notices = more;
         }
         if let Some(next) = inner.engine.next_wakeup_ms()
             && next < self.timer_target.load(Ordering::Acquire)
@@ -184,9 +426,10 @@ impl State {
     ) -> Result<LeaseView, AcquireFailure> {
         request.wait = !wait.is_zero();
         let now = self.clock.now();
-        let (waiter, receiver) = {
+        let (outcome, seq, receiver) = {
             let mut inner = self.lock();
-            let outcome = inner.engine.acquire(now, request);
+            let (reply, notices) = self.apply_locked(&mut inner, Command::Acquire(request));
+            let outcome = reply.into_acquired();
             // Only a caller that waits needs a channel; it is registered under the same lock
             // as the acquire, so no grant can be sent before it is there.
             let receiver = match outcome {
@@ -197,28 +440,35 @@ impl State {
                 }
                 _ => None,
             };
-            self.carry_out(&mut inner);
-            match (outcome?, receiver) {
-                (Acquired::Granted(lease), _) => return Ok(lease),
-                (Acquired::Unavailable(unavailable), _) => {
-                    return Err(AcquireFailure::Unavailable(unavailable));
-                }
-                (Acquired::Queued(id), Some(receiver)) => (id, receiver),
-                (Acquired::Queued(_), None) => unreachable!("a queued acquire has a channel"),
+            self.carry_out(&mut inner, notices);
+            (outcome, inner.last_seq, receiver)
+        };
+        let (waiter, receiver) = match (outcome?, receiver) {
+            (Acquired::Granted(lease), _) => {
+                self.durable(seq).await?;
+                return Ok(lease);
             }
+            (Acquired::Unavailable(unavailable), _) => {
+                return Err(AcquireFailure::Unavailable(unavailable));
+            }
+            (Acquired::Queued(id), Some(receiver)) => (id, receiver),
+            (Acquired::Queued(_), None) => unreachable!("a queued acquire has a channel"),
         };
         let deadline = tokio::time::sleep_until(self.clock.instant_at(now.steady_ms) + wait);
         // Boxed: the wait's timer and select would otherwise make every acquire's future several
         // times larger, copied through each layer of the server, though most are granted at once.
-        Box::pin(
-            Waiting {
+        Box::pin(async move {
+            let (lease, seq) = Waiting {
                 state: self,
                 id: waiter,
                 receiver,
                 done: false,
             }
-            .until(deadline),
-        )
+            .until(deadline)
+            .await?;
+            self.durable(seq).await?;
+            Ok(lease)
+        })
         .await
     }
 
@@ -227,9 +477,14 @@ impl State {
         tokio::time::sleep_until(self.clock.instant_at(at_ms))
     }
 
-    /// Every event from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+    /// Every event from now on, each with the record that made it (see [`State::durable_event`]).
+    pub fn subscribe(&self) -> broadcast::Receiver<(u64, Event)> {
         self.events.subscribe()
+    }
+
+    /// Resolves once the record that made an event is durable: only then may it be shown.
+    pub async fn durable_event(&self, seq: u64) -> Result<(), StoreFailed> {
+        self.durable(seq).await
     }
 
     /// Resolves when the server starts shutting down.
@@ -240,6 +495,33 @@ impl State {
     /// Waiters get `UNAVAILABLE`, event streams end, the timer stops.
     pub fn shut_down(&self) {
         self.shutdown.cancel();
+    }
+
+    /// Writes a last snapshot and what is queued, and stops the store (after serving ended).
+    pub fn close(&self) {
+        if let Some(journal) = &self.journal {
+            {
+                let inner = self.lock();
+                if inner.since_snapshot > 0 {
+                    journal.push_snapshot(Snapshot::of(&inner.engine, inner.last_seq));
+                }
+            }
+            journal.close();
+        }
+    }
+
+    /// Resolves when the store stops writing (never, without a store): the server must then
+    /// stop, as it can acknowledge nothing more.
+    pub async fn store_stopped(&self) {
+        match &self.journal {
+            Some(journal) => journal.stopped().await,
+            None => pending().await,
+        }
+    }
+
+    /// Why the store stopped writing, if it did: the server must then stop.
+    pub fn store_failure(&self) -> Option<StoreFailed> {
+        self.journal.as_ref().and_then(|journal| journal.failure())
     }
 
     /// Ticks the engine at each of its deadlines until shutdown; nothing polls.
@@ -264,10 +546,32 @@ impl State {
                 }
             };
             tokio::select! {
-                () = sleep => self.run(|engine, now| { engine.tick(now); }),
+                () = sleep => self.execute(Command::Tick),
                 () = self.timer.notified() => {}
                 () = self.shutdown.cancelled() => return,
             }
+        }
+    }
+}
+
+impl Drop for State {
+    /// Stops the committer once what is queued is written, releasing the store.
+    fn drop(&mut self) {
+        if let Some(journal) = &self.journal {
+            journal.close();
+        }
+    }
+}
+
+/// Aborts the process if dropped while a panic unwinds: with a store, a command half applied
+/// must never be served, nor its record written.
+struct AbortOnPanic;
+
+impl Drop for AbortOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("keylease: a command panicked while being applied; aborting");
+            std::process::abort();
         }
     }
 }
@@ -331,43 +635,48 @@ fn log(event: &Event) {
 struct Waiting<'a> {
     state: &'a State,
     id: WaiterId,
-    receiver: oneshot::Receiver<WaiterOutcome>,
+    receiver: oneshot::Receiver<(WaiterOutcome, u64)>,
     /// The outcome reached the caller: nothing to undo.
     done: bool,
 }
 
 impl Waiting<'_> {
-    async fn until(mut self, deadline: tokio::time::Sleep) -> Result<LeaseView, AcquireFailure> {
+    /// The lease with the record that granted it.
+    async fn until(
+        mut self,
+        deadline: tokio::time::Sleep,
+    ) -> Result<(LeaseView, u64), AcquireFailure> {
         let shutdown = self.state.shutdown.clone();
-        tokio::select! {
+        let outcome = tokio::select! {
             outcome = &mut self.receiver => {
                 self.done = true;
-                outcome.map_err(|_| AcquireFailure::ShuttingDown)?.map_err(AcquireFailure::Unavailable)
+                outcome.map_err(|_| AcquireFailure::ShuttingDown)?
             }
             () = deadline => {
                 self.done = true;
                 match self.cancel() {
-                    Some(unavailable) => Err(AcquireFailure::Unavailable(unavailable)),
+                    Some(unavailable) => return Err(AcquireFailure::Unavailable(unavailable)),
                     // Served just before the deadline: the outcome is already in the channel.
-                    None => match self.receiver.try_recv() {
-                        Ok(outcome) => outcome.map_err(AcquireFailure::Unavailable),
-                        Err(_) => Err(AcquireFailure::ShuttingDown),
-                    },
+                    None => self.receiver.try_recv().map_err(|_| AcquireFailure::ShuttingDown)?,
                 }
             }
-            () = shutdown.cancelled() => Err(AcquireFailure::ShuttingDown),
-        }
+            () = shutdown.cancelled() => return Err(AcquireFailure::ShuttingDown),
+        };
+        let (outcome, seq) = outcome;
+        Ok((outcome.map_err(AcquireFailure::Unavailable)?, seq))
     }
 
     /// Takes the waiter out of line; `None` when it was already served.
     fn cancel(&mut self) -> Option<Unavailable> {
         let mut inner = self.state.lock();
-        let unavailable = inner.engine.cancel_waiter(self.state.clock.now(), self.id);
+        let (reply, notices) = self
+            .state
+            .apply_locked(&mut inner, Command::CancelWaiter(self.id));
         // The engine brings itself to now before the waiter leaves, which may serve this very
         // waiter: its lease must reach the channel, not be handed back as undelivered.
-        self.state.carry_out(&mut inner);
+        self.state.carry_out(&mut inner, notices);
         inner.waiters.remove(&self.id);
-        unavailable
+        reply.into_waiter_cancelled()
     }
 }
 
@@ -376,11 +685,10 @@ impl Drop for Waiting<'_> {
         if self.done || self.cancel().is_some() {
             return;
         }
-        if let Ok(Ok(lease)) = self.receiver.try_recv() {
-            self.state.run(|engine, now| {
-                engine
-                    .release(now, &lease.lease_id, lease.fencing_token, Usage::UNUSED)
-                    .ok()
+        if let Ok((Ok(lease), _)) = self.receiver.try_recv() {
+            self.state.execute(Command::HandBack {
+                lease_id: lease.lease_id,
+                fencing_token: lease.fencing_token,
             });
         }
     }
@@ -398,9 +706,14 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("keylease.toml");
         std::fs::write(&path, config).unwrap();
-        let settings = config::load(Some(&path), &HashMap::new(), &Overrides::default()).unwrap();
+        let ephemeral = Overrides {
+            ephemeral: true,
+            ..Overrides::default()
+        };
+        let settings = config::load(Some(&path), &HashMap::new(), &ephemeral).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
-        State::new(&settings, Clock::starting_at(1_773_086_400_000)).unwrap()
+        let clock = Clock::starting_at(1_773_086_400_000);
+        State::open(&settings, clock, false).unwrap().0
     }
 
     fn ask(task: &str) -> AcquireRequest {
@@ -428,9 +741,14 @@ mod tests {
             requests_sent: None,
         };
         state
-            .run(|engine, now| {
-                engine.report_failure(now, &lease.lease_id, lease.fencing_token, report)
+            .run(Command::ReportFailure {
+                lease_id: lease.lease_id,
+                fencing_token: lease.fencing_token,
+                report,
             })
+            .await
+            .unwrap()
+            .into_reported()
             .unwrap();
         let waiter = {
             let state = state.clone();

@@ -7,6 +7,7 @@ use crate::engine::{
     LeaseSummary, LeaseView, Time, Unavailable, UnavailableReason, Usage, UsageView,
 };
 use crate::state::AcquireFailure;
+use crate::store::journal::StoreFailed;
 use keylease::{ERROR_DOMAIN, RETRY_AFTER_METADATA, pb};
 use std::time::Duration;
 use tonic::metadata::MetadataMap;
@@ -33,6 +34,14 @@ pub fn acquire_failure_status(failure: AcquireFailure, now_ms: u64) -> Status {
         AcquireFailure::Invalid(error) => error.into(),
         AcquireFailure::Unavailable(unavailable) => unavailable_status(unavailable, now_ms),
         AcquireFailure::ShuttingDown => Status::unavailable("the server is shutting down"),
+        AcquireFailure::Store(failure) => failure.into(),
+    }
+}
+
+/// Nothing more can be acknowledged: the server is stopping (a restart recovers what was).
+impl From<StoreFailed> for Status {
+    fn from(failure: StoreFailed) -> Self {
+        Status::unavailable(format!("{failure}; this server is stopping"))
     }
 }
 

@@ -107,7 +107,7 @@ fn run_on_a_taken_address() -> std::process::Output {
     let address = taken.local_addr().unwrap().to_string();
     Command::new(BINARY)
         .args(["--config", example_config().to_str().unwrap()])
-        .args(["--listen", &address, "--log-format", "text"])
+        .args(["--listen", &address, "--log-format", "text", "--ephemeral"])
         .env_remove("GEMINI_API_KEY")
         .output()
         .unwrap()

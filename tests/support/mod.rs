@@ -85,7 +85,7 @@ impl TestServer {
             .expect("test configuration");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = format!("http://{}", listener.local_addr().unwrap());
-        let state = State::new(&settings, Clock::system()).unwrap();
+        let (state, _) = State::open(&settings, Clock::system(), false).unwrap();
         let (stop, stopped) = oneshot::channel();
         let handle = tokio::spawn(serve(listener, state, async {
             let _ = stopped.await;

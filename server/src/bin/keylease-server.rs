@@ -5,7 +5,7 @@
 
 use clap::Parser;
 use keylease_server::clock::Clock;
-use keylease_server::config::{self, LogFormat, Overrides, Settings};
+use keylease_server::config::{self, LogFormat, Overrides, Settings, StateLocation};
 use keylease_server::server::serve;
 use keylease_server::state::State;
 use std::io::IsTerminal;
@@ -23,6 +23,8 @@ const EXIT_UNAVAILABLE: u8 = 69;
 const EXIT_SOFTWARE: u8 = 70;
 /// The operating system refused a resource: threads, signal handlers (EX_OSERR).
 const EXIT_OS: u8 = 71;
+/// The state store could not be written while serving (EX_IOERR).
+const EXIT_IO: u8 = 74;
 /// Binding a port needs a permission this process lacks (EX_NOPERM).
 const EXIT_NO_PERMISSION: u8 = 77;
 const DEFAULT_CONFIG: &str = "keylease.toml";
@@ -43,6 +45,17 @@ struct Args {
     /// `text` or `json` (overrides server.log_format).
     #[arg(long)]
     log_format: Option<String>,
+    /// Where leases, quotas and disabled keys are kept across restarts (overrides state.dir;
+    /// default: `keylease-state` beside the config file, or in the working directory).
+    #[arg(long, conflicts_with = "ephemeral")]
+    state_dir: Option<PathBuf>,
+    /// Keep nothing: a restart forgets every lease and quota (tests, demos).
+    #[arg(long)]
+    ephemeral: bool,
+    /// Move the state directory aside (renamed `<dir>.reset-<time>`, never deleted) and start
+    /// with an empty state: the way out of a damaged or unreadable one.
+    #[arg(long, conflicts_with = "ephemeral")]
+    reset_state: bool,
 }
 
 fn main() -> ExitCode {
@@ -67,6 +80,8 @@ fn main() -> ExitCode {
         listen: args.listen,
         keys_file: args.keys_file,
         log_format: args.log_format,
+        state_dir: args.state_dir,
+        ephemeral: args.ephemeral,
     };
     let settings = match config::load(config_path.as_deref(), &env, &overrides) {
         Ok(settings) => settings,
@@ -83,7 +98,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_OS);
         }
     };
-    match runtime.block_on(run(settings)) {
+    match runtime.block_on(run(settings, args.reset_state)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
             tracing::error!("{failure}");
@@ -105,8 +120,10 @@ fn abort_on_panic() {
 /// Why the server stopped other than by a signal.
 #[derive(Debug, thiserror::Error)]
 enum Failure {
-    #[error("invalid key setup: {0}")]
-    Setup(#[from] keylease_server::engine::SetupError),
+    #[error("{0}")]
+    Open(#[from] keylease_server::state::OpenError),
+    #[error("{0}")]
+    Store(#[from] keylease_server::store::journal::StoreFailed),
     #[error("cannot listen on {address}: {source}")]
     Listen {
         address: std::net::SocketAddr,
@@ -121,7 +138,8 @@ enum Failure {
 impl Failure {
     fn exit_code(&self) -> u8 {
         match self {
-            Self::Setup(_) => EXIT_USAGE,
+            Self::Open(_) => EXIT_USAGE,
+            Self::Store(_) => EXIT_IO,
             Self::Listen { source, .. }
                 if source.kind() == std::io::ErrorKind::PermissionDenied =>
             {
@@ -147,8 +165,25 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn run(settings: Settings) -> Result<(), Failure> {
-    let state = State::new(&settings, Clock::system())?;
+async fn run(settings: Settings, reset_state: bool) -> Result<(), Failure> {
+    let (state, recovered) = State::open(&settings, Clock::system(), reset_state)?;
+    if let Some(aside) = &recovered.moved_aside {
+        tracing::warn!(moved_to = %aside.display(), "--reset-state: the old state was moved aside");
+    }
+    match &settings.state {
+        StateLocation::Ephemeral => tracing::info!("ephemeral: nothing is kept across restarts"),
+        StateLocation::Directory(dir) => tracing::info!(
+            state_dir = %dir.display(),
+            from_snapshot = recovered.from_snapshot,
+            records_replayed = recovered.records_replayed,
+            live_leases = recovered.live_leases,
+            disabled_keys = recovered.disabled_keys,
+            cooling_groups = recovered.cooling_groups,
+            quota_groups = recovered.quota_groups,
+            next_fencing_token = recovered.next_fencing_token,
+            "state recovered"
+        ),
+    }
     let listen_failed = |source| Failure::Listen {
         address: settings.listen,
         source,
@@ -175,13 +210,31 @@ async fn run(settings: Settings) -> Result<(), Failure> {
         let mut stopped = stopped;
         let _ = stopped.wait_for(|&stop| stop).await;
     };
+    // A store that stops writing stops the server: nothing more could be acknowledged.
+    let store_failed = {
+        let state = state.clone();
+        async move { state.store_stopped().await }
+    };
+    let shutdown = async move {
+        tokio::select! {
+            () = shutdown => {}
+            () = store_failed => {}
+        }
+    };
     tokio::select! {
-        served = serve(listener, state, shutdown) => served?,
+        served = serve(listener, state.clone(), shutdown) => served?,
         () = async {
             let _ = grace_start.wait_for(|&stop| stop).await;
             tokio::time::sleep(settings.shutdown_grace).await;
         } => tracing::warn!("grace period over: stopping with calls still in flight"),
     }
+    if let Some(failure) = state.store_failure() {
+        return Err(failure.into());
+    }
+    // The last snapshot, so that the next start replays little.
+    tokio::task::spawn_blocking(move || state.close())
+        .await
+        .ok();
     tracing::info!("keylease stopped");
     Ok(())
 }

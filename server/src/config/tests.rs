@@ -108,6 +108,7 @@ fn command_line_overrides_win() {
         listen: Some("127.0.0.1:7000".into()),
         log_format: Some("json".into()),
         keys_file: None,
+        ..Default::default()
     };
     let settings = load(Some(&example_path()), &no_env(), &overrides).unwrap();
     assert_eq!(settings.listen.to_string(), "127.0.0.1:7000");

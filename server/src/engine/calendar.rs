@@ -9,7 +9,7 @@ use chrono_tz::Tz;
 const DAY_MS: u64 = 24 * 3_600_000;
 
 /// The two readings of the clock that come with each command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Time {
     /// Milliseconds since the Unix epoch on the wall clock: the calendar and display only.
     pub wall_ms: u64,
@@ -59,7 +59,7 @@ fn clamp_ms(ms: i128) -> u64 {
 
 /// How the day is cut: the daily counts reset at midnight in this zone, or, on a day whose
 /// midnight the zone skips, at the first instant of that day.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DailyReset {
     pub zone: Tz,
 }

@@ -1,19 +1,24 @@
 //! The lease engine: who holds which key, what each quota group has spent, who waits. Plain,
-//! synchronous and deterministic: each command takes the current time (two readings, see
-//! [`calendar`]), decides the reply and changes the state, and records what happened as events
-//! for the shell to carry out (wake a waiter, stream an event, persist). No I/O, no tokio, no
-//! protocol types.
+//! synchronous and deterministic: each [`Command`] comes with the current time (two readings,
+//! see [`calendar`]) through [`Engine::apply`], which decides the reply, changes the state, and
+//! records what happened as notices for the shell to carry out (wake a waiter, stream an event).
+//! No I/O, no tokio, no protocol types.
 
 pub mod calendar;
+pub mod command;
+pub mod image;
 pub mod quota;
 
 use crate::secret::ApiKey;
 pub use calendar::{DailyReset, Time};
+pub use command::{Command, Reconfigured, Reply};
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+pub use image::Image;
 use keylease::{MAX_DETAIL_BYTES, MAX_ID_BYTES, MAX_INPUT_TOKENS};
 use lru::LruCache;
 pub use quota::Amount;
 use quota::{BookKeeping, CooldownReason, Limits, QuotaGroup};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::num::NonZeroUsize;
 
@@ -27,7 +32,7 @@ const LEASE_ID_PREFIX: &str = "lease-";
 const WALL_STEP_MS: i128 = 1_000;
 
 /// The rules the engine enforces, validated by the configuration before it gets here.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EngineConfig {
     pub default_ttl_ms: u64,
     pub max_ttl_ms: u64,
@@ -57,7 +62,7 @@ impl EngineConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PoolConfig {
     /// Live leases a key may have at once, unless the key says otherwise.
     pub max_leases_per_key: u32,
@@ -67,14 +72,39 @@ pub struct PoolConfig {
     pub project_limits: BTreeMap<(String, String), Limits>,
 }
 
-/// One key as configured.
-#[derive(Debug, Clone)]
+/// One key as configured. Recorded without its secret: the fingerprint stands for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KeySpec {
     pub id: String,
     pub pool: String,
     pub project: String,
+    #[serde(skip)]
     pub secret: ApiKey,
+    /// A keyed hash of the secret ([`crate::secret::Fingerprinter`]): the key's identity,
+    /// whatever its id. Empty until the shell fingerprints it; the id stands in meanwhile.
+    pub fingerprint: String,
     pub max_leases: Option<u32>,
+}
+
+impl KeySpec {
+    /// What the key is known by across configurations.
+    fn identity(&self) -> &str {
+        if self.fingerprint.is_empty() {
+            &self.id
+        } else {
+            &self.fingerprint
+        }
+    }
+}
+
+/// Everything the engine is configured with: what a `Configure` command carries and a store
+/// records (without secrets) before any command decided under it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Setup {
+    pub config: EngineConfig,
+    pub keys: Vec<KeySpec>,
+    /// Fencing tokens from here on are at least this (see [`token_floor`]).
+    pub token_floor: u64,
 }
 
 /// `models/gemini-2.5-flash` and `gemini-2.5-flash` are one model.
@@ -106,12 +136,14 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> EngineError {
 pub enum SetupError {
     #[error("key {0} is configured twice")]
     DuplicateKeyId(String),
+    #[error("key {0}: its secret is configured under another id too")]
+    DuplicateSecret(String),
     #[error("key {key}: unknown pool {pool}")]
     UnknownPool { key: String, pool: String },
 }
 
 /// What a worker asks for.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AcquireRequest {
     pub task_id: String,
     /// Empty means [`DEFAULT_POOL`].
@@ -199,7 +231,7 @@ pub enum Renewed {
     QuotaUnavailable(LeaseView, Unavailable),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum FailureKind {
     RateLimited,
     DailyQuotaExhausted,
@@ -240,7 +272,7 @@ impl FailureKind {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FailureReport {
     pub kind: FailureKind,
     pub retry_after_ms: Option<u64>,
@@ -250,7 +282,7 @@ pub struct FailureReport {
 }
 
 /// What a lease used, as its holder reports it at release.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
     /// `None`, or more than were granted: every granted request was sent.
     pub requests_sent: Option<u32>,
@@ -325,6 +357,27 @@ pub struct Notices {
     pub events: Vec<Event>,
     pub waiter_grants: Vec<(WaiterId, LeaseView)>,
     pub waiter_failures: Vec<(WaiterId, Unavailable)>,
+}
+
+impl Notices {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.waiter_grants.is_empty() && self.waiter_failures.is_empty()
+    }
+
+    pub fn extend(&mut self, more: Notices) {
+        self.events.extend(more.events);
+        self.waiter_grants.extend(more.waiter_grants);
+        self.waiter_failures.extend(more.waiter_failures);
+    }
+}
+
+/// How much state the engine holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub live_leases: usize,
+    pub disabled_keys: usize,
+    pub quota_groups: usize,
+    pub cooling_groups: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -525,19 +578,51 @@ struct Books {
 }
 
 impl Books {
+    /// The limits a group is held to: its project's own, or else its model's.
+    fn limits_of(&self, key: GroupKey) -> Limits {
+        self.project_limits
+            .get(&key)
+            .or_else(|| self.model_limits.get(&(key.pool, key.model)))
+            .copied()
+            .unwrap_or_default()
+    }
+
     /// The group's books brought to `now` (opened on first use).
     fn group(&mut self, key: GroupKey, now: Time) -> &mut QuotaGroup {
-        let group = self.groups.entry(key).or_insert_with(|| {
-            let limits = self
-                .project_limits
-                .get(&key)
-                .or_else(|| self.model_limits.get(&(key.pool, key.model)))
-                .copied()
-                .unwrap_or_default();
-            QuotaGroup::new(limits, now, self.daily)
-        });
+        let limits = self.limits_of(key);
+        let group = self
+            .groups
+            .entry(key)
+            .or_insert_with(|| QuotaGroup::new(limits, now, self.daily));
         group.advance(now, self.daily);
         group
+    }
+}
+
+/// Names of projects or models, interned: small indexes inside the engine, names at its edges.
+#[derive(Debug, Default)]
+struct Names {
+    names: Vec<String>,
+    index: HashMap<String, u32>,
+}
+
+impl Names {
+    fn intern(&mut self, name: &str) -> u32 {
+        if let Some(&idx) = self.index.get(name) {
+            return idx;
+        }
+        let idx = self.names.len() as u32;
+        self.names.push(name.to_string());
+        self.index.insert(name.to_string(), idx);
+        idx
+    }
+
+    fn get(&self, name: &str) -> Option<u32> {
+        self.index.get(name).copied()
+    }
+
+    fn name(&self, idx: u32) -> &str {
+        &self.names[idx as usize]
     }
 }
 
@@ -547,10 +632,8 @@ pub struct Engine {
     key_by_id: HashMap<String, KeyIdx>,
     pools: Vec<Pool>,
     pool_by_name: HashMap<String, PoolIdx>,
-    projects: Vec<String>,
-    project_by_name: HashMap<String, ProjectIdx>,
-    models: Vec<String>,
-    model_by_name: HashMap<String, ModelIdx>,
+    projects: Names,
+    models: Names,
     books: Books,
     /// Consecutive rate-limit cooldowns without a provider delay, per (pool, project).
     backoff: HashMap<(PoolIdx, ProjectIdx), u32>,
@@ -580,12 +663,14 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(
-        config: EngineConfig,
-        keys: Vec<KeySpec>,
-        now: impl Into<Time>,
-    ) -> Result<Self, SetupError> {
-        let now: Time = now.into();
+    /// An engine with nothing leased yet, configured by `setup`: what the first `Configure`
+    /// record of a log starts from.
+    pub fn new(setup: Setup, now: Time) -> Result<Self, SetupError> {
+        let Setup {
+            config,
+            keys,
+            token_floor,
+        } = setup;
         let daily = config.daily;
         let memory_capacity =
             NonZeroUsize::new(config.memory_capacity).unwrap_or(NonZeroUsize::MIN);
@@ -598,10 +683,8 @@ impl Engine {
             key_by_id: HashMap::new(),
             pools: Vec::new(),
             pool_by_name: HashMap::new(),
-            projects: Vec::new(),
-            project_by_name: HashMap::new(),
-            models: Vec::new(),
-            model_by_name: HashMap::new(),
+            projects: Names::default(),
+            models: Names::default(),
             books: Books {
                 groups: HashMap::new(),
                 model_limits: HashMap::new(),
@@ -614,7 +697,7 @@ impl Engine {
             task_leases: HashMap::new(),
             queues: BTreeMap::new(),
             waiter_lines: HashMap::new(),
-            next_token: 1,
+            next_token: token_floor.max(1),
             next_waiter: 1,
             time: now,
             freed: false,
@@ -626,15 +709,15 @@ impl Engine {
             let pool = engine.pools.len() as PoolIdx;
             let mut largest_limits = HashMap::new();
             for (model, limits) in &pool_config.models {
-                let model = engine.intern_model(model);
+                let model = engine.models.intern(model);
                 engine.books.model_limits.insert((pool, model), *limits);
                 largest_limits.insert(model, *limits);
             }
             for ((project, model), limits) in &pool_config.project_limits {
                 let group = GroupKey {
                     pool,
-                    project: engine.intern_project(project),
-                    model: engine.intern_model(model),
+                    project: engine.projects.intern(project),
+                    model: engine.models.intern(model),
                 };
                 engine.books.project_limits.insert(group, *limits);
                 let largest = largest_limits.entry(group.model).or_insert(*limits);
@@ -650,9 +733,13 @@ impl Engine {
                 largest_limits,
             });
         }
+        let mut identities = HashSet::new();
         for spec in keys {
             if engine.key_by_id.contains_key(&spec.id) {
                 return Err(SetupError::DuplicateKeyId(spec.id));
+            }
+            if !identities.insert(spec.identity().to_string()) {
+                return Err(SetupError::DuplicateSecret(spec.id));
             }
             let Some(&pool) = engine.pool_by_name.get(&spec.pool) else {
                 return Err(SetupError::UnknownPool {
@@ -660,7 +747,7 @@ impl Engine {
                     pool: spec.pool,
                 });
             };
-            let project = engine.intern_project(&spec.project);
+            let project = engine.projects.intern(&spec.project);
             let idx = engine.keys.len();
             let pool_entry = &mut engine.pools[pool as usize];
             let max_leases = spec
@@ -683,24 +770,48 @@ impl Engine {
         Ok(engine)
     }
 
-    fn intern_project(&mut self, name: &str) -> ProjectIdx {
-        if let Some(&idx) = self.project_by_name.get(name) {
-            return idx;
-        }
-        let idx = self.projects.len() as ProjectIdx;
-        self.projects.push(name.to_string());
-        self.project_by_name.insert(name.to_string(), idx);
-        idx
+    /// Every waiter leaves its line, told nothing: their callers are gone.
+    fn drop_waiters(&mut self, now: impl Into<Time>) -> usize {
+        self.tick(now);
+        let dropped = self.waiter_lines.len();
+        self.queues.clear();
+        self.waiter_lines.clear();
+        dropped
     }
 
-    fn intern_model(&mut self, name: &str) -> ModelIdx {
-        if let Some(&idx) = self.model_by_name.get(name) {
-            return idx;
+    /// The setup the engine runs under (with secrets; a record leaves them out).
+    pub fn setup(&self) -> Setup {
+        Setup {
+            config: self.config.clone(),
+            keys: self.keys.iter().map(|key| key.spec.clone()).collect(),
+            token_floor: 0,
         }
-        let idx = self.models.len() as ModelIdx;
-        self.models.push(name.to_string());
-        self.model_by_name.insert(name.to_string(), idx);
-        idx
+    }
+
+    /// The latest time the engine has seen.
+    pub fn now(&self) -> Time {
+        self.time
+    }
+
+    /// How much state there is, at `now`: for the start-up log.
+    pub fn counts(&self, now: Time) -> Counts {
+        let now = self.time_at(now);
+        Counts {
+            live_leases: self.leases.len(),
+            disabled_keys: self.keys.iter().filter(|k| k.disabled.is_some()).count(),
+            quota_groups: self.books.groups.len(),
+            cooling_groups: self
+                .books
+                .groups
+                .values()
+                .filter(|g| g.cooldown().is_some_and(|c| c.until_ms > now.steady_ms))
+                .count(),
+        }
+    }
+
+    /// The fencing token the next grant gets.
+    pub fn next_fencing_token(&self) -> u64 {
+        self.next_token
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -708,7 +819,7 @@ impl Engine {
     }
 
     /// Everything the shell must carry out since the last call.
-    pub fn drain(&mut self) -> Notices {
+    fn drain(&mut self) -> Notices {
         std::mem::take(&mut self.notices)
     }
 
@@ -731,10 +842,23 @@ impl Engine {
         }
     }
 
+    /// Whether [`Command::Tick`] at `now` would change anything: a lease expired, a line is due
+    /// to be looked at again, or the wall clock was stepped. A read at `now` is only current
+    /// after such a tick.
+    pub fn tick_due(&self, now: Time) -> bool {
+        self.next_wakeup_ms().is_some_and(|at| at <= now.steady_ms)
+            || self.freed
+            || (now.wall_offset_ms() - self.time.wall_offset_ms()).abs() > WALL_STEP_MS
+    }
+
+    /// The engine's time at `now`: its steady reading never runs backwards.
+    fn time_at(&self, now: Time) -> Time {
+        Time::new(now.wall_ms, self.time.steady_ms.max(now.steady_ms))
+    }
+
     /// Brings the state to `now`: ends expired leases and serves waiters that can now be.
-    pub fn tick(&mut self, now: impl Into<Time>) -> Time {
-        let now: Time = now.into();
-        let time = Time::new(now.wall_ms, self.time.steady_ms.max(now.steady_ms));
+    fn tick(&mut self, now: impl Into<Time>) -> Time {
+        let time = self.time_at(now.into());
         if (time.wall_offset_ms() - self.time.wall_offset_ms()).abs() > WALL_STEP_MS {
             // The lines' wake times were foreseen from the wall clock as it read then, and a
             // day may have turned: look at every line again.
@@ -762,7 +886,7 @@ impl Engine {
 
     // ---- acquire -------------------------------------------------------------------------
 
-    pub fn acquire(
+    fn acquire(
         &mut self,
         now: impl Into<Time>,
         request: AcquireRequest,
@@ -876,7 +1000,7 @@ impl Engine {
 
     /// Takes a waiter out of line (deadline, disconnect). `None` when it is no longer waiting
     /// (it was granted or failed, and that is in the notices); otherwise why it got nothing.
-    pub fn cancel_waiter(&mut self, now: impl Into<Time>, id: WaiterId) -> Option<Unavailable> {
+    fn cancel_waiter(&mut self, now: impl Into<Time>, id: WaiterId) -> Option<Unavailable> {
         let time = self.tick(now);
         let queue_key = self.waiter_lines.remove(&id)?;
         let (pool, model) = queue_key;
@@ -954,9 +1078,8 @@ impl Engine {
             return Err(invalid("model", "empty"));
         }
         let pool = &self.pools[pool as usize];
-        self.model_by_name
+        self.models
             .get(name)
-            .copied()
             .filter(|m| pool.largest_limits.contains_key(m))
             .ok_or_else(|| {
                 let known: Vec<&str> = pool.config.models.keys().map(String::as_str).collect();
@@ -1001,7 +1124,7 @@ impl Engine {
         tokens: u64,
     ) -> Result<(), EngineError> {
         let largest = self.pools[pool as usize].largest_limits[&model];
-        let name = &self.models[model as usize];
+        let name = self.models.name(model);
         for (field, amount, limit, what) in [
             (
                 "requests",
@@ -1429,7 +1552,7 @@ impl Engine {
             .ok_or_else(|| EngineError::LeaseNotFound(lease_id.to_string()))
     }
 
-    pub fn renew(
+    fn renew(
         &mut self,
         now: impl Into<Time>,
         lease_id: &str,
@@ -1514,7 +1637,7 @@ impl Engine {
     /// Ends a lease with what it used, and says what the books now hold for it: requests sent
     /// are at most those granted, tokens at most [`MAX_INPUT_TOKENS`]. `Ok(None)` when it had
     /// already ended.
-    pub fn release(
+    fn release(
         &mut self,
         now: impl Into<Time>,
         lease_id: &str,
@@ -1549,7 +1672,7 @@ impl Engine {
 
     /// Records a failed call: ends the lease, acts on the failure's class, and says what to ask
     /// for to replace it. Late reports are refused, except evidence that the key is bad.
-    pub fn report_failure(
+    fn report_failure(
         &mut self,
         now: impl Into<Time>,
         lease_id: &str,
@@ -1661,7 +1784,7 @@ impl Engine {
             replacement: AcquireRequest {
                 task_id: ended.task_id,
                 pool: self.pools[pool as usize].name.clone(),
-                model: self.models[ended.model as usize].clone(),
+                model: self.models.name(ended.model).to_string(),
                 exclude_key_ids: Vec::new(),
                 ttl_ms: Some(ended.ttl_ms),
                 wait: false,
@@ -1677,8 +1800,8 @@ impl Engine {
             time,
             EventKind::CooledDown {
                 pool: self.pools[group_key.pool as usize].name.clone(),
-                project: self.projects[group_key.project as usize].clone(),
-                model: self.models[group_key.model as usize].clone(),
+                project: self.projects.name(group_key.project).to_string(),
+                model: self.models.name(group_key.model).to_string(),
                 until_ms: cooldown.until_ms,
                 reason: cooldown.reason,
             },
@@ -1688,7 +1811,7 @@ impl Engine {
     // ---- operators -----------------------------------------------------------------------
 
     /// Disables a key (its leases end, counted as fully used) or enables it again.
-    pub fn set_key_enabled(
+    fn set_key_enabled(
         &mut self,
         now: impl Into<Time>,
         key_id: &str,
@@ -1800,7 +1923,7 @@ impl Engine {
         LeaseSummary {
             lease_id: lease_id(token),
             task_id: lease.task_id.clone(),
-            model: self.models[lease.model as usize].clone(),
+            model: self.models.name(lease.model).to_string(),
             fencing_token: token,
             requests_granted: lease.requests as u32,
             expires_ms: lease.expires_ms,
@@ -1816,7 +1939,7 @@ impl Engine {
         LeaseEvent {
             lease: self.summary_of(token, lease),
             key_id: key.spec.id.clone(),
-            project: self.projects[key.project as usize].clone(),
+            project: self.projects.name(key.project).to_string(),
         }
     }
 
@@ -1831,19 +1954,15 @@ impl Engine {
             ttl_ms: lease.ttl_ms,
             expires_ms: lease.expires_ms,
             pool: self.pools[key.pool as usize].name.clone(),
-            project: self.projects[key.project as usize].clone(),
-            model: self.models[lease.model as usize].clone(),
+            project: self.projects.name(key.project).to_string(),
+            model: self.models.name(lease.model).to_string(),
             requests_granted: lease.requests as u32,
             task_id: lease.task_id.clone(),
         }
     }
 
-    pub fn key_status(
-        &mut self,
-        now: impl Into<Time>,
-        key_id: &str,
-    ) -> Result<KeyView, EngineError> {
-        let time = self.tick(now);
+    pub fn key_status(&self, now: impl Into<Time>, key_id: &str) -> Result<KeyView, EngineError> {
+        let time = self.time_at(now.into());
         let &key = self
             .key_by_id
             .get(key_id)
@@ -1878,7 +1997,7 @@ impl Engine {
             key_id: entry.spec.id.clone(),
             masked_key: entry.spec.secret.masked(),
             pool: self.pools[entry.pool as usize].name.clone(),
-            project: self.projects[entry.project as usize].clone(),
+            project: self.projects.name(entry.project).to_string(),
             state,
             disabled_reason: entry.disabled.clone(),
             max_leases: entry.max_leases,
@@ -1890,13 +2009,13 @@ impl Engine {
     /// Keys (a page of them, starting after key `after`), quota groups and lines, for
     /// operators.
     pub fn status(
-        &mut self,
+        &self,
         now: impl Into<Time>,
         pool: Option<&str>,
         after: Option<&str>,
         page_size: usize,
     ) -> Result<StatusView, EngineError> {
-        let time = self.tick(now);
+        let time = self.time_at(now.into());
         let pool = match pool {
             None => None,
             Some(name) => Some(
@@ -1906,9 +2025,21 @@ impl Engine {
                     .ok_or_else(|| invalid("pool", format!("unknown pool {name:?}")))?,
             ),
         };
+        // The books as they read at `time`, without changing them; idle groups are not shown.
+        let books: Vec<(GroupKey, QuotaGroup)> = self
+            .books
+            .groups
+            .iter()
+            .filter(|(g, _)| pool.is_none_or(|p| g.pool == p))
+            .map(|(&g, group)| {
+                let mut group = group.clone();
+                group.advance(time, self.config.daily);
+                (g, group)
+            })
+            .filter(|(_, group)| !group.is_idle())
+            .collect();
         let mut cooling: HashMap<(PoolIdx, ProjectIdx), u64> = HashMap::new();
-        for (group_key, group) in self.books.groups.iter_mut() {
-            group.advance(time, self.config.daily);
+        for (group_key, group) in &books {
             if let Some(cooldown) = group.cooldown() {
                 let until = cooling
                     .entry((group_key.pool, group_key.project))
@@ -1916,7 +2047,6 @@ impl Engine {
                 *until = (*until).max(cooldown.until_ms);
             }
         }
-        self.books.groups.retain(|_, group| !group.is_idle());
         let selected: Vec<KeyIdx> = (0..self.keys.len())
             .filter(|&k| pool.is_none_or(|p| self.keys[k].pool == p))
             .collect();
@@ -1951,15 +2081,12 @@ impl Engine {
                 self.key_view_with(k, cooling.get(&(entry.pool, entry.project)).copied())
             })
             .collect();
-        let mut groups: Vec<GroupView> = self
-            .books
-            .groups
+        let mut groups: Vec<GroupView> = books
             .iter()
-            .filter(|(g, _)| pool.is_none_or(|p| g.pool == p))
             .map(|(g, group)| GroupView {
                 pool: self.pools[g.pool as usize].name.clone(),
-                project: self.projects[g.project as usize].clone(),
-                model: self.models[g.model as usize].clone(),
+                project: self.projects.name(g.project).to_string(),
+                model: self.models.name(g.model).to_string(),
                 requests_per_minute: UsageView {
                     used: group.requests_in_window(),
                     limit: group.limits.requests_per_minute,
@@ -1984,7 +2111,7 @@ impl Engine {
             .map(|(&(p, m), q)| {
                 (
                     self.pools[p as usize].name.clone(),
-                    self.models[m as usize].clone(),
+                    self.models.name(m).to_string(),
                     q.waiters.len(),
                 )
             })

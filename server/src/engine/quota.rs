@@ -8,10 +8,11 @@
 //! the window's start, so it was still on the books at that grant, and that grant fit the limit.
 
 use super::calendar::{DailyReset, Time};
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
 /// Limits of one model in one project; `None` is not limited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Limits {
     pub requests_per_minute: Option<u64>,
     pub tokens_per_minute: Option<u64>,
@@ -19,7 +20,7 @@ pub struct Limits {
 }
 
 /// Why a group is resting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CooldownReason {
     RateLimited,
     DailyQuotaExhausted,
@@ -35,14 +36,14 @@ impl CooldownReason {
 }
 
 /// A rest, until a steady time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cooldown {
     pub until_ms: u64,
     pub reason: CooldownReason,
 }
 
 /// Requests and tokens of ended leases, kept on the books until `until_ms`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 struct Settled {
     /// Steady time at which the entry leaves the window.
     until_ms: u64,
@@ -56,7 +57,7 @@ struct Settled {
 /// What a group could take now, for choosing among keys: the smallest fraction left of any limit.
 pub type Headroom = f64;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuotaGroup {
     pub limits: Limits,
     /// Requests reserved by live leases.

@@ -48,13 +48,23 @@ fn key_specs(keys: &[(&str, &str)]) -> Vec<KeySpec> {
             pool: DEFAULT_POOL.to_string(),
             project: project.to_string(),
             secret: ApiKey::new(format!("AIzaFAKE.{id}-000000000000000000000000")),
+            fingerprint: format!("fp-{id}"),
             max_leases: None,
         })
         .collect()
 }
 
+fn new_engine(config: EngineConfig, keys: Vec<KeySpec>) -> Result<Engine, SetupError> {
+    let setup = Setup {
+        config,
+        keys,
+        token_floor: 0,
+    };
+    Engine::new(setup, Time::at(T0))
+}
+
 fn engine(keys: &[(&str, &str)]) -> Engine {
-    Engine::new(config(10, 100), key_specs(keys), T0).unwrap()
+    new_engine(config(10, 100), key_specs(keys)).unwrap()
 }
 
 fn ask(task: &str) -> AcquireRequest {
@@ -133,7 +143,7 @@ fn a_leased_key_is_not_lent_to_another_task() {
 fn max_leases_gives_each_key_that_many_slots() {
     let mut cfg = config(10, 100);
     cfg.pools.get_mut(DEFAULT_POOL).unwrap().max_leases_per_key = 2;
-    let mut e = Engine::new(cfg, key_specs(&[("k1", "p1")]), T0).unwrap();
+    let mut e = new_engine(cfg, key_specs(&[("k1", "p1")])).unwrap();
     let a = granted(e.acquire(T0, ask("a")));
     let b = granted(e.acquire(T0, ask("b")));
     assert_eq!((a.key_id.as_str(), b.key_id.as_str()), ("k1", "k1"));
@@ -293,7 +303,7 @@ fn renew_extends_the_ttl_up_to_the_maximum() {
 
 #[test]
 fn renew_reserves_more_requests_while_the_quota_allows() {
-    let mut e = Engine::new(config(3, 100), key_specs(&[("k1", "p1"), ("k2", "p1")]), T0).unwrap();
+    let mut e = new_engine(config(3, 100), key_specs(&[("k1", "p1"), ("k2", "p1")])).unwrap();
     let lease = granted(e.acquire(T0, ask("a")));
     let Ok(Renewed::Done(renewed)) = e.renew(T0, &lease.lease_id, lease.fencing_token, None, 1, 0)
     else {
@@ -314,7 +324,7 @@ fn renew_reserves_more_requests_while_the_quota_allows() {
 
 #[test]
 fn keys_of_one_project_share_its_quota() {
-    let mut e = Engine::new(config(2, 100), key_specs(&[("k1", "p1"), ("k2", "p1")]), T0).unwrap();
+    let mut e = new_engine(config(2, 100), key_specs(&[("k1", "p1"), ("k2", "p1")])).unwrap();
     let first = granted(e.acquire(T0, ask_n("a", 2)));
     assert_eq!(first.project, "p1");
     let why = unavailable(e.acquire(T0, ask("b")));
@@ -323,7 +333,7 @@ fn keys_of_one_project_share_its_quota() {
 
 #[test]
 fn sent_requests_hold_the_window_until_a_window_after_release() {
-    let mut e = Engine::new(config(2, 100), key_specs(&[("k1", "p1")]), T0).unwrap();
+    let mut e = new_engine(config(2, 100), key_specs(&[("k1", "p1")])).unwrap();
     let lease = granted(e.acquire(T0, ask_n("a", 2)));
     let released_at = T0 + 5 * SECOND;
     e.release(
@@ -344,7 +354,7 @@ fn sent_requests_hold_the_window_until_a_window_after_release() {
 
 #[test]
 fn unsent_requests_are_refunded_at_release() {
-    let mut e = Engine::new(config(3, 100), key_specs(&[("k1", "p1")]), T0).unwrap();
+    let mut e = new_engine(config(3, 100), key_specs(&[("k1", "p1")])).unwrap();
     let lease = granted(e.acquire(T0, ask_n("a", 3)));
     e.release(T0, &lease.lease_id, lease.fencing_token, used(1, 0))
         .unwrap();
@@ -353,7 +363,7 @@ fn unsent_requests_are_refunded_at_release() {
 
 #[test]
 fn asking_for_more_than_any_limit_is_invalid() {
-    let mut e = Engine::new(config(5, 100), key_specs(&[("k1", "p1")]), T0).unwrap();
+    let mut e = new_engine(config(5, 100), key_specs(&[("k1", "p1")])).unwrap();
     assert_eq!(invalid_field(e.acquire(T0, ask_n("a", 6))), "requests");
     let tokens = AcquireRequest {
         estimated_tokens: 100_001,
@@ -373,14 +383,14 @@ fn project_limits_replace_the_model_defaults() {
         .unwrap()
         .project_limits
         .insert(("big".into(), MODEL.into()), limits(5, 100));
-    let mut e = Engine::new(cfg, key_specs(&[("k1", "small"), ("k2", "big")]), T0).unwrap();
+    let mut e = new_engine(cfg, key_specs(&[("k1", "small"), ("k2", "big")])).unwrap();
     let lease = granted(e.acquire(T0, ask_n("a", 5)));
     assert_eq!(lease.project, "big");
 }
 
 #[test]
 fn the_daily_count_resets_at_midnight_pacific() {
-    let mut e = Engine::new(config(10, 2), key_specs(&[("k1", "p1")]), T0).unwrap();
+    let mut e = new_engine(config(10, 2), key_specs(&[("k1", "p1")])).unwrap();
     let lease = granted(e.acquire(T0, ask_n("a", 2)));
     e.release(T0, &lease.lease_id, lease.fencing_token, used(2, 0))
         .unwrap();
@@ -472,7 +482,7 @@ fn rate_limits_without_a_delay_back_off_exponentially_until_a_success() {
 fn a_shorter_retry_delay_never_shortens_a_cooldown() {
     let mut cfg = config(10, 100);
     cfg.pools.get_mut(DEFAULT_POOL).unwrap().max_leases_per_key = 2;
-    let mut e = Engine::new(cfg, key_specs(&[("k1", "p1")]), T0).unwrap();
+    let mut e = new_engine(cfg, key_specs(&[("k1", "p1")])).unwrap();
     let a = granted(e.acquire(T0, ask("a")));
     let b = granted(e.acquire(T0, ask("b")));
     let long = FailureReport {
@@ -570,7 +580,7 @@ fn late_evidence_of_a_bad_key_still_disables_it() {
 fn only_the_most_recently_ended_leases_are_remembered() {
     let mut cfg = config(10, 100);
     cfg.memory_capacity = 2;
-    let mut e = Engine::new(cfg, key_specs(&[("k1", "p1"), ("k2", "p2")]), T0).unwrap();
+    let mut e = new_engine(cfg, key_specs(&[("k1", "p1"), ("k2", "p2")])).unwrap();
     let mut ended = Vec::new();
     for task in ["a", "b", "c"] {
         let lease = granted(e.acquire(T0, ask(task)));
@@ -732,7 +742,7 @@ fn waiters_are_served_first_come_first_served() {
 
 #[test]
 fn a_newcomer_does_not_overtake_a_waiter_blocked_on_quota() {
-    let mut e = Engine::new(config(3, 100), key_specs(&[("k1", "p1"), ("k2", "p1")]), T0).unwrap();
+    let mut e = new_engine(config(3, 100), key_specs(&[("k1", "p1"), ("k2", "p1")])).unwrap();
     let lease = granted(e.acquire(T0, ask_n("holder", 2)));
     queued(e.acquire(
         T0,
@@ -1057,7 +1067,7 @@ fn token_figures_above_the_ceiling_are_refused() {
     let mut unlimited = config(10, 100);
     let pool = unlimited.pools.get_mut(DEFAULT_POOL).unwrap();
     pool.models.get_mut(MODEL).unwrap().tokens_per_minute = None;
-    let mut e = Engine::new(unlimited, key_specs(&[("k1", "p1")]), T0).unwrap();
+    let mut e = new_engine(unlimited, key_specs(&[("k1", "p1")])).unwrap();
     let too_many = AcquireRequest {
         estimated_tokens: MAX_INPUT_TOKENS + 1,
         ..ask("a")
@@ -1115,7 +1125,7 @@ fn a_release_of_absurd_token_counts_blocks_the_window_and_never_admits() {
 
 #[test]
 fn a_stepped_wall_clock_moves_the_daily_reset_and_no_lease_or_window() {
-    let mut e = Engine::new(config(10, 3), key_specs(&[("k1", "p1")]), T0).unwrap();
+    let mut e = new_engine(config(10, 3), key_specs(&[("k1", "p1")])).unwrap();
     let spent = granted(e.acquire(T0, ask_n("a", 2)));
     e.release(T0, &spent.lease_id, spent.fencing_token, used(2, 0))
         .unwrap();
@@ -1186,7 +1196,7 @@ fn a_daily_rest_ends_when_a_stepped_wall_clock_reaches_midnight() {
 
 #[test]
 fn a_cancelled_waiter_that_held_a_group_back_lets_the_next_one_in() {
-    let mut e = Engine::new(config(3, 100), key_specs(&[("k1", "p1"), ("k2", "p1")]), T0).unwrap();
+    let mut e = new_engine(config(3, 100), key_specs(&[("k1", "p1"), ("k2", "p1")])).unwrap();
     granted(e.acquire(T0, ask_n("holder", 2)));
     let big = queued(e.acquire(
         T0,
@@ -1214,7 +1224,7 @@ fn a_cancelled_waiter_that_held_a_group_back_lets_the_next_one_in() {
 fn a_long_line_on_spent_quota_is_looked_at_only_as_far_as_hope_goes() {
     // Cancelling any waiter of a long line costs a look at the first few, not at the line:
     // here, with every group held back by the first waiter, nobody behind it is looked at.
-    let mut e = Engine::new(config(1, 100), key_specs(&[("k1", "p1"), ("k2", "p1")]), T0).unwrap();
+    let mut e = new_engine(config(1, 100), key_specs(&[("k1", "p1"), ("k2", "p1")])).unwrap();
     let lease = granted(e.acquire(T0, ask("holder")));
     let mut waiters: Vec<WaiterId> = (0..2_000)
         .map(|i| {
@@ -1247,7 +1257,7 @@ fn a_long_line_on_spent_quota_is_looked_at_only_as_far_as_hope_goes() {
 
 #[test]
 fn status_pages_continue_after_the_last_key_and_refuse_foreign_cursors() {
-    let mut e = engine(&[("k1", "p1"), ("k2", "p1"), ("k3", "p2")]);
+    let e = engine(&[("k1", "p1"), ("k2", "p1"), ("k3", "p2")]);
     let first = e.status(T0, None, None, 2).unwrap();
     let ids: Vec<&str> = first.keys.iter().map(|k| k.key_id.as_str()).collect();
     assert_eq!(ids, ["k1", "k2"]);
@@ -1274,7 +1284,7 @@ fn status_pages_continue_after_the_last_key_and_refuse_foreign_cursors() {
 fn setup_refuses_duplicate_key_ids() {
     let specs = key_specs(&[("k1", "p1"), ("k1", "p2")]);
     assert_eq!(
-        Engine::new(config(1, 1), specs, T0).err(),
+        new_engine(config(1, 1), specs).err(),
         Some(SetupError::DuplicateKeyId("k1".into()))
     );
 }

@@ -16,8 +16,32 @@ pub struct Running {
     output: Arc<Mutex<String>>,
 }
 
-/// Starts the server with `--config config`, on 127.0.0.1:0, with `env` set.
+/// A fresh directory under the system's temporary one.
+pub fn scratch_dir(name: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("keylease-{name}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Starts the server with `--config config`, on 127.0.0.1:0, with `env` set, on a state
+/// directory of its own.
 pub fn start(config: &str, env: &[(&str, &str)]) -> Running {
+    let state_dir = scratch_dir("binary-state");
+    let state_dir = state_dir.to_str().unwrap();
+    start_with(config, env, &["--state-dir", state_dir])
+}
+
+/// Starts the server as [`start`] does, with `args` added.
+pub fn start_with(config: &str, env: &[(&str, &str)], args: &[&str]) -> Running {
+    try_start(config, env, args)
+        .unwrap_or_else(|output| panic!("the server did not report that it is serving:\n{output}"))
+}
+
+/// Starts the server; `Err` with everything it printed if it did not report serving.
+pub fn try_start(config: &str, env: &[(&str, &str)], args: &[&str]) -> Result<Running, String> {
     let mut child = Command::new(BINARY)
         .args([
             "--config",
@@ -27,6 +51,7 @@ pub fn start(config: &str, env: &[(&str, &str)]) -> Running {
             "--log-format",
             "json",
         ])
+        .args(args)
         .envs(env.iter().copied())
         .env_remove("GEMINI_API_KEY")
         .stdout(Stdio::piped())
@@ -40,9 +65,10 @@ pub fn start(config: &str, env: &[(&str, &str)]) -> Running {
         Box::new(child.stdout.take().unwrap()),
     ];
     // Each is read to its end, so the server never blocks on a full pipe.
+    let mut readers = Vec::new();
     for stream in streams {
         let (output, found) = (output.clone(), found.clone());
-        std::thread::spawn(move || {
+        readers.push(std::thread::spawn(move || {
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
                 if line.contains("keylease serving")
                     && let Some(address) = line
@@ -56,21 +82,22 @@ pub fn start(config: &str, env: &[(&str, &str)]) -> Running {
                 output.push_str(&line);
                 output.push('\n');
             }
-        });
+        }));
     }
     match address.recv_timeout(Duration::from_secs(30)) {
-        Ok(address) => Running {
+        Ok(address) => Ok(Running {
             child: Some(child),
             address,
             output,
-        },
+        }),
         Err(_) => {
             let _ = child.kill();
             let _ = child.wait();
-            panic!(
-                "the server did not report that it is serving:\n{}",
-                output.lock().unwrap()
-            );
+            // The readers finish once the pipes close.
+            for reader in readers {
+                let _ = reader.join();
+            }
+            Err(output.lock().unwrap().clone())
         }
     }
 }

@@ -408,7 +408,12 @@ fn property_engine() -> Engine {
     cfg.default_ttl_ms = 20 * SECOND;
     let mut specs = key_specs(&KEYS);
     specs[0].max_leases = Some(2);
-    Engine::new(cfg, specs, START).unwrap()
+    let setup = Setup {
+        config: cfg,
+        keys: specs,
+        token_floor: 0,
+    };
+    Engine::new(setup, Time::at(START)).unwrap()
 }
 
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {

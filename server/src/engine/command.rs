@@ -1,0 +1,199 @@
+//! Commands as data: everything that changes the engine's state is one [`Command`] applied
+//! through [`Engine::apply`], so that a store can log it and recovery can replay it to the same
+//! state. Reads (status, a key's view, the next deadline) take `&self` and change nothing.
+
+use super::{
+    AcquireRequest, Acquired, Amount, Engine, EngineError, FailureReport, KeyView, Notices,
+    Renewed, Reported, Setup, SetupError, Time, Usage, WaiterId,
+};
+use serde::{Deserialize, Serialize};
+
+/// One state change, as a client, an operator or the shell asks for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Lend a key now, or queue for one when `wait` is set.
+    Acquire(AcquireRequest),
+    /// Take a waiter out of line (its deadline passed, or its caller left).
+    CancelWaiter(WaiterId),
+    Renew {
+        lease_id: String,
+        fencing_token: u64,
+        ttl_ms: Option<u64>,
+        additional_requests: u32,
+        additional_tokens: u64,
+    },
+    Release {
+        lease_id: String,
+        fencing_token: u64,
+        usage: Usage,
+    },
+    ReportFailure {
+        lease_id: String,
+        fencing_token: u64,
+        report: FailureReport,
+    },
+    SetKeyEnabled {
+        key_id: String,
+        enabled: bool,
+        reason: String,
+    },
+    /// A grant whose waiter was gone by the time it was made: the key goes back, unused.
+    HandBack {
+        lease_id: String,
+        fencing_token: u64,
+    },
+    /// Bring the state to the command's time: expire leases, serve waiters.
+    Tick,
+    /// Every waiter leaves its line: their callers died with the process that recovered.
+    DropWaiters,
+    /// Keys, pools and limits from now on; the state carries over (see [`super::image`]).
+    Configure(Setup),
+}
+
+impl Command {
+    /// A short name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Acquire(_) => "acquire",
+            Self::CancelWaiter(_) => "cancel_waiter",
+            Self::Renew { .. } => "renew",
+            Self::Release { .. } => "release",
+            Self::ReportFailure { .. } => "report_failure",
+            Self::SetKeyEnabled { .. } => "set_key_enabled",
+            Self::HandBack { .. } => "hand_back",
+            Self::Tick => "tick",
+            Self::DropWaiters => "drop_waiters",
+            Self::Configure(_) => "configure",
+        }
+    }
+}
+
+/// What a command answers; each command has its own variant.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    Acquired(Result<Acquired, EngineError>),
+    /// `None`: the waiter was no longer in line (its outcome is in the notices).
+    WaiterCancelled(Option<super::Unavailable>),
+    Renewed(Result<Renewed, EngineError>),
+    /// `Ok(None)`: the lease had already ended.
+    Released(Result<Option<Amount>, EngineError>),
+    Reported(Result<Reported, EngineError>),
+    KeySet(Result<KeyView, EngineError>),
+    HandedBack,
+    Ticked,
+    /// How many waiters left.
+    WaitersDropped(usize),
+    Configured(Result<Reconfigured, SetupError>),
+}
+
+/// What a new configuration did to the state it found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reconfigured {
+    /// Keys no longer configured (by their last id), with the live leases dropped with them.
+    pub removed_keys: Vec<(String, usize)>,
+    /// Keys that came back under another id: (old id, new id).
+    pub renamed_keys: Vec<(String, String)>,
+    /// Live leases dropped because their model or pool is no longer configured.
+    pub dropped_leases: usize,
+}
+
+impl Engine {
+    /// The one entry point for state changes: applies `command` at `time` and returns its reply
+    /// with what the shell must carry out. Given the same commands at the same times, a fresh
+    /// engine reaches the same state.
+    pub fn apply(&mut self, time: Time, command: Command) -> (Reply, Notices) {
+        let reply = match command {
+            Command::Acquire(request) => Reply::Acquired(self.acquire(time, request)),
+            Command::CancelWaiter(id) => Reply::WaiterCancelled(self.cancel_waiter(time, id)),
+            Command::Renew {
+                lease_id,
+                fencing_token,
+                ttl_ms,
+                additional_requests,
+                additional_tokens,
+            } => Reply::Renewed(self.renew(
+                time,
+                &lease_id,
+                fencing_token,
+                ttl_ms,
+                additional_requests,
+                additional_tokens,
+            )),
+            Command::Release {
+                lease_id,
+                fencing_token,
+                usage,
+            } => Reply::Released(self.release(time, &lease_id, fencing_token, usage)),
+            Command::ReportFailure {
+                lease_id,
+                fencing_token,
+                report,
+            } => Reply::Reported(self.report_failure(time, &lease_id, fencing_token, report)),
+            Command::SetKeyEnabled {
+                key_id,
+                enabled,
+                reason,
+            } => Reply::KeySet(self.set_key_enabled(time, &key_id, enabled, &reason)),
+            Command::HandBack {
+                lease_id,
+                fencing_token,
+            } => {
+                // The lease may have ended meanwhile (expired, its key disabled): nothing to do.
+                let _ = self.release(time, &lease_id, fencing_token, Usage::UNUSED);
+                Reply::HandedBack
+            }
+            Command::Tick => {
+                self.tick(time);
+                Reply::Ticked
+            }
+            Command::DropWaiters => Reply::WaitersDropped(self.drop_waiters(time)),
+            Command::Configure(setup) => Reply::Configured(self.configure(time, setup)),
+        };
+        (reply, self.drain())
+    }
+}
+
+// Each command has its own reply: the shell takes it out by the command it applied.
+impl Reply {
+    pub fn into_acquired(self) -> Result<Acquired, EngineError> {
+        match self {
+            Self::Acquired(reply) => reply,
+            other => unreachable!("an acquire answered {other:?}"),
+        }
+    }
+
+    pub fn into_waiter_cancelled(self) -> Option<super::Unavailable> {
+        match self {
+            Self::WaiterCancelled(reply) => reply,
+            other => unreachable!("a cancel answered {other:?}"),
+        }
+    }
+
+    pub fn into_renewed(self) -> Result<Renewed, EngineError> {
+        match self {
+            Self::Renewed(reply) => reply,
+            other => unreachable!("a renew answered {other:?}"),
+        }
+    }
+
+    pub fn into_released(self) -> Result<Option<Amount>, EngineError> {
+        match self {
+            Self::Released(reply) => reply,
+            other => unreachable!("a release answered {other:?}"),
+        }
+    }
+
+    pub fn into_reported(self) -> Result<Reported, EngineError> {
+        match self {
+            Self::Reported(reply) => reply,
+            other => unreachable!("a report answered {other:?}"),
+        }
+    }
+
+    pub fn into_key_set(self) -> Result<KeyView, EngineError> {
+        match self {
+            Self::KeySet(reply) => reply,
+            other => unreachable!("a set-enabled answered {other:?}"),
+        }
+    }
+}

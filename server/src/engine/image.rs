@@ -1,0 +1,414 @@
+//! The engine's whole state as data, by names and key fingerprints rather than indexes: what a
+//! snapshot stores, what a new configuration carries over, and what determinism tests compare.
+//! An image taken, restored into an engine of the same setup and taken again is the same image.
+
+use super::quota::QuotaGroup;
+use super::{
+    Engine, GroupKey, Lease, Reconfigured, Setup, SetupError, Time, Token, Unavailable,
+    UnavailableReason, WaitQueue, Waiter, WaiterId,
+};
+use foldhash::{HashMap, HashSet};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Image {
+    pub time: Time,
+    pub next_token: u64,
+    pub next_waiter: u64,
+    /// Capacity was freed since the lines were last served.
+    pub freed: bool,
+    /// In catalogue order.
+    pub keys: Vec<KeyImage>,
+    /// Live leases, by fencing token.
+    pub leases: Vec<LeaseImage>,
+    /// By (pool, project, model).
+    pub groups: Vec<GroupImage>,
+    /// (pool, project, consecutive rate-limit cooldowns), sorted.
+    pub backoff: Vec<(String, String, u32)>,
+    /// Per task, (key identity, until): least recently touched first.
+    pub exclusions: Vec<(String, Vec<(String, u64)>)>,
+    /// Client request id and the token it was granted: least recently touched first.
+    pub request_ids: Vec<(String, u64)>,
+    /// Ended leases remembered for late reports: least recently touched first.
+    pub ended: Vec<LeaseImage>,
+    /// By (pool, model).
+    pub lines: Vec<LineImage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyImage {
+    pub id: String,
+    /// The key's identity across configurations (its fingerprint).
+    pub identity: String,
+    pub disabled: Option<String>,
+    pub last_granted_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseImage {
+    pub token: u64,
+    /// The identity of its key.
+    pub key: String,
+    pub task_id: String,
+    pub model: String,
+    pub requests: u64,
+    pub tokens: u64,
+    pub ttl_ms: u64,
+    pub expires_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupImage {
+    pub pool: String,
+    pub project: String,
+    pub model: String,
+    pub books: QuotaGroup,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LineImage {
+    pub pool: String,
+    pub model: String,
+    /// In line order.
+    pub waiters: Vec<WaiterImage>,
+    /// Projects an earlier waiter could not have at the last pass, sorted.
+    pub blocked: Vec<String>,
+    pub wake_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WaiterImage {
+    pub id: WaiterId,
+    pub task_id: String,
+    /// Identities of the keys it asked to exclude, sorted.
+    pub excluded: Vec<String>,
+    pub requests: u64,
+    pub tokens: u64,
+    pub ttl_ms: u64,
+    pub client_request_id: Option<String>,
+    pub exclusion_ends: Vec<u64>,
+}
+
+impl Engine {
+    /// The whole state, as data.
+    pub fn image(&self) -> Image {
+        let identity = |key: usize| self.keys[key].spec.identity().to_string();
+        let lease_image = |token: Token, lease: &Lease| LeaseImage {
+            token,
+            key: identity(lease.key),
+            task_id: lease.task_id.clone(),
+            model: self.models.name(lease.model).to_string(),
+            requests: lease.requests,
+            tokens: lease.tokens,
+            ttl_ms: lease.ttl_ms,
+            expires_ms: lease.expires_ms,
+        };
+        let mut leases: Vec<LeaseImage> = self
+            .leases
+            .iter()
+            .map(|(&token, lease)| lease_image(token, lease))
+            .collect();
+        leases.sort_by_key(|lease| lease.token);
+        let mut groups: Vec<GroupImage> = self
+            .books
+            .groups
+            .iter()
+            .map(|(g, books)| GroupImage {
+                pool: self.pools[g.pool as usize].name.clone(),
+                project: self.projects.name(g.project).to_string(),
+                model: self.models.name(g.model).to_string(),
+                books: books.clone(),
+            })
+            .collect();
+        groups
+            .sort_by(|a, b| (&a.pool, &a.project, &a.model).cmp(&(&b.pool, &b.project, &b.model)));
+        let mut backoff: Vec<(String, String, u32)> = self
+            .backoff
+            .iter()
+            .map(|(&(pool, project), &count)| {
+                (
+                    self.pools[pool as usize].name.clone(),
+                    self.projects.name(project).to_string(),
+                    count,
+                )
+            })
+            .collect();
+        backoff.sort();
+        let lines = self
+            .queues
+            .iter()
+            .map(|(&(pool, model), queue)| {
+                let mut blocked: Vec<String> = queue
+                    .blocked
+                    .iter()
+                    .map(|g| self.projects.name(g.project).to_string())
+                    .collect();
+                blocked.sort();
+                LineImage {
+                    pool: self.pools[pool as usize].name.clone(),
+                    model: self.models.name(model).to_string(),
+                    waiters: queue
+                        .waiters
+                        .iter()
+                        .map(|(&id, waiter)| {
+                            let mut excluded: Vec<String> =
+                                waiter.excluded.iter().map(|&k| identity(k)).collect();
+                            excluded.sort();
+                            WaiterImage {
+                                id,
+                                task_id: waiter.task_id.clone(),
+                                excluded,
+                                requests: waiter.requests,
+                                tokens: waiter.tokens,
+                                ttl_ms: waiter.ttl_ms,
+                                client_request_id: waiter.client_request_id.clone(),
+                                exclusion_ends: waiter.exclusion_ends.clone(),
+                            }
+                        })
+                        .collect(),
+                    blocked,
+                    wake_at_ms: queue.wake_at_ms,
+                }
+            })
+            .collect();
+        Image {
+            time: self.time,
+            next_token: self.next_token,
+            next_waiter: self.next_waiter,
+            freed: self.freed,
+            keys: self
+                .keys
+                .iter()
+                .map(|key| KeyImage {
+                    id: key.spec.id.clone(),
+                    identity: key.spec.identity().to_string(),
+                    disabled: key.disabled.clone(),
+                    last_granted_ms: key.last_granted_ms,
+                })
+                .collect(),
+            leases,
+            groups,
+            backoff,
+            exclusions: self
+                .exclusions
+                .iter()
+                .rev()
+                .map(|(task, list)| {
+                    let list = list
+                        .iter()
+                        .map(|&(k, until)| (identity(k), until))
+                        .collect();
+                    (task.clone(), list)
+                })
+                .collect(),
+            request_ids: self
+                .request_ids
+                .iter()
+                .rev()
+                .map(|(id, &token)| (id.clone(), token))
+                .collect(),
+            ended: self
+                .ended
+                .iter()
+                .rev()
+                .map(|(&token, lease)| lease_image(token, lease))
+                .collect(),
+            lines,
+        }
+    }
+
+    /// An engine configured by `setup` holding the state of `image`: keys are matched by
+    /// identity, so a key renamed keeps its leases, disabling and exclusions; what the new setup
+    /// no longer has (keys, pools, models) is dropped and reported; its limits apply at once.
+    pub fn restore(setup: Setup, image: Image) -> Result<(Self, Reconfigured), SetupError> {
+        let token_floor = setup.token_floor;
+        let mut engine = Self::new(setup, image.time)?;
+        let mut report = Reconfigured::default();
+        let by_identity: HashMap<String, usize> = engine
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(idx, key)| (key.spec.identity().to_string(), idx))
+            .collect();
+        engine.time = image.time;
+        engine.next_token = image.next_token.max(token_floor).max(1);
+        engine.next_waiter = image.next_waiter;
+        engine.freed = image.freed;
+
+        for key in &image.keys {
+            let Some(&idx) = by_identity.get(&key.identity) else {
+                let leases = image
+                    .leases
+                    .iter()
+                    .filter(|l| l.key == key.identity)
+                    .count();
+                report.removed_keys.push((key.id.clone(), leases));
+                continue;
+            };
+            let entry = &mut engine.keys[idx];
+            if entry.spec.id != key.id {
+                report
+                    .renamed_keys
+                    .push((key.id.clone(), entry.spec.id.clone()));
+            }
+            entry.last_granted_ms = key.last_granted_ms;
+            if key.disabled.is_some() {
+                entry.disabled = key.disabled.clone();
+                engine.pools[entry.pool as usize].enabled_keys -= 1;
+            }
+        }
+        let removed = |identity: &str| !by_identity.contains_key(identity);
+
+        let restore_lease = |engine: &Engine, lease: &LeaseImage| -> Option<Lease> {
+            let &key = by_identity.get(&lease.key)?;
+            let model = engine.models.get(&lease.model)?;
+            let pool = &engine.pools[engine.keys[key].pool as usize];
+            pool.largest_limits.contains_key(&model).then(|| Lease {
+                key,
+                task_id: lease.task_id.clone(),
+                model,
+                requests: lease.requests,
+                tokens: lease.tokens,
+                ttl_ms: lease.ttl_ms,
+                expires_ms: lease.expires_ms,
+            })
+        };
+        for image_lease in &image.leases {
+            let Some(lease) = restore_lease(&engine, image_lease) else {
+                if !removed(&image_lease.key) {
+                    report.dropped_leases += 1;
+                }
+                continue;
+            };
+            let token = image_lease.token;
+            engine.expiries.insert((lease.expires_ms, token));
+            engine.keys[lease.key].live.push(token);
+            engine
+                .task_leases
+                .entry(lease.task_id.clone())
+                .or_default()
+                .push(token);
+            engine.leases.insert(token, lease);
+        }
+        for (idx, key) in engine.keys.iter().enumerate() {
+            let free = &mut engine.pools[key.pool as usize].free;
+            free.remove(&(0, idx));
+            if key.has_free_slot() {
+                free.insert((key.last_granted_ms, idx));
+            }
+        }
+
+        for group in image.groups {
+            let (Some(&pool), Some(model)) = (
+                engine.pool_by_name.get(&group.pool),
+                engine.models.get(&group.model),
+            ) else {
+                continue;
+            };
+            let key = GroupKey {
+                pool,
+                project: engine.projects.intern(&group.project),
+                model,
+            };
+            let mut books = group.books;
+            books.limits = engine.books.limits_of(key);
+            engine.books.groups.insert(key, books);
+        }
+        for (pool, project, count) in image.backoff {
+            if let Some(&pool) = engine.pool_by_name.get(&pool) {
+                let project = engine.projects.intern(&project);
+                engine.backoff.insert((pool, project), count);
+            }
+        }
+        for (task, list) in image.exclusions {
+            let list: Vec<(usize, u64)> = list
+                .into_iter()
+                .filter_map(|(identity, until)| Some((*by_identity.get(&identity)?, until)))
+                .collect();
+            if !list.is_empty() {
+                engine.exclusions.put(task, list);
+            }
+        }
+        for (id, token) in image.request_ids {
+            engine.request_ids.put(id, token);
+        }
+        for image_lease in &image.ended {
+            if let Some(lease) = restore_lease(&engine, image_lease) {
+                engine.ended.put(image_lease.token, lease);
+            }
+        }
+
+        for line in image.lines {
+            let found = engine.pool_by_name.get(&line.pool).and_then(|&pool| {
+                let model = engine.models.get(&line.model)?;
+                engine.pools[pool as usize]
+                    .largest_limits
+                    .contains_key(&model)
+                    .then_some((pool, model))
+            });
+            let Some((pool, model)) = found else {
+                let failure = Unavailable {
+                    reason: UnavailableReason::AllDisabled,
+                    retry_at_ms: None,
+                };
+                for waiter in line.waiters {
+                    engine.notices.waiter_failures.push((waiter.id, failure));
+                }
+                continue;
+            };
+            let mut queue = WaitQueue {
+                blocked: line
+                    .blocked
+                    .iter()
+                    .map(|project| GroupKey {
+                        pool,
+                        project: engine.projects.intern(project),
+                        model,
+                    })
+                    .collect(),
+                wake_at_ms: line.wake_at_ms,
+                ..WaitQueue::default()
+            };
+            for waiter in line.waiters {
+                let excluded: HashSet<usize> = waiter
+                    .excluded
+                    .iter()
+                    .filter_map(|identity| by_identity.get(identity).copied())
+                    .collect();
+                engine.waiter_lines.insert(waiter.id, (pool, model));
+                queue.push(
+                    waiter.id,
+                    Waiter {
+                        task_id: waiter.task_id,
+                        excluded,
+                        requests: waiter.requests,
+                        tokens: waiter.tokens,
+                        ttl_ms: waiter.ttl_ms,
+                        client_request_id: waiter.client_request_id,
+                        exclusion_ends: waiter.exclusion_ends,
+                    },
+                );
+            }
+            engine.queues.insert((pool, model), queue);
+        }
+        Ok((engine, report))
+    }
+
+    /// Applies a new setup to the current state (see [`Engine::restore`]); on a setup error the
+    /// state stays as it was.
+    pub(super) fn configure(
+        &mut self,
+        now: impl Into<Time>,
+        setup: Setup,
+    ) -> Result<Reconfigured, SetupError> {
+        let time = self.tick(now);
+        let (mut engine, report) = Self::restore(setup, self.image())?;
+        engine.time = time;
+        // The new limits or keys may serve someone waiting.
+        engine.freed = true;
+        engine.notices = std::mem::take(&mut self.notices);
+        *self = engine;
+        self.tick(time);
+        Ok(report)
+    }
+}

@@ -1,0 +1,282 @@
+//! The default store: a state directory holding a redb database (the log and the latest
+//! snapshot), the key that fingerprints secrets, and a lock file naming the server that holds
+//! it. redb gives ACID commits that are durable (fsync'd) when they return, in one file.
+
+use super::{FORMAT_VERSION, RecordVisitor, Store, StoreError};
+use crate::secret::FingerprintKey;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const FORMAT: &str = "format";
+const SNAPSHOT: &str = "snapshot";
+
+const DATABASE_FILE: &str = "state.redb";
+const FINGERPRINT_KEY_FILE: &str = "fingerprint.key";
+const LOCK_FILE: &str = "lock";
+
+/// A state directory, locked for as long as this value lives.
+pub struct StateDir {
+    path: PathBuf,
+    /// Held locked: a second server on the directory is refused.
+    _lock: File,
+    pub fingerprint_key: FingerprintKey,
+}
+
+impl StateDir {
+    /// Opens (creating if needed) and locks `path`. With `reset_at` (the wall clock, in ms), an
+    /// existing directory is first renamed aside (`<dir>.reset-<unix seconds>`), never deleted;
+    /// the new name is returned.
+    pub fn open(path: &Path, reset_at: Option<u64>) -> Result<(Self, Option<PathBuf>), StoreError> {
+        let io = |what: &str, e: std::io::Error| StoreError::Io {
+            path: path.to_path_buf(),
+            reason: format!("{what}: {e}"),
+        };
+        let mut moved_to = None;
+        if let Some(wall_ms) = reset_at
+            && path.exists()
+        {
+            // Held while it is moved, so a running server's directory is never moved away.
+            let _held = lock(path)?;
+            let mut aside = path.as_os_str().to_owned();
+            aside.push(format!(".reset-{}", wall_ms / 1_000));
+            let aside = PathBuf::from(aside);
+            std::fs::rename(path, &aside).map_err(|e| io("cannot move it aside", e))?;
+            moved_to = Some(aside);
+        }
+        std::fs::create_dir_all(path).map_err(|e| io("cannot create the directory", e))?;
+        let lock = lock(path)?;
+        let fingerprint_key = fingerprint_key(path)?;
+        Ok((
+            Self {
+                path: path.to_path_buf(),
+                _lock: lock,
+                fingerprint_key,
+            },
+            moved_to,
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Locks the directory's lock file and writes this process's id into it.
+fn lock(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join(LOCK_FILE);
+    let io = |e: std::io::Error| StoreError::Io {
+        path: path.clone(),
+        reason: e.to_string(),
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => "another keylease server".to_string(),
+                pid => format!("another keylease server (process {pid})"),
+            };
+            return Err(StoreError::Locked {
+                path: dir.to_path_buf(),
+                holder,
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    file.set_len(0).map_err(io)?;
+    write!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(file)
+}
+
+/// The directory's fingerprint key, made on first use. A database without its key is refused:
+/// the identities of the keys it holds could no longer be recognised.
+fn fingerprint_key(dir: &Path) -> Result<FingerprintKey, StoreError> {
+    let path = dir.join(FINGERPRINT_KEY_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let bytes: [u8; FingerprintKey::LEN] =
+                bytes
+                    .try_into()
+                    .map_err(|bytes: Vec<u8>| StoreError::Unreadable {
+                        path: path.clone(),
+                        reason: format!(
+                            "{} bytes where a fingerprint key has {}",
+                            bytes.len(),
+                            FingerprintKey::LEN
+                        ),
+                    })?;
+            Ok(FingerprintKey::from_bytes(bytes))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if dir.join(DATABASE_FILE).exists() {
+                return Err(StoreError::Unreadable {
+                    path,
+                    reason: "missing, though the state it fingerprints is there".into(),
+                });
+            }
+            let io = |e: std::io::Error| StoreError::Io {
+                path: path.clone(),
+                reason: e.to_string(),
+            };
+            let key = FingerprintKey::random().map_err(|e| StoreError::Io {
+                path: path.clone(),
+                reason: format!("no random source: {e}"),
+            })?;
+            let mut options = OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options.open(&path).map_err(io)?;
+            file.write_all(key.as_bytes()).map_err(io)?;
+            file.sync_all().map_err(io)?;
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+            Ok(key)
+        }
+        Err(e) => Err(StoreError::Io {
+            path,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// The log and the latest snapshot in one redb database.
+pub struct EmbeddedStore {
+    path: PathBuf,
+    database: Database,
+}
+
+impl EmbeddedStore {
+    /// Opens the database of a state directory, creating it in the current format.
+    pub fn open(dir: &StateDir) -> Result<Self, StoreError> {
+        let path = dir.path().join(DATABASE_FILE);
+        let database = Database::create(&path).map_err(|e| StoreError::Unreadable {
+            path: path.clone(),
+            reason: format!("not a keylease state database: {e}"),
+        })?;
+        let store = Self { path, database };
+        let unreadable = |reason: String| StoreError::Unreadable {
+            path: store.path.clone(),
+            reason,
+        };
+        let write = |e: &dyn std::fmt::Display| store.write_error(e);
+        let txn = store.database.begin_write().map_err(|e| write(&e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| write(&e))?;
+            let found = meta
+                .get(FORMAT)
+                .map_err(|e| unreadable(e.to_string()))?
+                .map(|v| v.value().try_into().map(u64::from_le_bytes));
+            match found {
+                None => {
+                    meta.insert(FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())
+                        .map_err(|e| write(&e))?;
+                }
+                Some(Ok(FORMAT_VERSION)) => {}
+                Some(Ok(found)) if found > FORMAT_VERSION => {
+                    return Err(StoreError::NewerFormat {
+                        path: store.path.clone(),
+                        found,
+                    });
+                }
+                Some(Ok(found)) => {
+                    return Err(unreadable(format!(
+                        "state format {found} is older than this server's {FORMAT_VERSION} and no migration from it exists"
+                    )));
+                }
+                Some(Err(_)) => return Err(unreadable("its format mark is damaged".into())),
+            }
+            txn.open_table(LOG).map_err(|e| write(&e))?;
+        }
+        txn.commit().map_err(|e| write(&e))?;
+        Ok(store)
+    }
+
+    fn write_error(&self, error: &dyn std::fmt::Display) -> StoreError {
+        StoreError::Write {
+            path: self.path.clone(),
+            reason: error.to_string(),
+        }
+    }
+
+    fn read_error(&self, error: &dyn std::fmt::Display) -> StoreError {
+        StoreError::Unreadable {
+            path: self.path.clone(),
+            reason: error.to_string(),
+        }
+    }
+}
+
+impl Store for EmbeddedStore {
+    fn snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self
+            .database
+            .begin_read()
+            .map_err(|e| self.read_error(&e))?;
+        let meta = txn.open_table(META).map_err(|e| self.read_error(&e))?;
+        let snapshot = meta.get(SNAPSHOT).map_err(|e| self.read_error(&e))?;
+        Ok(snapshot.map(|v| v.value().to_vec()))
+    }
+
+    fn records(&self, after: u64, visit: &mut RecordVisitor<'_>) -> Result<(), StoreError> {
+        let txn = self
+            .database
+            .begin_read()
+            .map_err(|e| self.read_error(&e))?;
+        let log = txn.open_table(LOG).map_err(|e| self.read_error(&e))?;
+        for entry in log
+            .range(after.saturating_add(1)..)
+            .map_err(|e| self.read_error(&e))?
+        {
+            let (seq, bytes) = entry.map_err(|e| self.read_error(&e))?;
+            visit(seq.value(), bytes.value())?;
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, records: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+        let txn = self
+            .database
+            .begin_write()
+            .map_err(|e| self.write_error(&e))?;
+        {
+            let mut log = txn.open_table(LOG).map_err(|e| self.write_error(&e))?;
+            for (seq, bytes) in records {
+                log.insert(*seq, bytes.as_slice())
+                    .map_err(|e| self.write_error(&e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.write_error(&e))
+    }
+
+    fn save_snapshot(&mut self, seq: u64, snapshot: &[u8]) -> Result<(), StoreError> {
+        let txn = self
+            .database
+            .begin_write()
+            .map_err(|e| self.write_error(&e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.write_error(&e))?;
+            meta.insert(SNAPSHOT, snapshot)
+                .map_err(|e| self.write_error(&e))?;
+            let mut log = txn.open_table(LOG).map_err(|e| self.write_error(&e))?;
+            log.retain_in(..=seq, |_, _| false)
+                .map_err(|e| self.write_error(&e))?;
+        }
+        txn.commit().map_err(|e| self.write_error(&e))
+    }
+
+    fn location(&self) -> PathBuf {
+        self.path.clone()
+    }
+}

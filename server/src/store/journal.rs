@@ -1,0 +1,176 @@
+//! Group commit. Records are queued under the engine's lock, in apply order; one committer
+//! thread writes whatever is queued in one durable commit, then publishes how far the log is
+//! durable. Replies, waiter grants and streamed events wait for the record they show, so
+//! nothing is acknowledged before it would survive a crash, and the lock is never held across
+//! I/O. A write that fails stops the journal: nothing after it is ever acknowledged.
+
+use super::{Snapshot, Store, StoreError, encode};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use tokio::sync::watch;
+
+/// How far the log is durable, or why it stopped.
+#[derive(Debug, Clone, Default)]
+struct Durable {
+    seq: u64,
+    failure: Option<Arc<str>>,
+}
+
+/// The store stopped writing: the server can acknowledge nothing more.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the state store failed: {0}")]
+pub struct StoreFailed(pub Arc<str>);
+
+#[derive(Default)]
+struct Queue {
+    records: Vec<(u64, Vec<u8>)>,
+    snapshot: Option<Snapshot>,
+    closing: bool,
+}
+
+/// Counters for benchmarks and the start-up log.
+#[derive(Debug, Default)]
+pub struct JournalStats {
+    /// Durable commits (each one fsync'd batch).
+    pub commits: AtomicU64,
+    pub records: AtomicU64,
+    pub snapshots: AtomicU64,
+}
+
+pub struct Journal {
+    queue: Mutex<Queue>,
+    queued: Condvar,
+    durable: watch::Sender<Durable>,
+    committer: Mutex<Option<JoinHandle<()>>>,
+    pub stats: JournalStats,
+}
+
+impl Journal {
+    /// Starts the committer on `store`, whose log ends at `last_seq`.
+    pub fn start(store: Box<dyn Store>, last_seq: u64) -> Arc<Self> {
+        let journal = Arc::new(Self {
+            queue: Mutex::new(Queue::default()),
+            queued: Condvar::new(),
+            durable: watch::Sender::new(Durable {
+                seq: last_seq,
+                failure: None,
+            }),
+            committer: Mutex::new(None),
+            stats: JournalStats::default(),
+        });
+        let committer = {
+            let journal = journal.clone();
+            std::thread::Builder::new()
+                .name("keylease-committer".into())
+                .spawn(move || journal.commit_loop(store))
+                .expect("the committer thread starts")
+        };
+        *journal.lock_committer() = Some(committer);
+        journal
+    }
+
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_committer(&self) -> std::sync::MutexGuard<'_, Option<JoinHandle<()>>> {
+        self.committer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues record `seq` (called under the engine's lock, so the log keeps apply order).
+    pub fn push(&self, seq: u64, record: Vec<u8>) {
+        self.lock_queue().records.push((seq, record));
+        self.queued.notify_one();
+    }
+
+    /// Queues a snapshot, written once the records it covers are.
+    pub fn push_snapshot(&self, snapshot: Snapshot) {
+        self.lock_queue().snapshot = Some(snapshot);
+        self.queued.notify_one();
+    }
+
+    /// Resolves once record `seq` is durable.
+    pub async fn wait(&self, seq: u64) -> Result<(), StoreFailed> {
+        let mut durable = self.durable.subscribe();
+        let reached = durable
+            .wait_for(|d| d.seq >= seq || d.failure.is_some())
+            .await
+            .map_err(|_| StoreFailed("the committer stopped".into()))?;
+        match &reached.failure {
+            Some(failure) if reached.seq < seq => Err(StoreFailed(failure.clone())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Resolves when the store stops writing.
+    pub async fn stopped(&self) {
+        let mut durable = self.durable.subscribe();
+        let _ = durable.wait_for(|d| d.failure.is_some()).await;
+    }
+
+    /// Why the store stopped writing, if it did.
+    pub fn failure(&self) -> Option<StoreFailed> {
+        self.durable.borrow().failure.clone().map(StoreFailed)
+    }
+
+    /// Writes what is queued, then stops the committer (at shutdown).
+    pub fn close(&self) {
+        self.lock_queue().closing = true;
+        self.queued.notify_one();
+        if let Some(committer) = self.lock_committer().take() {
+            let _ = committer.join();
+        }
+    }
+
+    fn commit_loop(&self, mut store: Box<dyn Store>) {
+        loop {
+            let (records, snapshot, closing) = {
+                let mut queue = self.lock_queue();
+                while queue.records.is_empty() && queue.snapshot.is_none() && !queue.closing {
+                    queue = self
+                        .queued
+                        .wait(queue)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+                (
+                    std::mem::take(&mut queue.records),
+                    queue.snapshot.take(),
+                    queue.closing,
+                )
+            };
+            if let Err(error) = self.write(&mut *store, &records, snapshot) {
+                tracing::error!(%error, "state store failed: nothing more is acknowledged");
+                self.durable
+                    .send_modify(|d| d.failure = Some(error.to_string().into()));
+                return;
+            }
+            if closing && self.lock_queue().records.is_empty() {
+                return;
+            }
+        }
+    }
+
+    fn write(
+        &self,
+        store: &mut dyn Store,
+        records: &[(u64, Vec<u8>)],
+        snapshot: Option<Snapshot>,
+    ) -> Result<(), StoreError> {
+        if let Some(&(last, _)) = records.last() {
+            store.append(records)?;
+            self.stats.commits.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .records
+                .fetch_add(records.len() as u64, Ordering::Relaxed);
+            self.durable.send_modify(|d| d.seq = last);
+        }
+        if let Some(snapshot) = snapshot {
+            store.save_snapshot(snapshot.seq, &encode(&snapshot))?;
+            self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,163 @@
+//! Durable state: the log of every command the engine applied (with its time, in apply order)
+//! and snapshots of the whole state, so that a restart rebuilds exactly what was acknowledged
+//! rather than deciding it again. [`Store`] is the seam a backend fills ([`embedded`]: a redb
+//! file in a locked state directory); [`journal`] commits records in groups; [`recover`] replays.
+
+pub mod embedded;
+pub mod journal;
+
+use crate::engine::{Command, Engine, Image, Setup, Time};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// The layout of records and snapshots. A store written by a newer format is refused.
+pub const FORMAT_VERSION: u64 = 1;
+
+/// One applied command: replayed at its time, it changes a recovering engine as it changed the
+/// live one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub time: Time,
+    pub command: Command,
+}
+
+/// The whole state after record `seq`, with the setup it was reached under (no secrets).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub seq: u64,
+    pub setup: Setup,
+    pub image: Image,
+}
+
+impl Snapshot {
+    pub fn of(engine: &Engine, seq: u64) -> Self {
+        Self {
+            seq,
+            setup: engine.setup(),
+            image: engine.image(),
+        }
+    }
+}
+
+/// The bytes of a [`Record`] of `command` at `time`, without copying the command.
+pub fn encode_record(time: Time, command: &Command) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct RecordRef<'a> {
+        time: Time,
+        command: &'a Command,
+    }
+    encode(&RecordRef { time, command })
+}
+
+/// Records and snapshots as bytes: postcard, compact and fast to read back (a log of millions
+/// of records is replayed at start-up).
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("records hold only sized collections")
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(bytes)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    #[error("{path}: in use by {holder}; stop it first, or give this server another --state-dir")]
+    Locked { path: PathBuf, holder: String },
+    #[error(
+        "{path}: {reason}. Start with --reset-state to move it aside (it is kept, not deleted) and begin with an empty state"
+    )]
+    Unreadable { path: PathBuf, reason: String },
+    #[error(
+        "{path}: written in state format {found}, newer than this server's {FORMAT_VERSION}; run the newer keylease, or start with --reset-state to move it aside"
+    )]
+    NewerFormat { path: PathBuf, found: u64 },
+    /// Writing failed while serving: what was not yet written was never acknowledged.
+    #[error("{path}: cannot write: {reason}")]
+    Write { path: PathBuf, reason: String },
+}
+
+/// Called with each record read back: its number and bytes.
+pub type RecordVisitor<'a> = dyn FnMut(u64, &[u8]) -> Result<(), StoreError> + 'a;
+
+/// Where records and snapshots are kept. Appends are durable when they return.
+pub trait Store: Send {
+    /// The latest snapshot, if any, as bytes.
+    fn snapshot(&self) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The records after `after`, in order.
+    fn records(&self, after: u64, visit: &mut RecordVisitor<'_>) -> Result<(), StoreError>;
+    /// Appends records (numbered in order), all or none, durably.
+    fn append(&mut self, records: &[(u64, Vec<u8>)]) -> Result<(), StoreError>;
+    /// Keeps a snapshot taken after record `seq` and drops the records it covers.
+    fn save_snapshot(&mut self, seq: u64, snapshot: &[u8]) -> Result<(), StoreError>;
+    /// Where it is, for messages.
+    fn location(&self) -> PathBuf;
+}
+
+/// What recovery rebuilt.
+pub struct Recovery {
+    /// `None`: the store was empty.
+    pub engine: Option<Engine>,
+    /// The last record applied: the next is numbered after it.
+    pub last_seq: u64,
+    pub from_snapshot: bool,
+    pub records_replayed: u64,
+}
+
+/// Rebuilds the engine from the latest snapshot and the records after it.
+pub fn recover(store: &dyn Store) -> Result<Recovery, StoreError> {
+    let unreadable = |reason: String| StoreError::Unreadable {
+        path: store.location(),
+        reason,
+    };
+    let mut engine = None;
+    let mut last_seq = 0;
+    let from_snapshot = match store.snapshot()? {
+        None => false,
+        Some(bytes) => {
+            let snapshot: Snapshot =
+                decode(&bytes).map_err(|e| unreadable(format!("the snapshot: {e}")))?;
+            let (restored, _) = Engine::restore(snapshot.setup, snapshot.image)
+                .map_err(|e| unreadable(format!("the snapshot's configuration: {e}")))?;
+            engine = Some(restored);
+            last_seq = snapshot.seq;
+            true
+        }
+    };
+    let mut records_replayed = 0;
+    store.records(last_seq, &mut |seq, bytes| {
+        if seq != last_seq + 1 {
+            return Err(unreadable(format!(
+                "record {} is missing (the next is {seq})",
+                last_seq + 1
+            )));
+        }
+        let record: Record = decode(bytes).map_err(|e| unreadable(format!("record {seq}: {e}")))?;
+        match (&mut engine, record.command) {
+            (Some(engine), command) => {
+                engine.apply(record.time, command);
+            }
+            (None, Command::Configure(setup)) => {
+                let first = Engine::new(setup, record.time)
+                    .map_err(|e| unreadable(format!("record {seq}: {e}")))?;
+                engine = Some(first);
+            }
+            (None, command) => {
+                return Err(unreadable(format!(
+                    "record {seq} ({}) comes before any configuration",
+                    command.name()
+                )));
+            }
+        }
+        last_seq = seq;
+        records_replayed += 1;
+        Ok(())
+    })?;
+    Ok(Recovery {
+        engine,
+        last_seq,
+        from_snapshot,
+        records_replayed,
+    })
+}
