@@ -16,7 +16,7 @@ use crate::engine::{
 use crate::secret::{ApiKey, FingerprintKey, Redactor};
 use crate::store::embedded::{EmbeddedStore, StateDir};
 use crate::store::journal::{Journal, StoreFailed};
-use crate::store::{self, Snapshot, StoreError};
+use crate::store::{self, Snapshot, Store, StoreError};
 use std::collections::HashMap;
 use std::future::pending;
 use std::path::PathBuf;
@@ -33,6 +33,9 @@ const EVENT_BUFFER: usize = 4096;
 const CALENDAR_RECHECK: Duration = Duration::from_secs(1);
 /// Records between snapshots: bounds how much of the log a restart replays.
 pub const SNAPSHOT_EVERY: u64 = 100_000;
+/// Records replayed at start-up above which a snapshot is taken at once, so that a server
+/// restarted often never replays a long log.
+const REPLAY_WORTH_A_SNAPSHOT: u64 = 1_000;
 /// Fencing tokens handed out per millisecond of wall time that a restart without state
 /// ([`token_floor`]) can never reach again.
 const TOKENS_PER_MS: u64 = 1_000;
@@ -112,8 +115,6 @@ pub struct State {
     pub limits: ConnectionLimits,
     /// `None`: ephemeral, nothing is kept.
     journal: Option<Arc<Journal>>,
-    /// The locked state directory, held for as long as the state lives.
-    _state_dir: Option<StateDir>,
     snapshot_every: u64,
 }
 
@@ -142,25 +143,37 @@ impl State {
         reset: bool,
         snapshot_every: u64,
     ) -> Result<(Arc<Self>, Recovered), OpenError> {
-        let mut recovered = Recovered::default();
-        let (state_dir, store, fingerprint_key) = match &settings.state {
-            StateLocation::Ephemeral => (
-                None,
-                None,
-                FingerprintKey::random().map_err(|e| StoreError::Io {
+        match &settings.state {
+            StateLocation::Ephemeral => {
+                let key = FingerprintKey::random().map_err(|e| StoreError::Io {
                     path: PathBuf::from("(memory)"),
                     reason: format!("no random source: {e}"),
-                })?,
-            ),
+                })?;
+                Self::open_on(settings, clock, None, key, snapshot_every)
+            }
             StateLocation::Directory(path) => {
                 let reset_at = reset.then(|| clock.now().wall_ms);
                 let (dir, moved_aside) = StateDir::open(path, reset_at)?;
-                recovered.moved_aside = moved_aside;
-                let store = EmbeddedStore::open(&dir)?;
                 let key = dir.fingerprint_key.clone();
-                (Some(dir), Some(store), key)
+                let store = EmbeddedStore::open(dir)?;
+                let (state, mut recovered) =
+                    Self::open_on(settings, clock, Some(Box::new(store)), key, snapshot_every)?;
+                recovered.moved_aside = moved_aside;
+                Ok((state, recovered))
             }
-        };
+        }
+    }
+
+    /// Opens the state on `store` (`None`: ephemeral), whose secrets' fingerprints are keyed by
+    /// `fingerprint_key`: recovers what it holds, then applies the configuration.
+    pub fn open_on(
+        settings: &Settings,
+        clock: Clock,
+        store: Option<Box<dyn Store>>,
+        fingerprint_key: FingerprintKey,
+        snapshot_every: u64,
+    ) -> Result<(Arc<Self>, Recovered), OpenError> {
+        let mut recovered = Recovered::default();
         let mut keys = settings.keys.clone();
         for key in &mut keys {
             key.fingerprint = key.secret.fingerprint(&fingerprint_key);
@@ -177,7 +190,7 @@ impl State {
         let (engine, last_seq, clock) = match &store {
             None => (None, 0, clock),
             Some(store) => {
-                let recovery = store::recover(store)?;
+                let recovery = store::recover(store.as_ref())?;
                 recovered.from_snapshot = recovery.from_snapshot;
                 recovered.records_replayed = recovery.records_replayed;
                 // The steady clock goes on from where the recovered state left it.
@@ -188,7 +201,7 @@ impl State {
                 (recovery.engine, recovery.last_seq, clock)
             }
         };
-        let journal = store.map(|store| Journal::start(Box::new(store), last_seq));
+        let journal = store.map(|store| Journal::start(store, last_seq));
         let recovering = engine.is_some();
         let state = Arc::new(Self {
             inner: Mutex::new(Inner {
@@ -212,7 +225,6 @@ impl State {
             ),
             limits: settings.limits,
             journal,
-            _state_dir: state_dir,
             snapshot_every: snapshot_every.max(1),
             clock,
         });
@@ -250,7 +262,9 @@ impl State {
                     );
                 }
             }
-            if let Some(journal) = &state.journal {
+            if let Some(journal) = &state.journal
+                && recovered.records_replayed >= REPLAY_WORTH_A_SNAPSHOT
+            {
                 // The next start begins here, not at the head of the log.
                 journal.push_snapshot(Snapshot::of(&inner.engine, inner.last_seq));
             }
@@ -700,6 +714,11 @@ mod tests {
     use crate::config::{self, Overrides};
 
     fn state(config: &str) -> Arc<State> {
+        state_at(config, 1_773_086_400_000)
+    }
+
+    /// An ephemeral state whose clock starts at `start_ms`.
+    fn state_at(config: &str, start_ms: u64) -> Arc<State> {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("keylease-state-{}-{n}", std::process::id()));
@@ -712,8 +731,9 @@ mod tests {
         };
         let settings = config::load(Some(&path), &HashMap::new(), &ephemeral).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
-        let clock = Clock::starting_at(1_773_086_400_000);
-        State::open(&settings, clock, false).unwrap().0
+        State::open(&settings, Clock::starting_at(start_ms), false)
+            .unwrap()
+            .0
     }
 
     fn ask(task: &str) -> AcquireRequest {
@@ -764,6 +784,29 @@ mod tests {
             "the waiter still waits a second after the step"
         );
         assert_eq!(waiter.await.unwrap().unwrap().key_id, "k1");
+    }
+
+    /// Without a state directory the tokens still never repeat: a restart a millisecond later
+    /// starts above what the earlier run handed out.
+    #[tokio::test]
+    async fn ephemeral_restarts_never_repeat_a_fencing_token() {
+        let config = "[key_sources]\nenvironment = false\n[pools.gemini.models.m]\n[[keys]]\nid = \"k1\"\nsecret = \"fake-key-1\"\nmax_leases = 100\n";
+        let first = state(config);
+        let mut tokens = Vec::new();
+        for i in 0..3 {
+            let lease = first
+                .acquire(ask(&format!("t{i}")), Duration::ZERO)
+                .await
+                .unwrap();
+            tokens.push(lease.fencing_token);
+        }
+        let later = state_at(config, first.time().wall_ms + 1);
+        let lease = later.acquire(ask("t"), Duration::ZERO).await.unwrap();
+        assert!(
+            tokens.iter().all(|&t| t < lease.fencing_token),
+            "{tokens:?} then {}",
+            lease.fencing_token
+        );
     }
 
     /// No timer task runs here: only the waiter's own deadline brings the engine to the moment

@@ -151,21 +151,27 @@ fn fingerprint_key(dir: &Path) -> Result<FingerprintKey, StoreError> {
     }
 }
 
-/// The log and the latest snapshot in one redb database.
+/// The log and the latest snapshot in one redb database, in a state directory it keeps locked.
 pub struct EmbeddedStore {
     path: PathBuf,
     database: Database,
+    /// Released when the store is dropped.
+    _dir: StateDir,
 }
 
 impl EmbeddedStore {
     /// Opens the database of a state directory, creating it in the current format.
-    pub fn open(dir: &StateDir) -> Result<Self, StoreError> {
+    pub fn open(dir: StateDir) -> Result<Self, StoreError> {
         let path = dir.path().join(DATABASE_FILE);
         let database = Database::create(&path).map_err(|e| StoreError::Unreadable {
             path: path.clone(),
             reason: format!("not a keylease state database: {e}"),
         })?;
-        let store = Self { path, database };
+        let store = Self {
+            path,
+            database,
+            _dir: dir,
+        };
         let unreadable = |reason: String| StoreError::Unreadable {
             path: store.path.clone(),
             reason,
@@ -278,5 +284,126 @@ impl Store for EmbeddedStore {
 
     fn location(&self) -> PathBuf {
         self.path.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance::Reopen;
+
+    /// A new state directory, opened again on each call.
+    fn in_a_new_directory() -> Reopen {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "keylease-embedded-store-{}-{n}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        Box::new(move || {
+            let (state_dir, _) = StateDir::open(&dir, None).unwrap();
+            let key = state_dir.fingerprint_key.clone();
+            let store: Box<dyn Store> = Box::new(EmbeddedStore::open(state_dir).unwrap());
+            (store, key)
+        })
+    }
+
+    crate::conformance_tests!(in_a_new_directory());
+
+    fn new_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("keylease-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn open_store(dir: &Path) -> Result<EmbeddedStore, StoreError> {
+        EmbeddedStore::open(StateDir::open(dir, None)?.0)
+    }
+
+    #[test]
+    fn a_second_server_on_the_directory_is_refused_naming_the_holder() {
+        let dir = new_dir("locked");
+        let _held = StateDir::open(&dir, None).unwrap();
+        let error = StateDir::open(&dir, None).err().unwrap();
+        let message = error.to_string();
+        assert!(matches!(error, StoreError::Locked { .. }), "{message}");
+        assert!(
+            message.contains(&format!("process {}", std::process::id())),
+            "{message}"
+        );
+        assert!(message.contains(dir.to_str().unwrap()), "{message}");
+    }
+
+    #[test]
+    fn a_damaged_database_names_its_path_and_the_way_out() {
+        let dir = new_dir("damaged");
+        drop(open_store(&dir).unwrap());
+        std::fs::write(
+            dir.join(DATABASE_FILE),
+            b"not a database at all, not even close",
+        )
+        .unwrap();
+        let message = open_store(&dir).err().unwrap().to_string();
+        assert!(message.contains(DATABASE_FILE), "{message}");
+        assert!(message.contains("--reset-state"), "{message}");
+    }
+
+    #[test]
+    fn a_damaged_record_stops_recovery_naming_it() {
+        let dir = new_dir("damaged-record");
+        let mut store = open_store(&dir).unwrap();
+        store.append(&[(1, vec![0xff; 3])]).unwrap();
+        let message = crate::store::recover(&store).err().unwrap().to_string();
+        assert!(message.contains("record 1"), "{message}");
+        assert!(message.contains("--reset-state"), "{message}");
+    }
+
+    #[test]
+    fn a_newer_format_is_refused() {
+        let dir = new_dir("newer");
+        let store = open_store(&dir).unwrap();
+        let txn = store.database.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert(FORMAT, (FORMAT_VERSION + 1).to_le_bytes().as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+        drop(store);
+        let error = open_store(&dir).err().unwrap();
+        assert!(
+            matches!(error, StoreError::NewerFormat { found, .. } if found == FORMAT_VERSION + 1)
+        );
+    }
+
+    #[test]
+    fn a_database_without_its_fingerprint_key_is_refused() {
+        let dir = new_dir("keyless");
+        drop(open_store(&dir).unwrap());
+        std::fs::remove_file(dir.join(FINGERPRINT_KEY_FILE)).unwrap();
+        let message = open_store(&dir).err().unwrap().to_string();
+        assert!(message.contains(FINGERPRINT_KEY_FILE), "{message}");
+    }
+
+    #[test]
+    fn reset_moves_the_old_state_aside_and_keeps_it() {
+        let dir = new_dir("reset");
+        let mut store = open_store(&dir).unwrap();
+        store.append(&[(1, vec![1, 2, 3])]).unwrap();
+        drop(store);
+        let (fresh, moved) = StateDir::open(&dir, Some(1_795_000_000_000)).unwrap();
+        let moved = moved.expect("moved aside");
+        assert!(moved.to_str().unwrap().ends_with(".reset-1795000000"));
+        assert!(moved.join(DATABASE_FILE).exists());
+        let fresh = EmbeddedStore::open(fresh).unwrap();
+        let mut records = 0;
+        fresh
+            .records(0, &mut |_, _| {
+                records += 1;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(records, 0);
+        let _ = std::fs::remove_dir_all(moved);
     }
 }

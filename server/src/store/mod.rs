@@ -3,6 +3,8 @@
 //! rather than deciding it again. [`Store`] is the seam a backend fills ([`embedded`]: a redb
 //! file in a locked state directory); [`journal`] commits records in groups; [`recover`] replays.
 
+#[cfg(test)]
+pub mod conformance;
 pub mod embedded;
 pub mod journal;
 
