@@ -184,3 +184,62 @@ fn start_up_errors_never_print_a_secret() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Runs the server on `state_dir` until it exits (it is expected to refuse to start).
+fn run_on_state(state_dir: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    Command::new(BINARY)
+        .args(["--config", example_config().to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0", "--log-format", "text"])
+        .args(["--state-dir", state_dir.to_str().unwrap()])
+        .args(extra)
+        .env_remove("GEMINI_API_KEY")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_second_server_on_a_state_directory_exits_64_naming_the_holder() {
+    let state_dir = support::scratch_dir("held-state");
+    let first = support::start_with(
+        example_config().to_str().unwrap(),
+        &[],
+        &["--state-dir", state_dir.to_str().unwrap()],
+    );
+    let output = run_on_state(&state_dir, &[]);
+    assert_eq!(output.status.code(), Some(64));
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(log.contains(&format!("process {}", first.pid())), "{log}");
+    assert!(log.contains(state_dir.to_str().unwrap()), "{log}");
+}
+
+/// A damaged state stops start-up with 64, naming the file and the way out; `--reset-state`
+/// then starts afresh and keeps the damaged state aside.
+#[test]
+fn a_damaged_state_exits_64_and_reset_state_moves_it_aside() {
+    let parent = support::scratch_dir("damaged-state");
+    let state_dir = parent.join("state");
+    std::fs::create_dir_all(&state_dir).unwrap();
+    std::fs::write(state_dir.join("fingerprint.key"), [7u8; 32]).unwrap();
+    std::fs::write(state_dir.join("state.redb"), b"garbage, not a database").unwrap();
+    let output = run_on_state(&state_dir, &[]);
+    assert_eq!(output.status.code(), Some(64));
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(log.contains("state.redb"), "{log}");
+    assert!(log.contains("--reset-state"), "{log}");
+
+    let server = support::start_with(
+        example_config().to_str().unwrap(),
+        &[],
+        &["--state-dir", state_dir.to_str().unwrap(), "--reset-state"],
+    );
+    assert!(server.output().contains("moved aside"), "{}", server.output());
+    drop(server);
+    let aside: Vec<_> = std::fs::read_dir(&parent)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.starts_with("state.reset-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    let kept = std::fs::read(parent.join(&aside[0]).join("state.redb")).unwrap();
+    assert_eq!(kept, b"garbage, not a database");
+}
