@@ -232,7 +232,11 @@ fn a_damaged_state_exits_64_and_reset_state_moves_it_aside() {
         &[],
         &["--state-dir", state_dir.to_str().unwrap(), "--reset-state"],
     );
-    assert!(server.output().contains("moved aside"), "{}", server.output());
+    assert!(
+        server.output().contains("moved aside"),
+        "{}",
+        server.output()
+    );
     drop(server);
     let aside: Vec<_> = std::fs::read_dir(&parent)
         .unwrap()

@@ -2,10 +2,12 @@
 //! snapshot stores, what a new configuration carries over, and what determinism tests compare.
 //! An image taken, restored into an engine of the same setup and taken again is the same image.
 
+use super::catalogue::{GroupKey, KeyIdx};
+use super::leases::{Lease, Token};
 use super::quota::QuotaGroup;
+use super::waiting::{Ask, WaitQueue, Waiter};
 use super::{
-    Engine, GroupKey, Lease, Reconfigured, Setup, SetupError, Time, Token, Unavailable,
-    UnavailableReason, WaitQueue, Waiter, WaiterId,
+    Engine, Reconfigured, Setup, SetupError, Time, Unavailable, UnavailableReason, WaiterId,
 };
 use foldhash::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
@@ -92,12 +94,13 @@ pub struct WaiterImage {
 impl Engine {
     /// The whole state, as data.
     pub fn image(&self) -> Image {
-        let identity = |key: usize| self.keys[key].spec.identity().to_string();
+        let catalogue = &self.catalogue;
+        let identity = |key: KeyIdx| catalogue.key(key).spec.identity().to_string();
         let lease_image = |token: Token, lease: &Lease| LeaseImage {
             token,
             key: identity(lease.key),
             task_id: lease.task_id.clone(),
-            model: self.models.name(lease.model).to_string(),
+            model: catalogue.models.name(lease.model).to_string(),
             requests: lease.requests,
             tokens: lease.tokens,
             ttl_ms: lease.ttl_ms,
@@ -106,61 +109,60 @@ impl Engine {
         let mut leases: Vec<LeaseImage> = self
             .leases
             .iter()
-            .map(|(&token, lease)| lease_image(token, lease))
+            .map(|(token, lease)| lease_image(token, lease))
             .collect();
         leases.sort_by_key(|lease| lease.token);
         let mut groups: Vec<GroupImage> = self
             .books
-            .groups
             .iter()
             .map(|(g, books)| GroupImage {
-                pool: self.pools[g.pool as usize].name.clone(),
-                project: self.projects.name(g.project).to_string(),
-                model: self.models.name(g.model).to_string(),
+                pool: catalogue.pool_name(g).to_string(),
+                project: catalogue.projects.name(g.project).to_string(),
+                model: catalogue.models.name(g.model).to_string(),
                 books: books.clone(),
             })
             .collect();
         groups
             .sort_by(|a, b| (&a.pool, &a.project, &a.model).cmp(&(&b.pool, &b.project, &b.model)));
         let mut backoff: Vec<(String, String, u32)> = self
-            .backoff
-            .iter()
-            .map(|(&(pool, project), &count)| {
+            .memory
+            .backoffs()
+            .map(|((pool, project), count)| {
                 (
-                    self.pools[pool as usize].name.clone(),
-                    self.projects.name(project).to_string(),
+                    catalogue.pool(pool).name.clone(),
+                    catalogue.projects.name(project).to_string(),
                     count,
                 )
             })
             .collect();
         backoff.sort();
         let lines = self
-            .queues
+            .lines
             .iter()
-            .map(|(&(pool, model), queue)| {
+            .map(|((pool, model), queue)| {
                 let mut blocked: Vec<String> = queue
                     .blocked
                     .iter()
-                    .map(|g| self.projects.name(g.project).to_string())
+                    .map(|g| catalogue.projects.name(g.project).to_string())
                     .collect();
                 blocked.sort();
                 LineImage {
-                    pool: self.pools[pool as usize].name.clone(),
-                    model: self.models.name(model).to_string(),
+                    pool: catalogue.pool(pool).name.clone(),
+                    model: catalogue.models.name(model).to_string(),
                     waiters: queue
                         .waiters
                         .iter()
                         .map(|(&id, waiter)| {
                             let mut excluded: Vec<String> =
-                                waiter.excluded.iter().map(|&k| identity(k)).collect();
+                                waiter.ask.excluded.iter().map(|&k| identity(k)).collect();
                             excluded.sort();
                             WaiterImage {
                                 id,
                                 task_id: waiter.task_id.clone(),
                                 excluded,
-                                requests: waiter.requests,
-                                tokens: waiter.tokens,
-                                ttl_ms: waiter.ttl_ms,
+                                requests: waiter.ask.requests,
+                                tokens: waiter.ask.tokens,
+                                ttl_ms: waiter.ask.ttl_ms,
                                 client_request_id: waiter.client_request_id.clone(),
                                 exclusion_ends: waiter.exclusion_ends.clone(),
                             }
@@ -173,11 +175,11 @@ impl Engine {
             .collect();
         Image {
             time: self.time,
-            next_token: self.next_token,
-            next_waiter: self.next_waiter,
+            next_token: self.leases.next_token(),
+            next_waiter: self.lines.next_waiter(),
             freed: self.freed,
-            keys: self
-                .keys
+            keys: catalogue
+                .keys()
                 .iter()
                 .map(|key| KeyImage {
                     id: key.spec.id.clone(),
@@ -190,9 +192,8 @@ impl Engine {
             groups,
             backoff,
             exclusions: self
-                .exclusions
-                .iter()
-                .rev()
+                .memory
+                .exclusions_oldest_first()
                 .map(|(task, list)| {
                     let list = list
                         .iter()
@@ -202,16 +203,14 @@ impl Engine {
                 })
                 .collect(),
             request_ids: self
-                .request_ids
-                .iter()
-                .rev()
-                .map(|(id, &token)| (id.clone(), token))
+                .memory
+                .requests_oldest_first()
+                .map(|(id, token)| (id.clone(), token))
                 .collect(),
             ended: self
-                .ended
-                .iter()
-                .rev()
-                .map(|(&token, lease)| lease_image(token, lease))
+                .leases
+                .ended_oldest_first()
+                .map(|(token, lease)| lease_image(token, lease))
                 .collect(),
             lines,
         }
@@ -221,20 +220,45 @@ impl Engine {
     /// identity, so a key renamed keeps its leases, disabling and exclusions; what the new setup
     /// no longer has (keys, pools, models) is dropped and reported; its limits apply at once.
     pub fn restore(setup: Setup, image: Image) -> Result<(Self, Reconfigured), SetupError> {
-        let token_floor = setup.token_floor;
         let mut engine = Self::new(setup, image.time)?;
         let mut report = Reconfigured::default();
-        let by_identity: HashMap<String, usize> = engine
-            .keys
+        let by_identity: HashMap<String, KeyIdx> = engine
+            .catalogue
+            .keys()
             .iter()
             .enumerate()
             .map(|(idx, key)| (key.spec.identity().to_string(), idx))
             .collect();
         engine.time = image.time;
-        engine.next_token = image.next_token.max(token_floor).max(1);
-        engine.next_waiter = image.next_waiter;
+        engine.leases.raise_next_token(image.next_token);
+        engine.lines.set_next_waiter(image.next_waiter);
         engine.freed = image.freed;
 
+        let restore_lease = |engine: &Engine, lease: &LeaseImage| -> Option<Lease> {
+            let &key = by_identity.get(&lease.key)?;
+            let model = engine.catalogue.models.get(&lease.model)?;
+            let pool = engine.catalogue.pool(engine.catalogue.key(key).pool);
+            pool.serves(model).then(|| Lease {
+                key,
+                task_id: lease.task_id.clone(),
+                model,
+                requests: lease.requests,
+                tokens: lease.tokens,
+                ttl_ms: lease.ttl_ms,
+                expires_ms: lease.expires_ms,
+            })
+        };
+        let mut live: HashMap<KeyIdx, Vec<Token>> = HashMap::default();
+        for image_lease in &image.leases {
+            let Some(lease) = restore_lease(&engine, image_lease) else {
+                if by_identity.contains_key(&image_lease.key) {
+                    report.dropped_leases += 1;
+                }
+                continue;
+            };
+            live.entry(lease.key).or_default().push(image_lease.token);
+            engine.leases.insert(image_lease.token, lease);
+        }
         for key in &image.keys {
             let Some(&idx) = by_identity.get(&key.identity) else {
                 let leases = image
@@ -245,105 +269,63 @@ impl Engine {
                 report.removed_keys.push((key.id.clone(), leases));
                 continue;
             };
-            let entry = &mut engine.keys[idx];
-            if entry.spec.id != key.id {
-                report
-                    .renamed_keys
-                    .push((key.id.clone(), entry.spec.id.clone()));
-            }
-            entry.last_granted_ms = key.last_granted_ms;
-            if key.disabled.is_some() {
+            let live = live.remove(&idx).unwrap_or_default();
+            let renamed = engine.catalogue.update(idx, |entry| {
+                entry.last_granted_ms = key.last_granted_ms;
                 entry.disabled = key.disabled.clone();
-                engine.pools[entry.pool as usize].enabled_keys -= 1;
-            }
-        }
-        let removed = |identity: &str| !by_identity.contains_key(identity);
-
-        let restore_lease = |engine: &Engine, lease: &LeaseImage| -> Option<Lease> {
-            let &key = by_identity.get(&lease.key)?;
-            let model = engine.models.get(&lease.model)?;
-            let pool = &engine.pools[engine.keys[key].pool as usize];
-            pool.largest_limits.contains_key(&model).then(|| Lease {
-                key,
-                task_id: lease.task_id.clone(),
-                model,
-                requests: lease.requests,
-                tokens: lease.tokens,
-                ttl_ms: lease.ttl_ms,
-                expires_ms: lease.expires_ms,
-            })
-        };
-        for image_lease in &image.leases {
-            let Some(lease) = restore_lease(&engine, image_lease) else {
-                if !removed(&image_lease.key) {
-                    report.dropped_leases += 1;
-                }
-                continue;
-            };
-            let token = image_lease.token;
-            engine.expiries.insert((lease.expires_ms, token));
-            engine.keys[lease.key].live.push(token);
-            engine
-                .task_leases
-                .entry(lease.task_id.clone())
-                .or_default()
-                .push(token);
-            engine.leases.insert(token, lease);
-        }
-        for (idx, key) in engine.keys.iter().enumerate() {
-            let free = &mut engine.pools[key.pool as usize].free;
-            free.remove(&(0, idx));
-            if key.has_free_slot() {
-                free.insert((key.last_granted_ms, idx));
+                entry.live = live;
+                (entry.spec.id != key.id).then(|| entry.spec.id.clone())
+            });
+            if let Some(new_id) = renamed {
+                report.renamed_keys.push((key.id.clone(), new_id));
             }
         }
 
         for group in image.groups {
-            let (Some(&pool), Some(model)) = (
-                engine.pool_by_name.get(&group.pool),
-                engine.models.get(&group.model),
+            let (Some(pool), Some(model)) = (
+                engine.catalogue.pool_by_name(&group.pool),
+                engine.catalogue.models.get(&group.model),
             ) else {
                 continue;
             };
             let key = GroupKey {
                 pool,
-                project: engine.projects.intern(&group.project),
+                project: engine.catalogue.projects.intern(&group.project),
                 model,
             };
-            let mut books = group.books;
-            books.limits = engine.books.limits_of(key);
-            engine.books.groups.insert(key, books);
+            engine.books.restore(key, group.books);
         }
         for (pool, project, count) in image.backoff {
-            if let Some(&pool) = engine.pool_by_name.get(&pool) {
-                let project = engine.projects.intern(&project);
-                engine.backoff.insert((pool, project), count);
+            if let Some(pool) = engine.catalogue.pool_by_name(&pool) {
+                let project = engine.catalogue.projects.intern(&project);
+                engine.memory.restore_backoff(pool, project, count);
             }
         }
         for (task, list) in image.exclusions {
-            let list: Vec<(usize, u64)> = list
+            let list: Vec<(KeyIdx, u64)> = list
                 .into_iter()
                 .filter_map(|(identity, until)| Some((*by_identity.get(&identity)?, until)))
                 .collect();
             if !list.is_empty() {
-                engine.exclusions.put(task, list);
+                engine.memory.restore_exclusions(task, list);
             }
         }
         for (id, token) in image.request_ids {
-            engine.request_ids.put(id, token);
+            engine.memory.remember_request(id, token);
         }
         for image_lease in &image.ended {
             if let Some(lease) = restore_lease(&engine, image_lease) {
-                engine.ended.put(image_lease.token, lease);
+                engine.leases.remember_ended(image_lease.token, lease);
             }
         }
 
         for line in image.lines {
-            let found = engine.pool_by_name.get(&line.pool).and_then(|&pool| {
-                let model = engine.models.get(&line.model)?;
-                engine.pools[pool as usize]
-                    .largest_limits
-                    .contains_key(&model)
+            let found = engine.catalogue.pool_by_name(&line.pool).and_then(|pool| {
+                let model = engine.catalogue.models.get(&line.model)?;
+                engine
+                    .catalogue
+                    .pool(pool)
+                    .serves(model)
                     .then_some((pool, model))
             });
             let Some((pool, model)) = found else {
@@ -356,40 +338,41 @@ impl Engine {
                 }
                 continue;
             };
-            let mut queue = WaitQueue {
-                blocked: line
-                    .blocked
-                    .iter()
-                    .map(|project| GroupKey {
-                        pool,
-                        project: engine.projects.intern(project),
-                        model,
-                    })
-                    .collect(),
-                wake_at_ms: line.wake_at_ms,
-                ..WaitQueue::default()
-            };
+            let mut queue = WaitQueue::default();
+            queue.blocked = line
+                .blocked
+                .iter()
+                .map(|project| GroupKey {
+                    pool,
+                    project: engine.catalogue.projects.intern(project),
+                    model,
+                })
+                .collect();
+            queue.wake_at_ms = line.wake_at_ms;
             for waiter in line.waiters {
-                let excluded: HashSet<usize> = waiter
+                let excluded: HashSet<KeyIdx> = waiter
                     .excluded
                     .iter()
                     .filter_map(|identity| by_identity.get(identity).copied())
                     .collect();
-                engine.waiter_lines.insert(waiter.id, (pool, model));
                 queue.push(
                     waiter.id,
                     Waiter {
                         task_id: waiter.task_id,
-                        excluded,
-                        requests: waiter.requests,
-                        tokens: waiter.tokens,
-                        ttl_ms: waiter.ttl_ms,
+                        ask: Ask {
+                            pool,
+                            model,
+                            ttl_ms: waiter.ttl_ms,
+                            requests: waiter.requests,
+                            tokens: waiter.tokens,
+                            excluded,
+                        },
                         client_request_id: waiter.client_request_id,
                         exclusion_ends: waiter.exclusion_ends,
                     },
                 );
             }
-            engine.queues.insert((pool, model), queue);
+            engine.lines.restore_line((pool, model), queue);
         }
         Ok((engine, report))
     }

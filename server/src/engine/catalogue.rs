@@ -1,0 +1,258 @@
+//! The key catalogue: every configured key with its pool and project, which are disabled, which
+//! live leases each holds, and each pool's free set (enabled keys with a free slot, least
+//! recently granted first). A key only changes through [`Catalogue::update`], which keeps the
+//! free set and the pool's count of enabled keys in step with it.
+
+use super::leases::Token;
+use super::quota::Limits;
+use super::{EngineConfig, KeySpec, PoolConfig, SetupError};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use std::collections::BTreeSet;
+
+pub(super) type PoolIdx = u32;
+pub(super) type ProjectIdx = u32;
+pub(super) type ModelIdx = u32;
+pub(super) type KeyIdx = usize;
+
+/// A (pool, project, model): the unit the provider's limits apply to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(super) struct GroupKey {
+    pub pool: PoolIdx,
+    pub project: ProjectIdx,
+    pub model: ModelIdx,
+}
+
+/// Names of projects or models, interned: small indexes inside the engine, names at its edges.
+#[derive(Debug, Default)]
+pub(super) struct Names {
+    names: Vec<String>,
+    index: HashMap<String, u32>,
+}
+
+impl Names {
+    pub fn intern(&mut self, name: &str) -> u32 {
+        if let Some(&idx) = self.index.get(name) {
+            return idx;
+        }
+        let idx = self.names.len() as u32;
+        self.names.push(name.to_string());
+        self.index.insert(name.to_string(), idx);
+        idx
+    }
+
+    pub fn get(&self, name: &str) -> Option<u32> {
+        self.index.get(name).copied()
+    }
+
+    pub fn name(&self, idx: u32) -> &str {
+        &self.names[idx as usize]
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Key {
+    pub spec: KeySpec,
+    pub pool: PoolIdx,
+    pub project: ProjectIdx,
+    pub max_leases: u32,
+    pub disabled: Option<String>,
+    /// Fencing tokens of its live leases, oldest first.
+    pub live: Vec<Token>,
+    /// Orders the pool's free keys: least recently granted first.
+    pub last_granted_ms: u64,
+}
+
+impl Key {
+    pub fn has_free_slot(&self) -> bool {
+        self.disabled.is_none() && (self.live.len() as u32) < self.max_leases
+    }
+
+    /// Its place in the pool's free set.
+    fn slot(&self, idx: KeyIdx) -> (u64, KeyIdx) {
+        (self.last_granted_ms, idx)
+    }
+
+    /// The project and model it serves for `model`.
+    pub fn group(&self, model: ModelIdx) -> GroupKey {
+        GroupKey {
+            pool: self.pool,
+            project: self.project,
+            model,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Pool {
+    pub name: String,
+    pub config: PoolConfig,
+    pub keys: Vec<KeyIdx>,
+    enabled_keys: usize,
+    /// Enabled keys with a free slot, least recently granted first.
+    free: BTreeSet<(u64, KeyIdx)>,
+    /// Per model: the largest limit of any project (`None`: some project has no limit), so
+    /// that an ask no project could ever serve is refused at once.
+    pub largest_limits: HashMap<ModelIdx, Limits>,
+}
+
+impl Pool {
+    pub fn enabled_keys(&self) -> usize {
+        self.enabled_keys
+    }
+
+    /// Enabled keys with a free slot, least recently granted first.
+    pub fn free_keys(&self) -> impl Iterator<Item = KeyIdx> + '_ {
+        self.free.iter().map(|&(_, key)| key)
+    }
+
+    pub fn serves(&self, model: ModelIdx) -> bool {
+        self.largest_limits.contains_key(&model)
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Catalogue {
+    keys: Vec<Key>,
+    by_id: HashMap<String, KeyIdx>,
+    pools: Vec<Pool>,
+    pool_by_name: HashMap<String, PoolIdx>,
+    pub projects: Names,
+    pub models: Names,
+}
+
+impl Catalogue {
+    pub fn new(config: &EngineConfig, specs: Vec<KeySpec>) -> Result<Self, SetupError> {
+        let mut catalogue = Self {
+            keys: Vec::new(),
+            by_id: HashMap::new(),
+            pools: Vec::new(),
+            pool_by_name: HashMap::new(),
+            projects: Names::default(),
+            models: Names::default(),
+        };
+        for (name, pool_config) in &config.pools {
+            let idx = catalogue.pools.len() as PoolIdx;
+            let mut largest_limits = HashMap::new();
+            for (model, limits) in &pool_config.models {
+                largest_limits.insert(catalogue.models.intern(model), *limits);
+            }
+            for ((project, model), limits) in &pool_config.project_limits {
+                catalogue.projects.intern(project);
+                let largest = largest_limits
+                    .entry(catalogue.models.intern(model))
+                    .or_insert(*limits);
+                *largest = larger_limits(*largest, *limits);
+            }
+            catalogue.pool_by_name.insert(name.clone(), idx);
+            catalogue.pools.push(Pool {
+                name: name.clone(),
+                config: pool_config.clone(),
+                keys: Vec::new(),
+                enabled_keys: 0,
+                free: BTreeSet::new(),
+                largest_limits,
+            });
+        }
+        let mut identities = HashSet::new();
+        for spec in specs {
+            if catalogue.by_id.contains_key(&spec.id) {
+                return Err(SetupError::DuplicateKeyId(spec.id));
+            }
+            if !identities.insert(spec.identity().to_string()) {
+                return Err(SetupError::DuplicateSecret(spec.id));
+            }
+            let Some(&pool) = catalogue.pool_by_name.get(&spec.pool) else {
+                return Err(SetupError::UnknownPool {
+                    key: spec.id,
+                    pool: spec.pool,
+                });
+            };
+            let idx = catalogue.keys.len();
+            let project = catalogue.projects.intern(&spec.project);
+            let pool_entry = &mut catalogue.pools[pool as usize];
+            let max_leases = spec
+                .max_leases
+                .unwrap_or(pool_entry.config.max_leases_per_key);
+            pool_entry.keys.push(idx);
+            pool_entry.enabled_keys += 1;
+            pool_entry.free.insert((0, idx));
+            catalogue.by_id.insert(spec.id.clone(), idx);
+            catalogue.keys.push(Key {
+                spec,
+                pool,
+                project,
+                max_leases,
+                disabled: None,
+                live: Vec::new(),
+                last_granted_ms: 0,
+            });
+        }
+        Ok(catalogue)
+    }
+
+    pub fn key(&self, idx: KeyIdx) -> &Key {
+        &self.keys[idx]
+    }
+
+    pub fn keys(&self) -> &[Key] {
+        &self.keys
+    }
+
+    pub fn key_by_id(&self, id: &str) -> Option<KeyIdx> {
+        self.by_id.get(id).copied()
+    }
+
+    pub fn pool(&self, idx: PoolIdx) -> &Pool {
+        &self.pools[idx as usize]
+    }
+
+    pub fn pool_by_name(&self, name: &str) -> Option<PoolIdx> {
+        self.pool_by_name.get(name).copied()
+    }
+
+    /// The pool of a group, by name.
+    pub fn pool_name(&self, group: GroupKey) -> &str {
+        &self.pools[group.pool as usize].name
+    }
+
+    /// Changes a key, keeping its place in the free set and its pool's count in step.
+    pub fn update<R>(&mut self, idx: KeyIdx, change: impl FnOnce(&mut Key) -> R) -> R {
+        let key = &mut self.keys[idx];
+        let pool = &mut self.pools[key.pool as usize];
+        let was_enabled = key.disabled.is_none();
+        pool.free.remove(&key.slot(idx));
+        let result = change(key);
+        if key.has_free_slot() {
+            pool.free.insert(key.slot(idx));
+        }
+        match (was_enabled, key.disabled.is_none()) {
+            (true, false) => pool.enabled_keys -= 1,
+            (false, true) => pool.enabled_keys += 1,
+            _ => {}
+        }
+        result
+    }
+
+    /// The key takes on lease `token`, granted at `now_ms`.
+    pub fn lend(&mut self, idx: KeyIdx, token: Token, now_ms: u64) {
+        self.update(idx, |key| {
+            key.live.push(token);
+            key.last_granted_ms = now_ms;
+        });
+    }
+
+    /// Lease `token` on the key ended.
+    pub fn give_back(&mut self, idx: KeyIdx, token: Token) {
+        self.update(idx, |key| key.live.retain(|&t| t != token));
+    }
+}
+
+/// Per limit, the larger; no limit is the largest.
+fn larger_limits(a: Limits, b: Limits) -> Limits {
+    let larger = |x: Option<u64>, y: Option<u64>| x.zip(y).map(|(x, y)| x.max(y));
+    Limits {
+        requests_per_minute: larger(a.requests_per_minute, b.requests_per_minute),
+        tokens_per_minute: larger(a.tokens_per_minute, b.tokens_per_minute),
+        requests_per_day: larger(a.requests_per_day, b.requests_per_day),
+    }
+}

@@ -1,0 +1,316 @@
+//! What happens to a lease after its grant, and to its key: renewing, releasing with what was
+//! used, reporting a failure (which may cool the project down, rest it for the day, or disable
+//! the key), and operators disabling or enabling a key. Every ending goes through
+//! [`Engine::end_lease`], which frees the slot and settles the books.
+
+use super::catalogue::{GroupKey, KeyIdx};
+use super::leases::Token;
+use super::quota::{Amount, Cooldown, CooldownReason};
+use super::{
+    AcquireRequest, DAY_MS, Engine, EngineError, EventKind, FailureKind, FailureReport, KeyView,
+    LeaseEvent, Renewed, Reported, Time, Unavailable, UnavailableReason, Usage, invalid, show_ms,
+    validate_detail, validate_tokens,
+};
+use keylease::MAX_INPUT_TOKENS;
+
+impl Engine {
+    pub(super) fn renew(
+        &mut self,
+        now: impl Into<Time>,
+        lease_id: &str,
+        fencing_token: u64,
+        ttl_ms: Option<u64>,
+        additional_requests: u32,
+        additional_tokens: u64,
+    ) -> Result<Renewed, EngineError> {
+        let time = self.tick(now);
+        let token = self.leases.live_token(lease_id, fencing_token)?;
+        let lease = self.leases.get(token).expect("live");
+        let ttl_ms = self.validate_ttl(ttl_ms.unwrap_or(lease.ttl_ms), true)?;
+        validate_tokens("additional_input_tokens", additional_tokens)?;
+        let total_tokens = lease.tokens.saturating_add(additional_tokens);
+        if total_tokens > MAX_INPUT_TOKENS {
+            return Err(invalid(
+                "additional_input_tokens",
+                format!(
+                    "the lease's {total_tokens} input tokens in all are above the maximum of {MAX_INPUT_TOKENS}"
+                ),
+            ));
+        }
+        let total = lease.requests + u64::from(additional_requests);
+        if total > u64::from(self.config.max_requests_per_lease) {
+            return Err(invalid(
+                "additional_requests",
+                format!(
+                    "{total} in all is above the maximum of {} per lease",
+                    self.config.max_requests_per_lease
+                ),
+            ));
+        }
+        let group_key = self.catalogue.key(lease.key).group(lease.model);
+        self.check_servable(group_key.pool, group_key.model, total, total_tokens)?;
+        self.leases.extend(token, ttl_ms, time.steady_ms);
+
+        let mut shortfall = None;
+        if additional_requests > 0 || additional_tokens > 0 {
+            let group = self.books.group(group_key, time);
+            let (requests, tokens) = (u64::from(additional_requests), additional_tokens);
+            if group.cooldown().is_none() && group.can_afford(requests, tokens) {
+                group.reserve(requests, tokens);
+                self.leases.add_reservation(token, requests, tokens);
+            } else {
+                let reason = if group.cooldown().is_some() {
+                    UnavailableReason::CoolingDown
+                } else {
+                    UnavailableReason::QuotaSpent
+                };
+                shortfall = Some(Unavailable {
+                    reason,
+                    retry_at_ms: group.affordable_at(time, requests, tokens),
+                });
+            }
+        }
+        let event = self.lease_event(token);
+        self.emit(time, EventKind::Renewed(event));
+        let view = self.view(token);
+        Ok(match shortfall {
+            None => Renewed::Done(view),
+            Some(unavailable) => Renewed::QuotaUnavailable(view, unavailable),
+        })
+    }
+
+    /// Ends a lease with what it used, and says what the books now hold for it: requests sent
+    /// are at most those granted, tokens at most [`MAX_INPUT_TOKENS`]. `Ok(None)` when it had
+    /// already ended.
+    pub(super) fn release(
+        &mut self,
+        now: impl Into<Time>,
+        lease_id: &str,
+        fencing_token: u64,
+        usage: Usage,
+    ) -> Result<Option<Amount>, EngineError> {
+        let time = self.tick(now);
+        let token = self.leases.known_token(lease_id)?;
+        if !self.leases.is_live(token) {
+            return Ok(None);
+        }
+        let token = self.leases.live_token(lease_id, fencing_token)?;
+        let lease = self.leases.get(token).expect("live");
+        let key = self.catalogue.key(lease.key);
+        let (pool, project) = (key.pool, key.project);
+        let used = lease.used(usage);
+        let event = self.end_lease(token, time, used);
+        if used.requests > 0 {
+            // A call went through: the project's rate-limit backoff starts over.
+            self.memory.reset_backoff(pool, project);
+        }
+        self.emit(
+            time,
+            EventKind::Released {
+                lease: event,
+                requests_sent: used.requests,
+            },
+        );
+        self.tick(time);
+        Ok(Some(used))
+    }
+
+    /// Records a failed call: ends the lease, acts on the failure's class, and says what to ask
+    /// for to replace it. Late reports are refused, except evidence that the key is bad.
+    pub(super) fn report_failure(
+        &mut self,
+        now: impl Into<Time>,
+        lease_id: &str,
+        fencing_token: u64,
+        report: FailureReport,
+    ) -> Result<Reported, EngineError> {
+        let time = self.tick(now);
+        let now = time.steady_ms;
+        validate_detail("detail", &report.detail)?;
+        if let Some(retry_after_ms) = report.retry_after_ms
+            && retry_after_ms > DAY_MS
+        {
+            return Err(invalid(
+                "retry_after",
+                format!("{} is longer than a day", show_ms(retry_after_ms)),
+            ));
+        }
+        let (ended, event, booked) = match self.leases.live_token(lease_id, fencing_token) {
+            Ok(token) => {
+                let lease = self.leases.get(token).expect("live").clone();
+                let used = lease.used(Usage {
+                    requests_sent: report.requests_sent,
+                    input_tokens: None,
+                });
+                let event = self.end_lease(token, time, used);
+                (lease, event, Some(used))
+            }
+            // A lease that ended may still bring news of its key; a live one with another
+            // token is simply refused.
+            Err(EngineError::StaleLease { .. })
+                if report.kind.disables_key()
+                    && !self.leases.is_live(self.leases.known_token(lease_id)?) =>
+            {
+                let token = self.leases.known_token(lease_id)?;
+                let Some(ended) = self.leases.ended(token).cloned() else {
+                    return Err(EngineError::StaleLease {
+                        lease_id: lease_id.to_string(),
+                        reason: "it ended too long ago to act on".into(),
+                    });
+                };
+                let event = self.event_of(token, &ended);
+                (ended, event, None)
+            }
+            Err(error) => return Err(error),
+        };
+        let key = ended.key;
+        self.emit(
+            time,
+            EventKind::Failed {
+                lease: event,
+                kind: report.kind,
+                detail: report.detail.clone(),
+            },
+        );
+        if report.kind.blames_key() {
+            let until = now + self.config.exclusion_ttl_ms;
+            self.memory.exclude(&ended.task_id, key, until, now);
+        }
+        let group_key = self.catalogue.key(key).group(ended.model);
+        match report.kind {
+            FailureKind::RateLimited => {
+                let repeats = self.memory.back_off(group_key.pool, group_key.project);
+                let delay = report.retry_after_ms.unwrap_or_else(|| {
+                    let doubled = self
+                        .config
+                        .cooldown_base_ms
+                        .saturating_mul(1u64 << repeats.min(32));
+                    doubled.min(self.config.cooldown_max_ms)
+                });
+                let cooldown = self
+                    .books
+                    .group(group_key, time)
+                    .cool_down(now.saturating_add(delay), CooldownReason::RateLimited);
+                self.cooled_down(time, group_key, cooldown);
+            }
+            FailureKind::DailyQuotaExhausted => {
+                let cooldown = self.books.group(group_key, time).rest_for_the_day(time);
+                self.cooled_down(time, group_key, cooldown);
+            }
+            FailureKind::InvalidKey | FailureKind::PermissionDenied => {
+                let reason = if report.detail.is_empty() {
+                    report.kind.as_str().to_string()
+                } else {
+                    format!("{}: {}", report.kind.as_str(), report.detail)
+                };
+                self.disable(time, key, reason);
+            }
+            FailureKind::ServerError | FailureKind::Timeout | FailureKind::Other => {}
+        }
+        self.tick(time);
+        Ok(Reported {
+            key_id: self.catalogue.key(key).spec.id.clone(),
+            booked,
+            replacement: AcquireRequest {
+                task_id: ended.task_id,
+                pool: self.catalogue.pool_name(group_key).to_string(),
+                model: self.catalogue.models.name(ended.model).to_string(),
+                exclude_key_ids: Vec::new(),
+                ttl_ms: Some(ended.ttl_ms),
+                wait: false,
+                requests: ended.requests as u32,
+                estimated_tokens: ended.tokens,
+                client_request_id: None,
+            },
+        })
+    }
+
+    fn cooled_down(&mut self, time: Time, group_key: GroupKey, cooldown: Cooldown) {
+        self.emit(
+            time,
+            EventKind::CooledDown {
+                pool: self.catalogue.pool_name(group_key).to_string(),
+                project: self.catalogue.projects.name(group_key.project).to_string(),
+                model: self.catalogue.models.name(group_key.model).to_string(),
+                until_ms: cooldown.until_ms,
+                reason: cooldown.reason,
+            },
+        );
+    }
+
+    /// Disables a key (its leases end, counted as fully used) or enables it again.
+    pub(super) fn set_key_enabled(
+        &mut self,
+        now: impl Into<Time>,
+        key_id: &str,
+        enabled: bool,
+        reason: &str,
+    ) -> Result<KeyView, EngineError> {
+        let time = self.tick(now);
+        validate_detail("reason", reason)?;
+        let key = self
+            .catalogue
+            .key_by_id(key_id)
+            .ok_or_else(|| EngineError::KeyNotFound(key_id.to_string()))?;
+        if enabled {
+            if self.catalogue.key(key).disabled.is_some() {
+                self.catalogue.update(key, |key| key.disabled = None);
+                self.freed = true;
+                self.emit(
+                    time,
+                    EventKind::KeyEnabled {
+                        key_id: key_id.to_string(),
+                    },
+                );
+            }
+        } else {
+            let reason = if reason.is_empty() {
+                "disabled by an operator"
+            } else {
+                reason
+            };
+            self.disable(time, key, reason.to_string());
+        }
+        self.tick(time);
+        Ok(self.key_view(key, time.steady_ms))
+    }
+
+    fn disable(&mut self, time: Time, key: KeyIdx, reason: String) {
+        if self.catalogue.key(key).disabled.is_some() {
+            return;
+        }
+        for token in self.catalogue.key(key).live.clone() {
+            let used = self.leases.get(token).expect("live").reserved();
+            let event = self.end_lease(token, time, used);
+            self.emit(
+                time,
+                EventKind::Released {
+                    lease: event,
+                    requests_sent: used.requests,
+                },
+            );
+        }
+        self.catalogue
+            .update(key, |entry| entry.disabled = Some(reason.clone()));
+        // Waiters that only this key could serve must now fail rather than wait.
+        self.freed = true;
+        self.emit(
+            time,
+            EventKind::KeyDisabled {
+                key_id: self.catalogue.key(key).spec.id.clone(),
+                reason,
+            },
+        );
+    }
+
+    /// Ends a live lease: frees its slot and settles its quota with what it `used`.
+    pub(super) fn end_lease(&mut self, token: Token, time: Time, used: Amount) -> LeaseEvent {
+        let event = self.lease_event(token);
+        let lease = self.leases.end(token);
+        self.catalogue.give_back(lease.key, token);
+        let group_key = self.catalogue.key(lease.key).group(lease.model);
+        self.books.settle(group_key, time, lease.reserved(), used);
+        self.freed = true;
+        event
+    }
+}

@@ -1,0 +1,239 @@
+//! What the engine shows without changing anything: a lease as its holder and as others see
+//! it, a key's status, the status page of keys, quota groups and lines, and the counts logged at
+//! start-up. Everything here takes `&self`.
+
+use super::catalogue::{GroupKey, KeyIdx, PoolIdx, ProjectIdx};
+use super::leases::{Lease, Token, lease_id};
+use super::quota::QuotaGroup;
+use super::{
+    Counts, Engine, EngineError, GroupView, KeyState, KeyView, LeaseEvent, LeaseSummary, LeaseView,
+    StatusView, Time, UsageView, invalid,
+};
+use foldhash::{HashMap, HashMapExt};
+
+impl Engine {
+    /// How much state there is, at `now`: for the start-up log.
+    pub fn counts(&self, now: Time) -> Counts {
+        let now = self.time_at(now);
+        Counts {
+            live_leases: self.leases.len(),
+            disabled_keys: self
+                .catalogue
+                .keys()
+                .iter()
+                .filter(|k| k.disabled.is_some())
+                .count(),
+            quota_groups: self.books.len(),
+            cooling_groups: self
+                .books
+                .iter()
+                .filter(|(_, g)| g.cooldown().is_some_and(|c| c.until_ms > now.steady_ms))
+                .count(),
+        }
+    }
+
+    pub(super) fn summary(&self, token: Token) -> LeaseSummary {
+        self.summary_of(token, self.leases.get(token).expect("live"))
+    }
+
+    /// A live or ended lease, as others see it.
+    fn summary_of(&self, token: Token, lease: &Lease) -> LeaseSummary {
+        LeaseSummary {
+            lease_id: lease_id(token),
+            task_id: lease.task_id.clone(),
+            model: self.catalogue.models.name(lease.model).to_string(),
+            fencing_token: token,
+            requests_granted: lease.requests as u32,
+            expires_ms: lease.expires_ms,
+        }
+    }
+
+    pub(super) fn lease_event(&self, token: Token) -> LeaseEvent {
+        self.event_of(token, self.leases.get(token).expect("live"))
+    }
+
+    pub(super) fn event_of(&self, token: Token, lease: &Lease) -> LeaseEvent {
+        let key = self.catalogue.key(lease.key);
+        LeaseEvent {
+            lease: self.summary_of(token, lease),
+            key_id: key.spec.id.clone(),
+            project: self.catalogue.projects.name(key.project).to_string(),
+        }
+    }
+
+    pub(super) fn view(&self, token: Token) -> LeaseView {
+        let lease = self.leases.get(token).expect("live");
+        let key = self.catalogue.key(lease.key);
+        LeaseView {
+            lease_id: lease_id(token),
+            key_id: key.spec.id.clone(),
+            api_key: key.spec.secret.clone(),
+            fencing_token: token,
+            ttl_ms: lease.ttl_ms,
+            expires_ms: lease.expires_ms,
+            pool: self.catalogue.pool(key.pool).name.clone(),
+            project: self.catalogue.projects.name(key.project).to_string(),
+            model: self.catalogue.models.name(lease.model).to_string(),
+            requests_granted: lease.requests as u32,
+            task_id: lease.task_id.clone(),
+        }
+    }
+
+    pub fn key_status(&self, now: impl Into<Time>, key_id: &str) -> Result<KeyView, EngineError> {
+        let time = self.time_at(now.into());
+        let key = self
+            .catalogue
+            .key_by_id(key_id)
+            .ok_or_else(|| EngineError::KeyNotFound(key_id.to_string()))?;
+        Ok(self.key_view(key, time.steady_ms))
+    }
+
+    pub(super) fn key_view(&self, key: KeyIdx, now: u64) -> KeyView {
+        let entry = self.catalogue.key(key);
+        let cooling_until_ms = self
+            .books
+            .iter()
+            .filter(|(g, _)| g.pool == entry.pool && g.project == entry.project)
+            .filter_map(|(_, group)| group.cooldown().map(|c| c.until_ms))
+            .filter(|&until| until > now)
+            .max();
+        self.key_view_with(key, cooling_until_ms)
+    }
+
+    fn key_view_with(&self, key: KeyIdx, cooling_until_ms: Option<u64>) -> KeyView {
+        let entry = self.catalogue.key(key);
+        let state = if entry.disabled.is_some() {
+            KeyState::Disabled
+        } else if !entry.live.is_empty() {
+            KeyState::Leased
+        } else if cooling_until_ms.is_some() {
+            KeyState::CoolingDown
+        } else {
+            KeyState::Available
+        };
+        KeyView {
+            key_id: entry.spec.id.clone(),
+            masked_key: entry.spec.secret.masked(),
+            pool: self.catalogue.pool(entry.pool).name.clone(),
+            project: self.catalogue.projects.name(entry.project).to_string(),
+            state,
+            disabled_reason: entry.disabled.clone(),
+            max_leases: entry.max_leases,
+            leases: entry.live.iter().map(|&t| self.summary(t)).collect(),
+            cooling_until_ms,
+        }
+    }
+
+    /// Keys (a page of them, starting after key `after`), quota groups and lines, for
+    /// operators.
+    pub fn status(
+        &self,
+        now: impl Into<Time>,
+        pool: Option<&str>,
+        after: Option<&str>,
+        page_size: usize,
+    ) -> Result<StatusView, EngineError> {
+        let time = self.time_at(now.into());
+        let pool = match pool {
+            None => None,
+            Some(name) => Some(
+                self.catalogue
+                    .pool_by_name(name)
+                    .ok_or_else(|| invalid("pool", format!("unknown pool {name:?}")))?,
+            ),
+        };
+        // The books as they read at `time`, without changing them; idle groups are not shown.
+        let books: Vec<(GroupKey, QuotaGroup)> = self
+            .books
+            .read_at(time)
+            .filter(|(g, group)| pool.is_none_or(|p| g.pool == p) && !group.is_idle())
+            .collect();
+        let mut cooling: HashMap<(PoolIdx, ProjectIdx), u64> = HashMap::new();
+        for (group_key, group) in &books {
+            if let Some(cooldown) = group.cooldown() {
+                let until = cooling
+                    .entry((group_key.pool, group_key.project))
+                    .or_insert(0);
+                *until = (*until).max(cooldown.until_ms);
+            }
+        }
+        let selected: Vec<KeyIdx> = (0..self.catalogue.keys().len())
+            .filter(|&k| pool.is_none_or(|p| self.catalogue.key(k).pool == p))
+            .collect();
+        let start = match after {
+            None => 0,
+            Some(key_id) => self
+                .catalogue
+                .key_by_id(key_id)
+                .and_then(|key| selected.binary_search(&key).ok())
+                .map(|position| position + 1)
+                .ok_or_else(|| {
+                    invalid(
+                        "page_token",
+                        "names no key of this listing (was the pool changed?)",
+                    )
+                })?,
+        };
+        let page: Vec<KeyIdx> = selected
+            .iter()
+            .skip(start)
+            .take(page_size)
+            .copied()
+            .collect();
+        let next_after = page
+            .last()
+            .filter(|_| start.saturating_add(page.len()) < selected.len())
+            .map(|&k| self.catalogue.key(k).spec.id.clone());
+        let keys = page
+            .iter()
+            .map(|&k| {
+                let entry = self.catalogue.key(k);
+                self.key_view_with(k, cooling.get(&(entry.pool, entry.project)).copied())
+            })
+            .collect();
+        let mut groups: Vec<GroupView> = books
+            .iter()
+            .map(|(g, group)| GroupView {
+                pool: self.catalogue.pool_name(*g).to_string(),
+                project: self.catalogue.projects.name(g.project).to_string(),
+                model: self.catalogue.models.name(g.model).to_string(),
+                requests_per_minute: UsageView {
+                    used: group.requests_in_window(),
+                    limit: group.limits.requests_per_minute,
+                },
+                tokens_per_minute: UsageView {
+                    used: group.tokens_in_window(),
+                    limit: group.limits.tokens_per_minute,
+                },
+                requests_per_day: UsageView {
+                    used: group.requests_today(),
+                    limit: group.limits.requests_per_day,
+                },
+                cooldown: group.cooldown(),
+            })
+            .collect();
+        groups
+            .sort_by(|a, b| (&a.pool, &a.project, &a.model).cmp(&(&b.pool, &b.project, &b.model)));
+        let waiting = self
+            .lines
+            .iter()
+            .filter(|((p, _), _)| pool.is_none_or(|pool| *p == pool))
+            .map(|((p, m), q)| {
+                (
+                    self.catalogue.pool(p).name.clone(),
+                    self.catalogue.models.name(m).to_string(),
+                    q.waiters.len(),
+                )
+            })
+            .collect();
+        Ok(StatusView {
+            keys,
+            groups,
+            waiting,
+            next_after,
+            total_keys: selected.len(),
+            live_leases: self.leases.len(),
+            now: time,
+        })
+    }
+}

@@ -1,0 +1,204 @@
+//! The waiting lines: one per (pool, model), first come first served. Each waiter keeps its
+//! validated ask; each line keeps the groups an earlier waiter could not have at the last pass
+//! (later arrivals keep off them), its waiters' exclusion ends, and when it must be looked at
+//! again though nothing was freed.
+
+use super::catalogue::{GroupKey, KeyIdx, ModelIdx, PoolIdx};
+use super::{Time, WaiterId};
+use foldhash::{HashMap, HashMapExt, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A validated acquire: what is asked for, of which pool and model, avoiding which keys.
+#[derive(Debug, Clone)]
+pub(super) struct Ask {
+    pub pool: PoolIdx,
+    pub model: ModelIdx,
+    pub ttl_ms: u64,
+    pub requests: u64,
+    pub tokens: u64,
+    /// Keys the caller asked to exclude.
+    pub excluded: HashSet<KeyIdx>,
+}
+
+impl Ask {
+    pub fn line(&self) -> Line {
+        (self.pool, self.model)
+    }
+}
+
+/// A line's (pool, model).
+pub(super) type Line = (PoolIdx, ModelIdx);
+
+#[derive(Debug, Clone)]
+pub(super) struct Waiter {
+    pub task_id: String,
+    pub ask: Ask,
+    pub client_request_id: Option<String>,
+    /// When the task's exclusions that were running as it joined the line end.
+    pub exclusion_ends: Vec<u64>,
+}
+
+/// The line for one (pool, model).
+#[derive(Debug, Default)]
+pub(super) struct WaitQueue {
+    /// In line order: waiter ids only grow, so the first is the one waiting longest. A map, so
+    /// that a waiter leaves from anywhere in the line in O(log n).
+    pub waiters: BTreeMap<WaiterId, Waiter>,
+    /// Groups an earlier waiter could not have at the last pass (spent or cooling): later
+    /// arrivals keep off them.
+    pub blocked: HashSet<GroupKey>,
+    /// (end, waiter) of the waiters' exclusions: the line is looked at again when one ends.
+    exclusion_ends: BTreeSet<(u64, WaiterId)>,
+    /// When the books next change by themselves, so the line is looked at again.
+    pub wake_at_ms: Option<u64>,
+}
+
+impl WaitQueue {
+    pub fn push(&mut self, id: WaiterId, waiter: Waiter) {
+        for &end in &waiter.exclusion_ends {
+            self.exclusion_ends.insert((end, id));
+        }
+        self.waiters.insert(id, waiter);
+    }
+
+    pub fn remove(&mut self, id: WaiterId) -> Option<Waiter> {
+        let waiter = self.waiters.remove(&id)?;
+        for &end in &waiter.exclusion_ends {
+            self.exclusion_ends.remove(&(end, id));
+        }
+        Some(waiter)
+    }
+
+    /// The first of its waiters' exclusions to end after `time`.
+    pub fn next_exclusion_end(&self, time: Time) -> Option<u64> {
+        self.exclusion_ends
+            .range((time.steady_ms + 1, 0)..)
+            .next()
+            .map(|&(end, _)| end)
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Lines {
+    queues: BTreeMap<Line, WaitQueue>,
+    /// The line each waiter stands in.
+    line_of: HashMap<WaiterId, Line>,
+    next_waiter: WaiterId,
+}
+
+impl Lines {
+    pub fn new() -> Self {
+        Self {
+            queues: BTreeMap::new(),
+            line_of: HashMap::new(),
+            next_waiter: 1,
+        }
+    }
+
+    pub fn has_waiters(&self) -> bool {
+        !self.line_of.is_empty()
+    }
+
+    /// A new waiter's id: ids only grow.
+    pub fn next_id(&mut self) -> WaiterId {
+        let id = self.next_waiter;
+        self.next_waiter += 1;
+        id
+    }
+
+    pub fn next_waiter(&self) -> WaiterId {
+        self.next_waiter
+    }
+
+    /// Puts waiter `id` at the end of its line, whose blocked groups grow by `blocked`.
+    pub fn join(&mut self, id: WaiterId, waiter: Waiter, blocked: Vec<GroupKey>) {
+        let line = waiter.ask.line();
+        let queue = self.queues.entry(line).or_default();
+        queue.blocked.extend(blocked);
+        queue.push(id, waiter);
+        self.line_of.insert(id, line);
+    }
+
+    /// When the line must next be looked at though nothing was freed.
+    pub fn set_wake(&mut self, line: Line, at_ms: Option<u64>) {
+        if let Some(queue) = self.queues.get_mut(&line) {
+            queue.wake_at_ms = at_ms;
+        }
+    }
+
+    /// Takes waiter `id` out of its line. With it, whether those behind it may now get
+    /// something (the line holds groups back).
+    pub fn leave(&mut self, id: WaiterId) -> Option<(Waiter, bool)> {
+        let line = self.line_of.remove(&id)?;
+        let queue = self.queues.get_mut(&line).expect("a waiter's line exists");
+        let waiter = queue.remove(id).expect("a waiter is in its line");
+        let unblocks = if queue.waiters.is_empty() {
+            self.queues.remove(&line);
+            false
+        } else {
+            !queue.blocked.is_empty()
+        };
+        Some((waiter, unblocks))
+    }
+
+    /// Every waiter leaves; how many there were.
+    pub fn clear(&mut self) -> usize {
+        let count = self.line_of.len();
+        self.queues.clear();
+        self.line_of.clear();
+        count
+    }
+
+    pub fn lines(&self) -> Vec<Line> {
+        self.queues.keys().copied().collect()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (Line, &WaitQueue)> {
+        self.queues.iter().map(|(&line, queue)| (line, queue))
+    }
+
+    pub fn queue(&self, line: Line) -> Option<&WaitQueue> {
+        self.queues.get(&line)
+    }
+
+    /// Takes a line out to serve it; [`Lines::put_back`] returns it.
+    pub fn take(&mut self, line: Line) -> WaitQueue {
+        std::mem::take(self.queues.get_mut(&line).expect("a listed line"))
+    }
+
+    /// Returns a line taken out, without the waiters `served` (granted or failed).
+    pub fn put_back(&mut self, line: Line, queue: WaitQueue, served: &[WaiterId]) {
+        for id in served {
+            self.line_of.remove(id);
+        }
+        if queue.waiters.is_empty() {
+            self.queues.remove(&line);
+        } else {
+            self.queues.insert(line, queue);
+        }
+    }
+
+    /// The earliest time a line must be looked at again.
+    pub fn next_wake(&self) -> Option<u64> {
+        self.queues.values().filter_map(|q| q.wake_at_ms).min()
+    }
+
+    pub fn wake_due(&self, now_ms: u64) -> bool {
+        self.queues
+            .values()
+            .any(|q| q.wake_at_ms.is_some_and(|at| at <= now_ms))
+    }
+
+    /// Puts a whole line back (recovery).
+    pub fn restore_line(&mut self, line: Line, queue: WaitQueue) {
+        for &id in queue.waiters.keys() {
+            self.line_of.insert(id, line);
+        }
+        self.queues.insert(line, queue);
+    }
+
+    /// Waiter ids continue from `next` (recovery).
+    pub fn set_next_waiter(&mut self, next: WaiterId) {
+        self.next_waiter = next;
+    }
+}
