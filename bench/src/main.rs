@@ -3,13 +3,14 @@
 //! runs it at a size that only shows it still works (CI does that; figures are never asserted).
 //!
 //! ```sh
-//! cargo run --release -p keylease-bench -- overhead | scale | utilization | limits | all [--smoke]
+//! cargo run --release -p keylease-bench -- overhead | scale | utilization | limits | recovery | all [--smoke]
 //! ```
 //! The other subcommands are the roles the scenarios start this binary in.
 
 mod limits;
 mod overhead;
 mod procs;
+mod recovery;
 mod roles;
 mod scale;
 mod utilization;
@@ -45,6 +46,11 @@ enum Scenario {
     },
     /// Memory under non-reading event streams; time to take thousands of waiters out of line.
     Limits {
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// Start-up on 100,000 keys and 2,000,000 logged commands: the whole log, and a snapshot.
+    Recovery {
         #[arg(long)]
         smoke: bool,
     },
@@ -85,11 +91,13 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Scale { smoke } => scale::run(smoke).await?,
         Scenario::Utilization { smoke } => utilization::run(smoke).await?,
         Scenario::Limits { smoke } => limits::run(smoke).await?,
+        Scenario::Recovery { smoke } => recovery::run(smoke).await?,
         Scenario::All { smoke } => {
             overhead::run(smoke).await?;
             scale::run(smoke).await?;
             utilization::run(smoke).await?;
             limits::run(smoke).await?;
+            recovery::run(smoke).await?;
         }
         Scenario::Serve { .. } | Scenario::Fake { .. } | Scenario::Worker(_) => {
             unreachable!("handled above")

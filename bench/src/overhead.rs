@@ -1,6 +1,7 @@
 //! Scenario 1: what a lease costs. AcquireKey+Release cycles per second and their latency at 1,
-//! 16 and 256 concurrent clients, beside a no-op unary RPC of the same server (health Check):
-//! the most any gRPC service on this machine can do.
+//! 16 and 256 concurrent clients, on a server that keeps nothing and on one that keeps its state
+//! on disk, beside a no-op unary RPC (health Check): the most any gRPC service on this machine
+//! can do.
 
 use crate::procs::{self, percentile};
 use crate::roles::now;
@@ -202,109 +203,202 @@ async fn noop(channel: Channel, _client: usize) -> anyhow::Result<()> {
 }
 
 /// Rounds of cycles and no-ops taken in turn, so that whatever else the machine does falls on
-/// both alike.
+/// all alike.
 const ROUNDS: usize = 5;
 
-/// Cycles and no-ops, `rounds` rounds of `round` each, taken in turn.
+/// The same configuration served twice: in memory only, and on the durable default.
+struct Servers {
+    ephemeral: procs::Child,
+    durable: procs::Child,
+    /// The durable server's store counters, as it last printed them.
+    journal: procs::JournalCounts,
+}
+
+/// Cycles on each server and no-ops (on the ephemeral one), over the same rounds.
+struct Measured {
+    ephemeral: Samples,
+    durable: Samples,
+    noops: Samples,
+    /// The durable server's commits and records over its rounds.
+    commits: u64,
+    records: u64,
+}
+
+/// `rounds` rounds of `round` each of ephemeral cycles, durable cycles and no-ops, in turn.
 async fn in_turn(
-    server: &procs::Child,
+    servers: &mut Servers,
     clients: usize,
     rounds: usize,
     round: Duration,
     pace: Pace,
-) -> anyhow::Result<(Samples, Samples)> {
-    let (mut cycles, mut noops) = (Samples::default(), Samples::default());
+) -> anyhow::Result<Measured> {
+    let before = servers.journal.read(&servers.durable).await;
+    let mut measured = Measured {
+        ephemeral: Samples::default(),
+        durable: Samples::default(),
+        noops: Samples::default(),
+        commits: 0,
+        records: 0,
+    };
     for _ in 0..rounds {
-        cycles.add(measure(server, clients, round, pace, cycle).await?);
-        noops.add(measure(server, clients, round, pace, noop).await?);
+        let ephemeral = measure(&servers.ephemeral, clients, round, pace, cycle).await?;
+        measured.ephemeral.add(ephemeral);
+        let durable = measure(&servers.durable, clients, round, pace, cycle).await?;
+        measured.durable.add(durable);
+        let noops = measure(&servers.ephemeral, clients, round, pace, noop).await?;
+        measured.noops.add(noops);
     }
-    Ok((cycles, noops))
+    let after = servers.journal.read(&servers.durable).await;
+    measured.commits = after.0 - before.0;
+    measured.records = after.1 - before.1;
+    Ok(measured)
 }
 
 pub async fn run(smoke: bool) -> anyhow::Result<()> {
     let dir = procs::scratch("overhead")?;
     // More keys than clients, no limits: the cycle measures the service, not contention.
     let keys = procs::fake_keys(512, 512);
-    let config = procs::keylease_config(&dir, &keys, MODEL, "", "")?;
-    let server = procs::spawn(&["serve".into(), config.display().to_string()], true)?;
+    std::fs::create_dir_all(dir.join("ephemeral"))?;
+    std::fs::create_dir_all(dir.join("durable"))?;
+    let ephemeral_config = procs::keylease_config(
+        &dir.join("ephemeral"),
+        &keys,
+        MODEL,
+        "",
+        "[state]\nephemeral = true",
+    )?;
+    let durable_config = procs::keylease_config(&dir.join("durable"), &keys, MODEL, "", "")?;
+    let serve = |config: &std::path::Path| {
+        procs::spawn(&["serve".into(), config.display().to_string()], true)
+    };
+    let mut servers = Servers {
+        ephemeral: serve(&ephemeral_config)?,
+        durable: serve(&durable_config)?,
+        journal: procs::JournalCounts::default(),
+    };
     let (rounds, round) = if smoke {
         (1, Duration::from_millis(500))
     } else {
         (ROUNDS, Duration::from_secs(1))
     };
-    println!("\n### Overhead (in-memory engine)\n");
+    let state_dir = dir.join("durable").join("keylease-state");
+    println!("\n### Overhead, in memory and durable\n");
     println!(
-        "`cargo run --release -p keylease-bench -- overhead`; per row {rounds} rounds of {} ms of cycles and {} ms of no-ops, taken in turn; one server process, the load from this one.\n",
+        "`cargo run --release -p keylease-bench -- overhead`; per row {rounds} rounds of {} ms each of cycles on an ephemeral server, cycles on a durable one (state in `{}`, {}), and no-ops, taken in turn; the load from this one process. `commits/s` and `records per commit` are the durable store's own counters.\n",
         round.as_millis(),
-        round.as_millis()
+        state_dir.display(),
+        procs::file_system_of(&state_dir)
+    );
+    let (fsync_p50, fsync_p99) =
+        procs::fsync_latency(&dir.join("durable"), if smoke { 20 } else { 500 })?;
+    println!(
+        "Raw latency of that disk: write 4 KiB + fdatasync, p50 {fsync_p50} µs, p99 {fsync_p99} µs.\n"
     );
     println!(
-        "| clients | cycles/s | cycle p50 | p99 | p99.9 | no-op RPC/s | no-op p50 | p99 | cycles / no-op |"
+        "| clients | store | cycles/s | cycle p50 | p99 | p99.9 | no-op RPC/s | cycles / no-op | commits/s | records per commit |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut cpu_rows = Vec::new();
-    let mut closed_loop_16 = 0.0;
+    let mut ratios = Vec::new();
+    let mut closed_loop_16 = (0.0, 0.0);
     for clients in [1, 16, 256] {
-        let (mut cycles, mut noops) =
-            in_turn(&server, clients, rounds, round, Pace::Closed).await?;
-        println!(
-            "| {clients} | {:.0} | {} µs | {} µs | {} µs | {:.0} | {} µs | {} µs | {:.3} |",
-            cycles.per_second(),
-            cycles.percentile(0.5),
-            cycles.percentile(0.99),
-            cycles.percentile(0.999),
-            noops.per_second(),
-            noops.percentile(0.5),
-            noops.percentile(0.99),
-            cycles.per_second() / noops.per_second()
-        );
-        if clients == 16 {
-            closed_loop_16 = cycles.per_second();
+        let mut m = in_turn(&mut servers, clients, rounds, round, Pace::Closed).await?;
+        let durable_time = round.as_secs_f64() * rounds as f64;
+        let noops_per_second = m.noops.per_second();
+        for (store, cycles) in [("ephemeral", &mut m.ephemeral), ("durable", &mut m.durable)] {
+            let (commits, per_commit) = if store == "durable" {
+                (
+                    format!("{:.0}", m.commits as f64 / durable_time),
+                    format!("{:.1}", m.records as f64 / m.commits.max(1) as f64),
+                )
+            } else {
+                ("".into(), "".into())
+            };
+            println!(
+                "| {clients} | {store} | {:.0} | {} µs | {} µs | {} µs | {:.0} | {:.3} | {commits} | {per_commit} |",
+                cycles.per_second(),
+                cycles.percentile(0.5),
+                cycles.percentile(0.99),
+                cycles.percentile(0.999),
+                noops_per_second,
+                cycles.per_second() / noops_per_second
+            );
         }
-        cpu_rows.push((clients, cycles.cpu_per_call(), noops.cpu_per_call()));
+        if clients == 16 {
+            closed_loop_16 = (m.ephemeral.per_second(), m.durable.per_second());
+        }
+        ratios.push((clients, m.durable.per_second() / m.ephemeral.per_second()));
+        cpu_rows.push((
+            clients,
+            m.ephemeral.cpu_per_call(),
+            m.durable.cpu_per_call(),
+            m.noops.cpu_per_call(),
+        ));
     }
+    let ratios: Vec<String> = ratios
+        .iter()
+        .map(|(clients, ratio)| format!("{ratio:.2} at {clients}"))
+        .collect();
+    println!(
+        "\nDurable cycles / ephemeral cycles, same run: {}.",
+        ratios.join(", ")
+    );
     println!("\nCPU per call, in µs (user + system, from /proc; the load is this process):\n");
     println!(
-        "| clients | server per cycle | server per no-op | load per cycle | load per no-op | whole cycle / whole no-op |"
+        "| clients | server per ephemeral cycle | server per durable cycle | server per no-op | load per cycle | load per no-op | whole ephemeral cycle / whole no-op |"
     );
-    println!("|---|---|---|---|---|---|");
-    for (clients, cycle, noop) in cpu_rows {
+    println!("|---|---|---|---|---|---|---|");
+    for (clients, ephemeral, durable, noop) in cpu_rows {
         println!(
-            "| {clients} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
-            cycle.0,
+            "| {clients} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
+            ephemeral.0,
+            durable.0,
             noop.0,
-            cycle.1,
+            ephemeral.1,
             noop.1,
-            (cycle.0 + cycle.1) / (noop.0 + noop.1)
+            (ephemeral.0 + ephemeral.1) / (noop.0 + noop.1)
         );
     }
 
     println!(
-        "\nLatency at a set load: 16 clients, each on a fixed schedule, together offering a share of the closed-loop rate above ({closed_loop_16:.0} cycles/s); a call sent late because the previous one had not returned counts from when it was due. The no-op is offered the same number of calls.\n"
+        "\nLatency at a set load: 16 clients, each on a fixed schedule, together offering a share of each store's closed-loop rate above ({:.0} and {:.0} cycles/s); a call sent late because the previous one had not returned counts from when it was due. The no-op is offered the ephemeral rate.\n",
+        closed_loop_16.0, closed_loop_16.1
     );
-    println!("| offered | cycles/s | cycle p50 | p99 | p99.9 | no-op p50 | p99 | p99.9 |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| offered | store | cycles/s | cycle p50 | p99 | p99.9 | no-op p50 | p99 | p99.9 |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for share in [0.25, 0.5, 0.75] {
-        let rate = (closed_loop_16 * share).max(16.0);
-        let pace = Pace::Every(Duration::from_secs_f64(16.0 / rate));
-        let (mut cycles, mut noops) = in_turn(&server, 16, rounds, round, pace).await?;
-        println!(
-            "| {:.0}% | {:.0} | {} µs | {} µs | {} µs | {} µs | {} µs | {} µs |",
-            share * 100.0,
-            cycles.per_second(),
-            cycles.percentile(0.5),
-            cycles.percentile(0.99),
-            cycles.percentile(0.999),
-            noops.percentile(0.5),
-            noops.percentile(0.99),
-            noops.percentile(0.999),
-        );
+        for (store, closed) in [
+            ("ephemeral", closed_loop_16.0),
+            ("durable", closed_loop_16.1),
+        ] {
+            let rate = (closed * share).max(16.0);
+            let pace = Pace::Every(Duration::from_secs_f64(16.0 / rate));
+            let mut m = in_turn(&mut servers, 16, rounds, round, pace).await?;
+            let cycles = if store == "durable" {
+                &mut m.durable
+            } else {
+                &mut m.ephemeral
+            };
+            println!(
+                "| {:.0}% | {store} | {:.0} | {} µs | {} µs | {} µs | {} µs | {} µs | {} µs |",
+                share * 100.0,
+                cycles.per_second(),
+                cycles.percentile(0.5),
+                cycles.percentile(0.99),
+                cycles.percentile(0.999),
+                m.noops.percentile(0.5),
+                m.noops.percentile(0.99),
+                m.noops.percentile(0.999),
+            );
+        }
     }
+    let server = &servers.ephemeral;
     println!(
-        "\nServer peak memory: {:.0} MiB",
-        server.peak_memory_mib().unwrap_or(0.0)
+        "\nServer peak memory: {:.0} MiB ephemeral, {:.0} MiB durable.",
+        server.peak_memory_mib().unwrap_or(0.0),
+        servers.durable.peak_memory_mib().unwrap_or(0.0)
     );
-    let engine = engine_alone(&config, if smoke { 20_000 } else { 1_000_000 })?;
+    let engine = engine_alone(&ephemeral_config, if smoke { 20_000 } else { 1_000_000 })?;
     println!(
         "\nThe engine alone, in this process without gRPC: {engine:.0} AcquireKey+Release cycles/s on one core."
     );

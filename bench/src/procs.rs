@@ -189,3 +189,67 @@ pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
+
+/// The store counters a durable `serve` role prints (`journal commits=N records=M`).
+#[derive(Default)]
+pub struct JournalCounts {
+    last: (u64, u64),
+}
+
+impl JournalCounts {
+    /// (commits, records) as the server last printed them, after waiting for a fresh line.
+    pub async fn read(&mut self, server: &Child) -> (u64, u64) {
+        tokio::time::sleep(crate::roles::STATS_EVERY * 2).await;
+        while let Ok(line) = server.lines.try_recv() {
+            let Some(counts) = line.strip_prefix(crate::roles::STATS_PREFIX) else {
+                continue;
+            };
+            let field = |name: &str| {
+                counts
+                    .split_whitespace()
+                    .find_map(|f| f.strip_prefix(name))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            };
+            self.last = (field("commits="), field("records="));
+        }
+        self.last
+    }
+}
+
+/// "ext4 on /dev/vda" for the file system holding `path`, from /proc/mounts.
+pub fn file_system_of(path: &std::path::Path) -> String {
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.len() > 2 && path.starts_with(fields[1])).then(|| (fields[1].len(), fields))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map_or("an unknown file system".into(), |(_, f)| {
+            format!("{} on {}", f[2], f[0])
+        })
+}
+
+/// Latency of one durable write on the disk under `dir`: 4 KiB written and fdatasync'd,
+/// `count` times; (p50, p99) in microseconds.
+pub fn fsync_latency(dir: &std::path::Path, count: usize) -> anyhow::Result<(u64, u64)> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("fsync-probe");
+    let mut file = std::fs::File::create(&path)?;
+    let block = [7u8; 4096];
+    let mut latencies = Vec::with_capacity(count);
+    for _ in 0..count {
+        let began = crate::roles::now();
+        file.write_all(&block)?;
+        file.sync_data()?;
+        latencies.push(began.elapsed().as_micros() as u64);
+    }
+    drop(file);
+    std::fs::remove_file(path)?;
+    latencies.sort_unstable();
+    Ok((percentile(&latencies, 0.5), percentile(&latencies, 0.99)))
+}

@@ -21,9 +21,29 @@ pub async fn serve(config: PathBuf) -> anyhow::Result<()> {
     let (state, _) = State::open(&settings, Clock::system(), false)?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     println!("listening on http://{}", listener.local_addr()?);
+    if state.journal().is_some() {
+        // The store's own counters, for the scenario to read around each measurement.
+        let state = state.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(STATS_EVERY).await;
+                let stats = &state.journal().expect("durable").stats;
+                println!(
+                    "{STATS_PREFIX}commits={} records={}",
+                    stats.commits.load(Ordering::Relaxed),
+                    stats.records.load(Ordering::Relaxed)
+                );
+            }
+        });
+    }
     keylease_server::server::serve(listener, state, std::future::pending()).await?;
     Ok(())
 }
+
+/// How often a durable server prints its store's counters.
+pub const STATS_EVERY: Duration = Duration::from_millis(100);
+/// The start of those lines: `journal commits=N records=M`.
+pub const STATS_PREFIX: &str = "journal ";
 
 pub async fn fake(config: PathBuf) -> anyhow::Result<()> {
     let config: FakeConfig = serde_json::from_str(&std::fs::read_to_string(config)?)?;

@@ -27,6 +27,8 @@ fn every_scenario_runs_at_smoke_size() {
         "### Scale",
         "### Quota utilization",
         "### Hostile clients",
+        "### Recovery",
+        "| durable |",
         "| keylease |",
     ] {
         assert!(output.contains(table), "{table} missing from:\n{output}");
