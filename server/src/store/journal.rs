@@ -2,19 +2,35 @@
 //! thread writes whatever is queued in one durable commit, then publishes how far the log is
 //! durable. Replies, waiter grants and streamed events wait for the record they show, so
 //! nothing is acknowledged before it would survive a crash, and the lock is never held across
-//! I/O. A write that fails stops the journal: nothing after it is ever acknowledged.
+//! I/O. Each commit wakes exactly the calls it makes durable. A write that fails stops the
+//! journal: nothing after it is ever acknowledged.
 
 use super::{Snapshot, Store, StoreError, encode};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
-/// How far the log is durable, or why it stopped.
-#[derive(Debug, Clone, Default)]
+/// How far the log is durable, or why it stopped, and who waits for which record.
+#[derive(Default)]
 struct Durable {
     seq: u64,
     failure: Option<Arc<str>>,
+    /// Calls waiting for a record, by its number: woken by the commit that covers it.
+    waiting: BTreeMap<u64, Vec<oneshot::Sender<()>>>,
+}
+
+impl Durable {
+    /// Whether record `seq` is durable, or can never be.
+    fn outcome(&self, seq: u64) -> Option<Result<(), StoreFailed>> {
+        if self.seq >= seq {
+            return Some(Ok(()));
+        }
+        self.failure
+            .as_ref()
+            .map(|failure| Err(StoreFailed(failure.clone())))
+    }
 }
 
 /// The store stopped writing: the server can acknowledge nothing more.
@@ -41,7 +57,9 @@ pub struct JournalStats {
 pub struct Journal {
     queue: Mutex<Queue>,
     queued: Condvar,
-    durable: watch::Sender<Durable>,
+    durable: Mutex<Durable>,
+    /// Turns true when the store stops writing.
+    stopped: watch::Sender<bool>,
     committer: Mutex<Option<JoinHandle<()>>>,
     pub stats: JournalStats,
 }
@@ -52,10 +70,11 @@ impl Journal {
         let journal = Arc::new(Self {
             queue: Mutex::new(Queue::default()),
             queued: Condvar::new(),
-            durable: watch::Sender::new(Durable {
+            durable: Mutex::new(Durable {
                 seq: last_seq,
-                failure: None,
+                ..Durable::default()
             }),
+            stopped: watch::Sender::new(false),
             committer: Mutex::new(None),
             stats: JournalStats::default(),
         });
@@ -72,6 +91,10 @@ impl Journal {
 
     fn lock_queue(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_durable(&self) -> MutexGuard<'_, Durable> {
+        self.durable.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn lock_committer(&self) -> std::sync::MutexGuard<'_, Option<JoinHandle<()>>> {
@@ -94,26 +117,56 @@ impl Journal {
 
     /// Resolves once record `seq` is durable.
     pub async fn wait(&self, seq: u64) -> Result<(), StoreFailed> {
-        let mut durable = self.durable.subscribe();
-        let reached = durable
-            .wait_for(|d| d.seq >= seq || d.failure.is_some())
-            .await
-            .map_err(|_| StoreFailed("the committer stopped".into()))?;
-        match &reached.failure {
-            Some(failure) if reached.seq < seq => Err(StoreFailed(failure.clone())),
-            _ => Ok(()),
-        }
+        let woken = {
+            let mut durable = self.lock_durable();
+            if let Some(outcome) = durable.outcome(seq) {
+                return outcome;
+            }
+            let (wake, woken) = oneshot::channel();
+            durable.waiting.entry(seq).or_default().push(wake);
+            woken
+        };
+        let _ = woken.await;
+        self.lock_durable()
+            .outcome(seq)
+            .unwrap_or_else(|| Err(StoreFailed("the committer stopped".into())))
     }
 
     /// Resolves when the store stops writing.
     pub async fn stopped(&self) {
-        let mut durable = self.durable.subscribe();
-        let _ = durable.wait_for(|d| d.failure.is_some()).await;
+        let mut stopped = self.stopped.subscribe();
+        let _ = stopped.wait_for(|&stopped| stopped).await;
     }
 
     /// Why the store stopped writing, if it did.
     pub fn failure(&self) -> Option<StoreFailed> {
-        self.durable.borrow().failure.clone().map(StoreFailed)
+        self.lock_durable().failure.clone().map(StoreFailed)
+    }
+
+    /// Record `seq` and all before it are durable: wakes the calls waiting for them.
+    fn made_durable(&self, seq: u64) {
+        let woken = {
+            let mut durable = self.lock_durable();
+            durable.seq = seq;
+            let later = durable.waiting.split_off(&(seq + 1));
+            std::mem::replace(&mut durable.waiting, later)
+        };
+        for wake in woken.into_values().flatten() {
+            let _ = wake.send(());
+        }
+    }
+
+    /// The store failed: every waiting call learns it, and so does the server.
+    fn failed(&self, error: &StoreError) {
+        let woken = {
+            let mut durable = self.lock_durable();
+            durable.failure = Some(error.to_string().into());
+            std::mem::take(&mut durable.waiting)
+        };
+        for wake in woken.into_values().flatten() {
+            let _ = wake.send(());
+        }
+        self.stopped.send_replace(true);
     }
 
     /// Writes what is queued, then stops the committer (at shutdown).
@@ -143,8 +196,7 @@ impl Journal {
             };
             if let Err(error) = self.write(&mut *store, &records, snapshot) {
                 tracing::error!(%error, "state store failed: nothing more is acknowledged");
-                self.durable
-                    .send_modify(|d| d.failure = Some(error.to_string().into()));
+                self.failed(&error);
                 return;
             }
             if closing && self.lock_queue().records.is_empty() {
@@ -165,7 +217,7 @@ impl Journal {
             self.stats
                 .records
                 .fetch_add(records.len() as u64, Ordering::Relaxed);
-            self.durable.send_modify(|d| d.seq = last);
+            self.made_durable(last);
         }
         if let Some(snapshot) = snapshot {
             store.save_snapshot(snapshot.seq, &encode(&snapshot))?;
