@@ -222,6 +222,7 @@ struct Measured {
     /// The durable server's commits and records over its rounds.
     commits: u64,
     records: u64,
+    commit_micros: u64,
 }
 
 /// `rounds` rounds of `round` each of ephemeral cycles, durable cycles and no-ops, in turn.
@@ -239,6 +240,7 @@ async fn in_turn(
         noops: Samples::default(),
         commits: 0,
         records: 0,
+        commit_micros: 0,
     };
     for _ in 0..rounds {
         let ephemeral = measure(&servers.ephemeral, clients, round, pace, cycle).await?;
@@ -251,6 +253,7 @@ async fn in_turn(
     let after = servers.journal.read(&servers.durable).await;
     measured.commits = after.0 - before.0;
     measured.records = after.1 - before.1;
+    measured.commit_micros = after.2 - before.2;
     Ok(measured)
 }
 
@@ -295,9 +298,9 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         "Raw latency of that disk: write 4 KiB + fdatasync, p50 {fsync_p50} µs, p99 {fsync_p99} µs.\n"
     );
     println!(
-        "| clients | store | cycles/s | cycle p50 | p99 | p99.9 | no-op RPC/s | cycles / no-op | commits/s | records per commit |"
+        "| clients | store | cycles/s | cycle p50 | p99 | p99.9 | no-op RPC/s | cycles / no-op | commits/s | records per commit | time per commit |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut cpu_rows = Vec::new();
     let mut ratios = Vec::new();
     let mut closed_loop_16 = (0.0, 0.0);
@@ -306,16 +309,18 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         let durable_time = round.as_secs_f64() * rounds as f64;
         let noops_per_second = m.noops.per_second();
         for (store, cycles) in [("ephemeral", &mut m.ephemeral), ("durable", &mut m.durable)] {
-            let (commits, per_commit) = if store == "durable" {
+            let (commits, per_commit, commit_time) = if store == "durable" {
+                let commits = m.commits.max(1) as f64;
                 (
                     format!("{:.0}", m.commits as f64 / durable_time),
-                    format!("{:.1}", m.records as f64 / m.commits.max(1) as f64),
+                    format!("{:.1}", m.records as f64 / commits),
+                    format!("{:.0} µs", m.commit_micros as f64 / commits),
                 )
             } else {
-                ("".into(), "".into())
+                Default::default()
             };
             println!(
-                "| {clients} | {store} | {:.0} | {} µs | {} µs | {} µs | {:.0} | {:.3} | {commits} | {per_commit} |",
+                "| {clients} | {store} | {:.0} | {} µs | {} µs | {} µs | {:.0} | {:.3} | {commits} | {per_commit} | {commit_time} |",
                 cycles.per_second(),
                 cycles.percentile(0.5),
                 cycles.percentile(0.99),

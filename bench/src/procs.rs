@@ -190,15 +190,16 @@ pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// The store counters a durable `serve` role prints (`journal commits=N records=M`).
+/// The store counters a durable `serve` role prints (`journal commits=N records=M ...`).
 #[derive(Default)]
 pub struct JournalCounts {
-    last: (u64, u64),
+    last: (u64, u64, u64),
 }
 
 impl JournalCounts {
-    /// (commits, records) as the server last printed them, after waiting for a fresh line.
-    pub async fn read(&mut self, server: &Child) -> (u64, u64) {
+    /// (commits, records, microseconds in commits) as the server last printed them, after
+    /// waiting for a fresh line.
+    pub async fn read(&mut self, server: &Child) -> (u64, u64, u64) {
         tokio::time::sleep(crate::roles::STATS_EVERY * 2).await;
         while let Ok(line) = server.lines.try_recv() {
             let Some(counts) = line.strip_prefix(crate::roles::STATS_PREFIX) else {
@@ -211,7 +212,11 @@ impl JournalCounts {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0)
             };
-            self.last = (field("commits="), field("records="));
+            self.last = (
+                field("commits="),
+                field("records="),
+                field("commit_micros="),
+            );
         }
         self.last
     }

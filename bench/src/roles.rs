@@ -29,9 +29,10 @@ pub async fn serve(config: PathBuf) -> anyhow::Result<()> {
                 tokio::time::sleep(STATS_EVERY).await;
                 let stats = &state.journal().expect("durable").stats;
                 println!(
-                    "{STATS_PREFIX}commits={} records={}",
+                    "{STATS_PREFIX}commits={} records={} commit_micros={}",
                     stats.commits.load(Ordering::Relaxed),
-                    stats.records.load(Ordering::Relaxed)
+                    stats.records.load(Ordering::Relaxed),
+                    stats.commit_micros.load(Ordering::Relaxed)
                 );
             }
         });

@@ -2,13 +2,15 @@
 //! snapshot), the key that fingerprints secrets, and a lock file naming the server that holds
 //! it. redb gives ACID commits that are durable (fsync'd) when they return, in one file.
 
-use super::{FORMAT_VERSION, RecordVisitor, Store, StoreError};
+use super::{FORMAT_VERSION, RecordVisitor, Store, StoreError, decode, encode};
 use crate::secret::FingerprintKey;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+/// Each commit's records as one entry, under the number of its last record: one B-tree insert
+/// per commit, however many records it holds.
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const FORMAT: &str = "format";
@@ -245,8 +247,19 @@ impl Store for EmbeddedStore {
             .range(after.saturating_add(1)..)
             .map_err(|e| self.read_error(&e))?
         {
-            let (seq, bytes) = entry.map_err(|e| self.read_error(&e))?;
-            visit(seq.value(), bytes.value())?;
+            let (last, bytes) = entry.map_err(|e| self.read_error(&e))?;
+            let batch: Vec<(u64, &[u8])> = decode(bytes.value()).map_err(|e| {
+                self.read_error(&format!(
+                    "the commit ending at record {}: {e}",
+                    last.value()
+                ))
+            })?;
+            for (seq, record) in batch {
+                // A snapshot may have been taken amid a commit: what it covers is skipped.
+                if seq > after {
+                    visit(seq, record)?;
+                }
+            }
         }
         Ok(())
     }
@@ -258,8 +271,12 @@ impl Store for EmbeddedStore {
             .map_err(|e| self.write_error(&e))?;
         {
             let mut log = txn.open_table(LOG).map_err(|e| self.write_error(&e))?;
-            for (seq, bytes) in records {
-                log.insert(*seq, bytes.as_slice())
+            if let Some(&(last, _)) = records.last() {
+                let batch: Vec<(u64, &[u8])> = records
+                    .iter()
+                    .map(|(seq, bytes)| (*seq, bytes.as_slice()))
+                    .collect();
+                log.insert(last, encode(&batch).as_slice())
                     .map_err(|e| self.write_error(&e))?;
             }
         }
