@@ -234,17 +234,9 @@ impl State {
                 // Their callers died with the process that queued them; clients retry.
                 let (_, notices) = state.apply_locked(&mut inner, Command::DropWaiters);
                 state.carry_out(&mut inner, notices);
-            }
-            let (reply, notices) = if recovering {
-                state.apply_locked(&mut inner, Command::Configure(setup))
-            } else {
-                // The first record of a log: the setup the fresh engine was built with.
-                state.log(&mut inner, started, &Command::Configure(setup));
-                (Reply::Ticked, Notices::default())
-            };
-            state.carry_out(&mut inner, notices);
-            if let Reply::Configured(configured) = reply {
-                let configured = configured?;
+                let (reply, notices) = state.apply_locked(&mut inner, Command::Configure(setup));
+                state.carry_out(&mut inner, notices);
+                let configured = reply.into_configured()?;
                 for (key_id, leases) in &configured.removed_keys {
                     tracing::warn!(
                         key_id,
@@ -261,6 +253,11 @@ impl State {
                         "leases dropped: their model or pool is no longer configured"
                     );
                 }
+            } else if let Some(journal) = &state.journal {
+                // The first record of a log: the setup the fresh engine was built with.
+                inner.last_seq += 1;
+                let record = store::encode_record(started, &Command::Configure(setup));
+                journal.push(inner.last_seq, record);
             }
             if let Some(journal) = &state.journal
                 && recovered.records_replayed >= REPLAY_WORTH_A_SNAPSHOT
@@ -334,15 +331,6 @@ impl State {
             }
         }
         applied
-    }
-
-    /// Queues a record of a command applied outside [`State::apply_locked`] (the setup a
-    /// fresh engine was built with).
-    fn log(&self, inner: &mut Inner, time: Time, command: &Command) {
-        if let Some(journal) = &self.journal {
-            inner.last_seq += 1;
-            journal.push(inner.last_seq, store::encode_record(time, command));
-        }
     }
 
     /// Resolves once record `seq` would survive a crash.

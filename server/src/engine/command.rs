@@ -190,6 +190,13 @@ impl Reply {
         }
     }
 
+    pub fn into_configured(self) -> Result<Reconfigured, SetupError> {
+        match self {
+            Self::Configured(reply) => reply,
+            other => unreachable!("a configure answered {other:?}"),
+        }
+    }
+
     pub fn into_key_set(self) -> Result<KeyView, EngineError> {
         match self {
             Self::KeySet(reply) => reply,
