@@ -428,8 +428,9 @@ impl State {
     ) -> Result<LeaseView, AcquireFailure> {
         request.wait = !wait.is_zero();
         let now = self.clock.now();
-        let (outcome, seq, receiver) = {
+        let (outcome, seq, receiver, first_new_token) = {
             let mut inner = self.lock();
+            let first_new_token = inner.engine.next_fencing_token();
             let (reply, notices) = self.apply_locked(&mut inner, Command::Acquire(request));
             let outcome = reply.into_acquired();
             // Only a caller that waits needs a channel; it is registered under the same lock
@@ -443,12 +444,16 @@ impl State {
                 _ => None,
             };
             self.carry_out(&mut inner, notices);
-            (outcome, inner.last_seq, receiver)
+            (outcome, inner.last_seq, receiver, first_new_token)
         };
         let (waiter, receiver) = match (outcome?, receiver) {
-            (Acquired::Granted(lease), _) => {
+            // The lease the task already held: nothing to hand back if its caller goes.
+            (Acquired::Granted(lease), _) if lease.fencing_token < first_new_token => {
                 self.durable(seq).await?;
                 return Ok(lease);
+            }
+            (Acquired::Granted(lease), _) => {
+                return Undelivered::new(self, lease).deliver(seq).await;
             }
             (Acquired::Unavailable(unavailable), _) => {
                 return Err(AcquireFailure::Unavailable(unavailable));
@@ -468,8 +473,7 @@ impl State {
             }
             .until(deadline)
             .await?;
-            self.durable(seq).await?;
-            Ok(lease)
+            Undelivered::new(self, lease).deliver(seq).await
         })
         .await
     }
@@ -631,6 +635,41 @@ fn log(event: &Event) {
     }
 }
 
+/// A new lease on its way to its caller while its record is committed. Dropped before it was
+/// delivered (the caller went away), it hands the lease back, as a waiter's would be: a caller
+/// that is gone never holds a key.
+struct Undelivered<'a> {
+    state: &'a State,
+    /// `None` once delivered.
+    lease: Option<LeaseView>,
+}
+
+impl<'a> Undelivered<'a> {
+    fn new(state: &'a State, lease: LeaseView) -> Self {
+        Self {
+            state,
+            lease: Some(lease),
+        }
+    }
+
+    /// The lease, once record `seq`, which granted it, is durable.
+    async fn deliver(mut self, seq: u64) -> Result<LeaseView, AcquireFailure> {
+        self.state.durable(seq).await?;
+        Ok(self.lease.take().expect("delivered once"))
+    }
+}
+
+impl Drop for Undelivered<'_> {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            self.state.execute(Command::HandBack {
+                lease_id: lease.lease_id,
+                fencing_token: lease.fencing_token,
+            });
+        }
+    }
+}
+
 /// An acquire in line. Dropped before its outcome arrived (disconnect, shutdown), it takes the
 /// waiter out of line, and gives back a lease granted in that very moment, so that no lease is
 /// ever held for a caller that is gone.
@@ -707,6 +746,14 @@ mod tests {
 
     /// An ephemeral state whose clock starts at `start_ms`.
     fn state_at(config: &str, start_ms: u64) -> Arc<State> {
+        let settings = settings_of(config);
+        State::open(&settings, Clock::starting_at(start_ms), false)
+            .unwrap()
+            .0
+    }
+
+    /// The settings of this configuration text, ephemeral.
+    fn settings_of(config: &str) -> Settings {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("keylease-state-{}-{n}", std::process::id()));
@@ -719,9 +766,7 @@ mod tests {
         };
         let settings = config::load(Some(&path), &HashMap::new(), &ephemeral).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
-        State::open(&settings, Clock::starting_at(start_ms), false)
-            .unwrap()
-            .0
+        settings
     }
 
     fn ask(task: &str) -> AcquireRequest {
@@ -795,6 +840,70 @@ mod tests {
             "{tokens:?} then {}",
             lease.fencing_token
         );
+    }
+
+    /// A store whose commits wait until the test opens the gate.
+    struct GatedStore(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+    impl Store for GatedStore {
+        fn snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(None)
+        }
+
+        fn records(
+            &self,
+            _: u64,
+            _: &mut crate::store::RecordVisitor<'_>,
+        ) -> Result<(), StoreError> {
+            Ok(())
+        }
+
+        fn append(&mut self, _: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+            let (open, opened) = &*self.0;
+            let mut open = open.lock().unwrap();
+            while !*open {
+                open = opened.wait(open).unwrap();
+            }
+            Ok(())
+        }
+
+        fn save_snapshot(&mut self, _: u64, _: &[u8]) -> Result<(), StoreError> {
+            Ok(())
+        }
+
+        fn location(&self) -> std::path::PathBuf {
+            "gated".into()
+        }
+    }
+
+    /// A caller that goes away while its new lease is being committed never holds the key.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_grant_whose_caller_left_before_it_was_durable_goes_back() {
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let config = "[key_sources]\nenvironment = false\n[pools.gemini.models.m]\n[[keys]]\nid = \"k1\"\nsecret = \"fake-key-1\"\n";
+        let settings = settings_of(config);
+        let store = Box::new(GatedStore(gate.clone()));
+        let key = FingerprintKey::from_bytes([1; FingerprintKey::LEN]);
+        let clock = Clock::starting_at(1_773_086_400_000);
+        let (state, _) = State::open_on(&settings, clock, Some(store), key, u64::MAX).unwrap();
+        let caller = {
+            let state = state.clone();
+            tokio::spawn(async move { state.acquire(ask("a"), Duration::ZERO).await })
+        };
+        // The caller runs until it waits for the commit, then goes away.
+        tokio::task::yield_now().await;
+        caller.abort();
+        assert!(caller.await.unwrap_err().is_cancelled());
+        {
+            let (open, opened) = &*gate;
+            *open.lock().unwrap() = true;
+            opened.notify_all();
+        }
+        let live = state
+            .read(|engine, now| engine.status(now, None, None, 1).unwrap().live_leases)
+            .await
+            .unwrap();
+        assert_eq!(live, 0, "the lease of a caller that left is still held");
     }
 
     /// No timer task runs here: only the waiter's own deadline brings the engine to the moment
