@@ -39,9 +39,9 @@ requests_per_day = 5
 
 /// (id, project, secret)
 type KeyLine = (&'static str, &'static str, &'static str);
-const K1: KeyLine = ("k1", "p1", "AIzaSyFAKE-conformance-key-one-00000000");
-const K2: KeyLine = ("k2", "p2", "AIzaSyFAKE-conformance-key-two-00000000");
-const K3: KeyLine = ("k3", "p3", "AIzaSyFAKE-conformance-key-three-000000");
+const K1: KeyLine = ("k1", "p1", "AIzaFAKE.conformance-key-one-00000000");
+const K2: KeyLine = ("k2", "p2", "AIzaFAKE.conformance-key-two-00000000");
+const K3: KeyLine = ("k3", "p3", "AIzaFAKE.conformance-key-three-000000");
 
 /// The suite's configuration with these keys.
 fn with_keys(keys: &[KeyLine]) -> String {
