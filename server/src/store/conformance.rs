@@ -447,6 +447,25 @@ pub async fn a_new_configuration_applies_to_the_recovered_state(reopen: Reopen) 
     assert_eq!(key_state(&state, "k3").await, KeyState::Leased);
 }
 
+/// Trap 2: limits changed between runs apply at once to what the books already hold.
+pub async fn new_limits_apply_to_the_books_at_once(reopen: Reopen) {
+    let mut runs = Runs::new(reopen);
+    let state = runs.start(&with_keys(&[K1]));
+    for task in ["a", "b"] {
+        let lease = granted(&state, task).await;
+        release(&state, &lease, 1).await;
+    }
+    runs.crash(state, Duration::from_secs(1));
+
+    let lowered = with_keys(&[K1]).replace("requests_per_minute = 3", "requests_per_minute = 2");
+    let state = runs.start(&lowered);
+    assert_eq!(
+        refused_for(acquire(&state, "c").await),
+        UnavailableReason::QuotaSpent,
+        "the two requests of the last minute were held to the old limit"
+    );
+}
+
 /// One `#[tokio::test]` per behaviour of the suite, on the store `reopen()` opens.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -462,6 +481,7 @@ macro_rules! conformance_tests {
             a_grant_to_a_waiter_survives,
             waiters_queued_at_a_crash_are_dropped,
             a_new_configuration_applies_to_the_recovered_state,
+            new_limits_apply_to_the_books_at_once,
         );
     };
     (@each $reopen:expr; $($name:ident,)*) => {
