@@ -110,8 +110,13 @@ impl Journal {
 
     /// Queues record `seq` (called under the engine's lock, so the log keeps apply order).
     pub fn push(&self, seq: u64, record: Vec<u8>) {
-        self.lock_queue().records.push((seq, record));
-        self.queued.notify_one();
+        let mut queue = self.lock_queue();
+        queue.records.push((seq, record));
+        // The committer only sleeps on an empty queue; otherwise it takes this record with the
+        // others once its commit is done. So only the first record after a take wakes it.
+        if queue.records.len() == 1 {
+            self.queued.notify_one();
+        }
     }
 
     /// Queues a snapshot, written once the records it covers are.
