@@ -143,11 +143,7 @@ fn engine_alone(config: &std::path::Path, cycles: usize) -> anyhow::Result<f64> 
     let settings =
         keylease_server::config::load(Some(config), &Default::default(), &Default::default())?;
     let clock = keylease_server::clock::Clock::system();
-    let setup = Setup {
-        config: settings.engine,
-        keys: settings.keys,
-        token_floor: 0,
-    };
+    let setup = Setup::new(settings.engine, settings.keys, 0);
     let mut engine = Engine::new(setup, clock.now())?;
     let tasks: Vec<String> = (0..256).map(|i| format!("bench-{i}")).collect();
     let began = now();

@@ -42,11 +42,11 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         for key in &mut keys {
             key.fingerprint = key.secret.fingerprint(&fingerprint_key);
         }
-        let setup = Setup {
-            config: settings.engine.clone(),
+        let setup = Setup::new(
+            settings.engine.clone(),
             keys,
-            token_floor: token_floor(clock.now().wall_ms),
-        };
+            token_floor(clock.now().wall_ms),
+        );
         let mut engine = Engine::new(setup.clone(), clock.now())?;
         let mut log = Log {
             seq: 1,

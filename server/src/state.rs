@@ -179,11 +179,7 @@ impl State {
             key.fingerprint = key.secret.fingerprint(&fingerprint_key);
         }
         let started = clock.now();
-        let setup = Setup {
-            config: settings.engine.clone(),
-            keys,
-            token_floor: token_floor(started.wall_ms),
-        };
+        let setup = Setup::new(settings.engine.clone(), keys, token_floor(started.wall_ms));
         // Refused before anything is logged.
         let fresh = Engine::new(setup.clone(), started)?;
 

@@ -111,8 +111,26 @@ impl KeySpec {
 pub struct Setup {
     pub config: EngineConfig,
     pub keys: Vec<KeySpec>,
-    /// Fencing tokens from here on are at least this (see [`token_floor`]).
+    /// Fencing tokens from here on are at least this (see `state::token_floor`).
     pub token_floor: u64,
+    /// The version of the rules that decide the commands logged after this setup.
+    pub rules: u32,
+}
+
+/// The version of the engine's rules: raised by any change that could decide a logged command
+/// differently on replay. Recovery replays records only under the rules that decided them.
+pub const RULES_VERSION: u32 = 1;
+
+impl Setup {
+    /// A setup under this build's rules.
+    pub fn new(config: EngineConfig, keys: Vec<KeySpec>, token_floor: u64) -> Self {
+        Self {
+            config,
+            keys,
+            token_floor,
+            rules: RULES_VERSION,
+        }
+    }
 }
 
 /// `models/gemini-2.5-flash` and `gemini-2.5-flash` are one model.
@@ -465,6 +483,7 @@ impl Engine {
             config,
             keys,
             token_floor,
+            rules: _,
         } = setup;
         let catalogue = Catalogue::new(&config, keys)?;
         Ok(Self {
@@ -484,16 +503,8 @@ impl Engine {
 
     /// The setup the engine runs under (with secrets; a record leaves them out).
     pub fn setup(&self) -> Setup {
-        Setup {
-            config: self.config.clone(),
-            keys: self
-                .catalogue
-                .keys()
-                .iter()
-                .map(|key| key.spec.clone())
-                .collect(),
-            token_floor: 0,
-        }
+        let keys = self.catalogue.keys().iter().map(|key| key.spec.clone());
+        Setup::new(self.config.clone(), keys.collect(), 0)
     }
 
     /// The latest time the engine has seen.
@@ -571,10 +582,12 @@ impl Engine {
         time
     }
 
-    /// Every waiter leaves its line, told nothing: their callers are gone.
+    /// Every waiter leaves its line, told nothing: their callers are gone. The lines are
+    /// emptied before the engine is brought to `now`, so that nothing is decided for them.
     fn drop_waiters(&mut self, now: impl Into<Time>) -> usize {
+        let dropped = self.lines.clear();
         self.tick(now);
-        self.lines.clear()
+        dropped
     }
 
     fn emit(&mut self, at: Time, kind: EventKind) {

@@ -55,11 +55,7 @@ fn key_specs(keys: &[(&str, &str)]) -> Vec<KeySpec> {
 }
 
 fn new_engine(config: EngineConfig, keys: Vec<KeySpec>) -> Result<Engine, SetupError> {
-    let setup = Setup {
-        config,
-        keys,
-        token_floor: 0,
-    };
+    let setup = Setup::new(config, keys, 0);
     Engine::new(setup, Time::at(T0))
 }
 

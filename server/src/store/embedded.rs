@@ -376,6 +376,59 @@ mod tests {
         assert!(message.contains("--reset-state"), "{message}");
     }
 
+    /// Records decided under other rules are not replayed by these: the message says how to
+    /// let the build that wrote them snapshot them. Mechanical records are replayed.
+    #[test]
+    fn records_of_other_rules_are_refused_with_the_way_out() {
+        use crate::engine::{AcquireRequest, Command, DailyReset, EngineConfig, Setup, Time};
+        use crate::store::encode_record;
+        let config = EngineConfig {
+            default_ttl_ms: 1_000,
+            max_ttl_ms: 1_000,
+            max_requests_per_lease: 1,
+            window_ms: 60_000,
+            safety_margin_ms: 0,
+            exclusion_ttl_ms: 1_000,
+            cooldown_base_ms: 1_000,
+            cooldown_max_ms: 1_000,
+            memory_capacity: 10,
+            daily: DailyReset {
+                zone: chrono_tz::UTC,
+            },
+            pools: Default::default(),
+        };
+        let older = Command::Configure(Setup {
+            rules: crate::engine::RULES_VERSION - 1,
+            ..Setup::new(config.clone(), Vec::new(), 0)
+        });
+        let current = Command::Configure(Setup::new(config, Vec::new(), 0));
+        let time = Time::at(1_000);
+        let log = |name: &str, commands: &[&Command]| {
+            let mut store = open_store(&new_dir(name)).unwrap();
+            let records: Vec<(u64, Vec<u8>)> = (1..)
+                .zip(commands)
+                .map(|(seq, command)| (seq, encode_record(time, command)))
+                .collect();
+            store.append(&records).unwrap();
+            crate::store::recover(&store).map(|recovery| recovery.records_replayed)
+        };
+
+        let restarted = log(
+            "other-rules-restarted",
+            &[&older, &Command::DropWaiters, &current, &Command::Tick],
+        );
+        assert_eq!(restarted.unwrap(), 4, "only mechanical records were older");
+
+        let decided = log(
+            "other-rules-decided",
+            &[&older, &Command::Acquire(AcquireRequest::default())],
+        );
+        let message = decided.err().unwrap().to_string();
+        assert!(message.contains("records from 2 on"), "{message}");
+        assert!(message.contains("SIGTERM"), "{message}");
+        assert!(message.contains("--reset-state"), "{message}");
+    }
+
     #[test]
     fn a_newer_format_is_refused() {
         let dir = new_dir("newer");

@@ -8,7 +8,7 @@ pub mod conformance;
 pub mod embedded;
 pub mod journal;
 
-use crate::engine::{Command, Engine, Image, Setup, Time};
+use crate::engine::{Command, Engine, Image, RULES_VERSION, Setup, Time};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -75,6 +75,11 @@ pub enum StoreError {
         "{path}: written in state format {found}, newer than this server's {FORMAT_VERSION}; run the newer keylease, or start with --reset-state to move it aside"
     )]
     NewerFormat { path: PathBuf, found: u64 },
+    /// Records decided by other rules than this build's: replaying them could decide otherwise.
+    #[error(
+        "{path}: the records from {seq} on were decided by rules version {found} of keylease, and this server's is {RULES_VERSION}: start the keylease that wrote them and stop it with SIGTERM (it writes a snapshot, so nothing is replayed), or start with --reset-state to move the state aside"
+    )]
+    OtherRules { path: PathBuf, seq: u64, found: u32 },
     /// Writing failed while serving: what was not yet written was never acknowledged.
     #[error("{path}: cannot write: {reason}")]
     Write { path: PathBuf, reason: String },
@@ -115,11 +120,14 @@ pub fn recover(store: &dyn Store) -> Result<Recovery, StoreError> {
     };
     let mut engine = None;
     let mut last_seq = 0;
+    // The rules that decided the records being replayed: those of the last setup before them.
+    let mut rules = RULES_VERSION;
     let from_snapshot = match store.snapshot()? {
         None => false,
         Some(bytes) => {
             let snapshot: Snapshot =
                 decode(&bytes).map_err(|e| unreadable(format!("the snapshot: {e}")))?;
+            rules = snapshot.setup.rules;
             let (restored, _) = Engine::restore(snapshot.setup, snapshot.image)
                 .map_err(|e| unreadable(format!("the snapshot's configuration: {e}")))?;
             engine = Some(restored);
@@ -136,6 +144,19 @@ pub fn recover(store: &dyn Store) -> Result<Recovery, StoreError> {
             )));
         }
         let record: Record = decode(bytes).map_err(|e| unreadable(format!("record {seq}: {e}")))?;
+        match &record.command {
+            Command::Configure(setup) => rules = setup.rules,
+            // Mechanical, whatever the rules: they decide nothing.
+            Command::DropWaiters => {}
+            _ if rules != RULES_VERSION => {
+                return Err(StoreError::OtherRules {
+                    path: store.location(),
+                    seq,
+                    found: rules,
+                });
+            }
+            _ => {}
+        }
         match (&mut engine, record.command) {
             (Some(engine), command) => {
                 engine.apply(record.time, command);

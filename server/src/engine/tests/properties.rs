@@ -410,11 +410,7 @@ fn property_engine() -> Engine {
     cfg.default_ttl_ms = 20 * SECOND;
     let mut specs = key_specs(&KEYS);
     specs[0].max_leases = Some(2);
-    let setup = Setup {
-        config: cfg,
-        keys: specs,
-        token_floor: 0,
-    };
+    let setup = Setup::new(cfg, specs, 0);
     Engine::new(setup, Time::at(START)).unwrap()
 }
 
