@@ -33,7 +33,7 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
     };
 
     let filled = now();
-    let (capture, snapshot_bytes, encode_time);
+    let (capture, encoded_bytes, encode_time);
     {
         let (dir_lock, _) = StateDir::open(&state_dir, None)?;
         let fingerprint_key = dir_lock.fingerprint_key.clone();
@@ -85,7 +85,7 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         let snapshot = Snapshot::of(&engine, log.seq);
         capture = captured.elapsed();
         let encoded = now();
-        snapshot_bytes = encode(&snapshot).len();
+        encoded_bytes = encode(&snapshot).len();
         encode_time = encoded.elapsed();
     }
     let filled = filled.elapsed();
@@ -107,7 +107,7 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         "A running server takes a snapshot every {SNAPSHOT_EVERY} records: capturing the image under the engine's lock took {:.1} ms here, encoding it on the committer {:.1} ms ({:.1} MiB).\n",
         capture.as_secs_f64() * 1e3,
         encode_time.as_secs_f64() * 1e3,
-        snapshot_bytes as f64 / (1 << 20) as f64
+        encoded_bytes as f64 / (1 << 20) as f64
     );
     println!("| start-up | records replayed | time | state file |");
     println!("|---|---|---|---|");
