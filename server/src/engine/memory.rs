@@ -1,6 +1,6 @@
 //! What the engine remembers of failures and of clients: each task's exclusions of keys it
 //! failed on, each project's run of rate-limit cooldowns (the backoff), and the lease each client
-//! request id was granted. What clients can grow is bounded, the least recently touched
+//! request id was granted. Tasks and request ids are bounded, the least recently touched
 //! forgotten first, so that no client can grow the server without limit.
 
 use super::catalogue::{KeyIdx, PoolIdx, ProjectIdx};

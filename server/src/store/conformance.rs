@@ -1,11 +1,8 @@
 //! The store conformance suite: what a restart must keep, played through the shell ([`State`])
-//! on a store that is dropped mid-run, as a crash leaves it, and opened again. One test per
-//! guarantee and per trap of recovery. Every store runs it unchanged:
-//! `conformance_tests!(reopen)`, where `reopen()` opens the same store again.
-//!
-//! Time passes between runs: a restart starts a new clock where the old one stopped plus the
-//! downtime. (Not tokio's paused clock: it would jump to the next timer while a test waits for
-//! the store's disk.)
+//! on a store dropped mid-run, as a crash leaves it, and opened again; one test per guarantee and
+//! per trap of recovery. Every store runs it unchanged: `conformance_tests!(reopen)`. Time passes
+//! between runs (a restart's clock starts where the old one stopped, plus the downtime), not on
+//! tokio's paused clock, which would jump to the next timer while a test waits for the disk.
 
 use crate::clock::Clock;
 use crate::config::{self, Overrides, Settings};
