@@ -872,6 +872,74 @@ mod tests {
         }
     }
 
+    /// A store whose disk fails once told to.
+    struct BreakableStore(Arc<std::sync::atomic::AtomicBool>);
+
+    impl Store for BreakableStore {
+        fn snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(None)
+        }
+
+        fn records(
+            &self,
+            _: u64,
+            _: &mut crate::store::RecordVisitor<'_>,
+        ) -> Result<(), StoreError> {
+            Ok(())
+        }
+
+        fn append(&mut self, _: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+            if self.0.load(Ordering::Relaxed) {
+                return Err(StoreError::Write {
+                    path: self.location(),
+                    reason: "Input/output error".into(),
+                });
+            }
+            Ok(())
+        }
+
+        fn save_snapshot(&mut self, _: u64, _: &[u8]) -> Result<(), StoreError> {
+            Ok(())
+        }
+
+        fn location(&self) -> std::path::PathBuf {
+            "breakable".into()
+        }
+    }
+
+    /// Once the disk fails, no call is acknowledged: each gets the failure, and the state says
+    /// it stopped, for the server to stop.
+    #[tokio::test]
+    async fn after_the_disk_fails_calls_get_the_failure_and_the_server_is_told() {
+        let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let settings = settings_of(
+            "[key_sources]\nenvironment = false\n[pools.gemini.models.m]\n[[keys]]\nid = \"k1\"\nsecret = \"fake-key-1\"\nmax_leases = 10\n",
+        );
+        let store = Box::new(BreakableStore(broken.clone()));
+        let key = FingerprintKey::from_bytes([1; FingerprintKey::LEN]);
+        let clock = Clock::starting_at(1_773_086_400_000);
+        let (state, _) = State::open_on(&settings, clock, Some(store), key, u64::MAX).unwrap();
+        state.acquire(ask("a"), Duration::ZERO).await.unwrap();
+
+        broken.store(true, Ordering::Relaxed);
+        match state.acquire(ask("b"), Duration::ZERO).await {
+            Err(AcquireFailure::Store(failed)) => {
+                assert!(
+                    failed.to_string().contains("Input/output error"),
+                    "{failed}"
+                )
+            }
+            other => panic!("acknowledged after the disk failed: {other:?}"),
+        }
+        state.store_stopped().await;
+        assert!(state.store_failure().is_some());
+        let status = state.read(|engine, now| engine.counts(now)).await;
+        assert!(
+            status.is_err(),
+            "a read showed state the disk does not hold"
+        );
+    }
+
     /// A caller that goes away while its new lease is being committed never holds the key.
     #[tokio::test(flavor = "current_thread")]
     async fn a_grant_whose_caller_left_before_it_was_durable_goes_back() {
