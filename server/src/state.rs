@@ -134,22 +134,13 @@ impl State {
         clock: Clock,
         reset: bool,
     ) -> Result<(Arc<Self>, Recovered), OpenError> {
-        Self::open_with(settings, clock, reset, SNAPSHOT_EVERY)
-    }
-
-    pub fn open_with(
-        settings: &Settings,
-        clock: Clock,
-        reset: bool,
-        snapshot_every: u64,
-    ) -> Result<(Arc<Self>, Recovered), OpenError> {
         match &settings.state {
             StateLocation::Ephemeral => {
                 let key = FingerprintKey::random().map_err(|e| StoreError::Io {
                     path: PathBuf::from("(memory)"),
                     reason: format!("no random source: {e}"),
                 })?;
-                Self::open_on(settings, clock, None, key, snapshot_every)
+                Self::open_on(settings, clock, None, key, SNAPSHOT_EVERY)
             }
             StateLocation::Directory(path) => {
                 let reset_at = reset.then(|| clock.now().wall_ms);
@@ -157,7 +148,7 @@ impl State {
                 let key = dir.fingerprint_key.clone();
                 let store = EmbeddedStore::open(dir)?;
                 let (state, mut recovered) =
-                    Self::open_on(settings, clock, Some(Box::new(store)), key, snapshot_every)?;
+                    Self::open_on(settings, clock, Some(Box::new(store)), key, SNAPSHOT_EVERY)?;
                 recovered.moved_aside = moved_aside;
                 Ok((state, recovered))
             }
@@ -735,6 +726,7 @@ impl Drop for Waiting<'_> {
 mod tests {
     use super::*;
     use crate::config::{self, Overrides};
+    use crate::store::testing::HookedStore;
 
     fn state(config: &str) -> Arc<State> {
         state_at(config, 1_773_086_400_000)
@@ -838,75 +830,6 @@ mod tests {
         );
     }
 
-    /// A store whose commits wait until the test opens the gate.
-    struct GatedStore(Arc<(Mutex<bool>, std::sync::Condvar)>);
-
-    impl Store for GatedStore {
-        fn snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
-            Ok(None)
-        }
-
-        fn records(
-            &self,
-            _: u64,
-            _: &mut crate::store::RecordVisitor<'_>,
-        ) -> Result<(), StoreError> {
-            Ok(())
-        }
-
-        fn append(&mut self, _: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
-            let (open, opened) = &*self.0;
-            let mut open = open.lock().unwrap();
-            while !*open {
-                open = opened.wait(open).unwrap();
-            }
-            Ok(())
-        }
-
-        fn save_snapshot(&mut self, _: u64, _: &[u8]) -> Result<(), StoreError> {
-            Ok(())
-        }
-
-        fn location(&self) -> std::path::PathBuf {
-            "gated".into()
-        }
-    }
-
-    /// A store whose disk fails once told to.
-    struct BreakableStore(Arc<std::sync::atomic::AtomicBool>);
-
-    impl Store for BreakableStore {
-        fn snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
-            Ok(None)
-        }
-
-        fn records(
-            &self,
-            _: u64,
-            _: &mut crate::store::RecordVisitor<'_>,
-        ) -> Result<(), StoreError> {
-            Ok(())
-        }
-
-        fn append(&mut self, _: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
-            if self.0.load(Ordering::Relaxed) {
-                return Err(StoreError::Write {
-                    path: self.location(),
-                    reason: "Input/output error".into(),
-                });
-            }
-            Ok(())
-        }
-
-        fn save_snapshot(&mut self, _: u64, _: &[u8]) -> Result<(), StoreError> {
-            Ok(())
-        }
-
-        fn location(&self) -> std::path::PathBuf {
-            "breakable".into()
-        }
-    }
-
     /// Once the disk fails, no call is acknowledged: each gets the failure, and the state says
     /// it stopped, for the server to stop.
     #[tokio::test]
@@ -915,10 +838,17 @@ mod tests {
         let settings = settings_of(
             "[key_sources]\nenvironment = false\n[pools.gemini.models.m]\n[[keys]]\nid = \"k1\"\nsecret = \"fake-key-1\"\nmax_leases = 10\n",
         );
-        let store = Box::new(BreakableStore(broken.clone()));
+        let store = {
+            let broken = broken.clone();
+            HookedStore::new(move || match broken.load(Ordering::Relaxed) {
+                true => Err("Input/output error".into()),
+                false => Ok(()),
+            })
+        };
         let key = FingerprintKey::from_bytes([1; FingerprintKey::LEN]);
         let clock = Clock::starting_at(1_773_086_400_000);
-        let (state, _) = State::open_on(&settings, clock, Some(store), key, u64::MAX).unwrap();
+        let (state, _) =
+            State::open_on(&settings, clock, Some(Box::new(store)), key, u64::MAX).unwrap();
         state.acquire(ask("a"), Duration::ZERO).await.unwrap();
 
         broken.store(true, Ordering::Relaxed);
@@ -946,10 +876,21 @@ mod tests {
         let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
         let config = "[key_sources]\nenvironment = false\n[pools.gemini.models.m]\n[[keys]]\nid = \"k1\"\nsecret = \"fake-key-1\"\n";
         let settings = settings_of(config);
-        let store = Box::new(GatedStore(gate.clone()));
+        let store = {
+            let gate = gate.clone();
+            HookedStore::new(move || {
+                let (open, opened) = &*gate;
+                let mut open = open.lock().unwrap();
+                while !*open {
+                    open = opened.wait(open).unwrap();
+                }
+                Ok(())
+            })
+        };
         let key = FingerprintKey::from_bytes([1; FingerprintKey::LEN]);
         let clock = Clock::starting_at(1_773_086_400_000);
-        let (state, _) = State::open_on(&settings, clock, Some(store), key, u64::MAX).unwrap();
+        let (state, _) =
+            State::open_on(&settings, clock, Some(Box::new(store)), key, u64::MAX).unwrap();
         let caller = {
             let state = state.clone();
             tokio::spawn(async move { state.acquire(ask("a"), Duration::ZERO).await })

@@ -261,46 +261,20 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::RecordVisitor;
-    use std::path::PathBuf;
-
-    /// A store whose disk fails on the second commit.
-    struct FailingDisk {
-        commits: u32,
-    }
-
-    impl Store for FailingDisk {
-        fn snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
-            Ok(None)
-        }
-
-        fn records(&self, _: u64, _: &mut RecordVisitor<'_>) -> Result<(), StoreError> {
-            Ok(())
-        }
-
-        fn append(&mut self, _: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
-            self.commits += 1;
-            if self.commits > 1 {
-                return Err(StoreError::Write {
-                    path: self.location(),
-                    reason: "No space left on device".into(),
-                });
-            }
-            Ok(())
-        }
-
-        fn save_snapshot(&mut self, _: u64, _: &[u8]) -> Result<(), StoreError> {
-            Ok(())
-        }
-
-        fn location(&self) -> PathBuf {
-            PathBuf::from("/full/disk/state.redb")
-        }
-    }
+    use crate::store::testing::HookedStore;
 
     #[tokio::test]
     async fn after_a_failed_write_nothing_more_is_acknowledged() {
-        let journal = Journal::start(Box::new(FailingDisk { commits: 0 }), 0);
+        // The disk fails from the second commit on.
+        let mut commits = 0;
+        let store = HookedStore::new(move || {
+            commits += 1;
+            match commits {
+                1 => Ok(()),
+                _ => Err("No space left on device".into()),
+            }
+        });
+        let journal = Journal::start(Box::new(store), 0);
         journal.push(1, vec![1]);
         journal.wait(1).await.expect("the first commit is durable");
         journal.push(2, vec![2]);

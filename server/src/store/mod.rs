@@ -7,6 +7,8 @@
 pub mod conformance;
 pub mod embedded;
 pub mod journal;
+#[cfg(test)]
+pub mod testing;
 
 use crate::engine::{Command, Engine, Image, RULES_VERSION, Setup, Time};
 use serde::{Deserialize, Serialize};
