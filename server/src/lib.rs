@@ -17,6 +17,8 @@ pub mod clock;
 pub mod config;
 pub mod connections;
 pub mod engine;
+pub mod redis_server;
+pub mod replica;
 pub mod secret;
 pub mod server;
 pub mod service;

@@ -116,6 +116,21 @@ pub struct State {
     /// `None`: ephemeral, nothing is kept.
     journal: Option<Arc<Journal>>,
     snapshot_every: u64,
+    /// Reads wait for the store to confirm it may still write (a replica's leadership), so a
+    /// deposed leader never shows a lease as held.
+    confirm_reads: bool,
+}
+
+/// The store a state is opened on, and how it is kept.
+pub struct Opening {
+    /// `None`: ephemeral, nothing is kept.
+    pub store: Option<Box<dyn Store>>,
+    /// Keys the fingerprints of secrets, by which state follows a key across renames.
+    pub fingerprint_key: FingerprintKey,
+    /// Records between snapshots.
+    pub snapshot_every: u64,
+    /// Reads wait for the store to confirm it may still write (see [`Store::confirm`]).
+    pub confirm_reads: bool,
 }
 
 /// Fencing tokens after a start are at least this: above any a previous run of this machine can
@@ -164,6 +179,33 @@ impl State {
         fingerprint_key: FingerprintKey,
         snapshot_every: u64,
     ) -> Result<(Arc<Self>, Recovered), OpenError> {
+        let recovery = match &store {
+            None => None,
+            Some(store) => Some(store::recover(store.as_ref())?),
+        };
+        let opening = Opening {
+            store,
+            fingerprint_key,
+            snapshot_every,
+            confirm_reads: false,
+        };
+        Self::open_recovered(settings, clock, opening, recovery)
+    }
+
+    /// Opens the state on what was already recovered from `opening.store` (`None`: ephemeral),
+    /// then applies the configuration.
+    pub fn open_recovered(
+        settings: &Settings,
+        clock: Clock,
+        opening: Opening,
+        recovery: Option<store::Recovery>,
+    ) -> Result<(Arc<Self>, Recovered), OpenError> {
+        let Opening {
+            store,
+            fingerprint_key,
+            snapshot_every,
+            confirm_reads,
+        } = opening;
         let mut recovered = Recovered::default();
         let mut keys = settings.keys.clone();
         for key in &mut keys {
@@ -174,10 +216,9 @@ impl State {
         // Refused before anything is logged.
         let fresh = Engine::new(setup.clone(), started)?;
 
-        let (engine, last_seq, clock) = match &store {
+        let (engine, last_seq, clock) = match recovery {
             None => (None, 0, clock),
-            Some(store) => {
-                let recovery = store::recover(store.as_ref())?;
+            Some(recovery) => {
                 recovered.from_snapshot = recovery.from_snapshot;
                 recovered.records_replayed = recovery.records_replayed;
                 // The steady clock goes on from where the recovered state left it.
@@ -213,6 +254,7 @@ impl State {
             limits: settings.limits,
             journal,
             snapshot_every: snapshot_every.max(1),
+            confirm_reads,
             clock,
         });
         {
@@ -361,6 +403,9 @@ impl State {
             (read(&inner.engine, now), inner.last_seq)
         };
         self.durable(seq).await?;
+        if let (true, Some(journal)) = (self.confirm_reads, &self.journal) {
+            journal.confirm().await?;
+        }
         Ok(result)
     }
 

@@ -2,7 +2,7 @@
 //! snapshot), the key that fingerprints secrets, and a lock file naming the server that holds
 //! it. redb gives ACID commits that are durable (fsync'd) when they return, in one file.
 
-use super::{FORMAT_VERSION, RecordVisitor, Store, StoreError, decode, encode};
+use super::{FORMAT_VERSION, Log, RecordVisitor, Store, StoreError, decode, encode};
 use crate::secret::FingerprintKey;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::fs::{File, OpenOptions};
@@ -226,7 +226,7 @@ impl EmbeddedStore {
     }
 }
 
-impl Store for EmbeddedStore {
+impl Log for EmbeddedStore {
     fn snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
         let txn = self
             .database
@@ -264,6 +264,12 @@ impl Store for EmbeddedStore {
         Ok(())
     }
 
+    fn location(&self) -> PathBuf {
+        self.path.clone()
+    }
+}
+
+impl Store for EmbeddedStore {
     fn append(&mut self, records: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
         let txn = self
             .database
@@ -297,10 +303,6 @@ impl Store for EmbeddedStore {
                 .map_err(|e| self.write_error(&e))?;
         }
         txn.commit().map_err(|e| self.write_error(&e))
-    }
-
-    fn location(&self) -> PathBuf {
-        self.path.clone()
     }
 }
 

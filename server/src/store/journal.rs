@@ -45,6 +45,8 @@ pub struct StoreFailed(pub Arc<str>);
 struct Queue {
     records: Vec<(u64, Vec<u8>)>,
     snapshot: Option<Snapshot>,
+    /// Calls waiting for the store to confirm it may still write.
+    confirms: Vec<oneshot::Sender<()>>,
     closing: bool,
 }
 
@@ -142,6 +144,27 @@ impl Journal {
             .unwrap_or_else(|| Err(StoreFailed("the committer stopped".into())))
     }
 
+    /// Resolves once the store confirmed, after this call, that it may still write (see
+    /// [`Store::confirm`]): what was read before may then be asserted.
+    pub async fn confirm(&self) -> Result<(), StoreFailed> {
+        let confirmed = {
+            let mut queue = self.lock_queue();
+            if let Some(failure) = self.failure() {
+                return Err(failure);
+            }
+            let (confirm, confirmed) = oneshot::channel();
+            queue.confirms.push(confirm);
+            self.queued.notify_one();
+            confirmed
+        };
+        match confirmed.await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(self
+                .failure()
+                .unwrap_or_else(|| StoreFailed("the committer stopped".into()))),
+        }
+    }
+
     /// Resolves when the store stops writing.
     pub async fn stopped(&self) {
         let mut stopped = self.stopped.subscribe();
@@ -176,6 +199,8 @@ impl Journal {
         for wake in woken.into_values().flatten() {
             let _ = wake.send(());
         }
+        // Dropped unanswered: their callers learn the failure.
+        drop(std::mem::take(&mut self.lock_queue().confirms));
         self.stopped.send_replace(true);
     }
 
@@ -192,7 +217,11 @@ impl Journal {
         loop {
             {
                 let mut queue = self.lock_queue();
-                while queue.records.is_empty() && queue.snapshot.is_none() && !queue.closing {
+                while queue.records.is_empty()
+                    && queue.snapshot.is_none()
+                    && queue.confirms.is_empty()
+                    && !queue.closing
+                {
                     queue = self
                         .queued
                         .wait(queue)
@@ -211,18 +240,29 @@ impl Journal {
                 }
                 queued = now_queued;
             }
-            let (records, snapshot, closing) = {
+            let (records, snapshot, confirms, closing) = {
                 let mut queue = self.lock_queue();
                 (
                     std::mem::take(&mut queue.records),
                     queue.snapshot.take(),
+                    std::mem::take(&mut queue.confirms),
                     queue.closing,
                 )
             };
-            if let Err(error) = self.write(&mut *store, &records, snapshot) {
+            // An append confirms as it writes; with nothing to append, the store confirms alone.
+            let confirmed = match (confirms.is_empty(), records.is_empty()) {
+                (false, true) => store.confirm(),
+                _ => Ok(()),
+            };
+            let written = confirmed.and_then(|()| self.write(&mut *store, &records, snapshot));
+            if let Err(error) = written {
                 tracing::error!(%error, "state store failed: nothing more is acknowledged");
+                // The confirmations are dropped: their callers learn the failure.
                 self.failed(&error);
                 return;
+            }
+            for confirm in confirms {
+                let _ = confirm.send(());
             }
             if closing && self.lock_queue().records.is_empty() {
                 return;

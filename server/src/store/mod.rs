@@ -90,18 +90,27 @@ pub enum StoreError {
 /// Called with each record read back: its number and bytes.
 pub type RecordVisitor<'a> = dyn FnMut(u64, &[u8]) -> Result<(), StoreError> + 'a;
 
-/// Where records and snapshots are kept. Appends are durable when they return.
-pub trait Store: Send {
+/// What a log can be read for: the latest snapshot and the records after it.
+pub trait Log: Send {
     /// The latest snapshot, if any, as bytes.
     fn snapshot(&self) -> Result<Option<Vec<u8>>, StoreError>;
     /// The records after `after`, in order.
     fn records(&self, after: u64, visit: &mut RecordVisitor<'_>) -> Result<(), StoreError>;
+    /// Where it is, for messages.
+    fn location(&self) -> PathBuf;
+}
+
+/// Where records and snapshots are kept. Appends are durable when they return.
+pub trait Store: Log {
     /// Appends records (numbered in order), all or none, durably.
     fn append(&mut self, records: &[(u64, Vec<u8>)]) -> Result<(), StoreError>;
     /// Keeps a snapshot taken after record `seq` and drops the records it covers.
     fn save_snapshot(&mut self, seq: u64, snapshot: &[u8]) -> Result<(), StoreError>;
-    /// Where it is, for messages.
-    fn location(&self) -> PathBuf;
+    /// Confirms that this store may still write (a replica's leadership): what it has written
+    /// may be asserted to clients. Always, for a store no one else writes.
+    fn confirm(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// What recovery rebuilt.
@@ -115,74 +124,108 @@ pub struct Recovery {
 }
 
 /// Rebuilds the engine from the latest snapshot and the records after it.
-pub fn recover(store: &dyn Store) -> Result<Recovery, StoreError> {
-    let unreadable = |reason: String| StoreError::Unreadable {
-        path: store.location(),
-        reason,
-    };
-    let mut engine = None;
-    let mut last_seq = 0;
-    // The rules that decided the records being replayed: those of the last setup before them.
-    let mut rules = RULES_VERSION;
-    let from_snapshot = match store.snapshot()? {
+pub fn recover(log: &dyn Log) -> Result<Recovery, StoreError> {
+    let mut replay = Replay::new(log.location());
+    let from_snapshot = match log.snapshot()? {
         None => false,
         Some(bytes) => {
-            let snapshot: Snapshot =
-                decode(&bytes).map_err(|e| unreadable(format!("the snapshot: {e}")))?;
-            rules = snapshot.setup.rules;
-            let (restored, _) = Engine::restore(snapshot.setup, snapshot.image)
-                .map_err(|e| unreadable(format!("the snapshot's configuration: {e}")))?;
-            engine = Some(restored);
-            last_seq = snapshot.seq;
+            replay.restore(&bytes)?;
             true
         }
     };
-    let mut records_replayed = 0;
-    store.records(last_seq, &mut |seq, bytes| {
-        if seq != last_seq + 1 {
-            return Err(unreadable(format!(
+    log.records(replay.last_seq, &mut |seq, bytes| replay.apply(seq, bytes))?;
+    Ok(Recovery {
+        last_seq: replay.last_seq,
+        records_replayed: replay.records_replayed,
+        engine: replay.engine,
+        from_snapshot,
+    })
+}
+
+/// An engine rebuilt record by record: at recovery, and on a replica that follows the leader's
+/// log as it grows.
+pub struct Replay {
+    /// `None` until a snapshot or the first `Configure`.
+    pub engine: Option<Engine>,
+    /// The last record applied.
+    pub last_seq: u64,
+    pub records_replayed: u64,
+    /// The rules that decided the records being replayed: those of the last setup before them.
+    rules: u32,
+    location: PathBuf,
+}
+
+impl Replay {
+    pub fn new(location: PathBuf) -> Self {
+        Self {
+            engine: None,
+            last_seq: 0,
+            records_replayed: 0,
+            rules: RULES_VERSION,
+            location,
+        }
+    }
+
+    fn unreadable(&self, reason: String) -> StoreError {
+        StoreError::Unreadable {
+            path: self.location.clone(),
+            reason,
+        }
+    }
+
+    /// Starts again from a snapshot, whatever was applied before.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        let snapshot: Snapshot =
+            decode(bytes).map_err(|e| self.unreadable(format!("the snapshot: {e}")))?;
+        self.rules = snapshot.setup.rules;
+        let (restored, _) = Engine::restore(snapshot.setup, snapshot.image)
+            .map_err(|e| self.unreadable(format!("the snapshot's configuration: {e}")))?;
+        self.engine = Some(restored);
+        self.last_seq = snapshot.seq;
+        Ok(())
+    }
+
+    /// Applies record `seq`, which must be the next one.
+    pub fn apply(&mut self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        if seq != self.last_seq + 1 {
+            return Err(self.unreadable(format!(
                 "record {} is missing (the next is {seq})",
-                last_seq + 1
+                self.last_seq + 1
             )));
         }
-        let record: Record = decode(bytes).map_err(|e| unreadable(format!("record {seq}: {e}")))?;
+        let record: Record =
+            decode(bytes).map_err(|e| self.unreadable(format!("record {seq}: {e}")))?;
         match &record.command {
-            Command::Configure(setup) => rules = setup.rules,
+            Command::Configure(setup) => self.rules = setup.rules,
             // Mechanical, whatever the rules: they decide nothing.
             Command::DropWaiters => {}
-            _ if rules != RULES_VERSION => {
+            _ if self.rules != RULES_VERSION => {
                 return Err(StoreError::OtherRules {
-                    path: store.location(),
+                    path: self.location.clone(),
                     seq,
-                    found: rules,
+                    found: self.rules,
                 });
             }
             _ => {}
         }
-        match (&mut engine, record.command) {
+        match (&mut self.engine, record.command) {
             (Some(engine), command) => {
                 engine.apply(record.time, command);
             }
             (None, Command::Configure(setup)) => {
                 let first = Engine::new(setup, record.time)
-                    .map_err(|e| unreadable(format!("record {seq}: {e}")))?;
-                engine = Some(first);
+                    .map_err(|e| self.unreadable(format!("record {seq}: {e}")))?;
+                self.engine = Some(first);
             }
             (None, command) => {
-                return Err(unreadable(format!(
+                return Err(self.unreadable(format!(
                     "record {seq} ({}) comes before any configuration",
                     command.name()
                 )));
             }
         }
-        last_seq = seq;
-        records_replayed += 1;
+        self.last_seq = seq;
+        self.records_replayed += 1;
         Ok(())
-    })?;
-    Ok(Recovery {
-        engine,
-        last_seq,
-        from_snapshot,
-        records_replayed,
-    })
+    }
 }

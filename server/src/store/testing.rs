@@ -1,7 +1,7 @@
 //! A store for tests of what happens around the disk: it keeps nothing, and each commit first
 //! runs a hook, which may wait (a gate the test opens) or fail (a disk that breaks).
 
-use super::{RecordVisitor, Store, StoreError};
+use super::{Log, RecordVisitor, Store, StoreError};
 use std::path::PathBuf;
 
 /// What a commit does: `Err(reason)` is the disk failing with that reason.
@@ -19,7 +19,7 @@ impl HookedStore {
     }
 }
 
-impl Store for HookedStore {
+impl Log for HookedStore {
     fn snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(None)
     }
@@ -28,6 +28,12 @@ impl Store for HookedStore {
         Ok(())
     }
 
+    fn location(&self) -> PathBuf {
+        PathBuf::from("/test/state.redb")
+    }
+}
+
+impl Store for HookedStore {
     fn append(&mut self, _: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
         (self.on_commit)().map_err(|reason| StoreError::Write {
             path: self.location(),
@@ -37,9 +43,5 @@ impl Store for HookedStore {
 
     fn save_snapshot(&mut self, _: u64, _: &[u8]) -> Result<(), StoreError> {
         Ok(())
-    }
-
-    fn location(&self) -> PathBuf {
-        PathBuf::from("/test/state.redb")
     }
 }

@@ -1,0 +1,504 @@
+//! The shared log in Redis, and who may write it. Keys live under one hash tag, `{NAMESPACE}`:
+//!
+//! - `meta`: a hash with the log's `id` (new for every log, so a replica can tell another log
+//!   from the one it followed) and `reset_ms` when an operator confirmed a reset.
+//! - `leader`: `EPOCH ID ADDRESS` of the replica that leads, with a TTL it renews.
+//! - `epoch`: the highest epoch ever granted; each leadership takes one above it.
+//! - `last`: the number of the last record appended.
+//! - `log`: a stream of records, entry id `SEQ-0`, field `r` holding the record's bytes.
+//! - `snapshot`: a hash with `seq` and `data`, the whole state after record `seq`; the stream
+//!   holds only the records after it.
+//! - `replicas`: a hash of every replica's address and keys (ids and fingerprints, never a
+//!   secret), for spotting replicas whose key sets differ.
+//!
+//! Every write a leader makes goes through a script that first checks that `leader` still holds
+//! its own value and `meta` its log's id: a replica that lost the leadership (paused,
+//! partitioned, slow) can never write, and an append also checks the last record number, so a
+//! retried batch can never land twice. Nothing here decides a lease: the rules stay in the
+//! engine, and Redis only orders and keeps what the leader decided.
+
+use crate::store::{Log, RecordVisitor, Store, StoreError};
+use redis::{Commands, Connection, Script};
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+/// Longest a Redis call may take before it counts as failed: callers then get `UNAVAILABLE`
+/// quickly rather than hang, and a leader whose append timed out steps down.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Entries read from the stream at once.
+const READ_BATCH: usize = 2_000;
+
+/// Takes the leadership when no one holds it, for a log with the expected id, with an epoch
+/// above any granted before and above the floor the replica brings (the highest it has seen).
+static TAKE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+if redis.call('HGET', KEYS[3], 'id') ~= ARGV[5] then return redis.error_reply('KEYLEASE_LOG_CHANGED the log in Redis is not the one this replica follows') end
+local epoch = tonumber(redis.call('GET', KEYS[2]) or '0')
+local floor = tonumber(ARGV[4])
+if floor > epoch then epoch = floor end
+epoch = epoch + 1
+redis.call('SET', KEYS[2], epoch)
+local value = epoch .. ' ' .. ARGV[1] .. ' ' .. ARGV[2]
+redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
+return value
+",
+    )
+});
+
+/// Extends the leadership only while it is still this replica's.
+static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+",
+    )
+});
+
+/// Gives the leadership up at a clean shutdown, only if it is still this replica's.
+static RESIGN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+",
+    )
+});
+
+/// Appends records `SEQ BYTES ...` after record `ARGV[3]`, as the leader `ARGV[1]` of log
+/// `ARGV[2]`; with no records, only checks that it still may.
+static APPEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('KEYLEASE_NOT_LEADER this replica no longer leads') end
+if redis.call('HGET', KEYS[2], 'id') ~= ARGV[2] then return redis.error_reply('KEYLEASE_LOG_CHANGED the log in Redis was replaced') end
+local last = redis.call('GET', KEYS[3]) or '0'
+if last ~= ARGV[3] then return redis.error_reply('KEYLEASE_LOG_MOVED the log ends at record ' .. last .. ', not ' .. ARGV[3]) end
+if #ARGV < 5 then return 0 end
+for i = 4, #ARGV, 2 do
+  redis.call('XADD', KEYS[4], ARGV[i] .. '-0', 'r', ARGV[i + 1])
+end
+redis.call('SET', KEYS[3], ARGV[#ARGV - 1])
+return (#ARGV - 3) / 2
+",
+    )
+});
+
+/// Keeps a snapshot after record `ARGV[3]` and trims the records it covers, as the leader.
+static SNAPSHOT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('KEYLEASE_NOT_LEADER this replica no longer leads') end
+if redis.call('HGET', KEYS[2], 'id') ~= ARGV[2] then return redis.error_reply('KEYLEASE_LOG_CHANGED the log in Redis was replaced') end
+redis.call('HSET', KEYS[3], 'seq', ARGV[3], 'data', ARGV[4])
+redis.call('XTRIM', KEYS[4], 'MINID', (tonumber(ARGV[3]) + 1) .. '-0')
+return 1
+",
+    )
+});
+
+/// The names of a namespace's keys.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub meta: String,
+    pub leader: String,
+    pub epoch: String,
+    pub last: String,
+    pub log: String,
+    pub snapshot: String,
+    pub replicas: String,
+}
+
+impl Keys {
+    pub fn new(namespace: &str) -> Self {
+        let key = |name: &str| format!("{{{namespace}}}:{name}");
+        Self {
+            meta: key("meta"),
+            leader: key("leader"),
+            epoch: key("epoch"),
+            last: key("last"),
+            log: key("log"),
+            snapshot: key("snapshot"),
+            replicas: key("replicas"),
+        }
+    }
+}
+
+/// One Redis and a namespace in it: how to connect, and where things are.
+#[derive(Debug, Clone)]
+pub struct Redis {
+    client: redis::Client,
+    pub keys: Keys,
+    /// `redis://HOST:PORT/DB {NAMESPACE}`, without credentials: for messages.
+    pub location: String,
+}
+
+impl Redis {
+    /// `url` was checked when the configuration was read (see [`crate::config`]).
+    pub fn new(url: &str, namespace: &str) -> Result<Self, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        let info = client.get_connection_info();
+        let location = format!(
+            "redis://{}/{} {{{namespace}}}",
+            info.addr(),
+            info.redis_settings().db()
+        );
+        Ok(Self {
+            client,
+            keys: Keys::new(namespace),
+            location,
+        })
+    }
+
+    /// A connection whose calls fail after [`CALL_TIMEOUT`].
+    pub fn connect(&self) -> Result<Connection, StoreError> {
+        let connection = self
+            .client
+            .get_connection_with_timeout(CALL_TIMEOUT)
+            .map_err(|e| self.io(&e))?;
+        connection
+            .set_read_timeout(Some(CALL_TIMEOUT))
+            .and_then(|()| connection.set_write_timeout(Some(CALL_TIMEOUT)))
+            .map_err(|e| self.io(&e))?;
+        Ok(connection)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(&self.location)
+    }
+
+    /// A failure to reach or read Redis.
+    pub fn io(&self, error: &redis::RedisError) -> StoreError {
+        StoreError::Io {
+            path: self.path(),
+            reason: describe(error),
+        }
+    }
+
+    /// A failure to write: what was not written was never acknowledged.
+    fn write_error(&self, error: &redis::RedisError) -> StoreError {
+        StoreError::Write {
+            path: self.path(),
+            reason: describe(error),
+        }
+    }
+}
+
+/// A Redis error in words: our scripts' refusals without their code, the rest as Redis said it.
+fn describe(error: &redis::RedisError) -> String {
+    match (error.code(), error.detail()) {
+        (Some(code), Some(detail)) if code.starts_with("KEYLEASE_") => detail.to_string(),
+        _ if error.is_timeout() => format!("no answer within {CALL_TIMEOUT:?}"),
+        _ => error.to_string(),
+    }
+}
+
+/// What a replica finds in Redis about the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogHead {
+    /// `None`: no log at all (a new Redis, or one that lost everything).
+    pub id: Option<String>,
+    /// When an operator last confirmed a reset of this log (wall ms).
+    pub reset_ms: Option<u64>,
+    pub last_seq: u64,
+    /// The leadership: `(epoch, replica id, address)`.
+    pub leader: Option<Leader>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leader {
+    pub epoch: u64,
+    pub id: String,
+    pub address: String,
+    /// The value as stored, which only its holder's scripts match.
+    pub value: String,
+}
+
+impl Leader {
+    fn parse(value: String) -> Option<Self> {
+        let mut parts = value.splitn(3, ' ');
+        let epoch = parts.next()?.parse().ok()?;
+        let id = parts.next()?.to_string();
+        let address = parts.next()?.to_string();
+        Some(Self {
+            epoch,
+            id,
+            address,
+            value,
+        })
+    }
+}
+
+/// Reads the log's id, its end and its leader, in one round trip.
+pub fn head(redis: &Redis, connection: &mut Connection) -> Result<LogHead, StoreError> {
+    let keys = &redis.keys;
+    let (id, reset_ms, last, leader): (Option<String>, Option<u64>, Option<u64>, Option<String>) =
+        redis::pipe()
+            .hget(&keys.meta, "id")
+            .hget(&keys.meta, "reset_ms")
+            .get(&keys.last)
+            .get(&keys.leader)
+            .query(connection)
+            .map_err(|e| redis.io(&e))?;
+    Ok(LogHead {
+        id,
+        reset_ms,
+        last_seq: last.unwrap_or(0),
+        leader: leader.and_then(Leader::parse),
+    })
+}
+
+/// Starts a new log when Redis has none; `reset_ms`: an operator confirmed it. Returns the id
+/// of the log Redis now has (another replica's, if it was quicker).
+pub fn create_log(
+    redis: &Redis,
+    connection: &mut Connection,
+    new_id: &str,
+    reset_ms: Option<u64>,
+) -> Result<String, StoreError> {
+    let keys = &redis.keys;
+    let created: bool = connection
+        .hset_nx(&keys.meta, "id", new_id)
+        .map_err(|e| redis.io(&e))?;
+    if created {
+        // Whatever a lost log left behind belongs to no log now.
+        let _: () = redis::pipe()
+            .del(&keys.last)
+            .del(&keys.log)
+            .del(&keys.snapshot)
+            .query(connection)
+            .map_err(|e| redis.io(&e))?;
+    }
+    if let Some(reset_ms) = reset_ms {
+        confirm_reset(redis, connection, reset_ms)?;
+    }
+    let id: Option<String> = connection
+        .hget(&keys.meta, "id")
+        .map_err(|e| redis.io(&e))?;
+    id.ok_or_else(|| StoreError::Io {
+        path: redis.path(),
+        reason: "the log's id vanished as it was created".into(),
+    })
+}
+
+/// Marks the log as confirmed by an operator: replicas that refused to follow it adopt it.
+pub fn confirm_reset(
+    redis: &Redis,
+    connection: &mut Connection,
+    reset_ms: u64,
+) -> Result<(), StoreError> {
+    connection
+        .hset(&redis.keys.meta, "reset_ms", reset_ms)
+        .map_err(|e| redis.io(&e))
+}
+
+/// Takes the leadership of log `log_id` if no one holds it: `None` when someone does.
+pub fn take_leadership(
+    redis: &Redis,
+    connection: &mut Connection,
+    identity: &str,
+    address: &str,
+    ttl: Duration,
+    epoch_floor: u64,
+    log_id: &str,
+) -> Result<Option<Leader>, StoreError> {
+    let keys = &redis.keys;
+    let taken: Option<String> = TAKE
+        .key(&keys.leader)
+        .key(&keys.epoch)
+        .key(&keys.meta)
+        .arg(identity)
+        .arg(address)
+        .arg(ttl.as_millis() as u64)
+        .arg(epoch_floor)
+        .arg(log_id)
+        .invoke(connection)
+        .map_err(|e| redis.io(&e))?;
+    Ok(taken.and_then(Leader::parse))
+}
+
+/// Extends the leadership `value` by `ttl`: `false` when it is no longer held.
+pub fn renew_leadership(
+    redis: &Redis,
+    connection: &mut Connection,
+    value: &str,
+    ttl: Duration,
+) -> Result<bool, StoreError> {
+    let renewed: i64 = RENEW
+        .key(&redis.keys.leader)
+        .arg(value)
+        .arg(ttl.as_millis() as u64)
+        .invoke(connection)
+        .map_err(|e| redis.io(&e))?;
+    Ok(renewed == 1)
+}
+
+pub fn resign_leadership(
+    redis: &Redis,
+    connection: &mut Connection,
+    value: &str,
+) -> Result<(), StoreError> {
+    let _: i64 = RESIGN
+        .key(&redis.keys.leader)
+        .arg(value)
+        .invoke(connection)
+        .map_err(|e| redis.io(&e))?;
+    Ok(())
+}
+
+/// Reads the log as any replica may: the snapshot and the records after it.
+pub struct RedisLog {
+    redis: Redis,
+    connection: RefCell<Connection>,
+}
+
+impl RedisLog {
+    pub fn open(redis: Redis) -> Result<Self, StoreError> {
+        let connection = RefCell::new(redis.connect()?);
+        Ok(Self { redis, connection })
+    }
+}
+
+impl Log for RedisLog {
+    fn snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut connection = self.connection.borrow_mut();
+        connection
+            .hget(&self.redis.keys.snapshot, "data")
+            .map_err(|e| self.redis.io(&e))
+    }
+
+    fn records(&self, after: u64, visit: &mut RecordVisitor<'_>) -> Result<(), StoreError> {
+        let mut connection = self.connection.borrow_mut();
+        let mut from = after;
+        loop {
+            let entries: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XRANGE")
+                .arg(&self.redis.keys.log)
+                .arg(format!("({from}-0"))
+                .arg("+")
+                .arg("COUNT")
+                .arg(READ_BATCH)
+                .query(&mut *connection)
+                .map_err(|e| self.redis.io(&e))?;
+            let done = entries.len() < READ_BATCH;
+            for (id, fields) in entries {
+                let seq = entry_seq(&id).ok_or_else(|| self.unreadable(&id))?;
+                let record = match fields.as_slice() {
+                    [name, record] if name == b"r" => record,
+                    _ => return Err(self.unreadable(&id)),
+                };
+                visit(seq, record)?;
+                from = seq;
+            }
+            if done {
+                return Ok(());
+            }
+        }
+    }
+
+    fn location(&self) -> PathBuf {
+        self.redis.path()
+    }
+}
+
+impl RedisLog {
+    fn unreadable(&self, id: &str) -> StoreError {
+        StoreError::Unreadable {
+            path: self.redis.path(),
+            reason: format!("stream entry {id} is not a keylease record"),
+        }
+    }
+}
+
+/// `SEQ-0` → `SEQ`.
+fn entry_seq(id: &str) -> Option<u64> {
+    id.strip_suffix("-0")?.parse().ok()
+}
+
+/// The log as its leader writes it: every write checks, in Redis, that this replica still
+/// leads this log (see the module's header).
+pub struct RedisStore {
+    log: RedisLog,
+    /// The leadership's value in Redis.
+    leader_value: String,
+    log_id: String,
+    /// The last record this store appended or found: the next append must follow it.
+    last_seq: u64,
+}
+
+impl RedisStore {
+    /// The store of the leader `leader` of log `log_id`, which ends at record `last_seq`.
+    pub fn new(log: RedisLog, leader: &Leader, log_id: String, last_seq: u64) -> Self {
+        Self {
+            log,
+            leader_value: leader.value.clone(),
+            log_id,
+            last_seq,
+        }
+    }
+}
+
+impl Log for RedisStore {
+    fn snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.log.snapshot()
+    }
+
+    fn records(&self, after: u64, visit: &mut RecordVisitor<'_>) -> Result<(), StoreError> {
+        self.log.records(after, visit)
+    }
+
+    fn location(&self) -> PathBuf {
+        self.log.location()
+    }
+}
+
+impl Store for RedisStore {
+    fn append(&mut self, records: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+        let redis = &self.log.redis;
+        let keys = &redis.keys;
+        let mut append = APPEND.prepare_invoke();
+        append
+            .key(&keys.leader)
+            .key(&keys.meta)
+            .key(&keys.last)
+            .key(&keys.log)
+            .arg(&self.leader_value)
+            .arg(&self.log_id)
+            .arg(self.last_seq);
+        for (seq, record) in records {
+            append.arg(*seq).arg(record.as_slice());
+        }
+        let _: i64 = append
+            .invoke(&mut *self.log.connection.borrow_mut())
+            .map_err(|e| redis.write_error(&e))?;
+        if let Some(&(last, _)) = records.last() {
+            self.last_seq = last;
+        }
+        Ok(())
+    }
+
+    fn save_snapshot(&mut self, seq: u64, snapshot: &[u8]) -> Result<(), StoreError> {
+        let redis = &self.log.redis;
+        let keys = &redis.keys;
+        let _: i64 = SNAPSHOT
+            .key(&keys.leader)
+            .key(&keys.meta)
+            .key(&keys.snapshot)
+            .key(&keys.log)
+            .arg(&self.leader_value)
+            .arg(&self.log_id)
+            .arg(seq)
+            .arg(snapshot)
+            .invoke(&mut *self.log.connection.borrow_mut())
+            .map_err(|e| redis.write_error(&e))?;
+        Ok(())
+    }
+
+    fn confirm(&mut self) -> Result<(), StoreError> {
+        self.append(&[])
+    }
+}
