@@ -57,6 +57,18 @@ impl Clock {
         self
     }
 
+    /// The same clock, its steady reading `by_ms` behind (its wall reading unmoved): a new
+    /// leader's, so that a lease another replica recorded by a clock up to that far ahead is
+    /// never expired early.
+    pub fn behind(mut self, by_ms: u64) -> Self {
+        let by_ms = by_ms.min(self.anchor_ms);
+        self.anchor_ms -= by_ms;
+        if let Some(step) = &self.wall_step_ms {
+            step.fetch_add(by_ms as i64, Ordering::Relaxed);
+        }
+        self
+    }
+
     /// Steps the wall clock of a clock made by [`Clock::starting_at`] by `by_ms`, as NTP would;
     /// the steady clock goes on unmoved. The system's wall clock is not ours to step.
     pub fn step_wall(&self, by_ms: i64) {

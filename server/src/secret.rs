@@ -67,6 +67,15 @@ impl FingerprintKey {
         Ok(Self(bytes))
     }
 
+    /// The key every replica of a fleet derives from their shared token, so that they all
+    /// fingerprint a secret alike while Redis, which holds the fingerprints, never holds the key.
+    pub fn shared_by_replicas(token: &ApiKey) -> Self {
+        let hash = keyed_hash(b"keylease replica fingerprint key", &token.0);
+        let mut bytes = [0; Self::LEN];
+        bytes.copy_from_slice(&hash[..Self::LEN]);
+        Self(bytes)
+    }
+
     pub fn as_bytes(&self) -> &[u8; Self::LEN] {
         &self.0
     }

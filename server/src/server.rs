@@ -3,6 +3,8 @@
 //! `UNAVAILABLE`, event streams end, and in-flight calls finish. Connections are held within
 //! the configured limits ([`crate::connections`]), and HTTP/2 pings find peers that are gone.
 
+use crate::clock::Clock;
+use crate::config::ConnectionLimits;
 use crate::connections;
 use crate::secret::ApiKey;
 use crate::service::KeyLeaseService;
@@ -12,12 +14,23 @@ use keylease::pb::key_lease_server::KeyLeaseServer;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
+use tonic::codegen::http;
+use tonic::server::NamedService;
 use tonic::service::Routes;
+use tonic::service::interceptor::InterceptedService;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// The KeyLease service on `state`, behind the bearer-token check.
+pub type KeyLeaseRoutes = InterceptedService<KeyLeaseServer<KeyLeaseService>, BearerCheck>;
+
+pub fn keylease_routes(state: Arc<State>) -> KeyLeaseRoutes {
+    let check = BearerCheck::new(state.auth_tokens());
+    KeyLeaseServer::with_interceptor(KeyLeaseService::new(state), check)
 }
 
 /// Serves on `listener` until `shutdown` resolves and in-flight calls have finished.
@@ -26,6 +39,49 @@ pub async fn serve(
     state: Arc<State>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let timer = tokio::spawn(state.clone().run_timer());
+    let (limits, clock) = (state.limits, state.clock().clone());
+    let shut_down = {
+        let state = state.clone();
+        move || state.shut_down()
+    };
+    serve_service(
+        listener,
+        keylease_routes(state),
+        limits,
+        clock,
+        shutdown,
+        shut_down,
+    )
+    .await?;
+    let _ = timer.await;
+    Ok(())
+}
+
+/// Serves `keylease` (the local service, or a replica's router) with health and reflection
+/// until `shutdown` resolves; then calls `shut_down` and waits for in-flight calls.
+pub async fn serve_service<S, B>(
+    listener: TcpListener,
+    keylease: S,
+    limits: ConnectionLimits,
+    clock: Clock,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    shut_down: impl FnOnce() + Send + 'static,
+) -> Result<(), ServeError>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Error = std::convert::Infallible,
+            Response = http::Response<B>,
+        > + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError>,
+{
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<KeyLeaseServer<KeyLeaseService>>()
@@ -40,36 +96,26 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let timer = tokio::spawn(state.clone().run_timer());
-    let signal = {
-        let state = state.clone();
-        async move {
-            shutdown.await;
-            health
-                .set_not_serving::<KeyLeaseServer<KeyLeaseService>>()
-                .await;
-            state.shut_down();
-        }
+    let signal = async move {
+        shutdown.await;
+        health
+            .set_not_serving::<KeyLeaseServer<KeyLeaseService>>()
+            .await;
+        shut_down();
     };
-    let (limits, clock) = (state.limits, state.clock().clone());
-    let check = BearerCheck::new(state.auth_tokens());
     let routes = Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(KeyLeaseServer::with_interceptor(
-            KeyLeaseService::new(state),
-            check,
-        ))
+        .add_service(keylease)
         .prepare();
     connections::serve(listener, limits, clock, routes, signal).await;
-    let _ = timer.await;
     Ok(())
 }
 
 /// Admits KeyLease calls that carry `authorization: Bearer <token>` with a configured token;
 /// with none configured, every call. Health and reflection stay open for probes and grpcurl.
 #[derive(Clone)]
-struct BearerCheck {
+pub struct BearerCheck {
     accepted: Arc<Vec<String>>,
 }
 

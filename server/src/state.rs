@@ -68,6 +68,8 @@ pub enum OpenError {
     Setup(#[from] SetupError),
     #[error("state: {0}")]
     Store(#[from] StoreError),
+    #[error("a Redis store is opened by the replica that leads it, not by State::open")]
+    Replicated,
 }
 
 type WaiterOutcome = Result<LeaseView, Unavailable>;
@@ -150,6 +152,7 @@ impl State {
         reset: bool,
     ) -> Result<(Arc<Self>, Recovered), OpenError> {
         match &settings.state {
+            StateLocation::Redis(_) => Err(OpenError::Replicated),
             StateLocation::Ephemeral => {
                 let key = FingerprintKey::random().map_err(|e| StoreError::Io {
                     path: PathBuf::from("(memory)"),
@@ -244,13 +247,7 @@ impl State {
             shutdown: CancellationToken::new(),
             max_wait: settings.max_wait,
             auth_tokens: settings.auth_tokens.clone(),
-            redactor: Redactor::new(
-                settings
-                    .keys
-                    .iter()
-                    .map(|key| &key.secret)
-                    .chain(&settings.auth_tokens),
-            ),
+            redactor: Redactor::new(settings.secrets()),
             limits: settings.limits,
             journal,
             snapshot_every: snapshot_every.max(1),

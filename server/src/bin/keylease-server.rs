@@ -5,14 +5,16 @@
 
 use clap::Parser;
 use keylease_server::clock::Clock;
-use keylease_server::config::{self, LogFormat, Overrides, Settings, StateLocation};
-use keylease_server::server::serve;
+use keylease_server::config::{self, LogFormat, Overrides, Replication, Settings, StateLocation};
+use keylease_server::replica;
+use keylease_server::server::{serve, serve_service};
 use keylease_server::state::State;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 /// Invalid command line or configuration (EX_USAGE).
@@ -56,6 +58,11 @@ struct Args {
     /// with an empty state: the way out of a damaged or unreadable one.
     #[arg(long, conflicts_with = "ephemeral")]
     reset_state: bool,
+    /// `redis://HOST:PORT/DB`: keep the state in Redis, shared by several replicas of this
+    /// server (overrides state.store; needs replication.token). With --reset-state, accepts
+    /// what Redis holds after it lost the log.
+    #[arg(long, conflicts_with = "ephemeral")]
+    store: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -82,6 +89,7 @@ fn main() -> ExitCode {
         log_format: args.log_format,
         state_dir: args.state_dir,
         ephemeral: args.ephemeral,
+        store: args.store,
     };
     let settings = match config::load(config_path.as_deref(), &env, &overrides) {
         Ok(settings) => settings,
@@ -123,6 +131,8 @@ enum Failure {
     #[error("{0}")]
     Open(#[from] keylease_server::state::OpenError),
     #[error("{0}")]
+    Replica(#[from] keylease_server::replica::StartError),
+    #[error("{0}")]
     Store(#[from] keylease_server::store::journal::StoreFailed),
     #[error("cannot listen on {address}: {source}")]
     Listen {
@@ -138,7 +148,7 @@ enum Failure {
 impl Failure {
     fn exit_code(&self) -> u8 {
         match self {
-            Self::Open(_) => EXIT_USAGE,
+            Self::Open(_) | Self::Replica(_) => EXIT_USAGE,
             Self::Store(_) => EXIT_IO,
             Self::Listen { source, .. }
                 if source.kind() == std::io::ErrorKind::PermissionDenied =>
@@ -165,13 +175,87 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Resolves at SIGINT or SIGTERM.
+fn stop_signal() -> Result<impl std::future::Future<Output = ()>, Failure> {
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(Failure::Signals)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(Failure::Signals)?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        tracing::info!("shutting down: finishing in-flight calls");
+    })
+}
+
+async fn bind(settings: &Settings) -> Result<TcpListener, Failure> {
+    let listen_failed = |source| Failure::Listen {
+        address: settings.listen,
+        source,
+    };
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .map_err(listen_failed)?;
+    let address = listener.local_addr().map_err(listen_failed)?;
+    tracing::info!(%address, keys = settings.keys.len(), "keylease serving");
+    Ok(listener)
+}
+
+/// One replica of several on Redis (see `keylease_server::replica`).
+async fn run_replica(
+    settings: Settings,
+    replication: Replication,
+    reset_state: bool,
+) -> Result<(), Failure> {
+    let listener = bind(&settings).await?;
+    let stop = stop_signal()?;
+    let shutdown = CancellationToken::new();
+    let (router, supervisor) = replica::start(
+        settings.clone(),
+        replication,
+        reset_state,
+        tokio::runtime::Handle::current(),
+        shutdown.clone(),
+    )?;
+    let stopping = {
+        let shutdown = shutdown.clone();
+        async move {
+            stop.await;
+            shutdown.cancel();
+        }
+    };
+    let grace = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(settings.shutdown_grace).await;
+        }
+    };
+    tokio::select! {
+        served = serve_service(listener, router, settings.limits, Clock::system(), stopping, || {}) => served?,
+        () = grace => tracing::warn!("grace period over: stopping with calls still in flight"),
+    }
+    shutdown.cancel();
+    // The replica steps down: a leader writes its last snapshot and hands the leadership over.
+    tokio::task::spawn_blocking(move || supervisor.join())
+        .await
+        .ok();
+    tracing::info!("keylease stopped");
+    Ok(())
+}
+
 async fn run(settings: Settings, reset_state: bool) -> Result<(), Failure> {
+    if let StateLocation::Redis(replication) = &settings.state {
+        let replication = (**replication).clone();
+        return run_replica(settings, replication, reset_state).await;
+    }
     let (state, recovered) = State::open(&settings, Clock::system(), reset_state)?;
     if let Some(aside) = &recovered.moved_aside {
         tracing::warn!(moved_to = %aside.display(), "--reset-state: the old state was moved aside");
     }
     match &settings.state {
         StateLocation::Ephemeral => tracing::info!("ephemeral: nothing is kept across restarts"),
+        StateLocation::Redis(_) => {}
         StateLocation::Directory(dir) => tracing::info!(
             state_dir = %dir.display(),
             from_snapshot = recovered.from_snapshot,
@@ -184,25 +268,11 @@ async fn run(settings: Settings, reset_state: bool) -> Result<(), Failure> {
             "state recovered"
         ),
     }
-    let listen_failed = |source| Failure::Listen {
-        address: settings.listen,
-        source,
-    };
-    let listener = TcpListener::bind(settings.listen)
-        .await
-        .map_err(listen_failed)?;
-    let address = listener.local_addr().map_err(listen_failed)?;
-    tracing::info!(%address, keys = settings.keys.len(), "keylease serving");
-
+    let listener = bind(&settings).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(Failure::Signals)?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(Failure::Signals)?;
+    let signalled = stop_signal()?;
     tokio::spawn(async move {
-        tokio::select! {
-            _ = interrupt.recv() => {}
-            _ = terminate.recv() => {}
-        }
-        tracing::info!("shutting down: finishing in-flight calls");
+        signalled.await;
         let _ = stop.send(true);
     });
     let mut grace_start = stopped.clone();

@@ -1,6 +1,763 @@
-//! Several replicas on one Redis.
+//! Several replicas on one Redis: no single point of failure, one view for the whole fleet.
+//!
+//! One replica at a time leads: it holds the leadership in Redis (a key with its epoch, renewed
+//! while it lives; see [`redis`]) and is the only one that applies commands, through the same
+//! [`State`] as a single server, on a [`RedisStore`] whose every append checks the epoch.
+//! Every reply that asserts a lease waits for such an append (or a bare epoch check), made
+//! after the command was applied: a leader paused between the two and deposed meanwhile
+//! answers errors, never stale leases. The others follow: they replay the leader's records as
+//! they land (a hot copy, ready to lead) and forward every call to the leader ([`router`]).
+//!
+//! When the leadership lapses (the leader died, or cannot reach Redis), a follower takes it,
+//! catches up to the end of the log, and serves; its clock runs `max_clock_skew` behind its
+//! own, so it never expires another leader's lease early. A leader that cannot append, or
+//! finds its leadership gone, discards its state and follows again.
+//!
+//! Each replica remembers, in its state directory, which log it followed and how far. When
+//! Redis holds another log, or a shorter one (a restart without AOF, `FLUSHALL`, a failover to
+//! a Redis replica that was behind, eviction), it refuses to serve and says why, until an
+//! operator confirms a reset by restarting a replica with `--reset-state`; epochs then start
+//! above any it has seen, and fencing tokens above any handed out (see [`token_floor`]).
+//!
+//! [`token_floor`]: crate::state::token_floor
 
 pub mod redis;
+pub mod router;
+
+use self::redis::{Leader, LogHead, Redis, RedisLog, RedisStore};
+use self::router::{Router, Serving};
+use crate::clock::Clock;
+use crate::config::{Replication, Settings};
+use crate::secret::FingerprintKey;
+use crate::state::{Opening, State};
+use crate::store::embedded::StateDir;
+use crate::store::{Log, Recovery, Replay, StoreError};
+use ::redis::Connection;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// How often a follower looks for new records and for a leadership to take, at most; new
+/// records wake it at once.
+const POLL: Duration = Duration::from_millis(100);
+/// How often a replica publishes its keys and compares them with the others'.
+const KEYS_EVERY: Duration = Duration::from_secs(2);
+/// A replica not heard of for this long is left out of the comparison.
+const REPLICA_GONE: Duration = Duration::from_secs(30);
+/// How often the remembered log position is written to the state directory, at most.
+const REMEMBER_EVERY: Duration = Duration::from_secs(1);
+/// Records between the leader's snapshots: the log a new replica replays stays short.
+const SNAPSHOT_EVERY: u64 = 20_000;
+/// The file in the state directory that remembers the log this replica followed.
+const SEEN_FILE: &str = "redis-log";
+
+/// Why a replica could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("state directory: {0}")]
+    StateDir(#[from] StoreError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Which log this replica followed, and how far: what Redis must still hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Seen {
+    log_id: Option<String>,
+    last_seq: u64,
+    /// The highest epoch seen: a new leadership starts above it.
+    epoch: u64,
+}
+
+impl Seen {
+    fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.split_whitespace();
+        let log_id = parts.next()?.to_string();
+        let last_seq = parts.next()?.parse().ok()?;
+        let epoch = parts.next()?.parse().ok()?;
+        Some(Self {
+            log_id: Some(log_id),
+            last_seq,
+            epoch,
+        })
+    }
+}
+
+/// Starts a replica: returns the router to serve with, and the thread that runs it until
+/// `shutdown` (it then steps down, handing the leadership over at once).
+pub fn start(
+    settings: Settings,
+    replication: Replication,
+    reset: bool,
+    runtime: Handle,
+    shutdown: CancellationToken,
+) -> Result<(Router, std::thread::JoinHandle<()>), StartError> {
+    let redis = Redis::new(replication.url.reveal(), &replication.namespace)
+        .map_err(|e| StartError::Invalid(format!("state.store: {e}")))?;
+    let router = Router::new(&replication.token).map_err(StartError::Invalid)?;
+    let reset_at = reset.then(|| Clock::system().now().wall_ms);
+    let (dir, moved_aside) = StateDir::open(&replication.dir, reset_at)?;
+    if let Some(aside) = moved_aside {
+        tracing::warn!(moved_to = %aside.display(), "--reset-state: what this replica remembered was moved aside");
+    }
+    let seen_path = dir.path().join(SEEN_FILE);
+    let seen = match std::fs::read_to_string(&seen_path) {
+        Ok(text) => Seen::parse(&text).ok_or_else(|| {
+            StartError::Invalid(format!(
+                "{}: not a remembered log position; start with --reset-state to move it aside",
+                seen_path.display()
+            ))
+        })?,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Seen::default(),
+        Err(error) => {
+            return Err(StartError::StateDir(StoreError::Io {
+                path: seen_path,
+                reason: error.to_string(),
+            }));
+        }
+    };
+    let identity = format!(
+        "{}#{:06x}",
+        replication.advertise,
+        FingerprintKey::random()
+            .map(|k| u32::from_le_bytes([k.as_bytes()[0], k.as_bytes()[1], k.as_bytes()[2], 0]))
+            .unwrap_or(std::process::id())
+    );
+    let mut supervisor = Supervisor {
+        fingerprint_key: FingerprintKey::shared_by_replicas(&replication.token),
+        settings,
+        replication,
+        redis,
+        router: router.clone(),
+        identity,
+        seen,
+        seen_path,
+        remembered: None,
+        _dir: dir,
+        refusing_since_ms: None,
+        reset_ms: reset_at,
+        runtime,
+        shutdown,
+        keys_published_ms: 0,
+        key_report: String::new(),
+    };
+    let thread = std::thread::Builder::new()
+        .name("keylease-replica".into())
+        .spawn(move || supervisor.run())
+        .map_err(|e| StartError::Invalid(format!("cannot start the replica thread: {e}")))?;
+    Ok((router, thread))
+}
+
+struct Supervisor {
+    settings: Settings,
+    replication: Replication,
+    redis: Redis,
+    router: Router,
+    /// `ADDRESS#RANDOM`: unique to this process.
+    identity: String,
+    fingerprint_key: FingerprintKey,
+    seen: Seen,
+    seen_path: PathBuf,
+    /// What the file holds, and when it was written (steady ms).
+    remembered: Option<(Seen, u64)>,
+    /// Held locked while the replica runs.
+    _dir: StateDir,
+    /// Since when (wall ms) this replica refuses the log Redis holds.
+    refusing_since_ms: Option<u64>,
+    /// When an operator confirmed a reset by starting this replica with `--reset-state`.
+    reset_ms: Option<u64>,
+    runtime: Handle,
+    shutdown: CancellationToken,
+    keys_published_ms: u64,
+    /// The last report on differing key sets, logged when it changes.
+    key_report: String,
+}
+
+/// What following found.
+enum Step {
+    /// Caught up; someone else leads, or no one could be made to.
+    Followed,
+    /// This replica took the leadership.
+    Lead(Leader),
+}
+
+impl Supervisor {
+    fn wall_ms(&self) -> u64 {
+        Clock::system().now().wall_ms
+    }
+
+    fn run(&mut self) {
+        tracing::info!(replica = %self.identity, store = %self.redis.location, "replica starting");
+        self.check_redis_settings();
+        let mut connection: Option<Connection> = None;
+        let mut follower: Option<Follower> = None;
+        while !self.shutdown.is_cancelled() {
+            let step = connection
+                .take()
+                .map_or_else(|| self.redis.connect(), Ok)
+                .and_then(|mut c| {
+                    let step = self.follow(&mut c, &mut follower);
+                    connection = Some(c);
+                    step
+                });
+            match step {
+                Ok(Step::Followed) => {}
+                Ok(Step::Lead(leader)) => {
+                    let replay = follower.take().map(|f| f.replay);
+                    self.lead(leader, replay);
+                    connection = None;
+                }
+                Err(error) => {
+                    self.router.set(Serving::unavailable(format!(
+                        "this replica cannot serve: {error}; it retries by itself"
+                    )));
+                    tracing::warn!(%error, "replica cannot follow the log");
+                    connection = None;
+                    follower = None;
+                    self.pause();
+                }
+            }
+            self.remember(false);
+        }
+        self.remember(true);
+        tracing::info!(replica = %self.identity, "replica stopped");
+    }
+
+    fn pause(&self) {
+        let _ = self
+            .runtime
+            .block_on(tokio::time::timeout(POLL, self.shutdown.cancelled()));
+    }
+
+    /// Warns of Redis settings that can lose the log; refuses none (a managed Redis may not
+    /// even allow asking).
+    fn check_redis_settings(&self) {
+        let Ok(mut connection) = self.redis.connect() else {
+            return;
+        };
+        let get = |connection: &mut Connection, name: &str| -> Option<String> {
+            let pair: Vec<String> = ::redis::cmd("CONFIG")
+                .arg("GET")
+                .arg(name)
+                .query(connection)
+                .ok()?;
+            pair.get(1).cloned()
+        };
+        match get(&mut connection, "maxmemory-policy").as_deref() {
+            Some("noeviction") => {}
+            Some(policy) => tracing::error!(
+                policy,
+                "Redis may evict keys (maxmemory-policy is not noeviction): an evicted log makes every replica refuse to serve; set maxmemory-policy noeviction"
+            ),
+            None => tracing::warn!(
+                "cannot read Redis's maxmemory-policy (CONFIG GET refused): make sure it is noeviction"
+            ),
+        }
+        match (
+            get(&mut connection, "appendonly").as_deref(),
+            get(&mut connection, "appendfsync").as_deref(),
+        ) {
+            (Some("yes"), Some("always")) => {}
+            (Some("yes"), Some(fsync)) => tracing::warn!(
+                appendfsync = fsync,
+                "Redis fsyncs its append-only file less than always: a crash of the Redis host can lose acknowledged leases (replicas then refuse to serve until a reset)"
+            ),
+            (Some(_), _) => tracing::warn!(
+                "Redis's append-only file is off: a Redis restart loses the log (replicas then refuse to serve until a reset); set appendonly yes and appendfsync always"
+            ),
+            _ => tracing::warn!("cannot read Redis's persistence settings (CONFIG GET refused)"),
+        }
+    }
+
+    /// Refuses to serve, saying why, from now until an operator confirms a reset.
+    fn refuse(&mut self, reason: String) -> Result<Step, StoreError> {
+        if self.refusing_since_ms.is_none() {
+            tracing::error!(%reason, "refusing to serve");
+            self.refusing_since_ms = Some(self.wall_ms());
+        }
+        self.router.set(Serving::unavailable(format!(
+            "this replica refuses to serve: {reason}"
+        )));
+        self.pause();
+        Ok(Step::Followed)
+    }
+
+    /// Whether an operator confirmed a reset of the log Redis holds since this replica began
+    /// refusing it (or by starting this replica with `--reset-state`).
+    fn reset_confirmed(&self, head: &LogHead) -> bool {
+        self.reset_ms.is_some()
+            || matches!((head.reset_ms, self.refusing_since_ms), (Some(reset), Some(since)) if reset >= since)
+    }
+
+    /// Starts a log in an empty Redis (or one whose loss an operator accepted).
+    fn create_log(&mut self, connection: &mut Connection) -> Result<Step, StoreError> {
+        let new_id = format!("{:016x}", self.wall_ms());
+        let id = redis::create_log(&self.redis, connection, &new_id, self.reset_ms)?;
+        tracing::info!(log = id, "a new log in Redis");
+        Ok(Step::Followed)
+    }
+
+    /// Checks the log, catches the hot copy up, and takes the leadership if no one holds it.
+    fn follow(
+        &mut self,
+        connection: &mut Connection,
+        follower: &mut Option<Follower>,
+    ) -> Result<Step, StoreError> {
+        let head = redis::head(&self.redis, connection)?;
+        let log_id = match (&head.id, self.seen.log_id.clone()) {
+            (None, seen) if seen.is_none() || self.reset_ms.is_some() => {
+                return self.create_log(connection);
+            }
+            (None, seen) => {
+                let seen = seen.unwrap_or_default();
+                return self.refuse(format!(
+                    "Redis holds no keylease log, but this replica followed log {seen} to record {} (Redis restarted without its append-only file, was flushed, evicted keys, or failed over to a replica that was behind); restart one replica with --reset-state once you accept the loss",
+                    self.seen.last_seq
+                ));
+            }
+            (Some(id), seen) if seen.as_deref() != Some(id.as_str()) => {
+                if seen.is_some() && !self.reset_confirmed(&head) {
+                    return self.refuse(format!(
+                        "Redis holds log {id}, not log {} which this replica followed to record {}; restart one replica with --reset-state once you accept the change",
+                        seen.unwrap_or_default(),
+                        self.seen.last_seq
+                    ));
+                }
+                if self.reset_ms.is_some() && head.reset_ms.is_none() {
+                    redis::confirm_reset(&self.redis, connection, self.wall_ms())?;
+                }
+                tracing::info!(log = id, "following the log in Redis");
+                *follower = None;
+                self.seen = Seen {
+                    log_id: Some(id.clone()),
+                    last_seq: 0,
+                    epoch: self.seen.epoch,
+                };
+                id.clone()
+            }
+            (Some(id), _) if head.last_seq < self.seen.last_seq => {
+                if !self.reset_confirmed(&head) {
+                    return self.refuse(format!(
+                        "Redis's log {id} ends at record {}, but this replica applied it to record {}: Redis lost records (a restart from an older append-only file or snapshot, or a failover to a replica that was behind); restart one replica with --reset-state once you accept the loss",
+                        head.last_seq, self.seen.last_seq
+                    ));
+                }
+                if self.reset_ms.is_some() && head.reset_ms.is_none() {
+                    redis::confirm_reset(&self.redis, connection, self.wall_ms())?;
+                }
+                *follower = None;
+                self.seen.last_seq = 0;
+                id.clone()
+            }
+            (Some(id), _) => id.clone(),
+        };
+        if self.refusing_since_ms.take().is_some() {
+            tracing::info!(log = log_id, "the log in Redis is accepted again");
+        }
+        self.reset_ms = None;
+
+        let follower = match follower {
+            Some(follower) => follower,
+            None => follower.insert(Follower::load(&self.redis)?),
+        };
+        match follower.catch_up() {
+            Ok(()) => {}
+            // The leader's snapshot covered records this copy had not applied: start again
+            // from it.
+            Err(StoreError::Unreadable { .. }) => *follower = Follower::load(&self.redis)?,
+            Err(error) => return Err(error),
+        }
+        self.seen.last_seq = follower.replay.last_seq;
+        if let Some(leader) = &head.leader {
+            self.seen.epoch = self.seen.epoch.max(leader.epoch);
+        }
+        self.publish_keys(connection);
+
+        match head.leader {
+            Some(leader) => {
+                let current = self.router.following();
+                if current.as_ref().is_none_or(|l| l.id != leader.id) {
+                    // Its connections are made in the runtime.
+                    let _runtime = self.runtime.enter();
+                    let target = router::Leader::new(leader.id.clone(), leader.address.clone())
+                        .map_err(|reason| StoreError::Io {
+                            path: self.redis.path(),
+                            reason,
+                        })?;
+                    tracing::info!(leader = leader.id, epoch = leader.epoch, "following");
+                    self.router.set(Serving::Following(Arc::new(target)));
+                }
+                follower.wait_for_records(POLL);
+                Ok(Step::Followed)
+            }
+            None => {
+                let taken = redis::take_leadership(
+                    &self.redis,
+                    connection,
+                    &self.identity,
+                    &self.replication.advertise,
+                    self.replication.leader_ttl,
+                    self.seen.epoch,
+                    &log_id,
+                )?;
+                match taken {
+                    Some(leader) => Ok(Step::Lead(leader)),
+                    None => Ok(Step::Followed),
+                }
+            }
+        }
+    }
+
+    /// Leads until the leadership or the log is lost, or shutdown; then hands over.
+    fn lead(&mut self, leader: Leader, replay: Option<Replay>) {
+        self.seen.epoch = self.seen.epoch.max(leader.epoch);
+        self.router.set(Serving::unavailable(
+            "this replica is taking over the leadership: retry",
+        ));
+        let renewal = Renewal::start(
+            self.redis.clone(),
+            leader.value.clone(),
+            self.replication.leader_ttl,
+        );
+        let state = match self.open_leader(&leader, replay) {
+            Ok(state) => state,
+            Err(error) => {
+                tracing::error!(%error, "cannot take over the leadership");
+                renewal.resign();
+                self.pause();
+                return;
+            }
+        };
+        tracing::info!(
+            replica = %self.identity,
+            epoch = leader.epoch,
+            "leading"
+        );
+        self.runtime.spawn(state.clone().run_timer());
+        self.router.set(Serving::leading(state.clone()));
+        let runtime = self.runtime.clone();
+        let why = runtime.block_on(async {
+            let mut remember = tokio::time::interval(REMEMBER_EVERY);
+            loop {
+                tokio::select! {
+                    () = state.store_stopped() => {
+                        let failure = state.store_failure().map(|f| f.to_string()).unwrap_or_default();
+                        return Some(format!("the log could not be written: {failure}"));
+                    }
+                    reason = renewal.lost() => return Some(reason),
+                    () = self.shutdown.cancelled() => return None,
+                    _ = remember.tick() => {
+                        if let Some(journal) = state.journal() {
+                            self.seen.last_seq = journal.durable_seq();
+                        }
+                        self.remember(false);
+                    }
+                }
+            }
+        });
+        self.router.set(Serving::unavailable(
+            "this replica stepped down from the leadership: retry",
+        ));
+        state.shut_down();
+        match &why {
+            Some(reason) => {
+                tracing::warn!(%reason, epoch = leader.epoch, "stepping down: following again");
+            }
+            None => {
+                // A clean stop: the last snapshot, then the leadership goes at once.
+                let closing = state.clone();
+                let _ = self
+                    .runtime
+                    .block_on(tokio::task::spawn_blocking(move || closing.close()));
+            }
+        }
+        if let Some(journal) = state.journal() {
+            self.seen.last_seq = self.seen.last_seq.max(journal.durable_seq());
+        }
+        drop(state);
+        match why {
+            Some(_) => renewal.stop(),
+            None => renewal.resign(),
+        }
+    }
+
+    /// The leader's state: the hot copy caught up to the end of the log, on a store whose
+    /// every write checks this leadership.
+    fn open_leader(
+        &mut self,
+        leader: &Leader,
+        replay: Option<Replay>,
+    ) -> Result<Arc<State>, String> {
+        let mut follower = match replay {
+            Some(replay) => Follower {
+                log: RedisLog::open(self.redis.clone()).map_err(|e| e.to_string())?,
+                replay,
+            },
+            None => Follower::load(&self.redis).map_err(|e| e.to_string())?,
+        };
+        if follower.catch_up().is_err() {
+            follower = Follower::load(&self.redis).map_err(|e| e.to_string())?;
+        }
+        let mut connection = self.redis.connect().map_err(|e| e.to_string())?;
+        let head = redis::head(&self.redis, &mut connection).map_err(|e| e.to_string())?;
+        let Some(log_id) = head.id else {
+            return Err("the log vanished from Redis".into());
+        };
+        if head.last_seq != follower.replay.last_seq {
+            return Err(format!(
+                "the log ends at record {}, but catching up reached record {}",
+                head.last_seq, follower.replay.last_seq
+            ));
+        }
+        let Follower { log, replay } = follower;
+        let last_seq = replay.last_seq;
+        let store = RedisStore::new(log, leader, log_id, last_seq);
+        let clock = Clock::system().behind(self.replication.max_clock_skew.as_millis() as u64);
+        let opening = Opening {
+            store: Some(Box::new(store)),
+            fingerprint_key: self.fingerprint_key.clone(),
+            snapshot_every: SNAPSHOT_EVERY,
+            confirm_reads: true,
+        };
+        let recovery = Recovery {
+            engine: replay.engine,
+            last_seq,
+            from_snapshot: false,
+            records_replayed: replay.records_replayed,
+        };
+        let _runtime = self.runtime.enter();
+        State::open_recovered(&self.settings, clock, opening, Some(recovery))
+            .map(|(state, _)| state)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Writes the log position to the state directory when it moved (at most once a second
+    /// unless `now`), so that a restarted replica still notices Redis losing the log.
+    fn remember(&mut self, now: bool) {
+        let steady = Clock::system().now_ms();
+        if let Some((remembered, at)) = &self.remembered
+            && (remembered == &self.seen
+                || (!now && steady < at + REMEMBER_EVERY.as_millis() as u64))
+        {
+            return;
+        }
+        let Some(log_id) = &self.seen.log_id else {
+            return;
+        };
+        let text = format!("{log_id} {} {}\n", self.seen.last_seq, self.seen.epoch);
+        let temporary = self.seen_path.with_extension("new");
+        let written = std::fs::write(&temporary, text)
+            .and_then(|()| std::fs::File::open(&temporary)?.sync_all())
+            .and_then(|()| std::fs::rename(&temporary, &self.seen_path));
+        match written {
+            Ok(()) => self.remembered = Some((self.seen.clone(), steady)),
+            Err(error) => tracing::warn!(
+                path = %self.seen_path.display(),
+                %error,
+                "cannot remember the log position"
+            ),
+        }
+    }
+
+    /// Publishes this replica's keys (ids and fingerprints) and reports replicas whose keys
+    /// differ: a key is lent only by a leader that holds its secret.
+    fn publish_keys(&mut self, connection: &mut Connection) {
+        let now = self.wall_ms();
+        if now < self.keys_published_ms + KEYS_EVERY.as_millis() as u64 {
+            return;
+        }
+        self.keys_published_ms = now;
+        let mut mine: Vec<String> = self
+            .settings
+            .keys
+            .iter()
+            .map(|k| format!("{}={}", k.id, k.secret.fingerprint(&self.fingerprint_key)))
+            .collect();
+        mine.sort();
+        let entry = format!("{now} {}", mine.join(","));
+        let all: Result<std::collections::HashMap<String, String>, _> = ::redis::pipe()
+            .hset(&self.redis.keys.replicas, &self.identity, &entry)
+            .ignore()
+            .hgetall(&self.redis.keys.replicas)
+            .query::<(std::collections::HashMap<String, String>,)>(connection)
+            .map(|(all,)| all);
+        let Ok(all) = all else { return };
+        let mut report = Vec::new();
+        for (replica, entry) in &all {
+            let (seen_ms, keys) = entry.split_once(' ').unwrap_or((entry.as_str(), ""));
+            let seen_ms: u64 = seen_ms.parse().unwrap_or(0);
+            if seen_ms + (REPLICA_GONE.as_millis() as u64) < now {
+                let _: Result<(), _> = ::redis::cmd("HDEL")
+                    .arg(&self.redis.keys.replicas)
+                    .arg(replica)
+                    .query(connection);
+                continue;
+            }
+            if replica == &self.identity {
+                continue;
+            }
+            let theirs: std::collections::BTreeSet<&str> =
+                keys.split(',').filter(|k| !k.is_empty()).collect();
+            let only_mine: Vec<&str> = mine
+                .iter()
+                .map(String::as_str)
+                .filter(|k| !theirs.contains(k))
+                .map(|k| k.split('=').next().unwrap_or(k))
+                .collect();
+            let only_theirs: Vec<&str> = theirs
+                .iter()
+                .filter(|k| !mine.iter().any(|m| m == *k))
+                .map(|k| k.split('=').next().unwrap_or(k))
+                .collect();
+            if !only_mine.is_empty() || !only_theirs.is_empty() {
+                report.push(format!(
+                    "{replica} lacks [{}] and has [{}] that this replica lacks",
+                    only_mine.join(", "),
+                    only_theirs.join(", ")
+                ));
+            }
+        }
+        report.sort();
+        let report = report.join("; ");
+        if report != self.key_report {
+            if report.is_empty() {
+                tracing::info!("every replica holds the same keys");
+            } else {
+                tracing::warn!(
+                    differences = %report,
+                    "replicas hold different keys: a key is lent only while a replica that holds it leads"
+                );
+            }
+            self.key_report = report;
+        }
+    }
+}
+
+/// The hot copy: the leader's records applied as they land.
+struct Follower {
+    log: RedisLog,
+    replay: Replay,
+}
+
+impl Follower {
+    /// From the snapshot and the records after it.
+    fn load(redis: &Redis) -> Result<Self, StoreError> {
+        let log = RedisLog::open(redis.clone())?;
+        // The leader may trim the records after the snapshot read: try again from the new one.
+        let mut tries = 0;
+        loop {
+            let mut replay = Replay::new(log.location());
+            if let Some(bytes) = log.snapshot()? {
+                replay.restore(&bytes)?;
+            }
+            match log.records(replay.last_seq, &mut |seq, bytes| replay.apply(seq, bytes)) {
+                Ok(()) => return Ok(Self { log, replay }),
+                Err(StoreError::Unreadable { .. }) if tries < 3 => tries += 1,
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    fn catch_up(&mut self) -> Result<(), StoreError> {
+        let replay = &mut self.replay;
+        self.log
+            .records(replay.last_seq, &mut |seq, bytes| replay.apply(seq, bytes))
+    }
+
+    /// Returns when records after the copy's last land, or after `timeout`.
+    fn wait_for_records(&self, timeout: Duration) {
+        self.log.wait_after(self.replay.last_seq, timeout);
+    }
+}
+
+/// Renews the leadership every third of its TTL, on a thread of its own (so a stalled call
+/// elsewhere cannot let it lapse unnoticed), and says when it is lost.
+struct Renewal {
+    lost: watch::Receiver<Option<String>>,
+    stop: std::sync::mpsc::Sender<bool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Renewal {
+    fn start(redis: Redis, value: String, ttl: Duration) -> Self {
+        let (lost_tx, lost) = watch::channel(None);
+        let (stop, stopped) = std::sync::mpsc::channel::<bool>();
+        let thread = std::thread::Builder::new()
+            .name("keylease-leadership".into())
+            .spawn(move || {
+                let every = ttl / 3;
+                let mut connection = None;
+                let mut held_until = Clock::system().now_ms() + ttl.as_millis() as u64;
+                loop {
+                    match stopped.recv_timeout(every) {
+                        Ok(resign) => {
+                            if resign
+                                && let Ok(mut c) =
+                                    connection.take().map_or_else(|| redis.connect(), Ok)
+                            {
+                                let _ = redis::resign_leadership(&redis, &mut c, &value);
+                            }
+                            return;
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    }
+                    let sent_at = Clock::system().now_ms();
+                    let renewed = connection
+                        .take()
+                        .map_or_else(|| redis.connect(), Ok)
+                        .and_then(|mut c| {
+                            let renewed = redis::renew_leadership(&redis, &mut c, &value, ttl);
+                            connection = Some(c);
+                            renewed
+                        });
+                    match renewed {
+                        Ok(true) => held_until = sent_at + ttl.as_millis() as u64,
+                        Ok(false) => {
+                            lost_tx
+                                .send_replace(Some("another replica holds the leadership".into()));
+                            return;
+                        }
+                        Err(error) => {
+                            connection = None;
+                            if Clock::system().now_ms() + (every.as_millis() as u64) >= held_until {
+                                lost_tx.send_replace(Some(format!(
+                                    "the leadership could not be renewed: {error}"
+                                )));
+                                return;
+                            }
+                        }
+                    }
+                }
+            })
+            .expect("the leadership thread starts");
+        Self { lost, stop, thread }
+    }
+
+    /// Resolves with the reason once the leadership is lost.
+    async fn lost(&self) -> String {
+        let mut lost = self.lost.clone();
+        match lost.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            Err(_) => "the leadership thread stopped".into(),
+        }
+    }
+
+    /// Stops renewing; the leadership lapses by its TTL.
+    fn stop(self) {
+        let _ = self.stop.send(false);
+        let _ = self.thread.join();
+    }
+
+    /// Gives the leadership up at once, so another replica takes it without waiting.
+    fn resign(self) {
+        let _ = self.stop.send(true);
+        let _ = self.thread.join();
+    }
+}
 
 #[cfg(test)]
 mod tests {

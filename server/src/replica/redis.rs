@@ -406,6 +406,19 @@ impl Log for RedisLog {
 }
 
 impl RedisLog {
+    /// Returns when the stream holds records after `seq`, or after `timeout`.
+    pub fn wait_after(&self, seq: u64, timeout: Duration) {
+        let _: Result<::redis::Value, _> = ::redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(1)
+            .arg("BLOCK")
+            .arg(timeout.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&self.redis.keys.log)
+            .arg(format!("{seq}-0"))
+            .query(&mut *self.connection.borrow_mut());
+    }
+
     fn unreadable(&self, id: &str) -> StoreError {
         StoreError::Unreadable {
             path: self.redis.path(),

@@ -171,6 +171,11 @@ impl Journal {
         let _ = stopped.wait_for(|&stopped| stopped).await;
     }
 
+    /// The last record known durable.
+    pub fn durable_seq(&self) -> u64 {
+        self.lock_durable().seq
+    }
+
     /// Why the store stopped writing, if it did.
     pub fn failure(&self) -> Option<StoreFailed> {
         self.lock_durable().failure.clone().map(StoreFailed)

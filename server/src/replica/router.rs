@@ -1,0 +1,190 @@
+//! Where a KeyLease call goes on a replica: served here while this replica leads, forwarded to
+//! the leader over gRPC while it follows (every call, waiting acquires and event streams
+//! included, so clients may talk to any replica), refused with `UNAVAILABLE` saying why
+//! otherwise (electing, catching up, Redis unreachable, Redis lost the log). A forwarded call
+//! carries the replicas' shared token; a replica never forwards a forwarded call again.
+
+use crate::server::{KeyLeaseRoutes, keylease_routes};
+use crate::state::State;
+use keylease::pb::key_lease_server::KeyLeaseServer;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tonic::Status;
+use tonic::body::Body;
+use tonic::codegen::http;
+use tonic::server::NamedService;
+use tonic::transport::{Channel, Endpoint};
+use tower::ServiceExt;
+
+/// The header a forwarded call carries: the replicas' shared token.
+pub const REPLICA_HEADER: &str = "x-keylease-replica";
+/// Connections from a follower to the leader: each carries at most the leader's
+/// `server.max_calls_per_connection` calls at once, and calls spread over them.
+const CONNECTIONS_TO_LEADER: usize = 4;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What this replica does with a call now.
+#[derive(Clone)]
+pub enum Serving {
+    /// Starting, electing, catching up, or refusing: the reason is the caller's answer.
+    Unavailable(Arc<str>),
+    Leading(KeyLeaseRoutes),
+    Following(Arc<Leader>),
+}
+
+/// The leader calls are forwarded to.
+pub struct Leader {
+    pub id: String,
+    pub address: String,
+    channels: Vec<Channel>,
+    next: AtomicUsize,
+}
+
+impl Leader {
+    /// Connections are made when the first call needs them (inside a tokio runtime).
+    pub fn new(id: String, address: String) -> Result<Self, String> {
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| format!("the leader's address {address:?}: {e}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let channels = (0..CONNECTIONS_TO_LEADER)
+            .map(|_| endpoint.connect_lazy())
+            .collect();
+        Ok(Self {
+            id,
+            address,
+            channels,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    fn channel(&self) -> Channel {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.channels[n % self.channels.len()].clone()
+    }
+}
+
+impl Serving {
+    pub fn leading(state: Arc<State>) -> Self {
+        Self::Leading(keylease_routes(state))
+    }
+
+    pub fn unavailable(reason: impl Into<Arc<str>>) -> Self {
+        Self::Unavailable(reason.into())
+    }
+}
+
+/// The KeyLease service of a replica: one per process, pointed at whatever it does now.
+#[derive(Clone)]
+pub struct Router {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    serving: RwLock<Serving>,
+    /// `x-keylease-replica: TOKEN`, as sent and as expected.
+    token: http::HeaderValue,
+}
+
+impl Router {
+    pub fn new(token: &crate::secret::ApiKey) -> Result<Self, String> {
+        let mut token = http::HeaderValue::from_str(token.reveal())
+            .map_err(|_| "replication.token: must be printable ASCII".to_string())?;
+        token.set_sensitive(true);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                serving: RwLock::new(Serving::unavailable("this replica is starting")),
+                token,
+            }),
+        })
+    }
+
+    pub fn set(&self, serving: Serving) {
+        *self
+            .shared
+            .serving
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = serving;
+    }
+
+    pub fn serving(&self) -> Serving {
+        self.shared
+            .serving
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The leader calls are forwarded to now, if this replica follows one.
+    pub fn following(&self) -> Option<Arc<Leader>> {
+        match self.serving() {
+            Serving::Following(leader) => Some(leader),
+            _ => None,
+        }
+    }
+}
+
+impl NamedService for Router {
+    const NAME: &'static str = <KeyLeaseServer<crate::service::KeyLeaseService>>::NAME;
+}
+
+type Response = http::Response<Body>;
+
+impl tower::Service<http::Request<Body>> for Router {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        let forwarded = match request.headers_mut().remove(REPLICA_HEADER) {
+            None => false,
+            Some(token) if token == self.shared.token => true,
+            Some(_) => {
+                return refuse(Status::unauthenticated(format!(
+                    "{REPLICA_HEADER}: not this fleet's replication token"
+                )));
+            }
+        };
+        match self.serving() {
+            Serving::Leading(routes) => Box::pin(async move {
+                let response = routes.oneshot(request).await?;
+                Ok(response.map(Body::new))
+            }),
+            Serving::Following(leader) if forwarded => refuse(Status::unavailable(format!(
+                "a replica forwarded this call here, but this replica follows {}: retry",
+                leader.id
+            ))),
+            Serving::Following(leader) => {
+                request
+                    .headers_mut()
+                    .insert(REPLICA_HEADER, self.shared.token.clone());
+                Box::pin(async move {
+                    match leader.channel().oneshot(request).await {
+                        Ok(response) => Ok(response),
+                        Err(error) => Ok(Status::unavailable(format!(
+                            "the leader {} at {} cannot be reached ({error}): retry",
+                            leader.id, leader.address
+                        ))
+                        .into_http()),
+                    }
+                })
+            }
+            Serving::Unavailable(reason) => refuse(Status::unavailable(reason.to_string())),
+        }
+    }
+}
+
+fn refuse(status: Status) -> <Router as tower::Service<http::Request<Body>>>::Future {
+    Box::pin(std::future::ready(Ok(status.into_http())))
+}
