@@ -17,10 +17,11 @@
 
 mod support;
 
+use support::audit::{self, Grant};
+
 use keylease::pb;
 use keylease::pb::key_lease_client::KeyLeaseClient;
 use rand::{RngExt, SeedableRng};
-use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -52,22 +53,6 @@ fn config() -> String {
         ));
     }
     text
-}
-
-/// One lease as its client saw it.
-#[derive(Debug, Clone)]
-struct Grant {
-    key_id: String,
-    project: String,
-    token: u64,
-    /// When the acquire (or the report that rotated to it) was sent, and answered.
-    asked: Instant,
-    answered: Instant,
-    requests: u32,
-    /// When its requests were "sent to the provider": between the answer and the release.
-    used_at: Instant,
-    /// The earliest the server can have ended it: its release or report sent, or its TTL out.
-    ended_no_earlier_than: Instant,
 }
 
 #[derive(Default)]
@@ -360,36 +345,7 @@ async fn cycle(
 }
 
 fn check(audit: &Audit) {
-    let mut tokens = std::collections::HashSet::new();
-    for grant in &audit.grants {
-        assert!(
-            tokens.insert(grant.token),
-            "token {} granted twice",
-            grant.token
-        );
-    }
-    let mut by_key: HashMap<&str, Vec<&Grant>> = HashMap::new();
-    for grant in &audit.grants {
-        by_key.entry(&grant.key_id).or_default().push(grant);
-    }
-    for (key, grants) in &mut by_key {
-        grants.sort_by_key(|g| g.token);
-        for pair in grants.windows(2) {
-            let (earlier, later) = (pair[0], pair[1]);
-            assert!(
-                later.answered >= earlier.ended_no_earlier_than,
-                "{key}: token {} answered {:?} before token {} could have ended",
-                later.token,
-                earlier.ended_no_earlier_than - later.answered,
-                earlier.token
-            );
-        }
-        grants.sort_by_key(|g| g.answered);
-        assert!(
-            grants.windows(2).all(|p| p[0].token < p[1].token),
-            "{key}: tokens went back in the order grants were answered"
-        );
-    }
+    audit::check_slots(&audit.grants);
     if let Some(disabled_at) = audit.bad_disabled_at {
         for grant in audit.grants.iter().filter(|g| g.key_id == BAD_KEY) {
             assert!(
@@ -398,26 +354,5 @@ fn check(audit: &Audit) {
             );
         }
     }
-    // Each request arrives at the provider when its lease used it; count every window.
-    let mut by_project: BTreeMap<&str, Vec<(Instant, u32)>> = BTreeMap::new();
-    for grant in &audit.grants {
-        by_project
-            .entry(&grant.project)
-            .or_default()
-            .push((grant.used_at, grant.requests));
-    }
-    for (project, mut uses) in by_project {
-        uses.sort_by_key(|u| u.0);
-        for (i, &(from, _)) in uses.iter().enumerate() {
-            let in_window: u32 = uses[i..]
-                .iter()
-                .take_while(|u| u.0 < from + WINDOW)
-                .map(|u| u.1)
-                .sum();
-            assert!(
-                in_window <= LIMIT,
-                "{project}: {in_window} requests within one window, above {LIMIT}"
-            );
-        }
-    }
+    audit::check_windows(&audit.grants, WINDOW, LIMIT);
 }

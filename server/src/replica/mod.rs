@@ -70,6 +70,9 @@ struct Seen {
     last_seq: u64,
     /// The highest epoch seen: a new leadership starts above it.
     epoch: u64,
+    /// When (wall ms) Redis last held this log intact: a reset an operator confirmed later
+    /// covers whatever was lost since.
+    intact_ms: u64,
 }
 
 impl Seen {
@@ -78,10 +81,12 @@ impl Seen {
         let log_id = parts.next()?.to_string();
         let last_seq = parts.next()?.parse().ok()?;
         let epoch = parts.next()?.parse().ok()?;
+        let intact_ms = parts.next()?.parse().ok()?;
         Some(Self {
             log_id: Some(log_id),
             last_seq,
             epoch,
+            intact_ms,
         })
     }
 }
@@ -137,7 +142,7 @@ pub fn start(
         seen_path,
         remembered: None,
         _dir: dir,
-        refusing_since_ms: None,
+        refusing: false,
         reset_ms: reset_at,
         runtime,
         shutdown,
@@ -165,8 +170,8 @@ struct Supervisor {
     remembered: Option<(Seen, u64)>,
     /// Held locked while the replica runs.
     _dir: StateDir,
-    /// Since when (wall ms) this replica refuses the log Redis holds.
-    refusing_since_ms: Option<u64>,
+    /// Whether this replica refuses the log Redis holds (said once in the log).
+    refusing: bool,
     /// When an operator confirmed a reset by starting this replica with `--reset-state`.
     reset_ms: Option<u64>,
     runtime: Handle,
@@ -229,7 +234,7 @@ impl Supervisor {
     fn pause(&self) {
         let _ = self
             .runtime
-            .block_on(tokio::time::timeout(POLL, self.shutdown.cancelled()));
+            .block_on(async { tokio::time::timeout(POLL, self.shutdown.cancelled()).await });
     }
 
     /// Warns of Redis settings that can lose the log; refuses none (a managed Redis may not
@@ -274,22 +279,25 @@ impl Supervisor {
 
     /// Refuses to serve, saying why, from now until an operator confirms a reset.
     fn refuse(&mut self, reason: String) -> Result<Step, StoreError> {
-        if self.refusing_since_ms.is_none() {
+        if !self.refusing {
             tracing::error!(%reason, "refusing to serve");
-            self.refusing_since_ms = Some(self.wall_ms());
+            self.refusing = true;
         }
         self.router.set(Serving::unavailable(format!(
-            "this replica refuses to serve: {reason}"
+            "replica {} refuses to serve: {reason}",
+            self.identity
         )));
         self.pause();
         Ok(Step::Followed)
     }
 
-    /// Whether an operator confirmed a reset of the log Redis holds since this replica began
-    /// refusing it (or by starting this replica with `--reset-state`).
+    /// Whether an operator confirmed a reset of the log Redis holds after this replica last
+    /// saw its own log intact (or by starting this replica with `--reset-state`).
     fn reset_confirmed(&self, head: &LogHead) -> bool {
         self.reset_ms.is_some()
-            || matches!((head.reset_ms, self.refusing_since_ms), (Some(reset), Some(since)) if reset >= since)
+            || head
+                .reset_ms
+                .is_some_and(|reset| reset >= self.seen.intact_ms)
     }
 
     /// Starts a log in an empty Redis (or one whose loss an operator accepted).
@@ -335,6 +343,7 @@ impl Supervisor {
                     log_id: Some(id.clone()),
                     last_seq: 0,
                     epoch: self.seen.epoch,
+                    intact_ms: 0,
                 };
                 id.clone()
             }
@@ -354,10 +363,11 @@ impl Supervisor {
             }
             (Some(id), _) => id.clone(),
         };
-        if self.refusing_since_ms.take().is_some() {
+        if std::mem::take(&mut self.refusing) {
             tracing::info!(log = log_id, "the log in Redis is accepted again");
         }
         self.reset_ms = None;
+        self.seen.intact_ms = self.wall_ms();
 
         let follower = match follower {
             Some(follower) => follower,
@@ -450,8 +460,11 @@ impl Supervisor {
                     reason = renewal.lost() => return Some(reason),
                     () = self.shutdown.cancelled() => return None,
                     _ = remember.tick() => {
-                        if let Some(journal) = state.journal() {
+                        if let Some(journal) = state.journal()
+                            && journal.failure().is_none()
+                        {
                             self.seen.last_seq = journal.durable_seq();
+                            self.seen.intact_ms = self.wall_ms();
                         }
                         self.remember(false);
                     }
@@ -547,7 +560,10 @@ impl Supervisor {
         let Some(log_id) = &self.seen.log_id else {
             return;
         };
-        let text = format!("{log_id} {} {}\n", self.seen.last_seq, self.seen.epoch);
+        let text = format!(
+            "{log_id} {} {} {}\n",
+            self.seen.last_seq, self.seen.epoch, self.seen.intact_ms
+        );
         let temporary = self.seen_path.with_extension("new");
         let written = std::fs::write(&temporary, text)
             .and_then(|()| std::fs::File::open(&temporary)?.sync_all())

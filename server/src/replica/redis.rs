@@ -441,7 +441,15 @@ pub struct RedisStore {
     log_id: String,
     /// The last record this store appended or found: the next append must follow it.
     last_seq: u64,
+    /// Test-only failpoint (see [`PAUSE_BEFORE_APPEND`]).
+    pause_before_append: Option<PathBuf>,
 }
+
+/// A test-only failpoint, named by this environment variable: when the file it names exists,
+/// the next append with records removes it and stops this process (SIGSTOP) before writing, as
+/// a long pause between applying commands and appending them would; SIGCONT resumes it. This
+/// is how the split-brain test makes a leader lose its leadership with replies pending.
+pub const PAUSE_BEFORE_APPEND: &str = "KEYLEASE_FAILPOINT_PAUSE_BEFORE_APPEND";
 
 impl RedisStore {
     /// The store of the leader `leader` of log `log_id`, which ends at record `last_seq`.
@@ -451,6 +459,19 @@ impl RedisStore {
             leader_value: leader.value.clone(),
             log_id,
             last_seq,
+            pause_before_append: std::env::var_os(PAUSE_BEFORE_APPEND).map(PathBuf::from),
+        }
+    }
+
+    fn failpoint(&self) {
+        if let Some(trigger) = &self.pause_before_append
+            && std::fs::remove_file(trigger).is_ok()
+        {
+            tracing::warn!("failpoint: pausing this process before an append");
+            let _ = std::process::Command::new("kill")
+                .arg("-STOP")
+                .arg(std::process::id().to_string())
+                .status();
         }
     }
 }
@@ -471,6 +492,9 @@ impl Log for RedisStore {
 
 impl Store for RedisStore {
     fn append(&mut self, records: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+        if !records.is_empty() {
+            self.failpoint();
+        }
         let redis = &self.log.redis;
         let keys = &redis.keys;
         let mut append = APPEND.prepare_invoke();

@@ -2,6 +2,8 @@
 //! loopback port with JSON logs, everything it prints kept, its address read from its log.
 #![allow(dead_code)]
 
+pub mod audit;
+
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
@@ -42,12 +44,22 @@ pub fn start_with(config: &str, env: &[(&str, &str)], args: &[&str]) -> Running 
 
 /// Starts the server; `Err` with everything it printed if it did not report serving.
 pub fn try_start(config: &str, env: &[(&str, &str)], args: &[&str]) -> Result<Running, String> {
+    try_start_on("127.0.0.1:0", config, env, args)
+}
+
+/// Starts the server as [`try_start`] does, listening on `listen`.
+pub fn try_start_on(
+    listen: &str,
+    config: &str,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Result<Running, String> {
     let mut child = Command::new(BINARY)
         .args([
             "--config",
             config,
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--log-format",
             "json",
         ])

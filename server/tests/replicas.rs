@@ -1,0 +1,639 @@
+//! Several `keylease-server` replicas on one real `redis-server` (started by the test on a free
+//! port, stopped by its pid), as operators run them, with workers spread over the replicas and
+//! calling a fake Gemini that enforces the projects' limits itself. What every test checks, with
+//! the audit of acknowledged leases (`support::audit`): no two leases on a key slot overlap,
+//! tokens go up on each key, and the provider never answered 429 nor saw two calls at once on
+//! one key; whatever was killed, paused or restarted meanwhile.
+// The audit measures real time as the clients see it.
+#![allow(clippy::disallowed_methods)]
+
+mod support;
+
+use fake_gemini::limits::Limits;
+use keylease::pb;
+use keylease::pb::key_lease_client::KeyLeaseClient;
+use keylease_client::gemini::{GeminiClient, GenerateContentRequest};
+use keylease_server::redis_server::RedisServer;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::Running;
+use support::audit::{self, Grant};
+use tokio::sync::watch;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const MODEL: &str = "m";
+const TOKEN: &str = "replica-test-token-0123456789";
+const TTL: Duration = Duration::from_secs(3);
+/// Requests per project per scaled minute (a second: the fake runs sixty times faster).
+const RPM: u64 = 20;
+/// Longest the tests wait for anything the replicas do by themselves.
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn secret(id: &str) -> String {
+    format!("AIzaFAKE.replica-{id}-{}", "0".repeat(24))
+}
+
+/// `count` keys in projects of five.
+fn keys(count: usize) -> Vec<(String, String)> {
+    (0..count)
+        .map(|i| (format!("k{i}"), format!("p{}", i / 5)))
+        .collect()
+}
+
+fn config(keys: &[(String, String)]) -> String {
+    let mut text = format!(
+        "[leases]\nmax_wait = \"5s\"\ndefault_ttl = \"{}ms\"\n\n\
+         [quota]\nwindow = \"1s\"\nsafety_margin = \"20ms\"\n\n\
+         [replication]\ntoken = \"{TOKEN}\"\n\n\
+         [key_sources]\nenvironment = false\n\n\
+         [pools.gemini.models.{MODEL}]\nrequests_per_minute = {RPM}\n\n",
+        TTL.as_millis()
+    );
+    for (id, project) in keys {
+        text.push_str(&format!(
+            "[[keys]]\nid = \"{id}\"\nproject = \"{project}\"\nsecret = \"{}\"\n\n",
+            secret(id)
+        ));
+    }
+    text
+}
+
+/// Replicas on one Redis, each on a port and a state directory of its own.
+struct Fleet {
+    redis: RedisServer,
+    dir: PathBuf,
+    config: PathBuf,
+    ports: Vec<u16>,
+    replicas: Vec<Option<Running>>,
+}
+
+impl Fleet {
+    fn start(replicas: usize, keys: &[(String, String)], env: &[(&str, &str)]) -> Self {
+        let dir = support::scratch_dir("replicas");
+        let config_path = dir.join("keylease.toml");
+        std::fs::write(&config_path, config(keys)).unwrap();
+        let ports = (0..replicas)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            })
+            .collect();
+        let mut fleet = Self {
+            redis: RedisServer::start(),
+            dir,
+            config: config_path,
+            ports,
+            replicas: Vec::new(),
+        };
+        for i in 0..replicas {
+            let replica = fleet.start_replica(i, env, &[]);
+            fleet.replicas.push(Some(replica));
+        }
+        fleet
+    }
+
+    fn start_replica(&self, i: usize, env: &[(&str, &str)], args: &[&str]) -> Running {
+        let state_dir = self.dir.join(format!("state-{i}"));
+        let mut all_args = vec![
+            "--store".to_string(),
+            self.redis.url(),
+            "--state-dir".to_string(),
+            state_dir.to_str().unwrap().to_string(),
+        ];
+        all_args.extend(args.iter().map(|a| a.to_string()));
+        let all_args: Vec<&str> = all_args.iter().map(String::as_str).collect();
+        support::try_start_on(
+            &format!("127.0.0.1:{}", self.ports[i]),
+            self.config.to_str().unwrap(),
+            env,
+            &all_args,
+        )
+        .unwrap_or_else(|output| panic!("replica {i} did not start:\n{output}"))
+    }
+
+    fn endpoint(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.ports[i])
+    }
+
+    /// The replica that leads, by Redis's leadership key.
+    fn leader(&self) -> Option<usize> {
+        let mut redis = self.redis.connection();
+        let value: Option<String> = redis::cmd("GET")
+            .arg("{keylease}:leader")
+            .query(&mut redis)
+            .unwrap_or(None);
+        let value = value?;
+        let address = value.split(' ').nth(2)?;
+        self.ports
+            .iter()
+            .position(|port| address == format!("127.0.0.1:{port}"))
+    }
+
+    /// Waits for a leader other than `not`, which has served a status call.
+    fn wait_for_leader(&self, not: Option<usize>) -> usize {
+        let began = Instant::now();
+        loop {
+            if let Some(leader) = self.leader()
+                && Some(leader) != not
+                && self.replicas[leader].is_some()
+                && status_of(&self.endpoint(leader)).is_ok()
+            {
+                return leader;
+            }
+            assert!(
+                began.elapsed() < LIMIT,
+                "no leader within {LIMIT:?}:\n{}",
+                self.outputs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL.
+    fn kill(&mut self, i: usize) {
+        drop(self.replicas[i].take());
+    }
+
+    fn outputs(&self) -> String {
+        self.replicas
+            .iter()
+            .flatten()
+            .map(Running::output)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.replicas.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `GetStatus` through one endpoint, on a runtime of its own (for the test's own thread).
+fn status_of(endpoint: &str) -> Result<pb::GetStatusResponse, tonic::Status> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let channel = Channel::from_shared(endpoint.to_string())
+            .unwrap()
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        KeyLeaseClient::new(channel)
+            .get_status(pb::GetStatusRequest::default())
+            .await
+            .map(tonic::Response::into_inner)
+    })
+}
+
+#[derive(Default)]
+struct Audit {
+    grants: Vec<Grant>,
+    /// Acquires answered with something else than a lease or "no key now", by code.
+    errors: Vec<Code>,
+    gemini_failures: u64,
+}
+
+type Shared = Arc<Mutex<Audit>>;
+
+/// One task: acquires (waiting up to a second) through its replica, calls the fake Gemini with
+/// the key, releases; on a replica that fails, moves to the next one.
+async fn worker(
+    n: usize,
+    endpoints: Vec<String>,
+    gemini: GeminiClient,
+    stop: watch::Receiver<bool>,
+    audit: Shared,
+) {
+    let mut replica = n % endpoints.len();
+    let mut round = 0u64;
+    while !*stop.borrow() {
+        let Ok(channel) = Channel::from_shared(endpoints[replica].clone())
+            .unwrap()
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await
+        else {
+            replica = (replica + 1) % endpoints.len();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let mut keylease = KeyLeaseClient::new(channel);
+        while !*stop.borrow() {
+            round += 1;
+            match cycle(&mut keylease, n, round, &gemini, &audit).await {
+                Ok(()) => {}
+                Err(code) => {
+                    audit.lock().unwrap().errors.push(code);
+                    replica = (replica + 1) % endpoints.len();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn cycle(
+    keylease: &mut KeyLeaseClient<Channel>,
+    n: usize,
+    round: u64,
+    gemini: &GeminiClient,
+    audit: &Shared,
+) -> Result<(), Code> {
+    let asked = Instant::now();
+    let answer = keylease
+        .acquire_key(pb::AcquireKeyRequest {
+            task_id: format!("w{n}-{round}"),
+            model: MODEL.into(),
+            wait: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await;
+    let lease = match answer {
+        Ok(lease) => lease.into_inner(),
+        Err(status) if status.code() == Code::ResourceExhausted => return Ok(()),
+        Err(status) => return Err(status.code()),
+    };
+    let answered = Instant::now();
+    let called = gemini
+        .generate_content(
+            &lease.api_key,
+            MODEL,
+            &GenerateContentRequest::text(format!("prompt of w{n}")),
+        )
+        .await;
+    if called.is_err() {
+        audit.lock().unwrap().gemini_failures += 1;
+    }
+    let sent = Instant::now();
+    audit.lock().unwrap().grants.push(Grant {
+        key_id: lease.key_id.clone(),
+        project: lease.project.clone(),
+        token: lease.fencing_token,
+        asked,
+        answered,
+        requests: lease.requests_granted,
+        used_at: answered + (sent - answered) / 2,
+        ended_no_earlier_than: sent.min(asked + TTL),
+    });
+    keylease
+        .release(pb::ReleaseRequest {
+            lease_id: lease.lease_id,
+            fencing_token: lease.fencing_token,
+            requests_sent: Some(1),
+            ..Default::default()
+        })
+        .await
+        .map_err(|status| status.code())?;
+    Ok(())
+}
+
+/// The load: `tasks` workers spread over the fleet's replicas, until `stop`.
+struct Load {
+    runtime: tokio::runtime::Runtime,
+    fake: fake_gemini::RunningFake,
+    audit: Shared,
+    stop: watch::Sender<bool>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(fleet: &Fleet, keys: &[(String, String)], tasks: usize) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let fake = runtime
+            .block_on(fake_gemini::FakeGemini::start(fake_gemini::FakeConfig {
+                keys: keys
+                    .iter()
+                    .map(|(id, project)| fake_gemini::FakeKey {
+                        id: id.clone(),
+                        secret: secret(id),
+                        project: project.clone(),
+                        health: fake_gemini::KeyHealth::Healthy,
+                    })
+                    .collect(),
+                models: [(
+                    MODEL.to_string(),
+                    Limits {
+                        requests_per_minute: Some(RPM),
+                        ..Limits::default()
+                    },
+                )]
+                .into(),
+                time_scale: 60.0,
+                faults: fake_gemini::Faults {
+                    latency_ms: 5,
+                    ..Default::default()
+                },
+                seed: 1,
+            }))
+            .unwrap();
+        let gemini = {
+            let _runtime = runtime.enter();
+            GeminiClient::new(fake.base_url(), Duration::from_secs(10)).unwrap()
+        };
+        let endpoints: Vec<String> = (0..fleet.ports.len()).map(|i| fleet.endpoint(i)).collect();
+        let audit: Shared = Arc::default();
+        let (stop, stopped) = watch::channel(false);
+        let workers = (0..tasks)
+            .map(|n| {
+                runtime.spawn(worker(
+                    n,
+                    endpoints.clone(),
+                    gemini.clone(),
+                    stopped.clone(),
+                    audit.clone(),
+                ))
+            })
+            .collect();
+        Self {
+            runtime,
+            fake,
+            audit,
+            stop,
+            workers,
+        }
+    }
+
+    fn grants(&self) -> usize {
+        self.audit.lock().unwrap().grants.len()
+    }
+
+    /// Stops the workers and checks what they were acknowledged, and what the provider saw.
+    fn finish(self) -> Audit {
+        self.stop.send_replace(true);
+        for worker in self.workers {
+            self.runtime
+                .block_on(async { tokio::time::timeout(LIMIT, worker).await })
+                .expect("a worker did not stop")
+                .unwrap();
+        }
+        let audit = std::mem::take(&mut *self.audit.lock().unwrap());
+        audit::check_slots(&audit.grants);
+        let stats = self.fake.fake.stats();
+        let all = stats.all();
+        assert_eq!(all.status(429), 0, "the provider refused calls: {stats:?}");
+        assert_eq!(all.overlaps, 0, "a key served two calls at once: {stats:?}");
+        assert_eq!(audit.gemini_failures, 0, "{stats:?}");
+        audit
+    }
+}
+
+/// How many calls failed with each code.
+fn error_counts(errors: &[Code]) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for code in errors {
+        *counts.entry(format!("{code:?}")).or_default() += 1;
+    }
+    counts
+}
+
+/// Waits while the load runs, then says how many leases were acknowledged meanwhile.
+fn run_for(load: &Load, duration: Duration) -> usize {
+    let before = load.grants();
+    std::thread::sleep(duration);
+    load.grants() - before
+}
+
+#[test]
+fn three_replicas_share_twenty_keys_and_survive_their_leaders_death() {
+    let keys = keys(20);
+    let mut fleet = Fleet::start(3, &keys, &[]);
+    let first = fleet.wait_for_leader(None);
+    let load = Load::start(&fleet, &keys, 210);
+    assert!(
+        run_for(&load, Duration::from_secs(4)) > 50,
+        "too little traffic"
+    );
+
+    fleet.kill(first);
+    let killed_at = Instant::now();
+    let second = fleet.wait_for_leader(Some(first));
+    let failover = killed_at.elapsed();
+    assert!(
+        run_for(&load, Duration::from_secs(3)) > 50,
+        "too little traffic after the leader died"
+    );
+
+    // Then a follower: the last replica serves alone.
+    let follower = (0..3).find(|&i| i != first && i != second).unwrap();
+    fleet.kill(follower);
+    assert!(
+        run_for(&load, Duration::from_secs(3)) > 50,
+        "too little traffic after a follower died"
+    );
+    let output = fleet.outputs();
+    let audit = load.finish();
+    assert!(!output.contains("panicked at"), "{output}");
+    eprintln!(
+        "{} leases acknowledged; failover {failover:?}; calls that moved to another replica: {:?}",
+        audit.grants.len(),
+        error_counts(&audit.errors)
+    );
+}
+
+/// A leader paused between applying an acquire and appending it loses the leadership; when it
+/// resumes, the acquire it applied is answered with an error, never with the lease, which the
+/// new leader has meanwhile lent to someone else.
+#[test]
+fn a_leader_paused_before_its_append_answers_errors_after_a_takeover() {
+    let keys = keys(1);
+    let trigger_dir = support::scratch_dir("failpoint");
+    // Only a leader appends: the one that leads when the file appears pauses.
+    let trigger = trigger_dir.join("pause");
+    let fleet = Fleet::start(
+        3,
+        &keys,
+        &[(
+            keylease_server::replica::redis::PAUSE_BEFORE_APPEND,
+            trigger.to_str().unwrap(),
+        )],
+    );
+    let old = fleet.wait_for_leader(None);
+    let old_pid = fleet.replicas[old].as_ref().unwrap().pid();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let connect = |endpoint: String| async move {
+        KeyLeaseClient::new(
+            Channel::from_shared(endpoint)
+                .unwrap()
+                .timeout(Duration::from_secs(30))
+                .connect()
+                .await
+                .unwrap(),
+        )
+    };
+    let mut to_old = runtime.block_on(connect(fleet.endpoint(old)));
+
+    std::fs::write(&trigger, "").unwrap();
+    let pending = runtime.spawn(async move {
+        to_old
+            .acquire_key(pb::AcquireKeyRequest {
+                task_id: "paused".into(),
+                model: MODEL.into(),
+                ..Default::default()
+            })
+            .await
+    });
+    // The old leader stops itself at its append; its leadership lapses and another takes it.
+    let began = Instant::now();
+    while trigger.exists() {
+        assert!(began.elapsed() < LIMIT, "the failpoint never fired");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let new = fleet.wait_for_leader(Some(old));
+    let mut to_new = runtime.block_on(connect(fleet.endpoint(new)));
+    let lent = runtime
+        .block_on(to_new.acquire_key(pb::AcquireKeyRequest {
+            task_id: "after".into(),
+            model: MODEL.into(),
+            ..Default::default()
+        }))
+        .expect("the new leader lends the key the paused one never recorded")
+        .into_inner();
+    assert_eq!(lent.key_id, "k0");
+
+    let resumed = std::process::Command::new("kill")
+        .args(["-CONT", &old_pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(resumed.success());
+    let answer = runtime
+        .block_on(async { tokio::time::timeout(LIMIT, pending).await })
+        .expect("the paused call was never answered")
+        .unwrap();
+    match answer {
+        Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        Ok(lease) => panic!(
+            "the deposed leader answered a lease on {} while {} holds it",
+            lease.get_ref().key_id,
+            lent.task_id
+        ),
+    }
+    // It follows now: through it, the key is still the new leader's tenant's.
+    let began = Instant::now();
+    let status = loop {
+        match status_of(&fleet.endpoint(old)) {
+            Ok(status) => break status,
+            Err(_) if began.elapsed() < LIMIT => std::thread::sleep(Duration::from_millis(50)),
+            Err(status) => panic!("the old leader never served again: {status:?}"),
+        }
+    };
+    let holders: Vec<&str> = status.keys[0]
+        .leases
+        .iter()
+        .map(|l| l.task_id.as_str())
+        .collect();
+    assert_eq!(holders, ["after"]);
+    let output = fleet.outputs();
+    assert!(output.contains("stepping down"), "{output}");
+    let _ = std::fs::remove_dir_all(trigger_dir);
+}
+
+/// Redis killed and restarted under load (its append-only file fsync'd always): the replicas
+/// recover by themselves and never lend a key twice. Redis flushed: they refuse to serve and say
+/// why, until an operator restarts one with `--reset-state`; tokens then go on above the old.
+#[test]
+fn replicas_ride_out_a_redis_restart_and_refuse_a_lost_log() {
+    let keys = keys(10);
+    let mut fleet = Fleet::start(3, &keys, &[]);
+    fleet.wait_for_leader(None);
+    let load = Load::start(&fleet, &keys, 60);
+    assert!(run_for(&load, Duration::from_secs(2)) > 20);
+
+    fleet.redis.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    fleet.redis.start_again();
+    fleet.wait_for_leader(None);
+    assert!(
+        run_for(&load, Duration::from_secs(3)) > 20,
+        "too little traffic after Redis came back"
+    );
+    let audit = load.finish();
+    let highest = audit.grants.iter().map(|g| g.token).max().unwrap();
+    let refused_while_down = audit.errors.iter().all(|&code| code == Code::Unavailable);
+    assert!(refused_while_down, "{:?}", audit.errors);
+
+    let _: () = redis::cmd("FLUSHALL")
+        .query(&mut fleet.redis.connection())
+        .unwrap();
+    for i in 0..3 {
+        // Its own refusal, not the leader's forwarded.
+        let refuses = format!("replica 127.0.0.1:{}#", fleet.ports[i]);
+        let began = Instant::now();
+        let refusal = loop {
+            match status_of(&fleet.endpoint(i)) {
+                Err(status) if status.message().starts_with(&refuses) => break status,
+                _ if began.elapsed() < LIMIT => std::thread::sleep(Duration::from_millis(50)),
+                other => panic!("replica {i} still serves after FLUSHALL: {other:?}"),
+            }
+        };
+        assert_eq!(refusal.code(), Code::Unavailable);
+        assert!(
+            refusal.message().contains("Redis holds no keylease log"),
+            "{refusal:?}"
+        );
+    }
+
+    fleet.kill(0);
+    let reset = fleet.start_replica(0, &[], &["--reset-state"]);
+    fleet.replicas[0] = Some(reset);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for i in 0..3 {
+        let began = Instant::now();
+        let lease = loop {
+            let acquired = runtime.block_on(async {
+                let channel = Channel::from_shared(fleet.endpoint(i))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                KeyLeaseClient::new(channel)
+                    .acquire_key(pb::AcquireKeyRequest {
+                        task_id: format!("after-reset-{i}"),
+                        model: MODEL.into(),
+                        ..Default::default()
+                    })
+                    .await
+            });
+            match acquired {
+                Ok(lease) => break lease.into_inner(),
+                Err(_) if began.elapsed() < LIMIT => std::thread::sleep(Duration::from_millis(50)),
+                Err(status) => panic!(
+                    "replica {i} never served after the reset: {status:?}\n{}",
+                    fleet.outputs()
+                ),
+            }
+        };
+        assert!(
+            lease.fencing_token > highest,
+            "token {} after the reset, {highest} before",
+            lease.fencing_token
+        );
+    }
+    let output = fleet.outputs();
+    assert!(!output.contains("panicked at"), "{output}");
+}
