@@ -6,6 +6,7 @@
 use crate::clock::Clock;
 use crate::config::ConnectionLimits;
 use crate::connections;
+use crate::replica::FleetView;
 use crate::secret::ApiKey;
 use crate::service::KeyLeaseService;
 use crate::state::State;
@@ -28,9 +29,9 @@ pub enum ServeError {
 /// The KeyLease service on `state`, behind the bearer-token check.
 pub type KeyLeaseRoutes = InterceptedService<KeyLeaseServer<KeyLeaseService>, BearerCheck>;
 
-pub fn keylease_routes(state: Arc<State>) -> KeyLeaseRoutes {
+pub fn keylease_routes(state: Arc<State>, fleet: Option<FleetView>) -> KeyLeaseRoutes {
     let check = BearerCheck::new(state.auth_tokens());
-    KeyLeaseServer::with_interceptor(KeyLeaseService::new(state), check)
+    KeyLeaseServer::with_interceptor(KeyLeaseService::new(state, fleet), check)
 }
 
 /// Serves on `listener` until `shutdown` resolves and in-flight calls have finished.
@@ -47,7 +48,7 @@ pub async fn serve(
     };
     serve_service(
         listener,
-        keylease_routes(state),
+        keylease_routes(state, None),
         limits,
         clock,
         shutdown,

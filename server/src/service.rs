@@ -4,6 +4,7 @@
 //! message on its way out.
 
 use crate::engine::{Command, EventKind, FailureReport, Renewed};
+use crate::replica::FleetView;
 use crate::state::{AcquireFailure, State};
 use crate::wire;
 use keylease::pb;
@@ -25,14 +26,20 @@ const MAX_PAGE_SIZE: usize = 10_000;
 
 pub struct KeyLeaseService {
     state: Arc<State>,
+    /// The fleet, when this server is the replica that leads it.
+    fleet: Option<FleetView>,
     /// One permit per `WatchEvents` stream that may be open.
     watch_slots: Arc<Semaphore>,
 }
 
 impl KeyLeaseService {
-    pub fn new(state: Arc<State>) -> Self {
+    pub fn new(state: Arc<State>, fleet: Option<FleetView>) -> Self {
         let watch_slots = Arc::new(Semaphore::new(state.limits.max_watch_streams));
-        Self { state, watch_slots }
+        Self {
+            state,
+            fleet,
+            watch_slots,
+        }
     }
 
     /// `text` with any secret in it masked.
@@ -211,7 +218,17 @@ impl KeyLeaseService {
             .read(|engine, now| engine.status(now, pool, after.as_deref(), page_size))
             .await??;
         let now = status.now;
+        let replication = self.fleet.as_ref().map(|fleet| {
+            let fleet = fleet.read();
+            pb::Replication {
+                replica: fleet.replica.clone(),
+                epoch: fleet.epoch,
+                log_position: self.state.journal().map_or(0, |j| j.durable_seq()),
+                key_set_differences: fleet.key_set_differences.clone(),
+            }
+        });
         Ok(pb::GetStatusResponse {
+            replication,
             keys: status
                 .keys
                 .into_iter()

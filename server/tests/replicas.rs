@@ -98,6 +98,16 @@ impl Fleet {
     }
 
     fn start_replica(&self, i: usize, env: &[(&str, &str)], args: &[&str]) -> Running {
+        self.start_replica_with(i, &self.config, env, args)
+    }
+
+    fn start_replica_with(
+        &self,
+        i: usize,
+        config: &std::path::Path,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Running {
         let state_dir = self.dir.join(format!("state-{i}"));
         let mut all_args = vec![
             "--store".to_string(),
@@ -109,7 +119,7 @@ impl Fleet {
         let all_args: Vec<&str> = all_args.iter().map(String::as_str).collect();
         support::try_start_on(
             &format!("127.0.0.1:{}", self.ports[i]),
-            self.config.to_str().unwrap(),
+            config.to_str().unwrap(),
             env,
             &all_args,
         )
@@ -636,4 +646,35 @@ fn replicas_ride_out_a_redis_restart_and_refuse_a_lost_log() {
     }
     let output = fleet.outputs();
     assert!(!output.contains("panicked at"), "{output}");
+}
+
+/// A replica with a key the others lack: the leader's status says which, whoever leads.
+#[test]
+fn replicas_with_different_keys_are_reported() {
+    let mut fleet = Fleet::start(2, &keys(3), &[]);
+    fleet.wait_for_leader(None);
+    let more = fleet.dir.join("more-keys.toml");
+    std::fs::write(&more, config(&keys(4))).unwrap();
+    fleet.kill(1);
+    let replica = fleet.start_replica_with(1, &more, &[], &[]);
+    fleet.replicas[1] = Some(replica);
+    let began = Instant::now();
+    let replication = loop {
+        let replication = status_of(&fleet.endpoint(0))
+            .ok()
+            .and_then(|status| status.replication)
+            .filter(|r| !r.key_set_differences.is_empty());
+        match replication {
+            Some(replication) => break replication,
+            None if began.elapsed() < LIMIT => std::thread::sleep(Duration::from_millis(100)),
+            None => panic!("no difference reported:\n{}", fleet.outputs()),
+        }
+    };
+    assert_eq!(replication.key_set_differences.len(), 1, "{replication:?}");
+    assert!(
+        replication.key_set_differences[0].contains("[k3]"),
+        "{replication:?}"
+    );
+    assert!(replication.epoch >= 1);
+    assert!(fleet.outputs().contains("replicas hold different keys"));
 }

@@ -479,3 +479,111 @@ fn an_id_or_project_holding_a_key_is_refused() {
         assert!(error.contains("the id holds a key"), "{error}");
     }
 }
+
+#[test]
+fn a_redis_store_reads_replication_and_masks_its_url_and_token() {
+    let key = format!("\n[[keys]]\nsecret = \"{SECRET}\"\n");
+    let token = "fleet-token-SECRET-0123456789";
+    let dir = Dir::new(&format!(
+        "[state]\nstore = \"redis://:PASSWORD@10.0.0.5:6379/2\"\n[replication]\ntoken = \"{token}\"\nadvertise = \"keylease-1.internal:50051\"\nleader_ttl = \"3s\"\n{POOL}{key}"
+    ));
+    let settings = dir.load(&no_env()).unwrap();
+    let StateLocation::Redis(replication) = &settings.state else {
+        panic!("not a Redis store: {:?}", settings.state);
+    };
+    assert_eq!(replication.advertise, "keylease-1.internal:50051");
+    assert_eq!(replication.namespace, "keylease");
+    assert_eq!(replication.leader_ttl, Duration::from_secs(3));
+    assert_eq!(replication.dir, dir.path.join(DEFAULT_STATE_DIR));
+    let shown = format!("{settings:?}");
+    assert!(
+        !shown.contains("PASSWORD") && !shown.contains("SECRET"),
+        "{shown}"
+    );
+    // Both are masked in free text too.
+    let redactor = Redactor::new(settings.secrets());
+    let text = format!("url redis://:PASSWORD@10.0.0.5:6379/2 token {token}");
+    let masked = redactor.redact(&text);
+    assert!(
+        !masked.contains("PASSWORD") && !masked.contains(token),
+        "{masked}"
+    );
+}
+
+#[test]
+fn replication_mistakes_name_the_field_and_never_quote_the_url() {
+    let key = format!("\n[[keys]]\nsecret = \"{SECRET}\"\n");
+    let token = "[replication]\ntoken = \"fleet-token-0123456789\"\n";
+    let cases = [
+        (
+            format!("[state]\nstore = \"postgres://u:PASSWORD@h/db\"\n{token}{POOL}{key}"),
+            "state.store: not a Redis URL",
+        ),
+        (
+            format!("[state]\nstore = \"redis://:PASSWORD@h:notaport/0\"\n{token}{POOL}{key}"),
+            "state.store: not a Redis URL",
+        ),
+        (
+            format!("[state]\nstore = \"redis://h:6379/0\"\n{POOL}{key}"),
+            "replication.token: required",
+        ),
+        (
+            format!(
+                "[state]\nstore = \"redis://h:6379/0\"\n[replication]\ntoken = \"short\"\n{POOL}{key}"
+            ),
+            "replication.token: must be at least 16",
+        ),
+        (
+            format!(
+                "[server]\nlisten = \"0.0.0.0:50051\"\n[state]\nstore = \"redis://h:6379/0\"\n{token}{POOL}{key}"
+            ),
+            "replication.advertise: required",
+        ),
+        (
+            format!(
+                "[state]\nstore = \"redis://h:6379/0\"\n{token}advertise = \"nowhere\"\n{POOL}{key}"
+            ),
+            "replication.advertise: \"nowhere\" is not HOST:PORT",
+        ),
+        (
+            format!(
+                "[state]\nstore = \"redis://h:6379/0\"\n{token}leader_ttl = \"10ms\"\n{POOL}{key}"
+            ),
+            "replication.leader_ttl",
+        ),
+        (
+            format!(
+                "[state]\nstore = \"redis://h:6379/0\"\n{token}namespace = \"a b\"\n{POOL}{key}"
+            ),
+            "replication.namespace",
+        ),
+        (
+            format!("[state]\nstore = \"redis://h:6379/0\"\nephemeral = true\n{token}{POOL}{key}"),
+            "cannot be ephemeral",
+        ),
+    ];
+    for (text, expected) in cases {
+        let error = error_of(Dir::new(&text).load(&no_env()));
+        assert!(
+            error.contains(expected),
+            "expected {expected:?} in: {error}"
+        );
+        assert!(!error.contains("PASSWORD"), "{error}");
+    }
+}
+
+#[test]
+fn the_store_and_its_token_come_from_the_command_line_and_the_environment() {
+    let dir = Dir::new(&format!("{POOL}\n[[keys]]\nsecret = \"{SECRET}\"\n"));
+    let overrides = Overrides {
+        store: Some("redis://127.0.0.1:6390/0".into()),
+        ..Overrides::default()
+    };
+    let settings = load(
+        Some(&dir.path.join("keylease.toml")),
+        &env(&[("KEYLEASE_REPLICATION__TOKEN", "fleet-token-0123456789")]),
+        &overrides,
+    )
+    .unwrap();
+    assert!(matches!(settings.state, StateLocation::Redis(_)));
+}

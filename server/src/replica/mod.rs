@@ -45,14 +45,40 @@ use tokio_util::sync::CancellationToken;
 const POLL: Duration = Duration::from_millis(100);
 /// How often a replica publishes its keys and compares them with the others'.
 const KEYS_EVERY: Duration = Duration::from_secs(2);
-/// A replica not heard of for this long is left out of the comparison.
-const REPLICA_GONE: Duration = Duration::from_secs(30);
+/// A replica not heard of for this long (three missed publications) is left out.
+const REPLICA_GONE: Duration = Duration::from_secs(6);
 /// How often the remembered log position is written to the state directory, at most.
 const REMEMBER_EVERY: Duration = Duration::from_secs(1);
 /// Records between the leader's snapshots: the log a new replica replays stays short.
 const SNAPSHOT_EVERY: u64 = 20_000;
 /// The file in the state directory that remembers the log this replica followed.
 const SEEN_FILE: &str = "redis-log";
+
+/// What the leader tells operators about the fleet, in `GetStatus`.
+#[derive(Debug, Default)]
+pub struct Fleet {
+    pub replica: String,
+    pub epoch: u64,
+    pub key_set_differences: Vec<String>,
+}
+
+/// The fleet as this replica sees it, kept up to date by its supervisor.
+#[derive(Debug, Clone, Default)]
+pub struct FleetView(Arc<std::sync::RwLock<Fleet>>);
+
+impl FleetView {
+    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, Fleet> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Fleet> {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 
 /// Why a replica could not start.
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +169,7 @@ pub fn start(
         remembered: None,
         _dir: dir,
         refusing: false,
+        fleet: FleetView::default(),
         reset_ms: reset_at,
         runtime,
         shutdown,
@@ -179,6 +206,7 @@ struct Supervisor {
     keys_published_ms: u64,
     /// The last report on differing key sets, logged when it changes.
     key_report: String,
+    fleet: FleetView,
 }
 
 /// What following found.
@@ -447,10 +475,17 @@ impl Supervisor {
             "leading"
         );
         self.runtime.spawn(state.clone().run_timer());
-        self.router.set(Serving::leading(state.clone()));
+        {
+            let mut fleet = self.fleet.write();
+            fleet.replica = self.identity.clone();
+            fleet.epoch = leader.epoch;
+        }
+        self.router
+            .set(Serving::leading(state.clone(), self.fleet.clone()));
         let runtime = self.runtime.clone();
         let why = runtime.block_on(async {
             let mut remember = tokio::time::interval(REMEMBER_EVERY);
+            let mut connection = None;
             loop {
                 tokio::select! {
                     () = state.store_stopped() => {
@@ -467,6 +502,13 @@ impl Supervisor {
                             self.seen.intact_ms = self.wall_ms();
                         }
                         self.remember(false);
+                        match connection.take().map_or_else(|| self.redis.connect(), Ok) {
+                            Ok(mut c) => {
+                                self.publish_keys(&mut c);
+                                connection = Some(c);
+                            }
+                            Err(_) => connection = None,
+                        }
                     }
                 }
             }
@@ -637,6 +679,7 @@ impl Supervisor {
             }
         }
         report.sort();
+        self.fleet.write().key_set_differences = report.clone();
         let report = report.join("; ");
         if report != self.key_report {
             if report.is_empty() {

@@ -4,6 +4,7 @@
 //! otherwise (electing, catching up, Redis unreachable, Redis lost the log). A forwarded call
 //! carries the replicas' shared token; a replica never forwards a forwarded call again.
 
+use crate::replica::FleetView;
 use crate::server::{KeyLeaseRoutes, keylease_routes};
 use crate::state::State;
 use keylease::pb::key_lease_server::KeyLeaseServer;
@@ -72,8 +73,8 @@ impl Leader {
 }
 
 impl Serving {
-    pub fn leading(state: Arc<State>) -> Self {
-        Self::Leading(keylease_routes(state))
+    pub fn leading(state: Arc<State>, fleet: FleetView) -> Self {
+        Self::Leading(keylease_routes(state, Some(fleet)))
     }
 
     pub fn unavailable(reason: impl Into<Arc<str>>) -> Self {
