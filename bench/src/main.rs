@@ -3,7 +3,7 @@
 //! runs it at a size that only shows it still works (CI does that; figures are never asserted).
 //!
 //! ```sh
-//! cargo run --release -p keylease-bench -- overhead | scale | utilization | limits | recovery | all [--smoke]
+//! cargo run --release -p keylease-bench -- overhead | scale | utilization | limits | recovery | replicas | all [--smoke]
 //! ```
 //! The other subcommands are the roles the scenarios start this binary in.
 
@@ -11,6 +11,7 @@ mod limits;
 mod overhead;
 mod procs;
 mod recovery;
+mod replicas;
 mod roles;
 mod scale;
 mod utilization;
@@ -54,6 +55,11 @@ enum Scenario {
         #[arg(long)]
         smoke: bool,
     },
+    /// Cycles through 1 and 3 replicas on Redis beside the embedded store; failover time.
+    Replicas {
+        #[arg(long)]
+        smoke: bool,
+    },
     /// Every scenario.
     All {
         #[arg(long)]
@@ -62,6 +68,9 @@ enum Scenario {
     /// Role: a keylease server on 127.0.0.1:0.
     #[command(hide = true)]
     Serve { config: PathBuf },
+    /// Role: a keylease replica on Redis, on 127.0.0.1:0.
+    #[command(hide = true)]
+    Replica { config: PathBuf },
     /// Role: a fake Gemini on 127.0.0.1:0.
     #[command(hide = true)]
     Fake { config: PathBuf },
@@ -75,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.command {
         Scenario::Serve { config } => return roles::serve(config).await,
+        Scenario::Replica { config } => return roles::replica(config).await,
         Scenario::Fake { config } => return roles::fake(config).await,
         Scenario::Worker(worker) => return roles::worker(worker).await,
         _ => {}
@@ -92,14 +102,19 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Utilization { smoke } => utilization::run(smoke).await?,
         Scenario::Limits { smoke } => limits::run(smoke).await?,
         Scenario::Recovery { smoke } => recovery::run(smoke).await?,
+        Scenario::Replicas { smoke } => replicas::run(smoke).await?,
         Scenario::All { smoke } => {
             overhead::run(smoke).await?;
             scale::run(smoke).await?;
             utilization::run(smoke).await?;
             limits::run(smoke).await?;
             recovery::run(smoke).await?;
+            replicas::run(smoke).await?;
         }
-        Scenario::Serve { .. } | Scenario::Fake { .. } | Scenario::Worker(_) => {
+        Scenario::Serve { .. }
+        | Scenario::Replica { .. }
+        | Scenario::Fake { .. }
+        | Scenario::Worker(_) => {
             unreachable!("handled above")
         }
     }

@@ -34,7 +34,7 @@ pub struct Samples {
 }
 
 impl Samples {
-    fn add(&mut self, other: Samples) {
+    pub fn add(&mut self, other: Samples) {
         self.latencies.extend(other.latencies);
         self.elapsed += other.elapsed;
         self.server_cpu += other.server_cpu;
@@ -52,7 +52,7 @@ impl Samples {
     }
 
     /// CPU per call in microseconds: (server, load).
-    fn cpu_per_call(&self) -> (f64, f64) {
+    pub fn cpu_per_call(&self) -> (f64, f64) {
         let calls = self.latencies.len().max(1) as f64;
         (
             self.server_cpu.as_secs_f64() * 1e6 / calls,
@@ -75,16 +75,36 @@ where
     F: Fn(Channel, usize) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = anyhow::Result<()>> + Send,
 {
+    measure_spread(&[server], clients, duration, pace, call).await
+}
+
+/// As [`measure`], with the clients spread over `servers` (replicas of one service); the
+/// server CPU is theirs together.
+pub async fn measure_spread<F, Fut>(
+    servers: &[&procs::Child],
+    clients: usize,
+    duration: Duration,
+    pace: Pace,
+    call: F,
+) -> anyhow::Result<Samples>
+where
+    F: Fn(Channel, usize) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
     let mut channels = Vec::new();
-    for _ in 0..clients.clamp(1, 8) {
+    let connections = clients.clamp(1, 8).max(servers.len());
+    for n in 0..connections {
         channels.push(
-            Channel::from_shared(server.address.clone())?
+            Channel::from_shared(servers[n % servers.len()].address.clone())?
                 .tcp_nodelay(true)
                 .connect()
                 .await?,
         );
     }
-    let cpu = || (server.cpu_time(), procs::cpu_time_of("self"));
+    let cpu = || {
+        let servers: Option<Duration> = servers.iter().map(|s| s.cpu_time()).sum();
+        (servers, procs::cpu_time_of("self"))
+    };
     let cpu_before = cpu();
     let began = now();
     let stop = began + duration;

@@ -41,6 +41,31 @@ pub async fn serve(config: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A replica on Redis (the configuration names the store) on a loopback port of its own, which
+/// it advertises to the other replicas.
+pub async fn replica(config: PathBuf) -> anyhow::Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let overrides = Overrides {
+        listen: Some(address.to_string()),
+        ..Overrides::default()
+    };
+    let settings = config::load(Some(&config), &Default::default(), &overrides)?;
+    let config::StateLocation::Redis(replication) = settings.state.clone() else {
+        anyhow::bail!("{}: no Redis store configured", config.display());
+    };
+    println!("listening on http://{address}");
+    keylease_server::replica::serve(
+        listener,
+        settings,
+        *replication,
+        false,
+        std::future::pending(),
+    )
+    .await?;
+    Ok(())
+}
+
 /// How often a durable server prints its store's counters.
 pub const STATS_EVERY: Duration = Duration::from_millis(100);
 /// The start of those lines: `journal commits=N records=M`.

@@ -28,6 +28,7 @@ fn every_scenario_runs_at_smoke_size() {
         "### Quota utilization",
         "### Hostile clients",
         "### Recovery",
+        "### Replicas on Redis",
         "| durable |",
         "| keylease |",
     ] {

@@ -15,12 +15,19 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
+    /// `always`, or `everysec` (benchmarks: the cost of `always`).
+    appendfsync: &'static str,
     child: Option<Child>,
 }
 
 impl RedisServer {
     /// Starts one in a new directory under the system's temporary directory.
     pub fn start() -> Self {
+        Self::start_with_fsync("always")
+    }
+
+    /// Starts one whose append-only file is fsync'd as `appendfsync` says.
+    pub fn start_with_fsync(appendfsync: &'static str) -> Self {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("keylease-redis-{}-{n}", std::process::id()));
@@ -30,6 +37,7 @@ impl RedisServer {
         let mut server = Self {
             port,
             dir,
+            appendfsync,
             child: None,
         };
         server.start_again();
@@ -45,6 +53,11 @@ impl RedisServer {
         &self.dir
     }
 
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts it (again) on the same port and directory: it reloads its append-only file.
     pub fn start_again(&mut self) {
         let spawned = Command::new("redis-server")
@@ -56,7 +69,7 @@ impl RedisServer {
                 "--appendonly",
                 "yes",
                 "--appendfsync",
-                "always",
+                self.appendfsync,
                 "--save",
                 "",
                 "--maxmemory-policy",

@@ -7,14 +7,13 @@ use clap::Parser;
 use keylease_server::clock::Clock;
 use keylease_server::config::{self, LogFormat, Overrides, Replication, Settings, StateLocation};
 use keylease_server::replica;
-use keylease_server::server::{serve, serve_service};
+use keylease_server::server::serve;
 use keylease_server::state::State;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 /// Invalid command line or configuration (EX_USAGE).
@@ -115,6 +114,15 @@ fn main() -> ExitCode {
     }
 }
 
+impl From<keylease_server::replica::ServeError> for Failure {
+    fn from(error: keylease_server::replica::ServeError) -> Self {
+        match error {
+            keylease_server::replica::ServeError::Start(start) => Self::Replica(start),
+            keylease_server::replica::ServeError::Serve(serve) => Self::Serve(serve),
+        }
+    }
+}
+
 /// Prints the panic as usual, then aborts: tonic would otherwise turn a handler's panic into a
 /// dropped call and serve on.
 fn abort_on_panic() {
@@ -209,37 +217,7 @@ async fn run_replica(
 ) -> Result<(), Failure> {
     let listener = bind(&settings).await?;
     let stop = stop_signal()?;
-    let shutdown = CancellationToken::new();
-    let (router, supervisor) = replica::start(
-        settings.clone(),
-        replication,
-        reset_state,
-        tokio::runtime::Handle::current(),
-        shutdown.clone(),
-    )?;
-    let stopping = {
-        let shutdown = shutdown.clone();
-        async move {
-            stop.await;
-            shutdown.cancel();
-        }
-    };
-    let grace = {
-        let shutdown = shutdown.clone();
-        async move {
-            shutdown.cancelled().await;
-            tokio::time::sleep(settings.shutdown_grace).await;
-        }
-    };
-    tokio::select! {
-        served = serve_service(listener, router, settings.limits, Clock::system(), stopping, || {}) => served?,
-        () = grace => tracing::warn!("grace period over: stopping with calls still in flight"),
-    }
-    shutdown.cancel();
-    // The replica steps down: a leader writes its last snapshot and hands the leadership over.
-    tokio::task::spawn_blocking(move || supervisor.join())
-        .await
-        .ok();
+    replica::serve(listener, settings, replication, reset_state, stop).await?;
     tracing::info!("keylease stopped");
     Ok(())
 }

@@ -117,6 +117,66 @@ impl Seen {
     }
 }
 
+/// Runs a replica on `listener` until `stop` resolves; then it steps down (a leader writes its
+/// last snapshot and hands the leadership over at once) and in-flight calls get
+/// `server.shutdown_grace` to finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    settings: Settings,
+    replication: Replication,
+    reset: bool,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let shutdown = CancellationToken::new();
+    let (router, supervisor) = start(
+        settings.clone(),
+        replication,
+        reset,
+        Handle::current(),
+        shutdown.clone(),
+    )?;
+    let stopping = {
+        let shutdown = shutdown.clone();
+        async move {
+            stop.await;
+            shutdown.cancel();
+        }
+    };
+    let grace = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(settings.shutdown_grace).await;
+        }
+    };
+    let served = crate::server::serve_service(
+        listener,
+        router,
+        settings.limits,
+        Clock::system(),
+        stopping,
+        || {},
+    );
+    tokio::select! {
+        served = served => served?,
+        () = grace => tracing::warn!("grace period over: stopping with calls still in flight"),
+    }
+    shutdown.cancel();
+    tokio::task::spawn_blocking(move || supervisor.join())
+        .await
+        .ok();
+    Ok(())
+}
+
+/// Why a replica stopped other than by `stop`.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Start(#[from] StartError),
+    #[error("serving failed: {0}")]
+    Serve(#[from] crate::server::ServeError),
+}
+
 /// Starts a replica: returns the router to serve with, and the thread that runs it until
 /// `shutdown` (it then steps down, handing the leadership over at once).
 pub fn start(
