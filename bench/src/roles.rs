@@ -96,6 +96,8 @@ pub enum Mode {
 pub struct WorkerArgs {
     #[arg(long, value_enum)]
     mode: Mode,
+    /// keylease's endpoint; several, comma-separated, for replicas (calls are balanced over
+    /// those that answer).
     #[arg(long)]
     keylease: String,
     #[arg(long)]
@@ -131,7 +133,12 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     );
     let gemini = GeminiClient::new(&args.gemini, Duration::from_secs(10))?;
     let leased = LeasedGemini::new(
-        KeyLeaseClient::connect(ClientConfig::new(args.keylease.clone()))?,
+        KeyLeaseClient::connect(ClientConfig {
+            endpoints: args.keylease.split(',').map(str::to_string).collect(),
+            // Through a leader's failover (about two seconds) without giving up.
+            attempts: 8,
+            ..ClientConfig::new(String::new())
+        })?,
         gemini.clone(),
         RetryPolicy {
             deadline: Duration::from_millis(args.warmup_ms + args.measure_ms + 30_000),
