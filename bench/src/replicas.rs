@@ -19,9 +19,22 @@ use tonic::transport::Channel;
 const MODEL: &str = "bench-model";
 const TOKEN: &str = "bench-replication-token-0123456789";
 
+/// What one deployment's rounds add up to.
+#[derive(Default)]
+struct Totals {
+    samples: Samples,
+    redis_cpu: Duration,
+    followers_cpu: Duration,
+    /// Batches appended (one XADD each), and the records in them.
+    appends: u64,
+    records: u64,
+}
+
 /// One deployment: its name, its servers, and the Redis it uses (none: embedded).
 struct Deployment<'a> {
     name: &'static str,
+    /// Its keys' prefix in Redis.
+    namespace: &'static str,
     servers: Vec<Child>,
     /// Each server's configuration, in the same order.
     configs: Vec<std::path::PathBuf>,
@@ -101,6 +114,16 @@ fn leader_of(redis: &RedisServer, namespace: &str, servers: &[Child]) -> Option<
         .position(|s| s.address == format!("http://{address}"))
 }
 
+/// The last record of a namespace's log.
+fn last_record(redis: &RedisServer, namespace: &str) -> u64 {
+    redis::cmd("GET")
+        .arg(format!("{{{namespace}}}:last"))
+        .query::<Option<u64>>(&mut redis.connection())
+        .ok()
+        .flatten()
+        .unwrap_or(0)
+}
+
 /// Calls of each kind Redis answered so far (`INFO commandstats`).
 fn redis_calls(redis: &RedisServer, command: &str) -> u64 {
     let info: String = redis::cmd("INFO")
@@ -125,6 +148,7 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
     let mut deployments = vec![
         Deployment {
             name: "embedded",
+            namespace: "",
             servers: vec![procs::spawn(
                 &["serve".into(), embedded_config.display().to_string()],
                 true,
@@ -134,6 +158,7 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         },
         Deployment {
             name: "1 replica",
+            namespace: "one",
             servers: vec![start_replica(&one_config)?],
             configs: vec![one_config],
             redis: Some(&always),
@@ -160,6 +185,7 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         }
         deployments.push(Deployment {
             name,
+            namespace,
             servers,
             configs,
             redis: Some(redis),
@@ -178,21 +204,18 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
     };
     println!("\n### Replicas on Redis\n");
     println!(
-        "`cargo run --release -p keylease-bench -- replicas`; per row {rounds} rounds of {} ms of AcquireKey+Release cycles on each deployment in turn; the load from this one process, its clients spread over the deployment's replicas (two thirds through followers with 3). Redis {} ({}), append-only file fsync'd always, except where the row says; the embedded store on the same disk. `Redis CPU` and `appends` come from the Redis process and `INFO commandstats` (EVALSHA: epoch-checked appends, renewals and read confirmations; XADD: records).\n",
+        "`cargo run --release -p keylease-bench -- replicas`; per row {rounds} rounds of {} ms of AcquireKey+Release cycles on each deployment in turn; the load from this one process, its clients spread over the deployment's replicas (two thirds through followers with 3). Redis {} ({}), append-only file fsync'd always, except where the row says; the embedded store on the same disk. `Redis CPU` comes from the Redis process; `records per append` from `INFO commandstats` (one XADD per batch the leader appends, by an epoch-checked script) and the log's last record number. `of which followers`: the CPU of the replicas that did not lead (forwarding and replaying the log).\n",
         round.as_millis(),
         redis_version(&always),
         procs::file_system_of(always.dir())
     );
     println!(
-        "| clients | deployment | cycles/s | vs embedded | cycle p50 | p99 | p99.9 | keylease CPU per cycle | Redis CPU per cycle | records per append |"
+        "| clients | deployment | cycles/s | vs embedded | cycle p50 | p99 | p99.9 | keylease CPU per cycle | of which followers | Redis CPU per cycle | records per append |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut ratios = Vec::new();
     for clients in [16, 64] {
-        let mut measured: Vec<(Samples, Duration, u64, u64)> = deployments
-            .iter()
-            .map(|_| (Samples::default(), Duration::ZERO, 0, 0))
-            .collect();
+        let mut measured: Vec<Totals> = deployments.iter().map(|_| Totals::default()).collect();
         for _ in 0..rounds {
             for (deployment, totals) in deployments.iter().zip(&mut measured) {
                 let redis_pid = deployment.redis.and_then(RedisServer::pid);
@@ -202,31 +225,54 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
                         .unwrap_or_default()
                 };
                 let calls = |command| deployment.redis.map_or(0, |r| redis_calls(r, command));
-                let before = (redis_cpu(), calls("evalsha"), calls("xadd"));
+                let leader = deployment
+                    .redis
+                    .and_then(|r| leader_of(r, deployment.namespace, &deployment.servers));
+                let followers_cpu = || -> Duration {
+                    (deployment.servers.iter().enumerate())
+                        .filter(|(i, _)| Some(*i) != leader)
+                        .filter_map(|(_, s)| s.cpu_time())
+                        .sum()
+                };
+                let last = || {
+                    deployment
+                        .redis
+                        .map_or(0, |r| last_record(r, deployment.namespace))
+                };
+                let before = (redis_cpu(), calls("xadd"), last(), followers_cpu());
                 let servers: Vec<&Child> = deployment.servers.iter().collect();
                 let samples = measure_spread(&servers, clients, round, Pace::Closed, cycle).await?;
-                totals.0.add(samples);
-                totals.1 += redis_cpu().saturating_sub(before.0);
-                totals.2 += calls("evalsha").saturating_sub(before.1);
-                totals.3 += calls("xadd").saturating_sub(before.2);
+                totals.samples.add(samples);
+                totals.redis_cpu += redis_cpu().saturating_sub(before.0);
+                totals.appends += calls("xadd").saturating_sub(before.1);
+                totals.records += last().saturating_sub(before.2);
+                if leader.is_some() && deployment.servers.len() > 1 {
+                    totals.followers_cpu += followers_cpu().saturating_sub(before.3);
+                }
             }
         }
-        let embedded = measured[0].0.per_second();
-        for (deployment, (samples, redis_cpu, appends, records)) in
-            deployments.iter().zip(&mut measured)
-        {
+        let embedded = measured[0].samples.per_second();
+        for (deployment, totals) in deployments.iter().zip(&mut measured) {
+            let samples = &mut totals.samples;
             let cycles = samples.per_second();
-            let count = cycles * round.as_secs_f64() * rounds as f64;
-            let redis = match deployment.redis {
-                Some(_) => format!("{:.0} µs", redis_cpu.as_secs_f64() * 1e6 / count.max(1.0)),
-                None => String::new(),
+            let count = (cycles * round.as_secs_f64() * rounds as f64).max(1.0);
+            let per_cycle = |cpu: Duration| format!("{:.0} µs", cpu.as_secs_f64() * 1e6 / count);
+            let (redis, per_append) = match deployment.redis {
+                Some(_) => (
+                    per_cycle(totals.redis_cpu),
+                    format!(
+                        "{:.1}",
+                        totals.records as f64 / totals.appends.max(1) as f64
+                    ),
+                ),
+                None => Default::default(),
             };
-            let per_append = match deployment.redis {
-                Some(_) => format!("{:.1}", *records as f64 / (*appends).max(1) as f64),
-                None => String::new(),
+            let followers = match deployment.servers.len() {
+                1 => String::new(),
+                _ => per_cycle(totals.followers_cpu),
             };
             println!(
-                "| {clients} | {} | {cycles:.0} | {:.2} | {} µs | {} µs | {} µs | {:.0} µs | {redis} | {per_append} |",
+                "| {clients} | {} | {cycles:.0} | {:.2} | {} µs | {} µs | {} µs | {:.0} µs | {followers} | {redis} | {per_append} |",
                 deployment.name,
                 cycles / embedded,
                 samples.percentile(0.5),

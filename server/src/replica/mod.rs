@@ -488,7 +488,11 @@ impl Supervisor {
                     tracing::info!(leader = leader.id, epoch = leader.epoch, "following");
                     self.router.set(Serving::Following(Arc::new(target)));
                 }
-                follower.wait_for_records(POLL);
+                match follower.tail_for(POLL) {
+                    // The leader's snapshot covered records this copy had not applied.
+                    Err(StoreError::Unreadable { .. }) => *follower = Follower::load(&self.redis)?,
+                    other => other?,
+                }
                 Ok(Step::Followed)
             }
             None => {
@@ -786,9 +790,21 @@ impl Follower {
             .records(replay.last_seq, &mut |seq, bytes| replay.apply(seq, bytes))
     }
 
-    /// Returns when records after the copy's last land, or after `timeout`.
-    fn wait_for_records(&self, timeout: Duration) {
-        self.log.wait_after(self.replay.last_seq, timeout);
+    /// Applies the leader's records as they land, for `duration`.
+    fn tail_for(&mut self, duration: Duration) -> Result<(), StoreError> {
+        let until = Clock::system().now_ms() + duration.as_millis() as u64;
+        loop {
+            let left = until.saturating_sub(Clock::system().now_ms());
+            if left == 0 {
+                return Ok(());
+            }
+            let replay = &mut self.replay;
+            self.log.read_after(
+                replay.last_seq,
+                Duration::from_millis(left),
+                &mut |seq, bytes| replay.apply(seq, bytes),
+            )?;
+        }
     }
 }
 
@@ -880,7 +896,7 @@ impl Renewal {
 
 #[cfg(test)]
 mod tests {
-    use super::redis::{Redis, RedisLog, RedisStore, create_log, head, take_leadership};
+    use super::redis::{Keys, Redis, RedisLog, RedisStore, create_log, head, take_leadership};
     use crate::redis_server::RedisServer;
     use crate::secret::FingerprintKey;
     use crate::store::Store;
@@ -924,4 +940,86 @@ mod tests {
     }
 
     crate::conformance_tests!(on_a_new_redis());
+
+    /// A store leading a fresh log on `server`, as `identity`, once the leadership is free.
+    fn leading(server: &RedisServer, identity: &str) -> (RedisStore, super::redis::Leader) {
+        let redis = Redis::new(&server.url(), "unit").unwrap();
+        let mut connection = redis.connect().unwrap();
+        let log_id = create_log(&redis, &mut connection, "log-1", None).unwrap();
+        let leader = take_leadership(
+            &redis,
+            &mut connection,
+            identity,
+            "127.0.0.1:1",
+            Duration::from_secs(3_600),
+            0,
+            &log_id,
+        )
+        .unwrap()
+        .expect("the leadership is free");
+        let last = head(&redis, &mut connection).unwrap().last_seq;
+        let store = RedisStore::new(RedisLog::open(redis).unwrap(), &leader, log_id, last);
+        (store, leader)
+    }
+
+    fn batch(seqs: std::ops::RangeInclusive<u64>) -> Vec<(u64, Vec<u8>)> {
+        seqs.map(|seq| (seq, vec![seq as u8])).collect()
+    }
+
+    fn read(log: &dyn crate::store::Log, after: u64) -> Vec<u64> {
+        let mut seen = Vec::new();
+        log.records(after, &mut |seq, bytes| {
+            assert_eq!(bytes, [seq as u8]);
+            seen.push(seq);
+            Ok(())
+        })
+        .unwrap();
+        seen
+    }
+
+    #[test]
+    fn batches_are_read_from_any_record_and_a_snapshot_trims_what_it_covers() {
+        let server = RedisServer::start();
+        let (mut store, _) = leading(&server, "a");
+        store.append(&batch(1..=3)).unwrap();
+        store.append(&batch(4..=6)).unwrap();
+        assert_eq!(read(&store, 0), [1, 2, 3, 4, 5, 6]);
+        assert_eq!(read(&store, 4), [5, 6]);
+        let mut tailed = Vec::new();
+        let log = RedisLog::open(Redis::new(&server.url(), "unit").unwrap()).unwrap();
+        log.read_after(3, Duration::from_millis(10), &mut |seq, _| {
+            tailed.push(seq);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(tailed, [4, 5, 6]);
+        // A snapshot amid the second batch: the first goes, the second stays for record 6.
+        store.save_snapshot(5, b"snapshot").unwrap();
+        assert_eq!(read(&store, 5), [6]);
+        assert_eq!(read(&store, 0), [4, 5, 6]);
+    }
+
+    #[test]
+    fn a_deposed_leader_cannot_append_and_a_retried_batch_never_lands_twice() {
+        let server = RedisServer::start();
+        let (mut old, _) = leading(&server, "old");
+        old.append(&batch(1..=2)).unwrap();
+        // Its leadership lapses; another replica takes it and appends.
+        let _: () = redis::cmd("DEL")
+            .arg(Keys::new("unit").leader)
+            .query(&mut server.connection())
+            .unwrap();
+        let (mut new, leader) = leading(&server, "new");
+        new.append(&batch(3..=3)).unwrap();
+        let refused = old.append(&batch(3..=4)).unwrap_err().to_string();
+        assert!(refused.contains("no longer leads"), "{refused}");
+        assert!(old.confirm().is_err(), "a deposed leader confirmed a read");
+        // The same batch again, as after a reply lost on the way back: the store still believes
+        // the log ends at record 2.
+        let log = RedisLog::open(Redis::new(&server.url(), "unit").unwrap()).unwrap();
+        let mut again = RedisStore::new(log, &leader, "log-1".into(), 2);
+        let moved = again.append(&batch(3..=3)).unwrap_err().to_string();
+        assert!(moved.contains("ends at record 3, not 2"), "{moved}");
+        assert_eq!(read(&new, 0), [1, 2, 3]);
+    }
 }

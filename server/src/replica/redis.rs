@@ -5,7 +5,8 @@
 //! - `leader`: `EPOCH ID ADDRESS` of the replica that leads, with a TTL it renews.
 //! - `epoch`: the highest epoch ever granted; each leadership takes one above it.
 //! - `last`: the number of the last record appended.
-//! - `log`: a stream of records, entry id `SEQ-0`, field `r` holding the record's bytes.
+//! - `log`: a stream of the records, one entry per batch the leader appended: entry id
+//!   `SEQ-0` (its last record), field `r` holding the batch's records with their numbers.
 //! - `snapshot`: a hash with `seq` and `data`, the whole state after record `seq`; the stream
 //!   holds only the records after it.
 //! - `replicas`: a hash of every replica's address and keys (ids and fingerprints, never a
@@ -17,7 +18,7 @@
 //! retried batch can never land twice. Nothing here decides a lease: the rules stay in the
 //! engine, and Redis only orders and keeps what the leader decided.
 
-use crate::store::{Log, RecordVisitor, Store, StoreError};
+use crate::store::{Log, RecordVisitor, Store, StoreError, decode, encode};
 use redis::{Commands, Connection, Script};
 use std::cell::RefCell;
 use std::path::PathBuf;
@@ -70,8 +71,9 @@ return 1
     )
 });
 
-/// Appends records `SEQ BYTES ...` after record `ARGV[3]`, as the leader `ARGV[1]` of log
-/// `ARGV[2]`; with no records, only checks that it still may.
+/// Appends a batch of records ending at record `ARGV[4]` (its bytes `ARGV[5]`) after record
+/// `ARGV[3]`, as the leader `ARGV[1]` of log `ARGV[2]`; with no batch, only checks that it
+/// still may.
 static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -80,11 +82,9 @@ if redis.call('HGET', KEYS[2], 'id') ~= ARGV[2] then return redis.error_reply('K
 local last = redis.call('GET', KEYS[3]) or '0'
 if last ~= ARGV[3] then return redis.error_reply('KEYLEASE_LOG_MOVED the log ends at record ' .. last .. ', not ' .. ARGV[3]) end
 if #ARGV < 5 then return 0 end
-for i = 4, #ARGV, 2 do
-  redis.call('XADD', KEYS[4], ARGV[i] .. '-0', 'r', ARGV[i + 1])
-end
-redis.call('SET', KEYS[3], ARGV[#ARGV - 1])
-return (#ARGV - 3) / 2
+redis.call('XADD', KEYS[4], ARGV[4] .. '-0', 'r', ARGV[5])
+redis.call('SET', KEYS[3], ARGV[4])
+return 1
 ",
     )
 });
@@ -386,13 +386,7 @@ impl Log for RedisLog {
                 .map_err(|e| self.redis.io(&e))?;
             let done = entries.len() < READ_BATCH;
             for (id, fields) in entries {
-                let seq = entry_seq(&id).ok_or_else(|| self.unreadable(&id))?;
-                let record = match fields.as_slice() {
-                    [name, record] if name == b"r" => record,
-                    _ => return Err(self.unreadable(&id)),
-                };
-                visit(seq, record)?;
-                from = seq;
+                from = self.visit_entry(&id, &fields, after, visit)?;
             }
             if done {
                 return Ok(());
@@ -406,17 +400,53 @@ impl Log for RedisLog {
 }
 
 impl RedisLog {
-    /// Returns when the stream holds records after `seq`, or after `timeout`.
-    pub fn wait_after(&self, seq: u64, timeout: Duration) {
-        let _: Result<::redis::Value, _> = ::redis::cmd("XREAD")
+    /// Visits the records after `seq` as soon as there are some, waiting up to `timeout`.
+    pub fn read_after(
+        &self,
+        seq: u64,
+        timeout: Duration,
+        visit: &mut RecordVisitor<'_>,
+    ) -> Result<(), StoreError> {
+        type Streams = Option<Vec<(String, Vec<(String, Vec<Vec<u8>>)>)>>;
+        let streams: Streams = ::redis::cmd("XREAD")
             .arg("COUNT")
-            .arg(1)
+            .arg(READ_BATCH)
             .arg("BLOCK")
-            .arg(timeout.as_millis() as u64)
+            .arg(timeout.as_millis().max(1) as u64)
             .arg("STREAMS")
             .arg(&self.redis.keys.log)
             .arg(format!("{seq}-0"))
-            .query(&mut *self.connection.borrow_mut());
+            .query(&mut *self.connection.borrow_mut())
+            .map_err(|e| self.redis.io(&e))?;
+        for (_, entries) in streams.into_iter().flatten() {
+            for (id, fields) in entries {
+                self.visit_entry(&id, &fields, seq, visit)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Visits the records of one entry (a batch) that come after `after`; returns the entry's
+    /// last record.
+    fn visit_entry(
+        &self,
+        id: &str,
+        fields: &[Vec<u8>],
+        after: u64,
+        visit: &mut RecordVisitor<'_>,
+    ) -> Result<u64, StoreError> {
+        let last = entry_seq(id).ok_or_else(|| self.unreadable(id))?;
+        let batch: Vec<(u64, &[u8])> = match fields {
+            [name, batch] if name == b"r" => decode(batch).map_err(|_| self.unreadable(id))?,
+            _ => return Err(self.unreadable(id)),
+        };
+        for (seq, record) in batch {
+            // A snapshot may have been taken amid a batch: what it covers is skipped.
+            if seq > after {
+                visit(seq, record)?;
+            }
+        }
+        Ok(last)
     }
 
     fn unreadable(&self, id: &str) -> StoreError {
@@ -506,8 +536,14 @@ impl Store for RedisStore {
             .arg(&self.leader_value)
             .arg(&self.log_id)
             .arg(self.last_seq);
-        for (seq, record) in records {
-            append.arg(*seq).arg(record.as_slice());
+        if let Some(&(last, _)) = records.last() {
+            // One entry per batch, as the embedded store keeps one per commit: a follower reads
+            // and parses one entry, not one per record.
+            let batch: Vec<(u64, &[u8])> = records
+                .iter()
+                .map(|(seq, bytes)| (*seq, bytes.as_slice()))
+                .collect();
+            append.arg(last).arg(encode(&batch));
         }
         let _: i64 = append
             .invoke(&mut *self.log.connection.borrow_mut())

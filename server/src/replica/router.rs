@@ -7,6 +7,8 @@
 use crate::replica::FleetView;
 use crate::server::{KeyLeaseRoutes, keylease_routes};
 use crate::state::State;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use keylease::pb::key_lease_server::KeyLeaseServer;
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,7 +21,6 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::server::NamedService;
-use tonic::transport::{Channel, Endpoint};
 use tower::ServiceExt;
 
 /// The header a forwarded call carries: the replicas' shared token.
@@ -38,37 +39,84 @@ pub enum Serving {
     Following(Arc<Leader>),
 }
 
-/// The leader calls are forwarded to.
+/// The leader calls are forwarded to, over HTTP/2 connections made when the first call needs
+/// them and again after one closes. hyper's connections directly, not tonic's channels: a
+/// channel hands each call to a task of its own, a wake-up more per forwarded call.
 pub struct Leader {
     pub id: String,
     pub address: String,
-    channels: Vec<Channel>,
+    /// `http://ADDRESS`, the origin of forwarded calls.
+    origin: String,
+    connections: Vec<tokio::sync::Mutex<Option<SendRequest<Body>>>>,
     next: AtomicUsize,
 }
 
 impl Leader {
-    /// Connections are made when the first call needs them (inside a tokio runtime).
     pub fn new(id: String, address: String) -> Result<Self, String> {
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| format!("the leader's address {address:?}: {e}"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5));
-        let channels = (0..CONNECTIONS_TO_LEADER)
-            .map(|_| endpoint.connect_lazy())
-            .collect();
+        let origin = format!("http://{address}");
+        http::Uri::try_from(origin.as_str())
+            .map_err(|e| format!("the leader's address {address:?}: {e}"))?;
         Ok(Self {
             id,
             address,
-            channels,
+            origin,
+            connections: (0..CONNECTIONS_TO_LEADER)
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
             next: AtomicUsize::new(0),
         })
     }
 
-    fn channel(&self) -> Channel {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        self.channels[n % self.channels.len()].clone()
+    /// Sends `request` to the leader on one of the connections.
+    async fn forward(&self, mut request: http::Request<Body>) -> Result<Response, String> {
+        let path = request
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        *request.uri_mut() = format!("{}{path}", self.origin)
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        let mut sender = self.sender().await?;
+        sender.ready().await.map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(response.map(Body::new))
+    }
+
+    /// A connection that is open, made anew if the last one closed.
+    async fn sender(&self) -> Result<SendRequest<Body>, String> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
+        let mut slot = self.connections[n].lock().await;
+        if let Some(sender) = slot.as_ref()
+            && !sender.is_closed()
+        {
+            return Ok(sender.clone());
+        }
+        let stream = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect(&self.address),
+        )
+        .await
+        .map_err(|_| format!("no connection within {CONNECT_TIMEOUT:?}"))?
+        .map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection to the leader ended");
+            }
+        });
+        *slot = Some(sender.clone());
+        Ok(sender)
     }
 }
 
@@ -171,7 +219,7 @@ impl tower::Service<http::Request<Body>> for Router {
                     .headers_mut()
                     .insert(REPLICA_HEADER, self.shared.token.clone());
                 Box::pin(async move {
-                    match leader.channel().oneshot(request).await {
+                    match leader.forward(request).await {
                         Ok(response) => Ok(response),
                         Err(error) => Ok(Status::unavailable(format!(
                             "the leader {} at {} cannot be reached ({error}): retry",
