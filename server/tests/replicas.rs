@@ -406,6 +406,53 @@ impl Load {
     }
 }
 
+/// Everything Redis holds (every key of every type, whole) is free of the configured secrets.
+fn assert_no_secret_in_redis(fleet: &Fleet, keys: &[(String, String)]) {
+    let mut redis = fleet.redis.connection();
+    let names: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut redis).unwrap();
+    assert!(names.len() >= 5, "{names:?}");
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    for name in &names {
+        let kind: String = redis::cmd("TYPE").arg(name).query(&mut redis).unwrap();
+        let value: redis::Value = match kind.as_str() {
+            "string" => redis::cmd("GET").arg(name).query(&mut redis).unwrap(),
+            "hash" => redis::cmd("HGETALL").arg(name).query(&mut redis).unwrap(),
+            "stream" => redis::cmd("XRANGE")
+                .arg(name)
+                .arg("-")
+                .arg("+")
+                .query(&mut redis)
+                .unwrap(),
+            other => panic!("{name}: unexpected type {other}"),
+        };
+        held.push(format!("{value:?}").into_bytes());
+        collect_bytes(&value, &mut held);
+    }
+    for (id, _) in keys {
+        let secret = secret(id);
+        for bytes in &held {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "Redis holds the secret of {id}"
+            );
+        }
+    }
+}
+
+fn collect_bytes(value: &redis::Value, into: &mut Vec<Vec<u8>>) {
+    match value {
+        redis::Value::BulkString(bytes) => into.push(bytes.clone()),
+        redis::Value::Array(items) | redis::Value::Set(items) => {
+            items.iter().for_each(|item| collect_bytes(item, into))
+        }
+        redis::Value::Map(pairs) => pairs.iter().for_each(|(k, v)| {
+            collect_bytes(k, into);
+            collect_bytes(v, into);
+        }),
+        _ => {}
+    }
+}
+
 /// How many calls failed with each code.
 fn error_counts(errors: &[Code]) -> std::collections::BTreeMap<String, usize> {
     let mut counts = std::collections::BTreeMap::new();
@@ -452,6 +499,7 @@ fn three_replicas_share_twenty_keys_and_survive_their_leaders_death() {
     let output = fleet.outputs();
     let audit = load.finish();
     assert!(!output.contains("panicked at"), "{output}");
+    assert_no_secret_in_redis(&fleet, &keys);
     eprintln!(
         "{} leases acknowledged; failover {failover:?}; calls that moved to another replica: {:?}",
         audit.grants.len(),
