@@ -453,6 +453,59 @@ fn collect_bytes(value: &redis::Value, into: &mut Vec<Vec<u8>>) {
     }
 }
 
+/// Waits until every replica refuses to serve on its own account (not the leader's, forwarded),
+/// saying `why`.
+fn each_refuses(fleet: &Fleet, why: &str) {
+    for i in 0..fleet.ports.len() {
+        let refuses = format!("replica 127.0.0.1:{}#", fleet.ports[i]);
+        let began = Instant::now();
+        let refusal = loop {
+            match status_of(&fleet.endpoint(i)) {
+                Err(status) if status.message().starts_with(&refuses) => break status,
+                _ if began.elapsed() < LIMIT => std::thread::sleep(Duration::from_millis(50)),
+                other => panic!("replica {i} still serves: {other:?}"),
+            }
+        };
+        assert_eq!(refusal.code(), Code::Unavailable);
+        assert!(refusal.message().contains(why), "{refusal:?}");
+    }
+}
+
+/// A lease through each replica in turn, waiting for each to serve.
+fn each_lends(fleet: &Fleet, task: &str) -> Vec<pb::Lease> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut leases = Vec::new();
+    for i in 0..fleet.ports.len() {
+        let began = Instant::now();
+        let lease = loop {
+            let acquired = runtime.block_on(async {
+                let channel = Channel::from_shared(fleet.endpoint(i))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                KeyLeaseClient::new(channel)
+                    .acquire_key(pb::AcquireKeyRequest {
+                        task_id: format!("{task}-{i}"),
+                        model: MODEL.into(),
+                        ..Default::default()
+                    })
+                    .await
+            });
+            match acquired {
+                Ok(lease) => break lease.into_inner(),
+                Err(_) if began.elapsed() < LIMIT => std::thread::sleep(Duration::from_millis(50)),
+                Err(status) => panic!("replica {i} never served: {status:?}\n{}", fleet.outputs()),
+            }
+        };
+        leases.push(lease);
+    }
+    leases
+}
+
 /// How many calls failed with each code.
 fn error_counts(errors: &[Code]) -> std::collections::BTreeMap<String, usize> {
     let mut counts = std::collections::BTreeMap::new();
@@ -635,62 +688,48 @@ fn replicas_ride_out_a_redis_restart_and_refuse_a_lost_log() {
     let _: () = redis::cmd("FLUSHALL")
         .query(&mut fleet.redis.connection())
         .unwrap();
-    for i in 0..3 {
-        // Its own refusal, not the leader's forwarded.
-        let refuses = format!("replica 127.0.0.1:{}#", fleet.ports[i]);
-        let began = Instant::now();
-        let refusal = loop {
-            match status_of(&fleet.endpoint(i)) {
-                Err(status) if status.message().starts_with(&refuses) => break status,
-                _ if began.elapsed() < LIMIT => std::thread::sleep(Duration::from_millis(50)),
-                other => panic!("replica {i} still serves after FLUSHALL: {other:?}"),
-            }
-        };
-        assert_eq!(refusal.code(), Code::Unavailable);
-        assert!(
-            refusal.message().contains("Redis holds no keylease log"),
-            "{refusal:?}"
-        );
-    }
-
+    each_refuses(&fleet, "Redis holds no keylease log");
     fleet.kill(0);
     let reset = fleet.start_replica(0, &[], &["--reset-state"]);
     fleet.replicas[0] = Some(reset);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    for i in 0..3 {
-        let began = Instant::now();
-        let lease = loop {
-            let acquired = runtime.block_on(async {
-                let channel = Channel::from_shared(fleet.endpoint(i))
-                    .unwrap()
-                    .connect()
-                    .await
-                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                KeyLeaseClient::new(channel)
-                    .acquire_key(pb::AcquireKeyRequest {
-                        task_id: format!("after-reset-{i}"),
-                        model: MODEL.into(),
-                        ..Default::default()
-                    })
-                    .await
-            });
-            match acquired {
-                Ok(lease) => break lease.into_inner(),
-                Err(_) if began.elapsed() < LIMIT => std::thread::sleep(Duration::from_millis(50)),
-                Err(status) => panic!(
-                    "replica {i} never served after the reset: {status:?}\n{}",
-                    fleet.outputs()
-                ),
-            }
-        };
-        assert!(
-            lease.fencing_token > highest,
-            "token {} after the reset, {highest} before",
-            lease.fencing_token
-        );
+    let leases = each_lends(&fleet, "after-flush");
+    assert!(
+        leases.iter().all(|lease| lease.fencing_token > highest),
+        "tokens {:?} after the reset, {highest} before",
+        leases.iter().map(|l| l.fencing_token).collect::<Vec<_>>()
+    );
+
+    // Redis comes back from an older append-only file: the same log, shorter (its keys as they
+    // were, then more leases, then the keys put back). Refused again, though an operator
+    // confirmed a reset of this log before; accepted after a new confirmation.
+    let mut redis = fleet.redis.connection();
+    let older: Vec<(&str, Vec<u8>)> = ["meta", "epoch", "last", "log", "snapshot"]
+        .into_iter()
+        .filter_map(|name| {
+            let dump: Option<Vec<u8>> = redis::cmd("DUMP")
+                .arg(format!("{{keylease}}:{name}"))
+                .query(&mut redis)
+                .unwrap();
+            dump.map(|dump| (name, dump))
+        })
+        .collect();
+    each_lends(&fleet, "forgotten");
+    for (name, dump) in &older {
+        let _: () = redis::cmd("RESTORE")
+            .arg(format!("{{keylease}}:{name}"))
+            .arg(0)
+            .arg(dump.as_slice())
+            .arg("REPLACE")
+            .query(&mut redis)
+            .unwrap();
+    }
+    each_refuses(&fleet, "Redis lost records");
+    fleet.kill(1);
+    let reset = fleet.start_replica(1, &[], &["--reset-state"]);
+    fleet.replicas[1] = Some(reset);
+    each_lends(&fleet, "after-loss");
+    if std::env::var_os("SHOW").is_some() {
+        panic!("{}", fleet.outputs());
     }
     let output = fleet.outputs();
     assert!(!output.contains("panicked at"), "{output}");

@@ -210,13 +210,9 @@ pub fn start(
             }));
         }
     };
-    let identity = format!(
-        "{}#{:06x}",
-        replication.advertise,
-        FingerprintKey::random()
-            .map(|k| u32::from_le_bytes([k.as_bytes()[0], k.as_bytes()[1], k.as_bytes()[2], 0]))
-            .unwrap_or(std::process::id())
-    );
+    // The address for people, a random tag so that a restarted replica is another identity.
+    let tag = getrandom::u32().unwrap_or_else(|_| std::process::id()) & 0xff_ffff;
+    let identity = format!("{}#{tag:06x}", replication.advertise);
     let mut supervisor = Supervisor {
         fingerprint_key: FingerprintKey::shared_by_replicas(&replication.token),
         settings,
@@ -358,7 +354,7 @@ impl Supervisor {
                 appendfsync = fsync,
                 "Redis fsyncs its append-only file less than always: a crash of the Redis host can lose acknowledged leases (replicas then refuse to serve until a reset)"
             ),
-            (Some(_), _) => tracing::warn!(
+            (Some("no"), _) => tracing::warn!(
                 "Redis's append-only file is off: a Redis restart loses the log (replicas then refuse to serve until a reset); set appendonly yes and appendfsync always"
             ),
             _ => tracing::warn!("cannot read Redis's persistence settings (CONFIG GET refused)"),
@@ -422,9 +418,6 @@ impl Supervisor {
                         self.seen.last_seq
                     ));
                 }
-                if self.reset_ms.is_some() && head.reset_ms.is_none() {
-                    redis::confirm_reset(&self.redis, connection, self.wall_ms())?;
-                }
                 tracing::info!(log = id, "following the log in Redis");
                 *follower = None;
                 self.seen = Seen {
@@ -442,9 +435,6 @@ impl Supervisor {
                         head.last_seq, self.seen.last_seq
                     ));
                 }
-                if self.reset_ms.is_some() && head.reset_ms.is_none() {
-                    redis::confirm_reset(&self.redis, connection, self.wall_ms())?;
-                }
                 *follower = None;
                 self.seen.last_seq = 0;
                 id.clone()
@@ -454,7 +444,10 @@ impl Supervisor {
         if std::mem::take(&mut self.refusing) {
             tracing::info!(log = log_id, "the log in Redis is accepted again");
         }
-        self.reset_ms = None;
+        if self.reset_ms.take().is_some() {
+            // The operator's confirmation, for the replicas that refuse this log to adopt it.
+            redis::confirm_reset(&self.redis, connection, self.wall_ms())?;
+        }
         self.seen.intact_ms = self.wall_ms();
 
         let follower = match follower {
@@ -475,6 +468,14 @@ impl Supervisor {
         self.publish_keys(connection);
 
         match head.leader {
+            // Its own leadership from before it stepped down, lapsing.
+            Some(leader) if leader.id == self.identity => {
+                self.router.set(Serving::unavailable(
+                    "this replica stepped down from the leadership: retry",
+                ));
+                self.pause();
+                Ok(Step::Followed)
+            }
             Some(leader) => {
                 let current = self.router.following();
                 if current.as_ref().is_none_or(|l| l.id != leader.id) {
@@ -597,10 +598,9 @@ impl Supervisor {
             self.seen.last_seq = self.seen.last_seq.max(journal.durable_seq());
         }
         drop(state);
-        match why {
-            Some(_) => renewal.stop(),
-            None => renewal.resign(),
-        }
+        // Whatever the reason, the leadership goes at once if it is still this replica's, so
+        // that another takes over without waiting for it to lapse.
+        renewal.resign();
     }
 
     /// The leader's state: the hot copy caught up to the end of the log, on a store whose
@@ -812,14 +812,14 @@ impl Follower {
 /// elsewhere cannot let it lapse unnoticed), and says when it is lost.
 struct Renewal {
     lost: watch::Receiver<Option<String>>,
-    stop: std::sync::mpsc::Sender<bool>,
+    stop: std::sync::mpsc::Sender<()>,
     thread: std::thread::JoinHandle<()>,
 }
 
 impl Renewal {
     fn start(redis: Redis, value: String, ttl: Duration) -> Self {
         let (lost_tx, lost) = watch::channel(None);
-        let (stop, stopped) = std::sync::mpsc::channel::<bool>();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("keylease-leadership".into())
             .spawn(move || {
@@ -828,10 +828,8 @@ impl Renewal {
                 let mut held_until = Clock::system().now_ms() + ttl.as_millis() as u64;
                 loop {
                     match stopped.recv_timeout(every) {
-                        Ok(resign) => {
-                            if resign
-                                && let Ok(mut c) =
-                                    connection.take().map_or_else(|| redis.connect(), Ok)
+                        Ok(()) => {
+                            if let Ok(mut c) = connection.take().map_or_else(|| redis.connect(), Ok)
                             {
                                 let _ = redis::resign_leadership(&redis, &mut c, &value);
                             }
@@ -881,15 +879,9 @@ impl Renewal {
         }
     }
 
-    /// Stops renewing; the leadership lapses by its TTL.
-    fn stop(self) {
-        let _ = self.stop.send(false);
-        let _ = self.thread.join();
-    }
-
     /// Gives the leadership up at once, so another replica takes it without waiting.
     fn resign(self) {
-        let _ = self.stop.send(true);
+        let _ = self.stop.send(());
         let _ = self.thread.join();
     }
 }
