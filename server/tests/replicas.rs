@@ -164,6 +164,20 @@ impl Fleet {
         }
     }
 
+    /// One more replica, on a new port and a new state directory; its index.
+    fn add_replica(&mut self) -> usize {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        self.ports.push(port);
+        let i = self.ports.len() - 1;
+        let replica = self.start_replica(i, &[], &[]);
+        self.replicas.push(Some(replica));
+        i
+    }
+
     /// SIGKILL.
     fn kill(&mut self, i: usize) {
         drop(self.replicas[i].take());
@@ -455,8 +469,8 @@ fn collect_bytes(value: &redis::Value, into: &mut Vec<Vec<u8>>) {
 
 /// Waits until every replica refuses to serve on its own account (not the leader's, forwarded),
 /// saying `why`.
-fn each_refuses(fleet: &Fleet, why: &str) {
-    for i in 0..fleet.ports.len() {
+fn each_refuses(fleet: &Fleet, replicas: std::ops::Range<usize>, why: &str) {
+    for i in replicas {
         let refuses = format!("replica 127.0.0.1:{}#", fleet.ports[i]);
         let began = Instant::now();
         let refusal = loop {
@@ -472,13 +486,13 @@ fn each_refuses(fleet: &Fleet, why: &str) {
 }
 
 /// A lease through each replica in turn, waiting for each to serve.
-fn each_lends(fleet: &Fleet, task: &str) -> Vec<pb::Lease> {
+fn each_lends(fleet: &Fleet, replicas: std::ops::Range<usize>, task: &str) -> Vec<pb::Lease> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let mut leases = Vec::new();
-    for i in 0..fleet.ports.len() {
+    for i in replicas {
         let began = Instant::now();
         let lease = loop {
             let acquired = runtime.block_on(async {
@@ -688,11 +702,11 @@ fn replicas_ride_out_a_redis_restart_and_refuse_a_lost_log() {
     let _: () = redis::cmd("FLUSHALL")
         .query(&mut fleet.redis.connection())
         .unwrap();
-    each_refuses(&fleet, "Redis holds no keylease log");
+    each_refuses(&fleet, 0..3, "Redis holds no keylease log");
     fleet.kill(0);
     let reset = fleet.start_replica(0, &[], &["--reset-state"]);
     fleet.replicas[0] = Some(reset);
-    let leases = each_lends(&fleet, "after-flush");
+    let leases = each_lends(&fleet, 0..3, "after-flush");
     assert!(
         leases.iter().all(|lease| lease.fencing_token > highest),
         "tokens {:?} after the reset, {highest} before",
@@ -713,7 +727,7 @@ fn replicas_ride_out_a_redis_restart_and_refuse_a_lost_log() {
             dump.map(|dump| (name, dump))
         })
         .collect();
-    each_lends(&fleet, "forgotten");
+    each_lends(&fleet, 0..3, "forgotten");
     for (name, dump) in &older {
         let _: () = redis::cmd("RESTORE")
             .arg(format!("{{keylease}}:{name}"))
@@ -723,11 +737,31 @@ fn replicas_ride_out_a_redis_restart_and_refuse_a_lost_log() {
             .query(&mut redis)
             .unwrap();
     }
-    each_refuses(&fleet, "Redis lost records");
+    each_refuses(&fleet, 0..3, "Redis lost records");
+
+    // A replica that never saw the lost records (new here) leads the shorter log and writes
+    // others in their place: the log grows past where the others had applied it, and they
+    // still refuse it, now because it differs.
+    let newcomer = fleet.add_replica();
+    let past_them = 20;
+    for round in 0.. {
+        each_lends(&fleet, newcomer..newcomer + 1, &format!("newcomer-{round}"));
+        let last: String = redis::cmd("GET")
+            .arg("{keylease}:last")
+            .query(&mut redis)
+            .unwrap();
+        let last: u64 = last.split(' ').next().unwrap().parse().unwrap();
+        if last > past_them {
+            break;
+        }
+        assert!(round < 100, "the log does not grow");
+    }
+    each_refuses(&fleet, 0..3, "differs from the one this replica applied");
+
     fleet.kill(1);
     let reset = fleet.start_replica(1, &[], &["--reset-state"]);
     fleet.replicas[1] = Some(reset);
-    each_lends(&fleet, "after-loss");
+    each_lends(&fleet, 0..4, "after-loss");
     if std::env::var_os("SHOW").is_some() {
         panic!("{}", fleet.outputs());
     }

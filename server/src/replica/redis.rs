@@ -4,11 +4,15 @@
 //!   from the one it followed) and `reset_ms` when an operator confirmed a reset.
 //! - `leader`: `EPOCH ID ADDRESS` of the replica that leads, with a TTL it renews.
 //! - `epoch`: the highest epoch ever granted; each leadership takes one above it.
-//! - `last`: the number of the last record appended.
+//! - `last`: the log's [`Position`]: `SEQ CHAIN`, its last record and chain value.
 //! - `log`: a stream of the records, one entry per batch the leader appended: entry id
-//!   `SEQ-0` (its last record), field `r` holding the batch's records with their numbers.
-//! - `snapshot`: a hash with `seq` and `data`, the whole state after record `seq`; the stream
-//!   holds only the records after it.
+//!   `SEQ-0` (its last record), field `r` holding the batch's chain value and its records with
+//!   their numbers. The chain value hashes the one before with the batch, so two logs that
+//!   differ anywhere differ in every chain value after: a replica that applied records Redis
+//!   has since lost notices the log that grew in their place.
+//! - `snapshot`: a hash with `seq`, `data` (the whole state after record `seq`) and `chain` (the
+//!   chain value before the first entry not wholly covered); the stream holds only the entries
+//!   after it.
 //! - `replicas`: a hash of every replica's address and keys (ids and fingerprints, never a
 //!   secret), for spotting replicas whose key sets differ.
 //!
@@ -22,7 +26,7 @@ use crate::store::{Log, RecordVisitor, Store, StoreError, decode, encode};
 use redis::{Commands, Connection, Script};
 use std::cell::RefCell;
 use std::path::PathBuf;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
 /// Longest a Redis call may take before it counts as failed: callers then get `UNAVAILABLE`
@@ -71,31 +75,32 @@ return 1
     )
 });
 
-/// Appends a batch of records ending at record `ARGV[4]` (its bytes `ARGV[5]`) after record
-/// `ARGV[3]`, as the leader `ARGV[1]` of log `ARGV[2]`; with no batch, only checks that it
-/// still may.
+/// Appends a batch ending at record `ARGV[4]` (the entry `ARGV[6]`) after the position
+/// `ARGV[3]`, as the leader `ARGV[1]` of log `ARGV[2]`, making `ARGV[5]` the position; with no
+/// batch, only checks that it still may.
 static APPEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('KEYLEASE_NOT_LEADER this replica no longer leads') end
 if redis.call('HGET', KEYS[2], 'id') ~= ARGV[2] then return redis.error_reply('KEYLEASE_LOG_CHANGED the log in Redis was replaced') end
-local last = redis.call('GET', KEYS[3]) or '0'
-if last ~= ARGV[3] then return redis.error_reply('KEYLEASE_LOG_MOVED the log ends at record ' .. last .. ', not ' .. ARGV[3]) end
-if #ARGV < 5 then return 0 end
-redis.call('XADD', KEYS[4], ARGV[4] .. '-0', 'r', ARGV[5])
-redis.call('SET', KEYS[3], ARGV[4])
+local last = redis.call('GET', KEYS[3]) or '0 0'
+if last ~= ARGV[3] then return redis.error_reply('KEYLEASE_LOG_MOVED the log ends at ' .. last .. ', not ' .. ARGV[3]) end
+if #ARGV < 6 then return 0 end
+redis.call('XADD', KEYS[4], ARGV[4] .. '-0', 'r', ARGV[6])
+redis.call('SET', KEYS[3], ARGV[5])
 return 1
 ",
     )
 });
 
-/// Keeps a snapshot after record `ARGV[3]` and trims the records it covers, as the leader.
+/// Keeps a snapshot after record `ARGV[3]` (chain value `ARGV[5]`) and trims the entries it
+/// covers, as the leader.
 static SNAPSHOT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('KEYLEASE_NOT_LEADER this replica no longer leads') end
 if redis.call('HGET', KEYS[2], 'id') ~= ARGV[2] then return redis.error_reply('KEYLEASE_LOG_CHANGED the log in Redis was replaced') end
-redis.call('HSET', KEYS[3], 'seq', ARGV[3], 'data', ARGV[4])
+redis.call('HSET', KEYS[3], 'seq', ARGV[3], 'data', ARGV[4], 'chain', ARGV[5])
 redis.call('XTRIM', KEYS[4], 'MINID', (tonumber(ARGV[3]) + 1) .. '-0')
 return 1
 ",
@@ -198,6 +203,56 @@ fn describe(error: &redis::RedisError) -> String {
     }
 }
 
+/// Where a log ends: its last record, and the chain value of the entry that holds it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Position {
+    pub seq: u64,
+    pub chain: u64,
+}
+
+impl Position {
+    pub fn parse(text: &str) -> Option<Self> {
+        let (seq, chain) = text.split_once(' ')?;
+        Some(Self {
+            seq: seq.parse().ok()?,
+            chain: chain.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.seq, self.chain)
+    }
+}
+
+/// The chain value after an entry whose records encode to `body`, following `before`.
+pub fn chain_after(before: u64, body: &[u8]) -> u64 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(before.to_le_bytes())
+        .chain_update(body)
+        .finalize();
+    let mut first = [0; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// One stream entry: a batch ending at record `last`, its chain value, and its records.
+pub struct Entry<'a> {
+    pub last: u64,
+    pub chain: u64,
+    /// The records, encoded: what the chain value hashes.
+    pub body: &'a [u8],
+}
+
+impl Entry<'_> {
+    /// Its records with their numbers.
+    pub fn records(&self) -> Result<Vec<(u64, &[u8])>, postcard::Error> {
+        decode(self.body)
+    }
+}
+
 /// What a replica finds in Redis about the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogHead {
@@ -205,7 +260,7 @@ pub struct LogHead {
     pub id: Option<String>,
     /// When an operator last confirmed a reset of this log (wall ms).
     pub reset_ms: Option<u64>,
-    pub last_seq: u64,
+    pub last: Position,
     /// The leadership: `(epoch, replica id, address)`.
     pub leader: Option<Leader>,
 }
@@ -237,18 +292,28 @@ impl Leader {
 /// Reads the log's id, its end and its leader, in one round trip.
 pub fn head(redis: &Redis, connection: &mut Connection) -> Result<LogHead, StoreError> {
     let keys = &redis.keys;
-    let (id, reset_ms, last, leader): (Option<String>, Option<u64>, Option<u64>, Option<String>) =
-        redis::pipe()
-            .hget(&keys.meta, "id")
-            .hget(&keys.meta, "reset_ms")
-            .get(&keys.last)
-            .get(&keys.leader)
-            .query(connection)
-            .map_err(|e| redis.io(&e))?;
+    let (id, reset_ms, last, leader): (
+        Option<String>,
+        Option<u64>,
+        Option<String>,
+        Option<String>,
+    ) = redis::pipe()
+        .hget(&keys.meta, "id")
+        .hget(&keys.meta, "reset_ms")
+        .get(&keys.last)
+        .get(&keys.leader)
+        .query(connection)
+        .map_err(|e| redis.io(&e))?;
     Ok(LogHead {
         id,
         reset_ms,
-        last_seq: last.unwrap_or(0),
+        last: match last {
+            None => Position::default(),
+            Some(text) => Position::parse(&text).ok_or_else(|| StoreError::Unreadable {
+                path: redis.path(),
+                reason: format!("{}: {text:?} is not a log position", keys.last),
+            })?,
+        },
         leader: leader.and_then(Leader::parse),
     })
 }
@@ -366,32 +431,22 @@ impl RedisLog {
 
 impl Log for RedisLog {
     fn snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut connection = self.connection.borrow_mut();
-        connection
-            .hget(&self.redis.keys.snapshot, "data")
-            .map_err(|e| self.redis.io(&e))
+        Ok(self.snapshot_and_chain()?.map(|(bytes, _)| bytes))
     }
 
     fn records(&self, after: u64, visit: &mut RecordVisitor<'_>) -> Result<(), StoreError> {
-        let mut connection = self.connection.borrow_mut();
-        let mut from = after;
-        loop {
-            let entries: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XRANGE")
-                .arg(&self.redis.keys.log)
-                .arg(format!("({from}-0"))
-                .arg("+")
-                .arg("COUNT")
-                .arg(READ_BATCH)
-                .query(&mut *connection)
-                .map_err(|e| self.redis.io(&e))?;
-            let done = entries.len() < READ_BATCH;
-            for (id, fields) in entries {
-                from = self.visit_entry(&id, &fields, after, visit)?;
+        self.entries(after, &mut |entry: Entry<'_>| -> Result<(), StoreError> {
+            let records = entry
+                .records()
+                .map_err(|_| self.unreadable(&format!("{}-0", entry.last)))?;
+            for (seq, record) in records {
+                // A snapshot may have been taken amid a batch: what it covers is skipped.
+                if seq > after {
+                    visit(seq, record)?;
+                }
             }
-            if done {
-                return Ok(());
-            }
-        }
+            Ok(())
+        })
     }
 
     fn location(&self) -> PathBuf {
@@ -400,13 +455,54 @@ impl Log for RedisLog {
 }
 
 impl RedisLog {
-    /// Visits the records after `seq` as soon as there are some, waiting up to `timeout`.
-    pub fn read_after(
+    /// The snapshot, with the chain value the entries after it follow.
+    pub fn snapshot_and_chain(&self) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
+        let (data, chain): (Option<Vec<u8>>, Option<u64>) = ::redis::cmd("HMGET")
+            .arg(&self.redis.keys.snapshot)
+            .arg("data")
+            .arg("chain")
+            .query(&mut *self.connection.borrow_mut())
+            .map_err(|e| self.redis.io(&e))?;
+        Ok(data.map(|data| (data, chain.unwrap_or(0))))
+    }
+
+    /// The entries that end after record `after`, in order.
+    pub fn entries<E: From<StoreError>>(
         &self,
-        seq: u64,
+        after: u64,
+        visit: &mut dyn FnMut(Entry<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut connection = self.connection.borrow_mut();
+        let mut from = after;
+        loop {
+            let entries: Vec<(String, Vec<Vec<u8>>)> = ::redis::cmd("XRANGE")
+                .arg(&self.redis.keys.log)
+                .arg(format!("({from}-0"))
+                .arg("+")
+                .arg("COUNT")
+                .arg(READ_BATCH)
+                .query(&mut *connection)
+                .map_err(|e| self.redis.io(&e))?;
+            let done = entries.len() < READ_BATCH;
+            for (id, fields) in &entries {
+                let entry = self.entry(id, fields)?;
+                from = entry.last;
+                visit(entry)?;
+            }
+            if done {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The entries that end after record `after`, as soon as there are some, waiting up to
+    /// `timeout`.
+    pub fn read_after<E: From<StoreError>>(
+        &self,
+        after: u64,
         timeout: Duration,
-        visit: &mut RecordVisitor<'_>,
-    ) -> Result<(), StoreError> {
+        visit: &mut dyn FnMut(Entry<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
         type Streams = Option<Vec<(String, Vec<(String, Vec<Vec<u8>>)>)>>;
         let streams: Streams = ::redis::cmd("XREAD")
             .arg("COUNT")
@@ -415,38 +511,33 @@ impl RedisLog {
             .arg(timeout.as_millis().max(1) as u64)
             .arg("STREAMS")
             .arg(&self.redis.keys.log)
-            .arg(format!("{seq}-0"))
+            .arg(format!("{after}-0"))
             .query(&mut *self.connection.borrow_mut())
             .map_err(|e| self.redis.io(&e))?;
         for (_, entries) in streams.into_iter().flatten() {
-            for (id, fields) in entries {
-                self.visit_entry(&id, &fields, seq, visit)?;
+            for (id, fields) in &entries {
+                visit(self.entry(id, fields)?)?;
             }
         }
         Ok(())
     }
 
-    /// Visits the records of one entry (a batch) that come after `after`; returns the entry's
-    /// last record.
-    fn visit_entry(
-        &self,
-        id: &str,
-        fields: &[Vec<u8>],
-        after: u64,
-        visit: &mut RecordVisitor<'_>,
-    ) -> Result<u64, StoreError> {
+    /// `r` holds the chain value (8 bytes, little-endian) and then the records.
+    fn entry<'b>(&self, id: &str, fields: &'b [Vec<u8>]) -> Result<Entry<'b>, StoreError> {
         let last = entry_seq(id).ok_or_else(|| self.unreadable(id))?;
-        let batch: Vec<(u64, &[u8])> = match fields {
-            [name, batch] if name == b"r" => decode(batch).map_err(|_| self.unreadable(id))?,
-            _ => return Err(self.unreadable(id)),
-        };
-        for (seq, record) in batch {
-            // A snapshot may have been taken amid a batch: what it covers is skipped.
-            if seq > after {
-                visit(seq, record)?;
+        match fields {
+            [name, value] if name == b"r" && value.len() >= 8 => {
+                let (chain, body) = value.split_at(8);
+                let mut bytes = [0; 8];
+                bytes.copy_from_slice(chain);
+                Ok(Entry {
+                    last,
+                    chain: u64::from_le_bytes(bytes),
+                    body,
+                })
             }
+            _ => Err(self.unreadable(id)),
         }
-        Ok(last)
     }
 
     fn unreadable(&self, id: &str) -> StoreError {
@@ -469,8 +560,13 @@ pub struct RedisStore {
     /// The leadership's value in Redis.
     leader_value: String,
     log_id: String,
-    /// The last record this store appended or found: the next append must follow it.
-    last_seq: u64,
+    /// Where the log ends, as this store appended or found it: the next append must follow it.
+    position: Position,
+    /// The chain value before the last batch appended, and that batch's first record: what a
+    /// snapshot taken amid it follows.
+    before_last_batch: (u64, u64),
+    /// The position, shared with the replica that leads, which remembers it.
+    appended: Arc<Mutex<Position>>,
     /// Test-only failpoint (see [`PAUSE_BEFORE_APPEND`]).
     pause_before_append: Option<PathBuf>,
 }
@@ -482,15 +578,22 @@ pub struct RedisStore {
 pub const PAUSE_BEFORE_APPEND: &str = "KEYLEASE_FAILPOINT_PAUSE_BEFORE_APPEND";
 
 impl RedisStore {
-    /// The store of the leader `leader` of log `log_id`, which ends at record `last_seq`.
-    pub fn new(log: RedisLog, leader: &Leader, log_id: String, last_seq: u64) -> Self {
+    /// The store of the leader `leader` of log `log_id`, which ends at `position`.
+    pub fn new(log: RedisLog, leader: &Leader, log_id: String, position: Position) -> Self {
         Self {
             log,
             leader_value: leader.value.clone(),
             log_id,
-            last_seq,
+            position,
+            before_last_batch: (position.chain, position.seq + 1),
+            appended: Arc::new(Mutex::new(position)),
             pause_before_append: std::env::var_os(PAUSE_BEFORE_APPEND).map(PathBuf::from),
         }
+    }
+
+    /// Where the log ends as this store last appended it, kept up to date.
+    pub fn appended(&self) -> Arc<Mutex<Position>> {
+        self.appended.clone()
     }
 
     fn failpoint(&self) {
@@ -535,21 +638,30 @@ impl Store for RedisStore {
             .key(&keys.log)
             .arg(&self.leader_value)
             .arg(&self.log_id)
-            .arg(self.last_seq);
-        if let Some(&(last, _)) = records.last() {
+            .arg(self.position.to_string());
+        let mut appended = None;
+        if let (Some(&(first, _)), Some(&(last, _))) = (records.first(), records.last()) {
             // One entry per batch, as the embedded store keeps one per commit: a follower reads
             // and parses one entry, not one per record.
             let batch: Vec<(u64, &[u8])> = records
                 .iter()
                 .map(|(seq, bytes)| (*seq, bytes.as_slice()))
                 .collect();
-            append.arg(last).arg(encode(&batch));
+            let body = encode(&batch);
+            let chain = chain_after(self.position.chain, &body);
+            let mut entry = chain.to_le_bytes().to_vec();
+            entry.extend_from_slice(&body);
+            let position = Position { seq: last, chain };
+            append.arg(last).arg(position.to_string()).arg(entry);
+            appended = Some((first, position));
         }
         let _: i64 = append
             .invoke(&mut *self.log.connection.borrow_mut())
             .map_err(|e| redis.write_error(&e))?;
-        if let Some(&(last, _)) = records.last() {
-            self.last_seq = last;
+        if let Some((first, position)) = appended {
+            self.before_last_batch = (self.position.chain, first);
+            self.position = position;
+            *self.appended.lock().unwrap_or_else(PoisonError::into_inner) = position;
         }
         Ok(())
     }
@@ -557,6 +669,22 @@ impl Store for RedisStore {
     fn save_snapshot(&mut self, seq: u64, snapshot: &[u8]) -> Result<(), StoreError> {
         let redis = &self.log.redis;
         let keys = &redis.keys;
+        // The journal writes a snapshot right after the batch it was taken amid, or at the end
+        // of the log: the entries after it follow the chain value before that batch, or the last.
+        let (chain_before, first) = self.before_last_batch;
+        let chain = if seq >= self.position.seq {
+            self.position.chain
+        } else if seq + 1 >= first {
+            chain_before
+        } else {
+            return Err(StoreError::Write {
+                path: redis.path(),
+                reason: format!(
+                    "a snapshot after record {seq} is older than the last batch (records {first} to {})",
+                    self.position.seq
+                ),
+            });
+        };
         let _: i64 = SNAPSHOT
             .key(&keys.leader)
             .key(&keys.meta)
@@ -566,6 +694,7 @@ impl Store for RedisStore {
             .arg(&self.log_id)
             .arg(seq)
             .arg(snapshot)
+            .arg(chain)
             .invoke(&mut *self.log.connection.borrow_mut())
             .map_err(|e| redis.write_error(&e))?;
         Ok(())

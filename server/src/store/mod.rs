@@ -166,6 +166,11 @@ impl Replay {
         }
     }
 
+    /// The log it replays, for messages.
+    pub fn location(&self) -> &std::path::Path {
+        &self.location
+    }
+
     fn unreadable(&self, reason: String) -> StoreError {
         StoreError::Unreadable {
             path: self.location.clone(),
