@@ -114,13 +114,14 @@ fn leader_of(redis: &RedisServer, namespace: &str, servers: &[Child]) -> Option<
         .position(|s| s.address == format!("http://{address}"))
 }
 
-/// The last record of a namespace's log.
+/// The last record of a namespace's log (its position is `SEQ CHAIN`).
 fn last_record(redis: &RedisServer, namespace: &str) -> u64 {
     redis::cmd("GET")
         .arg(format!("{{{namespace}}}:last"))
-        .query::<Option<u64>>(&mut redis.connection())
+        .query::<Option<String>>(&mut redis.connection())
         .ok()
         .flatten()
+        .and_then(|position| position.split(' ').next()?.parse().ok())
         .unwrap_or(0)
 }
 
