@@ -1051,41 +1051,27 @@ mod tests {
     fn on_a_new_redis() -> Reopen {
         let server = Arc::new(RedisServer::start());
         Box::new(move || {
-            let redis = Redis::new(&server.url(), "conformance").unwrap();
-            let mut connection = redis.connect().unwrap();
             // The downtime the suite plays is longer than any leadership's TTL.
             let _: () = redis::cmd("DEL")
-                .arg(&redis.keys.leader)
-                .query(&mut connection)
+                .arg(Keys::new("conformance").leader)
+                .query(&mut server.connection())
                 .unwrap();
-            let log_id = create_log(&redis, &mut connection, "log-1", None).unwrap();
-            let leader = take_leadership(
-                &redis,
-                &mut connection,
-                "test",
-                "127.0.0.1:1",
-                Duration::from_secs(3_600),
-                0,
-                &log_id,
-            )
-            .unwrap()
-            .expect("no one else leads");
-            let last = head(&redis, &mut connection).unwrap().last;
-            let store: Box<dyn Store> = Box::new(RedisStore::new(
-                RedisLog::open(redis).unwrap(),
-                &leader,
-                log_id,
-                last,
-            ));
+            let (store, _) = leading(&server, "conformance", "test");
+            let store: Box<dyn Store> = Box::new(store);
             (store, FingerprintKey::from_bytes([7; FingerprintKey::LEN]))
         })
     }
 
     crate::conformance_tests!(on_a_new_redis());
 
-    /// A store leading a fresh log on `server`, as `identity`, once the leadership is free.
-    fn leading(server: &RedisServer, identity: &str) -> (RedisStore, super::redis::Leader) {
-        let redis = Redis::new(&server.url(), "unit").unwrap();
+    /// A store leading the log of `namespace` on `server` (new, if there is none), as
+    /// `identity`, once the leadership is free.
+    fn leading(
+        server: &RedisServer,
+        namespace: &str,
+        identity: &str,
+    ) -> (RedisStore, super::redis::Leader) {
+        let redis = Redis::new(&server.url(), namespace).unwrap();
         let mut connection = redis.connect().unwrap();
         let log_id = create_log(&redis, &mut connection, "log-1", None).unwrap();
         let leader = take_leadership(
@@ -1126,7 +1112,7 @@ mod tests {
     #[test]
     fn batches_are_read_from_any_record_and_a_snapshot_trims_what_it_covers() {
         let server = RedisServer::start();
-        let (mut store, _) = leading(&server, "a");
+        let (mut store, _) = leading(&server, "unit", "a");
         store.append(&batch(1..=3)).unwrap();
         store.append(&batch(4..=6)).unwrap();
         assert_eq!(read(&store, 0), [1, 2, 3, 4, 5, 6]);
@@ -1151,14 +1137,14 @@ mod tests {
     #[test]
     fn a_deposed_leader_cannot_append_and_a_retried_batch_never_lands_twice() {
         let server = RedisServer::start();
-        let (mut old, _) = leading(&server, "old");
+        let (mut old, _) = leading(&server, "unit", "old");
         old.append(&batch(1..=2)).unwrap();
         // Its leadership lapses; another replica takes it and appends.
         let _: () = redis::cmd("DEL")
             .arg(Keys::new("unit").leader)
             .query(&mut server.connection())
             .unwrap();
-        let (mut new, leader) = leading(&server, "new");
+        let (mut new, leader) = leading(&server, "unit", "new");
         let before = head(&new_redis(&server), &mut server.connection())
             .unwrap()
             .last;
