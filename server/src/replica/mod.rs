@@ -13,31 +13,36 @@
 //! own, so it never expires another leader's lease early. A leader that cannot append, or
 //! finds its leadership gone, discards its state and follows again.
 //!
-//! Each replica remembers, in its state directory, which log it followed and how far. When
-//! Redis holds another log, or a shorter one (a restart without AOF, `FLUSHALL`, a failover to
-//! a Redis replica that was behind, eviction), it refuses to serve and says why, until an
-//! operator confirms a reset by restarting a replica with `--reset-state`; epochs then start
-//! above any it has seen, and fencing tokens above any handed out (see [`token_floor`]).
+//! Each replica remembers, in its state directory, which log it followed, how far, and the
+//! hash chain there ([`follower`]). When Redis holds another log, a shorter one, or one that
+//! differs from what it applied (a restart without AOF, `FLUSHALL`, a failover to a Redis replica
+//! that was behind, eviction), it refuses to serve and says why, until an operator confirms a
+//! reset by restarting a replica with `--reset-state`; epochs then start above any it has seen,
+//! and fencing tokens above any handed out (see [`token_floor`]). [`leadership`] keeps the
+//! leadership while this replica leads.
 //!
 //! [`token_floor`]: crate::state::token_floor
 
+pub mod follower;
+pub mod leadership;
 pub mod redis;
 pub mod router;
 
-use self::redis::{Entry, Leader, LogHead, Position, Redis, RedisLog, RedisStore, chain_after};
+use self::follower::{FollowError, Follower};
+use self::leadership::Renewal;
+use self::redis::{Leader, LogHead, Position, Redis, RedisStore};
 use self::router::{Router, Serving};
 use crate::clock::Clock;
 use crate::config::{Replication, Settings};
 use crate::secret::FingerprintKey;
 use crate::state::{Opening, State};
 use crate::store::embedded::StateDir;
-use crate::store::{Log, Recovery, Replay, StoreError};
+use crate::store::{Recovery, StoreError};
 use ::redis::Connection;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::runtime::Handle;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// How often a follower looks for new records and for a leadership to take, at most; new
@@ -825,215 +830,6 @@ fn diverged(log_id: &str, at: u64) -> String {
     format!(
         "Redis's log {log_id} differs from the one this replica applied, at record {at}: Redis lost records and others were written in their place (a restart from an older append-only file or snapshot, or a failover to a replica that was behind); restart one replica with --reset-state once you accept the loss"
     )
-}
-
-/// The hot copy: the leader's records applied as they land, each entry's chain value checked
-/// against the one before it, so that a log which differs from what this copy applied (Redis
-/// lost records, and others were written in their place) is noticed.
-struct Follower {
-    log: RedisLog,
-    applied: Applied,
-}
-
-struct Applied {
-    replay: Replay,
-    /// The chain value the next entry must follow from.
-    chain: u64,
-    /// The end of the last entry applied, with its chain value (none just after a snapshot).
-    at: Option<Position>,
-    /// Where this replica had applied the log to before it restarted, checked as the entry
-    /// that ends there passes.
-    expect: Option<Position>,
-}
-
-/// Why a copy could not follow the log.
-enum FollowError {
-    Store(StoreError),
-    /// The log differs from the one this copy applied, at the entry ending at this record.
-    Diverged(u64),
-}
-
-impl FollowError {
-    fn describe(&self) -> String {
-        match self {
-            Self::Store(error) => error.to_string(),
-            Self::Diverged(at) => {
-                format!("the log differs from what this replica applied, at record {at}")
-            }
-        }
-    }
-}
-
-impl From<StoreError> for FollowError {
-    fn from(error: StoreError) -> Self {
-        Self::Store(error)
-    }
-}
-
-impl Applied {
-    fn apply(&mut self, entry: Entry<'_>) -> Result<(), FollowError> {
-        if chain_after(self.chain, entry.body) != entry.chain {
-            return Err(FollowError::Diverged(entry.last));
-        }
-        if let Some(expect) = self.expect
-            && entry.last >= expect.seq
-        {
-            // An entry of the same log ends where this replica's did, with the same chain.
-            if entry.last > expect.seq || entry.chain != expect.chain {
-                return Err(FollowError::Diverged(expect.seq));
-            }
-            self.expect = None;
-        }
-        let records = entry.records().map_err(|e| StoreError::Unreadable {
-            path: self.replay.location().to_path_buf(),
-            reason: format!("the entry ending at record {}: {e}", entry.last),
-        })?;
-        for (seq, record) in records {
-            // A snapshot may have been taken amid the entry: what it covers is skipped.
-            if seq > self.replay.last_seq {
-                self.replay.apply(seq, record)?;
-            }
-        }
-        self.chain = entry.chain;
-        self.at = Some(Position {
-            seq: entry.last,
-            chain: entry.chain,
-        });
-        Ok(())
-    }
-}
-
-impl Follower {
-    /// From the snapshot and the entries after it; `expect`: where this replica had applied the
-    /// log to before, checked on the way.
-    fn load(redis: &Redis, expect: Option<Position>) -> Result<Self, FollowError> {
-        // The leader may trim the entries after the snapshot read: try again from the new one.
-        let mut tries = 0;
-        loop {
-            let log = RedisLog::open(redis.clone())?;
-            let mut replay = Replay::new(log.location());
-            let mut chain = 0;
-            if let Some((bytes, after)) = log.snapshot_and_chain()? {
-                replay.restore(&bytes)?;
-                chain = after;
-            }
-            let mut follower = Self {
-                applied: Applied {
-                    expect: expect.filter(|e| e.seq > replay.last_seq),
-                    replay,
-                    chain,
-                    at: None,
-                },
-                log,
-            };
-            match follower.catch_up() {
-                Ok(()) => return Ok(follower),
-                Err(FollowError::Store(StoreError::Unreadable { .. })) if tries < 3 => tries += 1,
-                Err(error) => return Err(error),
-            }
-        }
-    }
-
-    fn catch_up(&mut self) -> Result<(), FollowError> {
-        let applied = &mut self.applied;
-        self.log
-            .entries(applied.replay.last_seq, &mut |entry| applied.apply(entry))
-    }
-
-    /// Applies the leader's entries as they land, for `duration`.
-    fn tail_for(&mut self, duration: Duration) -> Result<(), FollowError> {
-        let until = Clock::system().now_ms() + duration.as_millis() as u64;
-        loop {
-            let left = until.saturating_sub(Clock::system().now_ms());
-            if left == 0 {
-                return Ok(());
-            }
-            let applied = &mut self.applied;
-            self.log.read_after(
-                applied.replay.last_seq,
-                Duration::from_millis(left),
-                &mut |entry| applied.apply(entry),
-            )?;
-        }
-    }
-}
-
-/// Renews the leadership every third of its TTL, on a thread of its own (so a stalled call
-/// elsewhere cannot let it lapse unnoticed), and says when it is lost.
-struct Renewal {
-    lost: watch::Receiver<Option<String>>,
-    stop: std::sync::mpsc::Sender<()>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Renewal {
-    fn start(redis: Redis, value: String, ttl: Duration) -> Self {
-        let (lost_tx, lost) = watch::channel(None);
-        let (stop, stopped) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("keylease-leadership".into())
-            .spawn(move || {
-                let every = ttl / 3;
-                let mut connection = None;
-                let mut held_until = Clock::system().now_ms() + ttl.as_millis() as u64;
-                loop {
-                    match stopped.recv_timeout(every) {
-                        Ok(()) => {
-                            if let Ok(mut c) = connection.take().map_or_else(|| redis.connect(), Ok)
-                            {
-                                let _ = redis::resign_leadership(&redis, &mut c, &value);
-                            }
-                            return;
-                        }
-                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                    }
-                    let sent_at = Clock::system().now_ms();
-                    let renewed = connection
-                        .take()
-                        .map_or_else(|| redis.connect(), Ok)
-                        .and_then(|mut c| {
-                            let renewed = redis::renew_leadership(&redis, &mut c, &value, ttl);
-                            connection = Some(c);
-                            renewed
-                        });
-                    match renewed {
-                        Ok(true) => held_until = sent_at + ttl.as_millis() as u64,
-                        Ok(false) => {
-                            lost_tx
-                                .send_replace(Some("another replica holds the leadership".into()));
-                            return;
-                        }
-                        Err(error) => {
-                            connection = None;
-                            if Clock::system().now_ms() + (every.as_millis() as u64) >= held_until {
-                                lost_tx.send_replace(Some(format!(
-                                    "the leadership could not be renewed: {error}"
-                                )));
-                                return;
-                            }
-                        }
-                    }
-                }
-            })
-            .expect("the leadership thread starts");
-        Self { lost, stop, thread }
-    }
-
-    /// Resolves with the reason once the leadership is lost.
-    async fn lost(&self) -> String {
-        let mut lost = self.lost.clone();
-        match lost.wait_for(Option::is_some).await {
-            Ok(reason) => reason.clone().unwrap_or_default(),
-            Err(_) => "the leadership thread stopped".into(),
-        }
-    }
-
-    /// Gives the leadership up at once, so another replica takes it without waiting.
-    fn resign(self) {
-        let _ = self.stop.send(());
-        let _ = self.thread.join();
-    }
 }
 
 #[cfg(test)]
