@@ -46,9 +46,12 @@ pub async fn serve(
         let state = state.clone();
         move || state.shut_down()
     };
+    // A single server serves whenever it runs.
+    let (_serving, serving_now) = tokio::sync::watch::channel(true);
     serve_service(
         listener,
         keylease_routes(state, None),
+        serving_now,
         limits,
         clock,
         shutdown,
@@ -60,10 +63,13 @@ pub async fn serve(
 }
 
 /// Serves `keylease` (the local service, or a replica's router) with health and reflection
-/// until `shutdown` resolves; then calls `shut_down` and waits for in-flight calls.
+/// until `shutdown` resolves; then calls `shut_down` and waits for in-flight calls. Health
+/// reports the KeyLease service serving while `serving_now` says so (a replica that cannot
+/// serve is not), and not serving once shutdown begins.
 pub async fn serve_service<S, B>(
     listener: TcpListener,
     keylease: S,
+    mut serving_now: tokio::sync::watch::Receiver<bool>,
     limits: ConnectionLimits,
     clock: Clock,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -84,9 +90,29 @@ where
     B::Error: Into<tonic::codegen::StdError>,
 {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<KeyLeaseServer<KeyLeaseService>>()
-        .await;
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let follow_serving = {
+        let (health, stopping) = (health.clone(), stopping.clone());
+        async move {
+            loop {
+                let serving = *serving_now.borrow_and_update();
+                if serving {
+                    health
+                        .set_serving::<KeyLeaseServer<KeyLeaseService>>()
+                        .await;
+                } else {
+                    health
+                        .set_not_serving::<KeyLeaseServer<KeyLeaseService>>()
+                        .await;
+                }
+                tokio::select! {
+                    changed = serving_now.changed() => if changed.is_err() { return },
+                    () = stopping.cancelled() => return,
+                }
+            }
+        }
+    };
+    let follower = tokio::spawn(follow_serving);
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -99,6 +125,8 @@ where
 
     let signal = async move {
         shutdown.await;
+        stopping.cancel();
+        let _ = follower.await;
         health
             .set_not_serving::<KeyLeaseServer<KeyLeaseService>>()
             .await;

@@ -22,6 +22,9 @@ use support::audit::{self, Grant};
 use tokio::sync::watch;
 use tonic::Code;
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 const MODEL: &str = "m";
 const TOKEN: &str = "replica-test-token-0123456789";
@@ -482,6 +485,40 @@ fn each_refuses(fleet: &Fleet, replicas: std::ops::Range<usize>, why: &str) {
         };
         assert_eq!(refusal.code(), Code::Unavailable);
         assert!(refusal.message().contains(why), "{refusal:?}");
+        until_health(fleet, i, ServingStatus::NotServing);
+    }
+}
+
+/// Waits until replica `i`'s health check says `expected` for the KeyLease service.
+fn until_health(fleet: &Fleet, i: usize, expected: ServingStatus) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let began = Instant::now();
+    loop {
+        let status = runtime.block_on(async {
+            let channel = Channel::from_shared(fleet.endpoint(i))
+                .unwrap()
+                .connect()
+                .await
+                .ok()?;
+            HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: "keylease.v1.KeyLease".into(),
+                })
+                .await
+                .ok()
+                .map(|r| r.into_inner().status())
+        });
+        if status == Some(expected) {
+            return;
+        }
+        assert!(
+            began.elapsed() < LIMIT,
+            "replica {i}'s health says {status:?}, not {expected:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -510,7 +547,10 @@ fn each_lends(fleet: &Fleet, replicas: std::ops::Range<usize>, task: &str) -> Ve
                     .await
             });
             match acquired {
-                Ok(lease) => break lease.into_inner(),
+                Ok(lease) => {
+                    until_health(fleet, i, ServingStatus::Serving);
+                    break lease.into_inner();
+                }
                 Err(_) if began.elapsed() < LIMIT => std::thread::sleep(Duration::from_millis(50)),
                 Err(status) => panic!("replica {i} never served: {status:?}\n{}", fleet.outputs()),
             }

@@ -162,9 +162,11 @@ pub async fn serve(
             tokio::time::sleep(settings.shutdown_grace).await;
         }
     };
+    let serving_now = router.serving_now();
     let served = crate::server::serve_service(
         listener,
         router,
+        serving_now,
         settings.limits,
         Clock::system(),
         stopping,

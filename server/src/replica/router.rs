@@ -138,6 +138,8 @@ pub struct Router {
 
 struct Shared {
     serving: RwLock<Serving>,
+    /// Whether calls are served (led or forwarded), for health checks.
+    serving_now: tokio::sync::watch::Sender<bool>,
     /// `x-keylease-replica: TOKEN`, as sent and as expected.
     token: http::HeaderValue,
 }
@@ -150,12 +152,19 @@ impl Router {
         Ok(Self {
             shared: Arc::new(Shared {
                 serving: RwLock::new(Serving::unavailable("this replica is starting")),
+                serving_now: tokio::sync::watch::Sender::new(false),
                 token,
             }),
         })
     }
 
     pub fn set(&self, serving: Serving) {
+        let now = !matches!(serving, Serving::Unavailable(_));
+        self.shared.serving_now.send_if_modified(|was| {
+            let changed = *was != now;
+            *was = now;
+            changed
+        });
         *self
             .shared
             .serving
@@ -169,6 +178,11 @@ impl Router {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Whether this replica serves calls now (leads, or follows a leader), as it changes.
+    pub fn serving_now(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shared.serving_now.subscribe()
     }
 
     /// The leader calls are forwarded to now, if this replica follows one.
