@@ -33,13 +33,19 @@ impl RedisServer {
         let dir = std::env::temp_dir().join(format!("keylease-redis-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("a directory for redis-server");
-        let port = free_port();
         let mut server = Self {
-            port,
+            port: free_port(),
             dir,
             appendfsync,
             child: None,
         };
+        // Another process may take the free port before redis-server binds it: try another.
+        for _ in 0..5 {
+            if server.try_start().is_ok() {
+                return server;
+            }
+            server.port = free_port();
+        }
         server.start_again();
         server
     }
@@ -60,6 +66,12 @@ impl RedisServer {
 
     /// Starts it (again) on the same port and directory: it reloads its append-only file.
     pub fn start_again(&mut self) {
+        if let Err(reason) = self.try_start() {
+            panic!("{reason}");
+        }
+    }
+
+    fn try_start(&mut self) -> Result<(), String> {
         let spawned = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port"])
             .arg(self.port.to_string())
@@ -89,28 +101,32 @@ impl RedisServer {
                 "cannot start redis-server ({error}): install it with `apt-get install -y redis-server` (scripts/test does)"
             ),
         };
+        let pid = child.id();
         self.child = Some(child);
         let client = redis::Client::open(self.url()).expect("a valid url");
         // A duration for a start-up wait, not a reading anything decides by.
         #[allow(clippy::disallowed_methods)]
         let began = std::time::Instant::now();
         loop {
-            let pong = client
+            // Only our own answers: another process may hold the port.
+            let info = client
                 .get_connection_with_timeout(Duration::from_secs(1))
-                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
-            if pong.is_ok() {
-                return;
+                .and_then(|mut c| redis::cmd("INFO").arg("server").query::<String>(&mut c));
+            if info.is_ok_and(|info| info.contains(&format!("process_id:{pid}\r"))) {
+                return Ok(());
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                panic!(
+                self.child = None;
+                return Err(format!(
                     "redis-server exited at start ({status}); its log: {}",
                     self.dir.join("redis.log").display()
-                );
+                ));
             }
-            assert!(
-                began.elapsed() < START_TIMEOUT,
-                "redis-server did not answer within {START_TIMEOUT:?}"
-            );
+            if began.elapsed() > START_TIMEOUT {
+                return Err(format!(
+                    "redis-server did not answer within {START_TIMEOUT:?}"
+                ));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -779,7 +779,11 @@ impl Supervisor {
         for (replica, entry) in &all {
             let (seen_ms, keys) = entry.split_once(' ').unwrap_or((entry.as_str(), ""));
             let seen_ms: u64 = seen_ms.parse().unwrap_or(0);
-            if seen_ms + (REPLICA_GONE.as_millis() as u64) < now {
+            // Gone, or this very replica before a restart (the same address, another tag).
+            let replaced = replica != &self.identity
+                && replica.rsplit_once('#').map(|(address, _)| address)
+                    == Some(self.replication.advertise.as_str());
+            if replaced || seen_ms + (REPLICA_GONE.as_millis() as u64) < now {
                 let _: Result<(), _> = ::redis::cmd("HDEL")
                     .arg(&self.redis.keys.replicas)
                     .arg(replica)

@@ -572,10 +572,19 @@ pub struct RedisStore {
 }
 
 /// A test-only failpoint, named by this environment variable: when the file it names exists,
-/// the next append with records removes it and stops this process (SIGSTOP) before writing, as
-/// a long pause between applying commands and appending them would; SIGCONT resumes it. This
-/// is how the split-brain test makes a leader lose its leadership with replies pending.
+/// the next append with records removes it and holds the leader there, between applying
+/// commands and appending them, as a long pause would: the append waits and the leadership is
+/// not renewed ([`frozen`]) until a file of the same name plus `.resume` appears. This is how
+/// the split-brain test makes a leader lose its leadership with replies pending.
 pub const PAUSE_BEFORE_APPEND: &str = "KEYLEASE_FAILPOINT_PAUSE_BEFORE_APPEND";
+
+/// Set while the failpoint holds this process's leader.
+static FROZEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the failpoint holds this process's leader: its leadership is then not renewed.
+pub fn frozen() -> bool {
+    FROZEN.load(std::sync::atomic::Ordering::Acquire)
+}
 
 impl RedisStore {
     /// The store of the leader `leader` of log `log_id`, which ends at `position`.
@@ -600,11 +609,15 @@ impl RedisStore {
         if let Some(trigger) = &self.pause_before_append
             && std::fs::remove_file(trigger).is_ok()
         {
-            tracing::warn!("failpoint: pausing this process before an append");
-            let _ = std::process::Command::new("kill")
-                .arg("-STOP")
-                .arg(std::process::id().to_string())
-                .status();
+            tracing::warn!("failpoint: holding the leader before an append");
+            FROZEN.store(true, std::sync::atomic::Ordering::Release);
+            let mut resume = trigger.as_os_str().to_owned();
+            resume.push(".resume");
+            while std::fs::remove_file(&resume).is_err() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            FROZEN.store(false, std::sync::atomic::Ordering::Release);
+            tracing::warn!("failpoint: the leader goes on");
         }
     }
 }
