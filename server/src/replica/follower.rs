@@ -26,27 +26,13 @@ pub struct Applied {
 }
 
 /// Why a copy could not follow the log.
+#[derive(Debug, thiserror::Error)]
 pub enum FollowError {
-    Store(StoreError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
     /// The log differs from the one this copy applied, at the entry ending at this record.
+    #[error("the log differs from what this replica applied, at record {0}")]
     Diverged(u64),
-}
-
-impl FollowError {
-    pub fn describe(&self) -> String {
-        match self {
-            Self::Store(error) => error.to_string(),
-            Self::Diverged(at) => {
-                format!("the log differs from what this replica applied, at record {at}")
-            }
-        }
-    }
-}
-
-impl From<StoreError> for FollowError {
-    fn from(error: StoreError) -> Self {
-        Self::Store(error)
-    }
 }
 
 impl Applied {

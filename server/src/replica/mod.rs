@@ -679,9 +679,9 @@ impl Supervisor {
     ) -> Result<(Arc<State>, Arc<std::sync::Mutex<Position>>), String> {
         let mut follower = match follower {
             Some(follower) => follower,
-            None => Follower::load(&self.redis, self.expected()).map_err(|e| e.describe())?,
+            None => Follower::load(&self.redis, self.expected()).map_err(|e| e.to_string())?,
         };
-        follower.catch_up().map_err(|e| e.describe())?;
+        follower.catch_up().map_err(|e| e.to_string())?;
         let mut connection = self.redis.connect().map_err(|e| e.to_string())?;
         let head = redis::head(&self.redis, &mut connection).map_err(|e| e.to_string())?;
         let Some(log_id) = head.id else {

@@ -22,7 +22,7 @@
 //! retried batch can never land twice. Nothing here decides a lease: the rules stay in the
 //! engine, and Redis only orders and keeps what the leader decided.
 
-use crate::store::{Log, RecordVisitor, Store, StoreError, decode, encode};
+use crate::store::{Log, RecordVisitor, Store, StoreError, decode_batch, encode_batch};
 use redis::{Commands, Connection, Script};
 use std::cell::RefCell;
 use std::path::PathBuf;
@@ -249,7 +249,7 @@ pub struct Entry<'a> {
 impl Entry<'_> {
     /// Its records with their numbers.
     pub fn records(&self) -> Result<Vec<(u64, &[u8])>, postcard::Error> {
-        decode(self.body)
+        decode_batch(self.body)
     }
 }
 
@@ -654,13 +654,8 @@ impl Store for RedisStore {
             .arg(self.position.to_string());
         let mut appended = None;
         if let (Some(&(first, _)), Some(&(last, _))) = (records.first(), records.last()) {
-            // One entry per batch, as the embedded store keeps one per commit: a follower reads
-            // and parses one entry, not one per record.
-            let batch: Vec<(u64, &[u8])> = records
-                .iter()
-                .map(|(seq, bytes)| (*seq, bytes.as_slice()))
-                .collect();
-            let body = encode(&batch);
+            // One entry per batch: a follower reads and parses one entry, not one per record.
+            let body = encode_batch(records);
             let chain = chain_after(self.position.chain, &body);
             let mut entry = chain.to_le_bytes().to_vec();
             entry.extend_from_slice(&body);

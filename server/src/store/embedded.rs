@@ -2,7 +2,7 @@
 //! snapshot), the key that fingerprints secrets, and a lock file naming the server that holds
 //! it. redb gives ACID commits that are durable (fsync'd) when they return, in one file.
 
-use super::{FORMAT_VERSION, Log, RecordVisitor, Store, StoreError, decode, encode};
+use super::{FORMAT_VERSION, Log, RecordVisitor, Store, StoreError, decode_batch, encode_batch};
 use crate::secret::FingerprintKey;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::fs::{File, OpenOptions};
@@ -248,7 +248,7 @@ impl Log for EmbeddedStore {
             .map_err(|e| self.read_error(&e))?
         {
             let (last, bytes) = entry.map_err(|e| self.read_error(&e))?;
-            let batch: Vec<(u64, &[u8])> = decode(bytes.value()).map_err(|e| {
+            let batch = decode_batch(bytes.value()).map_err(|e| {
                 self.read_error(&format!(
                     "the commit ending at record {}: {e}",
                     last.value()
@@ -278,11 +278,7 @@ impl Store for EmbeddedStore {
         {
             let mut log = txn.open_table(LOG).map_err(|e| self.write_error(&e))?;
             if let Some(&(last, _)) = records.last() {
-                let batch: Vec<(u64, &[u8])> = records
-                    .iter()
-                    .map(|(seq, bytes)| (*seq, bytes.as_slice()))
-                    .collect();
-                log.insert(last, encode(&batch).as_slice())
+                log.insert(last, encode_batch(records).as_slice())
                     .map_err(|e| self.write_error(&e))?;
             }
         }

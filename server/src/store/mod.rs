@@ -63,6 +63,21 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, postcard::Er
     postcard::from_bytes(bytes)
 }
 
+/// The records of one commit as one value, each with its number: how every store keeps a
+/// commit, so that a reader parses one value per commit rather than one per record.
+pub fn encode_batch(records: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    let batch: Vec<(u64, &[u8])> = records
+        .iter()
+        .map(|(seq, bytes)| (*seq, bytes.as_slice()))
+        .collect();
+    encode(&batch)
+}
+
+/// The records of a commit encoded by [`encode_batch`].
+pub fn decode_batch(bytes: &[u8]) -> Result<Vec<(u64, &[u8])>, postcard::Error> {
+    decode(bytes)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{path}: {reason}")]
