@@ -274,7 +274,7 @@ async fn cancels(count: usize) -> anyhow::Result<()> {
     };
     // One request spends the minute's quota for the only project.
     state
-        .acquire(ask("spender".into()), Duration::ZERO)
+        .acquire(None, ask("spender".into()), Duration::ZERO)
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let mut waiting = Vec::with_capacity(count);
@@ -282,7 +282,9 @@ async fn cancels(count: usize) -> anyhow::Result<()> {
         let state = state.clone();
         let request = ask(format!("waiter-{i}"));
         waiting.push(tokio::spawn(async move {
-            let _ = state.acquire(request, Duration::from_secs(3600)).await;
+            let _ = state
+                .acquire(None, request, Duration::from_secs(3600))
+                .await;
         }));
     }
     while waiting_now(&state).await < count {

@@ -37,7 +37,13 @@ pub async fn serve(config: PathBuf) -> anyhow::Result<()> {
             }
         });
     }
-    keylease_server::server::serve(listener, state, std::future::pending()).await?;
+    keylease_server::server::serve(
+        listener,
+        state,
+        keylease_server::server::Front::new(&settings),
+        std::future::pending(),
+    )
+    .await?;
     Ok(())
 }
 

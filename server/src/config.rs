@@ -4,6 +4,7 @@
 //! that can hold one (a secret or token field, a keys-file line, a token variable, any value a
 //! parser quotes) is never quoted: the error gives where it is and what was expected.
 
+use crate::auth::{self, Access, Credential, Role, TokenSpec};
 use crate::engine::{
     DEFAULT_POOL, DailyReset, EngineConfig, KeySpec, PoolConfig, canonical_model, quota::Limits,
 };
@@ -139,7 +140,13 @@ pub struct ServerSection {
     /// How long in-flight calls get to finish at shutdown.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
-    /// When set, KeyLease calls must carry `authorization: Bearer <one of these>`.
+    /// `"off"`: nobody is checked, on any address. Unset: callers need one of `tokens`, and
+    /// with none configured the server runs open on a loopback address only.
+    pub auth: Option<String>,
+    /// Who may call, each with a name and a role, known by a token's SHA-256 or a client
+    /// certificate's name.
+    pub tokens: Vec<TokenSection>,
+    /// Deprecated: tokens in clear, each an admin. Use `tokens`.
     pub auth_tokens: Vec<ApiKeyField>,
     /// Client connections at once; more are closed as soon as they are accepted.
     pub max_connections: usize,
@@ -163,6 +170,8 @@ impl Default for ServerSection {
             listen: "127.0.0.1:50051".into(),
             log_format: "text".into(),
             shutdown_grace: Duration::from_secs(10),
+            auth: None,
+            tokens: Vec::new(),
             auth_tokens: Vec::new(),
             max_connections: 1024,
             max_calls_per_connection: 256,
@@ -172,6 +181,19 @@ impl Default for ServerSection {
             keepalive_timeout: Duration::from_secs(10),
         }
     }
+}
+
+/// One caller: `name`, `role`, and `sha256` (of its bearer token) or `certificate` (the name
+/// its TLS client certificate is issued to).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenSection {
+    pub name: Option<String>,
+    pub role: Option<String>,
+    pub sha256: Option<String>,
+    pub certificate: Option<String>,
+    /// Never accepted: read only to say so without quoting it.
+    pub token: Option<ApiKeyField>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -318,8 +340,10 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
     pub limits: ConnectionLimits,
-    /// Bearer tokens callers must present; empty: no check.
-    pub auth_tokens: Vec<ApiKey>,
+    /// Who may call.
+    pub access: Access,
+    /// What the operator should hear about at start (deprecated settings, no auth).
+    pub notices: Vec<String>,
     pub max_wait: Duration,
     pub engine: EngineConfig,
     pub keys: Vec<KeySpec>,
@@ -334,10 +358,18 @@ impl Settings {
             StateLocation::Redis(replication) => vec![&replication.token, &replication.url],
             _ => Vec::new(),
         };
+        let clear_tokens =
+            self.access
+                .callers
+                .iter()
+                .filter_map(|caller| match &caller.credential {
+                    Credential::Clear(token) => Some(token),
+                    _ => None,
+                });
         self.keys
             .iter()
             .map(|key| &key.secret)
-            .chain(&self.auth_tokens)
+            .chain(clear_tokens)
             .chain(replication)
     }
 }
@@ -551,17 +583,7 @@ pub fn validate(
         )
     })?;
 
-    let mut auth_tokens = Vec::new();
-    for (index, token) in file.server.auth_tokens.iter().enumerate() {
-        if token.0.trim().is_empty() || token.0.chars().any(|c| c.is_whitespace() || c.is_control())
-        {
-            return Err(invalid(
-                at(&format!("server.auth_tokens[{index}]")),
-                "must be non-empty, without white space",
-            ));
-        }
-        auth_tokens.push(ApiKey::new(token.0.clone()));
-    }
+    let (access, notices) = access(&file.server, listen, &at)?;
 
     if file.pools.is_empty() {
         return Err(invalid(
@@ -638,7 +660,8 @@ pub fn validate(
         log_format,
         shutdown_grace: file.server.shutdown_grace,
         limits,
-        auth_tokens,
+        access,
+        notices,
         max_wait: leases.max_wait,
         engine: EngineConfig {
             default_ttl_ms: leases.default_ttl.as_millis() as u64,
@@ -655,6 +678,165 @@ pub fn validate(
         },
         keys,
     })
+}
+
+/// Who may call: `server.auth`, `server.tokens` and the deprecated `server.auth_tokens`;
+/// with what to tell the operator at start.
+fn access(
+    server: &ServerSection,
+    listen: SocketAddr,
+    at: &dyn Fn(&str) -> String,
+) -> Result<(Access, Vec<String>), ConfigError> {
+    let mut notices = Vec::new();
+    let mut callers = Vec::new();
+    let mut names: HashMap<String, String> = HashMap::new();
+    let mut hashes: HashMap<[u8; 32], String> = HashMap::new();
+    for (index, section) in server.tokens.iter().enumerate() {
+        let field = at(&format!("server.tokens[{index}]"));
+        if section.token.is_some() {
+            return Err(invalid(
+                format!("{field}.token"),
+                "tokens are never configured in clear: give sha256 = the SHA-256 of the token in hex (`keylease-server new-token` makes one and prints both)",
+            ));
+        }
+        let name = section.name.clone().ok_or_else(|| {
+            invalid(
+                &field,
+                "no name (who this caller is, shown in events and logs)",
+            )
+        })?;
+        auth::check_name(&name).map_err(|reason| invalid(format!("{field}.name"), reason))?;
+        let role = section.role.as_deref().ok_or_else(|| {
+            invalid(
+                &field,
+                format!("no role (one of {})", Role::NAMES.join(", ")),
+            )
+        })?;
+        let role = Role::parse(role).ok_or_else(|| {
+            invalid(
+                format!("{field}.role"),
+                format!("{role:?} is not a role (one of {})", Role::NAMES.join(", ")),
+            )
+        })?;
+        let credential = match (&section.sha256, &section.certificate) {
+            (Some(hex), None) => {
+                let hash = sha256_of_hex(hex).ok_or_else(|| {
+                    invalid(
+                        format!("{field}.sha256"),
+                        "not a SHA-256 in hex (64 characters 0-9, a-f); the value is not shown",
+                    )
+                })?;
+                if let Some(first) = hashes.insert(hash, name.clone()) {
+                    return Err(invalid(
+                        format!("{field}.sha256"),
+                        format!("the same token as {first:?}'s"),
+                    ));
+                }
+                Credential::Sha256(hash)
+            }
+            (None, Some(certificate)) => {
+                auth::check_name(certificate)
+                    .map_err(|reason| invalid(format!("{field}.certificate"), reason))?;
+                Credential::Certificate(certificate.clone())
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid(&field, "give sha256 or certificate, not both"));
+            }
+            (None, None) => {
+                return Err(invalid(
+                    &field,
+                    "no credential: give sha256 (of a bearer token) or certificate (a client certificate's name)",
+                ));
+            }
+        };
+        if let Some(first) = names.insert(name.clone(), field.clone()) {
+            return Err(invalid(
+                format!("{field}.name"),
+                format!("{name:?} is already the name of {first}"),
+            ));
+        }
+        callers.push(TokenSpec {
+            name,
+            role,
+            credential,
+        });
+    }
+    for (index, token) in server.auth_tokens.iter().enumerate() {
+        if token.0.trim().is_empty() || token.0.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(
+                at(&format!("server.auth_tokens[{index}]")),
+                "must be non-empty, without white space",
+            ));
+        }
+        let name = format!("auth_tokens-{index}");
+        if names.contains_key(&name) {
+            return Err(invalid(
+                at("server.tokens"),
+                format!("{name:?} is the name the deprecated server.auth_tokens[{index}] takes"),
+            ));
+        }
+        callers.push(TokenSpec {
+            name,
+            role: Role::Admin,
+            credential: Credential::Clear(ApiKey::new(token.0.clone())),
+        });
+    }
+    if !server.auth_tokens.is_empty() {
+        notices.push(format!(
+            "server.auth_tokens is deprecated and will be removed in the next release: its {} token(s) are admins named auth_tokens-N; configure [[server.tokens]] with a name, a role and the token's sha256 instead",
+            server.auth_tokens.len()
+        ));
+    }
+    let required = match server.auth.as_deref() {
+        Some("off") if !callers.is_empty() => {
+            return Err(invalid(
+                at("server.auth"),
+                "is \"off\" but callers are configured (server.tokens or server.auth_tokens): remove one or the other",
+            ));
+        }
+        Some("off") => {
+            notices.push(format!(
+                "server.auth is \"off\": every caller on {listen} may do everything, admin calls included"
+            ));
+            false
+        }
+        Some(other) => {
+            return Err(invalid(
+                at("server.auth"),
+                format!("{other:?} is not a setting: \"off\", or leave it out to require a token"),
+            ));
+        }
+        None if !callers.is_empty() => true,
+        None if listen.ip().is_loopback() => {
+            notices.push(format!(
+                "no tokens are configured: every caller on {listen} (loopback only) may do everything; configure [[server.tokens]] to require them"
+            ));
+            false
+        }
+        None => {
+            return Err(invalid(
+                at("server.tokens"),
+                format!(
+                    "none configured and server.listen ({listen}) is not a loopback address: anyone who reaches it could take keys. Configure [[server.tokens]], or set server.auth = \"off\" to run open"
+                ),
+            ));
+        }
+    };
+    Ok((Access { required, callers }, notices))
+}
+
+/// 64 hexadecimal digits, as `sha256sum` prints them.
+fn sha256_of_hex(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut bytes = [0u8; 32];
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(bytes)
 }
 
 /// A replica's settings: the Redis URL (never quoted: it may hold a password) and

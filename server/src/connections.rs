@@ -7,8 +7,10 @@
 //! `idle_timeout` is closed. A call is in flight from its request until its response body ends,
 //! so a `WatchEvents` stream or a waiting `AcquireKey` keeps its connection however long it lasts.
 
+use crate::auth::Gate;
 use crate::clock::Clock;
 use crate::config::ConnectionLimits;
+use crate::server::Front;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -41,6 +43,7 @@ pub async fn serve(
     limits: ConnectionLimits,
     clock: Clock,
     routes: Routes,
+    front: Front,
     shutdown: impl Future<Output = ()>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -82,6 +85,7 @@ pub async fn serve(
         let connection = Connection::new(stream, slot, limits.idle_timeout, clock.clone());
         let service = Tracked {
             routes: routes.clone(),
+            gate: front.gate.clone(),
             activity: connection.activity.clone(),
             info,
         };
@@ -245,11 +249,13 @@ impl AsyncWrite for Connection {
     }
 }
 
-/// The router as one connection serves it: each call is marked in flight until its response
-/// body has ended, and carries the connection's addresses (as tonic's own server would).
+/// The router as one connection serves it: each call passes the gate, which puts its caller in
+/// the request's extensions, is marked in flight until its response body has ended, and
+/// carries the connection's addresses (as tonic's own server would).
 #[derive(Clone)]
 struct Tracked {
     routes: Routes,
+    gate: Arc<Gate>,
     activity: Arc<Activity>,
     info: TcpConnectInfo,
 }
@@ -270,6 +276,14 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path().to_string();
+        match self.gate.admit(&path, request.headers_mut(), None) {
+            Ok(Some(caller)) => {
+                request.extensions_mut().insert(caller);
+            }
+            Ok(None) => {}
+            Err(refused) => return Box::pin(std::future::ready(Ok(refused.into_http()))),
+        }
         request.extensions_mut().insert(self.info.clone());
         let guard = self.activity.call();
         let response = self.routes.call(request);

@@ -3,11 +3,11 @@
 //! `UNAVAILABLE`, event streams end, and in-flight calls finish. Connections are held within
 //! the configured limits ([`crate::connections`]), and HTTP/2 pings find peers that are gone.
 
+use crate::auth::Gate;
 use crate::clock::Clock;
-use crate::config::ConnectionLimits;
+use crate::config::{ConnectionLimits, Settings, StateLocation};
 use crate::connections;
 use crate::replica::FleetView;
-use crate::secret::ApiKey;
 use crate::service::KeyLeaseService;
 use crate::state::State;
 use keylease::pb;
@@ -18,7 +18,6 @@ use tokio::net::TcpListener;
 use tonic::codegen::http;
 use tonic::server::NamedService;
 use tonic::service::Routes;
-use tonic::service::interceptor::InterceptedService;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -26,18 +25,37 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// The KeyLease service on `state`, behind the bearer-token check.
-pub type KeyLeaseRoutes = InterceptedService<KeyLeaseServer<KeyLeaseService>, BearerCheck>;
+/// What every call passes before a service sees it, shared by every connection and replaced
+/// piece by piece by a reload.
+#[derive(Clone)]
+pub struct Front {
+    pub gate: Arc<Gate>,
+}
+
+impl Front {
+    pub fn new(settings: &Settings) -> Self {
+        let replication_token = match &settings.state {
+            StateLocation::Redis(replication) => Some(&replication.token),
+            _ => None,
+        };
+        Self {
+            gate: Arc::new(Gate::new(&settings.access, replication_token)),
+        }
+    }
+}
+
+/// The KeyLease service on `state`.
+pub type KeyLeaseRoutes = KeyLeaseServer<KeyLeaseService>;
 
 pub fn keylease_routes(state: Arc<State>, fleet: Option<FleetView>) -> KeyLeaseRoutes {
-    let check = BearerCheck::new(state.auth_tokens());
-    KeyLeaseServer::with_interceptor(KeyLeaseService::new(state, fleet), check)
+    KeyLeaseServer::new(KeyLeaseService::new(state, fleet))
 }
 
 /// Serves on `listener` until `shutdown` resolves and in-flight calls have finished.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<State>,
+    front: Front,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let timer = tokio::spawn(state.clone().run_timer());
@@ -51,6 +69,7 @@ pub async fn serve(
     serve_service(
         listener,
         keylease_routes(state, None),
+        front,
         serving_now,
         limits,
         clock,
@@ -62,13 +81,14 @@ pub async fn serve(
     Ok(())
 }
 
-/// Serves `keylease` (the local service, or a replica's router) with health and reflection
-/// until `shutdown` resolves; then calls `shut_down` and waits for in-flight calls. Health
+/// Serves `keylease` (the local service, or a replica's router) with health and reflection,
+/// each call admitted by `front`, until `shutdown` resolves; then calls `shut_down` and waits for in-flight calls. Health
 /// reports the KeyLease service serving while `serving_now` says so (a replica that cannot
 /// serve is not), and not serving once shutdown begins.
 pub async fn serve_service<S, B>(
     listener: TcpListener,
     keylease: S,
+    front: Front,
     mut serving_now: tokio::sync::watch::Receiver<bool>,
     limits: ConnectionLimits,
     clock: Clock,
@@ -137,47 +157,6 @@ where
         .add_service(reflection_v1alpha)
         .add_service(keylease)
         .prepare();
-    connections::serve(listener, limits, clock, routes, signal).await;
+    connections::serve(listener, limits, clock, routes, front, signal).await;
     Ok(())
-}
-
-/// Admits KeyLease calls that carry `authorization: Bearer <token>` with a configured token;
-/// with none configured, every call. Health and reflection stay open for probes and grpcurl.
-#[derive(Clone)]
-pub struct BearerCheck {
-    accepted: Arc<Vec<String>>,
-}
-
-impl BearerCheck {
-    fn new(tokens: &[ApiKey]) -> Self {
-        Self {
-            accepted: Arc::new(
-                tokens
-                    .iter()
-                    .map(|t| format!("Bearer {}", t.reveal()))
-                    .collect(),
-            ),
-        }
-    }
-}
-
-impl tonic::service::Interceptor for BearerCheck {
-    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if self.accepted.is_empty() {
-            return Ok(request);
-        }
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        match presented {
-            Some(value) if self.accepted.iter().any(|t| t == value) => Ok(request),
-            Some(_) => Err(tonic::Status::unauthenticated(
-                "authorization: the bearer token is not accepted",
-            )),
-            None => Err(tonic::Status::unauthenticated(
-                "authorization: a bearer token is required",
-            )),
-        }
-    }
 }

@@ -3,9 +3,10 @@
 //! Free text from clients is redacted here, before any command sees it, and so is every error
 //! message on its way out.
 
+use crate::auth::Caller;
 use crate::engine::{Command, EventKind, FailureReport, Renewed};
 use crate::replica::FleetView;
-use crate::state::{AcquireFailure, State};
+use crate::state::{AcquireFailure, Published, State};
 use crate::wire;
 use keylease::pb;
 use keylease::pb::key_lease_server::KeyLease;
@@ -73,11 +74,15 @@ impl KeyLeaseService {
         })
     }
 
-    async fn acquire_key(&self, request: pb::AcquireKeyRequest) -> Result<pb::Lease, Status> {
+    async fn acquire_key(
+        &self,
+        by: Option<&str>,
+        request: pb::AcquireKeyRequest,
+    ) -> Result<pb::Lease, Status> {
         let wait = wire::wait_of("wait", request.wait, self.state.max_wait)?;
         let mut request = wire::acquire_request(request)?;
         request.task_id = self.redact(request.task_id);
-        match self.state.acquire(request, wait).await {
+        match self.state.acquire(by, request, wait).await {
             Ok(lease) => Ok(wire::lease_to_pb(lease, self.state.time())),
             Err(failure) => Err(wire::acquire_failure_status(failure, self.state.now_ms())),
         }
@@ -85,6 +90,7 @@ impl KeyLeaseService {
 
     async fn renew_lease(
         &self,
+        by: Option<&str>,
         request: pb::RenewLeaseRequest,
     ) -> Result<pb::RenewLeaseResponse, Status> {
         let ttl_ms = wire::duration_ms("ttl", request.ttl)?;
@@ -96,13 +102,16 @@ impl KeyLeaseService {
             let mut events = self.state.subscribe();
             let renewed = self
                 .state
-                .run(Command::Renew {
-                    lease_id: request.lease_id.clone(),
-                    fencing_token: request.fencing_token,
-                    ttl_ms,
-                    additional_requests: request.additional_requests,
-                    additional_tokens: request.additional_input_tokens,
-                })
+                .run(
+                    by,
+                    Command::Renew {
+                        lease_id: request.lease_id.clone(),
+                        fencing_token: request.fencing_token,
+                        ttl_ms,
+                        additional_requests: request.additional_requests,
+                        additional_tokens: request.additional_input_tokens,
+                    },
+                )
                 .await?
                 .into_renewed()?;
             let (lease, unavailable) = match renewed {
@@ -130,15 +139,22 @@ impl KeyLeaseService {
         }
     }
 
-    async fn release(&self, request: pb::ReleaseRequest) -> Result<pb::ReleaseResponse, Status> {
+    async fn release(
+        &self,
+        by: Option<&str>,
+        request: pb::ReleaseRequest,
+    ) -> Result<pb::ReleaseResponse, Status> {
         let usage = wire::usage(&request);
         let booked = self
             .state
-            .run(Command::Release {
-                lease_id: request.lease_id,
-                fencing_token: request.fencing_token,
-                usage,
-            })
+            .run(
+                by,
+                Command::Release {
+                    lease_id: request.lease_id,
+                    fencing_token: request.fencing_token,
+                    usage,
+                },
+            )
             .await?
             .into_released()?;
         Ok(pb::ReleaseResponse {
@@ -150,6 +166,7 @@ impl KeyLeaseService {
 
     async fn report_failure(
         &self,
+        by: Option<&str>,
         request: pb::ReportFailureRequest,
     ) -> Result<pb::ReportFailureResponse, Status> {
         let report = FailureReport {
@@ -165,11 +182,14 @@ impl KeyLeaseService {
         )?;
         let reported = self
             .state
-            .run(Command::ReportFailure {
-                lease_id: request.lease_id,
-                fencing_token: request.fencing_token,
-                report,
-            })
+            .run(
+                by,
+                Command::ReportFailure {
+                    lease_id: request.lease_id,
+                    fencing_token: request.fencing_token,
+                    report,
+                },
+            )
             .await?
             .into_reported()?;
         let key = self
@@ -182,7 +202,7 @@ impl KeyLeaseService {
             ..Default::default()
         };
         if request.rotate {
-            match self.state.acquire(reported.replacement, wait).await {
+            match self.state.acquire(by, reported.replacement, wait).await {
                 Ok(lease) => {
                     response.replacement = Some(wire::lease_to_pb(lease, self.state.time()))
                 }
@@ -289,17 +309,18 @@ impl KeyLeaseService {
             loop {
                 let event = tokio::select! {
                     received = events.recv() => match received {
-                        Ok((seq, event)) => {
+                        Ok(published) => {
                             // Shown once it would survive a crash; a store that stopped ends
                             // the stream.
-                            if state.durable_event(seq).await.is_err() {
+                            if state.durable_event(published.seq).await.is_err() {
                                 return;
                             }
-                            wire::event_to_pb(event)
+                            wire::event_to_pb(published.event, published.by.as_deref())
                         }
                         Err(broadcast::error::RecvError::Lagged(missed)) => pb::Event {
                             at: Some(wire::timestamp(state.time().wall_ms)),
                             kind: Some(pb::event::Kind::Missed(missed)),
+                            caller: String::new(),
                         },
                         Err(broadcast::error::RecvError::Closed) => return,
                     },
@@ -316,16 +337,20 @@ impl KeyLeaseService {
 
     async fn set_key_enabled(
         &self,
+        by: Option<&str>,
         request: pb::SetKeyEnabledRequest,
     ) -> Result<pb::KeyStatus, Status> {
         let reason = self.redact(request.reason);
         let key = self
             .state
-            .run(Command::SetKeyEnabled {
-                key_id: request.key_id,
-                enabled: request.enabled,
-                reason,
-            })
+            .run(
+                by,
+                Command::SetKeyEnabled {
+                    key_id: request.key_id,
+                    enabled: request.enabled,
+                    reason,
+                },
+            )
             .await?
             .into_key_set()?;
         Ok(wire::key_to_pb(key, self.state.time()))
@@ -342,7 +367,8 @@ impl KeyLease for KeyLeaseService {
         &self,
         request: Request<pb::AcquireKeyRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
-        let answer = self.acquire_key(request.into_inner()).await;
+        let by = caller_name(&request);
+        let answer = self.acquire_key(by.as_deref(), request.into_inner()).await;
         self.outgoing(answer).map(Response::new)
     }
 
@@ -350,7 +376,8 @@ impl KeyLease for KeyLeaseService {
         &self,
         request: Request<pb::RenewLeaseRequest>,
     ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
-        let answer = self.renew_lease(request.into_inner()).await;
+        let by = caller_name(&request);
+        let answer = self.renew_lease(by.as_deref(), request.into_inner()).await;
         self.outgoing(answer).map(Response::new)
     }
 
@@ -358,7 +385,8 @@ impl KeyLease for KeyLeaseService {
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        let answer = self.release(request.into_inner()).await;
+        let by = caller_name(&request);
+        let answer = self.release(by.as_deref(), request.into_inner()).await;
         self.outgoing(answer).map(Response::new)
     }
 
@@ -366,7 +394,10 @@ impl KeyLease for KeyLeaseService {
         &self,
         request: Request<pb::ReportFailureRequest>,
     ) -> Result<Response<pb::ReportFailureResponse>, Status> {
-        let answer = self.report_failure(request.into_inner()).await;
+        let by = caller_name(&request);
+        let answer = self
+            .report_failure(by.as_deref(), request.into_inner())
+            .await;
         self.outgoing(answer).map(Response::new)
     }
 
@@ -391,18 +422,26 @@ impl KeyLease for KeyLeaseService {
         &self,
         request: Request<pb::SetKeyEnabledRequest>,
     ) -> Result<Response<pb::KeyStatus>, Status> {
-        let answer = self.set_key_enabled(request.into_inner()).await;
+        let by = caller_name(&request);
+        let answer = self
+            .set_key_enabled(by.as_deref(), request.into_inner())
+            .await;
         self.outgoing(answer).map(Response::new)
     }
 }
 
+/// The name of the caller the gate admitted (see [`crate::auth`]).
+fn caller_name<T>(request: &Request<T>) -> Option<std::sync::Arc<str>> {
+    request.extensions().get::<Caller>().map(|c| c.name.clone())
+}
+
 /// Resolves at the next event that may have made quota room: a lease ended.
-async fn room_made(events: &mut broadcast::Receiver<(u64, crate::engine::Event)>) {
+async fn room_made(events: &mut broadcast::Receiver<Published>) {
     loop {
         match events.recv().await {
-            Ok((_, event))
+            Ok(published)
                 if matches!(
-                    event.kind,
+                    published.event.kind,
                     EventKind::Released { .. } | EventKind::Expired(_) | EventKind::Failed { .. }
                 ) =>
             {

@@ -13,7 +13,7 @@ use crate::engine::{
     AcquireRequest, Acquired, Command, Engine, EngineError, Event, EventKind, LeaseView, Notices,
     Reply, Setup, SetupError, Time, Unavailable, WaiterId,
 };
-use crate::secret::{ApiKey, FingerprintKey, Redactor};
+use crate::secret::{FingerprintKey, Redactor};
 use crate::store::embedded::{EmbeddedStore, StateDir};
 use crate::store::journal::{Journal, StoreFailed};
 use crate::store::{self, Snapshot, Store, StoreError};
@@ -74,10 +74,29 @@ pub enum OpenError {
 
 type WaiterOutcome = Result<LeaseView, Unavailable>;
 
+/// An acquire in line, as the shell knows it.
+struct Waiter {
+    /// Where its outcome goes, with the record it must wait for.
+    outcome: oneshot::Sender<(WaiterOutcome, u64)>,
+    /// Who asked: the grant is theirs.
+    by: Option<Arc<str>>,
+}
+
+/// An event as the server publishes it.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// The record that made it: it may be shown once that is durable.
+    pub seq: u64,
+    pub event: Event,
+    /// The caller whose call made it happen; `None` for the server's own doings (expiries,
+    /// a day turning, a grant whose caller left going back).
+    pub by: Option<Arc<str>>,
+}
+
 struct Inner {
     engine: Engine,
     /// Where to send each waiter's outcome, with the record it must wait for.
-    waiters: HashMap<WaiterId, oneshot::Sender<(WaiterOutcome, u64)>>,
+    waiters: HashMap<WaiterId, Waiter>,
     /// The last record queued for the store.
     last_seq: u64,
     /// Records queued since the last snapshot.
@@ -102,7 +121,7 @@ pub struct State {
     inner: Mutex<Inner>,
     clock: Clock,
     /// Events with the record that made them.
-    events: broadcast::Sender<(u64, Event)>,
+    events: broadcast::Sender<Published>,
     /// Wakes the timer when the engine's next deadline moved earlier.
     timer: Notify,
     /// The deadline the timer sleeps until (`u64::MAX`: none).
@@ -110,7 +129,6 @@ pub struct State {
     shutdown: CancellationToken,
     /// Longest an acquire or a renewal may wait.
     pub max_wait: Duration,
-    auth_tokens: Vec<ApiKey>,
     /// Masks every configured secret (keys and auth tokens) in free text.
     redactor: Redactor,
     /// What clients may hold of the server.
@@ -246,7 +264,6 @@ impl State {
             timer_target: AtomicU64::new(u64::MAX),
             shutdown: CancellationToken::new(),
             max_wait: settings.max_wait,
-            auth_tokens: settings.auth_tokens.clone(),
             redactor: Redactor::new(settings.secrets()),
             limits: settings.limits,
             journal,
@@ -259,9 +276,9 @@ impl State {
             if recovering {
                 // Their callers died with the process that queued them; clients retry.
                 let (_, notices) = state.apply_locked(&mut inner, Command::DropWaiters);
-                state.carry_out(&mut inner, notices);
+                state.carry_out(&mut inner, notices, None);
                 let (reply, notices) = state.apply_locked(&mut inner, Command::Configure(setup));
-                state.carry_out(&mut inner, notices);
+                state.carry_out(&mut inner, notices, None);
                 let configured = reply.into_configured()?;
                 for (key_id, leases) in &configured.removed_keys {
                     tracing::warn!(
@@ -299,11 +316,6 @@ impl State {
             recovered.next_fencing_token = inner.engine.next_fencing_token();
         }
         Ok((state, recovered))
-    }
-
-    /// Bearer tokens callers must present; empty: no check.
-    pub fn auth_tokens(&self) -> &[ApiKey] {
-        &self.auth_tokens
     }
 
     /// Masks secrets in free text from clients before it is stored or shown.
@@ -372,16 +384,16 @@ impl State {
     fn execute(&self, command: Command) {
         let mut inner = self.lock();
         let (_, notices) = self.apply_locked(&mut inner, command);
-        self.carry_out(&mut inner, notices);
+        self.carry_out(&mut inner, notices, None);
     }
 
-    /// Applies one command at the current time, carries out what it decided, and answers once
-    /// its record is durable.
-    pub async fn run(&self, command: Command) -> Result<Reply, StoreFailed> {
+    /// Applies one command of caller `by` at the current time, carries out what it decided,
+    /// and answers once its record is durable.
+    pub async fn run(&self, by: Option<&str>, command: Command) -> Result<Reply, StoreFailed> {
         let (reply, seq) = {
             let mut inner = self.lock();
             let (reply, notices) = self.apply_locked(&mut inner, command);
-            self.carry_out(&mut inner, notices);
+            self.carry_out(&mut inner, notices, by);
             (reply, inner.last_seq)
         };
         self.durable(seq).await?;
@@ -395,7 +407,7 @@ impl State {
             let now = self.clock.now();
             if inner.engine.tick_due(now) {
                 let (_, notices) = self.apply_locked(&mut inner, Command::Tick);
-                self.carry_out(&mut inner, notices);
+                self.carry_out(&mut inner, notices, None);
             }
             (read(&inner.engine, now), inner.last_seq)
         };
@@ -406,20 +418,37 @@ impl State {
         Ok(result)
     }
 
-    /// Sends waiters their outcome, streams events, and moves the timer if needed. A grant
-    /// whose waiter is gone goes straight back, by a command of its own.
-    fn carry_out(&self, inner: &mut Inner, mut notices: Notices) {
+    /// Sends waiters their outcome, streams events (each by the caller `by` whose command made
+    /// it, a waiter's grant by that waiter's), and moves the timer if needed. A grant whose
+    /// waiter is gone goes straight back, by a command of its own.
+    fn carry_out(&self, inner: &mut Inner, mut notices: Notices, by: Option<&str>) {
+        let mut by: Option<Arc<str>> = by.map(Arc::from);
         while !notices.is_empty() {
             let seq = inner.last_seq;
+            let waiter_of = |lease_id: &str| {
+                notices
+                    .waiter_grants
+                    .iter()
+                    .find(|(_, lease)| lease.lease_id == lease_id)
+                    .and_then(|(id, _)| inner.waiters.get(id))
+                    .map(|waiter| waiter.by.clone())
+            };
             for event in notices.events {
-                log(&event);
+                let by = match &event.kind {
+                    EventKind::Granted(lease) if !notices.waiter_grants.is_empty() => {
+                        waiter_of(&lease.lease.lease_id).unwrap_or_else(|| by.clone())
+                    }
+                    _ => by.clone(),
+                };
+                log(&event, by.as_deref());
                 // No subscriber is fine.
-                let _ = self.events.send((seq, event));
+                let _ = self.events.send(Published { seq, event, by });
             }
             let mut more = Notices::default();
             for (id, lease) in notices.waiter_grants {
                 let undelivered = match inner.waiters.remove(&id) {
-                    Some(sender) => sender
+                    Some(waiter) => waiter
+                        .outcome
                         .send((Ok(lease), seq))
                         .err()
                         .and_then(|(o, _)| o.ok()),
@@ -435,11 +464,13 @@ impl State {
                 }
             }
             for (id, unavailable) in notices.waiter_failures {
-                if let Some(sender) = inner.waiters.remove(&id) {
-                    let _ = sender.send((Err(unavailable), seq));
+                if let Some(waiter) = inner.waiters.remove(&id) {
+                    let _ = waiter.outcome.send((Err(unavailable), seq));
                 }
             }
             notices = more;
+            // What follows is the server handing back grants nobody took.
+            by = None;
         }
         if let Some(next) = inner.engine.next_wakeup_ms()
             && next < self.timer_target.load(Ordering::Acquire)
@@ -449,9 +480,10 @@ impl State {
         }
     }
 
-    /// Lends a key, waiting up to `wait` for one in first-come-first-served order.
+    /// Lends a key to caller `by`, waiting up to `wait` for one in first-come-first-served order.
     pub async fn acquire(
         &self,
+        by: Option<&str>,
         mut request: AcquireRequest,
         wait: Duration,
     ) -> Result<LeaseView, AcquireFailure> {
@@ -466,13 +498,14 @@ impl State {
             // as the acquire, so no grant can be sent before it is there.
             let receiver = match outcome {
                 Ok(Acquired::Queued(id)) => {
-                    let (sender, receiver) = oneshot::channel();
-                    inner.waiters.insert(id, sender);
+                    let (outcome, receiver) = oneshot::channel();
+                    let by = by.map(Arc::from);
+                    inner.waiters.insert(id, Waiter { outcome, by });
                     Some(receiver)
                 }
                 _ => None,
             };
-            self.carry_out(&mut inner, notices);
+            self.carry_out(&mut inner, notices, by);
             (outcome, inner.last_seq, receiver, first_new_token)
         };
         let (waiter, receiver) = match (outcome?, receiver) {
@@ -513,7 +546,7 @@ impl State {
     }
 
     /// Every event from now on, each with the record that made it (see [`State::durable_event`]).
-    pub fn subscribe(&self) -> broadcast::Receiver<(u64, Event)> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Published> {
         self.events.subscribe()
     }
 
@@ -612,10 +645,12 @@ impl Drop for AbortOnPanic {
 }
 
 /// What operators need in the log: key and project trouble at `info`, lease traffic at `debug`.
-fn log(event: &Event) {
+fn log(event: &Event, by: Option<&str>) {
     match &event.kind {
-        EventKind::KeyDisabled { key_id, reason } => tracing::warn!(key_id, reason, "key disabled"),
-        EventKind::KeyEnabled { key_id } => tracing::info!(key_id, "key enabled"),
+        EventKind::KeyDisabled { key_id, reason } => {
+            tracing::warn!(key_id, reason, by, "key disabled")
+        }
+        EventKind::KeyEnabled { key_id } => tracing::info!(key_id, by, "key enabled"),
         EventKind::CooledDown {
             pool,
             project,
@@ -642,6 +677,7 @@ fn log(event: &Event) {
                 task_id = lease.lease.task_id,
                 kind = kind.as_str(),
                 detail,
+                by,
                 "failure reported"
             );
         }
@@ -649,13 +685,21 @@ fn log(event: &Event) {
             key_id = lease.key_id,
             lease_id = lease.lease.lease_id,
             task_id = lease.lease.task_id,
+            by,
             "granted"
         ),
-        EventKind::Renewed(lease) => tracing::debug!(lease_id = lease.lease.lease_id, "renewed"),
+        EventKind::Renewed(lease) => {
+            tracing::debug!(lease_id = lease.lease.lease_id, by, "renewed")
+        }
         EventKind::Released {
             lease,
             requests_sent,
-        } => tracing::debug!(lease_id = lease.lease.lease_id, requests_sent, "released"),
+        } => tracing::debug!(
+            lease_id = lease.lease.lease_id,
+            requests_sent,
+            by,
+            "released"
+        ),
         EventKind::Expired(lease) => tracing::debug!(
             key_id = lease.key_id,
             lease_id = lease.lease.lease_id,
@@ -744,7 +788,7 @@ impl Waiting<'_> {
             .apply_locked(&mut inner, Command::CancelWaiter(self.id));
         // The engine brings itself to now before the waiter leaves, which may serve this very
         // waiter: its lease must reach the channel, not be handed back as undelivered.
-        self.state.carry_out(&mut inner, notices);
+        self.state.carry_out(&mut inner, notices, None);
         inner.waiters.remove(&self.id);
         reply.into_waiter_cancelled()
     }
@@ -816,7 +860,7 @@ mod tests {
             "[key_sources]\nenvironment = false\n[pools.gemini.models.m]\n[[keys]]\nid = \"k1\"\nsecret = \"fake-key-1\"\n",
         );
         tokio::spawn(state.clone().run_timer());
-        let lease = state.acquire(ask("a"), Duration::ZERO).await.unwrap();
+        let lease = state.acquire(None, ask("a"), Duration::ZERO).await.unwrap();
         let report = crate::engine::FailureReport {
             kind: crate::engine::FailureKind::DailyQuotaExhausted,
             retry_after_ms: None,
@@ -824,18 +868,25 @@ mod tests {
             requests_sent: None,
         };
         state
-            .run(Command::ReportFailure {
-                lease_id: lease.lease_id,
-                fencing_token: lease.fencing_token,
-                report,
-            })
+            .run(
+                None,
+                Command::ReportFailure {
+                    lease_id: lease.lease_id,
+                    fencing_token: lease.fencing_token,
+                    report,
+                },
+            )
             .await
             .unwrap()
             .into_reported()
             .unwrap();
         let waiter = {
             let state = state.clone();
-            tokio::spawn(async move { state.acquire(ask("b"), Duration::from_secs(3_600)).await })
+            tokio::spawn(async move {
+                state
+                    .acquire(None, ask("b"), Duration::from_secs(3_600))
+                    .await
+            })
         };
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(!waiter.is_finished());
@@ -858,13 +909,13 @@ mod tests {
         let mut tokens = Vec::new();
         for i in 0..3 {
             let lease = first
-                .acquire(ask(&format!("t{i}")), Duration::ZERO)
+                .acquire(None, ask(&format!("t{i}")), Duration::ZERO)
                 .await
                 .unwrap();
             tokens.push(lease.fencing_token);
         }
         let later = state_at(config, first.time().wall_ms + 1);
-        let lease = later.acquire(ask("t"), Duration::ZERO).await.unwrap();
+        let lease = later.acquire(None, ask("t"), Duration::ZERO).await.unwrap();
         assert!(
             tokens.iter().all(|&t| t < lease.fencing_token),
             "{tokens:?} then {}",
@@ -891,10 +942,10 @@ mod tests {
         let clock = Clock::starting_at(1_773_086_400_000);
         let (state, _) =
             State::open_on(&settings, clock, Some(Box::new(store)), key, u64::MAX).unwrap();
-        state.acquire(ask("a"), Duration::ZERO).await.unwrap();
+        state.acquire(None, ask("a"), Duration::ZERO).await.unwrap();
 
         broken.store(true, Ordering::Relaxed);
-        match state.acquire(ask("b"), Duration::ZERO).await {
+        match state.acquire(None, ask("b"), Duration::ZERO).await {
             Err(AcquireFailure::Store(failed)) => {
                 assert!(
                     failed.to_string().contains("Input/output error"),
@@ -935,7 +986,7 @@ mod tests {
             State::open_on(&settings, clock, Some(Box::new(store)), key, u64::MAX).unwrap();
         let caller = {
             let state = state.clone();
-            tokio::spawn(async move { state.acquire(ask("a"), Duration::ZERO).await })
+            tokio::spawn(async move { state.acquire(None, ask("a"), Duration::ZERO).await })
         };
         // The caller runs until it waits for the commit, then goes away.
         tokio::task::yield_now().await;
@@ -960,9 +1011,12 @@ mod tests {
         let state = state(
             "[key_sources]\nenvironment = false\n[pools.gemini.models.m]\n[[keys]]\nid = \"k1\"\nsecret = \"fake-key-1\"\n",
         );
-        let held = state.acquire(ask("holder"), Duration::ZERO).await.unwrap();
+        let held = state
+            .acquire(None, ask("holder"), Duration::ZERO)
+            .await
+            .unwrap();
         let waited = state
-            .acquire(ask("waiter"), Duration::from_millis(1_000))
+            .acquire(None, ask("waiter"), Duration::from_millis(1_000))
             .await;
         let lease = waited.unwrap_or_else(|failure| panic!("no lease: {failure:?}"));
         assert_eq!(lease.key_id, "k1");

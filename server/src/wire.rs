@@ -306,7 +306,8 @@ fn lease_event_to_pb(event: LeaseEvent, requests_sent: u64, at: Time) -> pb::Lea
     }
 }
 
-pub fn event_to_pb(event: crate::engine::Event) -> pb::Event {
+/// An event for `WatchEvents`, with the name of the caller that made it happen.
+pub fn event_to_pb(event: crate::engine::Event, by: Option<&str>) -> pb::Event {
     use pb::event::Kind;
     let at = event.at;
     let kind = match event.kind {
@@ -351,5 +352,6 @@ pub fn event_to_pb(event: crate::engine::Event) -> pb::Event {
     pb::Event {
         at: Some(timestamp(at.wall_ms)),
         kind: Some(kind),
+        caller: by.unwrap_or_default().to_string(),
     }
 }

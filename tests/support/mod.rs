@@ -6,7 +6,7 @@ use keylease::pb;
 use keylease::pb::key_lease_client::KeyLeaseClient;
 use keylease_server::clock::Clock;
 use keylease_server::config::{self, Overrides};
-use keylease_server::server::{ServeError, serve};
+use keylease_server::server::{Front, ServeError, serve};
 use keylease_server::state::State;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -87,7 +87,7 @@ impl TestServer {
         let address = format!("http://{}", listener.local_addr().unwrap());
         let (state, _) = State::open(&settings, Clock::system(), false).unwrap();
         let (stop, stopped) = oneshot::channel();
-        let handle = tokio::spawn(serve(listener, state, async {
+        let handle = tokio::spawn(serve(listener, state, Front::new(&settings), async {
             let _ = stopped.await;
         }));
         Self {

@@ -7,7 +7,7 @@ use clap::Parser;
 use keylease_server::clock::Clock;
 use keylease_server::config::{self, LogFormat, Overrides, Replication, Settings, StateLocation};
 use keylease_server::replica;
-use keylease_server::server::serve;
+use keylease_server::server::{Front, serve};
 use keylease_server::state::State;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -62,6 +62,73 @@ struct Args {
     /// what Redis holds after it lost the log.
     #[arg(long, conflicts_with = "ephemeral")]
     store: Option<String>,
+    #[command(subcommand)]
+    tool: Option<Tool>,
+}
+
+/// Helpers that print and exit, without serving.
+#[derive(Debug, clap::Subcommand)]
+enum Tool {
+    /// Makes a random bearer token and prints it once, with the `[[server.tokens]]` entry that
+    /// admits it (the entry holds only the token's SHA-256).
+    NewToken {
+        /// Who the token is for, as events and logs will name it.
+        #[arg(long)]
+        name: String,
+        /// worker, viewer or admin.
+        #[arg(long)]
+        role: String,
+    },
+    /// Reads a token on standard input and prints its SHA-256, for `server.tokens[].sha256`.
+    HashToken,
+}
+
+/// Runs a helper: what it prints goes to standard output, errors to standard error.
+fn run_tool(tool: Tool) -> ExitCode {
+    use keylease_server::auth::{Role, check_name, token_sha256};
+    let hex = |hash: [u8; 32]| hash.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    match tool {
+        Tool::NewToken { name, role } => {
+            if let Err(reason) = check_name(&name) {
+                eprintln!("keylease-server: --name: {reason}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            if Role::parse(&role).is_none() {
+                eprintln!(
+                    "keylease-server: --role: {role:?} is not a role (one of {})",
+                    Role::NAMES.join(", ")
+                );
+                return ExitCode::from(EXIT_USAGE);
+            }
+            let mut bytes = [0u8; 32];
+            if let Err(error) = getrandom::fill(&mut bytes) {
+                eprintln!("keylease-server: no random source: {error}");
+                return ExitCode::from(EXIT_OS);
+            }
+            let token = format!("kl_{}", hex(bytes));
+            println!("# The token, for the caller only (it is not kept anywhere):");
+            println!("# {token}");
+            println!("[[server.tokens]]");
+            println!("name = {name:?}");
+            println!("role = {role:?}");
+            println!("sha256 = \"{}\"", hex(token_sha256(&token)));
+            ExitCode::SUCCESS
+        }
+        Tool::HashToken => {
+            let mut token = String::new();
+            if let Err(error) = std::io::stdin().read_line(&mut token) {
+                eprintln!("keylease-server: cannot read standard input: {error}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            let token = token.trim();
+            if token.is_empty() {
+                eprintln!("keylease-server: no token on standard input");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            println!("{}", hex(token_sha256(token)));
+            ExitCode::SUCCESS
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -77,6 +144,9 @@ fn main() -> ExitCode {
             };
         }
     };
+    if let Some(tool) = args.tool {
+        return run_tool(tool);
+    }
     let config_path = args.config.clone().or_else(|| {
         let default = PathBuf::from(DEFAULT_CONFIG);
         default.exists().then_some(default)
@@ -98,6 +168,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(settings.log_format);
+    for notice in &settings.notices {
+        tracing::warn!("{notice}");
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -270,7 +343,7 @@ async fn run(settings: Settings, reset_state: bool) -> Result<(), Failure> {
         }
     };
     tokio::select! {
-        served = serve(listener, state.clone(), shutdown) => served?,
+        served = serve(listener, state.clone(), Front::new(&settings), shutdown) => served?,
         () = async {
             let _ = grace_start.wait_for(|&stop| stop).await;
             tokio::time::sleep(settings.shutdown_grace).await;

@@ -428,8 +428,177 @@ fn auth_tokens_from_the_environment_are_a_comma_separated_list() {
     let settings = Dir::new(&format!("{POOL}\n[[keys]]\nsecret = \"x-key\"\n"))
         .load(&vars)
         .unwrap();
-    let tokens: Vec<&str> = settings.auth_tokens.iter().map(ApiKey::reveal).collect();
-    assert_eq!(tokens, ["first-token", "second-token"]);
+    let tokens: Vec<(&str, Role, &Credential)> = settings
+        .access
+        .callers
+        .iter()
+        .map(|c| (c.name.as_str(), c.role, &c.credential))
+        .collect();
+    let clear = |t: &str| Credential::Clear(ApiKey::new(t));
+    assert_eq!(
+        tokens,
+        [
+            ("auth_tokens-0", Role::Admin, &clear("first-token")),
+            ("auth_tokens-1", Role::Admin, &clear("second-token"))
+        ]
+    );
+    assert!(settings.access.required);
+    assert!(
+        settings.notices[0].contains("server.auth_tokens is deprecated"),
+        "{:?}",
+        settings.notices
+    );
+}
+
+const WORKER_SHA256: &str = "2f5c4bd6bb3a9bb1d87cc5d4c1f3a86b7af2a8d1c6b0b18d4a0ae0f9e3c3e101";
+
+#[test]
+fn callers_are_configured_by_name_role_and_the_hash_of_their_token_or_a_certificate() {
+    let config = format!(
+        "[server]\nlisten = \"0.0.0.0:50051\"\n\
+         [[server.tokens]]\nname = \"batch\"\nrole = \"worker\"\nsha256 = \"{}\"\n\
+         [[server.tokens]]\nname = \"ops-laptop\"\nrole = \"admin\"\ncertificate = \"laptop.example.com\"\n\
+         {POOL}\n[[keys]]\nsecret = \"x-key\"\n",
+        WORKER_SHA256.to_uppercase()
+    );
+    let settings = Dir::new(&config).load(&no_env()).unwrap();
+    let mut hash = [0u8; 32];
+    for (i, byte) in hash.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&WORKER_SHA256[2 * i..2 * i + 2], 16).unwrap();
+    }
+    assert_eq!(
+        settings.access,
+        Access {
+            required: true,
+            callers: vec![
+                TokenSpec {
+                    name: "batch".into(),
+                    role: Role::Worker,
+                    credential: Credential::Sha256(hash),
+                },
+                TokenSpec {
+                    name: "ops-laptop".into(),
+                    role: Role::Admin,
+                    credential: Credential::Certificate("laptop.example.com".into()),
+                },
+            ],
+        }
+    );
+    assert!(settings.notices.is_empty(), "{:?}", settings.notices);
+}
+
+#[test]
+fn token_mistakes_name_the_entry_and_never_quote_a_token() {
+    let token = |fields: &str| {
+        format!("[[server.tokens]]\n{fields}\n{POOL}\n[[keys]]\nsecret = \"x-key\"\n")
+    };
+    let good = format!("sha256 = \"{WORKER_SHA256}\"");
+    let cases = [
+        (
+            token(&format!(
+                "name = \"a\"\nrole = \"worker\"\ntoken = \"{SECRET}\""
+            )),
+            "server.tokens[0].token",
+            "never configured in clear",
+        ),
+        (
+            token(&format!(
+                "name = \"a\"\nrole = \"worker\"\nsha256 = \"{SECRET}\""
+            )),
+            "server.tokens[0].sha256",
+            "not a SHA-256",
+        ),
+        (
+            token(&format!("name = \"a\"\nrole = \"root\"\n{good}")),
+            "server.tokens[0].role",
+            "not a role",
+        ),
+        (
+            token(&format!("role = \"worker\"\n{good}")),
+            "server.tokens[0]",
+            "no name",
+        ),
+        (
+            token(&format!("name = \"a b\"\nrole = \"worker\"\n{good}")),
+            "server.tokens[0].name",
+            "letters, digits",
+        ),
+        (
+            token(&format!("name = \"a\"\n{good}")),
+            "server.tokens[0]",
+            "no role",
+        ),
+        (
+            token("name = \"a\"\nrole = \"worker\""),
+            "server.tokens[0]",
+            "no credential",
+        ),
+        (
+            token(&format!(
+                "name = \"a\"\nrole = \"worker\"\n{good}\ncertificate = \"x\""
+            )),
+            "server.tokens[0]",
+            "not both",
+        ),
+        (
+            token(&format!(
+                "name = \"a\"\nrole = \"worker\"\n{good}\n[[server.tokens]]\nname = \"a\"\nrole = \"viewer\"\ncertificate = \"x\""
+            )),
+            "server.tokens[1].name",
+            "already the name",
+        ),
+        (
+            token(&format!(
+                "name = \"a\"\nrole = \"worker\"\n{good}\n[[server.tokens]]\nname = \"b\"\nrole = \"viewer\"\n{good}"
+            )),
+            "server.tokens[1].sha256",
+            "the same token as \"a\"'s",
+        ),
+        (
+            format!(
+                "[server]\nauth = \"off\"\n{}",
+                token(&format!("name = \"a\"\nrole = \"worker\"\n{good}"))
+            ),
+            "server.auth",
+            "callers are configured",
+        ),
+        (
+            format!("[server]\nauth = \"maybe\"\n{POOL}\n[[keys]]\nsecret = \"x-key\"\n"),
+            "server.auth",
+            "not a setting",
+        ),
+    ];
+    for (text, place, reason) in cases {
+        let error = error_of(Dir::new(&text).load(&no_env()));
+        assert!(error.contains(&format!("{place}: ")), "{place} in: {error}");
+        assert!(error.contains(reason), "{reason} in: {error}");
+        assert!(!error.contains(SECRET), "{error}");
+    }
+}
+
+#[test]
+fn without_tokens_the_server_runs_open_only_on_loopback_or_when_told_to() {
+    let keys = format!("{POOL}\n[[keys]]\nsecret = \"x-key\"\n");
+    let loopback = Dir::new(&keys).load(&no_env()).unwrap();
+    assert!(!loopback.access.required);
+    assert!(
+        loopback.notices[0].contains("no tokens are configured"),
+        "{:?}",
+        loopback.notices
+    );
+    for listen in ["0.0.0.0:50051", "[::]:50051", "10.1.2.3:50051"] {
+        let open = format!("[server]\nlisten = \"{listen}\"\n{keys}");
+        let error = error_of(Dir::new(&open).load(&no_env()));
+        assert!(error.contains("server.tokens: none configured"), "{error}");
+        let told = format!("[server]\nlisten = \"{listen}\"\nauth = \"off\"\n{keys}");
+        let settings = Dir::new(&told).load(&no_env()).unwrap();
+        assert!(!settings.access.required);
+        assert!(
+            settings.notices[0].contains("server.auth is \"off\""),
+            "{:?}",
+            settings.notices
+        );
+    }
 }
 
 #[test]
@@ -535,7 +704,7 @@ fn replication_mistakes_name_the_field_and_never_quote_the_url() {
         ),
         (
             format!(
-                "[server]\nlisten = \"0.0.0.0:50051\"\n[state]\nstore = \"redis://h:6379/0\"\n{token}{POOL}{key}"
+                "[server]\nlisten = \"0.0.0.0:50051\"\nauth = \"off\"\n[state]\nstore = \"redis://h:6379/0\"\n{token}{POOL}{key}"
             ),
             "replication.advertise: required",
         ),

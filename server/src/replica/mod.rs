@@ -141,6 +141,7 @@ pub async fn serve(
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let shutdown = CancellationToken::new();
+    let front = crate::server::Front::new(&settings);
     let (router, supervisor) = start(
         settings.clone(),
         replication,
@@ -166,6 +167,7 @@ pub async fn serve(
     let served = crate::server::serve_service(
         listener,
         router,
+        front,
         serving_now,
         settings.limits,
         Clock::system(),

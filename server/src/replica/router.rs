@@ -2,8 +2,11 @@
 //! the leader over gRPC while it follows (every call, waiting acquires and event streams
 //! included, so clients may talk to any replica), refused with `UNAVAILABLE` saying why
 //! otherwise (electing, catching up, Redis unreachable, Redis lost the log). A forwarded call
-//! carries the replicas' shared token; a replica never forwards a forwarded call again.
+//! carries the replicas' shared token as its bearer token and the caller this replica admitted
+//! (see [`crate::auth`]), never the client's own credential; a replica never forwards a
+//! forwarded call again.
 
+use crate::auth::{CALLER_HEADER, Caller};
 use crate::replica::FleetView;
 use crate::server::{KeyLeaseRoutes, keylease_routes};
 use crate::state::State;
@@ -23,8 +26,6 @@ use tonic::codegen::http;
 use tonic::server::NamedService;
 use tower::ServiceExt;
 
-/// The header a forwarded call carries: the replicas' shared token.
-pub const REPLICA_HEADER: &str = "x-keylease-replica";
 /// Connections from a follower to the leader: each carries at most the leader's
 /// `server.max_calls_per_connection` calls at once, and calls spread over them.
 const CONNECTIONS_TO_LEADER: usize = 4;
@@ -140,20 +141,20 @@ struct Shared {
     serving: RwLock<Serving>,
     /// Whether calls are served (led or forwarded), for health checks.
     serving_now: tokio::sync::watch::Sender<bool>,
-    /// `x-keylease-replica: TOKEN`, as sent and as expected.
-    token: http::HeaderValue,
+    /// `authorization: Bearer TOKEN` of the replicas' shared token, as a forwarded call carries it.
+    authorization: http::HeaderValue,
 }
 
 impl Router {
     pub fn new(token: &crate::secret::ApiKey) -> Result<Self, String> {
-        let mut token = http::HeaderValue::from_str(token.reveal())
+        let mut authorization = http::HeaderValue::from_str(&format!("Bearer {}", token.reveal()))
             .map_err(|_| "replication.token: must be printable ASCII".to_string())?;
-        token.set_sensitive(true);
+        authorization.set_sensitive(true);
         Ok(Self {
             shared: Arc::new(Shared {
                 serving: RwLock::new(Serving::unavailable("this replica is starting")),
                 serving_now: tokio::sync::watch::Sender::new(false),
-                token,
+                authorization,
             }),
         })
     }
@@ -210,15 +211,13 @@ impl tower::Service<http::Request<Body>> for Router {
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
-        let forwarded = match request.headers_mut().remove(REPLICA_HEADER) {
-            None => false,
-            Some(token) if token == self.shared.token => true,
-            Some(_) => {
-                return refuse(Status::unauthenticated(format!(
-                    "{REPLICA_HEADER}: not this fleet's replication token"
-                )));
-            }
+        // The gate admitted the call before it came here.
+        let Some(caller) = request.extensions().get::<Caller>().cloned() else {
+            return refuse(Status::internal(
+                "a call reached the router without a caller",
+            ));
         };
+        let forwarded = caller.forwarded;
         match self.serving() {
             Serving::Leading(routes) => Box::pin(async move {
                 let response = routes.oneshot(request).await?;
@@ -229,9 +228,12 @@ impl tower::Service<http::Request<Body>> for Router {
                 leader.id
             ))),
             Serving::Following(leader) => {
-                request
-                    .headers_mut()
-                    .insert(REPLICA_HEADER, self.shared.token.clone());
+                let headers = request.headers_mut();
+                headers.insert(
+                    http::header::AUTHORIZATION,
+                    self.shared.authorization.clone(),
+                );
+                headers.insert(CALLER_HEADER, caller.header_value());
                 Box::pin(async move {
                     match leader.forward(request).await {
                         Ok(response) => Ok(response),

@@ -128,7 +128,7 @@ fn ask(task: &str) -> AcquireRequest {
 }
 
 async fn acquire(state: &State, task: &str) -> Result<LeaseView, AcquireFailure> {
-    state.acquire(ask(task), Duration::ZERO).await
+    state.acquire(None, ask(task), Duration::ZERO).await
 }
 
 async fn granted(state: &State, task: &str) -> LeaseView {
@@ -146,30 +146,36 @@ fn refused_for(outcome: Result<LeaseView, AcquireFailure>) -> UnavailableReason 
 
 async fn release(state: &State, lease: &LeaseView, requests_sent: u32) -> Reply {
     state
-        .run(Command::Release {
-            lease_id: lease.lease_id.clone(),
-            fencing_token: lease.fencing_token,
-            usage: Usage {
-                requests_sent: Some(requests_sent),
-                input_tokens: Some(0),
+        .run(
+            None,
+            Command::Release {
+                lease_id: lease.lease_id.clone(),
+                fencing_token: lease.fencing_token,
+                usage: Usage {
+                    requests_sent: Some(requests_sent),
+                    input_tokens: Some(0),
+                },
             },
-        })
+        )
         .await
         .unwrap()
 }
 
 async fn report(state: &State, lease: &LeaseView, kind: FailureKind, retry_after: Duration) {
     state
-        .run(Command::ReportFailure {
-            lease_id: lease.lease_id.clone(),
-            fencing_token: lease.fencing_token,
-            report: FailureReport {
-                kind,
-                retry_after_ms: Some(retry_after.as_millis() as u64),
-                detail: String::new(),
-                requests_sent: None,
+        .run(
+            None,
+            Command::ReportFailure {
+                lease_id: lease.lease_id.clone(),
+                fencing_token: lease.fencing_token,
+                report: FailureReport {
+                    kind,
+                    retry_after_ms: Some(retry_after.as_millis() as u64),
+                    detail: String::new(),
+                    requests_sent: None,
+                },
             },
-        })
+        )
         .await
         .unwrap()
         .into_reported()
@@ -374,7 +380,11 @@ pub async fn a_grant_to_a_waiter_survives(reopen: Reopen) {
     let a = granted(&state, "a").await;
     let waiter = {
         let state = state.clone();
-        tokio::spawn(async move { state.acquire(ask("w"), Duration::from_secs(600)).await })
+        tokio::spawn(async move {
+            state
+                .acquire(None, ask("w"), Duration::from_secs(600))
+                .await
+        })
     };
     while !state.read(|engine, _| engine.has_waiters()).await.unwrap() {
         tokio::task::yield_now().await;
@@ -404,7 +414,7 @@ pub async fn waiters_queued_at_a_crash_are_dropped(reopen: Reopen) {
         wait: true,
         ..ask("w")
     };
-    state.run(Command::Acquire(queued)).await.unwrap();
+    state.run(None, Command::Acquire(queued)).await.unwrap();
     runs.crash(state, Duration::from_secs(1));
 
     let state = runs.start(&with_keys(&[K1]));
