@@ -9,7 +9,6 @@
 
 use crate::auth::Gate;
 use crate::clock::Clock;
-use crate::config::ConnectionLimits;
 use crate::server::Front;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -35,17 +34,17 @@ pub const MAX_SEND_BUFFER: usize = 64 * 1024;
 /// How long to wait before accepting again when the process is out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Serves `routes` to the connections accepted on `listener`, within `limits`, until
+/// Serves `routes` to the connections accepted on `listener`, within `front`'s limits, until
 /// `shutdown` resolves; then accepts no more, tells every connection to finish (HTTP/2 GOAWAY)
 /// and waits until they have.
 pub async fn serve(
     listener: TcpListener,
-    limits: ConnectionLimits,
     clock: Clock,
     routes: Routes,
     front: Front,
     shutdown: impl Future<Output = ()>,
 ) {
+    let limits = front.limits;
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2

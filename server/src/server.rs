@@ -30,6 +30,8 @@ pub enum ServeError {
 #[derive(Clone)]
 pub struct Front {
     pub gate: Arc<Gate>,
+    /// What connections may hold (fixed at start).
+    pub limits: ConnectionLimits,
 }
 
 impl Front {
@@ -40,6 +42,7 @@ impl Front {
         };
         Self {
             gate: Arc::new(Gate::new(&settings.access, replication_token)),
+            limits: settings.limits,
         }
     }
 }
@@ -59,7 +62,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let timer = tokio::spawn(state.clone().run_timer());
-    let (limits, clock) = (state.limits, state.clock().clone());
+    let clock = state.clock().clone();
     let shut_down = {
         let state = state.clone();
         move || state.shut_down()
@@ -71,7 +74,6 @@ pub async fn serve(
         keylease_routes(state, None),
         front,
         serving_now,
-        limits,
         clock,
         shutdown,
         shut_down,
@@ -90,7 +92,6 @@ pub async fn serve_service<S, B>(
     keylease: S,
     front: Front,
     mut serving_now: tokio::sync::watch::Receiver<bool>,
-    limits: ConnectionLimits,
     clock: Clock,
     shutdown: impl Future<Output = ()> + Send + 'static,
     shut_down: impl FnOnce() + Send + 'static,
@@ -157,6 +158,6 @@ where
         .add_service(reflection_v1alpha)
         .add_service(keylease)
         .prepare();
-    connections::serve(listener, limits, clock, routes, front, signal).await;
+    connections::serve(listener, clock, routes, front, signal).await;
     Ok(())
 }

@@ -169,7 +169,6 @@ pub async fn serve(
         router,
         front,
         serving_now,
-        settings.limits,
         Clock::system(),
         stopping,
         || {},
