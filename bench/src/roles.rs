@@ -40,7 +40,7 @@ pub async fn serve(config: PathBuf) -> anyhow::Result<()> {
     keylease_server::server::serve(
         listener,
         state,
-        keylease_server::server::Front::new(&settings),
+        keylease_server::server::Front::new(&settings)?,
         std::future::pending(),
     )
     .await?;
@@ -61,11 +61,13 @@ pub async fn replica(config: PathBuf) -> anyhow::Result<()> {
         anyhow::bail!("{}: no Redis store configured", config.display());
     };
     println!("listening on http://{address}");
+    let front = keylease_server::server::Front::new(&settings)?;
     keylease_server::replica::serve(
         listener,
         settings,
         *replication,
         false,
+        front,
         std::future::pending(),
     )
     .await?;

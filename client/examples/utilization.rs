@@ -94,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(keylease_server::server::serve(
         listener,
         state,
-        keylease_server::server::Front::new(&settings),
+        keylease_server::server::Front::new(&settings)?,
         std::future::pending(),
     ));
 

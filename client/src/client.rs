@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Request, Status};
 
 /// How to reach keylease.
@@ -22,6 +22,8 @@ pub struct ClientConfig {
     pub endpoints: Vec<String>,
     /// Sent as `authorization: Bearer TOKEN` on every call.
     pub auth_token: Option<String>,
+    /// TLS settings for `https://` endpoints (the system's roots are not used: give the CA).
+    pub tls: Option<TlsConfig>,
     pub connect_timeout: Duration,
     /// Longest any call may take, on top of the time it asked to wait for a key.
     pub call_timeout: Duration,
@@ -38,6 +40,7 @@ impl ClientConfig {
         Self {
             endpoints: vec![endpoint.into()],
             auth_token: None,
+            tls: None,
             connect_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(10),
             attempts: 5,
@@ -51,9 +54,47 @@ impl std::fmt::Debug for ClientConfig {
         f.debug_struct("ClientConfig")
             .field("endpoints", &self.endpoints)
             .field("auth_token", &self.auth_token.as_ref().map(|_| "…"))
+            .field("tls", &self.tls)
             .field("call_timeout", &self.call_timeout)
             .field("attempts", &self.attempts)
             .finish()
+    }
+}
+
+/// How to reach keylease over TLS: PEM text, as read from files.
+#[derive(Clone, Default)]
+pub struct TlsConfig {
+    /// The CA that signed keylease's certificate.
+    pub ca_certificate: Option<Vec<u8>>,
+    /// A client certificate and its private key, for mutual TLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name keylease's certificate must have, when it is not the endpoint's host.
+    pub domain: Option<String>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("ca_certificate", &self.ca_certificate.is_some())
+            .field("identity", &self.identity.as_ref().map(|_| "…"))
+            .field("domain", &self.domain)
+            .finish()
+    }
+}
+
+impl TlsConfig {
+    fn to_tonic(&self) -> ClientTlsConfig {
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &self.ca_certificate {
+            tls = tls.ca_certificate(Certificate::from_pem(ca));
+        }
+        if let Some((certificate, key)) = &self.identity {
+            tls = tls.identity(Identity::from_pem(certificate, key));
+        }
+        if let Some(domain) = &self.domain {
+            tls = tls.domain_name(domain.clone());
+        }
+        tls
     }
 }
 
@@ -144,6 +185,23 @@ impl KeyLeaseClient {
                 })?
                 .connect_timeout(config.connect_timeout)
                 .tcp_nodelay(true);
+            let parsed = match (&config.tls, endpoint.starts_with("https://")) {
+                (Some(tls), true) => {
+                    parsed
+                        .tls_config(tls.to_tonic())
+                        .map_err(|e| Error::InvalidEndpoint {
+                            endpoint: endpoint.clone(),
+                            reason: format!("TLS: {e}"),
+                        })?
+                }
+                (None, true) => {
+                    return Err(Error::InvalidEndpoint {
+                        endpoint: endpoint.clone(),
+                        reason: "https needs ClientConfig::tls (at least the CA that signed keylease's certificate)".into(),
+                    });
+                }
+                (_, false) => parsed,
+            };
             endpoints.push(parsed);
         }
         let channel = Channel::balance_list(endpoints.into_iter());

@@ -25,5 +25,5 @@ mod clock;
 pub mod gemini;
 pub mod lease;
 
-pub use client::{ClientConfig, Error, KeyLeaseClient};
+pub use client::{ClientConfig, Error, KeyLeaseClient, TlsConfig};
 pub use lease::{AcquireOptions, Failure, LeaseGuard, Usage};

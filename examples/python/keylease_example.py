@@ -3,6 +3,11 @@
     pip install grpcio grpcio-tools
     python3 examples/python/keylease_example.py [HOST:PORT]     # default 127.0.0.1:50051
 
+With a worker token and TLS, from the environment:
+    KEYLEASE_TOKEN=...                 sent as `authorization: Bearer ...`
+    KEYLEASE_CA=ca.pem                 the CA that signed keylease's certificate: TLS on
+    KEYLEASE_CLIENT_CERT=worker.pem    with KEYLEASE_CLIENT_KEY=worker.key: mutual TLS
+
 The stubs are generated from proto/ at start, so nothing generated needs committing.
 """
 
@@ -41,17 +46,38 @@ def retry_after_seconds(error):
     return None
 
 
+def read(variable):
+    path = os.environ.get(variable)
+    if not path:
+        return None
+    with open(path, "rb") as file:
+        return file.read()
+
+
+def channel_to(address):
+    """TLS when KEYLEASE_CA is set (with a client certificate when one is given), else plaintext."""
+    ca = read("KEYLEASE_CA")
+    if ca is None:
+        return grpc.insecure_channel(address)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=read("KEYLEASE_CLIENT_KEY"),
+        certificate_chain=read("KEYLEASE_CLIENT_CERT"))
+    return grpc.secure_channel(address, credentials)
+
+
 def main():
     address = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051"
     pb, rpc = load_stubs()
     from google.protobuf.duration_pb2 import Duration
+    token = os.environ.get("KEYLEASE_TOKEN")
+    auth = [("authorization", f"Bearer {token}")] if token else []
 
-    with grpc.insecure_channel(address) as channel:
+    with channel_to(address) as channel:
         keylease = rpc.KeyLeaseStub(channel)
         request = pb.AcquireKeyRequest(task_id="python-job-1", model="gemini-2.5-flash",
                                        wait=Duration(seconds=10))
         try:
-            lease = keylease.AcquireKey(request, timeout=30)
+            lease = keylease.AcquireKey(request, timeout=30, metadata=auth)
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 sys.exit(f"no key now ({error.details()}); retry in {retry_after_seconds(error)} s")
@@ -64,7 +90,7 @@ def main():
         # On a 429 or 403, call ReportFailure with rotate=True instead to get another key.
         released = keylease.Release(pb.ReleaseRequest(
             lease_id=lease.lease_id, fencing_token=lease.fencing_token,
-            requests_sent=1, input_tokens=12), timeout=10)
+            requests_sent=1, input_tokens=12), timeout=10, metadata=auth)
         print(f"released: {released.released}, booked {released.requests_booked} request(s) "
               f"and {released.input_tokens_booked} input tokens")
 

@@ -9,6 +9,7 @@ use crate::engine::{
     DEFAULT_POOL, DailyReset, EngineConfig, KeySpec, PoolConfig, canonical_model, quota::Limits,
 };
 use crate::secret::{ApiKey, Redactor};
+use crate::tls::TlsFiles;
 use regex::Regex;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
@@ -74,6 +75,9 @@ pub struct StateSection {
 pub struct ReplicationSection {
     /// Shared by every replica: calls forwarded between replicas carry it.
     pub token: Option<ApiKeyField>,
+    /// With `[server.tls]`: the CAs that signed the replicas' certificates (default:
+    /// `server.tls.client_ca`, else this server's own certificate chain).
+    pub ca: Option<PathBuf>,
     /// `HOST:PORT` at which the other replicas reach this one (default: `server.listen`).
     pub advertise: Option<String>,
     /// Prefix of every Redis key, so that several fleets may share one Redis.
@@ -91,6 +95,7 @@ impl Default for ReplicationSection {
     fn default() -> Self {
         Self {
             token: None,
+            ca: None,
             advertise: None,
             namespace: "keylease".into(),
             leader_ttl: Duration::from_secs(2),
@@ -148,6 +153,8 @@ pub struct ServerSection {
     pub tokens: Vec<TokenSection>,
     /// Deprecated: tokens in clear, each an admin. Use `tokens`.
     pub auth_tokens: Vec<ApiKeyField>,
+    /// TLS on the gRPC port; plaintext without it.
+    pub tls: Option<TlsSection>,
     /// Client connections at once; more are closed as soon as they are accepted.
     pub max_connections: usize,
     /// Calls at once on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
@@ -173,6 +180,7 @@ impl Default for ServerSection {
             auth: None,
             tokens: Vec::new(),
             auth_tokens: Vec::new(),
+            tls: None,
             max_connections: 1024,
             max_calls_per_connection: 256,
             max_watch_streams: 64,
@@ -181,6 +189,19 @@ impl Default for ServerSection {
             keepalive_timeout: Duration::from_secs(10),
         }
     }
+}
+
+/// `[server.tls]`: PEM files, relative to the config file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// The server's certificate, then its intermediates.
+    pub certificate: Option<PathBuf>,
+    pub private_key: Option<PathBuf>,
+    /// CAs whose client certificates are accepted (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+    /// `optional` (the default: a token will do instead) or `required`.
+    pub client_certificates: Option<String>,
 }
 
 /// One caller: `name`, `role`, and `sha256` (of its bearer token) or `certificate` (the name
@@ -342,6 +363,8 @@ pub struct Settings {
     pub limits: ConnectionLimits,
     /// Who may call.
     pub access: Access,
+    /// TLS on the gRPC port, when configured.
+    pub tls: Option<TlsFiles>,
     /// What the operator should hear about at start (deprecated settings, no auth).
     pub notices: Vec<String>,
     pub max_wait: Duration,
@@ -584,6 +607,18 @@ pub fn validate(
     })?;
 
     let (access, notices) = access(&file.server, listen, &at)?;
+    let tls = tls_files(&file, base_dir, &at)?;
+    if tls.as_ref().is_none_or(|t| t.client_ca.is_none())
+        && let Some(index) = access
+            .callers
+            .iter()
+            .position(|c| matches!(c.credential, Credential::Certificate(_)))
+    {
+        return Err(invalid(
+            at(&format!("server.tokens[{index}].certificate")),
+            "client certificates need mutual TLS: set server.tls.client_ca",
+        ));
+    }
 
     if file.pools.is_empty() {
         return Err(invalid(
@@ -661,6 +696,7 @@ pub fn validate(
         shutdown_grace: file.server.shutdown_grace,
         limits,
         access,
+        tls,
         notices,
         max_wait: leases.max_wait,
         engine: EngineConfig {
@@ -824,6 +860,56 @@ fn access(
         }
     };
     Ok((Access { required, callers }, notices))
+}
+
+/// `[server.tls]`, with `replication.ca`: the files exist and hold what they should.
+fn tls_files(
+    file: &FileConfig,
+    base_dir: &Path,
+    at: &dyn Fn(&str) -> String,
+) -> Result<Option<TlsFiles>, ConfigError> {
+    let Some(section) = &file.server.tls else {
+        if file.replication.ca.is_some() {
+            return Err(invalid(
+                at("replication.ca"),
+                "only used with TLS: set [server.tls] too",
+            ));
+        }
+        return Ok(None);
+    };
+    let (Some(certificate), Some(private_key)) = (&section.certificate, &section.private_key)
+    else {
+        return Err(invalid(
+            at("server.tls"),
+            "needs both certificate and private_key (PEM files)",
+        ));
+    };
+    let client_certificate_required = match section.client_certificates.as_deref() {
+        None | Some("optional") => false,
+        Some("required") if section.client_ca.is_some() => true,
+        Some("required") => {
+            return Err(invalid(
+                at("server.tls.client_certificates"),
+                "\"required\" needs client_ca, the CAs that sign client certificates",
+            ));
+        }
+        Some(other) => {
+            return Err(invalid(
+                at("server.tls.client_certificates"),
+                format!("{other:?} is neither \"optional\" nor \"required\""),
+            ));
+        }
+    };
+    let files = TlsFiles {
+        certificate: base_dir.join(certificate),
+        private_key: base_dir.join(private_key),
+        client_ca: section.client_ca.as_ref().map(|p| base_dir.join(p)),
+        client_certificate_required,
+        replica_ca: file.replication.ca.as_ref().map(|p| base_dir.join(p)),
+    };
+    crate::tls::Tls::load(files.clone())
+        .map_err(|error| invalid(at("server.tls"), error.to_string()))?;
+    Ok(Some(files))
 }
 
 /// 64 hexadecimal digits, as `sha256sum` prints them.

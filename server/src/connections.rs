@@ -7,7 +7,7 @@
 //! `idle_timeout` is closed. A call is in flight from its request until its response body ends,
 //! so a `WatchEvents` stream or a waiting `AcquireKey` keeps its connection however long it lasts.
 
-use crate::auth::Gate;
+use crate::auth::{Gate, PeerCertificate};
 use crate::clock::Clock;
 use crate::server::Front;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -31,6 +31,8 @@ use tonic::transport::server::TcpConnectInfo;
 /// Most bytes queued for one stream that its peer does not read: 300 stalled event streams
 /// then hold 20 MB, where hyper's default (400 KB) let them hold well over 100 MB.
 pub const MAX_SEND_BUFFER: usize = 64 * 1024;
+/// How long a client gets to complete the TLS handshake: a slot is held meanwhile.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait before accepting again when the process is out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -81,18 +83,50 @@ pub async fn serve(
             local_addr: stream.local_addr().ok(),
             remote_addr: stream.peer_addr().ok(),
         };
-        let connection = Connection::new(stream, slot, limits.idle_timeout, clock.clone());
-        let service = Tracked {
-            routes: routes.clone(),
-            gate: front.gate.clone(),
-            activity: connection.activity.clone(),
-            info,
-        };
-        let served = graceful.watch(
-            http2.serve_connection(TokioIo::new(connection), TowerToHyperService::new(service)),
+        let (http2, watcher, routes, gate) = (
+            http2.clone(),
+            graceful.watcher(),
+            routes.clone(),
+            front.gate.clone(),
         );
+        let (tls, clock, peer) = (front.tls.clone(), clock.clone(), info.remote_addr);
         tokio::spawn(async move {
-            if let Err(error) = served.await {
+            let serve =
+                |io, certificate| {
+                    let connection = Connection::new(io, slot, limits.idle_timeout, clock);
+                    let service = Tracked {
+                        routes,
+                        gate,
+                        activity: connection.activity.clone(),
+                        info,
+                        certificate,
+                    };
+                    watcher.watch(http2.serve_connection(
+                        TokioIo::new(connection),
+                        TowerToHyperService::new(service),
+                    ))
+                };
+            let served = match tls {
+                None => serve(Stream::Plain(stream), None).await,
+                Some(tls) => {
+                    let handshake =
+                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream));
+                    let stream = match handshake.await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(error)) => {
+                            tracing::debug!(%error, ?peer, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(?peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let certificate = crate::tls::peer_certificate(stream.get_ref().1);
+                    serve(Stream::Tls(Box::new(stream)), certificate).await
+                }
+            };
+            if let Err(error) = served {
                 tracing::debug!(%error, "connection ended");
             }
         });
@@ -142,9 +176,25 @@ impl Drop for CallGuard {
     }
 }
 
+/// What a connection runs on: TCP, or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// Each method goes to the stream underneath.
+macro_rules! on_stream {
+    ($stream:expr, $s:ident => $call:expr) => {
+        match $stream {
+            Stream::Plain($s) => $call,
+            Stream::Tls($s) => $call,
+        }
+    };
+}
+
 /// An accepted connection holding one of the server's connection slots.
 struct Connection {
-    stream: TcpStream,
+    stream: Stream,
     _slot: OwnedSemaphorePermit,
     activity: Arc<Activity>,
     idle_timeout: Duration,
@@ -154,7 +204,7 @@ struct Connection {
 
 impl Connection {
     fn new(
-        stream: TcpStream,
+        stream: Stream,
         slot: OwnedSemaphorePermit,
         idle_timeout: Duration,
         clock: Clock,
@@ -207,7 +257,7 @@ impl AsyncRead for Connection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let read = on_stream!(&mut self.stream, s => Pin::new(s).poll_read(cx, buf));
         if read.is_pending() && self.idle_too_long(cx) {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -224,15 +274,15 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        on_stream!(&mut self.stream, s => Pin::new(s).poll_write(cx, buf))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        on_stream!(&mut self.stream, s => Pin::new(s).poll_flush(cx))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        on_stream!(&mut self.stream, s => Pin::new(s).poll_shutdown(cx))
     }
 
     fn poll_write_vectored(
@@ -240,11 +290,11 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        on_stream!(&mut self.stream, s => Pin::new(s).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        on_stream!(&self.stream, s => s.is_write_vectored())
     }
 }
 
@@ -257,6 +307,8 @@ struct Tracked {
     gate: Arc<Gate>,
     activity: Arc<Activity>,
     info: TcpConnectInfo,
+    /// The client's certificate, when it presented one over TLS.
+    certificate: Option<PeerCertificate>,
 }
 
 type Response = http::Response<tonic::body::Body>;
@@ -276,7 +328,10 @@ where
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let path = request.uri().path().to_string();
-        match self.gate.admit(&path, request.headers_mut(), None) {
+        match self
+            .gate
+            .admit(&path, request.headers_mut(), self.certificate.as_ref())
+        {
             Ok(Some(caller)) => {
                 request.extensions_mut().insert(caller);
             }

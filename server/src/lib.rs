@@ -9,6 +9,7 @@
 //! - [`state`]: the engine's shell: one lock, the store's journal, waiters' channels, events,
 //!   the expiry timer.
 //! - [`store`]: durable state: the log of commands and snapshots, recovery, group commit.
+//! - [`tls`]: TLS on the gRPC port from PEM files, reread by a reload; mutual TLS.
 //! - [`wire`]: conversions between the protocol and the engine, and errors to gRPC statuses.
 //! - [`secret`]: API keys that never print, and the ids derived from them.
 //! - [`clock`]: the one place that reads the time.
@@ -26,4 +27,5 @@ pub mod server;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod tls;
 pub mod wire;

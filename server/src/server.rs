@@ -10,6 +10,7 @@ use crate::connections;
 use crate::replica::FleetView;
 use crate::service::KeyLeaseService;
 use crate::state::State;
+use crate::tls::{Tls, TlsError};
 use keylease::pb;
 use keylease::pb::key_lease_server::KeyLeaseServer;
 use std::future::Future;
@@ -30,20 +31,24 @@ pub enum ServeError {
 #[derive(Clone)]
 pub struct Front {
     pub gate: Arc<Gate>,
+    /// TLS, when configured.
+    pub tls: Option<Arc<Tls>>,
     /// What connections may hold (fixed at start).
     pub limits: ConnectionLimits,
 }
 
 impl Front {
-    pub fn new(settings: &Settings) -> Self {
+    pub fn new(settings: &Settings) -> Result<Self, TlsError> {
         let replication_token = match &settings.state {
             StateLocation::Redis(replication) => Some(&replication.token),
             _ => None,
         };
-        Self {
+        let tls = settings.tls.clone().map(Tls::load).transpose()?;
+        Ok(Self {
             gate: Arc::new(Gate::new(&settings.access, replication_token)),
+            tls: tls.map(Arc::new),
             limits: settings.limits,
-        }
+        })
     }
 }
 

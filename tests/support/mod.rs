@@ -87,9 +87,14 @@ impl TestServer {
         let address = format!("http://{}", listener.local_addr().unwrap());
         let (state, _) = State::open(&settings, Clock::system(), false).unwrap();
         let (stop, stopped) = oneshot::channel();
-        let handle = tokio::spawn(serve(listener, state, Front::new(&settings), async {
-            let _ = stopped.await;
-        }));
+        let handle = tokio::spawn(serve(
+            listener,
+            state,
+            Front::new(&settings).expect("TLS files"),
+            async {
+                let _ = stopped.await;
+            },
+        ));
         Self {
             address,
             stop: Some(stop),
@@ -161,6 +166,30 @@ impl Drop for TestServer {
         }
         let _ = std::fs::remove_dir_all(&self.config_dir);
     }
+}
+
+/// A raw gRPC client that sends `authorization: Bearer TOKEN` on every call.
+pub async fn raw_with_token(
+    server: &TestServer,
+    token: &str,
+) -> KeyLeaseClient<
+    tonic::service::interceptor::InterceptedService<
+        Channel,
+        impl tonic::service::Interceptor + use<>,
+    >,
+> {
+    let channel = tonic::transport::Endpoint::from_shared(server.address.clone())
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect");
+    let header: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+    KeyLeaseClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
+        request
+            .metadata_mut()
+            .insert("authorization", header.clone());
+        Ok(request)
+    })
 }
 
 pub fn acquire(task: &str) -> pb::AcquireKeyRequest {

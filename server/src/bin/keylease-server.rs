@@ -220,6 +220,8 @@ enum Failure {
         address: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Tls(#[from] keylease_server::tls::TlsError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("serving failed: {0}")]
@@ -229,7 +231,7 @@ enum Failure {
 impl Failure {
     fn exit_code(&self) -> u8 {
         match self {
-            Self::Open(_) | Self::Replica(_) => EXIT_USAGE,
+            Self::Open(_) | Self::Replica(_) | Self::Tls(_) => EXIT_USAGE,
             Self::Store(_) => EXIT_IO,
             Self::Listen { source, .. }
                 if source.kind() == std::io::ErrorKind::PermissionDenied =>
@@ -290,7 +292,8 @@ async fn run_replica(
 ) -> Result<(), Failure> {
     let listener = bind(&settings).await?;
     let stop = stop_signal()?;
-    replica::serve(listener, settings, replication, reset_state, stop).await?;
+    let front = Front::new(&settings)?;
+    replica::serve(listener, settings, replication, reset_state, front, stop).await?;
     tracing::info!("keylease stopped");
     Ok(())
 }
@@ -300,6 +303,7 @@ async fn run(settings: Settings, reset_state: bool) -> Result<(), Failure> {
         let replication = (**replication).clone();
         return run_replica(settings, replication, reset_state).await;
     }
+    let front = Front::new(&settings)?;
     let (state, recovered) = State::open(&settings, Clock::system(), reset_state)?;
     if let Some(aside) = &recovered.moved_aside {
         tracing::warn!(moved_to = %aside.display(), "--reset-state: the old state was moved aside");
@@ -343,7 +347,7 @@ async fn run(settings: Settings, reset_state: bool) -> Result<(), Failure> {
         }
     };
     tokio::select! {
-        served = serve(listener, state.clone(), Front::new(&settings), shutdown) => served?,
+        served = serve(listener, state.clone(), front, shutdown) => served?,
         () = async {
             let _ = grace_start.wait_for(|&stop| stop).await;
             tokio::time::sleep(settings.shutdown_grace).await;

@@ -756,3 +756,85 @@ fn the_store_and_its_token_come_from_the_command_line_and_the_environment() {
     .unwrap();
     assert!(matches!(settings.state, StateLocation::Redis(_)));
 }
+
+#[test]
+fn tls_mistakes_name_the_file_and_never_quote_a_key() {
+    let dir = Dir::new("");
+    let pki = crate::tls::testing::make(&dir.path.join("pki"), &["client"]);
+    let key_text = std::fs::read_to_string(&pki.server_key).unwrap();
+    dir.write("garbage.pem", &format!("{SECRET}\n"));
+    let keys = format!("{POOL}\n[[keys]]\nsecret = \"x-key\"\n");
+    let section = |certificate: &Path, key: &Path, rest: &str| {
+        format!(
+            "[server.tls]\ncertificate = {certificate:?}\nprivate_key = {key:?}\n{rest}\n{keys}"
+        )
+    };
+    let other_key = &pki.clients[0].1;
+    let garbage = dir.path.join("garbage.pem");
+    let cases = [
+        (
+            section(&pki.server_certificate, Path::new("missing.key"), ""),
+            "missing.key",
+            "no PEM private key",
+        ),
+        (
+            section(&garbage, &pki.server_key, ""),
+            "garbage.pem",
+            "no certificate in it",
+        ),
+        (
+            section(&pki.server_certificate, &garbage, ""),
+            "garbage.pem",
+            "no PEM private key",
+        ),
+        (
+            section(&pki.server_certificate, other_key, ""),
+            "client.key",
+            "does not go with the certificate",
+        ),
+        (
+            section(
+                &pki.server_certificate,
+                &pki.server_key,
+                "client_certificates = \"required\"",
+            ),
+            "server.tls.client_certificates",
+            "needs client_ca",
+        ),
+        (
+            format!(
+                "[[server.tokens]]\nname = \"laptop\"\nrole = \"admin\"\ncertificate = \"laptop\"\n{}",
+                section(&pki.server_certificate, &pki.server_key, "")
+            ),
+            "server.tokens[0].certificate",
+            "need mutual TLS",
+        ),
+        (
+            format!("[server.tls]\ncertificate = \"a.pem\"\n{keys}"),
+            "server.tls",
+            "needs both",
+        ),
+    ];
+    for (text, place, reason) in cases {
+        dir.write("keylease.toml", &text);
+        let error = error_of(dir.load(&no_env()));
+        assert!(error.contains(place), "{place} in: {error}");
+        assert!(error.contains(reason), "{reason} in: {error}");
+        assert!(!error.contains(SECRET), "{error}");
+        for line in key_text.lines().filter(|l| !l.starts_with("-----")) {
+            assert!(!error.contains(line), "{error}");
+        }
+    }
+    dir.write(
+        "keylease.toml",
+        &section(
+            &pki.server_certificate,
+            &pki.server_key,
+            &format!("client_ca = {:?}\nclient_certificates = \"required\"", pki.ca),
+        ),
+    );
+    let settings = dir.load(&no_env()).unwrap();
+    let tls = settings.tls.unwrap();
+    assert!(tls.client_certificate_required);
+    assert_eq!(tls.client_ca.as_deref(), Some(pki.ca.as_path()));
+}

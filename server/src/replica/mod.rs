@@ -35,6 +35,7 @@ use self::router::{Router, Serving};
 use crate::clock::Clock;
 use crate::config::{Replication, Settings};
 use crate::secret::FingerprintKey;
+use crate::server::Front;
 use crate::state::{Opening, State};
 use crate::store::embedded::StateDir;
 use crate::store::{Recovery, StoreError};
@@ -138,14 +139,15 @@ pub async fn serve(
     settings: Settings,
     replication: Replication,
     reset: bool,
+    front: Front,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let shutdown = CancellationToken::new();
-    let front = crate::server::Front::new(&settings);
     let (router, supervisor) = start(
         settings.clone(),
         replication,
         reset,
+        front.tls.clone(),
         Handle::current(),
         shutdown.clone(),
     )?;
@@ -199,12 +201,13 @@ pub fn start(
     settings: Settings,
     replication: Replication,
     reset: bool,
+    tls: Option<Arc<crate::tls::Tls>>,
     runtime: Handle,
     shutdown: CancellationToken,
 ) -> Result<(Router, std::thread::JoinHandle<()>), StartError> {
     let redis = Redis::new(replication.url.reveal(), &replication.namespace)
         .map_err(|e| StartError::Invalid(format!("state.store: {e}")))?;
-    let router = Router::new(&replication.token).map_err(StartError::Invalid)?;
+    let router = Router::new(&replication.token, tls).map_err(StartError::Invalid)?;
     let reset_at = reset.then(|| Clock::system().now().wall_ms);
     let (dir, moved_aside) = StateDir::open(&replication.dir, reset_at)?;
     if let Some(aside) = moved_aside {
@@ -556,7 +559,9 @@ impl Supervisor {
                 if current.as_ref().is_none_or(|l| l.id != leader.id) {
                     // Its connections are made in the runtime.
                     let _runtime = self.runtime.enter();
-                    let target = router::Leader::new(leader.id.clone(), leader.address.clone())
+                    let target = self
+                        .router
+                        .leader(leader.id.clone(), leader.address.clone())
                         .map_err(|reason| StoreError::Io {
                             path: self.redis.path(),
                             reason,

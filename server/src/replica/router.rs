@@ -10,9 +10,11 @@ use crate::auth::{CALLER_HEADER, Caller};
 use crate::replica::FleetView;
 use crate::server::{KeyLeaseRoutes, keylease_routes};
 use crate::state::State;
+use crate::tls::Tls;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use keylease::pb::key_lease_server::KeyLeaseServer;
+use rustls_pki_types::ServerName;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -46,21 +48,29 @@ pub enum Serving {
 pub struct Leader {
     pub id: String,
     pub address: String,
-    /// `http://ADDRESS`, the origin of forwarded calls.
+    /// `http://ADDRESS` (`https://` over TLS), the origin of forwarded calls.
     origin: String,
+    /// TLS to the leader, with the name its certificate must have, when this server has TLS.
+    tls: Option<(Arc<Tls>, ServerName<'static>)>,
     connections: Vec<tokio::sync::Mutex<Option<SendRequest<Body>>>>,
     next: AtomicUsize,
 }
 
 impl Leader {
-    pub fn new(id: String, address: String) -> Result<Self, String> {
-        let origin = format!("http://{address}");
+    fn new(id: String, address: String, tls: Option<Arc<Tls>>) -> Result<Self, String> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let origin = format!("{scheme}://{address}");
         http::Uri::try_from(origin.as_str())
             .map_err(|e| format!("the leader's address {address:?}: {e}"))?;
+        let tls = match tls {
+            Some(tls) => Some((tls, crate::tls::server_name(&address)?)),
+            None => None,
+        };
         Ok(Self {
             id,
             address,
             origin,
+            tls,
             connections: (0..CONNECTIONS_TO_LEADER)
                 .map(|_| tokio::sync::Mutex::new(None))
                 .collect(),
@@ -104,22 +114,43 @@ impl Leader {
         .map_err(|_| format!("no connection within {CONNECT_TIMEOUT:?}"))?
         .map_err(|e| e.to_string())?;
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "connection to the leader ended");
+        let sender = match &self.tls {
+            None => handshake(stream).await?,
+            Some((tls, name)) => {
+                let connecting = tls.connector().connect(name.clone(), stream);
+                let stream = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+                    .await
+                    .map_err(|_| format!("no TLS handshake within {CONNECT_TIMEOUT:?}"))?
+                    .map_err(|e| format!("TLS: {e}"))?;
+                handshake(stream).await?
             }
-        });
+        };
         *slot = Some(sender.clone());
         Ok(sender)
     }
 }
+
+/// An HTTP/2 connection on `stream`, driven by a task of its own.
+async fn handshake<S>(stream: S) -> Result<SendRequest<Body>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "connection to the leader ended");
+        }
+    });
+    Ok(sender)
+}
+
+impl Leader {}
 
 impl Serving {
     pub fn leading(state: Arc<State>, fleet: FleetView) -> Self {
@@ -143,10 +174,12 @@ struct Shared {
     serving_now: tokio::sync::watch::Sender<bool>,
     /// `authorization: Bearer TOKEN` of the replicas' shared token, as a forwarded call carries it.
     authorization: http::HeaderValue,
+    /// TLS to the leader, when this server has TLS.
+    tls: Option<Arc<Tls>>,
 }
 
 impl Router {
-    pub fn new(token: &crate::secret::ApiKey) -> Result<Self, String> {
+    pub fn new(token: &crate::secret::ApiKey, tls: Option<Arc<Tls>>) -> Result<Self, String> {
         let mut authorization = http::HeaderValue::from_str(&format!("Bearer {}", token.reveal()))
             .map_err(|_| "replication.token: must be printable ASCII".to_string())?;
         authorization.set_sensitive(true);
@@ -155,6 +188,7 @@ impl Router {
                 serving: RwLock::new(Serving::unavailable("this replica is starting")),
                 serving_now: tokio::sync::watch::Sender::new(false),
                 authorization,
+                tls,
             }),
         })
     }
@@ -184,6 +218,11 @@ impl Router {
     /// Whether this replica serves calls now (leads, or follows a leader), as it changes.
     pub fn serving_now(&self) -> tokio::sync::watch::Receiver<bool> {
         self.shared.serving_now.subscribe()
+    }
+
+    /// The leader at `address`, to forward calls to (over TLS when this server has it).
+    pub fn leader(&self, id: String, address: String) -> Result<Leader, String> {
+        Leader::new(id, address, self.shared.tls.clone())
     }
 
     /// The leader calls are forwarded to now, if this replica follows one.
