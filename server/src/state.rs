@@ -280,13 +280,6 @@ impl State {
                 let (reply, notices) = state.apply_locked(&mut inner, Command::Configure(setup));
                 state.carry_out(&mut inner, notices, None);
                 let configured = reply.into_configured()?;
-                for (key_id, leases) in &configured.removed_keys {
-                    tracing::warn!(
-                        key_id,
-                        leases,
-                        "key no longer configured: dropped with its leases"
-                    );
-                }
                 for (old, new) in &configured.renamed_keys {
                     tracing::info!(old, new, "key renamed: its state carries over");
                 }
@@ -651,6 +644,25 @@ fn log(event: &Event, by: Option<&str>) {
             tracing::warn!(key_id, reason, by, "key disabled")
         }
         EventKind::KeyEnabled { key_id } => tracing::info!(key_id, by, "key enabled"),
+        EventKind::KeyAdded { key_id } => tracing::info!(key_id, by, "key added"),
+        EventKind::KeyDraining { key_id, leases } => {
+            tracing::info!(
+                key_id,
+                leases,
+                by,
+                "key draining: its live leases run to their end"
+            )
+        }
+        EventKind::KeyRemoved { key_id } => tracing::info!(key_id, by, "key removed"),
+        EventKind::CooldownReset {
+            pool,
+            project,
+            model,
+        } => tracing::info!(pool, project, model, by, "cooldown reset"),
+        EventKind::Reloaded {
+            changes,
+            needs_restart,
+        } => tracing::info!(?changes, ?needs_restart, by, "configuration reloaded"),
         EventKind::CooledDown {
             pool,
             project,

@@ -82,6 +82,7 @@ fn reason_code(reason: UnavailableReason) -> &'static str {
         UnavailableReason::QuotaSpent => "QUOTA_SPENT",
         UnavailableReason::AllDisabled => "ALL_DISABLED",
         UnavailableReason::AllExcluded => "ALL_EXCLUDED",
+        UnavailableReason::KeyDraining => "KEY_DRAINING",
     }
 }
 
@@ -92,6 +93,7 @@ pub fn unavailable_to_pb(unavailable: Unavailable, now_ms: u64) -> pb::Unavailab
         UnavailableReason::QuotaSpent => pb::UnavailableReason::QuotaSpent,
         UnavailableReason::AllDisabled => pb::UnavailableReason::AllDisabled,
         UnavailableReason::AllExcluded => pb::UnavailableReason::AllExcluded,
+        UnavailableReason::KeyDraining => pb::UnavailableReason::KeyDraining,
     };
     pb::Unavailable {
         reason: reason as i32,
@@ -270,6 +272,7 @@ pub fn key_to_pb(key: KeyView, now: Time) -> pb::KeyStatus {
         KeyState::Leased => pb::KeyState::Leased,
         KeyState::CoolingDown => pb::KeyState::CoolingDown,
         KeyState::Disabled => pb::KeyState::Disabled,
+        KeyState::Draining => pb::KeyState::Draining,
     };
     pb::KeyStatus {
         key_id: key.key_id,
@@ -347,6 +350,38 @@ pub fn event_to_pb(event: crate::engine::Event, by: Option<&str>) -> pb::Event {
         EventKind::KeyEnabled { key_id } => Kind::Enabled(pb::KeyEvent {
             key_id,
             reason: String::new(),
+        }),
+        EventKind::KeyAdded { key_id } => Kind::Added(pb::KeyEvent {
+            key_id,
+            reason: String::new(),
+        }),
+        EventKind::KeyDraining { key_id, leases } => Kind::Draining(pb::KeyEvent {
+            key_id,
+            reason: format!(
+                "removed from the configuration; {leases} live lease(s) run to their end"
+            ),
+        }),
+        EventKind::KeyRemoved { key_id } => Kind::Removed(pb::KeyEvent {
+            key_id,
+            reason: String::new(),
+        }),
+        EventKind::CooldownReset {
+            pool,
+            project,
+            model,
+        } => Kind::CooldownReset(pb::CooldownEvent {
+            pool,
+            project,
+            model,
+            until: None,
+            reason: "reset by an operator".into(),
+        }),
+        EventKind::Reloaded {
+            changes,
+            needs_restart,
+        } => Kind::Reloaded(pb::ReloadResponse {
+            changes,
+            needs_restart,
         }),
     };
     pb::Event {

@@ -454,14 +454,21 @@ const WORKER_SHA256: &str = "2f5c4bd6bb3a9bb1d87cc5d4c1f3a86b7af2a8d1c6b0b18d4a0
 
 #[test]
 fn callers_are_configured_by_name_role_and_the_hash_of_their_token_or_a_certificate() {
+    let dir = Dir::new("");
+    let pki = crate::tls::testing::make(&dir.path.join("pki"), &[]);
     let config = format!(
         "[server]\nlisten = \"0.0.0.0:50051\"\n\
          [[server.tokens]]\nname = \"batch\"\nrole = \"worker\"\nsha256 = \"{}\"\n\
          [[server.tokens]]\nname = \"ops-laptop\"\nrole = \"admin\"\ncertificate = \"laptop.example.com\"\n\
+         [server.tls]\ncertificate = {:?}\nprivate_key = {:?}\nclient_ca = {:?}\n\
          {POOL}\n[[keys]]\nsecret = \"x-key\"\n",
-        WORKER_SHA256.to_uppercase()
+        WORKER_SHA256.to_uppercase(),
+        pki.server_certificate,
+        pki.server_key,
+        pki.ca,
     );
-    let settings = Dir::new(&config).load(&no_env()).unwrap();
+    dir.write("keylease.toml", &config);
+    let settings = dir.load(&no_env()).unwrap();
     let mut hash = [0u8; 32];
     for (i, byte) in hash.iter_mut().enumerate() {
         *byte = u8::from_str_radix(&WORKER_SHA256[2 * i..2 * i + 2], 16).unwrap();
@@ -830,7 +837,10 @@ fn tls_mistakes_name_the_file_and_never_quote_a_key() {
         &section(
             &pki.server_certificate,
             &pki.server_key,
-            &format!("client_ca = {:?}\nclient_certificates = \"required\"", pki.ca),
+            &format!(
+                "client_ca = {:?}\nclient_certificates = \"required\"",
+                pki.ca
+            ),
         ),
     );
     let settings = dir.load(&no_env()).unwrap();

@@ -433,7 +433,7 @@ impl Engine {
         for position in 0..self.catalogue.pool(ask.pool).keys.len() {
             let key = self.catalogue.pool(ask.pool).keys[position];
             let entry = self.catalogue.key(key);
-            if entry.disabled.is_some() {
+            if !entry.is_lendable() {
                 continue;
             }
             any_enabled = true;

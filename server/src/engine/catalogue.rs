@@ -1,6 +1,7 @@
 //! The key catalogue: every configured key with its pool and project, which are disabled, which
 //! live leases each holds, and each pool's free set (enabled keys with a free slot, least
-//! recently granted first). A key only changes through [`Catalogue::update`], which keeps the
+//! recently granted first). A key no longer configured while leases run on it stays, draining:
+//! never lent again, and gone from every view once its last lease ends. A key only changes through [`Catalogue::update`], which keeps the
 //! free set and the pool's count of enabled keys in step with it.
 
 use super::leases::Token;
@@ -56,6 +57,8 @@ pub(super) struct Key {
     pub project: ProjectIdx,
     pub max_leases: u32,
     pub disabled: Option<String>,
+    /// No longer configured: it serves its live leases to their end and is never lent again.
+    pub draining: bool,
     /// Fencing tokens of its live leases, oldest first.
     pub live: Vec<Token>,
     /// Orders the pool's free keys: least recently granted first.
@@ -64,7 +67,17 @@ pub(super) struct Key {
 
 impl Key {
     pub fn has_free_slot(&self) -> bool {
-        self.disabled.is_none() && (self.live.len() as u32) < self.max_leases
+        self.is_lendable() && (self.live.len() as u32) < self.max_leases
+    }
+
+    /// Neither disabled nor draining.
+    pub fn is_lendable(&self) -> bool {
+        self.disabled.is_none() && !self.draining
+    }
+
+    /// Drained: no longer configured and no lease left on it. Nothing shows it any more.
+    pub fn is_gone(&self) -> bool {
+        self.draining && self.live.is_empty()
     }
 
     /// Its place in the pool's free set.
@@ -121,7 +134,13 @@ pub(super) struct Catalogue {
 }
 
 impl Catalogue {
-    pub fn new(config: &EngineConfig, specs: Vec<KeySpec>) -> Result<Self, SetupError> {
+    /// The keys of `specs`, then those of `draining` (no longer configured, still leased),
+    /// except any whose pool is gone or whose id a configured key took: those are returned.
+    pub fn new(
+        config: &EngineConfig,
+        specs: Vec<KeySpec>,
+        draining: Vec<KeySpec>,
+    ) -> Result<(Self, Vec<KeySpec>), SetupError> {
         let mut catalogue = Self {
             keys: Vec::new(),
             by_id: HashMap::new(),
@@ -153,8 +172,25 @@ impl Catalogue {
                 largest_limits,
             });
         }
+        // A draining key configured again serves as configured.
+        let configured_identities: HashSet<String> =
+            specs.iter().map(|s| s.identity().to_string()).collect();
+        let draining: Vec<KeySpec> = draining
+            .into_iter()
+            .filter(|spec| !configured_identities.contains(spec.identity()))
+            .collect();
         let mut identities = HashSet::new();
-        for spec in specs {
+        let mut left_out = Vec::new();
+        let configured = specs.len();
+        for (position, spec) in specs.into_iter().chain(draining).enumerate() {
+            let is_draining = position >= configured;
+            if is_draining
+                && (catalogue.by_id.contains_key(&spec.id)
+                    || !catalogue.pool_by_name.contains_key(&spec.pool))
+            {
+                left_out.push(spec);
+                continue;
+            }
             if catalogue.by_id.contains_key(&spec.id) {
                 return Err(SetupError::DuplicateKeyId(spec.id));
             }
@@ -174,8 +210,10 @@ impl Catalogue {
                 .max_leases
                 .unwrap_or(pool_entry.config.max_leases_per_key);
             pool_entry.keys.push(idx);
-            pool_entry.enabled_keys += 1;
-            pool_entry.free.insert((0, idx));
+            if !is_draining {
+                pool_entry.enabled_keys += 1;
+                pool_entry.free.insert((0, idx));
+            }
             catalogue.by_id.insert(spec.id.clone(), idx);
             catalogue.keys.push(Key {
                 spec,
@@ -183,11 +221,12 @@ impl Catalogue {
                 project,
                 max_leases,
                 disabled: None,
+                draining: is_draining,
                 live: Vec::new(),
                 last_granted_ms: 0,
             });
         }
-        Ok(catalogue)
+        Ok((catalogue, left_out))
     }
 
     pub fn key(&self, idx: KeyIdx) -> &Key {
@@ -198,8 +237,12 @@ impl Catalogue {
         &self.keys
     }
 
+    /// The key with this id, unless it is gone.
     pub fn key_by_id(&self, id: &str) -> Option<KeyIdx> {
-        self.by_id.get(id).copied()
+        self.by_id
+            .get(id)
+            .copied()
+            .filter(|&idx| !self.keys[idx].is_gone())
     }
 
     pub fn pool(&self, idx: PoolIdx) -> &Pool {
@@ -219,13 +262,13 @@ impl Catalogue {
     pub fn update<R>(&mut self, idx: KeyIdx, change: impl FnOnce(&mut Key) -> R) -> R {
         let key = &mut self.keys[idx];
         let pool = &mut self.pools[key.pool as usize];
-        let was_enabled = key.disabled.is_none();
+        let was_enabled = key.is_lendable();
         pool.free.remove(&key.slot(idx));
         let result = change(key);
         if key.has_free_slot() {
             pool.free.insert(key.slot(idx));
         }
-        match (was_enabled, key.disabled.is_none()) {
+        match (was_enabled, key.is_lendable()) {
             (true, false) => pool.enabled_keys -= 1,
             (false, true) => pool.enabled_keys += 1,
             _ => {}

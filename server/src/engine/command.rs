@@ -3,8 +3,8 @@
 //! state. Reads (status, a key's view, the next deadline) take `&self` and change nothing.
 
 use super::{
-    AcquireRequest, Acquired, Amount, Engine, EngineError, FailureReport, KeyView, Notices,
-    Renewed, Reported, Setup, SetupError, Time, Usage, WaiterId,
+    AcquireRequest, Acquired, Amount, Engine, EngineError, EventKind, FailureReport, GroupView,
+    KeyView, Notices, Renewed, Reported, Setup, SetupError, Time, Usage, WaiterId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +48,12 @@ pub enum Command {
     DropWaiters,
     /// Keys, pools and limits from now on; the state carries over (see [`super::image`]).
     Configure(Setup),
+    /// End a quota group's cooldown and its project's backoff: an operator knows better.
+    ResetCooldown {
+        pool: String,
+        project: String,
+        model: String,
+    },
 }
 
 impl Command {
@@ -64,6 +70,7 @@ impl Command {
             Self::Tick => "tick",
             Self::DropWaiters => "drop_waiters",
             Self::Configure(_) => "configure",
+            Self::ResetCooldown { .. } => "reset_cooldown",
         }
     }
 }
@@ -84,13 +91,19 @@ pub enum Reply {
     /// How many waiters left.
     WaitersDropped(usize),
     Configured(Result<Reconfigured, SetupError>),
+    /// The group as it stands after the reset.
+    CooldownReset(Result<GroupView, EngineError>),
 }
 
 /// What a new configuration did to the state it found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reconfigured {
-    /// Keys no longer configured (by their last id), with the live leases dropped with them.
-    pub removed_keys: Vec<(String, usize)>,
+    /// Keys newly configured.
+    pub added_keys: Vec<String>,
+    /// Keys no longer configured and without a lease: gone at once.
+    pub removed_keys: Vec<String>,
+    /// Keys no longer configured whose live leases run to their end (how many).
+    pub draining_keys: Vec<(String, usize)>,
     /// Keys that came back under another id: (old id, new id).
     pub renamed_keys: Vec<(String, String)>,
     /// Live leases dropped because their model or pool is no longer configured.
@@ -148,7 +161,20 @@ impl Engine {
             }
             Command::DropWaiters => Reply::WaitersDropped(self.drop_waiters(time)),
             Command::Configure(setup) => Reply::Configured(self.configure(time, setup)),
+            Command::ResetCooldown {
+                pool,
+                project,
+                model,
+            } => Reply::CooldownReset(self.reset_cooldown(time, &pool, &project, &model)),
         };
+        let drained = std::mem::take(&mut self.drained);
+        if !drained.is_empty() {
+            for key in drained {
+                let key_id = self.catalogue.key(key).spec.id.clone();
+                self.emit(self.time, EventKind::KeyRemoved { key_id });
+            }
+            self.forget_gone_keys();
+        }
         (reply, self.drain())
     }
 }
@@ -194,6 +220,13 @@ impl Reply {
         match self {
             Self::Configured(reply) => reply,
             other => unreachable!("a configure answered {other:?}"),
+        }
+    }
+
+    pub fn into_cooldown_reset(self) -> Result<GroupView, EngineError> {
+        match self {
+            Self::CooldownReset(reply) => reply,
+            other => unreachable!("a cooldown reset answered {other:?}"),
         }
     }
 

@@ -7,7 +7,8 @@ use super::leases::{Lease, Token};
 use super::quota::QuotaGroup;
 use super::waiting::{Ask, WaitQueue, Waiter};
 use super::{
-    Engine, Reconfigured, Setup, SetupError, Time, Unavailable, UnavailableReason, WaiterId,
+    Engine, EventKind, KeySpec, Reconfigured, Setup, SetupError, Time, Unavailable,
+    UnavailableReason, WaiterId,
 };
 use foldhash::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
@@ -181,6 +182,7 @@ impl Engine {
             keys: catalogue
                 .keys()
                 .iter()
+                .filter(|key| !key.is_gone())
                 .map(|key| KeyImage {
                     id: key.spec.id.clone(),
                     identity: key.spec.identity().to_string(),
@@ -216,11 +218,16 @@ impl Engine {
         }
     }
 
-    /// An engine configured by `setup` holding the state of `image`: keys are matched by
-    /// identity, so a key renamed keeps its leases, disabling and exclusions; what the new setup
-    /// no longer has (keys, pools, models) is dropped and reported; its limits apply at once.
-    pub fn restore(setup: Setup, image: Image) -> Result<(Self, Reconfigured), SetupError> {
-        let mut engine = Self::new(setup, image.time)?;
+    /// An engine configured by `setup`, with the `draining` keys (no longer configured, still
+    /// leased), holding the state of `image`: keys are matched by identity, so a key renamed
+    /// keeps its leases, disabling and exclusions; what neither has any more (keys, pools,
+    /// models) is dropped and reported; the setup's limits apply at once.
+    pub fn restore(
+        setup: Setup,
+        draining: Vec<KeySpec>,
+        image: Image,
+    ) -> Result<(Self, Reconfigured), SetupError> {
+        let (mut engine, _) = Self::with_draining(setup, draining, image.time)?;
         let mut report = Reconfigured::default();
         let by_identity: HashMap<String, KeyIdx> = engine
             .catalogue
@@ -259,6 +266,12 @@ impl Engine {
             live.entry(lease.key).or_default().push(image_lease.token);
             engine.leases.insert(image_lease.token, lease);
         }
+        let imaged: HashSet<&str> = image.keys.iter().map(|k| k.identity.as_str()).collect();
+        for key in engine.catalogue.keys() {
+            if !key.draining && !imaged.contains(key.spec.identity()) {
+                report.added_keys.push(key.spec.id.clone());
+            }
+        }
         for key in &image.keys {
             let Some(&idx) = by_identity.get(&key.identity) else {
                 let leases = image
@@ -266,10 +279,18 @@ impl Engine {
                     .iter()
                     .filter(|l| l.key == key.identity)
                     .count();
-                report.removed_keys.push((key.id.clone(), leases));
+                report.dropped_leases += leases;
+                report.removed_keys.push(key.id.clone());
                 continue;
             };
             let live = live.remove(&idx).unwrap_or_default();
+            let draining = engine.catalogue.key(idx).draining;
+            if draining && live.is_empty() {
+                // Its last lease ended with the configuration that drained it.
+                report.removed_keys.push(key.id.clone());
+            } else if draining {
+                report.draining_keys.push((key.id.clone(), live.len()));
+            }
             let renamed = engine.catalogue.update(idx, |entry| {
                 entry.last_granted_ms = key.last_granted_ms;
                 entry.disabled = key.disabled.clone();
@@ -377,6 +398,16 @@ impl Engine {
         Ok((engine, report))
     }
 
+    /// Rebuilds the engine without its gone keys, and without whatever still named them (a
+    /// task's exclusion, an ended lease): exactly what an engine restored from a snapshot
+    /// taken now would hold, so a replay from any snapshot decides as this engine does.
+    pub(super) fn forget_gone_keys(&mut self) {
+        let (mut engine, _) = Self::restore(self.setup(), self.draining_keys(), self.image())
+            .expect("the engine's own setup is valid");
+        engine.notices = std::mem::take(&mut self.notices);
+        *self = engine;
+    }
+
     /// Applies a new setup to the current state (see [`Engine::restore`]); on a setup error the
     /// state stays as it was.
     pub(super) fn configure(
@@ -385,12 +416,50 @@ impl Engine {
         setup: Setup,
     ) -> Result<Reconfigured, SetupError> {
         let time = self.tick(now);
-        let (mut engine, report) = Self::restore(setup, self.image())?;
+        // Keys with live leases drain rather than drop them, whether the new setup still has
+        // them or not (the catalogue keeps those it has as configured).
+        let leased: Vec<KeySpec> = self
+            .catalogue
+            .keys()
+            .iter()
+            .filter(|key| !key.live.is_empty())
+            .map(|key| key.spec.clone())
+            .collect();
+        let (mut engine, report) = Self::restore(setup, leased, self.image())?;
         engine.time = time;
+        let mut events: Vec<EventKind> = Vec::new();
+        for key_id in &report.added_keys {
+            events.push(EventKind::KeyAdded {
+                key_id: key_id.clone(),
+            });
+        }
+        let was_draining: HashSet<&str> = self
+            .catalogue
+            .keys()
+            .iter()
+            .filter(|key| key.draining)
+            .map(|key| key.spec.id.as_str())
+            .collect();
+        for (key_id, leases) in &report.draining_keys {
+            if !was_draining.contains(key_id.as_str()) {
+                events.push(EventKind::KeyDraining {
+                    key_id: key_id.clone(),
+                    leases: *leases,
+                });
+            }
+        }
+        for key_id in &report.removed_keys {
+            events.push(EventKind::KeyRemoved {
+                key_id: key_id.clone(),
+            });
+        }
         // The new limits or keys may serve someone waiting.
         engine.freed = true;
         engine.notices = std::mem::take(&mut self.notices);
         *self = engine;
+        for event in events {
+            self.emit(time, event);
+        }
         self.tick(time);
         Ok(report)
     }

@@ -219,6 +219,8 @@ pub enum UnavailableReason {
     QuotaSpent,
     AllDisabled,
     AllExcluded,
+    /// The lease's key is draining: it serves what was granted, nothing more.
+    KeyDraining,
 }
 
 impl UnavailableReason {
@@ -229,6 +231,9 @@ impl UnavailableReason {
             Self::QuotaSpent => "every usable key's project has spent its quota for this model",
             Self::AllDisabled => "every key of the pool is disabled",
             Self::AllExcluded => "every enabled key is excluded for this task",
+            Self::KeyDraining => {
+                "the lease's key is being removed: it serves what was granted, nothing more"
+            }
         }
     }
 }
@@ -368,6 +373,32 @@ pub enum EventKind {
     KeyEnabled {
         key_id: String,
     },
+    /// A key came with a new configuration.
+    KeyAdded {
+        key_id: String,
+    },
+    /// A key left the configuration while leases run on it: none is granted on it any more,
+    /// and it is removed when the last ends.
+    KeyDraining {
+        key_id: String,
+        leases: usize,
+    },
+    /// A key is gone: it left the configuration, and its last lease has ended.
+    KeyRemoved {
+        key_id: String,
+    },
+    /// An operator ended a quota group's cooldown.
+    CooldownReset {
+        pool: String,
+        project: String,
+        model: String,
+    },
+    /// The configuration was read again (published by the shell, which applies the parts the
+    /// engine does not hold: tokens, TLS).
+    Reloaded {
+        changes: Vec<String>,
+        needs_restart: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -412,6 +443,8 @@ pub enum KeyState {
     Leased,
     CoolingDown,
     Disabled,
+    /// No longer configured: its live leases run to their end, then it is gone.
+    Draining,
 }
 
 #[derive(Debug, Clone)]
@@ -473,20 +506,33 @@ pub struct Engine {
     #[cfg(test)]
     waiters_looked_at: u64,
     notices: Notices,
+    /// Draining keys whose last lease ended during the current command: announced as removed
+    /// once it is done.
+    drained: Vec<catalogue::KeyIdx>,
 }
 
 impl Engine {
     /// An engine with nothing leased yet, configured by `setup`: what the first `Configure`
     /// record of a log starts from.
     pub fn new(setup: Setup, now: Time) -> Result<Self, SetupError> {
+        Self::with_draining(setup, Vec::new(), now).map(|(engine, _)| engine)
+    }
+
+    /// An engine configured by `setup` whose catalogue also holds the `draining` keys (no
+    /// longer configured, still leased); those it could not hold are returned.
+    fn with_draining(
+        setup: Setup,
+        draining: Vec<KeySpec>,
+        now: Time,
+    ) -> Result<(Self, Vec<KeySpec>), SetupError> {
         let Setup {
             config,
             keys,
             token_floor,
             rules: _,
         } = setup;
-        let catalogue = Catalogue::new(&config, keys)?;
-        Ok(Self {
+        let (catalogue, left_out) = Catalogue::new(&config, keys, draining)?;
+        let engine = Self {
             books: Books::new(&config, &catalogue),
             leases: LeaseTable::new(token_floor, config.memory_capacity),
             memory: Memory::new(config.memory_capacity),
@@ -498,13 +544,31 @@ impl Engine {
             #[cfg(test)]
             waiters_looked_at: 0,
             notices: Notices::default(),
-        })
+            drained: Vec::new(),
+        };
+        Ok((engine, left_out))
     }
 
-    /// The setup the engine runs under (with secrets; a record leaves them out).
+    /// The setup the engine runs under (with secrets; a record leaves them out): its configured
+    /// keys, not the draining ones.
     pub fn setup(&self) -> Setup {
-        let keys = self.catalogue.keys().iter().map(|key| key.spec.clone());
-        Setup::new(self.config.clone(), keys.collect(), 0)
+        let keys = self.catalogue.keys().iter().filter(|key| !key.draining);
+        Setup::new(
+            self.config.clone(),
+            keys.map(|key| key.spec.clone()).collect(),
+            0,
+        )
+    }
+
+    /// Keys no longer configured that still serve live leases: a snapshot keeps them beside
+    /// the setup.
+    pub fn draining_keys(&self) -> Vec<KeySpec> {
+        self.catalogue
+            .keys()
+            .iter()
+            .filter(|key| key.draining && !key.is_gone())
+            .map(|key| key.spec.clone())
+            .collect()
     }
 
     /// The latest time the engine has seen.

@@ -227,6 +227,12 @@ impl QuotaGroup {
         }
     }
 
+    /// Ends any cooldown or rest now.
+    pub fn end_cooldown(&mut self) {
+        self.cooldown = None;
+        self.rest_until_day_turns = false;
+    }
+
     /// Rests the group until its day turns (the books must be advanced to `time`).
     pub fn rest_for_the_day(&mut self, time: Time) -> Cooldown {
         let cooldown = self.cool_down(

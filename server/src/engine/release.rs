@@ -7,9 +7,9 @@ use super::catalogue::{GroupKey, KeyIdx};
 use super::leases::Token;
 use super::quota::{Amount, Cooldown, CooldownReason};
 use super::{
-    AcquireRequest, DAY_MS, Engine, EngineError, EventKind, FailureKind, FailureReport, KeyView,
-    LeaseEvent, Renewed, Reported, Time, Unavailable, UnavailableReason, Usage, invalid, show_ms,
-    validate_detail, validate_tokens,
+    AcquireRequest, DAY_MS, Engine, EngineError, EventKind, FailureKind, FailureReport, GroupView,
+    KeyView, LeaseEvent, Renewed, Reported, Time, Unavailable, UnavailableReason, Usage,
+    canonical_model, invalid, show_ms, validate_detail, validate_tokens,
 };
 use keylease::MAX_INPUT_TOKENS;
 
@@ -49,10 +49,19 @@ impl Engine {
         }
         let group_key = self.catalogue.key(lease.key).group(lease.model);
         self.check_servable(group_key.pool, group_key.model, total, total_tokens)?;
-        self.leases.extend(token, ttl_ms, time.steady_ms);
+        let draining = self.catalogue.key(lease.key).draining;
+        // A draining key's leases run to the end they had: the drain is over within max_ttl.
+        if !draining {
+            self.leases.extend(token, ttl_ms, time.steady_ms);
+        }
 
         let mut shortfall = None;
-        if additional_requests > 0 || additional_tokens > 0 {
+        if draining && (additional_requests > 0 || additional_tokens > 0) {
+            shortfall = Some(Unavailable {
+                reason: UnavailableReason::KeyDraining,
+                retry_at_ms: None,
+            });
+        } else if additional_requests > 0 || additional_tokens > 0 {
             let group = self.books.group(group_key, time);
             let (requests, tokens) = (u64::from(additional_requests), additional_tokens);
             if group.cooldown().is_none() && group.can_afford(requests, tokens) {
@@ -275,6 +284,65 @@ impl Engine {
         Ok(self.key_view(key, time.steady_ms))
     }
 
+    /// Ends the cooldown of `pool`'s group for `project` and `model`, and the backoff of the
+    /// project's next rate-limit cooldown: what the books hold stays.
+    pub(super) fn reset_cooldown(
+        &mut self,
+        now: impl Into<Time>,
+        pool: &str,
+        project: &str,
+        model: &str,
+    ) -> Result<GroupView, EngineError> {
+        let time = self.tick(now);
+        let pool_idx = self
+            .catalogue
+            .pool_by_name(pool)
+            .ok_or_else(|| invalid("pool", format!("no pool {pool:?}")))?;
+        let model_idx = self
+            .catalogue
+            .models
+            .get(canonical_model(model))
+            .filter(|&m| self.catalogue.pool(pool_idx).serves(m))
+            .ok_or_else(|| invalid("model", format!("pool {pool} serves no model {model:?}")))?;
+        let project_idx = self
+            .catalogue
+            .projects
+            .get(project)
+            .filter(|&p| {
+                self.catalogue
+                    .keys()
+                    .iter()
+                    .any(|k| k.pool == pool_idx && k.project == p && !k.is_gone())
+            })
+            .ok_or_else(|| {
+                invalid(
+                    "project",
+                    format!("no key of pool {pool} is in project {project:?}"),
+                )
+            })?;
+        let group_key = GroupKey {
+            pool: pool_idx,
+            project: project_idx,
+            model: model_idx,
+        };
+        let group = self.books.group(group_key, time);
+        group.end_cooldown();
+        let group = group.clone();
+        let view = self.group_view(group_key, &group);
+        self.memory.reset_backoff(pool_idx, project_idx);
+        self.freed = true;
+        self.emit(
+            time,
+            EventKind::CooldownReset {
+                pool: view.pool.clone(),
+                project: view.project.clone(),
+                model: view.model.clone(),
+            },
+        );
+        self.tick(time);
+        Ok(view)
+    }
+
     fn disable(&mut self, time: Time, key: KeyIdx, reason: String) {
         if self.catalogue.key(key).disabled.is_some() {
             return;
@@ -308,6 +376,9 @@ impl Engine {
         let event = self.lease_event(token);
         let lease = self.leases.end(token);
         self.catalogue.give_back(lease.key, token);
+        if self.catalogue.key(lease.key).is_gone() {
+            self.drained.push(lease.key);
+        }
         let group_key = self.catalogue.key(lease.key).group(lease.model);
         self.books.settle(group_key, time, lease.reserved(), used);
         self.freed = true;

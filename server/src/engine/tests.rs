@@ -1285,4 +1285,188 @@ fn setup_refuses_duplicate_key_ids() {
     );
 }
 
+/// Events of `notices`, by kind and key, for the tests of keys coming and going.
+fn key_events(notices: &Notices) -> Vec<String> {
+    notices
+        .events
+        .iter()
+        .filter_map(|event| match &event.kind {
+            EventKind::KeyAdded { key_id } => Some(format!("added {key_id}")),
+            EventKind::KeyDraining { key_id, leases } => {
+                Some(format!("draining {key_id} ({leases})"))
+            }
+            EventKind::KeyRemoved { key_id } => Some(format!("removed {key_id}")),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_key_removed_while_leased_drains_then_is_gone() {
+    let mut engine = engine(&[("k1", "p1"), ("k2", "p2")]);
+    let lease = granted(engine.acquire(T0, ask_n("a", 2)));
+    assert_eq!(lease.key_id, "k1");
+    let only_k2 = Setup::new(config(10, 100), key_specs(&[("k2", "p2")]), 0);
+    let (reply, notices) = engine.apply(Time::at(T0 + SECOND), Command::Configure(only_k2));
+    let report = reply.into_configured().unwrap();
+    assert_eq!(report.draining_keys, [("k1".to_string(), 1)]);
+    assert_eq!(key_events(&notices), ["draining k1 (1)"]);
+    assert_eq!(
+        engine.key_status(T0 + SECOND, "k1").unwrap().state,
+        KeyState::Draining
+    );
+    // Nothing new on it: k2 is taken, then nobody gets k1.
+    granted(engine.acquire(T0 + SECOND, ask("b")));
+    let none = unavailable(engine.acquire(T0 + SECOND, ask("c")));
+    assert_eq!(none.reason, UnavailableReason::AllLeased);
+    // A renewal keeps the lease's end and adds nothing.
+    let renewed = engine
+        .renew(
+            T0 + 2 * SECOND,
+            &lease.lease_id,
+            lease.fencing_token,
+            Some(5 * MINUTE),
+            1,
+            0,
+        )
+        .unwrap();
+    let Renewed::QuotaUnavailable(view, why) = renewed else {
+        panic!("{renewed:?}")
+    };
+    assert_eq!(why.reason, UnavailableReason::KeyDraining);
+    assert_eq!(
+        (view.expires_ms, view.requests_granted),
+        (lease.expires_ms, 2)
+    );
+    // Its last lease ends: the key is gone from every view, and its id is free.
+    let release = Command::Release {
+        lease_id: lease.lease_id.clone(),
+        fencing_token: lease.fencing_token,
+        usage: used(1, 0),
+    };
+    let (reply, notices) = engine.apply(Time::at(T0 + 3 * SECOND), release);
+    assert!(reply.into_released().unwrap().is_some());
+    assert_eq!(key_events(&notices), ["removed k1"]);
+    assert!(matches!(
+        engine.key_status(T0 + 3 * SECOND, "k1"),
+        Err(EngineError::KeyNotFound(_))
+    ));
+    let status = engine.status(T0 + 3 * SECOND, None, None, 10).unwrap();
+    assert_eq!(status.total_keys, 1);
+    // Configured again, it is a key like any other.
+    let both = Setup::new(config(10, 100), key_specs(&[("k1", "p1"), ("k2", "p2")]), 0);
+    let (reply, notices) = engine.apply(Time::at(T0 + 4 * SECOND), Command::Configure(both));
+    assert_eq!(reply.into_configured().unwrap().added_keys, ["k1"]);
+    assert_eq!(key_events(&notices), ["added k1"]);
+    assert_eq!(
+        granted(engine.acquire(T0 + 4 * SECOND, ask("c"))).key_id,
+        "k1"
+    );
+}
+
+#[test]
+fn a_key_removed_while_idle_is_gone_at_once_and_a_draining_key_configured_again_serves() {
+    let mut engine = engine(&[("k1", "p1"), ("k2", "p2")]);
+    let lease = granted(engine.acquire(T0, ask("a")));
+    let none = Setup::new(config(10, 100), key_specs(&[]), 0);
+    let (reply, notices) = engine.apply(Time::at(T0), Command::Configure(none));
+    let report = reply.into_configured().unwrap();
+    assert_eq!(report.removed_keys, ["k2"]);
+    assert_eq!(key_events(&notices), ["draining k1 (1)", "removed k2"]);
+    let back = Setup::new(config(10, 100), key_specs(&[("k1", "p1")]), 0);
+    let (_, notices) = engine.apply(Time::at(T0 + SECOND), Command::Configure(back));
+    assert_eq!(key_events(&notices), Vec::<String>::new());
+    assert_eq!(
+        engine.key_status(T0 + SECOND, "k1").unwrap().state,
+        KeyState::Leased
+    );
+    let renewed = engine
+        .renew(
+            T0 + 2 * SECOND,
+            &lease.lease_id,
+            lease.fencing_token,
+            None,
+            0,
+            0,
+        )
+        .unwrap();
+    let Renewed::Done(view) = renewed else {
+        panic!("{renewed:?}")
+    };
+    assert!(
+        view.expires_ms > lease.expires_ms,
+        "a configured key's lease renews"
+    );
+}
+
+#[test]
+fn an_operator_ends_a_cooldown_and_its_backoff() {
+    let mut engine = engine(&[("k1", "p1")]);
+    let lease = granted(engine.acquire(T0, ask("a")));
+    engine
+        .report_failure(
+            T0,
+            &lease.lease_id,
+            lease.fencing_token,
+            report(FailureKind::RateLimited),
+        )
+        .unwrap();
+    assert_eq!(
+        unavailable(engine.acquire(T0, ask("b"))).reason,
+        UnavailableReason::CoolingDown
+    );
+    let reset = Command::ResetCooldown {
+        pool: DEFAULT_POOL.into(),
+        project: "p1".into(),
+        model: format!("models/{MODEL}"),
+    };
+    let (reply, notices) = engine.apply(Time::at(T0 + SECOND), reset);
+    let group = reply.into_cooldown_reset().unwrap();
+    assert!(group.cooldown.is_none());
+    assert!(notices.events.iter().any(|event| matches!(
+        &event.kind,
+        EventKind::CooldownReset { project, .. } if project == "p1"
+    )));
+    granted(engine.acquire(T0 + SECOND, ask("b")));
+    for (pool, project, model, field) in [
+        ("other", "p1", MODEL, "pool"),
+        (DEFAULT_POOL, "p9", MODEL, "project"),
+        (DEFAULT_POOL, "p1", "gemini-0", "model"),
+    ] {
+        let reset = Command::ResetCooldown {
+            pool: pool.into(),
+            project: project.into(),
+            model: model.into(),
+        };
+        let refused = engine
+            .apply(Time::at(T0 + SECOND), reset)
+            .0
+            .into_cooldown_reset();
+        assert!(
+            matches!(&refused, Err(EngineError::InvalidArgument { field: f, .. }) if *f == field),
+            "{refused:?}"
+        );
+    }
+}
+
+#[test]
+fn a_snapshot_written_before_keys_could_drain_is_read() {
+    #[derive(serde::Serialize)]
+    struct Before {
+        seq: u64,
+        setup: Setup,
+        image: Image,
+    }
+    let engine = engine(&[("k1", "p1")]);
+    let bytes = crate::store::encode(&Before {
+        seq: 7,
+        setup: engine.setup(),
+        image: engine.image(),
+    });
+    let snapshot = crate::store::Snapshot::decode(&bytes).unwrap();
+    assert_eq!((snapshot.seq, snapshot.draining.len()), (7, 0));
+    assert_eq!(snapshot.image, engine.image());
+    assert!(crate::store::Snapshot::decode(&bytes[..bytes.len() - 1]).is_err());
+}
+
 mod properties;

@@ -88,6 +88,27 @@ impl Engine {
         Ok(self.key_view(key, time.steady_ms))
     }
 
+    pub(super) fn group_view(&self, key: GroupKey, group: &QuotaGroup) -> GroupView {
+        GroupView {
+            pool: self.catalogue.pool_name(key).to_string(),
+            project: self.catalogue.projects.name(key.project).to_string(),
+            model: self.catalogue.models.name(key.model).to_string(),
+            requests_per_minute: UsageView {
+                used: group.requests_in_window(),
+                limit: group.limits.requests_per_minute,
+            },
+            tokens_per_minute: UsageView {
+                used: group.tokens_in_window(),
+                limit: group.limits.tokens_per_minute,
+            },
+            requests_per_day: UsageView {
+                used: group.requests_today(),
+                limit: group.limits.requests_per_day,
+            },
+            cooldown: group.cooldown(),
+        }
+    }
+
     pub(super) fn key_view(&self, key: KeyIdx, now: u64) -> KeyView {
         let entry = self.catalogue.key(key);
         let cooling_until_ms = self
@@ -104,6 +125,8 @@ impl Engine {
         let entry = self.catalogue.key(key);
         let state = if entry.disabled.is_some() {
             KeyState::Disabled
+        } else if entry.draining {
+            KeyState::Draining
         } else if !entry.live.is_empty() {
             KeyState::Leased
         } else if cooling_until_ms.is_some() {
@@ -158,7 +181,10 @@ impl Engine {
             }
         }
         let selected: Vec<KeyIdx> = (0..self.catalogue.keys().len())
-            .filter(|&k| pool.is_none_or(|p| self.catalogue.key(k).pool == p))
+            .filter(|&k| {
+                let key = self.catalogue.key(k);
+                pool.is_none_or(|p| key.pool == p) && !key.is_gone()
+            })
             .collect();
         let start = match after {
             None => 0,
@@ -193,24 +219,7 @@ impl Engine {
             .collect();
         let mut groups: Vec<GroupView> = books
             .iter()
-            .map(|(g, group)| GroupView {
-                pool: self.catalogue.pool_name(*g).to_string(),
-                project: self.catalogue.projects.name(g.project).to_string(),
-                model: self.catalogue.models.name(g.model).to_string(),
-                requests_per_minute: UsageView {
-                    used: group.requests_in_window(),
-                    limit: group.limits.requests_per_minute,
-                },
-                tokens_per_minute: UsageView {
-                    used: group.tokens_in_window(),
-                    limit: group.limits.tokens_per_minute,
-                },
-                requests_per_day: UsageView {
-                    used: group.requests_today(),
-                    limit: group.limits.requests_per_day,
-                },
-                cooldown: group.cooldown(),
-            })
+            .map(|(g, group)| self.group_view(*g, group))
             .collect();
         groups
             .sort_by(|a, b| (&a.pool, &a.project, &a.model).cmp(&(&b.pool, &b.project, &b.model)));

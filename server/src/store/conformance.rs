@@ -424,8 +424,8 @@ pub async fn waiters_queued_at_a_crash_are_dropped(reopen: Reopen) {
 }
 
 /// Trap 2: records are replayed under the configuration they were decided under; the new one
-/// then applies: a key removed is dropped with its lease, a key added is lent, leases of keys
-/// kept are honoured.
+/// then applies: a key removed drains (its lease runs on, nothing new is lent on it, and it is
+/// gone once that lease ends), a key added is lent, leases of keys kept are honoured.
 pub async fn a_new_configuration_applies_to_the_recovered_state(reopen: Reopen) {
     let mut runs = Runs::new(reopen);
     let state = runs.start(&with_keys(&[K1, K2]));
@@ -438,20 +438,37 @@ pub async fn a_new_configuration_applies_to_the_recovered_state(reopen: Reopen) 
     // configuration differ from those under the old one.
     let new = with_keys(&[K3, K1]);
     let state = runs.start(&new);
-    assert_eq!(live_leases(&state).await, 1);
+    assert_eq!(live_leases(&state).await, 2);
     let status = state
         .read(|engine, now| engine.key_status(now, &a.key_id))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(status.leases[0].fencing_token, a.fencing_token);
+    assert_eq!(key_state(&state, "k2").await, KeyState::Draining);
     let c = granted(&state, "c").await;
     assert_eq!(c.key_id, "k3");
     // The same history again, replayed: the same outcome.
     runs.crash(state, Duration::from_secs(1));
     let state = runs.start(&new);
-    assert_eq!(live_leases(&state).await, 2);
+    assert_eq!(live_leases(&state).await, 3);
     assert_eq!(key_state(&state, "k3").await, KeyState::Leased);
+    assert_eq!(key_state(&state, "k2").await, KeyState::Draining);
+    // Its last lease ended, the key is gone, and stays gone after a restart.
+    release(&state, &b, 1).await;
+    let gone = state
+        .read(|engine, now| engine.key_status(now, "k2"))
+        .await
+        .unwrap();
+    assert!(gone.is_err(), "{gone:?}");
+    runs.crash(state, Duration::from_secs(1));
+    let state = runs.start(&new);
+    let gone = state
+        .read(|engine, now| engine.key_status(now, "k2"))
+        .await
+        .unwrap();
+    assert!(gone.is_err(), "{gone:?}");
+    assert_eq!(live_leases(&state).await, 2);
 }
 
 /// Trap 2: limits changed between runs apply at once to what the books already hold.

@@ -10,7 +10,7 @@ pub mod journal;
 #[cfg(test)]
 pub mod testing;
 
-use crate::engine::{Command, Engine, Image, RULES_VERSION, Setup, Time};
+use crate::engine::{Command, Engine, Image, KeySpec, RULES_VERSION, Setup, Time};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -31,6 +31,18 @@ pub struct Snapshot {
     pub seq: u64,
     pub setup: Setup,
     pub image: Image,
+    /// Keys no longer configured whose leases still run (see [`Engine::draining_keys`]).
+    /// Fields added later go last: a snapshot written before them ends early, and is read as
+    /// a [`SnapshotBefore`] with them empty.
+    pub draining: Vec<KeySpec>,
+}
+
+/// A snapshot as written before keys could drain.
+#[derive(Deserialize)]
+struct SnapshotBefore {
+    seq: u64,
+    setup: Setup,
+    image: Image,
 }
 
 impl Snapshot {
@@ -39,6 +51,24 @@ impl Snapshot {
             seq,
             setup: engine.setup(),
             image: engine.image(),
+            draining: engine.draining_keys(),
+        }
+    }
+
+    /// A snapshot from its bytes, as written by this server or an earlier one.
+    pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        match decode::<Self>(bytes) {
+            Ok(snapshot) => Ok(snapshot),
+            Err(postcard::Error::DeserializeUnexpectedEnd) => {
+                let before: SnapshotBefore = decode(bytes)?;
+                Ok(Self {
+                    seq: before.seq,
+                    setup: before.setup,
+                    image: before.image,
+                    draining: Vec::new(),
+                })
+            }
+            Err(error) => Err(error),
         }
     }
 }
@@ -195,10 +225,10 @@ impl Replay {
 
     /// Starts again from a snapshot, whatever was applied before.
     pub fn restore(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
-        let snapshot: Snapshot =
-            decode(bytes).map_err(|e| self.unreadable(format!("the snapshot: {e}")))?;
+        let snapshot =
+            Snapshot::decode(bytes).map_err(|e| self.unreadable(format!("the snapshot: {e}")))?;
         self.rules = snapshot.setup.rules;
-        let (restored, _) = Engine::restore(snapshot.setup, snapshot.image)
+        let (restored, _) = Engine::restore(snapshot.setup, snapshot.draining, snapshot.image)
             .map_err(|e| self.unreadable(format!("the snapshot's configuration: {e}")))?;
         self.engine = Some(restored);
         self.last_seq = snapshot.seq;

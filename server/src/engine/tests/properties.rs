@@ -1,5 +1,5 @@
-//! Random interleavings of acquire, renew, release, report, cancel, operator toggles and clock
-//! advances, checked after every step against a model of what the provider would see: each
+//! Random interleavings of acquire, renew, release, report, cancel, operator toggles, keys
+//! removed from and added back to the configuration, cooldown resets and clock advances, checked after every step against a model of what the provider would see: each
 //! request sent on a lease arrives at some moment of that lease chosen adversarially (at its
 //! grant, at its end, or between), and no provider window nor Pacific day may exceed its limit.
 //! Every number a client sends is drawn with extremes (0, the bounds, `u32::MAX`, `u64::MAX`):
@@ -63,6 +63,13 @@ enum Op {
     Toggle {
         key: u8,
     },
+    /// A new configuration with every key but `without`.
+    Reconfigure {
+        without: Option<u8>,
+    },
+    ResetCooldown {
+        project: u8,
+    },
     Advance {
         ms: u32,
     },
@@ -110,6 +117,8 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(pick, kind, retry_after_ms, sent, rotate)| Op::Report { pick, kind, retry_after_ms, sent, rotate }),
         1 => any::<u16>().prop_map(|pick| Op::Cancel { pick }),
         1 => (0..5u8).prop_map(|key| Op::Toggle { key }),
+        1 => proptest::option::weighted(0.7, 0..5u8).prop_map(|without| Op::Reconfigure { without }),
+        1 => (0..3u8).prop_map(|project| Op::ResetCooldown { project }),
         3 => (0..40_000u32).prop_map(|ms| Op::Advance { ms }),
     ]
 }
@@ -152,6 +161,8 @@ struct Model {
     arrivals: HashMap<String, Vec<u64>>,
     last_token: HashMap<String, u64>,
     disabled: HashMap<String, bool>,
+    /// Keys the configuration no longer has (draining or gone).
+    unconfigured: std::collections::HashSet<String>,
     cooling_until: HashMap<String, u64>,
     waiting: Vec<WaitingTask>,
     /// (task, key) -> excluded until.
@@ -250,6 +261,10 @@ impl Model {
                         !self.disabled.get(&key).copied().unwrap_or(false),
                         "lease on disabled {key}"
                     );
+                    prop_assert!(
+                        !self.unconfigured.contains(&key),
+                        "lease on {key}, no longer configured"
+                    );
                     let cooling = self.cooling_until.get(&le.project).copied().unwrap_or(0);
                     prop_assert!(
                         cooling <= at,
@@ -294,6 +309,11 @@ impl Model {
                         .expect("renewed lease is live");
                     let held: u64 = tracked.batches.iter().map(|b| b.1).sum();
                     let added = u64::from(le.lease.requests_granted) - held;
+                    prop_assert!(
+                        added == 0 || !self.unconfigured.contains(&le.key_id),
+                        "{added} requests added on draining {}",
+                        le.key_id
+                    );
                     if added > 0 {
                         tracked.batches.push((at, added));
                     }
@@ -343,6 +363,24 @@ impl Model {
                 EventKind::KeyEnabled { key_id } => {
                     self.disabled.insert(key_id, false);
                 }
+                EventKind::KeyDraining { key_id, leases } => {
+                    let live = self.live.values().filter(|t| t.key_id == key_id).count();
+                    prop_assert!(
+                        leases > 0 && leases == live,
+                        "{key_id} drains {leases}, holds {live}"
+                    );
+                }
+                EventKind::KeyRemoved { key_id } => {
+                    let live = self.live.values().filter(|t| t.key_id == key_id).count();
+                    prop_assert_eq!(live, 0, "{} removed with live leases", key_id);
+                    // Gone: it comes back enabled.
+                    self.disabled.remove(&key_id);
+                }
+                EventKind::KeyAdded { .. } => {}
+                EventKind::CooldownReset { project, .. } => {
+                    self.cooling_until.insert(project, at);
+                }
+                EventKind::Reloaded { .. } => prop_assert!(false, "the engine never reloads"),
             }
         }
         for (id, _) in notices.waiter_failures {
@@ -403,6 +441,11 @@ impl Model {
 }
 
 fn property_engine() -> Engine {
+    Engine::new(property_setup(None), Time::at(START)).unwrap()
+}
+
+/// The configuration of the runs: every key but `without`.
+fn property_setup(without: Option<usize>) -> Setup {
     let mut cfg = config(RPM as u64, RPD as u64);
     cfg.safety_margin_ms = 0;
     cfg.cooldown_base_ms = 5 * SECOND;
@@ -410,8 +453,13 @@ fn property_engine() -> Engine {
     cfg.default_ttl_ms = 20 * SECOND;
     let mut specs = key_specs(&KEYS);
     specs[0].max_leases = Some(2);
-    let setup = Setup::new(cfg, specs, 0);
-    Engine::new(setup, Time::at(START)).unwrap()
+    let specs = specs
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| Some(*i) != without)
+        .map(|(_, spec)| spec)
+        .collect();
+    Setup::new(cfg, specs, 0)
 }
 
 /// The engine under test, with every command it applied recorded for replay.
@@ -461,7 +509,8 @@ impl Recorded {
             &head.image(),
             "the snapshot's encoding loses state"
         );
-        let (mut tail, _) = Engine::restore(snapshot.setup, snapshot.image).unwrap();
+        let (mut tail, _) =
+            Engine::restore(snapshot.setup, snapshot.draining, snapshot.image).unwrap();
         for (time, command) in &self.log[cut..] {
             tail.apply(*time, command.clone());
         }
@@ -629,6 +678,7 @@ fn run(ops: Vec<Op>, cut: usize) -> Result<(), TestCaseError> {
                     }
                 }
             }
+            Op::Toggle { key } if model.unconfigured.contains(KEYS[key as usize].0) => {}
             Op::Toggle { key } => {
                 let key_id = KEYS[key as usize].0;
                 let enable = model.disabled.get(key_id).copied().unwrap_or(false);
@@ -638,6 +688,26 @@ fn run(ops: Vec<Op>, cut: usize) -> Result<(), TestCaseError> {
                     reason: String::new(),
                 };
                 engine.apply(now, toggle).into_key_set().unwrap();
+            }
+            Op::Reconfigure { without } => {
+                let setup = property_setup(without.map(usize::from));
+                let configured = engine
+                    .apply(now, Command::Configure(setup))
+                    .into_configured();
+                prop_assert!(configured.is_ok(), "{configured:?}");
+                model.unconfigured = without
+                    .map(|k| KEYS[k as usize].0.to_string())
+                    .into_iter()
+                    .collect();
+            }
+            Op::ResetCooldown { project } => {
+                let reset = Command::ResetCooldown {
+                    pool: DEFAULT_POOL.into(),
+                    project: format!("p{}", project + 1),
+                    model: MODEL.into(),
+                };
+                // A project whose only key is gone is refused.
+                let _ = engine.apply(now, reset).into_cooldown_reset();
             }
             Op::Advance { ms } => {
                 model.now += u64::from(ms);
