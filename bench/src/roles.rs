@@ -37,13 +37,12 @@ pub async fn serve(config: PathBuf) -> anyhow::Result<()> {
             }
         });
     }
-    keylease_server::server::serve(
-        listener,
-        state,
-        keylease_server::server::Front::new(&settings)?,
-        std::future::pending(),
-    )
-    .await?;
+    let source = keylease_server::admin::ConfigSource {
+        path: Some(config),
+        ..Default::default()
+    };
+    let control = keylease_server::admin::Control::new(source, settings, state)?;
+    keylease_server::server::serve(listener, control, std::future::pending()).await?;
     Ok(())
 }
 

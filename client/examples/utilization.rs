@@ -91,10 +91,10 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let keylease_url = format!("http://{}", listener.local_addr()?);
     let (state, _) = State::open(&settings, Clock::system(), false)?;
+    let control = keylease_server::admin::Control::new(Default::default(), settings, state)?;
     tokio::spawn(keylease_server::server::serve(
         listener,
-        state,
-        keylease_server::server::Front::new(&settings)?,
+        control,
         std::future::pending(),
     ));
 

@@ -370,6 +370,8 @@ pub struct Settings {
     pub max_wait: Duration,
     pub engine: EngineConfig,
     pub keys: Vec<KeySpec>,
+    /// The keys file, when one is configured: where `AddKey` and `RemoveKey` write.
+    pub keys_file: Option<PathBuf>,
     pub state: StateLocation,
 }
 
@@ -639,8 +641,8 @@ pub fn validate(
         .keys_file
         .clone()
         .or_else(|| file.key_sources.file.as_ref().map(|f| base_dir.join(f)));
-    if let Some(path) = keys_file {
-        keys.add_file(&path)?;
+    if let Some(path) = &keys_file {
+        keys.add_file(path)?;
     }
     if file.key_sources.environment {
         keys.add_environment(env)?;
@@ -713,6 +715,7 @@ pub fn validate(
             pools,
         },
         keys,
+        keys_file,
     })
 }
 

@@ -3,6 +3,7 @@
 //! - [`engine`]: the lease engine, plain synchronous rules over an injected time; the heart.
 //! - [`config`]: configuration and key sources, validated before anything starts.
 //! - [`service`]: the gRPC service, a thin shell that maps the protocol onto the engine.
+//! - [`admin`]: reloads and the admin service: keys, limits and callers changed live.
 //! - [`auth`]: who calls and what each role may do: tokens by hash, client certificates.
 //! - [`server`]: serving on a listener, with health and reflection, until a shutdown future.
 //! - [`connections`]: what client connections may hold: how many, and how long idle.
@@ -15,6 +16,7 @@
 //! - [`clock`]: the one place that reads the time.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
 pub mod clock;
 pub mod config;

@@ -3,6 +3,7 @@
 //! `UNAVAILABLE`, event streams end, and in-flight calls finish. Connections are held within
 //! the configured limits ([`crate::connections`]), and HTTP/2 pings find peers that are gone.
 
+use crate::admin::{Control, KeyAdminService};
 use crate::auth::Gate;
 use crate::clock::Clock;
 use crate::config::{ConnectionLimits, Settings, StateLocation};
@@ -12,12 +13,11 @@ use crate::service::KeyLeaseService;
 use crate::state::State;
 use crate::tls::{Tls, TlsError};
 use keylease::pb;
+use keylease::pb::key_admin_server::KeyAdminServer;
 use keylease::pb::key_lease_server::KeyLeaseServer;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tonic::codegen::http;
-use tonic::server::NamedService;
 use tonic::service::Routes;
 
 #[derive(Debug, thiserror::Error)]
@@ -59,13 +59,15 @@ pub fn keylease_routes(state: Arc<State>, fleet: Option<FleetView>) -> KeyLeaseR
     KeyLeaseServer::new(KeyLeaseService::new(state, fleet))
 }
 
-/// Serves on `listener` until `shutdown` resolves and in-flight calls have finished.
+/// Serves KeyLease and KeyAdmin on `listener` under `control` until `shutdown` resolves and
+/// in-flight calls have finished.
 pub async fn serve(
     listener: TcpListener,
-    state: Arc<State>,
-    front: Front,
+    control: Arc<Control>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let state = control.state().clone();
+    let front = control.front().clone();
     let timer = tokio::spawn(state.clone().run_timer());
     let clock = state.clock().clone();
     let shut_down = {
@@ -74,9 +76,11 @@ pub async fn serve(
     };
     // A single server serves whenever it runs.
     let (_serving, serving_now) = tokio::sync::watch::channel(true);
+    let services = Routes::new(keylease_routes(state, None))
+        .add_service(KeyAdminServer::new(KeyAdminService::new(control)));
     serve_service(
         listener,
-        keylease_routes(state, None),
+        services,
         front,
         serving_now,
         clock,
@@ -88,33 +92,19 @@ pub async fn serve(
     Ok(())
 }
 
-/// Serves `keylease` (the local service, or a replica's router) with health and reflection,
-/// each call admitted by `front`, until `shutdown` resolves; then calls `shut_down` and waits for in-flight calls. Health
-/// reports the KeyLease service serving while `serving_now` says so (a replica that cannot
-/// serve is not), and not serving once shutdown begins.
-pub async fn serve_service<S, B>(
+/// Serves `services` (the local services, or a replica's router) with health and reflection,
+/// each call admitted by `front`, until `shutdown` resolves; then calls `shut_down` and waits
+/// for in-flight calls. Health reports the KeyLease service serving while `serving_now` says
+/// so (a replica that cannot serve is not), and not serving once shutdown begins.
+pub async fn serve_service(
     listener: TcpListener,
-    keylease: S,
+    services: Routes,
     front: Front,
     mut serving_now: tokio::sync::watch::Receiver<bool>,
     clock: Clock,
     shutdown: impl Future<Output = ()> + Send + 'static,
     shut_down: impl FnOnce() + Send + 'static,
-) -> Result<(), ServeError>
-where
-    S: tower::Service<
-            http::Request<tonic::body::Body>,
-            Error = std::convert::Infallible,
-            Response = http::Response<B>,
-        > + NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<tonic::codegen::StdError>,
-{
+) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let stopping = tokio_util::sync::CancellationToken::new();
     let follow_serving = {
@@ -158,10 +148,10 @@ where
             .await;
         shut_down();
     };
-    let routes = Routes::new(health_service)
+    let routes = services
+        .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(keylease)
         .prepare();
     connections::serve(listener, clock, routes, front, signal).await;
     Ok(())

@@ -10,7 +10,6 @@ use crate::state::{AcquireFailure, Published, State};
 use crate::wire;
 use keylease::pb;
 use keylease::pb::key_lease_server::KeyLease;
-use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::{Semaphore, broadcast, mpsc};
@@ -18,9 +17,6 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-/// Longest error message sent, in bytes: it travels in a header (`grpc-message`), which
-/// clients bound (16 KiB by default) and fail on as a transport error beyond.
-const MAX_MESSAGE_BYTES: usize = 2048;
 /// Keys per `GetStatus` page unless asked otherwise, and at most.
 const DEFAULT_PAGE_SIZE: usize = 1000;
 const MAX_PAGE_SIZE: usize = 10_000;
@@ -43,35 +39,12 @@ impl KeyLeaseService {
         }
     }
 
-    /// `text` with any secret in it masked.
     fn redact(&self, text: String) -> String {
-        match self.state.redactor().redact(&text) {
-            Cow::Borrowed(_) => text,
-            Cow::Owned(masked) => masked,
-        }
+        self.state.redact(text)
     }
 
-    /// The status as it may leave: errors quote what clients sent, so any secret in the
-    /// message is masked and the message is cut to fit a header.
     fn outgoing<T>(&self, result: Result<T, Status>) -> Result<T, Status> {
-        result.map_err(|status| {
-            let message = self.state.redactor().redact(status.message());
-            let fitting = keylease::truncate_on_char_boundary(&message, MAX_MESSAGE_BYTES);
-            if matches!(message, Cow::Borrowed(_)) && fitting.len() == message.len() {
-                return status;
-            }
-            let cut = if fitting.len() < message.len() {
-                "…"
-            } else {
-                ""
-            };
-            Status::with_details_and_metadata(
-                status.code(),
-                format!("{fitting}{cut}"),
-                status.details().to_vec().into(),
-                status.metadata().clone(),
-            )
-        })
+        self.state.outgoing(result)
     }
 
     async fn acquire_key(
@@ -257,21 +230,7 @@ impl KeyLeaseService {
             quota_groups: status
                 .groups
                 .into_iter()
-                .map(|group| pb::QuotaGroupStatus {
-                    pool: group.pool,
-                    project: group.project,
-                    model: group.model,
-                    requests_per_minute: Some(wire::usage_to_pb(group.requests_per_minute)),
-                    tokens_per_minute: Some(wire::usage_to_pb(group.tokens_per_minute)),
-                    requests_per_day: Some(wire::usage_to_pb(group.requests_per_day)),
-                    cooling_until: group
-                        .cooldown
-                        .map(|c| wire::steady_timestamp(c.until_ms, now)),
-                    cooling_reason: group
-                        .cooldown
-                        .map(|c| c.reason.as_str().to_string())
-                        .unwrap_or_default(),
-                })
+                .map(|group| wire::group_to_pb(group, now))
                 .collect(),
             waiting: status
                 .waiting
@@ -431,7 +390,7 @@ impl KeyLease for KeyLeaseService {
 }
 
 /// The name of the caller the gate admitted (see [`crate::auth`]).
-fn caller_name<T>(request: &Request<T>) -> Option<std::sync::Arc<str>> {
+pub fn caller_name<T>(request: &Request<T>) -> Option<std::sync::Arc<str>> {
     request.extensions().get::<Caller>().map(|c| c.name.clone())
 }
 

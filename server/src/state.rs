@@ -11,17 +11,18 @@ use crate::clock::Clock;
 use crate::config::{ConnectionLimits, Settings, StateLocation};
 use crate::engine::{
     AcquireRequest, Acquired, Command, Engine, EngineError, Event, EventKind, LeaseView, Notices,
-    Reply, Setup, SetupError, Time, Unavailable, WaiterId,
+    Reconfigured, Reply, Setup, SetupError, Time, Unavailable, WaiterId,
 };
-use crate::secret::{FingerprintKey, Redactor};
+use crate::secret::{ApiKey, FingerprintKey, Redactor};
 use crate::store::embedded::{EmbeddedStore, StateDir};
 use crate::store::journal::{Journal, StoreFailed};
 use crate::store::{self, Snapshot, Store, StoreError};
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::future::pending;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 use tokio::sync::{Notify, broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -129,8 +130,13 @@ pub struct State {
     shutdown: CancellationToken,
     /// Longest an acquire or a renewal may wait.
     pub max_wait: Duration,
-    /// Masks every configured secret (keys and auth tokens) in free text.
-    redactor: Redactor,
+    /// Masks every configured secret (keys and auth tokens) in free text; replaced by a reload.
+    redactor: RwLock<Arc<Redactor>>,
+    /// Every secret configured since start: one removed by a reload may still be in a client's
+    /// hands and so in what it writes, and stays masked.
+    secrets: Mutex<HashSet<ApiKey>>,
+    /// Keys the fingerprints of secrets (see [`Opening::fingerprint_key`]).
+    fingerprint_key: FingerprintKey,
     /// What clients may hold of the server.
     pub limits: ConnectionLimits,
     /// `None`: ephemeral, nothing is kept.
@@ -228,12 +234,8 @@ impl State {
             confirm_reads,
         } = opening;
         let mut recovered = Recovered::default();
-        let mut keys = settings.keys.clone();
-        for key in &mut keys {
-            key.fingerprint = key.secret.fingerprint(&fingerprint_key);
-        }
         let started = clock.now();
-        let setup = Setup::new(settings.engine.clone(), keys, token_floor(started.wall_ms));
+        let setup = setup_of(settings, &fingerprint_key, started);
         // Refused before anything is logged.
         let fresh = Engine::new(setup.clone(), started)?;
 
@@ -264,7 +266,9 @@ impl State {
             timer_target: AtomicU64::new(u64::MAX),
             shutdown: CancellationToken::new(),
             max_wait: settings.max_wait,
-            redactor: Redactor::new(settings.secrets()),
+            redactor: RwLock::new(Arc::new(Redactor::new(settings.secrets()))),
+            secrets: Mutex::new(settings.secrets().cloned().collect()),
+            fingerprint_key,
             limits: settings.limits,
             journal,
             snapshot_every: snapshot_every.max(1),
@@ -312,8 +316,82 @@ impl State {
     }
 
     /// Masks secrets in free text from clients before it is stored or shown.
-    pub fn redactor(&self) -> &Redactor {
-        &self.redactor
+    pub fn redactor(&self) -> Arc<Redactor> {
+        self.redactor
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// `text` with any secret in it masked.
+    pub fn redact(&self, text: String) -> String {
+        match self.redactor().redact(&text) {
+            Cow::Borrowed(_) => text,
+            Cow::Owned(masked) => masked,
+        }
+    }
+
+    /// The status as it may leave: errors quote what clients sent, so any secret in the
+    /// message is masked and the message is cut to fit a header.
+    pub fn outgoing<T>(&self, result: Result<T, tonic::Status>) -> Result<T, tonic::Status> {
+        result.map_err(|status| {
+            let message = self.redactor().redact(status.message()).into_owned();
+            let fitting = keylease::truncate_on_char_boundary(&message, MAX_MESSAGE_BYTES);
+            if message == status.message() && fitting.len() == message.len() {
+                return status;
+            }
+            let cut = if fitting.len() < message.len() {
+                "…"
+            } else {
+                ""
+            };
+            tonic::Status::with_details_and_metadata(
+                status.code(),
+                format!("{fitting}{cut}"),
+                status.details().to_vec().into(),
+                status.metadata().clone(),
+            )
+        })
+    }
+
+    /// Applies the keys, pools and limits of `settings` (a reload) by caller `by`: live leases
+    /// carry on, keys no longer configured drain. Secrets of the new keys are masked from now on.
+    pub async fn reconfigure(
+        &self,
+        by: Option<&str>,
+        settings: &Settings,
+    ) -> Result<Result<Reconfigured, SetupError>, StoreFailed> {
+        // Masked before any command could quote them.
+        let redactor = {
+            let mut secrets = self.secrets.lock().unwrap_or_else(PoisonError::into_inner);
+            secrets.extend(settings.secrets().cloned());
+            Redactor::new(secrets.iter())
+        };
+        *self
+            .redactor
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(redactor);
+        let setup = setup_of(settings, &self.fingerprint_key, self.clock.now());
+        Ok(self
+            .run(by, Command::Configure(setup))
+            .await?
+            .into_configured())
+    }
+
+    /// Publishes an event that no command made (a reload's report) as caller `by`'s.
+    pub fn publish(&self, by: Option<&str>, kind: EventKind) {
+        let inner = self.lock();
+        let event = Event {
+            at: self.clock.now(),
+            kind,
+        };
+        let by: Option<Arc<str>> = by.map(Arc::from);
+        log(&event, by.as_deref());
+        let _ = self.events.send(Published {
+            seq: inner.last_seq,
+            event,
+            by,
+        });
     }
 
     /// The steady reading of the clock: what the engine's instants are in.
@@ -635,6 +713,19 @@ impl Drop for AbortOnPanic {
             std::process::abort();
         }
     }
+}
+
+/// Longest error message sent, in bytes: it travels in a header (`grpc-message`), which
+/// clients bound (16 KiB by default) and fail on as a transport error beyond.
+const MAX_MESSAGE_BYTES: usize = 2048;
+
+/// The engine's setup from `settings`, each key fingerprinted under `key`.
+fn setup_of(settings: &Settings, key: &FingerprintKey, now: Time) -> Setup {
+    let mut keys = settings.keys.clone();
+    for spec in &mut keys {
+        spec.fingerprint = spec.secret.fingerprint(key);
+    }
+    Setup::new(settings.engine.clone(), keys, token_floor(now.wall_ms))
 }
 
 /// What operators need in the log: key and project trouble at `info`, lease traffic at `debug`.

@@ -3,7 +3,7 @@
 //! one mapping of domain errors to gRPC status codes.
 
 use crate::engine::{
-    AcquireRequest, EngineError, EventKind, FailureKind, KeyState, KeyView, LeaseEvent,
+    AcquireRequest, EngineError, EventKind, FailureKind, GroupView, KeyState, KeyView, LeaseEvent,
     LeaseSummary, LeaseView, Time, Unavailable, UnavailableReason, Usage, UsageView,
 };
 use crate::state::AcquireFailure;
@@ -25,6 +25,24 @@ impl From<EngineError> for Status {
             EngineError::StaleLease { .. } => Code::FailedPrecondition,
         };
         Status::new(code, error.to_string())
+    }
+}
+
+impl From<crate::admin::AdminError> for Status {
+    fn from(error: crate::admin::AdminError) -> Self {
+        use crate::admin::AdminError;
+        match error {
+            AdminError::Engine(error) => error.into(),
+            AdminError::Store(failure) => failure.into(),
+            AdminError::Invalid { .. } => Status::invalid_argument(error.to_string()),
+            AdminError::Config(_) | AdminError::Tls(_) | AdminError::Setup(_) => {
+                Status::failed_precondition(format!(
+                    "the configuration on disk is not valid, nothing changed: {error}"
+                ))
+            }
+            AdminError::Refused(_) => Status::failed_precondition(error.to_string()),
+            AdminError::File { .. } => Status::internal(error.to_string()),
+        }
     }
 }
 
@@ -290,6 +308,22 @@ pub fn key_to_pb(key: KeyView, now: Time) -> pb::KeyStatus {
         cooling_until: key
             .cooling_until_ms
             .map(|until| steady_timestamp(until, now)),
+    }
+}
+
+pub fn group_to_pb(group: GroupView, now: Time) -> pb::QuotaGroupStatus {
+    pb::QuotaGroupStatus {
+        pool: group.pool,
+        project: group.project,
+        model: group.model,
+        requests_per_minute: Some(usage_to_pb(group.requests_per_minute)),
+        tokens_per_minute: Some(usage_to_pb(group.tokens_per_minute)),
+        requests_per_day: Some(usage_to_pb(group.requests_per_day)),
+        cooling_until: group.cooldown.map(|c| steady_timestamp(c.until_ms, now)),
+        cooling_reason: group
+            .cooldown
+            .map(|c| c.reason.as_str().to_string())
+            .unwrap_or_default(),
     }
 }
 

@@ -4,9 +4,10 @@
 
 use keylease::pb;
 use keylease::pb::key_lease_client::KeyLeaseClient;
+use keylease_server::admin::{ConfigSource, Control};
 use keylease_server::clock::Clock;
 use keylease_server::config::{self, Overrides};
-use keylease_server::server::{Front, ServeError, serve};
+use keylease_server::server::{ServeError, serve};
 use keylease_server::state::State;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -74,11 +75,19 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server on 127.0.0.1:0 with this configuration text.
     pub async fn start(config_text: &str) -> Self {
+        Self::start_with_files(config_text, &[]).await
+    }
+
+    /// Starts a server with this configuration text and these files (name, text) beside it.
+    pub async fn start_with_files(config_text: &str, files: &[(&str, &str)]) -> Self {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let config_dir =
             std::env::temp_dir().join(format!("keylease-e2e-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&config_dir).unwrap();
+        for (name, text) in files {
+            std::fs::write(config_dir.join(name), text).unwrap();
+        }
         let path = config_dir.join("keylease.toml");
         std::fs::write(&path, config_text).unwrap();
         let settings = config::load(Some(&path), &HashMap::new(), &Overrides::default())
@@ -86,21 +95,26 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = format!("http://{}", listener.local_addr().unwrap());
         let (state, _) = State::open(&settings, Clock::system(), false).unwrap();
+        let source = ConfigSource {
+            path: Some(path),
+            ..ConfigSource::default()
+        };
+        let control = Control::new(source, settings, state).expect("TLS files");
         let (stop, stopped) = oneshot::channel();
-        let handle = tokio::spawn(serve(
-            listener,
-            state,
-            Front::new(&settings).expect("TLS files"),
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        let handle = tokio::spawn(serve(listener, control, async {
+            let _ = stopped.await;
+        }));
         Self {
             address,
             stop: Some(stop),
             handle: Some(handle),
             config_dir,
         }
+    }
+
+    /// The directory of the configuration file (`keylease.toml`), for files beside it.
+    pub fn config_dir(&self) -> &std::path::Path {
+        &self.config_dir
     }
 
     pub async fn client(&self) -> Client {
@@ -166,6 +180,33 @@ impl Drop for TestServer {
         }
         let _ = std::fs::remove_dir_all(&self.config_dir);
     }
+}
+
+/// An admin client that sends `authorization: Bearer TOKEN` on every call.
+pub async fn admin_with_token(
+    server: &TestServer,
+    token: &str,
+) -> pb::key_admin_client::KeyAdminClient<
+    tonic::service::interceptor::InterceptedService<
+        Channel,
+        impl tonic::service::Interceptor + use<>,
+    >,
+> {
+    let channel = tonic::transport::Endpoint::from_shared(server.address.clone())
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect");
+    let header: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+    pb::key_admin_client::KeyAdminClient::with_interceptor(
+        channel,
+        move |mut request: tonic::Request<()>| {
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+            Ok(request)
+        },
+    )
 }
 
 /// A raw gRPC client that sends `authorization: Bearer TOKEN` on every call.

@@ -4,14 +4,16 @@
 //! it may have left half changed.
 
 use clap::Parser;
+use keylease_server::admin::{ConfigSource, Control};
 use keylease_server::clock::Clock;
-use keylease_server::config::{self, LogFormat, Overrides, Replication, Settings, StateLocation};
+use keylease_server::config::{LogFormat, Overrides, Replication, Settings, StateLocation};
 use keylease_server::replica;
 use keylease_server::server::{Front, serve};
 use keylease_server::state::State;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
@@ -160,7 +162,12 @@ fn main() -> ExitCode {
         ephemeral: args.ephemeral,
         store: args.store,
     };
-    let settings = match config::load(config_path.as_deref(), &env, &overrides) {
+    let source = ConfigSource {
+        path: config_path,
+        env,
+        overrides,
+    };
+    let settings = match source.load() {
         Ok(settings) => settings,
         Err(error) => {
             eprintln!("keylease-server: invalid configuration: {error}");
@@ -178,7 +185,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_OS);
         }
     };
-    match runtime.block_on(run(settings, args.reset_state)) {
+    match runtime.block_on(run(settings, source, args.reset_state)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
             tracing::error!("{failure}");
@@ -258,6 +265,24 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Reloads the configuration at each SIGHUP, logging what changed or why nothing did.
+fn reload_on_hangup(control: Arc<Control>) -> Result<(), Failure> {
+    let mut hangups = signal(SignalKind::hangup()).map_err(Failure::Signals)?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match control.reload(Some("SIGHUP")).await {
+                Ok(report) => tracing::info!(
+                    changes = report.changes.len(),
+                    needs_restart = ?report.needs_restart,
+                    "SIGHUP: configuration reloaded"
+                ),
+                Err(error) => tracing::error!(%error, "SIGHUP: the configuration was not reloaded"),
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Resolves at SIGINT or SIGTERM.
 fn stop_signal() -> Result<impl std::future::Future<Output = ()>, Failure> {
     let mut interrupt = signal(SignalKind::interrupt()).map_err(Failure::Signals)?;
@@ -298,12 +323,11 @@ async fn run_replica(
     Ok(())
 }
 
-async fn run(settings: Settings, reset_state: bool) -> Result<(), Failure> {
+async fn run(settings: Settings, source: ConfigSource, reset_state: bool) -> Result<(), Failure> {
     if let StateLocation::Redis(replication) = &settings.state {
         let replication = (**replication).clone();
         return run_replica(settings, replication, reset_state).await;
     }
-    let front = Front::new(&settings)?;
     let (state, recovered) = State::open(&settings, Clock::system(), reset_state)?;
     if let Some(aside) = &recovered.moved_aside {
         tracing::warn!(moved_to = %aside.display(), "--reset-state: the old state was moved aside");
@@ -323,6 +347,8 @@ async fn run(settings: Settings, reset_state: bool) -> Result<(), Failure> {
             "state recovered"
         ),
     }
+    let control = Control::new(source, settings.clone(), state.clone())?;
+    reload_on_hangup(control.clone())?;
     let listener = bind(&settings).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let signalled = stop_signal()?;
@@ -347,7 +373,7 @@ async fn run(settings: Settings, reset_state: bool) -> Result<(), Failure> {
         }
     };
     tokio::select! {
-        served = serve(listener, state.clone(), front, shutdown) => served?,
+        served = serve(listener, control, shutdown) => served?,
         () = async {
             let _ = grace_start.wait_for(|&stop| stop).await;
             tokio::time::sleep(settings.shutdown_grace).await;

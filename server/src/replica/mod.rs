@@ -168,7 +168,7 @@ pub async fn serve(
     let serving_now = router.serving_now();
     let served = crate::server::serve_service(
         listener,
-        router,
+        tonic::service::Routes::new(router),
         front,
         serving_now,
         Clock::system(),

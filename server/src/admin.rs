@@ -1,0 +1,989 @@
+//! Operating keylease while it runs: [`Control`], which reloads the configuration (for SIGHUP
+//! and `KeyAdmin.Reload`) and edits it, and the admin service `keylease.v1.KeyAdmin` on top.
+//! A reload reads the configuration as start-up does, applies what can change live (keys,
+//! pools, limits, callers, TLS certificates) without dropping a lease, says what changed and what
+//! only a restart would change, and publishes that as an event with the caller's name. Keys are
+//! added and removed by rewriting the keys file, limits by rewriting the config file (atomically,
+//! keeping its comments), then reloading: the configuration stays the one home of every secret,
+//! and a restart finds what an admin did.
+
+use crate::config::{self, ConfigError, Overrides, Settings, StateLocation};
+use crate::engine::{Command, EventKind, KeyView, Reconfigured, SetupError, canonical_model};
+use crate::server::Front;
+use crate::service::caller_name;
+use crate::state::State;
+use crate::store::journal::StoreFailed;
+use crate::tls::TlsError;
+use crate::wire;
+use keylease::pb;
+use keylease::pb::key_admin_server::KeyAdmin;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+/// Where the configuration is read from: what start-up read, read again by each reload.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    pub path: Option<PathBuf>,
+    /// The process environment at start (`KEYLEASE_…` overrides, `GEMINI_API_KEY…`).
+    pub env: HashMap<String, String>,
+    pub overrides: Overrides,
+}
+
+impl ConfigSource {
+    pub fn load(&self) -> Result<Settings, ConfigError> {
+        config::load(self.path.as_deref(), &self.env, &self.overrides)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The configuration on disk is not valid: nothing was applied.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    #[error("{0}")]
+    Setup(#[from] SetupError),
+    #[error("{0}")]
+    Store(#[from] StoreFailed),
+    #[error("{0}")]
+    Engine(#[from] crate::engine::EngineError),
+    /// Not possible here, and why.
+    #[error("{0}")]
+    Refused(String),
+    /// A field of the request is wrong.
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> AdminError {
+    AdminError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn file_error(path: &Path, reason: impl std::fmt::Display) -> AdminError {
+    AdminError::File {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    pub changes: Vec<String>,
+    pub needs_restart: Vec<String>,
+}
+
+/// The running server as operators steer it: its state, its front (callers, TLS), and the
+/// settings in force. One change at a time: each holds the settings until it is done.
+pub struct Control {
+    source: ConfigSource,
+    running: tokio::sync::Mutex<Settings>,
+    front: Front,
+    state: Arc<State>,
+}
+
+impl Control {
+    /// Control of `state`, configured by `settings` as read from `source`; its front (callers,
+    /// TLS) is made from them.
+    pub fn new(
+        source: ConfigSource,
+        settings: Settings,
+        state: Arc<State>,
+    ) -> Result<Arc<Self>, TlsError> {
+        Ok(Arc::new(Self {
+            source,
+            front: Front::new(&settings)?,
+            running: tokio::sync::Mutex::new(settings),
+            state,
+        }))
+    }
+
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    pub fn front(&self) -> &Front {
+        &self.front
+    }
+
+    /// Reads the configuration again and applies it; on an error nothing changes.
+    pub async fn reload(&self, by: Option<&str>) -> Result<Reloaded, AdminError> {
+        let mut running = self.running.lock().await;
+        self.reload_locked(by, &mut running).await
+    }
+
+    async fn reload_locked(
+        &self,
+        by: Option<&str>,
+        running: &mut Settings,
+    ) -> Result<Reloaded, AdminError> {
+        let loaded = self.source.load()?;
+        let mut report = diff(running, &loaded);
+        let configured = self.state.reconfigure(by, &loaded).await??;
+        describe_drains(&configured, &mut report.changes);
+        let replication_token = match &running.state {
+            StateLocation::Redis(replication) => Some(&replication.token),
+            _ => None,
+        };
+        self.front.gate.replace(&loaded.access, replication_token);
+        if let Some(tls) = &self.front.tls
+            && loaded.tls.as_ref() == Some(tls.files())
+        {
+            tls.reload()?;
+            report
+                .changes
+                .push("TLS certificates read again from their files".into());
+        }
+        *running = Settings {
+            // What only a restart changes stays as it runs, and is compared again next time.
+            listen: running.listen,
+            log_format: running.log_format,
+            shutdown_grace: running.shutdown_grace,
+            limits: running.limits,
+            max_wait: running.max_wait,
+            state: running.state.clone(),
+            tls: running.tls.clone(),
+            ..loaded
+        };
+        self.state.publish(
+            by,
+            EventKind::Reloaded {
+                changes: report.changes.clone(),
+                needs_restart: report.needs_restart.clone(),
+            },
+        );
+        Ok(report)
+    }
+
+    /// Adds a key to the keys file and lends it: its status once added.
+    pub async fn add_key(
+        &self,
+        by: Option<&str>,
+        request: pb::AddKeyRequest,
+    ) -> Result<KeyView, AdminError> {
+        let mut running = self.running.lock().await;
+        self.refuse_with_replicas(&running, "AddKey")?;
+        let path = keys_file(&running)?;
+        let secret = request.secret.trim();
+        if secret.is_empty() || secret.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(invalid(
+                "secret",
+                "must be the key alone: non-empty, without white space",
+            ));
+        }
+        if let Some(existing) = running.keys.iter().find(|k| k.secret.reveal() == secret) {
+            return Err(AdminError::Refused(format!(
+                "this key is already configured, as {}",
+                existing.id
+            )));
+        }
+        let mut line = secret.to_string();
+        for (field, name, value) in [
+            ("key_id", "id", request.key_id.as_str()),
+            ("project", "project", request.project.as_str()),
+            ("pool", "pool", request.pool.as_str()),
+        ] {
+            if value.is_empty() {
+                continue;
+            }
+            if value
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '#')
+            {
+                return Err(invalid(field, "may not hold white space or `#`"));
+            }
+            if self.state.redactor().finds_secret(value) {
+                return Err(invalid(
+                    field,
+                    "holds a key or looks like one; it is shown to every operator",
+                ));
+            }
+            line.push_str(&format!(" {name}={value}"));
+        }
+        if request.max_leases > 0 {
+            line.push_str(&format!(" max_leases={}", request.max_leases));
+        }
+        let before = read(&path)?;
+        let mut after = before.clone();
+        if !after.is_empty() && !after.ends_with('\n') {
+            after.push('\n');
+        }
+        after.push_str(&line);
+        after.push('\n');
+        self.rewrite_and_reload(by, &mut running, &path, &before, &after, Some(0o600))
+            .await?;
+        let id = running
+            .keys
+            .iter()
+            .find(|k| k.secret.reveal() == secret)
+            .map(|k| k.id.clone())
+            .ok_or_else(|| {
+                AdminError::Refused("the key was not read back from the keys file".into())
+            })?;
+        Ok(self
+            .state
+            .read(|engine, now| engine.key_status(now, &id))
+            .await??)
+    }
+
+    /// Removes a key from the keys file: it drains. How many leases still run on it.
+    pub async fn remove_key(&self, by: Option<&str>, key_id: &str) -> Result<usize, AdminError> {
+        let mut running = self.running.lock().await;
+        self.refuse_with_replicas(&running, "RemoveKey")?;
+        let path = keys_file(&running)?;
+        let Some(key) = running.keys.iter().find(|k| k.id == key_id).cloned() else {
+            return Err(crate::engine::EngineError::KeyNotFound(key_id.to_string()).into());
+        };
+        let before = read(&path)?;
+        let after = without_key(&before, key.secret.reveal());
+        if after.len() == before.len() {
+            return Err(AdminError::Refused(format!(
+                "key {key_id} is not in the keys file {}: it comes from the config file's [[keys]] or the environment; remove it there, then reload",
+                path.display()
+            )));
+        }
+        self.rewrite_and_reload(by, &mut running, &path, &before, &after, Some(0o600))
+            .await?;
+        let draining = self
+            .state
+            .read(|engine, now| engine.key_status(now, key_id))
+            .await?
+            .map_or(0, |key| key.leases.len());
+        Ok(draining)
+    }
+
+    /// Sets limits of a model (or of one project for it) in the config file, and applies them.
+    pub async fn set_limits(
+        &self,
+        by: Option<&str>,
+        request: pb::SetLimitsRequest,
+    ) -> Result<Reloaded, AdminError> {
+        let mut running = self.running.lock().await;
+        self.refuse_with_replicas(&running, "SetLimits")?;
+        let Some(path) = self.source.path.clone() else {
+            return Err(AdminError::Refused(
+                "the server was started without a config file: limits live in one".into(),
+            ));
+        };
+        let pool = if request.pool.is_empty() {
+            crate::engine::DEFAULT_POOL
+        } else {
+            request.pool.as_str()
+        };
+        let model = canonical_model(&request.model);
+        if model.is_empty() {
+            return Err(invalid("model", "empty"));
+        }
+        let engine_pool = running
+            .engine
+            .pools
+            .get(pool)
+            .ok_or_else(|| invalid("pool", format!("no pool {pool:?} is configured")))?;
+        if !engine_pool.models.contains_key(model) {
+            return Err(invalid(
+                "model",
+                format!("pool {pool} has no model {model:?} (add it to the config file first)"),
+            ));
+        }
+        let changes = [
+            ("requests_per_minute", request.requests_per_minute),
+            ("tokens_per_minute", request.tokens_per_minute),
+            ("requests_per_day", request.requests_per_day),
+        ];
+        if changes.iter().all(|(_, value)| value.is_none()) {
+            return Err(invalid("requests_per_minute", "no limit given to change"));
+        }
+        for (field, value) in changes {
+            if value.is_some_and(|v| v > i64::MAX as u64) {
+                return Err(invalid(field, "above the largest TOML integer"));
+            }
+        }
+        let before = read(&path)?;
+        let after = with_limits(&before, pool, &request.project, model, &changes)
+            .map_err(|reason| file_error(&path, reason))?;
+        let mode = std::fs::metadata(&path)
+            .ok()
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
+        self.rewrite_and_reload(by, &mut running, &path, &before, &after, mode)
+            .await
+    }
+
+    /// Writes `after` over `path` and reloads; puts `before` back when the reload fails.
+    async fn rewrite_and_reload(
+        &self,
+        by: Option<&str>,
+        running: &mut Settings,
+        path: &Path,
+        before: &str,
+        after: &str,
+        mode: Option<u32>,
+    ) -> Result<Reloaded, AdminError> {
+        replace_file(path, after, mode)?;
+        match self.reload_locked(by, running).await {
+            Ok(report) => Ok(report),
+            Err(error) => {
+                if let Err(restore) = replace_file(path, before, mode) {
+                    tracing::error!(%restore, "putting the file back after a failed reload failed");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn refuse_with_replicas(&self, running: &Settings, call: &str) -> Result<(), AdminError> {
+        if matches!(running.state, StateLocation::Redis(_)) {
+            return Err(AdminError::Refused(format!(
+                "{call} edits this replica's files only, and each replica has its own: make the change in every replica's configuration, then reload each (SIGHUP)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The keys file `AddKey` and `RemoveKey` write.
+fn keys_file(running: &Settings) -> Result<PathBuf, AdminError> {
+    running.keys_file.clone().ok_or_else(|| {
+        AdminError::Refused(
+            "no keys file is configured (key_sources.file or --keys-file): keys added at run time live there".into(),
+        )
+    })
+}
+
+fn read(path: &Path) -> Result<String, AdminError> {
+    std::fs::read_to_string(path).map_err(|e| file_error(path, format!("cannot read: {e}")))
+}
+
+/// Replaces `path` with `text` at once: a new file beside it (mode `mode`, else the umask's),
+/// synced, renamed over it, and the directory synced. A crash leaves the old file or the new.
+fn replace_file(path: &Path, text: &str, mode: Option<u32>) -> Result<(), AdminError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let temporary = dir.join(format!(".{name}.keylease-{}", std::process::id()));
+    let written = (|| {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        if let Some(mode) = mode {
+            options.mode(mode);
+        }
+        let mut file = options.open(&temporary)?;
+        if let Some(mode) = mode {
+            // The umask may have narrowed it; never widened.
+            file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        }
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&temporary);
+        file_error(path, format!("cannot write: {e}"))
+    })
+}
+
+/// `text` without the lines that configure `secret` (the key first on its line, or the value of
+/// a `NAME=VALUE` line).
+fn without_key(text: &str, secret: &str) -> String {
+    let mut kept = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        let content = line.split(" #").next().unwrap_or(line).trim();
+        let content = content.strip_prefix("export ").unwrap_or(content).trim();
+        let first = content.split_whitespace().next().unwrap_or("");
+        let value = first
+            .split_once('=')
+            .map(|(_, v)| v.trim_matches(['"', '\'']))
+            .unwrap_or("");
+        if first == secret || value == secret {
+            continue;
+        }
+        kept.push_str(line);
+    }
+    kept
+}
+
+/// The config file `text` with the given limits of `model` in `pool` (for `project` when not
+/// empty): a value sets the limit, 0 removes it. Comments and layout elsewhere stay.
+fn with_limits(
+    text: &str,
+    pool: &str,
+    project: &str,
+    model: &str,
+    changes: &[(&str, Option<u64>)],
+) -> Result<String, String> {
+    let mut document: toml_edit::DocumentMut = text
+        .parse()
+        .map_err(|_| "not valid TOML (reload it to see where)".to_string())?;
+    let pools = table_in(document.as_table_mut(), "pools")?;
+    let pool_table = table_in(pools, pool)?;
+    let models = if project.is_empty() {
+        table_in(pool_table, "models")?
+    } else {
+        table_in(table_in(pool_table, "projects")?, project)?
+    };
+    // The model as the file names it, `models/…` or not.
+    let key = models
+        .iter()
+        .map(|(k, _)| k.to_string())
+        .find(|k| canonical_model(k) == model)
+        .unwrap_or_else(|| model.to_string());
+    let limits = table_in(models, &key)?;
+    for (field, value) in changes {
+        match value {
+            None => {}
+            Some(0) => {
+                limits.remove(field);
+            }
+            Some(value) => {
+                limits.insert(field, toml_edit::value(*value as i64));
+            }
+        }
+    }
+    Ok(document.to_string())
+}
+
+/// The table `name` in `table`, made when missing.
+fn table_in<'t>(
+    table: &'t mut toml_edit::Table,
+    name: &str,
+) -> Result<&'t mut toml_edit::Table, String> {
+    let item = table
+        .entry(name)
+        .or_insert_with(|| toml_edit::Item::Table(toml_edit::Table::new()));
+    if let Some(inline) = item.as_inline_table_mut() {
+        let table = std::mem::take(inline).into_table();
+        *item = toml_edit::Item::Table(table);
+    }
+    item.as_table_mut()
+        .ok_or_else(|| format!("`{name}` is not a table"))
+}
+
+/// What changed between the settings in force and those read again, and what of it needs a
+/// restart. Never a secret: keys by id, callers by name.
+fn diff(old: &Settings, new: &Settings) -> Reloaded {
+    let mut changes = Vec::new();
+    let mut needs_restart = Vec::new();
+    let old_keys: HashMap<&str, _> = old.keys.iter().map(|k| (k.id.as_str(), k)).collect();
+    let new_keys: HashMap<&str, _> = new.keys.iter().map(|k| (k.id.as_str(), k)).collect();
+    for key in &new.keys {
+        match old_keys.get(key.id.as_str()) {
+            None => changes.push(format!(
+                "key {} added (pool {}, project {})",
+                key.id, key.pool, key.project
+            )),
+            Some(was) => {
+                for (what, before, after) in [
+                    ("pool", &was.pool, &key.pool),
+                    ("project", &was.project, &key.project),
+                ] {
+                    if before != after {
+                        changes.push(format!("key {}: {what} {before} -> {after}", key.id));
+                    }
+                }
+                if was.max_leases != key.max_leases {
+                    changes.push(format!(
+                        "key {}: max_leases {} -> {}",
+                        key.id,
+                        shown(was.max_leases),
+                        shown(key.max_leases)
+                    ));
+                }
+                if was.secret != key.secret {
+                    changes.push(format!("key {}: its secret was replaced", key.id));
+                }
+            }
+        }
+    }
+    for key in &old.keys {
+        if !new_keys.contains_key(key.id.as_str()) {
+            changes.push(format!("key {} removed", key.id));
+        }
+    }
+    let (old_engine, new_engine) = (&old.engine, &new.engine);
+    for (name, pool) in &new_engine.pools {
+        let Some(was) = old_engine.pools.get(name) else {
+            changes.push(format!("pool {name} added"));
+            continue;
+        };
+        if was.max_leases_per_key != pool.max_leases_per_key {
+            changes.push(format!(
+                "pool {name}: max_leases_per_key {} -> {}",
+                was.max_leases_per_key, pool.max_leases_per_key
+            ));
+        }
+        for (model, limits) in &pool.models {
+            match was.models.get(model) {
+                None => changes.push(format!("pool {name}: model {model} added")),
+                Some(before) if before != limits => changes.push(format!(
+                    "limits of {name}/{model}: {}",
+                    limits_change(before, limits)
+                )),
+                Some(_) => {}
+            }
+        }
+        for model in was.models.keys() {
+            if !pool.models.contains_key(model) {
+                changes.push(format!("pool {name}: model {model} removed"));
+            }
+        }
+        for ((project, model), limits) in &pool.project_limits {
+            let before = was
+                .project_limits
+                .get(&(project.clone(), model.clone()))
+                .copied()
+                .unwrap_or_default();
+            if before != *limits {
+                changes.push(format!(
+                    "limits of {name}/{model} in project {project}: {}",
+                    limits_change(&before, limits)
+                ));
+            }
+        }
+        for (project, model) in was.project_limits.keys() {
+            if !pool
+                .project_limits
+                .contains_key(&(project.clone(), model.clone()))
+            {
+                changes.push(format!(
+                    "limits of {name}/{model} in project {project} removed: the model's apply"
+                ));
+            }
+        }
+    }
+    for name in old_engine.pools.keys() {
+        if !new_engine.pools.contains_key(name) {
+            changes.push(format!("pool {name} removed"));
+        }
+    }
+    let durations = [
+        (
+            "leases.default_ttl",
+            old_engine.default_ttl_ms,
+            new_engine.default_ttl_ms,
+        ),
+        (
+            "leases.max_ttl",
+            old_engine.max_ttl_ms,
+            new_engine.max_ttl_ms,
+        ),
+        (
+            "leases.exclusion_ttl",
+            old_engine.exclusion_ttl_ms,
+            new_engine.exclusion_ttl_ms,
+        ),
+        ("quota.window", old_engine.window_ms, new_engine.window_ms),
+        (
+            "quota.safety_margin",
+            old_engine.safety_margin_ms,
+            new_engine.safety_margin_ms,
+        ),
+        (
+            "quota.cooldown_base",
+            old_engine.cooldown_base_ms,
+            new_engine.cooldown_base_ms,
+        ),
+        (
+            "quota.cooldown_max",
+            old_engine.cooldown_max_ms,
+            new_engine.cooldown_max_ms,
+        ),
+    ];
+    for (name, before, after) in durations {
+        if before != after {
+            changes.push(format!("{name}: {}ms -> {}ms", before, after));
+        }
+    }
+    if old_engine.max_requests_per_lease != new_engine.max_requests_per_lease {
+        changes.push(format!(
+            "leases.max_requests_per_lease: {} -> {}",
+            old_engine.max_requests_per_lease, new_engine.max_requests_per_lease
+        ));
+    }
+    if old_engine.memory_capacity != new_engine.memory_capacity {
+        changes.push(format!(
+            "leases.memory_capacity: {} -> {}",
+            old_engine.memory_capacity, new_engine.memory_capacity
+        ));
+    }
+    if old_engine.daily.zone != new_engine.daily.zone {
+        changes.push(format!(
+            "quota.daily_reset_time_zone: {} -> {}",
+            old_engine.daily.zone, new_engine.daily.zone
+        ));
+    }
+    let callers = |settings: &Settings| -> HashMap<String, String> {
+        settings
+            .access
+            .callers
+            .iter()
+            .map(|c| (c.name.clone(), c.role.as_str().to_string()))
+            .collect()
+    };
+    let (old_callers, new_callers) = (callers(old), callers(new));
+    for (name, role) in &new_callers {
+        match old_callers.get(name) {
+            None => changes.push(format!("caller {name} added ({role})")),
+            Some(was) if was != role => {
+                changes.push(format!("caller {name}: role {was} -> {role}"))
+            }
+            Some(_) => {}
+        }
+    }
+    for name in old_callers.keys() {
+        if !new_callers.contains_key(name) {
+            changes.push(format!("caller {name} removed"));
+        }
+    }
+    let old_credentials: Vec<_> = old.access.callers.iter().map(|c| &c.credential).collect();
+    let new_credentials: Vec<_> = new.access.callers.iter().map(|c| &c.credential).collect();
+    if old_callers == new_callers && old_credentials != new_credentials {
+        changes.push("a caller's token or certificate name was replaced".into());
+    }
+    if old.access.required != new.access.required {
+        changes.push(format!(
+            "callers {}",
+            if new.access.required {
+                "must now present a token"
+            } else {
+                "are no longer checked"
+            }
+        ));
+    }
+    let restart_only = [
+        (
+            "server.listen",
+            old.listen.to_string(),
+            new.listen.to_string(),
+        ),
+        (
+            "server.log_format",
+            format!("{:?}", old.log_format),
+            format!("{:?}", new.log_format),
+        ),
+        (
+            "server.shutdown_grace",
+            format!("{:?}", old.shutdown_grace),
+            format!("{:?}", new.shutdown_grace),
+        ),
+        (
+            "server connection limits",
+            format!("{:?}", old.limits),
+            format!("{:?}", new.limits),
+        ),
+        (
+            "leases.max_wait",
+            format!("{:?}", old.max_wait),
+            format!("{:?}", new.max_wait),
+        ),
+        (
+            "[state]",
+            format!("{:?}", old.state),
+            format!("{:?}", new.state),
+        ),
+        (
+            "[server.tls]",
+            format!("{:?}", old.tls),
+            format!("{:?}", new.tls),
+        ),
+    ];
+    for (name, before, after) in restart_only {
+        if before != after {
+            needs_restart.push(format!("{name} changed: a restart applies it"));
+        }
+    }
+    Reloaded {
+        changes,
+        needs_restart,
+    }
+}
+
+fn shown(value: Option<u32>) -> String {
+    value.map_or("the pool's".into(), |v| v.to_string())
+}
+
+fn limits_change(
+    before: &crate::engine::quota::Limits,
+    after: &crate::engine::quota::Limits,
+) -> String {
+    let show = |v: Option<u64>| v.map_or("none".to_string(), |v| v.to_string());
+    [
+        (
+            "requests_per_minute",
+            before.requests_per_minute,
+            after.requests_per_minute,
+        ),
+        (
+            "tokens_per_minute",
+            before.tokens_per_minute,
+            after.tokens_per_minute,
+        ),
+        (
+            "requests_per_day",
+            before.requests_per_day,
+            after.requests_per_day,
+        ),
+    ]
+    .iter()
+    .filter(|(_, b, a)| b != a)
+    .map(|(name, b, a)| format!("{name} {} -> {}", show(*b), show(*a)))
+    .collect::<Vec<_>>()
+    .join(", ")
+}
+
+/// The engine's word on keys that left with leases running.
+fn describe_drains(configured: &Reconfigured, changes: &mut Vec<String>) {
+    for (key_id, leases) in &configured.draining_keys {
+        changes.push(format!(
+            "key {key_id} drains: {leases} live lease(s) run to their end, then it is gone"
+        ));
+    }
+    if configured.dropped_leases > 0 {
+        changes.push(format!(
+            "{} lease(s) dropped: their model or pool is no longer configured",
+            configured.dropped_leases
+        ));
+    }
+}
+
+/// The admin service: each call checks its request, runs it through [`Control`] or the engine
+/// as the admin who called (the gate let only admins through), and answers.
+pub struct KeyAdminService {
+    control: Arc<Control>,
+}
+
+impl KeyAdminService {
+    pub fn new(control: Arc<Control>) -> Self {
+        Self { control }
+    }
+
+    fn state(&self) -> &Arc<State> {
+        self.control.state()
+    }
+
+    fn key_status(&self, key: KeyView) -> pb::KeyStatus {
+        wire::key_to_pb(key, self.state().time())
+    }
+
+    async fn set_enabled(
+        &self,
+        by: Option<&str>,
+        key_id: String,
+        enabled: bool,
+        reason: String,
+    ) -> Result<pb::KeyStatus, Status> {
+        let reason = self.state().redact(reason);
+        let key = self
+            .state()
+            .run(
+                by,
+                Command::SetKeyEnabled {
+                    key_id,
+                    enabled,
+                    reason,
+                },
+            )
+            .await?
+            .into_key_set()?;
+        Ok(self.key_status(key))
+    }
+}
+
+fn reload_to_pb(report: Reloaded) -> pb::ReloadResponse {
+    pb::ReloadResponse {
+        changes: report.changes,
+        needs_restart: report.needs_restart,
+    }
+}
+
+/// The name of an admin call's caller.
+fn by<T>(request: &Request<T>) -> Option<Arc<str>> {
+    caller_name(request)
+}
+
+#[tonic::async_trait]
+impl KeyAdmin for KeyAdminService {
+    async fn add_key(
+        &self,
+        request: Request<pb::AddKeyRequest>,
+    ) -> Result<Response<pb::KeyStatus>, Status> {
+        let by = by(&request);
+        let answer = self
+            .control
+            .add_key(by.as_deref(), request.into_inner())
+            .await
+            .map(|key| self.key_status(key))
+            .map_err(Status::from);
+        self.state().outgoing(answer).map(Response::new)
+    }
+
+    async fn remove_key(
+        &self,
+        request: Request<pb::RemoveKeyRequest>,
+    ) -> Result<Response<pb::RemoveKeyResponse>, Status> {
+        let by = by(&request);
+        let key_id = request.into_inner().key_id;
+        let answer = self
+            .control
+            .remove_key(by.as_deref(), &key_id)
+            .await
+            .map(|draining| pb::RemoveKeyResponse {
+                key_id,
+                draining_leases: draining as u32,
+            })
+            .map_err(Status::from);
+        self.state().outgoing(answer).map(Response::new)
+    }
+
+    async fn disable_key(
+        &self,
+        request: Request<pb::DisableKeyRequest>,
+    ) -> Result<Response<pb::KeyStatus>, Status> {
+        let by = by(&request);
+        let request = request.into_inner();
+        let answer = self
+            .set_enabled(by.as_deref(), request.key_id, false, request.reason)
+            .await;
+        self.state().outgoing(answer).map(Response::new)
+    }
+
+    async fn enable_key(
+        &self,
+        request: Request<pb::EnableKeyRequest>,
+    ) -> Result<Response<pb::KeyStatus>, Status> {
+        let by = by(&request);
+        let answer = self
+            .set_enabled(
+                by.as_deref(),
+                request.into_inner().key_id,
+                true,
+                String::new(),
+            )
+            .await;
+        self.state().outgoing(answer).map(Response::new)
+    }
+
+    async fn reset_quota_group(
+        &self,
+        request: Request<pb::ResetQuotaGroupRequest>,
+    ) -> Result<Response<pb::QuotaGroupStatus>, Status> {
+        let by = by(&request);
+        let request = request.into_inner();
+        let pool = if request.pool.is_empty() {
+            crate::engine::DEFAULT_POOL.to_string()
+        } else {
+            request.pool
+        };
+        let reset = Command::ResetCooldown {
+            pool,
+            project: request.project,
+            model: request.model,
+        };
+        let answer = async {
+            let group = self
+                .state()
+                .run(by.as_deref(), reset)
+                .await?
+                .into_cooldown_reset()?;
+            Ok(wire::group_to_pb(group, self.state().time()))
+        }
+        .await;
+        self.state().outgoing(answer).map(Response::new)
+    }
+
+    async fn set_limits(
+        &self,
+        request: Request<pb::SetLimitsRequest>,
+    ) -> Result<Response<pb::ReloadResponse>, Status> {
+        let by = by(&request);
+        let answer = self
+            .control
+            .set_limits(by.as_deref(), request.into_inner())
+            .await
+            .map(reload_to_pb)
+            .map_err(Status::from);
+        self.state().outgoing(answer).map(Response::new)
+    }
+
+    async fn reload(
+        &self,
+        request: Request<pb::ReloadRequest>,
+    ) -> Result<Response<pb::ReloadResponse>, Status> {
+        let by = by(&request);
+        let answer = self
+            .control
+            .reload(by.as_deref())
+            .await
+            .map(reload_to_pb)
+            .map_err(Status::from);
+        self.state().outgoing(answer).map(Response::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_are_written_into_the_file_keeping_its_comments() {
+        let text = "# the fleet\n[pools.gemini]\nmax_leases_per_key = 1 # one call at a time\n\n[pools.gemini.models.\"models/gemini-2.5-flash\"]\nrequests_per_minute = 10 # free tier\nrequests_per_day = 250\n";
+        let changed = with_limits(
+            text,
+            "gemini",
+            "",
+            "gemini-2.5-flash",
+            &[
+                ("requests_per_minute", Some(15)),
+                ("tokens_per_minute", Some(250_000)),
+                ("requests_per_day", Some(0)),
+            ],
+        )
+        .unwrap();
+        assert!(changed.starts_with("# the fleet\n"), "{changed}");
+        assert!(changed.contains("# one call at a time"), "{changed}");
+        let parsed: toml::Table = changed.parse().unwrap();
+        let limits = &parsed["pools"]["gemini"]["models"]["models/gemini-2.5-flash"];
+        assert_eq!(limits["requests_per_minute"].as_integer(), Some(15));
+        assert_eq!(limits["tokens_per_minute"].as_integer(), Some(250_000));
+        assert!(limits.get("requests_per_day").is_none(), "{changed}");
+        let project = with_limits(
+            text,
+            "gemini",
+            "p1",
+            "gemini-2.5-flash",
+            &[("requests_per_day", Some(5))],
+        )
+        .unwrap();
+        let parsed: toml::Table = project.parse().unwrap();
+        assert_eq!(
+            parsed["pools"]["gemini"]["projects"]["p1"]["gemini-2.5-flash"]["requests_per_day"]
+                .as_integer(),
+            Some(5)
+        );
+    }
+
+    #[test]
+    fn a_key_leaves_the_keys_file_whatever_its_line_looks_like() {
+        let text = "# keys\nAIzaFIRST id=a\nexport GEMINI_API_KEY_2=\"AIzaSECOND\"\nGEMINI_API_KEY_2_PROJECT=p\nAIzaTHIRD # note\n";
+        assert_eq!(
+            without_key(text, "AIzaFIRST"),
+            "# keys\nexport GEMINI_API_KEY_2=\"AIzaSECOND\"\nGEMINI_API_KEY_2_PROJECT=p\nAIzaTHIRD # note\n"
+        );
+        assert!(!without_key(text, "AIzaSECOND").contains("AIzaSECOND"));
+        assert!(!without_key(text, "AIzaTHIRD").contains("AIzaTHIRD"));
+        assert_eq!(without_key(text, "AIzaNOPE"), text);
+        // A key that is a prefix of another leaves the other.
+        assert_eq!(without_key("AIzaA\nAIzaAB\n", "AIzaA"), "AIzaAB\n");
+    }
+}

@@ -1,0 +1,394 @@
+//! The admin service against a real server: keys added and removed live while leases run, keys
+//! disabled and enabled, a cooldown ended, limits changed in the config file, and reloads, each
+//! recorded as an event with the admin's name; only admins may call it.
+
+mod support;
+
+use keylease::pb;
+use keylease_server::auth::token_sha256;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+use support::*;
+use tonic::Code;
+
+const ADMIN: &str = "kl_admin-token-for-the-admin-tests";
+const WORKER: &str = "kl_worker-token-for-the-admin-tests";
+/// A key added at run time: never in a reply, an event or a file but the keys file.
+const ADDED: &str = "AIzaFAKE.added-at-run-time-0000000000000";
+
+fn hex(hash: [u8; 32]) -> String {
+    hash.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A server with one key in the config, one in a keys file, and an admin and a worker.
+async fn server() -> TestServer {
+    let tokens = format!(
+        "[[server.tokens]]\nname = \"ops\"\nrole = \"admin\"\nsha256 = \"{}\"\n\
+         [[server.tokens]]\nname = \"batch\"\nrole = \"worker\"\nsha256 = \"{}\"\n",
+        hex(token_sha256(ADMIN)),
+        hex(token_sha256(WORKER))
+    );
+    let mut config = config_toml(&[("k1", "p1")], 100, &tokens);
+    config = config.replace(
+        "[key_sources]\nenvironment = false\n",
+        "[key_sources]\nenvironment = false\nfile = \"keys.txt\"\n",
+    );
+    let keys = format!("# the keys file\n{} id=k2 project=p2\n", fake_secret("k2"));
+    TestServer::start_with_files(&config, &[("keys.txt", &keys)]).await
+}
+
+async fn next_event(events: &mut tonic::Streaming<pb::Event>) -> pb::Event {
+    tokio::time::timeout(Duration::from_secs(10), events.message())
+        .await
+        .expect("an event comes")
+        .unwrap()
+        .unwrap()
+}
+
+/// Events until one of the kind `pick` accepts, which is returned with its caller.
+async fn event_where(
+    events: &mut tonic::Streaming<pb::Event>,
+    pick: impl Fn(&pb::event::Kind) -> bool,
+) -> pb::Event {
+    loop {
+        let event = next_event(events).await;
+        if event.kind.as_ref().is_some_and(&pick) {
+            return event;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_key_is_added_and_removed_while_leases_run() {
+    let server = server().await;
+    let mut admin = admin_with_token(&server, ADMIN).await;
+    let mut worker = raw_with_token(&server, WORKER).await;
+    let mut events = raw_with_token(&server, ADMIN)
+        .await
+        .watch_events(pb::WatchEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let held = worker
+        .acquire_key(acquire("holder"))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let added = admin
+        .add_key(pb::AddKeyRequest {
+            secret: ADDED.into(),
+            key_id: "k3".into(),
+            project: "p3".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (added.key_id.as_str(), added.project.as_str()),
+        ("k3", "p3")
+    );
+    assert!(!format!("{added:?}").contains(ADDED));
+    let event = event_where(&mut events, |k| matches!(k, pb::event::Kind::Added(_))).await;
+    assert_eq!(event.caller, "ops");
+    let keys_file = server.config_dir().join("keys.txt");
+    let text = std::fs::read_to_string(&keys_file).unwrap();
+    assert!(text.starts_with("# the keys file\n"), "{text}");
+    assert!(
+        text.contains(&format!("{ADDED} id=k3 project=p3")),
+        "{text}"
+    );
+    let mode = std::fs::metadata(&keys_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // The same secret again, or a malformed one, changes nothing.
+    let again = admin
+        .add_key(pb::AddKeyRequest {
+            secret: ADDED.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition);
+    assert!(
+        again.message().contains("already configured, as k3"),
+        "{}",
+        again.message()
+    );
+    assert!(!again.message().contains(ADDED));
+    let spaced = admin
+        .add_key(pb::AddKeyRequest {
+            secret: "two words".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(spaced.code(), Code::InvalidArgument);
+    let unknown_pool = admin
+        .add_key(pb::AddKeyRequest {
+            secret: "AIzaFAKE.another-000000000000000000000000".into(),
+            pool: "nowhere".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown_pool.code(), Code::FailedPrecondition);
+    assert!(
+        unknown_pool.message().contains("unknown pool"),
+        "{}",
+        unknown_pool.message()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&keys_file).unwrap(),
+        text,
+        "put back"
+    );
+
+    // k1 comes from the config file: it cannot be removed from the keys file.
+    assert_eq!(held.key_id, "k1");
+    let refused = admin
+        .remove_key(pb::RemoveKeyRequest {
+            key_id: "k1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("not in the keys file"),
+        "{}",
+        refused.message()
+    );
+    // k2 is leased when it is removed: it drains, and its lease runs on.
+    let lent = worker
+        .acquire_key(acquire("other"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(lent.key_id, "k2");
+    let removed = admin
+        .remove_key(pb::RemoveKeyRequest {
+            key_id: "k2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(removed.draining_leases, 1);
+    let event = event_where(&mut events, |k| matches!(k, pb::event::Kind::Draining(_))).await;
+    assert_eq!(event.caller, "ops");
+    let text = std::fs::read_to_string(&keys_file).unwrap();
+    assert!(!text.contains(&fake_secret("k2")), "{text}");
+    assert!(text.contains(ADDED), "{text}");
+    let status = raw_with_token(&server, ADMIN)
+        .await
+        .get_status(pb::GetStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let k2 = status.keys.iter().find(|k| k.key_id == "k2").unwrap();
+    assert_eq!(k2.state, pb::KeyState::Draining as i32);
+    // Nothing new on it: k3 is lent next, then none.
+    assert_eq!(
+        worker
+            .acquire_key(acquire("third"))
+            .await
+            .unwrap()
+            .into_inner()
+            .key_id,
+        "k3"
+    );
+    let none = worker.acquire_key(acquire("fourth")).await.unwrap_err();
+    assert_eq!(none.code(), Code::ResourceExhausted);
+    // Its release makes the key go.
+    worker.release(release(&lent, 1)).await.unwrap();
+    let event = event_where(&mut events, |k| matches!(k, pb::event::Kind::Removed(_))).await;
+    assert_eq!(event.caller, "batch");
+    let gone = admin
+        .remove_key(pb::RemoveKeyRequest {
+            key_id: "k2".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn disable_enable_and_reset_are_recorded_with_the_admins_name() {
+    let server = server().await;
+    let mut admin = admin_with_token(&server, ADMIN).await;
+    let mut worker = raw_with_token(&server, WORKER).await;
+    let mut events = raw_with_token(&server, ADMIN)
+        .await
+        .watch_events(pb::WatchEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let reason = format!("leaked in a ticket: {}", fake_secret("k1"));
+    let disabled = admin
+        .disable_key(pb::DisableKeyRequest {
+            key_id: "k1".into(),
+            reason,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(disabled.state, pb::KeyState::Disabled as i32);
+    assert!(!disabled.disabled_reason.contains(&fake_secret("k1")));
+    let event = event_where(&mut events, |k| matches!(k, pb::event::Kind::Disabled(_))).await;
+    assert_eq!(event.caller, "ops");
+    let enabled = admin
+        .enable_key(pb::EnableKeyRequest {
+            key_id: "k1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(enabled.state, pb::KeyState::Disabled as i32);
+    event_where(&mut events, |k| matches!(k, pb::event::Kind::Enabled(_))).await;
+
+    // A rate limit cools p1 down; an admin ends it.
+    let lease = worker.acquire_key(acquire("t")).await.unwrap().into_inner();
+    worker
+        .report_failure(pb::ReportFailureRequest {
+            lease_id: lease.lease_id.clone(),
+            fencing_token: lease.fencing_token,
+            kind: pb::FailureKind::RateLimited as i32,
+            retry_after: seconds(600),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let group = admin
+        .reset_quota_group(pb::ResetQuotaGroupRequest {
+            project: lease.project.clone(),
+            model: MODEL.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(group.cooling_until.is_none(), "{group:?}");
+    let event = event_where(&mut events, |k| {
+        matches!(k, pb::event::Kind::CooldownReset(_))
+    })
+    .await;
+    assert_eq!(event.caller, "ops");
+    let unknown = admin
+        .reset_quota_group(pb::ResetQuotaGroupRequest {
+            project: "p9".into(),
+            model: MODEL.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::InvalidArgument);
+
+    // Every admin call is an admin's.
+    let mut as_worker = admin_with_token(&server, WORKER).await;
+    let refused = as_worker.reload(pb::ReloadRequest {}).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    let refused = as_worker
+        .disable_key(pb::DisableKeyRequest {
+            key_id: "k1".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn limits_change_in_the_file_and_a_reload_applies_an_edited_file() {
+    let server = server().await;
+    let mut admin = admin_with_token(&server, ADMIN).await;
+    let config_path = server.config_dir().join("keylease.toml");
+    let original = std::fs::read_to_string(&config_path).unwrap();
+    let changed = admin
+        .set_limits(pb::SetLimitsRequest {
+            model: format!("models/{MODEL}"),
+            requests_per_minute: Some(7),
+            requests_per_day: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        changed.changes,
+        [format!(
+            "limits of gemini/{MODEL}: requests_per_minute 100 -> 7, requests_per_day 100000 -> none"
+        )]
+    );
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    assert!(text.contains("requests_per_minute = 7"), "{text}");
+    assert!(!text.contains("requests_per_day"), "{text}");
+    let status = raw_with_token(&server, ADMIN)
+        .await
+        .get_status(pb::GetStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        status
+            .quota_groups
+            .iter()
+            .all(|g| g.requests_per_minute.unwrap().limit == 7
+                || g.requests_per_minute.unwrap().used == 0)
+    );
+    let unknown = admin
+        .set_limits(pb::SetLimitsRequest {
+            model: "gemini-0".into(),
+            requests_per_minute: Some(7),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::InvalidArgument);
+
+    // An operator edits the file: a new key and a listen address; a reload applies the key
+    // and says the address needs a restart.
+    let edited = format!(
+        "{}\n[[keys]]\nid = \"k9\"\nproject = \"p9\"\nsecret = \"{}\"\n",
+        std::fs::read_to_string(&config_path).unwrap(),
+        fake_secret("k9")
+    )
+    .replace(
+        "[key_sources]",
+        "[server]\nlisten = \"127.0.0.1:1\"\n\n[key_sources]",
+    );
+    std::fs::write(&config_path, &edited).unwrap();
+    let reloaded = admin
+        .reload(pb::ReloadRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reloaded.changes, ["key k9 added (pool gemini, project p9)"]);
+    assert_eq!(
+        reloaded.needs_restart,
+        ["server.listen changed: a restart applies it"]
+    );
+    // A broken file is refused by line, and nothing changes.
+    std::fs::write(&config_path, format!("{edited}\n[pools\n")).unwrap();
+    let broken = admin.reload(pb::ReloadRequest {}).await.unwrap_err();
+    assert_eq!(broken.code(), Code::FailedPrecondition);
+    assert!(
+        broken.message().contains("keylease.toml:"),
+        "{}",
+        broken.message()
+    );
+    assert!(
+        broken.message().contains("nothing changed"),
+        "{}",
+        broken.message()
+    );
+    std::fs::write(&config_path, &original).unwrap();
+    let back = admin
+        .reload(pb::ReloadRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        back.changes.iter().any(|c| c.starts_with("key k9 removed")),
+        "{back:?}"
+    );
+}
