@@ -67,6 +67,7 @@ pub async fn replica(config: PathBuf) -> anyhow::Result<()> {
         *replication,
         false,
         front,
+        None,
         std::future::pending(),
     )
     .await?;

@@ -152,6 +152,7 @@ impl Control {
             max_wait: running.max_wait,
             state: running.state.clone(),
             tls: running.tls.clone(),
+            metrics_listen: running.metrics_listen,
             ..loaded
         };
         self.state.publish(
@@ -696,6 +697,11 @@ fn diff(old: &Settings, new: &Settings) -> Reloaded {
             "[server.tls]",
             format!("{:?}", old.tls),
             format!("{:?}", new.tls),
+        ),
+        (
+            "metrics.listen",
+            format!("{:?}", old.metrics_listen),
+            format!("{:?}", new.metrics_listen),
         ),
     ];
     for (name, before, after) in restart_only {

@@ -51,8 +51,16 @@ pub struct FileConfig {
     pub key_sources: KeySourceSection,
     pub state: StateSection,
     pub replication: ReplicationSection,
+    pub metrics: MetricsSection,
     pub pools: BTreeMap<String, PoolSection>,
     pub keys: Vec<KeyEntry>,
+}
+
+/// `[metrics]`: Prometheus text at `http://LISTEN/metrics`; off unless `listen` is set.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -365,6 +373,8 @@ pub struct Settings {
     pub access: Access,
     /// TLS on the gRPC port, when configured.
     pub tls: Option<TlsFiles>,
+    /// Where Prometheus scrapes `/metrics`, when configured.
+    pub metrics_listen: Option<SocketAddr>,
     /// What the operator should hear about at start (deprecated settings, no auth).
     pub notices: Vec<String>,
     pub max_wait: Duration,
@@ -610,6 +620,24 @@ pub fn validate(
 
     let (access, notices) = access(&file.server, listen, &at)?;
     let tls = tls_files(&file, base_dir, &at)?;
+    let metrics_listen = match &file.metrics.listen {
+        None => None,
+        Some(address) => {
+            let parsed = SocketAddr::from_str(address).map_err(|_| {
+                invalid(
+                    at("metrics.listen"),
+                    format!("{address:?} is not an address:port"),
+                )
+            })?;
+            if parsed == listen && parsed.port() != 0 {
+                return Err(invalid(
+                    at("metrics.listen"),
+                    "is server.listen: metrics need a port of their own",
+                ));
+            }
+            Some(parsed)
+        }
+    };
     if tls.as_ref().is_none_or(|t| t.client_ca.is_none())
         && let Some(index) = access
             .callers
@@ -699,6 +727,7 @@ pub fn validate(
         limits,
         access,
         tls,
+        metrics_listen,
         notices,
         max_wait: leases.max_wait,
         engine: EngineConfig {

@@ -11,6 +11,7 @@
 //!   the expiry timer.
 //! - [`store`]: durable state: the log of commands and snapshots, recovery, group commit.
 //! - [`tls`]: TLS on the gRPC port from PEM files, reread by a reload; mutual TLS.
+//! - [`metrics`]: Prometheus metrics on an HTTP port: counters as things happen, gauges at a scrape.
 //! - [`wire`]: conversions between the protocol and the engine, and errors to gRPC statuses.
 //! - [`secret`]: API keys that never print, and the ids derived from them.
 //! - [`clock`]: the one place that reads the time.
@@ -22,6 +23,7 @@ pub mod clock;
 pub mod config;
 pub mod connections;
 pub mod engine;
+pub mod metrics;
 pub mod redis_server;
 pub mod replica;
 pub mod secret;

@@ -13,6 +13,7 @@ use crate::engine::{
     AcquireRequest, Acquired, Command, Engine, EngineError, Event, EventKind, LeaseView, Notices,
     Reconfigured, Reply, Setup, SetupError, Time, Unavailable, WaiterId,
 };
+use crate::metrics::Metrics;
 use crate::secret::{ApiKey, FingerprintKey, Redactor};
 use crate::store::embedded::{EmbeddedStore, StateDir};
 use crate::store::journal::{Journal, StoreFailed};
@@ -137,6 +138,7 @@ pub struct State {
     secrets: Mutex<HashSet<ApiKey>>,
     /// Keys the fingerprints of secrets (see [`Opening::fingerprint_key`]).
     fingerprint_key: FingerprintKey,
+    metrics: Arc<Metrics>,
     /// What clients may hold of the server.
     pub limits: ConnectionLimits,
     /// `None`: ephemeral, nothing is kept.
@@ -157,6 +159,8 @@ pub struct Opening {
     pub snapshot_every: u64,
     /// Reads wait for the store to confirm it may still write (see [`Store::confirm`]).
     pub confirm_reads: bool,
+    /// Where what happens is counted: the process's, shared by every state it opens.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Fencing tokens after a start are at least this: above any a previous run of this machine can
@@ -215,6 +219,7 @@ impl State {
             fingerprint_key,
             snapshot_every,
             confirm_reads: false,
+            metrics: Arc::new(Metrics::new()),
         };
         Self::open_recovered(settings, clock, opening, recovery)
     }
@@ -232,6 +237,7 @@ impl State {
             fingerprint_key,
             snapshot_every,
             confirm_reads,
+            metrics,
         } = opening;
         let mut recovered = Recovered::default();
         let started = clock.now();
@@ -253,6 +259,9 @@ impl State {
             }
         };
         let journal = store.map(|store| Journal::start(store, last_seq));
+        if let Some(journal) = &journal {
+            let _ = journal.stats.commit_latency.set(metrics.commit_latency());
+        }
         let recovering = engine.is_some();
         let state = Arc::new(Self {
             inner: Mutex::new(Inner {
@@ -269,6 +278,7 @@ impl State {
             redactor: RwLock::new(Arc::new(Redactor::new(settings.secrets()))),
             secrets: Mutex::new(settings.secrets().cloned().collect()),
             fingerprint_key,
+            metrics,
             limits: settings.limits,
             journal,
             snapshot_every: snapshot_every.max(1),
@@ -408,6 +418,11 @@ impl State {
         &self.clock
     }
 
+    /// Where what happens is counted.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// The store's journal, when the state is kept.
     pub fn journal(&self) -> Option<&Journal> {
         self.journal.as_deref()
@@ -512,6 +527,7 @@ impl State {
                     _ => by.clone(),
                 };
                 log(&event, by.as_deref());
+                self.metrics.event(&event.kind);
                 // No subscriber is fine.
                 let _ = self.events.send(Published { seq, event, by });
             }
@@ -553,6 +569,21 @@ impl State {
 
     /// Lends a key to caller `by`, waiting up to `wait` for one in first-come-first-served order.
     pub async fn acquire(
+        &self,
+        by: Option<&str>,
+        request: AcquireRequest,
+        wait: Duration,
+    ) -> Result<LeaseView, AcquireFailure> {
+        let began_ms = self.clock.now_ms();
+        let acquired = self.acquire_waiting(by, request, wait).await;
+        if acquired.is_ok() {
+            let waited_ms = self.clock.now_ms().saturating_sub(began_ms);
+            self.metrics.acquire_waited(waited_ms as f64 / 1000.0);
+        }
+        acquired
+    }
+
+    async fn acquire_waiting(
         &self,
         by: Option<&str>,
         mut request: AcquireRequest,

@@ -11,6 +11,7 @@ use keylease_server::server::{ServeError, serve};
 use keylease_server::state::State;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -67,6 +68,8 @@ pub async fn start_fake(
 
 pub struct TestServer {
     pub address: String,
+    /// `http://ADDRESS/metrics`.
+    pub metrics_url: String,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<(), ServeError>>>,
     config_dir: PathBuf,
@@ -99,6 +102,15 @@ impl TestServer {
             path: Some(path),
             ..ConfigSource::default()
         };
+        let metrics_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics_url = format!("http://{}/metrics", metrics_listener.local_addr().unwrap());
+        let scraped = state.clone();
+        tokio::spawn(keylease_server::metrics::serve(
+            metrics_listener,
+            state.metrics().clone(),
+            Arc::new(move || (Some(scraped.clone()), None)),
+            std::future::pending(),
+        ));
         let control = Control::new(source, settings, state).expect("TLS files");
         let (stop, stopped) = oneshot::channel();
         let handle = tokio::spawn(serve(listener, control, async {
@@ -106,6 +118,7 @@ impl TestServer {
         }));
         Self {
             address,
+            metrics_url,
             stop: Some(stop),
             handle: Some(handle),
             config_dir,

@@ -10,6 +10,7 @@ use keylease_server::config::{LogFormat, Overrides, Replication, Settings, State
 use keylease_server::replica;
 use keylease_server::server::{Front, serve};
 use keylease_server::state::State;
+use std::future::pending;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -309,6 +310,18 @@ async fn bind(settings: &Settings) -> Result<TcpListener, Failure> {
     Ok(listener)
 }
 
+/// The metrics port, when one is configured.
+async fn bind_metrics(settings: &Settings) -> Result<Option<TcpListener>, Failure> {
+    let Some(address) = settings.metrics_listen else {
+        return Ok(None);
+    };
+    let listen_failed = |source| Failure::Listen { address, source };
+    let listener = TcpListener::bind(address).await.map_err(listen_failed)?;
+    let address = listener.local_addr().map_err(listen_failed)?;
+    tracing::info!(%address, "metrics at http://{address}/metrics");
+    Ok(Some(listener))
+}
+
 /// One replica of several on Redis (see `keylease_server::replica`).
 async fn run_replica(
     settings: Settings,
@@ -316,9 +329,19 @@ async fn run_replica(
     reset_state: bool,
 ) -> Result<(), Failure> {
     let listener = bind(&settings).await?;
+    let metrics = bind_metrics(&settings).await?;
     let stop = stop_signal()?;
     let front = Front::new(&settings)?;
-    replica::serve(listener, settings, replication, reset_state, front, stop).await?;
+    replica::serve(
+        listener,
+        settings,
+        replication,
+        reset_state,
+        front,
+        metrics,
+        stop,
+    )
+    .await?;
     tracing::info!("keylease stopped");
     Ok(())
 }
@@ -348,6 +371,19 @@ async fn run(settings: Settings, source: ConfigSource, reset_state: bool) -> Res
         ),
     }
     let control = Control::new(source, settings.clone(), state.clone())?;
+    if let Some(listener) = bind_metrics(&settings).await? {
+        let scraped = state.clone();
+        let source: keylease_server::metrics::Source =
+            Arc::new(move || (Some(scraped.clone()), None));
+        let metrics = state.metrics().clone();
+        tokio::spawn(async move {
+            let served =
+                keylease_server::metrics::serve(listener, metrics, source, pending()).await;
+            if let Err(error) = served {
+                tracing::error!(%error, "serving metrics failed");
+            }
+        });
+    }
     reload_on_hangup(control.clone())?;
     let listener = bind(&settings).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -140,6 +140,7 @@ pub async fn serve(
     replication: Replication,
     reset: bool,
     front: Front,
+    metrics: Option<tokio::net::TcpListener>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let shutdown = CancellationToken::new();
@@ -165,6 +166,17 @@ pub async fn serve(
             tokio::time::sleep(settings.shutdown_grace).await;
         }
     };
+    if let Some(listener) = metrics {
+        let scraped = router.clone();
+        let source: crate::metrics::Source = Arc::new(move || scraped.scraped());
+        let (metrics, stopping) = (router.metrics().clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let stopped = async move { stopping.cancelled().await };
+            if let Err(error) = crate::metrics::serve(listener, metrics, source, stopped).await {
+                tracing::error!(%error, "serving metrics failed");
+            }
+        });
+    }
     let serving_now = router.serving_now();
     let served = crate::server::serve_service(
         listener,
@@ -714,6 +726,7 @@ impl Supervisor {
             fingerprint_key: self.fingerprint_key.clone(),
             snapshot_every: SNAPSHOT_EVERY,
             confirm_reads: true,
+            metrics: self.router.metrics().clone(),
         };
         let recovery = Recovery {
             engine: replay.engine,

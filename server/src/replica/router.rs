@@ -7,6 +7,7 @@
 //! forwarded call again.
 
 use crate::auth::{CALLER_HEADER, Caller};
+use crate::metrics::Metrics;
 use crate::replica::FleetView;
 use crate::server::{KeyLeaseRoutes, keylease_routes};
 use crate::state::State;
@@ -38,7 +39,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub enum Serving {
     /// Starting, electing, catching up, or refusing: the reason is the caller's answer.
     Unavailable(Arc<str>),
-    Leading(KeyLeaseRoutes),
+    Leading(KeyLeaseRoutes, Arc<State>),
     Following(Arc<Leader>),
 }
 
@@ -154,7 +155,7 @@ impl Leader {}
 
 impl Serving {
     pub fn leading(state: Arc<State>, fleet: FleetView) -> Self {
-        Self::Leading(keylease_routes(state, Some(fleet)))
+        Self::Leading(keylease_routes(state.clone(), Some(fleet)), state)
     }
 
     pub fn unavailable(reason: impl Into<Arc<str>>) -> Self {
@@ -176,6 +177,8 @@ struct Shared {
     authorization: http::HeaderValue,
     /// TLS to the leader, when this server has TLS.
     tls: Option<Arc<Tls>>,
+    /// What this process counts, whichever state leads.
+    metrics: Arc<Metrics>,
 }
 
 impl Router {
@@ -189,6 +192,7 @@ impl Router {
                 serving_now: tokio::sync::watch::Sender::new(false),
                 authorization,
                 tls,
+                metrics: Arc::new(Metrics::new()),
             }),
         })
     }
@@ -218,6 +222,19 @@ impl Router {
     /// Whether this replica serves calls now (leads, or follows a leader), as it changes.
     pub fn serving_now(&self) -> tokio::sync::watch::Receiver<bool> {
         self.shared.serving_now.subscribe()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    /// The state this replica serves from while it leads, and its role now.
+    pub fn scraped(&self) -> (Option<Arc<State>>, Option<&'static str>) {
+        match self.serving() {
+            Serving::Leading(_, state) => (Some(state), Some("leader")),
+            Serving::Following(_) => (None, Some("follower")),
+            Serving::Unavailable(_) => (None, Some("unavailable")),
+        }
     }
 
     /// The leader at `address`, to forward calls to (over TLS when this server has it).
@@ -258,7 +275,7 @@ impl tower::Service<http::Request<Body>> for Router {
         };
         let forwarded = caller.forwarded;
         match self.serving() {
-            Serving::Leading(routes) => Box::pin(async move {
+            Serving::Leading(routes, _) => Box::pin(async move {
                 let response = routes.oneshot(request).await?;
                 Ok(response.map(Body::new))
             }),

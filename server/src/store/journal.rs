@@ -59,6 +59,8 @@ pub struct JournalStats {
     /// Time spent in commits, in microseconds (writing and fsync'ing).
     pub commit_micros: AtomicU64,
     pub snapshots: AtomicU64,
+    /// Where each commit's duration goes, once metrics are exported.
+    pub commit_latency: std::sync::OnceLock<metrics::Histogram>,
 }
 
 pub struct Journal {
@@ -286,9 +288,13 @@ impl Journal {
             #[allow(clippy::disallowed_methods)]
             let began = std::time::Instant::now();
             store.append(records)?;
+            let took = began.elapsed();
             self.stats
                 .commit_micros
-                .fetch_add(began.elapsed().as_micros() as u64, Ordering::Relaxed);
+                .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+            if let Some(latency) = self.stats.commit_latency.get() {
+                latency.record(took.as_secs_f64());
+            }
             self.stats.commits.fetch_add(1, Ordering::Relaxed);
             self.stats
                 .records

@@ -1,0 +1,314 @@
+//! Prometheus metrics on an HTTP port (`GET /metrics`): what happened, counted as it happens
+//! (grants, releases, expiries, failures by kind, the time acquires waited), and what holds now,
+//! read from the engine at each scrape (live leases, keys by state, quota used and configured
+//! limits per group, waiters, store commits, the replica's role). Labels are only names from
+//! the configuration (pool, project, model) and fixed words: never a secret, a key id or a task.
+
+use crate::engine::{EventKind, FailureKind, KeyState, StatusView};
+use crate::state::State;
+use metrics::{Key, Label, Recorder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+
+const GRANTED: &str = "keylease_leases_granted_total";
+const RELEASED: &str = "keylease_leases_released_total";
+const EXPIRED: &str = "keylease_leases_expired_total";
+const FAILURES: &str = "keylease_failures_reported_total";
+const ACQUIRE_WAIT: &str = "keylease_acquire_wait_seconds";
+const ACTIVE: &str = "keylease_leases_active";
+const KEYS: &str = "keylease_keys";
+const QUOTA_USED: &str = "keylease_quota_used";
+const QUOTA_LIMIT: &str = "keylease_quota_limit";
+const WAITERS: &str = "keylease_waiters";
+const COOLING: &str = "keylease_quota_group_cooling";
+const COMMIT: &str = "keylease_store_commit_seconds";
+const ROLE: &str = "keylease_replica_role";
+
+/// Buckets of a store commit: an fsync on a local disk, a round trip to Redis.
+const COMMIT_BUCKETS: [f64; 10] = [
+    0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5,
+];
+
+/// Buckets of the acquire wait: most are granted at once, some wait minutes for quota.
+const WAIT_BUCKETS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 180.0, 600.0,
+];
+
+const KEY_STATES: [(KeyState, &str); 5] = [
+    (KeyState::Available, "available"),
+    (KeyState::Leased, "leased"),
+    (KeyState::CoolingDown, "cooling_down"),
+    (KeyState::Disabled, "disabled"),
+    (KeyState::Draining, "draining"),
+];
+
+const FAILURE_KINDS: [FailureKind; 7] = [
+    FailureKind::RateLimited,
+    FailureKind::DailyQuotaExhausted,
+    FailureKind::InvalidKey,
+    FailureKind::PermissionDenied,
+    FailureKind::ServerError,
+    FailureKind::Timeout,
+    FailureKind::Other,
+];
+
+fn kind_label(kind: FailureKind) -> &'static str {
+    match kind {
+        FailureKind::RateLimited => "rate_limited",
+        FailureKind::DailyQuotaExhausted => "daily_quota_exhausted",
+        FailureKind::InvalidKey => "invalid_key",
+        FailureKind::PermissionDenied => "permission_denied",
+        FailureKind::ServerError => "server_error",
+        FailureKind::Timeout => "timeout",
+        FailureKind::Other => "other",
+    }
+}
+
+/// A gauge's name and labels.
+type GaugeSeries = (&'static str, Vec<(&'static str, String)>);
+
+/// The metrics of one server process (every state it opens, as a replica, records here).
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    /// Label sets of gauges set at a scrape: set to zero at the next unless set again, so a
+    /// group gone idle reads 0 rather than its last value.
+    scraped: Mutex<BTreeSet<GaugeSeries>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+    let labels: Vec<Label> = labels
+        .iter()
+        .map(|(k, v)| Label::new(*k, v.to_string()))
+        .collect();
+    Key::from_parts(name, labels)
+}
+
+const METADATA: metrics::Metadata<'static> =
+    metrics::Metadata::new(module_path!(), metrics::Level::INFO, None);
+
+impl Metrics {
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(ACQUIRE_WAIT.into()), &WAIT_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(COMMIT.into()), &COMMIT_BUCKETS))
+            .expect("buckets are given")
+            .build_recorder();
+        let describe = |name: &'static str, help: &'static str| {
+            recorder.describe_counter(name.into(), None, help.into());
+        };
+        describe(GRANTED, "Leases granted, by model.");
+        describe(
+            RELEASED,
+            "Leases released by their holder (or ended by a disable).",
+        );
+        describe(
+            EXPIRED,
+            "Leases that reached their end unreleased, by model.",
+        );
+        describe(
+            FAILURES,
+            "Failures reported by workers, by kind (rate_limited is the provider's 429).",
+        );
+        describe(
+            ACQUIRE_WAIT,
+            "How long granted acquires waited for their key.",
+        );
+        describe(ACTIVE, "Live leases.");
+        describe(KEYS, "Keys by pool and state.");
+        describe(
+            QUOTA_USED,
+            "Quota in use per group and limit kind (in the window, or today).",
+        );
+        describe(
+            QUOTA_LIMIT,
+            "Configured limit per group and limit kind (absent: no limit).",
+        );
+        describe(WAITERS, "Acquires waiting for a key, by pool and model.");
+        describe(COOLING, "1 while a quota group cools down.");
+        describe(
+            COMMIT,
+            "How long each commit of the state store took (write and sync).",
+        );
+        describe(
+            ROLE,
+            "1 for this replica's role: leader, follower or unavailable.",
+        );
+        let metrics = Self {
+            recorder,
+            scraped: Mutex::new(BTreeSet::new()),
+        };
+        for kind in FAILURE_KINDS {
+            // Present from the start, so that rate() sees the first failure.
+            metrics
+                .recorder
+                .register_counter(&key(FAILURES, &[("kind", kind_label(kind))]), &METADATA)
+                .increment(0);
+        }
+        metrics
+    }
+
+    /// Counts what an event says happened.
+    pub fn event(&self, event: &EventKind) {
+        let count = |name: &'static str, labels: &[(&'static str, &str)]| {
+            self.recorder
+                .register_counter(&key(name, labels), &METADATA)
+                .increment(1);
+        };
+        match event {
+            EventKind::Granted(lease) => count(GRANTED, &[("model", &lease.lease.model)]),
+            EventKind::Released { lease, .. } => count(RELEASED, &[("model", &lease.lease.model)]),
+            EventKind::Expired(lease) => count(EXPIRED, &[("model", &lease.lease.model)]),
+            EventKind::Failed { kind, .. } => count(FAILURES, &[("kind", kind_label(*kind))]),
+            _ => {}
+        }
+    }
+
+    /// An acquire was granted after waiting `seconds`.
+    pub fn acquire_waited(&self, seconds: f64) {
+        self.recorder
+            .register_histogram(&key(ACQUIRE_WAIT, &[]), &METADATA)
+            .record(seconds);
+    }
+
+    fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)], value: f64) {
+        self.recorder
+            .register_gauge(&key(name, labels), &METADATA)
+            .set(value);
+        let owned = labels.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        self.scraped
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((name, owned));
+    }
+
+    /// The Prometheus text: the counters, with gauges set from `state` as it is now (none
+    /// when this replica does not lead) and the replica's `role` when it is one.
+    pub async fn render(&self, state: Option<&State>, role: Option<&str>) -> String {
+        let stale: Vec<_> =
+            std::mem::take(&mut *self.scraped.lock().unwrap_or_else(PoisonError::into_inner))
+                .into_iter()
+                .collect();
+        for (name, labels) in &stale {
+            let labels: Vec<(&'static str, &str)> =
+                labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            self.recorder
+                .register_gauge(&key(name, &labels), &METADATA)
+                .set(0.0);
+        }
+        if let Some(role) = role {
+            for each in ["leader", "follower", "unavailable"] {
+                self.gauge(ROLE, &[("role", each)], f64::from(u8::from(each == role)));
+            }
+        }
+        if let Some(state) = state
+            && let Ok(Ok(status)) = state
+                .read(|engine, now| engine.status(now, None, None, usize::MAX))
+                .await
+        {
+            self.status_gauges(&status);
+        }
+        self.recorder.handle().render()
+    }
+
+    /// Where a store's commit durations go.
+    pub fn commit_latency(&self) -> metrics::Histogram {
+        self.recorder
+            .register_histogram(&key(COMMIT, &[]), &METADATA)
+    }
+
+    fn status_gauges(&self, status: &StatusView) {
+        self.gauge(ACTIVE, &[], status.live_leases as f64);
+        let pools: BTreeSet<&str> = status.keys.iter().map(|k| k.pool.as_str()).collect();
+        for pool in pools {
+            for (state, label) in KEY_STATES {
+                let count = status
+                    .keys
+                    .iter()
+                    .filter(|k| k.pool == pool && k.state == state)
+                    .count();
+                self.gauge(KEYS, &[("pool", pool), ("state", label)], count as f64);
+            }
+        }
+        for group in &status.groups {
+            let labels = |limit: &'static str| {
+                [
+                    ("pool", group.pool.as_str()),
+                    ("project", group.project.as_str()),
+                    ("model", group.model.as_str()),
+                    ("limit", limit),
+                ]
+            };
+            for (limit, usage) in [
+                ("requests_per_minute", group.requests_per_minute),
+                ("tokens_per_minute", group.tokens_per_minute),
+                ("requests_per_day", group.requests_per_day),
+            ] {
+                self.gauge(QUOTA_USED, &labels(limit), usage.used as f64);
+                if let Some(value) = usage.limit {
+                    self.gauge(QUOTA_LIMIT, &labels(limit), value as f64);
+                }
+            }
+            let group_labels = [
+                ("pool", group.pool.as_str()),
+                ("project", group.project.as_str()),
+                ("model", group.model.as_str()),
+            ];
+            self.gauge(
+                COOLING,
+                &group_labels,
+                f64::from(u8::from(group.cooldown.is_some())),
+            );
+        }
+        for (pool, model, waiters) in &status.waiting {
+            self.gauge(
+                WAITERS,
+                &[("pool", pool.as_str()), ("model", model.as_str())],
+                *waiters as f64,
+            );
+        }
+    }
+}
+
+/// What a scrape reads: the state that serves now (if any) and the replica's role (if one).
+pub type Source = Arc<dyn Fn() -> (Option<Arc<State>>, Option<&'static str>) + Send + Sync>;
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    source: Source,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let scrape = move || {
+        let (metrics, source) = (metrics.clone(), source.clone());
+        async move {
+            let (state, role) = source();
+            let text = metrics.render(state.as_deref(), role).await;
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )],
+                text,
+            )
+        }
+    };
+    let app = axum::Router::new().route("/metrics", axum::routing::get(scrape));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,144 @@
+//! Prometheus metrics from a real server, scraped over HTTP while it leases: counters of what
+//! happened, gauges of what holds, bounded labels, no secret.
+
+mod support;
+
+use keylease::pb;
+use support::*;
+
+async fn scrape(server: &TestServer) -> String {
+    let response = reqwest::get(&server.metrics_url).await.unwrap();
+    assert!(response.status().is_success());
+    let kind = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(kind.starts_with("text/plain; version=0.0.4"), "{kind}");
+    response.text().await.unwrap()
+}
+
+/// The value of the series `series` (name and labels, as the text shows them).
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn a_scrape_counts_what_happened_and_shows_what_holds() {
+    let keys = [("k1", "p1"), ("k2", "p2")];
+    let server = TestServer::start(&config_toml(&keys, 100, "")).await;
+    let mut client = server.client().await;
+    let first = client.acquire_key(acquire("a")).await.unwrap().into_inner();
+    let second = client.acquire_key(acquire("b")).await.unwrap().into_inner();
+    client.release(release(&first, 1)).await.unwrap();
+    client
+        .report_failure(pb::ReportFailureRequest {
+            lease_id: second.lease_id.clone(),
+            fencing_token: second.fencing_token,
+            kind: pb::FailureKind::RateLimited as i32,
+            detail: format!("429 for key {}", fake_secret("k2")),
+            retry_after: seconds(60),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let held = client.acquire_key(acquire("c")).await.unwrap().into_inner();
+
+    let text = scrape(&server).await;
+    let model = format!("model=\"{MODEL}\"");
+    assert_eq!(
+        value(&text, &format!("keylease_leases_granted_total{{{model}}}")),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, &format!("keylease_leases_released_total{{{model}}}")),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &text,
+            "keylease_failures_reported_total{kind=\"rate_limited\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &text,
+            "keylease_failures_reported_total{kind=\"invalid_key\"}"
+        ),
+        Some(0.0)
+    );
+    assert_eq!(value(&text, "keylease_leases_active"), Some(1.0));
+    assert_eq!(
+        value(&text, "keylease_keys{pool=\"gemini\",state=\"leased\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            &text,
+            "keylease_keys{pool=\"gemini\",state=\"cooling_down\"}"
+        ),
+        Some(1.0)
+    );
+    let group = format!(
+        "pool=\"gemini\",project=\"{}\",model=\"{MODEL}\"",
+        held.project
+    );
+    assert_eq!(
+        value(
+            &text,
+            &format!("keylease_quota_limit{{{group},limit=\"requests_per_minute\"}}")
+        ),
+        Some(100.0)
+    );
+    assert!(
+        value(
+            &text,
+            &format!("keylease_quota_used{{{group},limit=\"requests_per_minute\"}}")
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "keylease_quota_group_cooling{pool=\"gemini\",project=\"p2\",model=\"gemini-2.5-flash\"}"
+        ),
+        Some(1.0)
+    );
+    assert!(
+        text.contains("keylease_acquire_wait_seconds_bucket"),
+        "{text}"
+    );
+    assert!(value(&text, "keylease_acquire_wait_seconds_count").unwrap() >= 3.0);
+    assert!(
+        text.contains("# HELP keylease_failures_reported_total"),
+        "{text}"
+    );
+    // Bounded labels only, and never a secret, a task or a key id.
+    assert!(!text.contains("AIza"), "{text}");
+    let allowed = [
+        "pool", "project", "model", "state", "kind", "limit", "role", "le", "quantile",
+    ];
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains('{'))
+    {
+        let labels = &line[line.find('{').unwrap() + 1..line.rfind('}').unwrap()];
+        for label in labels.split(',') {
+            let name = label.split('=').next().unwrap();
+            assert!(allowed.contains(&name), "label {name} in {line}");
+        }
+    }
+
+    // The lease ends: the gauges follow at the next scrape.
+    client.release(release(&held, 0)).await.unwrap();
+    let text = scrape(&server).await;
+    assert_eq!(value(&text, "keylease_leases_active"), Some(0.0));
+    assert_eq!(
+        value(&text, "keylease_keys{pool=\"gemini\",state=\"leased\"}"),
+        Some(0.0)
+    );
+}
