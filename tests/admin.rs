@@ -316,7 +316,7 @@ async fn limits_change_in_the_file_and_a_reload_applies_an_edited_file() {
     assert_eq!(
         changed.changes,
         [format!(
-            "limits of gemini/{MODEL}: requests_per_minute 100 -> 7, requests_per_day 100000 -> none"
+            "limits of gemini/{MODEL}: requests_per_minute from 100 to 7, requests_per_day from 100000 to none"
         )]
     );
     let text = std::fs::read_to_string(&config_path).unwrap();

@@ -490,12 +490,12 @@ fn diff(old: &Settings, new: &Settings) -> Reloaded {
                     ("project", &was.project, &key.project),
                 ] {
                     if before != after {
-                        changes.push(format!("key {}: {what} {before} -> {after}", key.id));
+                        changes.push(format!("key {}: {what} from {before} to {after}", key.id));
                     }
                 }
                 if was.max_leases != key.max_leases {
                     changes.push(format!(
-                        "key {}: max_leases {} -> {}",
+                        "key {}: max_leases from {} to {}",
                         key.id,
                         shown(was.max_leases),
                         shown(key.max_leases)
@@ -520,7 +520,7 @@ fn diff(old: &Settings, new: &Settings) -> Reloaded {
         };
         if was.max_leases_per_key != pool.max_leases_per_key {
             changes.push(format!(
-                "pool {name}: max_leases_per_key {} -> {}",
+                "pool {name}: max_leases_per_key from {} to {}",
                 was.max_leases_per_key, pool.max_leases_per_key
             ));
         }
@@ -603,24 +603,24 @@ fn diff(old: &Settings, new: &Settings) -> Reloaded {
     ];
     for (name, before, after) in durations {
         if before != after {
-            changes.push(format!("{name}: {}ms -> {}ms", before, after));
+            changes.push(format!("{name}: from {before}ms to {after}ms"));
         }
     }
     if old_engine.max_requests_per_lease != new_engine.max_requests_per_lease {
         changes.push(format!(
-            "leases.max_requests_per_lease: {} -> {}",
+            "leases.max_requests_per_lease: from {} to {}",
             old_engine.max_requests_per_lease, new_engine.max_requests_per_lease
         ));
     }
     if old_engine.memory_capacity != new_engine.memory_capacity {
         changes.push(format!(
-            "leases.memory_capacity: {} -> {}",
+            "leases.memory_capacity: from {} to {}",
             old_engine.memory_capacity, new_engine.memory_capacity
         ));
     }
     if old_engine.daily.zone != new_engine.daily.zone {
         changes.push(format!(
-            "quota.daily_reset_time_zone: {} -> {}",
+            "quota.daily_reset_time_zone: from {} to {}",
             old_engine.daily.zone, new_engine.daily.zone
         ));
     }
@@ -637,7 +637,7 @@ fn diff(old: &Settings, new: &Settings) -> Reloaded {
         match old_callers.get(name) {
             None => changes.push(format!("caller {name} added ({role})")),
             Some(was) if was != role => {
-                changes.push(format!("caller {name}: role {was} -> {role}"))
+                changes.push(format!("caller {name}: role from {was} to {role}"))
             }
             Some(_) => {}
         }
@@ -743,7 +743,7 @@ fn limits_change(
     ]
     .iter()
     .filter(|(_, b, a)| b != a)
-    .map(|(name, b, a)| format!("{name} {} -> {}", show(*b), show(*a)))
+    .map(|(name, b, a)| format!("{name} from {} to {}", show(*b), show(*a)))
     .collect::<Vec<_>>()
     .join(", ")
 }

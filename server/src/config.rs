@@ -409,6 +409,24 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// The SHA-256 of every token known only by it: masked where a caller writes one.
+    pub fn token_hashes(&self) -> impl Iterator<Item = [u8; 32]> + '_ {
+        self.access
+            .callers
+            .iter()
+            .filter_map(|caller| match &caller.credential {
+                Credential::Sha256(hash) => Some(*hash),
+                _ => None,
+            })
+    }
+
+    /// Masks every secret and token of these settings in free text.
+    pub fn redactor(&self) -> Redactor {
+        Redactor::new(self.secrets()).with_token_hashes(self.token_hashes())
+    }
+}
+
 /// What the command line may override.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {

@@ -126,7 +126,14 @@ static CREDENTIAL_SHAPES: LazyLock<Regex> = LazyLock::new(|| {
 pub struct Redactor {
     /// Every configured secret; `None` when there are none.
     known: Option<Arc<AhoCorasick>>,
+    /// SHA-256 of tokens known only by their hash (`server.tokens`): a word of free text
+    /// whose hash is one of these is that token.
+    token_hashes: Arc<std::collections::HashSet<[u8; 32]>>,
 }
+
+/// A bearer token as RFC 6750 spells one (`token68`), long enough to be one of ours.
+static TOKEN_CANDIDATE: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"[0-9A-Za-z._~+/\-]{8,}=*").expect("a valid pattern"));
 
 impl Redactor {
     pub fn new<'a>(secrets: impl IntoIterator<Item = &'a ApiKey>) -> Self {
@@ -144,7 +151,22 @@ impl Redactor {
             .expect("secrets are bounded in number and size");
         Self {
             known: Some(Arc::new(known)),
+            token_hashes: Arc::default(),
         }
+    }
+
+    /// Also masks the tokens whose SHA-256 are `hashes`, wherever they stand as a word.
+    pub fn with_token_hashes(mut self, hashes: impl IntoIterator<Item = [u8; 32]>) -> Self {
+        self.token_hashes = Arc::new(hashes.into_iter().collect());
+        self
+    }
+
+    fn is_token(&self, word: &str) -> bool {
+        use sha2::Digest;
+        !self.token_hashes.is_empty()
+            && self
+                .token_hashes
+                .contains(&<[u8; 32]>::from(Sha256::digest(word.as_bytes())))
     }
 
     /// `text` with every secret in it masked; borrowed when there was none.
@@ -160,6 +182,22 @@ impl Redactor {
             });
             text = Cow::Owned(masked);
         }
+        if !self.token_hashes.is_empty()
+            && TOKEN_CANDIDATE
+                .find_iter(&text)
+                .any(|word| self.is_token(word.as_str()))
+        {
+            let masked = TOKEN_CANDIDATE
+                .replace_all(&text, |found: &regex::Captures<'_>| {
+                    if self.is_token(&found[0]) {
+                        ApiKey::new(&found[0]).masked()
+                    } else {
+                        found[0].to_string()
+                    }
+                })
+                .into_owned();
+            text = Cow::Owned(masked);
+        }
         if CREDENTIAL_SHAPES.is_match(&text) {
             let masked = CREDENTIAL_SHAPES
                 .replace_all(&text, |found: &regex::Captures<'_>| {
@@ -173,7 +211,11 @@ impl Redactor {
 
     /// Whether `text` holds anything [`Redactor::redact`] would mask.
     pub fn finds_secret(&self, text: &str) -> bool {
-        self.known.as_ref().is_some_and(|k| k.is_match(text)) || CREDENTIAL_SHAPES.is_match(text)
+        self.known.as_ref().is_some_and(|k| k.is_match(text))
+            || CREDENTIAL_SHAPES.is_match(text)
+            || TOKEN_CANDIDATE
+                .find_iter(text)
+                .any(|word| self.is_token(word.as_str()))
     }
 }
 
@@ -191,6 +233,21 @@ mod tests {
     /// A string of the real Gemini key shape, made at run time so no such literal is in the tree.
     fn key_shaped() -> String {
         format!("AIza{}", "Xy9_-".repeat(7))
+    }
+
+    #[test]
+    fn tokens_known_by_their_hash_are_masked_as_words() {
+        use sha2::Digest;
+        let token = "kl_0123456789abcdef";
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let redactor = Redactor::default().with_token_hashes([hash]);
+        let text = format!("my token is {token}, not kl_0123456789abcdeX; token={token}");
+        assert_eq!(
+            redactor.redact(&text),
+            "my token is kl_0…cdef, not kl_0123456789abcdeX; token=kl_0…cdef"
+        );
+        assert!(redactor.finds_secret(token));
+        assert!(!redactor.finds_secret("kl_0123456789abcde"));
     }
 
     #[test]

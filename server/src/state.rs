@@ -275,7 +275,7 @@ impl State {
             timer_target: AtomicU64::new(u64::MAX),
             shutdown: CancellationToken::new(),
             max_wait: settings.max_wait,
-            redactor: RwLock::new(Arc::new(Redactor::new(settings.secrets()))),
+            redactor: RwLock::new(Arc::new(settings.redactor())),
             secrets: Mutex::new(settings.secrets().cloned().collect()),
             fingerprint_key,
             metrics,
@@ -375,7 +375,7 @@ impl State {
         let redactor = {
             let mut secrets = self.secrets.lock().unwrap_or_else(PoisonError::into_inner);
             secrets.extend(settings.secrets().cloned());
-            Redactor::new(secrets.iter())
+            Redactor::new(secrets.iter()).with_token_hashes(settings.token_hashes())
         };
         *self
             .redactor
