@@ -650,11 +650,10 @@ async fn nothing_the_server_writes_or_answers_holds_a_secret() {
     );
     seen.push(scrape);
     // Every event so far.
-    loop {
-        match tokio::time::timeout(Duration::from_millis(500), events.message()).await {
-            Ok(Ok(Some(event))) => seen.push(format!("{event:?}")),
-            _ => break,
-        }
+    while let Ok(Ok(Some(event))) =
+        tokio::time::timeout(Duration::from_millis(500), events.message()).await
+    {
+        seen.push(format!("{event:?}"));
     }
     assert!(
         seen.iter().any(|s| s.contains("Failed(")),
