@@ -116,14 +116,19 @@ impl Control {
     }
 
     /// Reads the configuration again and applies it; on an error nothing changes.
-    pub async fn reload(&self, by: Option<&str>) -> Result<Reloaded, AdminError> {
+    pub async fn reload(&self, by: Option<&Arc<str>>) -> Result<Reloaded, AdminError> {
         let mut running = self.running.lock().await;
+        if matches!(running.state, StateLocation::Redis(_)) {
+            return Err(AdminError::Refused(
+                "replicas are not reloaded live yet: restart them one at a time with the new configuration (leases carry over, the leadership moves)".into(),
+            ));
+        }
         self.reload_locked(by, &mut running).await
     }
 
     async fn reload_locked(
         &self,
-        by: Option<&str>,
+        by: Option<&Arc<str>>,
         running: &mut Settings,
     ) -> Result<Reloaded, AdminError> {
         let loaded = self.source.load()?;
@@ -168,7 +173,7 @@ impl Control {
     /// Adds a key to the keys file and lends it: its status once added.
     pub async fn add_key(
         &self,
-        by: Option<&str>,
+        by: Option<&Arc<str>>,
         request: pb::AddKeyRequest,
     ) -> Result<KeyView, AdminError> {
         let mut running = self.running.lock().await;
@@ -237,7 +242,11 @@ impl Control {
     }
 
     /// Removes a key from the keys file: it drains. How many leases still run on it.
-    pub async fn remove_key(&self, by: Option<&str>, key_id: &str) -> Result<usize, AdminError> {
+    pub async fn remove_key(
+        &self,
+        by: Option<&Arc<str>>,
+        key_id: &str,
+    ) -> Result<usize, AdminError> {
         let mut running = self.running.lock().await;
         self.refuse_with_replicas(&running, "RemoveKey")?;
         let path = keys_file(&running)?;
@@ -265,7 +274,7 @@ impl Control {
     /// Sets limits of a model (or of one project for it) in the config file, and applies them.
     pub async fn set_limits(
         &self,
-        by: Option<&str>,
+        by: Option<&Arc<str>>,
         request: pb::SetLimitsRequest,
     ) -> Result<Reloaded, AdminError> {
         let mut running = self.running.lock().await;
@@ -321,7 +330,7 @@ impl Control {
     /// Writes `after` over `path` and reloads; puts `before` back when the reload fails.
     async fn rewrite_and_reload(
         &self,
-        by: Option<&str>,
+        by: Option<&Arc<str>>,
         running: &mut Settings,
         path: &Path,
         before: &str,
@@ -784,7 +793,7 @@ impl KeyAdminService {
 
     async fn set_enabled(
         &self,
-        by: Option<&str>,
+        by: Option<&Arc<str>>,
         key_id: String,
         enabled: bool,
         reason: String,
@@ -827,7 +836,7 @@ impl KeyAdmin for KeyAdminService {
         let by = by(&request);
         let answer = self
             .control
-            .add_key(by.as_deref(), request.into_inner())
+            .add_key(by.as_ref(), request.into_inner())
             .await
             .map(|key| self.key_status(key))
             .map_err(Status::from);
@@ -842,7 +851,7 @@ impl KeyAdmin for KeyAdminService {
         let key_id = request.into_inner().key_id;
         let answer = self
             .control
-            .remove_key(by.as_deref(), &key_id)
+            .remove_key(by.as_ref(), &key_id)
             .await
             .map(|draining| pb::RemoveKeyResponse {
                 key_id,
@@ -859,7 +868,7 @@ impl KeyAdmin for KeyAdminService {
         let by = by(&request);
         let request = request.into_inner();
         let answer = self
-            .set_enabled(by.as_deref(), request.key_id, false, request.reason)
+            .set_enabled(by.as_ref(), request.key_id, false, request.reason)
             .await;
         self.state().outgoing(answer).map(Response::new)
     }
@@ -871,7 +880,7 @@ impl KeyAdmin for KeyAdminService {
         let by = by(&request);
         let answer = self
             .set_enabled(
-                by.as_deref(),
+                by.as_ref(),
                 request.into_inner().key_id,
                 true,
                 String::new(),
@@ -899,7 +908,7 @@ impl KeyAdmin for KeyAdminService {
         let answer = async {
             let group = self
                 .state()
-                .run(by.as_deref(), reset)
+                .run(by.as_ref(), reset)
                 .await?
                 .into_cooldown_reset()?;
             Ok(wire::group_to_pb(group, self.state().time()))
@@ -915,7 +924,7 @@ impl KeyAdmin for KeyAdminService {
         let by = by(&request);
         let answer = self
             .control
-            .set_limits(by.as_deref(), request.into_inner())
+            .set_limits(by.as_ref(), request.into_inner())
             .await
             .map(reload_to_pb)
             .map_err(Status::from);
@@ -929,7 +938,7 @@ impl KeyAdmin for KeyAdminService {
         let by = by(&request);
         let answer = self
             .control
-            .reload(by.as_deref())
+            .reload(by.as_ref())
             .await
             .map(reload_to_pb)
             .map_err(Status::from);

@@ -13,7 +13,7 @@ use tonic::Status;
 use tonic::codegen::http;
 
 /// The caller a replica forwards a call for: `ROLE NAME`.
-pub const CALLER_HEADER: &str = "x-keylease-caller";
+pub const CALLER_HEADER: http::HeaderName = http::HeaderName::from_static("x-keylease-caller");
 /// The name of a caller when nobody is checked (auth off).
 pub const ANONYMOUS: &str = "anonymous";
 /// The name the replicas' shared token authenticates as.
@@ -166,6 +166,8 @@ fn needs(path: &str) -> Needs {
 #[derive(Debug, Default)]
 struct Authority {
     required: bool,
+    /// The caller of every call when nobody is checked, made once.
+    anonymous: Option<Caller>,
     by_token: HashMap<[u8; 32], Identity>,
     by_certificate: HashMap<String, Identity>,
 }
@@ -195,6 +197,7 @@ impl Gate {
     pub fn replace(&self, access: &Access, replication_token: Option<&ApiKey>) {
         let mut authority = Authority {
             required: access.required,
+            anonymous: Some(Caller::anonymous()),
             ..Default::default()
         };
         let replica = replication_token.map(|token| TokenSpec {
@@ -247,7 +250,7 @@ impl Gate {
         certificate: Option<&PeerCertificate>,
     ) -> Result<Option<Caller>, Status> {
         let presented = headers.remove(http::header::AUTHORIZATION);
-        let forwarded_for = headers.remove(CALLER_HEADER);
+        let forwarded_for = headers.remove(&CALLER_HEADER);
         let needs = needs(path);
         if needs == Needs::Nothing {
             return Ok(None);
@@ -274,7 +277,10 @@ impl Gate {
                 role: identity.role,
                 forwarded: false,
             },
-            None if !authority.required => Caller::anonymous(),
+            None if !authority.required => authority
+                .anonymous
+                .clone()
+                .unwrap_or_else(Caller::anonymous),
             None => {
                 return Err(Status::unauthenticated(
                     "authorization: a bearer token is required (`authorization: Bearer TOKEN`)",

@@ -327,11 +327,15 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let path = request.uri().path().to_string();
-        match self
-            .gate
-            .admit(&path, request.headers_mut(), self.certificate.as_ref())
-        {
+        // Taken out and put back: the gate reads the path while it changes the headers.
+        let mut headers = std::mem::take(request.headers_mut());
+        let admitted = self.gate.admit(
+            request.uri().path(),
+            &mut headers,
+            self.certificate.as_ref(),
+        );
+        *request.headers_mut() = headers;
+        match admitted {
             Ok(Some(caller)) => {
                 request.extensions_mut().insert(caller);
             }

@@ -6,9 +6,9 @@
 
 use crate::engine::{EventKind, FailureKind, KeyState, StatusView};
 use crate::state::State;
-use metrics::{Key, Label, Recorder};
+use metrics::{Counter, Histogram, Key, Label, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -72,6 +72,10 @@ type GaugeSeries = (&'static str, Vec<(&'static str, String)>);
 /// The metrics of one server process (every state it opens, as a replica, records here).
 pub struct Metrics {
     recorder: PrometheusRecorder,
+    /// Handles of the counters events touch, by name and label value: counting is then a
+    /// lookup without allocating, under the engine's lock as events are carried out.
+    counters: Mutex<HashMap<&'static str, HashMap<String, Counter>>>,
+    acquire_wait: Histogram,
     /// Label sets of gauges set at a scrape: set to zero at the next unless set again, so a
     /// group gone idle reads 0 rather than its last value.
     scraped: Mutex<BTreeSet<GaugeSeries>>,
@@ -147,8 +151,11 @@ impl Metrics {
             ROLE,
             "1 for this replica's role: leader, follower or unavailable.",
         );
+        let acquire_wait = recorder.register_histogram(&key(ACQUIRE_WAIT, &[]), &METADATA);
         let metrics = Self {
             recorder,
+            counters: Mutex::new(HashMap::new()),
+            acquire_wait,
             scraped: Mutex::new(BTreeSet::new()),
         };
         for kind in FAILURE_KINDS {
@@ -163,25 +170,30 @@ impl Metrics {
 
     /// Counts what an event says happened.
     pub fn event(&self, event: &EventKind) {
-        let count = |name: &'static str, labels: &[(&'static str, &str)]| {
-            self.recorder
-                .register_counter(&key(name, labels), &METADATA)
-                .increment(1);
+        let (name, label, value) = match event {
+            EventKind::Granted(lease) => (GRANTED, "model", lease.lease.model.as_str()),
+            EventKind::Released { lease, .. } => (RELEASED, "model", lease.lease.model.as_str()),
+            EventKind::Expired(lease) => (EXPIRED, "model", lease.lease.model.as_str()),
+            EventKind::Failed { kind, .. } => (FAILURES, "kind", kind_label(*kind)),
+            _ => return,
         };
-        match event {
-            EventKind::Granted(lease) => count(GRANTED, &[("model", &lease.lease.model)]),
-            EventKind::Released { lease, .. } => count(RELEASED, &[("model", &lease.lease.model)]),
-            EventKind::Expired(lease) => count(EXPIRED, &[("model", &lease.lease.model)]),
-            EventKind::Failed { kind, .. } => count(FAILURES, &[("kind", kind_label(*kind))]),
-            _ => {}
+        let mut counters = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        let by_value = counters.entry(name).or_default();
+        match by_value.get(value) {
+            Some(counter) => counter.increment(1),
+            None => {
+                let counter = self
+                    .recorder
+                    .register_counter(&key(name, &[(label, value)]), &METADATA);
+                counter.increment(1);
+                by_value.insert(value.to_string(), counter);
+            }
         }
     }
 
     /// An acquire was granted after waiting `seconds`.
     pub fn acquire_waited(&self, seconds: f64) {
-        self.recorder
-            .register_histogram(&key(ACQUIRE_WAIT, &[]), &METADATA)
-            .record(seconds);
+        self.acquire_wait.record(seconds);
     }
 
     fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)], value: f64) {

@@ -49,7 +49,7 @@ impl KeyLeaseService {
 
     async fn acquire_key(
         &self,
-        by: Option<&str>,
+        by: Option<&Arc<str>>,
         request: pb::AcquireKeyRequest,
     ) -> Result<pb::Lease, Status> {
         let wait = wire::wait_of("wait", request.wait, self.state.max_wait)?;
@@ -63,7 +63,7 @@ impl KeyLeaseService {
 
     async fn renew_lease(
         &self,
-        by: Option<&str>,
+        by: Option<&Arc<str>>,
         request: pb::RenewLeaseRequest,
     ) -> Result<pb::RenewLeaseResponse, Status> {
         let ttl_ms = wire::duration_ms("ttl", request.ttl)?;
@@ -114,7 +114,7 @@ impl KeyLeaseService {
 
     async fn release(
         &self,
-        by: Option<&str>,
+        by: Option<&Arc<str>>,
         request: pb::ReleaseRequest,
     ) -> Result<pb::ReleaseResponse, Status> {
         let usage = wire::usage(&request);
@@ -139,7 +139,7 @@ impl KeyLeaseService {
 
     async fn report_failure(
         &self,
-        by: Option<&str>,
+        by: Option<&Arc<str>>,
         request: pb::ReportFailureRequest,
     ) -> Result<pb::ReportFailureResponse, Status> {
         let report = FailureReport {
@@ -296,7 +296,7 @@ impl KeyLeaseService {
 
     async fn set_key_enabled(
         &self,
-        by: Option<&str>,
+        by: Option<&Arc<str>>,
         request: pb::SetKeyEnabledRequest,
     ) -> Result<pb::KeyStatus, Status> {
         let reason = self.redact(request.reason);
@@ -327,7 +327,7 @@ impl KeyLease for KeyLeaseService {
         request: Request<pb::AcquireKeyRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
         let by = caller_name(&request);
-        let answer = self.acquire_key(by.as_deref(), request.into_inner()).await;
+        let answer = self.acquire_key(by.as_ref(), request.into_inner()).await;
         self.outgoing(answer).map(Response::new)
     }
 
@@ -336,7 +336,7 @@ impl KeyLease for KeyLeaseService {
         request: Request<pb::RenewLeaseRequest>,
     ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
         let by = caller_name(&request);
-        let answer = self.renew_lease(by.as_deref(), request.into_inner()).await;
+        let answer = self.renew_lease(by.as_ref(), request.into_inner()).await;
         self.outgoing(answer).map(Response::new)
     }
 
@@ -345,7 +345,7 @@ impl KeyLease for KeyLeaseService {
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let by = caller_name(&request);
-        let answer = self.release(by.as_deref(), request.into_inner()).await;
+        let answer = self.release(by.as_ref(), request.into_inner()).await;
         self.outgoing(answer).map(Response::new)
     }
 
@@ -354,9 +354,7 @@ impl KeyLease for KeyLeaseService {
         request: Request<pb::ReportFailureRequest>,
     ) -> Result<Response<pb::ReportFailureResponse>, Status> {
         let by = caller_name(&request);
-        let answer = self
-            .report_failure(by.as_deref(), request.into_inner())
-            .await;
+        let answer = self.report_failure(by.as_ref(), request.into_inner()).await;
         self.outgoing(answer).map(Response::new)
     }
 
@@ -383,7 +381,7 @@ impl KeyLease for KeyLeaseService {
     ) -> Result<Response<pb::KeyStatus>, Status> {
         let by = caller_name(&request);
         let answer = self
-            .set_key_enabled(by.as_deref(), request.into_inner())
+            .set_key_enabled(by.as_ref(), request.into_inner())
             .await;
         self.outgoing(answer).map(Response::new)
     }

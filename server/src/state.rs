@@ -368,7 +368,7 @@ impl State {
     /// carry on, keys no longer configured drain. Secrets of the new keys are masked from now on.
     pub async fn reconfigure(
         &self,
-        by: Option<&str>,
+        by: Option<&Arc<str>>,
         settings: &Settings,
     ) -> Result<Result<Reconfigured, SetupError>, StoreFailed> {
         // Masked before any command could quote them.
@@ -389,13 +389,13 @@ impl State {
     }
 
     /// Publishes an event that no command made (a reload's report) as caller `by`'s.
-    pub fn publish(&self, by: Option<&str>, kind: EventKind) {
+    pub fn publish(&self, by: Option<&Arc<str>>, kind: EventKind) {
         let inner = self.lock();
         let event = Event {
             at: self.clock.now(),
             kind,
         };
-        let by: Option<Arc<str>> = by.map(Arc::from);
+        let by: Option<Arc<str>> = by.cloned();
         log(&event, by.as_deref());
         let _ = self.events.send(Published {
             seq: inner.last_seq,
@@ -475,7 +475,7 @@ impl State {
 
     /// Applies one command of caller `by` at the current time, carries out what it decided,
     /// and answers once its record is durable.
-    pub async fn run(&self, by: Option<&str>, command: Command) -> Result<Reply, StoreFailed> {
+    pub async fn run(&self, by: Option<&Arc<str>>, command: Command) -> Result<Reply, StoreFailed> {
         let (reply, seq) = {
             let mut inner = self.lock();
             let (reply, notices) = self.apply_locked(&mut inner, command);
@@ -507,8 +507,8 @@ impl State {
     /// Sends waiters their outcome, streams events (each by the caller `by` whose command made
     /// it, a waiter's grant by that waiter's), and moves the timer if needed. A grant whose
     /// waiter is gone goes straight back, by a command of its own.
-    fn carry_out(&self, inner: &mut Inner, mut notices: Notices, by: Option<&str>) {
-        let mut by: Option<Arc<str>> = by.map(Arc::from);
+    fn carry_out(&self, inner: &mut Inner, mut notices: Notices, by: Option<&Arc<str>>) {
+        let mut by: Option<Arc<str>> = by.cloned();
         while !notices.is_empty() {
             let seq = inner.last_seq;
             let waiter_of = |lease_id: &str| {
@@ -570,7 +570,7 @@ impl State {
     /// Lends a key to caller `by`, waiting up to `wait` for one in first-come-first-served order.
     pub async fn acquire(
         &self,
-        by: Option<&str>,
+        by: Option<&Arc<str>>,
         request: AcquireRequest,
         wait: Duration,
     ) -> Result<LeaseView, AcquireFailure> {
@@ -585,7 +585,7 @@ impl State {
 
     async fn acquire_waiting(
         &self,
-        by: Option<&str>,
+        by: Option<&Arc<str>>,
         mut request: AcquireRequest,
         wait: Duration,
     ) -> Result<LeaseView, AcquireFailure> {
@@ -601,7 +601,7 @@ impl State {
             let receiver = match outcome {
                 Ok(Acquired::Queued(id)) => {
                     let (outcome, receiver) = oneshot::channel();
-                    let by = by.map(Arc::from);
+                    let by = by.cloned();
                     inner.waiters.insert(id, Waiter { outcome, by });
                     Some(receiver)
                 }

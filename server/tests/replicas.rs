@@ -857,3 +857,52 @@ fn replicas_with_different_keys_are_reported() {
     assert!(replication.epoch >= 1);
     assert!(fleet.outputs().contains("replicas hold different keys"));
 }
+
+/// KeyAdmin through a follower: the engine's calls reach the leader as the caller's; those that
+/// edit this replica's files, and reloads, are refused with what to do instead.
+#[test]
+fn admin_calls_reach_the_leader_through_any_replica() {
+    use keylease::pb::key_admin_client::KeyAdminClient;
+    let fleet = Fleet::start(2, &keys(3), &[]);
+    let leader = fleet.wait_for_leader(None);
+    let follower = 1 - leader;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let channel = Channel::from_shared(fleet.endpoint(follower))
+            .unwrap()
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .unwrap();
+        let mut admin = KeyAdminClient::new(channel);
+        let disabled = admin
+            .disable_key(pb::DisableKeyRequest {
+                key_id: "k1".into(),
+                reason: "through a follower".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(disabled.state, pb::KeyState::Disabled as i32);
+        for refused in [
+            admin.reload(pb::ReloadRequest {}).await.map(drop),
+            admin
+                .add_key(pb::AddKeyRequest {
+                    secret: secret("k9"),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ] {
+            let status = refused.unwrap_err();
+            assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+            assert!(status.message().contains("replica"), "{status:?}");
+        }
+    });
+    let status = status_of(&fleet.endpoint(leader)).unwrap();
+    let k1 = status.keys.iter().find(|k| k.key_id == "k1").unwrap();
+    assert_eq!(k1.disabled_reason, "through a follower");
+}

@@ -270,8 +270,9 @@ fn init_logging(format: LogFormat) {
 fn reload_on_hangup(control: Arc<Control>) -> Result<(), Failure> {
     let mut hangups = signal(SignalKind::hangup()).map_err(Failure::Signals)?;
     tokio::spawn(async move {
+        let by: Arc<str> = Arc::from("SIGHUP");
         while hangups.recv().await.is_some() {
-            match control.reload(Some("SIGHUP")).await {
+            match control.reload(Some(&by)).await {
                 Ok(report) => tracing::info!(
                     changes = report.changes.len(),
                     needs_restart = ?report.needs_restart,

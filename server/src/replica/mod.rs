@@ -180,7 +180,7 @@ pub async fn serve(
     let serving_now = router.serving_now();
     let served = crate::server::serve_service(
         listener,
-        tonic::service::Routes::new(router),
+        tonic::service::Routes::new(router.clone()).add_service(router::AdminRouter(router)),
         front,
         serving_now,
         Clock::system(),
@@ -634,8 +634,15 @@ impl Supervisor {
             fleet.replica = self.identity.clone();
             fleet.epoch = leader.epoch;
         }
-        self.router
-            .set(Serving::leading(state.clone(), self.fleet.clone()));
+        match Serving::leading(state.clone(), self.fleet.clone(), self.settings.clone()) {
+            Ok(serving) => self.router.set(serving),
+            Err(error) => {
+                tracing::error!(%error, "cannot lead: the TLS files cannot be read");
+                renewal.resign();
+                self.pause();
+                return;
+            }
+        }
         let runtime = self.runtime.clone();
         let why = runtime.block_on(async {
             let mut remember = tokio::time::interval(REMEMBER_EVERY);

@@ -6,14 +6,17 @@
 //! (see [`crate::auth`]), never the client's own credential; a replica never forwards a
 //! forwarded call again.
 
+use crate::admin::{ConfigSource, Control, KeyAdminService};
 use crate::auth::{CALLER_HEADER, Caller};
+use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::replica::FleetView;
-use crate::server::{KeyLeaseRoutes, keylease_routes};
+use crate::server::keylease_routes;
 use crate::state::State;
 use crate::tls::Tls;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use keylease::pb::key_admin_server::KeyAdminServer;
 use keylease::pb::key_lease_server::KeyLeaseServer;
 use rustls_pki_types::ServerName;
 use std::convert::Infallible;
@@ -27,6 +30,7 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::server::NamedService;
+use tonic::service::Routes;
 use tower::ServiceExt;
 
 /// Connections from a follower to the leader: each carries at most the leader's
@@ -39,7 +43,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub enum Serving {
     /// Starting, electing, catching up, or refusing: the reason is the caller's answer.
     Unavailable(Arc<str>),
-    Leading(KeyLeaseRoutes, Arc<State>),
+    /// KeyLease and KeyAdmin on the state this replica leads.
+    Leading(Routes, Arc<State>),
     Following(Arc<Leader>),
 }
 
@@ -151,11 +156,17 @@ where
     Ok(sender)
 }
 
-impl Leader {}
-
 impl Serving {
-    pub fn leading(state: Arc<State>, fleet: FleetView) -> Self {
-        Self::Leading(keylease_routes(state.clone(), Some(fleet)), state)
+    /// Serving KeyLease and KeyAdmin from `state`, which this replica leads with `settings`.
+    pub fn leading(
+        state: Arc<State>,
+        fleet: FleetView,
+        settings: Settings,
+    ) -> Result<Self, crate::tls::TlsError> {
+        let control = Control::new(ConfigSource::default(), settings, state.clone())?;
+        let routes = Routes::new(keylease_routes(state.clone(), Some(fleet)))
+            .add_service(KeyAdminServer::new(KeyAdminService::new(control)));
+        Ok(Self::Leading(routes, state))
     }
 
     pub fn unavailable(reason: impl Into<Arc<str>>) -> Self {
@@ -253,6 +264,28 @@ impl Router {
 
 impl NamedService for Router {
     const NAME: &'static str = <KeyLeaseServer<crate::service::KeyLeaseService>>::NAME;
+}
+
+/// The router again, for the admin service's calls: led, forwarded or refused alike.
+#[derive(Clone)]
+pub struct AdminRouter(pub Router);
+
+impl NamedService for AdminRouter {
+    const NAME: &'static str = <KeyAdminServer<KeyAdminService>>::NAME;
+}
+
+impl tower::Service<http::Request<Body>> for AdminRouter {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = <Router as tower::Service<http::Request<Body>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        tower::Service::<http::Request<Body>>::poll_ready(&mut self.0, cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        self.0.call(request)
+    }
 }
 
 type Response = http::Response<Body>;
