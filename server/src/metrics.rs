@@ -44,16 +44,6 @@ const KEY_STATES: [(KeyState, &str); 5] = [
     (KeyState::Draining, "draining"),
 ];
 
-const FAILURE_KINDS: [FailureKind; 7] = [
-    FailureKind::RateLimited,
-    FailureKind::DailyQuotaExhausted,
-    FailureKind::InvalidKey,
-    FailureKind::PermissionDenied,
-    FailureKind::ServerError,
-    FailureKind::Timeout,
-    FailureKind::Other,
-];
-
 fn kind_label(kind: FailureKind) -> &'static str {
     match kind {
         FailureKind::RateLimited => "rate_limited",
@@ -158,7 +148,7 @@ impl Metrics {
             acquire_wait,
             scraped: Mutex::new(BTreeSet::new()),
         };
-        for kind in FAILURE_KINDS {
+        for kind in FailureKind::ALL {
             // Present from the start, so that rate() sees the first failure.
             metrics
                 .recorder

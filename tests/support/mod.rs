@@ -195,55 +195,41 @@ impl Drop for TestServer {
     }
 }
 
-/// An admin client that sends `authorization: Bearer TOKEN` on every call.
-pub async fn admin_with_token(
-    server: &TestServer,
-    token: &str,
-) -> pb::key_admin_client::KeyAdminClient<
-    tonic::service::interceptor::InterceptedService<
-        Channel,
-        impl tonic::service::Interceptor + use<>,
-    >,
-> {
+/// A channel whose every call carries `authorization: Bearer TOKEN`.
+pub type WithToken = tonic::service::interceptor::InterceptedService<
+    Channel,
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync>,
+>;
+
+async fn with_token(server: &TestServer, token: &str) -> WithToken {
     let channel = tonic::transport::Endpoint::from_shared(server.address.clone())
         .unwrap()
         .connect()
         .await
         .expect("connect");
     let header: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-    pb::key_admin_client::KeyAdminClient::with_interceptor(
+    tonic::service::interceptor::InterceptedService::new(
         channel,
-        move |mut request: tonic::Request<()>| {
+        Box::new(move |mut request: tonic::Request<()>| {
             request
                 .metadata_mut()
                 .insert("authorization", header.clone());
             Ok(request)
-        },
+        }),
     )
 }
 
-/// A raw gRPC client that sends `authorization: Bearer TOKEN` on every call.
-pub async fn raw_with_token(
+/// An admin client that sends `authorization: Bearer TOKEN` on every call.
+pub async fn admin_with_token(
     server: &TestServer,
     token: &str,
-) -> KeyLeaseClient<
-    tonic::service::interceptor::InterceptedService<
-        Channel,
-        impl tonic::service::Interceptor + use<>,
-    >,
-> {
-    let channel = tonic::transport::Endpoint::from_shared(server.address.clone())
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect");
-    let header: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-    KeyLeaseClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
-        request
-            .metadata_mut()
-            .insert("authorization", header.clone());
-        Ok(request)
-    })
+) -> pb::key_admin_client::KeyAdminClient<WithToken> {
+    pb::key_admin_client::KeyAdminClient::new(with_token(server, token).await)
+}
+
+/// A raw gRPC client that sends `authorization: Bearer TOKEN` on every call.
+pub async fn raw_with_token(server: &TestServer, token: &str) -> KeyLeaseClient<WithToken> {
+    KeyLeaseClient::new(with_token(server, token).await)
 }
 
 pub fn acquire(task: &str) -> pb::AcquireKeyRequest {

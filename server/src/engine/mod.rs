@@ -274,6 +274,16 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
+    pub const ALL: [Self; 7] = [
+        Self::RateLimited,
+        Self::DailyQuotaExhausted,
+        Self::InvalidKey,
+        Self::PermissionDenied,
+        Self::ServerError,
+        Self::Timeout,
+        Self::Other,
+    ];
+
     /// Failures that say something about the key or its project, not about the provider.
     pub fn blames_key(self) -> bool {
         matches!(

@@ -123,15 +123,7 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-const KINDS: [FailureKind; 7] = [
-    FailureKind::RateLimited,
-    FailureKind::DailyQuotaExhausted,
-    FailureKind::InvalidKey,
-    FailureKind::PermissionDenied,
-    FailureKind::ServerError,
-    FailureKind::Timeout,
-    FailureKind::Other,
-];
+const KINDS: [FailureKind; 7] = FailureKind::ALL;
 
 /// A live lease as the provider model tracks it.
 #[derive(Debug)]
