@@ -66,6 +66,11 @@ pub struct Metrics {
     /// lookup without allocating, under the engine's lock as events are carried out.
     counters: Mutex<HashMap<&'static str, HashMap<String, Counter>>>,
     acquire_wait: Histogram,
+    commit_latency: Histogram,
+    /// Histograms keep each sample until an upkeep folds it into their buckets: they record
+    /// only while [`serve`] runs, which folds them regularly, so that a server nobody scrapes
+    /// keeps nothing.
+    served: std::sync::atomic::AtomicBool,
     /// Label sets of gauges set at a scrape: set to zero at the next unless set again, so a
     /// group gone idle reads 0 rather than its last value.
     scraped: Mutex<BTreeSet<GaugeSeries>>,
@@ -142,10 +147,13 @@ impl Metrics {
             "1 for this replica's role: leader, follower or unavailable.",
         );
         let acquire_wait = recorder.register_histogram(&key(ACQUIRE_WAIT, &[]), &METADATA);
+        let commit_latency = recorder.register_histogram(&key(COMMIT, &[]), &METADATA);
         let metrics = Self {
             recorder,
             counters: Mutex::new(HashMap::new()),
             acquire_wait,
+            commit_latency,
+            served: std::sync::atomic::AtomicBool::new(false),
             scraped: Mutex::new(BTreeSet::new()),
         };
         for kind in FailureKind::ALL {
@@ -183,7 +191,14 @@ impl Metrics {
 
     /// An acquire was granted after waiting `seconds`.
     pub fn acquire_waited(&self, seconds: f64) {
-        self.acquire_wait.record(seconds);
+        if self.is_served() {
+            self.acquire_wait.record(seconds);
+        }
+    }
+
+    /// Whether histograms record: only while they are served and folded.
+    pub fn is_served(&self) -> bool {
+        self.served.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)], value: f64) {
@@ -226,10 +241,11 @@ impl Metrics {
         self.recorder.handle().render()
     }
 
-    /// Where a store's commit durations go.
-    pub fn commit_latency(&self) -> metrics::Histogram {
-        self.recorder
-            .register_histogram(&key(COMMIT, &[]), &METADATA)
+    /// A commit of the state store took `seconds`.
+    pub fn committed(&self, seconds: f64) {
+        if self.is_served() {
+            self.commit_latency.record(seconds);
+        }
     }
 
     fn status_gauges(&self, status: &StatusView) {
@@ -295,8 +311,9 @@ pub async fn serve(
     source: Source,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let scraped = metrics.clone();
     let scrape = move || {
-        let (metrics, source) = (metrics.clone(), source.clone());
+        let (metrics, source) = (scraped.clone(), source.clone());
         async move {
             let (state, role) = source();
             let text = metrics.render(state.as_deref(), role).await;
@@ -310,7 +327,26 @@ pub async fn serve(
         }
     };
     let app = axum::Router::new().route("/metrics", axum::routing::get(scrape));
-    axum::serve(listener, app)
+    metrics
+        .served
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let handle = metrics.recorder.handle();
+    let upkeep = tokio::spawn(async move {
+        let mut every = tokio::time::interval(UPKEEP_EVERY);
+        loop {
+            every.tick().await;
+            handle.run_upkeep();
+        }
+    });
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    upkeep.abort();
+    metrics
+        .served
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    served
 }
+
+/// How often histogram samples are folded into their buckets while metrics are served.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);

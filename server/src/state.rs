@@ -260,7 +260,7 @@ impl State {
         };
         let journal = store.map(|store| Journal::start(store, last_seq));
         if let Some(journal) = &journal {
-            let _ = journal.stats.commit_latency.set(metrics.commit_latency());
+            let _ = journal.stats.metrics.set(metrics.clone());
         }
         let recovering = engine.is_some();
         let state = Arc::new(Self {

@@ -59,8 +59,8 @@ pub struct JournalStats {
     /// Time spent in commits, in microseconds (writing and fsync'ing).
     pub commit_micros: AtomicU64,
     pub snapshots: AtomicU64,
-    /// Where each commit's duration goes, once metrics are exported.
-    pub commit_latency: std::sync::OnceLock<metrics::Histogram>,
+    /// Where each commit's duration is counted.
+    pub metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
 }
 
 pub struct Journal {
@@ -292,8 +292,8 @@ impl Journal {
             self.stats
                 .commit_micros
                 .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-            if let Some(latency) = self.stats.commit_latency.get() {
-                latency.record(took.as_secs_f64());
+            if let Some(metrics) = self.stats.metrics.get() {
+                metrics.committed(took.as_secs_f64());
             }
             self.stats.commits.fetch_add(1, Ordering::Relaxed);
             self.stats
