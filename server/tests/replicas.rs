@@ -856,6 +856,58 @@ fn replicas_with_different_keys_are_reported() {
     );
     assert!(replication.epoch >= 1);
     assert!(fleet.outputs().contains("replicas hold different keys"));
+    // Only the keys both hold are lent, whichever leads: k3 could not be handed out by the
+    // replica that lacks it, were it to lead next.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // The replica that holds k3 leads: it is the one that must hold it back.
+    if fleet.wait_for_leader(None) == 0 {
+        fleet.kill(0);
+        assert_eq!(fleet.wait_for_leader(Some(0)), 1);
+        let replica = fleet.start_replica(0, &[], &[]);
+        fleet.replicas[0] = Some(replica);
+    }
+    let leader = fleet.wait_for_leader(None);
+    assert_eq!(leader, 1);
+    let began = Instant::now();
+    let status = loop {
+        let status = status_of(&fleet.endpoint(leader)).unwrap();
+        if status.total_keys == 3 || began.elapsed() > LIMIT {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut ids: Vec<&str> = status.keys.iter().map(|k| k.key_id.as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, ["k0", "k1", "k2"], "{status:?}");
+    let lent: Vec<String> = runtime.block_on(async {
+        let channel = Channel::from_shared(fleet.endpoint(leader))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = KeyLeaseClient::new(channel);
+        let mut lent = Vec::new();
+        for task in 0..4 {
+            match client
+                .acquire_key(pb::AcquireKeyRequest {
+                    task_id: format!("shared-{task}"),
+                    model: MODEL.into(),
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(lease) => lent.push(lease.into_inner().key_id),
+                Err(status) => assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}"),
+            }
+        }
+        lent
+    });
+    let mut lent: Vec<&str> = lent.iter().map(String::as_str).collect();
+    lent.sort();
+    assert_eq!(lent, ["k0", "k1", "k2"]);
 }
 
 /// KeyAdmin through a follower: the engine's calls reach the leader as the caller's; those that

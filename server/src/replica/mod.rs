@@ -261,6 +261,7 @@ pub fn start(
         runtime,
         shutdown,
         keys_published_ms: 0,
+        shared_keys: None,
         key_report: String::new(),
     };
     let thread = std::thread::Builder::new()
@@ -291,6 +292,10 @@ struct Supervisor {
     runtime: Handle,
     shutdown: CancellationToken,
     keys_published_ms: u64,
+    /// Keys (`ID=FINGERPRINT`) every live replica reported holding at the last look, `None`
+    /// before the first: only those are lent, so that whichever replica leads next can serve
+    /// every lease.
+    shared_keys: Option<std::collections::BTreeSet<String>>,
     /// The last report on differing key sets, logged when it changes.
     key_report: String,
     fleet: FleetView,
@@ -614,6 +619,11 @@ impl Supervisor {
             leader.value.clone(),
             self.replication.leader_ttl,
         );
+        // What every live replica holds decides what is lent, from the first grant on.
+        if let Ok(mut connection) = self.redis.connect() {
+            self.keys_published_ms = 0;
+            self.publish_keys(&mut connection);
+        }
         let (state, appended) = match self.open_leader(&leader, follower) {
             Ok(opened) => opened,
             Err(error) => {
@@ -647,6 +657,7 @@ impl Supervisor {
         let why = runtime.block_on(async {
             let mut remember = tokio::time::interval(REMEMBER_EVERY);
             let mut connection = None;
+            let mut lent = self.shared_keys.clone();
             loop {
                 tokio::select! {
                     () = state.store_stopped() => {
@@ -667,6 +678,15 @@ impl Supervisor {
                                 connection = Some(c);
                             }
                             Err(_) => connection = None,
+                        }
+                        if self.shared_keys != lent {
+                            lent = self.shared_keys.clone();
+                            let settings = self.lendable_settings();
+                            match state.reconfigure(None, &settings).await {
+                                Ok(Ok(_)) => tracing::info!(keys = settings.keys.len(), "lending the keys every live replica holds"),
+                                Ok(Err(error)) => tracing::error!(%error, "the keys every replica holds cannot be configured"),
+                                Err(failure) => return Some(format!("the log could not be written: {failure}")),
+                            }
                         }
                     }
                 }
@@ -742,7 +762,7 @@ impl Supervisor {
             records_replayed: replay.records_replayed,
         };
         let _runtime = self.runtime.enter();
-        State::open_recovered(&self.settings, clock, opening, Some(recovery))
+        State::open_recovered(&self.lendable_settings(), clock, opening, Some(recovery))
             .map(|(state, _)| (state, appended))
             .map_err(|e| e.to_string())
     }
@@ -778,8 +798,30 @@ impl Supervisor {
         }
     }
 
-    /// Publishes this replica's keys (ids and fingerprints) and reports replicas whose keys
-    /// differ: a key is lent only by a leader that holds its secret.
+    /// This replica's settings with only the keys every live replica holds (all of its own
+    /// before it has looked): a key another replica lacks is not lent, since that replica could
+    /// lead next and could not hand it out.
+    fn lendable_settings(&self) -> Settings {
+        let mut settings = self.settings.clone();
+        if let Some(shared) = &self.shared_keys {
+            settings
+                .keys
+                .retain(|k| shared.contains(&self.key_entry(k)));
+        }
+        settings
+    }
+
+    /// A key as replicas publish it: `ID=FINGERPRINT`.
+    fn key_entry(&self, key: &crate::engine::KeySpec) -> String {
+        format!(
+            "{}={}",
+            key.id,
+            key.secret.fingerprint(&self.fingerprint_key)
+        )
+    }
+
+    /// Publishes this replica's keys (ids and fingerprints), notes those every live replica
+    /// holds, and reports replicas whose keys differ.
     fn publish_keys(&mut self, connection: &mut Connection) {
         let now = self.wall_ms();
         if now < self.keys_published_ms + KEYS_EVERY.as_millis() as u64 {
@@ -790,9 +832,10 @@ impl Supervisor {
             .settings
             .keys
             .iter()
-            .map(|k| format!("{}={}", k.id, k.secret.fingerprint(&self.fingerprint_key)))
+            .map(|k| self.key_entry(k))
             .collect();
         mine.sort();
+        let mut shared: std::collections::BTreeSet<String> = mine.iter().cloned().collect();
         let entry = format!("{now} {}", mine.join(","));
         let all: Result<std::collections::HashMap<String, String>, _> = ::redis::pipe()
             .hset(&self.redis.keys.replicas, &self.identity, &entry)
@@ -821,6 +864,7 @@ impl Supervisor {
             }
             let theirs: std::collections::BTreeSet<&str> =
                 keys.split(',').filter(|k| !k.is_empty()).collect();
+            shared.retain(|k| theirs.contains(k.as_str()));
             let only_mine: Vec<&str> = mine
                 .iter()
                 .map(String::as_str)
@@ -841,6 +885,7 @@ impl Supervisor {
             }
         }
         report.sort();
+        self.shared_keys = Some(shared);
         self.fleet.write().key_set_differences = report.clone();
         let report = report.join("; ");
         if report != self.key_report {
@@ -849,7 +894,7 @@ impl Supervisor {
             } else {
                 tracing::warn!(
                     differences = %report,
-                    "replicas hold different keys: a key is lent only while a replica that holds it leads"
+                    "replicas hold different keys: only those every live replica holds are lent"
                 );
             }
             self.key_report = report;
