@@ -61,13 +61,19 @@ pub async fn replica(config: PathBuf) -> anyhow::Result<()> {
     };
     println!("listening on http://{address}");
     let front = keylease_server::server::Front::new(&settings)?;
+    // Nothing reloads a benchmark's replica: the sender stays, unused.
+    let (_reloads, reload_requests) = tokio::sync::mpsc::unbounded_channel();
+    let listeners = keylease_server::replica::Listeners {
+        grpc: listener,
+        metrics: None,
+    };
     keylease_server::replica::serve(
-        listener,
+        listeners,
         settings,
         *replication,
         false,
         front,
-        None,
+        reload_requests,
         std::future::pending(),
     )
     .await?;

@@ -120,7 +120,7 @@ impl Control {
         let mut running = self.running.lock().await;
         if matches!(running.state, StateLocation::Redis(_)) {
             return Err(AdminError::Refused(
-                "replicas are not reloaded live yet: restart them one at a time with the new configuration (leases carry over, the leadership moves)".into(),
+                "each replica reads its own files: send SIGHUP to every replica (this call would reload only the one that leads)".into(),
             ));
         }
         self.reload_locked(by, &mut running).await

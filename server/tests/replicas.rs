@@ -958,3 +958,38 @@ fn admin_calls_reach_the_leader_through_any_replica() {
     let k1 = status.keys.iter().find(|k| k.key_id == "k1").unwrap();
     assert_eq!(k1.disabled_reason, "through a follower");
 }
+
+/// A key added to every replica's configuration is lent once each has read it again (SIGHUP),
+/// without a restart; one replica alone reading it changes nothing.
+#[test]
+fn a_key_added_everywhere_is_lent_after_each_replica_reloads() {
+    let fleet = Fleet::start(2, &keys(3), &[]);
+    let leader = fleet.wait_for_leader(None);
+    std::fs::write(&fleet.config, config(&keys(4))).unwrap();
+    let total_keys = || status_of(&fleet.endpoint(leader)).unwrap().total_keys;
+    let hangup = |i: usize| {
+        let pid = fleet.replicas[i].as_ref().unwrap().pid();
+        let sent = std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    // Only the follower reads it: the leader lacks k3, so k3 is not lent.
+    hangup(1 - leader);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(total_keys(), 3, "{}", fleet.outputs());
+    hangup(leader);
+    let began = Instant::now();
+    while total_keys() != 4 {
+        assert!(
+            began.elapsed() < LIMIT,
+            "k3 never lent:\n{}",
+            fleet.outputs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let lent = each_lends(&fleet, leader..leader + 1, "after-reload");
+    assert_eq!(lent.len(), 1);
+    assert!(fleet.outputs().contains("SIGHUP: configuration read again"));
+}

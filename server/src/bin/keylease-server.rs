@@ -326,20 +326,36 @@ async fn bind_metrics(settings: &Settings) -> Result<Option<TcpListener>, Failur
 /// One replica of several on Redis (see `keylease_server::replica`).
 async fn run_replica(
     settings: Settings,
+    source: ConfigSource,
     replication: Replication,
     reset_state: bool,
 ) -> Result<(), Failure> {
-    let listener = bind(&settings).await?;
-    let metrics = bind_metrics(&settings).await?;
+    let listeners = replica::Listeners {
+        grpc: bind(&settings).await?,
+        metrics: bind_metrics(&settings).await?,
+    };
     let stop = stop_signal()?;
     let front = Front::new(&settings)?;
+    let (reloads, reload_requests) = tokio::sync::mpsc::unbounded_channel();
+    let mut hangups = signal(SignalKind::hangup()).map_err(Failure::Signals)?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match source.load() {
+                Ok(loaded) => {
+                    tracing::info!("SIGHUP: configuration read again; the replica takes it up");
+                    let _ = reloads.send(loaded);
+                }
+                Err(error) => tracing::error!(%error, "SIGHUP: the configuration was not reloaded"),
+            }
+        }
+    });
     replica::serve(
-        listener,
+        listeners,
         settings,
         replication,
         reset_state,
         front,
-        metrics,
+        reload_requests,
         stop,
     )
     .await?;
@@ -350,7 +366,7 @@ async fn run_replica(
 async fn run(settings: Settings, source: ConfigSource, reset_state: bool) -> Result<(), Failure> {
     if let StateLocation::Redis(replication) = &settings.state {
         let replication = (**replication).clone();
-        return run_replica(settings, replication, reset_state).await;
+        return run_replica(settings, source, replication, reset_state).await;
     }
     let (state, recovered) = State::open(&settings, Clock::system(), reset_state)?;
     if let Some(aside) = &recovered.moved_aside {

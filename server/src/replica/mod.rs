@@ -131,20 +131,44 @@ impl Seen {
     }
 }
 
-/// Runs a replica on `listener` until `stop` resolves; then it steps down (a leader writes its
-/// last snapshot and hands the leadership over at once) and in-flight calls get
-/// `server.shutdown_grace` to finish.
+/// Where a replica listens: gRPC, and Prometheus when configured.
+pub struct Listeners {
+    pub grpc: tokio::net::TcpListener,
+    pub metrics: Option<tokio::net::TcpListener>,
+}
+
+/// Settings read again, waiting for the supervisor to take them up.
+#[derive(Clone, Default)]
+pub struct Reloaded(Arc<std::sync::Mutex<Option<Settings>>>);
+
+impl Reloaded {
+    fn set(&self, settings: Settings) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(settings);
+    }
+}
+
+/// Runs a replica on `listeners` until `stop` resolves, taking up the settings `reloads`
+/// brings (SIGHUP); then it steps down (a leader writes its last snapshot and hands the
+/// leadership over at once) and in-flight calls get `server.shutdown_grace` to finish.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listeners: Listeners,
     settings: Settings,
     replication: Replication,
     reset: bool,
     front: Front,
-    metrics: Option<tokio::net::TcpListener>,
+    mut reloads: tokio::sync::mpsc::UnboundedReceiver<Settings>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let Listeners {
+        grpc: listener,
+        metrics,
+    } = listeners;
     let shutdown = CancellationToken::new();
-    let (router, supervisor) = start(
+    let replication_token = replication.token.clone();
+    let (router, reloaded, supervisor) = start(
         settings.clone(),
         replication,
         reset,
@@ -174,6 +198,22 @@ pub async fn serve(
             let stopped = async move { stopping.cancelled().await };
             if let Err(error) = crate::metrics::serve(listener, metrics, source, stopped).await {
                 tracing::error!(%error, "serving metrics failed");
+            }
+        });
+    }
+    {
+        // Settings read again: callers and TLS here, keys and limits by the supervisor.
+        let (front, token) = (front.clone(), replication_token.clone());
+        tokio::spawn(async move {
+            while let Some(loaded) = reloads.recv().await {
+                front.gate.replace(&loaded.access, Some(&token));
+                if let Some(tls) = &front.tls
+                    && loaded.tls.as_ref() == Some(tls.files())
+                    && let Err(error) = tls.reload()
+                {
+                    tracing::error!(%error, "the TLS files were not read again");
+                }
+                reloaded.set(loaded);
             }
         });
     }
@@ -216,7 +256,8 @@ pub fn start(
     tls: Option<Arc<crate::tls::Tls>>,
     runtime: Handle,
     shutdown: CancellationToken,
-) -> Result<(Router, std::thread::JoinHandle<()>), StartError> {
+) -> Result<(Router, Reloaded, std::thread::JoinHandle<()>), StartError> {
+    let reloaded = Reloaded::default();
     let redis = Redis::new(replication.url.reveal(), &replication.namespace)
         .map_err(|e| StartError::Invalid(format!("state.store: {e}")))?;
     let router = Router::new(&replication.token, tls).map_err(StartError::Invalid)?;
@@ -261,6 +302,7 @@ pub fn start(
         runtime,
         shutdown,
         keys_published_ms: 0,
+        reloaded: reloaded.clone(),
         shared_keys: None,
         key_report: String::new(),
     };
@@ -268,7 +310,7 @@ pub fn start(
         .name("keylease-replica".into())
         .spawn(move || supervisor.run())
         .map_err(|e| StartError::Invalid(format!("cannot start the replica thread: {e}")))?;
-    Ok((router, thread))
+    Ok((router, reloaded, thread))
 }
 
 struct Supervisor {
@@ -292,6 +334,8 @@ struct Supervisor {
     runtime: Handle,
     shutdown: CancellationToken,
     keys_published_ms: u64,
+    /// Settings read again (SIGHUP), for the supervisor to take up at its next step.
+    reloaded: Reloaded,
     /// Keys (`ID=FINGERPRINT`) every live replica reported holding at the last look, `None`
     /// before the first: only those are lent, so that whichever replica leads next can serve
     /// every lease.
@@ -320,6 +364,7 @@ impl Supervisor {
         let mut connection: Option<Connection> = None;
         let mut follower: Option<Follower> = None;
         while !self.shutdown.is_cancelled() {
+            self.take_up_reloaded();
             let step = connection
                 .take()
                 .map_or_else(|| self.redis.connect(), Ok)
@@ -679,7 +724,11 @@ impl Supervisor {
                             }
                             Err(_) => connection = None,
                         }
-                        if self.shared_keys != lent {
+                        let reloaded = self.take_up_reloaded();
+                        if reloaded && let Some(c) = connection.as_mut() {
+                            self.publish_keys(c);
+                        }
+                        if reloaded || self.shared_keys != lent {
                             lent = self.shared_keys.clone();
                             let settings = self.lendable_settings();
                             match state.reconfigure(None, &settings).await {
@@ -796,6 +845,34 @@ impl Supervisor {
                 "cannot remember the log position"
             ),
         }
+    }
+
+    /// Takes up settings read again, if any: the keys it publishes and, when it leads, lends
+    /// from now on (what only a restart changes stays). Whether there were.
+    fn take_up_reloaded(&mut self) -> bool {
+        let Some(loaded) = self
+            .reloaded
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        else {
+            return false;
+        };
+        self.settings = Settings {
+            listen: self.settings.listen,
+            log_format: self.settings.log_format,
+            shutdown_grace: self.settings.shutdown_grace,
+            limits: self.settings.limits,
+            max_wait: self.settings.max_wait,
+            state: self.settings.state.clone(),
+            tls: self.settings.tls.clone(),
+            metrics_listen: self.settings.metrics_listen,
+            ..loaded
+        };
+        // Published at once, so that the fleet learns of new keys without waiting.
+        self.keys_published_ms = 0;
+        true
     }
 
     /// This replica's settings with only the keys every live replica holds (all of its own
