@@ -8,7 +8,6 @@ use keylease_client::{AcquireOptions, ClientConfig, Error, KeyLeaseClient, TlsCo
 use keylease_server::auth::token_sha256;
 use keylease_server::tls::testing::{TestPki, make};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 use support::*;
 use tonic::Code;
@@ -301,30 +300,15 @@ async fn the_python_example_leases_over_mutual_tls_with_a_worker_token() {
     let extra = format!("{}{}", tokens(), tls_section(&pki, true));
     let server = TestServer::start(&config_toml(&[("k1", "p1")], 100, &extra)).await;
     let address = server.address.replace("http://127.0.0.1", "localhost");
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/python/keylease_example.py"
-    );
-    let (cert, key) = pki.clients[0].clone();
-    let ca = pki.ca.clone();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .args([script, &address])
-            .env("KEYLEASE_TOKEN", WORKER)
-            .env("KEYLEASE_CA", ca)
-            .env("KEYLEASE_CLIENT_CERT", cert)
-            .env("KEYLEASE_CLIENT_KEY", key)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("python3 runs (scripts/test installs grpcio and grpcio-tools)");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let (cert, key) = &pki.clients[0];
+    let path = |p: &Path| p.display().to_string();
+    let env = vec![
+        ("KEYLEASE_TOKEN", WORKER.to_string()),
+        ("KEYLEASE_CA", path(&pki.ca)),
+        ("KEYLEASE_CLIENT_CERT", path(cert)),
+        ("KEYLEASE_CLIENT_KEY", path(key)),
+    ];
+    let stdout = run_python_example(address, env).await;
     assert!(stdout.contains("leased k1 of project p1"), "{stdout}");
     let _ = std::fs::remove_dir_all(pki_dir("python"));
 }

@@ -195,6 +195,31 @@ impl Drop for TestServer {
     }
 }
 
+/// Runs the README's Python example against `address` with `env` set, and returns what it
+/// printed once it succeeded.
+pub async fn run_python_example(address: String, env: Vec<(&'static str, String)>) -> String {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/python/keylease_example.py"
+    );
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args([script, &address])
+            .envs(env)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("python3 runs (scripts/test installs grpcio and grpcio-tools)");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
 /// A channel whose every call carries `authorization: Bearer TOKEN`.
 pub type WithToken = tonic::service::interceptor::InterceptedService<
     Channel,
