@@ -125,6 +125,15 @@ async fn a_key_is_added_and_removed_while_leases_run() {
         .await
         .unwrap_err();
     assert_eq!(spaced.code(), Code::InvalidArgument);
+    // A key file line starting with `#` is a comment: such a key could never be read back.
+    let commented = admin
+        .add_key(pb::AddKeyRequest {
+            secret: "#AIzaFAKE.commented-000000000000000000".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(commented.code(), Code::InvalidArgument, "{commented:?}");
     let unknown_pool = admin
         .add_key(pb::AddKeyRequest {
             secret: "AIzaFAKE.another-000000000000000000000000".into(),

@@ -180,10 +180,13 @@ impl Control {
         self.refuse_with_replicas(&running, "AddKey")?;
         let path = keys_file(&running)?;
         let secret = request.secret.trim();
-        if secret.is_empty() || secret.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if secret.is_empty()
+            || secret.starts_with('#')
+            || secret.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
             return Err(invalid(
                 "secret",
-                "must be the key alone: non-empty, without white space",
+                "must be the key alone: non-empty, without white space, not starting with `#`",
             ));
         }
         if let Some(existing) = running.keys.iter().find(|k| k.secret.reveal() == secret) {
