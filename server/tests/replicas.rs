@@ -918,6 +918,8 @@ fn admin_calls_reach_the_leader_through_any_replica() {
     let fleet = Fleet::start(2, &keys(3), &[]);
     let leader = fleet.wait_for_leader(None);
     let follower = 1 - leader;
+    // The follower forwards once it has caught up with the leader.
+    until_health(&fleet, follower, ServingStatus::Serving);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
