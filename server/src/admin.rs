@@ -10,7 +10,7 @@
 use crate::config::{self, ConfigError, Overrides, Settings, StateLocation};
 use crate::engine::{Command, EventKind, KeyView, Reconfigured, SetupError, canonical_model};
 use crate::server::Front;
-use crate::service::caller_name;
+use crate::service::{caller_name, set_key_enabled};
 use crate::state::State;
 use crate::store::journal::StoreFailed;
 use crate::tls::TlsError;
@@ -793,29 +793,6 @@ impl KeyAdminService {
     fn key_status(&self, key: KeyView) -> pb::KeyStatus {
         wire::key_to_pb(key, self.state().time())
     }
-
-    async fn set_enabled(
-        &self,
-        by: Option<&Arc<str>>,
-        key_id: String,
-        enabled: bool,
-        reason: String,
-    ) -> Result<pb::KeyStatus, Status> {
-        let reason = self.state().redact(reason);
-        let key = self
-            .state()
-            .run(
-                by,
-                Command::SetKeyEnabled {
-                    key_id,
-                    enabled,
-                    reason,
-                },
-            )
-            .await?
-            .into_key_set()?;
-        Ok(self.key_status(key))
-    }
 }
 
 fn reload_to_pb(report: Reloaded) -> pb::ReloadResponse {
@@ -825,18 +802,13 @@ fn reload_to_pb(report: Reloaded) -> pb::ReloadResponse {
     }
 }
 
-/// The name of an admin call's caller.
-fn by<T>(request: &Request<T>) -> Option<Arc<str>> {
-    caller_name(request)
-}
-
 #[tonic::async_trait]
 impl KeyAdmin for KeyAdminService {
     async fn add_key(
         &self,
         request: Request<pb::AddKeyRequest>,
     ) -> Result<Response<pb::KeyStatus>, Status> {
-        let by = by(&request);
+        let by = caller_name(&request);
         let answer = self
             .control
             .add_key(by.as_ref(), request.into_inner())
@@ -850,7 +822,7 @@ impl KeyAdmin for KeyAdminService {
         &self,
         request: Request<pb::RemoveKeyRequest>,
     ) -> Result<Response<pb::RemoveKeyResponse>, Status> {
-        let by = by(&request);
+        let by = caller_name(&request);
         let key_id = request.into_inner().key_id;
         let answer = self
             .control
@@ -868,11 +840,16 @@ impl KeyAdmin for KeyAdminService {
         &self,
         request: Request<pb::DisableKeyRequest>,
     ) -> Result<Response<pb::KeyStatus>, Status> {
-        let by = by(&request);
+        let by = caller_name(&request);
         let request = request.into_inner();
-        let answer = self
-            .set_enabled(by.as_ref(), request.key_id, false, request.reason)
-            .await;
+        let answer = set_key_enabled(
+            self.state(),
+            by.as_ref(),
+            request.key_id,
+            false,
+            request.reason,
+        )
+        .await;
         self.state().outgoing(answer).map(Response::new)
     }
 
@@ -880,15 +857,9 @@ impl KeyAdmin for KeyAdminService {
         &self,
         request: Request<pb::EnableKeyRequest>,
     ) -> Result<Response<pb::KeyStatus>, Status> {
-        let by = by(&request);
-        let answer = self
-            .set_enabled(
-                by.as_ref(),
-                request.into_inner().key_id,
-                true,
-                String::new(),
-            )
-            .await;
+        let by = caller_name(&request);
+        let key_id = request.into_inner().key_id;
+        let answer = set_key_enabled(self.state(), by.as_ref(), key_id, true, String::new()).await;
         self.state().outgoing(answer).map(Response::new)
     }
 
@@ -896,7 +867,7 @@ impl KeyAdmin for KeyAdminService {
         &self,
         request: Request<pb::ResetQuotaGroupRequest>,
     ) -> Result<Response<pb::QuotaGroupStatus>, Status> {
-        let by = by(&request);
+        let by = caller_name(&request);
         let request = request.into_inner();
         let pool = if request.pool.is_empty() {
             crate::engine::DEFAULT_POOL.to_string()
@@ -924,7 +895,7 @@ impl KeyAdmin for KeyAdminService {
         &self,
         request: Request<pb::SetLimitsRequest>,
     ) -> Result<Response<pb::ReloadResponse>, Status> {
-        let by = by(&request);
+        let by = caller_name(&request);
         let answer = self
             .control
             .set_limits(by.as_ref(), request.into_inner())
@@ -938,7 +909,7 @@ impl KeyAdmin for KeyAdminService {
         &self,
         request: Request<pb::ReloadRequest>,
     ) -> Result<Response<pb::ReloadResponse>, Status> {
-        let by = by(&request);
+        let by = caller_name(&request);
         let answer = self
             .control
             .reload(by.as_ref())

@@ -299,21 +299,39 @@ impl KeyLeaseService {
         by: Option<&Arc<str>>,
         request: pb::SetKeyEnabledRequest,
     ) -> Result<pb::KeyStatus, Status> {
-        let reason = self.redact(request.reason);
-        let key = self
-            .state
-            .run(
-                by,
-                Command::SetKeyEnabled {
-                    key_id: request.key_id,
-                    enabled: request.enabled,
-                    reason,
-                },
-            )
-            .await?
-            .into_key_set()?;
-        Ok(wire::key_to_pb(key, self.state.time()))
+        set_key_enabled(
+            &self.state,
+            by,
+            request.key_id,
+            request.enabled,
+            request.reason,
+        )
+        .await
     }
+}
+
+/// Disables a key (with `reason`, masked) or enables it, as caller `by`: for the deprecated
+/// `KeyLease.SetKeyEnabled` and for `KeyAdmin`'s `DisableKey` and `EnableKey`.
+pub async fn set_key_enabled(
+    state: &State,
+    by: Option<&Arc<str>>,
+    key_id: String,
+    enabled: bool,
+    reason: String,
+) -> Result<pb::KeyStatus, Status> {
+    let reason = state.redact(reason);
+    let key = state
+        .run(
+            by,
+            Command::SetKeyEnabled {
+                key_id,
+                enabled,
+                reason,
+            },
+        )
+        .await?
+        .into_key_set()?;
+    Ok(wire::key_to_pb(key, state.time()))
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
