@@ -260,7 +260,9 @@ async fn a_request_error_ends_at_once_with_the_providers_message() {
         .await
         .unwrap_err();
     match failed {
-        GenerateError::Request { status, message } => {
+        GenerateError::Request {
+            status, message, ..
+        } => {
             assert_eq!(status, 404);
             assert!(
                 message.contains("gemini-0-retired is not found"),
@@ -317,6 +319,8 @@ async fn overloaded_answers_are_retried_without_blaming_keys() {
         error_rate: 0.4,
         status: 503,
         latency_ms: 0,
+        cut_streams: false,
+        stream_pause_ms: 0,
     });
     let policy = RetryPolicy {
         task_attempts: 20,

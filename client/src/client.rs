@@ -160,6 +160,8 @@ impl tonic::service::Interceptor for Authorization {
 #[derive(Clone)]
 pub struct KeyLeaseClient {
     stub: Stub<Authenticated>,
+    /// Kept to make clients with other tokens on the same connections.
+    channel: Channel,
     config: Arc<ClientConfig>,
     /// Makes client request ids unique within this process.
     next_request: Arc<AtomicU64>,
@@ -204,26 +206,35 @@ impl KeyLeaseClient {
             };
             endpoints.push(parsed);
         }
-        let channel = Channel::balance_list(endpoints.into_iter());
-        let token = match &config.auth_token {
-            None => None,
-            Some(token) => {
-                Some(
-                    format!("Bearer {token}")
-                        .parse()
-                        .map_err(|_| Error::InvalidEndpoint {
-                            endpoint: config.endpoints[0].clone(),
-                            reason: "the auth token is not valid header text".into(),
-                        })?,
-                )
-            }
-        };
+        Self::over_channel(Channel::balance_list(endpoints.into_iter()), config)
+    }
+
+    /// A client on a channel made elsewhere (an in-process connection, say); `config`'s
+    /// endpoints and TLS settings are not used.
+    pub fn over_channel(channel: Channel, config: ClientConfig) -> Result<Self, Error> {
+        let token = bearer(config.auth_token.as_deref(), &config)?;
         Ok(Self {
-            stub: Stub::with_interceptor(channel, Authorization(token)),
+            stub: Stub::with_interceptor(channel.clone(), Authorization(token)),
+            channel,
             config: Arc::new(config),
             next_request: Arc::new(AtomicU64::new(1)),
             instance: std::process::id() as u64
                 ^ (crate::clock::now().elapsed().as_nanos() as u64).rotate_left(32),
+        })
+    }
+
+    /// The same connections, calling as the holder of `token` (`None`: no token): how a proxy
+    /// calls on behalf of each of its callers.
+    pub fn with_token(&self, token: Option<&str>) -> Result<Self, Error> {
+        let mut config = (*self.config).clone();
+        config.auth_token = token.map(str::to_string);
+        let token = bearer(token, &config)?;
+        Ok(Self {
+            stub: Stub::with_interceptor(self.channel.clone(), Authorization(token)),
+            channel: self.channel.clone(),
+            config: Arc::new(config),
+            next_request: self.next_request.clone(),
+            instance: self.instance,
         })
     }
 
@@ -294,6 +305,23 @@ impl KeyLeaseClient {
             .await?;
         Ok(status)
     }
+}
+
+/// The `authorization` value for `token`.
+fn bearer(
+    token: Option<&str>,
+    config: &ClientConfig,
+) -> Result<Option<MetadataValue<Ascii>>, Error> {
+    token
+        .map(|token| {
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| Error::InvalidEndpoint {
+                    endpoint: config.endpoints.first().cloned().unwrap_or_default(),
+                    reason: "the auth token is not valid header text".into(),
+                })
+        })
+        .transpose()
 }
 
 /// Failures that say the service could not be reached or answer, as opposed to a refusal.

@@ -185,6 +185,25 @@ impl LeaseGuard {
         Ok((self.api_key()?, allowed))
     }
 
+    /// Resolves once this client may no longer use the key: the deadline passed with no
+    /// renewal pushing it on, or the lease ended. A call in flight stops there, so that the key
+    /// is never in use after the server may have lent it again.
+    pub async fn expired(&self) {
+        loop {
+            let deadline = {
+                let held = lock(&self.held);
+                if held.ended {
+                    return;
+                }
+                held.deadline
+            };
+            if now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+
     /// Records input tokens actually used, reported when the lease ends.
     pub fn record_tokens(&self, input_tokens: u64) {
         let usage = &mut lock(&self.held).usage;

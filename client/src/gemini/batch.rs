@@ -37,6 +37,7 @@ pub async fn run_batch(
             Err(GenerateError::Provider {
                 attempts: 0,
                 last: format!("job panicked: {e}"),
+                status: None,
             })
         }));
     }

@@ -7,8 +7,9 @@
 use super::{CallError, Failure, GeminiClient, GenerateContentRequest, GenerateContentResponse};
 use crate::client::{Error, KeyLeaseClient};
 use crate::clock::now;
-use crate::lease::AcquireOptions;
+use crate::lease::{AcquireOptions, LeaseGuard};
 use keylease::pb::FailureKind;
+use std::future::Future;
 use std::time::Duration;
 
 /// How hard to try.
@@ -25,6 +26,8 @@ pub struct RetryPolicy {
     pub deadline: Duration,
     /// Lease time to live; `None`: the server's default.
     pub lease_ttl: Option<Duration>,
+    /// Longest wait for a key at a time; `None`: until the deadline.
+    pub key_wait: Option<Duration>,
 }
 
 impl Default for RetryPolicy {
@@ -36,6 +39,7 @@ impl Default for RetryPolicy {
             call_timeout: Duration::from_secs(60),
             deadline: Duration::from_secs(300),
             lease_ttl: None,
+            key_wait: None,
         }
     }
 }
@@ -54,10 +58,20 @@ pub enum Generated {
 pub enum GenerateError {
     /// The request itself is wrong; retrying does not help.
     #[error("Gemini refused the request ({status}): {message}")]
-    Request { status: u16, message: String },
+    Request {
+        status: u16,
+        message: String,
+        /// The provider's answer as it came, for a proxy to pass on.
+        body: String,
+    },
     /// Provider trouble outlasted the retry budget.
     #[error("Gemini failed {attempts} times; last: {last}")]
-    Provider { attempts: u32, last: String },
+    Provider {
+        attempts: u32,
+        last: String,
+        /// The last answer's HTTP status, when there was one.
+        status: Option<u16>,
+    },
     #[error("no answer within the deadline of {0:?}")]
     DeadlineExceeded(Duration),
     #[error(transparent)]
@@ -88,97 +102,149 @@ impl LeasedGemini {
         model: &str,
         request: &GenerateContentRequest,
     ) -> Result<Generated, GenerateError> {
-        let deadline = now() + self.policy.deadline;
-        let remaining = || deadline.saturating_duration_since(now());
         let mut options = AcquireOptions::new(task_id, model);
         options.ttl = self.policy.lease_ttl;
         options.estimated_input_tokens = request.estimated_input_tokens();
-        options.wait = remaining();
-        let mut lease = self.keylease.acquire(options.clone()).await?;
-        let mut provider_failures = 0;
-        let mut backoff = self.policy.backoff;
-        loop {
-            if remaining().is_zero() {
-                return Err(GenerateError::DeadlineExceeded(self.policy.deadline));
+        let (response, lease) = with_lease(
+            &self.keylease,
+            &self.policy,
+            options,
+            Booking::Request,
+            |key| async move { self.gemini.generate_content(&key, model, request).await },
+        )
+        .await?;
+        let usage = response.usage_metadata.unwrap_or_default();
+        lease.record_tokens(usage.prompt_token_count);
+        lease.release().await?;
+        Ok(match response.block() {
+            Some(block) => Generated::Blocked { block, response },
+            None => Generated::Answer(response),
+        })
+    }
+}
+
+/// Whether a call spends one of the model's requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Booking {
+    /// A generation or an embedding: one request of the lease.
+    Request,
+    /// Uses a key but not the model's quota (`countTokens`, the model listing): the lease is
+    /// released with nothing sent.
+    Nothing,
+}
+
+/// Runs `send` with a leased key until it answers: quota and key failures are reported and the
+/// call goes to another key; provider trouble backs off and retries, within the task's budget;
+/// request errors end it at once. A call stops when the lease does (renewals failed), so a key
+/// is never in use after keylease may have lent it again. Returns the answer and the lease,
+/// still held: record what was used and release it, or keep it while a stream runs.
+pub async fn with_lease<T, F, Fut>(
+    keylease: &KeyLeaseClient,
+    policy: &RetryPolicy,
+    mut options: AcquireOptions,
+    booking: Booking,
+    mut send: F,
+) -> Result<(T, LeaseGuard), GenerateError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = Result<T, CallError>>,
+{
+    let deadline = now() + policy.deadline;
+    let remaining = || deadline.saturating_duration_since(now());
+    let key_wait = || policy.key_wait.map_or(remaining(), |w| w.min(remaining()));
+    options.wait = key_wait();
+    let mut lease = keylease.acquire(options.clone()).await?;
+    let mut provider_failures = 0;
+    let mut backoff = policy.backoff;
+    loop {
+        if remaining().is_zero() {
+            return Err(GenerateError::DeadlineExceeded(policy.deadline));
+        }
+        let call_time = policy.call_timeout.min(remaining());
+        let key = match booking {
+            Booking::Request => lease.begin_request(call_time).await?.0,
+            Booking::Nothing => lease.api_key()?,
+        };
+        let answer = tokio::time::timeout(call_time, async {
+            tokio::select! {
+                answer = send(key) => Some(answer),
+                () = lease.expired() => None,
             }
-            let (key, call_time) = lease
-                .begin_request(self.policy.call_timeout.min(remaining()))
-                .await?;
-            let answer = tokio::time::timeout(
-                call_time,
-                self.gemini.generate_content(&key, model, request),
-            )
-            .await;
-            let failure = match answer {
-                Ok(Ok(response)) => {
-                    let usage = response.usage_metadata.unwrap_or_default();
-                    lease.record_tokens(usage.prompt_token_count);
+        })
+        .await;
+        let failure = match answer {
+            Ok(Some(Ok(answer))) => return Ok((answer, lease)),
+            Ok(Some(Err(CallError::Provider {
+                status,
+                classified,
+                body,
+            }))) => match classified.failure {
+                Failure::Request | Failure::CallerBug => {
                     lease.release().await?;
-                    return Ok(match response.block() {
-                        Some(block) => Generated::Blocked { block, response },
-                        None => Generated::Answer(response),
+                    return Err(GenerateError::Request {
+                        status,
+                        message: classified.message,
+                        body,
                     });
                 }
-                Ok(Err(CallError::Provider { status, classified })) => match classified.failure {
-                    Failure::Request | Failure::CallerBug => {
-                        lease.release().await?;
-                        return Err(GenerateError::Request {
-                            status,
-                            message: classified.message,
-                        });
-                    }
-                    failure => Reported {
-                        kind: failure
-                            .report_kind()
-                            .expect("every other failure is reported"),
-                        retry_after: classified.retry_after,
-                        detail: format!("{status} {}", classified.reason),
-                        blames_key: failure.blames_key(),
-                    },
+                failure => Reported {
+                    kind: failure
+                        .report_kind()
+                        .expect("every other failure is reported"),
+                    retry_after: classified.retry_after,
+                    detail: format!("{status} {}", classified.reason),
+                    blames_key: failure.blames_key(),
+                    status: Some(status),
                 },
-                Ok(Err(CallError::Decode(message))) => {
-                    Reported::provider(FailureKind::ServerError, message)
-                }
-                Ok(Err(CallError::Transport { message, timed_out })) => Reported::provider(
-                    if timed_out {
-                        FailureKind::Timeout
-                    } else {
-                        FailureKind::ServerError
-                    },
-                    message,
-                ),
-                Err(_) => Reported::provider(
-                    FailureKind::Timeout,
-                    format!("no answer within {call_time:?}"),
-                ),
-            };
-            let report = crate::lease::Failure {
-                kind: failure.kind,
-                retry_after: failure.retry_after,
-                detail: failure.detail.clone(),
-            };
-            if failure.blames_key {
-                // The service rests or disables the key and lends one from elsewhere.
-                tracing::debug!(task_id, kind = ?failure.kind, "rotating to another key");
-                match lease.report_failure(report, Some(remaining())).await? {
-                    Some(next) => lease = next,
-                    None => return Err(GenerateError::DeadlineExceeded(self.policy.deadline)),
-                }
-                continue;
+            },
+            Ok(Some(Err(CallError::Decode(message)))) => {
+                Reported::provider(FailureKind::ServerError, message)
             }
-            provider_failures += 1;
-            lease.report_failure(report, None).await?;
-            if provider_failures >= self.policy.task_attempts {
-                return Err(GenerateError::Provider {
-                    attempts: provider_failures,
-                    last: failure.detail,
-                });
+            Ok(Some(Err(CallError::Transport { message, timed_out }))) => Reported::provider(
+                if timed_out {
+                    FailureKind::Timeout
+                } else {
+                    FailureKind::ServerError
+                },
+                message,
+            ),
+            Ok(None) => {
+                return Err(GenerateError::KeyLease(crate::Error::LeaseEnded(
+                    lease.lease().lease_id,
+                )));
             }
-            tokio::time::sleep(backoff.min(remaining())).await;
-            backoff = (backoff * 2).min(self.policy.backoff_max);
-            options.wait = remaining();
-            lease = self.keylease.acquire(options.clone()).await?;
+            Err(_) => Reported::provider(
+                FailureKind::Timeout,
+                format!("no answer within {call_time:?}"),
+            ),
+        };
+        let report = crate::lease::Failure {
+            kind: failure.kind,
+            retry_after: failure.retry_after,
+            detail: failure.detail.clone(),
+        };
+        if failure.blames_key {
+            // The service rests or disables the key and lends one from elsewhere.
+            tracing::debug!(task_id = %options.task_id, kind = ?failure.kind, "rotating to another key");
+            match lease.report_failure(report, Some(key_wait())).await? {
+                Some(next) => lease = next,
+                None => return Err(GenerateError::DeadlineExceeded(policy.deadline)),
+            }
+            continue;
         }
+        provider_failures += 1;
+        lease.report_failure(report, None).await?;
+        if provider_failures >= policy.task_attempts {
+            return Err(GenerateError::Provider {
+                attempts: provider_failures,
+                last: failure.detail,
+                status: failure.status,
+            });
+        }
+        tokio::time::sleep(backoff.min(remaining())).await;
+        backoff = (backoff * 2).min(policy.backoff_max);
+        options.wait = key_wait();
+        lease = keylease.acquire(options.clone()).await?;
     }
 }
 
@@ -188,6 +254,8 @@ struct Reported {
     retry_after: Option<Duration>,
     detail: String,
     blames_key: bool,
+    /// The provider's HTTP status, when it answered.
+    status: Option<u16>,
 }
 
 impl Reported {
@@ -197,6 +265,7 @@ impl Reported {
             retry_after: None,
             detail,
             blames_key: false,
+            status: None,
         }
     }
 }

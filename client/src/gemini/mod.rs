@@ -9,7 +9,7 @@ mod types;
 
 pub use batch::run_batch;
 pub use classify::{Classified, Failure, classify};
-pub use leased::{GenerateError, Generated, LeasedGemini, RetryPolicy};
+pub use leased::{Booking, GenerateError, Generated, LeasedGemini, RetryPolicy, with_lease};
 pub use types::*;
 
 use futures_util::{Stream, StreamExt};
@@ -23,7 +23,12 @@ pub const DEFAULT_BASE_URL: &str = "https://generativelanguage.googleapis.com";
 pub enum CallError {
     /// The provider answered with an error.
     #[error("Gemini answered {status}: {} ({})", .classified.message, .classified.reason)]
-    Provider { status: u16, classified: Classified },
+    Provider {
+        status: u16,
+        classified: Classified,
+        /// The answer as it came.
+        body: String,
+    },
     /// No answer: connection failure or timeout.
     #[error("Gemini unreachable: {message}")]
     Transport { message: String, timed_out: bool },
@@ -66,23 +71,38 @@ impl GeminiClient {
         api_key: &str,
         request: &GenerateContentRequest,
     ) -> Result<reqwest::Response, CallError> {
-        let response = self
+        let request = self
             .http
             .post(url)
-            .header("x-goog-api-key", api_key)
-            .json(request)
-            .send()
-            .await
-            .map_err(transport)?;
-        let status = response.status().as_u16();
-        if response.status().is_success() {
-            return Ok(response);
-        }
-        let body = response.text().await.unwrap_or_default();
-        Err(CallError::Provider {
-            status,
-            classified: classify(status, &body),
-        })
+            .header(KEY_HEADER, api_key)
+            .json(request);
+        answered(request.send().await.map_err(transport)?).await
+    }
+
+    /// Sends a request made elsewhere (a proxy's) with `api_key`, where the API wants it:
+    /// `x-goog-api-key` on native paths, a bearer token on the OpenAI-compatible ones, never in
+    /// the URL. `path_and_query` starts with the version (`v1beta/...`). An error answer comes
+    /// back classified, with its body.
+    pub async fn send_raw(
+        &self,
+        method: reqwest::Method,
+        path_and_query: &str,
+        api_key: &str,
+        headers: reqwest::header::HeaderMap,
+        body: bytes::Bytes,
+    ) -> Result<reqwest::Response, CallError> {
+        let url = format!(
+            "{}/{}",
+            self.base_url,
+            path_and_query.trim_start_matches('/')
+        );
+        let mut request = self.http.request(method, url).headers(headers).body(body);
+        request = if is_openai_path(path_and_query) {
+            request.bearer_auth(api_key)
+        } else {
+            request.header(KEY_HEADER, api_key)
+        };
+        answered(request.send().await.map_err(transport)?).await
     }
 
     pub async fn generate_content(
@@ -174,7 +194,33 @@ impl<S> Events<S> {
     }
 }
 
-fn transport(error: reqwest::Error) -> CallError {
+/// The header that carries a key on Gemini's native paths.
+pub const KEY_HEADER: &str = "x-goog-api-key";
+
+/// Gemini's OpenAI-compatible paths (`v1beta/openai/...`) take the key as a bearer token.
+pub fn is_openai_path(path: &str) -> bool {
+    path.trim_start_matches('/')
+        .split('/')
+        .nth(1)
+        .is_some_and(|segment| segment == "openai")
+}
+
+/// A success as it is; an error answer read and classified.
+async fn answered(response: reqwest::Response) -> Result<reqwest::Response, CallError> {
+    let status = response.status().as_u16();
+    if response.status().is_success() {
+        return Ok(response);
+    }
+    let body = response.text().await.unwrap_or_default();
+    Err(CallError::Provider {
+        status,
+        classified: classify(status, &body),
+        body,
+    })
+}
+
+/// A transport failure, without the URL.
+pub fn transport(error: reqwest::Error) -> CallError {
     let timed_out = error.is_timeout();
     CallError::Transport {
         message: error.without_url().to_string(),
