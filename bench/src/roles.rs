@@ -64,7 +64,7 @@ pub async fn replica(config: PathBuf) -> anyhow::Result<()> {
     // Nothing reloads a benchmark's replica: the sender stays, unused.
     let (_reloads, reload_requests) = tokio::sync::mpsc::unbounded_channel();
     let listeners = keylease_server::replica::Listeners {
-        grpc: listener,
+        grpc: listener.into(),
         metrics: None,
     };
     keylease_server::replica::serve(

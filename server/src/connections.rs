@@ -20,9 +20,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Sleep;
 use tonic::codegen::http;
 use tonic::service::Routes;
@@ -36,11 +36,81 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait before accepting again when the process is out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Serves `routes` to the connections accepted on `listener`, within `front`'s limits, until
+/// Where connections come from: a TCP listener, and connections made inside this process (the
+/// embedded proxy's), which are served like any other but need no TLS and hold no slot.
+pub struct Incoming {
+    pub tcp: TcpListener,
+    pub local: Option<mpsc::Receiver<DuplexStream>>,
+}
+
+impl From<TcpListener> for Incoming {
+    fn from(tcp: TcpListener) -> Self {
+        Self { tcp, local: None }
+    }
+}
+
+impl Incoming {
+    /// `tcp`, plus the in-process connections that `LocalConnector` makes.
+    pub fn with_local(tcp: TcpListener) -> (Self, LocalConnector) {
+        let (connect, accept) = mpsc::channel(16);
+        let incoming = Self {
+            tcp,
+            local: Some(accept),
+        };
+        (incoming, LocalConnector(connect))
+    }
+}
+
+/// The next in-process connection; never, once none can come.
+async fn next_local(local: &mut Option<mpsc::Receiver<DuplexStream>>) -> DuplexStream {
+    if let Some(receiver) = local
+        && let Some(stream) = receiver.recv().await
+    {
+        return stream;
+    }
+    *local = None;
+    std::future::pending().await
+}
+
+/// Makes connections to this process's own gRPC service, through memory.
+#[derive(Clone, Debug)]
+pub struct LocalConnector(mpsc::Sender<DuplexStream>);
+
+impl LocalConnector {
+    /// A channel whose connections are made in memory: the same gate, services and limits
+    /// as a TCP client gets, without a port, a certificate or a copy through the kernel.
+    pub fn channel(&self) -> tonic::transport::Channel {
+        let connect = self.0.clone();
+        let connector = tower::service_fn(move |_: http::Uri| {
+            let connect = connect.clone();
+            async move {
+                let (ours, theirs) = tokio::io::duplex(LOCAL_BUFFER);
+                connect
+                    .send(theirs)
+                    .await
+                    .map_err(|_| io::Error::new(io::ErrorKind::NotConnected, "server stopped"))?;
+                Ok::<_, io::Error>(TokioIo::new(ours))
+            }
+        });
+        tonic::transport::Endpoint::from_static("http://keylease.local")
+            .connect_with_connector_lazy(connector)
+    }
+}
+
+/// Bytes in flight each way on an in-process connection.
+const LOCAL_BUFFER: usize = 256 * 1024;
+
+/// A connection just accepted.
+enum Accepted {
+    Tcp(TcpStream),
+    Local(DuplexStream),
+}
+
+/// Serves `routes` to the connections from `incoming`, within `front`'s limits, until
 /// `shutdown` resolves; then accepts no more, tells every connection to finish (HTTP/2 GOAWAY)
 /// and waits until they have.
 pub async fn serve(
-    listener: TcpListener,
+    incoming: Incoming,
     clock: Clock,
     routes: Routes,
     front: Front,
@@ -57,10 +127,11 @@ pub async fn serve(
         .max_send_buf_size(MAX_SEND_BUFFER);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    let Incoming { tcp, mut local } = incoming;
     loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+        let accepted = tokio::select! {
+            accepted = tcp.accept() => match accepted {
+                Ok((stream, _)) => Accepted::Tcp(stream),
                 Err(error) => {
                     // Out of descriptors, or a connection reset before it was taken: the
                     // listener itself is fine.
@@ -69,19 +140,32 @@ pub async fn serve(
                     continue;
                 }
             },
+            stream = next_local(&mut local) => Accepted::Local(stream),
             () = &mut shutdown => break,
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(
-                max_connections = limits.max_connections,
-                "connection refused: the server holds as many as it may"
-            );
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let info = TcpConnectInfo {
-            local_addr: stream.local_addr().ok(),
-            remote_addr: stream.peer_addr().ok(),
+        let (slot, info) = match &accepted {
+            Accepted::Tcp(stream) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::warn!(
+                        max_connections = limits.max_connections,
+                        "connection refused: the server holds as many as it may"
+                    );
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let info = TcpConnectInfo {
+                    local_addr: stream.local_addr().ok(),
+                    remote_addr: stream.peer_addr().ok(),
+                };
+                (Some(slot), info)
+            }
+            Accepted::Local(_) => (
+                None,
+                TcpConnectInfo {
+                    local_addr: None,
+                    remote_addr: None,
+                },
+            ),
         };
         let (http2, watcher, routes, gate) = (
             http2.clone(),
@@ -106,9 +190,10 @@ pub async fn serve(
                         TowerToHyperService::new(service),
                     ))
                 };
-            let served = match tls {
-                None => serve(Stream::Plain(stream), None).await,
-                Some(tls) => {
+            let served = match (accepted, tls) {
+                (Accepted::Local(stream), _) => serve(Stream::Local(stream), None).await,
+                (Accepted::Tcp(stream), None) => serve(Stream::Plain(stream), None).await,
+                (Accepted::Tcp(stream), Some(tls)) => {
                     let handshake =
                         tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream));
                     let stream = match handshake.await {
@@ -131,7 +216,7 @@ pub async fn serve(
             }
         });
     }
-    drop(listener);
+    drop((tcp, local));
     graceful.shutdown().await;
 }
 
@@ -176,10 +261,11 @@ impl Drop for CallGuard {
     }
 }
 
-/// What a connection runs on: TCP, or TLS over it.
+/// What a connection runs on: TCP, TLS over it, or memory.
 enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Local(DuplexStream),
 }
 
 /// Each method goes to the stream underneath.
@@ -188,6 +274,7 @@ macro_rules! on_stream {
         match $stream {
             Stream::Plain($s) => $call,
             Stream::Tls($s) => $call,
+            Stream::Local($s) => $call,
         }
     };
 }
@@ -195,7 +282,8 @@ macro_rules! on_stream {
 /// An accepted connection holding one of the server's connection slots.
 struct Connection {
     stream: Stream,
-    _slot: OwnedSemaphorePermit,
+    /// None for an in-process connection.
+    _slot: Option<OwnedSemaphorePermit>,
     activity: Arc<Activity>,
     idle_timeout: Duration,
     /// Wakes the reader when the connection may have been idle too long.
@@ -205,7 +293,7 @@ struct Connection {
 impl Connection {
     fn new(
         stream: Stream,
-        slot: OwnedSemaphorePermit,
+        slot: Option<OwnedSemaphorePermit>,
         idle_timeout: Duration,
         clock: Clock,
     ) -> Self {

@@ -7,7 +7,7 @@ use crate::admin::{Control, KeyAdminService};
 use crate::auth::Gate;
 use crate::clock::Clock;
 use crate::config::{ConnectionLimits, Settings, StateLocation};
-use crate::connections;
+use crate::connections::{self, Incoming};
 use crate::replica::FleetView;
 use crate::service::KeyLeaseService;
 use crate::state::State;
@@ -17,7 +17,6 @@ use keylease::pb::key_admin_server::KeyAdminServer;
 use keylease::pb::key_lease_server::KeyLeaseServer;
 use std::future::Future;
 use std::sync::Arc;
-use tokio::net::TcpListener;
 use tonic::service::Routes;
 
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +61,7 @@ pub fn keylease_routes(state: Arc<State>, fleet: Option<FleetView>) -> KeyLeaseR
 /// Serves KeyLease and KeyAdmin on `listener` under `control` until `shutdown` resolves and
 /// in-flight calls have finished.
 pub async fn serve(
-    listener: TcpListener,
+    listener: impl Into<Incoming>,
     control: Arc<Control>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -97,7 +96,7 @@ pub async fn serve(
 /// for in-flight calls. Health reports the KeyLease service serving while `serving_now` says
 /// so (a replica that cannot serve is not), and not serving once shutdown begins.
 pub async fn serve_service(
-    listener: TcpListener,
+    listener: impl Into<Incoming>,
     services: Routes,
     front: Front,
     mut serving_now: tokio::sync::watch::Receiver<bool>,
@@ -153,6 +152,6 @@ pub async fn serve_service(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .prepare();
-    connections::serve(listener, clock, routes, front, signal).await;
+    connections::serve(listener.into(), clock, routes, front, signal).await;
     Ok(())
 }

@@ -133,7 +133,7 @@ impl Seen {
 
 /// Where a replica listens: gRPC, and Prometheus when configured.
 pub struct Listeners {
-    pub grpc: tokio::net::TcpListener,
+    pub grpc: crate::connections::Incoming,
     pub metrics: Option<tokio::net::TcpListener>,
 }
 
