@@ -152,6 +152,8 @@ async fn worker_processes_share_the_limits_without_a_single_429() {
     .await;
     fake.fake.set_faults(Faults {
         latency_ms: 10,
+        cut_streams: false,
+        stream_pause_ms: 0,
         ..Faults::default()
     });
 

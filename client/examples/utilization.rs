@@ -99,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
     ));
 
     let fake = FakeGemini::start(FakeConfig {
+        projects: Default::default(),
         keys: keys
             .iter()
             .map(|(id, project, secret)| FakeKey {

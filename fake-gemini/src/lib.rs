@@ -64,6 +64,11 @@ pub struct Faults {
     pub status: u16,
     /// How long each call takes, in milliseconds of real time.
     pub latency_ms: u64,
+    /// Streams break off after their first chunk, the connection cut as a network would.
+    pub cut_streams: bool,
+    /// Pause before each stream chunk after the first, in milliseconds of real time: a long
+    /// answer being generated.
+    pub stream_pause_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,6 +77,9 @@ pub struct FakeConfig {
     pub keys: Vec<FakeKey>,
     /// Limits per model, for every project.
     pub models: BTreeMap<String, Limits>,
+    /// Limits of one project for one model, replacing the model's.
+    #[serde(default)]
+    pub projects: BTreeMap<String, BTreeMap<String, Limits>>,
     /// How much faster than real time the limits' minute and day pass.
     #[serde(default = "one")]
     pub time_scale: f64,
@@ -131,6 +139,7 @@ impl Stats {
 struct Inner {
     keys: HashMap<String, FakeKey>,
     models: BTreeMap<String, Limits>,
+    projects: BTreeMap<String, BTreeMap<String, Limits>>,
     faults: Faults,
     windows: HashMap<(String, String), Window>,
     in_flight: HashMap<String, u32>,
@@ -168,6 +177,7 @@ impl FakeGemini {
                 .map(|k| (k.secret.clone(), k))
                 .collect(),
             models: config.models,
+            projects: config.projects,
             faults: config.faults,
             windows: HashMap::new(),
             in_flight: HashMap::new(),
@@ -215,7 +225,10 @@ impl FakeGemini {
     /// The HTTP API: Gemini's routes, plus `/_fake/stats` and `/_fake/faults` for other processes.
     pub fn router(&self) -> Router {
         Router::new()
-            .route("/v1beta/models/{call}", post(call))
+            .route("/{version}/models/{call}", post(call))
+            .route("/{version}/models", get(list_models))
+            .route("/v1beta/openai/chat/completions", post(openai_chat))
+            .route("/v1beta/openai/embeddings", post(openai_embeddings))
             .route("/_fake/stats", get(stats))
             .route("/_fake/faults", post(set_faults))
             .with_state(self.clone())
@@ -284,17 +297,38 @@ struct CallQuery {
 /// What a call asked for, once its key and model are known.
 enum Method {
     Generate,
-    Stream { sse: bool },
+    Stream {
+        sse: bool,
+    },
     CountTokens,
+    Embed,
+    BatchEmbed,
+    /// OpenAI-compatible chat completions, streamed (server-sent events, `[DONE]`) or not.
+    Chat {
+        stream: bool,
+    },
+    Embeddings,
+}
+
+impl Method {
+    fn streams(&self) -> bool {
+        matches!(self, Self::Stream { .. } | Self::Chat { stream: true })
+    }
 }
 
 async fn call(
     State(fake): State<FakeGemini>,
-    Path(call): Path<String>,
+    Path((version, call)): Path<(String, String)>,
     Query(query): Query<CallQuery>,
     headers: HeaderMap,
     body: String,
 ) -> Response {
+    if version != "v1beta" && version != "v1" {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            responses::bad_request(&format!("unknown API version {version}")),
+        );
+    }
     let Some((model, method_name)) = call.split_once(':') else {
         return json_response(
             StatusCode::NOT_FOUND,
@@ -307,6 +341,8 @@ async fn call(
             sse: query.alt.as_deref() == Some("sse"),
         },
         "countTokens" => Method::CountTokens,
+        "embedContent" => Method::Embed,
+        "batchEmbedContents" => Method::BatchEmbed,
         _ => {
             return json_response(
                 StatusCode::NOT_FOUND,
@@ -319,6 +355,77 @@ async fn call(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
         .or(query.key);
+    answer(fake, model.to_string(), method, secret, body).await
+}
+
+/// OpenAI's shape, on Gemini's compatibility path: the key is a bearer token, the model is in
+/// the body.
+async fn openai_chat(State(fake): State<FakeGemini>, headers: HeaderMap, body: String) -> Response {
+    let stream = serde_json::from_str::<Value>(&body)
+        .ok()
+        .and_then(|b| b.get("stream").and_then(Value::as_bool))
+        .unwrap_or(false);
+    openai(fake, headers, body, Method::Chat { stream }).await
+}
+
+async fn openai_embeddings(
+    State(fake): State<FakeGemini>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    openai(fake, headers, body, Method::Embeddings).await
+}
+
+async fn openai(fake: FakeGemini, headers: HeaderMap, body: String, method: Method) -> Response {
+    let secret = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let model = serde_json::from_str::<Value>(&body)
+        .ok()
+        .and_then(|b| b.get("model").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_default();
+    let model = model.strip_prefix("models/").unwrap_or(&model).to_string();
+    answer(fake, model, method, secret, body).await
+}
+
+/// The models the fake serves, in the listing's shape (one page).
+async fn list_models(
+    State(fake): State<FakeGemini>,
+    headers: HeaderMap,
+    Query(query): Query<CallQuery>,
+) -> Response {
+    let secret = headers
+        .get("x-goog-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or(query.key);
+    let inner = fake.lock();
+    match secret.as_deref().map(|s| inner.keys.contains_key(s)) {
+        None => return raw_response(StatusCode::FORBIDDEN, responses::UNREGISTERED, false),
+        Some(false) => {
+            return raw_response(StatusCode::BAD_REQUEST, responses::API_KEY_INVALID, false);
+        }
+        Some(true) => {}
+    }
+    let models: Vec<Value> = inner
+        .models
+        .keys()
+        .map(|name| responses::model_entry(name))
+        .collect();
+    json_response(StatusCode::OK, serde_json::json!({ "models": models }))
+}
+
+/// Decides and answers one call: key, limits, faults, then the answer in its method's shape.
+async fn answer(
+    fake: FakeGemini,
+    model: String,
+    method: Method,
+    secret: Option<String>,
+    body: String,
+) -> Response {
+    let model = model.as_str();
     let request: Value = match serde_json::from_str(&body) {
         Ok(value) => value,
         Err(error) => {
@@ -330,10 +437,10 @@ async fn call(
     };
     let prompt = prompt_text(&request);
     let tokens = estimate_tokens(&prompt);
-    let streaming = matches!(method, Method::Stream { .. });
+    let streaming = method.streams();
 
     // Everything up to the answer is decided at arrival, under the lock, as the provider would.
-    let (key_id, response_id, latency, verdict) = {
+    let (key_id, response_id, latency, (cut_streams, pause), verdict) = {
         let mut inner = fake.lock();
         let Some(secret) = secret else {
             inner.stats.unknown_keys += 1;
@@ -368,6 +475,10 @@ async fn call(
             key.id,
             response_id,
             Duration::from_millis(inner.faults.latency_ms),
+            (
+                inner.faults.cut_streams,
+                Duration::from_millis(inner.faults.stream_pause_ms),
+            ),
             verdict,
         )
     };
@@ -397,21 +508,49 @@ async fn call(
             Method::CountTokens => {
                 json_response(StatusCode::OK, serde_json::json!({"totalTokens": tokens}))
             }
+            Method::Embed => json_response(StatusCode::OK, responses::embedding(&prompt)),
+            Method::BatchEmbed => {
+                let texts = batch_texts(&request);
+                json_response(StatusCode::OK, responses::embeddings(&texts))
+            }
+            Method::Embeddings => json_response(
+                StatusCode::OK,
+                responses::openai_embeddings(model, &openai_inputs(&request), tokens),
+            ),
+            Method::Chat { stream: false } => json_response(
+                StatusCode::OK,
+                responses::openai_chat(model, &prompt, tokens, response_id),
+            ),
+            Method::Chat { stream: true } => {
+                let mut events: Vec<String> =
+                    responses::openai_chat_chunks(model, &prompt, tokens, response_id)
+                        .iter()
+                        .map(|c| format!("data: {c}\n\n"))
+                        .collect();
+                events.push("data: [DONE]\n\n".into());
+                stream_response(events, cut_streams, pause)
+            }
             Method::Stream { sse } => {
                 let chunks = responses::answer_chunks(model, &prompt, tokens, response_id);
-                if sse {
-                    let text: String = chunks
+                let events: Vec<String> = if sse {
+                    chunks
                         .iter()
                         .map(|c| format!("data: {c}\r\n\r\n"))
-                        .collect();
-                    (
-                        [(header::CONTENT_TYPE, "text/event-stream")],
-                        Body::from(text),
-                    )
-                        .into_response()
+                        .collect()
                 } else {
-                    json_response(StatusCode::OK, Value::Array(chunks))
-                }
+                    // Gemini's JSON-array stream: `[{...}`, `\r\n,{...}`, ..., `]`.
+                    let last = chunks.len() - 1;
+                    chunks
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| {
+                            let open = if i == 0 { "[" } else { "\r\n," };
+                            let close = if i == last { "]" } else { "" };
+                            format!("{open}{c}{close}")
+                        })
+                        .collect()
+                };
+                stream_response(events, cut_streams, pause)
             }
         },
     }
@@ -449,7 +588,12 @@ fn decide(
             return Verdict::Raw(StatusCode::BAD_REQUEST, responses::API_KEY_EXPIRED);
         }
     }
-    let Some(&limits) = inner.models.get(model) else {
+    let Some(&limits) = inner
+        .projects
+        .get(&key.project)
+        .and_then(|models| models.get(model))
+        .or_else(|| inner.models.get(model))
+    else {
         return Verdict::Json(
             StatusCode::NOT_FOUND,
             responses::model_not_found(model, "generateContent"),
@@ -490,9 +634,97 @@ fn decide(
     Verdict::Answer
 }
 
-/// All text parts of the request's contents, joined.
+/// A stream answered event by event, each its own chunk on the wire, `pause` between them;
+/// cut after the first when `cut`, with the connection broken rather than closed.
+fn stream_response(events: Vec<String>, cut: bool, pause: Duration) -> Response {
+    let count = if cut { 1 } else { events.len() };
+    let mut chunks: Vec<Result<String, std::io::Error>> =
+        events.into_iter().take(count).map(Ok).collect();
+    if cut {
+        chunks.push(Err(std::io::Error::other("cut by the fake")));
+    }
+    let numbered = futures_util::stream::iter(chunks.into_iter().enumerate());
+    let paced = futures_util::StreamExt::then(numbered, move |(index, chunk)| async move {
+        if index > 0 && !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+        // Separate writes, so that the client sees the stream arrive in parts.
+        tokio::task::yield_now().await;
+        chunk
+    });
+    (
+        [(header::CONTENT_TYPE, "text/event-stream")],
+        Body::from_stream(paced),
+    )
+        .into_response()
+}
+
+/// The texts of a `batchEmbedContents` request, one per embedding asked for.
+fn batch_texts(request: &Value) -> Vec<String> {
+    request
+        .get("requests")
+        .and_then(Value::as_array)
+        .map(|requests| {
+            requests
+                .iter()
+                .map(|r| content_text(r.get("content")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The `input` of an OpenAI embeddings request: a string or a list of them.
+fn openai_inputs(request: &Value) -> Vec<String> {
+    match request.get("input") {
+        Some(Value::String(text)) => vec![text.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The text parts of one `content`.
+fn content_text(content: Option<&Value>) -> String {
+    content
+        .and_then(|c| c.get("parts"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|part| part.get("text").and_then(Value::as_str))
+        .collect()
+}
+
+/// All text of the request: its contents' parts (`generateContent`), its content's
+/// (`embedContent`), its requests' (`batchEmbedContents`), or OpenAI's messages and inputs.
 fn prompt_text(request: &Value) -> String {
-    let mut text = String::new();
+    let mut text = content_text(request.get("content"));
+    for part in batch_texts(request) {
+        text.push_str(&part);
+    }
+    for input in openai_inputs(request) {
+        text.push_str(&input);
+    }
+    for message in request
+        .get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        match message.get("content") {
+            Some(Value::String(content)) => text.push_str(content),
+            Some(Value::Array(parts)) => {
+                for part in parts {
+                    if let Some(t) = part.get("text").and_then(Value::as_str) {
+                        text.push_str(t);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
     if let Some(contents) = request.get("contents").and_then(Value::as_array) {
         for content in contents {
             for part in content

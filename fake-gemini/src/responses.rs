@@ -118,3 +118,102 @@ pub fn answer_chunks(
         })
     }).collect()
 }
+
+/// One model in the listing's shape.
+pub fn model_entry(name: &str) -> Value {
+    let embeds = name.contains("embedding");
+    let methods = if embeds {
+        json!(["embedContent", "batchEmbedContents", "countTokens"])
+    } else {
+        json!(["generateContent", "streamGenerateContent", "countTokens"])
+    };
+    json!({
+        "name": format!("models/{name}"),
+        "version": "001",
+        "displayName": name,
+        "description": format!("{name}, served by the fake"),
+        "inputTokenLimit": 1_048_576,
+        "outputTokenLimit": 65_536,
+        "supportedGenerationMethods": methods,
+    })
+}
+
+/// A small vector that depends on the text, so that tests can tell answers apart.
+fn vector_of(text: &str) -> Vec<f64> {
+    let sum: u64 = text.bytes().map(u64::from).sum();
+    (0..4).map(|i| ((sum + i) % 97) as f64 / 97.0).collect()
+}
+
+/// `embedContent`'s answer.
+pub fn embedding(text: &str) -> Value {
+    json!({"embedding": {"values": vector_of(text)}})
+}
+
+/// `batchEmbedContents`' answer: one embedding per request, in order.
+pub fn embeddings(texts: &[String]) -> Value {
+    let embeddings: Vec<Value> = texts
+        .iter()
+        .map(|t| json!({"values": vector_of(t)}))
+        .collect();
+    json!({"embeddings": embeddings})
+}
+
+/// OpenAI's embeddings answer.
+pub fn openai_embeddings(model: &str, inputs: &[String], prompt_tokens: u64) -> Value {
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, t)| json!({"object": "embedding", "index": index, "embedding": vector_of(t)}))
+        .collect();
+    json!({
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    })
+}
+
+/// OpenAI's chat completion: the same echo as [`answer`].
+pub fn openai_chat(model: &str, prompt: &str, prompt_tokens: u64, response_id: u64) -> Value {
+    let text: String = prompt.chars().take(40).collect();
+    json!({
+        "id": format!("fake-{response_id}"),
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("echo: {text}")}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 8, "total_tokens": prompt_tokens + 8},
+    })
+}
+
+/// The same completion streamed: two chunks, the last with the finish reason and the usage.
+pub fn openai_chat_chunks(
+    model: &str,
+    prompt: &str,
+    prompt_tokens: u64,
+    response_id: u64,
+) -> Vec<Value> {
+    let text: String = prompt.chars().take(40).collect();
+    let chunk = |delta: Value, finish: Value, usage: Value| {
+        json!({
+            "id": format!("fake-{response_id}"),
+            "object": "chat.completion.chunk",
+            "created": 1_700_000_000,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "usage": usage,
+        })
+    };
+    vec![
+        chunk(
+            json!({"role": "assistant", "content": "echo: "}),
+            Value::Null,
+            Value::Null,
+        ),
+        chunk(
+            json!({"content": text}),
+            json!("stop"),
+            json!({"prompt_tokens": prompt_tokens, "completion_tokens": 8, "total_tokens": prompt_tokens + 8}),
+        ),
+    ]
+}

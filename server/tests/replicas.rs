@@ -354,6 +354,7 @@ impl Load {
             .unwrap();
         let fake = runtime
             .block_on(fake_gemini::FakeGemini::start(fake_gemini::FakeConfig {
+                projects: Default::default(),
                 keys: keys
                     .iter()
                     .map(|(id, project)| fake_gemini::FakeKey {
@@ -374,6 +375,8 @@ impl Load {
                 time_scale: 60.0,
                 faults: fake_gemini::Faults {
                     latency_ms: 5,
+                    cut_streams: false,
+                    stream_pause_ms: 0,
                     ..Default::default()
                 },
                 seed: 1,
