@@ -158,6 +158,7 @@ impl Control {
             state: running.state.clone(),
             tls: running.tls.clone(),
             metrics_listen: running.metrics_listen,
+            proxy: running.proxy.clone(),
             ..loaded
         };
         self.state.publish(
@@ -714,6 +715,11 @@ fn diff(old: &Settings, new: &Settings) -> Reloaded {
             "metrics.listen",
             format!("{:?}", old.metrics_listen),
             format!("{:?}", new.metrics_listen),
+        ),
+        (
+            "[proxy]",
+            format!("{:?}", old.proxy),
+            format!("{:?}", new.proxy),
         ),
     ];
     for (name, before, after) in restart_only {

@@ -8,6 +8,7 @@ use crate::auth::{self, Access, Credential, Role, TokenSpec};
 use crate::engine::{
     DEFAULT_POOL, DailyReset, EngineConfig, KeySpec, PoolConfig, canonical_model, quota::Limits,
 };
+use crate::proxy::ProxySettings;
 use crate::secret::{ApiKey, Redactor};
 use crate::tls::TlsFiles;
 use regex::Regex;
@@ -52,6 +53,7 @@ pub struct FileConfig {
     pub state: StateSection,
     pub replication: ReplicationSection,
     pub metrics: MetricsSection,
+    pub proxy: ProxySection,
     pub pools: BTreeMap<String, PoolSection>,
     pub keys: Vec<KeyEntry>,
 }
@@ -61,6 +63,38 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsSection {
     pub listen: Option<String>,
+}
+
+/// `[proxy]`: the Gemini-compatible HTTP endpoint; off unless `listen` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxySection {
+    pub listen: Option<String>,
+    /// Gemini's base URL.
+    pub upstream: String,
+    /// Longest wait for a key before answering 429.
+    #[serde(with = "humantime_serde")]
+    pub wait: Duration,
+    /// Longest a whole call may take.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Largest request body, in bytes.
+    pub max_body: u64,
+    /// The model leased to list models; default: the first of the `gemini` pool.
+    pub listing_model: Option<String>,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            upstream: keylease_client::gemini::DEFAULT_BASE_URL.to_string(),
+            wait: crate::proxy::DEFAULT_WAIT,
+            timeout: crate::proxy::DEFAULT_TIMEOUT,
+            max_body: crate::proxy::DEFAULT_MAX_BODY as u64,
+            listing_model: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -375,6 +409,8 @@ pub struct Settings {
     pub tls: Option<TlsFiles>,
     /// Where Prometheus scrapes `/metrics`, when configured.
     pub metrics_listen: Option<SocketAddr>,
+    /// The Gemini-compatible endpoint, when configured.
+    pub proxy: Option<ProxySettings>,
     /// What the operator should hear about at start (deprecated settings, no auth).
     pub notices: Vec<String>,
     pub max_wait: Duration,
@@ -656,6 +692,7 @@ pub fn validate(
             Some(parsed)
         }
     };
+    let proxy = proxy_settings(&file, listen, metrics_listen, &access, &at)?;
     if tls.as_ref().is_none_or(|t| t.client_ca.is_none())
         && let Some(index) = access
             .callers
@@ -746,6 +783,7 @@ pub fn validate(
         access,
         tls,
         metrics_listen,
+        proxy,
         notices,
         max_wait: leases.max_wait,
         engine: EngineConfig {
@@ -910,6 +948,85 @@ fn access(
         }
     };
     Ok((Access { required, callers }, notices))
+}
+
+/// `[proxy]`, checked: its own port, an upstream URL, and no open proxy off loopback.
+fn proxy_settings(
+    file: &FileConfig,
+    listen: SocketAddr,
+    metrics_listen: Option<SocketAddr>,
+    access: &Access,
+    at: &dyn Fn(&str) -> String,
+) -> Result<Option<ProxySettings>, ConfigError> {
+    let section = &file.proxy;
+    let Some(address) = &section.listen else {
+        return Ok(None);
+    };
+    let parsed = SocketAddr::from_str(address).map_err(|_| {
+        invalid(
+            at("proxy.listen"),
+            format!("{address:?} is not an address:port"),
+        )
+    })?;
+    if parsed.port() != 0 && (parsed == listen || Some(parsed) == metrics_listen) {
+        return Err(invalid(
+            at("proxy.listen"),
+            "is the address of server.listen or metrics.listen: the proxy needs a port of its own",
+        ));
+    }
+    if !parsed.ip().is_loopback() && !access.required && file.server.auth.as_deref() != Some("off")
+    {
+        return Err(invalid(
+            at("proxy.listen"),
+            format!(
+                "{parsed} is not a loopback address and no tokens are configured: anyone who reaches it could spend the keys. Configure [[server.tokens]] (callers give theirs as the API key), or set server.auth = \"off\" to run open"
+            ),
+        ));
+    }
+    let upstream = crate::proxy::check_upstream(&section.upstream)
+        .map_err(|reason| invalid(at("proxy.upstream"), reason))?;
+    for (field, value) in [
+        ("proxy.wait", section.wait),
+        ("proxy.timeout", section.timeout),
+    ] {
+        if value.is_zero() || value > MAX_DURATION {
+            return Err(invalid(
+                at(field),
+                "must be between a millisecond and a year",
+            ));
+        }
+    }
+    let max_body = usize::try_from(section.max_body)
+        .ok()
+        .filter(|&bytes| (1024..=1 << 30).contains(&bytes))
+        .ok_or_else(|| invalid(at("proxy.max_body"), "must be between 1024 bytes and 1 GiB"))?;
+    let listing_model = match &section.listing_model {
+        Some(model) => {
+            let known = file
+                .pools
+                .values()
+                .any(|pool| pool.models.contains_key(model));
+            if !known {
+                return Err(invalid(
+                    at("proxy.listing_model"),
+                    format!("{model:?} is not a model of any pool"),
+                ));
+            }
+            Some(model.clone())
+        }
+        None => file
+            .pools
+            .get(crate::engine::DEFAULT_POOL)
+            .and_then(|pool| pool.models.keys().next().cloned()),
+    };
+    Ok(Some(ProxySettings {
+        listen: parsed,
+        upstream,
+        wait: section.wait,
+        timeout: section.timeout,
+        max_body,
+        listing_model,
+    }))
 }
 
 /// `[server.tls]`, with `replication.ca`: the files exist and hold what they should.

@@ -24,6 +24,7 @@ pub mod config;
 pub mod connections;
 pub mod engine;
 pub mod metrics;
+pub mod proxy;
 pub mod redis_server;
 pub mod replica;
 pub mod secret;

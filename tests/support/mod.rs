@@ -47,6 +47,7 @@ pub async fn start_fake(
     time_scale: f64,
 ) -> fake_gemini::RunningFake {
     let config = fake_gemini::FakeConfig {
+        projects: Default::default(),
         keys: keys
             .iter()
             .map(|(id, project)| fake_gemini::FakeKey {
@@ -68,6 +69,8 @@ pub async fn start_fake(
 
 pub struct TestServer {
     pub address: String,
+    /// `http://ADDRESS` of the Gemini-compatible proxy, when `[proxy]` is configured.
+    pub proxy_url: Option<String>,
     /// `http://ADDRESS/metrics`.
     pub metrics_url: String,
     stop: Option<oneshot::Sender<()>>,
@@ -97,6 +100,16 @@ impl TestServer {
             .expect("test configuration");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = format!("http://{}", listener.local_addr().unwrap());
+        let (listener, local) = keylease_server::connections::Incoming::with_local(listener);
+        let proxy_url = match settings.proxy.clone() {
+            Some(proxy) => {
+                let address = keylease_server::proxy::start_embedded(proxy, &local)
+                    .await
+                    .expect("proxy");
+                Some(format!("http://{address}"))
+            }
+            None => None,
+        };
         let (state, _) = State::open(&settings, Clock::system(), false).unwrap();
         let source = ConfigSource {
             path: Some(path),
@@ -118,6 +131,7 @@ impl TestServer {
         }));
         Self {
             address,
+            proxy_url,
             metrics_url,
             stop: Some(stop),
             handle: Some(handle),

@@ -7,6 +7,7 @@ use clap::Parser;
 use keylease_server::admin::{ConfigSource, Control};
 use keylease_server::clock::Clock;
 use keylease_server::config::{LogFormat, Overrides, Replication, Settings, StateLocation};
+use keylease_server::connections::{Incoming, LocalConnector};
 use keylease_server::replica;
 use keylease_server::server::{Front, serve};
 use keylease_server::state::State;
@@ -234,12 +235,21 @@ enum Failure {
     Signals(std::io::Error),
     #[error("serving failed: {0}")]
     Serve(#[from] keylease_server::server::ServeError),
+    #[error("{0}")]
+    Proxy(#[from] keylease_server::proxy::ProxyStartError),
 }
 
 impl Failure {
     fn exit_code(&self) -> u8 {
         match self {
             Self::Open(_) | Self::Replica(_) | Self::Tls(_) => EXIT_USAGE,
+            Self::Proxy(keylease_server::proxy::ProxyStartError::Listen { source, .. })
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                EXIT_NO_PERMISSION
+            }
+            Self::Proxy(keylease_server::proxy::ProxyStartError::Listen { .. }) => EXIT_UNAVAILABLE,
+            Self::Proxy(_) => EXIT_USAGE,
             Self::Store(_) => EXIT_IO,
             Self::Listen { source, .. }
                 if source.kind() == std::io::ErrorKind::PermissionDenied =>
@@ -323,6 +333,14 @@ async fn bind_metrics(settings: &Settings) -> Result<Option<TcpListener>, Failur
     Ok(Some(listener))
 }
 
+/// The Gemini-compatible endpoint, when configured: it leases from this server through memory.
+async fn start_proxy(settings: &Settings, local: &LocalConnector) -> Result<(), Failure> {
+    if let Some(proxy) = settings.proxy.clone() {
+        keylease_server::proxy::start_embedded(proxy, local).await?;
+    }
+    Ok(())
+}
+
 /// One replica of several on Redis (see `keylease_server::replica`).
 async fn run_replica(
     settings: Settings,
@@ -330,10 +348,12 @@ async fn run_replica(
     replication: Replication,
     reset_state: bool,
 ) -> Result<(), Failure> {
+    let (grpc, local) = Incoming::with_local(bind(&settings).await?);
     let listeners = replica::Listeners {
-        grpc: bind(&settings).await?,
+        grpc,
         metrics: bind_metrics(&settings).await?,
     };
+    start_proxy(&settings, &local).await?;
     let stop = stop_signal()?;
     let front = Front::new(&settings)?;
     let (reloads, reload_requests) = tokio::sync::mpsc::unbounded_channel();
@@ -402,7 +422,8 @@ async fn run(settings: Settings, source: ConfigSource, reset_state: bool) -> Res
         });
     }
     reload_on_hangup(control.clone())?;
-    let listener = bind(&settings).await?;
+    let (listener, local) = Incoming::with_local(bind(&settings).await?);
+    start_proxy(&settings, &local).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let signalled = stop_signal()?;
     tokio::spawn(async move {

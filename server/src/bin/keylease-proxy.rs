@@ -1,0 +1,176 @@
+//! `keylease-proxy`: the Gemini-compatible endpoint on its own, next to the workers, leasing
+//! from a remote keylease over gRPC with each caller's own token. Exit codes as the server's.
+
+use clap::Parser;
+use keylease_client::{ClientConfig, KeyLeaseClient, TlsConfig};
+use keylease_server::proxy::{self, Proxy, ProxySettings};
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+
+const EXIT_USAGE: u8 = 64;
+const EXIT_UNAVAILABLE: u8 = 69;
+const EXIT_OS: u8 = 71;
+
+/// A Gemini-compatible HTTP endpoint whose every call runs under a keylease lease.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// keylease's gRPC address (`http://` or `https://`); repeat for replicas.
+    #[arg(long, required = true)]
+    keylease: Vec<String>,
+    /// Address to serve HTTP on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Gemini's base URL.
+    #[arg(long, default_value = keylease_client::gemini::DEFAULT_BASE_URL)]
+    upstream: String,
+    /// Longest wait for a key before answering 429 (`60s`, `2m`).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    wait: Duration,
+    /// Longest a whole call may take.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Largest request body, in bytes.
+    #[arg(long, default_value_t = proxy::DEFAULT_MAX_BODY)]
+    max_body: usize,
+    /// The model leased to list models (`GET models`); without it, listing is refused.
+    #[arg(long)]
+    listing_model: Option<String>,
+    /// The CA that signed keylease's certificate (PEM), for https:// addresses.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// A client certificate and its key (PEM), when keylease requires mutual TLS.
+    #[arg(long, requires = "client_key")]
+    client_certificate: Option<PathBuf>,
+    #[arg(long, requires = "client_certificate")]
+    client_key: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let filter = EnvFilter::try_from_env("KEYLEASE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("keylease-proxy: cannot start the runtime: {error}");
+            return ExitCode::from(EXIT_OS);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((code, message)) => {
+            eprintln!("keylease-proxy: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), (u8, String)> {
+    let usage = |message: String| (EXIT_USAGE, message);
+    let upstream =
+        proxy::check_upstream(&args.upstream).map_err(|e| usage(format!("--upstream: {e}")))?;
+    if args.wait.is_zero() || args.timeout.is_zero() {
+        return Err(usage("--wait and --timeout must be above zero".into()));
+    }
+    let read = |flag: &str, path: &PathBuf| {
+        std::fs::read(path).map_err(|e| usage(format!("{flag} {}: {e}", path.display())))
+    };
+    let mut config = ClientConfig::new(args.keylease[0].clone());
+    config.endpoints = args.keylease.clone();
+    if args.ca.is_some() || args.client_certificate.is_some() {
+        let identity = match (&args.client_certificate, &args.client_key) {
+            (Some(certificate), Some(key)) => Some((
+                read("--client-certificate", certificate)?,
+                read("--client-key", key)?,
+            )),
+            _ => None,
+        };
+        config.tls = Some(TlsConfig {
+            ca_certificate: args.ca.as_ref().map(|ca| read("--ca", ca)).transpose()?,
+            identity,
+            domain: None,
+        });
+    }
+    let keylease =
+        KeyLeaseClient::connect(config).map_err(|e| usage(format!("--keylease: {e}")))?;
+    if !args.listen.ip().is_loopback() {
+        refuse_if_open(&keylease, args.listen).await?;
+    }
+    let settings = ProxySettings {
+        listen: args.listen,
+        upstream: upstream.clone(),
+        wait: args.wait,
+        timeout: args.timeout,
+        max_body: args.max_body,
+        listing_model: args.listing_model,
+    };
+    let proxy = Proxy::new(settings, keylease).map_err(|e| usage(e.to_string()))?;
+    let listener = TcpListener::bind(args.listen).await.map_err(|e| {
+        (
+            EXIT_UNAVAILABLE,
+            format!("cannot listen on {}: {e}", args.listen),
+        )
+    })?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| (EXIT_OS, e.to_string()))?;
+    tracing::info!(%address, %upstream, keylease = ?args.keylease, "Gemini-compatible proxy at http://{address}");
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| (EXIT_OS, e.to_string()))?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(|e| (EXIT_OS, e.to_string()))?;
+    let stop = async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        tracing::info!("shutting down: finishing in-flight calls");
+    };
+    proxy::serve(listener, proxy, stop)
+        .await
+        .map_err(|e| (EXIT_UNAVAILABLE, format!("serving failed: {e}")))
+}
+
+/// Off loopback, the proxy serves only when keylease checks tokens: otherwise anyone who
+/// reaches it could spend the keys. An empty acquire tells which without taking anything:
+/// keylease refuses it as unauthenticated when it checks, as invalid when it does not.
+async fn refuse_if_open(keylease: &KeyLeaseClient, listen: SocketAddr) -> Result<(), (u8, String)> {
+    let mut probe = keylease_client::AcquireOptions::new("", "");
+    probe.wait = Duration::ZERO;
+    match keylease.acquire(probe).await {
+        Err(keylease_client::Error::Refused(status))
+            if status.code() == tonic::Code::Unauthenticated =>
+        {
+            Ok(())
+        }
+        Err(keylease_client::Error::Unreachable { last, .. }) => Err((
+            EXIT_UNAVAILABLE,
+            format!("keylease cannot be reached to check that it requires tokens: {last}"),
+        )),
+        _ => Err((
+            EXIT_USAGE,
+            format!(
+                "keylease lends keys without a token, and {listen} is not a loopback address: anyone who reaches the proxy could spend the keys. Configure tokens on keylease, or listen on loopback"
+            ),
+        )),
+    }
+}

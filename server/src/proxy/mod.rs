@@ -1,0 +1,225 @@
+//! The Gemini-compatible HTTP endpoint: point any Gemini SDK's base URL here and every call runs
+//! under a keylease lease. The caller authenticates with its keylease token wherever its SDK puts
+//! the API key (`x-goog-api-key`, `?key=`, `Authorization: Bearer`); the proxy leases a key for
+//! the model as that caller, over gRPC through the client crate (in memory when it runs inside
+//! the server, over the network when it runs as `keylease-proxy`), sends the request upstream
+//! with the leased key in a header, and releases the lease with the answer's usage. Quota and
+//! key failures move the request to another key and provider trouble is retried, both unseen
+//! by the caller ([`keylease_client::gemini::with_lease`]); when no key can be had within
+//! `[proxy] wait` the caller gets Gemini's own 429 with `RetryInfo`.
+//!
+//! - [`route`]: which call a request is.
+//! - [`forward`]: one call, leased, sent, streamed back.
+//! - [`estimate`]: the input-token estimate, and the usage read from answers.
+//! - [`reply`]: the proxy's own answers, in Gemini's error format.
+
+pub mod estimate;
+mod forward;
+pub mod reply;
+pub mod route;
+
+use crate::auth::token_sha256;
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use keylease_client::KeyLeaseClient;
+use keylease_client::gemini::{CallError, GeminiClient};
+use reply::ProxyError;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// `[proxy]` (or `keylease-proxy`'s flags), validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxySettings {
+    pub listen: SocketAddr,
+    /// Gemini's base URL: `https://generativelanguage.googleapis.com`, or a fake.
+    pub upstream: String,
+    /// Longest wait for a key before the caller gets a 429 (the SDK's `X-Server-Timeout`
+    /// shortens it).
+    pub wait: Duration,
+    /// Longest a whole call may take: waits, retries and the answer.
+    pub timeout: Duration,
+    /// Largest request body accepted, in bytes.
+    pub max_body: usize,
+    /// The model whose lease lists the models (`GET models`); `None`: listing is refused.
+    pub listing_model: Option<String>,
+}
+
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Gemini's own limit on an inline request.
+pub const DEFAULT_MAX_BODY: usize = 20 * 1024 * 1024;
+/// How long a model listing is served from memory.
+const LISTING_TTL: Duration = Duration::from_secs(600);
+/// Most callers whose keylease connections are kept; past it the set starts again.
+const MAX_CALLERS: usize = 4096;
+
+/// An upstream base URL, checked: `http(s)://host[:port][/path]`, without credentials, a query
+/// or a fragment (a key in a URL ends up in logs). Returned without a trailing `/`.
+pub fn check_upstream(url: &str) -> Result<String, String> {
+    // The URL is never quoted: a mistaken one may hold a key.
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+        return Err("give an http:// or https:// URL with a host".into());
+    }
+    if !parsed.username().is_empty()
+        || parsed.password().is_some()
+        || parsed.query().is_some()
+        || parsed.fragment().is_some()
+    {
+        return Err(
+            "holds credentials, a query or a fragment: give the base URL alone (the proxy puts each leased key in a header)"
+                .into(),
+        );
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
+/// The proxy's shared state: one per listener.
+pub struct Proxy {
+    settings: ProxySettings,
+    /// keylease, with no token: each caller's own is put on a clone of it.
+    keylease: KeyLeaseClient,
+    /// Per caller token (by its SHA-256): a client sending that token.
+    callers: Mutex<HashMap<[u8; 32], KeyLeaseClient>>,
+    upstream: GeminiClient,
+    listings: Mutex<Listings>,
+    /// Task ids for calls that do not name their task.
+    next_task: AtomicU64,
+    instance: u64,
+    clock: crate::clock::Clock,
+}
+
+/// Model listings, per API version, and the callers known to keylease since they were made.
+#[derive(Default)]
+struct Listings {
+    /// With when it was made (steady ms).
+    by_version: HashMap<&'static str, (u64, Arc<serde_json::Value>)>,
+    /// Tokens (by SHA-256) that got a lease: they may read a cached listing.
+    admitted: HashSet<[u8; 32]>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyStartError {
+    #[error("proxy upstream: {0}")]
+    Upstream(#[from] CallError),
+    #[error("the proxy cannot listen on {address}: {source}")]
+    Listen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the proxy cannot reach keylease: {0}")]
+    KeyLease(String),
+}
+
+impl Proxy {
+    /// A proxy that leases through `keylease` (its token, if any, is replaced by each caller's).
+    pub fn new(
+        settings: ProxySettings,
+        keylease: KeyLeaseClient,
+    ) -> Result<Arc<Self>, ProxyStartError> {
+        let upstream = GeminiClient::new(settings.upstream.clone(), settings.timeout)?;
+        let instance = getrandom::u64().unwrap_or_else(|_| u64::from(std::process::id()));
+        Ok(Arc::new(Self {
+            settings,
+            keylease,
+            callers: Mutex::new(HashMap::new()),
+            upstream,
+            listings: Mutex::new(Listings::default()),
+            next_task: AtomicU64::new(1),
+            instance,
+            clock: crate::clock::Clock::system(),
+        }))
+    }
+
+    pub fn settings(&self) -> &ProxySettings {
+        &self.settings
+    }
+
+    /// The keylease client that calls as the holder of `token`.
+    fn client_for(&self, token: Option<&str>) -> Result<KeyLeaseClient, ProxyError> {
+        let hash = token_sha256(token.unwrap_or_default());
+        let mut callers = self.callers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(client) = callers.get(&hash) {
+            return Ok(client.clone());
+        }
+        let client = self.keylease.with_token(token).map_err(|_| {
+            ProxyError::Unauthenticated(
+                "the API key given is not valid header text, so it cannot be a keylease token"
+                    .into(),
+            )
+        })?;
+        if callers.len() >= MAX_CALLERS {
+            callers.clear();
+        }
+        callers.insert(hash, client.clone());
+        Ok(client)
+    }
+
+    /// A task id for a call that names none: unique, so that calls share no exclusions.
+    fn new_task_id(&self) -> String {
+        format!(
+            "proxy-{:x}-{}",
+            self.instance,
+            self.next_task.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    fn lock_listings(&self) -> std::sync::MutexGuard<'_, Listings> {
+        self.listings.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The proxy inside the server: binds `settings.listen` and serves until the process ends,
+/// leasing from this server's own gRPC service through memory, as each caller. Returns the
+/// address it listens on.
+pub async fn start_embedded(
+    settings: ProxySettings,
+    local: &crate::connections::LocalConnector,
+) -> Result<SocketAddr, ProxyStartError> {
+    let listen = settings.listen;
+    let listen_failed = |source| ProxyStartError::Listen {
+        address: listen,
+        source,
+    };
+    let listener = TcpListener::bind(listen).await.map_err(listen_failed)?;
+    let address = listener.local_addr().map_err(listen_failed)?;
+    let keylease = KeyLeaseClient::over_channel(
+        local.channel(),
+        keylease_client::ClientConfig::new("http://keylease.local"),
+    )
+    .map_err(|e| ProxyStartError::KeyLease(e.to_string()))?;
+    let upstream = settings.upstream.clone();
+    let proxy = Proxy::new(settings, keylease)?;
+    tracing::info!(%address, %upstream, "Gemini-compatible proxy at http://{address}");
+    tokio::spawn(async move {
+        if let Err(error) = serve(listener, proxy, std::future::pending()).await {
+            tracing::error!(%error, "serving the proxy failed");
+        }
+    });
+    Ok(address)
+}
+
+/// Serves the proxy on `listener` until `shutdown` resolves and in-flight calls have ended.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let router = Router::new().fallback(handle).with_state(proxy);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
+    match forward::call(&proxy, request).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}

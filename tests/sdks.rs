@@ -1,0 +1,234 @@
+//! The real Gemini SDKs through keylease's proxy: google-genai (Python) in a fleet of
+//! processes, the openai Python SDK on the OpenAI-compatible path, and @google/genai
+//! (JavaScript). `scripts/test` installs them; these tests never skip without them.
+
+mod support;
+
+use fake_gemini::limits::Limits;
+use fake_gemini::{FakeConfig, FakeGemini, FakeKey, Faults, KeyHealth, RunningFake};
+use std::collections::BTreeMap;
+use std::process::{Command, Output};
+use std::time::Duration;
+use support::{MODEL, TestServer, fake_secret};
+
+/// 12 keys in 5 projects.
+const KEYS: [(&str, &str); 12] = [
+    ("k01", "p1"),
+    ("k02", "p1"),
+    ("k03", "p1"),
+    ("k04", "p2"),
+    ("k05", "p2"),
+    ("k06", "p3"),
+    ("k07", "p3"),
+    ("k08", "p3"),
+    ("k09", "p4"),
+    ("k10", "p4"),
+    ("k11", "p5"),
+    ("k12", "p5"),
+];
+/// Requests a (scaled) minute, per project, as configured in keylease.
+const RPM: u64 = 30;
+const TOKEN: &str = "kl_sdk_worker_token_0123456789abcdef";
+/// Bounds every SDK process.
+const PROCESS_LIMIT: Duration = Duration::from_secs(180);
+
+/// The fake: its minute lasts a second, as keylease's window does here; `real_limits` per
+/// project override the configured RPM.
+async fn fake(real_limits: &[(&str, u64)]) -> RunningFake {
+    let limits = |rpm| Limits {
+        requests_per_minute: Some(rpm),
+        ..Limits::default()
+    };
+    let projects: BTreeMap<String, BTreeMap<String, Limits>> = real_limits
+        .iter()
+        .map(|(project, rpm)| {
+            (
+                project.to_string(),
+                [(MODEL.to_string(), limits(*rpm))].into(),
+            )
+        })
+        .collect();
+    FakeGemini::start(FakeConfig {
+        keys: KEYS
+            .iter()
+            .map(|(id, project)| FakeKey {
+                id: id.to_string(),
+                secret: fake_secret(id),
+                project: project.to_string(),
+                health: KeyHealth::Healthy,
+            })
+            .collect(),
+        models: [(MODEL.to_string(), limits(RPM))].into(),
+        projects,
+        time_scale: 60.0,
+        faults: Faults {
+            // Long enough that two calls on one key would be seen overlapping.
+            latency_ms: 5,
+            ..Faults::default()
+        },
+        seed: 3,
+    })
+    .await
+    .expect("fake gemini")
+}
+
+/// keylease with the proxy in front of `fake`, one worker token, a one-second window.
+async fn server(fake: &RunningFake) -> (TestServer, String) {
+    let hash: String = keylease_server::auth::token_sha256(TOKEN)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut config = format!(
+        "[server]\ntokens = [{{ name = \"sdk\", role = \"worker\", sha256 = \"{hash}\" }}]\n\n\
+         [proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n\n\
+         [quota]\nwindow = \"1s\"\nsafety_margin = \"20ms\"\n\n\
+         [key_sources]\nenvironment = false\n\n\
+         [pools.gemini.models.\"{MODEL}\"]\nrequests_per_minute = {RPM}\nrequests_per_day = 1000000\n\n",
+        fake.base_url()
+    );
+    for (id, project) in KEYS {
+        config.push_str(&format!(
+            "[[keys]]\nid = \"{id}\"\nproject = \"{project}\"\nsecret = \"{}\"\n\n",
+            fake_secret(id)
+        ));
+    }
+    let server = TestServer::start(&config).await;
+    let url = server.proxy_url.clone().expect("the proxy runs");
+    (server, url)
+}
+
+/// Runs a command to its end, within [`PROCESS_LIMIT`].
+async fn run(mut command: Command) -> Output {
+    let program = format!("{command:?}");
+    let child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program}: {e} (scripts/test installs it)"));
+    let pid = child.id();
+    let waited = tokio::time::timeout(
+        PROCESS_LIMIT,
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await;
+    match waited {
+        Ok(output) => output.unwrap().unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            panic!("{program} ran over {PROCESS_LIMIT:?}");
+        }
+    }
+}
+
+fn script(name: &str) -> String {
+    format!("{}/tests/python/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `processes` google-genai processes, each `workers` calls at once, `rounds` rounds each.
+async fn genai_fleet(url: &str, processes: usize, workers: usize, rounds: usize) {
+    let runs: Vec<_> = (0..processes)
+        .map(|_| {
+            let mut command = Command::new("python3");
+            command.args([
+                script("genai_through_proxy.py"),
+                url.to_string(),
+                TOKEN.to_string(),
+                MODEL.to_string(),
+                workers.to_string(),
+                rounds.to_string(),
+            ]);
+            tokio::spawn(run(command))
+        })
+        .collect();
+    for run in runs {
+        let output = run.await.unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            stdout.contains(&format!("\"ok\": {}", workers * rounds)),
+            "{stdout}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_fleet_of_genai_processes_gets_every_answer_with_no_429_and_no_overlap() {
+    let fake = fake(&[]).await;
+    let (_server, url) = server(&fake).await;
+    assert!(fake.fake.set_health("k07", KeyHealth::Leaked));
+    genai_fleet(&url, 8, 8, 2).await;
+    let stats = fake.fake.stats();
+    let all = stats.all();
+    assert_eq!(all.status(429), 0, "{stats:?}");
+    assert_eq!(all.overlaps, 0, "{stats:?}");
+    assert_eq!(stats.unknown_keys, 0, "the token never reached Gemini");
+    // The leaked key was tried once, then never again; no caller saw its 403.
+    assert_eq!(stats.keys["k07"].total(), 1, "{stats:?}");
+    assert_eq!(stats.keys["k07"].status(403), 1);
+    // 8 × 8 × 2 rounds of generate, stream, count and embed: count tokens is answered too.
+    assert_eq!(all.status(200), 8 * 8 * 2 * 4, "{stats:?}");
+}
+
+#[tokio::test]
+async fn a_project_whose_real_limit_is_half_the_configured_one_still_answers_every_call() {
+    let fake = fake(&[("p5", RPM / 2)]).await;
+    let (_server, url) = server(&fake).await;
+    genai_fleet(&url, 4, 8, 2).await;
+    let stats = fake.fake.stats();
+    // Only p5 can have refused; the proxy moved those calls to other projects' keys.
+    for (project, counts) in &stats.projects {
+        if project != "p5" {
+            assert_eq!(counts.status(429), 0, "{project}: {stats:?}");
+        }
+    }
+    assert_eq!(stats.all().overlaps, 0);
+}
+
+#[tokio::test]
+async fn the_openai_sdk_works_on_the_openai_compatible_path_streaming_included() {
+    let fake = fake(&[]).await;
+    let (_server, url) = server(&fake).await;
+    let mut command = Command::new("python3");
+    command.args([
+        script("openai_through_proxy.py"),
+        format!("{url}/v1beta/openai/"),
+        TOKEN.to_string(),
+        MODEL.to_string(),
+    ]);
+    let output = run(command).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("chat: echo: Say hi"), "{stdout}");
+    assert!(stdout.contains("streamed: echo: Stream it"), "{stdout}");
+    assert!(stdout.contains("embeddings: 2"), "{stdout}");
+    assert_eq!(fake.fake.stats().all().status(200), 3);
+}
+
+#[tokio::test]
+async fn the_javascript_sdk_generates_and_streams() {
+    let fake = fake(&[]).await;
+    let (_server, url) = server(&fake).await;
+    let dir = format!("{}/tests/js", env!("CARGO_MANIFEST_DIR"));
+    let mut command = Command::new("node");
+    command
+        .current_dir(&dir)
+        .args(["genai_through_proxy.mjs", &url, TOKEN, MODEL]);
+    let output = run(command).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("generated: echo: Hello from JavaScript"), "{stdout}");
+    assert!(stdout.contains("streamed: echo: Stream from JavaScript"), "{stdout}");
+    assert_eq!(fake.fake.stats().all().status(200), 2);
+}
