@@ -228,7 +228,13 @@ async fn the_javascript_sdk_generates_and_streams() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(stdout.contains("generated: echo: Hello from JavaScript"), "{stdout}");
-    assert!(stdout.contains("streamed: echo: Stream from JavaScript"), "{stdout}");
+    assert!(
+        stdout.contains("generated: echo: Hello from JavaScript"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("streamed: echo: Stream from JavaScript"),
+        "{stdout}"
+    );
     assert_eq!(fake.fake.stats().all().status(200), 2);
 }

@@ -474,6 +474,8 @@ pub struct Overrides {
     pub ephemeral: bool,
     /// `--store`: overrides `state.store`.
     pub store: Option<String>,
+    /// `--proxy-listen`: overrides `proxy.listen`; `off` turns the proxy off.
+    pub proxy_listen: Option<String>,
 }
 
 /// Reads the file (if any) and the environment's overrides, then validates everything.
@@ -576,6 +578,11 @@ pub fn validate(
     }
     if let Some(format) = &overrides.log_format {
         file.server.log_format = format.clone();
+    }
+    match overrides.proxy_listen.as_deref() {
+        Some("off") => file.proxy.listen = None,
+        Some(listen) => file.proxy.listen = Some(listen.to_string()),
+        None => {}
     }
     let listen = SocketAddr::from_str(&file.server.listen).map_err(|_| {
         invalid(

@@ -8,6 +8,9 @@ use std::process::Command;
 use std::time::Duration;
 use support::BINARY;
 
+/// The example's proxy listens on 8080; tests run side by side, each on a port of its own.
+const PROXY_ON_ANY_PORT: [&str; 2] = ["--proxy-listen", "127.0.0.1:0"];
+
 fn example_config() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/keylease.example.toml")
 }
@@ -46,6 +49,8 @@ fn a_bad_flag_names_the_field_and_binds_nothing() {
         .args([
             "--config",
             example_config().to_str().unwrap(),
+            "--proxy-listen",
+            "off",
             "--listen",
             "not-an-address",
         ])
@@ -58,7 +63,12 @@ fn a_bad_flag_names_the_field_and_binds_nothing() {
 #[test]
 fn operators_can_explore_it_with_grpcurl_and_stop_it_with_sigterm() {
     let state_dir = support::scratch_dir("sigterm-state");
-    let state_args = ["--state-dir", state_dir.to_str().unwrap()];
+    let state_args = [
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+        PROXY_ON_ANY_PORT[0],
+        PROXY_ON_ANY_PORT[1],
+    ];
     let server = support::start_with(example_config().to_str().unwrap(), &[], &state_args);
     let address = server.address.clone();
     let services = grpcurl(&["-plaintext", &address, "list"]);
@@ -119,6 +129,7 @@ fn run_on_a_taken_address() -> std::process::Output {
     let address = taken.local_addr().unwrap().to_string();
     Command::new(BINARY)
         .args(["--config", example_config().to_str().unwrap()])
+        .args(PROXY_ON_ANY_PORT)
         .args(["--listen", &address, "--log-format", "text", "--ephemeral"])
         .env_remove("GEMINI_API_KEY")
         .output()
@@ -201,6 +212,7 @@ fn start_up_errors_never_print_a_secret() {
 fn run_on_state(state_dir: &std::path::Path, extra: &[&str]) -> std::process::Output {
     Command::new(BINARY)
         .args(["--config", example_config().to_str().unwrap()])
+        .args(PROXY_ON_ANY_PORT)
         .args(["--listen", "127.0.0.1:0", "--log-format", "text"])
         .args(["--state-dir", state_dir.to_str().unwrap()])
         .args(extra)
@@ -215,7 +227,12 @@ fn a_second_server_on_a_state_directory_exits_64_naming_the_holder() {
     let first = support::start_with(
         example_config().to_str().unwrap(),
         &[],
-        &["--state-dir", state_dir.to_str().unwrap()],
+        &[
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+            PROXY_ON_ANY_PORT[0],
+            PROXY_ON_ANY_PORT[1],
+        ],
     );
     let output = run_on_state(&state_dir, &[]);
     assert_eq!(output.status.code(), Some(64));
@@ -242,7 +259,13 @@ fn a_damaged_state_exits_64_and_reset_state_moves_it_aside() {
     let server = support::start_with(
         example_config().to_str().unwrap(),
         &[],
-        &["--state-dir", state_dir.to_str().unwrap(), "--reset-state"],
+        &[
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+            "--reset-state",
+            PROXY_ON_ANY_PORT[0],
+            PROXY_ON_ANY_PORT[1],
+        ],
     );
     assert!(
         server.output().contains("moved aside"),

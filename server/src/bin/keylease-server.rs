@@ -66,6 +66,10 @@ struct Args {
     /// what Redis holds after it lost the log.
     #[arg(long, conflicts_with = "ephemeral")]
     store: Option<String>,
+    /// Address of the Gemini-compatible proxy, such as 127.0.0.1:8080, or `off` (overrides
+    /// proxy.listen).
+    #[arg(long)]
+    proxy_listen: Option<String>,
     #[command(subcommand)]
     tool: Option<Tool>,
 }
@@ -163,6 +167,7 @@ fn main() -> ExitCode {
         state_dir: args.state_dir,
         ephemeral: args.ephemeral,
         store: args.store,
+        proxy_listen: args.proxy_listen,
     };
     let source = ConfigSource {
         path: config_path,

@@ -848,3 +848,70 @@ fn tls_mistakes_name_the_file_and_never_quote_a_key() {
     assert!(tls.client_certificate_required);
     assert_eq!(tls.client_ca.as_deref(), Some(pki.ca.as_path()));
 }
+
+#[test]
+fn the_proxy_is_off_unless_listen_is_set_and_takes_its_defaults() {
+    let keys = format!("{POOL}\n[[keys]]\nsecret = \"x-key\"\n");
+    assert_eq!(Dir::new(&keys).load(&no_env()).unwrap().proxy, None);
+    let on = format!("[proxy]\nlisten = \"127.0.0.1:8080\"\n{keys}");
+    let proxy = Dir::new(&on).load(&no_env()).unwrap().proxy.unwrap();
+    assert_eq!(proxy.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(proxy.upstream, "https://generativelanguage.googleapis.com");
+    assert_eq!(proxy.wait, Duration::from_secs(60));
+    assert_eq!(proxy.listing_model.as_deref(), Some("gemini-2.5-flash"));
+    let example = load(Some(&example_path()), &no_env(), &Overrides::default()).unwrap();
+    assert!(
+        example.proxy.is_some(),
+        "the README's run command serves the proxy too"
+    );
+}
+
+#[test]
+fn proxy_mistakes_name_the_field_and_never_quote_the_upstream() {
+    let keys = format!("{POOL}\n[[keys]]\nsecret = \"x-key\"\n");
+    let cases = [
+        (
+            "listen = \"here\"",
+            "proxy.listen: \"here\" is not an address:port",
+        ),
+        (
+            "listen = \"127.0.0.1:50051\"",
+            "proxy.listen: is the address of server.listen",
+        ),
+        (
+            "listen = \"0.0.0.0:8080\"",
+            "proxy.listen: 0.0.0.0:8080 is not a loopback address and no tokens are configured",
+        ),
+        (
+            "listen = \"127.0.0.1:8080\"\nupstream = \"https://example.invalid/?key=AIzaSECRETSECRET\"",
+            "proxy.upstream: holds credentials, a query or a fragment",
+        ),
+        (
+            "listen = \"127.0.0.1:8080\"\nupstream = \"ftp://AIzaSECRETSECRET\"",
+            "proxy.upstream: give an http:// or https:// URL",
+        ),
+        (
+            "listen = \"127.0.0.1:8080\"\nwait = \"0s\"",
+            "proxy.wait: must be between",
+        ),
+        (
+            "listen = \"127.0.0.1:8080\"\nmax_body = 10",
+            "proxy.max_body: must be between",
+        ),
+        (
+            "listen = \"127.0.0.1:8080\"\nlisting_model = \"gemini-9\"",
+            "proxy.listing_model: \"gemini-9\" is not a model of any pool",
+        ),
+        (
+            "listen = \"127.0.0.1:8080\"\nport = 1",
+            "unknown field `port`",
+        ),
+    ];
+    for (section, expected) in cases {
+        let error = error_of(Dir::new(&format!("[proxy]\n{section}\n{keys}")).load(&no_env()));
+        assert!(error.contains(expected), "{section}: {error}");
+        assert!(!error.contains("AIzaSECRETSECRET"), "{error}");
+    }
+    let told = format!("[server]\nauth = \"off\"\n[proxy]\nlisten = \"0.0.0.0:8080\"\n{keys}");
+    assert!(Dir::new(&told).load(&no_env()).unwrap().proxy.is_some());
+}
