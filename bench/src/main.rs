@@ -3,13 +3,14 @@
 //! runs it at a size that only shows it still works (CI does that; figures are never asserted).
 //!
 //! ```sh
-//! cargo run --release -p keylease-bench -- overhead | scale | utilization | limits | recovery | replicas | all [--smoke]
+//! cargo run --release -p keylease-bench -- overhead | scale | utilization | limits | recovery | replicas | proxy | all [--smoke]
 //! ```
 //! The other subcommands are the roles the scenarios start this binary in.
 
 mod limits;
 mod overhead;
 mod procs;
+mod proxy;
 mod recovery;
 mod replicas;
 mod roles;
@@ -60,6 +61,11 @@ enum Scenario {
         #[arg(long)]
         smoke: bool,
     },
+    /// Latency and throughput the Gemini-compatible proxy adds, against calling the fake directly.
+    Proxy {
+        #[arg(long)]
+        smoke: bool,
+    },
     /// Every scenario.
     All {
         #[arg(long)]
@@ -103,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Limits { smoke } => limits::run(smoke).await?,
         Scenario::Recovery { smoke } => recovery::run(smoke).await?,
         Scenario::Replicas { smoke } => replicas::run(smoke).await?,
+        Scenario::Proxy { smoke } => proxy::run(smoke).await?,
         Scenario::All { smoke } => {
             overhead::run(smoke).await?;
             scale::run(smoke).await?;
@@ -110,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
             limits::run(smoke).await?;
             recovery::run(smoke).await?;
             replicas::run(smoke).await?;
+            proxy::run(smoke).await?;
         }
         Scenario::Serve { .. }
         | Scenario::Replica { .. }

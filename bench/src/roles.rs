@@ -21,6 +21,11 @@ pub async fn serve(config: PathBuf) -> anyhow::Result<()> {
     let (state, _) = State::open(&settings, Clock::system(), false)?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     println!("listening on http://{}", listener.local_addr()?);
+    let (listener, local) = keylease_server::connections::Incoming::with_local(listener);
+    if let Some(proxy) = settings.proxy.clone() {
+        let address = keylease_server::proxy::start_embedded(proxy, &local).await?;
+        println!("proxy on http://{address}");
+    }
     if state.journal().is_some() {
         // The store's own counters, for the scenario to read around each measurement.
         let state = state.clone();

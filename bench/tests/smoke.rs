@@ -29,6 +29,7 @@ fn every_scenario_runs_at_smoke_size() {
         "### Hostile clients",
         "### Recovery",
         "### Replicas on Redis",
+        "### Gemini-compatible proxy",
         "| durable |",
         "| keylease |",
     ] {

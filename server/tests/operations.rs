@@ -377,7 +377,34 @@ async fn nothing_the_server_writes_or_answers_holds_a_secret() {
     let added = unshaped("hyg-added");
     let reloaded = gemini_shaped("hyg-reload");
     let wrong_token = "kl_not-a-token-anyone-configured-1234";
-    let setup = setup("hygiene", &keys, "");
+    // The proxy's upstream knows these keys; h3 is reported leaked there.
+    let fake = fake_gemini::FakeGemini::start(fake_gemini::FakeConfig {
+        keys: keys
+            .iter()
+            .map(|(id, secret)| fake_gemini::FakeKey {
+                id: id.to_string(),
+                secret: secret.clone(),
+                project: format!("project-{id}"),
+                health: if *id == "h3" {
+                    fake_gemini::KeyHealth::Leaked
+                } else {
+                    fake_gemini::KeyHealth::Healthy
+                },
+            })
+            .collect(),
+        models: [("gemini-2.5-flash".to_string(), Default::default())].into(),
+        projects: Default::default(),
+        time_scale: 1.0,
+        faults: Default::default(),
+        seed: 5,
+    })
+    .await
+    .unwrap();
+    let proxy = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        fake.base_url()
+    );
+    let setup = setup("hygiene", &keys, &proxy);
     let server = support::start(setup.config.to_str().unwrap(), &[("KEYLEASE_LOG", "trace")]);
     let channel = channel(&server, &setup.pki).await;
     let mut lease_client = KeyLeaseClient::new(channel.clone());
@@ -385,6 +412,46 @@ async fn nothing_the_server_writes_or_answers_holds_a_secret() {
     let mut seen = Vec::<String>::new();
     // Lease replies hold the api_key for the task that asked: the one exception, not scanned.
     let mut leases = Vec::new();
+
+    // Through the proxy: calls that reach every key (one of them leaked), the token in the
+    // query string, a token nobody configured. Its answers are scanned with the rest.
+    let output = until_logged(&server, "proxy at http://");
+    let proxy_url = output
+        .split("proxy at ")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    let generate = format!("{proxy_url}/v1beta/models/gemini-2.5-flash:generateContent");
+    let http = reqwest::Client::new();
+    let body = serde_json::json!({"contents": [{"parts": [{"text": "scan me"}]}]});
+    for (n, token) in [WORKER, WORKER, WORKER, WORKER, wrong_token]
+        .iter()
+        .enumerate()
+    {
+        let url = if n == 1 {
+            format!("{generate}?key={token}")
+        } else {
+            generate.clone()
+        };
+        let answer = http
+            .post(url)
+            .header("x-goog-api-key", *token)
+            .header("x-keylease-task", format!("proxy-{n}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let headers = format!("{:?}", answer.headers());
+        seen.push(format!("{headers} {}", answer.text().await.unwrap()));
+    }
+    assert_eq!(
+        fake.fake.stats().keys["h3"].status(403),
+        1,
+        "the leaked key was met"
+    );
 
     let mut events = lease_client
         .watch_events(with_token(VIEWER, pb::WatchEventsRequest {}))

@@ -1,0 +1,186 @@
+//! The proxy as operators run it: inside `keylease-server` (`[proxy] listen`), and on its own
+//! as `keylease-proxy` against a remote keylease with each caller's token.
+
+mod support;
+
+use fake_gemini::limits::Limits;
+use fake_gemini::{FakeConfig, FakeGemini, FakeKey, KeyHealth, RunningFake};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const PROXY: &str = env!("CARGO_BIN_EXE_keylease-proxy");
+const MODEL: &str = "gemini-2.5-flash";
+const SECRET: &str = "AIzaFAKE.proxy-binary-test-key-0000000001";
+const WORKER_TOKEN: &str = "kl_proxy_binary_worker_token_000000000001";
+
+async fn fake() -> RunningFake {
+    FakeGemini::start(FakeConfig {
+        keys: vec![FakeKey {
+            id: "k1".into(),
+            secret: SECRET.into(),
+            project: "p1".into(),
+            health: KeyHealth::Healthy,
+        }],
+        models: [(
+            MODEL.to_string(),
+            Limits {
+                requests_per_minute: Some(100),
+                ..Limits::default()
+            },
+        )]
+        .into(),
+        projects: Default::default(),
+        time_scale: 1.0,
+        faults: Default::default(),
+        seed: 1,
+    })
+    .await
+    .unwrap()
+}
+
+/// A config file with one key, a worker token when `with_token`, and `extra`.
+fn config(with_token: bool, extra: &str) -> String {
+    let dir = support::scratch_dir("proxy-binaries");
+    let mut text = format!(
+        "{extra}\n[key_sources]\nenvironment = false\n\n[pools.gemini.models.\"{MODEL}\"]\nrequests_per_minute = 100\n\n[[keys]]\nid = \"k1\"\nproject = \"p1\"\nsecret = \"{SECRET}\"\n"
+    );
+    if with_token {
+        let hash: String = keylease_server::auth::token_sha256(WORKER_TOKEN)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        text = format!(
+            "[[server.tokens]]\nname = \"workers\"\nrole = \"worker\"\nsha256 = \"{hash}\"\n\n{text}"
+        );
+    }
+    let path = dir.join("keylease.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// The proxy address a process logs once it serves, or everything it printed if it stopped.
+fn proxy_address(child: &mut Child) -> Result<String, String> {
+    let stderr = child.stderr.take().unwrap();
+    let (found, address) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("proxy at http://").nth(1) {
+                let address: String = rest
+                    .chars()
+                    .take_while(|c| !c.is_whitespace() && *c != '"')
+                    .collect();
+                let _ = found.send(Ok(address));
+            }
+            seen.push_str(&line);
+            seen.push('\n');
+        }
+        let _ = found.send(Err(seen));
+    });
+    address
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| Err("nothing within 30 s".into()))
+}
+
+async fn generate(address: &str, token: Option<&str>) -> reqwest::Response {
+    let mut request = reqwest::Client::new()
+        .post(format!(
+            "http://{address}/v1beta/models/{MODEL}:generateContent"
+        ))
+        .json(&serde_json::json!({"contents": [{"parts": [{"text": "hi"}]}]}));
+    if let Some(token) = token {
+        request = request.header("x-goog-api-key", token);
+    }
+    request.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn the_server_serves_the_proxy_it_is_configured_with() {
+    let fake = fake().await;
+    let extra = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        fake.base_url()
+    );
+    let config = config(true, &extra);
+    let server = support::start(&config, &[]);
+    let mut output = server.output();
+    for _ in 0..100 {
+        if output.contains("proxy at http://") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        output = server.output();
+    }
+    let address = output
+        .split("proxy at http://")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no proxy address in {output}"))
+        .to_string();
+    assert_eq!(generate(&address, Some(WORKER_TOKEN)).await.status(), 200);
+    assert_eq!(generate(&address, None).await.status(), 401);
+    assert_eq!(fake.fake.stats().all().status(200), 1);
+    assert!(!server.output().contains(SECRET));
+}
+
+#[tokio::test]
+async fn keylease_proxy_leases_from_a_remote_keylease_with_each_callers_token() {
+    let fake = fake().await;
+    let server = support::start(&config(true, ""), &[]);
+    let mut proxy = Command::new(PROXY)
+        .args(["--keylease", &format!("http://{}", server.address)])
+        .args(["--listen", "127.0.0.1:0", "--upstream", &fake.base_url()])
+        .args(["--listing-model", MODEL])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let address = proxy_address(&mut proxy).unwrap();
+    assert_eq!(generate(&address, Some(WORKER_TOKEN)).await.status(), 200);
+    assert_eq!(generate(&address, Some("kl_unknown")).await.status(), 401);
+    let listing = reqwest::Client::new()
+        .get(format!("http://{address}/v1beta/models"))
+        .header("x-goog-api-key", WORKER_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listing.status(), 200);
+    assert_eq!(fake.fake.stats().unknown_keys, 0);
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+
+    // Off loopback it serves, keylease checking tokens.
+    let mut open = Command::new(PROXY)
+        .args(["--keylease", &format!("http://{}", server.address)])
+        .args(["--listen", "0.0.0.0:0", "--upstream", &fake.base_url()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(proxy_address(&mut open).is_ok());
+    let _ = open.kill();
+    let _ = open.wait();
+}
+
+#[test]
+fn keylease_proxy_refuses_to_serve_off_loopback_for_a_keylease_without_tokens() {
+    let server = support::start(&config(false, ""), &[]);
+    let output = Command::new(PROXY)
+        .args(["--keylease", &format!("http://{}", server.address)])
+        .args(["--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("lends keys without a token"), "{stderr}");
+
+    let output = Command::new(PROXY)
+        .args(["--keylease", "http://127.0.0.1:1", "--upstream", "ftp://x"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--upstream"), "{stderr}");
+}
