@@ -498,23 +498,28 @@ async fn a_call_longer_than_the_lease_ttl_is_renewed_and_never_overlaps() {
     until_no_lease(&server, Duration::from_secs(5)).await;
 }
 
-#[tokio::test]
-async fn a_stream_cut_midway_ends_with_an_error_event_and_frees_its_key() {
+/// A server and its proxy in front of a fake with `faults`, and a stream asked of it.
+async fn stream_with(faults: Faults, prompt: &str) -> (RunningFake, TestServer, reqwest::Response) {
     let fake = start_fake(&KEYS, limits(1000), 1.0).await;
     let (server, url) = proxied(&fake, 1000, "").await;
-    fake.fake.set_faults(Faults {
-        cut_streams: true,
-        ..Faults::default()
-    });
-    let text = post(
+    fake.fake.set_faults(faults);
+    let answer = post(
         &format!("{url}/v1beta/models/{MODEL}:streamGenerateContent?alt=sse"),
         "any",
-        &generate_body("cut me"),
+        &generate_body(prompt),
     )
-    .await
-    .text()
-    .await
-    .unwrap();
+    .await;
+    (fake, server, answer)
+}
+
+#[tokio::test]
+async fn a_stream_cut_midway_ends_with_an_error_event_and_frees_its_key() {
+    let cut = Faults {
+        cut_streams: true,
+        ..Faults::default()
+    };
+    let (fake, server, answer) = stream_with(cut, "cut me").await;
+    let text = answer.text().await.unwrap();
     let text = text.replace('\r', "");
     let events: Vec<&str> = text
         .split("\n\n")
@@ -530,18 +535,11 @@ async fn a_stream_cut_midway_ends_with_an_error_event_and_frees_its_key() {
 
 #[tokio::test]
 async fn a_caller_that_hangs_up_midstream_releases_the_lease_at_once() {
-    let fake = start_fake(&KEYS, limits(1000), 1.0).await;
-    let (server, url) = proxied(&fake, 1000, "").await;
-    fake.fake.set_faults(Faults {
+    let slow = Faults {
         stream_pause_ms: 60_000,
         ..Faults::default()
-    });
-    let mut answer = post(
-        &format!("{url}/v1beta/models/{MODEL}:streamGenerateContent?alt=sse"),
-        "any",
-        &generate_body("hang up on me"),
-    )
-    .await;
+    };
+    let (_fake, server, mut answer) = stream_with(slow, "hang up on me").await;
     let first = answer.chunk().await.unwrap().expect("the first chunk");
     assert!(String::from_utf8_lossy(&first).contains("echo: "));
     assert_eq!(live_leases(&server).await, 1, "held while the stream runs");

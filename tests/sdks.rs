@@ -97,8 +97,9 @@ async fn server(fake: &RunningFake) -> (TestServer, String) {
     (server, url)
 }
 
-/// Runs a command to its end, within [`PROCESS_LIMIT`].
-async fn run(mut command: Command) -> Output {
+/// Runs a command to its end, within [`PROCESS_LIMIT`], and returns what it printed once it
+/// succeeded.
+async fn run(mut command: Command) -> String {
     let program = format!("{command:?}");
     let child = command
         .stdout(std::process::Stdio::piped())
@@ -111,13 +112,20 @@ async fn run(mut command: Command) -> Output {
         tokio::task::spawn_blocking(move || child.wait_with_output()),
     )
     .await;
-    match waited {
+    let output: Output = match waited {
         Ok(output) => output.unwrap().unwrap(),
         Err(_) => {
             let _ = Command::new("kill").arg(pid.to_string()).status();
             panic!("{program} ran over {PROCESS_LIMIT:?}");
         }
-    }
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{program}: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
 }
 
 fn script(name: &str) -> String {
@@ -141,13 +149,7 @@ async fn genai_fleet(url: &str, processes: usize, workers: usize, rounds: usize)
         })
         .collect();
     for run in runs {
-        let output = run.await.unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success(),
-            "{stdout}\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let stdout = run.await.unwrap();
         assert!(
             stdout.contains(&format!("\"ok\": {}", workers * rounds)),
             "{stdout}"
@@ -199,13 +201,7 @@ async fn the_openai_sdk_works_on_the_openai_compatible_path_streaming_included()
         TOKEN.to_string(),
         MODEL.to_string(),
     ]);
-    let output = run(command).await;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = run(command).await;
     assert!(stdout.contains("chat: echo: Say hi"), "{stdout}");
     assert!(stdout.contains("streamed: echo: Stream it"), "{stdout}");
     assert!(stdout.contains("embeddings: 2"), "{stdout}");
@@ -221,13 +217,7 @@ async fn the_javascript_sdk_generates_and_streams() {
     command
         .current_dir(&dir)
         .args(["genai_through_proxy.mjs", &url, TOKEN, MODEL]);
-    let output = run(command).await;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = run(command).await;
     assert!(
         stdout.contains("generated: echo: Hello from JavaScript"),
         "{stdout}"

@@ -136,6 +136,7 @@ pub async fn call(proxy: &Arc<Proxy>, request: Request) -> Result<Response, Prox
         });
     }
 
+    let route_model = model.clone();
     let mut options = AcquireOptions::new(task_id, model);
     options.pool = pool;
     options.estimated_input_tokens = input_tokens(&json).min(keylease::MAX_INPUT_TOKENS);
@@ -170,10 +171,11 @@ pub async fn call(proxy: &Arc<Proxy>, request: Request) -> Result<Response, Prox
         })
         .await;
         let (answer, lease) = answered(sent)?;
-        proxy.lock_listings().admitted.insert(token_hash);
+        proxy.admitted(token_hash);
         let mut reader = usage();
         reader.feed(&answer.body);
         let key_id = lease.key_id();
+        tracing::debug!(?route.call, model = %route_model, key_id, status = %answer.status, "proxied");
         end_lease(lease, reader.prompt_tokens(), None);
         let mut response = (answer.status, answer.body).into_response();
         set_headers(response.headers_mut(), answer.content_type, &key_id);
@@ -185,8 +187,9 @@ pub async fn call(proxy: &Arc<Proxy>, request: Request) -> Result<Response, Prox
     })
     .await;
     let (start, lease) = answered(sent)?;
-    proxy.lock_listings().admitted.insert(token_hash);
+    proxy.admitted(token_hash);
     let key_id = lease.key_id();
+    tracing::debug!(?route.call, model = %route_model, key_id, status = %start.status, "proxying a stream");
     let sse = matches!(route.call, Call::Stream { sse: true }) || route.call == Call::OpenAiChat;
     let relay = Relay {
         first: Some(start.first),
@@ -546,7 +549,9 @@ async fn listing(
         // A new listing: who may read it is learnt again.
         listings.admitted.clear();
     }
-    listings.admitted.insert(token_hash);
+    drop(listings);
+    proxy.admitted(token_hash);
+    let mut listings = proxy.lock_listings();
     listings
         .by_version
         .insert(version, (now_ms, listing.clone()));

@@ -170,6 +170,15 @@ impl Proxy {
         )
     }
 
+    /// Notes that the holder of this token got a lease: it may read cached listings.
+    fn admitted(&self, token_hash: [u8; 32]) {
+        let mut listings = self.lock_listings();
+        if listings.admitted.len() >= MAX_CALLERS {
+            listings.admitted.clear();
+        }
+        listings.admitted.insert(token_hash);
+    }
+
     fn lock_listings(&self) -> std::sync::MutexGuard<'_, Listings> {
         self.listings.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -211,7 +220,12 @@ pub async fn serve(
     proxy: Arc<Proxy>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
     let router = Router::new().fallback(handle).with_state(proxy);
+    // Stream chunks go out as they come, not held back for a delayed acknowledgement.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
