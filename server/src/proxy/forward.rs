@@ -13,7 +13,7 @@ use axum::extract::{Query, Request};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt};
-use keylease_client::gemini::{Booking, CallError, RetryPolicy, transport, with_lease};
+use keylease_client::gemini::{Booking, CallError, KEY_HEADER, RetryPolicy, transport, with_lease};
 use keylease_client::lease::Failure;
 use keylease_client::{AcquireOptions, KeyLeaseClient, LeaseGuard};
 use serde_json::Value;
@@ -206,7 +206,7 @@ pub async fn call(proxy: &Arc<Proxy>, request: Request) -> Result<Response, Prox
 /// The caller's keylease token, wherever its SDK put its API key.
 fn caller_token(headers: &HeaderMap, query: &[(String, String)]) -> Option<String> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    header("x-goog-api-key")
+    header(KEY_HEADER)
         .map(str::to_string)
         .or_else(|| {
             query
