@@ -547,3 +547,43 @@ async fn a_caller_that_hangs_up_midstream_releases_the_lease_at_once() {
     // Well before the next chunk would come.
     until_no_lease(&server, Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn a_call_stops_when_its_lease_ends_under_it() {
+    let fake = start_fake(&KEYS[..1], limits(1000), 1.0).await;
+    let extra = "[leases]\ndefault_ttl = \"600ms\"\n";
+    let (server, url) = proxied(&fake, 1000, extra).await;
+    fake.fake.set_faults(Faults {
+        latency_ms: 5_000,
+        ..Faults::default()
+    });
+    let generate = format!("{url}/v1beta/models/{MODEL}:generateContent");
+    let started = now();
+    let call = tokio::spawn(async move { post(&generate, "any", &generate_body("slow")).await });
+    while live_leases(&server).await == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // An operator takes the key away: its lease ends, and the key must not stay in use.
+    let mut admin =
+        keylease::pb::key_admin_client::KeyAdminClient::connect(server.address.clone())
+            .await
+            .unwrap();
+    admin
+        .disable_key(keylease::pb::DisableKeyRequest {
+            key_id: "k1".into(),
+            reason: "rotated out".into(),
+        })
+        .await
+        .unwrap();
+    let answer = call.await.unwrap();
+    assert_eq!(answer.status(), 503);
+    let body: Value = answer.json().await.unwrap();
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("ended"),
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(4_500),
+        "the call was cut when the lease ended, not when Gemini answered"
+    );
+}
