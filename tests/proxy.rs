@@ -564,10 +564,9 @@ async fn a_call_stops_when_its_lease_ends_under_it() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // An operator takes the key away: its lease ends, and the key must not stay in use.
-    let mut admin =
-        keylease::pb::key_admin_client::KeyAdminClient::connect(server.address.clone())
-            .await
-            .unwrap();
+    let mut admin = keylease::pb::key_admin_client::KeyAdminClient::connect(server.address.clone())
+        .await
+        .unwrap();
     admin
         .disable_key(keylease::pb::DisableKeyRequest {
             key_id: "k1".into(),

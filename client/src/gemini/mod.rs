@@ -1,6 +1,7 @@
 //! Calling Gemini (`v1beta`): a thin reqwest client for `generateContent` and
-//! `streamGenerateContent?alt=sse`, the classifier of its error answers, and [`LeasedGemini`],
-//! which wraps every call in a keylease lease.
+//! `streamGenerateContent?alt=sse` (and any request made elsewhere, for a proxy), the classifier
+//! of its error answers, and [`with_lease`], which runs any call under a keylease lease
+//! ([`LeasedGemini`] for typed generate calls).
 
 mod batch;
 pub mod classify;
