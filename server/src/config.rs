@@ -679,7 +679,7 @@ pub fn validate(
         )
     })?;
 
-    let (access, notices) = access(&file.server, listen, &at)?;
+    let (access, mut notices) = access(&file.server, listen, &at)?;
     let tls = tls_files(&file, base_dir, &at)?;
     let metrics_listen = match &file.metrics.listen {
         None => None,
@@ -699,7 +699,19 @@ pub fn validate(
             Some(parsed)
         }
     };
-    let proxy = proxy_settings(&file, listen, metrics_listen, &access, &at)?;
+    let mut proxy = proxy_settings(&file, listen, metrics_listen, &access, &at)?;
+    if let Some(proxy) = &mut proxy
+        && proxy.wait > leases.max_wait
+    {
+        // keylease refuses a longer wait: the proxy's callers would get 400s.
+        notices.push(format!(
+            "proxy.wait ({}) is above leases.max_wait ({}): the proxy waits at most {}",
+            humantime::format_duration(proxy.wait),
+            humantime::format_duration(leases.max_wait),
+            humantime::format_duration(leases.max_wait)
+        ));
+        proxy.wait = leases.max_wait;
+    }
     if tls.as_ref().is_none_or(|t| t.client_ca.is_none())
         && let Some(index) = access
             .callers

@@ -998,3 +998,73 @@ fn a_key_added_everywhere_is_lent_after_each_replica_reloads() {
     assert_eq!(lent.len(), 1);
     assert!(fleet.outputs().contains("SIGHUP: configuration read again"));
 }
+
+/// Each replica serves the Gemini-compatible proxy; a follower's leases through it the way its
+/// gRPC callers' do (forwarded to the leader).
+#[test]
+fn every_replica_serves_the_proxy() {
+    let keys = keys(3);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let fake = runtime
+        .block_on(fake_gemini::FakeGemini::start(fake_gemini::FakeConfig {
+            projects: Default::default(),
+            keys: keys
+                .iter()
+                .map(|(id, project)| fake_gemini::FakeKey {
+                    id: id.clone(),
+                    secret: secret(id),
+                    project: project.clone(),
+                    health: fake_gemini::KeyHealth::Healthy,
+                })
+                .collect(),
+            models: [(MODEL.to_string(), Limits::default())].into(),
+            time_scale: 1.0,
+            faults: Default::default(),
+            seed: 2,
+        }))
+        .unwrap();
+    let upstream = fake.base_url();
+    let env = [("KEYLEASE_PROXY__UPSTREAM", upstream.as_str())];
+    let mut fleet = Fleet::start(0, &keys, &env);
+    for i in 0..2 {
+        fleet.ports.push(free_port());
+        let replica = fleet.start_replica(i, &env, &["--proxy-listen", "127.0.0.1:0"]);
+        fleet.replicas.push(Some(replica));
+    }
+    let leader = fleet.wait_for_leader(None);
+    until_health(&fleet, 1 - leader, ServingStatus::Serving);
+    for i in 0..2 {
+        let replica = fleet.replicas[i].as_ref().unwrap();
+        let mut output = replica.output();
+        for _ in 0..100 {
+            if output.contains("proxy at http://") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            output = replica.output();
+        }
+        let proxy = output
+            .split("proxy at ")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_else(|| panic!("replica {i} logged no proxy:\n{output}"))
+            .to_string();
+        let (status, body) = runtime.block_on(async {
+            let answer = reqwest::Client::new()
+                .post(format!("{proxy}/v1beta/models/{MODEL}:generateContent"))
+                .header("x-goog-api-key", "any")
+                .json(&serde_json::json!({"contents": [{"parts": [{"text": "hi"}]}]}))
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+                .unwrap();
+            (answer.status(), answer.text().await.unwrap())
+        });
+        assert_eq!(status, 200, "through replica {i}: {body}");
+    }
+    assert_eq!(fake.fake.stats().all().status(200), 2);
+}

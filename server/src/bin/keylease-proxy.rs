@@ -30,7 +30,8 @@ struct Args {
     /// Gemini's base URL.
     #[arg(long, default_value = keylease_client::gemini::DEFAULT_BASE_URL)]
     upstream: String,
-    /// Longest wait for a key before answering 429 (`60s`, `2m`).
+    /// Longest wait for a key before answering 429 (`60s`, `2m`); at most keylease's
+    /// leases.max_wait (5 minutes unless configured), which refuses longer waits.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     wait: Duration,
     /// Longest a whole call may take.
