@@ -39,168 +39,227 @@ const FORWARDED_HEADERS: [HeaderName; 4] = [
 
 /// Answers `request`.
 pub async fn call(proxy: &Arc<Proxy>, request: Request) -> Result<Response, ProxyError> {
-    let (parts, body) = request.into_parts();
-    let query: Vec<(String, String)> = Query::try_from_uri(&parts.uri)
-        .map(|Query(pairs)| pairs)
-        .map_err(|e| ProxyError::BadRequest(format!("the query string cannot be read: {e}")))?;
-    let alt = query
-        .iter()
-        .find(|(k, _)| k == "alt")
-        .map(|(_, v)| v.as_str());
-    let route = route(&parts.method, parts.uri.path(), alt).map_err(ProxyError::NotServed)?;
-    let token = caller_token(&parts.headers, &query);
-    let keylease = proxy.client_for(token.as_deref())?;
-    let token_hash = token_sha256(token.as_deref().unwrap_or_default());
+    let call = Incoming::read(proxy, request).await?;
+    match call.route.call {
+        Call::ListModels | Call::GetModel => call.answer_from_listing(proxy).await,
+        _ if call.streams() => call.answer_streaming(proxy).await,
+        _ => call.answer_whole(proxy).await,
+    }
+}
 
-    let body = axum::body::to_bytes(body, proxy.settings.max_body)
-        .await
-        .map_err(|e| {
+/// A request read and checked: who calls, what for, and what goes upstream.
+struct Incoming {
+    route: Route,
+    /// keylease, as the caller.
+    keylease: KeyLeaseClient,
+    token_hash: [u8; 32],
+    /// `Null` for the listing.
+    json: Value,
+    model: String,
+    task_id: String,
+    pool: String,
+    policy: RetryPolicy,
+    upstream: Upstream,
+}
+
+impl Incoming {
+    async fn read(proxy: &Proxy, request: Request) -> Result<Self, ProxyError> {
+        let (parts, body) = request.into_parts();
+        let query: Vec<(String, String)> = Query::try_from_uri(&parts.uri)
+            .map(|Query(pairs)| pairs)
+            .map_err(|e| ProxyError::BadRequest(format!("the query string cannot be read: {e}")))?;
+        let alt = query
+            .iter()
+            .find(|(k, _)| k == "alt")
+            .map(|(_, v)| v.as_str());
+        let route = route(&parts.method, parts.uri.path(), alt).map_err(ProxyError::NotServed)?;
+        let token = caller_token(&parts.headers, &query);
+        let keylease = proxy.client_for(token.as_deref())?;
+        let token_hash = token_sha256(token.as_deref().unwrap_or_default());
+
+        let max_body = proxy.settings.max_body;
+        let body = axum::body::to_bytes(body, max_body).await.map_err(|e| {
             if std::error::Error::source(&e)
                 .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
             {
                 ProxyError::BadRequest(format!(
-                    "the request body is over {} bytes ([proxy] max_body)",
-                    proxy.settings.max_body
+                    "the request body is over {max_body} bytes ([proxy] max_body)"
                 ))
             } else {
                 ProxyError::BadRequest(format!("the request body could not be read: {e}"))
             }
         })?;
-    let json: Value = if route.call == Call::ListModels || route.call == Call::GetModel {
-        Value::Null
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ProxyError::BadRequest(format!("the request body is not JSON: {e}")))?
-    };
-    let model = match &route.model {
-        Some(model) => model.clone(),
-        None if matches!(route.call, Call::OpenAiChat | Call::OpenAiEmbeddings) => {
-            openai_model(&json)?
-        }
-        None => String::new(),
-    };
-    let text = |name: &HeaderName| {
-        parts
-            .headers
-            .get(name)
-            .map(|v| {
-                v.to_str()
-                    .map(str::to_string)
-                    .map_err(|_| ProxyError::BadRequest(format!("{name}: not valid header text")))
-            })
-            .transpose()
-    };
-    let task_id = text(&TASK_HEADER)?.unwrap_or_else(|| proxy.new_task_id());
-    let pool = text(&POOL_HEADER)?.unwrap_or_default();
-    let deadline = match text(&SERVER_TIMEOUT_HEADER)? {
-        None => proxy.settings.timeout,
-        Some(seconds) => parse_seconds(&seconds)
-            .ok_or_else(|| {
-                ProxyError::BadRequest(format!(
-                    "x-server-timeout: {seconds:?} is not a number of seconds"
-                ))
-            })?
-            .min(proxy.settings.timeout),
-    };
-    let policy = RetryPolicy {
-        call_timeout: proxy.settings.timeout.min(deadline),
-        deadline,
-        key_wait: Some(proxy.settings.wait.min(deadline)),
-        ..RetryPolicy::default()
-    };
-
-    if matches!(route.call, Call::ListModels | Call::GetModel) {
-        let listing = listing(proxy, &keylease, &policy, &route, &pool, token_hash).await?;
-        return Ok(match &route.model {
-            None => json_response(StatusCode::OK, listing.to_string()),
-            Some(model) => {
-                let name = format!("models/{model}");
-                let found = listing
-                    .get("models")
-                    .and_then(Value::as_array)
-                    .and_then(|models| {
-                        models
-                            .iter()
-                            .find(|m| m.get("name").and_then(Value::as_str) == Some(&name))
-                    });
-                match found {
-                    Some(entry) => json_response(StatusCode::OK, entry.to_string()),
-                    None => {
-                        return Err(ProxyError::NotFound(format!(
-                            "{name} is not in the model listing of {}",
-                            route.version
-                        )));
-                    }
-                }
+        let json: Value = if matches!(route.call, Call::ListModels | Call::GetModel) {
+            Value::Null
+        } else {
+            serde_json::from_slice(&body)
+                .map_err(|e| ProxyError::BadRequest(format!("the request body is not JSON: {e}")))?
+        };
+        let model = match &route.model {
+            Some(model) => model.clone(),
+            None if matches!(route.call, Call::OpenAiChat | Call::OpenAiEmbeddings) => {
+                openai_model(&json)?
             }
-        });
+            None => String::new(),
+        };
+        let text = |name: &HeaderName| {
+            parts
+                .headers
+                .get(name)
+                .map(|v| {
+                    v.to_str().map(str::to_string).map_err(|_| {
+                        ProxyError::BadRequest(format!("{name}: not valid header text"))
+                    })
+                })
+                .transpose()
+        };
+        let task_id = text(&TASK_HEADER)?.unwrap_or_else(|| proxy.new_task_id());
+        let pool = text(&POOL_HEADER)?.unwrap_or_default();
+        let deadline = match text(&SERVER_TIMEOUT_HEADER)? {
+            None => proxy.settings.timeout,
+            Some(seconds) => parse_seconds(&seconds)
+                .ok_or_else(|| {
+                    ProxyError::BadRequest(format!(
+                        "x-server-timeout: {seconds:?} is not a number of seconds"
+                    ))
+                })?
+                .min(proxy.settings.timeout),
+        };
+        let policy = RetryPolicy {
+            call_timeout: deadline,
+            deadline,
+            key_wait: Some(proxy.settings.wait.min(deadline)),
+            ..RetryPolicy::default()
+        };
+        let upstream = Upstream {
+            method: parts.method.clone(),
+            path_and_query: upstream_path(parts.uri.path(), parts.uri.query()),
+            headers: forwarded_headers(&parts.headers),
+            body,
+        };
+        Ok(Self {
+            route,
+            keylease,
+            token_hash,
+            json,
+            model,
+            task_id,
+            pool,
+            policy,
+            upstream,
+        })
     }
 
-    let route_model = model.clone();
-    let mut options = AcquireOptions::new(task_id, model);
-    options.pool = pool;
-    options.estimated_input_tokens = input_tokens(&json).min(keylease::MAX_INPUT_TOKENS);
-    let streaming = match route.call {
-        Call::Stream { .. } => true,
-        Call::OpenAiChat => json.get("stream").and_then(Value::as_bool) == Some(true),
-        _ => false,
-    };
-    let openai = matches!(route.call, Call::OpenAiChat | Call::OpenAiEmbeddings);
-    let upstream = Upstream {
-        method: parts.method.clone(),
-        path_and_query: upstream_path(parts.uri.path(), parts.uri.query()),
-        headers: forwarded_headers(&parts.headers),
-        body,
-    };
-    let booking = if route.call.books_request() {
-        Booking::Request
-    } else {
-        Booking::Nothing
-    };
-    let usage = || {
-        if openai {
+    fn streams(&self) -> bool {
+        match self.route.call {
+            Call::Stream { .. } => true,
+            Call::OpenAiChat => self.json.get("stream").and_then(Value::as_bool) == Some(true),
+            _ => false,
+        }
+    }
+
+    fn openai(&self) -> bool {
+        matches!(self.route.call, Call::OpenAiChat | Call::OpenAiEmbeddings)
+    }
+
+    /// What the answer's usage is read from.
+    fn usage_reader(&self) -> UsageReader {
+        if self.openai() {
             UsageReader::openai()
         } else {
             UsageReader::gemini()
         }
-    };
-
-    if !streaming {
-        let sent = with_lease(&keylease, &policy, options, booking, |key| {
-            upstream.send_whole(proxy, key)
-        })
-        .await;
-        let (answer, lease) = answered(sent)?;
-        proxy.admitted(token_hash);
-        let mut reader = usage();
-        reader.feed(&answer.body);
-        let key_id = lease.key_id();
-        tracing::debug!(?route.call, model = %route_model, key_id, status = %answer.status, "proxied");
-        end_lease(lease, reader.prompt_tokens(), None);
-        let mut response = (answer.status, answer.body).into_response();
-        set_headers(response.headers_mut(), answer.content_type, &key_id);
-        return Ok(response);
     }
 
-    let sent = with_lease(&keylease, &policy, options, booking, |key| {
-        upstream.send_streaming(proxy, key)
-    })
-    .await;
-    let (start, lease) = answered(sent)?;
-    proxy.admitted(token_hash);
-    let key_id = lease.key_id();
-    tracing::debug!(?route.call, model = %route_model, key_id, status = %start.status, "proxying a stream");
-    let sse = matches!(route.call, Call::Stream { sse: true }) || route.call == Call::OpenAiChat;
-    let relay = Relay {
-        first: Some(start.first),
-        rest: start.rest,
-        lease: Some(lease),
-        usage: usage(),
-        sse,
-    };
-    let mut response = (start.status, Body::from_stream(relay.into_stream())).into_response();
-    set_headers(response.headers_mut(), start.content_type, &key_id);
-    Ok(response)
+    fn options(&self) -> AcquireOptions {
+        let mut options = AcquireOptions::new(self.task_id.clone(), self.model.clone());
+        options.pool = self.pool.clone();
+        options.estimated_input_tokens = input_tokens(&self.json).min(keylease::MAX_INPUT_TOKENS);
+        options
+    }
+
+    fn booking(&self) -> Booking {
+        if self.route.call.books_request() {
+            Booking::Request
+        } else {
+            Booking::Nothing
+        }
+    }
+
+    /// The whole answer, once it has come; the lease ends with its usage.
+    async fn answer_whole(self, proxy: &Proxy) -> Result<Response, ProxyError> {
+        let sent = with_lease(
+            &self.keylease,
+            &self.policy,
+            self.options(),
+            self.booking(),
+            |key| self.upstream.send_whole(proxy, key),
+        )
+        .await;
+        let (answer, lease) = answered(sent)?;
+        proxy.admitted(self.token_hash);
+        let mut usage = self.usage_reader();
+        usage.feed(&answer.body);
+        let key_id = lease.key_id();
+        tracing::debug!(call = ?self.route.call, model = %self.model, key_id, status = %answer.status, "proxied");
+        end_lease(lease, usage.prompt_tokens(), None);
+        let mut response = (answer.status, answer.body).into_response();
+        set_headers(response.headers_mut(), answer.content_type, &key_id);
+        Ok(response)
+    }
+
+    /// The stream from its first chunk on, under its lease until it ends.
+    async fn answer_streaming(self, proxy: &Proxy) -> Result<Response, ProxyError> {
+        let sent = with_lease(
+            &self.keylease,
+            &self.policy,
+            self.options(),
+            self.booking(),
+            |key| self.upstream.send_streaming(proxy, key),
+        )
+        .await;
+        let (start, lease) = answered(sent)?;
+        proxy.admitted(self.token_hash);
+        let key_id = lease.key_id();
+        tracing::debug!(call = ?self.route.call, model = %self.model, key_id, status = %start.status, "proxying a stream");
+        let relay = Relay {
+            first: Some(start.first),
+            rest: start.rest,
+            lease: Some(lease),
+            usage: self.usage_reader(),
+            sse: matches!(
+                self.route.call,
+                Call::Stream { sse: true } | Call::OpenAiChat
+            ),
+        };
+        let mut response = (start.status, Body::from_stream(relay.into_stream())).into_response();
+        set_headers(response.headers_mut(), start.content_type, &key_id);
+        Ok(response)
+    }
+
+    /// `models`, or one model of it, from the listing.
+    async fn answer_from_listing(self, proxy: &Proxy) -> Result<Response, ProxyError> {
+        let listing = listing(proxy, &self).await?;
+        let Some(model) = &self.route.model else {
+            return Ok(json_response(StatusCode::OK, listing.to_string()));
+        };
+        let name = format!("models/{model}");
+        listing
+            .get("models")
+            .and_then(Value::as_array)
+            .and_then(|models| {
+                models
+                    .iter()
+                    .find(|m| m.get("name").and_then(Value::as_str) == Some(&name))
+            })
+            .map(|entry| json_response(StatusCode::OK, entry.to_string()))
+            .ok_or_else(|| {
+                ProxyError::NotFound(format!(
+                    "{name} is not in the model listing of {}",
+                    self.route.version
+                ))
+            })
+    }
 }
 
 /// The caller's keylease token, wherever its SDK put its API key.
@@ -469,19 +528,12 @@ impl Relay {
 /// The model listing of `route.version`, from memory while it is fresh and the caller has had
 /// a lease since it was made; else fetched with a lease for the listing model (booking nothing),
 /// every page.
-async fn listing(
-    proxy: &Proxy,
-    keylease: &KeyLeaseClient,
-    policy: &RetryPolicy,
-    route: &Route,
-    pool: &str,
-    token_hash: [u8; 32],
-) -> Result<Arc<Value>, ProxyError> {
+async fn listing(proxy: &Proxy, call: &Incoming) -> Result<Arc<Value>, ProxyError> {
     {
         let listings = proxy.lock_listings();
-        if let Some((made_ms, listing)) = listings.by_version.get(route.version)
+        if let Some((made_ms, listing)) = listings.by_version.get(call.route.version)
             && proxy.clock.now_ms().saturating_sub(*made_ms) < LISTING_TTL.as_millis() as u64
-            && listings.admitted.contains(&token_hash)
+            && listings.admitted.contains(&call.token_hash)
         {
             return Ok(listing.clone());
         }
@@ -492,11 +544,11 @@ async fn listing(
         )
     })?;
     let mut options = AcquireOptions::new(proxy.new_task_id(), model);
-    options.pool = pool.to_string();
-    let version = route.version;
+    options.pool = call.pool.clone();
+    let version = call.route.version;
     let fetched = with_lease(
-        keylease,
-        policy,
+        &call.keylease,
+        &call.policy,
         options,
         Booking::Nothing,
         |key| async move {
@@ -550,7 +602,7 @@ async fn listing(
         listings.admitted.clear();
     }
     drop(listings);
-    proxy.admitted(token_hash);
+    proxy.admitted(call.token_hash);
     let mut listings = proxy.lock_listings();
     listings
         .by_version
