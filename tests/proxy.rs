@@ -465,16 +465,22 @@ async fn without_a_key_in_time_the_caller_gets_geminis_429_with_retry_info() {
     assert_eq!(fake.fake.stats().all().status(429), 0);
 }
 
-#[tokio::test]
-async fn a_call_longer_than_the_lease_ttl_is_renewed_and_never_overlaps() {
+/// One key, leases of 600 ms, and a fake that answers after `latency_ms`: the generate URL.
+async fn one_slow_key(latency_ms: u64) -> (RunningFake, TestServer, String) {
     let fake = start_fake(&KEYS[..1], limits(1000), 1.0).await;
     let extra = "[leases]\ndefault_ttl = \"600ms\"\nmax_ttl = \"10s\"\n";
     let (server, url) = proxied(&fake, 1000, extra).await;
     fake.fake.set_faults(Faults {
-        latency_ms: 1500,
+        latency_ms,
         ..Faults::default()
     });
     let generate = format!("{url}/v1beta/models/{MODEL}:generateContent");
+    (fake, server, generate)
+}
+
+#[tokio::test]
+async fn a_call_longer_than_the_lease_ttl_is_renewed_and_never_overlaps() {
+    let (fake, server, generate) = one_slow_key(1500).await;
     let calls: Vec<_> = (0..3)
         .map(|i| {
             let generate = generate.clone();
@@ -550,14 +556,7 @@ async fn a_caller_that_hangs_up_midstream_releases_the_lease_at_once() {
 
 #[tokio::test]
 async fn a_call_stops_when_its_lease_ends_under_it() {
-    let fake = start_fake(&KEYS[..1], limits(1000), 1.0).await;
-    let extra = "[leases]\ndefault_ttl = \"600ms\"\n";
-    let (server, url) = proxied(&fake, 1000, extra).await;
-    fake.fake.set_faults(Faults {
-        latency_ms: 5_000,
-        ..Faults::default()
-    });
-    let generate = format!("{url}/v1beta/models/{MODEL}:generateContent");
+    let (_fake, server, generate) = one_slow_key(5_000).await;
     let started = now();
     let call = tokio::spawn(async move { post(&generate, "any", &generate_body("slow")).await });
     while live_leases(&server).await == 0 {

@@ -337,6 +337,39 @@ async fn cycle(
 }
 
 /// The load: `tasks` workers spread over the fleet's replicas, until `stop`.
+/// A runtime of its own and, on it, a fake Gemini whose keys are `keys`, serving `MODEL`.
+fn fake_with(
+    keys: &[(String, String)],
+    limits: Limits,
+    time_scale: f64,
+    faults: fake_gemini::Faults,
+) -> (tokio::runtime::Runtime, fake_gemini::RunningFake) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let fake = runtime
+        .block_on(fake_gemini::FakeGemini::start(fake_gemini::FakeConfig {
+            projects: Default::default(),
+            keys: keys
+                .iter()
+                .map(|(id, project)| fake_gemini::FakeKey {
+                    id: id.clone(),
+                    secret: secret(id),
+                    project: project.clone(),
+                    health: fake_gemini::KeyHealth::Healthy,
+                })
+                .collect(),
+            models: [(MODEL.to_string(), limits)].into(),
+            time_scale,
+            faults,
+            seed: 1,
+        }))
+        .unwrap();
+    (runtime, fake)
+}
+
 struct Load {
     runtime: tokio::runtime::Runtime,
     fake: fake_gemini::RunningFake,
@@ -347,41 +380,15 @@ struct Load {
 
 impl Load {
     fn start(fleet: &Fleet, keys: &[(String, String)], tasks: usize) -> Self {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let fake = runtime
-            .block_on(fake_gemini::FakeGemini::start(fake_gemini::FakeConfig {
-                projects: Default::default(),
-                keys: keys
-                    .iter()
-                    .map(|(id, project)| fake_gemini::FakeKey {
-                        id: id.clone(),
-                        secret: secret(id),
-                        project: project.clone(),
-                        health: fake_gemini::KeyHealth::Healthy,
-                    })
-                    .collect(),
-                models: [(
-                    MODEL.to_string(),
-                    Limits {
-                        requests_per_minute: Some(RPM),
-                        ..Limits::default()
-                    },
-                )]
-                .into(),
-                time_scale: 60.0,
-                faults: fake_gemini::Faults {
-                    latency_ms: 5,
-                    cut_streams: false,
-                    stream_pause_ms: 0,
-                    ..Default::default()
-                },
-                seed: 1,
-            }))
-            .unwrap();
+        let limits = Limits {
+            requests_per_minute: Some(RPM),
+            ..Limits::default()
+        };
+        let faults = fake_gemini::Faults {
+            latency_ms: 5,
+            ..Default::default()
+        };
+        let (runtime, fake) = fake_with(keys, limits, 60.0, faults);
         let gemini = {
             let _runtime = runtime.enter();
             GeminiClient::new(fake.base_url(), Duration::from_secs(10)).unwrap()
@@ -1004,29 +1011,7 @@ fn a_key_added_everywhere_is_lent_after_each_replica_reloads() {
 #[test]
 fn every_replica_serves_the_proxy() {
     let keys = keys(3);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let fake = runtime
-        .block_on(fake_gemini::FakeGemini::start(fake_gemini::FakeConfig {
-            projects: Default::default(),
-            keys: keys
-                .iter()
-                .map(|(id, project)| fake_gemini::FakeKey {
-                    id: id.clone(),
-                    secret: secret(id),
-                    project: project.clone(),
-                    health: fake_gemini::KeyHealth::Healthy,
-                })
-                .collect(),
-            models: [(MODEL.to_string(), Limits::default())].into(),
-            time_scale: 1.0,
-            faults: Default::default(),
-            seed: 2,
-        }))
-        .unwrap();
+    let (runtime, fake) = fake_with(&keys, Limits::default(), 1.0, Default::default());
     let upstream = fake.base_url();
     let env = [("KEYLEASE_PROXY__UPSTREAM", upstream.as_str())];
     let mut fleet = Fleet::start(0, &keys, &env);
