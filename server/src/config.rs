@@ -1017,7 +1017,7 @@ fn proxy_settings(
     }
     let max_body = usize::try_from(section.max_body)
         .ok()
-        .filter(|&bytes| (1024..=1 << 30).contains(&bytes))
+        .filter(|bytes| crate::proxy::MAX_BODY_RANGE.contains(bytes))
         .ok_or_else(|| invalid(at("proxy.max_body"), "must be between 1024 bytes and 1 GiB"))?;
     let listing_model = match &section.listing_model {
         Some(model) => {

@@ -176,11 +176,17 @@ fn keylease_proxy_refuses_to_serve_off_loopback_for_a_keylease_without_tokens() 
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("lends keys without a token"), "{stderr}");
 
-    let output = Command::new(PROXY)
-        .args(["--keylease", "http://127.0.0.1:1", "--upstream", "ftp://x"])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(64));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("--upstream"), "{stderr}");
+    for (flag, value) in [
+        ("--upstream", "ftp://x"),
+        ("--max-body", "10"),
+        ("--wait", "0s"),
+    ] {
+        let output = Command::new(PROXY)
+            .args(["--keylease", "http://127.0.0.1:1", flag, value])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(64), "{flag} {value}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(flag), "{stderr}");
+    }
 }

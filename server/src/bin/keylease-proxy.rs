@@ -94,6 +94,12 @@ async fn run(args: Args) -> Result<(), (u8, String)> {
     if args.wait.is_zero() || args.timeout.is_zero() {
         return Err(usage("--wait and --timeout must be above zero".into()));
     }
+    if !proxy::MAX_BODY_RANGE.contains(&args.max_body) {
+        return Err(usage(format!(
+            "--max-body: {} is not between 1024 bytes and 1 GiB",
+            args.max_body
+        )));
+    }
     let read = |flag: &str, path: &PathBuf| {
         std::fs::read(path).map_err(|e| usage(format!("{flag} {}: {e}", path.display())))
     };

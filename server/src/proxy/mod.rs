@@ -54,6 +54,8 @@ pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Gemini's own limit on an inline request.
 pub const DEFAULT_MAX_BODY: usize = 20 * 1024 * 1024;
+/// What `max_body` may be: room for a prompt, and no more than a GiB held per call.
+pub const MAX_BODY_RANGE: std::ops::RangeInclusive<usize> = 1024..=1 << 30;
 /// How long a model listing is served from memory.
 const LISTING_TTL: Duration = Duration::from_secs(600);
 /// Most callers whose keylease connections are kept; past it the set starts again.
