@@ -234,6 +234,33 @@ async fn every_served_call_answers_as_gemini_would() {
     // generate, two streams, embed, batch embed, chat twice, embeddings: 8.
     assert_eq!(booked, 8, "{:?}", status.quota_groups);
     until_no_lease(&server, Duration::from_secs(5)).await;
+
+    // Each answer counted by call and status.
+    let scrape = http
+        .get(&server.metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (call, code, count) in [
+        ("generate", 200, 1),
+        ("stream", 200, 2),
+        ("openai_chat", 200, 2),
+        ("list_models", 200, 1),
+        ("get_model", 404, 1),
+    ] {
+        let line = scrape
+            .lines()
+            .find(|line| {
+                line.starts_with("keylease_proxy_requests_total{")
+                    && line.contains(&format!("call=\"{call}\""))
+                    && line.contains(&format!("code=\"{code}\""))
+            })
+            .unwrap_or_else(|| panic!("no {call} {code} in {scrape}"));
+        assert!(line.ends_with(&format!(" {count}")), "{line}");
+    }
 }
 
 #[tokio::test]

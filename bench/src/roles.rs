@@ -23,7 +23,8 @@ pub async fn serve(config: PathBuf) -> anyhow::Result<()> {
     println!("listening on http://{}", listener.local_addr()?);
     let (listener, local) = keylease_server::connections::Incoming::with_local(listener);
     if let Some(proxy) = settings.proxy.clone() {
-        let address = keylease_server::proxy::start_embedded(proxy, &local).await?;
+        let metrics = state.metrics().clone();
+        let address = keylease_server::proxy::start_embedded(proxy, &local, metrics).await?;
         println!("proxy on http://{address}");
     }
     if state.journal().is_some() {
@@ -71,6 +72,7 @@ pub async fn replica(config: PathBuf) -> anyhow::Result<()> {
     let listeners = keylease_server::replica::Listeners {
         grpc: listener.into(),
         metrics: None,
+        proxy: None,
     };
     keylease_server::replica::serve(
         listeners,

@@ -25,6 +25,7 @@ const WAITERS: &str = "keylease_waiters";
 const COOLING: &str = "keylease_quota_group_cooling";
 const COMMIT: &str = "keylease_store_commit_seconds";
 const ROLE: &str = "keylease_replica_role";
+const PROXIED: &str = "keylease_proxy_requests_total";
 
 /// Buckets of a store commit: an fsync on a local disk, a round trip to Redis.
 const COMMIT_BUCKETS: [f64; 10] = [
@@ -146,6 +147,10 @@ impl Metrics {
             ROLE,
             "1 for this replica's role: leader, follower or unavailable.",
         );
+        describe(
+            PROXIED,
+            "Calls answered by the Gemini-compatible proxy, by call and HTTP status.",
+        );
         let acquire_wait = recorder.register_histogram(&key(ACQUIRE_WAIT, &[]), &METADATA);
         let commit_latency = recorder.register_histogram(&key(COMMIT, &[]), &METADATA);
         let metrics = Self {
@@ -185,6 +190,25 @@ impl Metrics {
                     .register_counter(&key(name, &[(label, value)]), &METADATA);
                 counter.increment(1);
                 by_value.insert(value.to_string(), counter);
+            }
+        }
+    }
+
+    /// The proxy answered a `call` with HTTP status `code`.
+    pub fn proxied(&self, call: &'static str, code: u16) {
+        let value = format!("{call} {code}");
+        let mut counters = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        let by_value = counters.entry(PROXIED).or_default();
+        match by_value.get(&value) {
+            Some(counter) => counter.increment(1),
+            None => {
+                let code = code.to_string();
+                let labels = [("call", call), ("code", code.as_str())];
+                let counter = self
+                    .recorder
+                    .register_counter(&key(PROXIED, &labels), &METADATA);
+                counter.increment(1);
+                by_value.insert(value, counter);
             }
         }
     }

@@ -101,16 +101,17 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = format!("http://{}", listener.local_addr().unwrap());
         let (listener, local) = keylease_server::connections::Incoming::with_local(listener);
+        let (state, _) = State::open(&settings, Clock::system(), false).unwrap();
         let proxy_url = match settings.proxy.clone() {
             Some(proxy) => {
-                let address = keylease_server::proxy::start_embedded(proxy, &local)
+                let metrics = state.metrics().clone();
+                let address = keylease_server::proxy::start_embedded(proxy, &local, metrics)
                     .await
                     .expect("proxy");
                 Some(format!("http://{address}"))
             }
             None => None,
         };
-        let (state, _) = State::open(&settings, Clock::system(), false).unwrap();
         let source = ConfigSource {
             path: Some(path),
             ..ConfigSource::default()

@@ -132,7 +132,7 @@ async fn run(args: Args) -> Result<(), (u8, String)> {
         max_body: args.max_body,
         listing_model: args.listing_model,
     };
-    let proxy = Proxy::new(settings, keylease).map_err(|e| usage(e.to_string()))?;
+    let proxy = Proxy::new(settings, keylease, None).map_err(|e| usage(e.to_string()))?;
     let listener = TcpListener::bind(args.listen).await.map_err(|e| {
         (
             EXIT_UNAVAILABLE,

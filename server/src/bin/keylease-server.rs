@@ -7,7 +7,7 @@ use clap::Parser;
 use keylease_server::admin::{ConfigSource, Control};
 use keylease_server::clock::Clock;
 use keylease_server::config::{LogFormat, Overrides, Replication, Settings, StateLocation};
-use keylease_server::connections::{Incoming, LocalConnector};
+use keylease_server::connections::Incoming;
 use keylease_server::replica;
 use keylease_server::server::{Front, serve};
 use keylease_server::state::State;
@@ -206,6 +206,7 @@ impl From<keylease_server::replica::ServeError> for Failure {
         match error {
             keylease_server::replica::ServeError::Start(start) => Self::Replica(start),
             keylease_server::replica::ServeError::Serve(serve) => Self::Serve(serve),
+            keylease_server::replica::ServeError::Proxy(proxy) => Self::Proxy(proxy),
         }
     }
 }
@@ -338,14 +339,6 @@ async fn bind_metrics(settings: &Settings) -> Result<Option<TcpListener>, Failur
     Ok(Some(listener))
 }
 
-/// The Gemini-compatible endpoint, when configured: it leases from this server through memory.
-async fn start_proxy(settings: &Settings, local: &LocalConnector) -> Result<(), Failure> {
-    if let Some(proxy) = settings.proxy.clone() {
-        keylease_server::proxy::start_embedded(proxy, local).await?;
-    }
-    Ok(())
-}
-
 /// One replica of several on Redis (see `keylease_server::replica`).
 async fn run_replica(
     settings: Settings,
@@ -357,8 +350,8 @@ async fn run_replica(
     let listeners = replica::Listeners {
         grpc,
         metrics: bind_metrics(&settings).await?,
+        proxy: settings.proxy.clone().map(|proxy| (proxy, local)),
     };
-    start_proxy(&settings, &local).await?;
     let stop = stop_signal()?;
     let front = Front::new(&settings)?;
     let (reloads, reload_requests) = tokio::sync::mpsc::unbounded_channel();
@@ -428,7 +421,10 @@ async fn run(settings: Settings, source: ConfigSource, reset_state: bool) -> Res
     }
     reload_on_hangup(control.clone())?;
     let (listener, local) = Incoming::with_local(bind(&settings).await?);
-    start_proxy(&settings, &local).await?;
+    if let Some(proxy) = settings.proxy.clone() {
+        let metrics = state.metrics().clone();
+        keylease_server::proxy::start_embedded(proxy, &local, metrics).await?;
+    }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let signalled = stop_signal()?;
     tokio::spawn(async move {

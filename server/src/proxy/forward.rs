@@ -37,14 +37,25 @@ const FORWARDED_HEADERS: [HeaderName; 4] = [
     HeaderName::from_static("x-goog-api-client"),
 ];
 
-/// Answers `request`.
-pub async fn call(proxy: &Arc<Proxy>, request: Request) -> Result<Response, ProxyError> {
-    let call = Incoming::read(proxy, request).await?;
-    match call.route.call {
-        Call::ListModels | Call::GetModel => call.answer_from_listing(proxy).await,
-        _ if call.streams() => call.answer_streaming(proxy).await,
-        _ => call.answer_whole(proxy).await,
+/// Answers `request`, and counts the answer by call and status.
+pub async fn call(proxy: &Arc<Proxy>, request: Request) -> Response {
+    let (label, answered) = match Incoming::read(proxy, request).await {
+        Err(error) => ("unread", Err(error)),
+        Ok(call) => {
+            let label = call.route.call.label();
+            let answered = match call.route.call {
+                Call::ListModels | Call::GetModel => call.answer_from_listing(proxy).await,
+                _ if call.streams() => call.answer_streaming(proxy).await,
+                _ => call.answer_whole(proxy).await,
+            };
+            (label, answered)
+        }
+    };
+    let response = answered.unwrap_or_else(IntoResponse::into_response);
+    if let Some(metrics) = &proxy.metrics {
+        metrics.proxied(label, response.status().as_u16());
     }
+    response
 }
 
 /// A request read and checked: who calls, what for, and what goes upstream.

@@ -21,7 +21,7 @@ pub mod route;
 use crate::auth::token_sha256;
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use keylease_client::KeyLeaseClient;
 use keylease_client::gemini::{CallError, GeminiClient};
 use reply::ProxyError;
@@ -95,6 +95,8 @@ pub struct Proxy {
     next_task: AtomicU64,
     instance: u64,
     clock: crate::clock::Clock,
+    /// The server's metrics, when the proxy runs inside it.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// Model listings, per API version, and the callers known to keylease since they were made.
@@ -124,6 +126,7 @@ impl Proxy {
     pub fn new(
         settings: ProxySettings,
         keylease: KeyLeaseClient,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
     ) -> Result<Arc<Self>, ProxyStartError> {
         let upstream = GeminiClient::new(settings.upstream.clone(), settings.timeout)?;
         let instance = getrandom::u64().unwrap_or_else(|_| u64::from(std::process::id()));
@@ -136,6 +139,7 @@ impl Proxy {
             next_task: AtomicU64::new(1),
             instance,
             clock: crate::clock::Clock::system(),
+            metrics,
         }))
     }
 
@@ -192,6 +196,7 @@ impl Proxy {
 pub async fn start_embedded(
     settings: ProxySettings,
     local: &crate::connections::LocalConnector,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> Result<SocketAddr, ProxyStartError> {
     let listen = settings.listen;
     let listen_failed = |source| ProxyStartError::Listen {
@@ -206,7 +211,7 @@ pub async fn start_embedded(
     )
     .map_err(|e| ProxyStartError::KeyLease(e.to_string()))?;
     let upstream = settings.upstream.clone();
-    let proxy = Proxy::new(settings, keylease)?;
+    let proxy = Proxy::new(settings, keylease, Some(metrics))?;
     tracing::info!(%address, %upstream, "Gemini-compatible proxy at http://{address}");
     tokio::spawn(async move {
         if let Err(error) = serve(listener, proxy, std::future::pending()).await {
@@ -234,8 +239,5 @@ pub async fn serve(
 }
 
 async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
-    match forward::call(&proxy, request).await {
-        Ok(response) => response,
-        Err(error) => error.into_response(),
-    }
+    forward::call(&proxy, request).await
 }

@@ -22,6 +22,21 @@ pub enum Call {
 }
 
 impl Call {
+    /// Its name in metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Generate => "generate",
+            Self::Stream { .. } => "stream",
+            Self::Embed => "embed",
+            Self::BatchEmbed => "batch_embed",
+            Self::CountTokens => "count_tokens",
+            Self::ListModels => "list_models",
+            Self::GetModel => "get_model",
+            Self::OpenAiChat => "openai_chat",
+            Self::OpenAiEmbeddings => "openai_embeddings",
+        }
+    }
+
     /// Whether the call spends one of the model's requests; `countTokens` and the model
     /// listing use a key without booking the quota.
     pub fn books_request(&self) -> bool {

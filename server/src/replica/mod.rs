@@ -131,10 +131,15 @@ impl Seen {
     }
 }
 
-/// Where a replica listens: gRPC, and Prometheus when configured.
+/// Where a replica listens: gRPC, Prometheus when configured, and the Gemini-compatible proxy
+/// when configured (with the connector to this replica's gRPC service it leases through).
 pub struct Listeners {
     pub grpc: crate::connections::Incoming,
     pub metrics: Option<tokio::net::TcpListener>,
+    pub proxy: Option<(
+        crate::proxy::ProxySettings,
+        crate::connections::LocalConnector,
+    )>,
 }
 
 /// Settings read again, waiting for the supervisor to take them up.
@@ -165,6 +170,7 @@ pub async fn serve(
     let Listeners {
         grpc: listener,
         metrics,
+        proxy,
     } = listeners;
     let shutdown = CancellationToken::new();
     let replication_token = replication.token.clone();
@@ -190,6 +196,9 @@ pub async fn serve(
             tokio::time::sleep(settings.shutdown_grace).await;
         }
     };
+    if let Some((settings, local)) = proxy {
+        crate::proxy::start_embedded(settings, &local, router.metrics().clone()).await?;
+    }
     if let Some(listener) = metrics {
         let scraped = router.clone();
         let source: crate::metrics::Source = Arc::new(move || scraped.scraped());
@@ -245,6 +254,8 @@ pub enum ServeError {
     Start(#[from] StartError),
     #[error("serving failed: {0}")]
     Serve(#[from] crate::server::ServeError),
+    #[error("{0}")]
+    Proxy(#[from] crate::proxy::ProxyStartError),
 }
 
 /// Starts a replica: returns the router to serve with, and the thread that runs it until
