@@ -66,6 +66,8 @@ pub struct Metrics {
     /// Handles of the counters events touch, by name and label value: counting is then a
     /// lookup without allocating, under the engine's lock as events are carried out.
     counters: Mutex<HashMap<&'static str, HashMap<String, Counter>>>,
+    /// The proxy's answers, by call and HTTP status.
+    proxied: Mutex<HashMap<(&'static str, u16), Counter>>,
     acquire_wait: Histogram,
     commit_latency: Histogram,
     /// Histograms keep each sample until an upkeep folds it into their buckets: they record
@@ -156,6 +158,7 @@ impl Metrics {
         let metrics = Self {
             recorder,
             counters: Mutex::new(HashMap::new()),
+            proxied: Mutex::new(HashMap::new()),
             acquire_wait,
             commit_latency,
             served: std::sync::atomic::AtomicBool::new(false),
@@ -196,21 +199,16 @@ impl Metrics {
 
     /// The proxy answered a `call` with HTTP status `code`.
     pub fn proxied(&self, call: &'static str, code: u16) {
-        let value = format!("{call} {code}");
-        let mut counters = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
-        let by_value = counters.entry(PROXIED).or_default();
-        match by_value.get(&value) {
-            Some(counter) => counter.increment(1),
-            None => {
+        let mut counters = self.proxied.lock().unwrap_or_else(PoisonError::into_inner);
+        counters
+            .entry((call, code))
+            .or_insert_with(|| {
                 let code = code.to_string();
                 let labels = [("call", call), ("code", code.as_str())];
-                let counter = self
-                    .recorder
-                    .register_counter(&key(PROXIED, &labels), &METADATA);
-                counter.increment(1);
-                by_value.insert(value, counter);
-            }
-        }
+                self.recorder
+                    .register_counter(&key(PROXIED, &labels), &METADATA)
+            })
+            .increment(1);
     }
 
     /// An acquire was granted after waiting `seconds`.
