@@ -415,15 +415,7 @@ async fn nothing_the_server_writes_or_answers_holds_a_secret() {
 
     // Through the proxy: calls that reach every key (one of them leaked), the token in the
     // query string, a token nobody configured. Its answers are scanned with the rest.
-    let output = until_logged(&server, "proxy at http://");
-    let proxy_url = output
-        .split("proxy at ")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .to_string();
+    let proxy_url = server.proxy_url();
     let generate = format!("{proxy_url}/v1beta/models/gemini-2.5-flash:generateContent");
     let http = reqwest::Client::new();
     let body = serde_json::json!({"contents": [{"parts": [{"text": "scan me"}]}]});

@@ -105,22 +105,10 @@ async fn the_server_serves_the_proxy_it_is_configured_with() {
     );
     let config = config(true, &extra);
     let server = support::start(&config, &[]);
-    let mut output = server.output();
-    for _ in 0..100 {
-        if output.contains("proxy at http://") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        output = server.output();
-    }
-    let address = output
-        .split("proxy at http://")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .unwrap_or_else(|| panic!("no proxy address in {output}"))
-        .to_string();
-    assert_eq!(generate(&address, Some(WORKER_TOKEN)).await.status(), 200);
-    assert_eq!(generate(&address, None).await.status(), 401);
+    let url = server.proxy_url();
+    let address = url.trim_start_matches("http://");
+    assert_eq!(generate(address, Some(WORKER_TOKEN)).await.status(), 200);
+    assert_eq!(generate(address, None).await.status(), 401);
     assert_eq!(fake.fake.stats().all().status(200), 1);
     assert!(!server.output().contains(SECRET));
 }

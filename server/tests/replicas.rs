@@ -1023,21 +1023,7 @@ fn every_replica_serves_the_proxy() {
     let leader = fleet.wait_for_leader(None);
     until_health(&fleet, 1 - leader, ServingStatus::Serving);
     for i in 0..2 {
-        let replica = fleet.replicas[i].as_ref().unwrap();
-        let mut output = replica.output();
-        for _ in 0..100 {
-            if output.contains("proxy at http://") {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-            output = replica.output();
-        }
-        let proxy = output
-            .split("proxy at ")
-            .nth(1)
-            .and_then(|rest| rest.split('"').next())
-            .unwrap_or_else(|| panic!("replica {i} logged no proxy:\n{output}"))
-            .to_string();
+        let proxy = fleet.replicas[i].as_ref().unwrap().proxy_url();
         let (status, body) = runtime.block_on(async {
             let answer = reqwest::Client::new()
                 .post(format!("{proxy}/v1beta/models/{MODEL}:generateContent"))

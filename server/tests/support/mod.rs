@@ -120,6 +120,23 @@ impl Running {
         self.output.lock().unwrap().clone()
     }
 
+    /// `http://ADDRESS` of the Gemini-compatible proxy, once it has logged that it serves
+    /// (within ten seconds).
+    pub fn proxy_url(&self) -> String {
+        for _ in 0..100 {
+            let output = self.output();
+            if let Some(address) = output
+                .split("proxy at http://")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+            {
+                return format!("http://{address}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("no proxy address logged:\n{}", self.output())
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
