@@ -21,6 +21,10 @@ pub const MAX_DETAIL_BYTES: usize = 1024;
 /// count): far above any real lease (a thousand requests of two million tokens each), and low
 /// enough that no sum of them in a quota window can overflow.
 pub const MAX_INPUT_TOKENS: u64 = 10_000_000_000;
+/// Most quota violations one failure report carries.
+pub const MAX_QUOTA_VIOLATIONS: usize = 8;
+/// Largest limit figure a quota violation may name: far above any provider's limit.
+pub const MAX_QUOTA_VALUE: u64 = 1_000_000_000_000;
 /// The domain of the `google.rpc.ErrorInfo` a `RESOURCE_EXHAUSTED` reply carries.
 pub const ERROR_DOMAIN: &str = "keylease.v1";
 /// Metadata key of a `RESOURCE_EXHAUSTED` reply carrying the retry delay in milliseconds, for

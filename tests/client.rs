@@ -425,6 +425,7 @@ async fn a_report_rotates_the_guard_to_another_project() {
         kind: pb::FailureKind::RateLimited,
         retry_after: Some(Duration::from_secs(30)),
         detail: "429".into(),
+        violations: Vec::new(),
     };
     let next = guard
         .report_failure(failure, Some(Duration::from_secs(5)))
@@ -444,6 +445,7 @@ async fn a_long_provider_message_in_a_non_latin_script_is_reported() {
         kind: pb::FailureKind::ServerError,
         retry_after: None,
         detail: "内部エラー".repeat(140),
+        violations: Vec::new(),
     };
     guard.report_failure(failure, None).await.unwrap();
     let reported = next_event(&mut watcher, |k| match k {

@@ -60,6 +60,8 @@ pub struct Failure {
     /// Short (cut to `keylease::MAX_DETAIL_BYTES` when sent); a key in it is masked by the
     /// server, but better never put one there.
     pub detail: String,
+    /// What the provider's 429 said of the limit it hit: keylease learns the real limits.
+    pub violations: Vec<crate::gemini::classify::QuotaViolation>,
 }
 
 #[derive(Debug)]
@@ -251,6 +253,12 @@ impl LeaseGuard {
             rotate: replacement.is_some(),
             requests_sent: Some(usage.requests_sent),
             replacement_wait: replacement.map(to_pb),
+            quota_violations: failure
+                .violations
+                .iter()
+                .take(keylease::MAX_QUOTA_VIOLATIONS)
+                .map(|v| v.to_pb())
+                .collect(),
         };
         let reported = self
             .client

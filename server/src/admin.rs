@@ -8,7 +8,9 @@
 //! and a restart finds what an admin did.
 
 use crate::config::{self, ConfigError, Overrides, Settings, StateLocation};
-use crate::engine::{Command, EventKind, KeyView, Reconfigured, SetupError, canonical_model};
+use crate::engine::{
+    Command, EventKind, KeyView, LimitKind, Reconfigured, SetupError, canonical_model,
+};
 use crate::server::Front;
 use crate::service::{caller_name, set_key_enabled};
 use crate::state::State;
@@ -741,29 +743,21 @@ fn limits_change(
     before: &crate::engine::quota::Limits,
     after: &crate::engine::quota::Limits,
 ) -> String {
-    let show = |v: Option<u64>| v.map_or("none".to_string(), |v| v.to_string());
-    [
-        (
-            "requests_per_minute",
-            before.requests_per_minute,
-            after.requests_per_minute,
-        ),
-        (
-            "tokens_per_minute",
-            before.tokens_per_minute,
-            after.tokens_per_minute,
-        ),
-        (
-            "requests_per_day",
-            before.requests_per_day,
-            after.requests_per_day,
-        ),
-    ]
-    .iter()
-    .filter(|(_, b, a)| b != a)
-    .map(|(name, b, a)| format!("{name} from {} to {}", show(*b), show(*a)))
-    .collect::<Vec<_>>()
-    .join(", ")
+    let show = |limits: &crate::engine::quota::Limits, kind: LimitKind| match (
+        kind.of(limits),
+        limits.auto[kind as usize],
+    ) {
+        (Some(ceiling), true) => format!("auto (ceiling {ceiling})"),
+        (Some(figure), false) => figure.to_string(),
+        (None, _) => "none".to_string(),
+    };
+    LimitKind::ALL
+        .iter()
+        .map(|&kind| (kind, show(before, kind), show(after, kind)))
+        .filter(|(_, b, a)| b != a)
+        .map(|(kind, b, a)| format!("{} from {b} to {a}", kind.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The engine's word on keys that left with leases running.
@@ -884,6 +878,7 @@ impl KeyAdmin for KeyAdminService {
             pool,
             project: request.project,
             model: request.model,
+            forget_learned: request.forget_learned_limits,
         };
         let answer = async {
             let group = self

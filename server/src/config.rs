@@ -303,6 +303,10 @@ pub struct QuotaSection {
     pub cooldown_base: Duration,
     #[serde(with = "humantime_serde")]
     pub cooldown_max: Duration,
+    /// Windows at a limit lowered by a 429 without a figure, without another 429, before it
+    /// climbs back.
+    pub relearn_after: u32,
+    pub auto_ceiling: AutoCeiling,
 }
 
 impl Default for QuotaSection {
@@ -313,6 +317,8 @@ impl Default for QuotaSection {
             daily_reset_time_zone: "America/Los_Angeles".into(),
             cooldown_base: Duration::from_secs(60),
             cooldown_max: Duration::from_secs(900),
+            relearn_after: 10,
+            auto_ceiling: AutoCeiling::default(),
         }
     }
 }
@@ -351,9 +357,65 @@ pub struct PoolSection {
 #[derive(Debug, Clone, Copy, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitSection {
-    pub requests_per_minute: Option<u64>,
-    pub tokens_per_minute: Option<u64>,
-    pub requests_per_day: Option<u64>,
+    pub requests_per_minute: Option<LimitValue>,
+    pub tokens_per_minute: Option<LimitValue>,
+    pub requests_per_day: Option<LimitValue>,
+}
+
+/// A limit as configured: a figure, or `"auto"` (a ceiling, `quota.auto_ceiling`, until the
+/// provider names the real figure in a 429).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitValue {
+    Figure(u64),
+    Auto,
+}
+
+impl<'de> Deserialize<'de> for LimitValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = LimitValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number above zero, or auto")
+            }
+            fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<LimitValue, E> {
+                Ok(LimitValue::Figure(value))
+            }
+            fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<LimitValue, E> {
+                u64::try_from(value)
+                    .map(LimitValue::Figure)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(value), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<LimitValue, E> {
+                match value {
+                    "auto" => Ok(LimitValue::Auto),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// The figures `auto` limits start from.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AutoCeiling {
+    pub requests_per_minute: u64,
+    pub tokens_per_minute: u64,
+    pub requests_per_day: u64,
+}
+
+impl Default for AutoCeiling {
+    fn default() -> Self {
+        // Above the paid tiers' figures seen in public reports: the first 429 of each kind
+        // names the real one.
+        Self {
+            requests_per_minute: 10_000,
+            tokens_per_minute: 10_000_000,
+            requests_per_day: 1_000_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -724,15 +786,45 @@ pub fn validate(
         ));
     }
 
-    if file.pools.is_empty() {
-        return Err(invalid(
-            at("pools"),
-            "no pool is configured (add [pools.gemini.models.\"MODEL\"] with its limits)",
-        ));
+    if file.quota.relearn_after == 0 {
+        return Err(invalid(at("quota.relearn_after"), "must be above zero"));
+    }
+    let ceiling = &file.quota.auto_ceiling;
+    for (field, value) in [
+        ("requests_per_minute", ceiling.requests_per_minute),
+        ("tokens_per_minute", ceiling.tokens_per_minute),
+        ("requests_per_day", ceiling.requests_per_day),
+    ] {
+        if value == 0 {
+            return Err(invalid(
+                at(&format!("quota.auto_ceiling.{field}")),
+                "must be above zero",
+            ));
+        }
     }
     let mut pools = BTreeMap::new();
     for (name, pool) in &file.pools {
-        pools.insert(name.clone(), pool_config(name, pool, &at)?);
+        pools.insert(name.clone(), pool_config(name, pool, ceiling, &at)?);
+    }
+    if pools.is_empty() {
+        // The first run needs nothing but keys: every model's limits are learned.
+        notices.push(format!(
+            "no [pools] configured: pool {DEFAULT_POOL} serves any model with every limit auto (starting at quota.auto_ceiling, then the figures Gemini's 429s name); configure [pools.{DEFAULT_POOL}.models.\"MODEL\"] to set them"
+        ));
+        let auto = LimitSection {
+            requests_per_minute: Some(LimitValue::Auto),
+            tokens_per_minute: Some(LimitValue::Auto),
+            requests_per_day: Some(LimitValue::Auto),
+        };
+        pools.insert(
+            DEFAULT_POOL.to_string(),
+            PoolConfig {
+                max_leases_per_key: 1,
+                models: BTreeMap::new(),
+                project_limits: BTreeMap::new(),
+                other_models: Some(limits_of(&auto, ceiling, &at("pools"))?),
+            },
+        );
     }
 
     let mut keys = KeyCollector::new(&file.key_sources.id_salt);
@@ -817,6 +909,7 @@ pub fn validate(
             memory_capacity: leases.memory_capacity,
             daily: DailyReset { zone },
             pools,
+            relearn_after_windows: file.quota.relearn_after,
         },
         keys,
         keys_file,
@@ -1212,6 +1305,7 @@ fn replication(
 fn pool_config(
     name: &str,
     pool: &PoolSection,
+    ceiling: &AutoCeiling,
     at: &dyn Fn(&str) -> String,
 ) -> Result<PoolConfig, ConfigError> {
     let field = |rest: &str| at(&format!("pools.{name}.{rest}"));
@@ -1231,7 +1325,7 @@ fn pool_config(
         if models
             .insert(
                 canonical.clone(),
-                limits_of(limits, &field(&format!("models.{model:?}")))?,
+                limits_of(limits, ceiling, &field(&format!("models.{model:?}")))?,
             )
             .is_some()
         {
@@ -1252,33 +1346,68 @@ fn pool_config(
                     format!("unknown model {canonical:?} (not in pools.{name}.models)"),
                 ));
             }
-            project_limits.insert((project.clone(), canonical), limits_of(limits, &location)?);
+            project_limits.insert(
+                (project.clone(), canonical),
+                limits_of(limits, ceiling, &location)?,
+            );
         }
     }
     Ok(PoolConfig {
         max_leases_per_key,
         models,
         project_limits,
+        other_models: None,
     })
 }
 
-fn limits_of(limits: &LimitSection, location: &str) -> Result<Limits, ConfigError> {
-    for (field, value) in [
-        ("requests_per_minute", limits.requests_per_minute),
-        ("tokens_per_minute", limits.tokens_per_minute),
-        ("requests_per_day", limits.requests_per_day),
-    ] {
-        if value == Some(0) {
-            return Err(invalid(
-                format!("{location}.{field}"),
-                "must be above zero (leave it out for no limit)",
-            ));
-        }
+fn limits_of(
+    limits: &LimitSection,
+    ceiling: &AutoCeiling,
+    location: &str,
+) -> Result<Limits, ConfigError> {
+    let mut figures = [None; 3];
+    let mut auto = [false; 3];
+    for (index, (field, value, ceiling)) in [
+        (
+            "requests_per_minute",
+            limits.requests_per_minute,
+            ceiling.requests_per_minute,
+        ),
+        (
+            "tokens_per_minute",
+            limits.tokens_per_minute,
+            ceiling.tokens_per_minute,
+        ),
+        (
+            "requests_per_day",
+            limits.requests_per_day,
+            ceiling.requests_per_day,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        figures[index] = match value {
+            Some(LimitValue::Figure(0)) => {
+                return Err(invalid(
+                    format!("{location}.{field}"),
+                    "must be above zero (leave it out for no limit)",
+                ));
+            }
+            Some(LimitValue::Figure(figure)) => Some(figure),
+            Some(LimitValue::Auto) => {
+                auto[index] = true;
+                Some(ceiling)
+            }
+            None => None,
+        };
     }
+    let [requests_per_minute, tokens_per_minute, requests_per_day] = figures;
     Ok(Limits {
-        requests_per_minute: limits.requests_per_minute,
-        tokens_per_minute: limits.tokens_per_minute,
-        requests_per_day: limits.requests_per_day,
+        requests_per_minute,
+        tokens_per_minute,
+        requests_per_day,
+        auto,
     })
 }
 

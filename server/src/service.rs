@@ -147,6 +147,7 @@ impl KeyLeaseService {
             retry_after_ms: wire::duration_ms("retry_after", request.retry_after)?,
             detail: self.redact(request.detail),
             requests_sent: request.requests_sent,
+            violations: wire::violations(request.quota_violations),
         };
         let wait = wire::wait_of(
             "replacement_wait",

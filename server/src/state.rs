@@ -781,6 +781,22 @@ fn log(event: &Event, by: Option<&str>) {
             project,
             model,
         } => tracing::info!(pool, project, model, by, "cooldown reset"),
+        EventKind::LimitLearned {
+            pool,
+            project,
+            model,
+            change,
+        } => tracing::info!(
+            pool,
+            project,
+            model,
+            limit = change.kind.as_str(),
+            before = change.before,
+            after = change.after,
+            reason = change.reason,
+            by,
+            "learned limit changed"
+        ),
         EventKind::Reloaded {
             changes,
             needs_restart,
@@ -996,6 +1012,7 @@ mod tests {
         tokio::spawn(state.clone().run_timer());
         let lease = state.acquire(None, ask("a"), Duration::ZERO).await.unwrap();
         let report = crate::engine::FailureReport {
+            violations: Vec::new(),
             kind: crate::engine::FailureKind::DailyQuotaExhausted,
             retry_after_ms: None,
             detail: String::new(),

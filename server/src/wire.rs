@@ -2,13 +2,16 @@
 //! types (validating what the wire can get wrong, such as negative durations) and back, and the
 //! one mapping of domain errors to gRPC status codes.
 
+use crate::engine::learning::LearnedLimit;
 use crate::engine::{
     AcquireRequest, EngineError, EventKind, FailureKind, GroupView, KeyState, KeyView, LeaseEvent,
-    LeaseSummary, LeaseView, Time, Unavailable, UnavailableReason, Usage, UsageView,
+    LeaseSummary, LeaseView, LimitKind, LimitView, QuotaViolation, Time, Unavailable,
+    UnavailableReason, Usage, UsageView,
 };
 use crate::state::AcquireFailure;
 use crate::store::journal::StoreFailed;
 use keylease::{ERROR_DOMAIN, RETRY_AFTER_METADATA, pb};
+use keylease_client::gemini::classify::{QuotaLimit, quota_limit};
 use std::time::Duration;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
@@ -311,8 +314,54 @@ pub fn key_to_pb(key: KeyView, now: Time) -> pb::KeyStatus {
     }
 }
 
+/// A report's quota violations, each with the limit its provider id names.
+pub fn violations(violations: Vec<pb::QuotaViolation>) -> Vec<QuotaViolation> {
+    violations
+        .into_iter()
+        .map(|v| QuotaViolation {
+            kind: quota_limit(&v.quota_id).map(|limit| match limit {
+                QuotaLimit::RequestsPerMinute => LimitKind::RequestsPerMinute,
+                QuotaLimit::InputTokensPerMinute => LimitKind::TokensPerMinute,
+                QuotaLimit::RequestsPerDay => LimitKind::RequestsPerDay,
+            }),
+            quota_id: v.quota_id,
+            model: v.model,
+            value: v.quota_value,
+        })
+        .collect()
+}
+
+fn limit_to_pb(limit: LimitView) -> pb::LimitStatus {
+    pb::LimitStatus {
+        configured: limit.configured.unwrap_or(0),
+        auto: limit.auto,
+        learned: limit.learned.map(|l| l.value),
+        learned_reason: limit.learned.map(learned_reason).unwrap_or_default(),
+    }
+}
+
+/// Why a learned limit is what it is, for people.
+pub fn learned_reason(learned: LearnedLimit) -> String {
+    match learned.named {
+        Some(named) if named == learned.value => "the provider's figure, named in a 429".into(),
+        Some(named) => format!(
+            "lowered below the provider's figure of {named} by a 429 without one (others may use the project); climbs back after windows at the limit without a 429"
+        ),
+        None => "lowered by a 429 without a figure; climbs back to the configured limit after windows at the limit without a 429".into(),
+    }
+}
+
 pub fn group_to_pb(group: GroupView, now: Time) -> pb::QuotaGroupStatus {
+    let [requests_per_minute, tokens_per_minute, requests_per_day] = group.limits;
     pb::QuotaGroupStatus {
+        requests_per_minute_limit: Some(limit_to_pb(requests_per_minute)),
+        tokens_per_minute_limit: Some(limit_to_pb(tokens_per_minute)),
+        requests_per_day_limit: Some(limit_to_pb(requests_per_day)),
+        last_429: group.last_429.map(|e| pb::QuotaRefusal {
+            quota_id: e.quota_id,
+            at: Some(timestamp(e.at_wall_ms)),
+            task_id: e.task_id,
+        }),
         pool: group.pool,
         project: group.project,
         model: group.model,
@@ -416,6 +465,20 @@ pub fn event_to_pb(event: crate::engine::Event, by: Option<&str>) -> pb::Event {
         } => Kind::Reloaded(pb::ReloadResponse {
             changes,
             needs_restart,
+        }),
+        EventKind::LimitLearned {
+            pool,
+            project,
+            model,
+            change,
+        } => Kind::LimitLearned(pb::LimitEvent {
+            pool,
+            project,
+            model,
+            limit: change.kind.as_str().to_string(),
+            before: change.before,
+            after: change.after,
+            reason: change.reason,
         }),
     };
     pb::Event {

@@ -1,6 +1,7 @@
-//! What a Gemini error answer means for the key: read from the status, `QuotaFailure.quotaId`
-//! (per minute or per day), `RetryInfo.retryDelay`, the `Please retry in` text, `ErrorInfo.reason`
-//! and the leaked-key message, in bodies that may come wrapped in a one-element array.
+//! What a Gemini error answer means for the key: read from the status, `QuotaFailure.violations`
+//! (which limit, per minute or per day, and its figure), `RetryInfo.retryDelay`, the `Please
+//! retry in` text, `ErrorInfo.reason` and the leaked-key message, in bodies that may come
+//! wrapped in a one-element array.
 
 use keylease::pb::FailureKind;
 use serde_json::Value;
@@ -57,6 +58,59 @@ pub struct Classified {
     pub message: String,
     /// `ErrorInfo.reason` or the `status` word, for the report.
     pub reason: String,
+    /// The limits a 429 says were hit (at most [`keylease::MAX_QUOTA_VIOLATIONS`]).
+    pub violations: Vec<QuotaViolation>,
+}
+
+/// One of `QuotaFailure.violations`: which limit, for which model, and its figure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaViolation {
+    /// `quotaId`, such as `GenerateRequestsPerMinutePerProjectPerModel-FreeTier`.
+    pub quota_id: String,
+    /// `quotaDimensions.model`; empty when not given.
+    pub model: String,
+    /// `quotaValue` (a JSON string, or a number), when given and at most
+    /// [`keylease::MAX_QUOTA_VALUE`].
+    pub value: Option<u64>,
+}
+
+impl QuotaViolation {
+    /// As `ReportFailure` carries it, cut to the protocol's bounds.
+    pub fn to_pb(&self) -> keylease::pb::QuotaViolation {
+        let cut = |text: &str| {
+            keylease::truncate_on_char_boundary(text, keylease::MAX_ID_BYTES).to_string()
+        };
+        keylease::pb::QuotaViolation {
+            quota_id: cut(&self.quota_id),
+            model: cut(&self.model),
+            quota_value: self.value,
+        }
+    }
+}
+
+/// Which of a project's limits a Gemini `quotaId` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaLimit {
+    RequestsPerMinute,
+    InputTokensPerMinute,
+    RequestsPerDay,
+}
+
+/// The limit a `quotaId` names: `GenerateRequestsPerDayPerProjectPerModel-FreeTier`,
+/// `GenerateContentInputTokensPerModelPerMinute-FreeTier`,
+/// `GenerateRequestsPerMinutePerProjectPerModel-FreeTier`; `None` for one it does not know.
+pub fn quota_limit(quota_id: &str) -> Option<QuotaLimit> {
+    if quota_id.contains("PerDay") {
+        Some(QuotaLimit::RequestsPerDay)
+    } else if !quota_id.contains("PerMinute") {
+        None
+    } else if quota_id.contains("Token") {
+        Some(QuotaLimit::InputTokensPerMinute)
+    } else if quota_id.contains("Request") {
+        Some(QuotaLimit::RequestsPerMinute)
+    } else {
+        None
+    }
 }
 
 /// Classifies an error answer by its HTTP status and body.
@@ -95,16 +149,17 @@ pub fn classify(status: u16, body: &str) -> Classified {
         .and_then(Value::as_str)
         .and_then(parse_seconds)
         .or_else(|| retry_hint_in(&message));
-    let per_day = detail_of("QuotaFailure")
+    let violations: Vec<QuotaViolation> = detail_of("QuotaFailure")
         .and_then(|d| d.get("violations"))
         .and_then(Value::as_array)
-        .is_some_and(|violations| {
-            violations.iter().any(|v| {
-                v.get("quotaId")
-                    .and_then(Value::as_str)
-                    .is_some_and(|id| id.contains("PerDay"))
-            })
-        });
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .take(keylease::MAX_QUOTA_VIOLATIONS)
+        .map(violation_of)
+        .collect();
+    let per_day = violations
+        .iter()
+        .any(|v| quota_limit(&v.quota_id) == Some(QuotaLimit::RequestsPerDay));
     let no_quota_at_all = message.contains("limit: 0,") || message.contains("limit: 0\n");
 
     let failure = match status {
@@ -137,6 +192,30 @@ pub fn classify(status: u16, body: &str) -> Classified {
         retry_after,
         message,
         reason,
+        violations,
+    }
+}
+
+fn violation_of(violation: &Value) -> QuotaViolation {
+    let text = |value: Option<&Value>| {
+        value
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let value = match violation.get("quotaValue") {
+        Some(Value::String(text)) => text.trim().parse().ok(),
+        Some(number) => number.as_u64(),
+        None => None,
+    };
+    QuotaViolation {
+        quota_id: text(violation.get("quotaId")),
+        model: text(
+            violation
+                .get("quotaDimensions")
+                .and_then(|d| d.get("model")),
+        ),
+        value: value.filter(|&v| v <= keylease::MAX_QUOTA_VALUE),
     }
 }
 
@@ -216,6 +295,52 @@ mod tests {
             .unwrap();
         assert_eq!(text_only.as_millis(), 55_837);
         assert_eq!(of(429, "429-no-details.json").retry_after, None);
+    }
+
+    #[test]
+    fn quota_violations_name_their_limit_model_and_figure() {
+        let per_minute = of(429, "429-requests-per-minute.json");
+        assert_eq!(
+            per_minute.violations,
+            vec![QuotaViolation {
+                quota_id: "GenerateRequestsPerMinutePerProjectPerModel-FreeTier".into(),
+                model: "gemini-2.0-flash".into(),
+                value: Some(15),
+            }]
+        );
+        let limits: Vec<Option<QuotaLimit>> = [
+            "429-requests-per-minute.json",
+            "429-tokens-per-minute.json",
+            "429-requests-per-day.json",
+        ]
+        .iter()
+        .map(|name| quota_limit(&of(429, name).violations[0].quota_id))
+        .collect();
+        assert_eq!(
+            limits,
+            [
+                Some(QuotaLimit::RequestsPerMinute),
+                Some(QuotaLimit::InputTokensPerMinute),
+                Some(QuotaLimit::RequestsPerDay)
+            ]
+        );
+        assert_eq!(
+            of(429, "429-tokens-per-minute.json").violations[0].value,
+            Some(250_000)
+        );
+        assert!(of(429, "429-no-details.json").violations.is_empty());
+        assert_eq!(quota_limit("SomethingElsePerMinute"), None);
+        // Figures as numbers are read too; nonsense and absurd ones are not.
+        let body = |value: &str| {
+            format!(
+                r#"{{"error":{{"code":429,"details":[{{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{{"quotaId":"X","quotaValue":{value}}}]}}]}}}}"#
+            )
+        };
+        let figure = |value: &str| classify(429, &body(value)).violations[0].value;
+        assert_eq!(figure("42"), Some(42));
+        assert_eq!(figure("\"-3\""), None);
+        assert_eq!(figure("\"1e99\""), None);
+        assert_eq!(figure("2000000000000"), None);
     }
 
     #[test]

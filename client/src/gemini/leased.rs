@@ -172,7 +172,7 @@ where
             }
         })
         .await;
-        let failure = match answer {
+        let mut failure = match answer {
             Ok(Some(Ok(answer))) => return Ok((answer, lease)),
             Ok(Some(Err(CallError::Provider {
                 status,
@@ -195,6 +195,7 @@ where
                     detail: format!("{status} {}", classified.reason),
                     blames_key: failure.blames_key(),
                     status: Some(status),
+                    violations: classified.violations,
                 },
             },
             Ok(Some(Err(CallError::Decode(message)))) => {
@@ -222,6 +223,7 @@ where
             kind: failure.kind,
             retry_after: failure.retry_after,
             detail: failure.detail.clone(),
+            violations: std::mem::take(&mut failure.violations),
         };
         if failure.blames_key {
             // The service rests or disables the key and lends one from elsewhere.
@@ -256,6 +258,7 @@ struct Reported {
     blames_key: bool,
     /// The provider's HTTP status, when it answered.
     status: Option<u16>,
+    violations: Vec<super::classify::QuotaViolation>,
 }
 
 impl Reported {
@@ -266,6 +269,7 @@ impl Reported {
             detail,
             blames_key: false,
             status: None,
+            violations: Vec::new(),
         }
     }
 }

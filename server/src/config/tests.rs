@@ -86,6 +86,58 @@ fn the_example_config_loads_with_its_demo_keys() {
 }
 
 #[test]
+fn without_pools_any_model_is_served_with_every_limit_auto() {
+    let settings = load(
+        None,
+        &env(&[("GEMINI_API_KEY_1", SECRET)]),
+        &Overrides::default(),
+    )
+    .unwrap();
+    let pool = &settings.engine.pools["gemini"];
+    let other = pool.other_models.expect("any model is served");
+    assert_eq!(other.auto, [true; 3]);
+    assert_eq!(other.requests_per_minute, Some(10_000));
+    assert!(
+        settings
+            .notices
+            .iter()
+            .any(|n| n.contains("every limit auto")),
+        "{:?}",
+        settings.notices
+    );
+}
+
+#[test]
+fn auto_limits_start_at_the_configured_ceiling() {
+    let dir = Dir::new(&format!(
+        "[quota]\nrelearn_after = 3\n[quota.auto_ceiling]\nrequests_per_minute = 500\n\n[pools.gemini.models.m]\nrequests_per_minute = \"auto\"\nrequests_per_day = 250\n\n[[keys]]\nsecret = \"{SECRET}\"\n"
+    ));
+    let settings = dir.load(&no_env()).unwrap();
+    let limits = settings.engine.pools["gemini"].models["m"];
+    assert_eq!(limits.requests_per_minute, Some(500));
+    assert_eq!(limits.requests_per_day, Some(250));
+    assert_eq!(limits.auto, [true, false, false]);
+    assert_eq!(settings.engine.relearn_after_windows, 3);
+    for (text, field) in [
+        ("requests_per_minute = \"lots\"", "requests_per_minute"),
+        ("requests_per_minute = -4", "requests_per_minute"),
+    ] {
+        let dir = Dir::new(&format!(
+            "[pools.gemini.models.m]\n{text}\n[[keys]]\nsecret = \"{SECRET}\"\n"
+        ));
+        let error = error_of(dir.load(&no_env()));
+        assert!(
+            error.contains(field) && error.contains("or auto"),
+            "{error}"
+        );
+    }
+    let dir = Dir::new(&format!(
+        "[quota]\nrelearn_after = 0\n{POOL}[[keys]]\nsecret = \"{SECRET}\"\n"
+    ));
+    assert!(error_of(dir.load(&no_env())).contains("quota.relearn_after"));
+}
+
+#[test]
 fn environment_overrides_the_file() {
     let vars = env(&[
         ("KEYLEASE_SERVER__LISTEN", "127.0.0.1:6000"),
@@ -274,7 +326,6 @@ fn configuration_mistakes_name_the_field() {
             format!("[pools.gemini]\nmax_leases_per_key = 1\n{key}"),
             "no model",
         ),
-        (key.clone(), "no pool"),
         (
             format!("{POOL}\n[[keys]]\nsecret = \"{SECRET}\"\npool = \"openai\"\n"),
             "unknown pool",

@@ -2,7 +2,7 @@
 //! first, then the most quota headroom), granting, queueing when nothing can be lent, serving
 //! the lines in order, and saying why nothing can be lent and until when.
 
-use super::catalogue::{GroupKey, KeyIdx, ModelIdx, PoolIdx, ProjectIdx};
+use super::catalogue::{GroupKey, KeyIdx, MAX_OTHER_MODELS, ModelIdx, PoolIdx, ProjectIdx};
 use super::leases::{Lease, Token, lease_id};
 use super::waiting::{Ask, Line, Waiter};
 use super::{
@@ -104,7 +104,7 @@ impl Engine {
         Some(unavailable)
     }
 
-    fn validate_acquire(&self, request: &AcquireRequest) -> Result<Ask, EngineError> {
+    fn validate_acquire(&mut self, request: &AcquireRequest) -> Result<Ask, EngineError> {
         validate_id("task_id", &request.task_id, true)?;
         if let Some(id) = &request.client_request_id {
             validate_id("client_request_id", id, false)?;
@@ -148,27 +148,34 @@ impl Engine {
         })
     }
 
-    fn model_of(&self, pool: PoolIdx, model: &str) -> Result<ModelIdx, EngineError> {
+    fn model_of(&mut self, pool: PoolIdx, model: &str) -> Result<ModelIdx, EngineError> {
         let name = canonical_model(model);
         if name.is_empty() {
             return Err(invalid("model", "empty"));
         }
+        validate_id("model", name, true)?;
+        if let Some(model) = self.catalogue.served_model(pool, name) {
+            return Ok(model);
+        }
         let pool = self.catalogue.pool(pool);
-        self.catalogue
-            .models
-            .get(name)
-            .filter(|&m| pool.serves(m))
-            .ok_or_else(|| {
-                let known: Vec<&str> = pool.config.models.keys().map(String::as_str).collect();
-                invalid(
-                    "model",
-                    format!(
-                        "unknown model {name:?} in pool {:?} (known: {})",
-                        pool.name,
-                        known.join(", ")
-                    ),
-                )
-            })
+        if pool.config.other_models.is_some() {
+            return Err(invalid(
+                "model",
+                format!(
+                    "pool {:?} already serves {MAX_OTHER_MODELS} models its configuration does not list: list {name:?} under pools.{}.models",
+                    pool.name, pool.name
+                ),
+            ));
+        }
+        let known: Vec<&str> = pool.config.models.keys().map(String::as_str).collect();
+        Err(invalid(
+            "model",
+            format!(
+                "unknown model {name:?} in pool {:?} (known: {})",
+                pool.name,
+                known.join(", ")
+            ),
+        ))
     }
 
     /// A TTL of zero or above the maximum is refused, or capped when `cap` (renewals).
@@ -301,8 +308,7 @@ impl Engine {
         let now = time.steady_ms;
         let group_key = self.catalogue.key(key).group(ask.model);
         self.books
-            .group(group_key, time)
-            .reserve(ask.requests, ask.tokens);
+            .reserve(group_key, time, ask.requests, ask.tokens);
         let token = self.leases.issue(Lease {
             key,
             task_id: task.to_string(),

@@ -1,20 +1,29 @@
 //! Every quota group's books ([`QuotaGroup`]), opened on first use with the limits the group is
-//! held to (its project's own for the model, or else the model's in the pool), and brought to the
-//! current time whenever they are looked at for a decision.
+//! held to (its project's own for the model, or else the model's in the pool, lowered by what
+//! the provider taught: [`Learned`]), and brought to the current time whenever they are looked
+//! at for a decision.
 
 use super::EngineConfig;
 use super::calendar::{DailyReset, Time};
 use super::catalogue::{Catalogue, GroupKey, ModelIdx, PoolIdx};
+use super::learning::{Evidence, Learned, LimitChange, LimitKind, Tuning};
 use super::quota::{Amount, BookKeeping, Limits, QuotaGroup};
 use foldhash::{HashMap, HashMapExt};
 
 #[derive(Debug)]
 pub(super) struct Books {
     groups: HashMap<GroupKey, QuotaGroup>,
+    /// Groups the provider's 429s taught something.
+    learned: HashMap<GroupKey, Learned>,
+    tuning: Tuning,
+    /// Learned limits changed during the current command, to be announced.
+    changes: Vec<(GroupKey, LimitChange)>,
     /// A model's limits in a pool.
     model_limits: HashMap<(PoolIdx, ModelIdx), Limits>,
     /// A project's own limits for a model, replacing the model's.
     project_limits: HashMap<GroupKey, Limits>,
+    /// A pool's limits for the models its configuration does not list.
+    other_models: HashMap<PoolIdx, Limits>,
     daily: DailyReset,
     keeping: BookKeeping,
 }
@@ -24,8 +33,15 @@ impl Books {
     pub fn new(config: &EngineConfig, catalogue: &Catalogue) -> Self {
         let mut books = Self {
             groups: HashMap::new(),
+            learned: HashMap::new(),
+            tuning: Tuning {
+                window_ms: config.window_ms,
+                relearn_after: config.relearn_after_windows,
+            },
+            changes: Vec::new(),
             model_limits: HashMap::new(),
             project_limits: HashMap::new(),
+            other_models: HashMap::new(),
             daily: config.daily,
             keeping: config.book_keeping(),
         };
@@ -33,6 +49,9 @@ impl Books {
             let pool = catalogue
                 .pool_by_name(name)
                 .expect("the catalogue has every pool");
+            if let Some(limits) = pool_config.other_models {
+                books.other_models.insert(pool, limits);
+            }
             for (model, limits) in &pool_config.models {
                 let model = catalogue.models.get(model).expect("interned");
                 books.model_limits.insert((pool, model), *limits);
@@ -49,17 +68,30 @@ impl Books {
         books
     }
 
-    /// The limits a group is held to: its project's own, or else its model's.
-    pub fn limits_of(&self, key: GroupKey) -> Limits {
+    /// The limits a group is configured with: its project's own, or else its model's.
+    pub fn configured(&self, key: GroupKey) -> Limits {
         self.project_limits
             .get(&key)
             .or_else(|| self.model_limits.get(&(key.pool, key.model)))
+            .or_else(|| self.other_models.get(&key.pool))
             .copied()
             .unwrap_or_default()
     }
 
-    /// The group's books brought to `now` (opened on first use).
+    /// The limits a group is held to: the configured ones, lowered by what it learned.
+    fn limits_of(&self, key: GroupKey) -> Limits {
+        let configured = self.configured(key);
+        match self.learned.get(&key) {
+            Some(learned) => learned.effective(configured),
+            None => configured,
+        }
+    }
+
+    /// The group's books brought to `now` (opened on first use), a lowered limit's climb too.
     pub fn group(&mut self, key: GroupKey, now: Time) -> &mut QuotaGroup {
+        if !self.learned.is_empty() {
+            self.advance_learned(key, now);
+        }
         let limits = self.limits_of(key);
         let daily = self.daily;
         let group = self
@@ -68,6 +100,99 @@ impl Books {
             .or_insert_with(|| QuotaGroup::new(limits, now, daily));
         group.advance(now, daily);
         group
+    }
+
+    fn advance_learned(&mut self, key: GroupKey, now: Time) {
+        let configured = self.configured(key);
+        let Some(learned) = self.learned.get_mut(&key) else {
+            return;
+        };
+        if let Some(change) = learned.advance(now, self.tuning, configured) {
+            self.learned_changed(key, change);
+        }
+    }
+
+    /// Reserves `requests` and `tokens` on a group brought to `now`.
+    pub fn reserve(&mut self, key: GroupKey, now: Time, requests: u64, tokens: u64) {
+        let group = self.group(key, now);
+        group.reserve(requests, tokens);
+        let held = group.requests_in_window();
+        if let Some(learned) = self.learned.get_mut(&key) {
+            learned.granted(held);
+        }
+    }
+
+    /// What the group learned, if anything.
+    pub fn learned(&self, key: GroupKey) -> Option<&Learned> {
+        self.learned.get(&key)
+    }
+
+    /// A 429 named `kind`'s figure (at least 1).
+    pub fn learn_named(
+        &mut self,
+        key: GroupKey,
+        kind: LimitKind,
+        value: u64,
+        now: Time,
+        evidence: Evidence,
+    ) {
+        self.group(key, now);
+        let configured = self.configured(key);
+        let learned = self.learned.entry(key).or_default();
+        if let Some(change) = learned.named(kind, value, now, evidence, configured) {
+            self.learned_changed(key, change);
+        }
+    }
+
+    /// A 429 without a figure, on books brought to `now` (the reporting lease settled).
+    pub fn learn_unnamed(&mut self, key: GroupKey, now: Time, evidence: Evidence) {
+        let held = self.group(key, now).requests_in_window();
+        let configured = self.configured(key);
+        let tuning = self.tuning;
+        let learned = self.learned.entry(key).or_default();
+        if let Some(change) = learned.unnamed(held, now, tuning, evidence, configured) {
+            self.learned_changed(key, change);
+        }
+    }
+
+    /// Forgets what the group learned: the configured limits apply again. Whether there was
+    /// anything to forget.
+    pub fn forget_learned(&mut self, key: GroupKey) -> bool {
+        let before = self.limits_of(key);
+        let Some(learned) = self.learned.remove(&key) else {
+            return false;
+        };
+        let configured = self.configured(key);
+        for kind in LimitKind::ALL {
+            if learned.limit(kind).is_some() && kind.of(&before) != kind.of(&configured) {
+                self.changes.push((
+                    key,
+                    LimitChange {
+                        kind,
+                        before: kind.of(&before),
+                        after: kind.of(&configured),
+                        reason: "forgotten by an operator".into(),
+                    },
+                ));
+            }
+        }
+        if let Some(group) = self.groups.get_mut(&key) {
+            group.limits = configured;
+        }
+        true
+    }
+
+    fn learned_changed(&mut self, key: GroupKey, change: LimitChange) {
+        let limits = self.limits_of(key);
+        if let Some(group) = self.groups.get_mut(&key) {
+            group.limits = limits;
+        }
+        self.changes.push((key, change));
+    }
+
+    /// The learned limits that changed since the last call.
+    pub fn take_changes(&mut self) -> Vec<(GroupKey, LimitChange)> {
+        std::mem::take(&mut self.changes)
     }
 
     /// A lease of the group that reserved `reserved` ended at `time` having used `used`.
@@ -94,17 +219,29 @@ impl Books {
         self.groups.len()
     }
 
-    /// The next time a group of `pool` changes by itself after `time`.
+    /// The next time a group of `pool` changes by itself after `time`: its books, or a
+    /// lowered limit's climb.
     pub fn next_change_in_pool(&self, pool: PoolIdx, time: Time) -> Option<u64> {
-        self.groups
+        let books = self
+            .groups
             .iter()
             .filter(|(key, _)| key.pool == pool)
-            .filter_map(|(_, group)| group.next_change_after(time))
-            .min()
+            .filter_map(|(_, group)| group.next_change_after(time));
+        let climbs = self
+            .learned
+            .iter()
+            .filter(|(key, _)| key.pool == pool)
+            .filter_map(|(&key, learned)| learned.next_change_ms(self.tuning, self.configured(key)))
+            .filter(|&at| at > time.steady_ms);
+        books.chain(climbs).min()
     }
 
-    /// Puts a group's books back (recovery), held to the limits configured now.
-    pub fn restore(&mut self, key: GroupKey, mut group: QuotaGroup) {
+    /// Puts a group's books and what it learned back (recovery), held to the limits
+    /// configured now.
+    pub fn restore(&mut self, key: GroupKey, mut group: QuotaGroup, learned: Option<Learned>) {
+        if let Some(learned) = learned {
+            self.learned.insert(key, learned);
+        }
         group.limits = self.limits_of(key);
         self.groups.insert(key, group);
     }

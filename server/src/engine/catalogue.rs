@@ -106,6 +106,8 @@ pub(super) struct Pool {
     /// Per model: the largest limit of any project (`None`: some project has no limit), so
     /// that an ask no project could ever serve is refused at once.
     pub largest_limits: HashMap<ModelIdx, Limits>,
+    /// Models served that its configuration does not list.
+    other_models: usize,
 }
 
 impl Pool {
@@ -122,6 +124,10 @@ impl Pool {
         self.largest_limits.contains_key(&model)
     }
 }
+
+/// How many models not listed in its configuration a pool serves at most: each is named by a
+/// client, and remembered.
+pub(super) const MAX_OTHER_MODELS: usize = 1_000;
 
 #[derive(Debug)]
 pub(super) struct Catalogue {
@@ -170,6 +176,7 @@ impl Catalogue {
                 enabled_keys: 0,
                 free: BTreeSet::new(),
                 largest_limits,
+                other_models: 0,
             });
         }
         // A draining key configured again serves as configured.
@@ -253,6 +260,26 @@ impl Catalogue {
         self.pool_by_name.get(name).copied()
     }
 
+    /// The model `name` of `pool`: a listed one, or else one the pool serves as any other
+    /// model (remembered from then on). `None` when the pool serves no such model, or already
+    /// serves [`MAX_OTHER_MODELS`] unlisted ones.
+    pub fn served_model(&mut self, pool: PoolIdx, name: &str) -> Option<ModelIdx> {
+        let known = self.models.get(name);
+        let entry = &self.pools[pool as usize];
+        if let Some(model) = known.filter(|&m| entry.serves(m)) {
+            return Some(model);
+        }
+        let limits = entry.config.other_models?;
+        if entry.other_models >= MAX_OTHER_MODELS {
+            return None;
+        }
+        let model = self.models.intern(name);
+        let entry = &mut self.pools[pool as usize];
+        entry.other_models += 1;
+        entry.largest_limits.insert(model, limits);
+        Some(model)
+    }
+
     /// The pool of a group, by name.
     pub fn pool_name(&self, group: GroupKey) -> &str {
         &self.pools[group.pool as usize].name
@@ -297,5 +324,6 @@ fn larger_limits(a: Limits, b: Limits) -> Limits {
         requests_per_minute: larger(a.requests_per_minute, b.requests_per_minute),
         tokens_per_minute: larger(a.tokens_per_minute, b.tokens_per_minute),
         requests_per_day: larger(a.requests_per_day, b.requests_per_day),
+        auto: a.auto,
     }
 }

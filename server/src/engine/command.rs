@@ -48,11 +48,13 @@ pub enum Command {
     DropWaiters,
     /// Keys, pools and limits from now on; the state carries over (see [`super::image`]).
     Configure(Setup),
-    /// End a quota group's cooldown and its project's backoff: an operator knows better.
+    /// End a quota group's cooldown and its project's backoff, and with `forget_learned` what
+    /// it learned from the provider's 429s: an operator knows better.
     ResetCooldown {
         pool: String,
         project: String,
         model: String,
+        forget_learned: bool,
     },
 }
 
@@ -165,8 +167,26 @@ impl Engine {
                 pool,
                 project,
                 model,
-            } => Reply::CooldownReset(self.reset_cooldown(time, &pool, &project, &model)),
+                forget_learned,
+            } => Reply::CooldownReset(self.reset_cooldown(
+                time,
+                &pool,
+                &project,
+                &model,
+                forget_learned,
+            )),
         };
+        for (group, change) in self.books.take_changes() {
+            // A limit raised may serve someone waiting.
+            self.freed = true;
+            let kind = EventKind::LimitLearned {
+                pool: self.catalogue.pool_name(group).to_string(),
+                project: self.catalogue.projects.name(group.project).to_string(),
+                model: self.catalogue.models.name(group.model).to_string(),
+                change,
+            };
+            self.emit(self.time, kind);
+        }
         let drained = std::mem::take(&mut self.drained);
         if !drained.is_empty() {
             for key in drained {

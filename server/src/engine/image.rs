@@ -3,6 +3,7 @@
 //! An image taken, restored into an engine of the same setup and taken again is the same image.
 
 use super::catalogue::{GroupKey, KeyIdx};
+use super::learning::Learned;
 use super::leases::{Lease, Token};
 use super::quota::QuotaGroup;
 use super::waiting::{Ask, WaitQueue, Waiter};
@@ -66,6 +67,8 @@ pub struct GroupImage {
     pub project: String,
     pub model: String,
     pub books: QuotaGroup,
+    /// What the provider's 429s taught the group.
+    pub learned: Option<Learned>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -121,6 +124,7 @@ impl Engine {
                 project: catalogue.projects.name(g.project).to_string(),
                 model: catalogue.models.name(g.model).to_string(),
                 books: books.clone(),
+                learned: self.books.learned(g).cloned(),
             })
             .collect();
         groups
@@ -241,6 +245,30 @@ impl Engine {
         engine.lines.set_next_waiter(image.next_waiter);
         engine.freed = image.freed;
 
+        // Models a pool serves without listing them are known by what the image names.
+        let key_pools = image.leases.iter().chain(&image.ended).filter_map(|lease| {
+            let &key = by_identity.get(&lease.key)?;
+            Some((engine.catalogue.key(key).pool, lease.model.as_str()))
+        });
+        let named_pools = image
+            .groups
+            .iter()
+            .map(|g| (g.pool.as_str(), g.model.as_str()))
+            .chain(
+                image
+                    .lines
+                    .iter()
+                    .map(|l| (l.pool.as_str(), l.model.as_str())),
+            )
+            .filter_map(|(pool, model)| Some((engine.catalogue.pool_by_name(pool)?, model)));
+        let served: Vec<(u32, String)> = key_pools
+            .chain(named_pools)
+            .map(|(pool, model)| (pool, model.to_string()))
+            .collect();
+        for (pool, model) in served {
+            engine.catalogue.served_model(pool, &model);
+        }
+
         let restore_lease = |engine: &Engine, lease: &LeaseImage| -> Option<Lease> {
             let &key = by_identity.get(&lease.key)?;
             let model = engine.catalogue.models.get(&lease.model)?;
@@ -314,7 +342,7 @@ impl Engine {
                 project: engine.catalogue.projects.intern(&group.project),
                 model,
             };
-            engine.books.restore(key, group.books);
+            engine.books.restore(key, group.books, group.learned);
         }
         for (pool, project, count) in image.backoff {
             if let Some(pool) = engine.catalogue.pool_by_name(&pool) {

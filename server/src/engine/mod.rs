@@ -10,6 +10,7 @@ pub mod calendar;
 mod catalogue;
 pub mod command;
 pub mod image;
+pub mod learning;
 mod leases;
 mod memory;
 pub mod quota;
@@ -24,6 +25,7 @@ use catalogue::Catalogue;
 pub use command::{Command, Reconfigured, Reply};
 pub use image::Image;
 use keylease::{MAX_DETAIL_BYTES, MAX_ID_BYTES, MAX_INPUT_TOKENS};
+pub use learning::{Evidence, LimitChange, LimitKind, QuotaViolation};
 use leases::LeaseTable;
 pub use leases::lease_id;
 use memory::Memory;
@@ -58,6 +60,9 @@ pub struct EngineConfig {
     pub memory_capacity: usize,
     pub daily: DailyReset,
     pub pools: BTreeMap<String, PoolConfig>,
+    /// Windows that press a limit lowered by a 429 without a figure, without another 429,
+    /// before it climbs back (see [`learning`]).
+    pub relearn_after_windows: u32,
 }
 
 impl EngineConfig {
@@ -78,6 +83,8 @@ pub struct PoolConfig {
     pub models: BTreeMap<String, Limits>,
     /// Limits of one project for one model, replacing the model's.
     pub project_limits: BTreeMap<(String, String), Limits>,
+    /// Limits of any model not listed in `models`; `None`: only those are served.
+    pub other_models: Option<Limits>,
 }
 
 /// One key as configured. Recorded without its secret: the fingerprint stands for it.
@@ -119,7 +126,8 @@ pub struct Setup {
 
 /// The version of the engine's rules: raised by any change that could decide a logged command
 /// differently on replay. Recovery replays records only under the rules that decided them.
-pub const RULES_VERSION: u32 = 1;
+/// Version 2: limits learned from the provider's 429s.
+pub const RULES_VERSION: u32 = 2;
 
 impl Setup {
     /// A setup under this build's rules.
@@ -320,6 +328,8 @@ pub struct FailureReport {
     pub detail: String,
     /// `None` counts every granted request as sent.
     pub requests_sent: Option<u32>,
+    /// What the provider's 429 named (see [`learning`]).
+    pub violations: Vec<QuotaViolation>,
 }
 
 /// What a lease used, as its holder reports it at release.
@@ -397,11 +407,19 @@ pub enum EventKind {
     KeyRemoved {
         key_id: String,
     },
-    /// An operator ended a quota group's cooldown.
+    /// An operator ended a quota group's cooldown (and made it forget what it learned).
     CooldownReset {
         pool: String,
         project: String,
         model: String,
+    },
+    /// A limit the books admit changed by what the provider's 429s taught (or an operator
+    /// made the group forget it).
+    LimitLearned {
+        pool: String,
+        project: String,
+        model: String,
+        change: LimitChange,
     },
     /// The configuration was read again (published by the shell, which applies the parts the
     /// engine does not hold: tokens, TLS).
@@ -481,10 +499,24 @@ pub struct GroupView {
     pub pool: String,
     pub project: String,
     pub model: String,
+    /// `limit` is what the books admit: the lower of configured and learned.
     pub requests_per_minute: UsageView,
     pub tokens_per_minute: UsageView,
     pub requests_per_day: UsageView,
     pub cooldown: Option<quota::Cooldown>,
+    /// Per limit kind, in [`LimitKind`] order.
+    pub limits: [LimitView; 3],
+    /// The 429 the group last learned from.
+    pub last_429: Option<Evidence>,
+}
+
+/// One limit of a group: as configured, and as learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LimitView {
+    pub configured: Option<u64>,
+    /// Configured `auto`: the figure is a ceiling.
+    pub auto: bool,
+    pub learned: Option<learning::LearnedLimit>,
 }
 
 #[derive(Debug, Clone)]

@@ -17,6 +17,9 @@ pub struct Limits {
     pub requests_per_minute: Option<u64>,
     pub tokens_per_minute: Option<u64>,
     pub requests_per_day: Option<u64>,
+    /// Which were configured `auto`, by [`super::learning::LimitKind`] order: their figure is a
+    /// ceiling until the provider names the real one.
+    pub auto: [bool; 3],
 }
 
 /// Why a group is resting.
@@ -59,6 +62,9 @@ pub type Headroom = f64;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuotaGroup {
+    /// Set again from the configuration and what was learned whenever the books are restored,
+    /// so kept as figures only (as the first state format did).
+    #[serde(with = "figures_only")]
     pub limits: Limits,
     /// Requests reserved by live leases.
     live_requests: u64,
@@ -305,6 +311,34 @@ impl QuotaGroup {
     }
 }
 
+/// [`Limits`] as their three figures.
+mod figures_only {
+    use super::Limits;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    type Figures = (Option<u64>, Option<u64>, Option<u64>);
+
+    pub fn serialize<S: Serializer>(limits: &Limits, serializer: S) -> Result<S::Ok, S::Error> {
+        let figures: Figures = (
+            limits.requests_per_minute,
+            limits.tokens_per_minute,
+            limits.requests_per_day,
+        );
+        figures.serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Limits, D::Error> {
+        let (requests_per_minute, tokens_per_minute, requests_per_day) =
+            Figures::deserialize(deserializer)?;
+        Ok(Limits {
+            requests_per_minute,
+            tokens_per_minute,
+            requests_per_day,
+            auto: [false; 3],
+        })
+    }
+}
+
 /// Requests and tokens, reserved or used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Amount {
@@ -367,6 +401,7 @@ mod tests {
             requests_per_minute: Some(rpm),
             tokens_per_minute: Some(1_000),
             requests_per_day: Some(rpd),
+            auto: [false; 3],
         };
         QuotaGroup::new(limits, at(EVENING_BEFORE_DST), daily())
     }

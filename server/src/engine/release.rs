@@ -7,11 +7,11 @@ use super::catalogue::{GroupKey, KeyIdx};
 use super::leases::Token;
 use super::quota::{Amount, Cooldown, CooldownReason};
 use super::{
-    AcquireRequest, DAY_MS, Engine, EngineError, EventKind, FailureKind, FailureReport, GroupView,
-    KeyView, LeaseEvent, Renewed, Reported, Time, Unavailable, UnavailableReason, Usage,
-    canonical_model, invalid, show_ms, validate_detail, validate_tokens,
+    AcquireRequest, DAY_MS, Engine, EngineError, EventKind, Evidence, FailureKind, FailureReport,
+    GroupView, KeyView, LeaseEvent, LimitKind, Renewed, Reported, Time, Unavailable,
+    UnavailableReason, Usage, canonical_model, invalid, show_ms, validate_detail, validate_tokens,
 };
-use keylease::MAX_INPUT_TOKENS;
+use keylease::{MAX_ID_BYTES, MAX_INPUT_TOKENS, MAX_QUOTA_VALUE, MAX_QUOTA_VIOLATIONS};
 
 impl Engine {
     pub(super) fn renew(
@@ -65,7 +65,7 @@ impl Engine {
             let group = self.books.group(group_key, time);
             let (requests, tokens) = (u64::from(additional_requests), additional_tokens);
             if group.cooldown().is_none() && group.can_afford(requests, tokens) {
-                group.reserve(requests, tokens);
+                self.books.reserve(group_key, time, requests, tokens);
                 self.leases.add_reservation(token, requests, tokens);
             } else {
                 let reason = if group.cooldown().is_some() {
@@ -136,6 +136,7 @@ impl Engine {
         let time = self.tick(now);
         let now = time.steady_ms;
         validate_detail("detail", &report.detail)?;
+        validate_violations(&report.violations)?;
         if let Some(retry_after_ms) = report.retry_after_ms
             && retry_after_ms > DAY_MS
         {
@@ -186,7 +187,19 @@ impl Engine {
             self.memory.exclude(&ended.task_id, key, until, now);
         }
         let group_key = self.catalogue.key(key).group(ended.model);
+        let mut rest_for_the_day = report.kind == FailureKind::DailyQuotaExhausted;
+        if matches!(
+            report.kind,
+            FailureKind::RateLimited | FailureKind::DailyQuotaExhausted
+        ) && booked.is_some()
+        {
+            rest_for_the_day |= self.learn(time, group_key, &ended.task_id, &report);
+        }
         match report.kind {
+            _ if rest_for_the_day => {
+                let cooldown = self.books.group(group_key, time).rest_for_the_day(time);
+                self.cooled_down(time, group_key, cooldown);
+            }
             FailureKind::RateLimited => {
                 let repeats = self.memory.back_off(group_key.pool, group_key.project);
                 let delay = report.retry_after_ms.unwrap_or_else(|| {
@@ -202,10 +215,7 @@ impl Engine {
                     .cool_down(now.saturating_add(delay), CooldownReason::RateLimited);
                 self.cooled_down(time, group_key, cooldown);
             }
-            FailureKind::DailyQuotaExhausted => {
-                let cooldown = self.books.group(group_key, time).rest_for_the_day(time);
-                self.cooled_down(time, group_key, cooldown);
-            }
+            FailureKind::DailyQuotaExhausted => unreachable!("rests for the day"),
             FailureKind::InvalidKey | FailureKind::PermissionDenied => {
                 let reason = if report.detail.is_empty() {
                     report.kind.as_str().to_string()
@@ -232,6 +242,46 @@ impl Engine {
                 client_request_id: None,
             },
         })
+    }
+
+    /// What a live lease's 429 teaches its group (see [`super::learning`]): a figure named for
+    /// another model is not the group's, and teaches as much as no figure. Whether the group
+    /// must rest until the day turns (a per-day limit, or a figure of 0).
+    fn learn(
+        &mut self,
+        time: Time,
+        group: GroupKey,
+        task_id: &str,
+        report: &FailureReport,
+    ) -> bool {
+        let model = self.catalogue.models.name(group.model).to_string();
+        let evidence = |quota_id: &str| Evidence {
+            quota_id: quota_id.to_string(),
+            at_wall_ms: time.wall_ms,
+            task_id: task_id.to_string(),
+        };
+        let mut named = false;
+        let mut rest = false;
+        for violation in &report.violations {
+            let own = violation.model.is_empty() || canonical_model(&violation.model) == model;
+            let (Some(kind), Some(value), true) = (violation.kind, violation.value, own) else {
+                continue;
+            };
+            rest |= kind == LimitKind::RequestsPerDay || value == 0;
+            if value > 0 {
+                named = true;
+                let evidence = evidence(&violation.quota_id);
+                self.books.learn_named(group, kind, value, time, evidence);
+            }
+        }
+        if !named && !rest && report.kind == FailureKind::RateLimited {
+            let quota_id = report
+                .violations
+                .first()
+                .map_or("", |v| v.quota_id.as_str());
+            self.books.learn_unnamed(group, time, evidence(quota_id));
+        }
+        rest
     }
 
     fn cooled_down(&mut self, time: Time, group_key: GroupKey, cooldown: Cooldown) {
@@ -285,13 +335,15 @@ impl Engine {
     }
 
     /// Ends the cooldown of `pool`'s group for `project` and `model`, and the backoff of the
-    /// project's next rate-limit cooldown: what the books hold stays.
+    /// project's next rate-limit cooldown, and with `forget_learned` its learned limits: what
+    /// the books hold stays.
     pub(super) fn reset_cooldown(
         &mut self,
         now: impl Into<Time>,
         pool: &str,
         project: &str,
         model: &str,
+        forget_learned: bool,
     ) -> Result<GroupView, EngineError> {
         let time = self.tick(now);
         let pool_idx = self
@@ -325,6 +377,9 @@ impl Engine {
             project: project_idx,
             model: model_idx,
         };
+        if forget_learned {
+            self.books.forget_learned(group_key);
+        }
         let group = self.books.group(group_key, time);
         group.end_cooldown();
         let group = group.clone();
@@ -384,4 +439,42 @@ impl Engine {
         self.freed = true;
         event
     }
+}
+
+/// A report's quota violations, bounded as the protocol says.
+fn validate_violations(violations: &[super::QuotaViolation]) -> Result<(), EngineError> {
+    if violations.len() > MAX_QUOTA_VIOLATIONS {
+        return Err(invalid(
+            "quota_violations",
+            format!(
+                "{} is above the maximum of {MAX_QUOTA_VIOLATIONS}",
+                violations.len()
+            ),
+        ));
+    }
+    for violation in violations {
+        for (field, text) in [
+            ("quota_violations.quota_id", &violation.quota_id),
+            ("quota_violations.model", &violation.model),
+        ] {
+            if text.len() > MAX_ID_BYTES {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "{} bytes is above the maximum of {MAX_ID_BYTES}",
+                        text.len()
+                    ),
+                ));
+            }
+        }
+        if let Some(value) = violation.value
+            && value > MAX_QUOTA_VALUE
+        {
+            return Err(invalid(
+                "quota_violations.quota_value",
+                format!("{value} is above the maximum of {MAX_QUOTA_VALUE}"),
+            ));
+        }
+    }
+    Ok(())
 }

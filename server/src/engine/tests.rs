@@ -14,6 +14,7 @@ fn limits(rpm: u64, rpd: u64) -> Limits {
         requests_per_minute: Some(rpm),
         tokens_per_minute: Some(100_000),
         requests_per_day: Some(rpd),
+        auto: [false; 3],
     }
 }
 
@@ -22,6 +23,7 @@ fn config(rpm: u64, rpd: u64) -> EngineConfig {
         max_leases_per_key: 1,
         models: BTreeMap::from([(MODEL.to_string(), limits(rpm, rpd))]),
         project_limits: BTreeMap::new(),
+        other_models: None,
     };
     EngineConfig {
         default_ttl_ms: 30 * SECOND,
@@ -37,6 +39,7 @@ fn config(rpm: u64, rpd: u64) -> EngineConfig {
             zone: chrono_tz::America::Los_Angeles,
         },
         pools: BTreeMap::from([(DEFAULT_POOL.to_string(), pool)]),
+        relearn_after_windows: 10,
     }
 }
 
@@ -100,12 +103,29 @@ fn queued(outcome: Result<Acquired, EngineError>) -> WaiterId {
     }
 }
 
+/// A report of `kind`; a 429 names the figure [`engine`] configures (10 requests per minute),
+/// so that it teaches nothing and only its cooldown counts.
 fn report(kind: FailureKind) -> FailureReport {
+    let violations = match kind {
+        FailureKind::RateLimited => vec![violation(LimitKind::RequestsPerMinute, Some(10))],
+        _ => Vec::new(),
+    };
     FailureReport {
         kind,
         retry_after_ms: None,
         detail: String::new(),
         requests_sent: None,
+        violations,
+    }
+}
+
+/// A 429's violation of `kind` for [`MODEL`], naming `value`.
+fn violation(kind: LimitKind, value: Option<u64>) -> QuotaViolation {
+    QuotaViolation {
+        kind: Some(kind),
+        quota_id: format!("{kind:?}-FreeTier"),
+        model: MODEL.to_string(),
+        value,
     }
 }
 
@@ -1419,6 +1439,7 @@ fn an_operator_ends_a_cooldown_and_its_backoff() {
         pool: DEFAULT_POOL.into(),
         project: "p1".into(),
         model: format!("models/{MODEL}"),
+        forget_learned: false,
     };
     let (reply, notices) = engine.apply(Time::at(T0 + SECOND), reset);
     let group = reply.into_cooldown_reset().unwrap();
@@ -1437,6 +1458,7 @@ fn an_operator_ends_a_cooldown_and_its_backoff() {
             pool: pool.into(),
             project: project.into(),
             model: model.into(),
+            forget_learned: false,
         };
         let refused = engine
             .apply(Time::at(T0 + SECOND), reset)
@@ -1449,24 +1471,240 @@ fn an_operator_ends_a_cooldown_and_its_backoff() {
     }
 }
 
-#[test]
-fn a_snapshot_written_before_keys_could_drain_is_read() {
-    #[derive(serde::Serialize)]
-    struct Before {
-        seq: u64,
-        setup: Setup,
-        image: Image,
+// ---- limits learned from the provider's 429s --------------------------------------------------
+
+/// Reports a 429 of `kind` with `violations` on a lease of `task`, through `apply`; the events.
+fn refused(
+    e: &mut Engine,
+    now: u64,
+    task: &str,
+    kind: FailureKind,
+    violations: Vec<QuotaViolation>,
+) -> Vec<EventKind> {
+    let lease = granted(e.acquire(now, ask(task)));
+    let command = Command::ReportFailure {
+        lease_id: lease.lease_id,
+        fencing_token: lease.fencing_token,
+        report: FailureReport {
+            violations,
+            ..report(kind)
+        },
+    };
+    let (reply, notices) = e.apply(Time::at(now), command);
+    reply.into_reported().unwrap();
+    notices.events.into_iter().map(|event| event.kind).collect()
+}
+
+fn learned_changes(events: &[EventKind]) -> Vec<(LimitKind, Option<u64>, Option<u64>)> {
+    events
+        .iter()
+        .filter_map(|kind| match kind {
+            EventKind::LimitLearned { change, .. } => {
+                Some((change.kind, change.before, change.after))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Grants and releases (one request each) as long as `project`'s group admits them at `now`.
+fn admitted(e: &mut Engine, now: u64, project: &str) -> u64 {
+    let mut count = 0;
+    loop {
+        match e.acquire(now, ask(&format!("fill-{now}-{count}"))) {
+            Ok(Acquired::Granted(lease)) if lease.project == project => {
+                e.release(now, &lease.lease_id, lease.fencing_token, used(1, 0))
+                    .unwrap();
+                count += 1;
+            }
+            _ => return count,
+        }
     }
-    let engine = engine(&[("k1", "p1")]);
-    let bytes = crate::store::encode(&Before {
-        seq: 7,
-        setup: engine.setup(),
-        image: engine.image(),
-    });
-    let snapshot = crate::store::Snapshot::decode(&bytes).unwrap();
-    assert_eq!((snapshot.seq, snapshot.draining.len()), (7, 0));
-    assert_eq!(snapshot.image, engine.image());
-    assert!(crate::store::Snapshot::decode(&bytes[..bytes.len() - 1]).is_err());
+}
+
+#[test]
+fn a_named_figure_is_admitted_at_once_and_announced() {
+    let mut e = new_engine(config(10, 100), key_specs(&[("k1", "p1")])).unwrap();
+    let named = violation(LimitKind::RequestsPerMinute, Some(4));
+    let events = refused(&mut e, T0, "a", FailureKind::RateLimited, vec![named]);
+    assert_eq!(
+        learned_changes(&events),
+        [(LimitKind::RequestsPerMinute, Some(10), Some(4))]
+    );
+    // After the cooldown, four requests a window, the one that was refused counted.
+    assert_eq!(admitted(&mut e, T0 + MINUTE, "p1"), 3);
+    let status = e.status(T0 + MINUTE, None, None, 10).unwrap();
+    let group = &status.groups[0];
+    assert_eq!(group.requests_per_minute.limit, Some(4));
+    let rpm = group.limits[LimitKind::RequestsPerMinute as usize];
+    assert_eq!(
+        (rpm.configured, rpm.learned.unwrap().named),
+        (Some(10), Some(4))
+    );
+    let last = group.last_429.as_ref().unwrap();
+    assert_eq!((last.task_id.as_str(), last.at_wall_ms), ("a", T0));
+    assert!(last.quota_id.starts_with("RequestsPerMinute"));
+}
+
+#[test]
+fn a_figure_for_another_model_teaches_only_what_no_figure_would() {
+    let mut e = new_engine(config(10, 100), key_specs(&[("k1", "p1")])).unwrap();
+    let other = QuotaViolation {
+        model: "gemini-2.5-pro".into(),
+        ..violation(LimitKind::RequestsPerMinute, Some(2))
+    };
+    let events = refused(&mut e, T0, "a", FailureKind::RateLimited, vec![other]);
+    // One request on the books: lowered to max(1, ⌈0.75⌉), not to the other model's 2.
+    assert_eq!(
+        learned_changes(&events),
+        [(LimitKind::RequestsPerMinute, Some(10), Some(1))]
+    );
+    let status = e.status(T0, None, None, 10).unwrap();
+    assert_eq!(
+        status.groups[0].limits[0].learned.unwrap().named,
+        None,
+        "no figure was taken"
+    );
+}
+
+#[test]
+fn a_figure_of_zero_rests_the_group_until_the_daily_reset() {
+    let mut e = new_engine(config(10, 100), key_specs(&[("k1", "p1")])).unwrap();
+    let none = violation(LimitKind::RequestsPerMinute, Some(0));
+    let events = refused(&mut e, T0, "a", FailureKind::RateLimited, vec![none]);
+    assert!(learned_changes(&events).is_empty());
+    let why = unavailable(e.acquire(T0 + 10 * MINUTE, ask("b")));
+    assert_eq!(why.reason, UnavailableReason::CoolingDown);
+    let midnight = DailyReset {
+        zone: chrono_tz::America::Los_Angeles,
+    }
+    .next_reset_after(T0);
+    assert_eq!(why.retry_at_ms, Some(midnight));
+}
+
+#[test]
+fn a_per_day_429_rests_until_the_reset_whatever_its_retry_delay() {
+    let mut e = new_engine(config(10, 100), key_specs(&[("k1", "p1")])).unwrap();
+    let lease = granted(e.acquire(T0, ask("a")));
+    let command = Command::ReportFailure {
+        lease_id: lease.lease_id,
+        fencing_token: lease.fencing_token,
+        report: FailureReport {
+            retry_after_ms: Some(3 * SECOND),
+            violations: vec![violation(LimitKind::RequestsPerDay, Some(40))],
+            // Even reported as per minute: the violation says per day.
+            ..report(FailureKind::RateLimited)
+        },
+    };
+    let (_, notices) = e.apply(Time::at(T0), command);
+    let events: Vec<EventKind> = notices.events.into_iter().map(|e| e.kind).collect();
+    assert_eq!(
+        learned_changes(&events),
+        [(LimitKind::RequestsPerDay, Some(100), Some(40))]
+    );
+    let why = unavailable(e.acquire(T0 + MINUTE, ask("b")));
+    assert_eq!(why.reason, UnavailableReason::CoolingDown);
+    assert!(why.retry_at_ms.unwrap() > T0 + 3 * 3_600_000);
+}
+
+#[test]
+fn an_unnamed_429_on_a_group_with_room_lowers_it_and_pressure_climbs_it_back() {
+    let mut config = config(20, 10_000);
+    config.relearn_after_windows = 2;
+    let mut e = new_engine(config, key_specs(&[("k1", "p1")])).unwrap();
+    // Eight requests went through in this window; the ninth is refused without a figure.
+    for i in 0..8 {
+        let lease = granted(e.acquire(T0, ask(&format!("early-{i}"))));
+        e.release(T0, &lease.lease_id, lease.fencing_token, used(1, 0))
+            .unwrap();
+    }
+    let events = refused(&mut e, T0, "a", FailureKind::RateLimited, Vec::new());
+    assert_eq!(
+        learned_changes(&events),
+        [(LimitKind::RequestsPerMinute, Some(20), Some(7))]
+    );
+    // Each window from the cooldown's end, the fleet takes all it may: 7, 7, then ×1.5.
+    let mut now = T0 + 2 * MINUTE;
+    let mut per_window = Vec::new();
+    for _ in 0..5 {
+        per_window.push(admitted(&mut e, now, "p1"));
+        now += MINUTE + SECOND;
+    }
+    assert_eq!(per_window, [7, 7, 11, 17, 20]);
+    let status = e.status(now, None, None, 10).unwrap();
+    assert_eq!(
+        status.groups[0].limits[0].learned, None,
+        "back to configured"
+    );
+}
+
+#[test]
+fn an_operator_makes_a_group_forget_what_it_learned() {
+    let mut e = new_engine(config(10, 100), key_specs(&[("k1", "p1")])).unwrap();
+    let named = violation(LimitKind::TokensPerMinute, Some(500));
+    refused(&mut e, T0, "a", FailureKind::RateLimited, vec![named]);
+    let reset = Command::ResetCooldown {
+        pool: DEFAULT_POOL.into(),
+        project: "p1".into(),
+        model: MODEL.into(),
+        forget_learned: true,
+    };
+    let (reply, notices) = e.apply(Time::at(T0 + SECOND), reset);
+    let group = reply.into_cooldown_reset().unwrap();
+    assert_eq!(group.tokens_per_minute.limit, Some(100_000));
+    assert_eq!(
+        group.limits[LimitKind::TokensPerMinute as usize].learned,
+        None
+    );
+    let events: Vec<EventKind> = notices.events.into_iter().map(|e| e.kind).collect();
+    assert_eq!(
+        learned_changes(&events),
+        [(LimitKind::TokensPerMinute, Some(500), Some(100_000))]
+    );
+}
+
+#[test]
+fn learned_limits_survive_a_snapshot_and_a_new_configuration() {
+    let mut e = new_engine(config(10, 100), key_specs(&[("k1", "p1")])).unwrap();
+    let named = violation(LimitKind::RequestsPerMinute, Some(4));
+    refused(&mut e, T0, "a", FailureKind::RateLimited, vec![named]);
+    let restored = Engine::restore(e.setup(), Vec::new(), e.image()).unwrap().0;
+    assert_eq!(restored.image(), e.image());
+    // Configured higher, the provider's figure still holds; configured lower, the lower.
+    for (configured, admitted) in [(30, 4), (2, 2)] {
+        let setup = Setup::new(config(configured, 100), key_specs(&[("k1", "p1")]), 0);
+        let mut e = Engine::restore(setup, Vec::new(), e.image()).unwrap().0;
+        let status = e.status(T0, None, None, 10).unwrap();
+        assert_eq!(status.groups[0].requests_per_minute.limit, Some(admitted));
+        e.tick(T0 + 2 * MINUTE);
+    }
+}
+
+#[test]
+fn a_pool_without_listed_models_serves_any_model_up_to_a_bound() {
+    let mut config = config(10, 100);
+    let pool = config.pools.get_mut(DEFAULT_POOL).unwrap();
+    pool.models.clear();
+    pool.other_models = Some(limits(10, 100));
+    let mut e = new_engine(config, key_specs(&[("k1", "p1")])).unwrap();
+    let other = |model: &str| AcquireRequest {
+        model: model.to_string(),
+        ..ask(model)
+    };
+    for i in 0..catalogue::MAX_OTHER_MODELS {
+        let lease = granted(e.acquire(T0, other(&format!("model-{i}"))));
+        e.release(T0, &lease.lease_id, lease.fencing_token, Usage::UNUSED)
+            .unwrap();
+    }
+    let refused = e
+        .acquire(T0, other("one-too-many"))
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("list \"one-too-many\""), "{refused}");
+    // A model seen before is still served, and survives a restore.
+    let restored = Engine::restore(e.setup(), Vec::new(), e.image()).unwrap().0;
+    assert_eq!(restored.image(), e.image());
+    granted(e.acquire(T0, other("model-7")));
 }
 
 mod properties;

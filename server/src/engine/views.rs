@@ -7,7 +7,7 @@ use super::leases::{Lease, Token, lease_id};
 use super::quota::QuotaGroup;
 use super::{
     Counts, Engine, EngineError, GroupView, KeyState, KeyView, LeaseEvent, LeaseSummary, LeaseView,
-    StatusView, Time, UsageView, invalid,
+    LimitKind, LimitView, StatusView, Time, UsageView, invalid,
 };
 use foldhash::{HashMap, HashMapExt};
 
@@ -106,7 +106,19 @@ impl Engine {
                 limit: group.limits.requests_per_day,
             },
             cooldown: group.cooldown(),
+            limits: self.limit_views(key),
+            last_429: self.books.learned(key).and_then(|l| l.last_429.clone()),
         }
+    }
+
+    fn limit_views(&self, key: GroupKey) -> [LimitView; 3] {
+        let configured = self.books.configured(key);
+        let learned = self.books.learned(key);
+        LimitKind::ALL.map(|kind| LimitView {
+            configured: kind.of(&configured),
+            auto: configured.auto[kind as usize],
+            learned: learned.and_then(|l| l.limit(kind)),
+        })
     }
 
     pub(super) fn key_view(&self, key: KeyIdx, now: u64) -> KeyView {
@@ -169,7 +181,10 @@ impl Engine {
         let books: Vec<(GroupKey, QuotaGroup)> = self
             .books
             .read_at(time)
-            .filter(|(g, group)| pool.is_none_or(|p| g.pool == p) && !group.is_idle())
+            .filter(|(g, group)| {
+                pool.is_none_or(|p| g.pool == p)
+                    && (!group.is_idle() || self.books.learned(*g).is_some())
+            })
             .collect();
         let mut cooling: HashMap<(PoolIdx, ProjectIdx), u64> = HashMap::new();
         for (group_key, group) in &books {

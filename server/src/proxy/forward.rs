@@ -505,6 +505,7 @@ impl Relay {
                         kind: keylease::pb::FailureKind::ServerError,
                         retry_after: None,
                         detail: format!("the stream broke: {}", error.without_url()),
+                        violations: Vec::new(),
                     };
                     end_lease(lease, relay.usage.prompt_tokens(), Some(failure));
                     let error = ProxyError::Upstream {

@@ -23,7 +23,7 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::response::Response;
 use keylease_client::KeyLeaseClient;
-use keylease_client::gemini::{CallError, GeminiClient};
+use keylease_client::gemini::GeminiClient;
 use reply::ProxyError;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -110,8 +110,9 @@ struct Listings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyStartError {
+    /// The upstream's HTTP client could not be built.
     #[error("proxy upstream: {0}")]
-    Upstream(#[from] CallError),
+    Upstream(String),
     #[error("the proxy cannot listen on {address}: {source}")]
     Listen {
         address: SocketAddr,
@@ -128,7 +129,8 @@ impl Proxy {
         keylease: KeyLeaseClient,
         metrics: Option<Arc<crate::metrics::Metrics>>,
     ) -> Result<Arc<Self>, ProxyStartError> {
-        let upstream = GeminiClient::new(settings.upstream.clone(), settings.timeout)?;
+        let upstream = GeminiClient::new(settings.upstream.clone(), settings.timeout)
+            .map_err(|e| ProxyStartError::Upstream(e.to_string()))?;
         let instance = getrandom::u64().unwrap_or_else(|_| u64::from(std::process::id()));
         Ok(Arc::new(Self {
             settings,

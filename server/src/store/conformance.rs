@@ -7,8 +7,8 @@
 use crate::clock::Clock;
 use crate::config::{self, Overrides, Settings};
 use crate::engine::{
-    AcquireRequest, Command, FailureKind, FailureReport, KeyState, LeaseView, Reply,
-    UnavailableReason, Usage,
+    AcquireRequest, Command, FailureKind, FailureReport, KeyState, LeaseView, LimitKind,
+    QuotaViolation, Reply, UnavailableReason, Usage,
 };
 use crate::secret::FingerprintKey;
 use crate::state::{AcquireFailure, State};
@@ -161,7 +161,28 @@ async fn release(state: &State, lease: &LeaseView, requests_sent: u32) -> Reply 
         .unwrap()
 }
 
+/// A failure; a 429 names the suite's figure of 3 requests a minute, so that it teaches
+/// nothing and only its cooldown counts.
 async fn report(state: &State, lease: &LeaseView, kind: FailureKind, retry_after: Duration) {
+    let violations = match kind {
+        FailureKind::RateLimited => vec![QuotaViolation {
+            kind: Some(LimitKind::RequestsPerMinute),
+            quota_id: "GenerateRequestsPerMinutePerProjectPerModel-FreeTier".into(),
+            model: "m".into(),
+            value: Some(3),
+        }],
+        _ => Vec::new(),
+    };
+    report_with(state, lease, kind, retry_after, violations).await;
+}
+
+async fn report_with(
+    state: &State,
+    lease: &LeaseView,
+    kind: FailureKind,
+    retry_after: Duration,
+    violations: Vec<QuotaViolation>,
+) {
     state
         .run(
             None,
@@ -169,6 +190,7 @@ async fn report(state: &State, lease: &LeaseView, kind: FailureKind, retry_after
                 lease_id: lease.lease_id.clone(),
                 fencing_token: lease.fencing_token,
                 report: FailureReport {
+                    violations,
                     kind,
                     retry_after_ms: Some(retry_after.as_millis() as u64),
                     detail: String::new(),
@@ -490,6 +512,50 @@ pub async fn new_limits_apply_to_the_books_at_once(reopen: Reopen) {
     );
 }
 
+/// Guarantee 8: what the provider's 429s taught survives: a figure named, and a limit lowered
+/// by a 429 without one.
+pub async fn learned_limits_survive(reopen: Reopen) {
+    let mut runs = Runs::new(reopen);
+    let state = runs.start(&with_keys(&[K1, K2]));
+    let a = granted(&state, "a").await;
+    let named = QuotaViolation {
+        kind: Some(LimitKind::RequestsPerDay),
+        quota_id: "GenerateRequestsPerDayPerProjectPerModel-FreeTier".into(),
+        model: "m".into(),
+        value: Some(4),
+    };
+    let refused = FailureKind::DailyQuotaExhausted;
+    report_with(&state, &a, refused, Duration::ZERO, vec![named]).await;
+    let b = granted(&state, "b").await;
+    assert_ne!(b.project, a.project);
+    report_with(
+        &state,
+        &b,
+        FailureKind::RateLimited,
+        Duration::ZERO,
+        Vec::new(),
+    )
+    .await;
+    runs.crash(state, Duration::from_secs(1));
+
+    let state = runs.start(&with_keys(&[K1, K2]));
+    let groups = state
+        .read(|engine, now| engine.status(now, None, None, 10))
+        .await
+        .unwrap()
+        .unwrap()
+        .groups;
+    let learned = |project: &str, kind: LimitKind| {
+        let group = groups.iter().find(|g| g.project == project).unwrap();
+        group.limits[kind as usize].learned.map(|l| l.value)
+    };
+    assert_eq!(learned(&a.project, LimitKind::RequestsPerDay), Some(4));
+    // One request on the books when the 429 came: lowered to max(1, ⌈0.75⌉).
+    assert_eq!(learned(&b.project, LimitKind::RequestsPerMinute), Some(1));
+    let last = groups.iter().find(|g| g.project == b.project).unwrap();
+    assert_eq!(last.last_429.as_ref().unwrap().task_id, "b");
+}
+
 /// One `#[tokio::test]` per behaviour of the suite, on the store `reopen()` opens.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -502,6 +568,7 @@ macro_rules! conformance_tests {
             a_cooldown_runs_to_its_end,
             a_tasks_exclusions_hold,
             quota_books_never_forget_a_grant,
+            learned_limits_survive,
             a_grant_to_a_waiter_survives,
             waiters_queued_at_a_crash_are_dropped,
             a_new_configuration_applies_to_the_recovered_state,

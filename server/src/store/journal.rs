@@ -5,7 +5,7 @@
 //! I/O. Each commit wakes exactly the calls it makes durable. A write that fails stops the
 //! journal: nothing after it is ever acknowledged.
 
-use super::{Snapshot, Store, StoreError, encode};
+use super::{Snapshot, Store, StoreError};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -302,7 +302,7 @@ impl Journal {
             self.made_durable(last);
         }
         if let Some(snapshot) = snapshot {
-            store.save_snapshot(snapshot.seq, &encode(&snapshot))?;
+            store.save_snapshot(snapshot.seq, &snapshot.encode())?;
             self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())

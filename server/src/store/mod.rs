@@ -9,6 +9,7 @@ pub mod embedded;
 pub mod journal;
 #[cfg(test)]
 pub mod testing;
+mod v1;
 
 use crate::engine::{Command, Engine, Image, KeySpec, RULES_VERSION, Setup, Time};
 use serde::{Deserialize, Serialize};
@@ -32,18 +33,12 @@ pub struct Snapshot {
     pub setup: Setup,
     pub image: Image,
     /// Keys no longer configured whose leases still run (see [`Engine::draining_keys`]).
-    /// Fields added later go last: a snapshot written before them ends early, and is read as
-    /// a [`SnapshotBefore`] with them empty.
     pub draining: Vec<KeySpec>,
 }
 
-/// A snapshot as written before keys could drain.
-#[derive(Deserialize)]
-struct SnapshotBefore {
-    seq: u64,
-    setup: Setup,
-    image: Image,
-}
+/// Opens every snapshot written since limits are learned: a first-format snapshot opens with
+/// its `seq`, which never comes near it.
+const SNAPSHOT_MARK: u64 = u64::MAX;
 
 impl Snapshot {
     pub fn of(engine: &Engine, seq: u64) -> Self {
@@ -55,20 +50,16 @@ impl Snapshot {
         }
     }
 
+    /// Its bytes, behind [`SNAPSHOT_MARK`].
+    pub fn encode(&self) -> Vec<u8> {
+        encode(&(SNAPSHOT_MARK, self))
+    }
+
     /// A snapshot from its bytes, as written by this server or an earlier one.
     pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
-        match decode::<Self>(bytes) {
-            Ok(snapshot) => Ok(snapshot),
-            Err(postcard::Error::DeserializeUnexpectedEnd) => {
-                let before: SnapshotBefore = decode(bytes)?;
-                Ok(Self {
-                    seq: before.seq,
-                    setup: before.setup,
-                    image: before.image,
-                    draining: Vec::new(),
-                })
-            }
-            Err(error) => Err(error),
+        match postcard::take_from_bytes::<u64>(bytes) {
+            Ok((SNAPSHOT_MARK, rest)) => decode(rest),
+            _ => v1::decode(bytes),
         }
     }
 }
@@ -187,6 +178,9 @@ pub fn recover(log: &dyn Log) -> Result<Recovery, StoreError> {
     })
 }
 
+/// Records decided under earlier rules were written in a format this build does not read.
+const FIRST_RULES_OF_THIS_RECORD_FORMAT: u32 = 2;
+
 /// An engine rebuilt record by record: at recovery, and on a replica that follows the leader's
 /// log as it grows.
 pub struct Replay {
@@ -242,6 +236,14 @@ impl Replay {
                 "record {} is missing (the next is {seq})",
                 self.last_seq + 1
             )));
+        }
+        if self.rules < FIRST_RULES_OF_THIS_RECORD_FORMAT {
+            // Written in a record format this build no longer reads.
+            return Err(StoreError::OtherRules {
+                path: self.location.clone(),
+                seq,
+                found: self.rules,
+            });
         }
         let record: Record =
             decode(bytes).map_err(|e| self.unreadable(format!("record {seq}: {e}")))?;

@@ -373,6 +373,7 @@ impl Model {
                     self.cooling_until.insert(project, at);
                 }
                 EventKind::Reloaded { .. } => prop_assert!(false, "the engine never reloads"),
+                EventKind::LimitLearned { .. } => {}
             }
         }
         for (id, _) in notices.waiter_failures {
@@ -494,8 +495,7 @@ impl Recorded {
             head.apply(*time, command.clone());
         }
         let snapshot: crate::store::Snapshot =
-            crate::store::decode(&crate::store::encode(&crate::store::Snapshot::of(&head, 0)))
-                .unwrap();
+            crate::store::Snapshot::decode(&crate::store::Snapshot::of(&head, 0).encode()).unwrap();
         prop_assert_eq!(
             &snapshot.image,
             &head.image(),
@@ -634,6 +634,7 @@ fn run(ops: Vec<Op>, cut: usize) -> Result<(), TestCaseError> {
                             .insert(id.clone(), (booked_sent, tracked.tokens));
                     }
                     let report = FailureReport {
+                        violations: Vec::new(),
                         kind: KINDS[kind as usize],
                         retry_after_ms,
                         detail: String::new(),
@@ -697,6 +698,7 @@ fn run(ops: Vec<Op>, cut: usize) -> Result<(), TestCaseError> {
                     pool: DEFAULT_POOL.into(),
                     project: format!("p{}", project + 1),
                     model: MODEL.into(),
+                    forget_learned: false,
                 };
                 // A project whose only key is gone is refused.
                 let _ = engine.apply(now, reset).into_cooldown_reset();
