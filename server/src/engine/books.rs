@@ -144,9 +144,14 @@ impl Books {
         }
     }
 
-    /// A 429 without a figure, on books brought to `now` (the reporting lease settled).
-    pub fn learn_unnamed(&mut self, key: GroupKey, now: Time, evidence: Evidence) {
-        let held = self.group(key, now).requests_in_window();
+    /// A 429 without a figure for one of the `sent` requests of a lease that settled on books
+    /// brought to `now`.
+    pub fn learn_unnamed(&mut self, key: GroupKey, now: Time, sent: u64, evidence: Evidence) {
+        let refused = sent.min(1);
+        let held = self
+            .group(key, now)
+            .requests_in_window()
+            .saturating_sub(refused);
         let configured = self.configured(key);
         let tuning = self.tuning;
         let learned = self.learned.entry(key).or_default();

@@ -167,9 +167,11 @@ impl Learned {
         self.change(kind, before, configured, "named by the provider")
     }
 
-    /// A 429 without a figure, when the books held `held` requests in the window (this
-    /// lease's included): lowers the requests per minute, unless the books were full (the
-    /// 429 is no news) or it was lowered less than a window ago.
+    /// A 429 without a figure for a request on the books, which held `held` requests in the
+    /// window besides it: lowers the requests per minute to max(1, ⌈0.75 × held⌉), unless the
+    /// books were over the limit (keylease overbooked: the 429 is no news) or it was lowered
+    /// less than a window ago. Counting the refused request out makes each lowering land
+    /// strictly below the limit the books held it to, so that repeated 429s converge.
     pub fn unnamed(
         &mut self,
         held: u64,
@@ -405,8 +407,9 @@ mod tests {
     }
 
     #[test]
-    fn an_unnamed_429_on_full_books_is_no_news() {
+    fn an_unnamed_429_on_overbooked_books_is_no_news() {
         let mut learned = Learned::default();
+        // 30 others and the refused one: over the limit of 30.
         assert_eq!(
             learned.unnamed(30, at(0), TUNING, evidence(""), rpm(30)),
             None

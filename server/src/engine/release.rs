@@ -191,9 +191,10 @@ impl Engine {
         if matches!(
             report.kind,
             FailureKind::RateLimited | FailureKind::DailyQuotaExhausted
-        ) && booked.is_some()
+        ) && let Some(booked) = booked
         {
-            rest_for_the_day |= self.learn(time, group_key, &ended.task_id, &report);
+            let sent = booked.requests;
+            rest_for_the_day |= self.learn(time, group_key, &ended.task_id, sent, &report);
         }
         match report.kind {
             _ if rest_for_the_day => {
@@ -252,6 +253,7 @@ impl Engine {
         time: Time,
         group: GroupKey,
         task_id: &str,
+        sent: u64,
         report: &FailureReport,
     ) -> bool {
         let model = self.catalogue.models.name(group.model).to_string();
@@ -279,7 +281,8 @@ impl Engine {
                 .violations
                 .first()
                 .map_or("", |v| v.quota_id.as_str());
-            self.books.learn_unnamed(group, time, evidence(quota_id));
+            self.books
+                .learn_unnamed(group, time, sent, evidence(quota_id));
         }
         rest
     }

@@ -1554,7 +1554,7 @@ fn a_figure_for_another_model_teaches_only_what_no_figure_would() {
         ..violation(LimitKind::RequestsPerMinute, Some(2))
     };
     let events = refused(&mut e, T0, "a", FailureKind::RateLimited, vec![other]);
-    // One request on the books: lowered to max(1, ⌈0.75⌉), not to the other model's 2.
+    // Nothing else on the books: lowered to max(1, 0), not to the other model's 2.
     assert_eq!(
         learned_changes(&events),
         [(LimitKind::RequestsPerMinute, Some(10), Some(1))]
@@ -1612,8 +1612,8 @@ fn an_unnamed_429_on_a_group_with_room_lowers_it_and_pressure_climbs_it_back() {
     let mut config = config(20, 10_000);
     config.relearn_after_windows = 2;
     let mut e = new_engine(config, key_specs(&[("k1", "p1")])).unwrap();
-    // Eight requests went through in this window; the ninth is refused without a figure.
-    for i in 0..8 {
+    // Nine requests went through in this window; the tenth is refused without a figure.
+    for i in 0..9 {
         let lease = granted(e.acquire(T0, ask(&format!("early-{i}"))));
         e.release(T0, &lease.lease_id, lease.fencing_token, used(1, 0))
             .unwrap();
@@ -1707,4 +1707,5 @@ fn a_pool_without_listed_models_serves_any_model_up_to_a_bound() {
     granted(e.acquire(T0, other("model-7")));
 }
 
+mod learning_properties;
 mod properties;

@@ -56,6 +56,8 @@ enum Op {
         retry_after_ms: Option<u64>,
         sent: Option<u32>,
         rotate: bool,
+        /// A quota violation naming (limit kind, figure), the figure sometimes 0.
+        named: Option<(u8, u64)>,
     },
     Cancel {
         pick: u16,
@@ -113,8 +115,8 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(pick, sent, tokens)| Op::Release { pick, sent, tokens }),
         1 => (any::<u16>(), count_u32(2), count_u64(20_000), proptest::option::weighted(0.2, duration_ms(60_000)))
             .prop_map(|(pick, add, tokens, ttl_ms)| Op::Renew { pick, add, tokens, ttl_ms }),
-        2 => (any::<u16>(), 0..7u8, proptest::option::of(duration_ms(90_000)), proptest::option::weighted(0.8, count_u32(3)), any::<bool>())
-            .prop_map(|(pick, kind, retry_after_ms, sent, rotate)| Op::Report { pick, kind, retry_after_ms, sent, rotate }),
+        2 => (any::<u16>(), 0..7u8, proptest::option::of(duration_ms(90_000)), proptest::option::weighted(0.8, count_u32(3)), any::<bool>(), proptest::option::weighted(0.3, (0..3u8, 0..8u64)))
+            .prop_map(|(pick, kind, retry_after_ms, sent, rotate, named)| Op::Report { pick, kind, retry_after_ms, sent, rotate, named }),
         1 => any::<u16>().prop_map(|pick| Op::Cancel { pick }),
         1 => (0..5u8).prop_map(|key| Op::Toggle { key }),
         1 => proptest::option::weighted(0.7, 0..5u8).prop_map(|without| Op::Reconfigure { without }),
@@ -624,6 +626,7 @@ fn run(ops: Vec<Op>, cut: usize) -> Result<(), TestCaseError> {
                 retry_after_ms,
                 sent,
                 rotate,
+                named,
             } => {
                 if let Some((id, token)) = pick_lease(&model, pick) {
                     if let Some(tracked) = model.live.get(&token) {
@@ -633,8 +636,12 @@ fn run(ops: Vec<Op>, cut: usize) -> Result<(), TestCaseError> {
                             .reported_use
                             .insert(id.clone(), (booked_sent, tracked.tokens));
                     }
+                    let violations = named
+                        .map(|(kind, value)| violation(LimitKind::ALL[kind as usize], Some(value)))
+                        .into_iter()
+                        .collect();
                     let report = FailureReport {
-                        violations: Vec::new(),
+                        violations,
                         kind: KINDS[kind as usize],
                         retry_after_ms,
                         detail: String::new(),
