@@ -318,9 +318,7 @@ async fn overloaded_answers_are_retried_without_blaming_keys() {
     fake.fake.set_faults(Faults {
         error_rate: 0.4,
         status: 503,
-        latency_ms: 0,
-        cut_streams: false,
-        stream_pause_ms: 0,
+        ..Faults::default()
     });
     let policy = RetryPolicy {
         task_attempts: 20,

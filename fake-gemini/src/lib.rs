@@ -69,6 +69,9 @@ pub struct Faults {
     /// Pause before each stream chunk after the first, in milliseconds of real time: a long
     /// answer being generated.
     pub stream_pause_ms: u64,
+    /// 429s come without details, as `429-no-details.json`: nothing names the limit that was
+    /// hit nor its figure (Gemini answers so at times).
+    pub bare_429s: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -624,6 +627,9 @@ fn decide(
         .entry((key.project.clone(), model.to_string()))
         .or_default();
     if let Err(violation) = window.admit(at, tokens, limits, shared.minute, (day, until_tomorrow)) {
+        if inner.faults.bare_429s {
+            return Verdict::Raw(StatusCode::TOO_MANY_REQUESTS, responses::QUOTA_NO_DETAILS);
+        }
         return Verdict::Json(
             StatusCode::TOO_MANY_REQUESTS,
             responses::quota_exceeded(violation, model),

@@ -9,6 +9,7 @@ pub const API_KEY_EXPIRED: &str = include_str!("../fixtures/errors/400-api-key-e
 pub const LEAKED: &str = include_str!("../fixtures/errors/403-leaked.json");
 pub const SUSPENDED: &str = include_str!("../fixtures/errors/403-consumer-suspended.json");
 pub const UNREGISTERED: &str = include_str!("../fixtures/errors/403-unregistered-caller.json");
+pub const QUOTA_NO_DETAILS: &str = include_str!("../fixtures/errors/429-no-details.json");
 pub const INTERNAL: &str = include_str!("../fixtures/errors/500-internal.json");
 pub const OVERLOADED: &str = include_str!("../fixtures/errors/503-overloaded.json");
 pub const PROMPT_BLOCKED: &str =

@@ -4,7 +4,7 @@
 //! limits per group, waiters, store commits, the replica's role). Labels are only names from
 //! the configuration (pool, project, model) and fixed words: never a secret, a key id or a task.
 
-use crate::engine::{EventKind, FailureKind, KeyState, StatusView};
+use crate::engine::{EventKind, FailureKind, KeyState, LimitKind, StatusView};
 use crate::state::State;
 use metrics::{Counter, Histogram, Key, Label, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
@@ -21,6 +21,7 @@ const ACTIVE: &str = "keylease_leases_active";
 const KEYS: &str = "keylease_keys";
 const QUOTA_USED: &str = "keylease_quota_used";
 const QUOTA_LIMIT: &str = "keylease_quota_limit";
+const QUOTA_LEARNED: &str = "keylease_quota_learned_limit";
 const WAITERS: &str = "keylease_waiters";
 const COOLING: &str = "keylease_quota_group_cooling";
 const COMMIT: &str = "keylease_store_commit_seconds";
@@ -137,7 +138,11 @@ impl Metrics {
         );
         describe(
             QUOTA_LIMIT,
-            "Configured limit per group and limit kind (absent: no limit).",
+            "Configured limit per group and limit kind, the ceiling of an auto one (absent: no limit).",
+        );
+        describe(
+            QUOTA_LEARNED,
+            "Limit learned from the provider's 429s per group and limit kind (0 or absent: none); the books admit the lower of it and the configured one.",
         );
         describe(WAITERS, "Acquires waiting for a key, by pool and model.");
         describe(COOLING, "1 while a quota group cools down.");
@@ -292,14 +297,19 @@ impl Metrics {
                     ("limit", limit),
                 ]
             };
-            for (limit, usage) in [
-                ("requests_per_minute", group.requests_per_minute),
-                ("tokens_per_minute", group.tokens_per_minute),
-                ("requests_per_day", group.requests_per_day),
-            ] {
-                self.gauge(QUOTA_USED, &labels(limit), usage.used as f64);
-                if let Some(value) = usage.limit {
-                    self.gauge(QUOTA_LIMIT, &labels(limit), value as f64);
+            let usages = [
+                group.requests_per_minute,
+                group.tokens_per_minute,
+                group.requests_per_day,
+            ];
+            for ((kind, usage), limit) in LimitKind::ALL.into_iter().zip(usages).zip(group.limits) {
+                let labels = labels(kind.as_str());
+                self.gauge(QUOTA_USED, &labels, usage.used as f64);
+                if let Some(value) = limit.configured {
+                    self.gauge(QUOTA_LIMIT, &labels, value as f64);
+                }
+                if let Some(learned) = limit.learned {
+                    self.gauge(QUOTA_LEARNED, &labels, learned.value as f64);
                 }
             }
             let group_labels = [
