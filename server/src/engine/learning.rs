@@ -2,7 +2,8 @@
 //! limit the group may hold a learned one, and its books admit the lower of the two:
 //! - a 429 that names its limit sets the learned limit to that figure at once, and it is never
 //!   probed above (it is the provider's own);
-//! - a 429 without a figure, for a group whose books showed room, lowers the requests per
+//! - a 429 without a figure, or with a per-minute figure its books were below (someone else
+//!   spends the project), for a group whose books showed room, lowers the requests per
 //!   minute at most once per window, to max(1, ⌈0.75 × what the books held⌉): enough to stop
 //!   a storm. Such 429s also come from others using the project outside keylease, so it is
 //!   never a ratchet: after `relearn_after` windows that pressed the lowered limit without a
@@ -149,7 +150,8 @@ impl Learned {
         limits
     }
 
-    /// A 429 named `kind`'s figure (at least 1): the books admit it at once.
+    /// A 429 named `kind`'s figure (at least 1): the books admit it at once (or less, where
+    /// the limit was lowered below it).
     pub fn named(
         &mut self,
         kind: LimitKind,
@@ -159,8 +161,11 @@ impl Learned {
         configured: Limits,
     ) -> Option<LimitChange> {
         let before = self.effective(configured);
+        // A limit lowered below the figure (others use the project too) stays lowered: it
+        // climbs back to the figure by itself.
+        let kept = self.limit(kind).map_or(value, |l| l.value.min(value));
         self.limits[kind.index()] = Some(LearnedLimit {
-            value,
+            value: kept,
             named: Some(value),
         });
         self.heard_429(time, evidence);

@@ -262,7 +262,9 @@ impl Engine {
             at_wall_ms: time.wall_ms,
             task_id: task_id.to_string(),
         };
-        let mut named = false;
+        // A per-minute figure explains the 429 only if the books held as much; below it,
+        // someone else spends the project, and the group is lowered as if none were named.
+        let mut explained = false;
         let mut rest = false;
         for violation in &report.violations {
             let own = violation.model.is_empty() || canonical_model(&violation.model) == model;
@@ -271,12 +273,12 @@ impl Engine {
             };
             rest |= kind == LimitKind::RequestsPerDay || value == 0;
             if value > 0 {
-                named = true;
+                explained |= kind != LimitKind::RequestsPerMinute;
                 let evidence = evidence(&violation.quota_id);
                 self.books.learn_named(group, kind, value, time, evidence);
             }
         }
-        if !named && !rest && report.kind == FailureKind::RateLimited {
+        if !explained && !rest && report.kind == FailureKind::RateLimited {
             let quota_id = report
                 .violations
                 .first()

@@ -103,11 +103,11 @@ fn queued(outcome: Result<Acquired, EngineError>) -> WaiterId {
     }
 }
 
-/// A report of `kind`; a 429 names the figure [`engine`] configures (10 requests per minute),
-/// so that it teaches nothing and only its cooldown counts.
+/// A report of `kind`; a 429 names the input tokens per minute [`config`] sets, so that it
+/// teaches nothing and only its cooldown counts.
 fn report(kind: FailureKind) -> FailureReport {
     let violations = match kind {
-        FailureKind::RateLimited => vec![violation(LimitKind::RequestsPerMinute, Some(10))],
+        FailureKind::RateLimited => vec![violation(LimitKind::TokensPerMinute, Some(100_000))],
         _ => Vec::new(),
     };
     FailureReport {
@@ -1525,15 +1525,20 @@ fn admitted(e: &mut Engine, now: u64, project: &str) -> u64 {
 #[test]
 fn a_named_figure_is_admitted_at_once_and_announced() {
     let mut e = new_engine(config(10, 100), key_specs(&[("k1", "p1")])).unwrap();
+    for i in 0..4 {
+        let lease = granted(e.acquire(T0, ask(&format!("early-{i}"))));
+        e.release(T0, &lease.lease_id, lease.fencing_token, used(1, 0))
+            .unwrap();
+    }
+    // Four went through and the fifth is refused, naming a figure of 4: it explains the 429.
     let named = violation(LimitKind::RequestsPerMinute, Some(4));
     let events = refused(&mut e, T0, "a", FailureKind::RateLimited, vec![named]);
     assert_eq!(
         learned_changes(&events),
         [(LimitKind::RequestsPerMinute, Some(10), Some(4))]
     );
-    // After the cooldown, four requests a window, the one that was refused counted.
-    assert_eq!(admitted(&mut e, T0 + MINUTE, "p1"), 3);
-    let status = e.status(T0 + MINUTE, None, None, 10).unwrap();
+    assert_eq!(admitted(&mut e, T0 + 2 * MINUTE, "p1"), 4);
+    let status = e.status(T0 + 2 * MINUTE, None, None, 10).unwrap();
     let group = &status.groups[0];
     assert_eq!(group.requests_per_minute.limit, Some(4));
     let rpm = group.limits[LimitKind::RequestsPerMinute as usize];
@@ -1544,6 +1549,52 @@ fn a_named_figure_is_admitted_at_once_and_announced() {
     let last = group.last_429.as_ref().unwrap();
     assert_eq!((last.task_id.as_str(), last.at_wall_ms), ("a", T0));
     assert!(last.quota_id.starts_with("RequestsPerMinute"));
+}
+
+#[test]
+fn a_figure_the_books_were_below_means_others_spend_the_project() {
+    let mut config = config(40, 10_000);
+    config.relearn_after_windows = 1;
+    config.cooldown_base_ms = SECOND;
+    let mut keys = key_specs(&[("k1", "p1")]);
+    keys[0].max_leases = Some(2);
+    let mut e = new_engine(config, keys).unwrap();
+    for i in 0..8 {
+        let lease = granted(e.acquire(T0, ask(&format!("early-{i}"))));
+        e.release(T0, &lease.lease_id, lease.fencing_token, used(1, 0))
+            .unwrap();
+    }
+    let in_flight = granted(e.acquire(T0, ask("b")));
+    // The provider's figure is 20, yet it refused the tenth: lowered to 3/4 of the other 9.
+    let named = || vec![violation(LimitKind::RequestsPerMinute, Some(20))];
+    let events = refused(&mut e, T0, "a", FailureKind::RateLimited, named());
+    assert_eq!(
+        learned_changes(&events),
+        [
+            (LimitKind::RequestsPerMinute, Some(40), Some(20)),
+            (LimitKind::RequestsPerMinute, Some(20), Some(7))
+        ]
+    );
+    // Named again within the window, the figure does not undo the lowering.
+    let command = Command::ReportFailure {
+        lease_id: in_flight.lease_id,
+        fencing_token: in_flight.fencing_token,
+        report: FailureReport {
+            violations: named(),
+            ..report(FailureKind::RateLimited)
+        },
+    };
+    let (_, notices) = e.apply(Time::at(T0 + 2 * SECOND), command);
+    let events: Vec<EventKind> = notices.events.into_iter().map(|e| e.kind).collect();
+    assert!(learned_changes(&events).is_empty(), "{events:?}");
+    // Once the others stop, pressure climbs it back to the figure, and no further.
+    let mut now = T0 + 2 * MINUTE;
+    let mut per_window = Vec::new();
+    for _ in 0..5 {
+        per_window.push(admitted(&mut e, now, "p1"));
+        now += MINUTE + SECOND;
+    }
+    assert_eq!(per_window, [7, 11, 17, 20, 20]);
 }
 
 #[test]
@@ -1666,17 +1717,22 @@ fn an_operator_makes_a_group_forget_what_it_learned() {
 #[test]
 fn learned_limits_survive_a_snapshot_and_a_new_configuration() {
     let mut e = new_engine(config(10, 100), key_specs(&[("k1", "p1")])).unwrap();
-    let named = violation(LimitKind::RequestsPerMinute, Some(4));
-    refused(&mut e, T0, "a", FailureKind::RateLimited, vec![named]);
+    let named = violation(LimitKind::RequestsPerDay, Some(40));
+    refused(
+        &mut e,
+        T0,
+        "a",
+        FailureKind::DailyQuotaExhausted,
+        vec![named],
+    );
     let restored = Engine::restore(e.setup(), Vec::new(), e.image()).unwrap().0;
     assert_eq!(restored.image(), e.image());
     // Configured higher, the provider's figure still holds; configured lower, the lower.
-    for (configured, admitted) in [(30, 4), (2, 2)] {
-        let setup = Setup::new(config(configured, 100), key_specs(&[("k1", "p1")]), 0);
-        let mut e = Engine::restore(setup, Vec::new(), e.image()).unwrap().0;
+    for (configured, admitted) in [(300, 40), (20, 20)] {
+        let setup = Setup::new(config(10, configured), key_specs(&[("k1", "p1")]), 0);
+        let e = Engine::restore(setup, Vec::new(), e.image()).unwrap().0;
         let status = e.status(T0, None, None, 10).unwrap();
-        assert_eq!(status.groups[0].requests_per_minute.limit, Some(admitted));
-        e.tick(T0 + 2 * MINUTE);
+        assert_eq!(status.groups[0].requests_per_day.limit, Some(admitted));
     }
 }
 

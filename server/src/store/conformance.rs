@@ -161,15 +161,15 @@ async fn release(state: &State, lease: &LeaseView, requests_sent: u32) -> Reply 
         .unwrap()
 }
 
-/// A failure; a 429 names the suite's figure of 3 requests a minute, so that it teaches
-/// nothing and only its cooldown counts.
+/// A failure; a 429 names a figure of input tokens per minute no request of the suite comes
+/// near, so that it teaches nothing and only its cooldown counts.
 async fn report(state: &State, lease: &LeaseView, kind: FailureKind, retry_after: Duration) {
     let violations = match kind {
         FailureKind::RateLimited => vec![QuotaViolation {
-            kind: Some(LimitKind::RequestsPerMinute),
-            quota_id: "GenerateRequestsPerMinutePerProjectPerModel-FreeTier".into(),
+            kind: Some(LimitKind::TokensPerMinute),
+            quota_id: "GenerateContentInputTokensPerModelPerMinute-FreeTier".into(),
             model: "m".into(),
-            value: Some(3),
+            value: Some(1_000_000),
         }],
         _ => Vec::new(),
     };
