@@ -302,7 +302,9 @@ async fn the_python_example_leases_over_mutual_tls_with_a_worker_token() {
     let address = server.address.replace("http://127.0.0.1", "localhost");
     let (cert, key) = &pki.clients[0];
     let path = |p: &Path| p.display().to_string();
+    let fake = start_fake(&[("k1", "p1")], Default::default(), 1.0).await;
     let env = vec![
+        ("GEMINI_BASE_URL", fake.base_url()),
         ("KEYLEASE_TOKEN", WORKER.to_string()),
         ("KEYLEASE_CA", path(&pki.ca)),
         ("KEYLEASE_CLIENT_CERT", path(cert)),

@@ -1,7 +1,11 @@
-"""Borrow a Gemini key from keylease in Python, with grpcio.
+"""Borrow a Gemini key from keylease in Python, with grpcio: lease, call Gemini, then release
+with what the call used, or report the failure (with what a 429 names of the limit it hit, so
+that keylease learns the project's real limits) and call again on the replacement.
 
     pip install grpcio grpcio-tools
     python3 examples/python/keylease_example.py [HOST:PORT]     # default 127.0.0.1:50051
+
+GEMINI_BASE_URL points the calls elsewhere than Google (a fake Gemini, a proxy).
 
 With a worker token and TLS, from the environment:
     KEYLEASE_TOKEN=...                 sent as `authorization: Bearer ...`
@@ -12,9 +16,12 @@ The stubs are generated from proto/ at start, so nothing generated needs committ
 """
 
 import importlib
+import json
 import os
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 
 import grpc
 import grpc_tools
@@ -43,6 +50,83 @@ def retry_after_seconds(error):
     for key, value in error.trailing_metadata() or ():
         if key == "retry-after-ms":
             return int(value) / 1000
+    return None
+
+
+def call_gemini(api_key, model, prompt):
+    """generateContent with the leased key; (HTTP status, body text)."""
+    base = os.environ.get("GEMINI_BASE_URL", "https://generativelanguage.googleapis.com")
+    request = urllib.request.Request(
+        f"{base.rstrip('/')}/v1beta/models/{model}:generateContent",
+        data=json.dumps({"contents": [{"parts": [{"text": prompt}]}]}).encode(),
+        headers={"x-goog-api-key": api_key, "content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def gemini_error(body):
+    """The `error` object of a Gemini error body (sometimes wrapped in a one-element array)."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return {}
+    if isinstance(parsed, list):
+        parsed = parsed[0] if parsed else {}
+    return parsed.get("error", {}) if isinstance(parsed, dict) else {}
+
+
+def quota_violations(pb, error):
+    """`QuotaFailure.violations` as ReportFailure carries them: which limit, for which model,
+    and its figure. keylease learns the project's real limits from them."""
+    violations = []
+    for detail in error.get("details", []):
+        if not detail.get("@type", "").endswith("QuotaFailure"):
+            continue
+        for found in detail.get("violations", [])[:8]:
+            violation = pb.QuotaViolation(
+                quota_id=str(found.get("quotaId", ""))[:256],
+                model=str(found.get("quotaDimensions", {}).get("model", ""))[:256])
+            try:
+                value = int(found.get("quotaValue"))
+            except (TypeError, ValueError):
+                value = None
+            if value is not None and 0 <= value <= 10**12:
+                violation.quota_value = value
+            violations.append(violation)
+    return violations
+
+
+def failure_of(pb, status, error):
+    """What a failed call means for the key, as keylease's Rust client classifies it."""
+    ids = [v.get("quotaId", "") for d in error.get("details", []) for v in d.get("violations", [])]
+    if status == 429 and (any("PerDay" in i for i in ids) or "limit: 0" in error.get("message", "")):
+        return pb.FAILURE_KIND_DAILY_QUOTA_EXHAUSTED
+    if status == 429:
+        return pb.FAILURE_KIND_RATE_LIMITED
+    reasons = [d.get("reason") for d in error.get("details", [])]
+    if status == 400 and "API_KEY_INVALID" in reasons:
+        return pb.FAILURE_KIND_INVALID_KEY
+    if status in (401, 403):
+        return pb.FAILURE_KIND_PERMISSION_DENIED
+    if status >= 500:
+        return pb.FAILURE_KIND_SERVER_ERROR
+    return None
+
+
+def retry_delay(error):
+    """`RetryInfo.retryDelay` ("26s", "55.8s"), as a Duration, when the provider gave one."""
+    from google.protobuf.duration_pb2 import Duration
+    for detail in error.get("details", []):
+        delay = detail.get("retryDelay")
+        if isinstance(delay, str) and delay.endswith("s"):
+            try:
+                seconds = float(delay[:-1])
+            except ValueError:
+                continue
+            return Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
     return None
 
 
@@ -82,17 +166,40 @@ def main():
             if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 sys.exit(f"no key now ({error.details()}); retry in {retry_after_seconds(error)} s")
             raise
-        print(f"leased {lease.key_id} of project {lease.project}, fencing token {lease.fencing_token}")
-
-        # Call Gemini here with lease.api_key in the x-goog-api-key header, then say what it used.
-        # Left unset, requests_sent counts every granted request as sent and input_tokens keeps
-        # the estimate: a release that says nothing never under-books the project's quota.
-        # On a 429 or 403, call ReportFailure with rotate=True instead to get another key.
-        released = keylease.Release(pb.ReleaseRequest(
-            lease_id=lease.lease_id, fencing_token=lease.fencing_token,
-            requests_sent=1, input_tokens=12), timeout=10, metadata=auth)
-        print(f"released: {released.released}, booked {released.requests_booked} request(s) "
-              f"and {released.input_tokens_booked} input tokens")
+        for _ in range(3):
+            print(f"leased {lease.key_id} of project {lease.project}, fencing token {lease.fencing_token}")
+            status, body = call_gemini(lease.api_key, request.model, "Say hello")
+            if status == 200:
+                used = json.loads(body).get("usageMetadata", {}).get("promptTokenCount")
+                # Say what the call used: left unset, requests_sent counts every granted request
+                # and input_tokens keeps the estimate, so a release never under-books the quota.
+                released = keylease.Release(pb.ReleaseRequest(
+                    lease_id=lease.lease_id, fencing_token=lease.fencing_token,
+                    requests_sent=1, input_tokens=used), timeout=10, metadata=auth)
+                print(f"released: {released.released}, booked {released.requests_booked} request(s) "
+                      f"and {released.input_tokens_booked} input tokens")
+                return
+            error = gemini_error(body)
+            kind = failure_of(pb, status, error)
+            if kind is None:
+                keylease.Release(pb.ReleaseRequest(lease_id=lease.lease_id,
+                                                   fencing_token=lease.fencing_token, requests_sent=1),
+                                 timeout=10, metadata=auth)
+                sys.exit(f"Gemini refused the request itself ({status}): {error.get('message')}")
+            violations = quota_violations(pb, error)
+            reported = keylease.ReportFailure(pb.ReportFailureRequest(
+                lease_id=lease.lease_id, fencing_token=lease.fencing_token, kind=kind,
+                retry_after=retry_delay(error), detail=f"{status} {error.get('status', '')}",
+                requests_sent=1, quota_violations=violations, rotate=True,
+                replacement_wait=Duration(seconds=10)), timeout=30, metadata=auth)
+            named = ", ".join(f"{v.quota_id}={v.quota_value}" for v in violations) or "no figure"
+            print(f"reported {pb.FailureKind.Name(kind)} ({status}; {named})")
+            if not reported.HasField("replacement"):
+                print("no replacement key now: "
+                      f"{pb.UnavailableReason.Name(reported.replacement_unavailable.reason)}")
+                return
+            lease = reported.replacement
+        sys.exit("every attempt failed")
 
 
 if __name__ == "__main__":

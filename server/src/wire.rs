@@ -337,6 +337,7 @@ fn limit_to_pb(limit: LimitView) -> pb::LimitStatus {
         auto: limit.auto,
         learned: limit.learned.map(|l| l.value),
         learned_reason: limit.learned.map(learned_reason).unwrap_or_default(),
+        named: limit.learned.and_then(|l| l.named),
     }
 }
 
