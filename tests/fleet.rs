@@ -112,20 +112,6 @@ fn line_with(child: &mut Child, marker: &'static str) -> String {
         .unwrap_or_else(|_| panic!("the worker never printed {marker:?}"))
 }
 
-/// Waits for a worker to exit, within the process limit.
-async fn exit_of(mut child: Child) -> std::process::ExitStatus {
-    tokio::task::spawn_blocking(move || {
-        let (exited, exit) = mpsc::channel();
-        let pid = child.id();
-        std::thread::spawn(move || exited.send(child.wait()));
-        exit.recv_timeout(PROCESS_LIMIT)
-            .unwrap_or_else(|_| panic!("worker {pid} did not finish"))
-            .unwrap()
-    })
-    .await
-    .unwrap()
-}
-
 /// 12 keys in 4 projects of 3.
 fn fleet_keys() -> Vec<(String, String)> {
     (0..12)
@@ -171,7 +157,7 @@ async fn worker_processes_share_the_limits_without_a_single_429() {
         })
         .collect();
     for child in workers {
-        assert!(exit_of(child).await.success());
+        assert!(exit_of(child, PROCESS_LIMIT).await.success());
     }
 
     let stats = fake.fake.stats();
@@ -211,7 +197,7 @@ async fn a_killed_workers_key_is_reclaimed_after_its_ttl() {
 
     // Only the holder's key exists: these jobs finish only if it comes back.
     let rest = worker("batch", &server, &fake.base_url(), "survivor", 3, 2);
-    assert!(exit_of(rest).await.success());
+    assert!(exit_of(rest, PROCESS_LIMIT).await.success());
     let expired = next_event(&mut watcher, |k| match k {
         pb::event::Kind::Expired(e) => Some(e),
         _ => None,

@@ -350,3 +350,20 @@ pub async fn until_waiting(client: &mut Client, expected: u32) {
     }
     panic!("the server never reported {expected} waiters");
 }
+
+/// Waits for a child process to exit, within `limit`.
+pub async fn exit_of(
+    mut child: std::process::Child,
+    limit: std::time::Duration,
+) -> std::process::ExitStatus {
+    tokio::task::spawn_blocking(move || {
+        let (exited, exit) = std::sync::mpsc::channel();
+        let pid = child.id();
+        std::thread::spawn(move || exited.send(child.wait()));
+        exit.recv_timeout(limit)
+            .unwrap_or_else(|_| panic!("process {pid} did not finish within {limit:?}"))
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}

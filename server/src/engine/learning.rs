@@ -199,13 +199,17 @@ impl Learned {
         let named = self.limit(kind).and_then(|l| l.named);
         self.limits[kind.index()] = Some(LearnedLimit { value, named });
         self.lowered_ms = Some(time.steady_ms);
+        let why = match named {
+            Some(figure) => format!(
+                "a 429 its figure of {figure} does not explain (someone else spends the project)"
+            ),
+            None => "a 429 without a figure".to_string(),
+        };
         self.change(
             kind,
             before,
             configured,
-            &format!(
-                "lowered to 3/4 of the {held} requests on the books by a 429 without a figure"
-            ),
+            &format!("lowered to 3/4 of the {held} requests on the books by {why}"),
         )
     }
 

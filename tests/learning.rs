@@ -1,0 +1,462 @@
+//! Limits learned from the provider's 429s, end to end: a fleet of worker processes against the
+//! fake Gemini whose real limit for one project is half of what keylease was told, with 429s
+//! that name their figure and with 429s that say nothing; a client outside keylease spending
+//! half a project's quota and then stopping; and `auto` limits from a configuration that names
+//! none. Worker processes are this test binary run again with a role in the environment.
+
+mod support;
+
+use fake_gemini::limits::Limits;
+use fake_gemini::{FakeConfig, FakeGemini, FakeKey, Faults, KeyHealth, RunningFake, Stats};
+use keylease::pb;
+use keylease_client::gemini::{GeminiClient, GenerateContentRequest, LeasedGemini, RetryPolicy};
+use keylease_client::{ClientConfig, KeyLeaseClient};
+use std::process::{Child, Command};
+use std::time::Duration;
+use support::*;
+
+const ROLE: &str = "KEYLEASE_LEARNING_ROLE";
+const KEYLEASE: &str = "KEYLEASE_LEARNING_KEYLEASE";
+const GEMINI: &str = "KEYLEASE_LEARNING_GEMINI";
+const NAME: &str = "KEYLEASE_LEARNING_NAME";
+const SECONDS: &str = "KEYLEASE_LEARNING_SECONDS";
+/// Bounds every wait on a worker process.
+const PROCESS_LIMIT: Duration = Duration::from_secs(60);
+
+/// 12 keys in 5 projects; p5, whose real limit is below the configured one, has two.
+const KEYS: [(&str, &str); 12] = [
+    ("k01", "p1"),
+    ("k02", "p1"),
+    ("k03", "p1"),
+    ("k04", "p2"),
+    ("k05", "p2"),
+    ("k06", "p3"),
+    ("k07", "p3"),
+    ("k08", "p3"),
+    ("k09", "p4"),
+    ("k10", "p4"),
+    ("k11", "p5"),
+    ("k12", "p5"),
+];
+const MISCONFIGURED: &str = "p5";
+/// Requests per (scaled) minute each project really has, and keylease is told.
+const RPM: u64 = 30;
+/// What p5 really has.
+const P5_REAL: u64 = RPM / 2;
+const PROCESSES: usize = 8;
+const JOBS: usize = 8;
+/// Windows (seconds here) before the measurement: the first 429s fall in them.
+const WARM_UP: Duration = Duration::from_millis(2_500);
+const MEASURED: Duration = Duration::from_secs(6);
+
+/// A benchmark-like test measures real elapsed time.
+#[allow(clippy::disallowed_methods)]
+fn now() -> tokio::time::Instant {
+    tokio::time::Instant::now()
+}
+
+fn policy() -> RetryPolicy {
+    RetryPolicy {
+        backoff: Duration::from_millis(20),
+        deadline: Duration::from_secs(5),
+        ..RetryPolicy::default()
+    }
+}
+
+/// Not a test on its own: the body of a worker process, when started with a role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learning_worker_process() {
+    let Ok(role) = std::env::var(ROLE) else {
+        return;
+    };
+    assert_eq!(role, "steady", "unknown role {role}");
+    let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set"));
+    let keylease = KeyLeaseClient::connect(ClientConfig::new(var(KEYLEASE))).unwrap();
+    let gemini = GeminiClient::new(var(GEMINI), Duration::from_secs(10)).unwrap();
+    let calls = LeasedGemini::new(keylease, gemini, policy());
+    let until = now() + Duration::from_secs_f64(var(SECONDS).parse().unwrap());
+    let name = var(NAME);
+    let jobs: Vec<_> = (0..JOBS)
+        .map(|job| {
+            let (calls, name) = (calls.clone(), name.clone());
+            tokio::spawn(async move {
+                let (mut answered, mut failed) = (0, 0);
+                let request = GenerateContentRequest::text(format!("job {job} of {name}"));
+                while now() < until {
+                    let task = format!("{name}-{job}-{answered}-{failed}");
+                    match calls.generate(&task, MODEL, &request).await {
+                        Ok(_) => answered += 1,
+                        Err(_) => failed += 1,
+                    }
+                }
+                (answered, failed)
+            })
+        })
+        .collect();
+    let (mut answered, mut failed) = (0, 0);
+    for job in jobs {
+        let (a, f) = job.await.unwrap();
+        answered += a;
+        failed += f;
+    }
+    println!("answered {answered} failed {failed}");
+}
+
+fn worker(server: &TestServer, gemini_url: &str, name: &str, seconds: f64) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            "learning_worker_process",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ROLE, "steady")
+        .env(KEYLEASE, &server.address)
+        .env(GEMINI, gemini_url)
+        .env(NAME, name)
+        .env(SECONDS, seconds.to_string())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// The fake: a minute lasts a second; every project has [`RPM`] but p5, which has half.
+async fn fake(
+    keys: &[(&str, &str)],
+    limits: Limits,
+    p5: Option<Limits>,
+    bare: bool,
+) -> RunningFake {
+    FakeGemini::start(FakeConfig {
+        keys: keys
+            .iter()
+            .map(|(id, project)| FakeKey {
+                id: id.to_string(),
+                secret: fake_secret(id),
+                project: project.to_string(),
+                health: KeyHealth::Healthy,
+            })
+            .collect(),
+        models: [(MODEL.to_string(), limits)].into(),
+        projects: p5
+            .map(|limits| {
+                (
+                    MISCONFIGURED.to_string(),
+                    [(MODEL.to_string(), limits)].into(),
+                )
+            })
+            .into_iter()
+            .collect(),
+        time_scale: 60.0,
+        faults: Faults {
+            latency_ms: 5,
+            bare_429s: bare,
+            ..Faults::default()
+        },
+        seed: 11,
+    })
+    .await
+    .expect("fake gemini")
+}
+
+fn rpm(limit: u64) -> Limits {
+    Limits {
+        requests_per_minute: Some(limit),
+        ..Limits::default()
+    }
+}
+
+/// What one project answered between two readings of the fake's statistics.
+fn between(before: &Stats, after: &Stats, project: &str, status: u16) -> u64 {
+    let count = |stats: &Stats| stats.projects.get(project).map_or(0, |c| c.status(status));
+    count(after) - count(before)
+}
+
+fn all_between(before: &Stats, after: &Stats, status: u16) -> u64 {
+    after.all().status(status) - before.all().status(status)
+}
+
+/// What a fleet run saw: p5's answers in the measured span, and 429s in it and before it.
+#[derive(Debug)]
+struct Run {
+    p5_answered: u64,
+    measured_429s: u64,
+    warm_up_429s: u64,
+    learned: Option<u64>,
+}
+
+/// 8 processes × 8 jobs for the warm-up and the measured span, keylease told that p5 has
+/// `p5_configured`.
+async fn fleet_run(p5_configured: u64, bare: bool) -> Run {
+    let fake = fake(&KEYS, rpm(RPM), Some(rpm(P5_REAL)), bare).await;
+    // Time scaled sixty-fold, cooldowns too. The measured span stays shorter than
+    // relearn_after windows: no probe upward (which draws 429s by design, without a figure to
+    // stop at) falls in it.
+    let mut config = format!(
+        "[quota]\nwindow = \"1s\"\nsafety_margin = \"20ms\"\ncooldown_base = \"1s\"\ncooldown_max = \"15s\"\nrelearn_after = 30\n\n\
+         [key_sources]\nenvironment = false\n\n\
+         [pools.gemini.models.\"{MODEL}\"]\nrequests_per_minute = {RPM}\nrequests_per_day = 1000000\n\n\
+         [pools.gemini.projects.{MISCONFIGURED}.\"{MODEL}\"]\nrequests_per_minute = {p5_configured}\n\n"
+    );
+    for (id, project) in KEYS {
+        config.push_str(&format!(
+            "[[keys]]\nid = \"{id}\"\nproject = \"{project}\"\nsecret = \"{}\"\n\n",
+            fake_secret(id)
+        ));
+    }
+    let server = TestServer::start(&config).await;
+    let seconds = (WARM_UP + MEASURED).as_secs_f64() + 0.5;
+    let workers: Vec<Child> = (0..PROCESSES)
+        .map(|w| worker(&server, &fake.base_url(), &format!("w{w}"), seconds))
+        .collect();
+    let start = fake.fake.stats();
+    tokio::time::sleep(WARM_UP).await;
+    let warmed = fake.fake.stats();
+    tokio::time::sleep(MEASURED).await;
+    let end = fake.fake.stats();
+    for child in workers {
+        assert!(exit_of(child, PROCESS_LIMIT).await.success());
+    }
+    assert_eq!(end.all().overlaps, 0, "a key served two calls at once");
+    let status = server
+        .client()
+        .await
+        .get_status(pb::GetStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let learned = status
+        .quota_groups
+        .iter()
+        .find(|g| g.project == MISCONFIGURED)
+        .and_then(|g| g.requests_per_minute_limit.as_ref())
+        .and_then(|l| l.learned);
+    Run {
+        p5_answered: between(&warmed, &end, MISCONFIGURED, 200),
+        measured_429s: all_between(&warmed, &end, 429),
+        warm_up_429s: all_between(&start, &warmed, 429),
+        learned,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_told_twice_the_real_limit_learns_it_and_meets_no_429_after_the_first_window() {
+    let truth = fleet_run(P5_REAL, false).await;
+    let named = fleet_run(2 * P5_REAL, false).await;
+    let bare = fleet_run(2 * P5_REAL, true).await;
+    println!(
+        "true limit configured: {truth:?}\nfigures in the 429s: {named:?}\nno details: {bare:?}"
+    );
+    assert_eq!(truth.warm_up_429s + truth.measured_429s, 0, "{truth:?}");
+    assert!(truth.p5_answered > 0, "{truth:?}");
+
+    // With the figure in the 429s: learned at once, and p5 serves as if configured right.
+    assert!(
+        named.warm_up_429s > 0,
+        "the provider never refused: {named:?}"
+    );
+    assert_eq!(named.measured_429s, 0, "{named:?}");
+    assert_eq!(named.learned, Some(P5_REAL));
+    let ratio = named.p5_answered as f64 / truth.p5_answered as f64;
+    assert!(
+        (0.95..=1.05).contains(&ratio),
+        "p5 served {ratio:.3} of the true-limit run: {named:?} against {truth:?}"
+    );
+
+    // Without a figure: lowered to 3/4 of what the books held, below the real limit, so no
+    // 429 either; it serves less until the climb (relearn_after windows later).
+    assert!(
+        bare.warm_up_429s > 0,
+        "the provider never refused: {bare:?}"
+    );
+    assert_eq!(bare.measured_429s, 0, "{bare:?}");
+    assert!(bare.learned.is_some_and(|l| l < P5_REAL), "{bare:?}");
+    let ratio = bare.p5_answered as f64 / truth.p5_answered as f64;
+    assert!(
+        ratio >= 0.6,
+        "p5 served {ratio:.3} of the true-limit run: {bare:?}"
+    );
+}
+
+/// Events of learned limits of `project` from `watcher`, until one satisfies `done`.
+async fn learned_until(
+    watcher: &mut tonic::Streaming<pb::Event>,
+    project: &str,
+    within: Duration,
+    done: impl Fn(&pb::LimitEvent) -> bool,
+) -> Vec<pb::LimitEvent> {
+    let mut seen = Vec::new();
+    let deadline = now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(now());
+        let event = tokio::time::timeout(left, watcher.message())
+            .await
+            .unwrap_or_else(|_| panic!("within {within:?} only {seen:?}"))
+            .unwrap()
+            .expect("the event stream ended");
+        if let Some(pb::event::Kind::LimitLearned(change)) = event.kind
+            && change.project == project
+        {
+            let finished = done(&change);
+            seen.push(change);
+            if finished {
+                return seen;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keylease_backs_off_while_another_client_spends_the_project_then_climbs_back() {
+    let keys = [("a1", "p"), ("a2", "p")];
+    let fake = fake(&keys, rpm(RPM), None, false).await;
+    let config = config_toml(
+        &keys,
+        RPM,
+        "[quota]\nwindow = \"1s\"\nsafety_margin = \"20ms\"\ncooldown_base = \"1s\"\ncooldown_max = \"15s\"\nrelearn_after = 3\n",
+    );
+    let server = TestServer::start(&config).await;
+    let mut watcher = server.watch().await;
+    let keylease = KeyLeaseClient::connect(ClientConfig::new(server.address.clone())).unwrap();
+    let gemini = GeminiClient::new(fake.base_url(), Duration::from_secs(10)).unwrap();
+    let calls = LeasedGemini::new(keylease, gemini.clone(), policy());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let jobs: Vec<_> = (0..8)
+        .map(|job| {
+            let (calls, stop) = (calls.clone(), stop.clone());
+            tokio::spawn(async move {
+                let request = GenerateContentRequest::text("inside");
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = calls
+                        .generate(&format!("j{job}-{i}"), MODEL, &request)
+                        .await;
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    // Someone else spends half the project's quota, a request every 1/15 s, for four seconds.
+    let outside = tokio::spawn(async move {
+        let request = GenerateContentRequest::text("outside");
+        let until = now() + Duration::from_secs(4);
+        while now() < until {
+            let _ = gemini
+                .generate_content(&fake_secret("a1"), MODEL, &request)
+                .await;
+            tokio::time::sleep(Duration::from_millis(1000 / (RPM / 2))).await;
+        }
+    });
+    let lowered = learned_until(&mut watcher, "p", Duration::from_secs(10), |c| {
+        c.after.is_some_and(|after| after < RPM)
+    })
+    .await;
+    outside.await.unwrap();
+    let stopped_at = fake.fake.stats();
+    // Back to the provider's figure within a few windows of pressure without a 429.
+    let climbed = learned_until(&mut watcher, "p", Duration::from_secs(20), |c| {
+        c.after == Some(RPM)
+    })
+    .await;
+    let recovered = fake.fake.stats();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = fake.fake.stats();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for job in jobs {
+        job.await.unwrap();
+    }
+    println!("lowered: {lowered:?}\nclimbed: {climbed:?}");
+    assert!(
+        climbed.iter().all(|c| c.reason.contains("climbing")),
+        "it climbed, pressed window after window: {climbed:?}"
+    );
+    // While the other client ran, keylease was refused at most a window's worth.
+    let refused_meanwhile = stopped_at.projects["p"].status(429);
+    assert!(
+        (1..=RPM).contains(&refused_meanwhile),
+        "{refused_meanwhile} 429s while the other client ran"
+    );
+    assert_eq!(
+        between(&stopped_at, &recovered, "p", 429),
+        0,
+        "a 429 while climbing back to the provider's figure"
+    );
+    assert_eq!(between(&recovered, &later, "p", 429), 0);
+    assert!(between(&recovered, &later, "p", 200) > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_limits_from_a_cold_start_take_each_figure_the_provider_names() {
+    let keys = [("c1", "p"), ("c2", "p")];
+    let limits = Limits {
+        requests_per_minute: Some(15),
+        tokens_per_minute: Some(2_000),
+        requests_per_day: Some(60),
+    };
+    let fake = fake(&keys, limits, None, false).await;
+    // No [pools]: the gemini pool serves any model with every limit auto.
+    let mut config = "[quota]\nwindow = \"1s\"\nsafety_margin = \"20ms\"\ncooldown_base = \"1s\"\ncooldown_max = \"15s\"\n\n\
+                      [key_sources]\nenvironment = false\n\n"
+        .to_string();
+    for (id, project) in keys {
+        config.push_str(&format!(
+            "[[keys]]\nid = \"{id}\"\nproject = \"{project}\"\nsecret = \"{}\"\n\n",
+            fake_secret(id)
+        ));
+    }
+    let server = TestServer::start(&config).await;
+    let mut client = server.client().await;
+    let keylease = KeyLeaseClient::connect(ClientConfig::new(server.address.clone())).unwrap();
+    let gemini = GeminiClient::new(fake.base_url(), Duration::from_secs(10)).unwrap();
+    let calls = LeasedGemini::new(keylease, gemini, policy());
+
+    let small = GenerateContentRequest::text("hi");
+    // 1,600 characters: 400 tokens, five of which spend the 2,000 a minute.
+    let large = GenerateContentRequest::text("token ".repeat(266) + "abcd");
+    for (limit, request, figure) in [
+        ("requests_per_minute", &small, 15),
+        ("tokens_per_minute", &large, 2_000),
+        ("requests_per_day", &small, 60),
+    ] {
+        let deadline = now() + Duration::from_secs(20);
+        let mut i = 0;
+        let learned = loop {
+            assert!(now() < deadline, "{limit} was never learned");
+            let calls_now: Vec<_> = (0..4)
+                .map(|j| {
+                    let (calls, request) = (calls.clone(), request.clone());
+                    tokio::spawn(async move {
+                        let _ = calls
+                            .generate(&format!("{limit}-{i}-{j}"), "gemini-2.5-flash", &request)
+                            .await;
+                    })
+                })
+                .collect();
+            for call in calls_now {
+                call.await.unwrap();
+            }
+            i += 1;
+            let status = client
+                .get_status(pb::GetStatusRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            let group = &status.quota_groups[0];
+            let of = match limit {
+                "requests_per_minute" => &group.requests_per_minute_limit,
+                "tokens_per_minute" => &group.tokens_per_minute_limit,
+                _ => &group.requests_per_day_limit,
+            };
+            let of = of.clone().unwrap();
+            assert!(of.auto, "{limit} is auto: {of:?}");
+            if of.named.is_some() {
+                break of;
+            }
+        };
+        assert_eq!(
+            (learned.named, learned.learned),
+            (Some(figure), Some(figure)),
+            "{limit}: {learned:?}"
+        );
+    }
+}
