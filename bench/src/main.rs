@@ -3,10 +3,11 @@
 //! runs it at a size that only shows it still works (CI does that; figures are never asserted).
 //!
 //! ```sh
-//! cargo run --release -p keylease-bench -- overhead | scale | utilization | limits | recovery | replicas | proxy | all [--smoke]
+//! cargo run --release -p keylease-bench -- overhead | scale | utilization | limits | recovery | replicas | proxy | learning | all [--smoke]
 //! ```
 //! The other subcommands are the roles the scenarios start this binary in.
 
+mod learning;
 mod limits;
 mod overhead;
 mod procs;
@@ -66,6 +67,15 @@ enum Scenario {
         #[arg(long)]
         smoke: bool,
     },
+    /// A fleet on a project whose real limit is half of what keylease was told: 429s, when
+    /// they stop, and what the project serves; with `--before`, against another build too.
+    Learning {
+        #[arg(long)]
+        smoke: bool,
+        /// Another build's `keylease-bench`, whose `serve` role serves the same fleet.
+        #[arg(long)]
+        before: Option<PathBuf>,
+    },
     /// Every scenario.
     All {
         #[arg(long)]
@@ -110,6 +120,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Recovery { smoke } => recovery::run(smoke).await?,
         Scenario::Replicas { smoke } => replicas::run(smoke).await?,
         Scenario::Proxy { smoke } => proxy::run(smoke).await?,
+        Scenario::Learning { smoke, before } => learning::run(smoke, before).await?,
         Scenario::All { smoke } => {
             overhead::run(smoke).await?;
             scale::run(smoke).await?;
@@ -118,6 +129,7 @@ async fn main() -> anyhow::Result<()> {
             recovery::run(smoke).await?;
             replicas::run(smoke).await?;
             proxy::run(smoke).await?;
+            learning::run(smoke, None).await?;
         }
         Scenario::Serve { .. }
         | Scenario::Replica { .. }

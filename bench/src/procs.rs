@@ -20,7 +20,12 @@ pub struct Child {
 
 /// Starts this binary with `args`; for servers, waits until it prints `listening on ADDRESS`.
 pub fn spawn(args: &[String], server: bool) -> anyhow::Result<Child> {
-    let mut child = Command::new(std::env::current_exe()?)
+    spawn_from(&std::env::current_exe()?, args, server)
+}
+
+/// Starts `exe` (this binary, or another build of it) with `args`, as [`spawn`] does.
+pub fn spawn_from(exe: &std::path::Path, args: &[String], server: bool) -> anyhow::Result<Child> {
+    let mut child = Command::new(exe)
         .args(args)
         .stdout(Stdio::piped())
         .spawn()

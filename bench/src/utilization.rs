@@ -138,7 +138,8 @@ fn mode_name(mode: Mode) -> &'static str {
     }
 }
 
-async fn fake_stats(address: &str) -> anyhow::Result<fake_gemini::Stats> {
+/// The fake's counts, read over HTTP from its process.
+pub async fn fake_stats(address: &str) -> anyhow::Result<fake_gemini::Stats> {
     Ok(reqwest::get(format!("{address}/_fake/stats"))
         .await?
         .error_for_status()?
