@@ -178,7 +178,7 @@ async fn a_fleet_of_genai_processes_gets_every_answer_with_no_429_and_no_overlap
 #[tokio::test]
 async fn a_project_whose_real_limit_is_half_the_configured_one_still_answers_every_call() {
     let fake = fake(&[("p5", RPM / 2)]).await;
-    let (_server, url) = server(&fake).await;
+    let (server, url) = server(&fake).await;
     genai_fleet(&url, 4, 8, 2).await;
     let stats = fake.fake.stats();
     // Only p5 can have refused; the proxy moved those calls to other projects' keys.
@@ -188,6 +188,23 @@ async fn a_project_whose_real_limit_is_half_the_configured_one_still_answers_eve
         }
     }
     assert_eq!(stats.all().overlaps, 0);
+    // The proxy reported what the 429s named: keylease holds p5 to its real limit now.
+    if stats.projects["p5"].status(429) > 0 {
+        let status = server
+            .client()
+            .await
+            .get_status(keylease::pb::GetStatusRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let p5 = status
+            .quota_groups
+            .iter()
+            .find(|g| g.project == "p5")
+            .expect("p5 was used");
+        let learned = p5.requests_per_minute_limit.as_ref().unwrap();
+        assert_eq!(learned.named, Some(RPM / 2), "{p5:?}");
+    }
 }
 
 #[tokio::test]

@@ -197,11 +197,11 @@ impl Engine {
             rest_for_the_day |= self.learn(time, group_key, &ended.task_id, sent, &report);
         }
         match report.kind {
-            _ if rest_for_the_day => {
+            FailureKind::RateLimited | FailureKind::DailyQuotaExhausted if rest_for_the_day => {
                 let cooldown = self.books.group(group_key, time).rest_for_the_day(time);
                 self.cooled_down(time, group_key, cooldown);
             }
-            FailureKind::RateLimited => {
+            FailureKind::RateLimited | FailureKind::DailyQuotaExhausted => {
                 let repeats = self.memory.back_off(group_key.pool, group_key.project);
                 let delay = report.retry_after_ms.unwrap_or_else(|| {
                     let doubled = self
@@ -216,7 +216,6 @@ impl Engine {
                     .cool_down(now.saturating_add(delay), CooldownReason::RateLimited);
                 self.cooled_down(time, group_key, cooldown);
             }
-            FailureKind::DailyQuotaExhausted => unreachable!("rests for the day"),
             FailureKind::InvalidKey | FailureKind::PermissionDenied => {
                 let reason = if report.detail.is_empty() {
                     report.kind.as_str().to_string()
