@@ -160,12 +160,11 @@ impl Books {
         }
     }
 
-    /// Forgets what the group learned: the configured limits apply again. Whether there was
-    /// anything to forget.
-    pub fn forget_learned(&mut self, key: GroupKey) -> bool {
+    /// Forgets what the group learned: the configured limits apply again.
+    pub fn forget_learned(&mut self, key: GroupKey) {
         let before = self.limits_of(key);
         let Some(learned) = self.learned.remove(&key) else {
-            return false;
+            return;
         };
         let configured = self.configured(key);
         for kind in LimitKind::ALL {
@@ -184,7 +183,6 @@ impl Books {
         if let Some(group) = self.groups.get_mut(&key) {
             group.limits = configured;
         }
-        true
     }
 
     fn learned_changed(&mut self, key: GroupKey, change: LimitChange) {
