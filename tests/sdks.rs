@@ -29,6 +29,8 @@ const KEYS: [(&str, &str); 12] = [
 /// Requests a (scaled) minute, per project, as configured in keylease.
 const RPM: u64 = 30;
 const TOKEN: &str = "kl_sdk_worker_token_0123456789abcdef";
+/// Reads the status.
+const VIEWER: &str = "kl_sdk_viewer_token_0123456789abcdef";
 /// Bounds every SDK process.
 const PROCESS_LIMIT: Duration = Duration::from_secs(180);
 
@@ -74,12 +76,15 @@ async fn fake(real_limits: &[(&str, u64)]) -> RunningFake {
 
 /// keylease with the proxy in front of `fake`, one worker token, a one-second window.
 async fn server(fake: &RunningFake) -> (TestServer, String) {
-    let hash: String = keylease_server::auth::token_sha256(TOKEN)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hash = |token: &str| -> String {
+        keylease_server::auth::token_sha256(token)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let (worker, viewer) = (hash(TOKEN), hash(VIEWER));
     let mut config = format!(
-        "[server]\ntokens = [{{ name = \"sdk\", role = \"worker\", sha256 = \"{hash}\" }}]\n\n\
+        "[server]\ntokens = [{{ name = \"sdk\", role = \"worker\", sha256 = \"{worker}\" }}, {{ name = \"ops\", role = \"viewer\", sha256 = \"{viewer}\" }}]\n\n\
          [proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n\n\
          [quota]\nwindow = \"1s\"\nsafety_margin = \"20ms\"\n\n\
          [key_sources]\nenvironment = false\n\n\
@@ -190,8 +195,7 @@ async fn a_project_whose_real_limit_is_half_the_configured_one_still_answers_eve
     assert_eq!(stats.all().overlaps, 0);
     // The proxy reported what the 429s named: keylease holds p5 to its real limit now.
     if stats.projects["p5"].status(429) > 0 {
-        let status = server
-            .client()
+        let status = support::raw_with_token(&server, VIEWER)
             .await
             .get_status(keylease::pb::GetStatusRequest::default())
             .await
