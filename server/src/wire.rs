@@ -346,7 +346,7 @@ pub fn learned_reason(learned: LearnedLimit) -> String {
     match learned.named {
         Some(named) if named == learned.value => "the provider's figure, named in a 429".into(),
         Some(named) => format!(
-            "lowered below the provider's figure of {named} by a 429 without one (others may use the project); climbs back after windows at the limit without a 429"
+            "lowered below the provider's figure of {named}: a 429 came while keylease's books held less (someone else spends the project); climbs back to it after windows at the limit without a 429"
         ),
         None => "lowered by a 429 without a figure; climbs back to the configured limit after windows at the limit without a 429".into(),
     }
