@@ -4,7 +4,7 @@
 //! message on its way out.
 
 use crate::auth::Caller;
-use crate::engine::{Command, EventKind, FailureReport, Renewed};
+use crate::engine::{Command, EventKind, FailureReport, QuotaViolation, Renewed};
 use crate::replica::FleetView;
 use crate::state::{AcquireFailure, Published, State};
 use crate::wire;
@@ -147,7 +147,15 @@ impl KeyLeaseService {
             retry_after_ms: wire::duration_ms("retry_after", request.retry_after)?,
             detail: self.redact(request.detail),
             requests_sent: request.requests_sent,
-            violations: wire::violations(request.quota_violations),
+            // Free text from the caller, shown in status: masked as the detail is.
+            violations: wire::violations(request.quota_violations)
+                .into_iter()
+                .map(|v| QuotaViolation {
+                    quota_id: self.redact(v.quota_id),
+                    model: self.redact(v.model),
+                    ..v
+                })
+                .collect(),
         };
         let wait = wire::wait_of(
             "replacement_wait",

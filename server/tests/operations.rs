@@ -515,6 +515,12 @@ async fn nothing_the_server_writes_or_answers_holds_a_secret() {
                     fencing_token: lease.fencing_token,
                     kind: *kind as i32,
                     detail,
+                    // Violations are free text too, and status shows the last 429's.
+                    quota_violations: vec![pb::QuotaViolation {
+                        quota_id: format!("GenerateRequestsPerMinute-{}", lease.api_key),
+                        model: keys[(round + 2) % keys.len()].1.clone(),
+                        quota_value: Some(3),
+                    }],
                     retry_after: Some(prost_types::Duration {
                         seconds: 1,
                         nanos: 0,
