@@ -7,7 +7,7 @@
 mod support;
 
 use fake_gemini::limits::Limits;
-use fake_gemini::{FakeConfig, FakeGemini, FakeKey, Faults, KeyHealth, RunningFake, Stats};
+use fake_gemini::{Faults, RunningFake, Stats};
 use keylease::pb;
 use keylease_client::gemini::{GeminiClient, GenerateContentRequest, LeasedGemini, RetryPolicy};
 use keylease_client::{ClientConfig, KeyLeaseClient};
@@ -24,20 +24,7 @@ const SECONDS: &str = "KEYLEASE_LEARNING_SECONDS";
 const PROCESS_LIMIT: Duration = Duration::from_secs(60);
 
 /// 12 keys in 5 projects; p5, whose real limit is below the configured one, has two.
-const KEYS: [(&str, &str); 12] = [
-    ("k01", "p1"),
-    ("k02", "p1"),
-    ("k03", "p1"),
-    ("k04", "p2"),
-    ("k05", "p2"),
-    ("k06", "p3"),
-    ("k07", "p3"),
-    ("k08", "p3"),
-    ("k09", "p4"),
-    ("k10", "p4"),
-    ("k11", "p5"),
-    ("k12", "p5"),
-];
+const KEYS: [(&str, &str); 12] = FLEET_KEYS;
 const MISCONFIGURED: &str = "p5";
 /// Requests per (scaled) minute each project really has, and keylease is told.
 const RPM: u64 = 30;
@@ -122,43 +109,20 @@ fn worker(server: &TestServer, gemini_url: &str, name: &str, seconds: f64) -> Ch
         .unwrap()
 }
 
-/// The fake: a minute lasts a second; every project has [`RPM`] but p5, which has half.
+/// The fake: a minute lasts a second; every project has `limits` but p5 (`p5`, when given).
 async fn fake(
     keys: &[(&str, &str)],
     limits: Limits,
     p5: Option<Limits>,
     bare: bool,
 ) -> RunningFake {
-    FakeGemini::start(FakeConfig {
-        keys: keys
-            .iter()
-            .map(|(id, project)| FakeKey {
-                id: id.to_string(),
-                secret: fake_secret(id),
-                project: project.to_string(),
-                health: KeyHealth::Healthy,
-            })
-            .collect(),
-        models: [(MODEL.to_string(), limits)].into(),
-        projects: p5
-            .map(|limits| {
-                (
-                    MISCONFIGURED.to_string(),
-                    [(MODEL.to_string(), limits)].into(),
-                )
-            })
-            .into_iter()
-            .collect(),
-        time_scale: 60.0,
-        faults: Faults {
-            latency_ms: 5,
-            bare_429s: bare,
-            ..Faults::default()
-        },
-        seed: 11,
-    })
-    .await
-    .expect("fake gemini")
+    let projects: Vec<(&str, Limits)> = p5.map(|p5| (MISCONFIGURED, p5)).into_iter().collect();
+    let faults = Faults {
+        latency_ms: 5,
+        bare_429s: bare,
+        ..Faults::default()
+    };
+    start_fake_with(keys, limits, &projects, 60.0, faults).await
 }
 
 fn rpm(limit: u64) -> Limits {
@@ -220,13 +184,7 @@ async fn fleet_run(p5_configured: u64, bare: bool) -> Run {
         assert!(exit_of(child, PROCESS_LIMIT).await.success());
     }
     assert_eq!(end.all().overlaps, 0, "a key served two calls at once");
-    let status = server
-        .client()
-        .await
-        .get_status(pb::GetStatusRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let status = server.status().await;
     let learned = status
         .quota_groups
         .iter()

@@ -52,13 +52,7 @@ async fn concurrent_tasks_competing_for_few_keys_never_share_one() {
     for job in jobs {
         job.await.unwrap();
     }
-    let status = server
-        .client()
-        .await
-        .get_status(pb::GetStatusRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let status = server.status().await;
     assert_eq!(status.live_leases, 0);
     let used: u64 = status
         .quota_groups

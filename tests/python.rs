@@ -4,7 +4,6 @@
 mod support;
 
 use fake_gemini::limits::Limits;
-use keylease::pb;
 use support::*;
 
 fn gemini_at(fake: &fake_gemini::RunningFake) -> Vec<(&'static str, String)> {
@@ -60,13 +59,7 @@ async fn the_python_example_reports_the_limit_a_429_names() {
         ),
         "{stdout}"
     );
-    let status = server
-        .client()
-        .await
-        .get_status(pb::GetStatusRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let status = server.status().await;
     let group = &status.quota_groups[0];
     let learned = group.requests_per_minute_limit.as_ref().unwrap();
     // The provider named 2, but keylease's books held nothing: someone else spends the

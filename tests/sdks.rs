@@ -5,27 +5,13 @@
 mod support;
 
 use fake_gemini::limits::Limits;
-use fake_gemini::{FakeConfig, FakeGemini, FakeKey, Faults, KeyHealth, RunningFake};
-use std::collections::BTreeMap;
+use fake_gemini::{Faults, KeyHealth, RunningFake};
 use std::process::{Command, Output};
 use std::time::Duration;
-use support::{MODEL, TestServer, fake_secret};
+use support::{FLEET_KEYS, MODEL, TestServer, fake_secret, start_fake_with};
 
-/// 12 keys in 5 projects.
-const KEYS: [(&str, &str); 12] = [
-    ("k01", "p1"),
-    ("k02", "p1"),
-    ("k03", "p1"),
-    ("k04", "p2"),
-    ("k05", "p2"),
-    ("k06", "p3"),
-    ("k07", "p3"),
-    ("k08", "p3"),
-    ("k09", "p4"),
-    ("k10", "p4"),
-    ("k11", "p5"),
-    ("k12", "p5"),
-];
+/// 12 keys in 5 projects; p5 has two.
+const KEYS: [(&str, &str); 12] = FLEET_KEYS;
 /// Requests a (scaled) minute, per project, as configured in keylease.
 const RPM: u64 = 30;
 const TOKEN: &str = "kl_sdk_worker_token_0123456789abcdef";
@@ -41,37 +27,16 @@ async fn fake(real_limits: &[(&str, u64)]) -> RunningFake {
         requests_per_minute: Some(rpm),
         ..Limits::default()
     };
-    let projects: BTreeMap<String, BTreeMap<String, Limits>> = real_limits
+    let projects: Vec<(&str, Limits)> = real_limits
         .iter()
-        .map(|(project, rpm)| {
-            (
-                project.to_string(),
-                [(MODEL.to_string(), limits(*rpm))].into(),
-            )
-        })
+        .map(|(project, rpm)| (*project, limits(*rpm)))
         .collect();
-    FakeGemini::start(FakeConfig {
-        keys: KEYS
-            .iter()
-            .map(|(id, project)| FakeKey {
-                id: id.to_string(),
-                secret: fake_secret(id),
-                project: project.to_string(),
-                health: KeyHealth::Healthy,
-            })
-            .collect(),
-        models: [(MODEL.to_string(), limits(RPM))].into(),
-        projects,
-        time_scale: 60.0,
-        faults: Faults {
-            // Long enough that two calls on one key would be seen overlapping.
-            latency_ms: 5,
-            ..Faults::default()
-        },
-        seed: 3,
-    })
-    .await
-    .expect("fake gemini")
+    // Calls long enough that two on one key would be seen overlapping.
+    let faults = Faults {
+        latency_ms: 5,
+        ..Faults::default()
+    };
+    start_fake_with(&KEYS, limits(RPM), &projects, 60.0, faults).await
 }
 
 /// keylease with the proxy in front of `fake`, one worker token, a one-second window.

@@ -5,9 +5,9 @@
 //! came, and what p4 answered, against a run told p4's true limit. `--before PATH` runs the
 //! same fleet against another build's `keylease-bench` (its `serve` role) too, in the same run.
 
-use crate::procs::{self, Child};
-use crate::roles::now;
-use crate::utilization::fake_stats;
+use crate::procs;
+use crate::roles::{Mode, now};
+use crate::utilization::{Fleet, fake_stats, spawn_workers};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -109,17 +109,7 @@ fn print_row(server: &str, told: u64, bodies: &str, outcome: &Outcome, truth: &O
 async fn fleet(setting: &Setting<'_>, seconds: u64) -> anyhow::Result<Outcome> {
     let dir = procs::scratch("learning")?;
     let keys = procs::fake_keys(KEYS, PROJECTS);
-    let secrets = dir.join("secrets.txt");
-    std::fs::write(
-        &secrets,
-        keys.iter()
-            .map(|(_, _, s)| format!("{s}\n"))
-            .collect::<String>(),
-    )?;
-    let fake_keys: Vec<serde_json::Value> = keys
-        .iter()
-        .map(|(id, project, secret)| serde_json::json!({"id": id, "secret": secret, "project": project}))
-        .collect();
+    let (secrets, fake_keys) = procs::fleet_keys(&dir, &keys)?;
     let fake_config = dir.join("fake.json");
     std::fs::write(
         &fake_config,
@@ -146,39 +136,17 @@ async fn fleet(setting: &Setting<'_>, seconds: u64) -> anyhow::Result<Outcome> {
         None => procs::spawn(&serve, true)?,
     };
     let fake = procs::spawn(&["fake".into(), fake_config.display().to_string()], true)?;
-    let workers: Vec<Child> = (0..PROCESSES)
-        .map(|index| {
-            let args: Vec<String> = [
-                "worker",
-                "--mode",
-                "keylease",
-                "--keylease",
-                &server.address,
-                "--gemini",
-                &fake.address,
-                "--secrets",
-                &secrets.display().to_string(),
-                "--model",
-                MODEL,
-                "--jobs",
-                &JOBS.to_string(),
-                "--index",
-                &index.to_string(),
-                "--processes",
-                &PROCESSES.to_string(),
-                "--time-scale",
-                &TIME_SCALE.to_string(),
-                "--warmup-ms",
-                "0",
-                "--measure-ms",
-                &(seconds * 1000).to_string(),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            procs::spawn(&args, false)
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let fleet = Fleet {
+        mode: Mode::Keylease,
+        keylease: &server.address,
+        gemini: &fake.address,
+        secrets: &secrets,
+        model: MODEL,
+        processes: PROCESSES,
+        jobs: JOBS,
+        time_scale: TIME_SCALE,
+    };
+    let workers = spawn_workers(&fleet, Duration::ZERO, Duration::from_secs(seconds))?;
     let start = now();
     let mut refusals_by_second = Vec::new();
     let mut last = fake_stats(&fake.address).await?;

@@ -187,6 +187,26 @@ pub fn fake_keys(count: usize, projects: usize) -> Vec<(String, String, String)>
         .collect()
 }
 
+/// A fleet's files in `dir`: the keys' secrets, one a line, for workers that hold keys
+/// themselves; and the keys as the fake's configuration lists them.
+pub fn fleet_keys(
+    dir: &std::path::Path,
+    keys: &[(String, String, String)],
+) -> anyhow::Result<(PathBuf, Vec<serde_json::Value>)> {
+    let secrets = dir.join("secrets.txt");
+    std::fs::write(
+        &secrets,
+        keys.iter()
+            .map(|(_, _, s)| format!("{s}\n"))
+            .collect::<String>(),
+    )?;
+    let fake_keys = keys
+        .iter()
+        .map(|(id, project, secret)| serde_json::json!({"id": id, "secret": secret, "project": project}))
+        .collect();
+    Ok((secrets, fake_keys))
+}
+
 /// Percentile `p` (0 to 1) of sorted samples.
 pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {

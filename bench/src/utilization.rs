@@ -5,6 +5,7 @@
 
 use crate::procs::{self, Child};
 use crate::roles::Mode;
+use std::path::Path;
 use std::time::Duration;
 
 const MODEL: &str = "gemini-2.5-flash";
@@ -25,18 +26,8 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
     };
     let dir = procs::scratch("utilization")?;
     let keys = procs::fake_keys(KEYS, PROJECTS);
-    let secrets = dir.join("secrets.txt");
-    std::fs::write(
-        &secrets,
-        keys.iter()
-            .map(|(_, _, s)| format!("{s}\n"))
-            .collect::<String>(),
-    )?;
+    let (secrets, fake_keys) = procs::fleet_keys(&dir, &keys)?;
     let fake_config = dir.join("fake.json");
-    let fake_keys: Vec<serde_json::Value> = keys
-        .iter()
-        .map(|(id, project, secret)| serde_json::json!({"id": id, "secret": secret, "project": project}))
-        .collect();
     std::fs::write(
         &fake_config,
         serde_json::json!({
@@ -75,39 +66,20 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         ),
     ] {
         let fake = procs::spawn(&["fake".into(), fake_config.display().to_string()], true)?;
-        let workers: Vec<Child> = (0..PROCESSES)
-            .map(|index| {
-                let args: Vec<String> = [
-                    "worker",
-                    "--mode",
-                    mode_name(mode),
-                    "--keylease",
-                    &server.address,
-                    "--gemini",
-                    &fake.address,
-                    "--secrets",
-                    &secrets.display().to_string(),
-                    "--model",
-                    MODEL,
-                    "--jobs",
-                    &JOBS.to_string(),
-                    "--index",
-                    &index.to_string(),
-                    "--processes",
-                    &PROCESSES.to_string(),
-                    "--time-scale",
-                    &TIME_SCALE.to_string(),
-                    "--warmup-ms",
-                    &warmup.as_millis().to_string(),
-                    "--measure-ms",
-                    &measured.as_millis().to_string(),
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-                procs::spawn(&args, false)
-            })
-            .collect::<anyhow::Result<_>>()?;
+        let workers = spawn_workers(
+            &Fleet {
+                mode,
+                keylease: &server.address,
+                gemini: &fake.address,
+                secrets: &secrets,
+                model: MODEL,
+                processes: PROCESSES,
+                jobs: JOBS,
+                time_scale: TIME_SCALE,
+            },
+            warmup,
+            measured,
+        )?;
         let mut answered = 0u64;
         for worker in workers {
             let line = worker
@@ -128,6 +100,59 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
+}
+
+/// Worker processes of one fleet, and what they call.
+pub struct Fleet<'a> {
+    pub mode: Mode,
+    pub keylease: &'a str,
+    pub gemini: &'a str,
+    pub secrets: &'a Path,
+    pub model: &'a str,
+    pub processes: usize,
+    pub jobs: usize,
+    pub time_scale: f64,
+}
+
+/// Starts the fleet's worker processes, each calling until `warmup` and `measured` have passed.
+pub fn spawn_workers(
+    fleet: &Fleet,
+    warmup: Duration,
+    measured: Duration,
+) -> anyhow::Result<Vec<Child>> {
+    (0..fleet.processes)
+        .map(|index| {
+            let args: Vec<String> = [
+                "worker",
+                "--mode",
+                mode_name(fleet.mode),
+                "--keylease",
+                fleet.keylease,
+                "--gemini",
+                fleet.gemini,
+                "--secrets",
+                &fleet.secrets.display().to_string(),
+                "--model",
+                fleet.model,
+                "--jobs",
+                &fleet.jobs.to_string(),
+                "--index",
+                &index.to_string(),
+                "--processes",
+                &fleet.processes.to_string(),
+                "--time-scale",
+                &fleet.time_scale.to_string(),
+                "--warmup-ms",
+                &warmup.as_millis().to_string(),
+                "--measure-ms",
+                &measured.as_millis().to_string(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            procs::spawn(&args, false)
+        })
+        .collect()
 }
 
 fn mode_name(mode: Mode) -> &'static str {

@@ -20,6 +20,22 @@ use tonic::transport::Channel;
 pub type Client = KeyLeaseClient<Channel>;
 pub const MODEL: &str = "gemini-2.5-flash";
 
+/// A fleet's keys: 12 in 5 projects, the last project with two.
+pub const FLEET_KEYS: [(&str, &str); 12] = [
+    ("k01", "p1"),
+    ("k02", "p1"),
+    ("k03", "p1"),
+    ("k04", "p2"),
+    ("k05", "p2"),
+    ("k06", "p3"),
+    ("k07", "p3"),
+    ("k08", "p3"),
+    ("k09", "p4"),
+    ("k10", "p4"),
+    ("k11", "p5"),
+    ("k12", "p5"),
+];
+
 /// A key for a test configuration: (id, project).
 pub fn fake_secret(id: &str) -> String {
     format!("AIzaFAKE.e2e-{id}-{}", "0".repeat(24))
@@ -46,8 +62,32 @@ pub async fn start_fake(
     limits: fake_gemini::limits::Limits,
     time_scale: f64,
 ) -> fake_gemini::RunningFake {
+    start_fake_with(
+        keys,
+        limits,
+        &[],
+        time_scale,
+        fake_gemini::Faults::default(),
+    )
+    .await
+}
+
+/// [`start_fake`], with other limits for some projects and provider faults.
+pub async fn start_fake_with(
+    keys: &[(&str, &str)],
+    limits: fake_gemini::limits::Limits,
+    projects: &[(&str, fake_gemini::limits::Limits)],
+    time_scale: f64,
+    faults: fake_gemini::Faults,
+) -> fake_gemini::RunningFake {
     let config = fake_gemini::FakeConfig {
-        projects: Default::default(),
+        projects: projects
+            .iter()
+            .map(|(project, limits)| {
+                let per_model = [(MODEL.to_string(), *limits)].into();
+                (project.to_string(), per_model)
+            })
+            .collect(),
         keys: keys
             .iter()
             .map(|(id, project)| fake_gemini::FakeKey {
@@ -59,7 +99,7 @@ pub async fn start_fake(
             .collect(),
         models: [(MODEL.to_string(), limits)].into(),
         time_scale,
-        faults: fake_gemini::Faults::default(),
+        faults,
         seed: 7,
     };
     fake_gemini::FakeGemini::start(config)
@@ -149,6 +189,16 @@ impl TestServer {
         KeyLeaseClient::connect(self.address.clone())
             .await
             .expect("connect")
+    }
+
+    /// What `GetStatus` answers now (the first page).
+    pub async fn status(&self) -> pb::GetStatusResponse {
+        self.client()
+            .await
+            .get_status(pb::GetStatusRequest::default())
+            .await
+            .expect("status")
+            .into_inner()
     }
 
     /// The server's event stream, from now on.
