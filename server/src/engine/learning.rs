@@ -132,6 +132,7 @@ impl Learned {
         self.limits[kind.index()]
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.limits.iter().all(Option::is_none)
     }
