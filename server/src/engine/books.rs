@@ -103,10 +103,11 @@ impl Books {
     }
 
     fn advance_learned(&mut self, key: GroupKey, now: Time) {
-        let configured = self.configured(key);
-        let Some(learned) = self.learned.get_mut(&key) else {
+        if !self.learned.contains_key(&key) {
             return;
-        };
+        }
+        let configured = self.configured(key);
+        let learned = self.learned.get_mut(&key).expect("present");
         if let Some(change) = learned.advance(now, self.tuning, configured) {
             self.learned_changed(key, change);
         }
