@@ -1114,10 +1114,12 @@ fn proxy_settings(
         .ok_or_else(|| invalid(at("proxy.max_body"), "must be between 1024 bytes and 1 GiB"))?;
     let listing_model = match &section.listing_model {
         Some(model) => {
-            let known = file
-                .pools
-                .values()
-                .any(|pool| pool.models.contains_key(model));
+            // Without [pools], the gemini pool serves any model.
+            let known = file.pools.is_empty()
+                || file
+                    .pools
+                    .values()
+                    .any(|pool| pool.models.contains_key(model));
             if !known {
                 return Err(invalid(
                     at("proxy.listing_model"),

@@ -105,6 +105,12 @@ fn without_pools_any_model_is_served_with_every_limit_auto() {
         "{:?}",
         settings.notices
     );
+    // The proxy may list models through any model then.
+    let dir = Dir::new(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nlisting_model = \"gemini-2.5-flash\"\n\n[[keys]]\nsecret = \"{SECRET}\"\n"
+    ));
+    let proxy = dir.load(&no_env()).unwrap().proxy.unwrap();
+    assert_eq!(proxy.listing_model.as_deref(), Some("gemini-2.5-flash"));
 }
 
 #[test]
