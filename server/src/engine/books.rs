@@ -92,12 +92,14 @@ impl Books {
         if !self.learned.is_empty() {
             self.advance_learned(key, now);
         }
-        let limits = self.limits_of(key);
         let daily = self.daily;
-        let group = self
-            .groups
-            .entry(key)
-            .or_insert_with(|| QuotaGroup::new(limits, now, daily));
+        // The limits are looked up only to open a group: every change of them after that
+        // (learned, restored) writes them into the group.
+        if !self.groups.contains_key(&key) {
+            let group = QuotaGroup::new(self.limits_of(key), now, daily);
+            self.groups.insert(key, group);
+        }
+        let group = self.groups.get_mut(&key).expect("opened above");
         group.advance(now, daily);
         group
     }
