@@ -328,6 +328,14 @@ async fn cycle(
                     seconds: 0,
                     nanos: 200_000_000,
                 }),
+                // This "provider" refuses at random, well below the limit: its 429s name an
+                // input-token limit no request comes near, so that only their cooldowns count
+                // (a 429 without a figure would lower the project, one in ten calls over).
+                quota_violations: vec![pb::QuotaViolation {
+                    quota_id: "GenerateContentInputTokensPerModelPerMinute-FreeTier".into(),
+                    model: MODEL.into(),
+                    quota_value: Some(1_000_000_000),
+                }],
                 ..Default::default()
             })
             .await?;
