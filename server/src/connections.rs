@@ -37,27 +37,53 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Where connections come from: a TCP listener, and connections made inside this process (the
-/// embedded proxy's), which are served like any other but need no TLS and hold no slot.
+/// embedded proxy's, `keylease batch`'s), which are served like any other but need no TLS and
+/// hold no slot.
 pub struct Incoming {
-    pub tcp: TcpListener,
+    /// `None`: only this process can connect.
+    pub tcp: Option<TcpListener>,
     pub local: Option<mpsc::Receiver<DuplexStream>>,
 }
 
 impl From<TcpListener> for Incoming {
     fn from(tcp: TcpListener) -> Self {
-        Self { tcp, local: None }
+        Self {
+            tcp: Some(tcp),
+            local: None,
+        }
     }
 }
 
 impl Incoming {
     /// `tcp`, plus the in-process connections that `LocalConnector` makes.
     pub fn with_local(tcp: TcpListener) -> (Self, LocalConnector) {
+        let (incoming, local) = Self::local_only();
+        (
+            Self {
+                tcp: Some(tcp),
+                ..incoming
+            },
+            local,
+        )
+    }
+
+    /// Only the in-process connections that `LocalConnector` makes: a server no other process
+    /// can reach.
+    pub fn local_only() -> (Self, LocalConnector) {
         let (connect, accept) = mpsc::channel(16);
         let incoming = Self {
-            tcp,
+            tcp: None,
             local: Some(accept),
         };
         (incoming, LocalConnector(connect))
+    }
+}
+
+/// The next TCP connection; never, without a listener.
+async fn next_tcp(tcp: Option<&TcpListener>) -> io::Result<(TcpStream, std::net::SocketAddr)> {
+    match tcp {
+        Some(tcp) => tcp.accept().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -130,7 +156,7 @@ pub async fn serve(
     let Incoming { tcp, mut local } = incoming;
     loop {
         let accepted = tokio::select! {
-            accepted = tcp.accept() => match accepted {
+            accepted = next_tcp(tcp.as_ref()) => match accepted {
                 Ok((stream, _)) => Accepted::Tcp(stream),
                 Err(error) => {
                     // Out of descriptors, or a connection reset before it was taken: the
