@@ -297,7 +297,14 @@ impl KeyLeaseClient {
 
     /// Keys, leases and usage, as operators see them.
     pub async fn status(&self) -> Result<pb::GetStatusResponse, Error> {
-        let request = pb::GetStatusRequest::default();
+        self.status_of(pb::GetStatusRequest::default()).await
+    }
+
+    /// [`Self::status`] of one pool, page or model (see `GetStatusRequest`).
+    pub async fn status_of(
+        &self,
+        request: pb::GetStatusRequest,
+    ) -> Result<pb::GetStatusResponse, Error> {
         let (status, _) = self
             .call(Duration::ZERO, &request, |mut stub, request| async move {
                 stub.get_status(request).await

@@ -215,10 +215,36 @@ impl KeyLeaseService {
         };
         let after = wire::page_after(&request.page_token)?;
         let pool = Some(request.pool.as_str()).filter(|p| !p.is_empty());
-        let status = self
+        let model = Some(request.model.as_str()).filter(|m| !m.is_empty());
+        if request.model.len() > keylease::MAX_ID_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "model: longer than {} bytes",
+                keylease::MAX_ID_BYTES
+            )));
+        }
+        let (mut status, planned, window_ms) = self
             .state
-            .read(|engine, now| engine.status(now, pool, after.as_deref(), page_size))
+            .read(|engine, now| {
+                let status = engine.status(now, pool, after.as_deref(), page_size)?;
+                let planned = match model {
+                    Some(model) => engine.plan(now, pool, model)?,
+                    None => Vec::new(),
+                };
+                Ok::<_, crate::engine::EngineError>((status, planned, engine.config().window_ms))
+            })
             .await??;
+        for group in planned {
+            let same = |shown: &crate::engine::GroupView| {
+                (&shown.pool, &shown.project, &shown.model)
+                    == (&group.pool, &group.project, &group.model)
+            };
+            if !status.groups.iter().any(same) {
+                status.groups.push(group);
+            }
+        }
+        status
+            .groups
+            .sort_by(|a, b| (&a.pool, &a.project, &a.model).cmp(&(&b.pool, &b.project, &b.model)));
         let now = status.now;
         let replication = self.fleet.as_ref().map(|fleet| {
             let fleet = fleet.read();
@@ -257,6 +283,9 @@ impl KeyLeaseService {
             total_keys: status.total_keys as u32,
             live_leases: status.live_leases as u32,
             now: Some(wire::timestamp(now.wall_ms)),
+            window: Some(wire::duration_to_pb(std::time::Duration::from_millis(
+                window_ms,
+            ))),
         })
     }
 

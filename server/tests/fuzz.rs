@@ -267,15 +267,20 @@ fn call() -> impl Strategy<Value = Call> {
                 )
             },
         );
-    let status = (mostly(&["", "gemini"]), any_u32(), mostly(&["", "p1.6b31"])).prop_map(
-        |(pool, page_size, page_token)| {
+    let status = (
+        mostly(&["", "gemini"]),
+        any_u32(),
+        mostly(&["", "p1.6b31"]),
+        mostly(&["", "gemini-2.5-flash", "gemini-new"]),
+    )
+        .prop_map(|(pool, page_size, page_token, model)| {
             Call::Status(pb::GetStatusRequest {
                 pool,
                 page_size,
                 page_token,
+                model,
             })
-        },
-    );
+        });
     let set_enabled = (
         mostly(&KEY_IDS),
         prop_oneof![3 => Just(true), 1 => Just(false)],

@@ -212,6 +212,17 @@ impl Books {
         self.groups.iter().map(|(&key, group)| (key, group))
     }
 
+    /// The group `key` as it reads at `time`, without changing anything: one never opened
+    /// reads as it would open.
+    pub fn read_one(&self, key: GroupKey, time: Time) -> QuotaGroup {
+        let mut group = match self.groups.get(&key) {
+            Some(group) => group.clone(),
+            None => QuotaGroup::new(self.limits_of(key), time, self.daily),
+        };
+        group.advance(time, self.daily);
+        group
+    }
+
     /// The groups as they read at `time`, without changing them.
     pub fn read_at(&self, time: Time) -> impl Iterator<Item = (GroupKey, QuotaGroup)> + '_ {
         self.groups.iter().map(move |(&key, group)| {

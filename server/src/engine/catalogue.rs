@@ -256,6 +256,10 @@ impl Catalogue {
         &self.pools[idx as usize]
     }
 
+    pub fn pool_count(&self) -> usize {
+        self.pools.len()
+    }
+
     pub fn pool_by_name(&self, name: &str) -> Option<PoolIdx> {
         self.pool_by_name.get(name).copied()
     }

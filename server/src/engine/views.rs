@@ -7,9 +7,10 @@ use super::leases::{Lease, Token, lease_id};
 use super::quota::QuotaGroup;
 use super::{
     Counts, Engine, EngineError, GroupView, KeyState, KeyView, LeaseEvent, LeaseSummary, LeaseView,
-    LimitKind, LimitView, StatusView, Time, UsageView, invalid,
+    LimitKind, LimitView, StatusView, Time, UsageView, canonical_model, invalid,
 };
 use foldhash::{HashMap, HashMapExt};
+use std::collections::BTreeSet;
 
 impl Engine {
     /// How much state there is, at `now`: for the start-up log.
@@ -157,6 +158,76 @@ impl Engine {
             leases: entry.live.iter().map(|&t| self.summary(t)).collect(),
             cooling_until_ms,
         }
+    }
+
+    /// The group of `model` in every project of `pool` (every pool when `None`) that has a
+    /// key, used or not: what a client plans a batch by. A group never opened reads as it
+    /// would open: nothing used, the limits it would be held to.
+    pub fn plan(
+        &self,
+        now: impl Into<Time>,
+        pool: Option<&str>,
+        model: &str,
+    ) -> Result<Vec<GroupView>, EngineError> {
+        let time = self.time_at(now.into());
+        let pools: Vec<PoolIdx> = match pool {
+            None => (0..self.catalogue.pool_count() as PoolIdx).collect(),
+            Some(name) => vec![
+                self.catalogue
+                    .pool_by_name(name)
+                    .ok_or_else(|| invalid("pool", format!("unknown pool {name:?}")))?,
+            ],
+        };
+        let name = canonical_model(model);
+        let known = self.catalogue.models.get(name);
+        let mut views = Vec::new();
+        for pool in pools {
+            let entry = self.catalogue.pool(pool);
+            let projects: BTreeSet<ProjectIdx> = entry
+                .keys
+                .iter()
+                .map(|&k| self.catalogue.key(k))
+                .filter(|key| !key.is_gone())
+                .map(|key| key.project)
+                .collect();
+            for project in projects {
+                if let Some(model) = known.filter(|&m| entry.serves(m)) {
+                    let key = GroupKey {
+                        pool,
+                        project,
+                        model,
+                    };
+                    views.push(self.group_view(key, &self.books.read_one(key, time)));
+                } else if let Some(limits) = entry.config.other_models {
+                    // Served as any other model, and never asked for yet.
+                    views.push(GroupView {
+                        pool: entry.name.clone(),
+                        project: self.catalogue.projects.name(project).to_string(),
+                        model: name.to_string(),
+                        requests_per_minute: UsageView {
+                            used: 0,
+                            limit: limits.requests_per_minute,
+                        },
+                        tokens_per_minute: UsageView {
+                            used: 0,
+                            limit: limits.tokens_per_minute,
+                        },
+                        requests_per_day: UsageView {
+                            used: 0,
+                            limit: limits.requests_per_day,
+                        },
+                        cooldown: None,
+                        limits: LimitKind::ALL.map(|kind| LimitView {
+                            configured: kind.of(&limits),
+                            auto: limits.auto[kind as usize],
+                            learned: None,
+                        }),
+                        last_429: None,
+                    });
+                }
+            }
+        }
+        Ok(views)
     }
 
     /// Keys (a page of them, starting after key `after`), quota groups and lines, for

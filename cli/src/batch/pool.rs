@@ -1,0 +1,198 @@
+//! Where the batch borrows its keys: a keylease service (`--keylease URL`, several for
+//! replicas), shared with every other client of it; or, without one, keylease's own engine and
+//! store run in this process on a connection in memory, from the configuration file and
+//! `GEMINI_API_KEY_<n>` variables the server reads. In-process it keeps the server's state
+//! directory (today's counts, cooldowns, disabled keys, learned limits survive a restart of the
+//! batch), and the directory's lock refuses it while a server holds it. Either way the batch
+//! speaks the same gRPC protocol to it, through the client crate.
+
+use keylease::pb;
+use keylease_client::{ClientConfig, KeyLeaseClient, TlsConfig};
+use keylease_server::admin::{ConfigSource, Control};
+use keylease_server::auth::Access;
+use keylease_server::clock::Clock;
+use keylease_server::config::{Overrides, StateLocation};
+use keylease_server::connections::Incoming;
+use keylease_server::secret::Redactor;
+use keylease_server::state::State;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The server's default configuration file, read when it exists.
+const DEFAULT_CONFIG: &str = "keylease.toml";
+
+/// How to reach the keys.
+#[derive(Debug, Clone, Default)]
+pub struct PoolOptions {
+    /// keylease endpoints; empty: in-process.
+    pub endpoints: Vec<String>,
+    pub token: Option<String>,
+    pub ca_certificate: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub ephemeral: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Open(String),
+    #[error("{0}")]
+    Client(#[from] keylease_client::Error),
+    #[error("cannot read {path}: {reason}")]
+    File { path: String, reason: String },
+}
+
+/// The keys' lender, and what to stop when the batch ends.
+pub struct Pool {
+    pub client: KeyLeaseClient,
+    /// Masks every key this process knows, and key-shaped text, in what it prints or logs.
+    pub redactor: Arc<Redactor>,
+    /// For people: `keylease at URL` or `in-process, state in DIR`.
+    pub described: String,
+    /// What the configuration said at start, for the operator.
+    pub notices: Vec<String>,
+    local: Option<Local>,
+}
+
+struct Local {
+    state: Arc<State>,
+    stop: oneshot::Sender<()>,
+    serving: JoinHandle<Result<(), keylease_server::server::ServeError>>,
+}
+
+impl Pool {
+    pub async fn open(options: &PoolOptions) -> Result<Self, PoolError> {
+        if options.endpoints.is_empty() {
+            Self::in_process(options).await
+        } else {
+            Self::remote(options)
+        }
+    }
+
+    fn remote(options: &PoolOptions) -> Result<Self, PoolError> {
+        let mut config = ClientConfig::new(options.endpoints[0].clone());
+        config.endpoints = options.endpoints.clone();
+        config.auth_token = options.token.clone();
+        if let Some(path) = &options.ca_certificate {
+            let pem = std::fs::read(path).map_err(|e| PoolError::File {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            config.tls = Some(TlsConfig {
+                ca_certificate: Some(pem),
+                ..TlsConfig::default()
+            });
+        }
+        Ok(Self {
+            client: KeyLeaseClient::connect(config)?,
+            redactor: Arc::new(Redactor::new([])),
+            described: format!("keylease at {}", options.endpoints.join(", ")),
+            notices: Vec::new(),
+            local: None,
+        })
+    }
+
+    async fn in_process(options: &PoolOptions) -> Result<Self, PoolError> {
+        let path = options.config.clone().or_else(|| {
+            let default = PathBuf::from(DEFAULT_CONFIG);
+            default.exists().then_some(default)
+        });
+        let source = ConfigSource {
+            path,
+            env: std::env::vars().collect(),
+            overrides: Overrides {
+                // Nothing listens: the engine is reached through memory only.
+                listen: Some("127.0.0.1:0".into()),
+                state_dir: options.state_dir.clone(),
+                ephemeral: options.ephemeral,
+                proxy_listen: Some("off".into()),
+                ..Overrides::default()
+            },
+        };
+        let mut settings = source
+            .load()
+            .map_err(|e| PoolError::Config(e.to_string()))?;
+        if matches!(settings.state, StateLocation::Redis(_)) {
+            return Err(PoolError::Config(
+                "the state is kept in Redis, by keylease replicas: run the batch against them with --keylease URL".into(),
+            ));
+        }
+        // Only this process can connect, so callers and tokens are not asked for; the notices
+        // about who may call and about ports concern a server, not the batch.
+        settings.access = Access::default();
+        settings.metrics_listen = None;
+        settings.tls = None;
+        let notices = settings
+            .notices
+            .iter()
+            .filter(|n| !n.contains("token") && !n.contains("server.auth"))
+            .cloned()
+            .collect();
+        let described = match &settings.state {
+            StateLocation::Directory(dir) => format!("in-process, state in {}", dir.display()),
+            _ => "in-process, nothing kept (--ephemeral)".to_string(),
+        };
+        let redactor = Arc::new(settings.redactor());
+        let (state, _) = State::open(&settings, Clock::system(), false)
+            .map_err(|e| PoolError::Open(e.to_string()))?;
+        let control = Control::new(source, settings, state.clone())
+            .map_err(|e| PoolError::Config(e.to_string()))?;
+        let (incoming, connector) = Incoming::local_only();
+        let (stop, stopped) = oneshot::channel();
+        let serving = tokio::spawn(keylease_server::server::serve(incoming, control, async {
+            let _ = stopped.await;
+        }));
+        let client = KeyLeaseClient::over_channel(
+            connector.channel(),
+            ClientConfig::new("http://keylease.local"),
+        )?;
+        Ok(Self {
+            client,
+            redactor,
+            described,
+            notices,
+            local: Some(Local {
+                state,
+                stop,
+                serving,
+            }),
+        })
+    }
+
+    /// The keys and `model`'s limits in every project that has one.
+    pub async fn status(&self, model: &str, pool: &str) -> Result<pb::GetStatusResponse, PoolError> {
+        let mut keys = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let mut page = self
+                .client
+                .status_of(pb::GetStatusRequest {
+                    pool: pool.to_string(),
+                    page_size: 0,
+                    page_token: std::mem::take(&mut page_token),
+                    model: model.to_string(),
+                })
+                .await?;
+            keys.append(&mut page.keys);
+            if page.next_page_token.is_empty() {
+                page.keys = keys;
+                return Ok(page);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// Stops the in-process engine, after its last snapshot; nothing for a remote one.
+    pub async fn close(self) {
+        let Some(local) = self.local else { return };
+        let _ = local.stop.send(());
+        let _ = local.serving.await;
+        let state = local.state;
+        let _ = tokio::task::spawn_blocking(move || state.close()).await;
+    }
+}

@@ -1,0 +1,54 @@
+//! `keylease`: the command-line tool of keylease. `keylease batch` runs a file of prompts
+//! through Gemini on the pool's keys (see [`batch`]).
+#![forbid(unsafe_code)]
+
+mod batch;
+
+use clap::Parser;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "keylease: lend a pool of LLM API keys to many workers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Runs a file of prompts through Gemini as fast as the keys allow; resumable.
+    Batch(Box<batch::BatchArgs>),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() {
+                ExitCode::from(batch::exit::USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    // Warnings only: the progress bar and the summary are the batch's voice.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYLEASE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("keylease: cannot start the runtime: {error}");
+            return ExitCode::from(71);
+        }
+    };
+    match cli.command {
+        Command::Batch(args) => runtime.block_on(batch::batch(*args)),
+    }
+}
