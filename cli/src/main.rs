@@ -9,7 +9,10 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
-#[command(version, about = "keylease: lend a pool of LLM API keys to many workers")]
+#[command(
+    version,
+    about = "keylease: lend a pool of LLM API keys to many workers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

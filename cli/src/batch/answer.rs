@@ -65,10 +65,16 @@ mod tests {
     #[test]
     fn common_breakage_is_repaired() {
         let cases = [
-            ("```json\n{\"city\": \"Paris\"}\n```", json!({"city": "Paris"})),
+            (
+                "```json\n{\"city\": \"Paris\"}\n```",
+                json!({"city": "Paris"}),
+            ),
             ("```\n[1, 2, 3]\n```", json!([1, 2, 3])),
             ("{\"a\": 1, \"b\": [1, 2,],}", json!({"a": 1, "b": [1, 2]})),
-            ("{'name': 'Ada', 'tags': ['x']}", json!({"name": "Ada", "tags": ["x"]})),
+            (
+                "{'name': 'Ada', 'tags': ['x']}",
+                json!({"name": "Ada", "tags": ["x"]}),
+            ),
             (
                 "Sure! Here is the JSON you asked for:\n{\"ok\": true}",
                 json!({"ok": true}),

@@ -207,8 +207,8 @@ fn drop_failures(path: &Path, whole: &[u8]) -> Result<usize, CheckpointError> {
     let mut kept = Vec::with_capacity(whole.len());
     let mut dropped = 0;
     for line in whole.split_inclusive(|&b| b == b'\n') {
-        let is_failure = serde_json::from_slice::<Seen>(line)
-            .is_ok_and(|seen| seen.status == Status::Failed);
+        let is_failure =
+            serde_json::from_slice::<Seen>(line).is_ok_and(|seen| seen.status == Status::Failed);
         if is_failure {
             dropped += 1;
         } else {
@@ -243,12 +243,10 @@ impl Output {
     pub fn append(&mut self, row: &Row) -> Result<(), CheckpointError> {
         let mut line = serde_json::to_vec(row).expect("a row always serializes");
         line.push(b'\n');
-        self.file
-            .write_all(&line)
-            .map_err(|e| CheckpointError::Io {
-                path: self.path.display().to_string(),
-                reason: e.to_string(),
-            })
+        self.file.write_all(&line).map_err(|e| CheckpointError::Io {
+            path: self.path.display().to_string(),
+            reason: e.to_string(),
+        })
     }
 
     /// Puts what was appended on the disk itself (against power loss, not only a crash).

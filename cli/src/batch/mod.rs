@@ -15,7 +15,9 @@ pub mod run;
 pub mod tasks;
 
 use checkpoint::{Output, RowError, Status};
-use keylease_client::gemini::{DEFAULT_BASE_URL, GeminiClient, GenerateContentRequest, GenerationConfig};
+use keylease_client::gemini::{
+    DEFAULT_BASE_URL, GeminiClient, GenerateContentRequest, GenerationConfig,
+};
 use pool::{Pool, PoolOptions};
 use report::{Plan, Tally};
 use run::{Counters, Outcome, Runner};
@@ -178,9 +180,14 @@ async fn batch_inner(args: BatchArgs) -> Result<u8, Fatal> {
         ));
     }
     if args.max_retries > MAX_RETRIES {
-        return Err(fatal(exit::USAGE, format!("--max-retries: at most {MAX_RETRIES}")));
+        return Err(fatal(
+            exit::USAGE,
+            format!("--max-retries: at most {MAX_RETRIES}"),
+        ));
     }
-    if !args.keylease.is_empty() && (args.config.is_some() || args.state_dir.is_some() || args.ephemeral) {
+    if !args.keylease.is_empty()
+        && (args.config.is_some() || args.state_dir.is_some() || args.ephemeral)
+    {
         return Err(fatal(
             exit::USAGE,
             "--config, --state-dir and --ephemeral are for the in-process engine; with --keylease the service's configuration applies",
@@ -193,7 +200,9 @@ async fn batch_inner(args: BatchArgs) -> Result<u8, Fatal> {
                 .trim()
                 .to_string(),
         ),
-        None => std::env::var("KEYLEASE_TOKEN").ok().filter(|t| !t.is_empty()),
+        None => std::env::var("KEYLEASE_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
     };
 
     let input = tasks::read(&args.input, args.format).map_err(|e| match e {
@@ -220,7 +229,10 @@ async fn batch_inner(args: BatchArgs) -> Result<u8, Fatal> {
         ));
     }
     if input.tasks.is_empty() {
-        return Err(fatal(exit::BAD_INPUT, format!("{input_name}: no tasks in it")));
+        return Err(fatal(
+            exit::BAD_INPUT,
+            format!("{input_name}: no tasks in it"),
+        ));
     }
 
     let (checkpoint, output) = if args.dry_run {
@@ -267,7 +279,9 @@ async fn batch_inner(args: BatchArgs) -> Result<u8, Fatal> {
     })
     .await
     .map_err(|e| match e {
-        pool::PoolError::Config(_) | pool::PoolError::File { .. } => fatal(exit::USAGE, e.to_string()),
+        pool::PoolError::Config(_) | pool::PoolError::File { .. } => {
+            fatal(exit::USAGE, e.to_string())
+        }
         _ => fatal(exit::UNAVAILABLE, e.to_string()),
     })?;
     for notice in &pool.notices {
@@ -287,7 +301,10 @@ async fn run_on(
     tally: &mut Tally,
 ) -> Result<u8, Fatal> {
     let plan = match pool.status(&args.model, &args.pool).await {
-        Ok(status) => Some(Plan::from_status(&status, keylease_server::engine::canonical_model(&args.model))),
+        Ok(status) => Some(Plan::from_status(
+            &status,
+            keylease_server::engine::canonical_model(&args.model),
+        )),
         Err(error) => {
             eprintln!(
                 "keylease batch: no plan: keylease's status cannot be read ({}); the run goes on",
@@ -368,8 +385,10 @@ async fn run_on(
         outcomes,
     ));
     let bar = report::progress_bar(total, !args.quiet && std::io::stderr().is_terminal());
-    let mut interrupts = signal(SignalKind::interrupt()).map_err(|e| fatal(exit::IO, e.to_string()))?;
-    let mut terminations = signal(SignalKind::terminate()).map_err(|e| fatal(exit::IO, e.to_string()))?;
+    let mut interrupts =
+        signal(SignalKind::interrupt()).map_err(|e| fatal(exit::IO, e.to_string()))?;
+    let mut terminations =
+        signal(SignalKind::terminate()).map_err(|e| fatal(exit::IO, e.to_string()))?;
     let mut interrupted = false;
     let mut left_ids = HashSet::new();
     let mut write_failure = None;
@@ -437,7 +456,10 @@ async fn run_on(
     let theoretical = plan.as_ref().and_then(|p| p.theoretical_rate(tokens));
     eprint!("{}", tally.summary(started.elapsed(), theoretical));
     if let Some(reason) = write_failure {
-        return Err(fatal(exit::IO, format!("the output cannot be written: {reason}")));
+        return Err(fatal(
+            exit::IO,
+            format!("the output cannot be written: {reason}"),
+        ));
     }
     Ok(if interrupted {
         exit::INTERRUPTED
@@ -493,7 +515,11 @@ fn request_settings(args: &BatchArgs) -> Result<GenerateContentRequest, Fatal> {
 }
 
 /// The tasks' mean input tokens, as keylease estimates them.
-fn average_tokens(tasks: &[tasks::Task], system: Option<&str>, base: &GenerateContentRequest) -> u64 {
+fn average_tokens(
+    tasks: &[tasks::Task],
+    system: Option<&str>,
+    base: &GenerateContentRequest,
+) -> u64 {
     if tasks.is_empty() {
         return 1;
     }

@@ -165,7 +165,11 @@ impl Pool {
     }
 
     /// The keys and `model`'s limits in every project that has one.
-    pub async fn status(&self, model: &str, pool: &str) -> Result<pb::GetStatusResponse, PoolError> {
+    pub async fn status(
+        &self,
+        model: &str,
+        pool: &str,
+    ) -> Result<pb::GetStatusResponse, PoolError> {
         let mut keys = Vec::new();
         let mut page_token = String::new();
         loop {

@@ -74,9 +74,9 @@ impl Plan {
                     keys,
                     requests_per_window: limit(group.and_then(|g| g.requests_per_minute.as_ref())),
                     tokens_per_window: limit(group.and_then(|g| g.tokens_per_minute.as_ref())),
-                    left_today: group.and_then(|g| g.requests_per_day.as_ref()).and_then(|u| {
-                        (u.limit > 0).then(|| u.limit.saturating_sub(u.used))
-                    }),
+                    left_today: group
+                        .and_then(|g| g.requests_per_day.as_ref())
+                        .and_then(|u| (u.limit > 0).then(|| u.limit.saturating_sub(u.used))),
                     guessed,
                 }
             })
@@ -153,11 +153,15 @@ impl Plan {
         }
         match self.theoretical_rate(tokens) {
             Some(rate) if rate > 0.0 => {
-                let today = self.left_today().map_or(tasks as u64, |l| l.min(tasks as u64));
+                let today = self
+                    .left_today()
+                    .map_or(tasks as u64, |l| l.min(tasks as u64));
                 let _ = writeln!(
                     text,
                     "  theoretical rate {rate:.2} requests/s: about {} for the {today} the limits allow today",
-                    humantime::format_duration(Duration::from_secs((today as f64 / rate).ceil() as u64))
+                    humantime::format_duration(Duration::from_secs(
+                        (today as f64 / rate).ceil() as u64
+                    ))
                 );
                 if today < tasks as u64 {
                     let _ = writeln!(
@@ -190,10 +194,8 @@ pub fn progress_bar(total: usize, visible: bool) -> ProgressBar {
     };
     let bar = ProgressBar::with_draw_target(Some(total as u64), target);
     bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} {msg} {per_sec} ETA {eta}",
-        )
-        .expect("a valid template"),
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} {per_sec} ETA {eta}")
+            .expect("a valid template"),
     );
     bar.enable_steady_tick(Duration::from_millis(250));
     bar
@@ -332,7 +334,10 @@ mod tests {
         assert_eq!(plan.left_today(), Some(150));
         let text = plan.describe(200, 100, 3);
         assert!(text.contains("theoretical rate 2.00 requests/s"), "{text}");
-        assert!(text.contains("leave 50 tasks for after the next daily reset"), "{text}");
+        assert!(
+            text.contains("leave 50 tasks for after the next daily reset"),
+            "{text}"
+        );
         let unbounded = Plan {
             projects: vec![project(None, None, None)],
             ..plan

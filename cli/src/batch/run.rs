@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// Longest one `AcquireKey` waits for a key.
+const KEY_WAIT: Duration = Duration::from_secs(30);
+
 /// How each task is run.
 #[derive(Clone)]
 pub struct Runner {
@@ -150,13 +153,20 @@ impl Runner {
         loop {
             let remaining = self.task_timeout.saturating_sub(started.elapsed());
             if remaining.is_zero() {
-                return fail(row, "deadline", format!("no answer within {:?}", self.task_timeout), &tries);
+                return fail(
+                    row,
+                    "deadline",
+                    format!("no answer within {:?}", self.task_timeout),
+                    &tries,
+                );
             }
             let spent = lock(&tries).spent;
             let policy = RetryPolicy {
                 task_attempts: budget.saturating_sub(spent).max(1),
                 call_timeout: self.call_timeout.min(remaining),
                 deadline: remaining,
+                // Within any server's `leases.max_wait`; a longer wait is this loop's.
+                key_wait: Some(KEY_WAIT.min(remaining)),
                 ..RetryPolicy::default()
             };
             let mut options = AcquireOptions::new(task.id.clone(), self.model.clone());
@@ -167,7 +177,10 @@ impl Runner {
                 let request = &request;
                 let tries = &tries;
                 async move {
-                    let answer = self.gemini.generate_content(&key, &self.model, request).await;
+                    let answer = self
+                        .gemini
+                        .generate_content(&key, &self.model, request)
+                        .await;
                     let mut tries = lock(tries);
                     tries.attempts += 1;
                     if let Err(error) = &answer
@@ -189,7 +202,9 @@ impl Runner {
             let (response, lease) =
                 match with_lease(&self.keylease, &policy, options, Booking::Request, send).await {
                     Ok(answered) => answered,
-                    Err(GenerateError::Request { status, message, .. }) => {
+                    Err(GenerateError::Request {
+                        status, message, ..
+                    }) => {
                         return fail(row, "request", format!("{status}: {message}"), &tries);
                     }
                     Err(error @ GenerateError::Provider { .. }) => {
@@ -229,7 +244,9 @@ impl Runner {
             // The answer is had: a release that fails only leaves the lease to expire.
             let _ = lease.release().await;
             row.input_tokens = row.input_tokens.saturating_add(usage.prompt_token_count);
-            row.output_tokens = row.output_tokens.saturating_add(usage.candidates_token_count);
+            row.output_tokens = row
+                .output_tokens
+                .saturating_add(usage.candidates_token_count);
             row.finish_reason = response
                 .candidates
                 .first()

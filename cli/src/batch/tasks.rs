@@ -28,7 +28,11 @@ pub struct Task {
 
 impl Task {
     /// The request for this task: its contents, its system instruction or else `system`.
-    pub fn request(&self, system: Option<&str>, base: &GenerateContentRequest) -> GenerateContentRequest {
+    pub fn request(
+        &self,
+        system: Option<&str>,
+        base: &GenerateContentRequest,
+    ) -> GenerateContentRequest {
         let system = self.system.as_deref().or(system);
         GenerateContentRequest {
             contents: self.contents.clone(),
@@ -283,7 +287,11 @@ mod tests {
         let lines: Vec<_> = input.bad.iter().map(|b| b.line).collect();
         assert_eq!(lines, [2, 3, 4, 5, 6, 7, 8, 9]);
         let text: Vec<_> = input.bad.iter().map(ToString::to_string).collect();
-        assert!(text[0].starts_with("line 2: not a task: EOF"), "{}", text[0]);
+        assert!(
+            text[0].starts_with("line 2: not a task: EOF"),
+            "{}",
+            text[0]
+        );
         assert!(text[1].contains("already used"), "{}", text[1]);
         assert!(text[2].contains("no prompt"), "{}", text[2]);
         assert!(text[3].contains("empty"), "{}", text[3]);
@@ -305,7 +313,10 @@ mod tests {
     fn the_format_is_told_by_extension_or_first_line() {
         assert_eq!(detect(Path::new("a.txt"), "{\"x\":1}"), Format::Text);
         assert_eq!(detect(Path::new("a.jsonl"), "hello"), Format::Jsonl);
-        assert_eq!(detect(Path::new("a"), "\n  {\"prompt\": \"x\"}"), Format::Jsonl);
+        assert_eq!(
+            detect(Path::new("a"), "\n  {\"prompt\": \"x\"}"),
+            Format::Jsonl
+        );
         assert_eq!(detect(Path::new("a"), "What is 2+2?"), Format::Text);
     }
 
@@ -319,10 +330,18 @@ mod tests {
         let own = input.tasks[0].request(Some("run"), &base);
         let run = input.tasks[1].request(Some("run"), &base);
         let text = |r: &GenerateContentRequest| {
-            r.system_instruction.as_ref().unwrap().parts[0].text.clone().unwrap()
+            r.system_instruction.as_ref().unwrap().parts[0]
+                .text
+                .clone()
+                .unwrap()
         };
         assert_eq!(text(&own), "own");
         assert_eq!(text(&run), "run");
-        assert!(input.tasks[1].request(None, &base).system_instruction.is_none());
+        assert!(
+            input.tasks[1]
+                .request(None, &base)
+                .system_instruction
+                .is_none()
+        );
     }
 }
