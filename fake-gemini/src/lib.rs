@@ -72,6 +72,11 @@ pub struct Faults {
     /// 429s come without details, as `429-no-details.json`: nothing names the limit that was
     /// hit nor its figure (Gemini answers so at times).
     pub bare_429s: bool,
+    /// Share of calls, 0 to 1, answered 429 though no limit of the project was reached (Gemini
+    /// does so under its own load): the body names the model's requests-per-minute quota at its
+    /// true figure (or none, with `bare_429s`), retry in a tenth of the limits' minute. Counted
+    /// in [`Counts::injected`], apart from the 429s the limits cause.
+    pub rate_limit_rate: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -102,6 +107,10 @@ fn one() -> f64 {
 pub struct Counts {
     /// Answers by HTTP status.
     pub by_status: BTreeMap<u16, u64>,
+    /// Of those, the answers the fault injection made, by status: the rest are what the
+    /// limits and the keys' health caused.
+    #[serde(default)]
+    pub injected: BTreeMap<u16, u64>,
     /// Calls that arrived while another call with the same key was in flight.
     pub overlaps: u64,
 }
@@ -132,6 +141,9 @@ impl Stats {
         for counts in self.projects.values() {
             for (status, n) in &counts.by_status {
                 *all.by_status.entry(*status).or_default() += n;
+            }
+            for (status, n) in &counts.injected {
+                *all.injected.entry(*status).or_default() += n;
             }
             all.overlaps += counts.overlaps;
         }
@@ -469,7 +481,7 @@ async fn answer(
             *in_flight += 1;
             *in_flight > 1
         };
-        let verdict = decide(&fake, &mut inner, &key, model, &method, &prompt, tokens);
+        let (verdict, injected) = decide(&fake, &mut inner, &key, model, &method, &prompt, tokens);
         let status = verdict.status();
         let stats = &mut inner.stats;
         for counts in [
@@ -477,6 +489,9 @@ async fn answer(
             stats.projects.entry(key.project.clone()).or_default(),
         ] {
             *counts.by_status.entry(status.as_u16()).or_default() += 1;
+            if injected {
+                *counts.injected.entry(status.as_u16()).or_default() += 1;
+            }
             counts.overlaps += u64::from(overlapping);
         }
         (
@@ -587,13 +602,21 @@ fn decide(
     method: &Method,
     prompt: &str,
     tokens: u64,
-) -> Verdict {
+) -> (Verdict, bool) {
+    let verdict = |verdict| (verdict, false);
     match key.health {
         KeyHealth::Healthy => {}
-        KeyHealth::Leaked => return Verdict::Raw(StatusCode::FORBIDDEN, responses::LEAKED),
-        KeyHealth::Suspended => return Verdict::Raw(StatusCode::FORBIDDEN, responses::SUSPENDED),
+        KeyHealth::Leaked => {
+            return verdict(Verdict::Raw(StatusCode::FORBIDDEN, responses::LEAKED));
+        }
+        KeyHealth::Suspended => {
+            return verdict(Verdict::Raw(StatusCode::FORBIDDEN, responses::SUSPENDED));
+        }
         KeyHealth::Expired => {
-            return Verdict::Raw(StatusCode::BAD_REQUEST, responses::API_KEY_EXPIRED);
+            return verdict(Verdict::Raw(
+                StatusCode::BAD_REQUEST,
+                responses::API_KEY_EXPIRED,
+            ));
         }
     }
     let Some(&limits) = inner
@@ -602,19 +625,38 @@ fn decide(
         .and_then(|models| models.get(model))
         .or_else(|| inner.models.get(model))
     else {
-        return Verdict::Json(
+        return verdict(Verdict::Json(
             StatusCode::NOT_FOUND,
             responses::model_not_found(model, "generateContent"),
-        );
+        ));
     };
     if matches!(method, Method::CountTokens) {
-        return Verdict::Answer;
+        return verdict(Verdict::Answer);
     }
     if inner.faults.error_rate > 0.0 && next_unit(&mut inner.random) < inner.faults.error_rate {
-        return match inner.faults.status {
+        let injected = match inner.faults.status {
             500 => Verdict::Raw(StatusCode::INTERNAL_SERVER_ERROR, responses::INTERNAL),
             _ => Verdict::Raw(StatusCode::SERVICE_UNAVAILABLE, responses::OVERLOADED),
         };
+        return (injected, true);
+    }
+    if inner.faults.rate_limit_rate > 0.0
+        && next_unit(&mut inner.random) < inner.faults.rate_limit_rate
+    {
+        let injected = match limits.requests_per_minute {
+            Some(limit) if !inner.faults.bare_429s => Verdict::Json(
+                StatusCode::TOO_MANY_REQUESTS,
+                responses::quota_exceeded(
+                    limits::Violation::RequestsPerMinute {
+                        limit,
+                        retry_after: fake.shared.minute / 10,
+                    },
+                    model,
+                ),
+            ),
+            _ => Verdict::Raw(StatusCode::TOO_MANY_REQUESTS, responses::QUOTA_NO_DETAILS),
+        };
+        return (injected, true);
     }
     let at = now();
     let shared = &fake.shared;
@@ -628,21 +670,24 @@ fn decide(
         .or_default();
     if let Err(violation) = window.admit(at, tokens, limits, shared.minute, (day, until_tomorrow)) {
         if inner.faults.bare_429s {
-            return Verdict::Raw(StatusCode::TOO_MANY_REQUESTS, responses::QUOTA_NO_DETAILS);
+            return verdict(Verdict::Raw(
+                StatusCode::TOO_MANY_REQUESTS,
+                responses::QUOTA_NO_DETAILS,
+            ));
         }
-        return Verdict::Json(
+        return verdict(Verdict::Json(
             StatusCode::TOO_MANY_REQUESTS,
             responses::quota_exceeded(violation, model),
-        );
+        ));
     }
     // Safety blocks are content decisions: they count against quota like any answer.
     if prompt.contains(BLOCK_PROMPT) {
-        return Verdict::Raw(StatusCode::OK, responses::PROMPT_BLOCKED);
+        return verdict(Verdict::Raw(StatusCode::OK, responses::PROMPT_BLOCKED));
     }
     if prompt.contains(BLOCK_ANSWER) {
-        return Verdict::Raw(StatusCode::OK, responses::ANSWER_BLOCKED);
+        return verdict(Verdict::Raw(StatusCode::OK, responses::ANSWER_BLOCKED));
     }
-    Verdict::Answer
+    verdict(Verdict::Answer)
 }
 
 /// A stream answered event by event, each its own chunk on the wire, `pause` between them;

@@ -80,12 +80,20 @@ fn duration_string(duration: Duration) -> String {
     }
 }
 
-/// A normal answer: echoes the start of the prompt, with usage like Gemini's.
+/// A prompt starting with this is answered with the rest of it, verbatim: a model's reply of
+/// the test's choosing (JSON, broken JSON, prose).
+pub const REPLY_VERBATIM: &str = "[[reply]]";
+
+/// A normal answer: echoes the start of the prompt (or replies what the prompt dictates after
+/// [`REPLY_VERBATIM`]), with usage like Gemini's.
 pub fn answer(model: &str, prompt: &str, prompt_tokens: u64, response_id: u64) -> Value {
-    let text: String = prompt.chars().take(40).collect();
+    let text = match prompt.strip_prefix(REPLY_VERBATIM) {
+        Some(reply) => reply.to_string(),
+        None => format!("echo: {}", prompt.chars().take(40).collect::<String>()),
+    };
     let candidate_tokens = 8;
     json!({
-        "candidates": [{"content": {"parts": [{"text": format!("echo: {text}")}], "role": "model"}, "finishReason": "STOP", "index": 0}],
+        "candidates": [{"content": {"parts": [{"text": text}], "role": "model"}, "finishReason": "STOP", "index": 0}],
         "usageMetadata": {
             "promptTokenCount": prompt_tokens,
             "candidatesTokenCount": candidate_tokens,
