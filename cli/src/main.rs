@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod batch;
+mod clock;
 
 use clap::Parser;
 use std::io::IsTerminal;

@@ -29,7 +29,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
@@ -370,12 +370,13 @@ async fn run_on(
         task_timeout: args.task_timeout,
         call_timeout: args.call_timeout,
         redactor: pool.redactor.clone(),
+        run_id: run_id(),
     };
     let total = pending.len();
     let counters = Arc::new(Counters::default());
     let stop = CancellationToken::new();
     let (outcomes, mut results) = tokio::sync::mpsc::unbounded_channel();
-    let started = Instant::now();
+    let started = crate::clock::now();
     let workers = tokio::spawn(run::run(
         runner,
         pending,
@@ -470,6 +471,12 @@ async fn run_on(
     } else {
         exit::OK
     })
+}
+
+/// A name for this run, unlike another's: the process id and the time it started.
+fn run_id() -> String {
+    let nanos = crate::clock::since_epoch().subsec_nanos();
+    format!("batch-{:x}{:08x}", std::process::id(), nanos)
 }
 
 /// The generation settings every task is sent with.

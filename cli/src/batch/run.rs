@@ -19,7 +19,7 @@ use keylease_server::secret::Redactor;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -43,6 +43,9 @@ pub struct Runner {
     pub task_timeout: Duration,
     pub call_timeout: Duration,
     pub redactor: Arc<Redactor>,
+    /// Tells this run's tasks from another run's of the same input in keylease, which lends a
+    /// task that already holds a lease that same lease.
+    pub run_id: String,
 }
 
 /// What became of a task.
@@ -121,8 +124,14 @@ struct Tries {
 }
 
 impl Runner {
+    /// The task as keylease knows it: this run's, unique by its input line, named by its id.
+    fn lease_task_id(&self, task: &Task) -> String {
+        let id = format!("{}-{}:{}", self.run_id, task.line, task.id);
+        keylease::truncate_on_char_boundary(&id, keylease::MAX_ID_BYTES).to_string()
+    }
+
     async fn run_task(&self, task: Task, log: &mpsc::UnboundedSender<Outcome>) -> Outcome {
-        let started = Instant::now();
+        let started = crate::clock::now();
         let request = task.request(self.system.as_deref(), &self.base);
         let budget = self.max_retries.saturating_add(1);
         let tries = Mutex::new(Tries::default());
@@ -169,7 +178,7 @@ impl Runner {
                 key_wait: Some(KEY_WAIT.min(remaining)),
                 ..RetryPolicy::default()
             };
-            let mut options = AcquireOptions::new(task.id.clone(), self.model.clone());
+            let mut options = AcquireOptions::new(self.lease_task_id(&task), self.model.clone());
             options.pool = self.pool.clone();
             options.estimated_input_tokens = request.estimated_input_tokens();
             let id = &task.id;
