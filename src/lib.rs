@@ -30,6 +30,10 @@ pub const ERROR_DOMAIN: &str = "keylease.v1";
 /// Metadata key of a `RESOURCE_EXHAUSTED` reply carrying the retry delay in milliseconds, for
 /// clients that do not read `google.rpc.RetryInfo`.
 pub const RETRY_AFTER_METADATA: &str = "retry-after-ms";
+/// Metadata key of a `RESOURCE_EXHAUSTED` reply carrying why no key could be lent, as the name
+/// of an `UnavailableReason` (`UNAVAILABLE_REASON_ALL_DISABLED`), for clients that do not read
+/// `google.rpc.ErrorInfo`.
+pub const UNAVAILABLE_REASON_METADATA: &str = "unavailable-reason";
 
 /// The longest prefix of `text` that fits `max_bytes` without splitting a character.
 pub fn truncate_on_char_boundary(text: &str, max_bytes: usize) -> &str {

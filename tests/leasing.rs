@@ -250,6 +250,8 @@ async fn no_key_left_carries_the_reason_and_when_to_retry() {
         .parse()
         .unwrap();
     assert_eq!(header, delay.as_millis() as u64);
+    let reason = refused.metadata().get("unavailable-reason").unwrap();
+    assert_eq!(reason, "UNAVAILABLE_REASON_ALL_LEASED");
 }
 
 #[tokio::test]

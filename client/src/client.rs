@@ -109,6 +109,8 @@ pub enum Error {
     NoKey {
         reason: String,
         retry_after: Option<Duration>,
+        /// Why, as a code: `AllDisabled` lasts until someone acts; the others pass.
+        why: pb::UnavailableReason,
     },
     /// The lease ended (expired, or its key was disabled): the key must not be used any more.
     #[error("lease {0} has ended")]
@@ -133,9 +135,16 @@ impl Error {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .map(Duration::from_millis);
+        let why = status
+            .metadata()
+            .get(keylease::UNAVAILABLE_REASON_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(pb::UnavailableReason::from_str_name)
+            .unwrap_or_default();
         Self::NoKey {
             reason: status.message().to_string(),
             retry_after,
+            why,
         }
     }
 }

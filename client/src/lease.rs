@@ -280,13 +280,14 @@ impl LeaseGuard {
         };
         match (reported.replacement, reported.replacement_unavailable) {
             (Some(next), _) => Ok(Some(Self::hold(self.client.clone(), next, sent_at))),
-            (None, Some(why)) if replacement.is_some() => Err(Error::NoKey {
-                reason: format!(
-                    "{:?}",
-                    pb::UnavailableReason::try_from(why.reason).unwrap_or_default()
-                ),
-                retry_after: why.retry_after.map(|d| from_pb(Some(d))),
-            }),
+            (None, Some(unavailable)) if replacement.is_some() => {
+                let why = pb::UnavailableReason::try_from(unavailable.reason).unwrap_or_default();
+                Err(Error::NoKey {
+                    reason: format!("{why:?}"),
+                    retry_after: unavailable.retry_after.map(|d| from_pb(Some(d))),
+                    why,
+                })
+            }
             _ => Ok(None),
         }
     }

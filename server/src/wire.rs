@@ -13,7 +13,7 @@ use crate::store::journal::StoreFailed;
 use keylease::{ERROR_DOMAIN, RETRY_AFTER_METADATA, pb};
 use keylease_client::gemini::classify::{QuotaLimit, quota_limit};
 use std::time::Duration;
-use tonic::metadata::MetadataMap;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -77,6 +77,10 @@ pub fn unavailable_status(unavailable: Unavailable, now_ms: u64) -> Status {
         std::collections::HashMap::new(),
     );
     let mut metadata = MetadataMap::new();
+    metadata.insert(
+        keylease::UNAVAILABLE_REASON_METADATA,
+        MetadataValue::from_static(reason_to_pb(unavailable.reason).as_str_name()),
+    );
     let mut message = format!("no key available: {}", unavailable.reason.as_str());
     if let Some(delay) = retry_after {
         details.set_retry_info(Some(delay));
@@ -107,17 +111,20 @@ fn reason_code(reason: UnavailableReason) -> &'static str {
     }
 }
 
-pub fn unavailable_to_pb(unavailable: Unavailable, now_ms: u64) -> pb::Unavailable {
-    let reason = match unavailable.reason {
+fn reason_to_pb(reason: UnavailableReason) -> pb::UnavailableReason {
+    match reason {
         UnavailableReason::AllLeased => pb::UnavailableReason::AllLeased,
         UnavailableReason::CoolingDown => pb::UnavailableReason::CoolingDown,
         UnavailableReason::QuotaSpent => pb::UnavailableReason::QuotaSpent,
         UnavailableReason::AllDisabled => pb::UnavailableReason::AllDisabled,
         UnavailableReason::AllExcluded => pb::UnavailableReason::AllExcluded,
         UnavailableReason::KeyDraining => pb::UnavailableReason::KeyDraining,
-    };
+    }
+}
+
+pub fn unavailable_to_pb(unavailable: Unavailable, now_ms: u64) -> pb::Unavailable {
     pb::Unavailable {
-        reason: reason as i32,
+        reason: reason_to_pb(unavailable.reason) as i32,
         retry_after: retry_after(unavailable, now_ms).map(duration_to_pb),
     }
 }

@@ -57,6 +57,7 @@ impl From<KeyLeaseError> for ProxyError {
             KeyLeaseError::NoKey {
                 reason,
                 retry_after,
+                ..
             } => Self::NoKey {
                 reason,
                 retry_after,
