@@ -240,7 +240,16 @@ async fn a_run_killed_halfway_finishes_on_restart_without_redoing_done_tasks() {
     let fake = start_fake(&keys, 600, faults, &[]).await;
     let dir = workdir(&config(&keys, 600), 400);
     let out = dir.path().join("out.jsonl");
-    let args = ["prompts.jsonl", "-o", "out.jsonl", "--concurrency", "4"];
+    // The killed run's leases hold their keys from the restart until they expire.
+    let args = [
+        "prompts.jsonl",
+        "-o",
+        "out.jsonl",
+        "--concurrency",
+        "4",
+        "--lease-ttl",
+        "2s",
+    ];
     let mut child: Child = batch(dir.path(), &fake, &args).spawn().unwrap();
     let halfway = async {
         while rows(&out).len() < 150 {
@@ -282,6 +291,56 @@ async fn a_run_killed_halfway_finishes_on_restart_without_redoing_done_tasks() {
     // Only the tasks in flight at the kill (at most the concurrency) were asked twice.
     let answered = fake.fake.stats().all().status(200);
     assert!(answered <= 400 + 4, "{answered} answers for 400 tasks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ctrl_c_finishes_the_tasks_in_flight_and_loses_no_answer() {
+    let keys = keys(4, 1);
+    let faults = Faults {
+        latency_ms: 50,
+        ..Faults::default()
+    };
+    let fake = start_fake(&keys, 600, faults, &[]).await;
+    let dir = workdir(&config(&keys, 600), 300);
+    let out = dir.path().join("out.jsonl");
+    let args = ["prompts.jsonl", "-o", "out.jsonl", "--concurrency", "4"];
+    let child = batch(dir.path(), &fake, &args).spawn().unwrap();
+    let started = async {
+        while rows(&out).len() < 40 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(PROCESS_LIMIT, started)
+        .await
+        .expect("running in time");
+    let pid = child.id().unwrap().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let output = tokio::time::timeout(PROCESS_LIMIT, child.wait_with_output())
+        .await
+        .expect("stopped in time")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("stopping: finishing the"), "{stderr}");
+    let stopped = rows(&out);
+    assert!(stopped.len() < 300, "stopped early: {}", stopped.len());
+    assert_eq!(
+        fake.fake.stats().all().status(200),
+        stopped.len() as u64,
+        "every answer had is written"
+    );
+    let (code, stderr) = finish(batch(dir.path(), &fake, &args)).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_each_once(&rows(&out), 300);
+    assert_eq!(
+        fake.fake.stats().all().status(200),
+        300,
+        "nothing was asked twice"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -466,6 +525,79 @@ async fn plain_text_environment_keys_and_a_dry_run_plan() {
         "the state is kept"
     );
     assert!(!stderr.contains("AIza"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_day_leaves_the_rest_for_later_and_the_next_run_remembers_it() {
+    let keys = keys(2, 1);
+    let fake = start_fake(&keys, 600, Faults::default(), &[]).await;
+    let ten_a_day =
+        config(&keys, 600).replace("requests_per_day = 1000000", "requests_per_day = 10");
+    let dir = workdir(&ten_a_day, 30);
+    let args = ["prompts.jsonl", "-o", "out.jsonl"];
+    let (code, stderr) = finish(batch(dir.path(), &fake, &args)).await;
+    assert_eq!(code, 75, "{stderr}");
+    assert!(stderr.contains("theoretical rate"), "{stderr}");
+    assert!(
+        stderr.contains("20 requests the limits allow today") || stderr.contains("leave 10 tasks"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("done: 20 ok, 0 failed, 10 left for a later run"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "left: no key: no key available: every usable key's project has spent its quota"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(rows_of(dir.path()).len(), 20);
+    assert_eq!(
+        fake.fake.stats().all().total(),
+        20,
+        "no call beyond the day's quota"
+    );
+
+    // The state directory remembers today's counts: the next run calls nothing.
+    let (code, stderr) = finish(batch(dir.path(), &fake, &args)).await;
+    assert_eq!(code, 75, "{stderr}");
+    assert!(
+        stderr.contains("10 tasks to run (20 done before"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("0 requests left today"), "{stderr}");
+    assert!(
+        stderr.contains("every project has spent today's requests"),
+        "{stderr}"
+    );
+    assert_eq!(fake.fake.stats().all().total(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_key_is_dead_the_tasks_are_left_at_once() {
+    let keys = keys(2, 1);
+    let dead = [("k01", KeyHealth::Leaked), ("k02", KeyHealth::Suspended)];
+    let fake = start_fake(&keys, 600, Faults::default(), &dead).await;
+    let dir = workdir(&config(&keys, 600), 5);
+    let (code, stderr) = finish(batch(
+        dir.path(),
+        &fake,
+        &["prompts.jsonl", "-o", "out.jsonl"],
+    ))
+    .await;
+    assert_eq!(code, 75, "{stderr}");
+    assert!(
+        stderr.contains("left: no key: AllDisabled")
+            || stderr.contains("every key of the pool is disabled"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("2 calls"), "{stderr}");
+    assert!(rows_of(dir.path()).is_empty(), "no task failed for good");
+    assert!(
+        fake.fake.stats().all().total() <= 2,
+        "each dead key is tried once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

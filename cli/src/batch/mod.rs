@@ -22,7 +22,6 @@ use pool::{Pool, PoolOptions};
 use report::{Plan, Tally};
 use run::{Counters, Outcome, Runner};
 use serde_json::{Map, Value};
-use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -111,6 +110,10 @@ pub struct BatchArgs {
     /// Longest one Gemini call may take.
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     pub call_timeout: Duration,
+    /// Lease time to live: leases renew while calls run, and a run killed outright (kill -9)
+    /// keeps its keys from the next run this long at most.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub lease_ttl: Duration,
     /// Also run the tasks that failed for good in earlier runs (their lines are replaced).
     #[arg(long)]
     pub retry_failed: bool,
@@ -346,6 +349,13 @@ async fn run_on(
         eprintln!("keylease batch: nothing to do");
         return Ok(exit::OK);
     }
+    if let Some(0) = plan.as_ref().and_then(Plan::left_today) {
+        eprintln!(
+            "keylease batch: every project has spent today's requests for {}: run again after the daily reset (midnight Pacific)",
+            args.model
+        );
+        return Ok(exit::TRY_LATER);
+    }
     let mut error_log = match &args.error_log {
         Some(path) => Some(
             OpenOptions::new()
@@ -369,6 +379,7 @@ async fn run_on(
         max_retries: args.max_retries,
         task_timeout: args.task_timeout,
         call_timeout: args.call_timeout,
+        lease_ttl: args.lease_ttl,
         redactor: pool.redactor.clone(),
         run_id: run_id(),
     };
@@ -391,7 +402,6 @@ async fn run_on(
     let mut terminations =
         signal(SignalKind::terminate()).map_err(|e| fatal(exit::IO, e.to_string()))?;
     let mut interrupted = false;
-    let mut left_ids = HashSet::new();
     let mut write_failure = None;
     loop {
         let outcome = tokio::select! {
@@ -435,8 +445,17 @@ async fn run_on(
             Outcome::Retrying { id, attempt, error } => {
                 log_error(&mut error_log, &id, attempt, &error, false);
             }
-            Outcome::Left { id, reason } => {
-                left_ids.insert(id);
+            Outcome::Left {
+                id,
+                reason,
+                attempts,
+            } => {
+                tally.attempts += u64::from(attempts);
+                let error = RowError {
+                    class: "left".into(),
+                    message: reason.clone(),
+                };
+                log_error(&mut error_log, &id, attempts, &error, false);
                 if !tally.left_because.contains(&reason) {
                     tally.left_because.push(reason);
                 }

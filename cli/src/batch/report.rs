@@ -194,8 +194,14 @@ pub fn progress_bar(total: usize, visible: bool) -> ProgressBar {
     };
     let bar = ProgressBar::with_draw_target(Some(total as u64), target);
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} {per_sec} ETA {eta}")
-            .expect("a valid template"),
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} {rate} ETA {eta}")
+            .expect("a valid template")
+            .with_key(
+                "rate",
+                |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.1}/s", state.per_sec());
+                },
+            ),
     );
     bar.enable_steady_tick(Duration::from_millis(250));
     bar

@@ -10,6 +10,7 @@
 use super::answer::parse_json;
 use super::checkpoint::{Row, RowError, Status};
 use super::tasks::Task;
+use keylease::pb::UnavailableReason;
 use keylease_client::gemini::{
     Booking, CallError, GeminiClient, GenerateContentRequest, GenerateError, RetryPolicy,
     with_lease,
@@ -23,8 +24,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Longest one `AcquireKey` waits for a key.
-const KEY_WAIT: Duration = Duration::from_secs(30);
+/// Longest one `AcquireKey` waits for a key: keylease keeps a waiter in line even when the
+/// day's quota is spent, so this is also how long a run takes to see that it is.
+const KEY_WAIT: Duration = Duration::from_secs(10);
 
 /// How each task is run.
 #[derive(Clone)]
@@ -42,6 +44,8 @@ pub struct Runner {
     /// Bounds one task: its waits for keys, calls and retries.
     pub task_timeout: Duration,
     pub call_timeout: Duration,
+    /// Leases renew in the background; a run killed outright holds its keys this long at most.
+    pub lease_ttl: Duration,
     pub redactor: Arc<Redactor>,
     /// Tells this run's tasks from another run's of the same input in keylease, which lends a
     /// task that already holds a lease that same lease.
@@ -54,7 +58,12 @@ pub enum Outcome {
     /// Its line, answered or failed for good.
     Finished(Row),
     /// Not run to an end, for a reason outside the task: it is run again next time.
-    Left { id: String, reason: String },
+    Left {
+        id: String,
+        reason: String,
+        /// Calls it made all the same.
+        attempts: u32,
+    },
     /// A try that failed but will be tried again, for the error log.
     Retrying {
         id: String,
@@ -180,6 +189,7 @@ impl Runner {
             };
             let mut options = AcquireOptions::new(self.lease_task_id(&task), self.model.clone());
             options.pool = self.pool.clone();
+            options.ttl = Some(self.lease_ttl);
             options.estimated_input_tokens = request.estimated_input_tokens();
             let id = &task.id;
             let send = |key: String| {
@@ -225,16 +235,21 @@ impl Runner {
                     Err(GenerateError::KeyLease(keylease_client::Error::NoKey {
                         reason,
                         retry_after,
+                        why,
                     })) => {
-                        // Busy keys free up within the task's time; a spent day does not.
+                        // Busy keys free up within the task's time; a spent day, or keys
+                        // that are all disabled, do not.
                         let wait = retry_after.unwrap_or(Duration::from_secs(1));
-                        if started.elapsed() + wait < self.task_timeout {
+                        if why != UnavailableReason::AllDisabled
+                            && started.elapsed() + wait < self.task_timeout
+                        {
                             tokio::time::sleep(wait).await;
                             continue;
                         }
                         return Outcome::Left {
                             id: task.id,
                             reason: format!("no key: {reason}"),
+                            attempts: lock(&tries).attempts,
                         };
                     }
                     // The lease ended under the call: the key's business, not the task's.
@@ -243,6 +258,7 @@ impl Runner {
                         return Outcome::Left {
                             id: task.id,
                             reason: self.redactor.redact(&error.to_string()).into_owned(),
+                            attempts: lock(&tries).attempts,
                         };
                     }
                 };
