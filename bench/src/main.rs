@@ -7,6 +7,7 @@
 //! ```
 //! The other subcommands are the roles the scenarios start this binary in.
 
+mod batch;
 mod learning;
 mod limits;
 mod overhead;
@@ -76,6 +77,11 @@ enum Scenario {
         #[arg(long)]
         before: Option<PathBuf>,
     },
+    /// `keylease batch` on 10,000 prompts on scaled time: the rate against the pool's limit.
+    Batch {
+        #[arg(long)]
+        smoke: bool,
+    },
     /// Every scenario.
     All {
         #[arg(long)]
@@ -121,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Replicas { smoke } => replicas::run(smoke).await?,
         Scenario::Proxy { smoke } => proxy::run(smoke).await?,
         Scenario::Learning { smoke, before } => learning::run(smoke, before).await?,
+        Scenario::Batch { smoke } => batch::run(smoke).await?,
         Scenario::All { smoke } => {
             overhead::run(smoke).await?;
             scale::run(smoke).await?;
@@ -130,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
             replicas::run(smoke).await?;
             proxy::run(smoke).await?;
             learning::run(smoke, None).await?;
+            batch::run(smoke).await?;
         }
         Scenario::Serve { .. }
         | Scenario::Replica { .. }

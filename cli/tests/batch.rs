@@ -537,7 +537,17 @@ async fn a_spent_day_leaves_the_rest_for_later_and_the_next_run_remembers_it() {
     let args = ["prompts.jsonl", "-o", "out.jsonl"];
     let (code, stderr) = finish(batch(dir.path(), &fake, &args)).await;
     assert_eq!(code, 75, "{stderr}");
-    assert!(stderr.contains("theoretical rate"), "{stderr}");
+    // Planned from groups never used yet, with keylease's window.
+    assert!(
+        stderr.contains(
+            "p2: 1 keys; 600 requests and no limit tokens per 1s; 10 requests left today"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("theoretical rate 1200.00 requests/s"),
+        "{stderr}"
+    );
     assert!(
         stderr.contains("20 requests the limits allow today") || stderr.contains("leave 10 tasks"),
         "{stderr}"

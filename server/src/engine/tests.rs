@@ -1765,3 +1765,64 @@ fn a_pool_without_listed_models_serves_any_model_up_to_a_bound() {
 
 mod learning_properties;
 mod properties;
+
+#[test]
+fn the_plan_shows_every_project_with_a_key_used_or_not() {
+    let mut e = engine(&[("k1", "p1"), ("k2", "p2"), ("k3", "p2")]);
+    let lease = granted(e.acquire(T0, ask("a")));
+    e.release(T0, &lease.lease_id, lease.fencing_token, used(1, 10))
+        .unwrap();
+    let used_project = e
+        .catalogue
+        .key(e.catalogue.key_by_id(&lease.key_id).unwrap())
+        .project;
+    let used_project = e.catalogue.projects.name(used_project).to_string();
+    let plan = e.plan(T0, None, &format!("models/{MODEL}")).unwrap();
+    let mut shown: Vec<(String, u64, Option<u64>)> = plan
+        .iter()
+        .map(|g| {
+            assert_eq!(g.model, MODEL);
+            (
+                g.project.clone(),
+                g.requests_per_day.used,
+                g.requests_per_minute.limit,
+            )
+        })
+        .collect();
+    shown.sort();
+    let used_of = |p: &str| u64::from(p == used_project);
+    assert_eq!(
+        shown,
+        [
+            ("p1".to_string(), used_of("p1"), Some(10)),
+            ("p2".to_string(), used_of("p2"), Some(10)),
+        ]
+    );
+    // Nothing was opened by looking.
+    assert_eq!(e.status(T0, None, None, 10).unwrap().groups.len(), 1);
+    // A model the pool does not serve has no plan; an unknown pool is named.
+    assert!(e.plan(T0, None, "other-model").unwrap().is_empty());
+    assert!(matches!(
+        e.plan(T0, Some("nope"), MODEL),
+        Err(EngineError::InvalidArgument { field: "pool", .. })
+    ));
+}
+
+#[test]
+fn the_plan_of_a_model_never_asked_for_shows_the_limits_of_any_other_model() {
+    let mut config = config(10, 100);
+    let other = Limits {
+        requests_per_minute: Some(7),
+        tokens_per_minute: None,
+        requests_per_day: Some(70),
+        auto: [true, false, false],
+    };
+    config.pools.get_mut(DEFAULT_POOL).unwrap().other_models = Some(other);
+    let e = new_engine(config, key_specs(&[("k1", "p1")])).unwrap();
+    let plan = e.plan(T0, Some(DEFAULT_POOL), "gemini-new").unwrap();
+    assert_eq!(plan.len(), 1);
+    assert_eq!(plan[0].model, "gemini-new");
+    assert_eq!(plan[0].requests_per_minute.limit, Some(7));
+    assert_eq!(plan[0].requests_per_day.limit, Some(70));
+    assert!(plan[0].limits[0].auto);
+}
