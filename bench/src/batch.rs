@@ -1,7 +1,8 @@
 //! Scenario 9: `keylease batch` on 10,000 prompts (1,000 with `--smoke`), its engine
 //! in-process, through the fake Gemini (12 keys in 5 projects, 60 requests per provider minute
 //! each, a minute lasting a second; 20 ms a call): the rate achieved against the pool's
-//! theoretical rate (5 × 60 requests a scaled minute = 300 a second), and the 429s met.
+//! theoretical rate (5 × 60 requests a scaled minute = 300 a second), and the 429s met; once
+//! clean, once with 503s and 429s injected (which keylease must ride out).
 //! The `keylease` binary is looked for beside this one (`cargo build --release -p keylease-cli`).
 
 use crate::procs;
@@ -16,6 +17,22 @@ const KEYS: usize = 12;
 const RPM: u64 = 60;
 const TIME_SCALE: f64 = 60.0;
 
+/// Provider trouble injected in a run.
+struct Trouble {
+    name: &'static str,
+    faults: Faults,
+}
+
+/// What one run measured.
+struct Measured {
+    elapsed: Duration,
+    lines: usize,
+    limit_429s: u64,
+    injected: u64,
+    overlaps: u64,
+    summary: String,
+}
+
 pub async fn run(smoke: bool) -> anyhow::Result<()> {
     let tasks = if smoke { 1_000 } else { 10_000 };
     let exe = std::env::current_exe()?.with_file_name("keylease");
@@ -24,6 +41,56 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         "{} is missing: cargo build --release -p keylease-cli",
         exe.display()
     );
+    let troubles = [
+        Trouble {
+            name: "none",
+            faults: Faults {
+                latency_ms: 20,
+                ..Faults::default()
+            },
+        },
+        Trouble {
+            name: "3% 503s, 3% 429s no limit caused",
+            faults: Faults {
+                latency_ms: 20,
+                error_rate: 0.03,
+                status: 503,
+                rate_limit_rate: 0.03,
+                ..Faults::default()
+            },
+        },
+    ];
+    let theoretical = PROJECTS as f64 * RPM as f64 * TIME_SCALE / 60.0;
+    println!("\n### keylease batch: {tasks} prompts, in-process engine, scaled time");
+    println!(
+        "{KEYS} keys in {PROJECTS} projects, {RPM} requests per provider minute each (a minute lasts {:.1} s), 20 ms a call",
+        60.0 / TIME_SCALE
+    );
+    println!(
+        "| injected trouble | tasks | lines written | wall time | achieved | pool's theoretical | fraction | 429s the limits caused | injected answers | overlaps |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut summaries = String::new();
+    for trouble in &troubles {
+        let measured = run_once(&exe, tasks, trouble.faults).await?;
+        let achieved = tasks as f64 / measured.elapsed.as_secs_f64();
+        println!(
+            "| {} | {tasks} | {} | {:.1} s | {achieved:.0}/s | {theoretical:.0}/s | {:.0}% | {} | {} | {} |",
+            trouble.name,
+            measured.lines,
+            measured.elapsed.as_secs_f64(),
+            100.0 * achieved / theoretical,
+            measured.limit_429s,
+            measured.injected,
+            measured.overlaps
+        );
+        summaries.push_str(&format!("{}:\n{}", trouble.name, measured.summary));
+    }
+    println!("\nThe batch's own summaries:\n```\n{summaries}```");
+    Ok(())
+}
+
+async fn run_once(exe: &std::path::Path, tasks: usize, faults: Faults) -> anyhow::Result<Measured> {
     let dir = procs::scratch("batch")?;
     let keys: Vec<(String, String, String)> = (0..KEYS)
         .map(|i| {
@@ -50,15 +117,12 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         models: [(MODEL.to_string(), limits)].into(),
         projects: Default::default(),
         time_scale: TIME_SCALE,
-        faults: Faults {
-            latency_ms: 20,
-            ..Faults::default()
-        },
+        faults,
         seed: 3,
     })
     .await?;
     let mut config = format!(
-        "[key_sources]\nenvironment = false\n\n[quota]\nwindow = \"1s\"\nsafety_margin = \"20ms\"\n\n\
+        "[key_sources]\nenvironment = false\n\n[quota]\nwindow = \"1s\"\nsafety_margin = \"20ms\"\ncooldown_base = \"100ms\"\ncooldown_max = \"2s\"\n\n\
          [pools.gemini.models.\"{MODEL}\"]\nrequests_per_minute = {RPM}\nrequests_per_day = 10000000\n\n"
     );
     for (id, secret, project) in &keys {
@@ -73,45 +137,32 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
     std::fs::write(dir.join("prompts.jsonl"), prompts)?;
     let _ = std::fs::remove_file(dir.join("out.jsonl"));
     let started = now();
-    let output = tokio::process::Command::new(&exe)
+    let output = tokio::process::Command::new(exe)
         .args(["batch", "prompts.jsonl", "-o", "out.jsonl", "--ephemeral"])
         .current_dir(&dir)
         .env("GEMINI_BASE_URL", fake.base_url())
         .output()
         .await?;
     let elapsed = started.elapsed();
-    let summary = String::from_utf8_lossy(&output.stderr);
-    anyhow::ensure!(output.status.success(), "keylease batch failed:\n{summary}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    anyhow::ensure!(output.status.success(), "keylease batch failed:\n{stderr}");
     let lines = std::fs::read_to_string(dir.join("out.jsonl"))?
         .lines()
         .count();
     let all = fake.fake.stats().all();
-    let theoretical = PROJECTS as f64 * RPM as f64 * TIME_SCALE / 60.0;
-    let achieved = tasks as f64 / elapsed.as_secs_f64();
-    println!("\n## keylease batch: {tasks} prompts, in-process engine, scaled time");
-    println!(
-        "{KEYS} keys in {PROJECTS} projects, {RPM} requests per provider minute each (a minute lasts {:.1} s), 20 ms a call",
-        60.0 / TIME_SCALE
-    );
-    println!(
-        "| tasks | lines written | wall time | achieved | pool's theoretical | fraction | 429s | overlaps |"
-    );
-    println!("|---|---|---|---|---|---|---|---|");
-    println!(
-        "| {tasks} | {lines} | {:.1} s | {achieved:.0}/s | {theoretical:.0}/s | {:.0}% | {} | {} |",
-        elapsed.as_secs_f64(),
-        100.0 * achieved / theoretical,
-        all.status(429),
-        all.overlaps
-    );
-    let told: String = summary
+    let injected: u64 = all.injected.values().sum();
+    let summary = stderr
         .lines()
-        .filter(|l| !l.starts_with("  p"))
+        .filter(|l| l.starts_with("done:") || l.starts_with("rate:") || l.starts_with("errors:"))
         .map(|l| format!("{l}\n"))
         .collect();
-    println!("\nThe batch's own summary:\n```\n{told}```");
     let _ = std::fs::remove_dir_all(&dir);
-    // Idle for a moment so a following scenario starts on a quiet machine.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    Ok(())
+    Ok(Measured {
+        elapsed,
+        lines,
+        limit_429s: all.status(429) - all.injected.get(&429).copied().unwrap_or(0),
+        injected,
+        overlaps: all.overlaps,
+        summary,
+    })
 }

@@ -1,5 +1,6 @@
 //! Every scenario once at smoke size, so the benchmark keeps working. Its figures are not
-//! asserted: on a shared CI machine they mean nothing.
+//! asserted: on a shared CI machine they mean nothing. The batch scenario runs the `keylease`
+//! binary, which `cargo test --workspace` builds beside this one.
 
 use std::process::Command;
 use std::sync::mpsc;
@@ -30,6 +31,7 @@ fn every_scenario_runs_at_smoke_size() {
         "### Recovery",
         "### Replicas on Redis",
         "### Gemini-compatible proxy",
+        "### keylease batch",
         "| durable |",
         "| keylease |",
     ] {
