@@ -177,6 +177,9 @@ pub enum StateLocation {
 
 /// The state directory's name when none is configured.
 pub const DEFAULT_STATE_DIR: &str = "keylease-state";
+/// The configuration file read from the working directory when none is named (the server's and
+/// `keylease batch`'s).
+pub const DEFAULT_CONFIG_FILE: &str = "keylease.toml";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -402,6 +402,8 @@ async fn run_on(
     let mut terminations =
         signal(SignalKind::terminate()).map_err(|e| fatal(exit::IO, e.to_string()))?;
     let mut interrupted = false;
+    // A second Ctrl-C: quit now, the tasks in flight dropped.
+    let mut abandoned = false;
     let mut write_failure = None;
     loop {
         let outcome = tokio::select! {
@@ -410,7 +412,10 @@ async fn run_on(
                 None => break,
             },
             _ = interrupts.recv() => {
-                if interrupted { break }
+                if interrupted {
+                    abandoned = true;
+                    break;
+                }
                 interrupted = true;
                 stop.cancel();
                 bar.suspend(|| eprintln!(
@@ -420,7 +425,10 @@ async fn run_on(
                 continue;
             }
             _ = terminations.recv() => {
-                if interrupted { break }
+                if interrupted {
+                    abandoned = true;
+                    break;
+                }
                 interrupted = true;
                 stop.cancel();
                 continue;
@@ -467,7 +475,7 @@ async fn run_on(
             tally.failed,
         ));
     }
-    if !interrupted || results.is_closed() {
+    if !abandoned {
         let _ = workers.await;
     }
     bar.finish_and_clear();
@@ -475,6 +483,11 @@ async fn run_on(
     tally.left = total.saturating_sub(tally.ok + tally.failed);
     let theoretical = plan.as_ref().and_then(|p| p.theoretical_rate(tokens));
     eprint!("{}", tally.summary(started.elapsed(), theoretical));
+    if abandoned {
+        // Without waiting for the calls in flight nor closing keylease gracefully: what they
+        // held is in the store already, and their leases expire as a killed run's do.
+        std::process::exit(exit::INTERRUPTED.into());
+    }
     if let Some(reason) = write_failure {
         return Err(fatal(
             exit::IO,

@@ -20,9 +20,6 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-/// The server's default configuration file, read when it exists.
-const DEFAULT_CONFIG: &str = "keylease.toml";
-
 /// How to reach the keys.
 #[derive(Debug, Clone, Default)]
 pub struct PoolOptions {
@@ -99,7 +96,7 @@ impl Pool {
 
     async fn in_process(options: &PoolOptions) -> Result<Self, PoolError> {
         let path = options.config.clone().or_else(|| {
-            let default = PathBuf::from(DEFAULT_CONFIG);
+            let default = PathBuf::from(keylease_server::config::DEFAULT_CONFIG_FILE);
             default.exists().then_some(default)
         });
         let source = ConfigSource {

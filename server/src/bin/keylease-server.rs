@@ -32,7 +32,6 @@ const EXIT_OS: u8 = 71;
 const EXIT_IO: u8 = 74;
 /// Binding a port needs a permission this process lacks (EX_NOPERM).
 const EXIT_NO_PERMISSION: u8 = 77;
-const DEFAULT_CONFIG: &str = "keylease.toml";
 
 /// Lends API keys to workers as time-bounded leases over gRPC.
 #[derive(Debug, Parser)]
@@ -156,7 +155,7 @@ fn main() -> ExitCode {
         return run_tool(tool);
     }
     let config_path = args.config.clone().or_else(|| {
-        let default = PathBuf::from(DEFAULT_CONFIG);
+        let default = PathBuf::from(keylease_server::config::DEFAULT_CONFIG_FILE);
         default.exists().then_some(default)
     });
     let env = std::env::vars().collect();
