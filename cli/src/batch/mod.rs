@@ -406,31 +406,26 @@ async fn run_on(
     let mut abandoned = false;
     let mut write_failure = None;
     loop {
-        let outcome = tokio::select! {
-            outcome = results.recv() => match outcome {
-                Some(outcome) => outcome,
-                None => break,
-            },
-            _ = interrupts.recv() => {
-                if interrupted {
-                    abandoned = true;
-                    break;
-                }
+        // SIGINT (Ctrl-C) and SIGTERM alike: the first stops the run, the second quits.
+        let next = tokio::select! {
+            outcome = results.recv() => outcome,
+            _ = interrupts.recv() => None,
+            _ = terminations.recv() => None,
+        };
+        let outcome = match next {
+            Some(outcome) => outcome,
+            None if results.is_closed() && results.is_empty() => break,
+            None if interrupted => {
+                abandoned = true;
+                break;
+            }
+            None => {
                 interrupted = true;
                 stop.cancel();
                 bar.suspend(|| eprintln!(
                     "keylease batch: stopping: finishing the {} tasks in flight (Ctrl-C again to quit at once; they run again next time)",
                     counters.active.load(Ordering::Relaxed)
                 ));
-                continue;
-            }
-            _ = terminations.recv() => {
-                if interrupted {
-                    abandoned = true;
-                    break;
-                }
-                interrupted = true;
-                stop.cancel();
                 continue;
             }
         };
