@@ -482,6 +482,17 @@ async fn bad_input_is_named_by_line_and_stops_the_run_unless_skipped() {
     let (code, stderr) = finish(batch(dir.path(), &fake, &["empty.txt", "-o", "e.jsonl"])).await;
     assert_eq!(code, 65, "{stderr}");
     assert!(stderr.contains("empty.txt: no tasks in it"), "{stderr}");
+    let (code, stderr) = finish(batch(
+        dir.path(),
+        &fake,
+        &["empty.txt", "-o", "e.jsonl", "--skip-invalid"],
+    ))
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("warning: empty.txt: no tasks in it"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

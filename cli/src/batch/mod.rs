@@ -232,6 +232,11 @@ async fn batch_inner(args: BatchArgs) -> Result<u8, Fatal> {
         ));
     }
     if input.tasks.is_empty() {
+        // An empty input is skippable like a bad line; one whose every line was bad is not.
+        if args.skip_invalid && input.bad.is_empty() {
+            eprintln!("keylease batch: warning: {input_name}: no tasks in it; nothing to do");
+            return Ok(exit::OK);
+        }
         return Err(fatal(
             exit::BAD_INPUT,
             format!("{input_name}: no tasks in it"),

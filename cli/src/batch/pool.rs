@@ -20,8 +20,8 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-/// How to reach the keys.
-#[derive(Debug, Clone, Default)]
+/// How to reach the keys. No `Debug`: it holds the token.
+#[derive(Clone, Default)]
 pub struct PoolOptions {
     /// keylease endpoints; empty: in-process.
     pub endpoints: Vec<String>,

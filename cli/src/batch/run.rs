@@ -280,20 +280,20 @@ impl Runner {
                 return fail(row, "blocked", format!("{block:?}"), &tries);
             }
             let text = response.text().unwrap_or_default();
-            if !self.json {
+            let answered = |mut row: Row, tries: &Mutex<Tries>| {
                 row.status = Status::Ok;
-                row.text = Some(text);
-                row.attempts = lock(&tries).attempts;
+                row.attempts = lock(tries).attempts;
                 row.latency_ms = started.elapsed().as_millis() as u64;
-                return Outcome::Finished(row);
+                Outcome::Finished(row)
+            };
+            if !self.json {
+                row.text = Some(text);
+                return answered(row, &tries);
             }
             match parse_json(&text, row.finish_reason.as_deref()) {
                 Ok(value) => {
-                    row.status = Status::Ok;
                     row.json = Some(value);
-                    row.attempts = lock(&tries).attempts;
-                    row.latency_ms = started.elapsed().as_millis() as u64;
-                    return Outcome::Finished(row);
+                    return answered(row, &tries);
                 }
                 Err(not_json) => {
                     let (attempt, spent) = {
