@@ -699,6 +699,41 @@ async fn two_batches_on_one_keylease_server_share_the_quota_without_a_429() {
     assert_eq!(all.overlaps, 0, "{all:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_requires_a_token_gets_it_from_the_environment() {
+    let keys = keys(2, 1);
+    let fake = start_fake(&keys, 600, Faults::default(), &[]).await;
+    let token = "kl_batch-worker-token-0123456789abcdef";
+    let hash: String = keylease_server::auth::token_sha256(token)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let text = config(&keys, 600)
+        + &format!("[[server.tokens]]\nname = \"batch\"\nrole = \"worker\"\nsha256 = \"{hash}\"\n");
+    let dir = workdir(&text, 20);
+    let (address, _server) = serve(&dir.path().join("keylease.toml")).await;
+    let run_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        dir.path().join("prompts.jsonl"),
+        run_dir.path().join("prompts.jsonl"),
+    )
+    .unwrap();
+    let args = ["prompts.jsonl", "-o", "out.jsonl", "--keylease", &address];
+    let (code, stderr) = finish(batch(run_dir.path(), &fake, &args)).await;
+    assert_eq!(code, 77, "{stderr}");
+    assert!(stderr.contains("does not know this caller"), "{stderr}");
+    assert!(rows_of(run_dir.path()).is_empty());
+
+    let mut with_token = batch(run_dir.path(), &fake, &args);
+    with_token.env("KEYLEASE_TOKEN", token);
+    let (code, stderr) = finish(with_token).await;
+    assert_eq!(code, 0, "{stderr}");
+    // A worker may lease but not read the status: no plan, and the run goes on.
+    assert!(stderr.contains("no plan:"), "{stderr}");
+    assert_each_once(&rows_of(run_dir.path()), 20);
+    assert!(!stderr.contains(token), "{stderr}");
+}
+
 /// A keylease server on a loopback port with the configuration at `path`, until dropped.
 async fn serve(path: &Path) -> (String, tokio::sync::oneshot::Sender<()>) {
     let settings = keylease_server::config::load(

@@ -46,6 +46,8 @@ pub mod exit {
     pub const UNAVAILABLE: u8 = 69;
     /// The output cannot be written.
     pub const IO: u8 = 74;
+    /// keylease does not know the token (or none was given).
+    pub const NO_PERMISSION: u8 = 77;
     /// Tasks were left for a later run: no key before their deadline, or keylease went away.
     pub const TRY_LATER: u8 = 75;
     /// Stopped by Ctrl-C or SIGTERM: run again to finish.
@@ -313,6 +315,19 @@ async fn run_on(
             &status,
             keylease_server::engine::canonical_model(&args.model),
         )),
+        Err(pool::PoolError::Client(keylease_client::Error::Refused(status)))
+            if status.code() == tonic::Code::Unauthenticated =>
+        {
+            return Err(fatal(
+                exit::NO_PERMISSION,
+                format!(
+                    "{} does not know this caller ({}): give a worker token in KEYLEASE_TOKEN or --token-file",
+                    pool.described,
+                    pool.redactor.redact(status.message())
+                ),
+            ));
+        }
+        // A worker token may not read the status: the run goes on without a plan.
         Err(error) => {
             eprintln!(
                 "keylease batch: no plan: keylease's status cannot be read ({}); the run goes on",
