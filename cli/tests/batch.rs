@@ -121,6 +121,18 @@ async fn finish(mut command: Command) -> (i32, String) {
     (output.status.code().unwrap_or(-1), stderr)
 }
 
+/// Waits until the output at `path` has `lines` lines.
+async fn until_lines(path: &Path, lines: usize) {
+    let written = async {
+        while rows(path).len() < lines {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(PROCESS_LIMIT, written)
+        .await
+        .unwrap_or_else(|_| panic!("{lines} lines written in time"));
+}
+
 fn rows(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -251,14 +263,7 @@ async fn a_run_killed_halfway_finishes_on_restart_without_redoing_done_tasks() {
         "2s",
     ];
     let mut child: Child = batch(dir.path(), &fake, &args).spawn().unwrap();
-    let halfway = async {
-        while rows(&out).len() < 150 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(PROCESS_LIMIT, halfway)
-        .await
-        .expect("half done in time");
+    until_lines(&out, 150).await;
     child.start_kill().unwrap();
     let killed = child.wait().await.unwrap();
     assert!(!killed.success());
@@ -305,14 +310,7 @@ async fn ctrl_c_finishes_the_tasks_in_flight_and_loses_no_answer() {
     let out = dir.path().join("out.jsonl");
     let args = ["prompts.jsonl", "-o", "out.jsonl", "--concurrency", "4"];
     let child = batch(dir.path(), &fake, &args).spawn().unwrap();
-    let started = async {
-        while rows(&out).len() < 40 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(PROCESS_LIMIT, started)
-        .await
-        .expect("running in time");
+    until_lines(&out, 40).await;
     let pid = child.id().unwrap().to_string();
     let sent = std::process::Command::new("kill")
         .args(["-INT", &pid])
