@@ -161,12 +161,18 @@ impl Pool {
         })
     }
 
-    /// The keys and `model`'s limits in every project that has one.
+    /// The keys of `pool` (empty: the default pool, where leases come from) and `model`'s
+    /// limits in every project that has one.
     pub async fn status(
         &self,
         model: &str,
         pool: &str,
     ) -> Result<pb::GetStatusResponse, PoolError> {
+        let pool = if pool.is_empty() {
+            keylease_server::engine::DEFAULT_POOL
+        } else {
+            pool
+        };
         let mut keys = Vec::new();
         let mut page_token = String::new();
         loop {
