@@ -94,13 +94,7 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
 
 async fn run_once(exe: &std::path::Path, tasks: usize, faults: Faults) -> anyhow::Result<Measured> {
     let dir = procs::scratch("batch")?;
-    let keys: Vec<(String, String, String)> = (0..KEYS)
-        .map(|i| {
-            let id = format!("k{:02}", i + 1);
-            let secret = format!("AIzaFAKE.bench-{id}-{}", "0".repeat(24));
-            (id, secret, format!("p{}", i % PROJECTS + 1))
-        })
-        .collect();
+    let keys = procs::fake_keys(KEYS, PROJECTS);
     let limits = Limits {
         requests_per_minute: Some(RPM),
         tokens_per_minute: None,
@@ -109,7 +103,7 @@ async fn run_once(exe: &std::path::Path, tasks: usize, faults: Faults) -> anyhow
     let fake = FakeGemini::start(FakeConfig {
         keys: keys
             .iter()
-            .map(|(id, secret, project)| FakeKey {
+            .map(|(id, project, secret)| FakeKey {
                 id: id.clone(),
                 secret: secret.clone(),
                 project: project.clone(),
@@ -127,7 +121,7 @@ async fn run_once(exe: &std::path::Path, tasks: usize, faults: Faults) -> anyhow
         "[key_sources]\nenvironment = false\n\n[quota]\nwindow = \"1s\"\nsafety_margin = \"20ms\"\ncooldown_base = \"100ms\"\ncooldown_max = \"2s\"\n\n\
          [pools.gemini.models.\"{MODEL}\"]\nrequests_per_minute = {RPM}\nrequests_per_day = 10000000\n\n"
     );
-    for (id, secret, project) in &keys {
+    for (id, project, secret) in &keys {
         config.push_str(&format!(
             "[[keys]]\nid = \"{id}\"\nproject = \"{project}\"\nsecret = \"{secret}\"\n\n"
         ));
