@@ -6,7 +6,6 @@ mod batch;
 mod clock;
 
 use clap::Parser;
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
@@ -38,13 +37,7 @@ fn main() -> ExitCode {
         }
     };
     // Warnings only: the progress bar and the summary are the batch's voice.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYLEASE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    keylease_server::logs::init(keylease_server::config::LogFormat::Text, "warn");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -15,6 +15,7 @@
 //! - [`wire`]: conversions between the protocol and the engine, and errors to gRPC statuses.
 //! - [`secret`]: API keys that never print, and the ids derived from them.
 //! - [`clock`]: the one place that reads the time.
+//! - [`logs`]: how the binaries log.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -23,6 +24,7 @@ pub mod clock;
 pub mod config;
 pub mod connections;
 pub mod engine;
+pub mod logs;
 pub mod metrics;
 pub mod proxy;
 pub mod redis_server;

@@ -4,14 +4,12 @@
 use clap::Parser;
 use keylease_client::{ClientConfig, KeyLeaseClient, TlsConfig};
 use keylease_server::proxy::{self, Proxy, ProxySettings};
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing_subscriber::EnvFilter;
 
 const EXIT_USAGE: u8 = 64;
 const EXIT_UNAVAILABLE: u8 = 69;
@@ -65,12 +63,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    let filter = EnvFilter::try_from_env("KEYLEASE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    keylease_server::logs::init(keylease_server::config::LogFormat::Text, "info");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -6,19 +6,17 @@
 use clap::Parser;
 use keylease_server::admin::{ConfigSource, Control};
 use keylease_server::clock::Clock;
-use keylease_server::config::{LogFormat, Overrides, Replication, Settings, StateLocation};
+use keylease_server::config::{Overrides, Replication, Settings, StateLocation};
 use keylease_server::connections::Incoming;
 use keylease_server::replica;
 use keylease_server::server::{Front, serve};
 use keylease_server::state::State;
 use std::future::pending;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing_subscriber::EnvFilter;
 
 /// Invalid command line or configuration (EX_USAGE).
 const EXIT_USAGE: u8 = 64;
@@ -180,7 +178,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    init_logging(settings.log_format);
+    keylease_server::logs::init(settings.log_format, "info");
     for notice in &settings.notices {
         tracing::warn!("{notice}");
     }
@@ -265,19 +263,6 @@ impl Failure {
             Self::Signals(_) => EXIT_OS,
             Self::Serve(_) => EXIT_SOFTWARE,
         }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("KEYLEASE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colour codes only for a person at a terminal, never in a file or a pipe.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
     }
 }
 
