@@ -88,6 +88,14 @@ pub enum CheckpointError {
     },
 }
 
+/// An I/O failure on the file at `path`, named.
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> CheckpointError + Copy + '_ {
+    move |e| CheckpointError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
 /// The id and status of a line; the rest of it is the caller's.
 #[derive(Deserialize)]
 struct Seen {
@@ -105,10 +113,7 @@ pub struct Output {
 /// Opens (creating) the output at `path`: reads what is done, cuts a torn last line and, with
 /// `retry_failed`, rewrites it without the failed tasks' lines so that each id keeps one line.
 pub fn open(path: &Path, retry_failed: bool) -> Result<(Checkpoint, Output), CheckpointError> {
-    let io = |e: std::io::Error| CheckpointError::Io {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    };
+    let io = io_error(path);
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -139,10 +144,7 @@ pub fn peek(path: &Path) -> Result<Checkpoint, CheckpointError> {
     match std::fs::read(path) {
         Ok(bytes) => Ok(read(path, &bytes)?.0),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Checkpoint::default()),
-        Err(e) => Err(CheckpointError::Io {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        }),
+        Err(e) => Err(io_error(path)(e)),
     }
 }
 
@@ -200,10 +202,7 @@ fn read(path: &Path, bytes: &[u8]) -> Result<(Checkpoint, usize), CheckpointErro
 /// Rewrites the output without the lines of failed tasks, through a file beside it renamed over
 /// it: a crash leaves the old output or the new, whole. Returns the lines dropped.
 fn drop_failures(path: &Path, whole: &[u8]) -> Result<usize, CheckpointError> {
-    let io = |e: std::io::Error| CheckpointError::Io {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    };
+    let io = io_error(path);
     let mut kept = Vec::with_capacity(whole.len());
     let mut dropped = 0;
     for line in whole.split_inclusive(|&b| b == b'\n') {
@@ -243,18 +242,12 @@ impl Output {
     pub fn append(&mut self, row: &Row) -> Result<(), CheckpointError> {
         let mut line = serde_json::to_vec(row).expect("a row always serializes");
         line.push(b'\n');
-        self.file.write_all(&line).map_err(|e| CheckpointError::Io {
-            path: self.path.display().to_string(),
-            reason: e.to_string(),
-        })
+        self.file.write_all(&line).map_err(io_error(&self.path))
     }
 
     /// Puts what was appended on the disk itself (against power loss, not only a crash).
     pub fn sync(&self) -> Result<(), CheckpointError> {
-        self.file.sync_data().map_err(|e| CheckpointError::Io {
-            path: self.path.display().to_string(),
-            reason: e.to_string(),
-        })
+        self.file.sync_data().map_err(io_error(&self.path))
     }
 }
 
