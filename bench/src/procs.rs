@@ -80,6 +80,16 @@ impl Child {
         cpu_time_of(&self.child.as_ref()?.id().to_string())
     }
 
+    /// Sends it SIGTERM, as an operator stops a server.
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        let pid = self.child.as_ref().context("already waited for")?.id();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(sent.success(), "kill -TERM {pid} failed");
+        Ok(())
+    }
+
     /// Waits for the process to end, at most `limit`.
     pub fn wait(mut self, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
         let mut child = self.child.take().expect("waited for once");

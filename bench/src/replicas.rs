@@ -291,29 +291,48 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         ratios.join(", ")
     );
 
-    // Failover, on the three replicas whose Redis fsyncs always.
+    // Failover, on the three replicas whose Redis fsyncs always: killed and stopped in turn.
     let fleet = &mut deployments[2];
     println!(
-        "\nFailover: the leader killed with SIGKILL, then AcquireKey every 5 ms through a surviving replica until one is granted (default settings: leader_ttl 2 s, max_clock_skew 500 ms).\n"
+        "\nFailover: the leader killed with SIGKILL, or stopped with SIGTERM (it finishes its calls, writes its last snapshot and resigns), then AcquireKey every 5 ms through a surviving replica until one is granted (default settings: leader_ttl 2 s, max_clock_skew 500 ms). The two alternate in one run.\n"
     );
-    println!("| try | leader killed → first grant |");
-    println!("|---|---|");
+    println!("| try | leader SIGKILL → first grant | leader SIGTERM → first grant |");
+    println!("|---|---|---|");
     for attempt in 1..=(if smoke { 1 } else { 5 }) {
-        let Some(leader) = leader_of(&always, "three", &fleet.servers) else {
-            anyhow::bail!("no leader among the three replicas");
-        };
-        let config = fleet.configs.remove(leader);
-        fleet.servers.remove(leader); // SIGKILL
-        let survivor = &fleet.servers[0];
-        let took = until_serving(survivor, Duration::from_secs(30)).await?;
-        println!("| {attempt} | {} ms |", took.as_millis());
-        fleet.servers.push(start_replica(&config)?);
-        fleet.configs.push(config);
-        until_serving(
-            fleet.servers.last().expect("started"),
-            Duration::from_secs(30),
-        )
-        .await?;
+        let mut took = Vec::new();
+        for stop in ["SIGKILL", "SIGTERM"] {
+            let Some(leader) = leader_of(&always, "three", &fleet.servers) else {
+                anyhow::bail!("no leader among the three replicas");
+            };
+            let config = fleet.configs.remove(leader);
+            let stopped = fleet.servers.remove(leader);
+            // Dropped, it is killed; stopped, it is left to finish and then waited for.
+            let stopping = if stop == "SIGTERM" {
+                stopped.terminate()?;
+                Some(stopped)
+            } else {
+                drop(stopped);
+                None
+            };
+            let survivor = &fleet.servers[0];
+            took.push(until_serving(survivor, Duration::from_secs(30)).await?);
+            if let Some(stopping) = stopping {
+                let status = stopping.wait(Duration::from_secs(30))?;
+                anyhow::ensure!(status.success(), "the leader stopped with {status}");
+            }
+            fleet.servers.push(start_replica(&config)?);
+            fleet.configs.push(config);
+            until_serving(
+                fleet.servers.last().expect("started"),
+                Duration::from_secs(30),
+            )
+            .await?;
+        }
+        println!(
+            "| {attempt} | {} ms | {} ms |",
+            took[0].as_millis(),
+            took[1].as_millis()
+        );
     }
     drop(deployments);
     let _ = std::fs::remove_dir_all(dir);

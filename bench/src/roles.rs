@@ -67,6 +67,8 @@ pub async fn replica(config: PathBuf) -> anyhow::Result<()> {
     };
     println!("listening on http://{address}");
     let front = keylease_server::server::Front::new(&settings)?;
+    // Stopped as operators stop one, for the failover after SIGTERM.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     // Nothing reloads a benchmark's replica: the sender stays, unused.
     let (_reloads, reload_requests) = tokio::sync::mpsc::unbounded_channel();
     let listeners = keylease_server::replica::Listeners {
@@ -81,7 +83,9 @@ pub async fn replica(config: PathBuf) -> anyhow::Result<()> {
         false,
         front,
         reload_requests,
-        std::future::pending(),
+        async move {
+            let _ = terminate.recv().await;
+        },
     )
     .await?;
     Ok(())

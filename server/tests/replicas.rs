@@ -15,6 +15,7 @@ use keylease::pb::key_lease_client::KeyLeaseClient;
 use keylease_client::gemini::{GeminiClient, GenerateContentRequest};
 use keylease_server::redis_server::RedisServer;
 use std::path::PathBuf;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::Running;
@@ -182,6 +183,13 @@ impl Fleet {
     /// SIGKILL.
     fn kill(&mut self, i: usize) {
         drop(self.replicas[i].take());
+    }
+
+    /// SIGTERM; the replica, to wait for.
+    fn terminate(&mut self, i: usize) -> Running {
+        let replica = self.replicas[i].take().expect("replica running");
+        replica.signal("TERM");
+        replica
     }
 
     fn outputs(&self) -> String {
@@ -584,6 +592,32 @@ fn error_counts(errors: &[Code]) -> std::collections::BTreeMap<String, usize> {
         *counts.entry(format!("{code:?}")).or_default() += 1;
     }
     counts
+}
+
+/// The last record the log in Redis holds, and the record the snapshot there was taken after.
+fn log_and_snapshot(fleet: &Fleet) -> (u64, Option<u64>) {
+    let mut redis = fleet.redis.connection();
+    let last: String = redis::cmd("GET")
+        .arg("{keylease}:last")
+        .query(&mut redis)
+        .unwrap();
+    let last = last.split(' ').next().unwrap().parse().unwrap();
+    let snapshot: Option<u64> = redis::cmd("HGET")
+        .arg("{keylease}:snapshot")
+        .arg("seq")
+        .query(&mut redis)
+        .unwrap();
+    (last, snapshot)
+}
+
+/// A replica stopped by a signal exited 0 within `limit`, printing no panic.
+fn assert_clean_exit(replica: Running, limit: Duration, what: &str) -> String {
+    let (status, output) = replica.wait_with_output(limit);
+    let status =
+        status.unwrap_or_else(|| panic!("{what} did not exit within {limit:?}:\n{output}"));
+    assert_eq!(status.code(), Some(0), "{what}: {status:?}\n{output}");
+    assert!(!output.contains("panicked"), "{what}:\n{output}");
+    output
 }
 
 /// Waits while the load runs, then says how many leases were acknowledged meanwhile.
@@ -1038,4 +1072,123 @@ fn every_replica_serves_the_proxy() {
         assert_eq!(status, 200, "through replica {i}: {body}");
     }
     assert_eq!(fake.fake.stats().all().status(200), 2);
+}
+
+/// A leader stopped with SIGTERM under load: its calls finish, its last snapshot lands in Redis,
+/// it resigns at once (a follower grants well within the leadership TTL, which a lapse would
+/// take), and it exits 0.
+#[test]
+fn a_leader_stopped_with_sigterm_hands_over_at_once() {
+    let keys = keys(10);
+    // A lapse of the leadership would take 4 to 6 s; the handover must not wait for one.
+    let ttl = Duration::from_secs(6);
+    let env = [("KEYLEASE_REPLICATION__LEADER_TTL", "6s")];
+    let mut fleet = Fleet::start(2, &keys, &env);
+    let leader = fleet.wait_for_leader(None);
+    let load = Load::start(&fleet, &keys, 60);
+    assert!(
+        run_for(&load, Duration::from_secs(2)) > 20,
+        "too little traffic"
+    );
+
+    let (appended_before, _) = log_and_snapshot(&fleet);
+    let stopping = fleet.terminate(leader);
+    let stopped_at = Instant::now();
+    let output = assert_clean_exit(stopping, LIMIT, "the leader");
+    let (_, snapshot) = log_and_snapshot(&fleet);
+    assert!(
+        snapshot.is_some_and(|seq| seq >= appended_before),
+        "no last snapshot in Redis (it holds one after {snapshot:?}; the log had {appended_before} records at SIGTERM):\n{output}"
+    );
+    assert!(!output.contains("gave up"), "{output}");
+    assert!(
+        run_for(&load, Duration::from_secs(2)) > 20,
+        "too little traffic after the leader stopped"
+    );
+    let audit = load.finish();
+    let handover = audit
+        .grants
+        .iter()
+        .filter(|grant| grant.asked > stopped_at)
+        .map(|grant| grant.answered - stopped_at)
+        .min()
+        .expect("no grant after the leader stopped");
+    assert!(
+        handover < ttl / 2,
+        "the first grant after SIGTERM took {handover:?}: the leadership lapsed instead of being handed over\n{}",
+        fleet.outputs()
+    );
+    eprintln!("SIGTERM of the leader → first grant by the next: {handover:?}");
+}
+
+/// SIGTERM to a leader and a follower the moment Redis dies, or stops answering: both exit 0
+/// within the grace period and a second, without a panic, whatever they gave up on.
+#[test]
+fn replicas_stop_within_their_grace_when_redis_is_gone() {
+    for redis_fault in ["KILL", "STOP"] {
+        let keys = keys(5);
+        let grace = Duration::from_secs(2);
+        let env = [("KEYLEASE_SERVER__SHUTDOWN_GRACE", "2s")];
+        let mut fleet = Fleet::start(2, &keys, &env);
+        let leader = fleet.wait_for_leader(None);
+        let follower = 1 - leader;
+        each_lends(&fleet, 0..2, "before");
+
+        let redis_pid = fleet.redis.pid().unwrap().to_string();
+        let signalled = Command::new("kill")
+            .args([&format!("-{redis_fault}"), &redis_pid])
+            .status()
+            .unwrap();
+        assert!(signalled.success());
+        let stopping = [fleet.terminate(leader), fleet.terminate(follower)];
+        for (replica, what) in stopping.into_iter().zip(["the leader", "the follower"]) {
+            let what = format!("{what} (Redis got SIG{redis_fault})");
+            assert_clean_exit(replica, grace + Duration::from_secs(1), &what);
+        }
+        if redis_fault == "STOP" {
+            // Dropping the fleet kills it; a stopped Redis would stay stopped until then.
+            let _ = Command::new("kill").args(["-CONT", &redis_pid]).status();
+        }
+    }
+}
+
+/// A rolling restart, one replica at a time with SIGTERM, under a fleet of workers: no lease
+/// granted twice, no call the provider refused, and every replica serving again.
+#[test]
+fn a_rolling_restart_with_sigterm_loses_nothing() {
+    let keys = keys(10);
+    let mut fleet = Fleet::start(3, &keys, &[]);
+    fleet.wait_for_leader(None);
+    let load = Load::start(&fleet, &keys, 90);
+    assert!(
+        run_for(&load, Duration::from_secs(2)) > 20,
+        "too little traffic"
+    );
+    for i in 0..3 {
+        let stopping = fleet.terminate(i);
+        assert_clean_exit(stopping, LIMIT, &format!("replica {i}"));
+        let restarted = fleet.start_replica(i, &[], &[]);
+        fleet.replicas[i] = Some(restarted);
+        fleet.wait_for_leader(None);
+        // Back to serving (its health says so, and a call through it is answered) before the next.
+        until_health(&fleet, i, ServingStatus::Serving);
+        status_of(&fleet.endpoint(i)).unwrap_or_else(|e| panic!("replica {i}: {e:?}"));
+        run_for(&load, Duration::from_millis(500));
+    }
+    // Releases this harness sent through a replica as it stopped failed, so their keys come back
+    // only when those leases expire (a TTL): the fleet leases at full speed again after that.
+    std::thread::sleep(TTL);
+    assert!(
+        run_for(&load, Duration::from_secs(2)) > 20,
+        "too little traffic after the rolling restart\n{}",
+        fleet.outputs()
+    );
+    let output = fleet.outputs();
+    let audit = load.finish();
+    assert!(!output.contains("panicked"), "{output}");
+    eprintln!(
+        "{} leases acknowledged over a rolling restart; calls that moved to another replica: {:?}",
+        audit.grants.len(),
+        error_counts(&audit.errors)
+    );
 }

@@ -57,6 +57,9 @@ const REPLICA_GONE: Duration = Duration::from_secs(6);
 const REMEMBER_EVERY: Duration = Duration::from_secs(1);
 /// Records between the leader's snapshots: the log a new replica replays stays short.
 const SNAPSHOT_EVERY: u64 = 20_000;
+/// What stepping down may take at least, however much of the grace period in-flight calls used:
+/// the last snapshot and the resignation are a Redis round trip or two.
+pub const STEP_DOWN_AT_LEAST: Duration = Duration::from_millis(500);
 /// The file in the state directory that remembers the log this replica followed.
 const SEEN_FILE: &str = "redis-log";
 
@@ -156,8 +159,12 @@ impl Reloaded {
 }
 
 /// Runs a replica on `listeners` until `stop` resolves, taking up the settings `reloads`
-/// brings (SIGHUP); then it steps down (a leader writes its last snapshot and hands the
-/// leadership over at once) and in-flight calls get `server.shutdown_grace` to finish.
+/// brings (SIGHUP). Then it takes no more calls, waiters get `UNAVAILABLE`, and in-flight calls
+/// get `server.shutdown_grace` to finish; only then does it step down (a leader writes its last
+/// snapshot and hands the leadership over at once). Stepping down gets what is left of the
+/// grace period, and at least [`STEP_DOWN_AT_LEAST`]: a Redis that does not answer never holds
+/// the process longer, as the log already holds everything acknowledged and the leadership
+/// lapses by itself.
 pub async fn serve(
     listeners: Listeners,
     settings: Settings,
@@ -173,8 +180,9 @@ pub async fn serve(
         proxy,
     } = listeners;
     let shutdown = CancellationToken::new();
+    let stop_requested = CancellationToken::new();
     let replication_token = replication.token.clone();
-    let (router, reloaded, supervisor) = start(
+    let (router, reloaded, stepped_down) = start(
         settings.clone(),
         replication,
         reset,
@@ -183,17 +191,20 @@ pub async fn serve(
         shutdown.clone(),
     )?;
     let stopping = {
-        let shutdown = shutdown.clone();
+        let stop_requested = stop_requested.clone();
         async move {
             stop.await;
-            shutdown.cancel();
+            stop_requested.cancel();
         }
     };
+    let grace_ends = Arc::new(std::sync::OnceLock::new());
     let grace = {
-        let shutdown = shutdown.clone();
+        let (stop_requested, grace_ends) = (stop_requested.clone(), grace_ends.clone());
         async move {
-            shutdown.cancelled().await;
-            tokio::time::sleep(settings.shutdown_grace).await;
+            stop_requested.cancelled().await;
+            let ends = tokio::time::Instant::now() + settings.shutdown_grace;
+            let _ = grace_ends.set(ends);
+            tokio::time::sleep_until(ends).await;
         }
     };
     if let Some((settings, local)) = proxy {
@@ -227,6 +238,10 @@ pub async fn serve(
         });
     }
     let serving_now = router.serving_now();
+    let end_waits = {
+        let router = router.clone();
+        move || router.end_waits()
+    };
     let served = crate::server::serve_service(
         listener,
         tonic::service::Routes::new(router.clone()).add_service(router::AdminRouter(router)),
@@ -234,16 +249,31 @@ pub async fn serve(
         serving_now,
         Clock::system(),
         stopping,
-        || {},
+        end_waits,
     );
-    tokio::select! {
-        served = served => served?,
-        () = grace => tracing::warn!("grace period over: stopping with calls still in flight"),
-    }
+    let served = tokio::select! {
+        served = served => served,
+        () = grace => {
+            tracing::warn!("grace period over: stopping with calls still in flight");
+            Ok(())
+        }
+    };
+    // No call is in flight any more (or the grace is over): the leader may hand over.
     shutdown.cancel();
-    tokio::task::spawn_blocking(move || supervisor.join())
+    let step_down_by = grace_ends
+        .get()
+        .copied()
+        .unwrap_or_else(tokio::time::Instant::now)
+        .max(tokio::time::Instant::now() + STEP_DOWN_AT_LEAST);
+    if tokio::time::timeout_at(step_down_by, stepped_down)
         .await
-        .ok();
+        .is_err()
+    {
+        tracing::warn!(
+            "gave up stepping down (Redis does not answer): the last snapshot may be unwritten, which costs the next leader a longer replay, and the leadership lapses by itself within replication.leader_ttl"
+        );
+    }
+    served?;
     Ok(())
 }
 
@@ -258,8 +288,10 @@ pub enum ServeError {
     Proxy(#[from] crate::proxy::ProxyStartError),
 }
 
-/// Starts a replica: returns the router to serve with, and the thread that runs it until
-/// `shutdown` (it then steps down, handing the leadership over at once).
+/// Starts a replica: returns the router to serve with, and what resolves once the thread that
+/// runs it has stopped after `shutdown` (stepping down, handing the leadership over at once):
+/// awaited with a bound, never joined, so that a Redis call stuck on its timeout cannot hold the
+/// process.
 pub fn start(
     settings: Settings,
     replication: Replication,
@@ -267,7 +299,7 @@ pub fn start(
     tls: Option<Arc<crate::tls::Tls>>,
     runtime: Handle,
     shutdown: CancellationToken,
-) -> Result<(Router, Reloaded, std::thread::JoinHandle<()>), StartError> {
+) -> Result<(Router, Reloaded, tokio::sync::oneshot::Receiver<()>), StartError> {
     let reloaded = Reloaded::default();
     let redis = Redis::new(replication.url.reveal(), &replication.namespace)
         .map_err(|e| StartError::Invalid(format!("state.store: {e}")))?;
@@ -317,11 +349,15 @@ pub fn start(
         shared_keys: None,
         key_report: String::new(),
     };
-    let thread = std::thread::Builder::new()
+    let (done, stepped_down) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
         .name("keylease-replica".into())
-        .spawn(move || supervisor.run())
+        .spawn(move || {
+            supervisor.run();
+            let _ = done.send(());
+        })
         .map_err(|e| StartError::Invalid(format!("cannot start the replica thread: {e}")))?;
-    Ok((router, reloaded, thread))
+    Ok((router, reloaded, stepped_down))
 }
 
 struct Supervisor {
@@ -407,6 +443,10 @@ impl Supervisor {
     }
 
     fn pause(&self) {
+        // Once stopping, the runtime may be shutting down too: no timer is made then.
+        if self.shutdown.is_cancelled() {
+            return;
+        }
         let _ = self
             .runtime
             .block_on(async { tokio::time::timeout(POLL, self.shutdown.cancelled()).await });
@@ -716,12 +756,14 @@ impl Supervisor {
             let mut lent = self.shared_keys.clone();
             loop {
                 tokio::select! {
+                    // Shutdown first: once it is asked for, nothing else is waited for.
+                    biased;
+                    () = self.shutdown.cancelled() => return None,
                     () = state.store_stopped() => {
                         let failure = state.store_failure().map(|f| f.to_string()).unwrap_or_default();
                         return Some(format!("the log could not be written: {failure}"));
                     }
                     reason = renewal.lost() => return Some(reason),
-                    () = self.shutdown.cancelled() => return None,
                     _ = remember.tick() => {
                         if state.store_failure().is_none() {
                             self.remember_appended(&appended);
@@ -760,13 +802,9 @@ impl Supervisor {
             Some(reason) => {
                 tracing::warn!(%reason, epoch = leader.epoch, "stepping down: following again");
             }
-            None => {
-                // A clean stop: the last snapshot, then the leadership goes at once.
-                let closing = state.clone();
-                let _ = self
-                    .runtime
-                    .block_on(tokio::task::spawn_blocking(move || closing.close()));
-            }
+            // A clean stop: the last snapshot (on this thread, which is no runtime's and may
+            // block), then the leadership goes at once.
+            None => state.close(),
         }
         self.remember_appended(&appended);
         drop(state);

@@ -253,6 +253,14 @@ impl Router {
         Leader::new(id, address, self.shared.tls.clone())
     }
 
+    /// Shutdown has begun: the calls waiting on the state this replica leads get `UNAVAILABLE`
+    /// and its event streams end (forwarded ones end when their leader's do).
+    pub fn end_waits(&self) {
+        if let Serving::Leading(_, state) = self.serving() {
+            state.shut_down();
+        }
+    }
+
     /// The leader calls are forwarded to now, if this replica follows one.
     pub fn following(&self) -> Option<Arc<Leader>> {
         match self.serving() {

@@ -16,6 +16,8 @@ pub struct Running {
     child: Option<Child>,
     pub address: String,
     output: Arc<Mutex<String>>,
+    /// The threads reading its output: each ends once the process has exited.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// A fresh directory under the system's temporary one.
@@ -101,6 +103,7 @@ pub fn try_start_on(
             child: Some(child),
             address,
             output,
+            readers,
         }),
         Err(_) => {
             let _ = child.kill();
@@ -139,6 +142,31 @@ impl Running {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
+    }
+
+    /// Sends it `signal` (`TERM`, `INT`, `HUP`, ...) as `kill` does.
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{signal} failed");
+    }
+
+    /// Waits at most `limit` for it to exit; its exit status (`None` if it did not) and
+    /// everything it printed.
+    pub fn wait_with_output(mut self, limit: Duration) -> (Option<ExitStatus>, String) {
+        let output = self.output.clone();
+        let readers = std::mem::take(&mut self.readers);
+        let status = self.wait(limit);
+        if status.is_some() {
+            // Its last lines are read once the pipes close.
+            for reader in readers {
+                let _ = reader.join();
+            }
+        }
+        let printed = output.lock().unwrap().clone();
+        (status, printed)
     }
 
     /// Waits at most `limit` for it to exit; `None` if it did not.
