@@ -15,6 +15,11 @@ pub mod pb {
 
 /// Longest task id and client request id, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
+/// Longest key id, project name or pool name, in bytes: each is shown in every status reply,
+/// metric label and log line about its key.
+pub const MAX_NAME_BYTES: usize = 128;
+/// Most key ids one acquire may exclude: more than any pool holds keys to try in one task.
+pub const MAX_EXCLUDED_KEYS: usize = 1024;
 /// Longest free text a caller sends (a failure's detail, a disable's reason), in bytes.
 pub const MAX_DETAIL_BYTES: usize = 1024;
 /// Largest input token figure a request may carry (an estimate, an addition, a release's
@@ -34,6 +39,26 @@ pub const RETRY_AFTER_METADATA: &str = "retry-after-ms";
 /// of an `UnavailableReason` (`UNAVAILABLE_REASON_ALL_DISABLED`), for clients that do not read
 /// `google.rpc.ErrorInfo`.
 pub const UNAVAILABLE_REASON_METADATA: &str = "unavailable-reason";
+
+/// How a secret is shown wherever one must be named (`AIza…x9Q2`): enough for an operator to
+/// tell keys apart, too little to use one; `…` alone for a secret under 12 characters.
+pub fn masked_secret(secret: &str) -> String {
+    let chars: Vec<char> = secret.chars().collect();
+    if chars.len() < 12 {
+        return "…".to_string();
+    }
+    let head: String = chars[..4].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{head}…{tail}")
+}
+
+/// `text` with every occurrence of `secret` masked as [`masked_secret`] shows it.
+pub fn mask_in(text: &str, secret: &str) -> String {
+    if secret.is_empty() || !text.contains(secret) {
+        return text.to_string();
+    }
+    text.replace(secret, &masked_secret(secret))
+}
 
 /// The longest prefix of `text` that fits `max_bytes` without splitting a character.
 pub fn truncate_on_char_boundary(text: &str, max_bytes: usize) -> &str {

@@ -264,7 +264,7 @@ async fn every_served_call_answers_as_gemini_would() {
 }
 
 #[tokio::test]
-async fn bad_requests_get_geminis_400_naming_the_problem_and_others_501() {
+async fn bad_requests_get_geminis_4xx_naming_the_problem_and_unserved_endpoints_501() {
     let fake = start_fake(&KEYS, limits(1000), 1.0).await;
     let (_server, url) = proxied(&fake, 1000, "max_body = 2048").await;
     let http = reqwest::Client::new();
@@ -319,15 +319,45 @@ async fn bad_requests_get_geminis_400_naming_the_problem_and_others_501() {
     assert_eq!(status, 400);
     assert!(message.contains("no model"), "{message}");
 
+    // Real Gemini endpoints keylease does not serve: 501.
     for path in [
         "/upload/v1beta/files",
         "/v1beta/files",
         "/v1beta/cachedContents",
+        "/v1beta/batches",
+        &format!("/v1beta/models/{MODEL}:batchGenerateContent"),
     ] {
         let (status, message) = error_of(send(path, "{}".into()).await.unwrap()).await;
-        assert_eq!(status, 501);
+        assert_eq!(status, 501, "{path}");
         assert!(message.contains(path), "{message}");
     }
+    // A client's mistakes are 4xx: an unknown path 404, a wrong method 405 naming the right one.
+    for path in [
+        "/v1beta/nowhere",
+        "/v3/models/m:generateContent",
+        "/",
+        &format!("/v1beta/models/{MODEL}:frobnicate"),
+    ] {
+        let (status, message) = error_of(send(path, "{}".into()).await.unwrap()).await;
+        assert_eq!(status, 404, "{path}: {message}");
+    }
+    let wrong_method = http.get(format!("{url}{generate}")).send().await.unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    assert_eq!(wrong_method.headers()["allow"], "POST");
+    let (_, message) = error_of(wrong_method).await;
+    assert!(message.contains("takes POST"), "{message}");
+    // A deadline under a millisecond is a bad header, not a 504.
+    let tiny = http
+        .post(format!("{url}{generate}"))
+        .header("x-goog-api-key", "any")
+        .header("x-server-timeout", "1e-300")
+        .json(&generate_body("x"))
+        .send()
+        .await
+        .unwrap();
+    let (status, message) = error_of(tiny).await;
+    assert_eq!(status, 400);
+    assert!(message.contains("x-server-timeout"), "{message}");
     // Still serving.
     let ok = send(&generate, generate_body("after all that").to_string())
         .await
@@ -611,4 +641,88 @@ async fn a_call_stops_when_its_lease_ends_under_it() {
         started.elapsed() < Duration::from_millis(4_500),
         "the call was cut when the lease ended, not when Gemini answered"
     );
+}
+
+/// However a caller spells `key` in the query (case, percent-encoding, duplicates, `;`), its
+/// token goes nowhere upstream: the proxy sends only the parameters a call takes, encoded anew.
+/// What the proxy answers for itself never quotes a token or key the caller put in the path,
+/// and a provider that echoes the leased key in an error has it masked on the way back.
+#[tokio::test]
+async fn no_spelling_of_key_sends_the_callers_token_upstream_and_nothing_echoes_a_secret() {
+    let fake = start_fake(&KEYS, limits(1000), 1.0).await;
+    let (_server, url) = proxied(&fake, 1000, "").await;
+    let token = "kl_query_token_for_the_proxy_test_0003";
+    let http = reqwest::Client::new();
+    let generate = format!("{url}/v1beta/models/{MODEL}:generateContent");
+    let stream = format!("{url}/v1beta/models/{MODEL}:streamGenerateContent");
+    for query in [
+        format!("key={token}"),
+        format!("k%65y={token}"),
+        format!("%6B%65%79={token}"),
+        format!("%6b%65%79={token}"),
+        format!("KEY={token}"),
+        format!("Key={token}"),
+        format!("key={token}&key={token}"),
+        format!("key;={token}"),
+        format!("x=1;key={token}"),
+        format!("key%3D{token}"),
+        format!("alt=json&key={token}&%6B%65%79={token}"),
+    ] {
+        let answer = http
+            .post(format!("{generate}?{query}"))
+            .header("x-goog-api-key", token)
+            .json(&generate_body("q"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200, "{query}");
+        let answer = http
+            .post(format!("{stream}?alt=sse&{query}"))
+            .header("x-goog-api-key", token)
+            .json(&generate_body("q"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200, "{query}");
+        let _ = answer.text().await.unwrap();
+    }
+    let queries = fake.fake.queries_seen();
+    assert!(!queries.is_empty(), "the streams' alt=sse went upstream");
+    assert!(queries.iter().all(|q| q == "alt=sse"), "{queries:?}");
+
+    // The proxy's own answers mask the caller's token and anything key-shaped it quotes.
+    let secret = fake_secret("k1");
+    for path in [
+        format!("/v1beta/{token}/{secret}"),
+        format!("/v1beta/models/{secret}"),
+    ] {
+        let answer = http
+            .post(format!("{url}{path}"))
+            .header("x-goog-api-key", token)
+            .json(&generate_body("q"))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            answer.status().is_client_error(),
+            "{path}: {}",
+            answer.status()
+        );
+        let text = answer.text().await.unwrap();
+        assert!(!text.contains(token) && !text.contains(&secret), "{text}");
+    }
+    // The provider quotes the key it was called with: the caller gets its answer, masked.
+    let answer = http
+        .post(&generate)
+        .header("x-goog-api-key", token)
+        .json(&generate_body(fake_gemini::ECHO_KEY))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 400);
+    let text = answer.text().await.unwrap();
+    assert!(text.contains("API key AIza…"), "{text}");
+    for (id, _) in KEYS {
+        assert!(!text.contains(&fake_secret(id)), "{text}");
+    }
 }

@@ -23,8 +23,8 @@ pub async fn serve(config: PathBuf) -> anyhow::Result<()> {
     println!("listening on http://{}", listener.local_addr()?);
     let (listener, local) = keylease_server::connections::Incoming::with_local(listener);
     if let Some(proxy) = settings.proxy.clone() {
-        let metrics = state.metrics().clone();
-        let address = keylease_server::proxy::start_embedded(proxy, &local, metrics).await?;
+        let embedding = keylease_server::proxy::Embedding::of(&state);
+        let address = keylease_server::proxy::start_embedded(proxy, &local, embedding).await?;
         println!("proxy on http://{address}");
     }
     if state.journal().is_some() {

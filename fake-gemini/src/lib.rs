@@ -159,6 +159,8 @@ struct Inner {
     windows: HashMap<(String, String), Window>,
     in_flight: HashMap<String, u32>,
     stats: Stats,
+    /// The query strings of the requests, as they came (the first [`QUERIES_KEPT`]).
+    queries: Vec<String>,
     /// xorshift state of the fault injection.
     random: u64,
     next_response: u64,
@@ -197,6 +199,7 @@ impl FakeGemini {
             windows: HashMap::new(),
             in_flight: HashMap::new(),
             stats: Stats::default(),
+            queries: Vec::new(),
             random: config.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
             next_response: 0,
         };
@@ -219,6 +222,12 @@ impl FakeGemini {
 
     pub fn stats(&self) -> Stats {
         self.lock().stats.clone()
+    }
+
+    /// The raw query strings of the requests that had one, in arrival order: what a proxy in
+    /// front of the fake passed on from its callers.
+    pub fn queries_seen(&self) -> Vec<String> {
+        self.lock().queries.clone()
     }
 
     pub fn set_faults(&self, faults: Faults) {
@@ -246,6 +255,10 @@ impl FakeGemini {
             .route("/v1beta/openai/embeddings", post(openai_embeddings))
             .route("/_fake/stats", get(stats))
             .route("/_fake/faults", post(set_faults))
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                record_query,
+            ))
             .with_state(self.clone())
     }
 
@@ -307,6 +320,26 @@ pub(crate) fn now() -> Instant {
 pub const BLOCK_PROMPT: &str = "[[block-prompt]]";
 /// A prompt containing this gets an answer blocked for safety (`finishReason: SAFETY`).
 pub const BLOCK_ANSWER: &str = "[[block-answer]]";
+/// A prompt containing this is refused (400) with the key it came with quoted in the message,
+/// as a careless or malicious upstream might answer: what a proxy passes on must mask it.
+pub const ECHO_KEY: &str = "[[echo-key]]";
+/// Most request query strings kept for [`FakeGemini::queries_seen`].
+const QUERIES_KEPT: usize = 1000;
+
+/// Keeps each request's raw query string, for [`FakeGemini::queries_seen`].
+async fn record_query(
+    State(fake): State<FakeGemini>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(query) = request.uri().query() {
+        let mut inner = fake.lock();
+        if inner.queries.len() < QUERIES_KEPT {
+            inner.queries.push(query.to_string());
+        }
+    }
+    next.run(request).await
+}
 
 #[derive(Deserialize)]
 struct CallQuery {
@@ -474,6 +507,12 @@ async fn answer(
                 streaming,
             );
         };
+        if prompt.contains(ECHO_KEY) {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                responses::bad_request(&format!("API key {secret} may not be used here.")),
+            );
+        }
         let response_id = inner.next_response;
         inner.next_response += 1;
         let overlapping = {

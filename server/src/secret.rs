@@ -26,13 +26,7 @@ impl ApiKey {
 
     /// `AIza…x9Q2`: enough for an operator to tell keys apart, too little to use one.
     pub fn masked(&self) -> String {
-        let chars: Vec<char> = self.0.chars().collect();
-        if chars.len() < 12 {
-            return "…".to_string();
-        }
-        let head: String = chars[..4].iter().collect();
-        let tail: String = chars[chars.len() - 4..].iter().collect();
-        format!("{head}…{tail}")
+        keylease::masked_secret(&self.0)
     }
 
     /// A stable identifier that is not secret: a keyed hash, so that the id of a key cannot be

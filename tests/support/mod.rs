@@ -144,8 +144,8 @@ impl TestServer {
         let (state, _) = State::open(&settings, Clock::system(), false).unwrap();
         let proxy_url = match settings.proxy.clone() {
             Some(proxy) => {
-                let metrics = state.metrics().clone();
-                let address = keylease_server::proxy::start_embedded(proxy, &local, metrics)
+                let embedding = keylease_server::proxy::Embedding::of(&state);
+                let address = keylease_server::proxy::start_embedded(proxy, &local, embedding)
                     .await
                     .expect("proxy");
                 Some(format!("http://{address}"))

@@ -167,7 +167,7 @@ where
         };
         let answer = tokio::time::timeout(call_time, async {
             tokio::select! {
-                answer = send(key) => Some(answer),
+                answer = send(key.clone()) => Some(answer),
                 () = lease.expired() => None,
             }
         })
@@ -179,12 +179,14 @@ where
                 classified,
                 body,
             }))) => match classified.failure {
+                // What the provider said goes on to the caller, who must not learn the key of
+                // a lease it never saw, even from a provider that echoes it.
                 Failure::Request | Failure::CallerBug => {
                     lease.release().await?;
                     return Err(GenerateError::Request {
                         status,
-                        message: classified.message,
-                        body,
+                        message: keylease::mask_in(&classified.message, &key),
+                        body: keylease::mask_in(&body, &key),
                     });
                 }
                 failure => Reported {
@@ -192,7 +194,7 @@ where
                         .report_kind()
                         .expect("every other failure is reported"),
                     retry_after: classified.retry_after,
-                    detail: format!("{status} {}", classified.reason),
+                    detail: keylease::mask_in(&format!("{status} {}", classified.reason), &key),
                     blames_key: failure.blames_key(),
                     status: Some(status),
                     violations: classified.violations,

@@ -406,8 +406,8 @@ async fn run(settings: Settings, source: ConfigSource, reset_state: bool) -> Res
     reload_on_hangup(control.clone())?;
     let (listener, local) = Incoming::with_local(bind(&settings).await?);
     if let Some(proxy) = settings.proxy.clone() {
-        let metrics = state.metrics().clone();
-        keylease_server::proxy::start_embedded(proxy, &local, metrics).await?;
+        let embedding = keylease_server::proxy::Embedding::of(&state);
+        keylease_server::proxy::start_embedded(proxy, &local, embedding).await?;
     }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let signalled = stop_signal()?;

@@ -37,9 +37,20 @@ const FORWARDED_HEADERS: [HeaderName; 4] = [
     HeaderName::from_static("x-goog-api-client"),
 ];
 
-/// Answers `request`, and counts the answer by call and status.
+/// Answers `request`, and counts the answer by call and status. Every answer of the proxy's
+/// own passes the one redaction first, with the caller's token among the secrets it masks, and
+/// is logged (masked) at debug.
 pub async fn call(proxy: &Arc<Proxy>, request: Request) -> Response {
-    let (label, answered) = match Incoming::read(proxy, request).await {
+    let (parts, body) = request.into_parts();
+    let query = Query::<Vec<(String, String)>>::try_from_uri(&parts.uri)
+        .map(|Query(pairs)| pairs)
+        .map_err(|e| ProxyError::BadRequest(format!("the query string cannot be read: {e}")));
+    let token = caller_token(&parts.headers, query.as_deref().unwrap_or_default());
+    let read = match query {
+        Ok(query) => Incoming::read(proxy, parts, body, &query, token.as_deref()).await,
+        Err(error) => Err(error),
+    };
+    let (label, answered) = match read {
         Err(error) => ("unread", Err(error)),
         Ok(call) => {
             let label = call.route.call.label();
@@ -51,7 +62,11 @@ pub async fn call(proxy: &Arc<Proxy>, request: Request) -> Response {
             (label, answered)
         }
     };
-    let response = answered.unwrap_or_else(IntoResponse::into_response);
+    let response = answered.unwrap_or_else(|error| {
+        let error = error.redacted(|text| proxy.redact(text, token.as_deref()));
+        tracing::debug!(call = label, %error, "the proxy answered with an error");
+        error.into_response()
+    });
     if let Some(metrics) = &proxy.metrics {
         metrics.proxied(label, response.status().as_u16());
     }
@@ -74,19 +89,20 @@ struct Incoming {
 }
 
 impl Incoming {
-    async fn read(proxy: &Proxy, request: Request) -> Result<Self, ProxyError> {
-        let (parts, body) = request.into_parts();
-        let query: Vec<(String, String)> = Query::try_from_uri(&parts.uri)
-            .map(|Query(pairs)| pairs)
-            .map_err(|e| ProxyError::BadRequest(format!("the query string cannot be read: {e}")))?;
+    async fn read(
+        proxy: &Proxy,
+        parts: axum::http::request::Parts,
+        body: Body,
+        query: &[(String, String)],
+        token: Option<&str>,
+    ) -> Result<Self, ProxyError> {
         let alt = query
             .iter()
             .find(|(k, _)| k == "alt")
             .map(|(_, v)| v.as_str());
-        let route = route(&parts.method, parts.uri.path(), alt).map_err(ProxyError::NotServed)?;
-        let token = caller_token(&parts.headers, &query);
-        let keylease = proxy.client_for(token.as_deref())?;
-        let token_hash = token_sha256(token.as_deref().unwrap_or_default());
+        let route = route(&parts.method, parts.uri.path(), alt)?;
+        let keylease = proxy.client_for(token)?;
+        let token_hash = token_sha256(token.unwrap_or_default());
 
         let max_body = proxy.settings.max_body;
         let body = axum::body::to_bytes(body, max_body).await.map_err(|e| {
@@ -144,7 +160,7 @@ impl Incoming {
         };
         let upstream = Upstream {
             method: parts.method.clone(),
-            path_and_query: upstream_path(parts.uri.path(), parts.uri.query()),
+            path_and_query: upstream_path(parts.uri.path(), &route.call, query),
             headers: forwarded_headers(&parts.headers),
             body,
         };
@@ -310,27 +326,32 @@ fn openai_model(body: &Value) -> Result<String, ProxyError> {
     Ok(model.to_string())
 }
 
-/// `"60"`, `"12.5"`.
+/// `"60"`, `"12.5"`: at least a millisecond, as no call can be answered sooner.
 fn parse_seconds(text: &str) -> Option<Duration> {
     let seconds: f64 = text.trim().parse().ok()?;
-    (seconds.is_finite() && seconds > 0.0).then(|| Duration::from_secs_f64(seconds.min(1e9)))
+    (seconds.is_finite() && seconds >= 0.001).then(|| Duration::from_secs_f64(seconds.min(1e9)))
 }
 
-/// The path and query sent upstream: the caller's, without its `key`.
-fn upstream_path(path: &str, query: Option<&str>) -> String {
-    let kept: Vec<&str> = query
-        .unwrap_or_default()
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .filter(|pair| {
-            let name = pair.split_once('=').map_or(*pair, |(name, _)| name);
-            !name.eq_ignore_ascii_case("key") && !name.eq_ignore_ascii_case("%6bey")
-        })
-        .collect();
+/// The path and query sent upstream: the path as routed, and of the query only the parameters
+/// the call is known to take, from their decoded names and values, encoded anew, each once (the
+/// first, as the route read it). The raw query is never copied: the caller's `key`, in whatever
+/// spelling, stays here.
+fn upstream_path(path: &str, call: &Call, query: &[(String, String)]) -> String {
+    let mut kept = form_urlencoded::Serializer::new(String::new());
+    let mut named: Vec<&str> = Vec::new();
+    for (name, value) in query {
+        if !named.contains(&name.as_str()) {
+            named.push(name);
+            if call.passes_parameter(name, value) {
+                kept.append_pair(name, value);
+            }
+        }
+    }
+    let kept = kept.finish();
     if kept.is_empty() {
         path.to_string()
     } else {
-        format!("{path}?{}", kept.join("&"))
+        format!("{path}?{kept}")
     }
 }
 
@@ -626,20 +647,67 @@ async fn listing(proxy: &Proxy, call: &Incoming) -> Result<Arc<Value>, ProxyErro
 mod tests {
     use super::*;
 
+    /// The query as the proxy reads it: decoded by the same extractor.
+    fn decoded(query: &str) -> Vec<(String, String)> {
+        let uri: axum::http::Uri = format!("/p?{query}").parse().unwrap();
+        Query::try_from_uri(&uri).unwrap().0
+    }
+
     #[test]
     fn the_callers_key_never_goes_upstream() {
+        let stream = Call::Stream { sse: true };
+        let path = "/v1beta/models/m:streamGenerateContent";
+        for query in [
+            "alt=sse&key=kl_secret",
+            "key=kl_secret&alt=sse",
+            "alt=sse&KEY=kl_secret",
+            "alt=sse&Key=kl_secret",
+            "alt=sse&k%65y=kl_secret",
+            "alt=sse&%6B%65%79=kl_secret",
+            "alt=sse&%6b%65%79=kl_secret",
+            "alt=sse&key=kl_secret&key=kl_secret",
+            "alt=sse&key;=kl_secret",
+            "alt=sse&key%3Dkl_secret",
+            "alt=sse&key=kl%5Fsecret",
+            "alt=sse&x=kl_secret",
+        ] {
+            let sent = upstream_path(path, &stream, &decoded(query));
+            assert!(!sent.contains("kl"), "{query} → {sent}");
+            assert!(
+                sent.starts_with(&format!("{path}?alt=sse")),
+                "{query} → {sent}"
+            );
+        }
+        // `;` separates nothing: the first `alt` is `sse;key=…`, not of its shape, so none goes.
+        assert_eq!(
+            upstream_path(path, &stream, &decoded("alt=sse;key=kl_secret&alt=sse")),
+            path
+        );
+        // Only what a call takes, of its shape.
         assert_eq!(
             upstream_path(
-                "/v1beta/models/m:streamGenerateContent",
-                Some("alt=sse&key=kl_secret")
+                path,
+                &stream,
+                &decoded("alt=json&alt=sse%26key%3Dx&alt=sse")
             ),
-            "/v1beta/models/m:streamGenerateContent?alt=sse"
+            format!("{path}?alt=json")
         );
         assert_eq!(
-            upstream_path("/v1beta/models", Some("KEY=x")),
+            upstream_path(path, &stream, &decoded("alt=sse%26key%3Dx&alt=sse")),
+            path
+        );
+        assert_eq!(
+            upstream_path(
+                "/v1beta/models/m:generateContent",
+                &Call::Generate,
+                &decoded("alt=sse&key=x")
+            ),
+            "/v1beta/models/m:generateContent"
+        );
+        assert_eq!(
+            upstream_path("/v1beta/models", &Call::ListModels, &[]),
             "/v1beta/models"
         );
-        assert_eq!(upstream_path("/v1beta/models", None), "/v1beta/models");
         let mut headers = HeaderMap::new();
         headers.insert("x-goog-api-key", HeaderValue::from_static("kl_secret"));
         headers.insert(
@@ -681,6 +749,9 @@ mod tests {
         assert_eq!(parse_seconds("60"), Some(Duration::from_secs(60)));
         assert_eq!(parse_seconds("0.5"), Some(Duration::from_millis(500)));
         assert_eq!(parse_seconds("0"), None);
+        assert_eq!(parse_seconds("1e-300"), None);
+        assert_eq!(parse_seconds("0.0009"), None);
+        assert_eq!(parse_seconds("0.001"), Some(Duration::from_millis(1)));
         assert_eq!(parse_seconds("-3"), None);
         assert_eq!(parse_seconds("soon"), None);
         assert_eq!(parse_seconds("inf"), None);

@@ -97,6 +97,41 @@ pub struct Proxy {
     clock: crate::clock::Clock,
     /// The server's metrics, when the proxy runs inside it.
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The secrets its own answers are masked against (besides each caller's token).
+    secrets: Secrets,
+}
+
+/// The one redaction, as it stands now: the server's configured keys and tokens when the proxy
+/// runs inside it (keys added later included); only credential shapes in `keylease-proxy`.
+pub type Secrets = Arc<dyn Fn() -> Arc<crate::secret::Redactor> + Send + Sync>;
+
+/// What a proxy inside a server takes from it.
+pub struct Embedding {
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub secrets: Secrets,
+}
+
+impl Embedding {
+    /// Inside a single server: its metrics and its redaction, which follows reloads.
+    pub fn of(state: &Arc<crate::state::State>) -> Self {
+        let redacting = state.clone();
+        Self {
+            metrics: state.metrics().clone(),
+            secrets: Arc::new(move || redacting.redactor()),
+        }
+    }
+
+    /// Inside a replica: its metrics and the secrets it started with.
+    pub fn replica(
+        metrics: Arc<crate::metrics::Metrics>,
+        settings: &crate::config::Settings,
+    ) -> Self {
+        let redactor = Arc::new(settings.redactor());
+        Self {
+            metrics,
+            secrets: Arc::new(move || redactor.clone()),
+        }
+    }
 }
 
 /// Model listings, per API version, and the callers known to keylease since they were made.
@@ -127,8 +162,16 @@ impl Proxy {
     pub fn new(
         settings: ProxySettings,
         keylease: KeyLeaseClient,
-        metrics: Option<Arc<crate::metrics::Metrics>>,
+        embedding: Option<Embedding>,
     ) -> Result<Arc<Self>, ProxyStartError> {
+        let (metrics, secrets) = match embedding {
+            Some(Embedding { metrics, secrets }) => (Some(metrics), secrets),
+            None => {
+                let shapes_only = Arc::new(crate::secret::Redactor::default());
+                let secrets: Secrets = Arc::new(move || shapes_only.clone());
+                (None, secrets)
+            }
+        };
         let upstream = GeminiClient::new(settings.upstream.clone(), settings.timeout)
             .map_err(|e| ProxyStartError::Upstream(e.to_string()))?;
         let instance = getrandom::u64().unwrap_or_else(|_| u64::from(std::process::id()));
@@ -142,11 +185,22 @@ impl Proxy {
             instance,
             clock: crate::clock::Clock::system(),
             metrics,
+            secrets,
         }))
     }
 
     pub fn settings(&self) -> &ProxySettings {
         &self.settings
+    }
+
+    /// The redaction of its own answers to the holder of `token`: the secrets it knows, and
+    /// that token.
+    fn redact(&self, text: &str, token: Option<&str>) -> String {
+        let masked = (self.secrets)().redact(text).into_owned();
+        match token.filter(|t| !t.is_empty()) {
+            Some(token) => keylease::mask_in(&masked, token),
+            None => masked,
+        }
     }
 
     /// The keylease client that calls as the holder of `token`.
@@ -198,7 +252,7 @@ impl Proxy {
 pub async fn start_embedded(
     settings: ProxySettings,
     local: &crate::connections::LocalConnector,
-    metrics: Arc<crate::metrics::Metrics>,
+    embedding: Embedding,
 ) -> Result<SocketAddr, ProxyStartError> {
     let listen = settings.listen;
     let listen_failed = |source| ProxyStartError::Listen {
@@ -213,7 +267,7 @@ pub async fn start_embedded(
     )
     .map_err(|e| ProxyStartError::KeyLease(e.to_string()))?;
     let upstream = settings.upstream.clone();
-    let proxy = Proxy::new(settings, keylease, Some(metrics))?;
+    let proxy = Proxy::new(settings, keylease, Some(embedding))?;
     tracing::info!(%address, %upstream, "Gemini-compatible proxy at http://{address}");
     tokio::spawn(async move {
         if let Err(error) = serve(listener, proxy, std::future::pending()).await {

@@ -17,7 +17,13 @@ pub enum ProxyError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
-    /// A path or method the proxy does not serve.
+    /// A path the proxy serves, called with another method than `allow`.
+    #[error("{message}")]
+    WrongMethod {
+        message: String,
+        allow: axum::http::Method,
+    },
+    /// A real Gemini endpoint the proxy does not serve.
     #[error("{0}")]
     NotServed(String),
     /// keylease did not know the caller's token.
@@ -83,7 +89,49 @@ impl From<KeyLeaseError> for ProxyError {
     }
 }
 
+impl From<super::route::Unrouted> for ProxyError {
+    fn from(unrouted: super::route::Unrouted) -> Self {
+        use super::route::Unrouted;
+        match unrouted {
+            Unrouted::NotFound(message) => Self::NotFound(message),
+            Unrouted::WrongMethod { message, allow } => Self::WrongMethod { message, allow },
+            Unrouted::NotServed(message) => Self::NotServed(message),
+        }
+    }
+}
+
 impl ProxyError {
+    /// The same answer with every secret `redactor` finds in its text masked: the proxy's own
+    /// messages quote the caller's path and headers, and the provider's go on as they came.
+    pub fn redacted(self, redact: impl Fn(&str) -> String) -> Self {
+        let mask = |text: String| redact(&text);
+        match self {
+            Self::BadRequest(m) => Self::BadRequest(mask(m)),
+            Self::NotFound(m) => Self::NotFound(mask(m)),
+            Self::WrongMethod { message, allow } => Self::WrongMethod {
+                message: mask(message),
+                allow,
+            },
+            Self::NotServed(m) => Self::NotServed(mask(m)),
+            Self::Unauthenticated(m) => Self::Unauthenticated(mask(m)),
+            Self::PermissionDenied(m) => Self::PermissionDenied(mask(m)),
+            Self::NoKey {
+                reason,
+                retry_after,
+            } => Self::NoKey {
+                reason: mask(reason),
+                retry_after,
+            },
+            Self::Unavailable(m) => Self::Unavailable(mask(m)),
+            Self::Upstream { status, message } => Self::Upstream {
+                status,
+                message: mask(message),
+            },
+            Self::DeadlineExceeded(deadline) => Self::DeadlineExceeded(deadline),
+            Self::Passed(status, body) => Self::Passed(status, mask(body)),
+        }
+    }
+
     /// What a leased call's failure means for the caller; a request error the provider
     /// answered goes back as it came.
     pub fn from_call(error: GenerateError) -> Self {
@@ -106,6 +154,7 @@ impl ProxyError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::WrongMethod { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::NotServed(_) => StatusCode::NOT_IMPLEMENTED,
             Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Self::PermissionDenied(_) => StatusCode::FORBIDDEN,
@@ -125,7 +174,7 @@ impl ProxyError {
     /// The `google.rpc.Code` name Gemini puts in `status`.
     fn status_word(&self) -> &'static str {
         match self {
-            Self::BadRequest(_) => "INVALID_ARGUMENT",
+            Self::BadRequest(_) | Self::WrongMethod { .. } => "INVALID_ARGUMENT",
             Self::NotFound(_) => "NOT_FOUND",
             Self::NotServed(_) => "UNIMPLEMENTED",
             Self::Unauthenticated(_) => "UNAUTHENTICATED",
@@ -172,6 +221,11 @@ impl IntoResponse for ProxyError {
             self.body().to_string(),
         )
             .into_response();
+        if let Self::WrongMethod { allow, .. } = &self
+            && let Ok(allow) = HeaderValue::from_str(allow.as_str())
+        {
+            response.headers_mut().insert(header::ALLOW, allow);
+        }
         if let Self::NoKey { retry_after, .. } = &self {
             // Whole seconds, rounded up: a client that waits that long finds the delay over.
             let seconds = retry_after.unwrap_or(DEFAULT_RETRY).as_secs_f64().ceil() as u64;

@@ -37,6 +37,16 @@ impl Call {
         }
     }
 
+    /// Whether it passes the query parameter `name=value` (decoded) upstream: only those it is
+    /// known to take, with values of their shape; no other text of the caller's goes. (The
+    /// listing is fetched whole by the proxy itself, so it passes none.)
+    pub fn passes_parameter(&self, name: &str, value: &str) -> bool {
+        match (self, name) {
+            (Self::Stream { .. }, "alt") => matches!(value, "sse" | "json"),
+            _ => false,
+        }
+    }
+
     /// Whether the call spends one of the model's requests; `countTokens` and the model
     /// listing use a key without booking the quota.
     pub fn books_request(&self) -> bool {
@@ -53,31 +63,92 @@ pub struct Route {
     pub model: Option<String>,
 }
 
-/// The route of `method path`, or why it is not served.
-pub fn route(method: &Method, path: &str, alt: Option<&str>) -> Result<Route, String> {
+/// Why a request has no route: the three answers differ for a client, as HTTP says.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unrouted {
+    /// No Gemini endpoint has this path (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The path is served, with another method (405); `allow` is the one it takes.
+    #[error("{message}")]
+    WrongMethod { message: String, allow: Method },
+    /// A real Gemini endpoint keylease does not serve (501).
+    #[error("{0}")]
+    NotServed(String),
+}
+
+/// What the proxy serves, for messages.
+const SERVED: &str = "models/{model}:generateContent, :streamGenerateContent, :embedContent, :batchEmbedContents, :countTokens, models, models/{model}, openai/chat/completions and openai/embeddings (v1beta and v1)";
+
+/// Gemini's collections that keylease does not serve: each holds resources that belong to the
+/// project of the key that made them, and the next call may run on another project's key.
+const UNSERVED_COLLECTIONS: [&str; 7] = [
+    "files",
+    "cachedContents",
+    "batches",
+    "tunedModels",
+    "corpora",
+    "operations",
+    "fileSearchStores",
+];
+
+/// Gemini's model methods that keylease does not serve.
+const UNSERVED_MODEL_METHODS: [&str; 6] = [
+    "batchGenerateContent",
+    "asyncBatchEmbedContent",
+    "predict",
+    "predictLongRunning",
+    "generateAnswer",
+    "bidiGenerateContent",
+];
+
+/// The route of `method path`, or why there is none. Messages name the method and the path
+/// (the caller's own text: the proxy masks secrets in whatever it answers).
+pub fn route(method: &Method, path: &str, alt: Option<&str>) -> Result<Route, Unrouted> {
+    let not_found = || {
+        Unrouted::NotFound(format!(
+            "{method} {path}: no such Gemini endpoint; keylease's proxy serves {SERVED}"
+        ))
+    };
     let not_served = || {
-        format!(
-            "keylease's proxy does not serve {method} {path}: it serves models/{{model}}:generateContent, :streamGenerateContent, :embedContent, :batchEmbedContents, :countTokens, models, models/{{model}}, openai/chat/completions and openai/embeddings (v1beta and v1). The Files API is not served: an uploaded file belongs to the project of the key that uploaded it, and the next call may run on another project's key; upload with a key of your own and send the file inline, or call Gemini directly."
-        )
+        Unrouted::NotServed(format!(
+            "keylease's proxy does not serve {method} {path}: it serves {SERVED}. Files, cached contents and batches are not served: such a resource belongs to the project of the key that made it, and the next call may run on another project's key; make it with a key of your own and send the content inline, or call Gemini directly."
+        ))
+    };
+    let wrong_method = |allow: Method| Unrouted::WrongMethod {
+        message: format!("{method} {path}: this endpoint takes {allow}"),
+        allow,
     };
     let rest = path.strip_prefix('/').unwrap_or(path);
-    let (version, rest) = rest.split_once('/').ok_or_else(not_served)?;
+    if rest.starts_with("upload/") {
+        return Err(not_served());
+    }
+    let (version, rest) = rest.split_once('/').ok_or_else(not_found)?;
     let version = match version {
         "v1beta" => "v1beta",
         "v1" => "v1",
-        _ => return Err(not_served()),
+        _ => return Err(not_found()),
     };
+    let collection = rest.split(['/', ':']).next().unwrap_or_default();
+    if UNSERVED_COLLECTIONS.contains(&collection) {
+        return Err(not_served());
+    }
     let post = *method == Method::POST;
     let get = *method == Method::GET;
     let (call, model) = match rest {
         "models" if get => (Call::ListModels, None),
-        "openai/chat/completions" if post && version == "v1beta" => (Call::OpenAiChat, None),
-        "openai/embeddings" if post && version == "v1beta" => (Call::OpenAiEmbeddings, None),
+        "models" => return Err(wrong_method(Method::GET)),
+        "openai/chat/completions" | "openai/embeddings" if version == "v1beta" && !post => {
+            return Err(wrong_method(Method::POST));
+        }
+        "openai/chat/completions" if version == "v1beta" => (Call::OpenAiChat, None),
+        "openai/embeddings" if version == "v1beta" => (Call::OpenAiEmbeddings, None),
         _ => {
-            let name = rest.strip_prefix("models/").ok_or_else(not_served)?;
+            let name = rest.strip_prefix("models/").ok_or_else(not_found)?;
             match name.split_once(':') {
-                None if get && valid_model(name) => (Call::GetModel, Some(name)),
-                Some((model, method_name)) if post && valid_model(model) => {
+                None if valid_model(name) && get => (Call::GetModel, Some(name)),
+                None if valid_model(name) => return Err(wrong_method(Method::GET)),
+                Some((model, method_name)) if valid_model(model) => {
                     let call = match method_name {
                         "generateContent" => Call::Generate,
                         "streamGenerateContent" => Call::Stream {
@@ -86,11 +157,17 @@ pub fn route(method: &Method, path: &str, alt: Option<&str>) -> Result<Route, St
                         "embedContent" => Call::Embed,
                         "batchEmbedContents" => Call::BatchEmbed,
                         "countTokens" => Call::CountTokens,
-                        _ => return Err(not_served()),
+                        _ if UNSERVED_MODEL_METHODS.contains(&method_name) => {
+                            return Err(not_served());
+                        }
+                        _ => return Err(not_found()),
                     };
+                    if !post {
+                        return Err(wrong_method(Method::POST));
+                    }
                     (call, Some(model))
                 }
-                _ => return Err(not_served()),
+                _ => return Err(not_found()),
             }
         }
     };
@@ -114,7 +191,7 @@ pub fn valid_model(name: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn post(path: &str) -> Result<Route, String> {
+    fn post(path: &str) -> Result<Route, Unrouted> {
         route(&Method::POST, path, None)
     }
 
@@ -166,20 +243,59 @@ mod tests {
     }
 
     #[test]
-    fn everything_else_is_refused_naming_the_path() {
+    fn unknown_paths_wrong_methods_and_unserved_endpoints_are_told_apart() {
+        let refused = |method: Method, path: &str| route(&method, path, None).unwrap_err();
         for (method, path) in [
-            (Method::POST, "/upload/v1beta/files"),
-            (Method::GET, "/v1beta/files"),
-            (Method::POST, "/v1beta/models/m:predict"),
-            (Method::GET, "/v1beta/models/m:generateContent"),
+            (Method::POST, "/v1beta/models/m:frobnicate"),
             (Method::POST, "/v2/models/m:generateContent"),
             (Method::POST, "/v1beta/models/../x:generateContent"),
             (Method::POST, "/v1/openai/chat/completions"),
-            (Method::DELETE, "/v1beta/models"),
             (Method::GET, "/"),
+            (Method::GET, "/v1beta"),
+            (Method::GET, "/v1beta/nothing"),
         ] {
-            let refused = route(&method, path, None).unwrap_err();
-            assert!(refused.contains(path), "{refused}");
+            let refusal = refused(method, path);
+            assert!(
+                matches!(refusal, Unrouted::NotFound(_)),
+                "{path}: {refusal:?}"
+            );
+            assert!(refusal.to_string().contains(path), "{refusal}");
+        }
+        for (method, path, allow) in [
+            (
+                Method::GET,
+                "/v1beta/models/m:generateContent",
+                Method::POST,
+            ),
+            (Method::PUT, "/v1beta/models/m:countTokens", Method::POST),
+            (Method::DELETE, "/v1beta/models", Method::GET),
+            (Method::POST, "/v1beta/models/gemini-2.5-pro", Method::GET),
+            (Method::GET, "/v1beta/openai/chat/completions", Method::POST),
+        ] {
+            let refusal = refused(method, path);
+            assert_eq!(
+                refusal,
+                Unrouted::WrongMethod {
+                    message: refusal.to_string(),
+                    allow
+                },
+                "{path}"
+            );
+        }
+        for (method, path) in [
+            (Method::POST, "/upload/v1beta/files"),
+            (Method::GET, "/v1beta/files"),
+            (Method::GET, "/v1beta/files/abc"),
+            (Method::POST, "/v1beta/cachedContents"),
+            (Method::GET, "/v1/batches/b1"),
+            (Method::POST, "/v1beta/models/m:batchGenerateContent"),
+            (Method::POST, "/v1beta/models/m:predict"),
+        ] {
+            let refusal = refused(method, path);
+            assert!(
+                matches!(refusal, Unrouted::NotServed(_)),
+                "{path}: {refusal:?}"
+            );
         }
     }
 }

@@ -207,8 +207,9 @@ pub async fn serve(
             tokio::time::sleep_until(ends).await;
         }
     };
-    if let Some((settings, local)) = proxy {
-        crate::proxy::start_embedded(settings, &local, router.metrics().clone()).await?;
+    if let Some((proxy, local)) = proxy {
+        let embedding = crate::proxy::Embedding::replica(router.metrics().clone(), &settings);
+        crate::proxy::start_embedded(proxy, &local, embedding).await?;
     }
     if let Some(listener) = metrics {
         let scraped = router.clone();
