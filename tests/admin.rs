@@ -401,3 +401,164 @@ async fn limits_change_in_the_file_and_a_reload_applies_an_edited_file() {
         "{back:?}"
     );
 }
+
+/// Names an admin call writes into a file, and so into every reply, event and log line about
+/// them, hold no secret and are bounded; a secret an operator typed into the config file as a
+/// name is masked in the reload's report; the keys file is written through a link.
+#[tokio::test]
+async fn names_holding_secrets_are_refused_and_reports_are_masked() {
+    let server = server().await;
+    let mut admin = admin_with_token(&server, ADMIN).await;
+    let mut events = raw_with_token(&server, ADMIN)
+        .await
+        .watch_events(pb::WatchEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let config_path = server.config_dir().join("keylease.toml");
+    let keys_path = server.config_dir().join("keys.txt");
+    let config_before = std::fs::read_to_string(&config_path).unwrap();
+    let k1 = fake_secret("k1");
+
+    for (field, request) in [
+        (
+            "project",
+            pb::SetLimitsRequest {
+                model: MODEL.into(),
+                project: k1.clone(),
+                requests_per_minute: Some(5),
+                ..Default::default()
+            },
+        ),
+        (
+            "pool",
+            pb::SetLimitsRequest {
+                model: MODEL.into(),
+                pool: format!("x{k1}"),
+                requests_per_minute: Some(5),
+                ..Default::default()
+            },
+        ),
+    ] {
+        let refused = admin.set_limits(request).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert!(
+            refused.message().starts_with(field),
+            "{}",
+            refused.message()
+        );
+        assert!(!refused.message().contains(&k1), "{}", refused.message());
+        assert!(!refused.message().contains(ADDED), "{}", refused.message());
+    }
+    assert_eq!(
+        std::fs::read_to_string(&config_path).unwrap(),
+        config_before
+    );
+
+    // A line the keys file reads as something else is refused, and nothing is written.
+    let keys_before = std::fs::read_to_string(&keys_path).unwrap();
+    let assignment = admin
+        .add_key(pb::AddKeyRequest {
+            secret: format!("GEMINI_API_KEY_7={ADDED}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(assignment.code(), Code::InvalidArgument, "{assignment:?}");
+    assert!(!assignment.message().contains(ADDED));
+    assert_eq!(std::fs::read_to_string(&keys_path).unwrap(), keys_before);
+    // Oversized names.
+    for (key_id, project) in [
+        ("k".repeat(300), String::new()),
+        (String::new(), "p".repeat(10_000)),
+    ] {
+        let long = admin
+            .add_key(pb::AddKeyRequest {
+                secret: ADDED.into(),
+                key_id,
+                project,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(long.code(), Code::InvalidArgument, "{long:?}");
+        assert!(
+            long.message().contains("above the maximum of 128"),
+            "{}",
+            long.message()
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&keys_path).unwrap(), keys_before);
+    let status = raw_with_token(&server, ADMIN)
+        .await
+        .get_status(pb::GetStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.keys.len(), 2, "no key was loaded");
+
+    // The keys file behind a link: written through, the link kept.
+    let target = server.config_dir().join("real-keys.txt");
+    std::fs::rename(&keys_path, &target).unwrap();
+    std::os::unix::fs::symlink("real-keys.txt", &keys_path).unwrap();
+    admin
+        .add_key(pb::AddKeyRequest {
+            secret: ADDED.into(),
+            key_id: "k3".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        std::fs::symlink_metadata(&keys_path)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert!(std::fs::read_to_string(&target).unwrap().contains("id=k3"));
+
+    // An operator types a key as a model name: the reload's reply and event mask it.
+    let edited =
+        format!("{config_before}\n[pools.gemini.models.\"{k1}\"]\nrequests_per_minute = 3\n");
+    std::fs::write(&config_path, &edited).unwrap();
+    let reloaded = admin
+        .reload(pb::ReloadRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!reloaded.changes.is_empty(), "{reloaded:?}");
+    assert!(!format!("{reloaded:?}").contains(&k1), "{reloaded:?}");
+    let event = event_where(&mut events, |k| matches!(k, pb::event::Kind::Reloaded(_))).await;
+    assert!(!format!("{event:?}").contains(&k1), "{event:?}");
+}
+
+/// An acquire's exclusions are bounded in number and in each id's length.
+#[tokio::test]
+async fn an_acquire_excluding_too_many_keys_is_refused() {
+    let server = server().await;
+    let mut worker = raw_with_token(&server, WORKER).await;
+    for (excluded, what) in [
+        (vec!["k9".to_string(); 100_000], "100000 ids"),
+        (vec!["k9".to_string(); 1025], "1025 ids"),
+        (vec!["k".repeat(129)], "an id of 129 bytes"),
+    ] {
+        let refused = worker
+            .acquire_key(pb::AcquireKeyRequest {
+                exclude_key_ids: excluded,
+                ..acquire("greedy")
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument);
+        assert!(refused.message().contains(what), "{}", refused.message());
+    }
+    let fine = worker
+        .acquire_key(pb::AcquireKeyRequest {
+            exclude_key_ids: vec!["k1".to_string(); 1024],
+            ..acquire("modest")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fine.key_id, "k2");
+}

@@ -137,6 +137,11 @@ impl Control {
         let mut report = diff(running, &loaded);
         let configured = self.state.reconfigure(by, &loaded).await??;
         describe_drains(&configured, &mut report.changes);
+        // The report quotes names from the files, where a mistake can put a secret: masked
+        // (with the keys just loaded among the secrets) before it is logged, shown or answered.
+        for line in report.changes.iter_mut().chain(&mut report.needs_restart) {
+            *line = self.state.redact(std::mem::take(line));
+        }
         let replication_token = match &running.state {
             StateLocation::Redis(replication) => Some(&replication.token),
             _ => None,
@@ -183,14 +188,11 @@ impl Control {
         self.refuse_with_replicas(&running, "AddKey")?;
         let path = keys_file(&running)?;
         let secret = request.secret.trim();
-        if secret.is_empty()
-            || secret.starts_with('#')
-            || secret.chars().any(|c| c.is_whitespace() || c.is_control())
-        {
-            return Err(invalid(
-                "secret",
-                "must be the key alone: non-empty, without white space, not starting with `#`",
-            ));
+        if let Some(problem) = crate::config::secret_problem(secret) {
+            return Err(invalid("secret", problem));
+        }
+        if secret.starts_with('#') {
+            return Err(invalid("secret", "starts with `#`, which begins a comment"));
         }
         if let Some(existing) = running.keys.iter().find(|k| k.secret.reveal() == secret) {
             return Err(AdminError::Refused(format!(
@@ -213,12 +215,7 @@ impl Control {
             {
                 return Err(invalid(field, "may not hold white space or `#`"));
             }
-            if self.state.redactor().finds_secret(value) {
-                return Err(invalid(
-                    field,
-                    "holds a key or looks like one; it is shown to every operator",
-                ));
-            }
+            self.check_name(field, value)?;
             line.push_str(&format!(" {name}={value}"));
         }
         if request.max_leases > 0 {
@@ -233,14 +230,21 @@ impl Control {
         after.push('\n');
         self.rewrite_and_reload(by, &mut running, &path, &before, &after, Some(0o600))
             .await?;
-        let id = running
+        let Some(id) = running
             .keys
             .iter()
             .find(|k| k.secret.reveal() == secret)
             .map(|k| k.id.clone())
-            .ok_or_else(|| {
-                AdminError::Refused("the key was not read back from the keys file".into())
-            })?;
+        else {
+            // The file read the line as something else: the answer must match the effect,
+            // so the file is put back as it was, and what it loads with it.
+            replace_file(&path, &before, Some(0o600))?;
+            self.reload_locked(by, &mut running).await?;
+            return Err(AdminError::Refused(format!(
+                "the keys file {} does not read this line back as the key given, so it was not added",
+                path.display()
+            )));
+        };
         Ok(self
             .state
             .read(|engine, now| engine.key_status(now, &id))
@@ -290,12 +294,19 @@ impl Control {
                 "the server was started without a config file: limits live in one".into(),
             ));
         };
+        let model = canonical_model(&request.model);
+        for (field, name) in [
+            ("pool", request.pool.as_str()),
+            ("project", request.project.as_str()),
+            ("model", model),
+        ] {
+            self.check_name(field, name)?;
+        }
         let pool = if request.pool.is_empty() {
             crate::engine::DEFAULT_POOL
         } else {
             request.pool.as_str()
         };
-        let model = canonical_model(&request.model);
         if model.is_empty() {
             return Err(invalid("model", "empty"));
         }
@@ -355,6 +366,21 @@ impl Control {
         }
     }
 
+    /// A name an admin call would write into a file (and so into every status reply, metric and
+    /// log line about it): bounded, and holding no secret, nor anything shaped like one.
+    fn check_name(&self, field: &'static str, name: &str) -> Result<(), AdminError> {
+        if let Some(problem) = crate::config::name_problem(name) {
+            return Err(invalid(field, problem));
+        }
+        if self.state.redactor().finds_secret(name) {
+            return Err(invalid(
+                field,
+                "holds a key or looks like one; it is shown to every operator",
+            ));
+        }
+        Ok(())
+    }
+
     fn refuse_with_replicas(&self, running: &Settings, call: &str) -> Result<(), AdminError> {
         if matches!(running.state, StateLocation::Redis(_)) {
             return Err(AdminError::Refused(format!(
@@ -380,8 +406,15 @@ fn read(path: &Path) -> Result<String, AdminError> {
 
 /// Replaces `path` with `text` at once: a new file beside it (mode `mode`, else the umask's),
 /// synced, renamed over it, and the directory synced. A crash leaves the old file or the new.
+/// A link is written through: the file it points to is replaced, and the link stays.
 fn replace_file(path: &Path, text: &str, mode: Option<u32>) -> Result<(), AdminError> {
     use std::os::unix::fs::OpenOptionsExt;
+    let target = match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => std::fs::canonicalize(path)
+            .map_err(|e| file_error(path, format!("cannot follow the link: {e}")))?,
+        _ => path.to_path_buf(),
+    };
+    let path = target.as_path();
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())

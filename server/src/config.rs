@@ -1445,17 +1445,8 @@ impl<'a> KeyCollector<'a> {
         max_leases: Option<u32>,
     ) -> Result<(), ConfigError> {
         let secret = secret.trim();
-        if secret.is_empty() {
-            return Err(invalid(origin, "the key is empty"));
-        }
-        if secret.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(invalid(origin, "the key contains white space"));
-        }
-        if ASSIGNMENT.is_match(secret) {
-            return Err(invalid(
-                origin,
-                "the key starts with a variable name and '=': give the key alone",
-            ));
+        if let Some(problem) = secret_problem(secret) {
+            return Err(invalid(origin, problem));
         }
         let secret = ApiKey::new(secret);
         if let Some(first) = self.secret_origin.get(&secret) {
@@ -1469,6 +1460,15 @@ impl<'a> KeyCollector<'a> {
             Some(id) => id.trim().to_string(),
             None => secret.derived_id(self.id_salt),
         };
+        for (what, name) in [
+            ("id", Some(id.as_str())),
+            ("project", project),
+            ("pool", pool),
+        ] {
+            if let Some(problem) = name.and_then(|name| name_problem(name.trim())) {
+                return Err(invalid(origin, format!("the {what} {problem}")));
+            }
+        }
         if let Some(first) = self.id_origin.get(&id) {
             return Err(invalid(
                 origin,
@@ -1695,6 +1695,30 @@ impl<'a> KeyCollector<'a> {
 
 /// What a keys-file line may say after its key, as `name=value`.
 const ANNOTATIONS: [&str; 4] = ["id", "project", "pool", "max_leases"];
+
+/// What is wrong with `secret` (trimmed) as a key's secret, if anything.
+pub fn secret_problem(secret: &str) -> Option<&'static str> {
+    if secret.is_empty() {
+        Some("the key is empty")
+    } else if secret.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some("the key contains white space")
+    } else if ASSIGNMENT.is_match(secret) {
+        Some("the key starts with a variable name and '=': give the key alone")
+    } else {
+        None
+    }
+}
+
+/// What is wrong with `name` as a key id, project or pool, if anything (never quoting it).
+pub fn name_problem(name: &str) -> Option<String> {
+    (name.len() > keylease::MAX_NAME_BYTES).then(|| {
+        format!(
+            "is {} bytes, above the maximum of {}",
+            name.len(),
+            keylease::MAX_NAME_BYTES
+        )
+    })
+}
 
 /// `NAME=` at the start of a word: an environment assignment, not a key.
 static ASSIGNMENT: LazyLock<Regex> =

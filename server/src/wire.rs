@@ -226,6 +226,24 @@ pub fn page_after(token: &str) -> Result<Option<String>, Status> {
 }
 
 pub fn acquire_request(request: pb::AcquireKeyRequest) -> Result<AcquireRequest, Status> {
+    let excluded = &request.exclude_key_ids;
+    if excluded.len() > keylease::MAX_EXCLUDED_KEYS {
+        return Err(Status::invalid_argument(format!(
+            "exclude_key_ids: {} ids, above the maximum of {}",
+            excluded.len(),
+            keylease::MAX_EXCLUDED_KEYS
+        )));
+    }
+    if let Some(long) = excluded
+        .iter()
+        .find(|id| id.len() > keylease::MAX_NAME_BYTES)
+    {
+        return Err(Status::invalid_argument(format!(
+            "exclude_key_ids: an id of {} bytes, above the maximum of {}",
+            long.len(),
+            keylease::MAX_NAME_BYTES
+        )));
+    }
     Ok(AcquireRequest {
         task_id: request.task_id,
         pool: request.pool,
