@@ -444,6 +444,35 @@ async fn nothing_the_server_writes_or_answers_holds_a_secret() {
         1,
         "the leaked key was met"
     );
+    // Hostile spellings of the token in the query, and secrets in the path and in a provider's
+    // answer: neither the answers nor what went upstream may hold them.
+    let hostile = [
+        format!("{generate}?k%65y={WORKER}"),
+        format!("{generate}?%6B%65%79={WORKER}&KEY={WORKER}"),
+        format!("{proxy_url}/v1beta/{WORKER}/{}", keys[0].1),
+        format!("{proxy_url}/v1beta/models/{}:generateContent", keys[1].1),
+    ];
+    for url in hostile {
+        let answer = http
+            .post(url)
+            .header("x-goog-api-key", WORKER)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let headers = format!("{:?}", answer.headers());
+        seen.push(format!("{headers} {}", answer.text().await.unwrap()));
+    }
+    let echoed = http
+        .post(&generate)
+        .header("x-goog-api-key", WORKER)
+        .json(&serde_json::json!({"contents": [{"parts": [{"text": fake_gemini::ECHO_KEY}]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(echoed.status(), 400);
+    seen.push(echoed.text().await.unwrap());
+    seen.push(fake.fake.queries_seen().join("\n"));
 
     let mut events = lease_client
         .watch_events(with_token(VIEWER, pb::WatchEventsRequest {}))
@@ -654,6 +683,33 @@ async fn nothing_the_server_writes_or_answers_holds_a_secret() {
                 pb::SetLimitsRequest {
                     model: "gemini-2.5-flash".into(),
                     requests_per_minute: Some(50),
+                    ..Default::default()
+                },
+            ))
+            .await,
+    ));
+    // A configured key given as the names an admin call writes.
+    seen.push(answered(
+        admin
+            .set_limits(with_token(
+                ADMIN,
+                pb::SetLimitsRequest {
+                    model: "gemini-2.5-flash".into(),
+                    project: keys[0].1.clone(),
+                    requests_per_minute: Some(5),
+                    ..Default::default()
+                },
+            ))
+            .await,
+    ));
+    seen.push(answered(
+        admin
+            .set_limits(with_token(
+                ADMIN,
+                pb::SetLimitsRequest {
+                    model: keys[2].1.clone(),
+                    pool: keys[1].1.clone(),
+                    requests_per_minute: Some(5),
                     ..Default::default()
                 },
             ))
