@@ -82,10 +82,22 @@ pub struct ProxySection {
     pub max_body: u64,
     /// The model leased to list models; default: the first of the `gemini` pool.
     pub listing_model: Option<String>,
+    /// Connections at once (fitted to the open-file limit at start).
+    pub max_connections: usize,
+    /// How long a client has to send a request's headers.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// How long a client has to send a request's body.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// A connection with no request in flight this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for ProxySection {
     fn default() -> Self {
+        let limits = crate::proxy::DEFAULT_LIMITS;
         Self {
             listen: None,
             upstream: keylease_client::gemini::DEFAULT_BASE_URL.to_string(),
@@ -93,6 +105,10 @@ impl Default for ProxySection {
             timeout: crate::proxy::DEFAULT_TIMEOUT,
             max_body: crate::proxy::DEFAULT_MAX_BODY as u64,
             listing_model: None,
+            max_connections: limits.max_connections,
+            header_timeout: limits.header_timeout,
+            body_timeout: limits.body_timeout,
+            idle_timeout: limits.idle_timeout,
         }
     }
 }
@@ -1103,6 +1119,9 @@ fn proxy_settings(
     for (field, value) in [
         ("proxy.wait", section.wait),
         ("proxy.timeout", section.timeout),
+        ("proxy.header_timeout", section.header_timeout),
+        ("proxy.body_timeout", section.body_timeout),
+        ("proxy.idle_timeout", section.idle_timeout),
     ] {
         if value.is_zero() || value > MAX_DURATION {
             return Err(invalid(
@@ -1136,6 +1155,9 @@ fn proxy_settings(
             .get(crate::engine::DEFAULT_POOL)
             .and_then(|pool| pool.models.keys().next().cloned()),
     };
+    if section.max_connections == 0 {
+        return Err(invalid(at("proxy.max_connections"), "must be above zero"));
+    }
     Ok(Some(ProxySettings {
         listen: parsed,
         upstream,
@@ -1143,6 +1165,12 @@ fn proxy_settings(
         timeout: section.timeout,
         max_body,
         listing_model,
+        limits: crate::connections::HttpLimits {
+            max_connections: section.max_connections,
+            header_timeout: section.header_timeout,
+            body_timeout: section.body_timeout,
+            idle_timeout: section.idle_timeout,
+        },
     }))
 }
 

@@ -472,14 +472,14 @@ where
 }
 
 /// A response body that keeps its call in flight until it is done or dropped.
-struct GuardedBody {
-    body: tonic::body::Body,
+struct GuardedBody<B = tonic::body::Body> {
+    body: B,
     _guard: CallGuard,
 }
 
-impl http_body::Body for GuardedBody {
-    type Data = <tonic::body::Body as http_body::Body>::Data;
-    type Error = <tonic::body::Body as http_body::Body>::Error;
+impl<B: http_body::Body + Unpin> http_body::Body for GuardedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -494,5 +494,197 @@ impl http_body::Body for GuardedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// What connections to an HTTP port (the proxy's) may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Connections at once; one more is accepted and closed at once.
+    pub max_connections: usize,
+    /// How long a client has to send a request's headers (HTTP/1.1), from when the server
+    /// starts reading them: a connection that sends a request line and stops is closed.
+    pub header_timeout: Duration,
+    /// How long a client has to send a request's whole body (see the proxy).
+    pub body_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+/// Serves `app` over HTTP/1.1 and HTTP/2 (cleartext) on `listener` within `limits` until
+/// `shutdown` resolves; then accepts no more and waits for the connections to finish.
+pub async fn serve_http(
+    listener: TcpListener,
+    clock: Clock,
+    app: axum::Router,
+    limits: HttpLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_send_buf_size(MAX_SEND_BUFFER);
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "accepting a connection to the proxy failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                max_connections = limits.max_connections,
+                "proxy connection refused: it holds as many as it may"
+            );
+            continue;
+        };
+        // Stream chunks go out as they come, not held back for a delayed acknowledgement.
+        let _ = stream.set_nodelay(true);
+        let connection = Connection::new(
+            Stream::Plain(stream),
+            Some(slot),
+            limits.idle_timeout,
+            clock.clone(),
+        );
+        let service = TrackedHttp {
+            app: app.clone(),
+            activity: connection.activity.clone(),
+        };
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            let served =
+                watcher
+                    .watch(builder.serve_connection(
+                        TokioIo::new(connection),
+                        TowerToHyperService::new(service),
+                    ))
+                    .await;
+            if let Err(error) = served {
+                tracing::debug!(%error, "proxy connection ended");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// An HTTP app as one connection serves it: each request is in flight until its response body
+/// has ended, for the idle timeout.
+#[derive(Clone)]
+struct TrackedHttp {
+    app: axum::Router,
+    activity: Arc<Activity>,
+}
+
+impl tower::Service<http::Request<hyper::body::Incoming>> for TrackedHttp {
+    type Response = http::Response<axum::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<hyper::body::Incoming>) -> Self::Future {
+        let guard = self.activity.call();
+        let response =
+            tower::ServiceExt::oneshot(self.app.clone(), request.map(axum::body::Body::new));
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| {
+                axum::body::Body::new(GuardedBody {
+                    body,
+                    _guard: guard,
+                })
+            }))
+        })
+    }
+}
+
+/// File descriptors kept out of the connection caps: the state store, Redis, the proxy's
+/// upstream connections and its own to keylease, logs, the runtime.
+pub const RESERVED_FILES: u64 = 256;
+
+/// The connection caps as they fit the open-file limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileBudget {
+    /// The soft `RLIMIT_NOFILE`, raised to the hard one when it could be.
+    pub open_files: u64,
+    pub grpc: usize,
+    pub proxy: usize,
+}
+
+impl FileBudget {
+    /// Raises the soft open-file limit to the hard one, then fits the gRPC port's and the
+    /// proxy's caps (0: no proxy) in it with [`RESERVED_FILES`] to spare.
+    pub fn raise_and_fit(grpc: usize, proxy: usize) -> Self {
+        let open_files = rlimit::increase_nofile_limit(u64::MAX)
+            .or_else(|_| rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft))
+            .unwrap_or(1024);
+        Self::fit(open_files, grpc, proxy)
+    }
+
+    /// As configured when both caps fit; else the gRPC port keeps up to two thirds of what is
+    /// left, so that workers are served when the proxy is full, and the proxy gets the rest.
+    pub fn fit(open_files: u64, grpc: usize, proxy: usize) -> Self {
+        let left = usize::try_from(open_files.saturating_sub(RESERVED_FILES))
+            .unwrap_or(usize::MAX)
+            .max(2);
+        if grpc.saturating_add(proxy) <= left {
+            return Self {
+                open_files,
+                grpc,
+                proxy,
+            };
+        }
+        let grpc = if proxy == 0 {
+            grpc.min(left)
+        } else {
+            grpc.min(left * 2 / 3).max(1)
+        };
+        Self {
+            open_files,
+            grpc,
+            proxy: proxy.min(left - grpc),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_that_fit_the_open_files_stay_as_configured() {
+        let budget = FileBudget::fit(65_536, 1024, 1024);
+        assert_eq!((budget.grpc, budget.proxy), (1024, 1024));
+    }
+
+    #[test]
+    fn caps_over_the_open_files_are_cut_keeping_the_grpc_port_first() {
+        // 1,024 files: 768 left after the reserve.
+        let budget = FileBudget::fit(1024, 1024, 1024);
+        assert_eq!((budget.grpc, budget.proxy), (512, 256));
+        let small_proxy = FileBudget::fit(1024, 1024, 100);
+        assert_eq!((small_proxy.grpc, small_proxy.proxy), (512, 100));
+        let no_proxy = FileBudget::fit(1024, 1024, 0);
+        assert_eq!((no_proxy.grpc, no_proxy.proxy), (768, 0));
+        let tiny = FileBudget::fit(10, 1024, 1024);
+        assert!(tiny.grpc >= 1 && tiny.grpc + tiny.proxy <= 2, "{tiny:?}");
     }
 }

@@ -178,3 +178,109 @@ fn keylease_proxy_refuses_to_serve_off_loopback_for_a_keylease_without_tokens() 
         assert!(stderr.contains(flag), "{stderr}");
     }
 }
+
+/// Under the open-file limit systemd gives a service by default (1,024), 1,141 connections to
+/// the proxy that send a request line and a `Host` header and nothing more cannot exhaust the
+/// process: the caps are fitted to the limit (the gRPC port first), the proxy refuses what does
+/// not fit, its header timeout closes the rest, and the gRPC port serves throughout. A body
+/// announced as 10^12 bytes of which one comes is answered 408 within the body timeout.
+#[test]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "how long the server held connections, in real time"
+)]
+fn idle_proxy_connections_cannot_exhaust_the_process() {
+    use std::io::{Read, Write};
+    // This test holds more connections than the server may.
+    let _ = rlimit::increase_nofile_limit(8192);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let fake = runtime.block_on(fake());
+    let extra = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\nheader_timeout = \"2s\"\nbody_timeout = \"2s\"\nidle_timeout = \"3s\"\n",
+        fake.base_url()
+    );
+    let config = config(false, &extra);
+    let server = support::try_start_wrapped(
+        &["prlimit", "--nofile=1024:1024", "--"],
+        "127.0.0.1:0",
+        &config,
+        &[],
+        &["--ephemeral"],
+    )
+    .unwrap_or_else(|output| panic!("the server did not start under prlimit:\n{output}"));
+    let proxy = server.proxy_url().trim_start_matches("http://").to_string();
+    assert!(
+        server.output().contains("proxy.max_connections 1024 → 256"),
+        "{}",
+        server.output()
+    );
+    let grpc_status = || {
+        runtime.block_on(async {
+            let channel =
+                tonic::transport::Channel::from_shared(format!("http://{}", server.address))
+                    .unwrap()
+                    .timeout(Duration::from_secs(5))
+                    .connect()
+                    .await
+                    .map_err(|e| e.to_string())?;
+            keylease::pb::key_lease_client::KeyLeaseClient::new(channel)
+                .get_status(keylease::pb::GetStatusRequest::default())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    };
+
+    let mut idle = Vec::new();
+    for n in 0..1141 {
+        let mut stream = std::net::TcpStream::connect(&proxy).unwrap();
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+        idle.push(stream);
+        if n % 300 == 299 {
+            grpc_status()
+                .unwrap_or_else(|e| panic!("gRPC refused with {n} idle proxy connections: {e}"));
+        }
+    }
+    grpc_status().expect("gRPC serves while the proxy is full");
+    // Every one of them is closed by the server within the header timeout and a margin.
+    let began = std::time::Instant::now();
+    for stream in &mut idle {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(6)))
+            .unwrap();
+        let mut buf = [0u8; 512];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "idle connections were held {:?}",
+        began.elapsed()
+    );
+    drop(idle);
+
+    // A body that never comes.
+    let mut slow = std::net::TcpStream::connect(&proxy).unwrap();
+    slow.write_all(
+        format!(
+            "POST /v1beta/models/{MODEL}:generateContent HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000000000000\r\n\r\n{{"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = slow.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+
+    grpc_status().expect("gRPC still serves");
+    let output = server.output();
+    assert!(!output.contains("Too many open files"), "{output}");
+    assert!(output.contains("proxy connection refused"), "{output}");
+}

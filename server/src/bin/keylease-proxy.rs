@@ -41,6 +41,18 @@ struct Args {
     /// The model leased to list models (`GET models`); without it, listing is refused.
     #[arg(long)]
     listing_model: Option<String>,
+    /// Connections at once (fitted to the open-file limit).
+    #[arg(long, default_value_t = proxy::DEFAULT_LIMITS.max_connections)]
+    max_connections: usize,
+    /// How long a client has to send a request's headers.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    header_timeout: Duration,
+    /// How long a client has to send a request's body.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    body_timeout: Duration,
+    /// A connection with no request in flight this long is closed.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
     /// The CA that signed keylease's certificate (PEM), for https:// addresses.
     #[arg(long)]
     ca: Option<PathBuf>,
@@ -84,8 +96,20 @@ async fn run(args: Args) -> Result<(), (u8, String)> {
     let usage = |message: String| (EXIT_USAGE, message);
     let upstream =
         proxy::check_upstream(&args.upstream).map_err(|e| usage(format!("--upstream: {e}")))?;
-    if args.wait.is_zero() || args.timeout.is_zero() {
-        return Err(usage("--wait and --timeout must be above zero".into()));
+    if [
+        args.wait,
+        args.timeout,
+        args.header_timeout,
+        args.body_timeout,
+        args.idle_timeout,
+    ]
+    .iter()
+    .any(Duration::is_zero)
+        || args.max_connections == 0
+    {
+        return Err(usage(
+            "--wait, --timeout, --header-timeout, --body-timeout, --idle-timeout and --max-connections must be above zero".into(),
+        ));
     }
     if !proxy::MAX_BODY_RANGE.contains(&args.max_body) {
         return Err(usage(format!(
@@ -117,6 +141,16 @@ async fn run(args: Args) -> Result<(), (u8, String)> {
     if !args.listen.ip().is_loopback() {
         refuse_if_open(&keylease, args.listen).await?;
     }
+    let budget = keylease_server::connections::FileBudget::raise_and_fit(0, args.max_connections);
+    if budget.proxy < args.max_connections {
+        tracing::warn!(
+            open_files = budget.open_files,
+            reserved = keylease_server::connections::RESERVED_FILES,
+            "the open-file limit leaves room for {} connections, not --max-connections {}: raise the limit (LimitNOFILE=) to serve more",
+            budget.proxy,
+            args.max_connections
+        );
+    }
     let settings = ProxySettings {
         listen: args.listen,
         upstream: upstream.clone(),
@@ -124,6 +158,12 @@ async fn run(args: Args) -> Result<(), (u8, String)> {
         timeout: args.timeout,
         max_body: args.max_body,
         listing_model: args.listing_model,
+        limits: keylease_server::connections::HttpLimits {
+            max_connections: budget.proxy,
+            header_timeout: args.header_timeout,
+            body_timeout: args.body_timeout,
+            idle_timeout: args.idle_timeout,
+        },
     };
     let proxy = Proxy::new(settings, keylease, None).map_err(|e| usage(e.to_string()))?;
     let listener = TcpListener::bind(args.listen).await.map_err(|e| {

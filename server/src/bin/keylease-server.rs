@@ -365,7 +365,38 @@ async fn run_replica(
     Ok(())
 }
 
-async fn run(settings: Settings, source: ConfigSource, reset_state: bool) -> Result<(), Failure> {
+/// Fits the gRPC port's and the proxy's connection caps to the open-file limit (raised to the
+/// hard limit first), so that the process never runs out of descriptors for its store, its
+/// upstream connections or the gRPC port's workers when the proxy is full; says what it cut.
+fn fit_to_open_files(settings: &mut Settings) {
+    let grpc = settings.limits.max_connections;
+    let proxy = settings
+        .proxy
+        .as_ref()
+        .map_or(0, |p| p.limits.max_connections);
+    let budget = keylease_server::connections::FileBudget::raise_and_fit(grpc, proxy);
+    if (budget.grpc, budget.proxy) == (grpc, proxy) {
+        return;
+    }
+    tracing::warn!(
+        open_files = budget.open_files,
+        reserved = keylease_server::connections::RESERVED_FILES,
+        "the open-file limit cannot hold the configured connections: server.max_connections {grpc} → {}, proxy.max_connections {proxy} → {}; raise the limit (LimitNOFILE=) to serve more",
+        budget.grpc,
+        budget.proxy
+    );
+    settings.limits.max_connections = budget.grpc;
+    if let Some(proxy) = &mut settings.proxy {
+        proxy.limits.max_connections = budget.proxy;
+    }
+}
+
+async fn run(
+    mut settings: Settings,
+    source: ConfigSource,
+    reset_state: bool,
+) -> Result<(), Failure> {
+    fit_to_open_files(&mut settings);
     if let StateLocation::Redis(replication) = &settings.state {
         let replication = (**replication).clone();
         return run_replica(settings, source, replication, reset_state).await;

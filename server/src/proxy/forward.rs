@@ -105,17 +105,21 @@ impl Incoming {
         let token_hash = token_sha256(token.unwrap_or_default());
 
         let max_body = proxy.settings.max_body;
-        let body = axum::body::to_bytes(body, max_body).await.map_err(|e| {
-            if std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-            {
-                ProxyError::BadRequest(format!(
-                    "the request body is over {max_body} bytes ([proxy] max_body)"
-                ))
-            } else {
-                ProxyError::BadRequest(format!("the request body could not be read: {e}"))
-            }
-        })?;
+        let body_timeout = proxy.settings.limits.body_timeout;
+        let body = tokio::time::timeout(body_timeout, axum::body::to_bytes(body, max_body))
+            .await
+            .map_err(|_| ProxyError::BodyTimeout(body_timeout))?
+            .map_err(|e| {
+                if std::error::Error::source(&e)
+                    .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                {
+                    ProxyError::BadRequest(format!(
+                        "the request body is over {max_body} bytes ([proxy] max_body)"
+                    ))
+                } else {
+                    ProxyError::BadRequest(format!("the request body could not be read: {e}"))
+                }
+            })?;
         let json: Value = if matches!(route.call, Call::ListModels | Call::GetModel) {
             Value::Null
         } else {

@@ -48,6 +48,8 @@ pub struct ProxySettings {
     pub max_body: usize,
     /// The model whose lease lists the models (`GET models`); `None`: listing is refused.
     pub listing_model: Option<String>,
+    /// What its connections may hold.
+    pub limits: crate::connections::HttpLimits,
 }
 
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
@@ -56,6 +58,13 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_MAX_BODY: usize = 20 * 1024 * 1024;
 /// What `max_body` may be: room for a prompt, and no more than a GiB held per call.
 pub const MAX_BODY_RANGE: std::ops::RangeInclusive<usize> = 1024..=1 << 30;
+/// The proxy's connection limits unless configured.
+pub const DEFAULT_LIMITS: crate::connections::HttpLimits = crate::connections::HttpLimits {
+    max_connections: 1024,
+    header_timeout: Duration::from_secs(10),
+    body_timeout: Duration::from_secs(60),
+    idle_timeout: Duration::from_secs(60),
+};
 /// How long a model listing is served from memory.
 const LISTING_TTL: Duration = Duration::from_secs(600);
 /// Most callers whose keylease connections are kept; past it the set starts again.
@@ -283,15 +292,11 @@ pub async fn serve(
     proxy: Arc<Proxy>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
+    let limits = proxy.settings.limits;
+    let clock = proxy.clock.clone();
     let router = Router::new().fallback(handle).with_state(proxy);
-    // Stream chunks go out as they come, not held back for a delayed acknowledgement.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    crate::connections::serve_http(listener, clock, router, limits, shutdown).await;
+    Ok(())
 }
 
 async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {

@@ -49,6 +49,9 @@ pub enum ProxyError {
     },
     #[error("no answer within {0:?}")]
     DeadlineExceeded(Duration),
+    /// The request's body did not arrive in time (`[proxy] body_timeout`).
+    #[error("the request body did not arrive within {0:?} ([proxy] body_timeout)")]
+    BodyTimeout(Duration),
     /// The provider refused the request itself (400, 404, ...): its answer goes back as it came.
     #[error("Gemini answered {0}")]
     Passed(u16, String),
@@ -128,6 +131,7 @@ impl ProxyError {
                 message: mask(message),
             },
             Self::DeadlineExceeded(deadline) => Self::DeadlineExceeded(deadline),
+            Self::BodyTimeout(limit) => Self::BodyTimeout(limit),
             Self::Passed(status, body) => Self::Passed(status, mask(body)),
         }
     }
@@ -165,6 +169,7 @@ impl ProxyError {
                 .filter(StatusCode::is_server_error)
                 .unwrap_or(StatusCode::BAD_GATEWAY),
             Self::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Passed(status, _) => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
             }
@@ -181,7 +186,7 @@ impl ProxyError {
             Self::PermissionDenied(_) => "PERMISSION_DENIED",
             Self::NoKey { .. } => "RESOURCE_EXHAUSTED",
             Self::Unavailable(_) | Self::Upstream { .. } => "UNAVAILABLE",
-            Self::DeadlineExceeded(_) => "DEADLINE_EXCEEDED",
+            Self::DeadlineExceeded(_) | Self::BodyTimeout(_) => "DEADLINE_EXCEEDED",
             Self::Passed(..) => "UNKNOWN",
         }
     }

@@ -197,14 +197,17 @@ pub async fn serve(
             stop_requested.cancel();
         }
     };
+    let clock = Clock::system();
+    // When the grace ends (steady ms), once stopping began.
     let grace_ends = Arc::new(std::sync::OnceLock::new());
     let grace = {
         let (stop_requested, grace_ends) = (stop_requested.clone(), grace_ends.clone());
+        let (clock, grace) = (clock.clone(), settings.shutdown_grace);
         async move {
             stop_requested.cancelled().await;
-            let ends = tokio::time::Instant::now() + settings.shutdown_grace;
+            let ends = clock.now_ms().saturating_add(grace.as_millis() as u64);
             let _ = grace_ends.set(ends);
-            tokio::time::sleep_until(ends).await;
+            tokio::time::sleep_until(clock.instant_at(ends)).await;
         }
     };
     if let Some((proxy, local)) = proxy {
@@ -248,7 +251,7 @@ pub async fn serve(
         tonic::service::Routes::new(router.clone()).add_service(router::AdminRouter(router)),
         front,
         serving_now,
-        Clock::system(),
+        clock.clone(),
         stopping,
         end_waits,
     );
@@ -261,12 +264,13 @@ pub async fn serve(
     };
     // No call is in flight any more (or the grace is over): the leader may hand over.
     shutdown.cancel();
+    let now = clock.now_ms();
     let step_down_by = grace_ends
         .get()
         .copied()
-        .unwrap_or_else(tokio::time::Instant::now)
-        .max(tokio::time::Instant::now() + STEP_DOWN_AT_LEAST);
-    if tokio::time::timeout_at(step_down_by, stepped_down)
+        .unwrap_or(now)
+        .max(now + STEP_DOWN_AT_LEAST.as_millis() as u64);
+    if tokio::time::timeout_at(clock.instant_at(step_down_by), stepped_down)
         .await
         .is_err()
     {

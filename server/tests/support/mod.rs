@@ -56,7 +56,26 @@ pub fn try_start_on(
     env: &[(&str, &str)],
     args: &[&str],
 ) -> Result<Running, String> {
-    let mut child = Command::new(BINARY)
+    try_start_wrapped(&[], listen, config, env, args)
+}
+
+/// Starts the server as [`try_start_on`] does, under `wrapper` (`prlimit --nofile=1024 --`).
+pub fn try_start_wrapped(
+    wrapper: &[&str],
+    listen: &str,
+    config: &str,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Result<Running, String> {
+    let mut command = match wrapper.split_first() {
+        Some((program, wrapper_args)) => {
+            let mut command = Command::new(program);
+            command.args(wrapper_args).arg(BINARY);
+            command
+        }
+        None => Command::new(BINARY),
+    };
+    let mut child = command
         .args([
             "--config",
             config,
