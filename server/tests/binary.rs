@@ -282,3 +282,178 @@ fn a_damaged_state_exits_64_and_reset_state_moves_it_aside() {
     let kept = std::fs::read(parent.join(&aside[0]).join("state.redb")).unwrap();
     assert_eq!(kept, b"garbage, not a database");
 }
+
+/// Runs the server on `state_dir` under `wrapper`, with a bound on its time: whether it served
+/// (then it is stopped with SIGTERM), its exit status, and everything it printed.
+fn try_on_state(
+    wrapper: &[&str],
+    state_dir: &std::path::Path,
+    limit: Duration,
+) -> (bool, Option<i32>, String) {
+    use std::io::Read;
+    let mut child = Command::new(wrapper[0])
+        .args(&wrapper[1..])
+        .arg(BINARY)
+        .args(["--config", example_config().to_str().unwrap()])
+        .args(PROXY_ON_ANY_PORT)
+        .args(["--listen", "127.0.0.1:0", "--log-format", "text"])
+        .args(["--state-dir", state_dir.to_str().unwrap()])
+        .env_remove("GEMINI_API_KEY")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let readers: Vec<_> = [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ]
+    .into_iter()
+    .map(|mut stream| {
+        let output = output.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                output
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    })
+    .collect();
+    let mut served = false;
+    let mut waited = Duration::ZERO;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if !served && output.lock().unwrap().contains("keylease serving") {
+            served = true;
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+        if waited > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        waited += Duration::from_millis(20);
+    };
+    for reader in readers {
+        let _ = reader.join();
+    }
+    let printed = output.lock().unwrap().clone();
+    (served, status.and_then(|s| s.code()), printed)
+}
+
+/// A state directory damaged anywhere, by a few bytes or many, is refused with exit 64 naming
+/// the file and `--reset-state`, or (damage where nothing lives) served: never a panic, a hang,
+/// or memory without bound (each try runs under a time limit and an address-space limit).
+#[test]
+fn a_damaged_state_file_is_refused_wherever_it_is_damaged_and_never_panics() {
+    let parent = support::scratch_dir("damage-fuzz");
+    // Two states: one stopped cleanly (a large snapshot: every task is remembered), one killed
+    // (a long log, which no snapshot trimmed).
+    let mut templates = Vec::new();
+    for stop in ["TERM", "KILL"] {
+        let template = parent.join(format!("template-{stop}"));
+        let server = support::start_with(
+            example_config().to_str().unwrap(),
+            &[],
+            &[
+                "--state-dir",
+                template.to_str().unwrap(),
+                PROXY_ON_ANY_PORT[0],
+                PROXY_ON_ANY_PORT[1],
+            ],
+        );
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let mut client = keylease::pb::key_lease_client::KeyLeaseClient::connect(format!(
+                "http://{}",
+                server.address
+            ))
+            .await
+            .unwrap();
+            for n in 0..1500 {
+                let lease = client
+                    .acquire_key(keylease::pb::AcquireKeyRequest {
+                        task_id: format!("fill-{n}"),
+                        model: "gemini-2.5-flash".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                client
+                    .release(keylease::pb::ReleaseRequest {
+                        lease_id: lease.lease_id,
+                        fencing_token: lease.fencing_token,
+                        requests_sent: Some(0),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+            }
+        });
+        server.signal(stop);
+        server
+            .wait(Duration::from_secs(20))
+            .expect("the server stopped");
+        let database = std::fs::read(template.join("state.redb")).unwrap();
+        assert!(database.len() > 100_000, "{} bytes", database.len());
+        templates.push((stop, template, database));
+    }
+
+    let mut random = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = || {
+        random ^= random << 13;
+        random ^= random >> 7;
+        random ^= random << 17;
+        random
+    };
+    let wrapper = ["prlimit", "--as=8589934592", "--"];
+    let (mut refused, mut served) = (0, 0);
+    for ((stop, template, database), permille) in templates
+        .iter()
+        .flat_map(|t| [0, 5, 10, 50, 100, 250, 500, 750, 900, 990].map(|p| (t, p)))
+    {
+        for length in [1, 16, 512, 4096] {
+            let at = database.len() * permille / 1000;
+            let mut damaged = database.clone();
+            let end = (at + length).min(damaged.len());
+            for byte in &mut damaged[at..end] {
+                *byte = next() as u8;
+            }
+            let dir = parent.join(format!("try-{stop}-{permille}-{length}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for file in ["fingerprint.key", "lock"] {
+                std::fs::copy(template.join(file), dir.join(file)).unwrap();
+            }
+            std::fs::write(dir.join("state.redb"), &damaged).unwrap();
+            let (started, code, output) = try_on_state(&wrapper, &dir, Duration::from_secs(20));
+            let at = format!("{length} bytes at {permille}‰ ({at}) of the state after SIG{stop}");
+            assert!(code.is_some(), "{at}: no exit within the limit\n{output}");
+            assert!(!output.contains("panicked"), "{at}:\n{output}");
+            if started {
+                assert_eq!(code, Some(0), "{at}:\n{output}");
+                served += 1;
+            } else {
+                assert_eq!(code, Some(64), "{at}:\n{output}");
+                assert!(output.contains("state.redb"), "{at}:\n{output}");
+                assert!(output.contains("--reset-state"), "{at}:\n{output}");
+                refused += 1;
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+    eprintln!("{refused} damaged files refused, {served} served (damage where nothing lives)");
+    assert!(refused > 0);
+    let _ = std::fs::remove_dir_all(&parent);
+}

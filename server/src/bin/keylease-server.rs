@@ -213,6 +213,10 @@ impl From<keylease_server::replica::ServeError> for Failure {
 fn abort_on_panic() {
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        // A damaged state file read at start: reported as damage, with exit 64.
+        if keylease_server::store::embedded::panic_is_contained() {
+            return;
+        }
         report(info);
         std::process::abort();
     }));
@@ -330,13 +334,14 @@ async fn run_replica(
     replication: Replication,
     reset_state: bool,
 ) -> Result<(), Failure> {
+    // Before anything says it serves: a SIGTERM from then on stops it cleanly.
+    let stop = stop_signal()?;
     let (grpc, local) = Incoming::with_local(bind(&settings).await?);
     let listeners = replica::Listeners {
         grpc,
         metrics: bind_metrics(&settings).await?,
         proxy: settings.proxy.clone().map(|proxy| (proxy, local)),
     };
-    let stop = stop_signal()?;
     let front = Front::new(&settings)?;
     let (reloads, reload_requests) = tokio::sync::mpsc::unbounded_channel();
     let mut hangups = signal(SignalKind::hangup()).map_err(Failure::Signals)?;
@@ -421,6 +426,8 @@ async fn run(
         ),
     }
     let control = Control::new(source, settings.clone(), state.clone())?;
+    // Before anything says it serves: a SIGTERM from then on stops it cleanly.
+    let signalled = stop_signal()?;
     if let Some(listener) = bind_metrics(&settings).await? {
         let scraped = state.clone();
         let source: keylease_server::metrics::Source =
@@ -441,7 +448,6 @@ async fn run(
         keylease_server::proxy::start_embedded(proxy, &local, embedding).await?;
     }
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let signalled = stop_signal()?;
     tokio::spawn(async move {
         signalled.await;
         let _ = stop.send(true);

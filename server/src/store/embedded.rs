@@ -19,6 +19,25 @@ const SNAPSHOT: &str = "snapshot";
 const DATABASE_FILE: &str = "state.redb";
 const FINGERPRINT_KEY_FILE: &str = "fingerprint.key";
 const LOCK_FILE: &str = "lock";
+/// Present while a server has the database open: found at start, the last run did not stop
+/// cleanly, and redb may fall back to the commit before a torn last one (never acknowledged).
+const RUNNING_MARK: &str = "running";
+
+thread_local! {
+    /// Set while this thread opens a database: a panic in redb on a damaged file is caught and
+    /// reported as damage instead of aborting the process.
+    static CONTAINING_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a panic on this thread now is contained (redb reading a damaged file at open): the
+/// process's abort-on-panic hook lets it unwind, silently, to be reported as damage.
+pub fn panic_is_contained() -> bool {
+    CONTAINING_PANICS.get()
+}
+
+/// Progress redb reports to the repair callback when the last commit failed its checksums and
+/// it is about to fall back to the one before (redb 4's repair reports 0.3 after that scan).
+const FALLING_BACK: std::ops::Range<f64> = 0.3..0.6;
 
 /// A state directory, locked for as long as this value lives.
 pub struct StateDir {
@@ -157,21 +176,86 @@ fn fingerprint_key(dir: &Path) -> Result<FingerprintKey, StoreError> {
 pub struct EmbeddedStore {
     path: PathBuf,
     database: Database,
+    /// Removed once the database is closed (fields drop in order).
+    _running: RunningMark,
     /// Released when the store is dropped.
     _dir: StateDir,
 }
 
+/// The [`RUNNING_MARK`] file, removed when dropped.
+struct RunningMark(PathBuf);
+
+impl Drop for RunningMark {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Opens `path` with every page of its committed trees checked against its checksums, so that a
+/// file damaged outside redb is refused rather than trusted (redb may panic on one it trusts).
+/// A repair that would fall back to an earlier commit is refused after a clean stop, when the
+/// last commit was acknowledged; after a crash it is redb's recovery of a torn commit, which no
+/// one was told had been made. A panic in redb is reported as damage.
+fn open_checked(path: &Path, stopped_cleanly: bool) -> Result<Database, StoreError> {
+    let damaged = |reason: String| StoreError::Unreadable {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut builder = Database::builder();
+    builder
+        .set_check_integrity_on_open(true)
+        .set_repair_callback(move |session| {
+            if stopped_cleanly && FALLING_BACK.contains(&session.progress()) {
+                session.abort();
+            }
+        });
+    CONTAINING_PANICS.set(true);
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| builder.create(path)));
+    CONTAINING_PANICS.set(false);
+    match opened {
+        Ok(Ok(database)) => Ok(database),
+        Ok(Err(redb::DatabaseError::RepairAborted)) => Err(damaged(
+            "damaged: its last commit fails its checksums, though the server that wrote it stopped cleanly; falling back to the commit before could lose what was acknowledged".into(),
+        )),
+        Ok(Err(error)) => Err(damaged(format!("damaged or not a keylease state database: {error}"))),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("no message");
+            Err(damaged(format!("damaged: reading it failed ({what})")))
+        }
+    }
+}
+
 impl EmbeddedStore {
-    /// Opens the database of a state directory, creating it in the current format.
+    /// Opens the database of a state directory, checking it whole, or creates it in the
+    /// current format.
     pub fn open(dir: StateDir) -> Result<Self, StoreError> {
         let path = dir.path().join(DATABASE_FILE);
-        let database = Database::create(&path).map_err(|e| StoreError::Unreadable {
-            path: path.clone(),
-            reason: format!("not a keylease state database: {e}"),
-        })?;
+        let mark = dir.path().join(RUNNING_MARK);
+        let stopped_cleanly = !mark.exists();
+        std::fs::write(&mark, std::process::id().to_string())
+            .and_then(|()| File::open(dir.path())?.sync_all())
+            .map_err(|e| StoreError::Io {
+                path: mark.clone(),
+                reason: e.to_string(),
+            })?;
+        let database = match open_checked(&path, stopped_cleanly) {
+            Ok(database) => database,
+            Err(error) => {
+                // As it was: a crash's mark stays for the next try.
+                if stopped_cleanly {
+                    let _ = std::fs::remove_file(&mark);
+                }
+                return Err(error);
+            }
+        };
         let store = Self {
             path,
             database,
+            _running: RunningMark(mark),
             _dir: dir,
         };
         let unreadable = |reason: String| StoreError::Unreadable {
