@@ -762,3 +762,58 @@ async fn serve(path: &Path) -> (String, tokio::sync::oneshot::Sender<()>) {
     }));
     (address, stop)
 }
+
+/// Two runs on one output would each run every task: the second is refused at once (exit 73)
+/// naming the first, which finishes with each id once. With no key configured the run exits 69;
+/// with no input 66.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_run_on_the_same_output_is_refused_and_missing_things_say_so() {
+    let keys = keys(2, 1);
+    let faults = Faults {
+        latency_ms: 20,
+        ..Faults::default()
+    };
+    let fake = start_fake(&keys, 600, faults, &[]).await;
+    let dir = workdir(&config(&keys, 600), 200);
+    let args = ["prompts.jsonl", "-o", "out.jsonl", "--concurrency", "2"];
+    let mut first = batch(dir.path(), &fake, &args).spawn().unwrap();
+    until_lines(&dir.path().join("out.jsonl"), 5).await;
+    let second_dir = dir.path();
+    let (code, stderr) = finish({
+        // The second on its own state, so that only the output is shared.
+        let mut command = batch(second_dir, &fake, &args);
+        command.arg("--ephemeral");
+        command
+    })
+    .await;
+    assert_eq!(code, 73, "{stderr}");
+    assert!(
+        stderr.contains(&format!("process {}", first.id().unwrap())),
+        "{stderr}"
+    );
+    let status = tokio::time::timeout(PROCESS_LIMIT, first.wait())
+        .await
+        .expect("the first run ends")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_each_once(&rows_of(dir.path()), 200);
+
+    let empty = tempfile::tempdir().unwrap();
+    std::fs::write(empty.path().join("prompts.txt"), "hello\n").unwrap();
+    let (code, stderr) = finish(batch(
+        empty.path(),
+        &fake,
+        &["prompts.txt", "-o", "out.jsonl"],
+    ))
+    .await;
+    assert_eq!(code, 69, "{stderr}");
+    assert!(stderr.contains("no keys"), "{stderr}");
+    let (code, stderr) = finish(batch(
+        empty.path(),
+        &fake,
+        &["missing.txt", "-o", "out.jsonl"],
+    ))
+    .await;
+    assert_eq!(code, 66, "{stderr}");
+    assert!(stderr.contains("missing.txt"), "{stderr}");
+}

@@ -33,6 +33,11 @@ const LIST_SETTINGS: [&str; 1] = ["server.auth_tokens"];
 pub enum ConfigError {
     #[error("{location}: {reason}")]
     Invalid { location: String, reason: String },
+    /// Nothing configures a key: a tool may tell this from a mistake.
+    #[error(
+        "{location}: no keys: add [[keys]] entries, key_sources.file, or {GEMINI_KEY_VAR} / {GEMINI_KEY_VAR}_<n>"
+    )]
+    NoKeys { location: String },
 }
 
 fn invalid(location: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -862,12 +867,9 @@ pub fn validate(
     }
     let keys = keys.finish()?;
     if keys.is_empty() {
-        return Err(invalid(
-            origin,
-            format!(
-                "no keys: add [[keys]] entries, key_sources.file, or {GEMINI_KEY_VAR} / {GEMINI_KEY_VAR}_<n>"
-            ),
-        ));
+        return Err(ConfigError::NoKeys {
+            location: origin.to_string(),
+        });
     }
     for key in &keys {
         if !pools.contains_key(&key.pool) {

@@ -77,6 +77,9 @@ pub struct Checkpoint {
 pub enum CheckpointError {
     #[error("{path}: {reason}")]
     Io { path: String, reason: String },
+    /// Another run writes to the same output: both would run every task.
+    #[error("{path}: {holder} is writing to it; wait for it to end, or write to another file")]
+    Held { path: String, holder: String },
     #[error(
         "{path}, line {line}: not a result line ({reason}); this is not the output of a batch, \
          or it was edited: fix or remove that line, or write to another file"
@@ -108,12 +111,50 @@ struct Seen {
 pub struct Output {
     file: File,
     path: PathBuf,
+    /// `<output>.lock`, held locked while the run writes: a second run is refused.
+    _lock: File,
+}
+
+/// Locks `<path>.lock` and writes this process's id into it, or says who holds it. The file
+/// stays after the run (removing it would let two runs each lock a file of their own).
+fn lock(path: &Path) -> Result<File, CheckpointError> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let io = io_error(&lock_path);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = std::io::Read::read_to_string(&mut file, &mut holder);
+            let holder = match holder.trim() {
+                "" => "another keylease batch".to_string(),
+                pid => format!("another keylease batch (process {pid})"),
+            };
+            return Err(CheckpointError::Held {
+                path: path.display().to_string(),
+                holder,
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    file.set_len(0).map_err(io)?;
+    write!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(file)
 }
 
 /// Opens (creating) the output at `path`: reads what is done, cuts a torn last line and, with
 /// `retry_failed`, rewrites it without the failed tasks' lines so that each id keeps one line.
 pub fn open(path: &Path, retry_failed: bool) -> Result<(Checkpoint, Output), CheckpointError> {
     let io = io_error(path);
+    let held = lock(path)?;
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -134,9 +175,9 @@ pub fn open(path: &Path, retry_failed: bool) -> Result<(Checkpoint, Output), Che
         checkpoint.failed.clear();
         // The rename replaced the file this handle appends to.
         let file = OpenOptions::new().append(true).open(path).map_err(io)?;
-        return Ok((checkpoint, Output::new(file, path)));
+        return Ok((checkpoint, Output::new(file, path, held)));
     }
-    Ok((checkpoint, Output::new(file, path)))
+    Ok((checkpoint, Output::new(file, path, held)))
 }
 
 /// What the output at `path` holds, changing nothing (for `--dry-run`).
@@ -157,7 +198,15 @@ fn read(path: &Path, bytes: &[u8]) -> Result<(Checkpoint, usize), CheckpointErro
         line += 1;
         let rest = &bytes[whole..];
         let Some(end) = rest.iter().position(|&b| b == b'\n') else {
-            // No newline: the write was cut short.
+            // No newline: a write cut short, if it is the start of a result line. Anything else
+            // was put there by hand, and is not silently deleted.
+            if !could_be_torn_result(rest) {
+                return Err(CheckpointError::Damaged {
+                    path: path.display().to_string(),
+                    line,
+                    reason: "the last line is not the start of a result".into(),
+                });
+            }
             checkpoint.torn_line = Some(line);
             break;
         };
@@ -182,8 +231,9 @@ fn read(path: &Path, bytes: &[u8]) -> Result<(Checkpoint, usize), CheckpointErro
                 }
                 whole += end + 1;
             }
-            // A last line that does not read is as torn as one without its newline.
-            Err(_) if whole + end + 1 == bytes.len() => {
+            // A last line that does not read is as torn as one without its newline, if it
+            // starts as a result does.
+            Err(_) if whole + end + 1 == bytes.len() && could_be_torn_result(text) => {
                 checkpoint.torn_line = Some(line);
                 break;
             }
@@ -197,6 +247,13 @@ fn read(path: &Path, bytes: &[u8]) -> Result<(Checkpoint, usize), CheckpointErro
         }
     }
     Ok((checkpoint, whole))
+}
+
+/// Whether `text`, a last line without its newline, is how a result's write cut short would
+/// look: a row serializes with its `id` first.
+fn could_be_torn_result(text: &[u8]) -> bool {
+    const START: &[u8] = br#"{"id":"#;
+    text.starts_with(START) || START.starts_with(text)
 }
 
 /// Rewrites the output without the lines of failed tasks, through a file beside it renamed over
@@ -230,10 +287,11 @@ fn drop_failures(path: &Path, whole: &[u8]) -> Result<usize, CheckpointError> {
 }
 
 impl Output {
-    fn new(file: File, path: &Path) -> Self {
+    fn new(file: File, path: &Path, lock: File) -> Self {
         Self {
             file,
             path: path.to_path_buf(),
+            _lock: lock,
         }
     }
 
@@ -313,6 +371,44 @@ mod tests {
             assert_eq!(text.lines().count(), 2);
             assert!(text.lines().all(|l| serde_json::from_str::<Row>(l).is_ok()));
         }
+    }
+
+    #[test]
+    fn a_last_line_put_there_by_hand_is_refused_not_deleted() {
+        for added in ["a note\n", "a note", "{\"note\": 1}\n", "[1, 2"] {
+            let dir = dir();
+            let path = dir.path().join("out.jsonl");
+            let (_, mut output) = open(&path, false).unwrap();
+            output.append(&row("a", Status::Ok)).unwrap();
+            drop(output);
+            let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+            file.write_all(added.as_bytes()).unwrap();
+            drop(file);
+            let before = std::fs::read(&path).unwrap();
+            let error = open(&path, false).unwrap_err().to_string();
+            assert!(
+                error.contains("line 2: not a result line"),
+                "{added:?}: {error}"
+            );
+            assert_eq!(std::fs::read(&path).unwrap(), before, "{added:?}");
+        }
+    }
+
+    #[test]
+    fn a_second_run_on_the_same_output_is_refused_naming_the_first() {
+        let dir = dir();
+        let path = dir.path().join("out.jsonl");
+        let (_, first) = open(&path, false).unwrap();
+        let error = open(&path, false).unwrap_err();
+        assert!(matches!(error, CheckpointError::Held { .. }), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains(&format!("process {}", std::process::id())),
+            "{error}"
+        );
+        drop(first);
+        assert!(open(&path, false).is_ok());
     }
 
     #[test]

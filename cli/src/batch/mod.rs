@@ -44,6 +44,8 @@ pub mod exit {
     pub const NO_INPUT: u8 = 66;
     /// keylease or its keys cannot be had.
     pub const UNAVAILABLE: u8 = 69;
+    /// Another run writes to the same output.
+    pub const OUTPUT_HELD: u8 = 73;
     /// The output cannot be written.
     pub const IO: u8 = 74;
     /// keylease does not know the token (or none was given).
@@ -248,8 +250,11 @@ async fn batch_inner(args: BatchArgs) -> Result<u8, Fatal> {
     let (checkpoint, output) = if args.dry_run {
         (checkpoint::peek(&args.output), None)
     } else {
-        let (checkpoint, output) = checkpoint::open(&args.output, args.retry_failed)
-            .map_err(|e| fatal(exit::IO, e.to_string()))?;
+        let (checkpoint, output) =
+            checkpoint::open(&args.output, args.retry_failed).map_err(|e| match e {
+                checkpoint::CheckpointError::Held { .. } => fatal(exit::OUTPUT_HELD, e.to_string()),
+                _ => fatal(exit::IO, e.to_string()),
+            })?;
         (Ok(checkpoint), Some(output))
     };
     let checkpoint = checkpoint.map_err(|e| fatal(exit::IO, e.to_string()))?;

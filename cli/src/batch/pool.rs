@@ -36,6 +36,9 @@ pub struct PoolOptions {
 pub enum PoolError {
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The configuration names no key: nothing could be leased.
+    #[error("{0}")]
+    NoKeys(String),
     #[error("{0}")]
     Open(String),
     #[error("{0}")]
@@ -111,9 +114,12 @@ impl Pool {
                 ..Overrides::default()
             },
         };
-        let mut settings = source
-            .load()
-            .map_err(|e| PoolError::Config(e.to_string()))?;
+        let mut settings = source.load().map_err(|e| match e {
+            no_keys @ keylease_server::config::ConfigError::NoKeys { .. } => {
+                PoolError::NoKeys(no_keys.to_string())
+            }
+            other => PoolError::Config(other.to_string()),
+        })?;
         if matches!(settings.state, StateLocation::Redis(_)) {
             return Err(PoolError::Config(
                 "the state is kept in Redis, by keylease replicas: run the batch against them with --keylease URL".into(),
