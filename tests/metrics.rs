@@ -154,3 +154,63 @@ async fn a_scrape_counts_what_happened_and_shows_what_holds() {
         Some(0.0)
     );
 }
+
+/// A worker inventing model names in a pool that serves any model: past the per-caller bound of
+/// names never leased before, it is refused for the minute; its names never become labels, which
+/// only configured models and models the provider answered carry.
+#[tokio::test]
+async fn invented_model_names_are_bounded_per_caller_and_never_labels() {
+    // No [pools]: the gemini pool serves any model, every limit auto.
+    let config = format!(
+        "[key_sources]\nenvironment = false\n\n[[keys]]\nid = \"k1\"\nproject = \"p1\"\nsecret = \"{}\"\n",
+        fake_secret("k1")
+    );
+    let server = TestServer::start(&config).await;
+    let mut client = server.client().await;
+    let bound = keylease_server::service::NEW_MODELS_PER_CALLER_PER_MINUTE as usize;
+    let mut refused = None;
+    for n in 0..bound + 5 {
+        let asked = client
+            .acquire_key(pb::AcquireKeyRequest {
+                model: format!("invented-{n}"),
+                ..acquire(&format!("inventor-{n}"))
+            })
+            .await;
+        match asked {
+            Ok(lease) => {
+                assert!(n < bound, "name {n} was granted past the bound");
+                client
+                    .release(release(&lease.into_inner(), 0))
+                    .await
+                    .unwrap();
+            }
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                refused.get_or_insert(n);
+            }
+        }
+    }
+    assert_eq!(refused, Some(bound));
+    // A name leased before is no new name.
+    let again = client
+        .acquire_key(pb::AcquireKeyRequest {
+            model: "invented-3".into(),
+            ..acquire("again")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // One the provider answered (a release that sent a request) is a label from then on.
+    client.release(release(&again, 1)).await.unwrap();
+    let text = scrape(&server).await;
+    let invented: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("model=\"invented-") && !l.contains("model=\"invented-3\""))
+        .collect();
+    assert!(invented.is_empty(), "{invented:?}");
+    assert!(
+        value(&text, "keylease_leases_granted_total{model=\"other\"}").is_some_and(|v| v >= 30.0),
+        "{text}"
+    );
+    assert!(text.contains("model=\"invented-3\""), "{text}");
+}

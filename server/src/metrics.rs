@@ -8,7 +8,7 @@ use crate::engine::{EventKind, FailureKind, KeyState, LimitKind, StatusView};
 use crate::state::State;
 use metrics::{Counter, Histogram, Key, Label, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -78,7 +78,16 @@ pub struct Metrics {
     /// Label sets of gauges set at a scrape: set to zero at the next unless set again, so a
     /// group gone idle reads 0 rather than its last value.
     scraped: Mutex<BTreeSet<GaugeSeries>>,
+    /// Model names a `model` label may carry: those configured, and those the provider
+    /// answered at least once (a release that sent a request). Others count as
+    /// [`UNATTESTED_MODEL`]: a client cannot fill the metrics with names it invents.
+    attested: std::sync::RwLock<HashSet<String>>,
 }
+
+/// The `model` label of a model neither configured nor ever answered by the provider.
+pub const UNATTESTED_MODEL: &str = "other";
+/// Models the provider answered that are labelled by name, at most.
+const MAX_ATTESTED: usize = 1_000;
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -168,6 +177,7 @@ impl Metrics {
             commit_latency,
             served: std::sync::atomic::AtomicBool::new(false),
             scraped: Mutex::new(BTreeSet::new()),
+            attested: std::sync::RwLock::new(HashSet::new()),
         };
         for kind in FailureKind::ALL {
             // Present from the start, so that rate() sees the first failure.
@@ -179,12 +189,50 @@ impl Metrics {
         metrics
     }
 
+    /// The models the configuration lists: labelled by name from now on.
+    pub fn attest_models<'a>(&self, models: impl IntoIterator<Item = &'a str>) {
+        let mut attested = self
+            .attested
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        attested.extend(models.into_iter().map(str::to_string));
+    }
+
+    /// `model`, if it may be a label; else [`UNATTESTED_MODEL`].
+    fn model_label<'m>(&self, model: &'m str) -> &'m str {
+        let attested = self.attested.read().unwrap_or_else(PoisonError::into_inner);
+        if attested.contains(model) {
+            model
+        } else {
+            UNATTESTED_MODEL
+        }
+    }
+
     /// Counts what an event says happened.
     pub fn event(&self, event: &EventKind) {
+        if let EventKind::Released {
+            lease,
+            requests_sent,
+        } = event
+            && *requests_sent > 0
+        {
+            let model = lease.lease.model.as_str();
+            if self.model_label(model) == UNATTESTED_MODEL {
+                let mut attested = self
+                    .attested
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if attested.len() < MAX_ATTESTED {
+                    attested.insert(model.to_string());
+                }
+            }
+        }
         let (name, label, value) = match event {
-            EventKind::Granted(lease) => (GRANTED, "model", lease.lease.model.as_str()),
-            EventKind::Released { lease, .. } => (RELEASED, "model", lease.lease.model.as_str()),
-            EventKind::Expired(lease) => (EXPIRED, "model", lease.lease.model.as_str()),
+            EventKind::Granted(lease) => (GRANTED, "model", self.model_label(&lease.lease.model)),
+            EventKind::Released { lease, .. } => {
+                (RELEASED, "model", self.model_label(&lease.lease.model))
+            }
+            EventKind::Expired(lease) => (EXPIRED, "model", self.model_label(&lease.lease.model)),
             EventKind::Failed { kind, .. } => (FAILURES, "kind", kind_label(*kind)),
             _ => return,
         };
@@ -289,6 +337,10 @@ impl Metrics {
             }
         }
         for group in &status.groups {
+            // A group per invented name would be a series per invented name.
+            if self.model_label(&group.model) == UNATTESTED_MODEL {
+                continue;
+            }
             let labels = |limit: &'static str| {
                 [
                     ("pool", group.pool.as_str()),
@@ -324,9 +376,10 @@ impl Metrics {
             );
         }
         for (pool, model, waiters) in &status.waiting {
+            let model = self.model_label(model);
             self.gauge(
                 WAITERS,
-                &[("pool", pool.as_str()), ("model", model.as_str())],
+                &[("pool", pool.as_str()), ("model", model)],
                 *waiters as f64,
             );
         }

@@ -20,6 +20,12 @@ use tonic::{Request, Response, Status};
 /// Keys per `GetStatus` page unless asked otherwise, and at most.
 const DEFAULT_PAGE_SIZE: usize = 1000;
 const MAX_PAGE_SIZE: usize = 10_000;
+/// Model names never leased before that one caller may ask for in a minute: each may make a
+/// pool remember a model, and the engine, which does not know callers, bounds only their number.
+pub const NEW_MODELS_PER_CALLER_PER_MINUTE: u32 = 30;
+/// (pool, model) pairs remembered as leased before, and callers counted, at most: past it the
+/// memory starts again (a caller then meets its bound later, never sooner).
+const MAX_REMEMBERED: usize = 10_000;
 
 pub struct KeyLeaseService {
     state: Arc<State>,
@@ -27,6 +33,80 @@ pub struct KeyLeaseService {
     fleet: Option<FleetView>,
     /// One permit per `WatchEvents` stream that may be open.
     watch_slots: Arc<Semaphore>,
+    new_models: NewModels,
+}
+
+/// Which model names were leased before, and how many new ones each caller asked for in the
+/// current minute.
+#[derive(Default)]
+struct NewModels {
+    leased: std::sync::RwLock<std::collections::HashSet<(String, String)>>,
+    /// Per caller: the minute (steady ms / 60,000) counted, and its new names in it.
+    asked: std::sync::Mutex<std::collections::HashMap<Arc<str>, (u64, u32)>>,
+}
+
+impl NewModels {
+    /// Counts a name never leased before against the caller's minute; refused past the bound.
+    fn admit(
+        &self,
+        by: Option<&Arc<str>>,
+        pair: &(String, String),
+        now_ms: u64,
+    ) -> Result<(), Status> {
+        let known = self
+            .leased
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(pair);
+        if known {
+            return Ok(());
+        }
+        let minute = now_ms / 60_000;
+        let caller = by.cloned().unwrap_or_else(|| Arc::from(""));
+        let mut asked = self
+            .asked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if asked.len() >= MAX_REMEMBERED && !asked.contains_key(&caller) {
+            asked.clear();
+        }
+        let (counted, count) = asked.entry(caller.clone()).or_insert((minute, 0));
+        if *counted != minute {
+            (*counted, *count) = (minute, 0);
+        }
+        if *count >= NEW_MODELS_PER_CALLER_PER_MINUTE {
+            let who = if caller.is_empty() {
+                "this caller"
+            } else {
+                &caller
+            };
+            return Err(Status::resource_exhausted(format!(
+                "model: {who} asked for {NEW_MODELS_PER_CALLER_PER_MINUTE} model names never leased before in this minute, the most one caller may; retry in a minute, or list the model in the configuration"
+            )));
+        }
+        *count += 1;
+        Ok(())
+    }
+
+    /// A lease on the (pool, model) `pair` was granted: the name is known from now on.
+    fn leased(&self, pair: (String, String)) {
+        if self
+            .leased
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&pair)
+        {
+            return;
+        }
+        let mut leased = self
+            .leased
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if leased.len() >= MAX_REMEMBERED {
+            leased.clear();
+        }
+        leased.insert(pair);
+    }
 }
 
 impl KeyLeaseService {
@@ -36,6 +116,7 @@ impl KeyLeaseService {
             state,
             fleet,
             watch_slots,
+            new_models: NewModels::default(),
         }
     }
 
@@ -55,8 +136,16 @@ impl KeyLeaseService {
         let wait = wire::wait_of("wait", request.wait, self.state.max_wait)?;
         let mut request = wire::acquire_request(request)?;
         request.task_id = self.redact(request.task_id);
+        let pair = (
+            request.pool.clone(),
+            crate::engine::canonical_model(&request.model).to_string(),
+        );
+        self.new_models.admit(by, &pair, self.state.now_ms())?;
         match self.state.acquire(by, request, wait).await {
-            Ok(lease) => Ok(wire::lease_to_pb(lease, self.state.time())),
+            Ok(lease) => {
+                self.new_models.leased(pair);
+                Ok(wire::lease_to_pb(lease, self.state.time()))
+            }
             Err(failure) => Err(wire::acquire_failure_status(failure, self.state.now_ms())),
         }
     }

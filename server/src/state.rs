@@ -262,6 +262,7 @@ impl State {
         if let Some(journal) = &journal {
             let _ = journal.stats.metrics.set(metrics.clone());
         }
+        attest_listed_models(&metrics, settings);
         let recovering = engine.is_some();
         let state = Arc::new(Self {
             inner: Mutex::new(Inner {
@@ -381,6 +382,7 @@ impl State {
             .redactor
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Arc::new(redactor);
+        attest_listed_models(&self.metrics, settings);
         let setup = setup_of(settings, &self.fingerprint_key, self.clock.now());
         Ok(self
             .run(by, Command::Configure(setup))
@@ -730,6 +732,14 @@ impl Drop for State {
         if let Some(journal) = &self.journal {
             journal.close();
         }
+    }
+}
+
+/// The models `settings` lists may be metric labels (see [`Metrics::attest_models`]).
+fn attest_listed_models(metrics: &Metrics, settings: &Settings) {
+    for pool in settings.engine.pools.values() {
+        metrics.attest_models(pool.models.keys().map(String::as_str));
+        metrics.attest_models(pool.project_limits.keys().map(|(_, model)| model.as_str()));
     }
 }
 

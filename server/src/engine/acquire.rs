@@ -154,6 +154,13 @@ impl Engine {
             return Err(invalid("model", "empty"));
         }
         validate_id("model", name, true)?;
+        let entry = self.catalogue.pool(pool);
+        if entry.config.other_models.is_some()
+            && entry.unlisted_full()
+            && self.catalogue.model_served(pool, name).is_none()
+        {
+            self.forget_an_unlisted_model(pool);
+        }
         if let Some(model) = self.catalogue.served_model(pool, name) {
             return Ok(model);
         }
@@ -162,7 +169,7 @@ impl Engine {
             return Err(invalid(
                 "model",
                 format!(
-                    "pool {:?} already serves {MAX_OTHER_MODELS} models its configuration does not list: list {name:?} under pools.{}.models",
+                    "pool {:?} serves {MAX_OTHER_MODELS} models its configuration does not list, each held by a lease, a waiter or what the provider taught: list {name:?} under pools.{}.models",
                     pool.name, pool.name
                 ),
             ));
@@ -176,6 +183,45 @@ impl Engine {
                 known.join(", ")
             ),
         ))
+    }
+
+    /// Makes room for one more unlisted model in `pool`: forgets the unlisted model nothing
+    /// holds (no live lease, no waiter, no rest, nothing learned) whose books saw a request
+    /// least recently, one with none on its books first, by name among equals (so that a
+    /// replay, or an engine restored from its image, forgets the same). A client inventing
+    /// model names then cannot lock the models a pool serves; one whose books are full of
+    /// real traffic is kept.
+    fn forget_an_unlisted_model(&mut self, pool: PoolIdx) {
+        let (mut held, latest) = self.books.model_holdings(pool);
+        held.extend(
+            self.leases
+                .iter()
+                .filter(|(_, lease)| self.catalogue.key(lease.key).pool == pool)
+                .map(|(_, lease)| lease.model),
+        );
+        held.extend(
+            self.lines
+                .iter()
+                .map(|(line, _)| line)
+                .filter(|&(line_pool, _)| line_pool == pool)
+                .map(|(_, model)| model),
+        );
+        let names = &self.catalogue.models;
+        let forgotten = self
+            .catalogue
+            .pool(pool)
+            .unlisted()
+            .filter(|model| !held.contains(model))
+            .min_by(|a, b| {
+                let last = |model| latest.get(model).copied();
+                last(a)
+                    .cmp(&last(b))
+                    .then_with(|| names.name(*a).cmp(names.name(*b)))
+            });
+        if let Some(model) = forgotten {
+            self.catalogue.forget_unlisted(pool, model);
+            self.books.forget(pool, model);
+        }
     }
 
     /// A TTL of zero or above the maximum is refused, or capped when `cap` (renewals).

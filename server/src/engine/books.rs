@@ -8,7 +8,7 @@ use super::calendar::{DailyReset, Time};
 use super::catalogue::{Catalogue, GroupKey, ModelIdx, PoolIdx};
 use super::learning::{Evidence, Learned, LimitChange, LimitKind, Tuning};
 use super::quota::{Amount, BookKeeping, Limits, QuotaGroup};
-use foldhash::{HashMap, HashMapExt};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 #[derive(Debug)]
 pub(super) struct Books {
@@ -251,6 +251,33 @@ impl Books {
             .filter_map(|(&key, learned)| learned.next_change_ms(self.tuning, self.configured(key)))
             .filter(|&at| at > time.steady_ms);
         books.chain(climbs).min()
+    }
+
+    /// For the models of `pool`'s groups: those a group of which holds what forgetting would
+    /// lose (a rest, a learned limit), and for the others when their latest request leaves the
+    /// window (absent: none on the books). One pass over the groups.
+    pub fn model_holdings(&self, pool: PoolIdx) -> (HashSet<ModelIdx>, HashMap<ModelIdx, u64>) {
+        let mut held = HashSet::new();
+        let mut latest: HashMap<ModelIdx, u64> = HashMap::new();
+        for (key, group) in &self.groups {
+            if key.pool != pool {
+                continue;
+            }
+            if group.is_resting() || self.learned.contains_key(key) {
+                held.insert(key.model);
+            } else if let Some(until) = group.last_on_books_ms() {
+                let entry = latest.entry(key.model).or_default();
+                *entry = (*entry).max(until);
+            }
+        }
+        (held, latest)
+    }
+
+    /// Drops every group of `model` in `pool`, with what it learned.
+    pub fn forget(&mut self, pool: PoolIdx, model: ModelIdx) {
+        let of_model = |key: &GroupKey| key.pool == pool && key.model == model;
+        self.groups.retain(|key, _| !of_model(key));
+        self.learned.retain(|key, _| !of_model(key));
     }
 
     /// Puts a group's books and what it learned back (recovery), held to the limits

@@ -106,8 +106,8 @@ pub(super) struct Pool {
     /// Per model: the largest limit of any project (`None`: some project has no limit), so
     /// that an ask no project could ever serve is refused at once.
     pub largest_limits: HashMap<ModelIdx, Limits>,
-    /// Models served that its configuration does not list.
-    other_models: usize,
+    /// Models served that its configuration does not list (named by clients).
+    unlisted: BTreeSet<ModelIdx>,
 }
 
 impl Pool {
@@ -122,6 +122,16 @@ impl Pool {
 
     pub fn serves(&self, model: ModelIdx) -> bool {
         self.largest_limits.contains_key(&model)
+    }
+
+    /// The models it serves that its configuration does not list.
+    pub fn unlisted(&self) -> impl Iterator<Item = ModelIdx> + '_ {
+        self.unlisted.iter().copied()
+    }
+
+    /// Whether it serves as many unlisted models as it may: a new one needs room first.
+    pub fn unlisted_full(&self) -> bool {
+        self.unlisted.len() >= MAX_OTHER_MODELS
     }
 }
 
@@ -176,7 +186,7 @@ impl Catalogue {
                 enabled_keys: 0,
                 free: BTreeSet::new(),
                 largest_limits,
-                other_models: 0,
+                unlisted: BTreeSet::new(),
             });
         }
         // A draining key configured again serves as configured.
@@ -264,24 +274,39 @@ impl Catalogue {
         self.pool_by_name.get(name).copied()
     }
 
+    /// The model `name` of `pool` if it serves it now: a listed one, or an unlisted one it
+    /// remembers.
+    pub fn model_served(&self, pool: PoolIdx, name: &str) -> Option<ModelIdx> {
+        self.models
+            .get(name)
+            .filter(|&m| self.pools[pool as usize].serves(m))
+    }
+
     /// The model `name` of `pool`: a listed one, or else one the pool serves as any other
     /// model (remembered from then on). `None` when the pool serves no such model, or already
-    /// serves [`MAX_OTHER_MODELS`] unlisted ones.
+    /// serves [`MAX_OTHER_MODELS`] unlisted ones (see [`Catalogue::forget_unlisted`]).
     pub fn served_model(&mut self, pool: PoolIdx, name: &str) -> Option<ModelIdx> {
-        let known = self.models.get(name);
-        let entry = &self.pools[pool as usize];
-        if let Some(model) = known.filter(|&m| entry.serves(m)) {
+        if let Some(model) = self.model_served(pool, name) {
             return Some(model);
         }
+        let entry = &self.pools[pool as usize];
         let limits = entry.config.other_models?;
-        if entry.other_models >= MAX_OTHER_MODELS {
+        if entry.unlisted_full() {
             return None;
         }
         let model = self.models.intern(name);
         let entry = &mut self.pools[pool as usize];
-        entry.other_models += 1;
+        entry.unlisted.insert(model);
         entry.largest_limits.insert(model, limits);
         Some(model)
+    }
+
+    /// `pool` no longer serves the unlisted `model` (until a client names it again).
+    pub fn forget_unlisted(&mut self, pool: PoolIdx, model: ModelIdx) {
+        let entry = &mut self.pools[pool as usize];
+        if entry.unlisted.remove(&model) {
+            entry.largest_limits.remove(&model);
+        }
     }
 
     /// The pool of a group, by name.

@@ -126,8 +126,9 @@ pub struct Setup {
 
 /// The version of the engine's rules: raised by any change that could decide a logged command
 /// differently on replay. Recovery replays records only under the rules that decided them.
-/// Version 2: limits learned from the provider's 429s.
-pub const RULES_VERSION: u32 = 2;
+/// Version 2: limits learned from the provider's 429s. Version 3: a pool at its bound of
+/// unlisted models forgets the least recently used one nothing holds, where it refused.
+pub const RULES_VERSION: u32 = 3;
 
 impl Setup {
     /// A setup under this build's rules.

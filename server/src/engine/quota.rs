@@ -164,6 +164,20 @@ impl QuotaGroup {
         self.cooldown
     }
 
+    /// Whether it rests (a cooldown, or until the day turns).
+    pub fn is_resting(&self) -> bool {
+        self.cooldown.is_some() || self.rest_until_day_turns
+    }
+
+    /// When its latest request leaves the window, if one is on the books; a live lease's
+    /// count as there for ever.
+    pub fn last_on_books_ms(&self) -> Option<u64> {
+        if self.live_requests > 0 {
+            return Some(u64::MAX);
+        }
+        self.settled.back().map(|settled| settled.until_ms)
+    }
+
     /// Whether `requests` and `tokens` more fit every limit (cooldowns aside).
     pub fn can_afford(&self, requests: u64, tokens: u64) -> bool {
         fits(

@@ -1736,31 +1736,137 @@ fn learned_limits_survive_a_snapshot_and_a_new_configuration() {
     }
 }
 
-#[test]
-fn a_pool_without_listed_models_serves_any_model_up_to_a_bound() {
-    let mut config = config(10, 100);
+/// An engine whose pool lists no model and whose keys are in projects of their own.
+fn engine_of_unlisted_models(keys: &[(&str, &str)]) -> Engine {
+    let mut config = config(1_000, 100_000);
     let pool = config.pools.get_mut(DEFAULT_POOL).unwrap();
     pool.models.clear();
-    pool.other_models = Some(limits(10, 100));
-    let mut e = new_engine(config, key_specs(&[("k1", "p1")])).unwrap();
-    let other = |model: &str| AcquireRequest {
+    pool.other_models = Some(limits(1_000, 100_000));
+    new_engine(config, key_specs(keys)).unwrap()
+}
+
+fn of_model(task: &str, model: &str) -> AcquireRequest {
+    AcquireRequest {
         model: model.to_string(),
-        ..ask(model)
-    };
+        ..ask(task)
+    }
+}
+
+/// The unlisted models `e`'s pool serves now.
+fn unlisted_served(e: &Engine) -> Vec<String> {
+    let pool = e.catalogue.pool_by_name(DEFAULT_POOL).unwrap();
+    let mut names: Vec<String> = e
+        .catalogue
+        .pool(pool)
+        .unlisted()
+        .map(|m| e.catalogue.models.name(m).to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_pool_without_listed_models_serves_any_model_up_to_a_bound() {
+    let mut e = engine_of_unlisted_models(&[("k1", "p1")]);
     for i in 0..catalogue::MAX_OTHER_MODELS {
-        let lease = granted(e.acquire(T0, other(&format!("model-{i}"))));
+        let name = format!("model-{i}");
+        let lease = granted(e.acquire(T0, of_model(&name, &name)));
         e.release(T0, &lease.lease_id, lease.fencing_token, Usage::UNUSED)
             .unwrap();
     }
-    let refused = e
-        .acquire(T0, other("one-too-many"))
-        .unwrap_err()
-        .to_string();
-    assert!(refused.contains("list \"one-too-many\""), "{refused}");
+    assert_eq!(unlisted_served(&e).len(), catalogue::MAX_OTHER_MODELS);
     // A model seen before is still served, and survives a restore.
     let restored = Engine::restore(e.setup(), Vec::new(), e.image()).unwrap().0;
     assert_eq!(restored.image(), e.image());
-    granted(e.acquire(T0, other("model-7")));
+    granted(e.acquire(T0, of_model("again", "model-7")));
+}
+
+/// A client inventing model names cannot lock the pool: at the bound, the unlisted model that
+/// nothing holds and whose books saw a request least recently is forgotten, one with nothing on
+/// its books first; a model under a live lease, resting, or with a learned limit is kept; only
+/// when every one is held is a new name refused. A restored engine forgets the same one.
+#[test]
+fn at_the_bound_the_least_recently_used_unlisted_model_nothing_holds_is_forgotten() {
+    let mut e = engine_of_unlisted_models(&[("k1", "p1"), ("k2", "p2"), ("k3", "p3")]);
+    let bound = catalogue::MAX_OTHER_MODELS;
+    // Each invented model used once and released, one a second, with a request on its books.
+    let mut now = T0;
+    for i in 0..bound {
+        let name = format!("invented-{i:04}");
+        let lease = granted(e.acquire(now, of_model(&name, &name)));
+        e.release(now, &lease.lease_id, lease.fencing_token, used(1, 10))
+            .unwrap();
+        now += 10;
+    }
+    // invented-0000 held by a live lease; -0001 resting after a 429; -0002 learned a limit.
+    let held = granted(e.acquire(now, of_model("holder", "invented-0000")));
+    let resting = granted(e.acquire(now, of_model("rests", "invented-0001")));
+    let limited = FailureReport {
+        retry_after_ms: Some(10 * MINUTE),
+        ..report(FailureKind::RateLimited)
+    };
+    e.report_failure(now, &resting.lease_id, resting.fencing_token, limited)
+        .unwrap();
+    let teaching = granted(e.acquire(now, of_model("teaches", "invented-0002")));
+    let named = FailureReport {
+        violations: vec![QuotaViolation {
+            model: "invented-0002".into(),
+            ..violation(LimitKind::RequestsPerMinute, Some(3))
+        }],
+        ..report(FailureKind::RateLimited)
+    };
+    e.report_failure(now, &teaching.lease_id, teaching.fencing_token, named)
+        .unwrap();
+
+    // A real model is served: the oldest one nothing holds, invented-0003, is forgotten.
+    let restored = Engine::restore(e.setup(), Vec::new(), e.image()).unwrap().0;
+    granted(e.acquire(now, of_model("real", "gemini-9-pro")));
+    let served = unlisted_served(&e);
+    assert_eq!(served.len(), bound);
+    assert!(served.contains(&"gemini-9-pro".to_string()));
+    assert!(!served.contains(&"invented-0003".to_string()));
+    for kept in ["invented-0000", "invented-0001", "invented-0002"] {
+        assert!(served.contains(&kept.to_string()), "{kept} was forgotten");
+    }
+    // Restored from the image, the engine makes the same choice.
+    let mut restored = restored;
+    granted(restored.acquire(now, of_model("real", "gemini-9-pro")));
+    assert_eq!(unlisted_served(&restored), served);
+    assert_eq!(restored.image(), e.image());
+
+    // A model with nothing on its books goes before any that had a request.
+    let idle = granted(e.acquire(now, of_model("idle", "idle-model")));
+    e.release(now, &idle.lease_id, idle.fencing_token, Usage::UNUSED)
+        .unwrap();
+    assert!(!unlisted_served(&e).contains(&"invented-0004".to_string()));
+    granted(e.acquire(now, of_model("next", "another-model")));
+    let served = unlisted_served(&e);
+    assert!(served.contains(&"another-model".to_string()));
+    assert!(served.contains(&"invented-0005".to_string()));
+    assert!(!served.contains(&"idle-model".to_string()));
+    // The held lease is still there, on its model.
+    assert!(
+        e.leases
+            .is_live(e.leases.known_token(&held.lease_id).unwrap())
+    );
+}
+
+#[test]
+fn a_new_model_is_refused_only_when_every_unlisted_model_is_held() {
+    let keys: Vec<(String, String)> = (0..catalogue::MAX_OTHER_MODELS)
+        .map(|i| (format!("k{i}"), format!("p{i}")))
+        .collect();
+    let keys: Vec<(&str, &str)> = keys.iter().map(|(k, p)| (k.as_str(), p.as_str())).collect();
+    let mut e = engine_of_unlisted_models(&keys);
+    for i in 0..catalogue::MAX_OTHER_MODELS {
+        let name = format!("held-{i}");
+        granted(e.acquire(T0, of_model(&name, &name)));
+    }
+    let refused = e
+        .acquire(T0, of_model("late", "one-too-many"))
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("list \"one-too-many\""), "{refused}");
 }
 
 mod learning_properties;
