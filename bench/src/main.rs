@@ -3,11 +3,12 @@
 //! runs it at a size that only shows it still works (CI does that; figures are never asserted).
 //!
 //! ```sh
-//! cargo run --release -p keylease-bench -- overhead | scale | utilization | limits | recovery | replicas | proxy | learning | batch | all [--smoke]
+//! cargo run --release -p keylease-bench -- overhead | scale | utilization | limits | recovery | replicas | proxy | learning | batch | idle | all [--smoke]
 //! ```
 //! The other subcommands are the roles the scenarios start this binary in.
 
 mod batch;
+mod idle;
 mod learning;
 mod limits;
 mod overhead;
@@ -82,6 +83,11 @@ enum Scenario {
         #[arg(long)]
         smoke: bool,
     },
+    /// gRPC cycles while 2,000 idle connections are held on the proxy's port, alternating.
+    Idle {
+        #[arg(long)]
+        smoke: bool,
+    },
     /// Every scenario.
     All {
         #[arg(long)]
@@ -128,6 +134,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Proxy { smoke } => proxy::run(smoke).await?,
         Scenario::Learning { smoke, before } => learning::run(smoke, before).await?,
         Scenario::Batch { smoke } => batch::run(smoke).await?,
+        Scenario::Idle { smoke } => idle::run(smoke).await?,
         Scenario::All { smoke } => {
             overhead::run(smoke).await?;
             scale::run(smoke).await?;
@@ -138,6 +145,7 @@ async fn main() -> anyhow::Result<()> {
             proxy::run(smoke).await?;
             learning::run(smoke, None).await?;
             batch::run(smoke).await?;
+            idle::run(smoke).await?;
         }
         Scenario::Serve { .. }
         | Scenario::Replica { .. }

@@ -125,7 +125,8 @@ pub struct Redactor {
     token_hashes: Arc<std::collections::HashSet<[u8; 32]>>,
 }
 
-/// A bearer token as RFC 6750 spells one (`token68`), long enough to be one of ours.
+/// A bearer token as RFC 6750 spells one (`token68`, `_` included), long enough to be one of
+/// ours.
 static TOKEN_CANDIDATE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"[0-9A-Za-z._~+/\-]{8,}=*").expect("a valid pattern"));
 
@@ -155,6 +156,28 @@ impl Redactor {
         self
     }
 
+    /// Whether `word`, or a part of it between `/` (a path that quotes a token), is a token.
+    fn holds_token(&self, word: &str) -> bool {
+        self.is_token(word) || (word.contains('/') && word.split('/').any(|p| self.is_token(p)))
+    }
+
+    /// `word` with the token it is, or the tokens among its parts between `/`, masked.
+    fn mask_tokens_in(&self, word: &str) -> String {
+        if self.is_token(word) {
+            return ApiKey::new(word).masked();
+        }
+        word.split('/')
+            .map(|part| {
+                if self.is_token(part) {
+                    ApiKey::new(part).masked()
+                } else {
+                    part.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
     fn is_token(&self, word: &str) -> bool {
         use sha2::Digest;
         !self.token_hashes.is_empty()
@@ -179,15 +202,11 @@ impl Redactor {
         if !self.token_hashes.is_empty()
             && TOKEN_CANDIDATE
                 .find_iter(&text)
-                .any(|word| self.is_token(word.as_str()))
+                .any(|word| self.holds_token(word.as_str()))
         {
             let masked = TOKEN_CANDIDATE
                 .replace_all(&text, |found: &regex::Captures<'_>| {
-                    if self.is_token(&found[0]) {
-                        ApiKey::new(&found[0]).masked()
-                    } else {
-                        found[0].to_string()
-                    }
+                    self.mask_tokens_in(&found[0])
                 })
                 .into_owned();
             text = Cow::Owned(masked);
@@ -209,7 +228,7 @@ impl Redactor {
             || CREDENTIAL_SHAPES.is_match(text)
             || TOKEN_CANDIDATE
                 .find_iter(text)
-                .any(|word| self.is_token(word.as_str()))
+                .any(|word| self.holds_token(word.as_str()))
     }
 }
 
@@ -242,6 +261,12 @@ mod tests {
         );
         assert!(redactor.finds_secret(token));
         assert!(!redactor.finds_secret("kl_0123456789abcde"));
+        // A path quotes it between slashes.
+        assert_eq!(
+            redactor.redact(&format!("POST /v1beta/{token}/models: not found")),
+            "POST /v1beta/kl_0…cdef/models: not found"
+        );
+        assert!(redactor.finds_secret(&format!("/{token}")));
     }
 
     #[test]
