@@ -155,7 +155,8 @@ impl Engine {
         }
         validate_id("model", name, true)?;
         let entry = self.catalogue.pool(pool);
-        if entry.config.other_models.is_some()
+        if self.rules >= super::RULES_FORGETTING_UNLISTED_MODELS
+            && entry.config.other_models.is_some()
             && entry.unlisted_full()
             && self.catalogue.model_served(pool, name).is_none()
         {

@@ -125,10 +125,17 @@ pub struct Setup {
 }
 
 /// The version of the engine's rules: raised by any change that could decide a logged command
-/// differently on replay. Recovery replays records only under the rules that decided them.
+/// differently on replay. Recovery replays records only under the rules that decided them: from
+/// version 2 on, each change is kept behind the version of the engine's setup (the setup a
+/// record was decided under names it), so that this build decides an older build's records as
+/// that build did, and replays them; a newer build's are refused.
 /// Version 2: limits learned from the provider's 429s. Version 3: a pool at its bound of
 /// unlisted models forgets the least recently used one nothing holds, where it refused.
 pub const RULES_VERSION: u32 = 3;
+/// The oldest rules this build still decides by: records decided under them replay.
+pub const OLDEST_RULES_DECIDED: u32 = 2;
+/// The rules from which a pool at its bound forgets an unlisted model.
+pub(crate) const RULES_FORGETTING_UNLISTED_MODELS: u32 = 3;
 
 impl Setup {
     /// A setup under this build's rules.
@@ -552,6 +559,8 @@ pub struct Engine {
     /// Draining keys whose last lease ended during the current command: announced as removed
     /// once it is done.
     drained: Vec<catalogue::KeyIdx>,
+    /// The rules it decides by: its setup's (see [`RULES_VERSION`]).
+    rules: u32,
 }
 
 impl Engine {
@@ -572,7 +581,7 @@ impl Engine {
             config,
             keys,
             token_floor,
-            rules: _,
+            rules,
         } = setup;
         let (catalogue, left_out) = Catalogue::new(&config, keys, draining)?;
         let engine = Self {
@@ -588,6 +597,7 @@ impl Engine {
             waiters_looked_at: 0,
             notices: Notices::default(),
             drained: Vec::new(),
+            rules,
         };
         Ok((engine, left_out))
     }
@@ -596,11 +606,14 @@ impl Engine {
     /// keys, not the draining ones.
     pub fn setup(&self) -> Setup {
         let keys = self.catalogue.keys().iter().filter(|key| !key.draining);
-        Setup::new(
-            self.config.clone(),
-            keys.map(|key| key.spec.clone()).collect(),
-            0,
-        )
+        Setup {
+            rules: self.rules,
+            ..Setup::new(
+                self.config.clone(),
+                keys.map(|key| key.spec.clone()).collect(),
+                0,
+            )
+        }
     }
 
     /// Keys no longer configured that still serve live leases: a snapshot keeps them beside

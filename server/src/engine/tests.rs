@@ -1738,11 +1738,44 @@ fn learned_limits_survive_a_snapshot_and_a_new_configuration() {
 
 /// An engine whose pool lists no model and whose keys are in projects of their own.
 fn engine_of_unlisted_models(keys: &[(&str, &str)]) -> Engine {
+    engine_of_unlisted_models_under(RULES_VERSION, keys)
+}
+
+/// [`engine_of_unlisted_models`], deciding by `rules`.
+fn engine_of_unlisted_models_under(rules: u32, keys: &[(&str, &str)]) -> Engine {
     let mut config = config(1_000, 100_000);
     let pool = config.pools.get_mut(DEFAULT_POOL).unwrap();
     pool.models.clear();
     pool.other_models = Some(limits(1_000, 100_000));
-    new_engine(config, key_specs(keys)).unwrap()
+    let setup = Setup {
+        rules,
+        ..Setup::new(config, key_specs(keys), 0)
+    };
+    Engine::new(setup, Time::at(T0)).unwrap()
+}
+
+/// Records an older build decided replay here: under its rules, a pool at its bound refused
+/// a new model as it did then, and forgets one only once a setup of today's rules applies.
+#[test]
+fn under_the_previous_rules_a_full_pool_refuses_a_new_model_as_it_did() {
+    let mut e =
+        engine_of_unlisted_models_under(RULES_FORGETTING_UNLISTED_MODELS - 1, &[("k1", "p1")]);
+    for i in 0..catalogue::MAX_OTHER_MODELS {
+        let name = format!("model-{i}");
+        let lease = granted(e.acquire(T0, of_model(&name, &name)));
+        e.release(T0, &lease.lease_id, lease.fencing_token, Usage::UNUSED)
+            .unwrap();
+    }
+    assert!(e.acquire(T0, of_model("late", "one-too-many")).is_err());
+    assert_eq!(e.setup().rules, RULES_FORGETTING_UNLISTED_MODELS - 1);
+    // The new build's own setup applied: it forgets.
+    let today = Setup {
+        rules: RULES_VERSION,
+        ..e.setup()
+    };
+    let (reply, _) = e.apply(Time::at(T0), Command::Configure(today));
+    reply.into_configured().unwrap();
+    granted(e.acquire(T0, of_model("late", "one-too-many")));
 }
 
 fn of_model(task: &str, model: &str) -> AcquireRequest {

@@ -461,7 +461,7 @@ mod tests {
     /// Records decided under other rules are not replayed by these: the message says how to
     /// let the build that wrote them snapshot them.
     #[test]
-    fn records_of_other_rules_are_refused_with_the_way_out() {
+    fn records_of_older_rules_replay_and_newer_are_refused_with_the_way_out() {
         use crate::engine::{AcquireRequest, Command, DailyReset, EngineConfig, Setup, Time};
         use crate::store::encode_record;
         let config = EngineConfig {
@@ -484,7 +484,7 @@ mod tests {
             rules: crate::engine::RULES_VERSION - 1,
             ..Setup::new(config.clone(), Vec::new(), 0)
         });
-        let current = Command::Configure(Setup::new(config, Vec::new(), 0));
+        let current = Command::Configure(Setup::new(config.clone(), Vec::new(), 0));
         let time = Time::at(1_000);
         let log = |name: &str, commands: &[&Command]| {
             let mut store = open_store(&new_dir(name)).unwrap();
@@ -507,12 +507,30 @@ mod tests {
         );
         assert_eq!(restarted.unwrap(), 4);
 
+        // What the previous rules decided, this build decides as they did: it replays.
         let decided = log(
             "other-rules-decided",
             &[&older, &Command::Acquire(AcquireRequest::default())],
         );
+        assert_eq!(decided.unwrap(), 2);
+        // A newer build's rules this build does not know: refused, saying what to do.
+        let newer = Command::Configure(Setup {
+            rules: crate::engine::RULES_VERSION + 1,
+            ..Setup::new(config.clone(), Vec::new(), 0)
+        });
+        let decided = log(
+            "newer-rules-decided",
+            &[&newer, &Command::Acquire(AcquireRequest::default())],
+        );
         let message = decided.err().unwrap().to_string();
         assert!(message.contains("records from 2 on"), "{message}");
+        assert!(
+            message.contains(&format!(
+                "rules version {}",
+                crate::engine::RULES_VERSION + 1
+            )),
+            "{message}"
+        );
         assert!(message.contains("SIGTERM"), "{message}");
         assert!(message.contains("--reset-state"), "{message}");
     }

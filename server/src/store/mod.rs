@@ -179,7 +179,7 @@ pub fn recover(log: &dyn Log) -> Result<Recovery, StoreError> {
 }
 
 /// Records decided under earlier rules were written in a format this build does not read.
-const FIRST_RULES_OF_THIS_RECORD_FORMAT: u32 = 2;
+const FIRST_RULES_OF_THIS_RECORD_FORMAT: u32 = crate::engine::OLDEST_RULES_DECIDED;
 
 /// An engine rebuilt record by record: at recovery, and on a replica that follows the leader's
 /// log as it grows.
@@ -251,7 +251,9 @@ impl Replay {
             Command::Configure(setup) => self.rules = setup.rules,
             // Mechanical, whatever the rules: they decide nothing.
             Command::DropWaiters => {}
-            _ if self.rules != RULES_VERSION => {
+            // The engine decides by its setup's rules, older ones too; a newer build's it
+            // does not know.
+            _ if self.rules > RULES_VERSION => {
                 return Err(StoreError::OtherRules {
                     path: self.location.clone(),
                     seq,
