@@ -353,6 +353,7 @@ pub fn start(
         reloaded: reloaded.clone(),
         shared_keys: None,
         key_report: String::new(),
+        follow_error: None,
     };
     let (done, stepped_down) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -394,6 +395,8 @@ struct Supervisor {
     shared_keys: Option<std::collections::BTreeSet<String>>,
     /// The last report on differing key sets, logged when it changes.
     key_report: String,
+    /// Why following the log failed last, logged when it changes.
+    follow_error: Option<String>,
     fleet: FleetView,
 }
 
@@ -425,6 +428,9 @@ impl Supervisor {
                     connection = Some(c);
                     step
                 });
+            if step.is_ok() {
+                self.follow_error = None;
+            }
             match step {
                 Ok(Step::Followed) => {}
                 Ok(Step::Lead(leader)) => {
@@ -435,7 +441,12 @@ impl Supervisor {
                     self.router.set(Serving::unavailable(format!(
                         "this replica cannot serve: {error}; it retries by itself"
                     )));
-                    tracing::warn!(%error, "replica cannot follow the log");
+                    // Said once while it lasts: it is retried ten times a second.
+                    let said = error.to_string();
+                    if self.follow_error.as_ref() != Some(&said) {
+                        tracing::warn!(error = %said, "replica cannot follow the log");
+                        self.follow_error = Some(said);
+                    }
                     connection = None;
                     follower = None;
                     self.pause();
