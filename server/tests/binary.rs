@@ -457,3 +457,105 @@ fn a_damaged_state_file_is_refused_wherever_it_is_damaged_and_never_panics() {
     assert!(refused > 0);
     let _ = std::fs::remove_dir_all(&parent);
 }
+
+/// The README's commands that run the server (`cargo run -p keylease-server -- ARGS`) resolve to
+/// one binary (the package's `default-run`: it holds keylease-proxy too, and a bare `cargo run`
+/// once stopped there), and that binary, as built, serves with the README's arguments (ports and
+/// state directory moved aside through the environment, so that tests do not collide) and stops
+/// with exit 0 on SIGTERM.
+#[test]
+fn the_readmes_run_commands_resolve_to_the_server_and_serve() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let metadata = Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    assert!(
+        metadata.status.success(),
+        "{}",
+        String::from_utf8_lossy(&metadata.stderr)
+    );
+    let metadata: serde_json::Value = serde_json::from_slice(&metadata.stdout).unwrap();
+    let server = metadata["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "keylease-server")
+        .unwrap();
+    let binaries: Vec<&str> = server["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["kind"].as_array().unwrap().iter().any(|k| k == "bin"))
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        binaries.len() == 1 || server["default_run"] == "keylease-server",
+        "`cargo run -p keylease-server` cannot choose among {binaries:?}"
+    );
+
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let commands: Vec<Vec<String>> = readme
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("cargo run -p keylease-server -- "))
+        .map(|args| {
+            args.split('#')
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .map(str::to_string)
+                .collect()
+        })
+        .collect();
+    assert!(
+        commands.len() >= 2,
+        "the README's run commands: {commands:?}"
+    );
+    for args in commands {
+        let state = support::scratch_dir("readme-state");
+        let mut child = Command::new(BINARY)
+            .args(&args)
+            .current_dir(&root)
+            .env("KEYLEASE_SERVER__LISTEN", "127.0.0.1:0")
+            .env("KEYLEASE_PROXY__LISTEN", "127.0.0.1:0")
+            .env("KEYLEASE_STATE__DIR", &state)
+            .env_remove("GEMINI_API_KEY")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (serving, seen) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut printed = String::new();
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("keylease serving") {
+                    let _ = serving.send(());
+                }
+                printed.push_str(&line);
+                printed.push('\n');
+            }
+            printed
+        });
+        let served = seen.recv_timeout(Duration::from_secs(30)).is_ok();
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let status = child.wait().unwrap();
+        let printed = reader.join().unwrap();
+        assert!(served, "{args:?} did not serve:\n{printed}");
+        assert_eq!(status.code(), Some(0), "{args:?}:\n{printed}");
+        let _ = std::fs::remove_dir_all(state);
+    }
+}
