@@ -102,13 +102,21 @@ def quota_violations(pb, error):
 def failure_of(pb, status, error):
     """What a failed call means for the key, as keylease's Rust client classifies it."""
     ids = [v.get("quotaId", "") for d in error.get("details", []) for v in d.get("violations", [])]
-    if status == 429 and (any("PerDay" in i for i in ids) or "limit: 0" in error.get("message", "")):
+    reasons = [d.get("reason") for d in error.get("details", [])]
+    message = error.get("message", "")
+    # The model's capacity is no one's quota: provider trouble, the key is fine.
+    if status in (429, 503) and (
+        "MODEL_CAPACITY_EXHAUSTED" in reasons or message.startswith("No capacity available for model")
+    ):
+        return pb.FAILURE_KIND_SERVER_ERROR
+    if status == 429 and (any("PerDay" in i for i in ids) or "limit: 0" in message):
         return pb.FAILURE_KIND_DAILY_QUOTA_EXHAUSTED
     if status == 429:
         return pb.FAILURE_KIND_RATE_LIMITED
-    reasons = [d.get("reason") for d in error.get("details", [])]
     if status == 400 and "API_KEY_INVALID" in reasons:
         return pb.FAILURE_KIND_INVALID_KEY
+    if status == 403 and "unregistered callers" in message:
+        return None  # no key was sent: the caller's bug, not the key's
     if status in (401, 403):
         return pb.FAILURE_KIND_PERMISSION_DENIED
     if status >= 500:

@@ -344,10 +344,13 @@ pub fn violations(violations: Vec<pb::QuotaViolation>) -> Vec<QuotaViolation> {
     violations
         .into_iter()
         .map(|v| QuotaViolation {
-            kind: quota_limit(&v.quota_id).map(|limit| match limit {
-                QuotaLimit::RequestsPerMinute => LimitKind::RequestsPerMinute,
-                QuotaLimit::InputTokensPerMinute => LimitKind::TokensPerMinute,
-                QuotaLimit::RequestsPerDay => LimitKind::RequestsPerDay,
+            // Input tokens per day is no limit the engine keeps: its figure must not become
+            // another limit's (the report's kind rests the project until the reset).
+            kind: quota_limit(&v.quota_id).and_then(|limit| match limit {
+                QuotaLimit::RequestsPerMinute => Some(LimitKind::RequestsPerMinute),
+                QuotaLimit::InputTokensPerMinute => Some(LimitKind::TokensPerMinute),
+                QuotaLimit::RequestsPerDay => Some(LimitKind::RequestsPerDay),
+                QuotaLimit::InputTokensPerDay => None,
             }),
             quota_id: v.quota_id,
             model: v.model,
@@ -511,5 +514,40 @@ pub fn event_to_pb(event: crate::engine::Event, by: Option<&str>) -> pb::Event {
         at: Some(timestamp(at.wall_ms)),
         kind: Some(kind),
         caller: by.unwrap_or_default().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_quota_id_names_its_own_limit_and_tokens_per_day_none_keylease_keeps() {
+        let violation = |quota_id: &str| pb::QuotaViolation {
+            quota_id: quota_id.into(),
+            model: "gemini-2.5-pro".into(),
+            quota_value: Some(1_000_000),
+        };
+        let kinds: Vec<Option<LimitKind>> = violations(vec![
+            violation("GenerateRequestsPerMinutePerProjectPerModel-FreeTier"),
+            violation("GenerateContentInputTokensPerModelPerMinute-FreeTier"),
+            violation("GenerateRequestsPerDayPerProjectPerModel-FreeTier"),
+            // Input tokens per day: its figure is no requests-per-day limit.
+            violation("GenerateContentInputTokensPerModelPerDay-FreeTier"),
+            violation("SomethingElse"),
+        ])
+        .into_iter()
+        .map(|v| v.kind)
+        .collect();
+        assert_eq!(
+            kinds,
+            [
+                Some(LimitKind::RequestsPerMinute),
+                Some(LimitKind::TokensPerMinute),
+                Some(LimitKind::RequestsPerDay),
+                None,
+                None
+            ]
+        );
     }
 }

@@ -321,9 +321,7 @@ impl Runner {
 /// Trouble on the provider's side, which the task's retries pay for (a key's failures do not).
 fn provider_trouble(error: &CallError) -> bool {
     match error {
-        CallError::Provider { classified, .. } => {
-            classified.failure == keylease_client::gemini::Failure::Server
-        }
+        CallError::Provider { classified, .. } => classified.failure.is_provider_trouble(),
         CallError::Transport { .. } | CallError::Decode(_) => true,
     }
 }

@@ -25,6 +25,10 @@ pub enum Failure {
     Request,
     /// Provider trouble (500, 503, 504): back off and retry; the key is fine.
     Server,
+    /// The model has no capacity for anyone (`MODEL_CAPACITY_EXHAUSTED`, as a 429 or a 503):
+    /// neither the key nor its project is at fault, and another key mostly gets the same
+    /// answer; back off for the retry delay. Reported as provider trouble.
+    ModelCapacity,
 }
 
 impl Failure {
@@ -35,9 +39,15 @@ impl Failure {
             Self::DailyQuota => Some(FailureKind::DailyQuotaExhausted),
             Self::InvalidKey => Some(FailureKind::InvalidKey),
             Self::KeyUnusable => Some(FailureKind::PermissionDenied),
-            Self::Server => Some(FailureKind::ServerError),
+            Self::Server | Self::ModelCapacity => Some(FailureKind::ServerError),
             Self::CallerBug | Self::Request => None,
         }
+    }
+
+    /// Whether it is trouble on the provider's side (its servers, or the model's capacity):
+    /// back off and try again; the key is fine.
+    pub fn is_provider_trouble(self) -> bool {
+        matches!(self, Self::Server | Self::ModelCapacity)
     }
 
     /// Whether the failure is the key's (or its project's): rotating to another key helps.
@@ -94,13 +104,25 @@ pub enum QuotaLimit {
     RequestsPerMinute,
     InputTokensPerMinute,
     RequestsPerDay,
+    /// Input tokens per day, which some models have.
+    InputTokensPerDay,
+}
+
+impl QuotaLimit {
+    /// Whether it is counted over a day: spent, it rests the project until the daily reset.
+    pub fn is_daily(self) -> bool {
+        matches!(self, Self::RequestsPerDay | Self::InputTokensPerDay)
+    }
 }
 
 /// The limit a `quotaId` names: `GenerateRequestsPerDayPerProjectPerModel-FreeTier`,
+/// `GenerateContentInputTokensPerModelPerDay-FreeTier`,
 /// `GenerateContentInputTokensPerModelPerMinute-FreeTier`,
 /// `GenerateRequestsPerMinutePerProjectPerModel-FreeTier`; `None` for one it does not know.
 pub fn quota_limit(quota_id: &str) -> Option<QuotaLimit> {
-    if quota_id.contains("PerDay") {
+    if quota_id.contains("PerDay") && quota_id.contains("Token") {
+        Some(QuotaLimit::InputTokensPerDay)
+    } else if quota_id.contains("PerDay") {
         Some(QuotaLimit::RequestsPerDay)
     } else if !quota_id.contains("PerMinute") {
         None
@@ -159,10 +181,14 @@ pub fn classify(status: u16, body: &str) -> Classified {
         .collect();
     let per_day = violations
         .iter()
-        .any(|v| quota_limit(&v.quota_id) == Some(QuotaLimit::RequestsPerDay));
+        .any(|v| quota_limit(&v.quota_id).is_some_and(QuotaLimit::is_daily));
     let no_quota_at_all = message.contains("limit: 0,") || message.contains("limit: 0\n");
+    // The model's capacity, by its reason whatever the domain, or by its words.
+    let no_capacity = error_reason.as_deref() == Some("MODEL_CAPACITY_EXHAUSTED")
+        || message.starts_with("No capacity available for model");
 
     let failure = match status {
+        429 | 503 if no_capacity => Failure::ModelCapacity,
         429 if per_day || no_quota_at_all => Failure::DailyQuota,
         429 => Failure::RateLimited,
         400 if error_reason.as_deref() == Some("API_KEY_INVALID") => Failure::InvalidKey,
@@ -260,12 +286,17 @@ mod tests {
             (403, "403-unregistered-caller.json", Failure::CallerBug),
             (404, "404-model-not-found.json", Failure::Request),
             (429, "429-limit-zero-text-only.json", Failure::DailyQuota),
+            (429, "429-model-capacity.json", Failure::ModelCapacity),
             (429, "429-no-details.json", Failure::RateLimited),
             (429, "429-requests-per-day.json", Failure::DailyQuota),
             (429, "429-requests-per-minute.json", Failure::RateLimited),
+            (429, "429-several-violations.json", Failure::DailyQuota),
+            (429, "429-tokens-per-day.json", Failure::DailyQuota),
             (429, "429-tokens-per-minute.json", Failure::RateLimited),
+            (429, "429-try-again-later.json", Failure::RateLimited),
             (429, "429-wrapped-in-array.json", Failure::RateLimited),
             (500, "500-internal.json", Failure::Server),
+            (503, "503-model-capacity.json", Failure::ModelCapacity),
             (503, "503-overloaded.json", Failure::Server),
         ];
         let listed = std::fs::read_dir(format!(
@@ -312,6 +343,7 @@ mod tests {
             "429-requests-per-minute.json",
             "429-tokens-per-minute.json",
             "429-requests-per-day.json",
+            "429-tokens-per-day.json",
         ]
         .iter()
         .map(|name| quota_limit(&of(429, name).violations[0].quota_id))
@@ -321,8 +353,32 @@ mod tests {
             [
                 Some(QuotaLimit::RequestsPerMinute),
                 Some(QuotaLimit::InputTokensPerMinute),
-                Some(QuotaLimit::RequestsPerDay)
+                Some(QuotaLimit::RequestsPerDay),
+                Some(QuotaLimit::InputTokensPerDay)
             ]
+        );
+        // One body, three limits: each named with its own figure.
+        let several: Vec<(Option<QuotaLimit>, Option<u64>)> =
+            of(429, "429-several-violations.json")
+                .violations
+                .iter()
+                .map(|v| (quota_limit(&v.quota_id), v.value))
+                .collect();
+        assert_eq!(
+            several,
+            [
+                (Some(QuotaLimit::RequestsPerDay), Some(250)),
+                (Some(QuotaLimit::RequestsPerMinute), Some(10)),
+                (Some(QuotaLimit::InputTokensPerMinute), Some(250_000))
+            ]
+        );
+        // The model's capacity is no one's quota, and says when to come back.
+        let capacity = of(503, "503-model-capacity.json");
+        assert!(!capacity.failure.blames_key());
+        assert_eq!(capacity.retry_after, Some(Duration::from_secs(40)));
+        assert_eq!(
+            capacity.failure.report_kind(),
+            Some(FailureKind::ServerError)
         );
         assert_eq!(
             of(429, "429-tokens-per-minute.json").violations[0].value,

@@ -245,7 +245,12 @@ where
                 status: failure.status,
             });
         }
-        tokio::time::sleep(backoff.min(remaining())).await;
+        // The provider's own delay when it gave one (the model's capacity says when it
+        // comes back), else the backoff; never past the task's deadline.
+        let pause = failure
+            .retry_after
+            .map_or(backoff, |delay| delay.max(backoff));
+        tokio::time::sleep(pause.min(remaining())).await;
         backoff = (backoff * 2).min(policy.backoff_max);
         options.wait = key_wait();
         lease = keylease.acquire(options.clone()).await?;
