@@ -631,12 +631,29 @@ pub struct FileBudget {
 
 impl FileBudget {
     /// Raises the soft open-file limit to the hard one, then fits the gRPC port's and the
-    /// proxy's caps (0: no proxy) in it with [`RESERVED_FILES`] to spare.
+    /// proxy's caps (0: none) in it with [`RESERVED_FILES`] to spare; logs what it cut.
     pub fn raise_and_fit(grpc: usize, proxy: usize) -> Self {
         let open_files = rlimit::increase_nofile_limit(u64::MAX)
             .or_else(|_| rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft))
             .unwrap_or(1024);
-        Self::fit(open_files, grpc, proxy)
+        let budget = Self::fit(open_files, grpc, proxy);
+        let cut: Vec<String> = [
+            ("server.max_connections", grpc, budget.grpc),
+            ("proxy.max_connections", proxy, budget.proxy),
+        ]
+        .into_iter()
+        .filter(|(_, configured, fitted)| fitted < configured)
+        .map(|(name, configured, fitted)| format!("{name} {configured} → {fitted}"))
+        .collect();
+        if !cut.is_empty() {
+            tracing::warn!(
+                open_files,
+                reserved = RESERVED_FILES,
+                "the open-file limit cannot hold the configured connections: {}; raise the limit (LimitNOFILE=) to serve more",
+                cut.join(", ")
+            );
+        }
+        budget
     }
 
     /// As configured when both caps fit; else the gRPC port keeps up to two thirds of what is

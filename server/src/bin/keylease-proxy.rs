@@ -142,15 +142,6 @@ async fn run(args: Args) -> Result<(), (u8, String)> {
         refuse_if_open(&keylease, args.listen).await?;
     }
     let budget = keylease_server::connections::FileBudget::raise_and_fit(0, args.max_connections);
-    if budget.proxy < args.max_connections {
-        tracing::warn!(
-            open_files = budget.open_files,
-            reserved = keylease_server::connections::RESERVED_FILES,
-            "the open-file limit leaves room for {} connections, not --max-connections {}: raise the limit (LimitNOFILE=) to serve more",
-            budget.proxy,
-            args.max_connections
-        );
-    }
     let settings = ProxySettings {
         listen: args.listen,
         upstream: upstream.clone(),

@@ -372,7 +372,7 @@ async fn run_replica(
 
 /// Fits the gRPC port's and the proxy's connection caps to the open-file limit (raised to the
 /// hard limit first), so that the process never runs out of descriptors for its store, its
-/// upstream connections or the gRPC port's workers when the proxy is full; says what it cut.
+/// upstream connections or the gRPC port's workers when the proxy is full.
 fn fit_to_open_files(settings: &mut Settings) {
     let grpc = settings.limits.max_connections;
     let proxy = settings
@@ -380,16 +380,6 @@ fn fit_to_open_files(settings: &mut Settings) {
         .as_ref()
         .map_or(0, |p| p.limits.max_connections);
     let budget = keylease_server::connections::FileBudget::raise_and_fit(grpc, proxy);
-    if (budget.grpc, budget.proxy) == (grpc, proxy) {
-        return;
-    }
-    tracing::warn!(
-        open_files = budget.open_files,
-        reserved = keylease_server::connections::RESERVED_FILES,
-        "the open-file limit cannot hold the configured connections: server.max_connections {grpc} → {}, proxy.max_connections {proxy} → {}; raise the limit (LimitNOFILE=) to serve more",
-        budget.grpc,
-        budget.proxy
-    );
     settings.limits.max_connections = budget.grpc;
     if let Some(proxy) = &mut settings.proxy {
         proxy.limits.max_connections = budget.proxy;
