@@ -37,13 +37,13 @@ impl Call {
         }
     }
 
-    /// Whether it passes the query parameter `name=value` (decoded) upstream: only those it is
-    /// known to take, with values of their shape; no other text of the caller's goes. (The
-    /// listing is fetched whole by the proxy itself, so it passes none.)
-    pub fn passes_parameter(&self, name: &str, value: &str) -> bool {
+    /// The shape of the value of the query parameter `name` (decoded) it passes upstream, if
+    /// it takes that parameter: no other text of the caller's goes. (The listing is fetched
+    /// whole by the proxy itself, so it takes none.)
+    pub fn query_parameter(&self, name: &str) -> Option<fn(&str) -> bool> {
         match (self, name) {
-            (Self::Stream { .. }, "alt") => matches!(value, "sse" | "json"),
-            _ => false,
+            (Self::Stream { .. }, "alt") => Some(|value| matches!(value, "sse" | "json")),
+            _ => None,
         }
     }
 
