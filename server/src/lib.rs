@@ -10,6 +10,7 @@
 //! - [`state`]: the engine's shell: one lock, the store's journal, waiters' channels, events,
 //!   the expiry timer.
 //! - [`store`]: durable state: the log of commands and snapshots, recovery, group commit.
+//! - [`lock_file`]: a lock file naming the process that holds it (state directories, outputs).
 //! - [`tls`]: TLS on the gRPC port from PEM files, reread by a reload; mutual TLS.
 //! - [`metrics`]: Prometheus metrics on an HTTP port: counters as things happen, gauges at a scrape.
 //! - [`wire`]: conversions between the protocol and the engine, and errors to gRPC statuses.
@@ -24,6 +25,7 @@ pub mod clock;
 pub mod config;
 pub mod connections;
 pub mod engine;
+pub mod lock_file;
 pub mod logs;
 pub mod metrics;
 pub mod proxy;

@@ -4,6 +4,7 @@
 //! last line cut short by a crash or a full disk is cut off and its task redone. A process
 //! killed at any moment leaves whole lines only, bar that last one.
 
+use keylease_server::lock_file::Locked;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::HashSet;
@@ -115,39 +116,18 @@ pub struct Output {
     _lock: File,
 }
 
-/// Locks `<path>.lock` and writes this process's id into it, or says who holds it. The file
-/// stays after the run (removing it would let two runs each lock a file of their own).
+/// Locks `<path>.lock`, naming this process in it, or says who holds it.
 fn lock(path: &Path) -> Result<File, CheckpointError> {
     let mut lock_path = path.as_os_str().to_owned();
     lock_path.push(".lock");
     let lock_path = PathBuf::from(lock_path);
-    let io = io_error(&lock_path);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_path)
-        .map_err(io)?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = std::io::Read::read_to_string(&mut file, &mut holder);
-            let holder = match holder.trim() {
-                "" => "another keylease batch".to_string(),
-                pid => format!("another keylease batch (process {pid})"),
-            };
-            return Err(CheckpointError::Held {
-                path: path.display().to_string(),
-                holder,
-            });
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    match keylease_server::lock_file::lock(&lock_path).map_err(io_error(&lock_path))? {
+        Locked::Held(file) => Ok(file),
+        Locked::By(pid) => Err(CheckpointError::Held {
+            path: path.display().to_string(),
+            holder: keylease_server::lock_file::holder("keylease batch", pid.as_deref()),
+        }),
     }
-    file.set_len(0).map_err(io)?;
-    write!(file, "{}", std::process::id()).map_err(io)?;
-    Ok(file)
 }
 
 /// Opens (creating) the output at `path`: reads what is done, cuts a torn last line and, with

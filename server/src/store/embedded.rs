@@ -3,10 +3,11 @@
 //! it. redb gives ACID commits that are durable (fsync'd) when they return, in one file.
 
 use super::{FORMAT_VERSION, Log, RecordVisitor, Store, StoreError, decode_batch, encode_batch};
+use crate::lock_file::Locked;
 use crate::secret::FingerprintKey;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Each commit's records as one entry, under the number of its last record: one B-tree insert
@@ -86,39 +87,20 @@ impl StateDir {
     }
 }
 
-/// Locks the directory's lock file and writes this process's id into it.
+/// Locks the directory's lock file, naming this process in it.
 fn lock(dir: &Path) -> Result<File, StoreError> {
     let path = dir.join(LOCK_FILE);
-    let io = |e: std::io::Error| StoreError::Io {
-        path: path.clone(),
-        reason: e.to_string(),
-    };
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(io)?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = match holder.trim() {
-                "" => "another keylease server".to_string(),
-                pid => format!("another keylease server (process {pid})"),
-            };
-            return Err(StoreError::Locked {
-                path: dir.to_path_buf(),
-                holder,
-            });
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    match crate::lock_file::lock(&path) {
+        Ok(Locked::Held(file)) => Ok(file),
+        Ok(Locked::By(pid)) => Err(StoreError::Locked {
+            path: dir.to_path_buf(),
+            holder: crate::lock_file::holder("keylease server", pid.as_deref()),
+        }),
+        Err(e) => Err(StoreError::Io {
+            path,
+            reason: e.to_string(),
+        }),
     }
-    file.set_len(0).map_err(io)?;
-    write!(file, "{}", std::process::id()).map_err(io)?;
-    Ok(file)
 }
 
 /// The directory's fingerprint key, made on first use. A database without its key is refused:
