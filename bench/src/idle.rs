@@ -23,12 +23,8 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         "[state]\nephemeral = true\n[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"http://127.0.0.1:9\"\nmax_connections = 4096\nheader_timeout = \"1h\"\nidle_timeout = \"1h\"\n",
     )?;
     let server = procs::spawn(&["serve".into(), config.display().to_string()], true)?;
-    let proxy = server
-        .lines
-        .recv_timeout(Duration::from_secs(30))?
-        .strip_prefix("proxy on http://")
-        .map(str::to_string)
-        .ok_or_else(|| anyhow::anyhow!("the server printed no proxy address"))?;
+    let url = server.proxy_url()?;
+    let proxy = url.trim_start_matches("http://");
     let (rounds, round, idle) = if smoke {
         (1, Duration::from_millis(300), 100)
     } else {
@@ -49,7 +45,7 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         let mut held = Vec::new();
         if with_idle {
             for _ in 0..idle {
-                let mut stream = std::net::TcpStream::connect(&proxy)?;
+                let mut stream = std::net::TcpStream::connect(proxy)?;
                 stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")?;
                 held.push(stream);
             }

@@ -57,6 +57,15 @@ pub fn spawn_from(exe: &std::path::Path, args: &[String], server: bool) -> anyho
 }
 
 impl Child {
+    /// The proxy address a server started in the `serve` role prints after its own (`http://…`).
+    pub fn proxy_url(&self) -> anyhow::Result<String> {
+        self.lines
+            .recv_timeout(Duration::from_secs(30))?
+            .strip_prefix("proxy on ")
+            .map(str::to_string)
+            .ok_or_else(|| anyhow::anyhow!("the server printed no proxy address"))
+    }
+
     /// Peak resident memory so far, in MiB (`VmHWM`).
     pub fn peak_memory_mib(&self) -> Option<f64> {
         self.status_mib("VmHWM:")

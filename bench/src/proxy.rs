@@ -75,12 +75,7 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
             &extra,
         )?;
         let server = procs::spawn(&["serve".into(), config.display().to_string()], true)?;
-        let proxy = server
-            .lines
-            .recv_timeout(Duration::from_secs(30))?
-            .strip_prefix("proxy on ")
-            .map(str::to_string)
-            .ok_or_else(|| anyhow::anyhow!("the server printed no proxy address"))?;
+        let proxy = server.proxy_url()?;
         proxies.push((server, proxy));
     }
 
