@@ -420,6 +420,7 @@ async fn a_report_rotates_the_guard_to_another_project() {
     let guard = client.acquire(options("rotating")).await.unwrap();
     let first_project = guard.project();
     let failure = keylease_client::Failure {
+        class: pb::FailureClass::Unspecified,
         kind: pb::FailureKind::RateLimited,
         retry_after: Some(Duration::from_secs(30)),
         detail: "429".into(),
@@ -440,6 +441,7 @@ async fn a_long_provider_message_in_a_non_latin_script_is_reported() {
     let guard = client_for(&server).acquire(options("kanji")).await.unwrap();
     // 700 characters of three bytes each: under 1,024 characters, over 1,024 bytes.
     let failure = keylease_client::Failure {
+        class: pb::FailureClass::Unspecified,
         kind: pb::FailureKind::ServerError,
         retry_after: None,
         detail: "内部エラー".repeat(140),

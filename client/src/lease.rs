@@ -56,6 +56,8 @@ pub struct Usage {
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub kind: pb::FailureKind,
+    /// Finer than `kind`, where the provider's answer said more (see `pb::FailureClass`).
+    pub class: pb::FailureClass,
     pub retry_after: Option<Duration>,
     /// Short (cut to `keylease::MAX_DETAIL_BYTES` when sent); a key in it is masked by the
     /// server, but better never put one there.
@@ -244,6 +246,7 @@ impl LeaseGuard {
             lease_id: lease.lease_id.clone(),
             fencing_token: lease.fencing_token,
             kind: failure.kind as i32,
+            class: failure.class as i32,
             retry_after: failure.retry_after.map(to_pb),
             detail: keylease::truncate_on_char_boundary(
                 &failure.detail,

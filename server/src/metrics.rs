@@ -55,6 +55,7 @@ fn kind_label(kind: FailureKind) -> &'static str {
         FailureKind::ServerError => "server_error",
         FailureKind::Timeout => "timeout",
         FailureKind::Other => "other",
+        FailureKind::ModelCapacity => "model_capacity",
     }
 }
 

@@ -232,7 +232,7 @@ impl KeyLeaseService {
         request: pb::ReportFailureRequest,
     ) -> Result<pb::ReportFailureResponse, Status> {
         let report = FailureReport {
-            kind: wire::failure_kind(request.kind)?,
+            kind: wire::failure_kind(request.kind, request.class)?,
             retry_after_ms: wire::duration_ms("retry_after", request.retry_after)?,
             detail: self.redact(request.detail),
             requests_sent: request.requests_sent,

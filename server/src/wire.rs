@@ -257,7 +257,17 @@ pub fn acquire_request(request: pb::AcquireKeyRequest) -> Result<AcquireRequest,
     })
 }
 
-pub fn failure_kind(kind: i32) -> Result<FailureKind, Status> {
+/// The engine's kind of a report: its `kind`, made finer by its `class` where the engine acts on
+/// the difference (an unknown class, from a newer client, leaves `kind` as it is).
+pub fn failure_kind(kind: i32, class: i32) -> Result<FailureKind, Status> {
+    let kind = failure_kind_alone(kind)?;
+    Ok(match pb::FailureClass::try_from(class) {
+        Ok(pb::FailureClass::ModelCapacity) => FailureKind::ModelCapacity,
+        _ => kind,
+    })
+}
+
+fn failure_kind_alone(kind: i32) -> Result<FailureKind, Status> {
     match pb::FailureKind::try_from(kind) {
         Ok(pb::FailureKind::RateLimited) => Ok(FailureKind::RateLimited),
         Ok(pb::FailureKind::DailyQuotaExhausted) => Ok(FailureKind::DailyQuotaExhausted),
@@ -281,6 +291,7 @@ fn failure_kind_to_pb(kind: FailureKind) -> pb::FailureKind {
         FailureKind::ServerError => pb::FailureKind::ServerError,
         FailureKind::Timeout => pb::FailureKind::Timeout,
         FailureKind::Other => pb::FailureKind::Other,
+        FailureKind::ModelCapacity => pb::FailureKind::ServerError,
     }
 }
 

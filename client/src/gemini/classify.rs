@@ -3,7 +3,7 @@
 //! retry in` text, `ErrorInfo.reason` and the leaked-key message, in bodies that may come
 //! wrapped in a one-element array.
 
-use keylease::pb::FailureKind;
+use keylease::pb::{FailureClass, FailureKind};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -70,6 +70,20 @@ pub struct Classified {
     pub reason: String,
     /// The limits a 429 says were hit (at most [`keylease::MAX_QUOTA_VIOLATIONS`]).
     pub violations: Vec<QuotaViolation>,
+}
+
+impl Classified {
+    /// The class `ReportFailure` carries beside its kind: the one place a provider's answer
+    /// becomes a finer class than the kind an older server knows.
+    pub fn report_class(&self) -> FailureClass {
+        match self.failure {
+            Failure::RateLimited if self.violations.is_empty() => FailureClass::BareRateLimit,
+            Failure::RateLimited | Failure::DailyQuota => FailureClass::Quota,
+            Failure::ModelCapacity => FailureClass::ModelCapacity,
+            Failure::Server if self.reason == "UNAVAILABLE" => FailureClass::Overloaded,
+            _ => FailureClass::Unspecified,
+        }
+    }
 }
 
 /// One of `QuotaFailure.violations`: which limit, for which model, and its figure.

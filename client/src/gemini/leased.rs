@@ -8,7 +8,7 @@ use super::{CallError, Failure, GeminiClient, GenerateContentRequest, GenerateCo
 use crate::client::{Error, KeyLeaseClient};
 use crate::clock::now;
 use crate::lease::{AcquireOptions, LeaseGuard};
-use keylease::pb::FailureKind;
+use keylease::pb::{FailureClass, FailureKind};
 use std::future::Future;
 use std::time::Duration;
 
@@ -193,6 +193,7 @@ where
                     kind: failure
                         .report_kind()
                         .expect("every other failure is reported"),
+                    class: classified.report_class(),
                     retry_after: classified.retry_after,
                     detail: keylease::mask_in(&format!("{status} {}", classified.reason), &key),
                     blames_key: failure.blames_key(),
@@ -223,6 +224,7 @@ where
         };
         let report = crate::lease::Failure {
             kind: failure.kind,
+            class: failure.class,
             retry_after: failure.retry_after,
             detail: failure.detail.clone(),
             violations: std::mem::take(&mut failure.violations),
@@ -260,6 +262,7 @@ where
 /// What to tell keylease about a failed call.
 struct Reported {
     kind: FailureKind,
+    class: FailureClass,
     retry_after: Option<Duration>,
     detail: String,
     blames_key: bool,
@@ -272,6 +275,7 @@ impl Reported {
     fn provider(kind: FailureKind, detail: String) -> Self {
         Self {
             kind,
+            class: FailureClass::Unspecified,
             retry_after: None,
             detail,
             blames_key: false,

@@ -26,11 +26,14 @@ pub(super) struct Books {
     other_models: HashMap<PoolIdx, Limits>,
     daily: DailyReset,
     keeping: BookKeeping,
+    /// Learning weighs evidence ([`super::learning::weighing`]) rather than reacting to each 429: the
+    /// rules of the engine's setup say which.
+    weighs: bool,
 }
 
 impl Books {
     /// Empty books for the pools, models and projects of `catalogue`.
-    pub fn new(config: &EngineConfig, catalogue: &Catalogue) -> Self {
+    pub fn new(config: &EngineConfig, catalogue: &Catalogue, weighs: bool) -> Self {
         let mut books = Self {
             groups: HashMap::new(),
             learned: HashMap::new(),
@@ -44,6 +47,7 @@ impl Books {
             other_models: HashMap::new(),
             daily: config.daily,
             keeping: config.book_keeping(),
+            weighs,
         };
         for (name, pool_config) in &config.pools {
             let pool = catalogue
@@ -125,6 +129,38 @@ impl Books {
         }
     }
 
+    /// What a group learned so far, opened by the rules the engine decides under.
+    fn learning(&mut self, key: GroupKey) -> &mut Learned {
+        let (weighs, tuning) = (self.weighs, self.tuning);
+        self.learned
+            .entry(key)
+            .or_insert_with(|| Learned::new(weighs, tuning))
+    }
+
+    /// The provider accepted `requests` of a group at `now` (rules that weigh evidence).
+    pub fn accepted(&mut self, key: GroupKey, now: Time, requests: u64) {
+        if !self.weighs || requests == 0 {
+            return;
+        }
+        self.group(key, now);
+        let tuning = self.tuning;
+        if let Learned::Weighing(learned) = self.learning(key) {
+            learned.accepted(requests, now, tuning);
+        }
+    }
+
+    /// The 429s heard at the peak by the groups of `model` in `pool` were a wave's.
+    pub fn discount_refusals(&mut self, pool: PoolIdx, model: ModelIdx) {
+        for (key, learned) in &mut self.learned {
+            if key.pool == pool
+                && key.model == model
+                && let Learned::Weighing(learned) = learned
+            {
+                learned.discount_refusals();
+            }
+        }
+    }
+
     /// What the group learned, if anything.
     pub fn learned(&self, key: GroupKey) -> Option<&Learned> {
         self.learned.get(&key)
@@ -141,14 +177,14 @@ impl Books {
     ) {
         self.group(key, now);
         let configured = self.configured(key);
-        let learned = self.learned.entry(key).or_default();
+        let learned = self.learning(key);
         if let Some(change) = learned.named(kind, value, now, evidence, configured) {
             self.learned_changed(key, change);
         }
     }
 
-    /// A 429 without a figure for one of the `sent` requests of a lease that settled on books
-    /// brought to `now`.
+    /// A 429 without a figure (or with one the books were below) for one of the `sent` requests
+    /// of a lease that settled on books brought to `now`.
     pub fn learn_unnamed(&mut self, key: GroupKey, now: Time, sent: u64, evidence: Evidence) {
         let refused = sent.min(1);
         let held = self
@@ -157,8 +193,11 @@ impl Books {
             .saturating_sub(refused);
         let configured = self.configured(key);
         let tuning = self.tuning;
-        let learned = self.learned.entry(key).or_default();
-        if let Some(change) = learned.unnamed(held, now, tuning, evidence, configured) {
+        let change = match self.learning(key) {
+            Learned::Reacting(learned) => learned.unnamed(held, now, tuning, evidence, configured),
+            Learned::Weighing(learned) => learned.refused(now, tuning, evidence, configured),
+        };
+        if let Some(change) = change {
             self.learned_changed(key, change);
         }
     }
@@ -263,7 +302,7 @@ impl Books {
             if key.pool != pool {
                 continue;
             }
-            if group.is_resting() || self.learned.contains_key(key) {
+            if group.is_resting() || self.learned.get(key).is_some_and(Learned::holds_something) {
                 held.insert(key.model);
             } else if let Some(until) = group.last_on_books_ms() {
                 let entry = latest.entry(key.model).or_default();
@@ -284,6 +323,11 @@ impl Books {
     /// configured now.
     pub fn restore(&mut self, key: GroupKey, mut group: QuotaGroup, learned: Option<Learned>) {
         if let Some(learned) = learned {
+            let learned = if self.weighs {
+                learned.weighing(self.tuning)
+            } else {
+                learned
+            };
             self.learned.insert(key, learned);
         }
         group.limits = self.limits_of(key);

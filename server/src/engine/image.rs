@@ -5,6 +5,7 @@
 use super::catalogue::{GroupKey, KeyIdx};
 use super::learning::Learned;
 use super::leases::{Lease, Token};
+use super::outage::Answers;
 use super::quota::QuotaGroup;
 use super::waiting::{Ask, WaitQueue, Waiter};
 use super::{
@@ -37,6 +38,8 @@ pub struct Image {
     pub ended: Vec<LeaseImage>,
     /// By (pool, model).
     pub lines: Vec<LineImage>,
+    /// (pool, project, recent answers), sorted: the evidence of a wave across the pool.
+    pub waves: Vec<(String, String, Answers)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -141,6 +144,18 @@ impl Engine {
             })
             .collect();
         backoff.sort();
+        let mut waves: Vec<(String, String, Answers)> = self
+            .waves
+            .iter()
+            .map(|((pool, project), answers)| {
+                (
+                    catalogue.pool(pool).name.clone(),
+                    catalogue.projects.name(project).to_string(),
+                    answers,
+                )
+            })
+            .collect();
+        waves.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         let lines = self
             .lines
             .iter()
@@ -219,6 +234,7 @@ impl Engine {
                 .map(|(token, lease)| lease_image(token, lease))
                 .collect(),
             lines,
+            waves,
         }
     }
 
@@ -343,6 +359,12 @@ impl Engine {
                 model,
             };
             engine.books.restore(key, group.books, group.learned);
+        }
+        for (pool, project, answers) in image.waves {
+            if let Some(pool) = engine.catalogue.pool_by_name(&pool) {
+                let project = engine.catalogue.projects.intern(&project);
+                engine.waves.restore(pool, project, answers);
+            }
         }
         for (pool, project, count) in image.backoff {
             if let Some(pool) = engine.catalogue.pool_by_name(&pool) {

@@ -11,8 +11,10 @@ mod catalogue;
 pub mod command;
 pub mod image;
 pub mod learning;
+
 mod leases;
 mod memory;
+mod outage;
 pub mod quota;
 mod release;
 mod views;
@@ -29,6 +31,7 @@ pub use learning::{Evidence, LimitChange, LimitKind, QuotaViolation};
 use leases::LeaseTable;
 pub use leases::lease_id;
 use memory::Memory;
+use outage::Waves;
 pub use quota::Amount;
 use quota::{BookKeeping, CooldownReason, Limits};
 use serde::{Deserialize, Serialize};
@@ -131,11 +134,15 @@ pub struct Setup {
 /// that build did, and replays them; a newer build's are refused.
 /// Version 2: limits learned from the provider's 429s. Version 3: a pool at its bound of
 /// unlisted models forgets the least recently used one nothing holds, where it refused.
-pub const RULES_VERSION: u32 = 3;
+/// Version 4: learning weighs evidence, a bare 429 rests briefly and is taken off the books,
+/// model capacity and waves rest the pool (see [`learning::weighing`], [`outage`]).
+pub const RULES_VERSION: u32 = 4;
 /// The oldest rules this build still decides by: records decided under them replay.
 pub const OLDEST_RULES_DECIDED: u32 = 2;
 /// The rules from which a pool at its bound forgets an unlisted model.
 pub(crate) const RULES_FORGETTING_UNLISTED_MODELS: u32 = 3;
+/// The rules from which learning weighs evidence.
+pub(crate) const RULES_WEIGHING_EVIDENCE: u32 = 4;
 
 impl Setup {
     /// A setup under this build's rules.
@@ -287,10 +294,13 @@ pub enum FailureKind {
     ServerError,
     Timeout,
     Other,
+    /// The model has no capacity for anyone (`MODEL_CAPACITY_EXHAUSTED`): the pool rests the
+    /// model; no key or project is at fault.
+    ModelCapacity,
 }
 
 impl FailureKind {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::RateLimited,
         Self::DailyQuotaExhausted,
         Self::InvalidKey,
@@ -298,6 +308,7 @@ impl FailureKind {
         Self::ServerError,
         Self::Timeout,
         Self::Other,
+        Self::ModelCapacity,
     ];
 
     /// Failures that say something about the key or its project, not about the provider.
@@ -309,6 +320,11 @@ impl FailureKind {
                 | Self::InvalidKey
                 | Self::PermissionDenied
         )
+    }
+
+    /// The provider refused the call, and so did not count it against any quota.
+    pub fn refused_by_provider(self) -> bool {
+        matches!(self, Self::RateLimited | Self::ModelCapacity)
     }
 
     /// Evidence that the key itself is bad: acted on even when it arrives late.
@@ -325,6 +341,7 @@ impl FailureKind {
             Self::ServerError => "server error",
             Self::Timeout => "timeout",
             Self::Other => "other",
+            Self::ModelCapacity => "model capacity",
         }
     }
 }
@@ -561,6 +578,8 @@ pub struct Engine {
     drained: Vec<catalogue::KeyIdx>,
     /// The rules it decides by: its setup's (see [`RULES_VERSION`]).
     rules: u32,
+    /// Recent answers of each project, to tell a wave across the pool from its quota.
+    waves: Waves,
 }
 
 impl Engine {
@@ -585,7 +604,8 @@ impl Engine {
         } = setup;
         let (catalogue, left_out) = Catalogue::new(&config, keys, draining)?;
         let engine = Self {
-            books: Books::new(&config, &catalogue),
+            books: Books::new(&config, &catalogue, rules >= RULES_WEIGHING_EVIDENCE),
+            waves: Waves::default(),
             leases: LeaseTable::new(token_floor, config.memory_capacity),
             memory: Memory::new(config.memory_capacity),
             lines: Lines::new(),

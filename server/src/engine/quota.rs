@@ -27,6 +27,10 @@ pub struct Limits {
 pub enum CooldownReason {
     RateLimited,
     DailyQuotaExhausted,
+    /// The model had no capacity for anyone: every project of the pool rests it.
+    ModelCapacity,
+    /// Most projects of the pool were refused at once: the provider's trouble, not their quota.
+    ProviderOutage,
 }
 
 impl CooldownReason {
@@ -34,6 +38,8 @@ impl CooldownReason {
         match self {
             Self::RateLimited => "rate limited",
             Self::DailyQuotaExhausted => "daily quota exhausted",
+            Self::ModelCapacity => "model capacity",
+            Self::ProviderOutage => "provider outage",
         }
     }
 }

@@ -11,7 +11,24 @@ use super::{
     GroupView, KeyView, LeaseEvent, LimitKind, Renewed, Reported, Time, Unavailable,
     UnavailableReason, Usage, canonical_model, invalid, show_ms, validate_detail, validate_tokens,
 };
+use super::{RULES_WEIGHING_EVIDENCE, outage};
 use keylease::{MAX_ID_BYTES, MAX_INPUT_TOKENS, MAX_QUOTA_VALUE, MAX_QUOTA_VIOLATIONS};
+
+/// A model without capacity rests the pool for the provider's retry delay, or this many spans.
+const MODEL_CAPACITY_SPANS: u64 = 4;
+/// A wave rests the pool this many spans (two seconds of Gemini's minute).
+const OUTAGE_SPANS: u64 = 2;
+
+/// What a 429 taught its group.
+#[derive(Debug, Default)]
+struct Learnt {
+    /// A per-day limit, or a figure of 0: the group rests until the day turns.
+    rest_for_the_day: bool,
+    /// A named figure the books reached explains it.
+    explained: bool,
+    /// It came in a wave across the pool: the pool rests, the group learns nothing.
+    in_a_wave: bool,
+}
 
 impl Engine {
     pub(super) fn renew(
@@ -105,11 +122,15 @@ impl Engine {
         }
         let token = self.leases.live_token(lease_id, fencing_token)?;
         let lease = self.leases.get(token).expect("live");
-        let key = self.catalogue.key(lease.key);
+        let (key_idx, model) = (lease.key, lease.model);
+        let key = self.catalogue.key(key_idx);
         let (pool, project) = (key.pool, key.project);
         let used = lease.used(usage);
         let event = self.end_lease(token, time, used);
-        if used.requests > 0 {
+        if self.rules >= RULES_WEIGHING_EVIDENCE {
+            let group = self.catalogue.key(key_idx).group(model);
+            self.accepted(time, group, used.requests);
+        } else if used.requests > 0 {
             // A call went through: the project's rate-limit backoff starts over.
             self.memory.reset_backoff(pool, project);
         }
@@ -145,13 +166,22 @@ impl Engine {
                 format!("{} is longer than a day", show_ms(retry_after_ms)),
             ));
         }
+        let weighs = self.rules >= RULES_WEIGHING_EVIDENCE;
         let (ended, event, booked) = match self.leases.live_token(lease_id, fencing_token) {
             Ok(token) => {
                 let lease = self.leases.get(token).expect("live").clone();
-                let used = lease.used(Usage {
+                let mut used = lease.used(Usage {
                     requests_sent: report.requests_sent,
                     input_tokens: None,
                 });
+                if weighs && report.kind.refused_by_provider() && used.requests > 0 {
+                    // The provider does not count a call it refused: only those before it stay
+                    // on the books.
+                    used.requests -= 1;
+                    if used.requests == 0 {
+                        used.tokens = 0;
+                    }
+                }
                 let event = self.end_lease(token, time, used);
                 (lease, event, Some(used))
             }
@@ -187,19 +217,46 @@ impl Engine {
             self.memory.exclude(&ended.task_id, key, until, now);
         }
         let group_key = self.catalogue.key(key).group(ended.model);
-        let mut rest_for_the_day = report.kind == FailureKind::DailyQuotaExhausted;
+        if weighs && let Some(booked) = booked {
+            self.accepted(time, group_key, booked.requests);
+        }
+        let kind = match report.kind {
+            // Only today's clients send it; an older engine knew no such class.
+            FailureKind::ModelCapacity if !weighs => FailureKind::ServerError,
+            kind => kind,
+        };
+        let mut learned = Learnt::default();
         if matches!(
-            report.kind,
+            kind,
             FailureKind::RateLimited | FailureKind::DailyQuotaExhausted
         ) && let Some(booked) = booked
         {
             let sent = booked.requests;
-            rest_for_the_day |= self.learn(time, group_key, &ended.task_id, sent, &report);
+            learned = self.learn(time, group_key, &ended.task_id, sent, &report, weighs);
         }
-        match report.kind {
-            FailureKind::RateLimited | FailureKind::DailyQuotaExhausted if rest_for_the_day => {
+        match kind {
+            FailureKind::RateLimited | FailureKind::DailyQuotaExhausted
+                if learned.rest_for_the_day || kind == FailureKind::DailyQuotaExhausted =>
+            {
                 let cooldown = self.books.group(group_key, time).rest_for_the_day(time);
                 self.cooled_down(time, group_key, cooldown);
+            }
+            FailureKind::RateLimited if weighs && !learned.explained => {
+                let repeats = self.memory.back_off(group_key.pool, group_key.project);
+                if !learned.in_a_wave && (repeats > 0 || report.retry_after_ms.is_some()) {
+                    // A 429 that is no limit: a rest for the provider's retry delay, or from
+                    // the second in a row without an acceptance, a span doubled each time.
+                    let span = outage::span_of(self.config.window_ms);
+                    let delay = report
+                        .retry_after_ms
+                        .unwrap_or_else(|| span.saturating_mul(1u64 << (repeats - 1).min(32)))
+                        .min(self.config.window_ms.max(span));
+                    let cooldown = self
+                        .books
+                        .group(group_key, time)
+                        .cool_down(now.saturating_add(delay), CooldownReason::RateLimited);
+                    self.cooled_down(time, group_key, cooldown);
+                }
             }
             FailureKind::RateLimited | FailureKind::DailyQuotaExhausted => {
                 let repeats = self.memory.back_off(group_key.pool, group_key.project);
@@ -215,6 +272,28 @@ impl Engine {
                     .group(group_key, time)
                     .cool_down(now.saturating_add(delay), CooldownReason::RateLimited);
                 self.cooled_down(time, group_key, cooldown);
+            }
+            FailureKind::ModelCapacity => {
+                let span = outage::span_of(self.config.window_ms);
+                let delay = report
+                    .retry_after_ms
+                    .unwrap_or(span.saturating_mul(MODEL_CAPACITY_SPANS))
+                    .min(self.config.window_ms.max(span));
+                if self.waves.refused(
+                    group_key.pool,
+                    group_key.project,
+                    now,
+                    self.config.window_ms,
+                ) {
+                    self.books
+                        .discount_refusals(group_key.pool, group_key.model);
+                }
+                self.rest_pool(
+                    time,
+                    group_key,
+                    now.saturating_add(delay),
+                    CooldownReason::ModelCapacity,
+                );
             }
             FailureKind::InvalidKey | FailureKind::PermissionDenied => {
                 let reason = if report.detail.is_empty() {
@@ -244,9 +323,43 @@ impl Engine {
         })
     }
 
+    /// The provider accepted `requests` of a group (rules that weigh evidence): the evidence
+    /// of its limit and of waves, and the end of its project's backoff.
+    fn accepted(&mut self, time: Time, group: GroupKey, requests: u64) {
+        if requests == 0 {
+            return;
+        }
+        self.books.accepted(group, time, requests);
+        self.waves
+            .accepted(group.pool, group.project, time.steady_ms);
+        self.memory.reset_backoff(group.pool, group.project);
+    }
+
+    /// Rests every project of the group's pool for its model until steady `until_ms`.
+    fn rest_pool(&mut self, time: Time, group: GroupKey, until_ms: u64, reason: CooldownReason) {
+        let mut projects: Vec<_> = self
+            .catalogue
+            .pool(group.pool)
+            .keys
+            .iter()
+            .map(|&key| self.catalogue.key(key).project)
+            .collect();
+        projects.sort_unstable();
+        projects.dedup();
+        for project in projects {
+            let group = GroupKey { project, ..group };
+            let before = self.books.group(group, time).cooldown();
+            let cooldown = self.books.group(group, time).cool_down(until_ms, reason);
+            if before != Some(cooldown) {
+                self.cooled_down(time, group, cooldown);
+            }
+        }
+    }
+
     /// What a live lease's 429 teaches its group (see [`super::learning`]): a figure named for
-    /// another model is not the group's, and teaches as much as no figure. Whether the group
-    /// must rest until the day turns (a per-day limit, or a figure of 0).
+    /// another model is not the group's, and teaches as much as no figure. Under rules that
+    /// weigh evidence, a bare 429 first counts toward a wave across the pool; one in a wave
+    /// teaches nothing.
     fn learn(
         &mut self,
         time: Time,
@@ -254,7 +367,8 @@ impl Engine {
         task_id: &str,
         sent: u64,
         report: &FailureReport,
-    ) -> bool {
+        weighs: bool,
+    ) -> Learnt {
         let model = self.catalogue.models.name(group.model).to_string();
         let evidence = |quota_id: &str| Evidence {
             quota_id: quota_id.to_string(),
@@ -262,30 +376,55 @@ impl Engine {
             task_id: task_id.to_string(),
         };
         // A per-minute figure explains the 429 only if the books held as much; below it,
-        // someone else spends the project, and the group is lowered as if none were named.
-        let mut explained = false;
-        let mut rest = false;
+        // someone else spends the project, and it counts as if none were named.
+        let held = self.books.group(group, time).requests_in_window();
+        let mut learnt = Learnt::default();
         for violation in &report.violations {
             let own = violation.model.is_empty() || canonical_model(&violation.model) == model;
             let (Some(kind), Some(value), true) = (violation.kind, violation.value, own) else {
                 continue;
             };
-            rest |= kind == LimitKind::RequestsPerDay || value == 0;
+            learnt.rest_for_the_day |= kind == LimitKind::RequestsPerDay || value == 0;
             if value > 0 {
-                explained |= kind != LimitKind::RequestsPerMinute;
+                learnt.explained |= kind != LimitKind::RequestsPerMinute
+                    || (weighs && held.saturating_add(1) >= value);
                 let evidence = evidence(&violation.quota_id);
                 self.books.learn_named(group, kind, value, time, evidence);
             }
         }
-        if !explained && !rest && report.kind == FailureKind::RateLimited {
-            let quota_id = report
-                .violations
-                .first()
-                .map_or("", |v| v.quota_id.as_str());
-            self.books
-                .learn_unnamed(group, time, sent, evidence(quota_id));
+        if learnt.explained || learnt.rest_for_the_day || report.kind != FailureKind::RateLimited {
+            return learnt;
         }
-        rest
+        if weighs {
+            let resting_for_a_wave = self
+                .books
+                .group(group, time)
+                .cooldown()
+                .is_some_and(|c| c.reason == CooldownReason::ProviderOutage);
+            let window = self.config.window_ms;
+            if resting_for_a_wave
+                || self
+                    .waves
+                    .refused(group.pool, group.project, time.steady_ms, window)
+            {
+                learnt.in_a_wave = true;
+                if !resting_for_a_wave {
+                    self.books.discount_refusals(group.pool, group.model);
+                    let until = time
+                        .steady_ms
+                        .saturating_add(outage::span_of(window).saturating_mul(OUTAGE_SPANS));
+                    self.rest_pool(time, group, until, CooldownReason::ProviderOutage);
+                }
+                return learnt;
+            }
+        }
+        let quota_id = report
+            .violations
+            .first()
+            .map_or("", |v| v.quota_id.as_str());
+        self.books
+            .learn_unnamed(group, time, sent, evidence(quota_id));
+        learnt
     }
 
     fn cooled_down(&mut self, time: Time, group_key: GroupKey, cooldown: Cooldown) {

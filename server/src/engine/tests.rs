@@ -62,6 +62,16 @@ fn new_engine(config: EngineConfig, keys: Vec<KeySpec>) -> Result<Engine, SetupE
     Engine::new(setup, Time::at(T0))
 }
 
+/// An engine deciding by the frozen rules 3, which replay an older build's records: each 429
+/// was a verdict ([`learning::reacting`]).
+fn engine_of_rules_3(config: EngineConfig, keys: Vec<KeySpec>) -> Engine {
+    let setup = Setup {
+        rules: 3,
+        ..Setup::new(config, keys, 0)
+    };
+    Engine::new(setup, Time::at(T0)).unwrap()
+}
+
 fn engine(keys: &[(&str, &str)]) -> Engine {
     new_engine(config(10, 100), key_specs(keys)).unwrap()
 }
@@ -1552,13 +1562,13 @@ fn a_named_figure_is_admitted_at_once_and_announced() {
 }
 
 #[test]
-fn a_figure_the_books_were_below_means_others_spend_the_project() {
+fn a_figure_the_books_were_below_means_others_spend_the_project_under_rules_3() {
     let mut config = config(40, 10_000);
     config.relearn_after_windows = 1;
     config.cooldown_base_ms = SECOND;
     let mut keys = key_specs(&[("k1", "p1")]);
     keys[0].max_leases = Some(2);
-    let mut e = new_engine(config, keys).unwrap();
+    let mut e = engine_of_rules_3(config, keys);
     for i in 0..8 {
         let lease = granted(e.acquire(T0, ask(&format!("early-{i}"))));
         e.release(T0, &lease.lease_id, lease.fencing_token, used(1, 0))
@@ -1598,8 +1608,8 @@ fn a_figure_the_books_were_below_means_others_spend_the_project() {
 }
 
 #[test]
-fn a_figure_for_another_model_teaches_only_what_no_figure_would() {
-    let mut e = new_engine(config(10, 100), key_specs(&[("k1", "p1")])).unwrap();
+fn a_figure_for_another_model_teaches_only_what_no_figure_would_under_rules_3() {
+    let mut e = engine_of_rules_3(config(10, 100), key_specs(&[("k1", "p1")]));
     let other = QuotaViolation {
         model: "gemini-2.5-pro".into(),
         ..violation(LimitKind::RequestsPerMinute, Some(2))
@@ -1659,10 +1669,10 @@ fn a_per_day_429_rests_until_the_reset_whatever_its_retry_delay() {
 }
 
 #[test]
-fn an_unnamed_429_on_a_group_with_room_lowers_it_and_pressure_climbs_it_back() {
+fn an_unnamed_429_on_a_group_with_room_lowers_it_and_pressure_climbs_it_back_under_rules_3() {
     let mut config = config(20, 10_000);
     config.relearn_after_windows = 2;
-    let mut e = new_engine(config, key_specs(&[("k1", "p1")])).unwrap();
+    let mut e = engine_of_rules_3(config, key_specs(&[("k1", "p1")]));
     // Nine requests went through in this window; the tenth is refused without a figure.
     for i in 0..9 {
         let lease = granted(e.acquire(T0, ask(&format!("early-{i}"))));
@@ -1904,6 +1914,7 @@ fn a_new_model_is_refused_only_when_every_unlisted_model_is_held() {
 
 mod learning_properties;
 mod properties;
+mod provider;
 
 #[test]
 fn the_plan_shows_every_project_with_a_key_used_or_not() {

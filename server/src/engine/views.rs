@@ -3,6 +3,7 @@
 //! start-up. Everything here takes `&self`.
 
 use super::catalogue::{GroupKey, KeyIdx, PoolIdx, ProjectIdx};
+use super::learning::Learned;
 use super::leases::{Lease, Token, lease_id};
 use super::quota::QuotaGroup;
 use super::{
@@ -108,7 +109,7 @@ impl Engine {
             },
             cooldown: group.cooldown(),
             limits: self.limit_views(key),
-            last_429: self.books.learned(key).and_then(|l| l.last_429.clone()),
+            last_429: self.books.learned(key).and_then(|l| l.last_429().cloned()),
         }
     }
 
@@ -254,7 +255,8 @@ impl Engine {
             .read_at(time)
             .filter(|(g, group)| {
                 pool.is_none_or(|p| g.pool == p)
-                    && (!group.is_idle() || self.books.learned(*g).is_some())
+                    && (!group.is_idle()
+                        || self.books.learned(*g).is_some_and(Learned::holds_something))
             })
             .collect();
         let mut cooling: HashMap<(PoolIdx, ProjectIdx), u64> = HashMap::new();

@@ -534,6 +534,7 @@ impl Relay {
                 Some(Some(Err(error))) => {
                     let failure = Failure {
                         kind: keylease::pb::FailureKind::ServerError,
+                        class: keylease::pb::FailureClass::Unspecified,
                         retry_after: None,
                         detail: format!("the stream broke: {}", error.without_url()),
                         violations: Vec::new(),

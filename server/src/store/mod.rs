@@ -10,6 +10,7 @@ pub mod journal;
 #[cfg(test)]
 pub mod testing;
 mod v1;
+mod v3;
 
 use crate::engine::{Command, Engine, Image, KeySpec, RULES_VERSION, Setup, Time};
 use serde::{Deserialize, Serialize};
@@ -36,9 +37,11 @@ pub struct Snapshot {
     pub draining: Vec<KeySpec>,
 }
 
-/// Opens every snapshot written since limits are learned: a first-format snapshot opens with
-/// its `seq`, which never comes near it.
+/// Opened the snapshots of rules 2 and 3 (since limits are learned): a first-format snapshot
+/// opens with its `seq`, which never comes near it.
 const SNAPSHOT_MARK: u64 = u64::MAX;
+/// Opens every snapshot written since learning weighs evidence (rules 4).
+const SNAPSHOT_MARK_WEIGHING: u64 = u64::MAX - 1;
 
 impl Snapshot {
     pub fn of(engine: &Engine, seq: u64) -> Self {
@@ -50,15 +53,16 @@ impl Snapshot {
         }
     }
 
-    /// Its bytes, behind [`SNAPSHOT_MARK`].
+    /// Its bytes, behind [`SNAPSHOT_MARK_WEIGHING`].
     pub fn encode(&self) -> Vec<u8> {
-        encode(&(SNAPSHOT_MARK, self))
+        encode(&(SNAPSHOT_MARK_WEIGHING, self))
     }
 
     /// A snapshot from its bytes, as written by this server or an earlier one.
     pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
         match postcard::take_from_bytes::<u64>(bytes) {
-            Ok((SNAPSHOT_MARK, rest)) => decode(rest),
+            Ok((SNAPSHOT_MARK_WEIGHING, rest)) => decode(rest),
+            Ok((SNAPSHOT_MARK, rest)) => v3::decode(rest),
             _ => v1::decode(bytes),
         }
     }

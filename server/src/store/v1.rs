@@ -194,6 +194,7 @@ fn image(v1: ImageV1) -> Image {
         request_ids: v1.request_ids,
         ended: v1.ended,
         lines: v1.lines,
+        waves: Vec::new(),
     }
 }
 

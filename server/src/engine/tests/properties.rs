@@ -125,7 +125,7 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-const KINDS: [FailureKind; 7] = FailureKind::ALL;
+const KINDS: [FailureKind; 8] = FailureKind::ALL;
 
 /// A live lease as the provider model tracks it.
 #[derive(Debug)]
@@ -335,11 +335,11 @@ impl Model {
                     self.end(lease.lease.fencing_token, at, all, None);
                 }
                 EventKind::Failed { lease, kind, .. } => {
-                    let (sent, _) = self
+                    let (sent, tokens) = self
                         .reported_use
                         .remove(&lease.lease.lease_id)
-                        .unwrap_or((0, 0));
-                    self.end(lease.lease.fencing_token, at, sent, None);
+                        .map_or((0, None), |(sent, tokens)| (sent, Some(tokens)));
+                    self.end(lease.lease.fencing_token, at, sent, tokens);
                     if kind.blames_key() {
                         self.exclusions
                             .insert((lease.lease.task_id, lease.key_id), at + EXCLUSION);
@@ -631,10 +631,18 @@ fn run(ops: Vec<Op>, cut: usize) -> Result<(), TestCaseError> {
                 if let Some((id, token)) = pick_lease(&model, pick) {
                     if let Some(tracked) = model.live.get(&token) {
                         let granted = tracked.batches.iter().map(|b| b.1).sum::<u64>();
-                        let booked_sent = sent.map_or(granted, |s| u64::from(s).min(granted));
-                        model
-                            .reported_use
-                            .insert(id.clone(), (booked_sent, tracked.tokens));
+                        let mut booked = (
+                            sent.map_or(granted, |s| u64::from(s).min(granted)),
+                            tracked.tokens,
+                        );
+                        // The provider counts no call it refused: the last one sent.
+                        if KINDS[kind as usize].refused_by_provider() && booked.0 > 0 {
+                            booked.0 -= 1;
+                            if booked.0 == 0 {
+                                booked.1 = 0;
+                            }
+                        }
+                        model.reported_use.insert(id.clone(), booked);
                     }
                     let violations = named
                         .map(|(kind, value)| violation(LimitKind::ALL[kind as usize], Some(value)))

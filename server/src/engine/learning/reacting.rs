@@ -1,121 +1,26 @@
-//! What the provider's 429s teach about a quota group's real limits. Beside each configured
-//! limit the group may hold a learned one, and its books admit the lower of the two:
+//! The rules of versions 2 and 3, frozen: kept so that this build decides the records an older
+//! build logged as that build did (see [`super::super::RULES_VERSION`]). Each 429 was a verdict:
 //! - a 429 that names its limit sets the learned limit to that figure at once, and it is never
-//!   probed above (it is the provider's own);
-//! - a 429 without a figure, or with a per-minute figure its books were below (someone else
-//!   spends the project), for a group whose books showed room, lowers the requests per
-//!   minute at most once per window, to max(1, ⌈0.75 × what the books held⌉): enough to stop
-//!   a storm. Such 429s also come from others using the project outside keylease, so it is
-//!   never a ratchet: after `relearn_after` windows that pressed the lowered limit without a
-//!   429, it climbs ×1.5 per pressed window back to the named or configured figure.
+//!   probed above;
+//! - a 429 without a figure, or with a per-minute figure its books were below, for a group whose
+//!   books showed room, lowers the requests per minute at most once per window, to
+//!   max(1, ⌈0.75 × what the books held⌉); after `relearn_after` windows that pressed the lowered
+//!   limit without a 429, it climbs ×1.5 per pressed window back to the named or configured
+//!   figure.
 //!
-//! Per-day limits are only ever learned from a named figure, never probed upward.
+//! Nothing here changes with the engine: [`super::weighing`] holds today's rules.
 
-use super::calendar::Time;
-use super::quota::Limits;
+use super::super::calendar::Time;
+use super::super::quota::Limits;
+use super::{Evidence, LearnedLimit, LimitChange, LimitKind, Tuning, effective};
 use serde::{Deserialize, Serialize};
 
-/// One of a group's limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum LimitKind {
-    RequestsPerMinute,
-    TokensPerMinute,
-    RequestsPerDay,
-}
-
-impl LimitKind {
-    pub const ALL: [Self; 3] = [
-        Self::RequestsPerMinute,
-        Self::TokensPerMinute,
-        Self::RequestsPerDay,
-    ];
-
-    /// The name configuration, metrics and status use.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::RequestsPerMinute => "requests_per_minute",
-            Self::TokensPerMinute => "tokens_per_minute",
-            Self::RequestsPerDay => "requests_per_day",
-        }
-    }
-
-    pub fn of(self, limits: &Limits) -> Option<u64> {
-        match self {
-            Self::RequestsPerMinute => limits.requests_per_minute,
-            Self::TokensPerMinute => limits.tokens_per_minute,
-            Self::RequestsPerDay => limits.requests_per_day,
-        }
-    }
-
-    fn set(self, limits: &mut Limits, value: Option<u64>) {
-        match self {
-            Self::RequestsPerMinute => limits.requests_per_minute = value,
-            Self::TokensPerMinute => limits.tokens_per_minute = value,
-            Self::RequestsPerDay => limits.requests_per_day = value,
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
-/// What a 429 named, as the reporting client read it from the provider's answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QuotaViolation {
-    /// Which limit; `None` when the answer named one keylease does not know.
-    pub kind: Option<LimitKind>,
-    /// The provider's name for it (Gemini's `quotaId`), for people.
-    pub quota_id: String,
-    /// The model it names; empty when it names none.
-    pub model: String,
-    /// The limit's figure, when the provider gave it.
-    pub value: Option<u64>,
-}
-
-/// One learned limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LearnedLimit {
-    /// What the books admit at most (with the configured figure, the lower).
-    pub value: u64,
-    /// The provider's own figure, when it named one: never probed above.
-    pub named: Option<u64>,
-}
-
-/// The 429 a group last learned from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Evidence {
-    /// The provider's name of the limit; empty when the 429 named none.
-    pub quota_id: String,
-    /// Wall time of the report.
-    pub at_wall_ms: u64,
-    /// The task that reported it.
-    pub task_id: String,
-}
-
-/// What a change did, for the event that announces it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LimitChange {
-    pub kind: LimitKind,
-    /// What the books admitted before, and admit now (`None`: no limit).
-    pub before: Option<u64>,
-    pub after: Option<u64>,
-    pub reason: String,
-}
-
-/// How learning is tuned.
-#[derive(Debug, Clone, Copy)]
-pub struct Tuning {
-    pub window_ms: u64,
-    /// Pressed windows without a 429 before a lowered limit climbs.
-    pub relearn_after: u32,
-}
-
-/// A group's learned limits and what it needs to decide the next change.
+/// A group's learned limits and what it needs to decide the next change (the layout the image
+/// of rules 2 and 3 kept).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Learned {
+pub struct Reacting {
     /// By [`LimitKind`] order.
-    limits: [Option<LearnedLimit>; 3],
+    pub(super) limits: [Option<LearnedLimit>; 3],
     pub last_429: Option<Evidence>,
     /// Steady time of the last lowering by a 429 without a figure: at most one per window.
     lowered_ms: Option<u64>,
@@ -127,9 +32,9 @@ pub struct Learned {
     pressed: bool,
 }
 
-impl Learned {
+impl Reacting {
     pub fn limit(&self, kind: LimitKind) -> Option<LearnedLimit> {
-        self.limits[kind.index()]
+        self.limits[kind as usize]
     }
 
     #[cfg(test)]
@@ -137,18 +42,8 @@ impl Learned {
         self.limits.iter().all(Option::is_none)
     }
 
-    /// The limits the books admit: per kind, the lower of configured and learned.
     pub fn effective(&self, configured: Limits) -> Limits {
-        let mut limits = configured;
-        for kind in LimitKind::ALL {
-            if let Some(learned) = self.limit(kind) {
-                let value = kind
-                    .of(&configured)
-                    .map_or(learned.value, |c| c.min(learned.value));
-                kind.set(&mut limits, Some(value));
-            }
-        }
-        limits
+        effective(&self.limits, configured)
     }
 
     /// A 429 named `kind`'s figure (at least 1): the books admit it at once (or less, where
@@ -165,7 +60,7 @@ impl Learned {
         // A limit lowered below the figure (others use the project too) stays lowered: it
         // climbs back to the figure by itself.
         let kept = self.limit(kind).map_or(value, |l| l.value.min(value));
-        self.limits[kind.index()] = Some(LearnedLimit {
+        self.limits[kind as usize] = Some(LearnedLimit {
             value: kept,
             named: Some(value),
         });
@@ -198,7 +93,7 @@ impl Learned {
         }
         let value = held.saturating_mul(3).div_ceil(4).max(1);
         let named = self.limit(kind).and_then(|l| l.named);
-        self.limits[kind.index()] = Some(LearnedLimit { value, named });
+        self.limits[kind as usize] = Some(LearnedLimit { value, named });
         self.lowered_ms = Some(time.steady_ms);
         let why = match named {
             Some(figure) => format!(
@@ -258,7 +153,7 @@ impl Learned {
         }
         let before = self.effective(configured);
         let climbed = limit.value.saturating_mul(3).div_ceil(2);
-        self.limits[kind.index()] = match target {
+        self.limits[kind as usize] = match target {
             Some(t) if climbed >= t && limit.named.is_none() => None,
             Some(t) => Some(LearnedLimit {
                 value: climbed.min(t),
@@ -276,7 +171,7 @@ impl Learned {
         self.change(kind, before, configured, &reason)
     }
 
-    /// When [`Learned::advance`] may next change something, if a lowered limit waits to climb.
+    /// When [`Reacting::advance`] may next change something, if a lowered limit waits to climb.
     pub fn next_change_ms(&self, tuning: Tuning, configured: Limits) -> Option<u64> {
         let kind = LimitKind::RequestsPerMinute;
         let limit = self.limit(kind)?;
@@ -342,7 +237,7 @@ mod tests {
 
     /// Presses the limit once in each of `windows` windows from `from`, advancing at each
     /// window's end; the figures the books admitted after each.
-    fn press(learned: &mut Learned, from: u64, windows: u64, configured: Limits) -> Vec<u64> {
+    fn press(learned: &mut Reacting, from: u64, windows: u64, configured: Limits) -> Vec<u64> {
         (0..windows)
             .map(|w| {
                 learned.granted(u64::MAX);
@@ -357,7 +252,7 @@ mod tests {
 
     #[test]
     fn a_named_figure_is_admitted_at_once_and_never_probed_above() {
-        let mut learned = Learned::default();
+        let mut learned = Reacting::default();
         let change = learned
             .named(
                 LimitKind::RequestsPerMinute,
@@ -374,7 +269,7 @@ mod tests {
 
     #[test]
     fn a_named_figure_above_the_configured_one_changes_nothing_admitted() {
-        let mut learned = Learned::default();
+        let mut learned = Reacting::default();
         let change = learned.named(LimitKind::TokensPerMinute, 500, at(0), evidence("q"), {
             Limits {
                 tokens_per_minute: Some(100),
@@ -390,7 +285,7 @@ mod tests {
 
     #[test]
     fn an_unnamed_429_lowers_to_three_quarters_of_the_books_once_per_window() {
-        let mut learned = Learned::default();
+        let mut learned = Reacting::default();
         let change = learned
             .unnamed(17, at(0), TUNING, evidence(""), rpm(30))
             .unwrap();
@@ -418,7 +313,7 @@ mod tests {
 
     #[test]
     fn an_unnamed_429_on_overbooked_books_is_no_news() {
-        let mut learned = Learned::default();
+        let mut learned = Reacting::default();
         // 30 others and the refused one: over the limit of 30.
         assert_eq!(
             learned.unnamed(30, at(0), TUNING, evidence(""), rpm(30)),
@@ -430,7 +325,7 @@ mod tests {
 
     #[test]
     fn a_lowered_limit_climbs_back_after_pressed_calm_windows_and_is_forgotten() {
-        let mut learned = Learned::default();
+        let mut learned = Reacting::default();
         learned.unnamed(16, at(0), TUNING, evidence(""), rpm(30));
         assert_eq!(learned.effective(rpm(30)).requests_per_minute, Some(12));
         // Two calm windows, then a climb in each: 12 → 18 → 27 → 30 (forgotten).
@@ -440,7 +335,7 @@ mod tests {
 
     #[test]
     fn windows_that_do_not_press_the_limit_do_not_count_toward_a_climb() {
-        let mut learned = Learned::default();
+        let mut learned = Reacting::default();
         learned.unnamed(16, at(0), TUNING, evidence(""), rpm(30));
         for w in 1..=10 {
             learned.granted(5);
@@ -453,7 +348,7 @@ mod tests {
 
     #[test]
     fn a_429_starts_the_calm_count_again() {
-        let mut learned = Learned::default();
+        let mut learned = Reacting::default();
         learned.unnamed(16, at(0), TUNING, evidence(""), rpm(30));
         press(&mut learned, 0, 2, rpm(30));
         // A 429 on full books lowers nothing but restarts the count.
@@ -466,7 +361,7 @@ mod tests {
 
     #[test]
     fn a_lowered_named_limit_climbs_back_to_the_named_figure_and_keeps_it() {
-        let mut learned = Learned::default();
+        let mut learned = Reacting::default();
         learned.named(
             LimitKind::RequestsPerMinute,
             20,
@@ -486,7 +381,7 @@ mod tests {
 
     #[test]
     fn without_a_configured_limit_a_lowered_one_climbs_without_end() {
-        let mut learned = Learned::default();
+        let mut learned = Reacting::default();
         learned.unnamed(4, at(0), TUNING, evidence(""), Limits::default());
         assert_eq!(
             press(&mut learned, 0, 4, Limits::default()),
