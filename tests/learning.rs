@@ -34,6 +34,8 @@ const PROCESSES: usize = 8;
 const JOBS: usize = 8;
 /// Windows (seconds here) before the measurement: the first 429s fall in them.
 const WARM_UP: Duration = Duration::from_millis(2_500);
+/// Windows after which a limit learned from bare 429s has settled.
+const SETTLED: Duration = Duration::from_secs(5);
 /// A project's requests come in bursts, a window apart, so that a span counts one burst more or
 /// less by its phase: twenty windows keep that under 5%.
 const MEASURED: Duration = Duration::from_secs(20);
@@ -147,6 +149,8 @@ fn all_between(before: &Stats, after: &Stats, status: u16) -> u64 {
 struct Run {
     p5_answered: u64,
     measured_429s: u64,
+    /// 429s after window 5 (of the measured span).
+    settled_429s: u64,
     warm_up_429s: u64,
     learned: Option<u64>,
 }
@@ -178,7 +182,9 @@ async fn fleet_run(p5_configured: u64, bare: bool) -> Run {
     let start = fake.fake.stats();
     tokio::time::sleep(WARM_UP).await;
     let warmed = fake.fake.stats();
-    tokio::time::sleep(MEASURED).await;
+    tokio::time::sleep(SETTLED - WARM_UP).await;
+    let settled = fake.fake.stats();
+    tokio::time::sleep(MEASURED - (SETTLED - WARM_UP)).await;
     let end = fake.fake.stats();
     for child in workers {
         assert!(exit_of(child, PROCESS_LIMIT).await.success());
@@ -194,6 +200,7 @@ async fn fleet_run(p5_configured: u64, bare: bool) -> Run {
     Run {
         p5_answered: between(&warmed, &end, MISCONFIGURED, 200),
         measured_429s: all_between(&warmed, &end, 429),
+        settled_429s: all_between(&settled, &end, 429),
         warm_up_429s: all_between(&start, &warmed, 429),
         learned,
     }
@@ -223,51 +230,26 @@ async fn a_fleet_told_twice_the_real_limit_learns_it_and_meets_no_429_after_the_
         "p5 served {ratio:.3} of the true-limit run: {named:?} against {truth:?}"
     );
 
-    // Without a figure: lowered to 3/4 of what the books held, below the real limit, so no
-    // 429 either; it serves less until the climb (relearn_after windows later).
+    // Without a figure: bare 429s are weighed over windows (issue 24), not read as verdicts.
+    // Where the reacting rule lowered below the real limit at once ("learned < P5_REAL, no 429
+    // after 2.5 windows", serving 0.6 or more of the true-limit run), the weighing rule steps
+    // down to what the provider was seen to accept: "learned ≤ P5_REAL, no 429 after window 5",
+    // and p5 serves 0.9 or more of the true-limit run.
     assert!(
         bare.warm_up_429s > 0,
         "the provider never refused: {bare:?}"
     );
-    assert_eq!(bare.measured_429s, 0, "{bare:?}");
-    assert!(bare.learned.is_some_and(|l| l < P5_REAL), "{bare:?}");
+    assert_eq!(bare.settled_429s, 0, "{bare:?}");
+    assert!(bare.learned.is_some_and(|l| l <= P5_REAL), "{bare:?}");
     let ratio = bare.p5_answered as f64 / truth.p5_answered as f64;
     assert!(
-        ratio >= 0.6,
+        ratio >= 0.9,
         "p5 served {ratio:.3} of the true-limit run: {bare:?}"
     );
 }
 
-/// Events of learned limits of `project` from `watcher`, until one satisfies `done`.
-async fn learned_until(
-    watcher: &mut tonic::Streaming<pb::Event>,
-    project: &str,
-    within: Duration,
-    done: impl Fn(&pb::LimitEvent) -> bool,
-) -> Vec<pb::LimitEvent> {
-    let mut seen = Vec::new();
-    let deadline = now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(now());
-        let event = tokio::time::timeout(left, watcher.message())
-            .await
-            .unwrap_or_else(|_| panic!("within {within:?} only {seen:?}"))
-            .unwrap()
-            .expect("the event stream ended");
-        if let Some(pb::event::Kind::LimitLearned(change)) = event.kind
-            && change.project == project
-        {
-            let finished = done(&change);
-            seen.push(change);
-            if finished {
-                return seen;
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keylease_backs_off_while_another_client_spends_the_project_then_climbs_back() {
+async fn an_outside_client_spending_the_project_costs_keylease_a_window_of_429s_and_no_mark() {
     let keys = [("a1", "p"), ("a2", "p")];
     let fake = fake(&keys, rpm(RPM), None, false).await;
     let config = config_toml(
@@ -301,27 +283,26 @@ async fn keylease_backs_off_while_another_client_spends_the_project_then_climbs_
     let outside = tokio::spawn(async move {
         let request = GenerateContentRequest::text("outside");
         let until = now() + Duration::from_secs(4);
+        let (mut answered, mut refused) = (0u64, 0u64);
         while now() < until {
-            let _ = gemini
+            match gemini
                 .generate_content(&fake_secret("a1"), MODEL, &request)
-                .await;
+                .await
+            {
+                Ok(_) => answered += 1,
+                Err(_) => refused += 1,
+            }
             tokio::time::sleep(Duration::from_millis(1000 / (RPM / 2))).await;
         }
+        (answered, refused)
     });
-    let lowered = learned_until(&mut watcher, "p", Duration::from_secs(10), |c| {
-        c.after.is_some_and(|after| after < RPM)
-    })
-    .await;
-    outside.await.unwrap();
+    let (outside_answered, outside_refused) = outside.await.unwrap();
     let stopped_at = fake.fake.stats();
     // The other client's last requests leave the provider's window.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let quiet_from = fake.fake.stats();
-    // Back to the provider's figure within a few windows of pressure without a 429.
-    let changes = learned_until(&mut watcher, "p", Duration::from_secs(30), |c| {
-        c.after == Some(RPM)
-    })
-    .await;
+    // A few windows of pressure: back to the provider's figure, without a 429.
+    tokio::time::sleep(Duration::from_secs(4)).await;
     let recovered = fake.fake.stats();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let later = fake.fake.stats();
@@ -329,25 +310,48 @@ async fn keylease_backs_off_while_another_client_spends_the_project_then_climbs_
     for job in jobs {
         job.await.unwrap();
     }
-    println!("lowered: {lowered:?}\nthen: {changes:?}");
-    let last = changes.last().unwrap();
+    let mut changes = Vec::new();
+    while let Ok(Some(Ok(event))) =
+        tokio::time::timeout(Duration::from_millis(100), watcher.message())
+            .await
+            .map(|m| m.transpose())
+    {
+        if let Some(pb::event::Kind::LimitLearned(change)) = event.kind {
+            changes.push(change);
+        }
+    }
+    let ours_refused = stopped_at.projects["p"].status(429) - outside_refused;
+    println!(
+        "outside: {outside_answered} answered, {outside_refused} refused; keylease refused {ours_refused}\nchanges: {changes:?}"
+    );
+    // Its 429s named the figure, the books below it: weighed as bare ones (issue 24), they rest
+    // the project for their retry delays rather than lower it. Where the reacting rule lowered
+    // keylease and left the other client room (at most a window's worth of 429s for the
+    // project, both clients), the bound that replaces it is on keylease's own: at most a
+    // window's worth while the other client ran. That client is now answered what is free when
+    // it asks (it does not wait for quota as keylease's callers do).
     assert!(
-        last.reason.contains("climbing"),
-        "it climbed back, pressed window after window: {changes:?}"
+        (1..=RPM).contains(&ours_refused),
+        "keylease was refused {ours_refused} times while the other client ran"
     );
-    // While the other client ran, keylease was refused at most a window's worth.
-    let refused_meanwhile = stopped_at.projects["p"].status(429);
+    // It leaves no mark: the figure is served again, without a 429.
+    let status = server.status().await;
+    let group = status
+        .quota_groups
+        .iter()
+        .find(|g| g.project == "p")
+        .unwrap();
+    let limit = group.requests_per_minute_limit.as_ref().unwrap();
     assert!(
-        (1..=RPM).contains(&refused_meanwhile),
-        "{refused_meanwhile} 429s while the other client ran"
+        limit.learned.is_none_or(|learned| learned >= RPM),
+        "{limit:?} {changes:?}"
     );
-    assert_eq!(
-        between(&quiet_from, &recovered, "p", 429),
-        0,
-        "a 429 while climbing back to the provider's figure"
+    assert_eq!(between(&quiet_from, &later, "p", 429), 0, "{changes:?}");
+    let served = between(&recovered, &later, "p", 200);
+    assert!(
+        served as f64 >= 0.9 * 2.0 * RPM as f64,
+        "{served} answered in the two windows after"
     );
-    assert_eq!(between(&recovered, &later, "p", 429), 0);
-    assert!(between(&recovered, &later, "p", 200) > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,29 +5,29 @@
 //!
 //! - **The provider's acceptances are facts.** Every call it accepted counts in a trailing
 //!   window; the most that window held (its *peak*) is a lower bound of what the project has
-//!   now. A sliding-window limit refuses only once the window holds it; noise refuses at any
-//!   level. So a 429 is evidence of a limit only when it came while the window held its peak,
-//!   and only until a call is accepted at that level (which proves the limit higher).
-//! - **A limit is lowered on repeated evidence over time**: `REFUSALS_TO_LOWER` such 429s
-//!   within a window, at least a span (1/60 of a window) apart from first to last, lower it in
-//!   one bounded step to max(peak, ⌈¾ × limit⌉): never below what the provider was seen to
-//!   accept, never more than a quarter at once. A burst in one instant is one event: a wave
-//!   across the pool is the provider's, not the project's (see [`super::super::outage`]).
+//!   now. A sliding-window limit refuses only at the top of the window (within a sixteenth of
+//!   its peak); noise refuses at any level, and at the top it refuses no more often than
+//!   anywhere else. An acceptance above the peak proves the limit higher: the evidence at the
+//!   top starts again.
+//! - **A limit is lowered on evidence tied to the load**: at least `REFUSALS_TO_LOWER` 429s at
+//!   the top, at least half as many as the acceptances there, gathered within `relearn_after` windows and over
+//!   a span (1/60 of a window) or more, lower it in one bounded step to
+//!   max(peak, ⌈¾ × limit⌉): never below what the provider was seen to accept, never more than a
+//!   quarter at once. A burst in one instant is one event: a wave across the pool is the
+//!   provider's, not the project's (see [`super::super::outage`]).
 //! - **An isolated 429 is a rest, not a limit**: the engine rests the group for the provider's
 //!   retry delay, or a span doubled while 429s repeat without an acceptance between them; the
 //!   refused request is taken off the books (the provider did not count it).
 //! - **A named figure** the books reached sets the limit at once and is never probed above; one
 //!   the books were below (someone else spends the project) counts only as a bare 429 does.
-//! - **Climbing**: a window that pressed the lowered limit with fewer than `REFUSALS_TO_LOWER`
-//!   429s at the peak is calm; after `relearn_after` calm windows the limit climbs ×1.25 per
+//! - **Climbing**: a window that pressed the lowered limit without such evidence is calm; after `relearn_after` calm windows the limit climbs ×1.25 per
 //!   calm window towards the named or configured figure. A climb lowered again within two
 //!   windows was a probe above the real limit: the next waits twice as long (up to 8×), so that
 //!   a real limit below the configured one costs a few 429s per probe, rarely.
 //!
-//! Why these numbers: with bare 429s at any rate up to 10%, three at the peak before an
-//! acceptance there come about once in a thousand peak visits, and even then the step stops at
-//! the peak; a real limit refuses every call at the peak, so three come at once and the limit
-//! reaches the peak in a few steps. The engine's seeded harness (`engine/tests/provider.rs`)
+//! Why these numbers: bare 429s at up to 10% of calls (Gemini's noise) leave nine acceptances
+//! for each refusal at the top; a real limit refuses every call there, a limit just below the
+//! configured one or someone else spending the project a third of them or more. The engine's seeded harness (`engine/tests/provider.rs`)
 //! holds both to the figures of issue 24.
 
 use super::super::calendar::Time;
@@ -36,8 +36,9 @@ use super::{Evidence, LearnedLimit, LimitChange, LimitKind, Tuning, change, effe
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
-/// 429s at the peak, within a window and a span apart, that lower a limit.
-pub const REFUSALS_TO_LOWER: usize = 5;
+/// 429s at the top of the window that lower a limit, if they are half the acceptances there or
+/// more.
+pub const REFUSALS_TO_LOWER: u64 = 5;
 /// A climb multiplies the limit by 5/4.
 const CLIMB: (u64, u64) = (5, 4);
 /// A failed probe doubles the calm windows the next climb waits for, up to this many times
@@ -66,11 +67,20 @@ pub struct Tally {
     pub from_ms: u64,
     /// Requests the provider accepted in it.
     pub accepted: u64,
-    /// 429s in it, and of those, how many came at the peak.
+    /// 429s in it, and of those, how many came at the top of the window.
     pub refused: u64,
-    pub refused_at_peak: u64,
+    pub refused_at_top: u64,
+    /// Acceptances at the top of the window (not above its peak).
+    pub accepted_at_top: u64,
     /// The books reached the lowered limit in it.
     pub pressed: bool,
+}
+
+impl Tally {
+    /// Whether its 429s at the top were evidence enough to lower a limit.
+    fn lowers(&self) -> bool {
+        outweighs(self.refused_at_top, self.accepted_at_top)
+    }
 }
 
 /// A group's learned limits and the evidence they rest on.
@@ -81,8 +91,8 @@ pub struct Weighing {
     pub last_429: Option<Evidence>,
     /// Acceptances in the trailing window, oldest first.
     slots: VecDeque<Slot>,
-    /// Steady times of the 429s that came at the peak, since an acceptance there.
-    at_peak: Vec<u64>,
+    /// Answers at the top of the window since the evidence last moved the limit.
+    top: Top,
     /// The window being watched, and the one before it.
     pub tally: Tally,
     pub last_tally: Tally,
@@ -102,7 +112,7 @@ impl Weighing {
             limits: [None; 3],
             last_429: None,
             slots: VecDeque::new(),
-            at_peak: Vec::new(),
+            top: Top::default(),
             tally: Tally::default(),
             last_tally: Tally::default(),
             calm_windows: 0,
@@ -117,9 +127,9 @@ impl Weighing {
         self.limits.iter().any(Option::is_some) || self.last_429.is_some()
     }
 
-    /// 429s at the peak so far were the provider's trouble, not the project's limit.
+    /// 429s at the top so far were the provider's trouble, not the project's limit.
     pub fn discount_refusals(&mut self) {
-        self.at_peak.clear();
+        self.top = Top::default();
     }
 
     /// Takes over what an older rule learned.
@@ -173,6 +183,14 @@ impl Weighing {
         self.roll(time, tuning);
         let peak = self.peak(time, tuning);
         let held = self.held(time, tuning).saturating_add(requests);
+        let high = peak.max(self.top.high);
+        if held > high {
+            // A new high: what refused calls at the top before was no limit.
+            self.top = Top::default();
+        } else if at_the_top(held, high) {
+            self.top.at(time, tuning, high).accepted += requests;
+            self.tally.accepted_at_top = self.tally.accepted_at_top.saturating_add(requests);
+        }
         let slot_ms = (tuning.window_ms / SLOTS_PER_WINDOW).max(1);
         let at_ms = time.steady_ms - time.steady_ms % slot_ms;
         match self.slots.back_mut() {
@@ -187,10 +205,6 @@ impl Weighing {
             }),
         }
         self.tally.accepted = self.tally.accepted.saturating_add(requests);
-        if held > peak {
-            // Accepted where it was refused before: what refused it was no limit.
-            self.at_peak.clear();
-        }
     }
 
     /// The books held `held` requests in the window after a grant.
@@ -226,7 +240,7 @@ impl Weighing {
     }
 
     /// A 429 that says nothing of the limit, or names a figure the books were below, at `time`:
-    /// evidence only if the trailing window held its peak (see the module's header).
+    /// evidence only at the top of the trailing window (see the module's header).
     pub fn refused(
         &mut self,
         time: Time,
@@ -238,16 +252,17 @@ impl Weighing {
         self.last_429 = Some(evidence);
         self.tally.refused = self.tally.refused.saturating_add(1);
         let (held, peak) = (self.held(time, tuning), self.peak(time, tuning));
-        if held < peak {
+        let high = peak.max(self.top.high);
+        if !at_the_top(held, high) {
             return None;
         }
-        self.tally.refused_at_peak = self.tally.refused_at_peak.saturating_add(1);
-        let window_start = time.steady_ms.saturating_sub(tuning.window_ms);
-        self.at_peak.retain(|&at| at > window_start);
-        self.at_peak.push(time.steady_ms);
+        self.tally.refused_at_top = self.tally.refused_at_top.saturating_add(1);
+        let top = self.top.at(time, tuning, high);
+        top.refused += 1;
+        let top = *top;
         let span = (tuning.window_ms / SPANS_PER_WINDOW).max(1);
-        let spread = time.steady_ms - self.at_peak[0];
-        if self.at_peak.len() < REFUSALS_TO_LOWER || spread < span {
+        let spread = time.steady_ms - top.since_ms;
+        if !outweighs(top.refused, top.accepted) || spread < span {
             return None;
         }
         let kind = LimitKind::RequestsPerMinute;
@@ -255,8 +270,7 @@ impl Weighing {
         let current = kind.of(&before).unwrap_or(u64::MAX);
         let step = current.saturating_mul(3).div_ceil(4);
         let value = peak.max(step).max(1);
-        let refusals = self.at_peak.len();
-        self.at_peak.clear();
+        self.top = Top::default();
         if value >= current {
             return None;
         }
@@ -274,8 +288,10 @@ impl Weighing {
         let named = self.limit(kind).and_then(|l| l.named);
         self.limits[kind as usize] = Some(LearnedLimit { value, named });
         let reason = format!(
-            "lowered by {refusals} 429s over {} while the window held its peak of {peak} accepted \
-             ({} accepted, {} refused in the window so far)",
+            "lowered by {} 429s against {} acceptances over {} at the top of the window, whose \
+             peak was {peak} accepted ({} accepted, {} refused in the window so far)",
+            top.refused,
+            top.accepted,
             show_span(spread),
             self.tally.accepted,
             self.tally.refused
@@ -284,8 +300,8 @@ impl Weighing {
         change(kind, before, self.effective(configured), &reason)
     }
 
-    /// Brings the windows to `time`: each window that pressed a lowered limit with fewer than
-    /// [`REFUSALS_TO_LOWER`] 429s at the peak counts as calm, and from the `climb_after`th on
+    /// Brings the windows to `time`: each window that pressed a lowered limit without the
+    /// evidence that lowers one counts as calm, and from the `climb_after`th on
     /// each raises it ×1.25, up to the named figure (kept) or the configured one (forgotten).
     pub fn advance(
         &mut self,
@@ -300,7 +316,7 @@ impl Weighing {
             return None;
         }
         let last = self.last_tally;
-        let calm = last.pressed && (last.refused_at_peak as usize) < REFUSALS_TO_LOWER;
+        let calm = last.pressed && !last.lowers();
         if !calm {
             return None;
         }
@@ -378,6 +394,51 @@ impl Weighing {
         }
         windows
     }
+}
+
+/// Answers at the top of the window, from the first of them on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Top {
+    /// Steady time of the first.
+    since_ms: u64,
+    /// The most the window was seen to hold meanwhile: the top they are at. A window that
+    /// empties and fills again is at the same top, not at a new one each time.
+    high: u64,
+    refused: u64,
+    accepted: u64,
+}
+
+impl Top {
+    /// The tally to count an answer at `time` in: started afresh `relearn_after` windows after
+    /// the first, so that evidence of a sparse load adds up without going stale.
+    fn at(&mut self, time: Time, tuning: Tuning, high: u64) -> &mut Self {
+        let lasts = tuning
+            .window_ms
+            .saturating_mul(u64::from(tuning.relearn_after.max(1)));
+        if self.refused + self.accepted == 0
+            || time.steady_ms >= self.since_ms.saturating_add(lasts)
+        {
+            *self = Self {
+                since_ms: time.steady_ms,
+                ..Self::default()
+            };
+        }
+        self.high = self.high.max(high);
+        self
+    }
+}
+
+/// Whether `refused` 429s at the top against `accepted` acceptances there are evidence of a
+/// limit: at least [`REFUSALS_TO_LOWER`], and at least half as many as the acceptances (a third
+/// of the answers; noise refuses a tenth at most).
+fn outweighs(refused: u64, accepted: u64) -> bool {
+    refused >= REFUSALS_TO_LOWER && refused.saturating_mul(2) >= accepted
+}
+
+/// Whether a window holding `held` is at its top: within a sixteenth of its `peak` (at least
+/// one request), where a limit would refuse and noise is as likely as anywhere.
+fn at_the_top(held: u64, peak: u64) -> bool {
+    held.saturating_add((peak / 16).max(1)) >= peak
 }
 
 fn show_span(ms: u64) -> String {
