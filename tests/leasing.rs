@@ -169,8 +169,8 @@ async fn a_rate_limit_report_rotates_to_another_project() {
     let failed_key = reported.key.unwrap();
     assert_eq!(failed_key.key_id, lease.key_id);
     assert_eq!(failed_key.state, pb::KeyState::CoolingDown as i32);
-    // The other key of the cooling project is not lent either (the project also learned, from
-    // a 429 without a figure on books that held nothing else, to take one request a window).
+    // The other key of the cooling project is not lent either: the project rests for the
+    // provider's retry delay.
     let refused = client.acquire_key(acquire("other")).await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted);
     let status = client
@@ -185,8 +185,13 @@ async fn a_rate_limit_report_rotates_to_another_project() {
         .iter()
         .find(|g| g.project == "pa")
         .unwrap();
+    // One 429 without a figure is no limit (issue 24: it once lowered the project to one
+    // request a window); it is kept as evidence.
     let learned = pa.requests_per_minute_limit.as_ref().unwrap();
-    assert_eq!((learned.configured, learned.learned), (100, Some(1)));
+    assert_eq!((learned.configured, learned.learned), (100, None));
+    let evidence = pa.evidence.as_ref().unwrap();
+    assert_eq!(evidence.window.as_ref().unwrap().refused, 1);
+    assert!(pa.last_429.is_some());
 }
 
 #[tokio::test]

@@ -108,8 +108,8 @@ async fn a_scrape_counts_what_happened_and_shows_what_holds() {
         ),
         Some(1.0)
     );
-    // The 429 without a figure, on books that held nothing else, taught p2 one request a
-    // window; the configured figure stays what it is, beside it.
+    // One 429 without a figure is no limit (issue 24: it once taught p2 one request a
+    // window): nothing learned, the configured figure as it was.
     let p2 = |name: &str| {
         value(
             &text,
@@ -118,7 +118,7 @@ async fn a_scrape_counts_what_happened_and_shows_what_holds() {
             ),
         )
     };
-    assert_eq!(p2("keylease_quota_learned_limit"), Some(1.0), "{text}");
+    assert_eq!(p2("keylease_quota_learned_limit"), None, "{text}");
     assert_eq!(p2("keylease_quota_limit"), Some(100.0));
     assert!(
         text.contains("keylease_acquire_wait_seconds_bucket"),

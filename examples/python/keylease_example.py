@@ -100,27 +100,32 @@ def quota_violations(pb, error):
 
 
 def failure_of(pb, status, error):
-    """What a failed call means for the key, as keylease's Rust client classifies it."""
+    """What a failed call means, as keylease's Rust client classifies it: the kind to report and
+    its finer class (which older servers ignore), or None when the key is not at fault."""
     ids = [v.get("quotaId", "") for d in error.get("details", []) for v in d.get("violations", [])]
     reasons = [d.get("reason") for d in error.get("details", [])]
     message = error.get("message", "")
-    # The model's capacity is no one's quota: provider trouble, the key is fine.
+    # The model's capacity is no one's quota: the pool rests the model, the key is fine.
     if status in (429, 503) and (
         "MODEL_CAPACITY_EXHAUSTED" in reasons or message.startswith("No capacity available for model")
     ):
-        return pb.FAILURE_KIND_SERVER_ERROR
+        return pb.FAILURE_KIND_SERVER_ERROR, pb.FAILURE_CLASS_MODEL_CAPACITY
     if status == 429 and (any("PerDay" in i for i in ids) or "limit: 0" in message):
-        return pb.FAILURE_KIND_DAILY_QUOTA_EXHAUSTED
+        return pb.FAILURE_KIND_DAILY_QUOTA_EXHAUSTED, pb.FAILURE_CLASS_QUOTA
     if status == 429:
-        return pb.FAILURE_KIND_RATE_LIMITED
+        # Without a QuotaFailure it names no limit: Gemini answers so under its own load too.
+        named = pb.FAILURE_CLASS_QUOTA if ids else pb.FAILURE_CLASS_BARE_RATE_LIMIT
+        return pb.FAILURE_KIND_RATE_LIMITED, named
     if status == 400 and "API_KEY_INVALID" in reasons:
-        return pb.FAILURE_KIND_INVALID_KEY
+        return pb.FAILURE_KIND_INVALID_KEY, pb.FAILURE_CLASS_UNSPECIFIED
     if status == 403 and "unregistered callers" in message:
         return None  # no key was sent: the caller's bug, not the key's
     if status in (401, 403):
-        return pb.FAILURE_KIND_PERMISSION_DENIED
+        return pb.FAILURE_KIND_PERMISSION_DENIED, pb.FAILURE_CLASS_UNSPECIFIED
     if status >= 500:
-        return pb.FAILURE_KIND_SERVER_ERROR
+        overloaded = error.get("status") == "UNAVAILABLE"
+        return pb.FAILURE_KIND_SERVER_ERROR, (
+            pb.FAILURE_CLASS_OVERLOADED if overloaded else pb.FAILURE_CLASS_UNSPECIFIED)
     return None
 
 
@@ -188,15 +193,17 @@ def main():
                       f"and {released.input_tokens_booked} input tokens")
                 return
             error = gemini_error(body)
-            kind = failure_of(pb, status, error)
-            if kind is None:
+            failure = failure_of(pb, status, error)
+            if failure is None:
                 keylease.Release(pb.ReleaseRequest(lease_id=lease.lease_id,
                                                    fencing_token=lease.fencing_token, requests_sent=1),
                                  timeout=10, metadata=auth)
                 sys.exit(f"Gemini refused the request itself ({status}): {error.get('message')}")
+            kind, failure_class = failure
             violations = quota_violations(pb, error)
             reported = keylease.ReportFailure(pb.ReportFailureRequest(
                 lease_id=lease.lease_id, fencing_token=lease.fencing_token, kind=kind,
+                **{"class": failure_class},
                 retry_after=retry_delay(error), detail=f"{status} {error.get('status', '')}",
                 requests_sent=1, quota_violations=violations, rotate=True,
                 replacement_wait=Duration(seconds=10)), timeout=30, metadata=auth)

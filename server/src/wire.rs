@@ -3,6 +3,7 @@
 //! one mapping of domain errors to gRPC status codes.
 
 use crate::engine::learning::LearnedLimit;
+use crate::engine::learning::weighing::Tally;
 use crate::engine::{
     AcquireRequest, EngineError, EventKind, FailureKind, GroupView, KeyState, KeyView, LeaseEvent,
     LeaseSummary, LeaseView, LimitKind, LimitView, QuotaViolation, Time, Unavailable,
@@ -393,8 +394,27 @@ pub fn learned_reason(learned: LearnedLimit) -> String {
 
 pub fn group_to_pb(group: GroupView, now: Time) -> pb::QuotaGroupStatus {
     let [requests_per_minute, tokens_per_minute, requests_per_day] = group.limits;
+    let mut requests_per_minute = limit_to_pb(requests_per_minute);
+    let moved_by = group.answers.as_ref().and_then(|a| a.moved_by.clone());
+    if let Some(moved_by) = moved_by
+        && requests_per_minute.learned.is_some()
+    {
+        requests_per_minute.learned_reason = moved_by;
+    }
+    let window = |tally: Tally| pb::WindowAnswers {
+        accepted: tally.accepted,
+        refused: tally.refused,
+        accepted_at_top: tally.accepted_at_top,
+        refused_at_top: tally.refused_at_top,
+    };
     pb::QuotaGroupStatus {
-        requests_per_minute_limit: Some(limit_to_pb(requests_per_minute)),
+        evidence: group.answers.map(|answers| pb::AnswerEvidence {
+            window: Some(window(answers.window)),
+            previous_window: Some(window(answers.previous_window)),
+            peak_accepted: answers.peak,
+            moved_by: answers.moved_by.unwrap_or_default(),
+        }),
+        requests_per_minute_limit: Some(requests_per_minute),
         tokens_per_minute_limit: Some(limit_to_pb(tokens_per_minute)),
         requests_per_day_limit: Some(limit_to_pb(requests_per_day)),
         last_429: group.last_429.map(|e| pb::QuotaRefusal {

@@ -317,6 +317,10 @@ async fn cycle(
     let sent = Instant::now();
     grant.ended_no_earlier_than = grant.ended_no_earlier_than.min(sent);
     grant.used_at = answered + (sent - answered) / 2;
+    if choice == 1 {
+        // Its last request is refused (below): a provider does not count what it refused.
+        grant.requests -= 1;
+    }
     audit.lock().unwrap().grants.push(grant);
     if choice == 1 {
         keylease
@@ -329,8 +333,7 @@ async fn cycle(
                     nanos: 200_000_000,
                 }),
                 // This "provider" refuses at random, well below the limit: its 429s name an
-                // input-token limit no request comes near, so that only their cooldowns count
-                // (a 429 without a figure would lower the project, one in ten calls over).
+                // input-token limit no request comes near, so that only their cooldowns count.
                 quota_violations: vec![pb::QuotaViolation {
                     quota_id: "GenerateContentInputTokensPerModelPerMinute-FreeTier".into(),
                     model: MODEL.into(),

@@ -202,6 +202,11 @@ impl Books {
         }
     }
 
+    /// How learning is tuned.
+    pub fn tuning(&self) -> Tuning {
+        self.tuning
+    }
+
     /// Forgets what the group learned: the configured limits apply again.
     pub fn forget_learned(&mut self, key: GroupKey) {
         let before = self.limits_of(key);

@@ -533,6 +533,8 @@ pub struct GroupView {
     pub limits: [LimitView; 3],
     /// The 429 the group last learned from.
     pub last_429: Option<Evidence>,
+    /// What the provider's answers showed lately, where they are weighed.
+    pub answers: Option<learning::weighing::Answers>,
 }
 
 /// One limit of a group: as configured, and as learned.

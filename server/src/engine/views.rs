@@ -110,6 +110,10 @@ impl Engine {
             cooldown: group.cooldown(),
             limits: self.limit_views(key),
             last_429: self.books.learned(key).and_then(|l| l.last_429().cloned()),
+            answers: self
+                .books
+                .learned(key)
+                .and_then(|l| l.answers(self.time, self.books.tuning())),
         }
     }
 
@@ -218,6 +222,7 @@ impl Engine {
                             limit: limits.requests_per_day,
                         },
                         cooldown: None,
+                        answers: None,
                         limits: LimitKind::ALL.map(|kind| LimitView {
                             configured: kind.of(&limits),
                             auto: limits.auto[kind as usize],

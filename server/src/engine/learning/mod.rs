@@ -179,11 +179,11 @@ impl Learned {
         }
     }
 
-    /// What moved its requests per minute last, and what the current window has seen.
-    pub fn weighed(&self) -> Option<&Weighing> {
+    /// What its answers showed as of `time`, where they are weighed.
+    pub fn answers(&self, time: Time, tuning: Tuning) -> Option<weighing::Answers> {
         match self {
             Self::Reacting(_) => None,
-            Self::Weighing(l) => Some(l),
+            Self::Weighing(l) => Some(l.answers(time, tuning)),
         }
     }
 

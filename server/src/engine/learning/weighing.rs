@@ -76,6 +76,17 @@ pub struct Tally {
     pub pressed: bool,
 }
 
+/// What a group's answers showed lately, for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answers {
+    pub window: Tally,
+    pub previous_window: Tally,
+    /// The most the provider was seen to accept in a trailing window.
+    pub peak: u64,
+    /// What moved the requests per minute last.
+    pub moved_by: Option<String>,
+}
+
 impl Tally {
     /// Whether its 429s at the top were evidence enough to lower a limit.
     fn lowers(&self) -> bool {
@@ -94,8 +105,8 @@ pub struct Weighing {
     /// Answers at the top of the window since the evidence last moved the limit.
     top: Top,
     /// The window being watched, and the one before it.
-    pub tally: Tally,
-    pub last_tally: Tally,
+    tally: Tally,
+    last_tally: Tally,
     /// Calm windows since the last lowering.
     calm_windows: u32,
     /// Calm windows the next climb waits for.
@@ -103,7 +114,7 @@ pub struct Weighing {
     /// Steady time of the last climb, while a lowering soon after would mark it a failed probe.
     climbed_ms: Option<u64>,
     /// What moved the requests per minute last, for people.
-    pub moved_by: Option<String>,
+    moved_by: Option<String>,
 }
 
 impl Weighing {
@@ -213,6 +224,25 @@ impl Weighing {
             && held >= limit.value
         {
             self.tally.pressed = true;
+        }
+    }
+
+    /// What its answers showed, as of `time`.
+    pub fn answers(&self, time: Time, tuning: Tuning) -> Answers {
+        let current = time.steady_ms < self.tally.from_ms.saturating_add(tuning.window_ms);
+        Answers {
+            window: if current {
+                self.tally
+            } else {
+                Tally::default()
+            },
+            previous_window: if current {
+                self.last_tally
+            } else {
+                Tally::default()
+            },
+            peak: self.peak(time, tuning),
+            moved_by: self.moved_by.clone(),
         }
     }
 
