@@ -23,6 +23,11 @@ const PROCESS_LIMIT: Duration = Duration::from_secs(180);
 /// The fake: its minute lasts a second, as keylease's window does here; `real_limits` per
 /// project override the configured RPM.
 async fn fake(real_limits: &[(&str, u64)]) -> RunningFake {
+    noisy_fake(real_limits, Faults::default()).await
+}
+
+/// [`fake`], misbehaving as `faults` say.
+async fn noisy_fake(real_limits: &[(&str, u64)], faults: Faults) -> RunningFake {
     let limits = |rpm| Limits {
         requests_per_minute: Some(rpm),
         ..Limits::default()
@@ -34,7 +39,7 @@ async fn fake(real_limits: &[(&str, u64)]) -> RunningFake {
     // Calls long enough that two on one key would be seen overlapping.
     let faults = Faults {
         latency_ms: 5,
-        ..Faults::default()
+        ..faults
     };
     start_fake_with(&KEYS, limits(RPM), &projects, 60.0, faults).await
 }
@@ -143,6 +148,43 @@ async fn a_fleet_of_genai_processes_gets_every_answer_with_no_429_and_no_overlap
     assert_eq!(stats.keys["k07"].status(403), 1);
     // 8 × 8 × 2 rounds of generate, stream, count and embed: count tokens is answered too.
     assert_eq!(all.status(200), 8 * 8 * 2 * 4, "{stats:?}");
+}
+
+#[tokio::test]
+async fn bare_429s_and_503s_at_random_cost_no_call_and_lower_no_limit() {
+    // Gemini as it answers under its own load: 3% of calls a 429 that names nothing, 3% a 503.
+    let faults = Faults {
+        rate_limit_rate: 0.03,
+        bare_429s: true,
+        error_rate: 0.03,
+        status: 503,
+        ..Faults::default()
+    };
+    let fake = noisy_fake(&[], faults).await;
+    let (server, url) = server(&fake).await;
+    genai_fleet(&url, 4, 8, 3).await;
+    let stats = fake.fake.stats();
+    let all = stats.all();
+    let injected = |status| all.injected.get(&status).copied().unwrap_or(0);
+    assert!(injected(429) > 0 && injected(503) > 0, "{stats:?}");
+    assert_eq!(all.overlaps, 0);
+    // The noise was weighed, not read as limits: no project learned a lower one, so none
+    // serves less than its figure for it (the throughput is measured in BENCHMARKS.md).
+    let status = support::raw_with_token(&server, VIEWER)
+        .await
+        .get_status(keylease::pb::GetStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    for group in &status.quota_groups {
+        let limit = group.requests_per_minute_limit.as_ref().unwrap();
+        assert!(
+            limit.learned.is_none_or(|learned| learned >= RPM),
+            "{}: {group:?}",
+            group.project
+        );
+        assert_ne!(group.cooling_reason, "provider outage", "{group:?}");
+    }
 }
 
 #[tokio::test]

@@ -412,7 +412,7 @@ pub fn group_to_pb(group: GroupView, now: Time) -> pb::QuotaGroupStatus {
             window: Some(window(answers.window)),
             previous_window: Some(window(answers.previous_window)),
             peak_accepted: answers.peak,
-            moved_by: answers.moved_by.unwrap_or_default(),
+            moved_by: answers.moved_by.clone().unwrap_or_default(),
         }),
         requests_per_minute_limit: Some(requests_per_minute),
         tokens_per_minute_limit: Some(limit_to_pb(tokens_per_minute)),

@@ -1,7 +1,8 @@
-//! What the previous build (rules version 2) left behind, opened by this one: a state directory
-//! and a Redis log it wrote and then was killed on (`fixtures/rules-2`, see its README). Both
-//! hold records that build decided after its last snapshot: this build replays them as that
-//! build decided them, then serves under its own rules, its fencing tokens above the old ones.
+//! What earlier builds (rules versions 2 and 3) left behind, opened by this one: a state
+//! directory and a Redis log each wrote and then was killed on (`fixtures/rules-N`, see their
+//! READMEs). All hold records that build decided after its last snapshot: this build replays
+//! them as that build decided them, then serves under its own rules, its fencing tokens above
+//! the old ones.
 
 mod support;
 
@@ -11,12 +12,53 @@ use keylease_server::redis_server::RedisServer;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// The highest fencing token the previous build handed out in each fixture.
-const STATE_HIGHEST_TOKEN: u64 = 1_796_614_919_176_002;
-const REDIS_HIGHEST_TOKEN: u64 = 1_796_614_930_411_002;
+/// What an earlier build left behind.
+struct Fixture {
+    /// Its folder under `tests/fixtures`.
+    name: &'static str,
+    /// The highest fencing token it handed out in the state directory, and in the Redis log.
+    state_highest_token: u64,
+    redis_highest_token: u64,
+    /// A project whose requests per minute that build's rules lowered to 1 from a bare 429,
+    /// where today's would not: the replay must decide as that build did.
+    lowered_by_its_rules: Option<&'static str>,
+}
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rules-2")
+const RULES_2: Fixture = Fixture {
+    name: "rules-2",
+    state_highest_token: 1_796_614_919_176_002,
+    redis_highest_token: 1_796_614_930_411_002,
+    lowered_by_its_rules: None,
+};
+
+const RULES_3: Fixture = Fixture {
+    name: "rules-3",
+    state_highest_token: 1_796_623_435_162_002,
+    redis_highest_token: 1_796_623_437_755_002,
+    lowered_by_its_rules: Some("p2"),
+};
+
+impl Fixture {
+    fn dir(&self) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(self.name)
+    }
+
+    /// Whether `address` serves what this build's records decided.
+    fn check_decisions(&self, address: &str) {
+        let Some(project) = self.lowered_by_its_rules else {
+            return;
+        };
+        let status = status(address);
+        let group = status
+            .quota_groups
+            .iter()
+            .find(|g| g.project == project)
+            .unwrap_or_else(|| panic!("no group of {project}: {status:?}"));
+        let limit = group.requests_per_minute_limit.as_ref().unwrap();
+        assert_eq!(limit.learned, Some(1), "{group:?}");
+    }
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -25,6 +67,21 @@ fn copy_dir(from: &Path, to: &Path) {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
     }
+}
+
+/// The status `address` serves.
+fn status(address: &str) -> pb::GetStatusResponse {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = KeyLeaseClient::connect(format!("http://{address}"))
+            .await
+            .unwrap();
+        client
+            .get_status(pb::GetStatusRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+    })
 }
 
 /// A new task's lease through `address`, asked until the server serves.
@@ -56,10 +113,29 @@ fn acquire(address: &str) -> pb::Lease {
 }
 
 #[test]
-fn a_state_directory_the_previous_build_crashed_on_is_replayed() {
-    let dir = support::scratch_dir("upgrade-state");
-    copy_dir(&fixtures().join("state"), &dir.join("state"));
-    let config = fixtures().join("keylease.toml");
+fn a_state_directory_rules_2_crashed_on_is_replayed() {
+    replays_the_state_directory(&RULES_2);
+}
+
+#[test]
+fn a_state_directory_rules_3_crashed_on_is_replayed_as_rules_3_decided() {
+    replays_the_state_directory(&RULES_3);
+}
+
+#[test]
+fn a_redis_log_rules_2_led_is_followed_and_led_on() {
+    follows_and_leads_the_redis_log(&RULES_2);
+}
+
+#[test]
+fn a_redis_log_rules_3_led_is_followed_and_led_on_as_rules_3_decided() {
+    follows_and_leads_the_redis_log(&RULES_3);
+}
+
+fn replays_the_state_directory(fixture: &Fixture) {
+    let dir = support::scratch_dir(&format!("upgrade-state-{}", fixture.name));
+    copy_dir(&fixture.dir().join("state"), &dir.join("state"));
+    let config = fixture.dir().join("keylease.toml");
     let server = support::start_with(
         config.to_str().unwrap(),
         &[],
@@ -73,11 +149,13 @@ fn a_state_directory_the_previous_build_crashed_on_is_replayed() {
     let output = server.output();
     assert!(output.contains("\"records_replayed\":"), "{output}");
     assert!(!output.contains("\"records_replayed\":0"), "{output}");
+    fixture.check_decisions(&server.address);
     let lease = acquire(&server.address);
     assert!(
-        lease.fencing_token > STATE_HIGHEST_TOKEN,
-        "{} after {STATE_HIGHEST_TOKEN}",
-        lease.fencing_token
+        lease.fencing_token > fixture.state_highest_token,
+        "{} after {}",
+        lease.fencing_token,
+        fixture.state_highest_token
     );
     server.signal("TERM");
     let (status, output) = server.wait_with_output(Duration::from_secs(20));
@@ -85,17 +163,16 @@ fn a_state_directory_the_previous_build_crashed_on_is_replayed() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-#[test]
-fn a_redis_log_the_previous_build_led_is_followed_and_led_on() {
+fn follows_and_leads_the_redis_log(fixture: &Fixture) {
     let mut redis = RedisServer::start();
     redis.kill();
     copy_dir(
-        &fixtures().join("redis/appendonlydir"),
+        &fixture.dir().join("redis/appendonlydir"),
         &redis.dir().join("appendonlydir"),
     );
     redis.start_again();
-    let dir = support::scratch_dir("upgrade-redis");
-    let config = fixtures().join("keylease.toml");
+    let dir = support::scratch_dir(&format!("upgrade-redis-{}", fixture.name));
+    let config = fixture.dir().join("keylease.toml");
     // A replica listens where the others can reach it: a port of its own.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -117,10 +194,12 @@ fn a_redis_log_the_previous_build_led_is_followed_and_led_on() {
     )
     .unwrap_or_else(|output| panic!("the replica did not start:\n{output}"));
     let lease = acquire(&replica.address);
+    fixture.check_decisions(&replica.address);
     assert!(
-        lease.fencing_token > REDIS_HIGHEST_TOKEN,
-        "{} after {REDIS_HIGHEST_TOKEN}",
-        lease.fencing_token
+        lease.fencing_token > fixture.redis_highest_token,
+        "{} after {}",
+        lease.fencing_token,
+        fixture.redis_highest_token
     );
     let output = replica.output();
     assert!(output.contains("leading"), "{output}");

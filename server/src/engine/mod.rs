@@ -534,7 +534,7 @@ pub struct GroupView {
     /// The 429 the group last learned from.
     pub last_429: Option<Evidence>,
     /// What the provider's answers showed lately, where they are weighed.
-    pub answers: Option<learning::weighing::Answers>,
+    pub answers: Option<Box<learning::weighing::Answers>>,
 }
 
 /// One limit of a group: as configured, and as learned.

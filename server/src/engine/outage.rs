@@ -9,7 +9,7 @@
 //! refuses one project three times in a row, and never most of them at once.
 
 use super::catalogue::{PoolIdx, ProjectIdx};
-use super::learning::weighing::SPANS_PER_WINDOW;
+use super::learning::weighing::span_of;
 use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 
@@ -84,9 +84,4 @@ impl Waves {
     pub fn restore(&mut self, pool: PoolIdx, project: ProjectIdx, answers: Answers) {
         self.answers.insert((pool, project), answers);
     }
-}
-
-/// A span of a window.
-pub fn span_of(window_ms: u64) -> u64 {
-    (window_ms / SPANS_PER_WINDOW).max(1)
 }

@@ -3,7 +3,9 @@
 //! the key), and operators disabling or enabling a key. Every ending goes through
 //! [`Engine::end_lease`], which frees the slot and settles the books.
 
+use super::RULES_WEIGHING_EVIDENCE;
 use super::catalogue::{GroupKey, KeyIdx};
+use super::learning::weighing::span_of;
 use super::leases::Token;
 use super::quota::{Amount, Cooldown, CooldownReason};
 use super::{
@@ -11,7 +13,6 @@ use super::{
     GroupView, KeyView, LeaseEvent, LimitKind, Renewed, Reported, Time, Unavailable,
     UnavailableReason, Usage, canonical_model, invalid, show_ms, validate_detail, validate_tokens,
 };
-use super::{RULES_WEIGHING_EVIDENCE, outage};
 use keylease::{MAX_ID_BYTES, MAX_INPUT_TOKENS, MAX_QUOTA_VALUE, MAX_QUOTA_VIOLATIONS};
 
 /// A model without capacity rests the pool for the provider's retry delay, or this many spans.
@@ -246,7 +247,7 @@ impl Engine {
                 if !learned.in_a_wave && (repeats > 0 || report.retry_after_ms.is_some()) {
                     // A 429 that is no limit: a rest for the provider's retry delay, or from
                     // the second in a row without an acceptance, a span doubled each time.
-                    let span = outage::span_of(self.config.window_ms);
+                    let span = span_of(self.config.window_ms);
                     let delay = report
                         .retry_after_ms
                         .unwrap_or_else(|| span.saturating_mul(1u64 << (repeats - 1).min(32)))
@@ -274,7 +275,7 @@ impl Engine {
                 self.cooled_down(time, group_key, cooldown);
             }
             FailureKind::ModelCapacity => {
-                let span = outage::span_of(self.config.window_ms);
+                let span = span_of(self.config.window_ms);
                 let delay = report
                     .retry_after_ms
                     .unwrap_or(span.saturating_mul(MODEL_CAPACITY_SPANS))
@@ -412,7 +413,7 @@ impl Engine {
                     self.books.discount_refusals(group.pool, group.model);
                     let until = time
                         .steady_ms
-                        .saturating_add(outage::span_of(window).saturating_mul(OUTAGE_SPANS));
+                        .saturating_add(span_of(window).saturating_mul(OUTAGE_SPANS));
                     self.rest_pool(time, group, until, CooldownReason::ProviderOutage);
                 }
                 return learnt;

@@ -113,7 +113,8 @@ impl Engine {
             answers: self
                 .books
                 .learned(key)
-                .and_then(|l| l.answers(self.time, self.books.tuning())),
+                .and_then(|l| l.answers(self.time, self.books.tuning()))
+                .map(Box::new),
         }
     }
 

@@ -46,8 +46,11 @@ const CLIMB: (u64, u64) = (5, 4);
 const MOST_CLIMB_WAIT: u32 = 8;
 /// Acceptances are counted in slots of 1/`SLOTS_PER_WINDOW` of a window.
 const SLOTS_PER_WINDOW: u64 = 1_000;
-/// A span: 1/`SPANS_PER_WINDOW` of a window (1 s of Gemini's minute).
-pub const SPANS_PER_WINDOW: u64 = 60;
+/// A span: 1/60 of a window (1 s of Gemini's minute), the time the engine gives a burst of
+/// answers to be one event or several.
+pub fn span_of(window_ms: u64) -> u64 {
+    (window_ms / 60).max(1)
+}
 
 /// Acceptances in one slot of time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,24 +169,16 @@ impl Weighing {
         effective(&self.limits, configured)
     }
 
-    /// Requests the provider accepted in the trailing window at `time`.
-    pub fn held(&self, time: Time, tuning: Tuning) -> u64 {
+    /// Requests the provider accepted in the trailing window at `time`, and the most that
+    /// window was seen to hold within it (its peak): one pass over at most a window of slots.
+    fn held_and_peak(&self, time: Time, tuning: Tuning) -> (u64, u64) {
         let from = time.steady_ms.saturating_sub(tuning.window_ms);
         self.slots
             .iter()
             .filter(|slot| slot.at_ms > from)
-            .fold(0u64, |sum, slot| sum.saturating_add(slot.accepted))
-    }
-
-    /// The most the trailing window was seen to hold, within the trailing window.
-    pub fn peak(&self, time: Time, tuning: Tuning) -> u64 {
-        let from = time.steady_ms.saturating_sub(tuning.window_ms);
-        self.slots
-            .iter()
-            .filter(|slot| slot.at_ms > from)
-            .map(|slot| slot.held)
-            .max()
-            .unwrap_or(0)
+            .fold((0u64, 0u64), |(held, peak), slot| {
+                (held.saturating_add(slot.accepted), peak.max(slot.held))
+            })
     }
 
     /// The provider accepted `requests` at `time`.
@@ -192,8 +187,8 @@ impl Weighing {
             return;
         }
         self.roll(time, tuning);
-        let peak = self.peak(time, tuning);
-        let held = self.held(time, tuning).saturating_add(requests);
+        let (held, peak) = self.held_and_peak(time, tuning);
+        let held = held.saturating_add(requests);
         let high = peak.max(self.top.high);
         if held > high {
             // A new high: what refused calls at the top before was no limit.
@@ -241,7 +236,7 @@ impl Weighing {
             } else {
                 Tally::default()
             },
-            peak: self.peak(time, tuning),
+            peak: self.held_and_peak(time, tuning).1,
             moved_by: self.moved_by.clone(),
         }
     }
@@ -281,7 +276,7 @@ impl Weighing {
         self.roll(time, tuning);
         self.last_429 = Some(evidence);
         self.tally.refused = self.tally.refused.saturating_add(1);
-        let (held, peak) = (self.held(time, tuning), self.peak(time, tuning));
+        let (held, peak) = self.held_and_peak(time, tuning);
         let high = peak.max(self.top.high);
         if !at_the_top(held, high) {
             return None;
@@ -290,7 +285,7 @@ impl Weighing {
         let top = self.top.at(time, tuning, high);
         top.refused += 1;
         let top = *top;
-        let span = (tuning.window_ms / SPANS_PER_WINDOW).max(1);
+        let span = span_of(tuning.window_ms);
         let spread = time.steady_ms - top.since_ms;
         if !outweighs(top.refused, top.accepted) || spread < span {
             return None;
