@@ -103,6 +103,16 @@ async fn run(mut command: Command) -> String {
     stdout
 }
 
+/// The status, as the viewer reads it.
+async fn status(server: &TestServer) -> keylease::pb::GetStatusResponse {
+    support::raw_with_token(server, VIEWER)
+        .await
+        .get_status(keylease::pb::GetStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn script(name: &str) -> String {
     format!("{}/tests/python/{name}", env!("CARGO_MANIFEST_DIR"))
 }
@@ -170,12 +180,7 @@ async fn bare_429s_and_503s_at_random_cost_no_call_and_lower_no_limit() {
     assert_eq!(all.overlaps, 0);
     // The noise was weighed, not read as limits: no project learned a lower one, so none
     // serves less than its figure for it (the throughput is measured in BENCHMARKS.md).
-    let status = support::raw_with_token(&server, VIEWER)
-        .await
-        .get_status(keylease::pb::GetStatusRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let status = status(&server).await;
     for group in &status.quota_groups {
         let limit = group.requests_per_minute_limit.as_ref().unwrap();
         assert!(
@@ -202,12 +207,7 @@ async fn a_project_whose_real_limit_is_half_the_configured_one_still_answers_eve
     assert_eq!(stats.all().overlaps, 0);
     // The proxy reported what the 429s named: keylease holds p5 to its real limit now.
     if stats.projects["p5"].status(429) > 0 {
-        let status = support::raw_with_token(&server, VIEWER)
-            .await
-            .get_status(keylease::pb::GetStatusRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
+        let status = status(&server).await;
         let p5 = status
             .quota_groups
             .iter()

@@ -2,7 +2,8 @@
 //! in-process, through the fake Gemini (12 keys in 5 projects, 60 requests per provider minute
 //! each, a minute lasting a second; 20 ms a call): the rate achieved against the pool's
 //! theoretical rate (5 × 60 requests a scaled minute = 300 a second), and the 429s met; once
-//! clean, once with 503s and 429s injected (which keylease must ride out).
+//! clean, then with Gemini's noise injected (503s, 429s naming the quota or bare, at several
+//! rates), which keylease must ride out without reading it as limits.
 //! The `keylease` binary is looked for beside this one (`cargo build --release -p keylease-cli`).
 
 use crate::procs;
@@ -41,24 +42,26 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         "{} is missing: cargo build --release -p keylease-cli",
         exe.display()
     );
+    let trouble = |name, error_rate, rate_limit_rate, bare_429s| Trouble {
+        name,
+        faults: Faults {
+            latency_ms: 20,
+            error_rate,
+            status: 503,
+            rate_limit_rate,
+            bare_429s,
+            ..Faults::default()
+        },
+    };
+    // Gemini's noise: 503s under load, and 429s no limit caused, naming the quota or bare.
     let troubles = [
-        Trouble {
-            name: "none",
-            faults: Faults {
-                latency_ms: 20,
-                ..Faults::default()
-            },
-        },
-        Trouble {
-            name: "3% 503s, 3% 429s no limit caused",
-            faults: Faults {
-                latency_ms: 20,
-                error_rate: 0.03,
-                status: 503,
-                rate_limit_rate: 0.03,
-                ..Faults::default()
-            },
-        },
+        trouble("none", 0.0, 0.0, false),
+        trouble("3% 503s, 3% 429s naming the quota", 0.03, 0.03, false),
+        trouble("3% 503s, 3% bare 429s", 0.03, 0.03, true),
+        trouble("3% 503s alone", 0.03, 0.0, false),
+        trouble("1% bare 429s", 0.0, 0.01, true),
+        trouble("3% bare 429s", 0.0, 0.03, true),
+        trouble("10% bare 429s", 0.0, 0.10, true),
     ];
     let theoretical = PROJECTS as f64 * RPM as f64 * TIME_SCALE / 60.0;
     println!("\n### keylease batch: {tasks} prompts, in-process engine, scaled time");

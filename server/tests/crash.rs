@@ -118,16 +118,7 @@ fn acknowledged_state_survives_sigkill_at_random_moments() {
         runtime.block_on(client).unwrap();
     }
     // After the last restart: the disabled key is still disabled, in the server's own view.
-    let status = runtime.block_on(async {
-        let mut client = KeyLeaseClient::connect(format!("http://{}", server.address))
-            .await
-            .unwrap();
-        client
-            .get_status(pb::GetStatusRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-    });
+    let status = runtime.block_on(support::status_of(&server.address));
     let output = server.output();
     drop(server);
     assert!(!output.contains("panicked at"), "{output}");

@@ -50,7 +50,9 @@ impl Fixture {
         let Some(project) = self.lowered_by_its_rules else {
             return;
         };
-        let status = status(address);
+        let status = tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(support::status_of(address));
         let group = status
             .quota_groups
             .iter()
@@ -67,21 +69,6 @@ fn copy_dir(from: &Path, to: &Path) {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
     }
-}
-
-/// The status `address` serves.
-fn status(address: &str) -> pb::GetStatusResponse {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let mut client = KeyLeaseClient::connect(format!("http://{address}"))
-            .await
-            .unwrap();
-        client
-            .get_status(pb::GetStatusRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-    })
 }
 
 /// A new task's lease through `address`, asked until the server serves.

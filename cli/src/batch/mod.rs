@@ -77,7 +77,7 @@ pub struct BatchArgs {
     pub format: tasks::Format,
     #[arg(long, short, default_value = "gemini-2.5-flash")]
     pub model: String,
-    /// Tasks at once (default: as many calls as the pool's enabled keys can carry).
+    /// Tasks at once (default: twice as many as the calls the pool's enabled keys can carry).
     #[arg(long, short)]
     pub concurrency: Option<usize>,
     /// System instruction of every task that gives none.
@@ -350,9 +350,11 @@ async fn run_on(
             ),
         ));
     }
+    // Twice the keys' calls: a task backing off after a provider error holds no key, and the
+    // tasks beyond the keys wait in keylease's line, so that no key idles meanwhile.
     let concurrency = args
         .concurrency
-        .or(plan.as_ref().map(|p| p.slots))
+        .or(plan.as_ref().map(|p| p.slots.saturating_mul(2)))
         .unwrap_or(8)
         .clamp(1, MAX_CONCURRENCY)
         .min(pending.len().max(1));

@@ -219,7 +219,15 @@ impl Engine {
         }
         let group_key = self.catalogue.key(key).group(ended.model);
         if weighs && let Some(booked) = booked {
-            self.accepted(time, group_key, booked.requests);
+            // The calls before the failed one were accepted; the failed one was not, whether
+            // the provider refused it (off the books already) or it failed otherwise (kept on
+            // them, as it may have been counted).
+            let accepted = if report.kind.refused_by_provider() {
+                booked.requests
+            } else {
+                booked.requests.saturating_sub(1)
+            };
+            self.accepted(time, group_key, accepted);
         }
         let kind = match report.kind {
             // Only today's clients send it; an older engine knew no such class.

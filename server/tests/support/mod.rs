@@ -208,3 +208,16 @@ impl Drop for Running {
         }
     }
 }
+
+/// The status the server at `address` (`host:port`, plaintext) serves.
+pub async fn status_of(address: &str) -> keylease::pb::GetStatusResponse {
+    let mut client =
+        keylease::pb::key_lease_client::KeyLeaseClient::connect(format!("http://{address}"))
+            .await
+            .unwrap();
+    client
+        .get_status(keylease::pb::GetStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+}
