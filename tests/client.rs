@@ -41,6 +41,7 @@ const UNLIMITED: Limits = Limits {
     requests_per_minute: None,
     tokens_per_minute: None,
     requests_per_day: None,
+    tokens_per_day: None,
 };
 
 #[tokio::test]

@@ -359,6 +359,7 @@ async fn auto_limits_from_a_cold_start_take_each_figure_the_provider_names() {
         requests_per_minute: Some(15),
         tokens_per_minute: Some(2_000),
         requests_per_day: Some(60),
+        tokens_per_day: None,
     };
     let fake = fake(&keys, limits, None, false).await;
     // No [pools]: the gemini pool serves any model with every limit auto.
@@ -425,5 +426,94 @@ async fn auto_limits_from_a_cold_start_take_each_figure_the_provider_names() {
             (Some(figure), Some(figure)),
             "{limit}: {learned:?}"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_tokens_per_day_are_learned_from_the_figure_and_rest_the_project_until_the_reset() {
+    let keys = [("d1", "p"), ("d2", "p")];
+    let limits = Limits {
+        tokens_per_day: Some(3_000),
+        ..Limits::default()
+    };
+    let fake = fake(&keys, limits, None, false).await;
+    // keylease is told nothing of tokens per day: the 429 names it. (That the figure is kept
+    // across restarts is the engine's `a_tokens_per_day_429_teaches_its_figure_...` and the
+    // layout's tests: one process cannot open its state directory twice.)
+    let config = config_toml(
+        &keys,
+        1_000,
+        "[quota]\nwindow = \"1s\"\nsafety_margin = \"20ms\"\n",
+    );
+    let server = TestServer::start(&config).await;
+    let keylease = KeyLeaseClient::connect(ClientConfig::new(server.address.clone())).unwrap();
+    let gemini = GeminiClient::new(fake.base_url(), Duration::from_secs(10)).unwrap();
+    // A call that finds the project resting waits no longer than this.
+    let brief = RetryPolicy {
+        deadline: Duration::from_secs(1),
+        ..policy()
+    };
+    let calls = LeasedGemini::new(keylease, gemini, brief);
+    // 1,600 characters: 400 tokens; seven fit the day's 3,000, the eighth does not.
+    let large = GenerateContentRequest::text("token ".repeat(266) + "abcd");
+    let mut answered = 0;
+    for i in 0..9 {
+        if calls
+            .generate(&format!("tpd-{i}"), MODEL, &large)
+            .await
+            .is_ok()
+        {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 7);
+    let stats = fake.fake.stats().all();
+    assert_eq!(
+        (stats.status(200), stats.status(429)),
+        (7, 1),
+        "one 429, then keylease lent no key of the project until the daily reset"
+    );
+
+    let status = server.status().await;
+    let group = &status.quota_groups[0];
+    assert!(
+        group
+            .last_429
+            .as_ref()
+            .unwrap()
+            .quota_id
+            .contains("InputTokensPerModelPerDay"),
+        "{group:?}"
+    );
+    let limit = group.tokens_per_day_limit.clone().unwrap();
+    assert_eq!(
+        (limit.learned, limit.named, limit.configured),
+        (Some(3_000), Some(3_000), 0),
+        "{group:?}"
+    );
+    // The refused call's estimate stays on the day's books: the project rests until the reset
+    // whatever they hold.
+    let usage = group.tokens_per_day.unwrap();
+    assert_eq!((usage.used, usage.limit), (3_200, 3_000), "{group:?}");
+    // Not taken for another limit.
+    assert_eq!(group.requests_per_day.unwrap().limit, 100_000);
+    assert_eq!(group.cooling_reason, "daily quota exhausted");
+    let metrics = reqwest::get(&server.metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = |name: &str| {
+        format!(
+            "{name}{{pool=\"gemini\",project=\"p\",model=\"{MODEL}\",limit=\"tokens_per_day\"}}"
+        )
+    };
+    for (name, value) in [
+        ("keylease_quota_learned_limit", 3_000),
+        ("keylease_quota_used", 3_200),
+    ] {
+        let line = format!("{} {value}", series(name));
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
     }
 }

@@ -102,6 +102,7 @@ async fn run_once(exe: &std::path::Path, tasks: usize, faults: Faults) -> anyhow
         requests_per_minute: Some(RPM),
         tokens_per_minute: None,
         requests_per_day: Some(10_000_000),
+        tokens_per_day: None,
     };
     let fake = FakeGemini::start(FakeConfig {
         keys: keys

@@ -55,6 +55,7 @@ async fn start_fake(
                 requests_per_minute: Some(rpm),
                 tokens_per_minute: None,
                 requests_per_day: Some(1_000_000),
+                tokens_per_day: None,
             },
         )]
         .into(),
@@ -549,7 +550,7 @@ async fn a_spent_day_leaves_the_rest_for_later_and_the_next_run_remembers_it() {
     // Planned from groups never used yet, with keylease's window.
     assert!(
         stderr.contains(
-            "p2: 1 keys; 600 requests and no limit tokens per 1s; 10 requests left today"
+            "p2: 1 keys; 600 requests and no limit tokens per 1s; 10 requests and no limit tokens left today"
         ),
         "{stderr}"
     );
@@ -585,7 +586,10 @@ async fn a_spent_day_leaves_the_rest_for_later_and_the_next_run_remembers_it() {
         stderr.contains("10 tasks to run (20 done before"),
         "{stderr}"
     );
-    assert!(stderr.contains("0 requests left today"), "{stderr}");
+    assert!(
+        stderr.contains("0 requests and no limit tokens left today"),
+        "{stderr}"
+    );
     assert!(
         stderr.contains("every project has spent today's requests"),
         "{stderr}"

@@ -12,6 +12,9 @@ pub struct Limits {
     pub requests_per_minute: Option<u64>,
     pub tokens_per_minute: Option<u64>,
     pub requests_per_day: Option<u64>,
+    /// Input tokens per day (`GenerateContentInputTokensPerModelPerDay`).
+    #[serde(default)]
+    pub tokens_per_day: Option<u64>,
 }
 
 /// Which limit a request broke, and how long until it would fit (real time).
@@ -20,6 +23,7 @@ pub enum Violation {
     RequestsPerMinute { limit: u64, retry_after: Duration },
     TokensPerMinute { limit: u64, retry_after: Duration },
     RequestsPerDay { limit: u64, retry_after: Duration },
+    TokensPerDay { limit: u64, retry_after: Duration },
 }
 
 /// One (project, model): what arrived in the window and today.
@@ -30,6 +34,7 @@ pub struct Window {
     tokens: u64,
     day: u64,
     today: u64,
+    tokens_today: u64,
 }
 
 impl Window {
@@ -53,6 +58,7 @@ impl Window {
         if day_number != self.day {
             self.day = day_number;
             self.today = 0;
+            self.tokens_today = 0;
         }
         let leaves_window = |index: usize| {
             self.arrivals
@@ -65,6 +71,14 @@ impl Window {
             && self.today >= limit
         {
             return Err(Violation::RequestsPerDay {
+                limit,
+                retry_after: until_tomorrow,
+            });
+        }
+        if let Some(limit) = limits.tokens_per_day
+            && self.tokens_today + tokens > limit
+        {
+            return Err(Violation::TokensPerDay {
                 limit,
                 retry_after: until_tomorrow,
             });
@@ -96,6 +110,7 @@ impl Window {
         self.arrivals.push_back((at, tokens));
         self.tokens += tokens;
         self.today += 1;
+        self.tokens_today += tokens;
         Ok(())
     }
 }
@@ -161,6 +176,31 @@ mod tests {
         ));
         window
             .admit(start + MINUTE, 1, limits, MINUTE, (1, MINUTE))
+            .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn input_tokens_per_day_are_limited_until_the_day_turns() {
+        let limits = Limits {
+            tokens_per_day: Some(1_000),
+            ..Limits::default()
+        };
+        let mut window = Window::default();
+        let start = crate::now();
+        window.admit(start, 600, limits, MINUTE, DAY).unwrap();
+        // A window later the minute is free, the day is not.
+        assert_eq!(
+            window.admit(start + MINUTE, 500, limits, MINUTE, DAY),
+            Err(Violation::TokensPerDay {
+                limit: 1_000,
+                retry_after: DAY.1
+            })
+        );
+        window
+            .admit(start + MINUTE, 400, limits, MINUTE, DAY)
+            .unwrap();
+        window
+            .admit(start + MINUTE, 1_000, limits, MINUTE, (1, MINUTE))
             .unwrap();
     }
 }

@@ -49,6 +49,12 @@ pub fn quota_exceeded(violation: Violation, model: &str) -> Value {
             limit,
             retry_after,
         ),
+        Violation::TokensPerDay { limit, retry_after } => (
+            "generate_content_free_tier_input_token_count",
+            "GenerateContentInputTokensPerModelPerDay-FreeTier",
+            limit,
+            retry_after,
+        ),
     };
     json!({"error": {
         "code": 429,

@@ -325,6 +325,7 @@ impl Control {
             ("requests_per_minute", request.requests_per_minute),
             ("tokens_per_minute", request.tokens_per_minute),
             ("requests_per_day", request.requests_per_day),
+            ("tokens_per_day", request.tokens_per_day),
         ];
         if changes.iter().all(|(_, value)| value.is_none()) {
             return Err(invalid("requests_per_minute", "no limit given to change"));

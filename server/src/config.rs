@@ -384,6 +384,8 @@ pub struct LimitSection {
     pub requests_per_minute: Option<LimitValue>,
     pub tokens_per_minute: Option<LimitValue>,
     pub requests_per_day: Option<LimitValue>,
+    /// Input tokens per day (Gemini's `GenerateContentInputTokensPerModelPerDay`).
+    pub tokens_per_day: Option<LimitValue>,
 }
 
 /// A limit as configured: a figure, or `"auto"` (a ceiling, `quota.auto_ceiling`, until the
@@ -428,6 +430,7 @@ pub struct AutoCeiling {
     pub requests_per_minute: u64,
     pub tokens_per_minute: u64,
     pub requests_per_day: u64,
+    pub tokens_per_day: u64,
 }
 
 impl Default for AutoCeiling {
@@ -438,6 +441,7 @@ impl Default for AutoCeiling {
             requests_per_minute: 10_000,
             tokens_per_minute: 10_000_000,
             requests_per_day: 1_000_000,
+            tokens_per_day: 1_000_000_000,
         }
     }
 }
@@ -818,6 +822,7 @@ pub fn validate(
         ("requests_per_minute", ceiling.requests_per_minute),
         ("tokens_per_minute", ceiling.tokens_per_minute),
         ("requests_per_day", ceiling.requests_per_day),
+        ("tokens_per_day", ceiling.tokens_per_day),
     ] {
         if value == 0 {
             return Err(invalid(
@@ -839,6 +844,7 @@ pub fn validate(
             requests_per_minute: Some(LimitValue::Auto),
             tokens_per_minute: Some(LimitValue::Auto),
             requests_per_day: Some(LimitValue::Auto),
+            tokens_per_day: Some(LimitValue::Auto),
         };
         pools.insert(
             DEFAULT_POOL.to_string(),
@@ -1400,8 +1406,8 @@ fn limits_of(
     ceiling: &AutoCeiling,
     location: &str,
 ) -> Result<Limits, ConfigError> {
-    let mut figures = [None; 3];
-    let mut auto = [false; 3];
+    let mut figures = [None; 4];
+    let mut auto = [false; 4];
     for (index, (field, value, ceiling)) in [
         (
             "requests_per_minute",
@@ -1417,6 +1423,11 @@ fn limits_of(
             "requests_per_day",
             limits.requests_per_day,
             ceiling.requests_per_day,
+        ),
+        (
+            "tokens_per_day",
+            limits.tokens_per_day,
+            ceiling.tokens_per_day,
         ),
     ]
     .into_iter()
@@ -1437,11 +1448,17 @@ fn limits_of(
             None => None,
         };
     }
-    let [requests_per_minute, tokens_per_minute, requests_per_day] = figures;
+    let [
+        requests_per_minute,
+        tokens_per_minute,
+        requests_per_day,
+        tokens_per_day,
+    ] = figures;
     Ok(Limits {
         requests_per_minute,
         tokens_per_minute,
         requests_per_day,
+        tokens_per_day,
         auto,
     })
 }

@@ -354,6 +354,7 @@ impl Metrics {
                 group.requests_per_minute,
                 group.tokens_per_minute,
                 group.requests_per_day,
+                group.tokens_per_day,
             ];
             for ((kind, usage), limit) in LimitKind::ALL.into_iter().zip(usages).zip(group.limits) {
                 let labels = labels(kind.as_str());

@@ -356,13 +356,11 @@ pub fn violations(violations: Vec<pb::QuotaViolation>) -> Vec<QuotaViolation> {
     violations
         .into_iter()
         .map(|v| QuotaViolation {
-            // Input tokens per day is no limit the engine keeps: its figure must not become
-            // another limit's (the report's kind rests the project until the reset).
-            kind: quota_limit(&v.quota_id).and_then(|limit| match limit {
-                QuotaLimit::RequestsPerMinute => Some(LimitKind::RequestsPerMinute),
-                QuotaLimit::InputTokensPerMinute => Some(LimitKind::TokensPerMinute),
-                QuotaLimit::RequestsPerDay => Some(LimitKind::RequestsPerDay),
-                QuotaLimit::InputTokensPerDay => None,
+            kind: quota_limit(&v.quota_id).map(|limit| match limit {
+                QuotaLimit::RequestsPerMinute => LimitKind::RequestsPerMinute,
+                QuotaLimit::InputTokensPerMinute => LimitKind::TokensPerMinute,
+                QuotaLimit::RequestsPerDay => LimitKind::RequestsPerDay,
+                QuotaLimit::InputTokensPerDay => LimitKind::TokensPerDay,
             }),
             quota_id: v.quota_id,
             model: v.model,
@@ -393,7 +391,12 @@ pub fn learned_reason(learned: LearnedLimit) -> String {
 }
 
 pub fn group_to_pb(group: GroupView, now: Time) -> pb::QuotaGroupStatus {
-    let [requests_per_minute, tokens_per_minute, requests_per_day] = group.limits;
+    let [
+        requests_per_minute,
+        tokens_per_minute,
+        requests_per_day,
+        tokens_per_day,
+    ] = group.limits;
     let mut requests_per_minute = limit_to_pb(requests_per_minute);
     let moved_by = group.answers.as_ref().and_then(|a| a.moved_by.clone());
     if let Some(moved_by) = moved_by
@@ -417,6 +420,7 @@ pub fn group_to_pb(group: GroupView, now: Time) -> pb::QuotaGroupStatus {
         requests_per_minute_limit: Some(requests_per_minute),
         tokens_per_minute_limit: Some(limit_to_pb(tokens_per_minute)),
         requests_per_day_limit: Some(limit_to_pb(requests_per_day)),
+        tokens_per_day_limit: Some(limit_to_pb(tokens_per_day)),
         last_429: group.last_429.map(|e| pb::QuotaRefusal {
             quota_id: e.quota_id,
             at: Some(timestamp(e.at_wall_ms)),
@@ -428,6 +432,7 @@ pub fn group_to_pb(group: GroupView, now: Time) -> pb::QuotaGroupStatus {
         requests_per_minute: Some(usage_to_pb(group.requests_per_minute)),
         tokens_per_minute: Some(usage_to_pb(group.tokens_per_minute)),
         requests_per_day: Some(usage_to_pb(group.requests_per_day)),
+        tokens_per_day: Some(usage_to_pb(group.tokens_per_day)),
         cooling_until: group.cooldown.map(|c| steady_timestamp(c.until_ms, now)),
         cooling_reason: group
             .cooldown
@@ -553,7 +558,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_quota_id_names_its_own_limit_and_tokens_per_day_none_keylease_keeps() {
+    fn each_quota_id_names_its_own_limit() {
         let violation = |quota_id: &str| pb::QuotaViolation {
             quota_id: quota_id.into(),
             model: "gemini-2.5-pro".into(),
@@ -563,7 +568,7 @@ mod tests {
             violation("GenerateRequestsPerMinutePerProjectPerModel-FreeTier"),
             violation("GenerateContentInputTokensPerModelPerMinute-FreeTier"),
             violation("GenerateRequestsPerDayPerProjectPerModel-FreeTier"),
-            // Input tokens per day: its figure is no requests-per-day limit.
+            // Input tokens per day: its own limit, not requests per day.
             violation("GenerateContentInputTokensPerModelPerDay-FreeTier"),
             violation("SomethingElse"),
         ])
@@ -576,7 +581,7 @@ mod tests {
                 Some(LimitKind::RequestsPerMinute),
                 Some(LimitKind::TokensPerMinute),
                 Some(LimitKind::RequestsPerDay),
-                None,
+                Some(LimitKind::TokensPerDay),
                 None
             ]
         );

@@ -376,9 +376,9 @@ async fn run_on(
         eprintln!("keylease batch: nothing to do");
         return Ok(exit::OK);
     }
-    if let Some(0) = plan.as_ref().and_then(Plan::left_today) {
+    if let Some(0) = plan.as_ref().and_then(|plan| plan.left_today(tokens)) {
         eprintln!(
-            "keylease batch: every project has spent today's requests for {}: run again after the daily reset (midnight Pacific)",
+            "keylease batch: every project has spent today's requests or input tokens for {}: run again after the daily reset (midnight Pacific)",
             args.model
         );
         return Ok(exit::TRY_LATER);

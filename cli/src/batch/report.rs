@@ -30,6 +30,8 @@ pub struct ProjectPlan {
     pub tokens_per_window: Option<u64>,
     /// Requests the project may still make today; `None`: no daily limit.
     pub left_today: Option<u64>,
+    /// Input tokens the project may still send today; `None`: no daily limit.
+    pub tokens_left_today: Option<u64>,
     /// A limit configured `auto` and not yet named by Gemini: the figure is only a ceiling.
     pub guessed: bool,
 }
@@ -59,11 +61,15 @@ impl Plan {
                     .iter()
                     .find(|g| g.project == project && g.model == model);
                 let limit = |usage: Option<&pb::Usage>| usage.map(|u| u.limit).filter(|&l| l > 0);
+                let left = |usage: Option<&pb::Usage>| {
+                    usage.and_then(|u| (u.limit > 0).then(|| u.limit.saturating_sub(u.used)))
+                };
                 let guessed = group.is_some_and(|g| {
                     [
                         &g.requests_per_minute_limit,
                         &g.tokens_per_minute_limit,
                         &g.requests_per_day_limit,
+                        &g.tokens_per_day_limit,
                     ]
                     .into_iter()
                     .flatten()
@@ -74,9 +80,8 @@ impl Plan {
                     keys,
                     requests_per_window: limit(group.and_then(|g| g.requests_per_minute.as_ref())),
                     tokens_per_window: limit(group.and_then(|g| g.tokens_per_minute.as_ref())),
-                    left_today: group
-                        .and_then(|g| g.requests_per_day.as_ref())
-                        .and_then(|u| (u.limit > 0).then(|| u.limit.saturating_sub(u.used))),
+                    left_today: left(group.and_then(|g| g.requests_per_day.as_ref())),
+                    tokens_left_today: left(group.and_then(|g| g.tokens_per_day.as_ref())),
                     guessed,
                 }
             })
@@ -115,11 +120,18 @@ impl Plan {
         Some(rate)
     }
 
-    /// Requests the daily limits still allow today; `None` when some project has none.
-    pub fn left_today(&self) -> Option<u64> {
+    /// Requests of `tokens` input tokens the daily limits still allow today; `None` when some
+    /// project has no daily limit.
+    pub fn left_today(&self, tokens: u64) -> Option<u64> {
         self.projects
             .iter()
-            .map(|p| p.left_today)
+            .map(|p| {
+                let by_tokens = p.tokens_left_today.map(|t| t / tokens.max(1));
+                match (p.left_today, by_tokens) {
+                    (Some(r), Some(t)) => Some(r.min(t)),
+                    (r, t) => r.or(t),
+                }
+            })
             .try_fold(0u64, |sum, left| left.map(|l| sum.saturating_add(l)))
     }
 
@@ -138,12 +150,13 @@ impl Plan {
             let figure = |v: Option<u64>| v.map_or("no limit".to_string(), |v| v.to_string());
             let _ = writeln!(
                 text,
-                "  {}: {} keys; {} requests and {} tokens per {window}; {} requests left today{}",
+                "  {}: {} keys; {} requests and {} tokens per {window}; {} requests and {} tokens left today{}",
                 p.project,
                 p.keys,
                 figure(p.requests_per_window),
                 figure(p.tokens_per_window),
                 figure(p.left_today),
+                figure(p.tokens_left_today),
                 if p.guessed {
                     " (auto: ceilings until Gemini names the limits)"
                 } else {
@@ -154,7 +167,7 @@ impl Plan {
         match self.theoretical_rate(tokens) {
             Some(rate) if rate > 0.0 => {
                 let today = self
-                    .left_today()
+                    .left_today(tokens)
                     .map_or(tasks as u64, |l| l.min(tasks as u64));
                 let _ = writeln!(
                     text,
@@ -318,6 +331,7 @@ mod tests {
             requests_per_window: rpm,
             tokens_per_window: tpm,
             left_today: left,
+            tokens_left_today: None,
             guessed: false,
         }
     }
@@ -337,7 +351,7 @@ mod tests {
         // 1/s, plus min(2/s, 6000 tokens / 100 per prompt / 60 s = 1/s).
         assert_eq!(plan.theoretical_rate(100), Some(2.0));
         assert_eq!(plan.theoretical_rate(10), Some(3.0));
-        assert_eq!(plan.left_today(), Some(150));
+        assert_eq!(plan.left_today(100), Some(150));
         let text = plan.describe(200, 100, 3);
         assert!(text.contains("theoretical rate 2.00 requests/s"), "{text}");
         assert!(
@@ -349,6 +363,36 @@ mod tests {
             ..plan
         };
         assert_eq!(unbounded.theoretical_rate(100), None);
-        assert_eq!(unbounded.left_today(), None);
+        assert_eq!(unbounded.left_today(100), None);
+    }
+
+    #[test]
+    fn tokens_left_today_bound_the_tasks_of_today_as_requests_do() {
+        let tokens_only = ProjectPlan {
+            tokens_left_today: Some(10_000),
+            ..project(Some(60), None, None)
+        };
+        let both = ProjectPlan {
+            tokens_left_today: Some(100_000),
+            ..project(Some(60), None, Some(300))
+        };
+        let plan = Plan {
+            model: "m".into(),
+            keys: 2,
+            slots: 2,
+            projects: vec![tokens_only, both],
+            window: Duration::from_secs(60),
+        };
+        // 10,000 / 500 = 20 tasks, plus min(300, 100,000 / 500 = 200).
+        assert_eq!(plan.left_today(500), Some(220));
+        let text = plan.describe(1_000, 500, 2);
+        assert!(
+            text.contains("no limit requests and 10000 tokens left today"),
+            "{text}"
+        );
+        assert!(
+            text.contains("leave 780 tasks for after the next daily reset"),
+            "{text}"
+        );
     }
 }

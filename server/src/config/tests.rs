@@ -95,8 +95,9 @@ fn without_pools_any_model_is_served_with_every_limit_auto() {
     .unwrap();
     let pool = &settings.engine.pools["gemini"];
     let other = pool.other_models.expect("any model is served");
-    assert_eq!(other.auto, [true; 3]);
+    assert_eq!(other.auto, [true; 4]);
     assert_eq!(other.requests_per_minute, Some(10_000));
+    assert_eq!(other.tokens_per_day, Some(1_000_000_000));
     assert!(
         settings
             .notices
@@ -116,17 +117,19 @@ fn without_pools_any_model_is_served_with_every_limit_auto() {
 #[test]
 fn auto_limits_start_at_the_configured_ceiling() {
     let dir = Dir::new(&format!(
-        "[quota]\nrelearn_after = 3\n[quota.auto_ceiling]\nrequests_per_minute = 500\n\n[pools.gemini.models.m]\nrequests_per_minute = \"auto\"\nrequests_per_day = 250\n\n[[keys]]\nsecret = \"{SECRET}\"\n"
+        "[quota]\nrelearn_after = 3\n[quota.auto_ceiling]\nrequests_per_minute = 500\n\n[pools.gemini.models.m]\nrequests_per_minute = \"auto\"\nrequests_per_day = 250\ntokens_per_day = \"auto\"\n\n[[keys]]\nsecret = \"{SECRET}\"\n"
     ));
     let settings = dir.load(&no_env()).unwrap();
     let limits = settings.engine.pools["gemini"].models["m"];
     assert_eq!(limits.requests_per_minute, Some(500));
     assert_eq!(limits.requests_per_day, Some(250));
-    assert_eq!(limits.auto, [true, false, false]);
+    assert_eq!(limits.auto, [true, false, false, true]);
+    assert_eq!(limits.tokens_per_day, Some(1_000_000_000));
     assert_eq!(settings.engine.relearn_after_windows, 3);
     for (text, field) in [
         ("requests_per_minute = \"lots\"", "requests_per_minute"),
         ("requests_per_minute = -4", "requests_per_minute"),
+        ("tokens_per_day = \"lots\"", "tokens_per_day"),
     ] {
         let dir = Dir::new(&format!(
             "[pools.gemini.models.m]\n{text}\n[[keys]]\nsecret = \"{SECRET}\"\n"

@@ -275,6 +275,12 @@ impl Engine {
                 largest.tokens_per_minute,
                 "tokens per minute",
             ),
+            (
+                "estimated_input_tokens",
+                tokens,
+                largest.tokens_per_day,
+                "tokens per day",
+            ),
         ] {
             if let Some(limit) = limit
                 && amount > limit

@@ -353,6 +353,7 @@ fn larger_limits(a: Limits, b: Limits) -> Limits {
         requests_per_minute: larger(a.requests_per_minute, b.requests_per_minute),
         tokens_per_minute: larger(a.tokens_per_minute, b.tokens_per_minute),
         requests_per_day: larger(a.requests_per_day, b.requests_per_day),
+        tokens_per_day: larger(a.tokens_per_day, b.tokens_per_day),
         auto: a.auto,
     }
 }

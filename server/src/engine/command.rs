@@ -94,7 +94,7 @@ pub enum Reply {
     WaitersDropped(usize),
     Configured(Result<Reconfigured, SetupError>),
     /// The group as it stands after the reset.
-    CooldownReset(Result<GroupView, EngineError>),
+    CooldownReset(Result<Box<GroupView>, EngineError>),
 }
 
 /// What a new configuration did to the state it found.
@@ -168,13 +168,10 @@ impl Engine {
                 project,
                 model,
                 forget_learned,
-            } => Reply::CooldownReset(self.reset_cooldown(
-                time,
-                &pool,
-                &project,
-                &model,
-                forget_learned,
-            )),
+            } => Reply::CooldownReset(
+                self.reset_cooldown(time, &pool, &project, &model, forget_learned)
+                    .map(Box::new),
+            ),
         };
         for (group, change) in self.books.take_changes() {
             // A limit raised may serve someone waiting.
@@ -245,7 +242,7 @@ impl Reply {
 
     pub fn into_cooldown_reset(self) -> Result<GroupView, EngineError> {
         match self {
-            Self::CooldownReset(reply) => reply,
+            Self::CooldownReset(reply) => reply.map(|group| *group),
             other => unreachable!("a cooldown reset answered {other:?}"),
         }
     }

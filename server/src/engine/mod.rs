@@ -10,6 +10,7 @@ pub mod calendar;
 mod catalogue;
 pub mod command;
 pub mod image;
+mod layout;
 pub mod learning;
 
 mod leases;
@@ -116,8 +117,8 @@ impl KeySpec {
 }
 
 /// Everything the engine is configured with: what a `Configure` command carries and a store
-/// records (without secrets) before any command decided under it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// records (without secrets) before any command decided under it. Laid out by [`layout`].
+#[derive(Debug, Clone, PartialEq)]
 pub struct Setup {
     pub config: EngineConfig,
     pub keys: Vec<KeySpec>,
@@ -135,7 +136,8 @@ pub struct Setup {
 /// Version 2: limits learned from the provider's 429s. Version 3: a pool at its bound of
 /// unlisted models forgets the least recently used one nothing holds, where it refused.
 /// Version 4: learning weighs evidence, a bare 429 rests briefly and is taken off the books,
-/// model capacity and waves rest the pool (see [`learning::weighing`], [`outage`]).
+/// model capacity and waves rest the pool (see [`learning::weighing`], [`outage`]); input tokens
+/// per day are a fourth limit.
 pub const RULES_VERSION: u32 = 4;
 /// The oldest rules this build still decides by: records decided under them replay.
 pub const OLDEST_RULES_DECIDED: u32 = 2;
@@ -528,9 +530,10 @@ pub struct GroupView {
     pub requests_per_minute: UsageView,
     pub tokens_per_minute: UsageView,
     pub requests_per_day: UsageView,
+    pub tokens_per_day: UsageView,
     pub cooldown: Option<quota::Cooldown>,
     /// Per limit kind, in [`LimitKind`] order.
-    pub limits: [LimitView; 3],
+    pub limits: [LimitView; 4],
     /// The 429 the group last learned from.
     pub last_429: Option<Evidence>,
     /// What the provider's answers showed lately, where they are weighed.

@@ -11,15 +11,22 @@ use super::calendar::{DailyReset, Time};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
-/// Limits of one model in one project; `None` is not limited.
+/// Limits of one model in one project; `None` is not limited. Laid out in a setup as rules 3
+/// did, tokens per day apart (see [`super::layout`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(
+    into = "super::layout::LimitsLayout",
+    from = "super::layout::LimitsLayout"
+)]
 pub struct Limits {
     pub requests_per_minute: Option<u64>,
     pub tokens_per_minute: Option<u64>,
     pub requests_per_day: Option<u64>,
+    /// Input tokens per day (Gemini keeps it for some models, such as free-tier previews).
+    pub tokens_per_day: Option<u64>,
     /// Which were configured `auto`, by [`super::learning::LimitKind`] order: their figure is a
     /// ceiling until the provider names the real one.
-    pub auto: [bool; 3],
+    pub auto: [bool; 4],
 }
 
 /// Why a group is resting.
@@ -88,6 +95,8 @@ pub struct QuotaGroup {
     day_ends_ms: u64,
     /// Requests counted against the current day.
     day_requests: u64,
+    /// Tokens counted against the current day: live leases' estimates, ended leases' actuals.
+    day_tokens: u64,
     cooldown: Option<Cooldown>,
     /// The cooldown ends when the day turns, wherever the wall clock is stepped meanwhile.
     rest_until_day_turns: bool,
@@ -109,6 +118,7 @@ impl QuotaGroup {
             day: daily.day_of(time.wall_ms),
             day_ends_ms: daily.next_reset_after(time.wall_ms),
             day_requests: 0,
+            day_tokens: 0,
             cooldown: None,
             rest_until_day_turns: false,
         }
@@ -122,13 +132,19 @@ impl QuotaGroup {
                 // Live leases and leases that ended after midnight may send (or have sent)
                 // their requests in the new day: they count against it too.
                 let day_start = daily.start_of_day_at(time.wall_ms);
-                let recent = self
+                let (recent_requests, recent_tokens) = self
                     .settled
                     .iter()
                     .filter(|s| s.ended_wall_ms >= day_start)
-                    .fold(0u64, |sum, s| sum.saturating_add(s.requests));
+                    .fold((0u64, 0u64), |(requests, tokens), s| {
+                        (
+                            requests.saturating_add(s.requests),
+                            tokens.saturating_add(s.tokens),
+                        )
+                    });
                 self.day = day;
-                self.day_requests = self.live_requests.saturating_add(recent);
+                self.day_requests = self.live_requests.saturating_add(recent_requests);
+                self.day_tokens = self.live_tokens.saturating_add(recent_tokens);
                 if self.rest_until_day_turns {
                     self.cooldown = None;
                     self.rest_until_day_turns = false;
@@ -166,6 +182,10 @@ impl QuotaGroup {
         self.day_requests
     }
 
+    pub fn tokens_today(&self) -> u64 {
+        self.day_tokens
+    }
+
     pub fn cooldown(&self) -> Option<Cooldown> {
         self.cooldown
     }
@@ -195,6 +215,7 @@ impl QuotaGroup {
             tokens,
             self.limits.tokens_per_minute,
         ) && fits(self.day_requests, requests, self.limits.requests_per_day)
+            && fits(self.day_tokens, tokens, self.limits.tokens_per_day)
     }
 
     /// The smallest fraction left of any limit, in [0, 1].
@@ -203,6 +224,7 @@ impl QuotaGroup {
             fraction_left(self.requests_in_window(), self.limits.requests_per_minute),
             fraction_left(self.tokens_in_window(), self.limits.tokens_per_minute),
             fraction_left(self.day_requests, self.limits.requests_per_day),
+            fraction_left(self.day_tokens, self.limits.tokens_per_day),
         ]
         .into_iter()
         .fold(1.0, f64::min)
@@ -212,6 +234,7 @@ impl QuotaGroup {
         self.live_requests = self.live_requests.saturating_add(requests);
         self.live_tokens = self.live_tokens.saturating_add(tokens);
         self.day_requests = self.day_requests.saturating_add(requests);
+        self.day_tokens = self.day_tokens.saturating_add(tokens);
     }
 
     /// A lease that reserved `reserved` ended at `time` having used `used`: unsent requests are
@@ -224,6 +247,10 @@ impl QuotaGroup {
             .day_requests
             .saturating_add(used.requests)
             .saturating_sub(reserved.requests);
+        self.day_tokens = self
+            .day_tokens
+            .saturating_add(used.tokens)
+            .saturating_sub(reserved.tokens);
         if used.requests == 0 && used.tokens == 0 {
             return;
         }
@@ -278,9 +305,14 @@ impl QuotaGroup {
         if let Some(cooldown) = self.cooldown {
             at = at.max(cooldown.until_ms);
         }
-        if !fits(self.day_requests, requests, self.limits.requests_per_day) {
-            // Tomorrow starts with the live leases' requests only (an upper bound on the wait).
-            if !fits(self.live_requests, requests, self.limits.requests_per_day) {
+        let day_full = !fits(self.day_requests, requests, self.limits.requests_per_day)
+            || !fits(self.day_tokens, tokens, self.limits.tokens_per_day);
+        if day_full {
+            // Tomorrow starts with the live leases' reservations only (an upper bound on the
+            // wait).
+            if !fits(self.live_requests, requests, self.limits.requests_per_day)
+                || !fits(self.live_tokens, tokens, self.limits.tokens_per_day)
+            {
                 return None;
             }
             at = at.max(time.steady_at(self.day_ends_ms));
@@ -315,7 +347,9 @@ impl QuotaGroup {
         if let Some(front) = self.settled.front() {
             consider(front.until_ms);
         }
-        if self.limits.requests_per_day.is_some() && self.day_requests > 0 {
+        if (self.limits.requests_per_day.is_some() && self.day_requests > 0)
+            || (self.limits.tokens_per_day.is_some() && self.day_tokens > 0)
+        {
             consider(time.steady_at(self.day_ends_ms));
         }
         next
@@ -327,35 +361,114 @@ impl QuotaGroup {
             && self.live_tokens == 0
             && self.settled.is_empty()
             && self.day_requests == 0
+            && self.day_tokens == 0
             && self.cooldown.is_none()
     }
 }
 
-/// [`Limits`] as their three figures.
+/// [`Limits`] as their four figures.
 mod figures_only {
     use super::Limits;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    type Figures = (Option<u64>, Option<u64>, Option<u64>);
+    type Figures = (Option<u64>, Option<u64>, Option<u64>, Option<u64>);
 
     pub fn serialize<S: Serializer>(limits: &Limits, serializer: S) -> Result<S::Ok, S::Error> {
         let figures: Figures = (
             limits.requests_per_minute,
             limits.tokens_per_minute,
             limits.requests_per_day,
+            limits.tokens_per_day,
         );
         figures.serialize(serializer)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Limits, D::Error> {
-        let (requests_per_minute, tokens_per_minute, requests_per_day) =
+        let (requests_per_minute, tokens_per_minute, requests_per_day, tokens_per_day) =
             Figures::deserialize(deserializer)?;
         Ok(Limits {
             requests_per_minute,
             tokens_per_minute,
             requests_per_day,
-            auto: [false; 3],
+            tokens_per_day,
+            auto: [false; 4],
         })
+    }
+}
+
+/// The books as snapshots kept them before tokens per day (state formats of rules 1 to 3):
+/// three figures, no tokens counted against the day. Frozen: read by `store::v1` and `store::v3`.
+pub mod before_tokens_per_day {
+    use super::{Cooldown, Limits, QuotaGroup, Settled};
+    use serde::Deserialize;
+    use std::collections::VecDeque;
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[cfg_attr(test, derive(serde::Serialize))]
+    pub struct QuotaGroupV3 {
+        limits: (Option<u64>, Option<u64>, Option<u64>),
+        live_requests: u64,
+        live_tokens: u64,
+        settled: VecDeque<Settled>,
+        settled_requests: u64,
+        settled_tokens: u64,
+        day: i64,
+        day_ends_ms: u64,
+        day_requests: u64,
+        cooldown: Option<Cooldown>,
+        rest_until_day_turns: bool,
+    }
+
+    impl From<QuotaGroupV3> for QuotaGroup {
+        /// Their limits are set again from the setup on restore; the day's tokens were not
+        /// counted, so the day starts them at nought.
+        fn from(v3: QuotaGroupV3) -> Self {
+            let (requests_per_minute, tokens_per_minute, requests_per_day) = v3.limits;
+            Self {
+                limits: Limits {
+                    requests_per_minute,
+                    tokens_per_minute,
+                    requests_per_day,
+                    ..Limits::default()
+                },
+                live_requests: v3.live_requests,
+                live_tokens: v3.live_tokens,
+                settled: v3.settled,
+                settled_requests: v3.settled_requests,
+                settled_tokens: v3.settled_tokens,
+                day: v3.day,
+                day_ends_ms: v3.day_ends_ms,
+                day_requests: v3.day_requests,
+                day_tokens: 0,
+                cooldown: v3.cooldown,
+                rest_until_day_turns: v3.rest_until_day_turns,
+            }
+        }
+    }
+
+    /// The bytes an older build wrote for `books` (tests only: they write old snapshots).
+    #[cfg(test)]
+    impl From<QuotaGroup> for QuotaGroupV3 {
+        fn from(books: QuotaGroup) -> Self {
+            let l = books.limits;
+            Self {
+                limits: (
+                    l.requests_per_minute,
+                    l.tokens_per_minute,
+                    l.requests_per_day,
+                ),
+                live_requests: books.live_requests,
+                live_tokens: books.live_tokens,
+                settled: books.settled,
+                settled_requests: books.settled_requests,
+                settled_tokens: books.settled_tokens,
+                day: books.day,
+                day_ends_ms: books.day_ends_ms,
+                day_requests: books.day_requests,
+                cooldown: books.cooldown,
+                rest_until_day_turns: books.rest_until_day_turns,
+            }
+        }
     }
 }
 
@@ -421,7 +534,8 @@ mod tests {
             requests_per_minute: Some(rpm),
             tokens_per_minute: Some(1_000),
             requests_per_day: Some(rpd),
-            auto: [false; 3],
+            tokens_per_day: None,
+            auto: [false; 4],
         };
         QuotaGroup::new(limits, at(EVENING_BEFORE_DST), daily())
     }

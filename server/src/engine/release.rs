@@ -393,7 +393,8 @@ impl Engine {
             let (Some(kind), Some(value), true) = (violation.kind, violation.value, own) else {
                 continue;
             };
-            learnt.rest_for_the_day |= kind == LimitKind::RequestsPerDay || value == 0;
+            learnt.rest_for_the_day |=
+                matches!(kind, LimitKind::RequestsPerDay | LimitKind::TokensPerDay) || value == 0;
             if value > 0 {
                 learnt.explained |= kind != LimitKind::RequestsPerMinute
                     || (weighs && held.saturating_add(1) >= value);

@@ -14,11 +14,12 @@ fn limits(rpm: u64, rpd: u64) -> Limits {
         requests_per_minute: Some(rpm),
         tokens_per_minute: Some(100_000),
         requests_per_day: Some(rpd),
-        auto: [false; 3],
+        tokens_per_day: None,
+        auto: [false; 4],
     }
 }
 
-fn config(rpm: u64, rpd: u64) -> EngineConfig {
+pub(super) fn config(rpm: u64, rpd: u64) -> EngineConfig {
     let pool = PoolConfig {
         max_leases_per_key: 1,
         models: BTreeMap::from([(MODEL.to_string(), limits(rpm, rpd))]),
@@ -429,6 +430,95 @@ fn the_daily_count_resets_at_midnight_pacific() {
         (UnavailableReason::QuotaSpent, Some(midnight))
     );
     granted(e.acquire(midnight, ask("b")));
+}
+
+#[test]
+fn input_tokens_per_day_are_counted_from_estimates_and_corrected_by_what_was_used() {
+    let mut cfg = config(100, 1_000);
+    let model = cfg.pools.get_mut(DEFAULT_POOL).unwrap();
+    model.models.get_mut(MODEL).unwrap().tokens_per_day = Some(10_000);
+    let mut e = new_engine(cfg, key_specs(&[("k1", "p1")])).unwrap();
+    let with_tokens = |task: &str, tokens: u64| AcquireRequest {
+        estimated_tokens: tokens,
+        ..ask(task)
+    };
+    // More than the day allows is refused as a request no project could serve.
+    assert_eq!(
+        invalid_field(e.acquire(T0, with_tokens("big", 10_001))),
+        "estimated_input_tokens"
+    );
+    let lease = granted(e.acquire(T0, with_tokens("a", 8_000)));
+    let status = e.status(T0, None, None, 10).unwrap();
+    assert_eq!(status.groups[0].tokens_per_day.used, 8_000);
+    assert_eq!(status.groups[0].tokens_per_day.limit, Some(10_000));
+    // The estimate is replaced by what the call used.
+    e.release(T0, &lease.lease_id, lease.fencing_token, used(1, 6_000))
+        .unwrap();
+    let status = e.status(T0, None, None, 10).unwrap();
+    assert_eq!(status.groups[0].tokens_per_day.used, 6_000);
+    // An hour on, the minute's books are empty but the day's are not.
+    let hour_later = T0 + 60 * MINUTE;
+    let lease = granted(e.acquire(hour_later, with_tokens("b", 4_000)));
+    e.release(
+        hour_later,
+        &lease.lease_id,
+        lease.fencing_token,
+        used(1, 4_000),
+    )
+    .unwrap();
+    let why = unavailable(e.acquire(hour_later, with_tokens("c", 1)));
+    let midnight = T0 + 11 * 60 * MINUTE;
+    assert_eq!(
+        (why.reason, why.retry_at_ms),
+        (UnavailableReason::QuotaSpent, Some(midnight))
+    );
+    let lease = granted(e.acquire(midnight, with_tokens("c", 9_000)));
+    assert_eq!(lease.project, "p1");
+}
+
+#[test]
+fn a_tokens_per_day_429_teaches_its_figure_and_rests_until_the_reset() {
+    let mut e = new_engine(config(10, 100), key_specs(&[("k1", "p1")])).unwrap();
+    let lease = granted(e.acquire(T0, ask("a")));
+    let command = Command::ReportFailure {
+        lease_id: lease.lease_id,
+        fencing_token: lease.fencing_token,
+        report: FailureReport {
+            retry_after_ms: Some(20 * SECOND),
+            violations: vec![violation(LimitKind::TokensPerDay, Some(1_000_000))],
+            ..report(FailureKind::RateLimited)
+        },
+    };
+    let (_, notices) = e.apply(Time::at(T0), command);
+    let events: Vec<EventKind> = notices.events.into_iter().map(|e| e.kind).collect();
+    assert_eq!(
+        learned_changes(&events),
+        [(LimitKind::TokensPerDay, None, Some(1_000_000))]
+    );
+    let why = unavailable(e.acquire(T0 + MINUTE, ask("b")));
+    assert_eq!(why.reason, UnavailableReason::CoolingDown);
+    let midnight = T0 + 11 * 60 * MINUTE;
+    assert_eq!(why.retry_at_ms, Some(midnight));
+    // Neither the requests per day nor per minute took the figure.
+    let status = e.status(T0 + MINUTE, None, None, 10).unwrap();
+    let group = &status.groups[0];
+    assert_eq!(group.requests_per_day.limit, Some(100));
+    assert_eq!(group.requests_per_minute.limit, Some(10));
+    assert_eq!(group.tokens_per_day.limit, Some(1_000_000));
+    assert_eq!(
+        group.limits[LimitKind::TokensPerDay as usize]
+            .learned
+            .unwrap()
+            .named,
+        Some(1_000_000)
+    );
+    // Kept across a snapshot and a new configuration.
+    let restored = Engine::restore(e.setup(), Vec::new(), e.image()).unwrap().0;
+    assert_eq!(restored.image(), e.image());
+    let setup = Setup::new(config(10, 100), key_specs(&[("k1", "p1")]), 0);
+    let e = Engine::restore(setup, Vec::new(), e.image()).unwrap().0;
+    let status = e.status(T0 + MINUTE, None, None, 10).unwrap();
+    assert_eq!(status.groups[0].tokens_per_day.limit, Some(1_000_000));
 }
 
 #[test]
@@ -1965,7 +2055,8 @@ fn the_plan_of_a_model_never_asked_for_shows_the_limits_of_any_other_model() {
         requests_per_minute: Some(7),
         tokens_per_minute: None,
         requests_per_day: Some(70),
-        auto: [true, false, false],
+        tokens_per_day: None,
+        auto: [true, false, false, false],
     };
     config.pools.get_mut(DEFAULT_POOL).unwrap().other_models = Some(other);
     let e = new_engine(config, key_specs(&[("k1", "p1")])).unwrap();

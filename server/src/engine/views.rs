@@ -107,6 +107,10 @@ impl Engine {
                 used: group.requests_today(),
                 limit: group.limits.requests_per_day,
             },
+            tokens_per_day: UsageView {
+                used: group.tokens_today(),
+                limit: group.limits.tokens_per_day,
+            },
             cooldown: group.cooldown(),
             limits: self.limit_views(key),
             last_429: self.books.learned(key).and_then(|l| l.last_429().cloned()),
@@ -118,7 +122,7 @@ impl Engine {
         }
     }
 
-    fn limit_views(&self, key: GroupKey) -> [LimitView; 3] {
+    fn limit_views(&self, key: GroupKey) -> [LimitView; 4] {
         let configured = self.books.configured(key);
         let learned = self.books.learned(key);
         LimitKind::ALL.map(|kind| LimitView {
@@ -221,6 +225,10 @@ impl Engine {
                         requests_per_day: UsageView {
                             used: 0,
                             limit: limits.requests_per_day,
+                        },
+                        tokens_per_day: UsageView {
+                            used: 0,
+                            limit: limits.tokens_per_day,
                         },
                         cooldown: None,
                         answers: None,

@@ -249,8 +249,19 @@ impl Replay {
                 found: self.rules,
             });
         }
-        let record: Record =
-            decode(bytes).map_err(|e| self.unreadable(format!("record {seq}: {e}")))?;
+        let record: Record = match decode(bytes) {
+            Ok(record) => record,
+            // A newer build's record may be laid out as this build cannot read: its rules
+            // say why, which "unreadable" would not.
+            Err(_) if self.rules > RULES_VERSION => {
+                return Err(StoreError::OtherRules {
+                    path: self.location.clone(),
+                    seq,
+                    found: self.rules,
+                });
+            }
+            Err(e) => return Err(self.unreadable(format!("record {seq}: {e}"))),
+        };
         match &record.command {
             Command::Configure(setup) => self.rules = setup.rules,
             // Mechanical, whatever the rules: they decide nothing.

@@ -4,7 +4,8 @@
 
 use super::Snapshot;
 use crate::engine::image::{GroupImage, Image, KeyImage, LeaseImage, LineImage};
-use crate::engine::quota::{Limits, QuotaGroup};
+use crate::engine::quota::Limits;
+use crate::engine::quota::before_tokens_per_day::QuotaGroupV3;
 use crate::engine::{DailyReset, EngineConfig, KeySpec, PoolConfig, Setup, Time};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -26,7 +27,8 @@ impl From<LimitsV1> for Limits {
             requests_per_minute: v1.requests_per_minute,
             tokens_per_minute: v1.tokens_per_minute,
             requests_per_day: v1.requests_per_day,
-            auto: [false; 3],
+            tokens_per_day: None,
+            auto: [false; 4],
         }
     }
 }
@@ -70,7 +72,7 @@ struct GroupImageV1 {
     pool: String,
     project: String,
     model: String,
-    books: QuotaGroup,
+    books: QuotaGroupV3,
 }
 
 #[derive(Deserialize)]
@@ -185,7 +187,7 @@ fn image(v1: ImageV1) -> Image {
                 pool: g.pool,
                 project: g.project,
                 model: g.model,
-                books: g.books,
+                books: g.books.into(),
                 learned: None,
             })
             .collect(),
@@ -262,7 +264,7 @@ mod tests {
                     pool: g.pool,
                     project: g.project,
                     model: g.model,
-                    books: g.books,
+                    books: g.books.into(),
                 })
                 .collect(),
             backoff: image.backoff,
@@ -293,8 +295,10 @@ mod tests {
         .unwrap();
         let mut config = settings.engine;
         let pool = config.pools.get_mut("gemini").unwrap();
-        pool.models
-            .insert("m".into(), pool.other_models.take().unwrap());
+        let mut limits = pool.other_models.take().unwrap();
+        // A limit that build did not know.
+        (limits.tokens_per_day, limits.auto[3]) = (None, false);
+        pool.models.insert("m".into(), limits);
         let mut engine =
             Engine::new(Setup::new(config, settings.keys, 0), Time::at(5_000)).unwrap();
         let ask = crate::engine::AcquireRequest {
@@ -337,7 +341,7 @@ mod tests {
     /// Books keep their limits' figures only: restored, the configuration sets them again.
     fn without_auto_marks(mut image: Image) -> Image {
         for group in &mut image.groups {
-            group.books.limits.auto = [false; 3];
+            group.books.limits.auto = [false; 4];
         }
         image
     }

@@ -5,7 +5,7 @@
 use super::Snapshot;
 use crate::engine::image::{GroupImage, Image, KeyImage, LeaseImage, LineImage};
 use crate::engine::learning::{Learned, Reacting};
-use crate::engine::quota::QuotaGroup;
+use crate::engine::quota::before_tokens_per_day::QuotaGroupV3;
 use crate::engine::{KeySpec, Setup, Time};
 use serde::Deserialize;
 
@@ -15,7 +15,7 @@ struct GroupImageV3 {
     pool: String,
     project: String,
     model: String,
-    books: QuotaGroup,
+    books: QuotaGroupV3,
     learned: Option<Reacting>,
 }
 
@@ -66,7 +66,7 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, postcard::Error> {
                     pool: g.pool,
                     project: g.project,
                     model: g.model,
-                    books: g.books,
+                    books: g.books.into(),
                     learned: g.learned.map(Learned::Reacting),
                 })
                 .collect(),
@@ -100,8 +100,10 @@ mod tests {
         .unwrap();
         let mut config = settings.engine;
         let pool = config.pools.get_mut("gemini").unwrap();
-        pool.models
-            .insert("m".into(), pool.other_models.take().unwrap());
+        let mut limits = pool.other_models.take().unwrap();
+        // A limit that build did not know.
+        (limits.tokens_per_day, limits.auto[3]) = (None, false);
+        pool.models.insert("m".into(), limits);
         let setup = Setup {
             rules: 3,
             ..Setup::new(config, settings.keys, 0)
@@ -151,7 +153,7 @@ mod tests {
                     pool: g.pool,
                     project: g.project,
                     model: g.model,
-                    books: g.books,
+                    books: g.books.into(),
                     learned: g.learned.map(|l| match l {
                         Learned::Reacting(r) => r,
                         Learned::Weighing(_) => panic!("rules 3 only reacted"),

@@ -21,13 +21,16 @@ pub enum LimitKind {
     RequestsPerMinute,
     TokensPerMinute,
     RequestsPerDay,
+    /// Input tokens per day (rules 4 on).
+    TokensPerDay,
 }
 
 impl LimitKind {
-    pub const ALL: [Self; 3] = [
+    pub const ALL: [Self; 4] = [
         Self::RequestsPerMinute,
         Self::TokensPerMinute,
         Self::RequestsPerDay,
+        Self::TokensPerDay,
     ];
 
     /// The name configuration, metrics and status use.
@@ -36,6 +39,7 @@ impl LimitKind {
             Self::RequestsPerMinute => "requests_per_minute",
             Self::TokensPerMinute => "tokens_per_minute",
             Self::RequestsPerDay => "requests_per_day",
+            Self::TokensPerDay => "tokens_per_day",
         }
     }
 
@@ -44,6 +48,7 @@ impl LimitKind {
             Self::RequestsPerMinute => limits.requests_per_minute,
             Self::TokensPerMinute => limits.tokens_per_minute,
             Self::RequestsPerDay => limits.requests_per_day,
+            Self::TokensPerDay => limits.tokens_per_day,
         }
     }
 
@@ -52,6 +57,7 @@ impl LimitKind {
             Self::RequestsPerMinute => limits.requests_per_minute = value,
             Self::TokensPerMinute => limits.tokens_per_minute = value,
             Self::RequestsPerDay => limits.requests_per_day = value,
+            Self::TokensPerDay => limits.tokens_per_day = value,
         }
     }
 }
@@ -108,11 +114,12 @@ pub struct Tuning {
     pub relearn_after: u32,
 }
 
-/// The limits the books admit: per kind, the lower of configured and learned.
-fn effective(learned: &[Option<LearnedLimit>; 3], configured: Limits) -> Limits {
+/// The limits the books admit: per kind, the lower of configured and learned (`learned` by
+/// kind; kinds past its end learned nothing).
+fn effective(learned: &[Option<LearnedLimit>], configured: Limits) -> Limits {
     let mut limits = configured;
     for kind in LimitKind::ALL {
-        if let Some(learned) = learned[kind as usize] {
+        if let Some(&Some(learned)) = learned.get(kind as usize) {
             let value = kind
                 .of(&configured)
                 .map_or(learned.value, |c| c.min(learned.value));

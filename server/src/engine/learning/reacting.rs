@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 /// of rules 2 and 3 kept).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reacting {
-    /// By [`LimitKind`] order.
+    /// By [`LimitKind`] order, up to requests per day: these rules knew no tokens per day.
     pub(super) limits: [Option<LearnedLimit>; 3],
     pub last_429: Option<Evidence>,
     /// Steady time of the last lowering by a 429 without a figure: at most one per window.
@@ -34,7 +34,7 @@ pub struct Reacting {
 
 impl Reacting {
     pub fn limit(&self, kind: LimitKind) -> Option<LearnedLimit> {
-        self.limits[kind as usize]
+        self.limits.get(kind as usize).copied().flatten()
     }
 
     #[cfg(test)]
@@ -60,7 +60,12 @@ impl Reacting {
         // A limit lowered below the figure (others use the project too) stays lowered: it
         // climbs back to the figure by itself.
         let kept = self.limit(kind).map_or(value, |l| l.value.min(value));
-        self.limits[kind as usize] = Some(LearnedLimit {
+        let Some(slot) = self.limits.get_mut(kind as usize) else {
+            // No record of these rules names one (their wire mapped it to no kind).
+            self.heard_429(time, evidence);
+            return None;
+        };
+        *slot = Some(LearnedLimit {
             value: kept,
             named: Some(value),
         });

@@ -101,7 +101,7 @@ impl Tally {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Weighing {
     /// By [`LimitKind`] order.
-    limits: [Option<LearnedLimit>; 3],
+    limits: [Option<LearnedLimit>; 4],
     pub last_429: Option<Evidence>,
     /// Acceptances in the trailing window, oldest first.
     slots: VecDeque<Slot>,
@@ -123,7 +123,7 @@ pub struct Weighing {
 impl Weighing {
     pub fn new(tuning: Tuning) -> Self {
         Self {
-            limits: [None; 3],
+            limits: [None; 4],
             last_429: None,
             slots: VecDeque::new(),
             top: Top::default(),
@@ -152,7 +152,8 @@ impl Weighing {
         limits: [Option<LearnedLimit>; 3],
         last_429: Option<Evidence>,
     ) {
-        self.limits = limits;
+        let [rpm, tpm, rpd] = limits;
+        self.limits = [rpm, tpm, rpd, None];
         self.last_429 = last_429;
     }
 
