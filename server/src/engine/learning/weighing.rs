@@ -5,30 +5,31 @@
 //!
 //! - **The provider's acceptances are facts.** Every call it accepted counts in a trailing
 //!   window; the most that window held (its *peak*) is a lower bound of what the project has
-//!   now. A sliding-window limit refuses only at the top of the window (within a sixteenth of
-//!   its peak); noise refuses at any level, and at the top it refuses no more often than
-//!   anywhere else. An acceptance above the peak proves the limit higher: the evidence at the
-//!   top starts again.
+//!   now. A sliding-window limit refuses only at the top of the window (within an eighth of its
+//!   peak, at least two requests); noise refuses at any level, and at the top it refuses no
+//!   more often than anywhere else. An acceptance above the peak proves the limit higher: the
+//!   evidence at the top starts again.
 //! - **A limit is lowered on evidence tied to the load**: at least `REFUSALS_TO_LOWER` 429s at
-//!   the top, at least half as many as the acceptances there, gathered within `relearn_after` windows and over
-//!   a span (1/60 of a window) or more, lower it in one bounded step to
-//!   max(peak, ⌈¾ × limit⌉): never below what the provider was seen to accept, never more than a
-//!   quarter at once. A burst in one instant is one event: a wave across the pool is the
+//!   the top, at least half as many as the acceptances there, gathered within `relearn_after`
+//!   windows and over a span (1/60 of a window) or more, lower it in one bounded step to
+//!   max(peak, ⌈¾ × limit⌉): never below what the provider was seen to accept, never more than
+//!   a quarter at once. A burst in one instant is one event: a wave across the pool is the
 //!   provider's, not the project's (see [`super::super::outage`]).
 //! - **An isolated 429 is a rest, not a limit**: the engine rests the group for the provider's
 //!   retry delay, or a span doubled while 429s repeat without an acceptance between them; the
 //!   refused request is taken off the books (the provider did not count it).
 //! - **A named figure** the books reached sets the limit at once and is never probed above; one
 //!   the books were below (someone else spends the project) counts only as a bare 429 does.
-//! - **Climbing**: a window that pressed the lowered limit without such evidence is calm; after `relearn_after` calm windows the limit climbs ×1.25 per
-//!   calm window towards the named or configured figure. A climb lowered again within two
-//!   windows was a probe above the real limit: the next waits twice as long (up to 8×), so that
-//!   a real limit below the configured one costs a few 429s per probe, rarely.
+//! - **Climbing**: a window that pressed the lowered limit without such evidence is calm; after
+//!   `relearn_after` calm windows the limit climbs ×1.25 per calm window towards the named or
+//!   configured figure. A climb lowered again within two windows was a probe above the real
+//!   limit: the next waits twice as long (up to 8×), so that a real limit below the configured
+//!   one costs a few 429s per probe, rarely.
 //!
 //! Why these numbers: bare 429s at up to 10% of calls (Gemini's noise) leave nine acceptances
 //! for each refusal at the top; a real limit refuses every call there, a limit just below the
-//! configured one or someone else spending the project a third of them or more. The engine's seeded harness (`engine/tests/provider.rs`)
-//! holds both to the figures of issue 24.
+//! configured one or someone else spending the project a third of them or more. The engine's
+//! seeded harness (`engine/tests/provider.rs`) holds both to the figures of issue 24.
 
 use super::super::calendar::Time;
 use super::super::quota::Limits;
@@ -461,10 +462,13 @@ fn outweighs(refused: u64, accepted: u64) -> bool {
     refused >= REFUSALS_TO_LOWER && refused.saturating_mul(2) >= accepted
 }
 
-/// Whether a window holding `held` is at its top: within a sixteenth of its `peak` (at least
-/// one request), where a limit would refuse and noise is as likely as anywhere.
+/// Whether a window holding `held` is at its top: within an eighth of its `peak` (at least two
+/// requests), where a limit would refuse and noise is as likely as anywhere. Acceptances are
+/// counted when workers report them, a call's latency after the provider counted them: the
+/// window keylease sees is the provider's, shifted by seconds, and its peak a request or two
+/// above the provider's at small limits.
 fn at_the_top(held: u64, peak: u64) -> bool {
-    held.saturating_add((peak / 16).max(1)) >= peak
+    held.saturating_add((peak / 8).max(2)) >= peak
 }
 
 fn show_span(ms: u64) -> String {

@@ -142,11 +142,21 @@ proptest! {
             // of 429s after the first" held for the reacting rule, arbitrary arrivals may now
             // draw more before the evidence is enough (REFUSALS_TO_LOWER at the top of the
             // window, outnumbering its acceptances). What replaces it: past two windows' worth
-            // of 429s, the limit has come down, unless a ¾ step cannot go lower (3 or less);
-            // the steady state is held to issue 24's figures by `tests/provider.rs` (case B).
+            // of 429s, the limit has come down, unless a ¾ step cannot go lower (3 or less)
+            // or the real limit is within a third of the configured one: it then refuses less
+            // than a third of the calls at the top, which noise could too, so until refusals
+            // bunch at the top it costs up to twice what it is above the real one each window
+            // (9 here; a refused call leaves the books and its place is offered again), and a
+            // window's worth. The steady state is held to issue 24's figures by
+            // `tests/provider.rs` (case B: 48 and 57 of 60).
             let steppable = configured.saturating_mul(3).div_ceil(4) < configured;
+            let within_a_third = real.saturating_mul(3) > configured.saturating_mul(2);
+            let excess_each_window = 2 * 9 * (configured - real) + configured;
             prop_assert!(
-                after_first <= 2 * configured || !steppable || admitted < configured,
+                after_first <= 2 * configured
+                    || !steppable
+                    || admitted < configured
+                    || (within_a_third && after_first <= excess_each_window),
                 "{after_first} 429s after the first (configured {configured}, real {real}), still admitting {admitted}"
             );
         }
