@@ -252,9 +252,11 @@ impl Engine {
             }
             FailureKind::RateLimited if weighs && !learned.explained => {
                 let repeats = self.memory.back_off(group_key.pool, group_key.project);
-                if !learned.in_a_wave && (repeats > 0 || report.retry_after_ms.is_some()) {
-                    // A 429 that is no limit: a rest for the provider's retry delay, or from
-                    // the second in a row without an acceptance, a span doubled each time.
+                if !learned.in_a_wave && repeats > 0 {
+                    // A 429 that is no limit rests the project only from the second in a row
+                    // without an acceptance: for the provider's retry delay, else a span
+                    // doubled each time. One alone is noise as often as not (see
+                    // `learning::weighing`).
                     let span = span_of(self.config.window_ms);
                     let delay = report
                         .retry_after_ms

@@ -15,9 +15,11 @@
 //!   max(peak, ⌈¾ × limit⌉): never below what the provider was seen to accept, never more than
 //!   a quarter at once. A burst in one instant is one event: a wave across the pool is the
 //!   provider's, not the project's (see [`super::super::outage`]).
-//! - **An isolated 429 is a rest, not a limit**: the engine rests the group for the provider's
-//!   retry delay, or a span doubled while 429s repeat without an acceptance between them; the
-//!   refused request is taken off the books (the provider did not count it).
+//! - **An isolated 429 is no limit, nor even a rest**: the refused request is taken off the
+//!   books (the provider did not count it) and its task gets another key; from the second 429
+//!   in a row without an acceptance between, the engine rests the group for the provider's
+//!   retry delay, or a span doubled each time. Gemini's noise names retry delays too: resting
+//!   the project for each would cost it a tenth of its time at 3% noise.
 //! - **A named figure** the books reached sets the limit at once and is never probed above; one
 //!   the books were below (someone else spends the project) counts only as a bare 429 does.
 //! - **Climbing**: a window that pressed the lowered limit without such evidence is calm; after

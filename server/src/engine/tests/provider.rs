@@ -285,7 +285,8 @@ fn case_b_a_real_limit_below_the_configured_one_is_found_from_bare_429s() {
 }
 
 #[test]
-fn case_c_one_bare_429_on_an_idle_project_changes_no_limit_and_rests_only_its_retry_delay() {
+fn case_c_one_bare_429_on_an_idle_project_changes_no_limit_and_rests_nothing_a_second_rests_its_retry_delay()
+ {
     let configured = 60;
     let mut e = fleet(1, configured);
     let mut now = T0;
@@ -310,11 +311,25 @@ fn case_c_one_bare_429_on_an_idle_project_changes_no_limit_and_rests_only_its_re
     };
     e.apply(Time::at(now), command);
     assert_eq!(effective(&e, "p1"), configured, "no limit changed");
-    let refused_at = now;
+    // Alone, it rests nothing: the next call goes; refused too, the project rests.
+    let next = granted(e.acquire(now + 1, ask("next")));
+    let command = Command::ReportFailure {
+        lease_id: next.lease_id,
+        fencing_token: next.fencing_token,
+        report: FailureReport {
+            violations: Vec::new(),
+            requests_sent: Some(1),
+            retry_after_ms: Some(retry_delay),
+            ..report(FailureKind::RateLimited)
+        },
+    };
+    e.apply(Time::at(now + 1), command);
+    let refused_at = now + 1;
     assert!(matches!(
-        e.acquire(now + 1, ask("during")),
+        e.acquire(now + 2, ask("during")),
         Ok(Acquired::Unavailable(_))
     ));
+    assert_eq!(effective(&e, "p1"), configured, "no limit changed");
     // Within one window plus the retry delay, the full configured limit is lent again.
     now = refused_at + retry_delay + MINUTE;
     for i in 0..configured {
