@@ -1,6 +1,7 @@
 //! Scenario 9: `keylease batch` on 10,000 prompts (1,000 with `--smoke`), its engine
 //! in-process, through the fake Gemini (12 keys in 5 projects, 60 requests per provider minute
-//! each, a minute lasting a second; 20 ms a call): the rate achieved against the pool's
+//! each, a minute lasting a second; 20 ms a call, and the batch's pause after a 503 scaled
+//! alike): the rate achieved against the pool's
 //! theoretical rate (5 × 60 requests a scaled minute = 300 a second), and the 429s met; once
 //! clean, then with Gemini's noise injected (503s, 429s naming the quota or bare, at several
 //! rates), which keylease must ride out without reading it as limits.
@@ -66,8 +67,9 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
     let theoretical = PROJECTS as f64 * RPM as f64 * TIME_SCALE / 60.0;
     println!("\n### keylease batch: {tasks} prompts, in-process engine, scaled time");
     println!(
-        "{KEYS} keys in {PROJECTS} projects, {RPM} requests per provider minute each (a minute lasts {:.1} s), 20 ms a call",
-        60.0 / TIME_SCALE
+        "{KEYS} keys in {PROJECTS} projects, {RPM} requests per provider minute each (a minute lasts {:.1} s), 20 ms a call, `--backoff` scaled alike to {:.0} ms",
+        60.0 / TIME_SCALE,
+        (500.0 / TIME_SCALE).round()
     );
     println!(
         "| injected trouble | tasks | lines written | wall time | achieved | pool's theoretical | fraction | 429s the limits caused | injected answers | overlaps |"
@@ -139,6 +141,9 @@ async fn run_once(exe: &std::path::Path, tasks: usize, faults: Faults) -> anyhow
     let started = now();
     let output = tokio::process::Command::new(exe)
         .args(["batch", "prompts.jsonl", "-o", "out.jsonl", "--ephemeral"])
+        // The client's pauses after a 503 scale with the provider's minute, as its latency
+        // does: 500 ms of Gemini's 60 s window is 8 ms of this 1 s one.
+        .args(["--backoff", &format!("{}ms", (500.0 / TIME_SCALE).round())])
         .current_dir(&dir)
         .env("GEMINI_BASE_URL", fake.base_url())
         .output()

@@ -187,6 +187,9 @@ async fn a_thousand_prompts_through_faults_finish_each_once_without_a_limit_429(
             "out.jsonl",
             "--error-log",
             "errors.jsonl",
+            // The fake's minute lasts a second: a pause in proportion.
+            "--backoff",
+            "20ms",
         ],
     ))
     .await;

@@ -114,6 +114,10 @@ pub struct BatchArgs {
     /// Longest one Gemini call may take.
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     pub call_timeout: Duration,
+    /// First pause of a task after provider trouble (a 503, a timeout) before it tries again,
+    /// unless Gemini names a delay; doubles with each, up to 8 s.
+    #[arg(long, default_value = "500ms", value_parser = backoff)]
+    pub backoff: Duration,
     /// Lease time to live: leases renew while calls run, and a run killed outright (kill -9)
     /// keeps its keys from the next run this long at most.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
@@ -163,6 +167,20 @@ pub struct BatchArgs {
 
 /// A failure that ends the command, with its exit status.
 struct Fatal(u8, String);
+
+/// `--backoff`: a duration up to the 8 s the pauses double to.
+fn backoff(text: &str) -> Result<Duration, String> {
+    let most = keylease_client::gemini::RetryPolicy::default().backoff_max;
+    let backoff = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if backoff > most {
+        return Err(format!(
+            "{} is longer than the {} the pauses double to",
+            humantime::format_duration(backoff),
+            humantime::format_duration(most)
+        ));
+    }
+    Ok(backoff)
+}
 
 fn fatal(code: u8, message: impl Into<String>) -> Fatal {
     Fatal(code, message.into())
@@ -406,6 +424,7 @@ async fn run_on(
         max_retries: args.max_retries,
         task_timeout: args.task_timeout,
         call_timeout: args.call_timeout,
+        backoff: args.backoff,
         lease_ttl: args.lease_ttl,
         redactor: pool.redactor.clone(),
         run_id: run_id(),
@@ -607,5 +626,19 @@ fn log_error(log: &mut Option<File>, id: &str, attempt: u32, error: &RowError, f
     if let Err(e) = file.write_all(text.as_bytes()) {
         eprintln!("keylease batch: the error log cannot be written ({e}); it is closed");
         *log = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backoff_is_a_duration_up_to_the_most_the_pauses_double_to() {
+        assert_eq!(backoff("20ms"), Ok(Duration::from_millis(20)));
+        assert_eq!(backoff("8s"), Ok(Duration::from_secs(8)));
+        let error = backoff("9s").unwrap_err();
+        assert!(error.contains("9s is longer than the 8s"), "{error}");
+        assert!(backoff("soon").is_err());
     }
 }

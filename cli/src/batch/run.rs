@@ -44,6 +44,8 @@ pub struct Runner {
     /// Bounds one task: its waits for keys, calls and retries.
     pub task_timeout: Duration,
     pub call_timeout: Duration,
+    /// First pause after provider trouble.
+    pub backoff: Duration,
     /// Leases renew in the background; a run killed outright holds its keys this long at most.
     pub lease_ttl: Duration,
     pub redactor: Arc<Redactor>,
@@ -185,6 +187,7 @@ impl Runner {
                 deadline: remaining,
                 // Within any server's `leases.max_wait`; a longer wait is this loop's.
                 key_wait: Some(KEY_WAIT.min(remaining)),
+                backoff: self.backoff,
                 ..RetryPolicy::default()
             };
             let mut options = AcquireOptions::new(self.lease_task_id(&task), self.model.clone());
