@@ -479,18 +479,12 @@ fn input_tokens_per_day_are_counted_from_estimates_and_corrected_by_what_was_use
 #[test]
 fn a_tokens_per_day_429_teaches_its_figure_and_rests_until_the_reset() {
     let mut e = new_engine(config(10, 100), key_specs(&[("k1", "p1")])).unwrap();
-    let lease = granted(e.acquire(T0, ask("a")));
-    let command = Command::ReportFailure {
-        lease_id: lease.lease_id,
-        fencing_token: lease.fencing_token,
-        report: FailureReport {
-            retry_after_ms: Some(20 * SECOND),
-            violations: vec![violation(LimitKind::TokensPerDay, Some(1_000_000))],
-            ..report(FailureKind::RateLimited)
-        },
+    let report = FailureReport {
+        retry_after_ms: Some(20 * SECOND),
+        violations: vec![violation(LimitKind::TokensPerDay, Some(1_000_000))],
+        ..report(FailureKind::RateLimited)
     };
-    let (_, notices) = e.apply(Time::at(T0), command);
-    let events: Vec<EventKind> = notices.events.into_iter().map(|e| e.kind).collect();
+    let events = refused_with(&mut e, T0, "a", report);
     assert_eq!(
         learned_changes(&events),
         [(LimitKind::TokensPerDay, None, Some(1_000_000))]
@@ -1581,14 +1575,20 @@ fn refused(
     kind: FailureKind,
     violations: Vec<QuotaViolation>,
 ) -> Vec<EventKind> {
+    let report = FailureReport {
+        violations,
+        ..report(kind)
+    };
+    refused_with(e, now, task, report)
+}
+
+/// A lease granted to `task` at `now`, and at once `report`ed failed: the events.
+fn refused_with(e: &mut Engine, now: u64, task: &str, report: FailureReport) -> Vec<EventKind> {
     let lease = granted(e.acquire(now, ask(task)));
     let command = Command::ReportFailure {
         lease_id: lease.lease_id,
         fencing_token: lease.fencing_token,
-        report: FailureReport {
-            violations,
-            ..report(kind)
-        },
+        report,
     };
     let (reply, notices) = e.apply(Time::at(now), command);
     reply.into_reported().unwrap();
@@ -1736,19 +1736,13 @@ fn a_figure_of_zero_rests_the_group_until_the_daily_reset() {
 #[test]
 fn a_per_day_429_rests_until_the_reset_whatever_its_retry_delay() {
     let mut e = new_engine(config(10, 100), key_specs(&[("k1", "p1")])).unwrap();
-    let lease = granted(e.acquire(T0, ask("a")));
-    let command = Command::ReportFailure {
-        lease_id: lease.lease_id,
-        fencing_token: lease.fencing_token,
-        report: FailureReport {
-            retry_after_ms: Some(3 * SECOND),
-            violations: vec![violation(LimitKind::RequestsPerDay, Some(40))],
-            // Even reported as per minute: the violation says per day.
-            ..report(FailureKind::RateLimited)
-        },
+    let report = FailureReport {
+        retry_after_ms: Some(3 * SECOND),
+        violations: vec![violation(LimitKind::RequestsPerDay, Some(40))],
+        // Even reported as per minute: the violation says per day.
+        ..report(FailureKind::RateLimited)
     };
-    let (_, notices) = e.apply(Time::at(T0), command);
-    let events: Vec<EventKind> = notices.events.into_iter().map(|e| e.kind).collect();
+    let events = refused_with(&mut e, T0, "a", report);
     assert_eq!(
         learned_changes(&events),
         [(LimitKind::RequestsPerDay, Some(100), Some(40))]
