@@ -68,6 +68,28 @@ impl Snapshot {
     }
 }
 
+/// The setup an older build of `rules` ran when it wrote the snapshots `v1` and `v3` read: one
+/// key with `secret`, the default pool's "any model" limits for model `m`, and no tokens per
+/// day, which those builds did not know.
+#[cfg(test)]
+fn setup_of_an_older_build(secret: &str, rules: u32) -> Setup {
+    let settings = crate::config::load(
+        None,
+        &[("GEMINI_API_KEY_1".to_string(), secret.to_string())].into(),
+        &crate::config::Overrides::default(),
+    )
+    .unwrap();
+    let mut config = settings.engine;
+    let pool = config.pools.get_mut("gemini").unwrap();
+    let mut limits = pool.other_models.take().unwrap();
+    (limits.tokens_per_day, limits.auto[3]) = (None, false);
+    pool.models.insert("m".into(), limits);
+    Setup {
+        rules,
+        ..Setup::new(config, settings.keys, 0)
+    }
+}
+
 /// The bytes of a [`Record`] of `command` at `time`, without copying the command.
 pub fn encode_record(time: Time, command: &Command) -> Vec<u8> {
     #[derive(Serialize)]

@@ -283,24 +283,11 @@ mod tests {
     }
 
     fn engine_with_books() -> Engine {
-        let settings = crate::config::load(
-            None,
-            &[(
-                "GEMINI_API_KEY_1".to_string(),
-                "AIzaFAKE.v1-snapshot-key-0000000000".to_string(),
-            )]
-            .into(),
-            &crate::config::Overrides::default(),
-        )
-        .unwrap();
-        let mut config = settings.engine;
-        let pool = config.pools.get_mut("gemini").unwrap();
-        let mut limits = pool.other_models.take().unwrap();
-        // A limit that build did not know.
-        (limits.tokens_per_day, limits.auto[3]) = (None, false);
-        pool.models.insert("m".into(), limits);
-        let mut engine =
-            Engine::new(Setup::new(config, settings.keys, 0), Time::at(5_000)).unwrap();
+        let setup = super::super::setup_of_an_older_build(
+            "AIzaFAKE.v1-snapshot-key-0000000000",
+            crate::engine::RULES_VERSION,
+        );
+        let mut engine = Engine::new(setup, Time::at(5_000)).unwrap();
         let ask = crate::engine::AcquireRequest {
             task_id: "t".into(),
             model: "m".into(),

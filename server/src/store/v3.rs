@@ -88,26 +88,7 @@ mod tests {
 
     /// An engine of rules 3 that learned from a bare 429 and holds a lease.
     fn engine_of_rules_3() -> Engine {
-        let settings = crate::config::load(
-            None,
-            &[(
-                "GEMINI_API_KEY_1".to_string(),
-                "AIzaFAKE.v3-snapshot-key-0000000000".to_string(),
-            )]
-            .into(),
-            &crate::config::Overrides::default(),
-        )
-        .unwrap();
-        let mut config = settings.engine;
-        let pool = config.pools.get_mut("gemini").unwrap();
-        let mut limits = pool.other_models.take().unwrap();
-        // A limit that build did not know.
-        (limits.tokens_per_day, limits.auto[3]) = (None, false);
-        pool.models.insert("m".into(), limits);
-        let setup = Setup {
-            rules: 3,
-            ..Setup::new(config, settings.keys, 0)
-        };
+        let setup = super::super::setup_of_an_older_build("AIzaFAKE.v3-snapshot-key-0000000000", 3);
         let mut engine = Engine::new(setup, Time::at(5_000)).unwrap();
         let ask = |task: &str| crate::engine::AcquireRequest {
             task_id: task.into(),
