@@ -144,53 +144,78 @@ async fn a_stale_fencing_token_is_refused() {
 }
 
 #[tokio::test]
-async fn a_rate_limit_report_rotates_to_another_project() {
+async fn a_rate_limit_report_rotates_and_a_second_in_a_row_rests_the_project() {
     let keys = [("a1", "pa"), ("a2", "pa"), ("b1", "pb")];
     let server = TestServer::start(&config_toml(&keys, 100, "")).await;
     let mut client = server.client().await;
-    let lease = client
-        .acquire_key(acquire("job"))
-        .await
-        .unwrap()
-        .into_inner();
-    let report = pb::ReportFailureRequest {
+    let in_pa = |task: &str| pb::AcquireKeyRequest {
+        exclude_key_ids: vec!["b1".into()],
+        ..acquire(task)
+    };
+    let report = |lease: &pb::Lease, rotate: bool| pb::ReportFailureRequest {
         lease_id: lease.lease_id.clone(),
         fencing_token: lease.fencing_token,
         kind: pb::FailureKind::RateLimited as i32,
         retry_after: seconds(26),
         detail: "429 RESOURCE_EXHAUSTED".into(),
-        rotate: true,
+        rotate,
         requests_sent: Some(1),
         ..Default::default()
     };
-    let reported = client.report_failure(report).await.unwrap().into_inner();
+    let lease = client.acquire_key(in_pa("job")).await.unwrap().into_inner();
+    assert_eq!(lease.project, "pa");
+    let reported = client
+        .report_failure(report(&lease, true))
+        .await
+        .unwrap()
+        .into_inner();
     let replacement = reported.replacement.expect("a replacement");
-    assert_ne!(replacement.project, lease.project);
+    assert_ne!(replacement.key_id, lease.key_id);
+    // One 429 without a figure is noise as often as not (issue 24): it rests nothing, though
+    // it named a retry delay; the task goes on with another key.
     let failed_key = reported.key.unwrap();
     assert_eq!(failed_key.key_id, lease.key_id);
-    assert_eq!(failed_key.state, pb::KeyState::CoolingDown as i32);
-    // The other key of the cooling project is not lent either: the project rests for the
-    // provider's retry delay.
-    let refused = client.acquire_key(acquire("other")).await.unwrap_err();
+    assert_ne!(failed_key.state, pb::KeyState::CoolingDown as i32);
+    client.release(release(&replacement, 0)).await.unwrap();
+
+    // A second in a row, with no acceptance between: the project rests for the retry delay,
+    // and its other key is not lent either.
+    let second = client
+        .acquire_key(in_pa("job2"))
+        .await
+        .unwrap()
+        .into_inner();
+    let reported = client
+        .report_failure(report(&second, false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        reported.key.unwrap().state,
+        pb::KeyState::CoolingDown as i32
+    );
+    let refused = client.acquire_key(in_pa("other")).await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted);
     let status = client
         .get_status(pb::GetStatusRequest::default())
         .await
         .unwrap()
         .into_inner();
-    let other = status.keys.iter().find(|k| k.key_id == "a2").unwrap();
-    assert_eq!(other.state, pb::KeyState::CoolingDown as i32);
+    for key in ["a1", "a2"] {
+        let key = status.keys.iter().find(|k| k.key_id == key).unwrap();
+        assert_eq!(key.state, pb::KeyState::CoolingDown as i32, "{key:?}");
+    }
     let pa = status
         .quota_groups
         .iter()
         .find(|g| g.project == "pa")
         .unwrap();
-    // One 429 without a figure is no limit (issue 24: it once lowered the project to one
-    // request a window); it is kept as evidence.
+    // Two 429s without a figure are no limit (issue 24: one once lowered the project to one
+    // request a window); they are kept as evidence.
     let learned = pa.requests_per_minute_limit.as_ref().unwrap();
     assert_eq!((learned.configured, learned.learned), (100, None));
     let evidence = pa.evidence.as_ref().unwrap();
-    assert_eq!(evidence.window.as_ref().unwrap().refused, 1);
+    assert_eq!(evidence.window.as_ref().unwrap().refused, 2);
     assert!(pa.last_429.is_some());
 }
 
