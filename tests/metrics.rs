@@ -31,24 +31,35 @@ async fn a_scrape_counts_what_happened_and_shows_what_holds() {
     let first = client.acquire_key(acquire("a")).await.unwrap().into_inner();
     let second = client.acquire_key(acquire("b")).await.unwrap().into_inner();
     client.release(release(&first, 1)).await.unwrap();
-    client
-        .report_failure(pb::ReportFailureRequest {
-            lease_id: second.lease_id.clone(),
-            fencing_token: second.fencing_token,
-            kind: pb::FailureKind::RateLimited as i32,
-            detail: format!("429 for key {}", fake_secret("k2")),
-            retry_after: seconds(60),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    // Two 429s in a row on p2: the second rests it (one alone rests nothing, issue 24).
+    let again = pb::AcquireKeyRequest {
+        exclude_key_ids: vec!["k1".into()],
+        ..acquire("b2")
+    };
+    let mut refused = second.clone();
+    for _ in 0..2 {
+        client
+            .report_failure(pb::ReportFailureRequest {
+                lease_id: refused.lease_id.clone(),
+                fencing_token: refused.fencing_token,
+                kind: pb::FailureKind::RateLimited as i32,
+                detail: format!("429 for key {}", fake_secret("k2")),
+                retry_after: seconds(60),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        if let Ok(next) = client.acquire_key(again.clone()).await {
+            refused = next.into_inner();
+        }
+    }
     let held = client.acquire_key(acquire("c")).await.unwrap().into_inner();
 
     let text = scrape(&server).await;
     let model = format!("model=\"{MODEL}\"");
     assert_eq!(
         value(&text, &format!("keylease_leases_granted_total{{{model}}}")),
-        Some(3.0),
+        Some(4.0),
         "{text}"
     );
     assert_eq!(
@@ -60,7 +71,7 @@ async fn a_scrape_counts_what_happened_and_shows_what_holds() {
             &text,
             "keylease_failures_reported_total{kind=\"rate_limited\"}"
         ),
-        Some(1.0)
+        Some(2.0)
     );
     assert_eq!(
         value(
@@ -108,7 +119,7 @@ async fn a_scrape_counts_what_happened_and_shows_what_holds() {
         ),
         Some(1.0)
     );
-    // One 429 without a figure is no limit (issue 24: it once taught p2 one request a
+    // 429s without a figure are no limit (issue 24: one once taught p2 one request a
     // window): nothing learned, the configured figure as it was.
     let p2 = |name: &str| {
         value(
