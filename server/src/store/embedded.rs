@@ -515,6 +515,19 @@ mod tests {
         );
         assert!(message.contains("SIGTERM"), "{message}");
         assert!(message.contains("--reset-state"), "{message}");
+        // A newer build's record laid out as this build cannot read: refused by its rules
+        // too, not called unreadable.
+        let mut store = open_store(&new_dir("newer-rules-layout")).unwrap();
+        let records = vec![
+            (1, encode_record(time, &newer)),
+            (2, vec![0xff, 0xff, 0xff, 0xff]),
+        ];
+        store.append(&records).unwrap();
+        let error = crate::store::recover(&store).err().unwrap();
+        assert!(
+            matches!(error, StoreError::OtherRules { seq: 2, .. }),
+            "{error}"
+        );
     }
 
     #[test]
