@@ -65,11 +65,12 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         trouble("10% bare 429s", 0.0, 0.10, true),
     ];
     let theoretical = PROJECTS as f64 * RPM as f64 * TIME_SCALE / 60.0;
+    let backoff = scaled_backoff();
     println!("\n### keylease batch: {tasks} prompts, in-process engine, scaled time");
     println!(
         "{KEYS} keys in {PROJECTS} projects, {RPM} requests per provider minute each (a minute lasts {:.1} s), 20 ms a call, `--backoff` scaled alike to {:.0} ms",
         60.0 / TIME_SCALE,
-        (500.0 / TIME_SCALE).round()
+        backoff.as_millis()
     );
     println!(
         "| injected trouble | tasks | lines written | wall time | achieved | pool's theoretical | fraction | 429s the limits caused | injected answers | overlaps |"
@@ -79,7 +80,7 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
     // At smoke size, only that it works: the clean run.
     let runs = if smoke { &troubles[..1] } else { &troubles[..] };
     for trouble in runs {
-        let measured = run_once(&exe, tasks, trouble.faults).await?;
+        let measured = run_once(&exe, tasks, trouble.faults, backoff).await?;
         let achieved = tasks as f64 / measured.elapsed.as_secs_f64();
         println!(
             "| {} | {tasks} | {} | {:.1} s | {achieved:.0}/s | {theoretical:.0}/s | {:.0}% | {} | {} | {} |",
@@ -97,7 +98,19 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_once(exe: &std::path::Path, tasks: usize, faults: Faults) -> anyhow::Result<Measured> {
+/// The client's pause after a 503, scaled like the provider's minute: 500 ms of Gemini's 60 s
+/// window is 8 ms of this 1 s one.
+fn scaled_backoff() -> Duration {
+    let backoff = keylease_client::gemini::RetryPolicy::default().backoff;
+    Duration::from_millis((backoff.as_secs_f64() * 1_000.0 / TIME_SCALE).round() as u64)
+}
+
+async fn run_once(
+    exe: &std::path::Path,
+    tasks: usize,
+    faults: Faults,
+    backoff: Duration,
+) -> anyhow::Result<Measured> {
     let dir = procs::scratch("batch")?;
     let keys = procs::fake_keys(KEYS, PROJECTS);
     let limits = Limits {
@@ -141,9 +154,7 @@ async fn run_once(exe: &std::path::Path, tasks: usize, faults: Faults) -> anyhow
     let started = now();
     let output = tokio::process::Command::new(exe)
         .args(["batch", "prompts.jsonl", "-o", "out.jsonl", "--ephemeral"])
-        // The client's pauses after a 503 scale with the provider's minute, as its latency
-        // does: 500 ms of Gemini's 60 s window is 8 ms of this 1 s one.
-        .args(["--backoff", &format!("{}ms", (500.0 / TIME_SCALE).round())])
+        .args(["--backoff", &format!("{}ms", backoff.as_millis())])
         .current_dir(&dir)
         .env("GEMINI_BASE_URL", fake.base_url())
         .output()

@@ -13,7 +13,6 @@ pub struct Limits {
     pub tokens_per_minute: Option<u64>,
     pub requests_per_day: Option<u64>,
     /// Input tokens per day (`GenerateContentInputTokensPerModelPerDay`).
-    #[serde(default)]
     pub tokens_per_day: Option<u64>,
 }
 

@@ -115,9 +115,9 @@ pub struct BatchArgs {
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     pub call_timeout: Duration,
     /// First pause of a task after provider trouble (a 503, a timeout) before it tries again,
-    /// unless Gemini names a delay; doubles with each, up to 8 s.
-    #[arg(long, default_value = "500ms", value_parser = backoff)]
-    pub backoff: Duration,
+    /// unless Gemini names a delay; doubles with each, up to 8 s. Default: the client's, 500ms.
+    #[arg(long, value_parser = backoff)]
+    pub backoff: Option<Duration>,
     /// Lease time to live: leases renew while calls run, and a run killed outright (kill -9)
     /// keeps its keys from the next run this long at most.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
@@ -424,7 +424,9 @@ async fn run_on(
         max_retries: args.max_retries,
         task_timeout: args.task_timeout,
         call_timeout: args.call_timeout,
-        backoff: args.backoff,
+        backoff: args
+            .backoff
+            .unwrap_or(keylease_client::gemini::RetryPolicy::default().backoff),
         lease_ttl: args.lease_ttl,
         redactor: pool.redactor.clone(),
         run_id: run_id(),
