@@ -32,14 +32,15 @@ pub(super) struct Books {
 }
 
 impl Books {
-    /// Empty books for the pools, models and projects of `catalogue`.
-    pub fn new(config: &EngineConfig, catalogue: &Catalogue, weighs: bool) -> Self {
+    /// Empty books for the pools, models and projects of `catalogue`, learning by `rules`.
+    pub fn new(config: &EngineConfig, catalogue: &Catalogue, rules: u32) -> Self {
         let mut books = Self {
             groups: HashMap::new(),
             learned: HashMap::new(),
             tuning: Tuning {
                 window_ms: config.window_ms,
                 relearn_after: config.relearn_after_windows,
+                evidence_stands: rules >= super::RULES_EVIDENCE_STANDING,
             },
             changes: Vec::new(),
             model_limits: HashMap::new(),
@@ -47,7 +48,7 @@ impl Books {
             other_models: HashMap::new(),
             daily: config.daily,
             keeping: config.book_keeping(),
-            weighs,
+            weighs: rules >= super::RULES_WEIGHING_EVIDENCE,
         };
         for (name, pool_config) in &config.pools {
             let pool = catalogue

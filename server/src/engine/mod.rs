@@ -137,14 +137,17 @@ pub struct Setup {
 /// unlisted models forgets the least recently used one nothing holds, where it refused.
 /// Version 4: learning weighs evidence, a bare 429 rests briefly and is taken off the books,
 /// model capacity and waves rest the pool (see [`learning::weighing`], [`outage`]); input tokens
-/// per day are a fourth limit.
-pub const RULES_VERSION: u32 = 4;
+/// per day are a fourth limit. Version 5: evidence that lowered a limit stands for the next
+/// step, and a climb the provider refuses is undone on less (see [`learning::weighing`]).
+pub const RULES_VERSION: u32 = 5;
 /// The oldest rules this build still decides by: records decided under them replay.
 pub const OLDEST_RULES_DECIDED: u32 = 2;
 /// The rules from which a pool at its bound forgets an unlisted model.
 pub(crate) const RULES_FORGETTING_UNLISTED_MODELS: u32 = 3;
 /// The rules from which learning weighs evidence.
 pub(crate) const RULES_WEIGHING_EVIDENCE: u32 = 4;
+/// The rules from which evidence that lowered a limit stands for the next step.
+pub(crate) const RULES_EVIDENCE_STANDING: u32 = 5;
 
 impl Setup {
     /// A setup under this build's rules.
@@ -609,7 +612,7 @@ impl Engine {
         } = setup;
         let (catalogue, left_out) = Catalogue::new(&config, keys, draining)?;
         let engine = Self {
-            books: Books::new(&config, &catalogue, rules >= RULES_WEIGHING_EVIDENCE),
+            books: Books::new(&config, &catalogue, rules),
             waves: Waves::default(),
             leases: LeaseTable::new(token_floor, config.memory_capacity),
             memory: Memory::new(config.memory_capacity),

@@ -112,6 +112,10 @@ pub struct Tuning {
     pub window_ms: u64,
     /// Pressed calm windows before a lowered limit first climbs.
     pub relearn_after: u32,
+    /// Rules 5 on: evidence that lowered a limit still stands for the next step, a climb is
+    /// undone on less, and a window that refused much at its top is no calm one (see
+    /// [`weighing`]). Rules 4 started the evidence afresh after each step.
+    pub evidence_stands: bool,
 }
 
 /// The limits the books admit: per kind, the lower of configured and learned (`learned` by

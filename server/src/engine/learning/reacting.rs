@@ -219,6 +219,7 @@ mod tests {
     const TUNING: Tuning = Tuning {
         window_ms: WINDOW,
         relearn_after: 3,
+        evidence_stands: false,
     };
 
     fn rpm(limit: u64) -> Limits {

@@ -13,8 +13,11 @@
 //!   the top, at least half as many as the acceptances there, gathered within `relearn_after`
 //!   windows and over a span (1/60 of a window) or more, lower it in one bounded step to
 //!   max(peak, ⌈¾ × limit⌉): never below what the provider was seen to accept, never more than
-//!   a quarter at once. A burst in one instant is one event: a wave across the pool is the
-//!   provider's, not the project's (see [`super::super::outage`]).
+//!   a quarter at once. The evidence then stands (rules 5 on): each further 429 at the top a
+//!   span or more after the last step, the evidence still outweighing, steps again, so that a
+//!   real limit at half the configured one costs seven 429s, not five a step. A burst in one
+//!   instant is one event: a wave across the pool is the provider's, not the project's (see
+//!   [`super::super::outage`]).
 //! - **An isolated 429 is no limit, nor even a rest**: the refused request is taken off the
 //!   books (the provider did not count it) and its task gets another key; from the second 429
 //!   in a row without an acceptance between, the engine rests the group for the provider's
@@ -22,11 +25,13 @@
 //!   the project for each would cost it a tenth of its time at 3% noise.
 //! - **A named figure** the books reached sets the limit at once and is never probed above; one
 //!   the books were below (someone else spends the project) counts only as a bare 429 does.
-//! - **Climbing**: a window that pressed the lowered limit without such evidence is calm; after
-//!   `relearn_after` calm windows the limit climbs ×1.25 per calm window towards the named or
-//!   configured figure. A climb lowered again within two windows was a probe above the real
-//!   limit: the next waits twice as long (up to 8×), so that a real limit below the configured
-//!   one costs a few 429s per probe, rarely.
+//! - **Climbing**: a window that pressed the lowered limit and whose 429s at the top were fewer
+//!   than two or than half its acceptances there is calm; after `relearn_after` calm windows the
+//!   limit climbs ×1.25 per calm window towards the named or configured figure. Within two
+//!   windows a climb is a probe: two 429s at the top, half its acceptances there, undo it (a
+//!   probe above a real limit is refused on every call past it), and the next waits twice as
+//!   long (up to 8×), so that a real limit below the configured one costs two or three 429s a
+//!   probe, rarely. Rules 4 wanted the full evidence both to undo a probe and to deny calm.
 //!
 //! Why these numbers: bare 429s at up to 10% of calls (Gemini's noise) leave nine acceptances
 //! for each refusal at the top; a real limit refuses every call there, a limit just below the
@@ -42,6 +47,9 @@ use std::collections::VecDeque;
 /// 429s at the top of the window that lower a limit, if they are half the acceptances there or
 /// more.
 pub const REFUSALS_TO_LOWER: u64 = 5;
+/// 429s at the top that undo a climb within two windows of it, if they are half the
+/// acceptances there or more: a probe above a real limit is refused on every call past it.
+pub const REFUSALS_TO_UNDO_A_PROBE: u64 = 2;
 /// A climb multiplies the limit by 5/4.
 const CLIMB: (u64, u64) = (5, 4);
 /// A failed probe doubles the calm windows the next climb waits for, up to this many times
@@ -94,9 +102,14 @@ pub struct Answers {
 }
 
 impl Tally {
-    /// Whether its 429s at the top were evidence enough to lower a limit.
-    fn lowers(&self) -> bool {
-        outweighs(self.refused_at_top, self.accepted_at_top)
+    /// Whether its 429s at the top deny it calm: evidence enough to lower a limit (rules 4),
+    /// or many against its acceptances there, even too few to lower one (rules 5 on).
+    fn refused_much(&self, tuning: Tuning) -> bool {
+        outweighs(
+            self.refused_at_top,
+            self.accepted_at_top,
+            tuning.evidence_stands,
+        )
     }
 }
 
@@ -286,12 +299,14 @@ impl Weighing {
             return None;
         }
         self.tally.refused_at_top = self.tally.refused_at_top.saturating_add(1);
+        let probing = self.probing(time, tuning);
         let top = self.top.at(time, tuning, high);
         top.refused += 1;
         let top = *top;
         let span = span_of(tuning.window_ms);
         let spread = time.steady_ms - top.since_ms;
-        if !outweighs(top.refused, top.accepted) || spread < span {
+        let against_a_probe = probing && tuning.evidence_stands;
+        if !outweighs(top.refused, top.accepted, against_a_probe) || spread < span {
             return None;
         }
         let kind = LimitKind::RequestsPerMinute;
@@ -299,14 +314,16 @@ impl Weighing {
         let current = kind.of(&before).unwrap_or(u64::MAX);
         let step = current.saturating_mul(3).div_ceil(4);
         let value = peak.max(step).max(1);
-        self.top = Top::default();
+        if value >= current || !tuning.evidence_stands {
+            self.top = Top::default();
+        } else {
+            // The evidence still stands: one more 429 against it a span on steps again.
+            self.top.since_ms = time.steady_ms;
+        }
         if value >= current {
             return None;
         }
-        if self
-            .climbed_ms
-            .is_some_and(|at| time.steady_ms < at.saturating_add(2 * tuning.window_ms))
-        {
+        if probing {
             self.climb_after = self
                 .climb_after
                 .saturating_mul(2)
@@ -345,7 +362,7 @@ impl Weighing {
             return None;
         }
         let last = self.last_tally;
-        let calm = last.pressed && !last.lowers();
+        let calm = last.pressed && !last.refused_much(tuning);
         if !calm {
             return None;
         }
@@ -378,6 +395,12 @@ impl Weighing {
         );
         self.moved_by = Some(reason.clone());
         change(kind, before, self.effective(configured), &reason)
+    }
+
+    /// Whether a climb at most two windows ago has yet to prove itself.
+    fn probing(&self, time: Time, tuning: Tuning) -> bool {
+        self.climbed_ms
+            .is_some_and(|at| time.steady_ms < at.saturating_add(2 * tuning.window_ms))
     }
 
     /// When [`Weighing::advance`] may next change something, if a lowered limit waits to climb.
@@ -458,10 +481,16 @@ impl Top {
 }
 
 /// Whether `refused` 429s at the top against `accepted` acceptances there are evidence of a
-/// limit: at least [`REFUSALS_TO_LOWER`], and at least half as many as the acceptances (a third
-/// of the answers; noise refuses a tenth at most).
-fn outweighs(refused: u64, accepted: u64) -> bool {
-    refused >= REFUSALS_TO_LOWER && refused.saturating_mul(2) >= accepted
+/// limit: at least half as many as the acceptances (a third of the answers; noise refuses a
+/// tenth at most), and at least [`REFUSALS_TO_LOWER`], or [`REFUSALS_TO_UNDO_A_PROBE`] against a
+/// climb that has yet to prove itself.
+fn outweighs(refused: u64, accepted: u64, probing: bool) -> bool {
+    let least = if probing {
+        REFUSALS_TO_UNDO_A_PROBE
+    } else {
+        REFUSALS_TO_LOWER
+    };
+    refused >= least && refused.saturating_mul(2) >= accepted
 }
 
 /// Whether a window holding `held` is at its top: within an eighth of its `peak` (at least two
@@ -475,4 +504,135 @@ fn at_the_top(held: u64, peak: u64) -> bool {
 
 fn show_span(ms: u64) -> String {
     format!("{:.1} s", ms as f64 / 1000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WINDOW: u64 = 1_000;
+    /// A span of this window: 16 ms.
+    const SPAN: u64 = WINDOW / 60;
+    const CONFIGURED: u64 = 40;
+    /// Steady time of the first call.
+    const START: u64 = 100_000;
+
+    fn tuning(evidence_stands: bool) -> Tuning {
+        Tuning {
+            window_ms: WINDOW,
+            relearn_after: 2,
+            evidence_stands,
+        }
+    }
+
+    fn configured() -> Limits {
+        Limits {
+            requests_per_minute: Some(CONFIGURED),
+            ..Limits::default()
+        }
+    }
+
+    fn evidence() -> Evidence {
+        Evidence {
+            quota_id: String::new(),
+            at_wall_ms: 0,
+            task_id: "t".into(),
+        }
+    }
+
+    fn admitted(learned: &Weighing) -> u64 {
+        learned.effective(configured()).requests_per_minute.unwrap()
+    }
+
+    /// One window from `from` of a provider whose real limit is 15: it accepts 15 one by
+    /// one, the books pressing the limit, and refuses `refusals` calls at the top a span apart.
+    /// Advances to the window's end; what the books admit then.
+    fn window(learned: &mut Weighing, from: u64, refusals: u64, tuning: Tuning) -> u64 {
+        let from = START + from;
+        for _ in 0..15 {
+            learned.accepted(1, Time::at(from), tuning);
+        }
+        // Demand fills whatever the books admit.
+        learned.granted(u64::MAX);
+        for n in 0..refusals {
+            learned.refused(Time::at(from + n * SPAN), tuning, evidence(), configured());
+        }
+        learned.advance(Time::at(from + WINDOW), tuning, configured());
+        admitted(learned)
+    }
+
+    /// A limit of 40 over a real one of 15: 15 accepted at once, then 429s at the top a span
+    /// apart. What the books admit after each 429.
+    fn lowering(tuning: Tuning) -> Vec<u64> {
+        let mut learned = Weighing::new(tuning);
+        for _ in 0..15 {
+            learned.accepted(1, Time::at(START), tuning);
+        }
+        (0..10)
+            .map(|n| {
+                learned.refused(Time::at(START + n * SPAN), tuning, evidence(), configured());
+                admitted(&learned)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn evidence_that_lowered_a_limit_stands_for_each_step_after_it_a_span_apart() {
+        // The fifth 429, four spans after the first, lowers by a quarter; each one after by
+        // another, down to what the provider accepted.
+        assert_eq!(
+            lowering(tuning(true)),
+            vec![40, 40, 40, 40, 30, 23, 18, 15, 15, 15]
+        );
+    }
+
+    #[test]
+    fn under_rules_4_each_step_gathers_its_evidence_afresh() {
+        assert_eq!(
+            lowering(tuning(false)),
+            vec![40, 40, 40, 40, 30, 30, 30, 30, 30, 23]
+        );
+    }
+
+    /// Lowered to 15, then windows pressing it with `refusals` 429s at the top in each; what
+    /// the books admit after each window.
+    fn after_lowering(tuning: Tuning, refusals: &[u64]) -> Vec<u64> {
+        let mut learned = Weighing::new(tuning);
+        for _ in 0..15 {
+            learned.accepted(1, Time::at(START), tuning);
+        }
+        // 429s at the top a span apart, as many as the rules want.
+        for n in 0..40 {
+            learned.refused(Time::at(START + n * SPAN), tuning, evidence(), configured());
+        }
+        assert_eq!(admitted(&learned), 15);
+        refusals
+            .iter()
+            .zip(1..)
+            .map(|(&refused, w)| window(&mut learned, w * WINDOW, refused, tuning))
+            .collect()
+    }
+
+    #[test]
+    fn a_climb_refused_twice_at_its_top_is_undone() {
+        // Two calm windows, then a climb to 19: two 429s at the top against three acceptances
+        // there put it back, and the next climb waits twice as long.
+        assert_eq!(
+            after_lowering(tuning(true), &[0, 0, 2, 0, 0, 0, 0]),
+            vec![15, 19, 15, 15, 15, 15, 19]
+        );
+        // Rules 4 wanted five: two 429s a window leave the climb, and the next.
+        assert_eq!(
+            after_lowering(tuning(false), &[0, 0, 2, 2]),
+            vec![15, 19, 24, 30]
+        );
+    }
+
+    #[test]
+    fn a_window_that_refused_much_at_its_top_is_no_calm_one() {
+        // Two 429s against three acceptances at the top, too few to lower anything: the
+        // climb waits a window more.
+        assert_eq!(after_lowering(tuning(true), &[2, 0, 0]), vec![15, 15, 19]);
+        assert_eq!(after_lowering(tuning(false), &[2, 0, 0]), vec![15, 19, 24]);
+    }
 }
