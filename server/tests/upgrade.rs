@@ -1,4 +1,4 @@
-//! What earlier builds (rules versions 2 and 3) left behind, opened by this one: a state
+//! What earlier builds (rules versions 2 to 4) left behind, opened by this one: a state
 //! directory and a Redis log each wrote and then was killed on (`fixtures/rules-N`, see their
 //! READMEs). All hold records that build decided after its last snapshot: this build replays
 //! them as that build decided them, then serves under its own rules, its fencing tokens above
@@ -22,6 +22,9 @@ struct Fixture {
     /// A project whose requests per minute that build's rules lowered to 1 from a bare 429,
     /// where today's would not: the replay must decide as that build did.
     lowered_by_its_rules: Option<&'static str>,
+    /// A project whose input tokens per day that build learned from a named figure, and the
+    /// figure: the books of rules 4 carry a fourth limit.
+    tokens_per_day_learned: Option<(&'static str, u64)>,
 }
 
 const RULES_2: Fixture = Fixture {
@@ -29,6 +32,7 @@ const RULES_2: Fixture = Fixture {
     state_highest_token: 1_796_614_919_176_002,
     redis_highest_token: 1_796_614_930_411_002,
     lowered_by_its_rules: None,
+    tokens_per_day_learned: None,
 };
 
 const RULES_3: Fixture = Fixture {
@@ -36,6 +40,15 @@ const RULES_3: Fixture = Fixture {
     state_highest_token: 1_796_623_435_162_002,
     redis_highest_token: 1_796_623_437_755_002,
     lowered_by_its_rules: Some("p2"),
+    tokens_per_day_learned: None,
+};
+
+const RULES_4: Fixture = Fixture {
+    name: "rules-4",
+    state_highest_token: 1_796_636_890_222_002,
+    redis_highest_token: 1_796_636_892_666_002,
+    lowered_by_its_rules: None,
+    tokens_per_day_learned: Some(("p3", 1_000_000)),
 };
 
 impl Fixture {
@@ -47,19 +60,28 @@ impl Fixture {
 
     /// Whether `address` serves what this build's records decided.
     fn check_decisions(&self, address: &str) {
-        let Some(project) = self.lowered_by_its_rules else {
-            return;
-        };
         let status = tokio::runtime::Runtime::new()
             .unwrap()
             .block_on(support::status_of(address));
-        let group = status
-            .quota_groups
-            .iter()
-            .find(|g| g.project == project)
-            .unwrap_or_else(|| panic!("no group of {project}: {status:?}"));
-        let limit = group.requests_per_minute_limit.as_ref().unwrap();
-        assert_eq!(limit.learned, Some(1), "{group:?}");
+        let group = |project: &str| {
+            status
+                .quota_groups
+                .iter()
+                .find(|g| g.project == project)
+                .unwrap_or_else(|| panic!("no group of {project}: {status:?}"))
+                .clone()
+        };
+        if let Some(project) = self.lowered_by_its_rules {
+            let group = group(project);
+            let limit = group.requests_per_minute_limit.as_ref().unwrap();
+            assert_eq!(limit.learned, Some(1), "{group:?}");
+        }
+        if let Some((project, figure)) = self.tokens_per_day_learned {
+            let group = group(project);
+            let limit = group.tokens_per_day_limit.as_ref().unwrap();
+            assert_eq!(limit.learned, Some(figure), "{group:?}");
+            assert_eq!(limit.named, Some(figure), "{group:?}");
+        }
     }
 }
 
@@ -110,6 +132,11 @@ fn a_state_directory_rules_3_crashed_on_is_replayed_as_rules_3_decided() {
 }
 
 #[test]
+fn a_state_directory_rules_4_crashed_on_is_replayed_with_its_tokens_per_day() {
+    replays_the_state_directory(&RULES_4);
+}
+
+#[test]
 fn a_redis_log_rules_2_led_is_followed_and_led_on() {
     follows_and_leads_the_redis_log(&RULES_2);
 }
@@ -117,6 +144,11 @@ fn a_redis_log_rules_2_led_is_followed_and_led_on() {
 #[test]
 fn a_redis_log_rules_3_led_is_followed_and_led_on_as_rules_3_decided() {
     follows_and_leads_the_redis_log(&RULES_3);
+}
+
+#[test]
+fn a_redis_log_rules_4_led_is_followed_and_led_on_with_its_tokens_per_day() {
+    follows_and_leads_the_redis_log(&RULES_4);
 }
 
 fn replays_the_state_directory(fixture: &Fixture) {
