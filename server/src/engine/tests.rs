@@ -1872,6 +1872,21 @@ fn under_the_previous_rules_a_full_pool_refuses_a_new_model_as_it_did() {
     granted(e.acquire(T0, of_model("late", "one-too-many")));
 }
 
+/// The learning rules follow the setup's: records rules 4 decided replay as rules 4 decided
+/// them, and today's setup brings today's rules to the same books.
+#[test]
+fn evidence_stands_for_the_next_step_from_the_setup_of_rules_5_on() {
+    let mut e = engine_of_unlisted_models_under(RULES_EVIDENCE_STANDING - 1, &[("k1", "p1")]);
+    assert!(!e.books.tuning().evidence_stands);
+    let today = Setup {
+        rules: RULES_VERSION,
+        ..e.setup()
+    };
+    let (reply, _) = e.apply(Time::at(T0), Command::Configure(today));
+    reply.into_configured().unwrap();
+    assert!(e.books.tuning().evidence_stands);
+}
+
 fn of_model(task: &str, model: &str) -> AcquireRequest {
     AcquireRequest {
         model: model.to_string(),
