@@ -179,7 +179,8 @@ async fn bare_429s_and_503s_at_random_cost_no_call_and_lower_no_limit() {
     assert!(injected(429) > 0 && injected(503) > 0, "{stats:?}");
     assert_eq!(all.overlaps, 0);
     // The noise was weighed, not read as limits: no project learned a lower one, so none
-    // serves less than its figure for it (the throughput is measured in BENCHMARKS.md).
+    // serves less than its figure for it (the throughput is measured by `keylease-bench sdk`,
+    // in BENCHMARKS.md).
     let status = status(&server).await;
     for group in &status.quota_groups {
         let limit = group.requests_per_minute_limit.as_ref().unwrap();

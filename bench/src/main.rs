@@ -3,7 +3,7 @@
 //! runs it at a size that only shows it still works (CI does that; figures are never asserted).
 //!
 //! ```sh
-//! cargo run --release -p keylease-bench -- overhead | scale | utilization | limits | recovery | replicas | proxy | learning | batch | idle | all [--smoke]
+//! cargo run --release -p keylease-bench -- overhead | scale | utilization | limits | recovery | replicas | proxy | learning | batch | idle | sdk | all [--smoke]
 //! ```
 //! The other subcommands are the roles the scenarios start this binary in.
 
@@ -18,6 +18,7 @@ mod recovery;
 mod replicas;
 mod roles;
 mod scale;
+mod sdk;
 mod utilization;
 
 use clap::{Parser, Subcommand};
@@ -88,6 +89,10 @@ enum Scenario {
         #[arg(long)]
         smoke: bool,
     },
+    Sdk {
+        #[arg(long)]
+        smoke: bool,
+    },
     /// Every scenario.
     All {
         #[arg(long)]
@@ -135,6 +140,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Learning { smoke, before } => learning::run(smoke, before).await?,
         Scenario::Batch { smoke } => batch::run(smoke).await?,
         Scenario::Idle { smoke } => idle::run(smoke).await?,
+        Scenario::Sdk { smoke } => sdk::run(smoke).await?,
         Scenario::All { smoke } => {
             overhead::run(smoke).await?;
             scale::run(smoke).await?;
@@ -146,6 +152,7 @@ async fn main() -> anyhow::Result<()> {
             learning::run(smoke, None).await?;
             batch::run(smoke).await?;
             idle::run(smoke).await?;
+            sdk::run(smoke).await?;
         }
         Scenario::Serve { .. }
         | Scenario::Replica { .. }

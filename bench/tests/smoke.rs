@@ -32,6 +32,7 @@ fn every_scenario_runs_at_smoke_size() {
         "### Replicas on Redis",
         "### Gemini-compatible proxy",
         "### keylease batch",
+        "### The google-genai SDK through the proxy",
         "| durable |",
         "| keylease |",
     ] {
