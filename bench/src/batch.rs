@@ -10,14 +10,14 @@
 use crate::procs;
 use crate::roles::now;
 use fake_gemini::limits::Limits;
-use fake_gemini::{FakeConfig, FakeGemini, FakeKey, Faults};
+use fake_gemini::{FakeConfig, FakeGemini, FakeKey, Faults, RunningFake};
 use std::time::Duration;
 
-const MODEL: &str = "gemini-2.5-flash";
-const PROJECTS: usize = 5;
-const KEYS: usize = 12;
-const RPM: u64 = 60;
-const TIME_SCALE: f64 = 60.0;
+pub const MODEL: &str = "gemini-2.5-flash";
+pub const PROJECTS: usize = 5;
+pub const KEYS: usize = 12;
+pub const RPM: u64 = 60;
+pub const TIME_SCALE: f64 = 60.0;
 
 /// Provider trouble injected in a run.
 struct Trouble {
@@ -98,6 +98,38 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The fake Gemini of the batch's pool (and the SDK scenario's): `keys` healthy, `RPM` a
+/// scaled minute each project, answering with `faults`.
+pub async fn start_pool_fake(
+    keys: &[(String, String, String)],
+    faults: Faults,
+    seed: u64,
+) -> anyhow::Result<RunningFake> {
+    let limits = Limits {
+        requests_per_minute: Some(RPM),
+        tokens_per_minute: None,
+        requests_per_day: Some(10_000_000),
+        tokens_per_day: None,
+    };
+    Ok(FakeGemini::start(FakeConfig {
+        keys: keys
+            .iter()
+            .map(|(id, project, secret)| FakeKey {
+                id: id.clone(),
+                secret: secret.clone(),
+                project: project.clone(),
+                health: Default::default(),
+            })
+            .collect(),
+        models: [(MODEL.to_string(), limits)].into(),
+        projects: Default::default(),
+        time_scale: TIME_SCALE,
+        faults,
+        seed,
+    })
+    .await?)
+}
+
 /// The client's pause after a 503, scaled like the provider's minute: 500 ms of Gemini's 60 s
 /// window is 8 ms of this 1 s one.
 fn scaled_backoff() -> Duration {
@@ -113,29 +145,7 @@ async fn run_once(
 ) -> anyhow::Result<Measured> {
     let dir = procs::scratch("batch")?;
     let keys = procs::fake_keys(KEYS, PROJECTS);
-    let limits = Limits {
-        requests_per_minute: Some(RPM),
-        tokens_per_minute: None,
-        requests_per_day: Some(10_000_000),
-        tokens_per_day: None,
-    };
-    let fake = FakeGemini::start(FakeConfig {
-        keys: keys
-            .iter()
-            .map(|(id, project, secret)| FakeKey {
-                id: id.clone(),
-                secret: secret.clone(),
-                project: project.clone(),
-                health: Default::default(),
-            })
-            .collect(),
-        models: [(MODEL.to_string(), limits)].into(),
-        projects: Default::default(),
-        time_scale: TIME_SCALE,
-        faults,
-        seed: 3,
-    })
-    .await?;
+    let fake = start_pool_fake(&keys, faults, 3).await?;
     let mut config = format!(
         "[key_sources]\nenvironment = false\n\n[quota]\nwindow = \"1s\"\nsafety_margin = \"20ms\"\ncooldown_base = \"100ms\"\ncooldown_max = \"2s\"\n\n\
          [pools.gemini.models.\"{MODEL}\"]\nrequests_per_minute = {RPM}\nrequests_per_day = 10000000\n\n"

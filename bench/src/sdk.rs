@@ -1,22 +1,17 @@
 //! Scenario: the real google-genai SDK through keylease's Gemini-compatible proxy, against
 //! a fake Gemini that answers some calls with Gemini's noise (bare 429s or 429s naming the
-//! quota, and 503s, none of which spend quota). 12 keys in 5 projects, 60 requests per provider
-//! minute each, a minute lasting a second; 20 ms a call. Python processes of SDK threads call
+//! quota, and 503s, none of which spend quota), on the batch scenario's pool: 12 keys in 5
+//! projects, 60 requests per provider minute each, a minute lasting a second; 20 ms a call. Python processes of SDK threads call
 //! `generate_content` back to back; after a warm-up the fake's accepted calls per second are
 //! set against what the projects allow (5 × 60 a second). Needs `python3` with `google-genai`
 //! (`pip install google-genai`, as the test command installs it).
 
+use crate::batch::{KEYS, MODEL, PROJECTS, RPM, TIME_SCALE, start_pool_fake};
 use crate::procs;
 use crate::roles::now;
-use fake_gemini::limits::Limits;
-use fake_gemini::{FakeConfig, FakeGemini, FakeKey, Faults};
+use fake_gemini::Faults;
 use std::time::Duration;
 
-const MODEL: &str = "gemini-2.5-flash";
-const PROJECTS: usize = 5;
-const KEYS: usize = 12;
-const RPM: u64 = 60;
-const TIME_SCALE: f64 = 60.0;
 const PROCESSES: usize = 4;
 const THREADS: usize = 16;
 
@@ -102,32 +97,7 @@ async fn run_once(
 ) -> anyhow::Result<Measured> {
     let dir = procs::scratch("sdk")?;
     let keys = procs::fake_keys(KEYS, PROJECTS);
-    let fake = FakeGemini::start(FakeConfig {
-        keys: keys
-            .iter()
-            .map(|(id, project, secret)| FakeKey {
-                id: id.clone(),
-                secret: secret.clone(),
-                project: project.clone(),
-                health: Default::default(),
-            })
-            .collect(),
-        models: [(
-            MODEL.to_string(),
-            Limits {
-                requests_per_minute: Some(RPM),
-                tokens_per_minute: None,
-                requests_per_day: Some(10_000_000),
-                tokens_per_day: None,
-            },
-        )]
-        .into(),
-        projects: Default::default(),
-        time_scale: TIME_SCALE,
-        faults,
-        seed: 5,
-    })
-    .await?;
+    let fake = start_pool_fake(&keys, faults, 5).await?;
     let extra = format!(
         "[state]\nephemeral = true\n\n[quota]\nwindow = \"1s\"\nsafety_margin = \"20ms\"\ncooldown_base = \"100ms\"\ncooldown_max = \"2s\"\n\n\
          [proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
