@@ -7,12 +7,13 @@ use crate::procs;
 use crate::roles::now;
 use keylease_server::clock::Clock;
 use keylease_server::config::{self, Overrides, StateLocation};
+use keylease_server::engine::layout::{Snapshot, encode, encode_record};
 use keylease_server::engine::{
     AcquireRequest, Acquired, Command, Engine, Reply, Setup, Time, Usage,
 };
 use keylease_server::state::{SNAPSHOT_EVERY, State, token_floor};
+use keylease_server::store::Store;
 use keylease_server::store::embedded::{EmbeddedStore, StateDir};
-use keylease_server::store::{Snapshot, Store, encode, encode_record};
 use std::time::Duration;
 
 const MODEL: &str = "bench-model";
@@ -41,7 +42,7 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         let clock = Clock::system();
         let mut keys = settings.keys.clone();
         for key in &mut keys {
-            key.fingerprint = key.secret.fingerprint(&fingerprint_key);
+            key.fingerprint = fingerprint_key.fingerprint(&key.secret);
         }
         let setup = Setup::new(
             settings.engine.clone(),

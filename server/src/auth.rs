@@ -5,7 +5,7 @@
 //! may call it. A replica forwards the caller it admitted in [`CALLER_HEADER`], which is trusted
 //! only on a call that a replica's credential authenticates.
 
-use crate::secret::ApiKey;
+use keylease_core::ApiKey;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};

@@ -9,8 +9,9 @@ use crate::engine::{
     DEFAULT_POOL, DailyReset, EngineConfig, KeySpec, PoolConfig, canonical_model, quota::Limits,
 };
 use crate::proxy::ProxySettings;
-use crate::secret::{ApiKey, Redactor};
+use crate::secret::Redactor;
 use crate::tls::TlsFiles;
+use keylease_core::ApiKey;
 use regex::Regex;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
@@ -1505,7 +1506,7 @@ impl<'a> KeyCollector<'a> {
         let id = match id {
             Some(id) if id.trim().is_empty() => return Err(invalid(origin, "the id is empty")),
             Some(id) => id.trim().to_string(),
-            None => secret.derived_id(self.id_salt),
+            None => crate::secret::derived_id(&secret, self.id_salt),
         };
         for (what, name) in [
             ("id", Some(id.as_str())),

@@ -1,6 +1,6 @@
-//! API key secrets, the identifiers derived from them, and the one redaction of secrets in free
-//! text. A secret is a newtype whose `Debug` and `Display` mask it; `reveal` is the one way to
-//! read it, used only where the key is handed to a client or sent to a provider.
+//! The identifiers derived from API keys (ids, store fingerprints), and the one redaction of
+//! secrets in free text. The key itself, a newtype whose `Debug` and `Display` mask it, is
+//! [`keylease_core::ApiKey`].
 
 use aho_corasick::{AhoCorasick, MatchKind};
 use hmac::{Hmac, Mac};
@@ -10,37 +10,15 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::{Arc, LazyLock};
 
-/// An API key. Never printed in full.
-#[derive(Clone, Default, PartialEq, Eq, Hash)]
-pub struct ApiKey(String);
+use keylease_core::ApiKey;
 
-impl ApiKey {
-    pub fn new(secret: impl Into<String>) -> Self {
-        Self(secret.into())
-    }
-
-    /// The secret itself: for the lease reply and nothing else.
-    pub fn reveal(&self) -> &str {
-        &self.0
-    }
-
-    /// `AIza…x9Q2`: enough for an operator to tell keys apart, too little to use one.
-    pub fn masked(&self) -> String {
-        keylease::masked_secret(&self.0)
-    }
-
-    /// A stable identifier that is not secret: a keyed hash, so that the id of a key cannot be
-    /// checked against a guessed secret without the salt.
-    pub fn derived_id(&self, salt: &str) -> String {
-        format!("key-{}", hex(&keyed_hash(salt.as_bytes(), &self.0)[..6]))
-    }
-
-    /// The key's identity in a state store, whatever id it is configured under: a keyed hash
-    /// under the store's own key, so the store never holds anything a secret can be checked
-    /// against without that key.
-    pub fn fingerprint(&self, key: &FingerprintKey) -> String {
-        hex(&keyed_hash(&key.0, &self.0)[..16])
-    }
+/// A stable identifier of `secret` that is not secret: a keyed hash, so that the id of a key
+/// cannot be checked against a guessed secret without the salt.
+pub fn derived_id(secret: &ApiKey, salt: &str) -> String {
+    format!(
+        "key-{}",
+        hex(&keyed_hash(salt.as_bytes(), secret.reveal())[..6])
+    )
 }
 
 /// The key of the fingerprints, kept in the state directory (memory only when ephemeral).
@@ -64,7 +42,7 @@ impl FingerprintKey {
     /// The key every replica of a fleet derives from their shared token, so that they all
     /// fingerprint a secret alike while Redis, which holds the fingerprints, never holds the key.
     pub fn shared_by_replicas(token: &ApiKey) -> Self {
-        let hash = keyed_hash(b"keylease replica fingerprint key", &token.0);
+        let hash = keyed_hash(b"keylease replica fingerprint key", token.reveal());
         let mut bytes = [0; Self::LEN];
         bytes.copy_from_slice(&hash[..Self::LEN]);
         Self(bytes)
@@ -72,6 +50,13 @@ impl FingerprintKey {
 
     pub fn as_bytes(&self) -> &[u8; Self::LEN] {
         &self.0
+    }
+
+    /// A key's identity in a state store, whatever id it is configured under: a keyed hash
+    /// under the store's own key, so the store never holds anything a secret can be checked
+    /// against without that key.
+    pub fn fingerprint(&self, secret: &ApiKey) -> String {
+        hex(&keyed_hash(&self.0, secret.reveal())[..16])
     }
 }
 
@@ -89,18 +74,6 @@ fn keyed_hash(key: &[u8], text: &str) -> [u8; 32] {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-impl fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ApiKey({})", self.masked())
-    }
-}
-
-impl fmt::Display for ApiKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.masked())
-    }
 }
 
 /// Text shaped like a credential, ours or not: Google API keys, `sk-` keys, bearer tokens.
@@ -321,8 +294,8 @@ mod tests {
     #[test]
     fn derived_id_is_stable_and_depends_on_the_salt() {
         let key = ApiKey::new(FAKE);
-        assert_eq!(key.derived_id("a"), key.derived_id("a"));
-        assert_ne!(key.derived_id("a"), key.derived_id("b"));
-        assert!(!key.derived_id("a").contains("AIza"));
+        assert_eq!(derived_id(&key, "a"), derived_id(&key, "a"));
+        assert_ne!(derived_id(&key, "a"), derived_id(&key, "b"));
+        assert!(!derived_id(&key, "a").contains("AIza"));
     }
 }

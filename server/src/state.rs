@@ -9,15 +9,17 @@
 
 use crate::clock::Clock;
 use crate::config::{ConnectionLimits, Settings, StateLocation};
+use crate::engine::layout::{Snapshot, encode_record};
 use crate::engine::{
     AcquireRequest, Acquired, Command, Engine, EngineError, Event, EventKind, LeaseView, Notices,
     Reconfigured, Reply, Setup, SetupError, Time, Unavailable, WaiterId,
 };
 use crate::metrics::Metrics;
-use crate::secret::{ApiKey, FingerprintKey, Redactor};
+use crate::secret::{FingerprintKey, Redactor};
 use crate::store::embedded::{EmbeddedStore, StateDir};
 use crate::store::journal::{Journal, StoreFailed};
-use crate::store::{self, Snapshot, Store, StoreError};
+use crate::store::{self, Store, StoreError};
+use keylease_core::ApiKey;
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::future::pending;
@@ -307,7 +309,7 @@ impl State {
             } else if let Some(journal) = &state.journal {
                 // The first record of a log: the setup the fresh engine was built with.
                 inner.last_seq += 1;
-                let record = store::encode_record(started, &Command::Configure(setup));
+                let record = encode_record(started, &Command::Configure(setup));
                 journal.push(inner.last_seq, record);
             }
             if let Some(journal) = &state.journal
@@ -441,10 +443,7 @@ impl State {
     /// the notices.
     fn apply_locked(&self, inner: &mut Inner, command: Command) -> (Reply, Notices) {
         let time = self.clock.now();
-        let record = self
-            .journal
-            .as_ref()
-            .map(|_| store::encode_record(time, &command));
+        let record = self.journal.as_ref().map(|_| encode_record(time, &command));
         let _abort = self.journal.as_ref().map(|_| AbortOnPanic);
         let applied = inner.engine.apply(time, command);
         if let (Some(journal), Some(record)) = (&self.journal, record) {
@@ -764,7 +763,7 @@ const MAX_MESSAGE_BYTES: usize = 2048;
 fn setup_of(settings: &Settings, key: &FingerprintKey, now: Time) -> Setup {
     let mut keys = settings.keys.clone();
     for spec in &mut keys {
-        spec.fingerprint = spec.secret.fingerprint(key);
+        spec.fingerprint = key.fingerprint(&spec.secret);
     }
     Setup::new(settings.engine.clone(), keys, token_floor(now.wall_ms))
 }

@@ -11,8 +11,8 @@ use crate::engine::{
 };
 use crate::state::AcquireFailure;
 use crate::store::journal::StoreFailed;
+use keylease::gemini::{QuotaLimit, quota_limit};
 use keylease::{ERROR_DOMAIN, RETRY_AFTER_METADATA, pb};
-use keylease_client::gemini::classify::{QuotaLimit, quota_limit};
 use std::time::Duration;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};

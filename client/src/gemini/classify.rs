@@ -3,6 +3,7 @@
 //! retry in` text, `ErrorInfo.reason` and the leaked-key message, in bodies that may come
 //! wrapped in a one-element array.
 
+use keylease::gemini::{QuotaLimit, quota_limit};
 use keylease::pb::{FailureClass, FailureKind};
 use serde_json::Value;
 use std::time::Duration;
@@ -109,43 +110,6 @@ impl QuotaViolation {
             model: cut(&self.model),
             quota_value: self.value,
         }
-    }
-}
-
-/// Which of a project's limits a Gemini `quotaId` names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QuotaLimit {
-    RequestsPerMinute,
-    InputTokensPerMinute,
-    RequestsPerDay,
-    /// Input tokens per day, which some models have.
-    InputTokensPerDay,
-}
-
-impl QuotaLimit {
-    /// Whether it is counted over a day: spent, it rests the project until the daily reset.
-    pub fn is_daily(self) -> bool {
-        matches!(self, Self::RequestsPerDay | Self::InputTokensPerDay)
-    }
-}
-
-/// The limit a `quotaId` names: `GenerateRequestsPerDayPerProjectPerModel-FreeTier`,
-/// `GenerateContentInputTokensPerModelPerDay-FreeTier`,
-/// `GenerateContentInputTokensPerModelPerMinute-FreeTier`,
-/// `GenerateRequestsPerMinutePerProjectPerModel-FreeTier`; `None` for one it does not know.
-pub fn quota_limit(quota_id: &str) -> Option<QuotaLimit> {
-    if quota_id.contains("PerDay") && quota_id.contains("Token") {
-        Some(QuotaLimit::InputTokensPerDay)
-    } else if quota_id.contains("PerDay") {
-        Some(QuotaLimit::RequestsPerDay)
-    } else if !quota_id.contains("PerMinute") {
-        None
-    } else if quota_id.contains("Token") {
-        Some(QuotaLimit::InputTokensPerMinute)
-    } else if quota_id.contains("Request") {
-        Some(QuotaLimit::RequestsPerMinute)
-    } else {
-        None
     }
 }
 

@@ -10,7 +10,7 @@ pub mod calendar;
 mod catalogue;
 pub mod command;
 pub mod image;
-mod layout;
+pub mod layout;
 pub mod learning;
 
 mod leases;
@@ -21,13 +21,13 @@ mod release;
 mod views;
 mod waiting;
 
-use crate::secret::ApiKey;
 use books::Books;
 pub use calendar::{DailyReset, Time};
 use catalogue::Catalogue;
 pub use command::{Command, Reconfigured, Reply};
 pub use image::Image;
 use keylease::{MAX_DETAIL_BYTES, MAX_ID_BYTES, MAX_INPUT_TOKENS};
+use keylease_core::ApiKey;
 pub use learning::{Evidence, LimitChange, LimitKind, QuotaViolation};
 use leases::LeaseTable;
 pub use leases::lease_id;

@@ -1,7 +1,7 @@
 //! The engine's rules, one behaviour per test, on a manual clock (milliseconds passed in).
 
 use super::*;
-use crate::secret::ApiKey;
+use keylease_core::ApiKey;
 
 /// 2026-03-09 20:00 UTC, 13:00 in Los Angeles (PDT).
 const T0: u64 = 1_773_086_400_000;
@@ -45,7 +45,7 @@ pub(super) fn config(rpm: u64, rpd: u64) -> EngineConfig {
 }
 
 /// Keys `k1..` as (id, project).
-fn key_specs(keys: &[(&str, &str)]) -> Vec<KeySpec> {
+pub(super) fn key_specs(keys: &[(&str, &str)]) -> Vec<KeySpec> {
     keys.iter()
         .map(|(id, project)| KeySpec {
             id: id.to_string(),

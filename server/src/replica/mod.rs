@@ -958,7 +958,7 @@ impl Supervisor {
         format!(
             "{}={}",
             key.id,
-            key.secret.fingerprint(&self.fingerprint_key)
+            self.fingerprint_key.fingerprint(&key.secret)
         )
     }
 

@@ -193,7 +193,7 @@ struct Shared {
 }
 
 impl Router {
-    pub fn new(token: &crate::secret::ApiKey, tls: Option<Arc<Tls>>) -> Result<Self, String> {
+    pub fn new(token: &keylease_core::ApiKey, tls: Option<Arc<Tls>>) -> Result<Self, String> {
         let mut authorization = http::HeaderValue::from_str(&format!("Bearer {}", token.reveal()))
             .map_err(|_| "replication.token: must be printable ASCII".to_string())?;
         authorization.set_sensitive(true);

@@ -444,8 +444,8 @@ mod tests {
     /// let the build that wrote them snapshot them.
     #[test]
     fn records_of_older_rules_replay_and_newer_are_refused_with_the_way_out() {
+        use crate::engine::layout::encode_record;
         use crate::engine::{AcquireRequest, Command, DailyReset, EngineConfig, Setup, Time};
-        use crate::store::encode_record;
         let config = EngineConfig {
             default_ttl_ms: 1_000,
             max_ttl_ms: 1_000,

@@ -5,7 +5,8 @@
 //! I/O. Each commit wakes exactly the calls it makes durable. A write that fails stops the
 //! journal: nothing after it is ever acknowledged.
 
-use super::{Snapshot, Store, StoreError};
+use super::{Store, StoreError};
+use crate::engine::layout::Snapshot;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};

@@ -9,106 +9,13 @@ pub mod embedded;
 pub mod journal;
 #[cfg(test)]
 pub mod testing;
-mod v1;
-mod v3;
 
-use crate::engine::{Command, Engine, Image, KeySpec, RULES_VERSION, Setup, Time};
-use serde::{Deserialize, Serialize};
+use crate::engine::layout::{Record, Snapshot, decode, encode};
+use crate::engine::{Command, Engine, RULES_VERSION};
 use std::path::PathBuf;
 
 /// The layout of records and snapshots. A store written by a newer format is refused.
 pub const FORMAT_VERSION: u64 = 1;
-
-/// One applied command: replayed at its time, it changes a recovering engine as it changed the
-/// live one.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Record {
-    pub time: Time,
-    pub command: Command,
-}
-
-/// The whole state after record `seq`, with the setup it was reached under (no secrets).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Snapshot {
-    pub seq: u64,
-    pub setup: Setup,
-    pub image: Image,
-    /// Keys no longer configured whose leases still run (see [`Engine::draining_keys`]).
-    pub draining: Vec<KeySpec>,
-}
-
-/// Opened the snapshots of rules 2 and 3 (since limits are learned): a first-format snapshot
-/// opens with its `seq`, which never comes near it.
-const SNAPSHOT_MARK: u64 = u64::MAX;
-/// Opens every snapshot written since learning weighs evidence (rules 4).
-const SNAPSHOT_MARK_WEIGHING: u64 = u64::MAX - 1;
-
-impl Snapshot {
-    pub fn of(engine: &Engine, seq: u64) -> Self {
-        Self {
-            seq,
-            setup: engine.setup(),
-            image: engine.image(),
-            draining: engine.draining_keys(),
-        }
-    }
-
-    /// Its bytes, behind [`SNAPSHOT_MARK_WEIGHING`].
-    pub fn encode(&self) -> Vec<u8> {
-        encode(&(SNAPSHOT_MARK_WEIGHING, self))
-    }
-
-    /// A snapshot from its bytes, as written by this server or an earlier one.
-    pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
-        match postcard::take_from_bytes::<u64>(bytes) {
-            Ok((SNAPSHOT_MARK_WEIGHING, rest)) => decode(rest),
-            Ok((SNAPSHOT_MARK, rest)) => v3::decode(rest),
-            _ => v1::decode(bytes),
-        }
-    }
-}
-
-/// The setup an older build of `rules` ran when it wrote the snapshots `v1` and `v3` read: one
-/// key with `secret`, the default pool's "any model" limits for model `m`, and no tokens per
-/// day, which those builds did not know.
-#[cfg(test)]
-fn setup_of_an_older_build(secret: &str, rules: u32) -> Setup {
-    let settings = crate::config::load(
-        None,
-        &[("GEMINI_API_KEY_1".to_string(), secret.to_string())].into(),
-        &crate::config::Overrides::default(),
-    )
-    .unwrap();
-    let mut config = settings.engine;
-    let pool = config.pools.get_mut("gemini").unwrap();
-    let mut limits = pool.other_models.take().unwrap();
-    (limits.tokens_per_day, limits.auto[3]) = (None, false);
-    pool.models.insert("m".into(), limits);
-    Setup {
-        rules,
-        ..Setup::new(config, settings.keys, 0)
-    }
-}
-
-/// The bytes of a [`Record`] of `command` at `time`, without copying the command.
-pub fn encode_record(time: Time, command: &Command) -> Vec<u8> {
-    #[derive(Serialize)]
-    struct RecordRef<'a> {
-        time: Time,
-        command: &'a Command,
-    }
-    encode(&RecordRef { time, command })
-}
-
-/// Records and snapshots as bytes: postcard, compact and fast to read back (a log of millions
-/// of records is replayed at start-up).
-pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    postcard::to_stdvec(value).expect("records hold only sized collections")
-}
-
-pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, postcard::Error> {
-    postcard::from_bytes(bytes)
-}
 
 /// The records of one commit as one value, each with its number: how every store keeps a
 /// commit, so that a reader parses one value per commit rather than one per record.

@@ -8,8 +8,8 @@
 //! whole, learns from its `rules` that newer rules decided what follows, and refuses the
 //! records with a message that says so, instead of misreading every limit after the first.
 
-use super::quota::Limits;
-use super::{EngineConfig, KeySpec, Setup};
+use crate::engine::quota::Limits;
+use crate::engine::{EngineConfig, KeySpec, Setup};
 use serde::de::{self, SeqAccess, Visitor};
 use serde::ser::SerializeTuple;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -20,7 +20,7 @@ pub(crate) const RULES_TOKENS_PER_DAY: u32 = 4;
 
 /// [`Limits`] as rules 2 and 3 laid them out.
 #[derive(Serialize, Deserialize)]
-pub(super) struct LimitsLayout {
+pub(in crate::engine) struct LimitsLayout {
     requests_per_minute: Option<u64>,
     tokens_per_minute: Option<u64>,
     requests_per_day: Option<u64>,
@@ -223,19 +223,19 @@ mod tests {
     #[test]
     fn tokens_per_day_survive_a_record() {
         let setup = setup(RULES_VERSION);
-        let bytes = crate::store::encode(&setup);
-        let read: Setup = crate::store::decode(&bytes).unwrap();
+        let bytes = super::super::encode(&setup);
+        let read: Setup = super::super::decode(&bytes).unwrap();
         assert_eq!(read, setup);
         // Cut inside the trailing table: refused, not read as a setup without it.
-        assert!(crate::store::decode::<Setup>(&bytes[..bytes.len() - 1]).is_err());
+        assert!(super::super::decode::<Setup>(&bytes[..bytes.len() - 1]).is_err());
     }
 
     #[test]
     fn a_setup_of_rules_3_reads_without_tokens_per_day() {
         let mut old = setup(3);
-        let bytes = crate::store::encode(&old);
-        let written_then: SetupOfRules3 = crate::store::decode(&bytes).unwrap();
-        assert_eq!(crate::store::encode(&written_then), bytes, "the old layout");
+        let bytes = super::super::encode(&old);
+        let written_then: SetupOfRules3 = super::super::decode(&bytes).unwrap();
+        assert_eq!(super::super::encode(&written_then), bytes, "the old layout");
         for pool in old.config.pools.values_mut() {
             for l in pool
                 .models
@@ -248,13 +248,13 @@ mod tests {
                 (l.tokens_per_day, l.auto[3]) = (None, false);
             }
         }
-        assert_eq!(crate::store::decode::<Setup>(&bytes).unwrap(), old);
+        assert_eq!(super::super::decode::<Setup>(&bytes).unwrap(), old);
     }
 
     #[test]
     fn an_older_build_reads_a_newer_setup_up_to_its_rules() {
-        let bytes = crate::store::encode(&setup(RULES_VERSION));
-        let read: SetupOfRules3 = crate::store::decode(&bytes).unwrap();
+        let bytes = super::super::encode(&setup(RULES_VERSION));
+        let read: SetupOfRules3 = super::super::decode(&bytes).unwrap();
         assert_eq!(read.rules, RULES_VERSION);
         assert_eq!(read.token_floor, 7);
         let model = &read.config.pools["gemini"].models["m"];

@@ -283,10 +283,7 @@ mod tests {
     }
 
     fn engine_with_books() -> Engine {
-        let setup = super::super::setup_of_an_older_build(
-            "AIzaFAKE.v1-snapshot-key-0000000000",
-            crate::engine::RULES_VERSION,
-        );
+        let setup = super::super::setup_of_an_older_build(crate::engine::RULES_VERSION);
         let mut engine = Engine::new(setup, Time::at(5_000)).unwrap();
         let ask = crate::engine::AcquireRequest {
             task_id: "t".into(),

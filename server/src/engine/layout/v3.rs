@@ -88,7 +88,7 @@ mod tests {
 
     /// An engine of rules 3 that learned from a bare 429 and holds a lease.
     fn engine_of_rules_3() -> Engine {
-        let setup = super::super::setup_of_an_older_build("AIzaFAKE.v3-snapshot-key-0000000000", 3);
+        let setup = super::super::setup_of_an_older_build(3);
         let mut engine = Engine::new(setup, Time::at(5_000)).unwrap();
         let ask = |task: &str| crate::engine::AcquireRequest {
             task_id: task.into(),

@@ -1,0 +1,97 @@
+//! How the engine's commands and state are laid out in bytes, for stores to keep and replicas
+//! to replay: a [`Record`] of each command applied, a [`Snapshot`] of the whole state, and the
+//! layouts older builds wrote, read into today's types ([`v1`], [`v3`]; a [`Setup`]'s own in
+//! [`setup`]). Bytes are postcard's: compact and fast to read back (a log of millions of
+//! records is replayed at start-up).
+
+mod setup;
+mod v1;
+mod v3;
+
+pub(super) use setup::LimitsLayout;
+
+use super::{Command, Engine, Image, KeySpec, Setup, Time};
+use serde::{Deserialize, Serialize};
+
+/// One applied command: replayed at its time, it changes a recovering engine as it changed the
+/// live one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub time: Time,
+    pub command: Command,
+}
+
+/// The whole state after record `seq`, with the setup it was reached under (no secrets).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub seq: u64,
+    pub setup: Setup,
+    pub image: Image,
+    /// Keys no longer configured whose leases still run (see [`Engine::draining_keys`]).
+    pub draining: Vec<KeySpec>,
+}
+
+/// Opened the snapshots of rules 2 and 3 (since limits are learned): a first-format snapshot
+/// opens with its `seq`, which never comes near it.
+const SNAPSHOT_MARK: u64 = u64::MAX;
+/// Opens every snapshot written since learning weighs evidence (rules 4).
+const SNAPSHOT_MARK_WEIGHING: u64 = u64::MAX - 1;
+
+impl Snapshot {
+    pub fn of(engine: &Engine, seq: u64) -> Self {
+        Self {
+            seq,
+            setup: engine.setup(),
+            image: engine.image(),
+            draining: engine.draining_keys(),
+        }
+    }
+
+    /// Its bytes, behind [`SNAPSHOT_MARK_WEIGHING`].
+    pub fn encode(&self) -> Vec<u8> {
+        encode(&(SNAPSHOT_MARK_WEIGHING, self))
+    }
+
+    /// A snapshot from its bytes, as written by this server or an earlier one.
+    pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        match postcard::take_from_bytes::<u64>(bytes) {
+            Ok((SNAPSHOT_MARK_WEIGHING, rest)) => decode(rest),
+            Ok((SNAPSHOT_MARK, rest)) => v3::decode(rest),
+            _ => v1::decode(bytes),
+        }
+    }
+}
+
+/// The setup an older build of `rules` ran when it wrote the snapshots [`v1`] and [`v3`] read:
+/// one key, and the tests' limits for model `m` without tokens per day, which those builds did
+/// not know.
+#[cfg(test)]
+fn setup_of_an_older_build(rules: u32) -> Setup {
+    let mut config = super::tests::config(60, 1_000);
+    let pool = config.pools.values_mut().next().expect("the tests' pool");
+    let (_, limits) = pool.models.pop_first().expect("the tests' model");
+    pool.models.insert("m".into(), limits);
+    Setup {
+        rules,
+        ..Setup::new(config, super::tests::key_specs(&[("k1", "p1")]), 0)
+    }
+}
+
+/// The bytes of a [`Record`] of `command` at `time`, without copying the command.
+pub fn encode_record(time: Time, command: &Command) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct RecordRef<'a> {
+        time: Time,
+        command: &'a Command,
+    }
+    encode(&RecordRef { time, command })
+}
+
+/// Records and snapshots as bytes.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("records hold only sized collections")
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(bytes)
+}
