@@ -159,7 +159,7 @@ where
 
 /// Cycles per second of the engine itself: the same configuration, no gRPC, one thread.
 fn engine_alone(config: &std::path::Path, cycles: usize) -> anyhow::Result<f64> {
-    use keylease_server::engine::{AcquireRequest, Acquired, Command, Engine, Setup, Usage};
+    use keylease_engine::{AcquireRequest, Acquired, Command, Engine, Setup, Usage};
     let settings =
         keylease_server::config::load(Some(config), &Default::default(), &Default::default())?;
     let clock = keylease_server::clock::Clock::system();

@@ -8,9 +8,6 @@
 //! and a restart finds what an admin did.
 
 use crate::config::{self, ConfigError, Overrides, Settings, StateLocation};
-use crate::engine::{
-    Command, EventKind, KeyView, LimitKind, Reconfigured, SetupError, canonical_model,
-};
 use crate::server::Front;
 use crate::service::{caller_name, set_key_enabled};
 use crate::state::State;
@@ -19,6 +16,9 @@ use crate::tls::TlsError;
 use crate::wire;
 use keylease::pb;
 use keylease::pb::key_admin_server::KeyAdmin;
+use keylease_engine::{
+    Command, EventKind, KeyView, LimitKind, Reconfigured, SetupError, canonical_model,
+};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -52,7 +52,7 @@ pub enum AdminError {
     #[error("{0}")]
     Store(#[from] StoreFailed),
     #[error("{0}")]
-    Engine(#[from] crate::engine::EngineError),
+    Engine(#[from] keylease_engine::EngineError),
     /// Not possible here, and why.
     #[error("{0}")]
     Refused(String),
@@ -261,7 +261,7 @@ impl Control {
         self.refuse_with_replicas(&running, "RemoveKey")?;
         let path = keys_file(&running)?;
         let Some(key) = running.keys.iter().find(|k| k.id == key_id).cloned() else {
-            return Err(crate::engine::EngineError::KeyNotFound(key_id.to_string()).into());
+            return Err(keylease_engine::EngineError::KeyNotFound(key_id.to_string()).into());
         };
         let before = read(&path)?;
         let after = without_key(&before, key.secret.reveal());
@@ -303,7 +303,7 @@ impl Control {
             self.check_name(field, name)?;
         }
         let pool = if request.pool.is_empty() {
-            crate::engine::DEFAULT_POOL
+            keylease_engine::DEFAULT_POOL
         } else {
             request.pool.as_str()
         };
@@ -774,10 +774,10 @@ fn shown(value: Option<u32>) -> String {
 }
 
 fn limits_change(
-    before: &crate::engine::quota::Limits,
-    after: &crate::engine::quota::Limits,
+    before: &keylease_engine::quota::Limits,
+    after: &keylease_engine::quota::Limits,
 ) -> String {
-    let show = |limits: &crate::engine::quota::Limits, kind: LimitKind| match (
+    let show = |limits: &keylease_engine::quota::Limits, kind: LimitKind| match (
         kind.of(limits),
         limits.auto[kind as usize],
     ) {
@@ -904,7 +904,7 @@ impl KeyAdmin for KeyAdminService {
         let by = caller_name(&request);
         let request = request.into_inner();
         let pool = if request.pool.is_empty() {
-            crate::engine::DEFAULT_POOL.to_string()
+            keylease_engine::DEFAULT_POOL.to_string()
         } else {
             request.pool
         };
@@ -919,7 +919,8 @@ impl KeyAdmin for KeyAdminService {
                 .state()
                 .run(by.as_ref(), reset)
                 .await?
-                .into_cooldown_reset()?;
+                .into_cooldown_reset()
+                .map_err(wire::engine_status)?;
             Ok(wire::group_to_pb(group, self.state().time()))
         }
         .await;

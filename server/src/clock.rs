@@ -1,10 +1,10 @@
 //! The one place that reads the time. Each reading has two parts (see
-//! [`crate::engine::calendar`]): a steady time from tokio's clock, anchored to the wall clock
+//! [`keylease_engine::calendar`]): a steady time from tokio's clock, anchored to the wall clock
 //! at start, so that `tokio::time::pause` and `advance` drive expiry and cooldowns in tests; and
 //! the wall clock itself, read afresh each time, for the calendar.
 #![allow(clippy::disallowed_methods)]
 
-use crate::engine::Time;
+use keylease_engine::Time;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -5,13 +5,13 @@
 //! parser quotes) is never quoted: the error gives where it is and what was expected.
 
 use crate::auth::{self, Access, Credential, Role, TokenSpec};
-use crate::engine::{
-    DEFAULT_POOL, DailyReset, EngineConfig, KeySpec, PoolConfig, canonical_model, quota::Limits,
-};
 use crate::proxy::ProxySettings;
 use crate::secret::Redactor;
 use crate::tls::TlsFiles;
 use keylease_core::ApiKey;
+use keylease_engine::{
+    DEFAULT_POOL, DailyReset, EngineConfig, KeySpec, PoolConfig, canonical_model, quota::Limits,
+};
 use regex::Regex;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
@@ -1161,7 +1161,7 @@ fn proxy_settings(
         }
         None => file
             .pools
-            .get(crate::engine::DEFAULT_POOL)
+            .get(keylease_engine::DEFAULT_POOL)
             .and_then(|pool| pool.models.keys().next().cloned()),
     };
     if section.max_connections == 0 {

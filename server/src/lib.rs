@@ -1,6 +1,6 @@
-//! keylease-server: lends API keys to workers as time-bounded leases.
+//! keylease-server: lends API keys to workers as time-bounded leases, around the lease engine
+//! (crate `keylease-engine`).
 //!
-//! - [`engine`]: the lease engine, plain synchronous rules over an injected time; the heart.
 //! - [`config`]: configuration and key sources, validated before anything starts.
 //! - [`service`]: the gRPC service, a thin shell that maps the protocol onto the engine.
 //! - [`admin`]: reloads and the admin service: keys, limits and callers changed live.
@@ -14,7 +14,11 @@
 //! - [`tls`]: TLS on the gRPC port from PEM files, reread by a reload; mutual TLS.
 //! - [`metrics`]: Prometheus metrics on an HTTP port: counters as things happen, gauges at a scrape.
 //! - [`wire`]: conversions between the protocol and the engine, and errors to gRPC statuses.
-//! - [`secret`]: API keys that never print, and the ids derived from them.
+//! - [`secret`]: the ids and fingerprints derived from API keys, and the one redaction of
+//!   secrets in free text.
+//! - [`proxy`]: the Gemini-compatible HTTP proxy, leasing a key for each upstream call.
+//! - [`replica`]: replicas on Redis: the shared log, leading, following, forwarding.
+//! - [`redis_server`]: a `redis-server` of its own, for tests and benchmarks.
 //! - [`clock`]: the one place that reads the time.
 //! - [`logs`]: how the binaries log.
 #![forbid(unsafe_code)]
@@ -24,7 +28,6 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod connections;
-pub mod engine;
 pub mod lock_file;
 pub mod logs;
 pub mod metrics;

@@ -4,8 +4,8 @@
 //! limits per group, waiters, store commits, the replica's role). Labels are only names from
 //! the configuration (pool, project, model) and fixed words: never a secret, a key id or a task.
 
-use crate::engine::{EventKind, FailureKind, KeyState, LimitKind, StatusView};
 use crate::state::State;
+use keylease_engine::{EventKind, FailureKind, KeyState, LimitKind, StatusView};
 use metrics::{Counter, Histogram, Key, Label, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
 use std::collections::{BTreeSet, HashMap, HashSet};

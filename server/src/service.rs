@@ -4,12 +4,12 @@
 //! message on its way out.
 
 use crate::auth::Caller;
-use crate::engine::{Command, EventKind, FailureReport, QuotaViolation, Renewed};
 use crate::replica::FleetView;
 use crate::state::{AcquireFailure, Published, State};
 use crate::wire;
 use keylease::pb;
 use keylease::pb::key_lease_server::KeyLease;
+use keylease_engine::{Command, EventKind, FailureReport, QuotaViolation, Renewed};
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::{Semaphore, broadcast, mpsc};
@@ -138,7 +138,7 @@ impl KeyLeaseService {
         request.task_id = self.redact(request.task_id);
         let pair = (
             request.pool.clone(),
-            crate::engine::canonical_model(&request.model).to_string(),
+            keylease_engine::canonical_model(&request.model).to_string(),
         );
         self.new_models.admit(by, &pair, self.state.now_ms())?;
         match self.state.acquire(by, request, wait).await {
@@ -175,7 +175,8 @@ impl KeyLeaseService {
                     },
                 )
                 .await?
-                .into_renewed()?;
+                .into_renewed()
+                .map_err(wire::engine_status)?;
             let (lease, unavailable) = match renewed {
                 Renewed::Done(lease) => {
                     return Ok(pb::RenewLeaseResponse {
@@ -218,7 +219,8 @@ impl KeyLeaseService {
                 },
             )
             .await?
-            .into_released()?;
+            .into_released()
+            .map_err(wire::engine_status)?;
         Ok(pb::ReleaseResponse {
             released: booked.is_some(),
             requests_booked: booked.map_or(0, |b| b.requests as u32),
@@ -262,11 +264,13 @@ impl KeyLeaseService {
                 },
             )
             .await?
-            .into_reported()?;
+            .into_reported()
+            .map_err(wire::engine_status)?;
         let key = self
             .state
             .read(|engine, now| engine.key_status(now, &reported.key_id))
-            .await??;
+            .await?
+            .map_err(wire::engine_status)?;
         let mut response = pb::ReportFailureResponse {
             key: Some(wire::key_to_pb(key, self.state.time())),
             requests_booked: reported.booked.map_or(0, |b| b.requests as u32),
@@ -319,11 +323,12 @@ impl KeyLeaseService {
                     Some(model) => engine.plan(now, pool, model)?,
                     None => Vec::new(),
                 };
-                Ok::<_, crate::engine::EngineError>((status, planned, engine.config().window_ms))
+                Ok::<_, keylease_engine::EngineError>((status, planned, engine.config().window_ms))
             })
-            .await??;
+            .await?
+            .map_err(wire::engine_status)?;
         for group in planned {
-            let same = |shown: &crate::engine::GroupView| {
+            let same = |shown: &keylease_engine::GroupView| {
                 (&shown.pool, &shown.project, &shown.model)
                     == (&group.pool, &group.project, &group.model)
             };
@@ -457,7 +462,8 @@ pub async fn set_key_enabled(
             },
         )
         .await?
-        .into_key_set()?;
+        .into_key_set()
+        .map_err(wire::engine_status)?;
     Ok(wire::key_to_pb(key, state.time()))
 }
 

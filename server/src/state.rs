@@ -9,17 +9,17 @@
 
 use crate::clock::Clock;
 use crate::config::{ConnectionLimits, Settings, StateLocation};
-use crate::engine::layout::{Snapshot, encode_record};
-use crate::engine::{
-    AcquireRequest, Acquired, Command, Engine, EngineError, Event, EventKind, LeaseView, Notices,
-    Reconfigured, Reply, Setup, SetupError, Time, Unavailable, WaiterId,
-};
 use crate::metrics::Metrics;
 use crate::secret::{FingerprintKey, Redactor};
 use crate::store::embedded::{EmbeddedStore, StateDir};
 use crate::store::journal::{Journal, StoreFailed};
 use crate::store::{self, Store, StoreError};
 use keylease_core::ApiKey;
+use keylease_engine::layout::{Snapshot, encode_record};
+use keylease_engine::{
+    AcquireRequest, Acquired, Command, Engine, EngineError, Event, EventKind, LeaseView, Notices,
+    Reconfigured, Reply, Setup, SetupError, Time, Unavailable, WaiterId,
+};
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::future::pending;
@@ -1020,9 +1020,9 @@ mod tests {
         );
         tokio::spawn(state.clone().run_timer());
         let lease = state.acquire(None, ask("a"), Duration::ZERO).await.unwrap();
-        let report = crate::engine::FailureReport {
+        let report = keylease_engine::FailureReport {
             violations: Vec::new(),
-            kind: crate::engine::FailureKind::DailyQuotaExhausted,
+            kind: keylease_engine::FailureKind::DailyQuotaExhausted,
             retry_after_ms: None,
             detail: String::new(),
             requests_sent: None,

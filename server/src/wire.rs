@@ -2,17 +2,17 @@
 //! types (validating what the wire can get wrong, such as negative durations) and back, and the
 //! one mapping of domain errors to gRPC status codes.
 
-use crate::engine::learning::LearnedLimit;
-use crate::engine::learning::weighing::Tally;
-use crate::engine::{
-    AcquireRequest, EngineError, EventKind, FailureKind, GroupView, KeyState, KeyView, LeaseEvent,
-    LeaseSummary, LeaseView, LimitKind, LimitView, QuotaViolation, Time, Unavailable,
-    UnavailableReason, Usage, UsageView,
-};
 use crate::state::AcquireFailure;
 use crate::store::journal::StoreFailed;
 use keylease::gemini::{QuotaLimit, quota_limit};
 use keylease::{ERROR_DOMAIN, RETRY_AFTER_METADATA, pb};
+use keylease_engine::learning::LearnedLimit;
+use keylease_engine::learning::weighing::Tally;
+use keylease_engine::{
+    AcquireRequest, EngineError, EventKind, FailureKind, GroupView, KeyState, KeyView, LeaseEvent,
+    LeaseSummary, LeaseView, LimitKind, LimitView, QuotaViolation, Time, Unavailable,
+    UnavailableReason, Usage, UsageView,
+};
 use std::time::Duration;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};
@@ -21,22 +21,21 @@ use tonic_types::{ErrorDetails, StatusExt};
 /// Starts every page token; what follows is the hex of the key the page starts after.
 const PAGE_TOKEN_PREFIX: &str = "p1.";
 
-impl From<EngineError> for Status {
-    fn from(error: EngineError) -> Self {
-        let code = match &error {
-            EngineError::InvalidArgument { .. } => Code::InvalidArgument,
-            EngineError::LeaseNotFound(_) | EngineError::KeyNotFound(_) => Code::NotFound,
-            EngineError::StaleLease { .. } => Code::FailedPrecondition,
-        };
-        Status::new(code, error.to_string())
-    }
+/// An engine's refusal as a status: the one mapping of its errors to gRPC codes.
+pub fn engine_status(error: EngineError) -> Status {
+    let code = match &error {
+        EngineError::InvalidArgument { .. } => Code::InvalidArgument,
+        EngineError::LeaseNotFound(_) | EngineError::KeyNotFound(_) => Code::NotFound,
+        EngineError::StaleLease { .. } => Code::FailedPrecondition,
+    };
+    Status::new(code, error.to_string())
 }
 
 impl From<crate::admin::AdminError> for Status {
     fn from(error: crate::admin::AdminError) -> Self {
         use crate::admin::AdminError;
         match error {
-            AdminError::Engine(error) => error.into(),
+            AdminError::Engine(error) => engine_status(error),
             AdminError::Store(failure) => failure.into(),
             AdminError::Invalid { .. } => Status::invalid_argument(error.to_string()),
             AdminError::Config(_) | AdminError::Tls(_) | AdminError::Setup(_) => {
@@ -53,7 +52,7 @@ impl From<crate::admin::AdminError> for Status {
 /// An acquire that got no lease, as a status; `now_ms` turns the engine's instants into delays.
 pub fn acquire_failure_status(failure: AcquireFailure, now_ms: u64) -> Status {
     match failure {
-        AcquireFailure::Invalid(error) => error.into(),
+        AcquireFailure::Invalid(error) => engine_status(error),
         AcquireFailure::Unavailable(unavailable) => unavailable_status(unavailable, now_ms),
         AcquireFailure::ShuttingDown => Status::unavailable("the server is shutting down"),
         AcquireFailure::Store(failure) => failure.into(),
@@ -458,7 +457,7 @@ fn lease_event_to_pb(event: LeaseEvent, requests_sent: u64, at: Time) -> pb::Lea
 }
 
 /// An event for `WatchEvents`, with the name of the caller that made it happen.
-pub fn event_to_pb(event: crate::engine::Event, by: Option<&str>) -> pb::Event {
+pub fn event_to_pb(event: keylease_engine::Event, by: Option<&str>) -> pb::Event {
     use pb::event::Kind;
     let at = event.at;
     let kind = match event.kind {

@@ -336,7 +336,7 @@ async fn run_on(
     let plan = match pool.status(&args.model, &args.pool).await {
         Ok(status) => Some(Plan::from_status(
             &status,
-            keylease_server::engine::canonical_model(&args.model),
+            keylease_engine::canonical_model(&args.model),
         )),
         Err(pool::PoolError::Client(keylease_client::Error::Refused(status)))
             if status.code() == tonic::Code::Unauthenticated =>

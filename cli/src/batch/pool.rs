@@ -175,7 +175,7 @@ impl Pool {
         pool: &str,
     ) -> Result<pb::GetStatusResponse, PoolError> {
         let pool = if pool.is_empty() {
-            keylease_server::engine::DEFAULT_POOL
+            keylease_engine::DEFAULT_POOL
         } else {
             pool
         };

@@ -954,7 +954,7 @@ impl Supervisor {
     }
 
     /// A key as replicas publish it: `ID=FINGERPRINT`.
-    fn key_entry(&self, key: &crate::engine::KeySpec) -> String {
+    fn key_entry(&self, key: &keylease_engine::KeySpec) -> String {
         format!(
             "{}={}",
             key.id,

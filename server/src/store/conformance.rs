@@ -6,13 +6,13 @@
 
 use crate::clock::Clock;
 use crate::config::{self, Overrides, Settings};
-use crate::engine::{
-    AcquireRequest, Command, FailureKind, FailureReport, KeyState, LeaseView, LimitKind,
-    QuotaViolation, Reply, UnavailableReason, Usage,
-};
 use crate::secret::FingerprintKey;
 use crate::state::{AcquireFailure, State};
 use crate::store::Store;
+use keylease_engine::{
+    AcquireRequest, Command, FailureKind, FailureReport, KeyState, LeaseView, LimitKind,
+    QuotaViolation, Reply, UnavailableReason, Usage,
+};
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -444,8 +444,8 @@ mod tests {
     /// let the build that wrote them snapshot them.
     #[test]
     fn records_of_older_rules_replay_and_newer_are_refused_with_the_way_out() {
-        use crate::engine::layout::encode_record;
-        use crate::engine::{AcquireRequest, Command, DailyReset, EngineConfig, Setup, Time};
+        use keylease_engine::layout::encode_record;
+        use keylease_engine::{AcquireRequest, Command, DailyReset, EngineConfig, Setup, Time};
         let config = EngineConfig {
             default_ttl_ms: 1_000,
             max_ttl_ms: 1_000,
@@ -463,7 +463,7 @@ mod tests {
             relearn_after_windows: 10,
         };
         let older = Command::Configure(Setup {
-            rules: crate::engine::RULES_VERSION - 1,
+            rules: keylease_engine::RULES_VERSION - 1,
             ..Setup::new(config.clone(), Vec::new(), 0)
         });
         let current = Command::Configure(Setup::new(config.clone(), Vec::new(), 0));
@@ -497,7 +497,7 @@ mod tests {
         assert_eq!(decided.unwrap(), 2);
         // A newer build's rules this build does not know: refused, saying what to do.
         let newer = Command::Configure(Setup {
-            rules: crate::engine::RULES_VERSION + 1,
+            rules: keylease_engine::RULES_VERSION + 1,
             ..Setup::new(config.clone(), Vec::new(), 0)
         });
         let decided = log(
@@ -509,7 +509,7 @@ mod tests {
         assert!(
             message.contains(&format!(
                 "rules version {}",
-                crate::engine::RULES_VERSION + 1
+                keylease_engine::RULES_VERSION + 1
             )),
             "{message}"
         );

@@ -6,7 +6,7 @@
 //! journal: nothing after it is ever acknowledged.
 
 use super::{Store, StoreError};
-use crate::engine::layout::Snapshot;
+use keylease_engine::layout::Snapshot;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};

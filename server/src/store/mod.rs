@@ -10,8 +10,8 @@ pub mod journal;
 #[cfg(test)]
 pub mod testing;
 
-use crate::engine::layout::{Record, Snapshot, decode, encode};
-use crate::engine::{Command, Engine, RULES_VERSION};
+use keylease_engine::layout::{Record, Snapshot, decode, encode};
+use keylease_engine::{Command, Engine, RULES_VERSION};
 use std::path::PathBuf;
 
 /// The layout of records and snapshots. A store written by a newer format is refused.
@@ -112,7 +112,7 @@ pub fn recover(log: &dyn Log) -> Result<Recovery, StoreError> {
 }
 
 /// Records decided under earlier rules were written in a format this build does not read.
-const FIRST_RULES_OF_THIS_RECORD_FORMAT: u32 = crate::engine::OLDEST_RULES_DECIDED;
+const FIRST_RULES_OF_THIS_RECORD_FORMAT: u32 = keylease_engine::OLDEST_RULES_DECIDED;
 
 /// An engine rebuilt record by record: at recovery, and on a replica that follows the leader's
 /// log as it grows.

@@ -6,7 +6,7 @@ use super::catalogue::{KeyIdx, ModelIdx};
 use super::quota::Amount;
 use super::{EngineError, Usage};
 use foldhash::{HashMap, HashMapExt};
-use keylease::MAX_INPUT_TOKENS;
+use keylease_core::MAX_INPUT_TOKENS;
 use lru::LruCache;
 use std::collections::BTreeSet;
 use std::num::NonZeroUsize;

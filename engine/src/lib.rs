@@ -2,7 +2,9 @@
 //! synchronous and deterministic: each [`Command`] comes with the current time (two readings,
 //! see [`calendar`]) through [`Engine::apply`], which decides the reply, changes the state, and
 //! records what happened as notices for the shell to carry out (wake a waiter, stream an event).
-//! No I/O, no tokio, no protocol types.
+//! No I/O, no tokio, no protocol types. [`layout`] lays its commands and state out in bytes
+//! for the stores that keep them.
+#![forbid(unsafe_code)]
 
 mod acquire;
 mod books;
@@ -26,8 +28,8 @@ pub use calendar::{DailyReset, Time};
 use catalogue::Catalogue;
 pub use command::{Command, Reconfigured, Reply};
 pub use image::Image;
-use keylease::{MAX_DETAIL_BYTES, MAX_ID_BYTES, MAX_INPUT_TOKENS};
 use keylease_core::ApiKey;
+use keylease_core::{MAX_DETAIL_BYTES, MAX_ID_BYTES, MAX_INPUT_TOKENS};
 pub use learning::{Evidence, LimitChange, LimitKind, QuotaViolation};
 use leases::LeaseTable;
 pub use leases::lease_id;
@@ -99,7 +101,7 @@ pub struct KeySpec {
     pub project: String,
     #[serde(skip)]
     pub secret: ApiKey,
-    /// A keyed hash of the secret ([`crate::secret::Fingerprinter`]): the key's identity,
+    /// A keyed hash of the secret (`keylease_server::secret::FingerprintKey`): the key's identity,
     /// whatever its id. Empty until the shell fingerprints it; the id stands in meanwhile.
     pub fingerprint: String,
     pub max_leases: Option<u32>,

@@ -13,7 +13,7 @@ use super::{
     GroupView, KeyView, LeaseEvent, LimitKind, Renewed, Reported, Time, Unavailable,
     UnavailableReason, Usage, canonical_model, invalid, show_ms, validate_detail, validate_tokens,
 };
-use keylease::{MAX_ID_BYTES, MAX_INPUT_TOKENS, MAX_QUOTA_VALUE, MAX_QUOTA_VIOLATIONS};
+use keylease_core::{MAX_ID_BYTES, MAX_INPUT_TOKENS, MAX_QUOTA_VALUE, MAX_QUOTA_VIOLATIONS};
 
 /// A model without capacity rests the pool for the provider's retry delay, or this many spans.
 const MODEL_CAPACITY_SPANS: u64 = 4;

@@ -3,10 +3,10 @@
 //! answers for waves. Frozen: nothing here changes with the engine.
 
 use super::Snapshot;
-use crate::engine::image::{GroupImage, Image, KeyImage, LeaseImage, LineImage};
-use crate::engine::learning::{Learned, Reacting};
-use crate::engine::quota::before_tokens_per_day::QuotaGroupV3;
-use crate::engine::{KeySpec, Setup, Time};
+use crate::image::{GroupImage, Image, KeyImage, LeaseImage, LineImage};
+use crate::learning::{Learned, Reacting};
+use crate::quota::before_tokens_per_day::QuotaGroupV3;
+use crate::{KeySpec, Setup, Time};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -84,13 +84,13 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, postcard::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{Acquired, Command, Engine, FailureKind, FailureReport, Reply};
+    use crate::{Acquired, Command, Engine, FailureKind, FailureReport, Reply};
 
     /// An engine of rules 3 that learned from a bare 429 and holds a lease.
     fn engine_of_rules_3() -> Engine {
         let setup = super::super::setup_of_an_older_build(3);
         let mut engine = Engine::new(setup, Time::at(5_000)).unwrap();
-        let ask = |task: &str| crate::engine::AcquireRequest {
+        let ask = |task: &str| crate::AcquireRequest {
             task_id: task.into(),
             model: "m".into(),
             ..Default::default()

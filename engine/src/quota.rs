@@ -103,7 +103,7 @@ pub struct QuotaGroup {
 }
 
 // Sums saturate: every figure that reaches the books is bounded (requests by the lease maximum,
-// tokens by `keylease::MAX_INPUT_TOKENS`), so no real sum comes near `u64::MAX`, and one that
+// tokens by `keylease_core::MAX_INPUT_TOKENS`), so no real sum comes near `u64::MAX`, and one that
 // did would block rather than wrap round to admit.
 impl QuotaGroup {
     /// A group with nothing on the books, at `time`.

@@ -36,7 +36,7 @@
 //! Why these numbers: bare 429s at up to 10% of calls (Gemini's noise) leave nine acceptances
 //! for each refusal at the top; a real limit refuses every call there, a limit just below the
 //! configured one or someone else spending the project a third of them or more. The engine's
-//! seeded harness (`engine/tests/provider.rs`) holds both to the figures of issue 24.
+//! seeded harness (`tests/provider.rs` of this crate) holds both to the figures of issue 24.
 
 use super::super::calendar::Time;
 use super::super::quota::Limits;

@@ -8,8 +8,8 @@
 //! whole, learns from its `rules` that newer rules decided what follows, and refuses the
 //! records with a message that says so, instead of misreading every limit after the first.
 
-use crate::engine::quota::Limits;
-use crate::engine::{EngineConfig, KeySpec, Setup};
+use crate::quota::Limits;
+use crate::{EngineConfig, KeySpec, Setup};
 use serde::de::{self, SeqAccess, Visitor};
 use serde::ser::SerializeTuple;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -20,7 +20,7 @@ pub(crate) const RULES_TOKENS_PER_DAY: u32 = 4;
 
 /// [`Limits`] as rules 2 and 3 laid them out.
 #[derive(Serialize, Deserialize)]
-pub(in crate::engine) struct LimitsLayout {
+pub(crate) struct LimitsLayout {
     requests_per_minute: Option<u64>,
     tokens_per_minute: Option<u64>,
     requests_per_day: Option<u64>,
@@ -184,7 +184,7 @@ impl<'de> Deserialize<'de> for Setup {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{PoolConfig, RULES_VERSION};
+    use crate::{PoolConfig, RULES_VERSION};
 
     fn limits(tokens_per_day: Option<u64>, auto: bool) -> Limits {
         Limits {
@@ -203,7 +203,7 @@ mod tests {
             project_limits: [(("p".to_string(), "m".to_string()), limits(Some(5), true))].into(),
             other_models: Some(limits(None, true)),
         };
-        let mut config = crate::engine::tests::config(10, 100);
+        let mut config = crate::tests::config(10, 100);
         config.pools = [("gemini".to_string(), pool)].into();
         Setup {
             rules,

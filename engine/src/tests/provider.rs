@@ -5,7 +5,7 @@
 //! tuning throughout: one window of 60 s, a safety margin of 2 s, `relearn_after` 10.
 
 use super::*;
-use crate::engine::catalogue::GroupKey;
+use crate::catalogue::GroupKey;
 use std::collections::VecDeque;
 
 const WINDOWS: u64 = 60;

@@ -481,9 +481,8 @@ impl Recorded {
     /// at `cut` through the store's encoding, and checks both reach the state recorded.
     fn check_replay(&self, cut: usize) -> Result<(), TestCaseError> {
         let recorded = self.engine.image();
-        let through_the_store = |time: Time, command: &Command| -> crate::engine::layout::Record {
-            crate::engine::layout::decode(&crate::engine::layout::encode_record(time, command))
-                .unwrap()
+        let through_the_store = |time: Time, command: &Command| -> crate::layout::Record {
+            crate::layout::decode(&crate::layout::encode_record(time, command)).unwrap()
         };
         let mut whole = property_engine();
         for (time, command) in &self.log {
@@ -497,10 +496,9 @@ impl Recorded {
         for (time, command) in &self.log[..cut] {
             head.apply(*time, command.clone());
         }
-        let snapshot: crate::engine::layout::Snapshot = crate::engine::layout::Snapshot::decode(
-            &crate::engine::layout::Snapshot::of(&head, 0).encode(),
-        )
-        .unwrap();
+        let snapshot: crate::layout::Snapshot =
+            crate::layout::Snapshot::decode(&crate::layout::Snapshot::of(&head, 0).encode())
+                .unwrap();
         prop_assert_eq!(
             &snapshot.image,
             &head.image(),

@@ -3,10 +3,10 @@
 //! had learned nothing. Frozen: nothing here changes with the engine.
 
 use super::Snapshot;
-use crate::engine::image::{GroupImage, Image, KeyImage, LeaseImage, LineImage};
-use crate::engine::quota::Limits;
-use crate::engine::quota::before_tokens_per_day::QuotaGroupV3;
-use crate::engine::{DailyReset, EngineConfig, KeySpec, PoolConfig, Setup, Time};
+use crate::image::{GroupImage, Image, KeyImage, LeaseImage, LineImage};
+use crate::quota::Limits;
+use crate::quota::before_tokens_per_day::QuotaGroupV3;
+use crate::{DailyReset, EngineConfig, KeySpec, PoolConfig, Setup, Time};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -203,8 +203,8 @@ fn image(v1: ImageV1) -> Image {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::quota::Limits;
-    use crate::engine::{Engine, image::Image};
+    use crate::quota::Limits;
+    use crate::{Engine, image::Image};
 
     fn limits_v1(limits: Limits) -> LimitsV1 {
         LimitsV1 {
@@ -283,14 +283,14 @@ mod tests {
     }
 
     fn engine_with_books() -> Engine {
-        let setup = super::super::setup_of_an_older_build(crate::engine::RULES_VERSION);
+        let setup = super::super::setup_of_an_older_build(crate::RULES_VERSION);
         let mut engine = Engine::new(setup, Time::at(5_000)).unwrap();
-        let ask = crate::engine::AcquireRequest {
+        let ask = crate::AcquireRequest {
             task_id: "t".into(),
             model: "m".into(),
             ..Default::default()
         };
-        engine.apply(Time::at(6_000), crate::engine::Command::Acquire(ask));
+        engine.apply(Time::at(6_000), crate::Command::Acquire(ask));
         engine
     }
 
@@ -315,10 +315,7 @@ mod tests {
         assert!(Snapshot::decode(&bytes[..bytes.len() - 2]).is_err());
         // Today's snapshots read back as written.
         let today = Snapshot::decode(&Snapshot::of(&engine, 9).encode()).unwrap();
-        assert_eq!(
-            (today.seq, today.setup.rules),
-            (9, crate::engine::RULES_VERSION)
-        );
+        assert_eq!((today.seq, today.setup.rules), (9, crate::RULES_VERSION));
         assert_eq!(today.image, expected);
     }
 
