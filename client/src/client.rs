@@ -2,7 +2,6 @@
 //! bearer token, per-call timeouts, and a bounded retry when the service cannot be reached, after
 //! which calls fail with [`Error::Unreachable`] rather than hang.
 
-use crate::lease::{AcquireOptions, LeaseGuard};
 use keylease::pb;
 use keylease::pb::key_lease_client::KeyLeaseClient as Stub;
 use std::future::Future;
@@ -257,11 +256,6 @@ impl KeyLeaseClient {
             self.instance,
             self.next_request.fetch_add(1, Ordering::Relaxed)
         )
-    }
-
-    /// Borrows a key for a task; the guard renews it in the background and releases it when dropped.
-    pub async fn acquire(&self, options: AcquireOptions) -> Result<LeaseGuard, Error> {
-        LeaseGuard::acquire(self.clone(), options).await
     }
 
     /// Runs a call, retrying while the service is unreachable. `extra` is how long the call may

@@ -99,6 +99,14 @@ fn lock(held: &Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
     held.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Leasing is this module's: the client's connection knows nothing of guards.
+impl KeyLeaseClient {
+    /// Borrows a key for a task; the guard renews it in the background and releases it when dropped.
+    pub async fn acquire(&self, options: AcquireOptions) -> Result<LeaseGuard, Error> {
+        LeaseGuard::acquire(self.clone(), options).await
+    }
+}
+
 impl LeaseGuard {
     pub(crate) async fn acquire(
         client: KeyLeaseClient,

@@ -2,8 +2,10 @@
 //! first, then the most quota headroom), granting, queueing when nothing can be lent, serving
 //! the lines in order, and saying why nothing can be lent and until when.
 
-use super::catalogue::{GroupKey, KeyIdx, MAX_OTHER_MODELS, ModelIdx, PoolIdx, ProjectIdx};
-use super::leases::{Lease, Token, lease_id};
+use super::catalogue::{GroupKey, MAX_OTHER_MODELS};
+use super::ids::Token;
+use super::ids::{KeyIdx, ModelIdx, PoolIdx, ProjectIdx};
+use super::leases::{Lease, lease_id};
 use super::waiting::{Ask, Line, Waiter};
 use super::{
     AcquireRequest, Acquired, DEFAULT_POOL, Engine, EngineError, EventKind, Time, Unavailable,

@@ -5,7 +5,8 @@
 
 use super::EngineConfig;
 use super::calendar::{DailyReset, Time};
-use super::catalogue::{Catalogue, GroupKey, ModelIdx, PoolIdx};
+use super::catalogue::{Catalogue, GroupKey};
+use super::ids::{ModelIdx, PoolIdx};
 use super::learning::{Evidence, Learned, LimitChange, LimitKind, Tuning};
 use super::quota::{Amount, BookKeeping, Limits, QuotaGroup};
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};

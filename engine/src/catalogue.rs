@@ -4,16 +4,11 @@
 //! never lent again, and gone from every view once its last lease ends. A key only changes through [`Catalogue::update`], which keeps the
 //! free set and the pool's count of enabled keys in step with it.
 
-use super::leases::Token;
+use super::ids::{KeyIdx, ModelIdx, PoolIdx, ProjectIdx, Token};
 use super::quota::Limits;
 use super::{EngineConfig, KeySpec, PoolConfig, SetupError};
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::collections::BTreeSet;
-
-pub(super) type PoolIdx = u32;
-pub(super) type ProjectIdx = u32;
-pub(super) type ModelIdx = u32;
-pub(super) type KeyIdx = usize;
 
 /// A (pool, project, model): the unit the provider's limits apply to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -2,9 +2,11 @@
 //! snapshot stores, what a new configuration carries over, and what determinism tests compare.
 //! An image taken, restored into an engine of the same setup and taken again is the same image.
 
-use super::catalogue::{GroupKey, KeyIdx};
+use super::catalogue::GroupKey;
+use super::ids::KeyIdx;
+use super::ids::Token;
 use super::learning::Learned;
-use super::leases::{Lease, Token};
+use super::leases::Lease;
 use super::outage::Answers;
 use super::quota::QuotaGroup;
 use super::waiting::{Ask, WaitQueue, Waiter};

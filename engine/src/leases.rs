@@ -2,7 +2,7 @@
 //! live leases, the fencing counter, and ended leases remembered for late reports. Tokens only
 //! grow, and a lease id names its token, so an id alone says whether a lease could exist.
 
-use super::catalogue::{KeyIdx, ModelIdx};
+use super::ids::{KeyIdx, ModelIdx, Token};
 use super::quota::Amount;
 use super::{EngineError, Usage};
 use foldhash::{HashMap, HashMapExt};
@@ -10,9 +10,6 @@ use keylease_core::MAX_INPUT_TOKENS;
 use lru::LruCache;
 use std::collections::BTreeSet;
 use std::num::NonZeroUsize;
-
-/// A fencing token: a lease's number, higher for every later grant.
-pub(super) type Token = u64;
 
 const LEASE_ID_PREFIX: &str = "lease-";
 

@@ -11,6 +11,7 @@ mod books;
 pub mod calendar;
 mod catalogue;
 pub mod command;
+mod ids;
 pub mod image;
 pub mod layout;
 pub mod learning;
@@ -585,7 +586,7 @@ pub struct Engine {
     notices: Notices,
     /// Draining keys whose last lease ended during the current command: announced as removed
     /// once it is done.
-    drained: Vec<catalogue::KeyIdx>,
+    drained: Vec<ids::KeyIdx>,
     /// The rules it decides by: its setup's (see [`RULES_VERSION`]).
     rules: u32,
     /// Recent answers of each project, to tell a wave across the pool from its quota.

@@ -3,8 +3,8 @@
 //! request id was granted. Tasks and request ids are bounded, the least recently touched
 //! forgotten first, so that no client can grow the server without limit.
 
-use super::catalogue::{KeyIdx, PoolIdx, ProjectIdx};
-use super::leases::Token;
+use super::ids::Token;
+use super::ids::{KeyIdx, PoolIdx, ProjectIdx};
 use foldhash::{HashMap, HashMapExt, HashSet};
 use lru::LruCache;
 use std::num::NonZeroUsize;

@@ -8,7 +8,7 @@
 //! two: the ordinary noise of a busy pool (a few percent of calls refused at random) seldom
 //! refuses one project three times in a row, and never most of them at once.
 
-use super::catalogue::{PoolIdx, ProjectIdx};
+use super::ids::{PoolIdx, ProjectIdx};
 use super::learning::weighing::span_of;
 use foldhash::HashMap;
 use serde::{Deserialize, Serialize};

@@ -4,9 +4,10 @@
 //! [`Engine::end_lease`], which frees the slot and settles the books.
 
 use super::RULES_WEIGHING_EVIDENCE;
-use super::catalogue::{GroupKey, KeyIdx};
+use super::catalogue::GroupKey;
+use super::ids::KeyIdx;
+use super::ids::Token;
 use super::learning::weighing::span_of;
-use super::leases::Token;
 use super::quota::{Amount, Cooldown, CooldownReason};
 use super::{
     AcquireRequest, DAY_MS, Engine, EngineError, EventKind, Evidence, FailureKind, FailureReport,

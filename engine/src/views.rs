@@ -2,9 +2,11 @@
 //! it, a key's status, the status page of keys, quota groups and lines, and the counts logged at
 //! start-up. Everything here takes `&self`.
 
-use super::catalogue::{GroupKey, KeyIdx, PoolIdx, ProjectIdx};
+use super::catalogue::GroupKey;
+use super::ids::Token;
+use super::ids::{KeyIdx, PoolIdx, ProjectIdx};
 use super::learning::Learned;
-use super::leases::{Lease, Token, lease_id};
+use super::leases::{Lease, lease_id};
 use super::quota::QuotaGroup;
 use super::{
     Counts, Engine, EngineError, GroupView, KeyState, KeyView, LeaseEvent, LeaseSummary, LeaseView,

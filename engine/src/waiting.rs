@@ -3,7 +3,8 @@
 //! (later arrivals keep off them), its waiters' exclusion ends, and when it must be looked at
 //! again though nothing was freed.
 
-use super::catalogue::{GroupKey, KeyIdx, ModelIdx, PoolIdx};
+use super::catalogue::GroupKey;
+use super::ids::{KeyIdx, ModelIdx, PoolIdx};
 use super::{Time, WaiterId};
 use foldhash::{HashMap, HashMapExt, HashSet};
 use std::collections::{BTreeMap, BTreeSet};
