@@ -66,7 +66,7 @@ pub async fn replica(config: PathBuf) -> anyhow::Result<()> {
         anyhow::bail!("{}: no Redis store configured", config.display());
     };
     println!("listening on http://{address}");
-    let front = keylease_server::server::Front::new(&settings)?;
+    let front = keylease_server::connections::Front::new(&settings)?;
     // Stopped as operators stop one, for the failover after SIGTERM.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     // Nothing reloads a benchmark's replica: the sender stays, unused.

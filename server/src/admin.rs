@@ -8,7 +8,7 @@
 //! and a restart finds what an admin did.
 
 use crate::config::{self, ConfigError, Overrides, Settings, StateLocation};
-use crate::server::Front;
+use crate::connections::Front;
 use crate::service::{caller_name, set_key_enabled};
 use crate::state::State;
 use crate::store::journal::StoreFailed;
@@ -61,6 +61,24 @@ pub enum AdminError {
     Invalid { field: &'static str, reason: String },
     #[error("{path}: {reason}")]
     File { path: String, reason: String },
+}
+
+/// An admin call's failure as a status (the engine's and the store's mapped as the wire maps them).
+impl From<AdminError> for Status {
+    fn from(error: AdminError) -> Self {
+        match error {
+            AdminError::Engine(error) => wire::engine_status(error),
+            AdminError::Store(failure) => failure.into(),
+            AdminError::Invalid { .. } => Status::invalid_argument(error.to_string()),
+            AdminError::Config(_) | AdminError::Tls(_) | AdminError::Setup(_) => {
+                Status::failed_precondition(format!(
+                    "the configuration on disk is not valid, nothing changed: {error}"
+                ))
+            }
+            AdminError::Refused(_) => Status::failed_precondition(error.to_string()),
+            AdminError::File { .. } => Status::internal(error.to_string()),
+        }
+    }
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> AdminError {

@@ -3,9 +3,9 @@
 //! port is bound; an error names the file, field or line, and the reason, never a secret. Text
 //! that can hold one (a secret or token field, a keys-file line, a token variable, any value a
 //! parser quotes) is never quoted: the error gives where it is and what was expected.
+//! A section with settings of its own is split out beside this file: [`proxy`].
 
 use crate::auth::{self, Access, Credential, Role, TokenSpec};
-use crate::proxy::ProxySettings;
 use crate::secret::Redactor;
 use crate::tls::TlsFiles;
 use keylease_core::ApiKey;
@@ -22,6 +22,10 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 /// Prefix of environment overrides: `KEYLEASE_SERVER__LISTEN=0.0.0.0:50051`.
+pub mod proxy;
+
+use proxy::{ProxySection, ProxySettings, proxy_settings};
+
 pub const ENV_PREFIX: &str = "KEYLEASE";
 /// Keys from the environment: `GEMINI_API_KEY`, `GEMINI_API_KEY_1`, `GEMINI_API_KEY_2`, ...
 const GEMINI_KEY_VAR: &str = "GEMINI_API_KEY";
@@ -69,54 +73,6 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsSection {
     pub listen: Option<String>,
-}
-
-/// `[proxy]`: the Gemini-compatible HTTP endpoint; off unless `listen` is set.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ProxySection {
-    pub listen: Option<String>,
-    /// Gemini's base URL.
-    pub upstream: String,
-    /// Longest wait for a key before answering 429.
-    #[serde(with = "humantime_serde")]
-    pub wait: Duration,
-    /// Longest a whole call may take.
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
-    /// Largest request body, in bytes.
-    pub max_body: u64,
-    /// The model leased to list models; default: the first of the `gemini` pool.
-    pub listing_model: Option<String>,
-    /// Connections at once (fitted to the open-file limit at start).
-    pub max_connections: usize,
-    /// How long a client has to send a request's headers.
-    #[serde(with = "humantime_serde")]
-    pub header_timeout: Duration,
-    /// How long a client has to send a request's body.
-    #[serde(with = "humantime_serde")]
-    pub body_timeout: Duration,
-    /// A connection with no request in flight this long is closed.
-    #[serde(with = "humantime_serde")]
-    pub idle_timeout: Duration,
-}
-
-impl Default for ProxySection {
-    fn default() -> Self {
-        let limits = crate::proxy::DEFAULT_LIMITS;
-        Self {
-            listen: None,
-            upstream: keylease_client::gemini::DEFAULT_BASE_URL.to_string(),
-            wait: crate::proxy::DEFAULT_WAIT,
-            timeout: crate::proxy::DEFAULT_TIMEOUT,
-            max_body: crate::proxy::DEFAULT_MAX_BODY as u64,
-            listing_model: None,
-            max_connections: limits.max_connections,
-            header_timeout: limits.header_timeout,
-            body_timeout: limits.body_timeout,
-            idle_timeout: limits.idle_timeout,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -1088,99 +1044,6 @@ fn access(
         }
     };
     Ok((Access { required, callers }, notices))
-}
-
-/// `[proxy]`, checked: its own port, an upstream URL, and no open proxy off loopback.
-fn proxy_settings(
-    file: &FileConfig,
-    listen: SocketAddr,
-    metrics_listen: Option<SocketAddr>,
-    access: &Access,
-    at: &dyn Fn(&str) -> String,
-) -> Result<Option<ProxySettings>, ConfigError> {
-    let section = &file.proxy;
-    let Some(address) = &section.listen else {
-        return Ok(None);
-    };
-    let parsed = SocketAddr::from_str(address).map_err(|_| {
-        invalid(
-            at("proxy.listen"),
-            format!("{address:?} is not an address:port"),
-        )
-    })?;
-    if parsed.port() != 0 && (parsed == listen || Some(parsed) == metrics_listen) {
-        return Err(invalid(
-            at("proxy.listen"),
-            "is the address of server.listen or metrics.listen: the proxy needs a port of its own",
-        ));
-    }
-    if !parsed.ip().is_loopback() && !access.required && file.server.auth.as_deref() != Some("off")
-    {
-        return Err(invalid(
-            at("proxy.listen"),
-            format!(
-                "{parsed} is not a loopback address and no tokens are configured: anyone who reaches it could spend the keys. Configure [[server.tokens]] (callers give theirs as the API key), or set server.auth = \"off\" to run open"
-            ),
-        ));
-    }
-    let upstream = crate::proxy::check_upstream(&section.upstream)
-        .map_err(|reason| invalid(at("proxy.upstream"), reason))?;
-    for (field, value) in [
-        ("proxy.wait", section.wait),
-        ("proxy.timeout", section.timeout),
-        ("proxy.header_timeout", section.header_timeout),
-        ("proxy.body_timeout", section.body_timeout),
-        ("proxy.idle_timeout", section.idle_timeout),
-    ] {
-        if value.is_zero() || value > MAX_DURATION {
-            return Err(invalid(
-                at(field),
-                "must be between a millisecond and a year",
-            ));
-        }
-    }
-    let max_body = usize::try_from(section.max_body)
-        .ok()
-        .filter(|bytes| crate::proxy::MAX_BODY_RANGE.contains(bytes))
-        .ok_or_else(|| invalid(at("proxy.max_body"), "must be between 1024 bytes and 1 GiB"))?;
-    let listing_model = match &section.listing_model {
-        Some(model) => {
-            // Without [pools], the gemini pool serves any model.
-            let known = file.pools.is_empty()
-                || file
-                    .pools
-                    .values()
-                    .any(|pool| pool.models.contains_key(model));
-            if !known {
-                return Err(invalid(
-                    at("proxy.listing_model"),
-                    format!("{model:?} is not a model of any pool"),
-                ));
-            }
-            Some(model.clone())
-        }
-        None => file
-            .pools
-            .get(keylease_engine::DEFAULT_POOL)
-            .and_then(|pool| pool.models.keys().next().cloned()),
-    };
-    if section.max_connections == 0 {
-        return Err(invalid(at("proxy.max_connections"), "must be above zero"));
-    }
-    Ok(Some(ProxySettings {
-        listen: parsed,
-        upstream,
-        wait: section.wait,
-        timeout: section.timeout,
-        max_body,
-        listing_model,
-        limits: crate::connections::HttpLimits {
-            max_connections: section.max_connections,
-            header_timeout: section.header_timeout,
-            body_timeout: section.body_timeout,
-            idle_timeout: section.idle_timeout,
-        },
-    }))
 }
 
 /// `[server.tls]`, with `replication.ca`: the files exist and hold what they should.

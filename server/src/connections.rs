@@ -9,7 +9,9 @@
 
 use crate::auth::{Gate, PeerCertificate};
 use crate::clock::Clock;
-use crate::server::Front;
+use crate::config::proxy::HttpLimits;
+use crate::config::{ConnectionLimits, Settings, StateLocation};
+use crate::tls::{Tls, TlsError};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -27,6 +29,32 @@ use tokio::time::Sleep;
 use tonic::codegen::http;
 use tonic::service::Routes;
 use tonic::transport::server::TcpConnectInfo;
+
+/// What every call passes before a service sees it, shared by every connection and replaced
+/// piece by piece by a reload.
+#[derive(Clone)]
+pub struct Front {
+    pub gate: Arc<Gate>,
+    /// TLS, when configured.
+    pub tls: Option<Arc<Tls>>,
+    /// What connections may hold (fixed at start).
+    pub limits: ConnectionLimits,
+}
+
+impl Front {
+    pub fn new(settings: &Settings) -> Result<Self, TlsError> {
+        let replication_token = match &settings.state {
+            StateLocation::Redis(replication) => Some(&replication.token),
+            _ => None,
+        };
+        let tls = settings.tls.clone().map(Tls::load).transpose()?;
+        Ok(Self {
+            gate: Arc::new(Gate::new(&settings.access, replication_token)),
+            tls: tls.map(Arc::new),
+            limits: settings.limits,
+        })
+    }
+}
 
 /// Most bytes queued for one stream that its peer does not read: 300 stalled event streams
 /// then hold 20 MB, where hyper's default (400 KB) let them hold well over 100 MB.
@@ -495,20 +523,6 @@ impl<B: http_body::Body + Unpin> http_body::Body for GuardedBody<B> {
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
     }
-}
-
-/// What connections to an HTTP port (the proxy's) may hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HttpLimits {
-    /// Connections at once; one more is accepted and closed at once.
-    pub max_connections: usize,
-    /// How long a client has to send a request's headers (HTTP/1.1), from when the server
-    /// starts reading them: a connection that sends a request line and stops is closed.
-    pub header_timeout: Duration,
-    /// How long a client has to send a request's whole body (see the proxy).
-    pub body_timeout: Duration,
-    /// A connection with no request in flight for this long is closed.
-    pub idle_timeout: Duration,
 }
 
 /// Serves `app` over HTTP/1.1 and HTTP/2 (cleartext) on `listener` within `limits` until

@@ -7,6 +7,7 @@
 //! - [`auth`]: who calls and what each role may do: tokens by hash, client certificates.
 //! - [`server`]: serving on a listener, with health and reflection, until a shutdown future.
 //! - [`connections`]: what client connections may hold: how many, and how long idle.
+//! - [`fleet`]: the fleet of replicas as this one sees it, for `GetStatus`.
 //! - [`state`]: the engine's shell: one lock, the store's journal, waiters' channels, events,
 //!   the expiry timer.
 //! - [`store`]: durable state: the log of commands and snapshots, recovery, group commit.
@@ -28,6 +29,7 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod connections;
+pub mod fleet;
 pub mod lock_file;
 pub mod logs;
 pub mod metrics;

@@ -4,12 +4,13 @@
 //! limits per group, waiters, store commits, the replica's role). Labels are only names from
 //! the configuration (pool, project, model) and fixed words: never a secret, a key id or a task.
 
-use crate::state::State;
+use crate::store::journal::CommitObserver;
 use keylease_engine::{EventKind, FailureKind, KeyState, LimitKind, StatusView};
 use metrics::{Counter, Histogram, Key, Label, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 
 const GRANTED: &str = "keylease_leases_granted_total";
@@ -290,7 +291,7 @@ impl Metrics {
 
     /// The Prometheus text: the counters, with gauges set from `state` as it is now (none
     /// when this replica does not lead) and the replica's `role` when it is one.
-    pub async fn render(&self, state: Option<&State>, role: Option<&str>) -> String {
+    pub async fn render(&self, state: Option<&dyn StatusSource>, role: Option<&str>) -> String {
         let stale: Vec<_> =
             std::mem::take(&mut *self.scraped.lock().unwrap_or_else(PoisonError::into_inner))
                 .into_iter()
@@ -308,20 +309,11 @@ impl Metrics {
             }
         }
         if let Some(state) = state
-            && let Ok(Ok(status)) = state
-                .read(|engine, now| engine.status(now, None, None, usize::MAX))
-                .await
+            && let Some(status) = state.status().await
         {
             self.status_gauges(&status);
         }
         self.recorder.handle().render()
-    }
-
-    /// A commit of the state store took `seconds`.
-    pub fn committed(&self, seconds: f64) {
-        if self.is_served() {
-            self.commit_latency.record(seconds);
-        }
     }
 
     fn status_gauges(&self, status: &StatusView) {
@@ -388,8 +380,24 @@ impl Metrics {
     }
 }
 
+impl CommitObserver for Metrics {
+    /// A commit of the state store took `seconds`.
+    fn committed(&self, seconds: f64) {
+        if self.is_served() {
+            self.commit_latency.record(seconds);
+        }
+    }
+}
+
+/// Where a scrape reads the gauges: the whole status of the state that serves (the shell's
+/// [`crate::state::State`]), or `None` when it cannot be read.
+pub trait StatusSource: Send + Sync {
+    fn status(&self) -> Pin<Box<dyn Future<Output = Option<StatusView>> + Send + '_>>;
+}
+
 /// What a scrape reads: the state that serves now (if any) and the replica's role (if one).
-pub type Source = Arc<dyn Fn() -> (Option<Arc<State>>, Option<&'static str>) + Send + Sync>;
+pub type Source =
+    Arc<dyn Fn() -> (Option<Arc<dyn StatusSource>>, Option<&'static str>) + Send + Sync>;
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.
 pub async fn serve(

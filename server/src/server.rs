@@ -4,14 +4,11 @@
 //! the configured limits ([`crate::connections`]), and HTTP/2 pings find peers that are gone.
 
 use crate::admin::{Control, KeyAdminService};
-use crate::auth::Gate;
 use crate::clock::Clock;
-use crate::config::{ConnectionLimits, Settings, StateLocation};
-use crate::connections::{self, Incoming};
-use crate::replica::FleetView;
+use crate::connections::{self, Front, Incoming};
+use crate::fleet::FleetView;
 use crate::service::KeyLeaseService;
 use crate::state::State;
-use crate::tls::{Tls, TlsError};
 use keylease::pb;
 use keylease::pb::key_admin_server::KeyAdminServer;
 use keylease::pb::key_lease_server::KeyLeaseServer;
@@ -23,32 +20,6 @@ use tonic::service::Routes;
 pub enum ServeError {
     #[error("server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-}
-
-/// What every call passes before a service sees it, shared by every connection and replaced
-/// piece by piece by a reload.
-#[derive(Clone)]
-pub struct Front {
-    pub gate: Arc<Gate>,
-    /// TLS, when configured.
-    pub tls: Option<Arc<Tls>>,
-    /// What connections may hold (fixed at start).
-    pub limits: ConnectionLimits,
-}
-
-impl Front {
-    pub fn new(settings: &Settings) -> Result<Self, TlsError> {
-        let replication_token = match &settings.state {
-            StateLocation::Redis(replication) => Some(&replication.token),
-            _ => None,
-        };
-        let tls = settings.tls.clone().map(Tls::load).transpose()?;
-        Ok(Self {
-            gate: Arc::new(Gate::new(&settings.access, replication_token)),
-            tls: tls.map(Arc::new),
-            limits: settings.limits,
-        })
-    }
 }
 
 /// The KeyLease service on `state`.

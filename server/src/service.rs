@@ -4,7 +4,7 @@
 //! message on its way out.
 
 use crate::auth::Caller;
-use crate::replica::FleetView;
+use crate::fleet::FleetView;
 use crate::state::{AcquireFailure, Published, State};
 use crate::wire;
 use keylease::pb;

@@ -262,7 +262,7 @@ impl State {
         };
         let journal = store.map(|store| Journal::start(store, last_seq));
         if let Some(journal) = &journal {
-            let _ = journal.stats.metrics.set(metrics.clone());
+            let _ = journal.stats.observer.set(metrics.clone());
         }
         attest_listed_models(&metrics, settings);
         let recovering = engine.is_some();
@@ -964,6 +964,21 @@ impl Drop for Waiting<'_> {
                 fencing_token: lease.fencing_token,
             });
         }
+    }
+}
+
+/// Gauges at a scrape read the whole status as it is now.
+impl crate::metrics::StatusSource for State {
+    fn status(
+        &self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Option<keylease_engine::StatusView>> + Send + '_>>
+    {
+        Box::pin(async move {
+            self.read(|engine, now| engine.status(now, None, None, usize::MAX))
+                .await
+                .ok()?
+                .ok()
+        })
     }
 }
 

@@ -31,24 +31,6 @@ pub fn engine_status(error: EngineError) -> Status {
     Status::new(code, error.to_string())
 }
 
-impl From<crate::admin::AdminError> for Status {
-    fn from(error: crate::admin::AdminError) -> Self {
-        use crate::admin::AdminError;
-        match error {
-            AdminError::Engine(error) => engine_status(error),
-            AdminError::Store(failure) => failure.into(),
-            AdminError::Invalid { .. } => Status::invalid_argument(error.to_string()),
-            AdminError::Config(_) | AdminError::Tls(_) | AdminError::Setup(_) => {
-                Status::failed_precondition(format!(
-                    "the configuration on disk is not valid, nothing changed: {error}"
-                ))
-            }
-            AdminError::Refused(_) => Status::failed_precondition(error.to_string()),
-            AdminError::File { .. } => Status::internal(error.to_string()),
-        }
-    }
-}
-
 /// An acquire that got no lease, as a status; `now_ms` turns the engine's instants into delays.
 pub fn acquire_failure_status(failure: AcquireFailure, now_ms: u64) -> Status {
     match failure {

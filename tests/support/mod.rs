@@ -162,7 +162,12 @@ impl TestServer {
         tokio::spawn(keylease_server::metrics::serve(
             metrics_listener,
             state.metrics().clone(),
-            Arc::new(move || (Some(scraped.clone()), None)),
+            Arc::new(move || {
+                (
+                    Some(scraped.clone() as Arc<dyn keylease_server::metrics::StatusSource>),
+                    None,
+                )
+            }),
             std::future::pending(),
         ));
         let control = Control::new(source, settings, state).expect("TLS files");

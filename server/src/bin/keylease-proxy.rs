@@ -3,7 +3,8 @@
 
 use clap::Parser;
 use keylease_client::{ClientConfig, KeyLeaseClient, TlsConfig};
-use keylease_server::proxy::{self, Proxy, ProxySettings};
+use keylease_server::config::proxy::{self as settings, HttpLimits, ProxySettings};
+use keylease_server::proxy::{self, Proxy};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,13 +37,13 @@ struct Args {
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     timeout: Duration,
     /// Largest request body, in bytes.
-    #[arg(long, default_value_t = proxy::DEFAULT_MAX_BODY)]
+    #[arg(long, default_value_t = settings::DEFAULT_MAX_BODY)]
     max_body: usize,
     /// The model leased to list models (`GET models`); without it, listing is refused.
     #[arg(long)]
     listing_model: Option<String>,
     /// Connections at once (fitted to the open-file limit).
-    #[arg(long, default_value_t = proxy::DEFAULT_LIMITS.max_connections)]
+    #[arg(long, default_value_t = settings::DEFAULT_LIMITS.max_connections)]
     max_connections: usize,
     /// How long a client has to send a request's headers.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -95,7 +96,7 @@ fn main() -> ExitCode {
 async fn run(args: Args) -> Result<(), (u8, String)> {
     let usage = |message: String| (EXIT_USAGE, message);
     let upstream =
-        proxy::check_upstream(&args.upstream).map_err(|e| usage(format!("--upstream: {e}")))?;
+        settings::check_upstream(&args.upstream).map_err(|e| usage(format!("--upstream: {e}")))?;
     if [
         args.wait,
         args.timeout,
@@ -111,7 +112,7 @@ async fn run(args: Args) -> Result<(), (u8, String)> {
             "--wait, --timeout, --header-timeout, --body-timeout, --idle-timeout and --max-connections must be above zero".into(),
         ));
     }
-    if !proxy::MAX_BODY_RANGE.contains(&args.max_body) {
+    if !settings::MAX_BODY_RANGE.contains(&args.max_body) {
         return Err(usage(format!(
             "--max-body: {} is not between 1024 bytes and 1 GiB",
             args.max_body
@@ -149,7 +150,7 @@ async fn run(args: Args) -> Result<(), (u8, String)> {
         timeout: args.timeout,
         max_body: args.max_body,
         listing_model: args.listing_model,
-        limits: keylease_server::connections::HttpLimits {
+        limits: HttpLimits {
             max_connections: budget.proxy,
             header_timeout: args.header_timeout,
             body_timeout: args.body_timeout,

@@ -7,9 +7,11 @@ use clap::Parser;
 use keylease_server::admin::{ConfigSource, Control};
 use keylease_server::clock::Clock;
 use keylease_server::config::{Overrides, Replication, Settings, StateLocation};
+use keylease_server::connections::Front;
 use keylease_server::connections::Incoming;
+use keylease_server::metrics::StatusSource;
 use keylease_server::replica;
-use keylease_server::server::{Front, serve};
+use keylease_server::server::serve;
 use keylease_server::state::State;
 use std::future::pending;
 use std::path::PathBuf;
@@ -421,7 +423,7 @@ async fn run(
     if let Some(listener) = bind_metrics(&settings).await? {
         let scraped = state.clone();
         let source: keylease_server::metrics::Source =
-            Arc::new(move || (Some(scraped.clone()), None));
+            Arc::new(move || (Some(scraped.clone() as Arc<dyn StatusSource>), None));
         let metrics = state.metrics().clone();
         tokio::spawn(async move {
             let served =

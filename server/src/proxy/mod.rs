@@ -19,6 +19,7 @@ pub mod reply;
 pub mod route;
 
 use crate::auth::token_sha256;
+use crate::config::proxy::ProxySettings;
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::response::Response;
@@ -33,63 +34,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::net::TcpListener;
 
-/// `[proxy]` (or `keylease-proxy`'s flags), validated.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ProxySettings {
-    pub listen: SocketAddr,
-    /// Gemini's base URL: `https://generativelanguage.googleapis.com`, or a fake.
-    pub upstream: String,
-    /// Longest wait for a key before the caller gets a 429 (the SDK's `X-Server-Timeout`
-    /// shortens it).
-    pub wait: Duration,
-    /// Longest a whole call may take: waits, retries and the answer.
-    pub timeout: Duration,
-    /// Largest request body accepted, in bytes.
-    pub max_body: usize,
-    /// The model whose lease lists the models (`GET models`); `None`: listing is refused.
-    pub listing_model: Option<String>,
-    /// What its connections may hold.
-    pub limits: crate::connections::HttpLimits,
-}
-
-pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
-/// Gemini's own limit on an inline request.
-pub const DEFAULT_MAX_BODY: usize = 20 * 1024 * 1024;
-/// What `max_body` may be: room for a prompt, and no more than a GiB held per call.
-pub const MAX_BODY_RANGE: std::ops::RangeInclusive<usize> = 1024..=1 << 30;
-/// The proxy's connection limits unless configured.
-pub const DEFAULT_LIMITS: crate::connections::HttpLimits = crate::connections::HttpLimits {
-    max_connections: 1024,
-    header_timeout: Duration::from_secs(10),
-    body_timeout: Duration::from_secs(60),
-    idle_timeout: Duration::from_secs(60),
-};
 /// How long a model listing is served from memory.
 const LISTING_TTL: Duration = Duration::from_secs(600);
 /// Most callers whose keylease connections are kept; past it the set starts again.
 const MAX_CALLERS: usize = 4096;
-
-/// An upstream base URL, checked: `http(s)://host[:port][/path]`, without credentials, a query
-/// or a fragment (a key in a URL ends up in logs). Returned without a trailing `/`.
-pub fn check_upstream(url: &str) -> Result<String, String> {
-    // The URL is never quoted: a mistaken one may hold a key.
-    let parsed = reqwest::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
-    if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
-        return Err("give an http:// or https:// URL with a host".into());
-    }
-    if !parsed.username().is_empty()
-        || parsed.password().is_some()
-        || parsed.query().is_some()
-        || parsed.fragment().is_some()
-    {
-        return Err(
-            "holds credentials, a query or a fragment: give the base URL alone (the proxy puts each leased key in a header)"
-                .into(),
-        );
-    }
-    Ok(url.trim_end_matches('/').to_string())
-}
 
 /// The proxy's shared state: one per listener.
 pub struct Proxy {

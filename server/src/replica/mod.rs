@@ -34,8 +34,9 @@ use self::redis::{Leader, LogHead, Position, Redis, RedisStore};
 use self::router::{Router, Serving};
 use crate::clock::Clock;
 use crate::config::{Replication, Settings};
+use crate::connections::Front;
+use crate::fleet::FleetView;
 use crate::secret::FingerprintKey;
-use crate::server::Front;
 use crate::state::{Opening, State};
 use crate::store::embedded::StateDir;
 use crate::store::{Recovery, StoreError};
@@ -62,32 +63,6 @@ const SNAPSHOT_EVERY: u64 = 20_000;
 pub const STEP_DOWN_AT_LEAST: Duration = Duration::from_millis(500);
 /// The file in the state directory that remembers the log this replica followed.
 const SEEN_FILE: &str = "redis-log";
-
-/// What the leader tells operators about the fleet, in `GetStatus`.
-#[derive(Debug, Default)]
-pub struct Fleet {
-    pub replica: String,
-    pub epoch: u64,
-    pub key_set_differences: Vec<String>,
-}
-
-/// The fleet as this replica sees it, kept up to date by its supervisor.
-#[derive(Debug, Clone, Default)]
-pub struct FleetView(Arc<std::sync::RwLock<Fleet>>);
-
-impl FleetView {
-    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, Fleet> {
-        self.0
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Fleet> {
-        self.0
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
 
 /// Why a replica could not start.
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +115,7 @@ pub struct Listeners {
     pub grpc: crate::connections::Incoming,
     pub metrics: Option<tokio::net::TcpListener>,
     pub proxy: Option<(
-        crate::proxy::ProxySettings,
+        crate::config::proxy::ProxySettings,
         crate::connections::LocalConnector,
     )>,
 }

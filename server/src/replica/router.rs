@@ -9,8 +9,8 @@
 use crate::admin::{ConfigSource, Control, KeyAdminService};
 use crate::auth::{CALLER_HEADER, Caller};
 use crate::config::Settings;
-use crate::metrics::Metrics;
-use crate::replica::FleetView;
+use crate::fleet::FleetView;
+use crate::metrics::{Metrics, StatusSource};
 use crate::server::keylease_routes;
 use crate::state::State;
 use crate::tls::Tls;
@@ -240,9 +240,9 @@ impl Router {
     }
 
     /// The state this replica serves from while it leads, and its role now.
-    pub fn scraped(&self) -> (Option<Arc<State>>, Option<&'static str>) {
+    pub fn scraped(&self) -> (Option<Arc<dyn StatusSource>>, Option<&'static str>) {
         match self.serving() {
-            Serving::Leading(_, state) => (Some(state), Some("leader")),
+            Serving::Leading(_, state) => (Some(state as Arc<dyn StatusSource>), Some("leader")),
             Serving::Following(_) => (None, Some("follower")),
             Serving::Unavailable(_) => (None, Some("unavailable")),
         }

@@ -61,7 +61,12 @@ pub struct JournalStats {
     pub commit_micros: AtomicU64,
     pub snapshots: AtomicU64,
     /// Where each commit's duration is counted.
-    pub metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
+    pub observer: std::sync::OnceLock<Arc<dyn CommitObserver>>,
+}
+
+/// Told how long each durable commit took (the server's metrics are).
+pub trait CommitObserver: Send + Sync + std::fmt::Debug {
+    fn committed(&self, seconds: f64);
 }
 
 pub struct Journal {
@@ -293,8 +298,8 @@ impl Journal {
             self.stats
                 .commit_micros
                 .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-            if let Some(metrics) = self.stats.metrics.get() {
-                metrics.committed(took.as_secs_f64());
+            if let Some(observer) = self.stats.observer.get() {
+                observer.committed(took.as_secs_f64());
             }
             self.stats.commits.fetch_add(1, Ordering::Relaxed);
             self.stats
