@@ -1,0 +1,334 @@
+//! The keys: `[[keys]]` entries, a keys file and `GEMINI_API_KEY*` variables, collected into
+//! [`KeySpec`]s with every mistake named where it is, and never a secret quoted.
+
+use super::*;
+
+/// Gathers keys from every source, refusing duplicates with both places named.
+pub(super) struct KeyCollector<'a> {
+    id_salt: &'a str,
+    keys: Vec<KeySpec>,
+    /// Where each secret and each id came from.
+    secret_origin: HashMap<ApiKey, String>,
+    id_origin: HashMap<String, String>,
+}
+
+impl<'a> KeyCollector<'a> {
+    pub(super) fn new(id_salt: &'a str) -> Self {
+        Self {
+            id_salt,
+            keys: Vec::new(),
+            secret_origin: HashMap::new(),
+            id_origin: HashMap::new(),
+        }
+    }
+
+    fn add(
+        &mut self,
+        origin: &str,
+        secret: &str,
+        id: Option<&str>,
+        project: Option<&str>,
+        pool: Option<&str>,
+        max_leases: Option<u32>,
+    ) -> Result<(), ConfigError> {
+        let secret = secret.trim();
+        if let Some(problem) = secret_problem(secret) {
+            return Err(invalid(origin, problem));
+        }
+        let secret = ApiKey::new(secret);
+        if let Some(first) = self.secret_origin.get(&secret) {
+            return Err(invalid(
+                origin,
+                format!("duplicate key {} (first at {first})", secret.masked()),
+            ));
+        }
+        let id = match id {
+            Some(id) if id.trim().is_empty() => return Err(invalid(origin, "the id is empty")),
+            Some(id) => id.trim().to_string(),
+            None => crate::secret::derived_id(&secret, self.id_salt),
+        };
+        for (what, name) in [
+            ("id", Some(id.as_str())),
+            ("project", project),
+            ("pool", pool),
+        ] {
+            if let Some(problem) = name.and_then(|name| name_problem(name.trim())) {
+                return Err(invalid(origin, format!("the {what} {problem}")));
+            }
+        }
+        if let Some(first) = self.id_origin.get(&id) {
+            return Err(invalid(
+                origin,
+                format!("duplicate key id {id:?} (first at {first})"),
+            ));
+        }
+        if max_leases == Some(0) {
+            return Err(invalid(origin, "max_leases must be above zero"));
+        }
+        let project = match project {
+            Some(p) if p.trim().is_empty() => return Err(invalid(origin, "the project is empty")),
+            Some(p) => p.trim().to_string(),
+            // Without a project the key is its own quota group.
+            None => format!("project-of-{id}"),
+        };
+        self.secret_origin
+            .insert(secret.clone(), origin.to_string());
+        self.id_origin.insert(id.clone(), origin.to_string());
+        self.keys.push(KeySpec {
+            fingerprint: String::new(),
+            id,
+            pool: pool.unwrap_or(DEFAULT_POOL).to_string(),
+            project,
+            secret,
+            max_leases,
+        });
+        Ok(())
+    }
+
+    pub(super) fn add_entry(
+        &mut self,
+        origin: &str,
+        entry: &KeyEntry,
+        env: &HashMap<String, String>,
+    ) -> Result<(), ConfigError> {
+        let secret = match (&entry.secret, &entry.secret_env) {
+            (Some(secret), None) => secret.0.clone(),
+            (None, Some(var)) => env.get(var).cloned().ok_or_else(|| {
+                invalid(origin, format!("secret_env names {var}, which is not set"))
+            })?,
+            (Some(_), Some(_)) => {
+                return Err(invalid(origin, "give secret or secret_env, not both"));
+            }
+            (None, None) => return Err(invalid(origin, "no secret (give secret or secret_env)")),
+        };
+        self.add(
+            origin,
+            &secret,
+            entry.id.as_deref(),
+            entry.project.as_deref(),
+            entry.pool.as_deref(),
+            entry.max_leases,
+        )
+    }
+
+    /// One key per line: `SECRET [id=ID] [project=P] [pool=POOL] [max_leases=N]`, `#` comments;
+    /// or `.env` lines, `[export] GEMINI_API_KEY[_<n>][_PROJECT]=VALUE`, read as the environment
+    /// source reads those variables. Errors give the line and column, never the line's text.
+    pub(super) fn add_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let name = path.display().to_string();
+        let bytes = std::fs::read(path)
+            .map_err(|e| invalid(&name, format!("cannot read the keys file: {e}")))?;
+        let bytes = bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(&bytes);
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            invalid(
+                &name,
+                format!("not UTF-8 text (at byte {})", e.valid_up_to()),
+            )
+        })?;
+        let mut variables: HashMap<String, String> = HashMap::new();
+        let mut variable_lines: HashMap<String, usize> = HashMap::new();
+        for (number, line) in lines_any_ending(text).enumerate() {
+            let origin = format!("{name}:{}", number + 1);
+            let at_column = |word: &str| {
+                let offset = word.as_ptr() as usize - line.as_ptr() as usize;
+                format!("{origin}:{}", line[..offset].chars().count() + 1)
+            };
+            // A comment starts the line or follows white space: keys never hold either.
+            let comment = line
+                .char_indices()
+                .find(|&(i, c)| c == '#' && (i == 0 || line[..i].ends_with(char::is_whitespace)));
+            let line = comment.map_or(line, |(i, _)| &line[..i]);
+            let mut words = line.split_whitespace().peekable();
+            if words.peek() == Some(&"export") {
+                words.next();
+            }
+            let Some(first) = words.next() else { continue };
+            if let Some((variable, value)) = first.split_once('=')
+                && ASSIGNMENT.is_match(first)
+            {
+                if !is_key_variable(variable) {
+                    return Err(invalid(
+                        at_column(first),
+                        format!(
+                            "a NAME=VALUE line whose name is not {GEMINI_KEY_VAR}, {GEMINI_KEY_VAR}_<n> or {GEMINI_KEY_VAR}_<n>_PROJECT (the line is not shown: it may hold a secret)"
+                        ),
+                    ));
+                }
+                let rest_start = value.as_ptr() as usize - line.as_ptr() as usize;
+                let value = line[rest_start..].trim();
+                let value = ['"', '\'']
+                    .iter()
+                    .find_map(|&q| value.strip_prefix(q).and_then(|v| v.strip_suffix(q)))
+                    .unwrap_or(value);
+                if let Some(first_line) = variable_lines.insert(variable.to_string(), number + 1) {
+                    return Err(invalid(
+                        at_column(first),
+                        format!("{variable} is set twice (first on line {first_line})"),
+                    ));
+                }
+                variables.insert(variable.to_string(), value.to_string());
+                continue;
+            }
+            if let Some((annotation, _)) = first.split_once('=')
+                && ANNOTATIONS.contains(&annotation)
+            {
+                return Err(invalid(
+                    at_column(first),
+                    "the key must come first on the line, before id=, project=, pool= and max_leases=",
+                ));
+            }
+            let mut notes: HashMap<&str, &str> = HashMap::new();
+            for word in words {
+                let Some((annotation, value)) = word.split_once('=') else {
+                    return Err(invalid(
+                        at_column(word),
+                        "expected name=value after the key, found a word without '=' (one key per line; the word is not shown)",
+                    ));
+                };
+                if !ANNOTATIONS.contains(&annotation) {
+                    return Err(invalid(
+                        at_column(word),
+                        "unknown annotation (id, project, pool, max_leases); the word is not shown",
+                    ));
+                }
+                notes.insert(annotation, value);
+            }
+            let max_leases = notes
+                .get("max_leases")
+                .map(|v| {
+                    v.parse::<u32>()
+                        .map_err(|_| invalid(&origin, "max_leases is not a number"))
+                })
+                .transpose()?;
+            self.add(
+                &origin,
+                first,
+                notes.get("id").copied(),
+                notes.get("project").copied(),
+                notes.get("pool").copied(),
+                max_leases,
+            )?;
+        }
+        let origin_of = |variable: &str| {
+            format!(
+                "{name}:{} ({variable})",
+                variable_lines.get(variable).copied().unwrap_or(0)
+            )
+        };
+        self.add_variables(&variables, origin_of)
+    }
+
+    pub(super) fn add_environment(
+        &mut self,
+        env: &HashMap<String, String>,
+    ) -> Result<(), ConfigError> {
+        self.add_variables(env, |variable| variable.to_string())
+    }
+
+    /// The keys in `GEMINI_API_KEY` and `GEMINI_API_KEY_<n>` of `env`, each in the project of
+    /// its `…_PROJECT` variable; `origin_of` says where a variable was set.
+    fn add_variables(
+        &mut self,
+        env: &HashMap<String, String>,
+        origin_of: impl Fn(&str) -> String,
+    ) -> Result<(), ConfigError> {
+        let mut numbered: Vec<(u32, &String)> = env
+            .iter()
+            .filter_map(|(name, value)| {
+                let n = name
+                    .strip_prefix(GEMINI_KEY_VAR)?
+                    .strip_prefix('_')?
+                    .parse()
+                    .ok()?;
+                Some((n, value))
+            })
+            .collect();
+        numbered.sort();
+        if let Some(value) = env.get(GEMINI_KEY_VAR) {
+            self.add(
+                &origin_of(GEMINI_KEY_VAR),
+                value,
+                None,
+                env.get(&format!("{GEMINI_KEY_VAR}_PROJECT"))
+                    .map(String::as_str),
+                None,
+                None,
+            )?;
+        }
+        for (n, value) in numbered {
+            let var = format!("{GEMINI_KEY_VAR}_{n}");
+            let project = env.get(&format!("{var}_PROJECT")).map(String::as_str);
+            self.add(&origin_of(&var), value, None, project, None, None)?;
+        }
+        Ok(())
+    }
+
+    /// The keys, unless an id or project holds a secret: both are shown to every operator.
+    pub(super) fn finish(self) -> Result<Vec<KeySpec>, ConfigError> {
+        let redactor = Redactor::new(self.keys.iter().map(|k| &k.secret));
+        for key in &self.keys {
+            for (what, text) in [("id", &key.id), ("project", &key.project)] {
+                if redactor.finds_secret(text) {
+                    let origin = &self.secret_origin[&key.secret];
+                    return Err(invalid(
+                        origin,
+                        format!(
+                            "the {what} holds a key or looks like one; ids and projects are shown to every operator"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(self.keys)
+    }
+}
+
+/// What a keys-file line may say after its key, as `name=value`.
+pub(super) const ANNOTATIONS: [&str; 4] = ["id", "project", "pool", "max_leases"];
+
+/// What is wrong with `secret` (trimmed) as a key's secret, if anything.
+pub fn secret_problem(secret: &str) -> Option<&'static str> {
+    if secret.is_empty() {
+        Some("the key is empty")
+    } else if secret.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some("the key contains white space")
+    } else if ASSIGNMENT.is_match(secret) {
+        Some("the key starts with a variable name and '=': give the key alone")
+    } else {
+        None
+    }
+}
+
+/// What is wrong with `name` as a key id, project or pool, if anything (never quoting it).
+pub fn name_problem(name: &str) -> Option<String> {
+    (name.len() > keylease::MAX_NAME_BYTES).then(|| {
+        format!(
+            "is {} bytes, above the maximum of {}",
+            name.len(),
+            keylease::MAX_NAME_BYTES
+        )
+    })
+}
+
+/// `NAME=` at the start of a word: an environment assignment, not a key.
+static ASSIGNMENT: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^[A-Z_][A-Z0-9_]*=").expect("a valid pattern"));
+
+/// Whether `name` is a variable the environment source reads: `GEMINI_API_KEY`,
+/// `GEMINI_API_KEY_<n>`, and the same with `_PROJECT`.
+pub(super) fn is_key_variable(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(GEMINI_KEY_VAR) else {
+        return false;
+    };
+    let rest = rest.strip_suffix("_PROJECT").unwrap_or(rest);
+    rest.is_empty()
+        || rest
+            .strip_prefix('_')
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Lines of a text file, each ended by LF, CRLF or a lone CR.
+pub(super) fn lines_any_ending(text: &str) -> impl Iterator<Item = &str> {
+    text.split('\n')
+        .flat_map(|line| line.strip_suffix('\r').unwrap_or(line).split('\r'))
+}
