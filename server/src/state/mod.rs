@@ -6,6 +6,18 @@
 //! never cross. Replies, grants and events are released once their record is durable.
 //!
 //! A std mutex, not tokio's: nothing awaits under it and each critical section is one command.
+//!
+//! - [`open`]: opening and recovering the state, and the setup a configuration makes.
+//! - [`waiting`]: acquires that wait, and grants handed back when their caller left.
+//! - [`log`]: each event logged as one line.
+
+mod log;
+mod open;
+mod waiting;
+
+use log::log;
+pub use open::{OpenError, Opening, Recovered, token_floor};
+use open::{attest_listed_models, setup_of};
 
 use crate::clock::Clock;
 use crate::config::{ConnectionLimits, Settings, StateLocation};
@@ -65,16 +77,9 @@ impl From<StoreFailed> for AcquireFailure {
     }
 }
 
-/// Why the state could not be opened.
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    #[error("invalid key setup: {0}")]
-    Setup(#[from] SetupError),
-    #[error("state: {0}")]
-    Store(#[from] StoreError),
-    #[error("a Redis store is opened by the replica that leads it, not by State::open")]
-    Replicated,
-}
+/// Longest error message sent, in bytes: it travels in a header (`grpc-message`), which
+/// clients bound (16 KiB by default) and fail on as a transport error beyond.
+const MAX_MESSAGE_BYTES: usize = 2048;
 
 type WaiterOutcome = Result<LeaseView, Unavailable>;
 
@@ -107,20 +112,6 @@ struct Inner {
     since_snapshot: u64,
 }
 
-/// What start-up found in the state directory.
-#[derive(Debug, Default, Clone)]
-pub struct Recovered {
-    pub from_snapshot: bool,
-    pub records_replayed: u64,
-    pub live_leases: usize,
-    pub disabled_keys: usize,
-    pub cooling_groups: usize,
-    pub quota_groups: usize,
-    pub next_fencing_token: u64,
-    /// Where `--reset-state` moved the old state.
-    pub moved_aside: Option<PathBuf>,
-}
-
 pub struct State {
     inner: Mutex<Inner>,
     clock: Clock,
@@ -151,183 +142,7 @@ pub struct State {
     confirm_reads: bool,
 }
 
-/// The store a state is opened on, and how it is kept.
-pub struct Opening {
-    /// `None`: ephemeral, nothing is kept.
-    pub store: Option<Box<dyn Store>>,
-    /// Keys the fingerprints of secrets, by which state follows a key across renames.
-    pub fingerprint_key: FingerprintKey,
-    /// Records between snapshots.
-    pub snapshot_every: u64,
-    /// Reads wait for the store to confirm it may still write (see [`Store::confirm`]).
-    pub confirm_reads: bool,
-    /// Where what happens is counted: the process's, shared by every state it opens.
-    pub metrics: Arc<Metrics>,
-}
-
-/// Fencing tokens after a start are at least this: above any a previous run of this machine can
-/// have handed out unless it granted more than [`TOKENS_PER_MS`] leases per millisecond on
-/// average, so tokens never repeat even without a state directory (if the wall clock was not
-/// set back).
-pub fn token_floor(wall_ms: u64) -> u64 {
-    wall_ms.saturating_mul(TOKENS_PER_MS)
-}
-
 impl State {
-    /// Opens the state (recovering what the state directory holds), applies the configuration,
-    /// and returns the state with what was recovered. `reset` moves an existing state aside.
-    pub fn open(
-        settings: &Settings,
-        clock: Clock,
-        reset: bool,
-    ) -> Result<(Arc<Self>, Recovered), OpenError> {
-        match &settings.state {
-            StateLocation::Redis(_) => Err(OpenError::Replicated),
-            StateLocation::Ephemeral => {
-                let key = FingerprintKey::random().map_err(|e| StoreError::Io {
-                    path: PathBuf::from("(memory)"),
-                    reason: format!("no random source: {e}"),
-                })?;
-                Self::open_on(settings, clock, None, key, SNAPSHOT_EVERY)
-            }
-            StateLocation::Directory(path) => {
-                let reset_at = reset.then(|| clock.now().wall_ms);
-                let (dir, moved_aside) = StateDir::open(path, reset_at)?;
-                let key = dir.fingerprint_key.clone();
-                let store = EmbeddedStore::open(dir)?;
-                let (state, mut recovered) =
-                    Self::open_on(settings, clock, Some(Box::new(store)), key, SNAPSHOT_EVERY)?;
-                recovered.moved_aside = moved_aside;
-                Ok((state, recovered))
-            }
-        }
-    }
-
-    /// Opens the state on `store` (`None`: ephemeral), whose secrets' fingerprints are keyed by
-    /// `fingerprint_key`: recovers what it holds, then applies the configuration.
-    pub fn open_on(
-        settings: &Settings,
-        clock: Clock,
-        store: Option<Box<dyn Store>>,
-        fingerprint_key: FingerprintKey,
-        snapshot_every: u64,
-    ) -> Result<(Arc<Self>, Recovered), OpenError> {
-        let recovery = match &store {
-            None => None,
-            Some(store) => Some(store::recover(store.as_ref())?),
-        };
-        let opening = Opening {
-            store,
-            fingerprint_key,
-            snapshot_every,
-            confirm_reads: false,
-            metrics: Arc::new(Metrics::new()),
-        };
-        Self::open_recovered(settings, clock, opening, recovery)
-    }
-
-    /// Opens the state on what was already recovered from `opening.store` (`None`: ephemeral),
-    /// then applies the configuration.
-    pub fn open_recovered(
-        settings: &Settings,
-        clock: Clock,
-        opening: Opening,
-        recovery: Option<store::Recovery>,
-    ) -> Result<(Arc<Self>, Recovered), OpenError> {
-        let Opening {
-            store,
-            fingerprint_key,
-            snapshot_every,
-            confirm_reads,
-            metrics,
-        } = opening;
-        let mut recovered = Recovered::default();
-        let started = clock.now();
-        let setup = setup_of(settings, &fingerprint_key, started);
-        // Refused before anything is logged.
-        let fresh = Engine::new(setup.clone(), started)?;
-
-        let (engine, last_seq, clock) = match recovery {
-            None => (None, 0, clock),
-            Some(recovery) => {
-                recovered.from_snapshot = recovery.from_snapshot;
-                recovered.records_replayed = recovery.records_replayed;
-                // The steady clock goes on from where the recovered state left it.
-                let clock = match &recovery.engine {
-                    Some(engine) => clock.not_before(engine.now().steady_ms),
-                    None => clock,
-                };
-                (recovery.engine, recovery.last_seq, clock)
-            }
-        };
-        let journal = store.map(|store| Journal::start(store, last_seq));
-        if let Some(journal) = &journal {
-            let _ = journal.stats.observer.set(metrics.clone());
-        }
-        attest_listed_models(&metrics, settings);
-        let recovering = engine.is_some();
-        let state = Arc::new(Self {
-            inner: Mutex::new(Inner {
-                engine: engine.unwrap_or(fresh),
-                waiters: HashMap::new(),
-                last_seq,
-                since_snapshot: 0,
-            }),
-            events: broadcast::channel(EVENT_BUFFER).0,
-            timer: Notify::new(),
-            timer_target: AtomicU64::new(u64::MAX),
-            shutdown: CancellationToken::new(),
-            max_wait: settings.max_wait,
-            redactor: RwLock::new(Arc::new(settings.redactor())),
-            secrets: Mutex::new(settings.secrets().cloned().collect()),
-            fingerprint_key,
-            metrics,
-            limits: settings.limits,
-            journal,
-            snapshot_every: snapshot_every.max(1),
-            confirm_reads,
-            clock,
-        });
-        {
-            let mut inner = state.lock();
-            if recovering {
-                // Their callers died with the process that queued them; clients retry.
-                let (_, notices) = state.apply_locked(&mut inner, Command::DropWaiters);
-                state.carry_out(&mut inner, notices, None);
-                let (reply, notices) = state.apply_locked(&mut inner, Command::Configure(setup));
-                state.carry_out(&mut inner, notices, None);
-                let configured = reply.into_configured()?;
-                for (old, new) in &configured.renamed_keys {
-                    tracing::info!(old, new, "key renamed: its state carries over");
-                }
-                if configured.dropped_leases > 0 {
-                    tracing::warn!(
-                        leases = configured.dropped_leases,
-                        "leases dropped: their model or pool is no longer configured"
-                    );
-                }
-            } else if let Some(journal) = &state.journal {
-                // The first record of a log: the setup the fresh engine was built with.
-                inner.last_seq += 1;
-                let record = encode_record(started, &Command::Configure(setup));
-                journal.push(inner.last_seq, record);
-            }
-            if let Some(journal) = &state.journal
-                && recovered.records_replayed >= REPLAY_WORTH_A_SNAPSHOT
-            {
-                // The next start begins here, not at the head of the log.
-                journal.push_snapshot(Snapshot::of(&inner.engine, inner.last_seq));
-            }
-            let counts = inner.engine.counts(state.clock.now());
-            recovered.live_leases = counts.live_leases;
-            recovered.disabled_keys = counts.disabled_keys;
-            recovered.quota_groups = counts.quota_groups;
-            recovered.cooling_groups = counts.cooling_groups;
-            recovered.next_fencing_token = inner.engine.next_fencing_token();
-        }
-        Ok((state, recovered))
-    }
-
     /// Masks secrets in free text from clients before it is stored or shown.
     pub fn redactor(&self) -> Arc<Redactor> {
         self.redactor
@@ -568,81 +383,6 @@ impl State {
         }
     }
 
-    /// Lends a key to caller `by`, waiting up to `wait` for one in first-come-first-served order.
-    pub async fn acquire(
-        &self,
-        by: Option<&Arc<str>>,
-        request: AcquireRequest,
-        wait: Duration,
-    ) -> Result<LeaseView, AcquireFailure> {
-        let began_ms = self.clock.now_ms();
-        let acquired = self.acquire_waiting(by, request, wait).await;
-        if acquired.is_ok() {
-            let waited_ms = self.clock.now_ms().saturating_sub(began_ms);
-            self.metrics.acquire_waited(waited_ms as f64 / 1000.0);
-        }
-        acquired
-    }
-
-    async fn acquire_waiting(
-        &self,
-        by: Option<&Arc<str>>,
-        mut request: AcquireRequest,
-        wait: Duration,
-    ) -> Result<LeaseView, AcquireFailure> {
-        request.wait = !wait.is_zero();
-        let now = self.clock.now();
-        let (outcome, seq, receiver, first_new_token) = {
-            let mut inner = self.lock();
-            let first_new_token = inner.engine.next_fencing_token();
-            let (reply, notices) = self.apply_locked(&mut inner, Command::Acquire(request));
-            let outcome = reply.into_acquired();
-            // Only a caller that waits needs a channel; it is registered under the same lock
-            // as the acquire, so no grant can be sent before it is there.
-            let receiver = match outcome {
-                Ok(Acquired::Queued(id)) => {
-                    let (outcome, receiver) = oneshot::channel();
-                    let by = by.cloned();
-                    inner.waiters.insert(id, Waiter { outcome, by });
-                    Some(receiver)
-                }
-                _ => None,
-            };
-            self.carry_out(&mut inner, notices, by);
-            (outcome, inner.last_seq, receiver, first_new_token)
-        };
-        let (waiter, receiver) = match (outcome?, receiver) {
-            // The lease the task already held: nothing to hand back if its caller goes.
-            (Acquired::Granted(lease), _) if lease.fencing_token < first_new_token => {
-                self.durable(seq).await?;
-                return Ok(lease);
-            }
-            (Acquired::Granted(lease), _) => {
-                return Undelivered::new(self, lease).deliver(seq).await;
-            }
-            (Acquired::Unavailable(unavailable), _) => {
-                return Err(AcquireFailure::Unavailable(unavailable));
-            }
-            (Acquired::Queued(id), Some(receiver)) => (id, receiver),
-            (Acquired::Queued(_), None) => unreachable!("a queued acquire has a channel"),
-        };
-        let deadline = tokio::time::sleep_until(self.clock.instant_at(now.steady_ms) + wait);
-        // Boxed: the wait's timer and select would otherwise make every acquire's future several
-        // times larger, copied through each layer of the server, though most are granted at once.
-        Box::pin(async move {
-            let (lease, seq) = Waiting {
-                state: self,
-                id: waiter,
-                receiver,
-                done: false,
-            }
-            .until(deadline)
-            .await?;
-            Undelivered::new(self, lease).deliver(seq).await
-        })
-        .await
-    }
-
     /// Sleeps until the clock reads `at_ms`.
     pub fn sleep_until_ms(&self, at_ms: u64) -> tokio::time::Sleep {
         tokio::time::sleep_until(self.clock.instant_at(at_ms))
@@ -734,14 +474,6 @@ impl Drop for State {
     }
 }
 
-/// The models `settings` lists may be metric labels (see [`Metrics::attest_models`]).
-fn attest_listed_models(metrics: &Metrics, settings: &Settings) {
-    for pool in settings.engine.pools.values() {
-        metrics.attest_models(pool.models.keys().map(String::as_str));
-        metrics.attest_models(pool.project_limits.keys().map(|(_, model)| model.as_str()));
-    }
-}
-
 /// Aborts the process if dropped while a panic unwinds: with a store, a command half applied
 /// must never be served, nor its record written.
 struct AbortOnPanic;
@@ -751,218 +483,6 @@ impl Drop for AbortOnPanic {
         if std::thread::panicking() {
             eprintln!("keylease: a command panicked while being applied; aborting");
             std::process::abort();
-        }
-    }
-}
-
-/// Longest error message sent, in bytes: it travels in a header (`grpc-message`), which
-/// clients bound (16 KiB by default) and fail on as a transport error beyond.
-const MAX_MESSAGE_BYTES: usize = 2048;
-
-/// The engine's setup from `settings`, each key fingerprinted under `key`.
-fn setup_of(settings: &Settings, key: &FingerprintKey, now: Time) -> Setup {
-    let mut keys = settings.keys.clone();
-    for spec in &mut keys {
-        spec.fingerprint = key.fingerprint(&spec.secret);
-    }
-    Setup::new(settings.engine.clone(), keys, token_floor(now.wall_ms))
-}
-
-/// What operators need in the log: key and project trouble at `info`, lease traffic at `debug`.
-fn log(event: &Event, by: Option<&str>) {
-    match &event.kind {
-        EventKind::KeyDisabled { key_id, reason } => {
-            tracing::warn!(key_id, reason, by, "key disabled")
-        }
-        EventKind::KeyEnabled { key_id } => tracing::info!(key_id, by, "key enabled"),
-        EventKind::KeyAdded { key_id } => tracing::info!(key_id, by, "key added"),
-        EventKind::KeyDraining { key_id, leases } => {
-            tracing::info!(
-                key_id,
-                leases,
-                by,
-                "key draining: its live leases run to their end"
-            )
-        }
-        EventKind::KeyRemoved { key_id } => tracing::info!(key_id, by, "key removed"),
-        EventKind::CooldownReset {
-            pool,
-            project,
-            model,
-        } => tracing::info!(pool, project, model, by, "cooldown reset"),
-        EventKind::LimitLearned {
-            pool,
-            project,
-            model,
-            change,
-        } => tracing::info!(
-            pool,
-            project,
-            model,
-            limit = change.kind.as_str(),
-            before = change.before,
-            after = change.after,
-            reason = change.reason,
-            by,
-            "learned limit changed"
-        ),
-        EventKind::Reloaded {
-            changes,
-            needs_restart,
-        } => tracing::info!(?changes, ?needs_restart, by, "configuration reloaded"),
-        EventKind::CooledDown {
-            pool,
-            project,
-            model,
-            until_ms,
-            reason,
-        } => {
-            tracing::info!(
-                pool,
-                project,
-                model,
-                until_ms,
-                reason = reason.as_str(),
-                "quota group cooling down"
-            );
-        }
-        EventKind::Failed {
-            lease,
-            kind,
-            detail,
-        } => {
-            tracing::info!(
-                key_id = lease.key_id,
-                task_id = lease.lease.task_id,
-                kind = kind.as_str(),
-                detail,
-                by,
-                "failure reported"
-            );
-        }
-        EventKind::Granted(lease) => tracing::debug!(
-            key_id = lease.key_id,
-            lease_id = lease.lease.lease_id,
-            task_id = lease.lease.task_id,
-            by,
-            "granted"
-        ),
-        EventKind::Renewed(lease) => {
-            tracing::debug!(lease_id = lease.lease.lease_id, by, "renewed")
-        }
-        EventKind::Released {
-            lease,
-            requests_sent,
-        } => tracing::debug!(
-            lease_id = lease.lease.lease_id,
-            requests_sent,
-            by,
-            "released"
-        ),
-        EventKind::Expired(lease) => tracing::debug!(
-            key_id = lease.key_id,
-            lease_id = lease.lease.lease_id,
-            "expired"
-        ),
-    }
-}
-
-/// A new lease on its way to its caller while its record is committed. Dropped before it was
-/// delivered (the caller went away), it hands the lease back, as a waiter's would be: a caller
-/// that is gone never holds a key.
-struct Undelivered<'a> {
-    state: &'a State,
-    /// `None` once delivered.
-    lease: Option<LeaseView>,
-}
-
-impl<'a> Undelivered<'a> {
-    fn new(state: &'a State, lease: LeaseView) -> Self {
-        Self {
-            state,
-            lease: Some(lease),
-        }
-    }
-
-    /// The lease, once record `seq`, which granted it, is durable.
-    async fn deliver(mut self, seq: u64) -> Result<LeaseView, AcquireFailure> {
-        self.state.durable(seq).await?;
-        Ok(self.lease.take().expect("delivered once"))
-    }
-}
-
-impl Drop for Undelivered<'_> {
-    fn drop(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            self.state.execute(Command::HandBack {
-                lease_id: lease.lease_id,
-                fencing_token: lease.fencing_token,
-            });
-        }
-    }
-}
-
-/// An acquire in line. Dropped before its outcome arrived (disconnect, shutdown), it takes the
-/// waiter out of line, and gives back a lease granted in that very moment, so that no lease is
-/// ever held for a caller that is gone.
-struct Waiting<'a> {
-    state: &'a State,
-    id: WaiterId,
-    receiver: oneshot::Receiver<(WaiterOutcome, u64)>,
-    /// The outcome reached the caller: nothing to undo.
-    done: bool,
-}
-
-impl Waiting<'_> {
-    /// The lease with the record that granted it.
-    async fn until(
-        mut self,
-        deadline: tokio::time::Sleep,
-    ) -> Result<(LeaseView, u64), AcquireFailure> {
-        let shutdown = self.state.shutdown.clone();
-        let outcome = tokio::select! {
-            outcome = &mut self.receiver => {
-                self.done = true;
-                outcome.map_err(|_| AcquireFailure::ShuttingDown)?
-            }
-            () = deadline => {
-                self.done = true;
-                match self.cancel() {
-                    Some(unavailable) => return Err(AcquireFailure::Unavailable(unavailable)),
-                    // Served just before the deadline: the outcome is already in the channel.
-                    None => self.receiver.try_recv().map_err(|_| AcquireFailure::ShuttingDown)?,
-                }
-            }
-            () = shutdown.cancelled() => return Err(AcquireFailure::ShuttingDown),
-        };
-        let (outcome, seq) = outcome;
-        Ok((outcome.map_err(AcquireFailure::Unavailable)?, seq))
-    }
-
-    /// Takes the waiter out of line; `None` when it was already served.
-    fn cancel(&mut self) -> Option<Unavailable> {
-        let mut inner = self.state.lock();
-        let (reply, notices) = self
-            .state
-            .apply_locked(&mut inner, Command::CancelWaiter(self.id));
-        // The engine brings itself to now before the waiter leaves, which may serve this very
-        // waiter: its lease must reach the channel, not be handed back as undelivered.
-        self.state.carry_out(&mut inner, notices, None);
-        inner.waiters.remove(&self.id);
-        reply.into_waiter_cancelled()
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        if self.done || self.cancel().is_some() {
-            return;
-        }
-        if let Ok((Ok(lease), _)) = self.receiver.try_recv() {
-            self.state.execute(Command::HandBack {
-                lease_id: lease.lease_id,
-                fencing_token: lease.fencing_token,
-            });
         }
     }
 }
