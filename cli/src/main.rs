@@ -42,7 +42,7 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("keylease: cannot start the runtime: {error}");
-            return ExitCode::from(71);
+            return ExitCode::from(batch::exit::OS);
         }
     };
     match cli.command {

@@ -21,7 +21,7 @@
 //! - [`replica`]: replicas on Redis: the shared log, leading, following, forwarding.
 //! - [`redis_server`]: a `redis-server` of its own, for tests and benchmarks.
 //! - [`clock`]: the one place that reads the time.
-//! - [`logs`]: how the binaries log.
+//! - [`logs`]: how the binaries log; [`exit`]: the exit codes they share.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -29,6 +29,7 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod connections;
+pub mod exit;
 pub mod fleet;
 pub mod lock_file;
 pub mod logs;

@@ -38,18 +38,12 @@ pub mod exit {
     pub const OK: u8 = 0;
     /// The run ended, and some tasks failed for good.
     pub const SOME_FAILED: u8 = 1;
-    pub const USAGE: u8 = 64;
+    pub use keylease_server::exit::{IO, NO_PERMISSION, OS, UNAVAILABLE, USAGE};
     /// The input has bad lines (without `--skip-invalid`) or no tasks.
     pub const BAD_INPUT: u8 = 65;
     pub const NO_INPUT: u8 = 66;
-    /// keylease or its keys cannot be had.
-    pub const UNAVAILABLE: u8 = 69;
     /// Another run writes to the same output.
     pub const OUTPUT_HELD: u8 = 73;
-    /// The output cannot be written.
-    pub const IO: u8 = 74;
-    /// keylease does not know the token (or none was given).
-    pub const NO_PERMISSION: u8 = 77;
     /// Tasks were left for a later run: no key before their deadline, or keylease went away.
     pub const TRY_LATER: u8 = 75;
     /// Stopped by Ctrl-C or SIGTERM: run again to finish.

@@ -12,9 +12,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
-const EXIT_USAGE: u8 = 64;
-const EXIT_UNAVAILABLE: u8 = 69;
-const EXIT_OS: u8 = 71;
+use keylease_server::exit;
 
 /// A Gemini-compatible HTTP endpoint whose every call runs under a keylease lease.
 #[derive(Debug, Parser)]
@@ -70,7 +68,7 @@ fn main() -> ExitCode {
         Err(error) => {
             let _ = error.print();
             return if error.use_stderr() {
-                ExitCode::from(EXIT_USAGE)
+                ExitCode::from(exit::USAGE)
             } else {
                 ExitCode::SUCCESS
             };
@@ -81,7 +79,7 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("keylease-proxy: cannot start the runtime: {error}");
-            return ExitCode::from(EXIT_OS);
+            return ExitCode::from(exit::OS);
         }
     };
     match runtime.block_on(run(args)) {
@@ -94,7 +92,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), (u8, String)> {
-    let usage = |message: String| (EXIT_USAGE, message);
+    let usage = |message: String| (exit::USAGE, message);
     let upstream =
         settings::check_upstream(&args.upstream).map_err(|e| usage(format!("--upstream: {e}")))?;
     if [
@@ -160,16 +158,16 @@ async fn run(args: Args) -> Result<(), (u8, String)> {
     let proxy = Proxy::new(settings, keylease, None).map_err(|e| usage(e.to_string()))?;
     let listener = TcpListener::bind(args.listen).await.map_err(|e| {
         (
-            EXIT_UNAVAILABLE,
+            exit::UNAVAILABLE,
             format!("cannot listen on {}: {e}", args.listen),
         )
     })?;
     let address = listener
         .local_addr()
-        .map_err(|e| (EXIT_OS, e.to_string()))?;
+        .map_err(|e| (exit::OS, e.to_string()))?;
     tracing::info!(%address, %upstream, keylease = ?args.keylease, "Gemini-compatible proxy at http://{address}");
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| (EXIT_OS, e.to_string()))?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(|e| (EXIT_OS, e.to_string()))?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| (exit::OS, e.to_string()))?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(|e| (exit::OS, e.to_string()))?;
     let stop = async move {
         tokio::select! {
             _ = interrupt.recv() => {}
@@ -179,7 +177,7 @@ async fn run(args: Args) -> Result<(), (u8, String)> {
     };
     proxy::serve(listener, proxy, stop)
         .await
-        .map_err(|e| (EXIT_UNAVAILABLE, format!("serving failed: {e}")))
+        .map_err(|e| (exit::UNAVAILABLE, format!("serving failed: {e}")))
 }
 
 /// Off loopback, the proxy serves only when keylease checks tokens: otherwise anyone who
@@ -195,11 +193,11 @@ async fn refuse_if_open(keylease: &KeyLeaseClient, listen: SocketAddr) -> Result
             Ok(())
         }
         Err(keylease_client::Error::Unreachable { last, .. }) => Err((
-            EXIT_UNAVAILABLE,
+            exit::UNAVAILABLE,
             format!("keylease cannot be reached to check that it requires tokens: {last}"),
         )),
         _ => Err((
-            EXIT_USAGE,
+            exit::USAGE,
             format!(
                 "keylease lends keys without a token, and {listen} is not a loopback address: anyone who reaches the proxy could spend the keys. Configure tokens on keylease, or listen on loopback"
             ),

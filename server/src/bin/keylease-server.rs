@@ -20,18 +20,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
-/// Invalid command line or configuration (EX_USAGE).
-const EXIT_USAGE: u8 = 64;
-/// The listen address cannot be had: in use, or not this host's (EX_UNAVAILABLE).
-const EXIT_UNAVAILABLE: u8 = 69;
-/// The server failed while serving (EX_SOFTWARE).
-const EXIT_SOFTWARE: u8 = 70;
-/// The operating system refused a resource: threads, signal handlers (EX_OSERR).
-const EXIT_OS: u8 = 71;
-/// The state store could not be written while serving (EX_IOERR).
-const EXIT_IO: u8 = 74;
-/// Binding a port needs a permission this process lacks (EX_NOPERM).
-const EXIT_NO_PERMISSION: u8 = 77;
+use keylease_server::exit;
 
 /// Lends API keys to workers as time-bounded leases over gRPC.
 #[derive(Debug, Parser)]
@@ -98,19 +87,19 @@ fn run_tool(tool: Tool) -> ExitCode {
         Tool::NewToken { name, role } => {
             if let Err(reason) = check_name(&name) {
                 eprintln!("keylease-server: --name: {reason}");
-                return ExitCode::from(EXIT_USAGE);
+                return ExitCode::from(exit::USAGE);
             }
             if Role::parse(&role).is_none() {
                 eprintln!(
                     "keylease-server: --role: {role:?} is not a role (one of {})",
                     Role::NAMES.join(", ")
                 );
-                return ExitCode::from(EXIT_USAGE);
+                return ExitCode::from(exit::USAGE);
             }
             let mut bytes = [0u8; 32];
             if let Err(error) = getrandom::fill(&mut bytes) {
                 eprintln!("keylease-server: no random source: {error}");
-                return ExitCode::from(EXIT_OS);
+                return ExitCode::from(exit::OS);
             }
             let token = format!("kl_{}", hex(bytes));
             println!("# The token, for the caller only (it is not kept anywhere):");
@@ -125,12 +114,12 @@ fn run_tool(tool: Tool) -> ExitCode {
             let mut token = String::new();
             if let Err(error) = std::io::stdin().read_line(&mut token) {
                 eprintln!("keylease-server: cannot read standard input: {error}");
-                return ExitCode::from(EXIT_USAGE);
+                return ExitCode::from(exit::USAGE);
             }
             let token = token.trim();
             if token.is_empty() {
                 eprintln!("keylease-server: no token on standard input");
-                return ExitCode::from(EXIT_USAGE);
+                return ExitCode::from(exit::USAGE);
             }
             println!("{}", hex(token_sha256(token)));
             ExitCode::SUCCESS
@@ -145,7 +134,7 @@ fn main() -> ExitCode {
         Err(error) => {
             let _ = error.print();
             return if error.use_stderr() {
-                ExitCode::from(EXIT_USAGE)
+                ExitCode::from(exit::USAGE)
             } else {
                 ExitCode::SUCCESS
             };
@@ -177,7 +166,7 @@ fn main() -> ExitCode {
         Ok(settings) => settings,
         Err(error) => {
             eprintln!("keylease-server: invalid configuration: {error}");
-            return ExitCode::from(EXIT_USAGE);
+            return ExitCode::from(exit::USAGE);
         }
     };
     keylease_server::logs::init(settings.log_format, "info");
@@ -188,7 +177,7 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("keylease-server: cannot start the runtime: {error}");
-            return ExitCode::from(EXIT_OS);
+            return ExitCode::from(exit::OS);
         }
     };
     match runtime.block_on(run(settings, source, args.reset_state)) {
@@ -251,23 +240,25 @@ enum Failure {
 impl Failure {
     fn exit_code(&self) -> u8 {
         match self {
-            Self::Open(_) | Self::Replica(_) | Self::Tls(_) => EXIT_USAGE,
+            Self::Open(_) | Self::Replica(_) | Self::Tls(_) => exit::USAGE,
             Self::Proxy(keylease_server::proxy::ProxyStartError::Listen { source, .. })
                 if source.kind() == std::io::ErrorKind::PermissionDenied =>
             {
-                EXIT_NO_PERMISSION
+                exit::NO_PERMISSION
             }
-            Self::Proxy(keylease_server::proxy::ProxyStartError::Listen { .. }) => EXIT_UNAVAILABLE,
-            Self::Proxy(_) => EXIT_USAGE,
-            Self::Store(_) => EXIT_IO,
+            Self::Proxy(keylease_server::proxy::ProxyStartError::Listen { .. }) => {
+                exit::UNAVAILABLE
+            }
+            Self::Proxy(_) => exit::USAGE,
+            Self::Store(_) => exit::IO,
             Self::Listen { source, .. }
                 if source.kind() == std::io::ErrorKind::PermissionDenied =>
             {
-                EXIT_NO_PERMISSION
+                exit::NO_PERMISSION
             }
-            Self::Listen { .. } => EXIT_UNAVAILABLE,
-            Self::Signals(_) => EXIT_OS,
-            Self::Serve(_) => EXIT_SOFTWARE,
+            Self::Listen { .. } => exit::UNAVAILABLE,
+            Self::Signals(_) => exit::OS,
+            Self::Serve(_) => exit::SOFTWARE,
         }
     }
 }
