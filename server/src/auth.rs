@@ -65,6 +65,11 @@ pub struct Caller {
     pub forwarded: bool,
 }
 
+/// The name of the caller the gate admitted to `request`, for the services' events and logs.
+pub fn caller_name<T>(request: &tonic::Request<T>) -> Option<Arc<str>> {
+    request.extensions().get::<Caller>().map(|c| c.name.clone())
+}
+
 impl Caller {
     /// The caller when nobody is checked.
     pub fn anonymous() -> Self {

@@ -3,7 +3,7 @@
 //! Free text from clients is redacted here, before any command sees it, and so is every error
 //! message on its way out.
 
-use crate::auth::Caller;
+use crate::auth::caller_name;
 use crate::fleet::FleetView;
 use crate::state::{AcquireFailure, Published, State};
 use crate::wire;
@@ -536,11 +536,6 @@ impl KeyLease for KeyLeaseService {
             .await;
         self.outgoing(answer).map(Response::new)
     }
-}
-
-/// The name of the caller the gate admitted (see [`crate::auth`]).
-pub fn caller_name<T>(request: &Request<T>) -> Option<std::sync::Arc<str>> {
-    request.extensions().get::<Caller>().map(|c| c.name.clone())
 }
 
 /// Resolves at the next event that may have made quota room: a lease ended.

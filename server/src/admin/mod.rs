@@ -13,9 +13,10 @@ mod files;
 use diff::{describe_drains, diff};
 use files::{keys_file, read, replace_file, with_limits, without_key};
 
+use crate::auth::caller_name;
 use crate::config::{self, ConfigError, Overrides, Settings, StateLocation};
 use crate::connections::Front;
-use crate::service::{caller_name, set_key_enabled};
+use crate::service::set_key_enabled;
 use crate::state::State;
 use crate::store::journal::StoreFailed;
 use crate::tls::TlsError;
