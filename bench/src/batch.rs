@@ -18,6 +18,8 @@ pub const PROJECTS: usize = 5;
 pub const KEYS: usize = 12;
 pub const RPM: u64 = 60;
 pub const TIME_SCALE: f64 = 60.0;
+/// High enough that no run meets it.
+const REQUESTS_PER_DAY: u64 = 10_000_000;
 
 /// Provider trouble injected in a run.
 struct Trouble {
@@ -108,7 +110,7 @@ pub async fn start_pool_fake(
     let limits = Limits {
         requests_per_minute: Some(RPM),
         tokens_per_minute: None,
-        requests_per_day: Some(10_000_000),
+        requests_per_day: Some(REQUESTS_PER_DAY),
         tokens_per_day: None,
     };
     Ok(FakeGemini::start(FakeConfig {
@@ -130,6 +132,24 @@ pub async fn start_pool_fake(
     .await?)
 }
 
+/// keylease's configuration of the pool in `dir` (`keylease.toml` and its keys file): its
+/// limits, and the quota settings at the scaled minute; `extra` adds sections.
+pub fn write_pool_config(
+    dir: &std::path::Path,
+    keys: &[(String, String, String)],
+    extra: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    procs::keylease_config(
+        dir,
+        keys,
+        MODEL,
+        &format!("requests_per_minute = {RPM}\nrequests_per_day = {REQUESTS_PER_DAY}"),
+        &format!(
+            "[quota]\nwindow = \"1s\"\nsafety_margin = \"20ms\"\ncooldown_base = \"100ms\"\ncooldown_max = \"2s\"\n\n{extra}"
+        ),
+    )
+}
+
 /// The client's pause after a 503, scaled like the provider's minute: 500 ms of Gemini's 60 s
 /// window is 8 ms of this 1 s one.
 fn scaled_backoff() -> Duration {
@@ -146,16 +166,7 @@ async fn run_once(
     let dir = procs::scratch("batch")?;
     let keys = procs::fake_keys(KEYS, PROJECTS);
     let fake = start_pool_fake(&keys, faults, 3).await?;
-    let mut config = format!(
-        "[key_sources]\nenvironment = false\n\n[quota]\nwindow = \"1s\"\nsafety_margin = \"20ms\"\ncooldown_base = \"100ms\"\ncooldown_max = \"2s\"\n\n\
-         [pools.gemini.models.\"{MODEL}\"]\nrequests_per_minute = {RPM}\nrequests_per_day = 10000000\n\n"
-    );
-    for (id, project, secret) in &keys {
-        config.push_str(&format!(
-            "[[keys]]\nid = \"{id}\"\nproject = \"{project}\"\nsecret = \"{secret}\"\n\n"
-        ));
-    }
-    std::fs::write(dir.join("keylease.toml"), config)?;
+    write_pool_config(&dir, &keys, "")?;
     let prompts: String = (1..=tasks)
         .map(|i| format!("{{\"id\": \"t{i}\", \"prompt\": \"Summarise item {i} in one line.\"}}\n"))
         .collect();

@@ -6,7 +6,7 @@
 //! set against what the projects allow (5 × 60 a second). Needs `python3` with `google-genai`
 //! (`pip install google-genai`, as the test command installs it).
 
-use crate::batch::{KEYS, MODEL, PROJECTS, RPM, TIME_SCALE, start_pool_fake};
+use crate::batch::{KEYS, MODEL, PROJECTS, RPM, TIME_SCALE, start_pool_fake, write_pool_config};
 use crate::procs;
 use crate::roles::now;
 use fake_gemini::Faults;
@@ -98,17 +98,13 @@ async fn run_once(
     let dir = procs::scratch("sdk")?;
     let keys = procs::fake_keys(KEYS, PROJECTS);
     let fake = start_pool_fake(&keys, faults, 5).await?;
-    let extra = format!(
-        "[state]\nephemeral = true\n\n[quota]\nwindow = \"1s\"\nsafety_margin = \"20ms\"\ncooldown_base = \"100ms\"\ncooldown_max = \"2s\"\n\n\
-         [proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
-        fake.base_url()
-    );
-    let config = procs::keylease_config(
+    let config = write_pool_config(
         &dir,
         &keys,
-        MODEL,
-        &format!("requests_per_minute = {RPM}\nrequests_per_day = 10000000"),
-        &extra,
+        &format!(
+            "[state]\nephemeral = true\n\n[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+            fake.base_url()
+        ),
     )?;
     let server = procs::spawn(&["serve".into(), config.display().to_string()], true)?;
     let proxy = server.proxy_url()?;
