@@ -29,10 +29,8 @@ pub mod proxy;
 mod replication;
 
 use access::tls_files;
-use keys::KeyCollector;
 pub use keys::{name_problem, secret_problem};
 pub use pools::{AutoCeiling, LimitSection, LimitValue, PoolSection};
-use pools::{limits_of, pool_config};
 pub use replication::{Replication, ReplicationSection};
 
 use proxy::{ProxySection, ProxySettings, proxy_settings};
@@ -654,101 +652,9 @@ pub fn validate(
     if file.quota.relearn_after == 0 {
         return Err(invalid(at("quota.relearn_after"), "must be above zero"));
     }
-    let ceiling = &file.quota.auto_ceiling;
-    for (field, value) in [
-        ("requests_per_minute", ceiling.requests_per_minute),
-        ("tokens_per_minute", ceiling.tokens_per_minute),
-        ("requests_per_day", ceiling.requests_per_day),
-        ("tokens_per_day", ceiling.tokens_per_day),
-    ] {
-        if value == 0 {
-            return Err(invalid(
-                at(&format!("quota.auto_ceiling.{field}")),
-                "must be above zero",
-            ));
-        }
-    }
-    let mut pools = BTreeMap::new();
-    for (name, pool) in &file.pools {
-        pools.insert(name.clone(), pool_config(name, pool, ceiling, &at)?);
-    }
-    if pools.is_empty() {
-        // The first run needs nothing but keys: every model's limits are learned.
-        notices.push(format!(
-            "no [pools] configured: pool {DEFAULT_POOL} serves any model with every limit auto (starting at quota.auto_ceiling, then the figures Gemini's 429s name); configure [pools.{DEFAULT_POOL}.models.\"MODEL\"] to set them"
-        ));
-        let auto = LimitSection {
-            requests_per_minute: Some(LimitValue::Auto),
-            tokens_per_minute: Some(LimitValue::Auto),
-            requests_per_day: Some(LimitValue::Auto),
-            tokens_per_day: Some(LimitValue::Auto),
-        };
-        pools.insert(
-            DEFAULT_POOL.to_string(),
-            PoolConfig {
-                max_leases_per_key: 1,
-                models: BTreeMap::new(),
-                project_limits: BTreeMap::new(),
-                other_models: Some(limits_of(&auto, ceiling, &at("pools"))?),
-            },
-        );
-    }
-
-    let mut keys = KeyCollector::new(&file.key_sources.id_salt);
-    for (index, entry) in file.keys.iter().enumerate() {
-        keys.add_entry(&at(&format!("keys[{index}]")), entry, env)?;
-    }
-    let keys_file = overrides
-        .keys_file
-        .clone()
-        .or_else(|| file.key_sources.file.as_ref().map(|f| base_dir.join(f)));
-    if let Some(path) = &keys_file {
-        keys.add_file(path)?;
-    }
-    if file.key_sources.environment {
-        keys.add_environment(env)?;
-    }
-    let keys = keys.finish()?;
-    if keys.is_empty() {
-        return Err(ConfigError::NoKeys {
-            location: origin.to_string(),
-        });
-    }
-    for key in &keys {
-        if !pools.contains_key(&key.pool) {
-            return Err(invalid(
-                format!("key {}", key.id),
-                format!("unknown pool {:?}", key.pool),
-            ));
-        }
-    }
-
-    let dir = match (&overrides.state_dir, &file.state.dir) {
-        (Some(dir), _) => dir.clone(),
-        (None, Some(dir)) => base_dir.join(dir),
-        (None, None) => base_dir.join(DEFAULT_STATE_DIR),
-    };
-    let store = overrides
-        .store
-        .clone()
-        .or_else(|| file.state.store.as_ref().map(|s| s.0.clone()));
-    let state = match store {
-        Some(_) if overrides.ephemeral || file.state.ephemeral => {
-            return Err(invalid(
-                at("state.store"),
-                "a Redis store keeps state: it cannot be ephemeral too",
-            ));
-        }
-        Some(url) => StateLocation::Redis(Box::new(replication::replication(
-            url,
-            &file.replication,
-            listen,
-            dir,
-            &at,
-        )?)),
-        None if overrides.ephemeral || file.state.ephemeral => StateLocation::Ephemeral,
-        None => StateLocation::Directory(dir),
-    };
+    let pools = pools::pools(&file, &mut notices, &at)?;
+    let (keys, keys_file) = keys::keys(&file, origin, base_dir, env, overrides, &pools, &at)?;
+    let state = replication::state_location(&file, overrides, listen, base_dir, &at)?;
     Ok(Settings {
         state,
         listen,

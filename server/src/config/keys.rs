@@ -332,3 +332,46 @@ pub(super) fn lines_any_ending(text: &str) -> impl Iterator<Item = &str> {
     text.split('\n')
         .flat_map(|line| line.strip_suffix('\r').unwrap_or(line).split('\r'))
 }
+
+/// Every key from the config's entries, the keys file (`--keys-file` first) and the
+/// environment, each in a configured pool; with the keys file's path.
+pub(super) fn keys(
+    file: &FileConfig,
+    origin: &str,
+    base_dir: &Path,
+    env: &HashMap<String, String>,
+    overrides: &Overrides,
+    pools: &BTreeMap<String, PoolConfig>,
+    at: &impl Fn(&str) -> String,
+) -> Result<(Vec<KeySpec>, Option<PathBuf>), ConfigError> {
+    let mut keys = KeyCollector::new(&file.key_sources.id_salt);
+    for (index, entry) in file.keys.iter().enumerate() {
+        keys.add_entry(&at(&format!("keys[{index}]")), entry, env)?;
+    }
+    let keys_file = overrides
+        .keys_file
+        .clone()
+        .or_else(|| file.key_sources.file.as_ref().map(|f| base_dir.join(f)));
+    if let Some(path) = &keys_file {
+        keys.add_file(path)?;
+    }
+    if file.key_sources.environment {
+        keys.add_environment(env)?;
+    }
+    let keys = keys.finish()?;
+    if keys.is_empty() {
+        return Err(ConfigError::NoKeys {
+            location: origin.to_string(),
+        });
+    }
+    for key in &keys {
+        if !pools.contains_key(&key.pool) {
+            return Err(invalid(
+                format!("key {}", key.id),
+                format!("unknown pool {:?}", key.pool),
+            ));
+        }
+    }
+
+    Ok((keys, keys_file))
+}

@@ -200,3 +200,53 @@ pub(super) fn limits_of(
         auto,
     })
 }
+
+/// The pools as configured, checked against `quota.auto_ceiling`; with none configured, the
+/// default pool that learns every limit (and a notice saying so).
+pub(super) fn pools(
+    file: &FileConfig,
+    notices: &mut Vec<String>,
+    at: &impl Fn(&str) -> String,
+) -> Result<BTreeMap<String, PoolConfig>, ConfigError> {
+    let ceiling = &file.quota.auto_ceiling;
+    for (field, value) in [
+        ("requests_per_minute", ceiling.requests_per_minute),
+        ("tokens_per_minute", ceiling.tokens_per_minute),
+        ("requests_per_day", ceiling.requests_per_day),
+        ("tokens_per_day", ceiling.tokens_per_day),
+    ] {
+        if value == 0 {
+            return Err(invalid(
+                at(&format!("quota.auto_ceiling.{field}")),
+                "must be above zero",
+            ));
+        }
+    }
+    let mut pools = BTreeMap::new();
+    for (name, pool) in &file.pools {
+        pools.insert(name.clone(), pool_config(name, pool, ceiling, &at)?);
+    }
+    if pools.is_empty() {
+        // The first run needs nothing but keys: every model's limits are learned.
+        notices.push(format!(
+            "no [pools] configured: pool {DEFAULT_POOL} serves any model with every limit auto (starting at quota.auto_ceiling, then the figures Gemini's 429s name); configure [pools.{DEFAULT_POOL}.models.\"MODEL\"] to set them"
+        ));
+        let auto = LimitSection {
+            requests_per_minute: Some(LimitValue::Auto),
+            tokens_per_minute: Some(LimitValue::Auto),
+            requests_per_day: Some(LimitValue::Auto),
+            tokens_per_day: Some(LimitValue::Auto),
+        };
+        pools.insert(
+            DEFAULT_POOL.to_string(),
+            PoolConfig {
+                max_leases_per_key: 1,
+                models: BTreeMap::new(),
+                project_limits: BTreeMap::new(),
+                other_models: Some(limits_of(&auto, ceiling, &at("pools"))?),
+            },
+        );
+    }
+
+    Ok(pools)
+}

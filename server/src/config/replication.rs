@@ -153,3 +153,39 @@ pub(super) fn replication(
         dir,
     })
 }
+
+/// Where the state lives: a Redis log shared by replicas, a directory, or nowhere.
+pub(super) fn state_location(
+    file: &FileConfig,
+    overrides: &Overrides,
+    listen: SocketAddr,
+    base_dir: &Path,
+    at: &impl Fn(&str) -> String,
+) -> Result<StateLocation, ConfigError> {
+    let dir = match (&overrides.state_dir, &file.state.dir) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(dir)) => base_dir.join(dir),
+        (None, None) => base_dir.join(DEFAULT_STATE_DIR),
+    };
+    let store = overrides
+        .store
+        .clone()
+        .or_else(|| file.state.store.as_ref().map(|s| s.0.clone()));
+    Ok(match store {
+        Some(_) if overrides.ephemeral || file.state.ephemeral => {
+            return Err(invalid(
+                at("state.store"),
+                "a Redis store keeps state: it cannot be ephemeral too",
+            ));
+        }
+        Some(url) => StateLocation::Redis(Box::new(replication(
+            url,
+            &file.replication,
+            listen,
+            dir,
+            &at,
+        )?)),
+        None if overrides.ephemeral || file.state.ephemeral => StateLocation::Ephemeral,
+        None => StateLocation::Directory(dir),
+    })
+}
