@@ -10,7 +10,13 @@
 #![forbid(unsafe_code)]
 
 pub mod limits;
+mod prompts;
 pub mod responses;
+mod verdict;
+
+pub use prompts::estimate_tokens;
+use prompts::{batch_texts, openai_inputs, prompt_text};
+use verdict::{Verdict, decide};
 
 use axum::Router;
 use axum::body::Body;
@@ -618,117 +624,6 @@ async fn answer(
     }
 }
 
-enum Verdict {
-    Answer,
-    Raw(StatusCode, &'static str),
-    Json(StatusCode, Value),
-}
-
-impl Verdict {
-    fn status(&self) -> StatusCode {
-        match self {
-            Self::Answer => StatusCode::OK,
-            Self::Raw(status, _) | Self::Json(status, _) => *status,
-        }
-    }
-}
-
-fn decide(
-    fake: &FakeGemini,
-    inner: &mut Inner,
-    key: &FakeKey,
-    model: &str,
-    method: &Method,
-    prompt: &str,
-    tokens: u64,
-) -> (Verdict, bool) {
-    let verdict = |verdict| (verdict, false);
-    match key.health {
-        KeyHealth::Healthy => {}
-        KeyHealth::Leaked => {
-            return verdict(Verdict::Raw(StatusCode::FORBIDDEN, responses::LEAKED));
-        }
-        KeyHealth::Suspended => {
-            return verdict(Verdict::Raw(StatusCode::FORBIDDEN, responses::SUSPENDED));
-        }
-        KeyHealth::Expired => {
-            return verdict(Verdict::Raw(
-                StatusCode::BAD_REQUEST,
-                responses::API_KEY_EXPIRED,
-            ));
-        }
-    }
-    let Some(&limits) = inner
-        .projects
-        .get(&key.project)
-        .and_then(|models| models.get(model))
-        .or_else(|| inner.models.get(model))
-    else {
-        return verdict(Verdict::Json(
-            StatusCode::NOT_FOUND,
-            responses::model_not_found(model, "generateContent"),
-        ));
-    };
-    if matches!(method, Method::CountTokens) {
-        return verdict(Verdict::Answer);
-    }
-    if inner.faults.error_rate > 0.0 && next_unit(&mut inner.random) < inner.faults.error_rate {
-        let injected = match inner.faults.status {
-            500 => Verdict::Raw(StatusCode::INTERNAL_SERVER_ERROR, responses::INTERNAL),
-            _ => Verdict::Raw(StatusCode::SERVICE_UNAVAILABLE, responses::OVERLOADED),
-        };
-        return (injected, true);
-    }
-    if inner.faults.rate_limit_rate > 0.0
-        && next_unit(&mut inner.random) < inner.faults.rate_limit_rate
-    {
-        let injected = match limits.requests_per_minute {
-            Some(limit) if !inner.faults.bare_429s => Verdict::Json(
-                StatusCode::TOO_MANY_REQUESTS,
-                responses::quota_exceeded(
-                    limits::Violation::RequestsPerMinute {
-                        limit,
-                        retry_after: fake.shared.minute / 10,
-                    },
-                    model,
-                ),
-            ),
-            _ => Verdict::Raw(StatusCode::TOO_MANY_REQUESTS, responses::QUOTA_NO_DETAILS),
-        };
-        return (injected, true);
-    }
-    let at = now();
-    let shared = &fake.shared;
-    let scaled_elapsed = at.duration_since(shared.started).as_secs_f64() * shared.time_scale;
-    let day = (scaled_elapsed / 86_400.0) as u64;
-    let until_tomorrow =
-        Duration::from_secs_f64(((day + 1) as f64 * 86_400.0 - scaled_elapsed) / shared.time_scale);
-    let window = inner
-        .windows
-        .entry((key.project.clone(), model.to_string()))
-        .or_default();
-    if let Err(violation) = window.admit(at, tokens, limits, shared.minute, (day, until_tomorrow)) {
-        if inner.faults.bare_429s {
-            return verdict(Verdict::Raw(
-                StatusCode::TOO_MANY_REQUESTS,
-                responses::QUOTA_NO_DETAILS,
-            ));
-        }
-        return verdict(Verdict::Json(
-            StatusCode::TOO_MANY_REQUESTS,
-            responses::quota_exceeded(violation, model),
-        ));
-    }
-    // Safety blocks are content decisions: they count against quota like any answer.
-    if prompt.contains(BLOCK_PROMPT) {
-        return verdict(Verdict::Raw(StatusCode::OK, responses::PROMPT_BLOCKED));
-    }
-    if prompt.contains(BLOCK_ANSWER) {
-        return verdict(Verdict::Raw(StatusCode::OK, responses::ANSWER_BLOCKED));
-    }
-    verdict(Verdict::Answer)
-}
-
 /// A stream answered event by event, each its own chunk on the wire, `pause` between them;
 /// cut after the first when `cut`, with the connection broken rather than closed.
 fn stream_response(events: Vec<String>, cut: bool, pause: Duration) -> Response {
@@ -752,94 +647,6 @@ fn stream_response(events: Vec<String>, cut: bool, pause: Duration) -> Response 
         Body::from_stream(paced),
     )
         .into_response()
-}
-
-/// The texts of a `batchEmbedContents` request, one per embedding asked for.
-fn batch_texts(request: &Value) -> Vec<String> {
-    request
-        .get("requests")
-        .and_then(Value::as_array)
-        .map(|requests| {
-            requests
-                .iter()
-                .map(|r| content_text(r.get("content")))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The `input` of an OpenAI embeddings request: a string or a list of them.
-fn openai_inputs(request: &Value) -> Vec<String> {
-    match request.get("input") {
-        Some(Value::String(text)) => vec![text.clone()],
-        Some(Value::Array(items)) => items
-            .iter()
-            .filter_map(Value::as_str)
-            .map(str::to_string)
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// The text parts of one `content`.
-fn content_text(content: Option<&Value>) -> String {
-    content
-        .and_then(|c| c.get("parts"))
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|part| part.get("text").and_then(Value::as_str))
-        .collect()
-}
-
-/// All text of the request: its contents' parts (`generateContent`), its content's
-/// (`embedContent`), its requests' (`batchEmbedContents`), or OpenAI's messages and inputs.
-fn prompt_text(request: &Value) -> String {
-    let mut text = content_text(request.get("content"));
-    for part in batch_texts(request) {
-        text.push_str(&part);
-    }
-    for input in openai_inputs(request) {
-        text.push_str(&input);
-    }
-    for message in request
-        .get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        match message.get("content") {
-            Some(Value::String(content)) => text.push_str(content),
-            Some(Value::Array(parts)) => {
-                for part in parts {
-                    if let Some(t) = part.get("text").and_then(Value::as_str) {
-                        text.push_str(t);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    if let Some(contents) = request.get("contents").and_then(Value::as_array) {
-        for content in contents {
-            for part in content
-                .get("parts")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                if let Some(t) = part.get("text").and_then(Value::as_str) {
-                    text.push_str(t);
-                }
-            }
-        }
-    }
-    text
-}
-
-/// Gemini counts about four characters a token.
-pub fn estimate_tokens(text: &str) -> u64 {
-    (text.chars().count() as u64).div_ceil(4).max(1)
 }
 
 /// A uniform number in [0, 1) from a xorshift state.
