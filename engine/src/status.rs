@@ -79,4 +79,6 @@ pub struct StatusView {
     pub total_keys: usize,
     pub live_leases: usize,
     pub now: Time,
+    /// The quota window the per-minute figures count over.
+    pub window_ms: u64,
 }

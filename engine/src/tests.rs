@@ -2076,3 +2076,36 @@ fn the_plan_of_a_model_never_asked_for_shows_the_limits_of_any_other_model() {
     assert_eq!(plan[0].requests_per_day.limit, Some(70));
     assert!(plan[0].limits[0].auto);
 }
+
+#[test]
+fn status_with_a_model_shows_each_group_once_planned_or_used_in_order() {
+    let mut e = engine(&[("k1", "p1"), ("k2", "p2"), ("k3", "p2")]);
+    let lease = granted(e.acquire(T0, ask("a")));
+    e.release(T0, &lease.lease_id, lease.fencing_token, used(1, 10))
+        .unwrap();
+    let plain = e.status(T0, None, None, 10).unwrap();
+    let planned = e.status_with_plan(T0, None, Some(MODEL), None, 10).unwrap();
+    let names = |view: &StatusView| -> Vec<(String, String, u64)> {
+        view.groups
+            .iter()
+            .map(|g| (g.project.clone(), g.model.clone(), g.requests_per_day.used))
+            .collect()
+    };
+    assert_eq!(plain.groups.len(), 1);
+    let used_project = plain.groups[0].project.clone();
+    let used_of = |p: &str| u64::from(p == used_project);
+    assert_eq!(
+        names(&planned),
+        [
+            ("p1".to_string(), MODEL.to_string(), used_of("p1")),
+            ("p2".to_string(), MODEL.to_string(), used_of("p2")),
+        ]
+    );
+    // Without a model it is the status; keys and counts are the status's either way.
+    assert_eq!(
+        names(&e.status_with_plan(T0, None, None, None, 10).unwrap()),
+        names(&plain)
+    );
+    assert_eq!(planned.total_keys, plain.total_keys);
+    assert_eq!(planned.window_ms, e.config().window_ms);
+}

@@ -347,6 +347,43 @@ impl Engine {
             total_keys: selected.len(),
             live_leases: self.leases.len(),
             now: time,
+            window_ms: self.config.window_ms,
         })
+    }
+
+    /// [`Engine::status`], and with `model` the groups [`Engine::plan`] shows for it as well:
+    /// every project's group of that model, those never used reading as they would open. One
+    /// list, sorted by pool, project and model, each group once.
+    pub fn status_with_plan(
+        &self,
+        now: impl Into<Time>,
+        pool: Option<&str>,
+        model: Option<&str>,
+        after: Option<&str>,
+        page_size: usize,
+    ) -> Result<StatusView, EngineError> {
+        let now = now.into();
+        let mut status = self.status(now, pool, after, page_size)?;
+        let Some(model) = model else {
+            return Ok(status);
+        };
+        let name = |group: &GroupView| {
+            (
+                group.pool.clone(),
+                group.project.clone(),
+                group.model.clone(),
+            )
+        };
+        let shown: BTreeSet<_> = status.groups.iter().map(name).collect();
+        let planned = self.plan(now, pool, model)?;
+        status.groups.extend(
+            planned
+                .into_iter()
+                .filter(|group| !shown.contains(&name(group))),
+        );
+        status
+            .groups
+            .sort_by(|a, b| (&a.pool, &a.project, &a.model).cmp(&(&b.pool, &b.project, &b.model)));
+        Ok(status)
     }
 }

@@ -315,30 +315,13 @@ impl KeyLeaseService {
                 keylease::MAX_ID_BYTES
             )));
         }
-        let (mut status, planned, window_ms) = self
+        let status = self
             .state
             .read(|engine, now| {
-                let status = engine.status(now, pool, after.as_deref(), page_size)?;
-                let planned = match model {
-                    Some(model) => engine.plan(now, pool, model)?,
-                    None => Vec::new(),
-                };
-                Ok::<_, keylease_engine::EngineError>((status, planned, engine.config().window_ms))
+                engine.status_with_plan(now, pool, model, after.as_deref(), page_size)
             })
             .await?
             .map_err(wire::engine_status)?;
-        for group in planned {
-            let same = |shown: &keylease_engine::GroupView| {
-                (&shown.pool, &shown.project, &shown.model)
-                    == (&group.pool, &group.project, &group.model)
-            };
-            if !status.groups.iter().any(same) {
-                status.groups.push(group);
-            }
-        }
-        status
-            .groups
-            .sort_by(|a, b| (&a.pool, &a.project, &a.model).cmp(&(&b.pool, &b.project, &b.model)));
         let now = status.now;
         let replication = self.fleet.as_ref().map(|fleet| {
             let fleet = fleet.read();
@@ -378,7 +361,7 @@ impl KeyLeaseService {
             live_leases: status.live_leases as u32,
             now: Some(wire::timestamp(now.wall_ms)),
             window: Some(wire::duration_to_pb(std::time::Duration::from_millis(
-                window_ms,
+                status.window_ms,
             ))),
         })
     }
