@@ -6,7 +6,7 @@ mod support;
 use keylease::pb;
 use keylease_client::{AcquireOptions, ClientConfig, Error, KeyLeaseClient, TlsConfig};
 use keylease_server::auth::token_sha256;
-use keylease_server::tls::testing::{TestPki, make};
+use keylease_test_kits::pki::{TestPki, make};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use support::*;

@@ -12,7 +12,7 @@ use keylease::pb::key_lease_client::KeyLeaseClient;
 use keylease_engine::AcquireRequest;
 use keylease_server::clock::Clock;
 use keylease_server::config::{self, Overrides};
-use keylease_server::state::State;
+use keylease_server::shell::State;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

@@ -9,7 +9,7 @@ use keylease_engine::layout::{Snapshot, encode, encode_record};
 use keylease_engine::{AcquireRequest, Acquired, Command, Engine, Reply, Setup, Time, Usage};
 use keylease_server::clock::Clock;
 use keylease_server::config::{self, Overrides, StateLocation};
-use keylease_server::state::{SNAPSHOT_EVERY, State, token_floor};
+use keylease_server::shell::{SNAPSHOT_EVERY, State, token_floor};
 use keylease_server::store::Store;
 use keylease_server::store::embedded::{EmbeddedStore, StateDir};
 use std::time::Duration;

@@ -11,7 +11,7 @@ use crate::procs::{self, Child};
 use crate::roles::now;
 use keylease::pb;
 use keylease::pb::key_lease_client::KeyLeaseClient;
-use keylease_server::redis_server::RedisServer;
+use keylease_test_kits::RedisServer;
 use std::path::Path;
 use std::time::Duration;
 use tonic::transport::Channel;

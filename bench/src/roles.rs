@@ -7,9 +7,9 @@ use keylease_client::gemini::{
     CallError, GeminiClient, GenerateContentRequest, Generated, LeasedGemini, RetryPolicy,
 };
 use keylease_client::{ClientConfig, KeyLeaseClient};
-use keylease_server::clock::Clock;
+use keylease_server::admin::ConfigSource;
+use keylease_server::builder::{GrpcListener, ServerBuilder};
 use keylease_server::config::{self, Overrides};
-use keylease_server::state::State;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -17,17 +17,20 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 pub async fn serve(config: PathBuf) -> anyhow::Result<()> {
-    let settings = config::load(Some(&config), &Default::default(), &Overrides::default())?;
-    let (state, _) = State::open(&settings, Clock::system(), false)?;
+    let source = ConfigSource {
+        path: Some(config),
+        ..Default::default()
+    };
+    let settings = source.load()?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     println!("listening on http://{}", listener.local_addr()?);
-    let (listener, local) = keylease_server::connections::Incoming::with_local(listener);
-    if let Some(proxy) = settings.proxy.clone() {
-        let embedding = keylease_server::proxy::Embedding::of(&state);
-        let address = keylease_server::proxy::start_embedded(proxy, &local, embedding).await?;
+    let server = ServerBuilder::new(source, settings)
+        .build(GrpcListener::Tcp(listener))
+        .await?;
+    if let Some(address) = server.proxy_address {
         println!("proxy on http://{address}");
     }
-    if state.journal().is_some() {
+    if let Some(state) = server.state().filter(|state| state.journal().is_some()) {
         // The store's own counters, for the scenario to read around each measurement.
         let state = state.clone();
         tokio::spawn(async move {
@@ -43,12 +46,7 @@ pub async fn serve(config: PathBuf) -> anyhow::Result<()> {
             }
         });
     }
-    let source = keylease_server::admin::ConfigSource {
-        path: Some(config),
-        ..Default::default()
-    };
-    let control = keylease_server::admin::Control::new(source, settings, state)?;
-    keylease_server::server::serve(listener, control, std::future::pending()).await?;
+    server.serve(std::future::pending()).await?;
     Ok(())
 }
 
@@ -57,37 +55,28 @@ pub async fn serve(config: PathBuf) -> anyhow::Result<()> {
 pub async fn replica(config: PathBuf) -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
-    let overrides = Overrides {
-        listen: Some(address.to_string()),
-        ..Overrides::default()
-    };
-    let settings = config::load(Some(&config), &Default::default(), &overrides)?;
-    let config::StateLocation::Redis(replication) = settings.state.clone() else {
-        anyhow::bail!("{}: no Redis store configured", config.display());
-    };
-    println!("listening on http://{address}");
-    let front = keylease_server::connections::Front::new(&settings)?;
-    // Stopped as operators stop one, for the failover after SIGTERM.
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    // Nothing reloads a benchmark's replica: the sender stays, unused.
-    let (_reloads, reload_requests) = tokio::sync::mpsc::unbounded_channel();
-    let listeners = keylease_server::replica::Listeners {
-        grpc: listener.into(),
-        metrics: None,
-        proxy: None,
-    };
-    keylease_server::replica::serve(
-        listeners,
-        settings,
-        *replication,
-        false,
-        front,
-        reload_requests,
-        async move {
-            let _ = terminate.recv().await;
+    let source = ConfigSource {
+        path: Some(config.clone()),
+        overrides: Overrides {
+            listen: Some(address.to_string()),
+            ..Overrides::default()
         },
-    )
-    .await?;
+        ..Default::default()
+    };
+    let settings = source.load()?;
+    if !matches!(settings.state, config::StateLocation::Redis(_)) {
+        anyhow::bail!("{}: no Redis store configured", config.display());
+    }
+    println!("listening on http://{address}");
+    // Stopped as operators stop one, for the failover after SIGTERM; nothing reloads it.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    ServerBuilder::new(source, settings)
+        .build(GrpcListener::Tcp(listener))
+        .await?
+        .serve(async move {
+            let _ = terminate.recv().await;
+        })
+        .await?;
     Ok(())
 }
 

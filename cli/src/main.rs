@@ -6,6 +6,7 @@ mod batch;
 mod clock;
 
 use clap::Parser;
+use keylease_server::exit;
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
@@ -25,25 +26,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match exit::parse_args::<Cli>() {
         Ok(cli) => cli,
-        Err(error) => {
-            let _ = error.print();
-            return if error.use_stderr() {
-                ExitCode::from(batch::exit::USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
     // Warnings only: the progress bar and the summary are the batch's voice.
     keylease_server::logs::init(keylease_server::config::LogFormat::Text, "warn");
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match exit::runtime("keylease") {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("keylease: cannot start the runtime: {error}");
-            return ExitCode::from(batch::exit::OS);
-        }
+        Err(code) => return code,
     };
     match cli.command {
         Command::Batch(args) => runtime.block_on(batch::batch(*args)),

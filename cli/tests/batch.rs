@@ -640,7 +640,7 @@ async fn a_state_directory_a_server_holds_is_refused() {
         },
     )
     .unwrap();
-    let (server_state, _) = keylease_server::state::State::open(
+    let (server_state, _) = keylease_server::shell::State::open(
         &settings,
         keylease_server::clock::Clock::system(),
         false,
@@ -752,19 +752,16 @@ async fn serve(path: &Path) -> (String, tokio::sync::oneshot::Sender<()>) {
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("http://{}", listener.local_addr().unwrap());
-    let (state, _) = keylease_server::state::State::open(
-        &settings,
-        keylease_server::clock::Clock::system(),
-        false,
-    )
-    .unwrap();
     let source = keylease_server::admin::ConfigSource {
         path: Some(path.to_path_buf()),
         ..Default::default()
     };
-    let control = keylease_server::admin::Control::new(source, settings, state).unwrap();
+    let server = keylease_server::builder::ServerBuilder::new(source, settings)
+        .build(keylease_server::builder::GrpcListener::Tcp(listener))
+        .await
+        .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel();
-    tokio::spawn(keylease_server::server::serve(listener, control, async {
+    tokio::spawn(server.serve(async {
         let _ = stopped.await;
     }));
     (address, stop)

@@ -14,9 +14,8 @@ use keylease_client::gemini::{
     GeminiClient, GenerateContentRequest, Generated, LeasedGemini, RetryPolicy,
 };
 use keylease_client::{ClientConfig, KeyLeaseClient};
-use keylease_server::clock::Clock;
+use keylease_server::builder::{GrpcListener, ServerBuilder};
 use keylease_server::config::{self, Overrides};
-use keylease_server::state::State;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -90,13 +89,10 @@ async fn main() -> anyhow::Result<()> {
     std::fs::remove_file(&path)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let keylease_url = format!("http://{}", listener.local_addr()?);
-    let (state, _) = State::open(&settings, Clock::system(), false)?;
-    let control = keylease_server::admin::Control::new(Default::default(), settings, state)?;
-    tokio::spawn(keylease_server::server::serve(
-        listener,
-        control,
-        std::future::pending(),
-    ));
+    let server = ServerBuilder::new(Default::default(), settings)
+        .build(GrpcListener::Tcp(listener))
+        .await?;
+    tokio::spawn(server.serve(std::future::pending()));
 
     let fake = FakeGemini::start(FakeConfig {
         projects: Default::default(),

@@ -163,7 +163,7 @@ enum Accepted {
 /// Serves `routes` to the connections from `incoming`, within `front`'s limits, until
 /// `shutdown` resolves; then accepts no more, tells every connection to finish (HTTP/2 GOAWAY)
 /// and waits until they have.
-pub async fn serve(
+pub async fn serve_grpc(
     incoming: Incoming,
     clock: Clock,
     routes: Routes,

@@ -8,7 +8,7 @@
 //! - [`server`]: serving on a listener, with health and reflection, until a shutdown future.
 //! - [`connections`]: what client connections may hold: how many, and how long idle.
 //! - [`fleet`]: the fleet of replicas as this one sees it, for `GetStatus`.
-//! - [`state`]: the engine's shell: one lock, the store's journal, waiters' channels, events,
+//! - [`shell`]: the engine's shell: one lock, the store's journal, waiters' channels, events,
 //!   the expiry timer.
 //! - [`store`]: durable state: the log of commands and snapshots, recovery, group commit.
 //! - [`lock_file`]: a lock file naming the process that holds it (state directories, outputs).
@@ -19,13 +19,13 @@
 //!   secrets in free text.
 //! - [`proxy`]: the Gemini-compatible HTTP proxy, leasing a key for each upstream call.
 //! - [`replica`]: replicas on Redis: the shared log, leading, following, forwarding.
-//! - [`redis_server`]: a `redis-server` of its own, for tests and benchmarks.
 //! - [`clock`]: the one place that reads the time.
 //! - [`logs`]: how the binaries log; [`exit`]: the exit codes they share.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod auth;
+pub mod builder;
 pub mod clock;
 pub mod config;
 pub mod connections;
@@ -35,12 +35,11 @@ pub mod lock_file;
 pub mod logs;
 pub mod metrics;
 pub mod proxy;
-pub mod redis_server;
 pub mod replica;
 pub mod secret;
 pub mod server;
 pub mod service;
-pub mod state;
+pub mod shell;
 pub mod store;
 pub mod tls;
 pub mod wire;

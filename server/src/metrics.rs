@@ -390,7 +390,7 @@ impl CommitObserver for Metrics {
 }
 
 /// Where a scrape reads the gauges: the whole status of the state that serves (the shell's
-/// [`crate::state::State`]), or `None` when it cannot be read.
+/// [`crate::shell::State`]), or `None` when it cannot be read.
 pub trait StatusSource: Send + Sync {
     fn status(&self) -> Pin<Box<dyn Future<Output = Option<StatusView>> + Send + '_>>;
 }

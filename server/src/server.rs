@@ -8,7 +8,7 @@ use crate::clock::Clock;
 use crate::connections::{self, Front, Incoming};
 use crate::fleet::FleetView;
 use crate::service::KeyLeaseService;
-use crate::state::State;
+use crate::shell::State;
 use keylease::pb;
 use keylease::pb::key_admin_server::KeyAdminServer;
 use keylease::pb::key_lease_server::KeyLeaseServer;
@@ -31,7 +31,7 @@ pub fn keylease_routes(state: Arc<State>, fleet: Option<FleetView>) -> KeyLeaseR
 
 /// Serves KeyLease and KeyAdmin on `listener` under `control` until `shutdown` resolves and
 /// in-flight calls have finished.
-pub async fn serve(
+pub async fn serve_single(
     listener: impl Into<Incoming>,
     control: Arc<Control>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -48,7 +48,7 @@ pub async fn serve(
     let (_serving, serving_now) = tokio::sync::watch::channel(true);
     let services = Routes::new(keylease_routes(state, None))
         .add_service(KeyAdminServer::new(KeyAdminService::new(control)));
-    serve_service(
+    serve_routes(
         listener,
         services,
         front,
@@ -66,7 +66,7 @@ pub async fn serve(
 /// each call admitted by `front`, until `shutdown` resolves; then calls `shut_down` and waits
 /// for in-flight calls. Health reports the KeyLease service serving while `serving_now` says
 /// so (a replica that cannot serve is not), and not serving once shutdown begins.
-pub async fn serve_service(
+pub async fn serve_routes(
     listener: impl Into<Incoming>,
     services: Routes,
     front: Front,
@@ -123,6 +123,6 @@ pub async fn serve_service(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .prepare();
-    connections::serve(listener.into(), clock, routes, front, signal).await;
+    connections::serve_grpc(listener.into(), clock, routes, front, signal).await;
     Ok(())
 }

@@ -5,7 +5,7 @@
 
 use crate::auth::caller_name;
 use crate::fleet::FleetView;
-use crate::state::{AcquireFailure, Published, State};
+use crate::shell::{AcquireFailure, Published, State};
 use crate::wire;
 use keylease::pb;
 use keylease::pb::key_lease_server::KeyLease;

@@ -2,7 +2,7 @@
 //! types (validating what the wire can get wrong, such as negative durations) and back, and the
 //! one mapping of domain errors to gRPC status codes.
 
-use crate::state::AcquireFailure;
+use crate::shell::AcquireFailure;
 use crate::store::journal::StoreFailed;
 use keylease::gemini::{QuotaLimit, quota_limit};
 use keylease::{ERROR_DOMAIN, RETRY_AFTER_METADATA, pb};

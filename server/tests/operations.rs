@@ -7,7 +7,7 @@
 mod support;
 
 use keylease_server::auth::token_sha256;
-use keylease_server::tls::testing::{TestPki, make};
+use keylease_test_kits::pki::{TestPki, make};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;

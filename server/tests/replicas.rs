@@ -13,7 +13,7 @@ use fake_gemini::limits::Limits;
 use keylease::pb;
 use keylease::pb::key_lease_client::KeyLeaseClient;
 use keylease_client::gemini::{GeminiClient, GenerateContentRequest};
-use keylease_server::redis_server::RedisServer;
+use keylease_test_kits::RedisServer;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};

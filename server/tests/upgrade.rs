@@ -8,7 +8,7 @@ mod support;
 
 use keylease::pb;
 use keylease::pb::key_lease_client::KeyLeaseClient;
-use keylease_server::redis_server::RedisServer;
+use keylease_test_kits::RedisServer;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

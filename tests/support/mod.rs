@@ -4,14 +4,11 @@
 
 use keylease::pb;
 use keylease::pb::key_lease_client::KeyLeaseClient;
-use keylease_server::admin::{ConfigSource, Control};
-use keylease_server::clock::Clock;
+use keylease_server::admin::ConfigSource;
+use keylease_server::builder::{GrpcListener, LaunchError, ServerBuilder};
 use keylease_server::config::{self, Overrides};
-use keylease_server::server::{ServeError, serve};
-use keylease_server::state::State;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -114,7 +111,7 @@ pub struct TestServer {
     /// `http://ADDRESS/metrics`.
     pub metrics_url: String,
     stop: Option<oneshot::Sender<()>>,
-    handle: Option<JoinHandle<Result<(), ServeError>>>,
+    handle: Option<JoinHandle<Result<(), LaunchError>>>,
     config_dir: PathBuf,
 }
 
@@ -140,39 +137,22 @@ impl TestServer {
             .expect("test configuration");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = format!("http://{}", listener.local_addr().unwrap());
-        let (listener, local) = keylease_server::connections::Incoming::with_local(listener);
-        let (state, _) = State::open(&settings, Clock::system(), false).unwrap();
-        let proxy_url = match settings.proxy.clone() {
-            Some(proxy) => {
-                let embedding = keylease_server::proxy::Embedding::of(&state);
-                let address = keylease_server::proxy::start_embedded(proxy, &local, embedding)
-                    .await
-                    .expect("proxy");
-                Some(format!("http://{address}"))
-            }
-            None => None,
-        };
+        let metrics_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics_url = format!("http://{}/metrics", metrics_listener.local_addr().unwrap());
         let source = ConfigSource {
             path: Some(path),
             ..ConfigSource::default()
         };
-        let metrics_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let metrics_url = format!("http://{}/metrics", metrics_listener.local_addr().unwrap());
-        let scraped = state.clone();
-        tokio::spawn(keylease_server::metrics::serve(
-            metrics_listener,
-            state.metrics().clone(),
-            Arc::new(move || {
-                (
-                    Some(scraped.clone() as Arc<dyn keylease_server::metrics::StatusSource>),
-                    None,
-                )
-            }),
-            std::future::pending(),
-        ));
-        let control = Control::new(source, settings, state).expect("TLS files");
+        let server = ServerBuilder::new(source, settings)
+            .metrics(Some(metrics_listener))
+            .build(GrpcListener::Tcp(listener))
+            .await
+            .expect("a server of the test configuration");
+        let proxy_url = server
+            .proxy_address
+            .map(|address| format!("http://{address}"));
         let (stop, stopped) = oneshot::channel();
-        let handle = tokio::spawn(serve(listener, control, async {
+        let handle = tokio::spawn(server.serve(async {
             let _ = stopped.await;
         }));
         Self {

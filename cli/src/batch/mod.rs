@@ -38,7 +38,9 @@ pub mod exit {
     pub const OK: u8 = 0;
     /// The run ended, and some tasks failed for good.
     pub const SOME_FAILED: u8 = 1;
-    pub use keylease_server::exit::{IO, NO_PERMISSION, OS, UNAVAILABLE, USAGE};
+    /// Also shared with the server: the command line is wrong (`USAGE`), and the system
+    /// refused a runtime (`OS`, from `keylease_server::exit::runtime`).
+    pub use keylease_server::exit::{IO, NO_PERMISSION, UNAVAILABLE, USAGE};
     /// The input has bad lines (without `--skip-invalid`) or no tasks.
     pub const BAD_INPUT: u8 = 65;
     pub const NO_INPUT: u8 = 66;

@@ -8,13 +8,11 @@
 
 use keylease::pb;
 use keylease_client::{ClientConfig, KeyLeaseClient, TlsConfig};
-use keylease_server::admin::{ConfigSource, Control};
+use keylease_server::admin::ConfigSource;
 use keylease_server::auth::Access;
-use keylease_server::clock::Clock;
+use keylease_server::builder::{GrpcListener, LaunchError, ServerBuilder};
 use keylease_server::config::{Overrides, StateLocation};
-use keylease_server::connections::Incoming;
 use keylease_server::secret::Redactor;
-use keylease_server::state::State;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -60,9 +58,9 @@ pub struct Pool {
 }
 
 struct Local {
-    state: Arc<State>,
     stop: oneshot::Sender<()>,
-    serving: JoinHandle<Result<(), keylease_server::server::ServeError>>,
+    /// Ends after the state's last snapshot.
+    serving: JoinHandle<Result<(), LaunchError>>,
 }
 
 impl Pool {
@@ -141,13 +139,16 @@ impl Pool {
             _ => "in-process, nothing kept (--ephemeral)".to_string(),
         };
         let redactor = Arc::new(settings.redactor());
-        let (state, _) = State::open(&settings, Clock::system(), false)
-            .map_err(|e| PoolError::Open(e.to_string()))?;
-        let control = Control::new(source, settings, state.clone())
-            .map_err(|e| PoolError::Config(e.to_string()))?;
-        let (incoming, connector) = Incoming::local_only();
+        let server = ServerBuilder::new(source, settings)
+            .build(GrpcListener::InProcess)
+            .await
+            .map_err(|e| match e {
+                LaunchError::Open(open) => PoolError::Open(open.to_string()),
+                other => PoolError::Config(other.to_string()),
+            })?;
+        let connector = server.connector.clone();
         let (stop, stopped) = oneshot::channel();
-        let serving = tokio::spawn(keylease_server::server::serve(incoming, control, async {
+        let serving = tokio::spawn(server.serve(async {
             let _ = stopped.await;
         }));
         let client = KeyLeaseClient::over_channel(
@@ -159,11 +160,7 @@ impl Pool {
             redactor,
             described,
             notices,
-            local: Some(Local {
-                state,
-                stop,
-                serving,
-            }),
+            local: Some(Local { stop, serving }),
         })
     }
 
@@ -205,7 +202,5 @@ impl Pool {
         let Some(local) = self.local else { return };
         let _ = local.stop.send(());
         let _ = local.serving.await;
-        let state = local.state;
-        let _ = tokio::task::spawn_blocking(move || state.close()).await;
     }
 }

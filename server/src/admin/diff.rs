@@ -194,55 +194,35 @@ pub(super) fn diff(old: &Settings, new: &Settings) -> Reloaded {
             }
         ));
     }
+    // Compared by their `Debug` text; only the setting's name is reported.
+    let differs = |old: &dyn std::fmt::Debug, new: &dyn std::fmt::Debug| {
+        format!("{old:?}") != format!("{new:?}")
+    };
     let restart_only = [
-        (
-            "server.listen",
-            old.listen.to_string(),
-            new.listen.to_string(),
-        ),
+        ("server.listen", differs(&old.listen, &new.listen)),
         (
             "server.log_format",
-            format!("{:?}", old.log_format),
-            format!("{:?}", new.log_format),
+            differs(&old.log_format, &new.log_format),
         ),
         (
             "server.shutdown_grace",
-            format!("{:?}", old.shutdown_grace),
-            format!("{:?}", new.shutdown_grace),
+            differs(&old.shutdown_grace, &new.shutdown_grace),
         ),
         (
             "server connection limits",
-            format!("{:?}", old.limits),
-            format!("{:?}", new.limits),
+            differs(&old.limits, &new.limits),
         ),
-        (
-            "leases.max_wait",
-            format!("{:?}", old.max_wait),
-            format!("{:?}", new.max_wait),
-        ),
-        (
-            "[state]",
-            format!("{:?}", old.state),
-            format!("{:?}", new.state),
-        ),
-        (
-            "[server.tls]",
-            format!("{:?}", old.tls),
-            format!("{:?}", new.tls),
-        ),
+        ("leases.max_wait", differs(&old.max_wait, &new.max_wait)),
+        ("[state]", differs(&old.state, &new.state)),
+        ("[server.tls]", differs(&old.tls, &new.tls)),
         (
             "metrics.listen",
-            format!("{:?}", old.metrics_listen),
-            format!("{:?}", new.metrics_listen),
+            differs(&old.metrics_listen, &new.metrics_listen),
         ),
-        (
-            "[proxy]",
-            format!("{:?}", old.proxy),
-            format!("{:?}", new.proxy),
-        ),
+        ("[proxy]", differs(&old.proxy, &new.proxy)),
     ];
-    for (name, before, after) in restart_only {
-        if before != after {
+    for (name, changed) in restart_only {
+        if changed {
             needs_restart.push(format!("{name} changed: a restart applies it"));
         }
     }

@@ -17,7 +17,7 @@ use crate::auth::caller_name;
 use crate::config::{self, ConfigError, Overrides, Settings, StateLocation};
 use crate::connections::Front;
 use crate::service::set_key_enabled;
-use crate::state::State;
+use crate::shell::State;
 use crate::store::journal::StoreFailed;
 use crate::tls::TlsError;
 use crate::wire;

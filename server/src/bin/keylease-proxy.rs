@@ -63,24 +63,14 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let args = match exit::parse_args::<Args>() {
         Ok(args) => args,
-        Err(error) => {
-            let _ = error.print();
-            return if error.use_stderr() {
-                ExitCode::from(exit::USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
     keylease_server::logs::init(keylease_server::config::LogFormat::Text, "info");
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match exit::runtime("keylease-proxy") {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("keylease-proxy: cannot start the runtime: {error}");
-            return ExitCode::from(exit::OS);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,20 +4,11 @@
 //! it may have left half changed.
 
 use clap::Parser;
-use keylease_server::admin::{ConfigSource, Control};
-use keylease_server::clock::Clock;
-use keylease_server::config::{Overrides, Replication, Settings, StateLocation};
-use keylease_server::connections::Front;
-use keylease_server::connections::Incoming;
-use keylease_server::metrics::StatusSource;
-use keylease_server::replica;
-use keylease_server::server::serve;
-use keylease_server::state::State;
-use std::future::pending;
+use keylease_server::admin::ConfigSource;
+use keylease_server::builder::{GrpcListener, LaunchError, ServerBuilder};
+use keylease_server::config::{Overrides, Settings};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
 use keylease_server::exit;
@@ -129,16 +120,9 @@ fn run_tool(tool: Tool) -> ExitCode {
 
 fn main() -> ExitCode {
     abort_on_panic();
-    let args = match Args::try_parse() {
+    let args = match exit::parse_args::<Args>() {
         Ok(args) => args,
-        Err(error) => {
-            let _ = error.print();
-            return if error.use_stderr() {
-                ExitCode::from(exit::USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
     if let Some(tool) = args.tool {
         return run_tool(tool);
@@ -173,28 +157,15 @@ fn main() -> ExitCode {
     for notice in &settings.notices {
         tracing::warn!("{notice}");
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match exit::runtime("keylease-server") {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("keylease-server: cannot start the runtime: {error}");
-            return ExitCode::from(exit::OS);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(run(settings, source, args.reset_state)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
             tracing::error!("{failure}");
-            ExitCode::from(failure.exit_code())
-        }
-    }
-}
-
-impl From<keylease_server::replica::ServeError> for Failure {
-    fn from(error: keylease_server::replica::ServeError) -> Self {
-        match error {
-            keylease_server::replica::ServeError::Start(start) => Self::Replica(start),
-            keylease_server::replica::ServeError::Serve(serve) => Self::Serve(serve),
-            keylease_server::replica::ServeError::Proxy(proxy) => Self::Proxy(proxy),
+            ExitCode::from(exit_code(&failure))
         }
     }
 }
@@ -213,79 +184,32 @@ fn abort_on_panic() {
     }));
 }
 
-/// Why the server stopped other than by a signal.
-#[derive(Debug, thiserror::Error)]
-enum Failure {
-    #[error("{0}")]
-    Open(#[from] keylease_server::state::OpenError),
-    #[error("{0}")]
-    Replica(#[from] keylease_server::replica::StartError),
-    #[error("{0}")]
-    Store(#[from] keylease_server::store::journal::StoreFailed),
-    #[error("cannot listen on {address}: {source}")]
-    Listen {
-        address: std::net::SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Tls(#[from] keylease_server::tls::TlsError),
-    #[error("cannot install signal handlers: {0}")]
-    Signals(std::io::Error),
-    #[error("serving failed: {0}")]
-    Serve(#[from] keylease_server::server::ServeError),
-    #[error("{0}")]
-    Proxy(#[from] keylease_server::proxy::ProxyStartError),
-}
-
-impl Failure {
-    fn exit_code(&self) -> u8 {
-        match self {
-            Self::Open(_) | Self::Replica(_) | Self::Tls(_) => exit::USAGE,
-            Self::Proxy(keylease_server::proxy::ProxyStartError::Listen { source, .. })
-                if source.kind() == std::io::ErrorKind::PermissionDenied =>
-            {
-                exit::NO_PERMISSION
-            }
-            Self::Proxy(keylease_server::proxy::ProxyStartError::Listen { .. }) => {
-                exit::UNAVAILABLE
-            }
-            Self::Proxy(_) => exit::USAGE,
-            Self::Store(_) => exit::IO,
-            Self::Listen { source, .. }
-                if source.kind() == std::io::ErrorKind::PermissionDenied =>
-            {
-                exit::NO_PERMISSION
-            }
-            Self::Listen { .. } => exit::UNAVAILABLE,
-            Self::Signals(_) => exit::OS,
-            Self::Serve(_) => exit::SOFTWARE,
+/// Why the server stopped other than by a signal, as an exit code.
+fn exit_code(failure: &LaunchError) -> u8 {
+    use keylease_server::proxy::ProxyStartError;
+    let denied = |source: &std::io::Error| source.kind() == std::io::ErrorKind::PermissionDenied;
+    match failure {
+        LaunchError::Open(_) | LaunchError::Replica(_) | LaunchError::Tls(_) => exit::USAGE,
+        LaunchError::Proxy(ProxyStartError::Listen { source, .. })
+        | LaunchError::Listen { source, .. }
+            if denied(source) =>
+        {
+            exit::NO_PERMISSION
         }
+        LaunchError::Proxy(ProxyStartError::Listen { .. }) | LaunchError::Listen { .. } => {
+            exit::UNAVAILABLE
+        }
+        LaunchError::Proxy(_) => exit::USAGE,
+        LaunchError::Store(_) => exit::IO,
+        LaunchError::Signals(_) => exit::OS,
+        LaunchError::Serve(_) => exit::SOFTWARE,
     }
 }
 
-/// Reloads the configuration at each SIGHUP, logging what changed or why nothing did.
-fn reload_on_hangup(control: Arc<Control>) -> Result<(), Failure> {
-    let mut hangups = signal(SignalKind::hangup()).map_err(Failure::Signals)?;
-    tokio::spawn(async move {
-        let by: Arc<str> = Arc::from("SIGHUP");
-        while hangups.recv().await.is_some() {
-            match control.reload(Some(&by)).await {
-                Ok(report) => tracing::info!(
-                    changes = report.changes.len(),
-                    needs_restart = ?report.needs_restart,
-                    "SIGHUP: configuration reloaded"
-                ),
-                Err(error) => tracing::error!(%error, "SIGHUP: the configuration was not reloaded"),
-            }
-        }
-    });
-    Ok(())
-}
-
 /// Resolves at SIGINT or SIGTERM.
-fn stop_signal() -> Result<impl std::future::Future<Output = ()>, Failure> {
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(Failure::Signals)?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(Failure::Signals)?;
+fn stop_signal() -> Result<impl std::future::Future<Output = ()>, LaunchError> {
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(LaunchError::Signals)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(LaunchError::Signals)?;
     Ok(async move {
         tokio::select! {
             _ = interrupt.recv() => {}
@@ -293,74 +217,6 @@ fn stop_signal() -> Result<impl std::future::Future<Output = ()>, Failure> {
         }
         tracing::info!("shutting down: finishing in-flight calls");
     })
-}
-
-async fn bind(settings: &Settings) -> Result<TcpListener, Failure> {
-    let listen_failed = |source| Failure::Listen {
-        address: settings.listen,
-        source,
-    };
-    let listener = TcpListener::bind(settings.listen)
-        .await
-        .map_err(listen_failed)?;
-    let address = listener.local_addr().map_err(listen_failed)?;
-    tracing::info!(%address, keys = settings.keys.len(), "keylease serving");
-    Ok(listener)
-}
-
-/// The metrics port, when one is configured.
-async fn bind_metrics(settings: &Settings) -> Result<Option<TcpListener>, Failure> {
-    let Some(address) = settings.metrics_listen else {
-        return Ok(None);
-    };
-    let listen_failed = |source| Failure::Listen { address, source };
-    let listener = TcpListener::bind(address).await.map_err(listen_failed)?;
-    let address = listener.local_addr().map_err(listen_failed)?;
-    tracing::info!(%address, "metrics at http://{address}/metrics");
-    Ok(Some(listener))
-}
-
-/// One replica of several on Redis (see `keylease_server::replica`).
-async fn run_replica(
-    settings: Settings,
-    source: ConfigSource,
-    replication: Replication,
-    reset_state: bool,
-) -> Result<(), Failure> {
-    // Before anything says it serves: a SIGTERM from then on stops it cleanly.
-    let stop = stop_signal()?;
-    let (grpc, local) = Incoming::with_local(bind(&settings).await?);
-    let listeners = replica::Listeners {
-        grpc,
-        metrics: bind_metrics(&settings).await?,
-        proxy: settings.proxy.clone().map(|proxy| (proxy, local)),
-    };
-    let front = Front::new(&settings)?;
-    let (reloads, reload_requests) = tokio::sync::mpsc::unbounded_channel();
-    let mut hangups = signal(SignalKind::hangup()).map_err(Failure::Signals)?;
-    tokio::spawn(async move {
-        while hangups.recv().await.is_some() {
-            match source.load() {
-                Ok(loaded) => {
-                    tracing::info!("SIGHUP: configuration read again; the replica takes it up");
-                    let _ = reloads.send(loaded);
-                }
-                Err(error) => tracing::error!(%error, "SIGHUP: the configuration was not reloaded"),
-            }
-        }
-    });
-    replica::serve(
-        listeners,
-        settings,
-        replication,
-        reset_state,
-        front,
-        reload_requests,
-        stop,
-    )
-    .await?;
-    tracing::info!("keylease stopped");
-    Ok(())
 }
 
 /// Fits the gRPC port's and the proxy's connection caps to the open-file limit (raised to the
@@ -383,88 +239,17 @@ async fn run(
     mut settings: Settings,
     source: ConfigSource,
     reset_state: bool,
-) -> Result<(), Failure> {
+) -> Result<(), LaunchError> {
     fit_to_open_files(&mut settings);
-    if let StateLocation::Redis(replication) = &settings.state {
-        let replication = (**replication).clone();
-        return run_replica(settings, source, replication, reset_state).await;
-    }
-    let (state, recovered) = State::open(&settings, Clock::system(), reset_state)?;
-    if let Some(aside) = &recovered.moved_aside {
-        tracing::warn!(moved_to = %aside.display(), "--reset-state: the old state was moved aside");
-    }
-    match &settings.state {
-        StateLocation::Ephemeral => tracing::info!("ephemeral: nothing is kept across restarts"),
-        StateLocation::Redis(_) => {}
-        StateLocation::Directory(dir) => tracing::info!(
-            state_dir = %dir.display(),
-            from_snapshot = recovered.from_snapshot,
-            records_replayed = recovered.records_replayed,
-            live_leases = recovered.live_leases,
-            disabled_keys = recovered.disabled_keys,
-            cooling_groups = recovered.cooling_groups,
-            quota_groups = recovered.quota_groups,
-            next_fencing_token = recovered.next_fencing_token,
-            "state recovered"
-        ),
-    }
-    let control = Control::new(source, settings.clone(), state.clone())?;
     // Before anything says it serves: a SIGTERM from then on stops it cleanly.
-    let signalled = stop_signal()?;
-    if let Some(listener) = bind_metrics(&settings).await? {
-        let scraped = state.clone();
-        let source: keylease_server::metrics::Source =
-            Arc::new(move || (Some(scraped.clone() as Arc<dyn StatusSource>), None));
-        let metrics = state.metrics().clone();
-        tokio::spawn(async move {
-            let served =
-                keylease_server::metrics::serve(listener, metrics, source, pending()).await;
-            if let Err(error) = served {
-                tracing::error!(%error, "serving metrics failed");
-            }
-        });
-    }
-    reload_on_hangup(control.clone())?;
-    let (listener, local) = Incoming::with_local(bind(&settings).await?);
-    if let Some(proxy) = settings.proxy.clone() {
-        let embedding = keylease_server::proxy::Embedding::of(&state);
-        keylease_server::proxy::start_embedded(proxy, &local, embedding).await?;
-    }
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        signalled.await;
-        let _ = stop.send(true);
-    });
-    let mut grace_start = stopped.clone();
-    let shutdown = async move {
-        let mut stopped = stopped;
-        let _ = stopped.wait_for(|&stop| stop).await;
-    };
-    // A store that stops writing stops the server: nothing more could be acknowledged.
-    let store_failed = {
-        let state = state.clone();
-        async move { state.store_stopped().await }
-    };
-    let shutdown = async move {
-        tokio::select! {
-            () = shutdown => {}
-            () = store_failed => {}
-        }
-    };
-    tokio::select! {
-        served = serve(listener, control, shutdown) => served?,
-        () = async {
-            let _ = grace_start.wait_for(|&stop| stop).await;
-            tokio::time::sleep(settings.shutdown_grace).await;
-        } => tracing::warn!("grace period over: stopping with calls still in flight"),
-    }
-    if let Some(failure) = state.store_failure() {
-        return Err(failure.into());
-    }
-    // The last snapshot, so that the next start replays little.
-    tokio::task::spawn_blocking(move || state.close())
-        .await
-        .ok();
+    let stop = stop_signal()?;
+    ServerBuilder::new(source, settings)
+        .reset_state(reset_state)
+        .reload_on_hangup()
+        .build(GrpcListener::Configured)
+        .await?
+        .serve(stop)
+        .await?;
     tracing::info!("keylease stopped");
     Ok(())
 }

@@ -515,7 +515,7 @@ const WORKER_SHA256: &str = "2f5c4bd6bb3a9bb1d87cc5d4c1f3a86b7af2a8d1c6b0b18d4a0
 #[test]
 fn callers_are_configured_by_name_role_and_the_hash_of_their_token_or_a_certificate() {
     let dir = Dir::new("");
-    let pki = crate::tls::testing::make(&dir.path.join("pki"), &[]);
+    let pki = keylease_test_kits::pki::make(&dir.path.join("pki"), &[]);
     let config = format!(
         "[server]\nlisten = \"0.0.0.0:50051\"\n\
          [[server.tokens]]\nname = \"batch\"\nrole = \"worker\"\nsha256 = \"{}\"\n\
@@ -827,7 +827,7 @@ fn the_store_and_its_token_come_from_the_command_line_and_the_environment() {
 #[test]
 fn tls_mistakes_name_the_file_and_never_quote_a_key() {
     let dir = Dir::new("");
-    let pki = crate::tls::testing::make(&dir.path.join("pki"), &["client"]);
+    let pki = keylease_test_kits::pki::make(&dir.path.join("pki"), &["client"]);
     let key_text = std::fs::read_to_string(&pki.server_key).unwrap();
     dir.write("garbage.pem", &format!("{SECRET}\n"));
     let keys = format!("{POOL}\n[[keys]]\nsecret = \"x-key\"\n");

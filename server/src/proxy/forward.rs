@@ -47,7 +47,7 @@ pub async fn call(proxy: &Arc<Proxy>, request: Request) -> Response {
         .map_err(|e| ProxyError::BadRequest(format!("the query string cannot be read: {e}")));
     let token = caller_token(&parts.headers, query.as_deref().unwrap_or_default());
     let read = match query {
-        Ok(query) => Incoming::read(proxy, parts, body, &query, token.as_deref()).await,
+        Ok(query) => CheckedCall::read(proxy, parts, body, &query, token.as_deref()).await,
         Err(error) => Err(error),
     };
     let (label, answered) = match read {
@@ -74,7 +74,7 @@ pub async fn call(proxy: &Arc<Proxy>, request: Request) -> Response {
 }
 
 /// A request read and checked: who calls, what for, and what goes upstream.
-struct Incoming {
+struct CheckedCall {
     route: Route,
     /// keylease, as the caller.
     keylease: KeyLeaseClient,
@@ -88,7 +88,7 @@ struct Incoming {
     upstream: Upstream,
 }
 
-impl Incoming {
+impl CheckedCall {
     async fn read(
         proxy: &Proxy,
         parts: axum::http::request::Parts,
@@ -217,18 +217,35 @@ impl Incoming {
         }
     }
 
-    /// The whole answer, once it has come; the lease ends with its usage.
-    async fn answer_whole(self, proxy: &Proxy) -> Result<Response, ProxyError> {
+    /// What `send` got from upstream on a leased key, with the lease: the one path from a
+    /// checked call to an upstream answer, whole or streaming. The caller counts as admitted
+    /// from then on.
+    async fn leased<T, Fut>(
+        &self,
+        proxy: &Proxy,
+        send: impl FnMut(String) -> Fut,
+    ) -> Result<(T, LeaseGuard), ProxyError>
+    where
+        Fut: Future<Output = Result<T, CallError>>,
+    {
         let sent = with_lease(
             &self.keylease,
             &self.policy,
             self.options(),
             self.booking(),
-            |key| self.upstream.send_whole(proxy, key),
+            send,
         )
         .await;
-        let (answer, lease) = answered(sent)?;
+        let answer = answered(sent)?;
         proxy.admitted(self.token_hash);
+        Ok(answer)
+    }
+
+    /// The whole answer, once it has come; the lease ends with its usage.
+    async fn answer_whole(self, proxy: &Proxy) -> Result<Response, ProxyError> {
+        let (answer, lease) = self
+            .leased(proxy, |key| self.upstream.send_whole(proxy, key))
+            .await?;
         let mut usage = self.usage_reader();
         usage.feed(&answer.body);
         let key_id = lease.key_id();
@@ -241,16 +258,9 @@ impl Incoming {
 
     /// The stream from its first chunk on, under its lease until it ends.
     async fn answer_streaming(self, proxy: &Proxy) -> Result<Response, ProxyError> {
-        let sent = with_lease(
-            &self.keylease,
-            &self.policy,
-            self.options(),
-            self.booking(),
-            |key| self.upstream.send_streaming(proxy, key),
-        )
-        .await;
-        let (start, lease) = answered(sent)?;
-        proxy.admitted(self.token_hash);
+        let (start, lease) = self
+            .leased(proxy, |key| self.upstream.send_streaming(proxy, key))
+            .await?;
         let key_id = lease.key_id();
         tracing::debug!(call = ?self.route.call, model = %self.model, key_id, status = %start.status, "proxying a stream");
         let relay = Relay {
@@ -572,7 +582,7 @@ impl Relay {
 /// The model listing of `route.version`, from memory while it is fresh and the caller has had
 /// a lease since it was made; else fetched with a lease for the listing model (booking nothing),
 /// every page.
-async fn listing(proxy: &Proxy, call: &Incoming) -> Result<Arc<Value>, ProxyError> {
+async fn listing(proxy: &Proxy, call: &CheckedCall) -> Result<Arc<Value>, ProxyError> {
     {
         let listings = proxy.lock_listings();
         if let Some((made_ms, listing)) = listings.by_version.get(call.route.version)

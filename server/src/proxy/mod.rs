@@ -70,7 +70,7 @@ pub struct Embedding {
 
 impl Embedding {
     /// Inside a single server: its metrics and its redaction, which follows reloads.
-    pub fn of(state: &Arc<crate::state::State>) -> Self {
+    pub fn of(state: &Arc<crate::shell::State>) -> Self {
         let redacting = state.clone();
         Self {
             metrics: state.metrics().clone(),

@@ -21,7 +21,7 @@
 //! and fencing tokens above any handed out (see [`token_floor`]). [`leadership`] keeps the
 //! leadership while this replica leads.
 //!
-//! [`token_floor`]: crate::state::token_floor
+//! [`token_floor`]: crate::shell::token_floor
 
 pub mod follower;
 pub mod leadership;
@@ -39,7 +39,7 @@ use crate::config::{Replication, Settings};
 use crate::connections::Front;
 use crate::fleet::FleetView;
 use crate::secret::FingerprintKey;
-use crate::state::{Opening, State};
+use crate::shell::{Opening, State};
 use crate::store::embedded::StateDir;
 use crate::store::{Recovery, StoreError};
 use ::redis::Connection;
@@ -124,9 +124,9 @@ pub struct Listeners {
 
 /// Settings read again, waiting for the supervisor to take them up.
 #[derive(Clone, Default)]
-pub struct Reloaded(Arc<std::sync::Mutex<Option<Settings>>>);
+pub struct PendingReload(Arc<std::sync::Mutex<Option<Settings>>>);
 
-impl Reloaded {
+impl PendingReload {
     fn set(&self, settings: Settings) {
         *self
             .0
@@ -142,7 +142,7 @@ impl Reloaded {
 /// grace period, and at least [`STEP_DOWN_AT_LEAST`]: a Redis that does not answer never holds
 /// the process longer, as the log already holds everything acknowledged and the leadership
 /// lapses by itself.
-pub async fn serve(
+pub async fn run(
     listeners: Listeners,
     settings: Settings,
     replication: Replication,
@@ -223,7 +223,7 @@ pub async fn serve(
         let router = router.clone();
         move || router.end_waits()
     };
-    let served = crate::server::serve_service(
+    let served = crate::server::serve_routes(
         listener,
         tonic::service::Routes::new(router.clone()).add_service(router::AdminRouter(router)),
         front,
@@ -281,8 +281,8 @@ pub fn start(
     tls: Option<Arc<crate::tls::Tls>>,
     runtime: Handle,
     shutdown: CancellationToken,
-) -> Result<(Router, Reloaded, tokio::sync::oneshot::Receiver<()>), StartError> {
-    let reloaded = Reloaded::default();
+) -> Result<(Router, PendingReload, tokio::sync::oneshot::Receiver<()>), StartError> {
+    let reloaded = PendingReload::default();
     let redis = Redis::new(replication.url.reveal(), &replication.namespace)
         .map_err(|e| StartError::Invalid(format!("state.store: {e}")))?;
     let router = Router::new(&replication.token, tls).map_err(StartError::Invalid)?;
@@ -346,10 +346,10 @@ pub fn start(
 #[cfg(test)]
 mod tests {
     use super::redis::{Keys, Redis, RedisLog, RedisStore, create_log, head, take_leadership};
-    use crate::redis_server::RedisServer;
     use crate::secret::FingerprintKey;
     use crate::store::conformance::Reopen;
     use crate::store::{Store, StoreError};
+    use keylease_test_kits::RedisServer;
     use std::sync::Arc;
     use std::time::Duration;
 

@@ -12,7 +12,7 @@ use crate::config::Settings;
 use crate::fleet::FleetView;
 use crate::metrics::{Metrics, StatusSource};
 use crate::server::keylease_routes;
-use crate::state::State;
+use crate::shell::State;
 use crate::tls::Tls;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};

@@ -26,7 +26,7 @@ pub(super) struct Supervisor {
     pub(super) shutdown: CancellationToken,
     pub(super) keys_published_ms: u64,
     /// Settings read again (SIGHUP), for the supervisor to take up at its next step.
-    pub(super) reloaded: Reloaded,
+    pub(super) reloaded: PendingReload,
     /// Keys (`ID=FINGERPRINT`) every live replica reported holding at the last look, `None`
     /// before the first: only those are lent, so that whichever replica leads next can serve
     /// every lease.

@@ -7,7 +7,7 @@
 use crate::clock::Clock;
 use crate::config::{self, Overrides, Settings};
 use crate::secret::FingerprintKey;
-use crate::state::{AcquireFailure, State};
+use crate::shell::{AcquireFailure, State};
 use crate::store::Store;
 use keylease_engine::{
     AcquireRequest, Command, FailureKind, FailureReport, KeyState, LeaseView, LimitKind,

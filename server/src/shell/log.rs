@@ -3,6 +3,9 @@
 use super::*;
 
 /// What operators need in the log: key and project trouble at `info`, lease traffic at `debug`.
+/// A match of its own beside `wire::event_to_pb`'s: a log line picks fields and a level for
+/// people searching logs, the event stream carries each event whole for programs, and neither
+/// should change when the other does.
 pub(super) fn log(event: &Event, by: Option<&str>) {
     match &event.kind {
         EventKind::KeyDisabled { key_id, reason } => {

@@ -1,0 +1,419 @@
+//! The one way a server is put together, used by `keylease-server`, `keylease batch`, the tests
+//! and the bench: the engine's state on its store (or a replica on Redis), the gRPC services,
+//! Prometheus, the embedded Gemini-compatible proxy and reloads; then serving until a stop,
+//! with the shutdown grace, ending with the last snapshot. What differs between its users is
+//! only what they hand it: listeners, a clock, whether to reset the state, whether SIGHUP
+//! reloads.
+
+use crate::admin::{ConfigSource, Control};
+use crate::clock::Clock;
+use crate::config::{Settings, StateLocation};
+use crate::connections::{Front, Incoming, LocalConnector};
+use crate::metrics::StatusSource;
+use crate::shell::{OpenError, Recovered, State};
+use crate::store::journal::StoreFailed;
+use crate::tls::TlsError;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Why a server could not be assembled, or stopped other than when asked.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("{0}")]
+    Open(#[from] OpenError),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    #[error("{0}")]
+    Proxy(#[from] crate::proxy::ProxyStartError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    /// The store stopped writing: nothing more could be acknowledged.
+    #[error("{0}")]
+    Store(#[from] StoreFailed),
+    #[error("serving failed: {0}")]
+    Serve(#[from] crate::server::ServeError),
+    #[error("{0}")]
+    Replica(#[from] crate::replica::StartError),
+}
+
+impl From<crate::replica::ServeError> for LaunchError {
+    fn from(error: crate::replica::ServeError) -> Self {
+        match error {
+            crate::replica::ServeError::Start(start) => Self::Replica(start),
+            crate::replica::ServeError::Serve(serve) => Self::Serve(serve),
+            crate::replica::ServeError::Proxy(proxy) => Self::Proxy(proxy),
+        }
+    }
+}
+
+/// Where the gRPC services are reached.
+pub enum GrpcListener {
+    /// `server.listen`, and `metrics.listen` when set, bound by the builder once the state is
+    /// open (the binary): clients find the port closed until the server can answer.
+    Configured,
+    /// A TCP port (the embedded proxy leases through memory all the same).
+    Tcp(TcpListener),
+    /// Memory only, through [`Assembled::connector`]: nothing listens (the batch).
+    InProcess,
+}
+
+/// What a server is built from; [`ServerBuilder::build`] assembles it.
+pub struct ServerBuilder {
+    source: ConfigSource,
+    settings: Settings,
+    clock: Clock,
+    reset_state: bool,
+    metrics: Option<TcpListener>,
+    reload_on_hangup: bool,
+}
+
+impl ServerBuilder {
+    /// A server with `settings`, read from `source` (which reloads read again).
+    pub fn new(source: ConfigSource, settings: Settings) -> Self {
+        Self {
+            source,
+            settings,
+            clock: Clock::system(),
+            reset_state: false,
+            metrics: None,
+            reload_on_hangup: false,
+        }
+    }
+
+    /// The clock the state runs on (the system's unless a test controls it).
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Move the state aside and start empty (`--reset-state`); for a replica, accept what
+    /// Redis holds after it lost the log.
+    pub fn reset_state(mut self, reset: bool) -> Self {
+        self.reset_state = reset;
+        self
+    }
+
+    /// Serve Prometheus metrics on `listener`.
+    pub fn metrics(mut self, listener: Option<TcpListener>) -> Self {
+        self.metrics = listener;
+        self
+    }
+
+    /// Read the configuration again at each SIGHUP (the binary).
+    pub fn reload_on_hangup(mut self) -> Self {
+        self.reload_on_hangup = true;
+        self
+    }
+
+    /// Opens the state and starts Prometheus, the embedded proxy and reloads: everything but
+    /// the gRPC services, which [`Assembled::serve`] serves. A replica opens its state when it
+    /// serves, as it leads or follows.
+    pub async fn build(self, grpc: GrpcListener) -> Result<Assembled, LaunchError> {
+        let Self {
+            source,
+            settings,
+            clock,
+            reset_state,
+            metrics,
+            reload_on_hangup,
+        } = self;
+        if let StateLocation::Redis(replication) = &settings.state {
+            let replication = (**replication).clone();
+            let binds = matches!(grpc, GrpcListener::Configured);
+            let (incoming, connector) = listen(grpc, &settings).await?;
+            let metrics = if binds {
+                bind_metrics(&settings).await?
+            } else {
+                metrics
+            };
+            let front = Front::new(&settings)?;
+            let (reloads, reload_requests) = tokio::sync::mpsc::unbounded_channel();
+            if reload_on_hangup {
+                let mut hangups = signal(SignalKind::hangup()).map_err(LaunchError::Signals)?;
+                tokio::spawn(async move {
+                    while hangups.recv().await.is_some() {
+                        match source.load() {
+                            Ok(loaded) => {
+                                tracing::info!(
+                                    "SIGHUP: configuration read again; the replica takes it up"
+                                );
+                                let _ = reloads.send(loaded);
+                            }
+                            Err(error) => tracing::error!(
+                                %error,
+                                "SIGHUP: the configuration was not reloaded"
+                            ),
+                        }
+                    }
+                });
+            }
+            let listeners = crate::replica::Listeners {
+                grpc: incoming,
+                metrics,
+                proxy: settings
+                    .proxy
+                    .clone()
+                    .map(|proxy| (proxy, connector.clone())),
+            };
+            return Ok(Assembled {
+                connector,
+                proxy_address: None,
+                running: Running::Replica(Box::new(Replica {
+                    listeners,
+                    settings,
+                    replication,
+                    reset_state,
+                    front,
+                    reloads: reload_requests,
+                })),
+            });
+        }
+
+        let (state, recovered) = State::open(&settings, clock, reset_state)?;
+        log_recovery(&settings, &recovered);
+        let control = Control::new(source, settings.clone(), state.clone())?;
+        let metrics = match grpc {
+            GrpcListener::Configured => bind_metrics(&settings).await?,
+            _ => metrics,
+        };
+        if let Some(listener) = metrics {
+            let scraped = state.clone();
+            let source: crate::metrics::Source =
+                Arc::new(move || (Some(scraped.clone() as Arc<dyn StatusSource>), None));
+            let metrics = state.metrics().clone();
+            // Scraped until the process ends, through the shutdown grace too.
+            tokio::spawn(async move {
+                let served =
+                    crate::metrics::serve(listener, metrics, source, std::future::pending()).await;
+                if let Err(error) = served {
+                    tracing::error!(%error, "serving metrics failed");
+                }
+            });
+        }
+        if reload_on_hangup {
+            reload_control_on_hangup(control.clone())?;
+        }
+        let (incoming, connector) = listen(grpc, &settings).await?;
+        let proxy_address = match settings.proxy.clone() {
+            Some(proxy) => {
+                let embedding = crate::proxy::Embedding::of(&state);
+                Some(crate::proxy::start_embedded(proxy, &connector, embedding).await?)
+            }
+            None => None,
+        };
+        Ok(Assembled {
+            connector,
+            proxy_address,
+            running: Running::Single(Box::new(Single {
+                state,
+                control,
+                recovered,
+                incoming,
+                grace: settings.shutdown_grace,
+            })),
+        })
+    }
+}
+
+/// A server assembled, ready to serve.
+pub struct Assembled {
+    /// Reaches the gRPC services through memory.
+    pub connector: LocalConnector,
+    /// Where the embedded proxy listens, once started (a replica starts it as it serves).
+    pub proxy_address: Option<SocketAddr>,
+    running: Running,
+}
+
+enum Running {
+    Single(Box<Single>),
+    Replica(Box<Replica>),
+}
+
+struct Single {
+    state: Arc<State>,
+    control: Arc<Control>,
+    recovered: Recovered,
+    incoming: Incoming,
+    grace: std::time::Duration,
+}
+
+struct Replica {
+    listeners: crate::replica::Listeners,
+    settings: Settings,
+    replication: crate::config::Replication,
+    reset_state: bool,
+    front: Front,
+    reloads: tokio::sync::mpsc::UnboundedReceiver<Settings>,
+}
+
+impl Assembled {
+    /// The state a single server lends from (a replica's changes with its leadership).
+    pub fn state(&self) -> Option<&Arc<State>> {
+        match &self.running {
+            Running::Single(single) => Some(&single.state),
+            Running::Replica(_) => None,
+        }
+    }
+
+    /// What a single server found when it opened its state.
+    pub fn recovered(&self) -> Option<&Recovered> {
+        match &self.running {
+            Running::Single(single) => Some(&single.recovered),
+            Running::Replica(_) => None,
+        }
+    }
+
+    /// Serves until `stop` resolves (or the store stops writing); in-flight calls then get
+    /// `server.shutdown_grace` to finish. A single server then writes its last snapshot, so
+    /// that the next start replays little; a replica steps down.
+    pub async fn serve(
+        self,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), LaunchError> {
+        let single = match self.running {
+            Running::Replica(replica) => {
+                let Replica {
+                    listeners,
+                    settings,
+                    replication,
+                    reset_state,
+                    front,
+                    reloads,
+                } = *replica;
+                crate::replica::run(
+                    listeners,
+                    settings,
+                    replication,
+                    reset_state,
+                    front,
+                    reloads,
+                    stop,
+                )
+                .await?;
+                return Ok(());
+            }
+            Running::Single(single) => *single,
+        };
+        let Single {
+            state,
+            control,
+            incoming,
+            grace,
+            ..
+        } = single;
+        let (stopped, mut grace_start) = tokio::sync::watch::channel(false);
+        let store_failed = {
+            let state = state.clone();
+            async move { state.store_stopped().await }
+        };
+        let shutdown = async move {
+            tokio::select! {
+                () = stop => { let _ = stopped.send(true); }
+                () = store_failed => {}
+            }
+        };
+        tokio::select! {
+            served = crate::server::serve_single(incoming, control, shutdown) => served?,
+            () = async {
+                let _ = grace_start.wait_for(|&stop| stop).await;
+                tokio::time::sleep(grace).await;
+            } => tracing::warn!("grace period over: stopping with calls still in flight"),
+        }
+        if let Some(failure) = state.store_failure() {
+            return Err(failure.into());
+        }
+        let _ = tokio::task::spawn_blocking(move || state.close()).await;
+        Ok(())
+    }
+}
+
+/// Reloads the configuration at each SIGHUP, logging what changed or why nothing did.
+fn reload_control_on_hangup(control: Arc<Control>) -> Result<(), LaunchError> {
+    let mut hangups = signal(SignalKind::hangup()).map_err(LaunchError::Signals)?;
+    tokio::spawn(async move {
+        let by: Arc<str> = Arc::from("SIGHUP");
+        while hangups.recv().await.is_some() {
+            match control.reload(Some(&by)).await {
+                Ok(report) => tracing::info!(
+                    changes = report.changes.len(),
+                    needs_restart = ?report.needs_restart,
+                    "SIGHUP: configuration reloaded"
+                ),
+                Err(error) => tracing::error!(%error, "SIGHUP: the configuration was not reloaded"),
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The gRPC services' listener, bound from `server.listen` when the builder binds.
+async fn listen(
+    grpc: GrpcListener,
+    settings: &Settings,
+) -> Result<(Incoming, LocalConnector), LaunchError> {
+    let listener = match grpc {
+        GrpcListener::InProcess => return Ok(Incoming::local_only()),
+        GrpcListener::Tcp(listener) => listener,
+        GrpcListener::Configured => {
+            let listener = bind(settings.listen).await?;
+            let address = listener
+                .local_addr()
+                .map_err(|source| LaunchError::Listen {
+                    address: settings.listen,
+                    source,
+                })?;
+            tracing::info!(%address, keys = settings.keys.len(), "keylease serving");
+            listener
+        }
+    };
+    Ok(Incoming::with_local(listener))
+}
+
+/// The metrics port, when one is configured.
+async fn bind_metrics(settings: &Settings) -> Result<Option<TcpListener>, LaunchError> {
+    let Some(address) = settings.metrics_listen else {
+        return Ok(None);
+    };
+    let listener = bind(address).await?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| LaunchError::Listen { address, source })?;
+    tracing::info!(address = %bound, "metrics at http://{bound}/metrics");
+    Ok(Some(listener))
+}
+
+async fn bind(address: SocketAddr) -> Result<TcpListener, LaunchError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| LaunchError::Listen { address, source })
+}
+
+/// Says where the state came from, and what it held.
+fn log_recovery(settings: &Settings, recovered: &Recovered) {
+    if let Some(aside) = &recovered.moved_aside {
+        tracing::warn!(moved_to = %aside.display(), "--reset-state: the old state was moved aside");
+    }
+    match &settings.state {
+        StateLocation::Ephemeral => tracing::info!("ephemeral: nothing is kept across restarts"),
+        StateLocation::Redis(_) => {}
+        StateLocation::Directory(dir) => tracing::info!(
+            state_dir = %dir.display(),
+            from_snapshot = recovered.from_snapshot,
+            records_replayed = recovered.records_replayed,
+            live_leases = recovered.live_leases,
+            disabled_keys = recovered.disabled_keys,
+            cooling_groups = recovered.cooling_groups,
+            quota_groups = recovered.quota_groups,
+            next_fencing_token = recovered.next_fencing_token,
+            "state recovered"
+        ),
+    }
+}
