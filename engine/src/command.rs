@@ -56,6 +56,16 @@ pub enum Command {
         model: String,
         forget_learned: bool,
     },
+    /// Last of all, as each variant keeps its place in the records older builds wrote.
+    /// A failure report and, in the same command, the acquire of its replacement (rules 6 on):
+    /// no other command comes between the key's failure and the task's next key. The
+    /// replacement queues when `wait` is set.
+    ReportFailureAndReplace {
+        lease_id: String,
+        fencing_token: u64,
+        report: FailureReport,
+        wait: bool,
+    },
 }
 
 impl Command {
@@ -73,6 +83,7 @@ impl Command {
             Self::DropWaiters => "drop_waiters",
             Self::Configure(_) => "configure",
             Self::ResetCooldown { .. } => "reset_cooldown",
+            Self::ReportFailureAndReplace { .. } => "report_failure_and_replace",
         }
     }
 }
@@ -95,6 +106,8 @@ pub enum Reply {
     Configured(Result<Reconfigured, SetupError>),
     /// The group as it stands after the reset.
     CooldownReset(Result<Box<GroupView>, EngineError>),
+    /// The report, then its replacement's acquire.
+    ReportedAndReplaced(Result<(Reported, Result<Acquired, EngineError>), EngineError>),
 }
 
 /// What a new configuration did to the state it found.
@@ -117,6 +130,34 @@ impl Engine {
     /// with what the shell must carry out. Given the same commands at the same times, a fresh
     /// engine reaches the same state.
     pub fn apply(&mut self, time: Time, command: Command) -> (Reply, Notices) {
+        if let Command::ReportFailureAndReplace {
+            lease_id,
+            fencing_token,
+            report,
+            wait,
+        } = command
+        {
+            // The two commands it joins, applied one after the other at one time: a replica or
+            // a recovery replaying it decides exactly what they would.
+            let report = Command::ReportFailure {
+                lease_id,
+                fencing_token,
+                report,
+            };
+            let (reported, mut notices) = self.apply(time, report);
+            let reported = match reported.into_reported() {
+                Ok(reported) => reported,
+                Err(error) => return (Reply::ReportedAndReplaced(Err(error)), notices),
+            };
+            let replacement = AcquireRequest {
+                wait,
+                ..reported.replacement.clone()
+            };
+            let (acquired, more) = self.apply(time, Command::Acquire(replacement));
+            notices.extend(more);
+            let reply = Reply::ReportedAndReplaced(Ok((reported, acquired.into_acquired())));
+            return (reply, notices);
+        }
         let reply = match command {
             Command::Acquire(request) => Reply::Acquired(self.acquire(time, request)),
             Command::CancelWaiter(id) => Reply::WaiterCancelled(self.cancel_waiter(time, id)),
@@ -163,6 +204,7 @@ impl Engine {
             }
             Command::DropWaiters => Reply::WaitersDropped(self.drop_waiters(time)),
             Command::Configure(setup) => Reply::Configured(self.configure(time, setup)),
+            Command::ReportFailureAndReplace { .. } => unreachable!("applied as its two parts"),
             Command::ResetCooldown {
                 pool,
                 project,
@@ -230,6 +272,15 @@ impl Reply {
         match self {
             Self::Reported(reply) => reply,
             other => unreachable!("a report answered {other:?}"),
+        }
+    }
+
+    pub fn into_reported_and_replaced(
+        self,
+    ) -> Result<(Reported, Result<Acquired, EngineError>), EngineError> {
+        match self {
+            Self::ReportedAndReplaced(reply) => reply,
+            other => unreachable!("a report with its replacement answered {other:?}"),
         }
     }
 

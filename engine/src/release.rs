@@ -320,6 +320,7 @@ impl Engine {
         self.tick(time);
         Ok(Reported {
             key_id: self.catalogue.key(key).spec.id.clone(),
+            key: Box::new(self.key_view(key, time.steady_ms)),
             booked,
             replacement: AcquireRequest {
                 task_id: ended.task_id,

@@ -190,6 +190,8 @@ impl Usage {
 #[derive(Debug, Clone)]
 pub struct Reported {
     pub key_id: String,
+    /// The key as the report left it (disabled, cooling, excluded from the task).
+    pub key: Box<KeyView>,
     /// What the books now hold for the lease; `None` when it had already ended.
     pub booked: Option<Amount>,
     pub replacement: AcquireRequest,

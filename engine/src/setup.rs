@@ -100,7 +100,10 @@ pub struct Setup {
 /// model capacity and waves rest the pool (see [`learning::weighing`], [`outage`]); input tokens
 /// per day are a fourth limit. Version 5: evidence that lowered a limit stands for the next
 /// step, and a climb the provider refuses is undone on less (see [`learning::weighing`]).
-pub const RULES_VERSION: u32 = 5;
+/// Version 6: a failure report with its replacement's acquire is one command
+/// ([`Command::ReportFailureAndReplace`]), which older builds cannot read; it decides what the
+/// two commands it joins decide, so nothing older is decided differently.
+pub const RULES_VERSION: u32 = 6;
 /// The oldest rules this build still decides by: records decided under them replay.
 pub const OLDEST_RULES_DECIDED: u32 = 2;
 /// The rules from which a pool at its bound forgets an unlisted model.

@@ -2109,3 +2109,103 @@ fn status_with_a_model_shows_each_group_once_planned_or_used_in_order() {
     assert_eq!(planned.total_keys, plain.total_keys);
     assert_eq!(planned.window_ms, e.config().window_ms);
 }
+
+/// `ReportFailureAndReplace` decides what `ReportFailure` then `Acquire` of its replacement
+/// decide at the same time: the same replies, events and state, whether the replacement is
+/// granted, queues or finds no key; a report refused acquires nothing.
+#[test]
+fn a_report_with_its_replacement_is_the_two_commands_it_joins() {
+    type Keys<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(Keys, FailureKind, bool); 4] = [
+        (
+            &[("k1", "p1"), ("k2", "p2")],
+            FailureKind::InvalidKey,
+            false,
+        ),
+        (
+            &[("k1", "p1"), ("k2", "p1")],
+            FailureKind::RateLimited,
+            true,
+        ),
+        (&[("k1", "p1")], FailureKind::RateLimited, true),
+        (&[("k1", "p1")], FailureKind::ServerError, true),
+    ];
+    let mut outcomes = Vec::new();
+    for (keys, kind, wait) in cases {
+        let setup = |keys: &[(&str, &str)]| {
+            let mut e = engine(keys);
+            let held = granted(e.acquire(T0, ask("held")));
+            (e, held)
+        };
+        let (mut split, held) = setup(keys);
+        let (mut joined, _) = setup(keys);
+        let at = Time::at(T0 + SECOND);
+        let (reported, mut split_notices) = split.apply(
+            at,
+            Command::ReportFailure {
+                lease_id: held.lease_id.clone(),
+                fencing_token: held.fencing_token,
+                report: report(kind),
+            },
+        );
+        let reported = reported.into_reported().unwrap();
+        let (acquired, more) = split.apply(
+            at,
+            Command::Acquire(AcquireRequest {
+                wait,
+                ..reported.replacement.clone()
+            }),
+        );
+        split_notices.extend(more);
+        let acquired = acquired.into_acquired();
+        let (reply, joined_notices) = joined.apply(
+            at,
+            Command::ReportFailureAndReplace {
+                lease_id: held.lease_id.clone(),
+                fencing_token: held.fencing_token,
+                report: report(kind),
+                wait,
+            },
+        );
+        let (joined_reported, joined_acquired) = reply.into_reported_and_replaced().unwrap();
+        let case = format!("{kind:?}, wait {wait}");
+        outcomes.push(match &joined_acquired {
+            Ok(Acquired::Granted(_)) => "granted",
+            Ok(Acquired::Queued(_)) => "queued",
+            Ok(Acquired::Unavailable(_)) => "none",
+            Err(_) => "refused",
+        });
+        assert_eq!(joined.image(), split.image(), "{case}");
+        assert_eq!(
+            format!(
+                "{:?}",
+                (&joined_reported, &joined_acquired, &joined_notices.events)
+            ),
+            format!("{:?}", (&reported, &acquired, &split_notices.events)),
+            "{case}"
+        );
+        // The key as the report left it: an invalid one disabled.
+        assert_eq!(
+            joined_reported.key.state == KeyState::Disabled,
+            kind == FailureKind::InvalidKey,
+            "{case}"
+        );
+        // A lease never lent: refused, and nothing acquired.
+        let before = joined.image();
+        let (reply, notices) = joined.apply(
+            at,
+            Command::ReportFailureAndReplace {
+                lease_id: "lease-99".into(),
+                fencing_token: held.fencing_token,
+                report: report(kind),
+                wait,
+            },
+        );
+        assert!(reply.into_reported_and_replaced().is_err(), "{case}");
+        assert!(notices.waiter_grants.is_empty(), "{case}");
+        assert_eq!(joined.image().leases, before.leases, "{case}");
+    }
+    // Granted elsewhere; queued behind the project's cooldown; none (its only key excluded for
+    // the task); granted the same key again (a server error blames no key).
+    assert_eq!(outcomes, ["granted", "queued", "none", "granted"]);
+}

@@ -5,11 +5,11 @@
 
 use crate::auth::caller_name;
 use crate::fleet::FleetView;
-use crate::shell::{AcquireFailure, Published, State};
+use crate::shell::{AcquireFailure, Renewal, State};
 use crate::wire;
 use keylease::pb;
 use keylease::pb::key_lease_server::KeyLease;
-use keylease_engine::{Command, EventKind, FailureReport, QuotaViolation, Renewed};
+use keylease_engine::{Command, FailureReport, QuotaViolation};
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::{Semaphore, broadcast, mpsc};
@@ -157,48 +157,18 @@ impl KeyLeaseService {
     ) -> Result<pb::RenewLeaseResponse, Status> {
         let ttl_ms = wire::duration_ms("ttl", request.ttl)?;
         let wait = wire::wait_of("wait", request.wait, self.state.max_wait)?;
-        let deadline_ms = self.state.now_ms() + wait.as_millis() as u64;
-        let shutdown = self.state.shutdown_token();
-        loop {
-            // Subscribed before trying, so a release between the try and the wait is not missed.
-            let mut events = self.state.subscribe();
-            let renewed = self
-                .state
-                .run(
-                    by,
-                    Command::Renew {
-                        lease_id: request.lease_id.clone(),
-                        fencing_token: request.fencing_token,
-                        ttl_ms,
-                        additional_requests: request.additional_requests,
-                        additional_tokens: request.additional_input_tokens,
-                    },
-                )
-                .await?
-                .into_renewed()
-                .map_err(wire::engine_status)?;
-            let (lease, unavailable) = match renewed {
-                Renewed::Done(lease) => {
-                    return Ok(pb::RenewLeaseResponse {
-                        lease: Some(wire::lease_to_pb(lease, self.state.time())),
-                    });
-                }
-                Renewed::QuotaUnavailable(lease, unavailable) => (lease, unavailable),
-            };
-            let now = self.state.now_ms();
-            let wake_ms = unavailable
-                .retry_at_ms
-                .unwrap_or(deadline_ms)
-                .min(deadline_ms)
-                .min(lease.expires_ms);
-            if now >= deadline_ms || now >= lease.expires_ms {
-                return Err(wire::unavailable_status(unavailable, now));
-            }
-            tokio::select! {
-                () = self.state.sleep_until_ms(wake_ms) => {}
-                () = room_made(&mut events) => {}
-                () = shutdown.cancelled() => return Err(Status::unavailable("the server is shutting down")),
-            }
+        let renewal = Renewal {
+            lease_id: request.lease_id,
+            fencing_token: request.fencing_token,
+            ttl_ms,
+            additional_requests: request.additional_requests,
+            additional_tokens: request.additional_input_tokens,
+        };
+        match self.state.renew(by, renewal, wait).await {
+            Ok(lease) => Ok(pb::RenewLeaseResponse {
+                lease: Some(wire::lease_to_pb(lease, self.state.time())),
+            }),
+            Err(failure) => Err(wire::acquire_failure_status(failure, self.state.now_ms())),
         }
     }
 
@@ -253,41 +223,38 @@ impl KeyLeaseService {
             request.replacement_wait,
             self.state.max_wait,
         )?;
-        let reported = self
-            .state
-            .run(
-                by,
-                Command::ReportFailure {
-                    lease_id: request.lease_id,
-                    fencing_token: request.fencing_token,
-                    report,
-                },
-            )
-            .await?
-            .into_reported()
-            .map_err(wire::engine_status)?;
-        let key = self
-            .state
-            .read(|engine, now| engine.key_status(now, &reported.key_id))
-            .await?
-            .map_err(wire::engine_status)?;
+        let (reported, replacement) = if request.rotate {
+            let (reported, replacement) = self
+                .state
+                .report_and_replace(by, request.lease_id, request.fencing_token, report, wait)
+                .await
+                .map_err(|failure| wire::acquire_failure_status(failure, self.state.now_ms()))?;
+            (reported, Some(replacement))
+        } else {
+            let command = Command::ReportFailure {
+                lease_id: request.lease_id,
+                fencing_token: request.fencing_token,
+                report,
+            };
+            let reply = self.state.run(by, command).await?;
+            (reply.into_reported().map_err(wire::engine_status)?, None)
+        };
         let mut response = pb::ReportFailureResponse {
-            key: Some(wire::key_to_pb(key, self.state.time())),
+            key: Some(wire::key_to_pb(*reported.key, self.state.time())),
             requests_booked: reported.booked.map_or(0, |b| b.requests as u32),
             ..Default::default()
         };
-        if request.rotate {
-            match self.state.acquire(by, reported.replacement, wait).await {
-                Ok(lease) => {
-                    response.replacement = Some(wire::lease_to_pb(lease, self.state.time()))
-                }
-                Err(AcquireFailure::Unavailable(unavailable)) => {
-                    response.replacement_unavailable =
-                        Some(wire::unavailable_to_pb(unavailable, self.state.now_ms()));
-                }
-                Err(failure) => {
-                    return Err(wire::acquire_failure_status(failure, self.state.now_ms()));
-                }
+        match replacement {
+            None => {}
+            Some(Ok(lease)) => {
+                response.replacement = Some(wire::lease_to_pb(lease, self.state.time()));
+            }
+            Some(Err(AcquireFailure::Unavailable(unavailable))) => {
+                response.replacement_unavailable =
+                    Some(wire::unavailable_to_pb(unavailable, self.state.now_ms()));
+            }
+            Some(Err(failure)) => {
+                return Err(wire::acquire_failure_status(failure, self.state.now_ms()));
             }
         }
         Ok(response)
@@ -518,24 +485,5 @@ impl KeyLease for KeyLeaseService {
             .set_key_enabled(by.as_ref(), request.into_inner())
             .await;
         self.outgoing(answer).map(Response::new)
-    }
-}
-
-/// Resolves at the next event that may have made quota room: a lease ended.
-async fn room_made(events: &mut broadcast::Receiver<Published>) {
-    loop {
-        match events.recv().await {
-            Ok(published)
-                if matches!(
-                    published.event.kind,
-                    EventKind::Released { .. } | EventKind::Expired(_) | EventKind::Failed { .. }
-                ) =>
-            {
-                return;
-            }
-            Ok(_) => {}
-            Err(broadcast::error::RecvError::Lagged(_)) => return,
-            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
-        }
     }
 }

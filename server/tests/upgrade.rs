@@ -1,4 +1,4 @@
-//! What earlier builds (rules versions 2 to 4) left behind, opened by this one: a state
+//! What earlier builds (rules versions 2 to 5) left behind, opened by this one: a state
 //! directory and a Redis log each wrote and then was killed on (`fixtures/rules-N`, see their
 //! READMEs). All hold records that build decided after its last snapshot: this build replays
 //! them as that build decided them, then serves under its own rules, its fencing tokens above
@@ -47,6 +47,14 @@ const RULES_4: Fixture = Fixture {
     name: "rules-4",
     state_highest_token: 1_796_636_890_222_002,
     redis_highest_token: 1_796_636_892_666_002,
+    lowered_by_its_rules: None,
+    tokens_per_day_learned: Some(("p3", 1_000_000)),
+};
+
+const RULES_5: Fixture = Fixture {
+    name: "rules-5",
+    state_highest_token: 1_796_647_680_031_003,
+    redis_highest_token: 1_796_647_682_692_003,
     lowered_by_its_rules: None,
     tokens_per_day_learned: Some(("p3", 1_000_000)),
 };
@@ -137,6 +145,11 @@ fn a_state_directory_rules_4_crashed_on_is_replayed_with_its_tokens_per_day() {
 }
 
 #[test]
+fn a_state_directory_rules_5_crashed_on_is_replayed_with_its_report_and_replacement_apart() {
+    replays_the_state_directory(&RULES_5);
+}
+
+#[test]
 fn a_redis_log_rules_2_led_is_followed_and_led_on() {
     follows_and_leads_the_redis_log(&RULES_2);
 }
@@ -149,6 +162,11 @@ fn a_redis_log_rules_3_led_is_followed_and_led_on_as_rules_3_decided() {
 #[test]
 fn a_redis_log_rules_4_led_is_followed_and_led_on_with_its_tokens_per_day() {
     follows_and_leads_the_redis_log(&RULES_4);
+}
+
+#[test]
+fn a_redis_log_rules_5_led_is_followed_and_led_on_with_its_report_and_replacement_apart() {
+    follows_and_leads_the_redis_log(&RULES_5);
 }
 
 fn replays_the_state_directory(fixture: &Fixture) {

@@ -14,6 +14,7 @@
 mod log;
 mod open;
 mod waiting;
+pub use waiting::Renewal;
 
 use log::log;
 pub use open::{OpenError, Opening, Recovered, token_floor};
@@ -29,8 +30,9 @@ use crate::store::{self, Store, StoreError};
 use keylease_core::ApiKey;
 use keylease_engine::layout::{Snapshot, encode_record};
 use keylease_engine::{
-    AcquireRequest, Acquired, Command, Engine, EngineError, Event, EventKind, LeaseView, Notices,
-    Reconfigured, Reply, Setup, SetupError, Time, Unavailable, WaiterId,
+    AcquireRequest, Acquired, Command, Engine, EngineError, Event, EventKind, FailureReport,
+    LeaseView, Notices, Reconfigured, Renewed, Reply, Reported, Setup, SetupError, Time,
+    Unavailable, WaiterId,
 };
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};

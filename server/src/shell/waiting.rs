@@ -1,5 +1,6 @@
 //! Acquires that wait: the caller's channel in the engine's line, its deadline, and a grant
-//! that becomes durable after its caller left, handed back rather than lost.
+//! that becomes durable after its caller left, handed back rather than lost; and renewals that
+//! wait for the quota they ask for.
 
 use super::*;
 
@@ -127,27 +128,96 @@ impl State {
         wait: Duration,
     ) -> Result<LeaseView, AcquireFailure> {
         request.wait = !wait.is_zero();
-        let now = self.clock.now();
-        let (outcome, seq, receiver, first_new_token) = {
-            let mut inner = self.lock();
-            let first_new_token = inner.engine.next_fencing_token();
-            let (reply, notices) = self.apply_locked(&mut inner, Command::Acquire(request));
-            let outcome = reply.into_acquired();
-            // Only a caller that waits needs a channel; it is registered under the same lock
-            // as the acquire, so no grant can be sent before it is there.
-            let receiver = match outcome {
-                Ok(Acquired::Queued(id)) => {
-                    let (outcome, receiver) = oneshot::channel();
-                    let by = by.cloned();
-                    inner.waiters.insert(id, Waiter { outcome, by });
-                    Some(receiver)
-                }
-                _ => None,
-            };
-            self.carry_out(&mut inner, notices, by);
-            (outcome, inner.last_seq, receiver, first_new_token)
+        let (outcome, applied) = self.apply_acquiring(by, Command::Acquire(request), |reply| {
+            Ok(((), reply.into_acquired()))
+        });
+        let ((), acquired) = outcome?;
+        self.deliver_acquired(acquired?, applied, wait).await
+    }
+
+    /// Reports a lease's failure and, in the same command, acquires its replacement for caller
+    /// `by`, waiting up to `wait` for one as [`State::acquire`] does. The report is answered
+    /// once durable whatever the replacement's fate; an error refuses the report, and then
+    /// nothing was acquired.
+    pub async fn report_and_replace(
+        &self,
+        by: Option<&Arc<str>>,
+        lease_id: String,
+        fencing_token: u64,
+        report: FailureReport,
+        wait: Duration,
+    ) -> Result<(Reported, Result<LeaseView, AcquireFailure>), AcquireFailure> {
+        let began_ms = self.clock.now_ms();
+        let command = Command::ReportFailureAndReplace {
+            lease_id,
+            fencing_token,
+            report,
+            wait: !wait.is_zero(),
         };
-        let (waiter, receiver) = match (outcome?, receiver) {
+        let (outcome, applied) =
+            self.apply_acquiring(by, command, Reply::into_reported_and_replaced);
+        let (reported, acquired) = outcome?;
+        // The report stands once durable, whether or not a replacement comes.
+        self.durable(applied.seq).await?;
+        let replacement = match acquired {
+            Ok(acquired) => self.deliver_acquired(acquired, applied, wait).await,
+            Err(error) => Err(error.into()),
+        };
+        if replacement.is_ok() {
+            let waited_ms = self.clock.now_ms().saturating_sub(began_ms);
+            self.metrics.acquire_waited(waited_ms as f64 / 1000.0);
+        }
+        Ok((reported, replacement))
+    }
+
+    /// Applies `command`, whose reply `outcome_of` reads as (what else it answered, an acquire's
+    /// outcome); a queued acquire's channel is registered under the same lock as the command,
+    /// so that no grant can be sent before it is there.
+    fn apply_acquiring<R>(
+        &self,
+        by: Option<&Arc<str>>,
+        command: Command,
+        outcome_of: impl FnOnce(Reply) -> AcquiringOutcome<R>,
+    ) -> (AcquiringOutcome<R>, Applied) {
+        let now = self.clock.now();
+        let mut inner = self.lock();
+        let first_new_token = inner.engine.next_fencing_token();
+        let (reply, notices) = self.apply_locked(&mut inner, command);
+        let outcome = outcome_of(reply);
+        let receiver = match &outcome {
+            Ok((_, Ok(Acquired::Queued(id)))) => {
+                let (outcome, receiver) = oneshot::channel();
+                let by = by.cloned();
+                inner.waiters.insert(*id, Waiter { outcome, by });
+                Some(receiver)
+            }
+            _ => None,
+        };
+        self.carry_out(&mut inner, notices, by);
+        let applied = Applied {
+            seq: inner.last_seq,
+            receiver,
+            first_new_token,
+            now,
+        };
+        (outcome, applied)
+    }
+
+    /// An acquire's outcome, delivered: a grant once durable (handed back if its caller left
+    /// first), a queued acquire once served or its `wait` ran out.
+    async fn deliver_acquired(
+        &self,
+        acquired: Acquired,
+        applied: Applied,
+        wait: Duration,
+    ) -> Result<LeaseView, AcquireFailure> {
+        let Applied {
+            seq,
+            receiver,
+            first_new_token,
+            now,
+        } = applied;
+        let (waiter, receiver) = match (acquired, receiver) {
             // The lease the task already held: nothing to hand back if its caller goes.
             (Acquired::Granted(lease), _) if lease.fencing_token < first_new_token => {
                 self.durable(seq).await?;
@@ -179,3 +249,91 @@ impl State {
         .await
     }
 }
+
+/// A lease's renewal, as its holder asks for it.
+pub struct Renewal {
+    pub lease_id: String,
+    pub fencing_token: u64,
+    /// The lease's TTL from now on; `None` keeps it.
+    pub ttl_ms: Option<u64>,
+    pub additional_requests: u32,
+    pub additional_tokens: u64,
+}
+
+impl State {
+    /// Renews a lease for caller `by`: it lives on at once, and the requests and tokens it asks
+    /// for more are booked when the quota has room, waiting up to `wait` (never past the
+    /// lease's own end) for it. The renewal is tried again when the quota's retry time comes
+    /// or a lease ends, whichever is first.
+    pub async fn renew(
+        &self,
+        by: Option<&Arc<str>>,
+        renewal: Renewal,
+        wait: Duration,
+    ) -> Result<LeaseView, AcquireFailure> {
+        let deadline_ms = self.now_ms() + wait.as_millis() as u64;
+        loop {
+            // Subscribed before trying, so a release between the try and the wait is not missed.
+            let mut events = self.subscribe();
+            let command = Command::Renew {
+                lease_id: renewal.lease_id.clone(),
+                fencing_token: renewal.fencing_token,
+                ttl_ms: renewal.ttl_ms,
+                additional_requests: renewal.additional_requests,
+                additional_tokens: renewal.additional_tokens,
+            };
+            let (lease, unavailable) = match self.run(by, command).await?.into_renewed()? {
+                Renewed::Done(lease) => return Ok(lease),
+                Renewed::QuotaUnavailable(lease, unavailable) => (lease, unavailable),
+            };
+            let now = self.now_ms();
+            if now >= deadline_ms || now >= lease.expires_ms {
+                return Err(AcquireFailure::Unavailable(unavailable));
+            }
+            let wake_ms = unavailable
+                .retry_at_ms
+                .unwrap_or(deadline_ms)
+                .min(deadline_ms)
+                .min(lease.expires_ms);
+            tokio::select! {
+                () = self.sleep_until_ms(wake_ms) => {}
+                () = room_made(&mut events) => {}
+                () = self.shutdown.cancelled() => return Err(AcquireFailure::ShuttingDown),
+            }
+        }
+    }
+}
+
+/// Resolves at the next event that may have made quota room: a lease ended.
+async fn room_made(events: &mut broadcast::Receiver<Published>) {
+    loop {
+        match events.recv().await {
+            Ok(published)
+                if matches!(
+                    published.event.kind,
+                    EventKind::Released { .. } | EventKind::Expired(_) | EventKind::Failed { .. }
+                ) =>
+            {
+                return;
+            }
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(_)) => return,
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+        }
+    }
+}
+
+/// What applying a command that acquires left for delivering its outcome.
+pub(super) struct Applied {
+    /// The command's record.
+    seq: u64,
+    /// A queued acquire's channel.
+    receiver: Option<oneshot::Receiver<(WaiterOutcome, u64)>>,
+    /// Tokens below it were lent before the command.
+    first_new_token: u64,
+    /// When it was applied: a wait runs from then.
+    now: Time,
+}
+
+/// A command's answer that acquires: what else it answered, and the acquire's outcome.
+type AcquiringOutcome<R> = Result<(R, Result<Acquired, EngineError>), EngineError>;

@@ -364,6 +364,63 @@ pub async fn a_tasks_exclusions_hold(reopen: Reopen) {
     assert_ne!(b.key_id, held.key_id);
 }
 
+/// A failure reported with its replacement, in one command, survives as both: the failed key
+/// disabled, the replacement's lease live under its token, and the task still off the key.
+pub async fn a_report_and_its_replacement_survive_together(reopen: Reopen) {
+    let mut runs = Runs::new(reopen);
+    let state = runs.start(&with_keys(&[K1, K2]));
+    let a = granted(&state, "a").await;
+    let report = FailureReport {
+        violations: Vec::new(),
+        kind: FailureKind::InvalidKey,
+        retry_after_ms: None,
+        detail: String::new(),
+        requests_sent: None,
+    };
+    let (reported, replacement) = state
+        .report_and_replace(
+            None,
+            a.lease_id.clone(),
+            a.fencing_token,
+            report,
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    let replacement = replacement.unwrap();
+    assert_eq!(reported.key.state, KeyState::Disabled);
+    assert_ne!(replacement.key_id, a.key_id);
+    runs.crash(state, Duration::from_secs(1));
+
+    let state = runs.start(&with_keys(&[K1, K2]));
+    assert_eq!(key_state(&state, &a.key_id).await, KeyState::Disabled);
+    assert_eq!(
+        key_state(&state, &replacement.key_id).await,
+        KeyState::Leased
+    );
+    // The replacement's holder still renews under its token.
+    state
+        .run(
+            None,
+            Command::Renew {
+                lease_id: replacement.lease_id.clone(),
+                fencing_token: replacement.fencing_token,
+                ttl_ms: None,
+                additional_requests: 0,
+                additional_tokens: 0,
+            },
+        )
+        .await
+        .unwrap()
+        .into_renewed()
+        .unwrap();
+    // The one key left is the replacement's.
+    assert_eq!(
+        refused_for(acquire(&state, "b").await),
+        UnavailableReason::AllLeased
+    );
+}
+
 /// Guarantee 4: the books keep every granted request: the window and the day.
 pub async fn quota_books_never_forget_a_grant(reopen: Reopen) {
     let mut runs = Runs::new(reopen);
@@ -567,6 +624,7 @@ macro_rules! conformance_tests {
             a_disabled_key_stays_disabled_under_any_id,
             a_cooldown_runs_to_its_end,
             a_tasks_exclusions_hold,
+            a_report_and_its_replacement_survive_together,
             quota_books_never_forget_a_grant,
             learned_limits_survive,
             a_grant_to_a_waiter_survives,
