@@ -381,40 +381,13 @@ impl KeyLeaseService {
         by: Option<&Arc<str>>,
         request: pb::SetKeyEnabledRequest,
     ) -> Result<pb::KeyStatus, Status> {
-        set_key_enabled(
-            &self.state,
-            by,
-            request.key_id,
-            request.enabled,
-            request.reason,
-        )
-        .await
+        let key = self
+            .state
+            .set_key_enabled(by, request.key_id, request.enabled, request.reason)
+            .await?
+            .map_err(wire::engine_status)?;
+        Ok(wire::key_to_pb(key, self.state.time()))
     }
-}
-
-/// Disables a key (with `reason`, masked) or enables it, as caller `by`: for the deprecated
-/// `KeyLease.SetKeyEnabled` and for `KeyAdmin`'s `DisableKey` and `EnableKey`.
-pub async fn set_key_enabled(
-    state: &State,
-    by: Option<&Arc<str>>,
-    key_id: String,
-    enabled: bool,
-    reason: String,
-) -> Result<pb::KeyStatus, Status> {
-    let reason = state.redact(reason);
-    let key = state
-        .run(
-            by,
-            Command::SetKeyEnabled {
-                key_id,
-                enabled,
-                reason,
-            },
-        )
-        .await?
-        .into_key_set()
-        .map_err(wire::engine_status)?;
-    Ok(wire::key_to_pb(key, state.time()))
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;

@@ -16,7 +16,6 @@ use files::{keys_file, read, replace_file, with_limits, without_key};
 use crate::auth::caller_name;
 use crate::config::{self, ConfigError, Overrides, Settings, StateLocation};
 use crate::connections::Front;
-use crate::service::set_key_enabled;
 use crate::shell::State;
 use crate::store::journal::StoreFailed;
 use crate::tls::TlsError;
@@ -432,6 +431,21 @@ impl KeyAdminService {
         self.control.state()
     }
 
+    async fn key_enabled(
+        &self,
+        by: Option<&Arc<str>>,
+        key_id: String,
+        enabled: bool,
+        reason: String,
+    ) -> Result<pb::KeyStatus, Status> {
+        let state = self.state();
+        let key = state
+            .set_key_enabled(by, key_id, enabled, reason)
+            .await?
+            .map_err(wire::engine_status)?;
+        Ok(wire::key_to_pb(key, state.time()))
+    }
+
     fn key_status(&self, key: KeyView) -> pb::KeyStatus {
         wire::key_to_pb(key, self.state().time())
     }
@@ -484,14 +498,9 @@ impl KeyAdmin for KeyAdminService {
     ) -> Result<Response<pb::KeyStatus>, Status> {
         let by = caller_name(&request);
         let request = request.into_inner();
-        let answer = set_key_enabled(
-            self.state(),
-            by.as_ref(),
-            request.key_id,
-            false,
-            request.reason,
-        )
-        .await;
+        let answer = self
+            .key_enabled(by.as_ref(), request.key_id, false, request.reason)
+            .await;
         self.state().outgoing(answer).map(Response::new)
     }
 
@@ -501,7 +510,9 @@ impl KeyAdmin for KeyAdminService {
     ) -> Result<Response<pb::KeyStatus>, Status> {
         let by = caller_name(&request);
         let key_id = request.into_inner().key_id;
-        let answer = set_key_enabled(self.state(), by.as_ref(), key_id, true, String::new()).await;
+        let answer = self
+            .key_enabled(by.as_ref(), key_id, true, String::new())
+            .await;
         self.state().outgoing(answer).map(Response::new)
     }
 

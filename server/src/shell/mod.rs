@@ -31,7 +31,7 @@ use keylease_core::ApiKey;
 use keylease_engine::layout::{Snapshot, encode_record};
 use keylease_engine::{
     AcquireRequest, Acquired, Command, Engine, EngineError, Event, EventKind, FailureReport,
-    LeaseView, Notices, Reconfigured, Renewed, Reply, Reported, Setup, SetupError, Time,
+    KeyView, LeaseView, Notices, Reconfigured, Renewed, Reply, Reported, Setup, SetupError, Time,
     Unavailable, WaiterId,
 };
 use std::borrow::Cow;
@@ -302,6 +302,23 @@ impl State {
         };
         self.durable(seq).await?;
         Ok(reply)
+    }
+
+    /// Disables a key (its `reason` masked: status and events show it) or enables it, as
+    /// caller `by`.
+    pub async fn set_key_enabled(
+        &self,
+        by: Option<&Arc<str>>,
+        key_id: String,
+        enabled: bool,
+        reason: String,
+    ) -> Result<Result<KeyView, EngineError>, StoreFailed> {
+        let command = Command::SetKeyEnabled {
+            key_id,
+            enabled,
+            reason: self.redact(reason),
+        };
+        Ok(self.run(by, command).await?.into_key_set())
     }
 
     /// Reads the engine as it is now (ticked first when due), once what it shows is durable.
