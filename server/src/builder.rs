@@ -280,21 +280,14 @@ impl Assembled {
     ) -> Result<(), LaunchError> {
         let single = match self.running {
             Running::Replica(replica) => {
-                let Replica {
-                    listeners,
-                    settings,
-                    replication,
-                    reset_state,
-                    front,
-                    reloads,
-                } = *replica;
+                let replica = *replica;
                 crate::replica::run(
-                    listeners,
-                    settings,
-                    replication,
-                    reset_state,
-                    front,
-                    reloads,
+                    replica.listeners,
+                    replica.settings,
+                    replica.replication,
+                    replica.reset_state,
+                    replica.front,
+                    replica.reloads,
                     stop,
                 )
                 .await?;
