@@ -614,6 +614,66 @@ mod tests {
         assert_eq!(waiter.await.unwrap().unwrap().key_id, "k1");
     }
 
+    /// A renewal that asks for more than the minute has left waits for it, within its wait:
+    /// refused when the wait ends first, granted once the window lets the first request go.
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_waits_for_the_quota_it_asks_for_within_its_wait() {
+        let state = state(
+            "[key_sources]\nenvironment = false\n[quota]\nsafety_margin = \"0s\"\n[pools.gemini.models.m]\nrequests_per_minute = 3\n[[keys]]\nid = \"k1\"\nproject = \"p\"\nsecret = \"fake-key-1\"\n[[keys]]\nid = \"k2\"\nproject = \"p\"\nsecret = \"fake-key-2\"\n",
+        );
+        tokio::spawn(state.clone().run_timer());
+        let long = |task| AcquireRequest {
+            ttl_ms: Some(90_000),
+            ..ask(task)
+        };
+        let lease = state
+            .acquire(None, long("a"), Duration::ZERO)
+            .await
+            .unwrap();
+        let other = state
+            .acquire(None, long("b"), Duration::ZERO)
+            .await
+            .unwrap();
+        let more = || Renewal {
+            lease_id: lease.lease_id.clone(),
+            fencing_token: lease.fencing_token,
+            ttl_ms: None,
+            additional_requests: 1,
+            additional_tokens: 0,
+        };
+        let renewed = state.renew(None, more(), Duration::ZERO).await.unwrap();
+        assert_eq!(renewed.requests_granted, 2);
+
+        let began = state.now_ms();
+        let refused = state.renew(None, more(), Duration::from_secs(10)).await;
+        assert!(
+            matches!(&refused, Err(AcquireFailure::Unavailable(u)) if u.reason == keylease_engine::UnavailableReason::QuotaSpent),
+            "{refused:?}"
+        );
+        assert_eq!(state.now_ms() - began, 10_000);
+
+        // Room comes when the other lease ends unused, ten seconds on: the renewal wakes then.
+        let waiting = {
+            let (state, renewal) = (state.clone(), more());
+            tokio::spawn(async move { state.renew(None, renewal, Duration::from_secs(120)).await })
+        };
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!waiting.is_finished());
+        let unused = Command::Release {
+            lease_id: other.lease_id,
+            fencing_token: other.fencing_token,
+            usage: keylease_engine::Usage {
+                requests_sent: Some(0),
+                input_tokens: Some(0),
+            },
+        };
+        state.run(None, unused).await.unwrap();
+        let began = state.now_ms();
+        let renewed = waiting.await.unwrap().unwrap();
+        assert_eq!(renewed.requests_granted, 3);
+        assert_eq!(state.now_ms(), began);
+    }
+
     /// Without a state directory the tokens still never repeat: a restart a millisecond later
     /// starts above what the earlier run handed out.
     #[tokio::test]
