@@ -106,9 +106,14 @@ pub enum Reply {
     Configured(Result<Reconfigured, SetupError>),
     /// The group as it stands after the reset.
     CooldownReset(Result<Box<GroupView>, EngineError>),
-    /// The report, then its replacement's acquire.
-    ReportedAndReplaced(Result<(Reported, Result<Acquired, EngineError>), EngineError>),
+    /// The report, then its replacement's acquire. Boxed: every reply is as large as the
+    /// largest, and this one would nearly double them all.
+    ReportedAndReplaced(Box<Replaced>),
 }
+
+/// A failure report with its replacement: the report (refused, and then nothing was
+/// acquired), and the replacement's acquire.
+pub type Replaced = Result<(Reported, Result<Acquired, EngineError>), EngineError>;
 
 /// What a new configuration did to the state it found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -147,7 +152,7 @@ impl Engine {
             let (reported, mut notices) = self.apply(time, report);
             let reported = match reported.into_reported() {
                 Ok(reported) => reported,
-                Err(error) => return (Reply::ReportedAndReplaced(Err(error)), notices),
+                Err(error) => return (Reply::ReportedAndReplaced(Box::new(Err(error))), notices),
             };
             let replacement = AcquireRequest {
                 wait,
@@ -155,7 +160,8 @@ impl Engine {
             };
             let (acquired, more) = self.apply(time, Command::Acquire(replacement));
             notices.extend(more);
-            let reply = Reply::ReportedAndReplaced(Ok((reported, acquired.into_acquired())));
+            let replaced = Ok((reported, acquired.into_acquired()));
+            let reply = Reply::ReportedAndReplaced(Box::new(replaced));
             return (reply, notices);
         }
         let reply = match command {
@@ -275,11 +281,9 @@ impl Reply {
         }
     }
 
-    pub fn into_reported_and_replaced(
-        self,
-    ) -> Result<(Reported, Result<Acquired, EngineError>), EngineError> {
+    pub fn into_reported_and_replaced(self) -> Replaced {
         match self {
-            Self::ReportedAndReplaced(reply) => reply,
+            Self::ReportedAndReplaced(reply) => *reply,
             other => unreachable!("a report with its replacement answered {other:?}"),
         }
     }

@@ -32,7 +32,7 @@ mod waiting;
 use books::Books;
 pub use calendar::{DailyReset, Time};
 use catalogue::Catalogue;
-pub use command::{Command, Reconfigured, Reply};
+pub use command::{Command, Reconfigured, Replaced, Reply};
 pub use image::Image;
 use keylease_core::ApiKey;
 use keylease_core::{MAX_DETAIL_BYTES, MAX_ID_BYTES, MAX_INPUT_TOKENS};
