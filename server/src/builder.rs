@@ -117,6 +117,16 @@ impl ServerBuilder {
     /// the gRPC services, which [`Assembled::serve`] serves. A replica opens its state when it
     /// serves, as it leads or follows.
     pub async fn build(self, grpc: GrpcListener) -> Result<Assembled, LaunchError> {
+        match &self.settings.state {
+            StateLocation::Redis(replication) => {
+                let replication = (**replication).clone();
+                self.build_replica(replication, grpc).await
+            }
+            _ => self.build_single(grpc).await,
+        }
+    }
+
+    async fn build_single(self, grpc: GrpcListener) -> Result<Assembled, LaunchError> {
         let Self {
             source,
             settings,
@@ -125,58 +135,6 @@ impl ServerBuilder {
             metrics,
             reload_on_hangup,
         } = self;
-        if let StateLocation::Redis(replication) = &settings.state {
-            let replication = (**replication).clone();
-            let binds = matches!(grpc, GrpcListener::Configured);
-            let (incoming, connector) = listen(grpc, &settings).await?;
-            let metrics = if binds {
-                bind_metrics(&settings).await?
-            } else {
-                metrics
-            };
-            let front = Front::new(&settings)?;
-            let (reloads, reload_requests) = tokio::sync::mpsc::unbounded_channel();
-            if reload_on_hangup {
-                let mut hangups = signal(SignalKind::hangup()).map_err(LaunchError::Signals)?;
-                tokio::spawn(async move {
-                    while hangups.recv().await.is_some() {
-                        match source.load() {
-                            Ok(loaded) => {
-                                tracing::info!(
-                                    "SIGHUP: configuration read again; the replica takes it up"
-                                );
-                                let _ = reloads.send(loaded);
-                            }
-                            Err(error) => tracing::error!(
-                                %error,
-                                "SIGHUP: the configuration was not reloaded"
-                            ),
-                        }
-                    }
-                });
-            }
-            let listeners = crate::replica::Listeners {
-                grpc: incoming,
-                metrics,
-                proxy: settings
-                    .proxy
-                    .clone()
-                    .map(|proxy| (proxy, connector.clone())),
-            };
-            return Ok(Assembled {
-                connector,
-                proxy_address: None,
-                running: Running::Replica(Box::new(Replica {
-                    listeners,
-                    settings,
-                    replication,
-                    reset_state,
-                    front,
-                    reloads: reload_requests,
-                })),
-            });
-        }
-
         let (state, recovered) = State::open(&settings, clock, reset_state)?;
         log_recovery(&settings, &recovered);
         let control = Control::new(source, settings.clone(), state.clone())?;
@@ -199,7 +157,23 @@ impl ServerBuilder {
             });
         }
         if reload_on_hangup {
-            reload_control_on_hangup(control.clone())?;
+            let control = control.clone();
+            on_hangup(move || {
+                let control = control.clone();
+                async move {
+                    let by: Arc<str> = Arc::from("SIGHUP");
+                    match control.reload(Some(&by)).await {
+                        Ok(report) => tracing::info!(
+                            changes = report.changes.len(),
+                            needs_restart = ?report.needs_restart,
+                            "SIGHUP: configuration reloaded"
+                        ),
+                        Err(error) => {
+                            tracing::error!(%error, "SIGHUP: the configuration was not reloaded")
+                        }
+                    }
+                }
+            })?;
         }
         let (incoming, connector) = listen(grpc, &settings).await?;
         let proxy_address = match settings.proxy.clone() {
@@ -218,6 +192,72 @@ impl ServerBuilder {
                 recovered,
                 incoming,
                 grace: settings.shutdown_grace,
+            })),
+        })
+    }
+
+    /// A replica: its listeners and reloads now; its state as it leads or follows, when it
+    /// serves.
+    async fn build_replica(
+        self,
+        replication: crate::config::Replication,
+        grpc: GrpcListener,
+    ) -> Result<Assembled, LaunchError> {
+        let Self {
+            source,
+            settings,
+            reset_state,
+            metrics,
+            reload_on_hangup,
+            ..
+        } = self;
+        let binds = matches!(grpc, GrpcListener::Configured);
+        let (incoming, connector) = listen(grpc, &settings).await?;
+        let metrics = if binds {
+            bind_metrics(&settings).await?
+        } else {
+            metrics
+        };
+        let front = Front::new(&settings)?;
+        let (reloads, reload_requests) = tokio::sync::mpsc::unbounded_channel();
+        if reload_on_hangup {
+            // Read here; the replica takes up callers and TLS, its supervisor keys and limits.
+            on_hangup(move || {
+                let loaded = source.load();
+                let reloads = reloads.clone();
+                async move {
+                    match loaded {
+                        Ok(loaded) => {
+                            tracing::info!(
+                                "SIGHUP: configuration read again; the replica takes it up"
+                            );
+                            let _ = reloads.send(loaded);
+                        }
+                        Err(error) => {
+                            tracing::error!(%error, "SIGHUP: the configuration was not reloaded")
+                        }
+                    }
+                }
+            })?;
+        }
+        let listeners = crate::replica::Listeners {
+            grpc: incoming,
+            metrics,
+            proxy: settings
+                .proxy
+                .clone()
+                .map(|proxy| (proxy, connector.clone())),
+        };
+        Ok(Assembled {
+            connector,
+            proxy_address: None,
+            running: Running::Replica(Box::new(Replica {
+                listeners,
+                settings,
+                replication,
+                reset_state,
+                front,
+                reloads: reload_requests,
             })),
         })
     }
@@ -328,20 +368,16 @@ impl Assembled {
     }
 }
 
-/// Reloads the configuration at each SIGHUP, logging what changed or why nothing did.
-fn reload_control_on_hangup(control: Arc<Control>) -> Result<(), LaunchError> {
+/// Runs `reload` at each SIGHUP, one after the other.
+fn on_hangup<F, Fut>(mut reload: F) -> Result<(), LaunchError>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
     let mut hangups = signal(SignalKind::hangup()).map_err(LaunchError::Signals)?;
     tokio::spawn(async move {
-        let by: Arc<str> = Arc::from("SIGHUP");
         while hangups.recv().await.is_some() {
-            match control.reload(Some(&by)).await {
-                Ok(report) => tracing::info!(
-                    changes = report.changes.len(),
-                    needs_restart = ?report.needs_restart,
-                    "SIGHUP: configuration reloaded"
-                ),
-                Err(error) => tracing::error!(%error, "SIGHUP: the configuration was not reloaded"),
-            }
+            reload().await;
         }
     });
     Ok(())
