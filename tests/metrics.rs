@@ -176,7 +176,11 @@ async fn invented_model_names_are_bounded_per_caller_and_never_labels() {
         "[key_sources]\nenvironment = false\n\n[[keys]]\nid = \"k1\"\nproject = \"p1\"\nsecret = \"{}\"\n",
         fake_secret("k1")
     );
-    let server = TestServer::start(&config).await;
+    // The bound counts by the minute: the clock starts at one's beginning, so that the names
+    // below are all asked within it.
+    let minute = keylease_server::clock::Clock::system().now().wall_ms / 60_000 * 60_000;
+    let clock = keylease_server::clock::Clock::starting_at(minute);
+    let server = TestServer::start_on_clock(&config, &[], clock).await;
     let mut client = server.client().await;
     let bound = keylease_server::service::NEW_MODELS_PER_CALLER_PER_MINUTE as usize;
     let mut refused = None;

@@ -6,6 +6,7 @@ use keylease::pb;
 use keylease::pb::key_lease_client::KeyLeaseClient;
 use keylease_server::admin::ConfigSource;
 use keylease_server::builder::{GrpcListener, LaunchError, ServerBuilder};
+use keylease_server::clock::Clock;
 use keylease_server::config::{self, Overrides};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -123,6 +124,12 @@ impl TestServer {
 
     /// Starts a server with this configuration text and these files (name, text) beside it.
     pub async fn start_with_files(config_text: &str, files: &[(&str, &str)]) -> Self {
+        Self::start_on_clock(config_text, files, Clock::system()).await
+    }
+
+    /// [`TestServer::start_with_files`], its state on `clock` (a test that counts by the
+    /// minute starts it at a minute's beginning).
+    pub async fn start_on_clock(config_text: &str, files: &[(&str, &str)], clock: Clock) -> Self {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let config_dir =
@@ -144,6 +151,7 @@ impl TestServer {
             ..ConfigSource::default()
         };
         let server = ServerBuilder::new(source, settings)
+            .clock(clock)
             .metrics(Some(metrics_listener))
             .build(GrpcListener::Tcp(listener))
             .await
