@@ -58,7 +58,7 @@ const REPLAY_WORTH_A_SNAPSHOT: u64 = 1_000;
 /// ([`token_floor`]) can never reach again.
 const TOKENS_PER_MS: u64 = 1_000;
 
-/// Why an acquire got no lease.
+/// Why an acquire, a failure report's replacement or a renewal that asked for more got no lease.
 #[derive(Debug)]
 pub enum AcquireFailure {
     Invalid(EngineError),
