@@ -6,7 +6,7 @@ use super::catalogue::{GroupKey, MAX_OTHER_MODELS};
 use super::ids::Token;
 use super::ids::{KeyIdx, ModelIdx, PoolIdx, ProjectIdx};
 use super::leases::{Lease, lease_id};
-use super::waiting::{Ask, Line, Waiter};
+use super::waiting::{Ask, Line, WaitQueue, Waiter};
 use super::{
     AcquireRequest, Acquired, DEFAULT_POOL, Engine, EngineError, EventKind, Time, Unavailable,
     UnavailableReason, WaiterId, canonical_model, invalid, show_ms, validate_id, validate_tokens,
@@ -80,6 +80,7 @@ impl Engine {
                     task_id: request.task_id,
                     ask,
                     client_request_id: request.client_request_id,
+                    renews: None,
                 };
                 self.lines.join(id, waiter, unaffordable);
                 self.wake_line_at(time, line);
@@ -101,7 +102,12 @@ impl Engine {
         if unblocks {
             self.freed = true;
         }
-        let unavailable = self.unavailable(time, &waiter.ask, &waiter.task_id);
+        let unavailable = match waiter.renews {
+            Some(token) => {
+                self.renewal_unavailable(time, token, waiter.ask.requests, waiter.ask.tokens)
+            }
+            None => self.unavailable(time, &waiter.ask, &waiter.task_id),
+        };
         self.tick(time);
         Some(unavailable)
     }
@@ -383,9 +389,10 @@ impl Engine {
     }
 
     /// Serves every line in order, first come first served: a waiter is passed over only for
-    /// keys it cannot use (excluded) or groups an earlier waiter could not have. A pass over a
-    /// line stops as soon as no one further back could get anything, so that a long line
-    /// waiting on spent quota costs little to look at.
+    /// keys it cannot use (excluded) or groups an earlier waiter could not have. A renewal needs
+    /// no key, only room in its lease's group. A pass over a line stops as soon as no one
+    /// further back could get anything, so that a long line waiting on spent quota costs
+    /// little to look at.
     pub(super) fn serve_waiters(&mut self, time: Time) {
         for line in self.lines.lines() {
             let mut queue = self.lines.take(line);
@@ -399,9 +406,16 @@ impl Engine {
                     .range(id + 1..)
                     .next()
                     .map(|(&later, _)| later);
+                let renews = queue.waiters[&id].renews;
+                if let Some(token) = renews {
+                    if self.serve_renewal(time, id, &mut queue, &mut blocked) {
+                        served.push((id, Some(token)));
+                    }
+                    continue;
+                }
                 if self.catalogue.pool(pool).enabled_keys() == 0 {
                     queue.remove(id);
-                    served.push(id);
+                    served.push((id, None));
                     let failure = Unavailable {
                         reason: UnavailableReason::AllDisabled,
                         retry_at_ms: None,
@@ -410,6 +424,9 @@ impl Engine {
                     continue;
                 }
                 if !self.any_key_beyond(pool, model, &blocked) {
+                    if queue.has_renewals() {
+                        continue;
+                    }
                     break;
                 }
                 #[cfg(test)]
@@ -420,7 +437,7 @@ impl Engine {
                 match self.select(time, &waiter.ask, &waiter.task_id, &blocked) {
                     Selection::Key(key) => {
                         let waiter = queue.remove(id).expect("in line");
-                        served.push(id);
+                        served.push((id, None));
                         let token = self.grant(
                             time,
                             key,
@@ -440,6 +457,49 @@ impl Engine {
         }
     }
 
+    /// Books renewal `id`'s requests and tokens on its lease when its group has room and no
+    /// earlier waiter was refused it; whether it left the line (served, or failed on a key
+    /// that began draining).
+    fn serve_renewal(
+        &mut self,
+        time: Time,
+        id: WaiterId,
+        queue: &mut WaitQueue,
+        blocked: &mut HashSet<GroupKey>,
+    ) -> bool {
+        let waiter = &queue.waiters[&id];
+        let token = waiter.renews.expect("a renewal");
+        let (requests, tokens) = (waiter.ask.requests, waiter.ask.tokens);
+        let lease = self.leases.get(token).expect("a renewal's lease is live");
+        let group_key = self.catalogue.key(lease.key).group(lease.model);
+        if blocked.contains(&group_key) {
+            return false;
+        }
+        #[cfg(test)]
+        {
+            self.waiters_looked_at += 1;
+        }
+        match self.more_for_lease(time, token, requests, tokens) {
+            None => {
+                queue.remove(id);
+                let event = self.lease_event(token);
+                self.emit(time, EventKind::Renewed(event));
+                let view = self.view(token);
+                self.notices.waiter_renewals.push((id, view));
+                true
+            }
+            Some(unavailable) if unavailable.reason == UnavailableReason::KeyDraining => {
+                queue.remove(id);
+                self.notices.waiter_failures.push((id, unavailable));
+                true
+            }
+            Some(_) => {
+                blocked.insert(group_key);
+                false
+            }
+        }
+    }
+
     /// Whether the pool has a free key outside the `blocked` groups for this model.
     fn any_key_beyond(&self, pool: PoolIdx, model: ModelIdx, blocked: &HashSet<GroupKey>) -> bool {
         self.catalogue
@@ -449,7 +509,7 @@ impl Engine {
     }
 
     /// Sets when `line` must be looked at again though nothing is freed.
-    fn wake_line_at(&mut self, time: Time, line: Line) {
+    pub(super) fn wake_line_at(&mut self, time: Time, line: Line) {
         let at = self
             .lines
             .queue(line)
@@ -459,12 +519,7 @@ impl Engine {
 
     /// When a line must be looked at again though nothing was freed: a group of its pool
     /// changes by itself, or a waiter's exclusion of a key ends.
-    fn queue_wake_at(
-        &self,
-        time: Time,
-        pool: PoolIdx,
-        queue: &super::waiting::WaitQueue,
-    ) -> Option<u64> {
+    fn queue_wake_at(&self, time: Time, pool: PoolIdx, queue: &WaitQueue) -> Option<u64> {
         if queue.waiters.is_empty() {
             return None;
         }

@@ -4,7 +4,7 @@
 
 use super::{
     AcquireRequest, Acquired, Amount, Engine, EngineError, EventKind, FailureReport, GroupView,
-    KeyView, Notices, Renewed, Reported, Setup, SetupError, Time, Usage, WaiterId,
+    KeyView, Notices, Renewal, Renewed, Reported, Setup, SetupError, Time, Usage, WaiterId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +66,15 @@ pub enum Command {
         report: FailureReport,
         wait: bool,
     },
+    /// A renewal whose requests and tokens more, when their group has no room now, wait in
+    /// the lease's line for it (rules 7 on); [`Command::Renew`] says why there is none.
+    RenewWaiting {
+        lease_id: String,
+        fencing_token: u64,
+        ttl_ms: Option<u64>,
+        additional_requests: u32,
+        additional_tokens: u64,
+    },
 }
 
 impl Command {
@@ -84,6 +93,7 @@ impl Command {
             Self::Configure(_) => "configure",
             Self::ResetCooldown { .. } => "reset_cooldown",
             Self::ReportFailureAndReplace { .. } => "report_failure_and_replace",
+            Self::RenewWaiting { .. } => "renew_waiting",
         }
     }
 }
@@ -164,6 +174,7 @@ impl Engine {
             let reply = Reply::ReportedAndReplaced(Box::new(replaced));
             return (reply, notices);
         }
+        let renewal_waits = matches!(command, Command::RenewWaiting { .. });
         let reply = match command {
             Command::Acquire(request) => Reply::Acquired(self.acquire(time, request)),
             Command::CancelWaiter(id) => Reply::WaiterCancelled(self.cancel_waiter(time, id)),
@@ -173,14 +184,23 @@ impl Engine {
                 ttl_ms,
                 additional_requests,
                 additional_tokens,
-            } => Reply::Renewed(self.renew(
-                time,
-                &lease_id,
+            }
+            | Command::RenewWaiting {
+                lease_id,
                 fencing_token,
                 ttl_ms,
                 additional_requests,
                 additional_tokens,
-            )),
+            } => {
+                let renewal = Renewal {
+                    lease_id,
+                    fencing_token,
+                    ttl_ms,
+                    additional_requests,
+                    additional_tokens,
+                };
+                Reply::Renewed(self.renew(time, renewal, renewal_waits))
+            }
             Command::Release {
                 lease_id,
                 fencing_token,

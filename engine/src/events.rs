@@ -86,17 +86,23 @@ pub struct Event {
 pub struct Notices {
     pub events: Vec<Event>,
     pub waiter_grants: Vec<(WaiterId, LeaseView)>,
+    /// Renewals served in line: the lease with what they asked for more booked.
+    pub waiter_renewals: Vec<(WaiterId, LeaseView)>,
     pub waiter_failures: Vec<(WaiterId, Unavailable)>,
 }
 
 impl Notices {
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.waiter_grants.is_empty() && self.waiter_failures.is_empty()
+        self.events.is_empty()
+            && self.waiter_grants.is_empty()
+            && self.waiter_renewals.is_empty()
+            && self.waiter_failures.is_empty()
     }
 
     pub fn extend(&mut self, more: Notices) {
         self.events.extend(more.events);
         self.waiter_grants.extend(more.waiter_grants);
+        self.waiter_renewals.extend(more.waiter_renewals);
         self.waiter_failures.extend(more.waiter_failures);
     }
 }

@@ -98,6 +98,8 @@ pub struct WaiterImage {
     pub ttl_ms: u64,
     pub client_request_id: Option<String>,
     pub exclusion_ends: Vec<u64>,
+    /// A renewal's: the fencing token of the live lease it waits on (rules 7 on).
+    pub renews: Option<u64>,
 }
 
 impl Engine {
@@ -187,6 +189,7 @@ impl Engine {
                                 ttl_ms: waiter.ask.ttl_ms,
                                 client_request_id: waiter.client_request_id.clone(),
                                 exclusion_ends: waiter.exclusion_ends.clone(),
+                                renews: waiter.renews,
                             }
                         })
                         .collect(),
@@ -423,6 +426,17 @@ impl Engine {
                 .collect();
             queue.wake_at_ms = line.wake_at_ms;
             for waiter in line.waiters {
+                if let Some(token) = waiter.renews
+                    && !engine.leases.is_live(token)
+                {
+                    // Its lease was dropped with its key, pool or model.
+                    let failure = Unavailable {
+                        reason: UnavailableReason::AllDisabled,
+                        retry_at_ms: None,
+                    };
+                    engine.notices.waiter_failures.push((waiter.id, failure));
+                    continue;
+                }
                 let excluded: HashSet<KeyIdx> = waiter
                     .excluded
                     .iter()
@@ -442,10 +456,13 @@ impl Engine {
                         },
                         client_request_id: waiter.client_request_id,
                         exclusion_ends: waiter.exclusion_ends,
+                        renews: waiter.renews,
                     },
                 );
             }
-            engine.lines.restore_line((pool, model), queue);
+            if !queue.waiters.is_empty() {
+                engine.lines.restore_line((pool, model), queue);
+            }
         }
         Ok((engine, report))
     }

@@ -51,8 +51,8 @@ pub use error::EngineError;
 pub(crate) use error::{invalid, validate_detail, validate_id, validate_tokens};
 pub use events::{Event, EventKind, LeaseEvent, Notices};
 pub use requests::{
-    AcquireRequest, Acquired, FailureKind, FailureReport, LeaseSummary, LeaseView, Renewed,
-    Reported, Unavailable, UnavailableReason, Usage, WaiterId,
+    AcquireRequest, Acquired, FailureKind, FailureReport, LeaseSummary, LeaseView, Renewal,
+    Renewed, Reported, Unavailable, UnavailableReason, Usage, WaiterId,
 };
 pub use setup::{
     DEFAULT_POOL, EngineConfig, KeySpec, OLDEST_RULES_DECIDED, PoolConfig, RULES_VERSION, Setup,

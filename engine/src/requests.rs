@@ -90,11 +90,25 @@ pub enum Acquired {
     Unavailable(Unavailable),
 }
 
+/// A lease's renewal, as its holder asks for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Renewal {
+    pub lease_id: String,
+    pub fencing_token: u64,
+    /// The lease's TTL from now on; `None` keeps it.
+    pub ttl_ms: Option<u64>,
+    pub additional_requests: u32,
+    pub additional_tokens: u64,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Renewed {
     Done(LeaseView),
     /// The TTL was extended, the extra requests not reserved.
     QuotaUnavailable(LeaseView, Unavailable),
+    /// The TTL was extended; the extra requests wait in line, their outcome arriving through
+    /// [`Engine::drain`] as a waiter's does.
+    Queued(LeaseView, WaiterId),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -102,8 +102,11 @@ pub struct Setup {
 /// step, and a climb the provider refuses is undone on less (see [`learning::weighing`]).
 /// Version 6: a failure report with its replacement's acquire is one command
 /// ([`Command::ReportFailureAndReplace`]), which older builds cannot read; it decides what the
-/// two commands it joins decide, so nothing older is decided differently.
-pub const RULES_VERSION: u32 = 6;
+/// two commands it joins decide, so nothing older is decided differently. Version 7: a renewal
+/// may wait in its lease's line for the requests it asks for more
+/// ([`Command::RenewWaiting`]), and snapshots keep such waiters; older builds can read
+/// neither, and nothing older is decided differently.
+pub const RULES_VERSION: u32 = 7;
 /// The oldest rules this build still decides by: records decided under them replay.
 pub const OLDEST_RULES_DECIDED: u32 = 2;
 /// The rules from which a pool at its bound forgets an unlisted model.

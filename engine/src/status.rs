@@ -72,7 +72,7 @@ pub struct LimitView {
 pub struct StatusView {
     pub keys: Vec<KeyView>,
     pub groups: Vec<GroupView>,
-    /// (pool, model, waiters).
+    /// (pool, model, waiters): acquires and renewals in line.
     pub waiting: Vec<(String, String, usize)>,
     /// The last key of this page, when more follow: the next page starts after it.
     pub next_after: Option<String>,

@@ -141,6 +141,23 @@ fn violation(kind: LimitKind, value: Option<u64>) -> QuotaViolation {
 }
 
 /// A release's usage, both figures given.
+/// A renewal of lease `lease_id` under `fencing_token`.
+fn renewal(
+    lease_id: &str,
+    fencing_token: u64,
+    ttl_ms: Option<u64>,
+    additional_requests: u32,
+    additional_tokens: u64,
+) -> Renewal {
+    Renewal {
+        lease_id: lease_id.to_string(),
+        fencing_token,
+        ttl_ms,
+        additional_requests,
+        additional_tokens,
+    }
+}
+
 fn used(requests_sent: u32, input_tokens: u64) -> Usage {
     Usage {
         requests_sent: Some(requests_sent),
@@ -261,7 +278,11 @@ fn stale_fencing_token_is_refused_and_changes_nothing() {
     let current = granted(e.acquire(old.expires_ms, ask("b")));
     let now = old.expires_ms + SECOND;
 
-    let renew = e.renew(now, &old.lease_id, old.fencing_token, None, 0, 0);
+    let renew = e.renew(
+        now,
+        renewal(&old.lease_id, old.fencing_token, None, 0, 0),
+        false,
+    );
     assert!(matches!(renew, Err(EngineError::StaleLease { .. })));
     let report = e.report_failure(
         now,
@@ -270,7 +291,11 @@ fn stale_fencing_token_is_refused_and_changes_nothing() {
         report(FailureKind::RateLimited),
     );
     assert!(matches!(report, Err(EngineError::StaleLease { .. })));
-    let wrong_token = e.renew(now, &current.lease_id, old.fencing_token, None, 0, 0);
+    let wrong_token = e.renew(
+        now,
+        renewal(&current.lease_id, old.fencing_token, None, 0, 0),
+        false,
+    );
     assert!(matches!(wrong_token, Err(EngineError::StaleLease { .. })));
 
     let status = e.status(now, None, None, 10).unwrap();
@@ -315,11 +340,14 @@ fn renew_extends_the_ttl_up_to_the_maximum() {
     let later = T0 + 10 * SECOND;
     let Ok(Renewed::Done(renewed)) = e.renew(
         later,
-        &lease.lease_id,
-        lease.fencing_token,
-        Some(60 * MINUTE),
-        0,
-        0,
+        renewal(
+            &lease.lease_id,
+            lease.fencing_token,
+            Some(60 * MINUTE),
+            0,
+            0,
+        ),
+        false,
     ) else {
         panic!("renewal refused");
     };
@@ -332,13 +360,20 @@ fn renew_extends_the_ttl_up_to_the_maximum() {
 fn renew_reserves_more_requests_while_the_quota_allows() {
     let mut e = new_engine(config(3, 100), key_specs(&[("k1", "p1"), ("k2", "p1")])).unwrap();
     let lease = granted(e.acquire(T0, ask("a")));
-    let Ok(Renewed::Done(renewed)) = e.renew(T0, &lease.lease_id, lease.fencing_token, None, 1, 0)
-    else {
+    let Ok(Renewed::Done(renewed)) = e.renew(
+        T0,
+        renewal(&lease.lease_id, lease.fencing_token, None, 1, 0),
+        false,
+    ) else {
         panic!("renewal refused");
     };
     assert_eq!(renewed.requests_granted, 2);
     granted(e.acquire(T0, ask("b")));
-    match e.renew(T0, &lease.lease_id, lease.fencing_token, None, 1, 0) {
+    match e.renew(
+        T0,
+        renewal(&lease.lease_id, lease.fencing_token, None, 1, 0),
+        false,
+    ) {
         Ok(Renewed::QuotaUnavailable(view, why)) => {
             assert_eq!(view.requests_granted, 2);
             assert_eq!(why.reason, UnavailableReason::QuotaSpent);
@@ -1009,6 +1044,171 @@ fn waiters_fail_at_once_when_their_last_key_is_disabled() {
     );
 }
 
+// ---- renewals in line --------------------------------------------------------------------------
+
+/// A renewal of `lease` asking for `more` requests that waits in line for them.
+fn renew_waiting(e: &mut Engine, at: u64, lease: &LeaseView, more: u32) -> (LeaseView, WaiterId) {
+    match e.renew(
+        at,
+        renewal(&lease.lease_id, lease.fencing_token, None, more, 0),
+        true,
+    ) {
+        Ok(Renewed::Queued(view, id)) => (view, id),
+        other => panic!("expected the renewal to wait, got {other:?}"),
+    }
+}
+
+/// `task` asking for `requests` on a lease of ten minutes, avoiding key `avoid`.
+fn ask_long(task: &str, requests: u32, avoid: &str) -> AcquireRequest {
+    AcquireRequest {
+        ttl_ms: Some(10 * MINUTE),
+        exclude_key_ids: vec![avoid.to_string()],
+        ..ask_n(task, requests)
+    }
+}
+
+#[test]
+fn a_renewal_waits_in_line_behind_those_who_came_first() {
+    // p1 allows 3 a minute: the holder has 2 of them, `other` 1.
+    let mut e = new_engine(config(3, 100), key_specs(&[("k1", "p1"), ("k2", "p1")])).unwrap();
+    let holder = granted(e.acquire(T0, ask_n("holder", 2)));
+    let other = granted(e.acquire(T0, ask("other")));
+    let first = queued(e.acquire(
+        T0,
+        AcquireRequest {
+            wait: true,
+            ..ask("first")
+        },
+    ));
+    let (view, renewal) = renew_waiting(&mut e, T0 + SECOND, &holder, 1);
+    // The lease lives on at once; what it asked for more waits.
+    assert_eq!(
+        (view.requests_granted, view.expires_ms),
+        (2, T0 + SECOND + 30 * SECOND)
+    );
+    // One request comes free: the acquire that waited longer has it.
+    e.release(
+        T0 + 2 * SECOND,
+        &other.lease_id,
+        other.fencing_token,
+        used(0, 0),
+    )
+    .unwrap();
+    let notices = e.drain();
+    assert_eq!(notices.waiter_grants[0].0, first);
+    assert!(notices.waiter_renewals.is_empty(), "{notices:?}");
+    // Then the renewal, booked on the lease it renews.
+    let first_lease = &notices.waiter_grants[0].1;
+    e.release(
+        T0 + 3 * SECOND,
+        &first_lease.lease_id,
+        first_lease.fencing_token,
+        used(0, 0),
+    )
+    .unwrap();
+    let notices = e.drain();
+    assert_eq!(notices.waiter_renewals.len(), 1, "{notices:?}");
+    let (id, renewed) = &notices.waiter_renewals[0];
+    assert_eq!((*id, renewed.requests_granted), (renewal, 3));
+    assert!(notices.events.iter().any(|event| matches!(
+        &event.kind,
+        EventKind::Renewed(lease) if lease.lease.requests_granted == 3
+    )));
+    assert_eq!(e.cancel_waiter(T0 + 3 * SECOND, renewal), None);
+}
+
+#[test]
+fn a_renewal_in_line_needs_no_free_key() {
+    // Both keys leased: an acquire waits for a key. p1's minute is spent by a request sent
+    // and released at T0 and the holder's two.
+    let mut e = new_engine(config(3, 100), key_specs(&[("k1", "p1"), ("k2", "p2")])).unwrap();
+    let early = granted(e.acquire(T0, ask_long("early", 1, "k2")));
+    e.release(T0, &early.lease_id, early.fencing_token, used(1, 0))
+        .unwrap();
+    let holder = granted(e.acquire(T0, ask_long("holder", 2, "k2")));
+    assert_eq!(holder.key_id, "k1");
+    granted(e.acquire(T0, ask_long("x", 1, "k1")));
+    let waiting = queued(e.acquire(
+        T0,
+        AcquireRequest {
+            wait: true,
+            ..ask("w")
+        },
+    ));
+    let (_, renewal) = renew_waiting(&mut e, T0, &holder, 1);
+    assert!(e.drain().waiter_renewals.is_empty());
+    // The early request leaves p1's window: the renewal has its room, though no key is free
+    // for the acquire ahead of it, which waits on.
+    e.tick(T0 + MINUTE + SECOND);
+    let notices = e.drain();
+    assert_eq!(notices.waiter_renewals.len(), 1, "{notices:?}");
+    assert_eq!(notices.waiter_renewals[0].0, renewal);
+    assert!(notices.waiter_grants.is_empty() && notices.waiter_failures.is_empty());
+    assert!(e.cancel_waiter(T0 + MINUTE + SECOND, waiting).is_some());
+}
+
+#[test]
+fn a_renewal_in_line_leaves_when_its_lease_ends_or_its_caller_does() {
+    let mut e = new_engine(config(3, 100), key_specs(&[("k1", "p1"), ("k2", "p1")])).unwrap();
+    let holder = granted(e.acquire(T0, ask_n("holder", 2)));
+    granted(e.acquire(T0, ask_long("other", 1, &holder.key_id)));
+    let (_, cancelled) = renew_waiting(&mut e, T0, &holder, 1);
+    let (_, ended) = renew_waiting(&mut e, T0, &holder, 1);
+    // Its caller gone: told why there is nothing.
+    let why = e.cancel_waiter(T0 + SECOND, cancelled).unwrap();
+    assert_eq!(why.reason, UnavailableReason::QuotaSpent);
+    // Its lease expired: nothing more can come to it.
+    e.tick(holder.expires_ms);
+    let failures = e.drain().waiter_failures;
+    assert_eq!(
+        failures,
+        vec![(
+            ended,
+            Unavailable {
+                reason: UnavailableReason::QuotaSpent,
+                retry_at_ms: None
+            }
+        )]
+    );
+    assert!(
+        e.status(holder.expires_ms, None, None, 10)
+            .unwrap()
+            .waiting
+            .is_empty()
+    );
+}
+
+#[test]
+fn a_renewal_in_line_fails_when_its_key_begins_to_drain() {
+    let mut e = new_engine(config(3, 100), key_specs(&[("k1", "p1"), ("k2", "p1")])).unwrap();
+    let holder = granted(e.acquire(T0, ask_long("holder", 2, "k2")));
+    granted(e.acquire(T0, ask("other")));
+    let (_, renewal) = renew_waiting(&mut e, T0, &holder, 1);
+    let setup = Setup::new(config(3, 100), key_specs(&[("k2", "p1")]), 0);
+    e.configure(T0 + SECOND, setup).unwrap();
+    let failures = e.drain().waiter_failures;
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0].0, renewal);
+    assert_eq!(failures[0].1.reason, UnavailableReason::KeyDraining);
+}
+
+#[test]
+fn a_renewal_that_may_not_wait_says_why_and_queues_nothing() {
+    let mut e = new_engine(config(3, 100), key_specs(&[("k1", "p1"), ("k2", "p1")])).unwrap();
+    let holder = granted(e.acquire(T0, ask_n("holder", 2)));
+    granted(e.acquire(T0, ask("other")));
+    let renewed = e.renew(
+        T0,
+        renewal(&holder.lease_id, holder.fencing_token, None, 1, 0),
+        false,
+    );
+    let Ok(Renewed::QuotaUnavailable(_, why)) = renewed else {
+        panic!("{renewed:?}")
+    };
+    assert_eq!(why.reason, UnavailableReason::QuotaSpent);
+    assert!(e.status(T0, None, None, 10).unwrap().waiting.is_empty());
+}
+
 // ---- even spread -------------------------------------------------------------------------------
 
 #[test]
@@ -1195,7 +1395,11 @@ fn token_figures_above_the_ceiling_are_refused() {
     ));
     // A renewal may not take the lease's tokens past the ceiling, nor wrap them round.
     for more in [1, u64::MAX] {
-        let renewed = e.renew(T0, &lease.lease_id, lease.fencing_token, None, 0, more);
+        let renewed = e.renew(
+            T0,
+            renewal(&lease.lease_id, lease.fencing_token, None, 0, more),
+            false,
+        );
         assert!(
             matches!(
                 renewed,
@@ -1437,11 +1641,8 @@ fn a_key_removed_while_leased_drains_then_is_gone() {
     let renewed = engine
         .renew(
             T0 + 2 * SECOND,
-            &lease.lease_id,
-            lease.fencing_token,
-            Some(5 * MINUTE),
-            1,
-            0,
+            renewal(&lease.lease_id, lease.fencing_token, Some(5 * MINUTE), 1, 0),
+            false,
         )
         .unwrap();
     let Renewed::QuotaUnavailable(view, why) = renewed else {
@@ -1497,11 +1698,8 @@ fn a_key_removed_while_idle_is_gone_at_once_and_a_draining_key_configured_again_
     let renewed = engine
         .renew(
             T0 + 2 * SECOND,
-            &lease.lease_id,
-            lease.fencing_token,
-            None,
-            0,
-            0,
+            renewal(&lease.lease_id, lease.fencing_token, None, 0, 0),
+            false,
         )
         .unwrap();
     let Renewed::Done(view) = renewed else {

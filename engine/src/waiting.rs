@@ -1,10 +1,11 @@
 //! The waiting lines: one per (pool, model), first come first served. Each waiter keeps its
-//! validated ask; each line keeps the groups an earlier waiter could not have at the last pass
-//! (later arrivals keep off them), its waiters' exclusion ends, and when it must be looked at
-//! again though nothing was freed.
+//! validated ask: a key, or (a renewal) more requests and tokens on the lease it holds. Each
+//! line keeps the groups an earlier waiter could not have at the last pass (later arrivals keep
+//! off them), its waiters' exclusion ends, and when it must be looked at again though nothing
+//! was freed.
 
 use super::catalogue::GroupKey;
-use super::ids::{KeyIdx, ModelIdx, PoolIdx};
+use super::ids::{KeyIdx, ModelIdx, PoolIdx, Token};
 use super::{Time, WaiterId};
 use foldhash::{HashMap, HashMapExt, HashSet};
 use std::collections::{BTreeMap, BTreeSet};
@@ -37,6 +38,9 @@ pub(super) struct Waiter {
     pub client_request_id: Option<String>,
     /// When the task's exclusions that were running as it joined the line end.
     pub exclusion_ends: Vec<u64>,
+    /// A renewal's: the live lease whose group must afford the ask's requests and tokens. It
+    /// needs no free key, and leaves the line when the lease ends.
+    pub renews: Option<Token>,
 }
 
 /// The line for one (pool, model).
@@ -52,6 +56,8 @@ pub(super) struct WaitQueue {
     exclusion_ends: BTreeSet<(u64, WaiterId)>,
     /// When the books next change by themselves, so the line is looked at again.
     pub wake_at_ms: Option<u64>,
+    /// How many of its waiters are renewals: they may be served when no key is free.
+    renewals: usize,
 }
 
 impl WaitQueue {
@@ -59,6 +65,7 @@ impl WaitQueue {
         for &end in &waiter.exclusion_ends {
             self.exclusion_ends.insert((end, id));
         }
+        self.renewals += usize::from(waiter.renews.is_some());
         self.waiters.insert(id, waiter);
     }
 
@@ -67,7 +74,12 @@ impl WaitQueue {
         for &end in &waiter.exclusion_ends {
             self.exclusion_ends.remove(&(end, id));
         }
+        self.renewals -= usize::from(waiter.renews.is_some());
         Some(waiter)
+    }
+
+    pub fn has_renewals(&self) -> bool {
+        self.renewals > 0
     }
 
     /// The first of its waiters' exclusions to end after `time`.
@@ -84,6 +96,8 @@ pub(super) struct Lines {
     queues: BTreeMap<Line, WaitQueue>,
     /// The line each waiter stands in.
     line_of: HashMap<WaiterId, Line>,
+    /// (lease, waiter) of the renewals in line: they leave when their lease ends.
+    renewals: BTreeSet<(Token, WaiterId)>,
     next_waiter: WaiterId,
 }
 
@@ -92,6 +106,7 @@ impl Lines {
         Self {
             queues: BTreeMap::new(),
             line_of: HashMap::new(),
+            renewals: BTreeSet::new(),
             next_waiter: 1,
         }
     }
@@ -116,6 +131,9 @@ impl Lines {
         let line = waiter.ask.line();
         let queue = self.queues.entry(line).or_default();
         queue.blocked.extend(blocked);
+        if let Some(token) = waiter.renews {
+            self.renewals.insert((token, id));
+        }
         queue.push(id, waiter);
         self.line_of.insert(id, line);
     }
@@ -133,6 +151,9 @@ impl Lines {
         let line = self.line_of.remove(&id)?;
         let queue = self.queues.get_mut(&line).expect("a waiter's line exists");
         let waiter = queue.remove(id).expect("a waiter is in its line");
+        if let Some(token) = waiter.renews {
+            self.renewals.remove(&(token, id));
+        }
         let unblocks = if queue.waiters.is_empty() {
             self.queues.remove(&line);
             false
@@ -147,7 +168,16 @@ impl Lines {
         let count = self.line_of.len();
         self.queues.clear();
         self.line_of.clear();
+        self.renewals.clear();
         count
+    }
+
+    /// The renewals waiting on lease `token`.
+    pub fn renewals_of(&self, token: Token) -> Vec<WaiterId> {
+        self.renewals
+            .range((token, 0)..=(token, WaiterId::MAX))
+            .map(|&(_, id)| id)
+            .collect()
     }
 
     pub fn lines(&self) -> Vec<Line> {
@@ -167,10 +197,14 @@ impl Lines {
         std::mem::take(self.queues.get_mut(&line).expect("a listed line"))
     }
 
-    /// Returns a line taken out, without the waiters `served` (granted or failed).
-    pub fn put_back(&mut self, line: Line, queue: WaitQueue, served: &[WaiterId]) {
-        for id in served {
-            self.line_of.remove(id);
+    /// Returns a line taken out, without the waiters `served` (granted or failed), each with
+    /// the lease it renewed.
+    pub fn put_back(&mut self, line: Line, queue: WaitQueue, served: &[(WaiterId, Option<Token>)]) {
+        for &(id, renewed) in served {
+            self.line_of.remove(&id);
+            if let Some(token) = renewed {
+                self.renewals.remove(&(token, id));
+            }
         }
         if queue.waiters.is_empty() {
             self.queues.remove(&line);
@@ -192,8 +226,11 @@ impl Lines {
 
     /// Puts a whole line back (recovery).
     pub fn restore_line(&mut self, line: Line, queue: WaitQueue) {
-        for &id in queue.waiters.keys() {
+        for (&id, waiter) in &queue.waiters {
             self.line_of.insert(id, line);
+            if let Some(token) = waiter.renews {
+                self.renewals.insert((token, id));
+            }
         }
         self.queues.insert(line, queue);
     }

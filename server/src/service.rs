@@ -5,11 +5,11 @@
 
 use crate::auth::caller_name;
 use crate::fleet::FleetView;
-use crate::shell::{AcquireFailure, Renewal, State};
+use crate::shell::{AcquireFailure, State};
 use crate::wire;
 use keylease::pb;
 use keylease::pb::key_lease_server::KeyLease;
-use keylease_engine::{Command, FailureReport, QuotaViolation};
+use keylease_engine::{Command, FailureReport, QuotaViolation, Renewal};
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::{Semaphore, broadcast, mpsc};

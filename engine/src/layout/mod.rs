@@ -1,12 +1,13 @@
 //! How the engine's commands and state are laid out in bytes, for stores to keep and replicas
 //! to replay: a [`Record`] of each command applied, a [`Snapshot`] of the whole state, and the
-//! layouts older builds wrote, read into today's types ([`v1`], [`v3`]; a [`Setup`]'s own in
-//! [`setup`]). Bytes are postcard's: compact and fast to read back (a log of millions of
+//! layouts older builds wrote, read into today's types ([`v1`], [`v3`], [`v6`]; a [`Setup`]'s
+//! own in [`setup`]). Bytes are postcard's: compact and fast to read back (a log of millions of
 //! records is replayed at start-up).
 
 mod setup;
 mod v1;
 mod v3;
+mod v6;
 
 pub(super) use setup::LimitsLayout;
 
@@ -34,8 +35,10 @@ pub struct Snapshot {
 /// Opened the snapshots of rules 2 and 3 (since limits are learned): a first-format snapshot
 /// opens with its `seq`, which never comes near it.
 const SNAPSHOT_MARK: u64 = u64::MAX;
-/// Opens every snapshot written since learning weighs evidence (rules 4).
+/// Opened the snapshots of rules 4 to 6 (since learning weighs evidence).
 const SNAPSHOT_MARK_WEIGHING: u64 = u64::MAX - 1;
+/// Opens every snapshot written since renewals wait in line (rules 7).
+const SNAPSHOT_MARK_RENEWALS: u64 = u64::MAX - 2;
 
 impl Snapshot {
     pub fn of(engine: &Engine, seq: u64) -> Self {
@@ -47,19 +50,37 @@ impl Snapshot {
         }
     }
 
-    /// Its bytes, behind [`SNAPSHOT_MARK_WEIGHING`].
+    /// Its bytes, behind [`SNAPSHOT_MARK_RENEWALS`].
     pub fn encode(&self) -> Vec<u8> {
-        encode(&(SNAPSHOT_MARK_WEIGHING, self))
+        encode(&(SNAPSHOT_MARK_RENEWALS, self))
     }
 
     /// A snapshot from its bytes, as written by this server or an earlier one.
-    pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
-        match postcard::take_from_bytes::<u64>(bytes) {
-            Ok((SNAPSHOT_MARK_WEIGHING, rest)) => decode(rest),
+    pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotError> {
+        let read = match postcard::take_from_bytes::<u64>(bytes) {
+            Ok((SNAPSHOT_MARK_RENEWALS, rest)) => decode(rest),
+            Ok((SNAPSHOT_MARK_WEIGHING, rest)) => v6::decode(rest),
             Ok((SNAPSHOT_MARK, rest)) => v3::decode(rest),
+            Ok((mark, _)) if mark > NEWER_MARKS_FROM => {
+                return Err(SnapshotError::NewerLayout(u64::MAX - mark));
+            }
             _ => v1::decode(bytes),
-        }
+        };
+        Ok(read?)
     }
+}
+
+/// Marks count down from `u64::MAX`, one per layout; a first-format snapshot's `seq` never
+/// comes near them. A mark below the newest this build knows, down to here, is a newer build's.
+const NEWER_MARKS_FROM: u64 = u64::MAX - (1 << 32);
+
+/// Why a snapshot's bytes cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("written by a newer keylease, in snapshot layout {0}, which this build does not know")]
+    NewerLayout(u64),
+    #[error(transparent)]
+    Bytes(#[from] postcard::Error),
 }
 
 /// The setup an older build of `rules` ran when it wrote the snapshots [`v1`] and [`v3`] read:
@@ -94,4 +115,25 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, postcard::Error> {
     postcard::from_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_in_a_newer_layout_is_named_so_rather_than_misread() {
+        let engine = Engine::new(
+            setup_of_an_older_build(crate::RULES_VERSION),
+            Time::at(5_000),
+        )
+        .unwrap();
+        let newer = encode(&(SNAPSHOT_MARK_RENEWALS - 1, Snapshot::of(&engine, 3)));
+        let error = Snapshot::decode(&newer).unwrap_err();
+        assert!(matches!(error, SnapshotError::NewerLayout(3)), "{error:?}");
+        assert!(error.to_string().contains("newer keylease"), "{error}");
+        // Today's reads back (without the keys' secrets, which snapshots never hold).
+        let today = Snapshot::decode(&Snapshot::of(&engine, 3).encode()).unwrap();
+        assert_eq!((today.seq, today.image), (3, engine.image()));
+    }
 }

@@ -3,7 +3,8 @@
 //! had learned nothing. Frozen: nothing here changes with the engine.
 
 use super::Snapshot;
-use crate::image::{GroupImage, Image, KeyImage, LeaseImage, LineImage};
+use super::v6::LineImageV6;
+use crate::image::{GroupImage, Image, KeyImage, LeaseImage};
 use crate::quota::Limits;
 use crate::quota::before_tokens_per_day::QuotaGroupV3;
 use crate::{DailyReset, EngineConfig, KeySpec, PoolConfig, Setup, Time};
@@ -89,7 +90,7 @@ struct ImageV1 {
     exclusions: Vec<(String, Vec<(String, u64)>)>,
     request_ids: Vec<(String, u64)>,
     ended: Vec<LeaseImage>,
-    lines: Vec<LineImage>,
+    lines: Vec<LineImageV6>,
 }
 
 #[derive(Deserialize)]
@@ -195,7 +196,7 @@ fn image(v1: ImageV1) -> Image {
         exclusions: v1.exclusions,
         request_ids: v1.request_ids,
         ended: v1.ended,
-        lines: v1.lines,
+        lines: super::v6::lines(v1.lines),
         waves: Vec::new(),
     }
 }
@@ -271,7 +272,7 @@ mod tests {
             exclusions: image.exclusions,
             request_ids: image.request_ids,
             ended: image.ended,
-            lines: image.lines,
+            lines: super::super::v6::lines_v6(image.lines),
         };
         let setup = SetupV1 {
             config,

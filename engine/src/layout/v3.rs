@@ -3,7 +3,8 @@
 //! answers for waves. Frozen: nothing here changes with the engine.
 
 use super::Snapshot;
-use crate::image::{GroupImage, Image, KeyImage, LeaseImage, LineImage};
+use super::v6::LineImageV6;
+use crate::image::{GroupImage, Image, KeyImage, LeaseImage};
 use crate::learning::{Learned, Reacting};
 use crate::quota::before_tokens_per_day::QuotaGroupV3;
 use crate::{KeySpec, Setup, Time};
@@ -33,7 +34,7 @@ struct ImageV3 {
     exclusions: Vec<(String, Vec<(String, u64)>)>,
     request_ids: Vec<(String, u64)>,
     ended: Vec<LeaseImage>,
-    lines: Vec<LineImage>,
+    lines: Vec<LineImageV6>,
 }
 
 #[derive(Deserialize)]
@@ -74,7 +75,7 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, postcard::Error> {
             exclusions: i.exclusions,
             request_ids: i.request_ids,
             ended: i.ended,
-            lines: i.lines,
+            lines: super::v6::lines(i.lines),
             waves: Vec::new(),
         },
         draining: v3.draining,
@@ -145,7 +146,7 @@ mod tests {
             exclusions: i.exclusions,
             request_ids: i.request_ids,
             ended: i.ended,
-            lines: i.lines,
+            lines: super::super::v6::lines_v6(i.lines),
         };
         super::super::encode(&(
             super::super::SNAPSHOT_MARK,

@@ -1,7 +1,9 @@
-//! Random interleavings of acquire, renew, release, report, cancel, operator toggles, keys
-//! removed from and added back to the configuration, cooldown resets and clock advances, checked after every step against a model of what the provider would see: each
-//! request sent on a lease arrives at some moment of that lease chosen adversarially (at its
-//! grant, at its end, or between), and no provider window nor Pacific day may exceed its limit.
+//! Random interleavings of acquire, renew (at once or waiting in line), release, report,
+//! cancel, operator toggles, keys removed from and added back to the configuration, cooldown
+//! resets and clock advances, checked after every step against a model of what the provider
+//! would see: each request sent on a lease arrives at some moment of that lease chosen
+//! adversarially (at its grant, at its end, or between), and no provider window nor Pacific day
+//! may exceed its limit.
 //! Every number a client sends is drawn with extremes (0, the bounds, `u32::MAX`, `u64::MAX`):
 //! the engine refuses exactly what it should, books at most what was granted, and no grant is
 //! admitted over the tokens-per-minute books as an independent model keeps them. Every history
@@ -49,6 +51,8 @@ enum Op {
         add: u32,
         tokens: u64,
         ttl_ms: Option<u64>,
+        /// Waits in line for what it asks for more.
+        wait: bool,
     },
     Report {
         pick: u16,
@@ -113,8 +117,8 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(task, requests, tokens, ttl_ms, wait, exclude)| Op::Acquire { task, requests, tokens, ttl_ms, wait, exclude }),
         3 => (any::<u16>(), proptest::option::weighted(0.8, count_u32(3)), proptest::option::weighted(0.8, count_u64(60_000)))
             .prop_map(|(pick, sent, tokens)| Op::Release { pick, sent, tokens }),
-        1 => (any::<u16>(), count_u32(2), count_u64(20_000), proptest::option::weighted(0.2, duration_ms(60_000)))
-            .prop_map(|(pick, add, tokens, ttl_ms)| Op::Renew { pick, add, tokens, ttl_ms }),
+        3 => (any::<u16>(), count_u32(2), count_u64(20_000), proptest::option::weighted(0.2, duration_ms(60_000)), proptest::bool::weighted(0.7))
+            .prop_map(|(pick, add, tokens, ttl_ms, wait)| Op::Renew { pick, add, tokens, ttl_ms, wait }),
         2 => (any::<u16>(), 0..7u8, proptest::option::of(duration_ms(90_000)), proptest::option::weighted(0.8, count_u32(3)), any::<bool>(), proptest::option::weighted(0.3, (0..3u8, 0..8u64)))
             .prop_map(|(pick, kind, retry_after_ms, sent, rotate, named)| Op::Report { pick, kind, retry_after_ms, sent, rotate, named }),
         1 => any::<u16>().prop_map(|pick| Op::Cancel { pick }),
@@ -159,6 +163,8 @@ struct Model {
     unconfigured: std::collections::HashSet<String>,
     cooling_until: HashMap<String, u64>,
     waiting: Vec<WaitingTask>,
+    /// Renewals in line: their lease's token and the tokens they ask for more.
+    renewing: BTreeMap<WaiterId, (u64, u64)>,
     /// (task, key) -> excluded until.
     exclusions: HashMap<(String, String), u64>,
     /// (requests, tokens) used, as the model expects them booked, per lease id about to be
@@ -378,8 +384,35 @@ impl Model {
                 EventKind::LimitLearned { .. } => {}
             }
         }
+        for (id, lease) in notices.waiter_renewals {
+            let (token, tokens) = self.renewing.remove(&id).expect("a renewal in line");
+            prop_assert_eq!(
+                token,
+                lease.fencing_token,
+                "renewal {} served another lease",
+                id
+            );
+            let tracked = self
+                .live
+                .get_mut(&token)
+                .expect("a renewal's lease is live");
+            tracked.tokens += tokens;
+            prop_assert!(
+                u128::from(tracked.tokens) <= TPM,
+                "a renewal in line reserved {} tokens",
+                tracked.tokens
+            );
+        }
         for (id, _) in notices.waiter_failures {
             self.waiting.retain(|w| w.id != id);
+            self.renewing.remove(&id);
+        }
+        // A renewal never waits on a lease that ended.
+        for (id, (token, _)) in &self.renewing {
+            prop_assert!(
+                self.live.contains_key(token),
+                "renewal {id} waits on an ended lease"
+            );
         }
         self.check_provider_windows(daily)
     }
@@ -599,16 +632,31 @@ fn run(ops: Vec<Op>, cut: usize) -> Result<(), TestCaseError> {
                 add,
                 tokens,
                 ttl_ms,
+                wait,
             } => {
                 if let Some((id, token)) = pick_lease(&model, pick) {
-                    let renew = Command::Renew {
-                        lease_id: id.clone(),
-                        fencing_token: token,
-                        ttl_ms,
-                        additional_requests: add,
-                        additional_tokens: tokens,
+                    let renew = if wait {
+                        Command::RenewWaiting {
+                            lease_id: id.clone(),
+                            fencing_token: token,
+                            ttl_ms,
+                            additional_requests: add,
+                            additional_tokens: tokens,
+                        }
+                    } else {
+                        Command::Renew {
+                            lease_id: id.clone(),
+                            fencing_token: token,
+                            ttl_ms,
+                            additional_requests: add,
+                            additional_tokens: tokens,
+                        }
                     };
                     let renewed = engine.apply(now, renew).into_renewed();
+                    if let Ok(Renewed::Queued(_, waiter)) = renewed {
+                        prop_assert!(wait, "a renewal that may not wait queued");
+                        model.renewing.insert(waiter, (token, tokens));
+                    }
                     if let Ok(Renewed::Done(_)) = renewed
                         && let Some(tracked) = model.live.get_mut(&token)
                     {
@@ -679,11 +727,18 @@ fn run(ops: Vec<Op>, cut: usize) -> Result<(), TestCaseError> {
                 }
             }
             Op::Cancel { pick } => {
-                if !model.waiting.is_empty() {
-                    let waiter = model.waiting[pick as usize % model.waiting.len()].id;
+                let ids: Vec<WaiterId> = model
+                    .waiting
+                    .iter()
+                    .map(|w| w.id)
+                    .chain(model.renewing.keys().copied())
+                    .collect();
+                if !ids.is_empty() {
+                    let waiter = ids[pick as usize % ids.len()];
                     let cancel = Command::CancelWaiter(waiter);
                     if engine.apply(now, cancel).into_waiter_cancelled().is_some() {
                         model.waiting.retain(|w| w.id != waiter);
+                        model.renewing.remove(&waiter);
                     }
                 }
             }

@@ -14,7 +14,6 @@
 mod log;
 mod open;
 mod waiting;
-pub use waiting::Renewal;
 
 use log::log;
 pub use open::{OpenError, Opening, Recovered, token_floor};
@@ -31,8 +30,8 @@ use keylease_core::ApiKey;
 use keylease_engine::layout::{Snapshot, encode_record};
 use keylease_engine::{
     AcquireRequest, Acquired, Command, Engine, EngineError, Event, EventKind, FailureReport,
-    KeyView, LeaseView, Notices, Reconfigured, Renewed, Reply, Reported, Setup, SetupError, Time,
-    Unavailable, WaiterId,
+    KeyView, LeaseView, Notices, Reconfigured, Renewal, Renewed, Reply, Reported, Setup,
+    SetupError, Time, Unavailable, WaiterId,
 };
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -340,24 +339,28 @@ impl State {
     }
 
     /// Sends waiters their outcome, streams events (each by the caller `by` whose command made
-    /// it, a waiter's grant by that waiter's), and moves the timer if needed. A grant whose
+    /// it, a waiter's grant or renewal by that waiter's), and moves the timer if needed. A grant whose
     /// waiter is gone goes straight back, by a command of its own.
     fn carry_out(&self, inner: &mut Inner, mut notices: Notices, by: Option<&Arc<str>>) {
         let mut by: Option<Arc<str>> = by.cloned();
         while !notices.is_empty() {
             let seq = inner.last_seq;
-            let waiter_of = |lease_id: &str| {
-                notices
-                    .waiter_grants
+            let waiter_of = |served: &[(WaiterId, LeaseView)], lease_id: &str| {
+                served
                     .iter()
                     .find(|(_, lease)| lease.lease_id == lease_id)
                     .and_then(|(id, _)| inner.waiters.get(id))
                     .map(|waiter| waiter.by.clone())
             };
             for event in notices.events {
-                let by = match &event.kind {
-                    EventKind::Granted(lease) if !notices.waiter_grants.is_empty() => {
-                        waiter_of(&lease.lease.lease_id).unwrap_or_else(|| by.clone())
+                let served = match &event.kind {
+                    EventKind::Granted(lease) => Some((&notices.waiter_grants, lease)),
+                    EventKind::Renewed(lease) => Some((&notices.waiter_renewals, lease)),
+                    _ => None,
+                };
+                let by = match served {
+                    Some((served, lease)) if !served.is_empty() => {
+                        waiter_of(served, &lease.lease.lease_id).unwrap_or_else(|| by.clone())
                     }
                     _ => by.clone(),
                 };
@@ -383,6 +386,12 @@ impl State {
                     };
                     let (_, handed_back) = self.apply_locked(inner, hand_back);
                     more.extend(handed_back);
+                }
+            }
+            for (id, lease) in notices.waiter_renewals {
+                // The lease is its holder's whether or not the answer reaches them.
+                if let Some(waiter) = inner.waiters.remove(&id) {
+                    let _ = waiter.outcome.send((Ok(lease), seq));
                 }
             }
             for (id, unavailable) in notices.waiter_failures {
@@ -614,8 +623,9 @@ mod tests {
         assert_eq!(waiter.await.unwrap().unwrap().key_id, "k1");
     }
 
-    /// A renewal that asks for more than the minute has left waits for it, within its wait:
-    /// refused when the wait ends first, granted once the window lets the first request go.
+    /// A renewal that asks for more than the minute has left waits for it in line, within its
+    /// wait: refused when the wait ends first, granted once another lease gives a request back,
+    /// and out of line when its caller leaves.
     #[tokio::test(start_paused = true)]
     async fn a_renewal_waits_for_the_quota_it_asks_for_within_its_wait() {
         let state = state(
@@ -651,6 +661,24 @@ mod tests {
             "{refused:?}"
         );
         assert_eq!(state.now_ms() - began, 10_000);
+
+        // A renewal whose caller leaves takes itself out of line; the lease stays its holder's.
+        let leaving = {
+            let (state, renewal) = (state.clone(), more());
+            tokio::spawn(async move { state.renew(None, renewal, Duration::from_secs(120)).await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let waits = || state.read(|engine, _| engine.has_waiters());
+        assert!(waits().await.unwrap());
+        leaving.abort();
+        assert!(leaving.await.unwrap_err().is_cancelled());
+        assert!(!waits().await.unwrap());
+        let key = state
+            .read(|engine, now| engine.key_status(now, &lease.key_id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(key.leases[0].requests_granted, 2);
 
         // Room comes when the other lease ends unused, ten seconds on: the renewal wakes then.
         let waiting = {

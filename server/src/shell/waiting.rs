@@ -1,6 +1,5 @@
-//! Acquires that wait: the caller's channel in the engine's line, its deadline, and a grant
-//! that becomes durable after its caller left, handed back rather than lost; and renewals that
-//! wait for the quota they ask for.
+//! Acquires and renewals that wait: the caller's channel in the engine's line, its deadline,
+//! and a grant that becomes durable after its caller left, handed back rather than lost.
 
 use super::*;
 
@@ -39,13 +38,15 @@ impl Drop for Undelivered<'_> {
     }
 }
 
-/// An acquire in line. Dropped before its outcome arrived (disconnect, shutdown), it takes the
-/// waiter out of line, and gives back a lease granted in that very moment, so that no lease is
-/// ever held for a caller that is gone.
+/// An acquire or a renewal in line. Dropped before its outcome arrived (disconnect, shutdown),
+/// it takes the waiter out of line, and gives back a lease granted in that very moment, so that
+/// no lease is ever held for a caller that is gone (a renewal's lease stays its holder's).
 pub(super) struct Waiting<'a> {
     state: &'a State,
     id: WaiterId,
     receiver: oneshot::Receiver<(WaiterOutcome, u64)>,
+    /// An acquire's: a lease granted to it is new, and goes back if its caller left.
+    hands_back: bool,
     /// The outcome reached the caller: nothing to undo.
     done: bool,
 }
@@ -92,7 +93,7 @@ impl Waiting<'_> {
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        if self.done || self.cancel().is_some() {
+        if self.done || self.cancel().is_some() || !self.hands_back {
             return;
         }
         if let Ok((Ok(lease), _)) = self.receiver.try_recv() {
@@ -128,9 +129,12 @@ impl State {
         wait: Duration,
     ) -> Result<LeaseView, AcquireFailure> {
         request.wait = !wait.is_zero();
-        let (outcome, applied) = self.apply_acquiring(by, Command::Acquire(request), |reply| {
-            Ok(((), reply.into_acquired()))
-        });
+        let (outcome, applied) = self.apply_queueing(
+            by,
+            Command::Acquire(request),
+            |reply| Ok(((), reply.into_acquired())),
+            queued_acquire,
+        );
         let ((), acquired) = outcome?;
         self.deliver_acquired(acquired?, applied, wait).await
     }
@@ -154,8 +158,12 @@ impl State {
             report,
             wait: !wait.is_zero(),
         };
-        let (outcome, applied) =
-            self.apply_acquiring(by, command, Reply::into_reported_and_replaced);
+        let (outcome, applied) = self.apply_queueing(
+            by,
+            command,
+            Reply::into_reported_and_replaced,
+            queued_acquire,
+        );
         let (reported, acquired) = outcome?;
         // The report stands once durable, whether or not a replacement comes.
         self.durable(applied.seq).await?;
@@ -170,29 +178,27 @@ impl State {
         Ok((reported, replacement))
     }
 
-    /// Applies `command`, whose reply `outcome_of` reads as (what else it answered, an acquire's
-    /// outcome); a queued acquire's channel is registered under the same lock as the command,
-    /// so that no grant can be sent before it is there.
-    fn apply_acquiring<R>(
+    /// Applies `command`, whose reply `outcome_of` reads; when `queued_of` finds it queued a
+    /// waiter, the waiter's channel is registered under the same lock as the command, so that
+    /// no outcome can be sent before it is there.
+    fn apply_queueing<T>(
         &self,
         by: Option<&Arc<str>>,
         command: Command,
-        outcome_of: impl FnOnce(Reply) -> AcquiringOutcome<R>,
-    ) -> (AcquiringOutcome<R>, Applied) {
+        outcome_of: impl FnOnce(Reply) -> T,
+        queued_of: impl FnOnce(&T) -> Option<WaiterId>,
+    ) -> (T, Applied) {
         let now = self.clock.now();
         let mut inner = self.lock();
         let first_new_token = inner.engine.next_fencing_token();
         let (reply, notices) = self.apply_locked(&mut inner, command);
         let outcome = outcome_of(reply);
-        let receiver = match &outcome {
-            Ok((_, Ok(Acquired::Queued(id)))) => {
-                let (outcome, receiver) = oneshot::channel();
-                let by = by.cloned();
-                inner.waiters.insert(*id, Waiter { outcome, by });
-                Some(receiver)
-            }
-            _ => None,
-        };
+        let receiver = queued_of(&outcome).map(|id| {
+            let (outcome, receiver) = oneshot::channel();
+            let by = by.cloned();
+            inner.waiters.insert(id, Waiter { outcome, by });
+            receiver
+        });
         self.carry_out(&mut inner, notices, by);
         let applied = Applied {
             seq: inner.last_seq,
@@ -232,94 +238,103 @@ impl State {
             (Acquired::Queued(id), Some(receiver)) => (id, receiver),
             (Acquired::Queued(_), None) => unreachable!("a queued acquire has a channel"),
         };
-        let deadline = tokio::time::sleep_until(self.clock.instant_at(now.steady_ms) + wait);
         // Boxed: the wait's timer and select would otherwise make every acquire's future several
         // times larger, copied through each layer of the server, though most are granted at once.
         Box::pin(async move {
-            let (lease, seq) = Waiting {
-                state: self,
-                id: waiter,
-                receiver,
-                done: false,
-            }
-            .until(deadline)
-            .await?;
+            let (lease, seq) = self.wait_in_line(waiter, receiver, now, wait, true).await?;
             Undelivered::new(self, lease).deliver(seq).await
         })
         .await
     }
+
+    /// Waiter `id`'s outcome with the record that decided it, waiting up to `wait` from `since`.
+    async fn wait_in_line(
+        &self,
+        id: WaiterId,
+        receiver: oneshot::Receiver<(WaiterOutcome, u64)>,
+        since: Time,
+        wait: Duration,
+        hands_back: bool,
+    ) -> Result<(LeaseView, u64), AcquireFailure> {
+        let deadline = tokio::time::sleep_until(self.clock.instant_at(since.steady_ms) + wait);
+        Waiting {
+            state: self,
+            id,
+            receiver,
+            hands_back,
+            done: false,
+        }
+        .until(deadline)
+        .await
+    }
 }
 
-/// A lease's renewal, as its holder asks for it.
-pub struct Renewal {
-    pub lease_id: String,
-    pub fencing_token: u64,
-    /// The lease's TTL from now on; `None` keeps it.
-    pub ttl_ms: Option<u64>,
-    pub additional_requests: u32,
-    pub additional_tokens: u64,
+/// The waiter an acquire's outcome queued.
+fn queued_acquire<R>(outcome: &AcquiringOutcome<R>) -> Option<WaiterId> {
+    match outcome {
+        Ok((_, Ok(Acquired::Queued(id)))) => Some(*id),
+        _ => None,
+    }
 }
 
 impl State {
     /// Renews a lease for caller `by`: it lives on at once, and the requests and tokens it asks
-    /// for more are booked when the quota has room, waiting up to `wait` (never past the
-    /// lease's own end) for it. The renewal is tried again when the quota's retry time comes
-    /// or a lease ends, whichever is first.
+    /// for more are booked when the quota has room, the renewal waiting up to `wait` for it in
+    /// the lease's line (first come, first served with the acquires there; it leaves when the
+    /// lease ends).
     pub async fn renew(
         &self,
         by: Option<&Arc<str>>,
         renewal: Renewal,
         wait: Duration,
     ) -> Result<LeaseView, AcquireFailure> {
-        let deadline_ms = self.now_ms() + wait.as_millis() as u64;
-        loop {
-            // Subscribed before trying, so a release between the try and the wait is not missed.
-            let mut events = self.subscribe();
-            let command = Command::Renew {
-                lease_id: renewal.lease_id.clone(),
-                fencing_token: renewal.fencing_token,
-                ttl_ms: renewal.ttl_ms,
-                additional_requests: renewal.additional_requests,
-                additional_tokens: renewal.additional_tokens,
-            };
-            let (lease, unavailable) = match self.run(by, command).await?.into_renewed()? {
-                Renewed::Done(lease) => return Ok(lease),
-                Renewed::QuotaUnavailable(lease, unavailable) => (lease, unavailable),
-            };
-            let now = self.now_ms();
-            if now >= deadline_ms || now >= lease.expires_ms {
-                return Err(AcquireFailure::Unavailable(unavailable));
+        let Renewal {
+            lease_id,
+            fencing_token,
+            ttl_ms,
+            additional_requests,
+            additional_tokens,
+        } = renewal;
+        let command = if wait.is_zero() {
+            Command::Renew {
+                lease_id,
+                fencing_token,
+                ttl_ms,
+                additional_requests,
+                additional_tokens,
             }
-            let wake_ms = unavailable
-                .retry_at_ms
-                .unwrap_or(deadline_ms)
-                .min(deadline_ms)
-                .min(lease.expires_ms);
-            tokio::select! {
-                () = self.sleep_until_ms(wake_ms) => {}
-                () = room_made(&mut events) => {}
-                () = self.shutdown.cancelled() => return Err(AcquireFailure::ShuttingDown),
+        } else {
+            Command::RenewWaiting {
+                lease_id,
+                fencing_token,
+                ttl_ms,
+                additional_requests,
+                additional_tokens,
             }
-        }
-    }
-}
-
-/// Resolves at the next event that may have made quota room: a lease ended.
-async fn room_made(events: &mut broadcast::Receiver<Published>) {
-    loop {
-        match events.recv().await {
-            Ok(published)
-                if matches!(
-                    published.event.kind,
-                    EventKind::Released { .. } | EventKind::Expired(_) | EventKind::Failed { .. }
-                ) =>
-            {
-                return;
+        };
+        let (renewed, applied) =
+            self.apply_queueing(by, command, Reply::into_renewed, |renewed| match renewed {
+                Ok(Renewed::Queued(_, id)) => Some(*id),
+                _ => None,
+            });
+        // The lease lives on once its record is durable, whatever comes of what it asked for
+        // more; a renewal served in line is answered once the record that served it is.
+        let (answer, seq) = match renewed? {
+            Renewed::Done(lease) => (Ok(lease), applied.seq),
+            Renewed::QuotaUnavailable(_, unavailable) => {
+                (Err(AcquireFailure::Unavailable(unavailable)), applied.seq)
             }
-            Ok(_) => {}
-            Err(broadcast::error::RecvError::Lagged(_)) => return,
-            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
-        }
+            Renewed::Queued(_, id) => {
+                let receiver = applied.receiver.expect("a queued renewal has a channel");
+                let waiting = self.wait_in_line(id, receiver, applied.now, wait, false);
+                match Box::pin(waiting).await {
+                    Ok((lease, seq)) => (Ok(lease), seq),
+                    Err(failure) => (Err(failure), applied.seq),
+                }
+            }
+        };
+        self.durable(seq).await?;
+        answer
     }
 }
 

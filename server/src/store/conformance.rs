@@ -11,7 +11,7 @@ use crate::shell::{AcquireFailure, State};
 use crate::store::Store;
 use keylease_engine::{
     AcquireRequest, Command, FailureKind, FailureReport, KeyState, LeaseView, LimitKind,
-    QuotaViolation, Reply, UnavailableReason, Usage,
+    QuotaViolation, Renewal, Reply, UnavailableReason, Usage,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +39,8 @@ type KeyLine = (&'static str, &'static str, &'static str);
 const K1: KeyLine = ("k1", "p1", "AIzaFAKE.conformance-key-one-00000000");
 const K2: KeyLine = ("k2", "p2", "AIzaFAKE.conformance-key-two-00000000");
 const K3: KeyLine = ("k3", "p3", "AIzaFAKE.conformance-key-three-000000");
+/// A second key of p1: two leases share its quota.
+const K4: KeyLine = ("k4", "p1", "AIzaFAKE.conformance-key-four-0000000");
 
 /// The suite's configuration with these keys.
 fn with_keys(keys: &[KeyLine]) -> String {
@@ -421,6 +423,53 @@ pub async fn a_report_and_its_replacement_survive_together(reopen: Reopen) {
     );
 }
 
+/// A renewal that waited in line for more requests keeps them: the lease it renewed holds
+/// them after a restart, and the books count them.
+pub async fn a_renewal_served_in_line_survives(reopen: Reopen) {
+    let mut runs = Runs::new(reopen);
+    let state = runs.start(&with_keys(&[K1, K4]));
+    // p1's three requests a minute: two held by `a`, one by `b`.
+    let two = AcquireRequest {
+        requests: 2,
+        ..ask("a")
+    };
+    let a = state.acquire(None, two, Duration::ZERO).await.unwrap();
+    let b = granted(&state, "b").await;
+    let renewing = {
+        let (state, a) = (state.clone(), a.clone());
+        tokio::spawn(async move {
+            let renewal = Renewal {
+                lease_id: a.lease_id,
+                fencing_token: a.fencing_token,
+                ttl_ms: None,
+                additional_requests: 1,
+                additional_tokens: 0,
+            };
+            state.renew(None, renewal, Duration::from_secs(600)).await
+        })
+    };
+    while !state.read(|engine, _| engine.has_waiters()).await.unwrap() {
+        tokio::task::yield_now().await;
+    }
+    // `b` sent nothing: its request is the renewal's.
+    release(&state, &b, 0).await;
+    let renewed = renewing.await.unwrap().unwrap();
+    assert_eq!(renewed.requests_granted, 3);
+    runs.crash(state, Duration::from_secs(1));
+
+    let state = runs.start(&with_keys(&[K1, K4]));
+    let status = state
+        .read(|engine, now| engine.key_status(now, &a.key_id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.leases[0].requests_granted, 3);
+    assert_eq!(
+        refused_for(acquire(&state, "c").await),
+        UnavailableReason::QuotaSpent
+    );
+}
+
 /// Guarantee 4: the books keep every granted request: the window and the day.
 pub async fn quota_books_never_forget_a_grant(reopen: Reopen) {
     let mut runs = Runs::new(reopen);
@@ -625,6 +674,7 @@ macro_rules! conformance_tests {
             a_cooldown_runs_to_its_end,
             a_tasks_exclusions_hold,
             a_report_and_its_replacement_survive_together,
+            a_renewal_served_in_line_survives,
             quota_books_never_forget_a_grant,
             learned_limits_survive,
             a_grant_to_a_waiter_survives,

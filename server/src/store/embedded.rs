@@ -513,7 +513,10 @@ mod tests {
             )),
             "{message}"
         );
-        assert!(message.contains("SIGTERM"), "{message}");
+        assert!(
+            message.contains("run a keylease of that version"),
+            "{message}"
+        );
         assert!(message.contains("--reset-state"), "{message}");
         // A newer build's record laid out as this build cannot read: refused by its rules
         // too, not called unreadable.

@@ -10,7 +10,7 @@ pub mod journal;
 #[cfg(test)]
 pub mod testing;
 
-use keylease_engine::layout::{Record, Snapshot, decode, encode};
+use keylease_engine::layout::{Record, Snapshot, SnapshotError, decode, encode};
 use keylease_engine::{Command, Engine, RULES_VERSION};
 use std::path::PathBuf;
 
@@ -48,12 +48,23 @@ pub enum StoreError {
     NewerFormat { path: PathBuf, found: u64 },
     /// Records decided by other rules than this build's: replaying them could decide otherwise.
     #[error(
-        "{path}: the records from {seq} on were decided by rules version {found} of keylease, and this server's is {RULES_VERSION}: start the keylease that wrote them and stop it with SIGTERM (it writes a snapshot, so nothing is replayed), or start with --reset-state to move the state aside"
+        "{path}: the records from {seq} on were decided by rules version {found} of keylease, and this server's is {RULES_VERSION}: {}",
+        other_rules_advice(*found)
     )]
     OtherRules { path: PathBuf, seq: u64, found: u32 },
     /// Writing failed while serving: what was not yet written was never acknowledged.
     #[error("{path}: cannot write: {reason}")]
     Write { path: PathBuf, reason: String },
+}
+
+/// The way on from records of rules `found`, which this build does not replay.
+fn other_rules_advice(found: u32) -> &'static str {
+    if found > RULES_VERSION {
+        // Its snapshot may be laid out as this build cannot read either.
+        "run a keylease of that version or newer, or start with --reset-state to move the state aside"
+    } else {
+        "start the keylease that wrote them and stop it with SIGTERM (it writes a snapshot, so nothing is replayed), or start with --reset-state to move the state aside"
+    }
 }
 
 /// Called with each record read back: its number and bytes.
@@ -152,8 +163,12 @@ impl Replay {
 
     /// Starts again from a snapshot, whatever was applied before.
     pub fn restore(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
-        let snapshot =
-            Snapshot::decode(bytes).map_err(|e| self.unreadable(format!("the snapshot: {e}")))?;
+        let snapshot = Snapshot::decode(bytes).map_err(|e| match e {
+            SnapshotError::NewerLayout(_) => {
+                self.unreadable(format!("the snapshot was {e}: run that keylease"))
+            }
+            SnapshotError::Bytes(_) => self.unreadable(format!("the snapshot: {e}")),
+        })?;
         self.rules = snapshot.setup.rules;
         let (restored, _) = Engine::restore(snapshot.setup, snapshot.draining, snapshot.image)
             .map_err(|e| self.unreadable(format!("the snapshot's configuration: {e}")))?;
