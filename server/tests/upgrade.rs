@@ -1,8 +1,8 @@
-//! What earlier builds (rules versions 2 to 5) left behind, opened by this one: a state
+//! What earlier builds (rules versions 2 to 6) left behind, opened by this one: a state
 //! directory and a Redis log each wrote and then was killed on (`fixtures/rules-N`, see their
 //! READMEs). All hold records that build decided after its last snapshot: this build replays
 //! them as that build decided them, then serves under its own rules, its fencing tokens above
-//! the old ones.
+//! the old ones. The state directory of rules 6 also holds a snapshot in that build's layout.
 
 mod support;
 
@@ -25,6 +25,8 @@ struct Fixture {
     /// A project whose input tokens per day that build learned from a named figure, and the
     /// figure: the books of rules 4 carry a fourth limit.
     tokens_per_day_learned: Option<(&'static str, u64)>,
+    /// Its state directory holds a snapshot that build wrote.
+    state_snapshot: bool,
 }
 
 const RULES_2: Fixture = Fixture {
@@ -33,6 +35,7 @@ const RULES_2: Fixture = Fixture {
     redis_highest_token: 1_796_614_930_411_002,
     lowered_by_its_rules: None,
     tokens_per_day_learned: None,
+    state_snapshot: false,
 };
 
 const RULES_3: Fixture = Fixture {
@@ -41,6 +44,7 @@ const RULES_3: Fixture = Fixture {
     redis_highest_token: 1_796_623_437_755_002,
     lowered_by_its_rules: Some("p2"),
     tokens_per_day_learned: None,
+    state_snapshot: false,
 };
 
 const RULES_4: Fixture = Fixture {
@@ -49,6 +53,7 @@ const RULES_4: Fixture = Fixture {
     redis_highest_token: 1_796_636_892_666_002,
     lowered_by_its_rules: None,
     tokens_per_day_learned: Some(("p3", 1_000_000)),
+    state_snapshot: false,
 };
 
 const RULES_5: Fixture = Fixture {
@@ -57,6 +62,16 @@ const RULES_5: Fixture = Fixture {
     redis_highest_token: 1_796_647_682_692_003,
     lowered_by_its_rules: None,
     tokens_per_day_learned: Some(("p3", 1_000_000)),
+    state_snapshot: false,
+};
+
+const RULES_6: Fixture = Fixture {
+    name: "rules-6",
+    state_highest_token: 1_796_656_997_683_000,
+    redis_highest_token: 1_796_657_000_776_000,
+    lowered_by_its_rules: None,
+    tokens_per_day_learned: Some(("p3", 1_000_000)),
+    state_snapshot: true,
 };
 
 impl Fixture {
@@ -150,6 +165,11 @@ fn a_state_directory_rules_5_crashed_on_is_replayed_with_its_report_and_replacem
 }
 
 #[test]
+fn a_state_directory_rules_6_crashed_on_is_read_from_its_snapshot_and_replayed() {
+    replays_the_state_directory(&RULES_6);
+}
+
+#[test]
 fn a_redis_log_rules_2_led_is_followed_and_led_on() {
     follows_and_leads_the_redis_log(&RULES_2);
 }
@@ -169,6 +189,11 @@ fn a_redis_log_rules_5_led_is_followed_and_led_on_with_its_report_and_replacemen
     follows_and_leads_the_redis_log(&RULES_5);
 }
 
+#[test]
+fn a_redis_log_rules_6_led_is_followed_and_led_on() {
+    follows_and_leads_the_redis_log(&RULES_6);
+}
+
 fn replays_the_state_directory(fixture: &Fixture) {
     let dir = support::scratch_dir(&format!("upgrade-state-{}", fixture.name));
     copy_dir(&fixture.dir().join("state"), &dir.join("state"));
@@ -186,6 +211,8 @@ fn replays_the_state_directory(fixture: &Fixture) {
     let output = server.output();
     assert!(output.contains("\"records_replayed\":"), "{output}");
     assert!(!output.contains("\"records_replayed\":0"), "{output}");
+    let from_snapshot = format!("\"from_snapshot\":{}", fixture.state_snapshot);
+    assert!(output.contains(&from_snapshot), "{output}");
     fixture.check_decisions(&server.address);
     let lease = acquire(&server.address);
     assert!(
