@@ -15,13 +15,8 @@ pub enum Command {
     Acquire(AcquireRequest),
     /// Take a waiter out of line (its deadline passed, or its caller left).
     CancelWaiter(WaiterId),
-    Renew {
-        lease_id: String,
-        fencing_token: u64,
-        ttl_ms: Option<u64>,
-        additional_requests: u32,
-        additional_tokens: u64,
-    },
+    /// Laid out as the struct variant of these fields it was before rules 7, byte for byte.
+    Renew(Renewal),
     Release {
         lease_id: String,
         fencing_token: u64,
@@ -68,13 +63,7 @@ pub enum Command {
     },
     /// A renewal whose requests and tokens more, when their group has no room now, wait in
     /// the lease's line for it (rules 7 on); [`Command::Renew`] says why there is none.
-    RenewWaiting {
-        lease_id: String,
-        fencing_token: u64,
-        ttl_ms: Option<u64>,
-        additional_requests: u32,
-        additional_tokens: u64,
-    },
+    RenewWaiting(Renewal),
 }
 
 impl Command {
@@ -83,7 +72,7 @@ impl Command {
         match self {
             Self::Acquire(_) => "acquire",
             Self::CancelWaiter(_) => "cancel_waiter",
-            Self::Renew { .. } => "renew",
+            Self::Renew(_) => "renew",
             Self::Release { .. } => "release",
             Self::ReportFailure { .. } => "report_failure",
             Self::SetKeyEnabled { .. } => "set_key_enabled",
@@ -93,7 +82,7 @@ impl Command {
             Self::Configure(_) => "configure",
             Self::ResetCooldown { .. } => "reset_cooldown",
             Self::ReportFailureAndReplace { .. } => "report_failure_and_replace",
-            Self::RenewWaiting { .. } => "renew_waiting",
+            Self::RenewWaiting(_) => "renew_waiting",
         }
     }
 }
@@ -174,33 +163,11 @@ impl Engine {
             let reply = Reply::ReportedAndReplaced(Box::new(replaced));
             return (reply, notices);
         }
-        let renewal_waits = matches!(command, Command::RenewWaiting { .. });
         let reply = match command {
             Command::Acquire(request) => Reply::Acquired(self.acquire(time, request)),
             Command::CancelWaiter(id) => Reply::WaiterCancelled(self.cancel_waiter(time, id)),
-            Command::Renew {
-                lease_id,
-                fencing_token,
-                ttl_ms,
-                additional_requests,
-                additional_tokens,
-            }
-            | Command::RenewWaiting {
-                lease_id,
-                fencing_token,
-                ttl_ms,
-                additional_requests,
-                additional_tokens,
-            } => {
-                let renewal = Renewal {
-                    lease_id,
-                    fencing_token,
-                    ttl_ms,
-                    additional_requests,
-                    additional_tokens,
-                };
-                Reply::Renewed(self.renew(time, renewal, renewal_waits))
-            }
+            Command::Renew(renewal) => Reply::Renewed(self.renew(time, renewal, false)),
+            Command::RenewWaiting(renewal) => Reply::Renewed(self.renew(time, renewal, true)),
             Command::Release {
                 lease_id,
                 fencing_token,

@@ -91,7 +91,7 @@ pub enum Acquired {
 }
 
 /// A lease's renewal, as its holder asks for it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Renewal {
     pub lease_id: String,
     pub fencing_token: u64,

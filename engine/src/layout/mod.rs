@@ -120,6 +120,52 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, postcard::Er
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{AcquireRequest, Renewal, WaiterId};
+
+    /// The first variants of [`Command`] as builds before rules 7 laid them out (the first two
+    /// only hold their places).
+    #[derive(Serialize)]
+    #[allow(dead_code)]
+    enum CommandBeforeRules7 {
+        Acquire(AcquireRequest),
+        CancelWaiter(WaiterId),
+        Renew {
+            lease_id: String,
+            fencing_token: u64,
+            ttl_ms: Option<u64>,
+            additional_requests: u32,
+            additional_tokens: u64,
+        },
+    }
+
+    #[test]
+    fn a_renewal_an_older_build_logged_reads_as_todays() {
+        #[derive(Serialize)]
+        struct RecordBefore {
+            time: Time,
+            command: CommandBeforeRules7,
+        }
+        let bytes = encode(&RecordBefore {
+            time: Time::at(7_000),
+            command: CommandBeforeRules7::Renew {
+                lease_id: "lease-9".into(),
+                fencing_token: 9,
+                ttl_ms: Some(60_000),
+                additional_requests: 2,
+                additional_tokens: 300,
+            },
+        });
+        let record: Record = decode(&bytes).unwrap();
+        let renewal = Renewal {
+            lease_id: "lease-9".into(),
+            fencing_token: 9,
+            ttl_ms: Some(60_000),
+            additional_requests: 2,
+            additional_tokens: 300,
+        };
+        assert_eq!(record.command, Command::Renew(renewal));
+        assert_eq!(encode_record(record.time, &record.command), bytes);
+    }
 
     #[test]
     fn a_snapshot_in_a_newer_layout_is_named_so_rather_than_misread() {

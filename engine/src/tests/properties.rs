@@ -635,22 +635,17 @@ fn run(ops: Vec<Op>, cut: usize) -> Result<(), TestCaseError> {
                 wait,
             } => {
                 if let Some((id, token)) = pick_lease(&model, pick) {
+                    let renewal = Renewal {
+                        lease_id: id.clone(),
+                        fencing_token: token,
+                        ttl_ms,
+                        additional_requests: add,
+                        additional_tokens: tokens,
+                    };
                     let renew = if wait {
-                        Command::RenewWaiting {
-                            lease_id: id.clone(),
-                            fencing_token: token,
-                            ttl_ms,
-                            additional_requests: add,
-                            additional_tokens: tokens,
-                        }
+                        Command::RenewWaiting(renewal)
                     } else {
-                        Command::Renew {
-                            lease_id: id.clone(),
-                            fencing_token: token,
-                            ttl_ms,
-                            additional_requests: add,
-                            additional_tokens: tokens,
-                        }
+                        Command::Renew(renewal)
                     };
                     let renewed = engine.apply(now, renew).into_renewed();
                     if let Ok(Renewed::Queued(_, waiter)) = renewed {

@@ -288,29 +288,10 @@ impl State {
         renewal: Renewal,
         wait: Duration,
     ) -> Result<LeaseView, AcquireFailure> {
-        let Renewal {
-            lease_id,
-            fencing_token,
-            ttl_ms,
-            additional_requests,
-            additional_tokens,
-        } = renewal;
         let command = if wait.is_zero() {
-            Command::Renew {
-                lease_id,
-                fencing_token,
-                ttl_ms,
-                additional_requests,
-                additional_tokens,
-            }
+            Command::Renew(renewal)
         } else {
-            Command::RenewWaiting {
-                lease_id,
-                fencing_token,
-                ttl_ms,
-                additional_requests,
-                additional_tokens,
-            }
+            Command::RenewWaiting(renewal)
         };
         let (renewed, applied) =
             self.apply_queueing(by, command, Reply::into_renewed, |renewed| match renewed {

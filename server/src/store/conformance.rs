@@ -404,13 +404,13 @@ pub async fn a_report_and_its_replacement_survive_together(reopen: Reopen) {
     state
         .run(
             None,
-            Command::Renew {
+            Command::Renew(Renewal {
                 lease_id: replacement.lease_id.clone(),
                 fencing_token: replacement.fencing_token,
                 ttl_ms: None,
                 additional_requests: 0,
                 additional_tokens: 0,
-            },
+            }),
         )
         .await
         .unwrap()
