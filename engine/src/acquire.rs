@@ -457,49 +457,6 @@ impl Engine {
         }
     }
 
-    /// Books renewal `id`'s requests and tokens on its lease when its group has room and no
-    /// earlier waiter was refused it; whether it left the line (served, or failed on a key
-    /// that began draining).
-    fn serve_renewal(
-        &mut self,
-        time: Time,
-        id: WaiterId,
-        queue: &mut WaitQueue,
-        blocked: &mut HashSet<GroupKey>,
-    ) -> bool {
-        let waiter = &queue.waiters[&id];
-        let token = waiter.renews.expect("a renewal");
-        let (requests, tokens) = (waiter.ask.requests, waiter.ask.tokens);
-        let lease = self.leases.get(token).expect("a renewal's lease is live");
-        let group_key = self.catalogue.key(lease.key).group(lease.model);
-        if blocked.contains(&group_key) {
-            return false;
-        }
-        #[cfg(test)]
-        {
-            self.waiters_looked_at += 1;
-        }
-        match self.more_for_lease(time, token, requests, tokens) {
-            None => {
-                queue.remove(id);
-                let event = self.lease_event(token);
-                self.emit(time, EventKind::Renewed(event));
-                let view = self.view(token);
-                self.notices.waiter_renewals.push((id, view));
-                true
-            }
-            Some(unavailable) if unavailable.reason == UnavailableReason::KeyDraining => {
-                queue.remove(id);
-                self.notices.waiter_failures.push((id, unavailable));
-                true
-            }
-            Some(_) => {
-                blocked.insert(group_key);
-                false
-            }
-        }
-    }
-
     /// Whether the pool has a free key outside the `blocked` groups for this model.
     fn any_key_beyond(&self, pool: PoolIdx, model: ModelIdx, blocked: &HashSet<GroupKey>) -> bool {
         self.catalogue

@@ -23,6 +23,7 @@ mod memory;
 mod outage;
 pub mod quota;
 mod release;
+mod renew;
 mod requests;
 mod setup;
 mod status;

@@ -1,22 +1,20 @@
-//! What happens to a lease after its grant, and to its key: renewing, releasing with what was
-//! used, reporting a failure (which may cool the project down, rest it for the day, or disable
-//! the key), and operators disabling or enabling a key. Every ending goes through
-//! [`Engine::end_lease`], which frees the slot and settles the books.
+//! How a lease ends, and what happens to its key: releasing with what was used, reporting a
+//! failure (which may cool the project down, rest it for the day, or disable the key), and
+//! operators disabling or enabling a key. Every ending goes through [`Engine::end_lease`],
+//! which frees the slot and settles the books. (Renewing is [`super::renew`]'s.)
 
 use super::RULES_WEIGHING_EVIDENCE;
 use super::catalogue::GroupKey;
 use super::ids::KeyIdx;
 use super::ids::Token;
 use super::learning::weighing::span_of;
-use super::quota::{Amount, Cooldown, CooldownReason, QuotaGroup};
-use super::waiting::{Ask, Waiter};
+use super::quota::{Amount, Cooldown, CooldownReason};
 use super::{
     AcquireRequest, DAY_MS, Engine, EngineError, EventKind, Evidence, FailureKind, FailureReport,
-    GroupView, KeyView, LeaseEvent, LimitKind, Renewal, Renewed, Reported, Time, Unavailable,
-    UnavailableReason, Usage, canonical_model, invalid, show_ms, validate_detail, validate_tokens,
+    GroupView, KeyView, LeaseEvent, LimitKind, Reported, Time, Usage, canonical_model, invalid,
+    show_ms, validate_detail,
 };
-use foldhash::HashSet;
-use keylease_core::{MAX_ID_BYTES, MAX_INPUT_TOKENS, MAX_QUOTA_VALUE, MAX_QUOTA_VIOLATIONS};
+use keylease_core::{MAX_ID_BYTES, MAX_QUOTA_VALUE, MAX_QUOTA_VIOLATIONS};
 
 /// A model without capacity rests the pool for the provider's retry delay, or this many spans.
 const MODEL_CAPACITY_SPANS: u64 = 4;
@@ -35,141 +33,6 @@ struct Learnt {
 }
 
 impl Engine {
-    /// Renews a lease: it lives on at once (to its TTL from now), and the requests and tokens
-    /// it asks for more are booked when its group has room. Without room, with `wait` the
-    /// renewal joins its lease's line for them (served in line order, leaving when the lease
-    /// ends); without, it says why and until when.
-    pub(super) fn renew(
-        &mut self,
-        now: impl Into<Time>,
-        renewal: Renewal,
-        wait: bool,
-    ) -> Result<Renewed, EngineError> {
-        let Renewal {
-            lease_id,
-            fencing_token,
-            ttl_ms,
-            additional_requests,
-            additional_tokens,
-        } = renewal;
-        let time = self.tick(now);
-        let token = self.leases.live_token(&lease_id, fencing_token)?;
-        let lease = self.leases.get(token).expect("live");
-        let ttl_ms = self.validate_ttl(ttl_ms.unwrap_or(lease.ttl_ms), true)?;
-        validate_tokens("additional_input_tokens", additional_tokens)?;
-        let total_tokens = lease.tokens.saturating_add(additional_tokens);
-        if total_tokens > MAX_INPUT_TOKENS {
-            return Err(invalid(
-                "additional_input_tokens",
-                format!(
-                    "the lease's {total_tokens} input tokens in all are above the maximum of {MAX_INPUT_TOKENS}"
-                ),
-            ));
-        }
-        let total = lease.requests + u64::from(additional_requests);
-        if total > u64::from(self.config.max_requests_per_lease) {
-            return Err(invalid(
-                "additional_requests",
-                format!(
-                    "{total} in all is above the maximum of {} per lease",
-                    self.config.max_requests_per_lease
-                ),
-            ));
-        }
-        let group_key = self.catalogue.key(lease.key).group(lease.model);
-        self.check_servable(group_key.pool, group_key.model, total, total_tokens)?;
-        let draining = self.catalogue.key(lease.key).draining;
-        // A draining key's leases run to the end they had: the drain is over within max_ttl.
-        if !draining {
-            self.leases.extend(token, ttl_ms, time.steady_ms);
-        }
-
-        let (requests, tokens) = (u64::from(additional_requests), additional_tokens);
-        let shortfall = if requests == 0 && tokens == 0 {
-            None
-        } else {
-            self.more_for_lease(time, token, requests, tokens)
-        };
-        let event = self.lease_event(token);
-        self.emit(time, EventKind::Renewed(event));
-        let view = self.view(token);
-        Ok(match shortfall {
-            None => Renewed::Done(view),
-            Some(unavailable) if wait && unavailable.reason != UnavailableReason::KeyDraining => {
-                let id = self.lines.next_id();
-                let lease = self.leases.get(token).expect("live");
-                let line = (group_key.pool, group_key.model);
-                let waiter = Waiter {
-                    task_id: lease.task_id.clone(),
-                    ask: Ask {
-                        pool: group_key.pool,
-                        model: group_key.model,
-                        ttl_ms: lease.ttl_ms,
-                        requests,
-                        tokens,
-                        excluded: HashSet::default(),
-                    },
-                    client_request_id: None,
-                    exclusion_ends: Vec::new(),
-                    renews: Some(token),
-                };
-                self.lines.join(id, waiter, vec![group_key]);
-                self.wake_line_at(time, line);
-                Renewed::Queued(view, id)
-            }
-            Some(unavailable) => Renewed::QuotaUnavailable(view, unavailable),
-        })
-    }
-
-    /// Books `requests` and `tokens` more on live lease `token` when its group has room for
-    /// them; otherwise why not, and until when.
-    pub(super) fn more_for_lease(
-        &mut self,
-        time: Time,
-        token: Token,
-        requests: u64,
-        tokens: u64,
-    ) -> Option<Unavailable> {
-        let (group_key, draining) = self.group_of_lease(token);
-        let group = self.books.group(group_key, time);
-        if !draining && group.cooldown().is_none() && group.can_afford(requests, tokens) {
-            self.books.reserve(group_key, time, requests, tokens);
-            self.leases.add_reservation(token, requests, tokens);
-            return None;
-        }
-        Some(self.renewal_unavailable(time, token, requests, tokens))
-    }
-
-    /// Why live lease `token` gets no `requests` and `tokens` more now, and when it might.
-    pub(super) fn renewal_unavailable(
-        &mut self,
-        time: Time,
-        token: Token,
-        requests: u64,
-        tokens: u64,
-    ) -> Unavailable {
-        let (group_key, draining) = self.group_of_lease(token);
-        if draining {
-            // Its leases run to the end they had: nothing more comes to them.
-            return Unavailable {
-                reason: UnavailableReason::KeyDraining,
-                retry_at_ms: None,
-            };
-        }
-        let group = self.books.group(group_key, time);
-        Unavailable {
-            reason: shortfall_reason(group),
-            retry_at_ms: group.affordable_at(time, requests, tokens),
-        }
-    }
-
-    /// Live lease `token`'s quota group, and whether its key is draining.
-    fn group_of_lease(&self, token: Token) -> (GroupKey, bool) {
-        let lease = self.leases.get(token).expect("live");
-        let key = self.catalogue.key(lease.key);
-        (key.group(lease.model), key.draining)
-    }
-
     /// Ends a lease with what it used, and says what the books now hold for it: requests sent
     /// are at most those granted, tokens at most [`MAX_INPUT_TOKENS`]. `Ok(None)` when it had
     /// already ended.
@@ -657,25 +520,8 @@ impl Engine {
         let group_key = self.catalogue.key(lease.key).group(lease.model);
         self.books.settle(group_key, time, lease.reserved(), used);
         self.freed = true;
-        for id in self.lines.renewals_of(token) {
-            // Renewals waiting on it leave: there is nothing more to renew.
-            self.lines.leave(id).expect("in line");
-            let unavailable = Unavailable {
-                reason: shortfall_reason(self.books.group(group_key, time)),
-                retry_at_ms: None,
-            };
-            self.notices.waiter_failures.push((id, unavailable));
-        }
+        self.fail_renewals_of(token, time, group_key);
         event
-    }
-}
-
-/// Why a group cannot book more for a lease it has.
-fn shortfall_reason(group: &QuotaGroup) -> UnavailableReason {
-    if group.cooldown().is_some() {
-        UnavailableReason::CoolingDown
-    } else {
-        UnavailableReason::QuotaSpent
     }
 }
 
