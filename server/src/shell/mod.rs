@@ -339,8 +339,8 @@ impl State {
     }
 
     /// Sends waiters their outcome, streams events (each by the caller `by` whose command made
-    /// it, a waiter's grant or renewal by that waiter's), and moves the timer if needed. A grant whose
-    /// waiter is gone goes straight back, by a command of its own.
+    /// it, a waiter's grant or renewal by that waiter's), and moves the timer if needed. A grant
+    /// whose waiter is gone goes straight back, by a command of its own.
     fn carry_out(&self, inner: &mut Inner, mut notices: Notices, by: Option<&Arc<str>>) {
         let mut by: Option<Arc<str>> = by.cloned();
         while !notices.is_empty() {
