@@ -1,5 +1,6 @@
 //! The Gemini-compatible proxy end to end: a real server with `[proxy]`, the fake Gemini
-//! upstream, and plain HTTP callers (reqwest) as any SDK would be.
+//! upstream, and plain HTTP callers (reqwest) as any SDK would be. Every test runs twice: the
+//! proxy leasing in process and over the server's gRPC service ([`on_both_paths`]).
 
 mod support;
 
@@ -74,7 +75,6 @@ async fn until_no_lease(server: &TestServer, within: Duration) {
     }
 }
 
-#[tokio::test]
 async fn every_served_call_answers_as_gemini_would() {
     let fake = start_fake(&KEYS, limits(1000), 1.0).await;
     let (server, url) = proxied(&fake, 1000, "").await;
@@ -263,7 +263,6 @@ async fn every_served_call_answers_as_gemini_would() {
     }
 }
 
-#[tokio::test]
 async fn bad_requests_get_geminis_4xx_naming_the_problem_and_unserved_endpoints_501() {
     let fake = start_fake(&KEYS, limits(1000), 1.0).await;
     let (_server, url) = proxied(&fake, 1000, "max_body = 2048").await;
@@ -365,7 +364,6 @@ async fn bad_requests_get_geminis_4xx_naming_the_problem_and_unserved_endpoints_
     assert_eq!(ok.status(), 200);
 }
 
-#[tokio::test]
 async fn callers_authenticate_with_worker_tokens_that_never_go_upstream() {
     let fake = start_fake(&KEYS, limits(1000), 1.0).await;
     let token = "kl_worker_token_for_the_proxy_test_0001";
@@ -425,7 +423,6 @@ async fn callers_authenticate_with_worker_tokens_that_never_go_upstream() {
     assert_eq!(fake.fake.stats().all().status(200), 3);
 }
 
-#[tokio::test]
 async fn a_leaked_key_is_dropped_after_its_first_403_and_the_caller_never_sees_it() {
     let fake = start_fake(&KEYS, limits(1000), 1.0).await;
     let (server, url) = proxied(&fake, 1000, "").await;
@@ -450,7 +447,6 @@ async fn a_leaked_key_is_dropped_after_its_first_403_and_the_caller_never_sees_i
     assert!(!k3.disabled_reason.contains(&secret));
 }
 
-#[tokio::test]
 async fn provider_trouble_is_retried_unseen_by_the_caller() {
     let fake = start_fake(&KEYS, limits(1000), 1.0).await;
     let (_server, url) = proxied(&fake, 1000, "").await;
@@ -470,7 +466,6 @@ async fn provider_trouble_is_retried_unseen_by_the_caller() {
     );
 }
 
-#[tokio::test]
 async fn without_a_key_in_time_the_caller_gets_geminis_429_with_retry_info() {
     let fake = start_fake(&KEYS, limits(2), 1.0).await;
     let (_server, url) = proxied(&fake, 2, "wait = \"3s\"").await;
@@ -535,7 +530,6 @@ async fn one_slow_key(latency_ms: u64) -> (RunningFake, TestServer, String) {
     (fake, server, generate)
 }
 
-#[tokio::test]
 async fn a_call_longer_than_the_lease_ttl_is_renewed_and_never_overlaps() {
     let (fake, server, generate) = one_slow_key(1500).await;
     let calls: Vec<_> = (0..3)
@@ -575,7 +569,6 @@ async fn stream_with(faults: Faults, prompt: &str) -> (RunningFake, TestServer, 
     (fake, server, answer)
 }
 
-#[tokio::test]
 async fn a_stream_cut_midway_ends_with_an_error_event_and_frees_its_key() {
     let cut = Faults {
         cut_streams: true,
@@ -596,7 +589,6 @@ async fn a_stream_cut_midway_ends_with_an_error_event_and_frees_its_key() {
     until_no_lease(&server, Duration::from_secs(5)).await;
 }
 
-#[tokio::test]
 async fn a_caller_that_hangs_up_midstream_releases_the_lease_at_once() {
     let slow = Faults {
         stream_pause_ms: 60_000,
@@ -611,7 +603,6 @@ async fn a_caller_that_hangs_up_midstream_releases_the_lease_at_once() {
     until_no_lease(&server, Duration::from_secs(5)).await;
 }
 
-#[tokio::test]
 async fn a_call_stops_when_its_lease_ends_under_it() {
     let (_fake, server, generate) = one_slow_key(5_000).await;
     let started = now();
@@ -647,7 +638,6 @@ async fn a_call_stops_when_its_lease_ends_under_it() {
 /// token goes nowhere upstream: the proxy sends only the parameters a call takes, encoded anew.
 /// What the proxy answers for itself never quotes a token or key the caller put in the path,
 /// and a provider that echoes the leased key in an error has it masked on the way back.
-#[tokio::test]
 async fn no_spelling_of_key_sends_the_callers_token_upstream_and_nothing_echoes_a_secret() {
     let fake = start_fake(&KEYS, limits(1000), 1.0).await;
     let (_server, url) = proxied(&fake, 1000, "").await;
@@ -726,3 +716,17 @@ async fn no_spelling_of_key_sends_the_callers_token_upstream_and_nothing_echoes_
         assert!(!text.contains(&fake_secret(id)), "{text}");
     }
 }
+
+on_both_paths!(
+    every_served_call_answers_as_gemini_would,
+    bad_requests_get_geminis_4xx_naming_the_problem_and_unserved_endpoints_501,
+    callers_authenticate_with_worker_tokens_that_never_go_upstream,
+    a_leaked_key_is_dropped_after_its_first_403_and_the_caller_never_sees_it,
+    provider_trouble_is_retried_unseen_by_the_caller,
+    without_a_key_in_time_the_caller_gets_geminis_429_with_retry_info,
+    a_call_longer_than_the_lease_ttl_is_renewed_and_never_overlaps,
+    a_stream_cut_midway_ends_with_an_error_event_and_frees_its_key,
+    a_caller_that_hangs_up_midstream_releases_the_lease_at_once,
+    a_call_stops_when_its_lease_ends_under_it,
+    no_spelling_of_key_sends_the_callers_token_upstream_and_nothing_echoes_a_secret,
+);

@@ -1,7 +1,9 @@
-//! The connection to keylease: one or several endpoints (balanced, reconnecting), an optional
-//! bearer token, per-call timeouts, and a bounded retry when the service cannot be reached, after
-//! which calls fail with [`Error::Unreachable`] rather than hang.
+//! The connection to keylease: one or several endpoints (balanced, reconnecting), or keylease in
+//! the same process ([`crate::in_process`]); an optional bearer token, per-call timeouts, and a
+//! bounded retry when the service cannot be reached, after which calls fail with
+//! [`Error::Unreachable`] rather than hang.
 
+use crate::in_process::InProcessCalls;
 use keylease::pb;
 use keylease::pb::key_lease_client::KeyLeaseClient as Stub;
 use std::future::Future;
@@ -167,9 +169,7 @@ impl tonic::service::Interceptor for Authorization {
 /// A handle on keylease; cheap to clone, shared by all of a process's jobs.
 #[derive(Clone)]
 pub struct KeyLeaseClient {
-    stub: Stub<Authenticated>,
-    /// Kept to make clients with other tokens on the same connections.
-    channel: Channel,
+    transport: Transport,
     config: Arc<ClientConfig>,
     /// Makes client request ids unique within this process.
     next_request: Arc<AtomicU64>,
@@ -221,14 +221,28 @@ impl KeyLeaseClient {
     /// endpoints and TLS settings are not used.
     pub fn over_channel(channel: Channel, config: ClientConfig) -> Result<Self, Error> {
         let token = bearer(config.auth_token.as_deref(), &config)?;
-        Ok(Self {
+        let transport = Transport::Grpc(Arc::new(Grpc {
             stub: Stub::with_interceptor(channel.clone(), Authorization(token)),
             channel,
+        }));
+        Ok(Self::on(transport, config))
+    }
+
+    /// A client of keylease in this process, calling its service as functions: the same
+    /// leases, answers and retries as over gRPC, without a connection. `config`'s endpoints
+    /// and TLS settings are not used.
+    pub fn in_process(calls: Arc<dyn InProcessCalls>, config: ClientConfig) -> Self {
+        Self::on(Transport::InProcess(calls), config)
+    }
+
+    fn on(transport: Transport, config: ClientConfig) -> Self {
+        Self {
+            transport,
             config: Arc::new(config),
             next_request: Arc::new(AtomicU64::new(1)),
             instance: std::process::id() as u64
                 ^ (crate::clock::now().elapsed().as_nanos() as u64).rotate_left(32),
-        })
+        }
     }
 
     /// The same connections, calling as the holder of `token` (`None`: no token): how a proxy
@@ -236,10 +250,17 @@ impl KeyLeaseClient {
     pub fn with_token(&self, token: Option<&str>) -> Result<Self, Error> {
         let mut config = (*self.config).clone();
         config.auth_token = token.map(str::to_string);
-        let token = bearer(token, &config)?;
+        // Checked for both transports: a token that is no header text is no token.
+        let bearer = bearer(token, &config)?;
+        let transport = match &self.transport {
+            Transport::Grpc(grpc) => Transport::Grpc(Arc::new(Grpc {
+                stub: Stub::with_interceptor(grpc.channel.clone(), Authorization(bearer)),
+                channel: grpc.channel.clone(),
+            })),
+            Transport::InProcess(calls) => Transport::InProcess(calls.clone()),
+        };
         Ok(Self {
-            stub: Stub::with_interceptor(self.channel.clone(), Authorization(token)),
-            channel: self.channel.clone(),
+            transport,
             config: Arc::new(config),
             next_request: self.next_request.clone(),
             instance: self.instance,
@@ -262,7 +283,7 @@ impl KeyLeaseClient {
     /// legitimately take on the server (a wait for a key); the timeout is that plus the call timeout.
     /// The answer comes with the send time of the attempt that got it: lease deadlines count
     /// from there.
-    pub(crate) async fn call<M, T, F, Fut>(
+    async fn call<M, T, F, Fut>(
         &self,
         extra: Duration,
         message: &M,
@@ -270,8 +291,8 @@ impl KeyLeaseClient {
     ) -> Result<(T, Instant), Error>
     where
         M: Clone,
-        F: FnMut(Stub<Authenticated>, Request<M>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+        F: FnMut(Via, Request<M>) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
     {
         let timeout = extra + self.config.call_timeout;
         let mut backoff = self.config.retry_backoff;
@@ -279,9 +300,16 @@ impl KeyLeaseClient {
         for attempt in 1..=self.config.attempts.max(1) {
             let mut request = Request::new(message.clone());
             request.set_timeout(timeout);
+            let via = match &self.transport {
+                Transport::Grpc(grpc) => Via::Grpc(grpc.stub.clone()),
+                Transport::InProcess(calls) => {
+                    let token = self.config.auth_token.as_deref().map(Arc::from);
+                    Via::InProcess(calls.clone(), token)
+                }
+            };
             let sent_at = crate::clock::now();
-            match tokio::time::timeout(timeout, send(self.stub.clone(), request)).await {
-                Ok(Ok(response)) => return Ok((response.into_inner(), sent_at)),
+            match tokio::time::timeout(timeout, send(via, request)).await {
+                Ok(Ok(answer)) => return Ok((answer, sent_at)),
                 Ok(Err(status)) if !unreachable(&status) => return Err(Error::from_status(status)),
                 Ok(Err(status)) => last = format!("{:?}: {}", status.code(), status.message()),
                 Err(_) => last = format!("no answer within {timeout:?}"),
@@ -309,12 +337,112 @@ impl KeyLeaseClient {
         request: pb::GetStatusRequest,
     ) -> Result<pb::GetStatusResponse, Error> {
         let (status, _) = self
-            .call(Duration::ZERO, &request, |mut stub, request| async move {
-                stub.get_status(request).await
+            .call(Duration::ZERO, &request, |via, request| async move {
+                match via {
+                    Via::Grpc(mut stub) => answer(stub.get_status(request).await),
+                    Via::InProcess(calls, token) => {
+                        calls
+                            .get_status(token.as_deref(), request.into_inner())
+                            .await
+                    }
+                }
             })
             .await?;
         Ok(status)
     }
+
+    /// `AcquireKey`, waiting up to `wait` for a key; with the send time of the attempt answered.
+    pub(crate) async fn acquire_key(
+        &self,
+        wait: Duration,
+        request: &pb::AcquireKeyRequest,
+    ) -> Result<(pb::Lease, Instant), Error> {
+        self.call(wait, request, |via, request| async move {
+            match via {
+                Via::Grpc(mut stub) => answer(stub.acquire_key(request).await),
+                Via::InProcess(calls, token) => {
+                    calls
+                        .acquire_key(token.as_deref(), request.into_inner())
+                        .await
+                }
+            }
+        })
+        .await
+    }
+
+    pub(crate) async fn renew_lease(
+        &self,
+        request: &pb::RenewLeaseRequest,
+    ) -> Result<(pb::RenewLeaseResponse, Instant), Error> {
+        self.call(Duration::ZERO, request, |via, request| async move {
+            match via {
+                Via::Grpc(mut stub) => answer(stub.renew_lease(request).await),
+                Via::InProcess(calls, token) => {
+                    calls
+                        .renew_lease(token.as_deref(), request.into_inner())
+                        .await
+                }
+            }
+        })
+        .await
+    }
+
+    pub(crate) async fn release(&self, request: &pb::ReleaseRequest) -> Result<(), Error> {
+        let released = self.call(Duration::ZERO, request, |via, request| async move {
+            match via {
+                Via::Grpc(mut stub) => answer(stub.release(request).await),
+                Via::InProcess(calls, token) => {
+                    calls.release(token.as_deref(), request.into_inner()).await
+                }
+            }
+        });
+        released.await.map(drop)
+    }
+
+    /// `ReportFailure`, waiting up to `replacement_wait` for a replacement.
+    pub(crate) async fn report_failure(
+        &self,
+        replacement_wait: Duration,
+        request: &pb::ReportFailureRequest,
+    ) -> Result<(pb::ReportFailureResponse, Instant), Error> {
+        self.call(replacement_wait, request, |via, request| async move {
+            match via {
+                Via::Grpc(mut stub) => answer(stub.report_failure(request).await),
+                Via::InProcess(calls, token) => {
+                    calls
+                        .report_failure(token.as_deref(), request.into_inner())
+                        .await
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// How a client reaches keylease.
+#[derive(Clone)]
+enum Transport {
+    /// Shared: a client is cloned for every lease, and the stub is several hundred bytes.
+    Grpc(Arc<Grpc>),
+    InProcess(Arc<dyn InProcessCalls>),
+}
+
+struct Grpc {
+    stub: Stub<Authenticated>,
+    /// Kept to make clients with other tokens on the same connections.
+    channel: Channel,
+}
+
+/// What one attempt of a call goes through: a stub, or the calls in this process with the
+/// caller's token.
+enum Via {
+    Grpc(Stub<Authenticated>),
+    InProcess(Arc<dyn InProcessCalls>, Option<Arc<str>>),
+}
+
+/// A gRPC answer without its metadata, as the in-process calls give it.
+fn answer<T>(response: Result<tonic::Response<T>, Status>) -> Result<T, Status> {
+    response.map(tonic::Response::into_inner)
 }
 
 /// The `authorization` value for `token`.

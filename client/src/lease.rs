@@ -124,11 +124,7 @@ impl LeaseGuard {
             // Retries after a lost reply get the same lease instead of a second one.
             client_request_id: client.next_request_id(),
         };
-        let (lease, sent_at) = client
-            .call(options.wait, &request, |mut stub, request| async move {
-                stub.acquire_key(request).await
-            })
-            .await?;
+        let (lease, sent_at) = client.acquire_key(options.wait, &request).await?;
         Ok(Self::hold(client, lease, sent_at))
     }
 
@@ -238,7 +234,7 @@ impl LeaseGuard {
         let Some(request) = request else {
             return Ok(());
         };
-        send_release(&self.client, &request).await
+        self.client.release(&request).await
     }
 
     /// Reports a failed call and ends the lease; with `replacement`, borrows another key that
@@ -273,11 +269,7 @@ impl LeaseGuard {
         };
         let reported = self
             .client
-            .call(
-                replacement.unwrap_or_default(),
-                &request,
-                |mut stub, request| async move { stub.report_failure(request).await },
-            )
+            .report_failure(replacement.unwrap_or_default(), &request)
             .await;
         let (reported, sent_at) = match reported {
             Ok(answer) => answer,
@@ -327,20 +319,12 @@ impl Drop for LeaseGuard {
         };
         let client = self.client.clone();
         runtime.spawn(async move {
-            let released = send_release(&client, &request).await;
+            let released = client.release(&request).await;
             if let Err(error) = released {
                 tracing::warn!(%error, "releasing a dropped lease failed; it will expire");
             }
         });
     }
-}
-
-/// Ends a lease on the server with the usage in `request`.
-async fn send_release(client: &KeyLeaseClient, request: &pb::ReleaseRequest) -> Result<(), Error> {
-    let released = client.call(Duration::ZERO, request, |mut stub, request| async move {
-        stub.release(request).await
-    });
-    released.await.map(drop)
 }
 
 async fn renew(
@@ -364,11 +348,7 @@ async fn renew(
     if ended {
         return Err(Error::LeaseEnded(request.lease_id));
     }
-    let renewed = client
-        .call(Duration::ZERO, &request, |mut stub, request| async move {
-            stub.renew_lease(request).await
-        })
-        .await;
+    let renewed = client.renew_lease(&request).await;
     let mut held = lock(held);
     match renewed {
         Ok((response, sent_at)) => {

@@ -11,6 +11,7 @@
 //! ```
 //!
 //! - [`client`]: the connection to keylease, with bounded retries when it is unreachable.
+//! - [`in_process`]: keylease in the same process, called without a connection.
 //! - [`lease`]: a borrowed key that renews itself and is released when dropped.
 //! - [`gemini`]: the Gemini HTTP client, its error classifier, and calls wrapped in leases.
 //!
@@ -23,7 +24,9 @@
 pub mod client;
 mod clock;
 pub mod gemini;
+pub mod in_process;
 pub mod lease;
 
 pub use client::{ClientConfig, Error, KeyLeaseClient, TlsConfig};
+pub use in_process::InProcessCalls;
 pub use lease::{AcquireOptions, Failure, LeaseGuard, Usage};

@@ -9,10 +9,13 @@ use crate::admin::{ConfigSource, Control};
 use crate::clock::Clock;
 use crate::config::{Settings, StateLocation};
 use crate::connections::{Front, Incoming, LocalConnector};
+use crate::in_process::InProcess;
 use crate::metrics::StatusSource;
+use crate::service::KeyLeaseService;
 use crate::shell::{OpenError, Recovered, State};
 use crate::store::journal::StoreFailed;
 use crate::tls::TlsError;
+use keylease_client::{ClientConfig, KeyLeaseClient};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -65,6 +68,19 @@ pub enum GrpcListener {
     InProcess,
 }
 
+/// How the server's own clients (the embedded proxy, [`Assembled::client`]) reach its lease
+/// calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OwnLeases {
+    /// Called as functions ([`crate::in_process`]), on a single server; a replica's go over
+    /// gRPC all the same, as its router forwards them to the leader.
+    #[default]
+    InProcess,
+    /// Through the gRPC service on a connection in memory, as a remote client's: the path
+    /// tests and benchmarks compare the in-process one with.
+    OverGrpc,
+}
+
 /// What a server is built from; [`ServerBuilder::build`] assembles it.
 pub struct ServerBuilder {
     source: ConfigSource,
@@ -73,6 +89,7 @@ pub struct ServerBuilder {
     reset_state: bool,
     metrics: Option<TcpListener>,
     reload_on_hangup: bool,
+    own_leases: OwnLeases,
 }
 
 impl ServerBuilder {
@@ -85,6 +102,7 @@ impl ServerBuilder {
             reset_state: false,
             metrics: None,
             reload_on_hangup: false,
+            own_leases: OwnLeases::default(),
         }
     }
 
@@ -113,6 +131,12 @@ impl ServerBuilder {
         self
     }
 
+    /// How the embedded proxy and [`Assembled::client`] lease (in process unless told).
+    pub fn own_leases(mut self, own_leases: OwnLeases) -> Self {
+        self.own_leases = own_leases;
+        self
+    }
+
     /// Opens the state and starts Prometheus, the embedded proxy and reloads: everything but
     /// the gRPC services, which [`Assembled::serve`] serves. A replica opens its state when it
     /// serves, as it leads or follows.
@@ -134,10 +158,17 @@ impl ServerBuilder {
             reset_state,
             metrics,
             reload_on_hangup,
+            own_leases,
         } = self;
         let (state, recovered) = State::open(&settings, clock, reset_state)?;
         log_recovery(&settings, &recovered);
         let control = Control::new(source, settings.clone(), state.clone())?;
+        let service = Arc::new(KeyLeaseService::new(state.clone(), None));
+        let in_process = InProcess::new(
+            service.clone(),
+            control.front().gate.clone(),
+            state.shutdown_token(),
+        );
         let metrics = match grpc {
             GrpcListener::Configured => bind_metrics(&settings).await?,
             _ => metrics,
@@ -176,24 +207,28 @@ impl ServerBuilder {
             })?;
         }
         let (incoming, connector) = listen(grpc, &settings).await?;
-        let proxy_address = match settings.proxy.clone() {
-            Some(proxy) => {
-                let embedding = crate::proxy::Embedding::of(&state);
-                Some(crate::proxy::start_embedded(proxy, &connector, embedding).await?)
-            }
-            None => None,
-        };
-        Ok(Assembled {
+        let own_calls = (own_leases == OwnLeases::InProcess).then(|| in_process.clone());
+        let mut assembled = Assembled {
             connector,
-            proxy_address,
+            proxy_address: None,
+            own_calls,
             running: Running::Single(Box::new(Single {
-                state,
+                state: state.clone(),
                 control,
                 recovered,
                 incoming,
+                service,
+                in_process,
                 grace: settings.shutdown_grace,
             })),
-        })
+        };
+        if let Some(proxy) = settings.proxy.clone() {
+            let keylease = assembled.client(ClientConfig::new("http://keylease.local"));
+            let embedding = crate::proxy::Embedding::of(&state);
+            assembled.proxy_address =
+                Some(crate::proxy::start_embedded(proxy, keylease, embedding).await?);
+        }
+        Ok(assembled)
     }
 
     /// A replica: its listeners and reloads now; its state as it leads or follows, when it
@@ -251,6 +286,7 @@ impl ServerBuilder {
         Ok(Assembled {
             connector,
             proxy_address: None,
+            own_calls: None,
             running: Running::Replica(Box::new(Replica {
                 listeners,
                 settings,
@@ -269,6 +305,8 @@ pub struct Assembled {
     pub connector: LocalConnector,
     /// Where the embedded proxy listens, once started (a replica starts it as it serves).
     pub proxy_address: Option<SocketAddr>,
+    /// The lease calls its own clients make as functions; `None`: over gRPC.
+    own_calls: Option<Arc<InProcess>>,
     running: Running,
 }
 
@@ -282,6 +320,9 @@ struct Single {
     control: Arc<Control>,
     recovered: Recovered,
     incoming: Incoming,
+    /// The KeyLease service, served over gRPC and called in process.
+    service: Arc<KeyLeaseService>,
+    in_process: Arc<InProcess>,
     grace: std::time::Duration,
 }
 
@@ -295,6 +336,17 @@ struct Replica {
 }
 
 impl Assembled {
+    /// A client of this server for this process (`config`'s endpoints and TLS are not used):
+    /// calling its lease calls as functions on a single server, through its gRPC service in
+    /// memory on a replica (or when built with [`OwnLeases::OverGrpc`]).
+    pub fn client(&self, config: ClientConfig) -> KeyLeaseClient {
+        match &self.own_calls {
+            Some(calls) => KeyLeaseClient::in_process(calls.clone(), config),
+            None => KeyLeaseClient::over_channel(self.connector.channel(), config)
+                .expect("a configuration without a token makes a client"),
+        }
+    }
+
     /// The state a single server lends from (a replica's changes with its leadership).
     pub fn state(&self) -> Option<&Arc<State>> {
         match &self.running {
@@ -339,6 +391,8 @@ impl Assembled {
             state,
             control,
             incoming,
+            service,
+            in_process,
             grace,
             ..
         } = single;
@@ -353,8 +407,14 @@ impl Assembled {
                 () = store_failed => {}
             }
         };
+        let serving = async move {
+            crate::server::serve_single(incoming, control, service, shutdown).await?;
+            // The calls made in this process end too, before the last snapshot.
+            in_process.stop().await;
+            Ok::<_, LaunchError>(())
+        };
         tokio::select! {
-            served = crate::server::serve_single(incoming, control, shutdown) => served?,
+            served = serving => served?,
             () = async {
                 let _ = grace_start.wait_for(|&stop| stop).await;
                 tokio::time::sleep(grace).await;

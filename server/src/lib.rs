@@ -3,6 +3,7 @@
 //!
 //! - [`config`]: configuration and key sources, validated before anything starts.
 //! - [`service`]: the gRPC service, a thin shell that maps the protocol onto the engine.
+//! - [`in_process`]: the same service's lease calls in this process, without a connection.
 //! - [`admin`]: reloads and the admin service: keys, limits and callers changed live.
 //! - [`auth`]: who calls and what each role may do: tokens by hash, client certificates.
 //! - [`server`]: serving on a listener, with health and reflection, until a shutdown future.
@@ -31,6 +32,7 @@ pub mod config;
 pub mod connections;
 pub mod exit;
 pub mod fleet;
+pub mod in_process;
 pub mod lock_file;
 pub mod logs;
 pub mod metrics;

@@ -29,11 +29,12 @@ pub fn keylease_routes(state: Arc<State>, fleet: Option<FleetView>) -> KeyLeaseR
     KeyLeaseServer::new(KeyLeaseService::new(state, fleet))
 }
 
-/// Serves KeyLease and KeyAdmin on `listener` under `control` until `shutdown` resolves and
-/// in-flight calls have finished.
+/// Serves KeyLease (`service`) and KeyAdmin on `listener` under `control` until `shutdown`
+/// resolves and in-flight calls have finished.
 pub async fn serve_single(
     listener: impl Into<Incoming>,
     control: Arc<Control>,
+    service: Arc<KeyLeaseService>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let state = control.state().clone();
@@ -46,7 +47,7 @@ pub async fn serve_single(
     };
     // A single server serves whenever it runs.
     let (_serving, serving_now) = tokio::sync::watch::channel(true);
-    let services = Routes::new(keylease_routes(state, None))
+    let services = Routes::new(KeyLeaseServer::from_arc(service))
         .add_service(KeyAdminServer::new(KeyAdminService::new(control)));
     serve_routes(
         listener,

@@ -124,11 +124,11 @@ impl KeyLeaseService {
         self.state.redact(text)
     }
 
-    fn outgoing<T>(&self, result: Result<T, Status>) -> Result<T, Status> {
+    pub(crate) fn outgoing<T>(&self, result: Result<T, Status>) -> Result<T, Status> {
         self.state.outgoing(result)
     }
 
-    async fn acquire_key(
+    pub(crate) async fn acquire_key(
         &self,
         by: Option<&Arc<str>>,
         request: pb::AcquireKeyRequest,
@@ -150,7 +150,7 @@ impl KeyLeaseService {
         }
     }
 
-    async fn renew_lease(
+    pub(crate) async fn renew_lease(
         &self,
         by: Option<&Arc<str>>,
         request: pb::RenewLeaseRequest,
@@ -172,7 +172,7 @@ impl KeyLeaseService {
         }
     }
 
-    async fn release(
+    pub(crate) async fn release(
         &self,
         by: Option<&Arc<str>>,
         request: pb::ReleaseRequest,
@@ -198,7 +198,7 @@ impl KeyLeaseService {
         })
     }
 
-    async fn report_failure(
+    pub(crate) async fn report_failure(
         &self,
         by: Option<&Arc<str>>,
         request: pb::ReportFailureRequest,
@@ -260,7 +260,7 @@ impl KeyLeaseService {
         Ok(response)
     }
 
-    async fn get_status(
+    pub(crate) async fn get_status(
         &self,
         request: pb::GetStatusRequest,
     ) -> Result<pb::GetStatusResponse, Status> {

@@ -5,7 +5,7 @@
 use keylease::pb;
 use keylease::pb::key_lease_client::KeyLeaseClient;
 use keylease_server::admin::ConfigSource;
-use keylease_server::builder::{GrpcListener, LaunchError, ServerBuilder};
+use keylease_server::builder::{GrpcListener, LaunchError, OwnLeases, ServerBuilder};
 use keylease_server::clock::Clock;
 use keylease_server::config::{self, Overrides};
 use std::collections::HashMap;
@@ -16,6 +16,39 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
 pub type Client = KeyLeaseClient<Channel>;
+
+tokio::task_local! {
+    /// How the servers a test starts lease for their embedded proxy: see [`on_both_paths`].
+    pub static OWN_LEASES: OwnLeases;
+}
+
+/// Each test named runs twice, in modules `in_process` and `over_grpc`: the servers it starts
+/// lease for their embedded proxy by calling their service as functions (a single server's
+/// way) and through their gRPC service, as a remote keylease is called. The tests are plain
+/// `async fn`s of the file.
+#[macro_export]
+macro_rules! on_both_paths {
+    ($($name:ident),* $(,)?) => {
+        mod in_process {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let own = keylease_server::builder::OwnLeases::InProcess;
+                    $crate::support::OWN_LEASES.scope(own, super::$name()).await
+                }
+            )*
+        }
+        mod over_grpc {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let own = keylease_server::builder::OwnLeases::OverGrpc;
+                    $crate::support::OWN_LEASES.scope(own, super::$name()).await
+                }
+            )*
+        }
+    };
+}
 pub const MODEL: &str = "gemini-2.5-flash";
 
 /// A fleet's keys: 12 in 5 projects, the last project with two.
@@ -150,8 +183,10 @@ impl TestServer {
             path: Some(path),
             ..ConfigSource::default()
         };
+        let own_leases = OWN_LEASES.try_with(|own| *own).unwrap_or_default();
         let server = ServerBuilder::new(source, settings)
             .clock(clock)
+            .own_leases(own_leases)
             .metrics(Some(metrics_listener))
             .build(GrpcListener::Tcp(listener))
             .await

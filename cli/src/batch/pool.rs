@@ -1,10 +1,10 @@
 //! Where the batch borrows its keys: a keylease service (`--keylease URL`, several for
 //! replicas), shared with every other client of it; or, without one, keylease's own engine and
-//! store run in this process on a connection in memory, from the configuration file and
+//! store run in this process, called as functions, from the configuration file and
 //! `GEMINI_API_KEY_<n>` variables the server reads. In-process it keeps the server's state
 //! directory (today's counts, cooldowns, disabled keys, learned limits survive a restart of the
 //! batch), and the directory's lock refuses it while a server holds it. Either way the batch
-//! speaks the same gRPC protocol to it, through the client crate.
+//! leases through the client crate, with the same requests and answers.
 
 use keylease::pb;
 use keylease_client::{ClientConfig, KeyLeaseClient, TlsConfig};
@@ -146,15 +146,11 @@ impl Pool {
                 LaunchError::Open(open) => PoolError::Open(open.to_string()),
                 other => PoolError::Config(other.to_string()),
             })?;
-        let connector = server.connector.clone();
+        let client = server.client(ClientConfig::new("http://keylease.local"));
         let (stop, stopped) = oneshot::channel();
         let serving = tokio::spawn(server.serve(async {
             let _ = stopped.await;
         }));
-        let client = KeyLeaseClient::over_channel(
-            connector.channel(),
-            ClientConfig::new("http://keylease.local"),
-        )?;
         Ok(Self {
             client,
             redactor,

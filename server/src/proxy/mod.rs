@@ -204,11 +204,11 @@ impl Proxy {
 }
 
 /// The proxy inside the server: binds `settings.listen` and serves until the process ends,
-/// leasing from this server's own gRPC service through memory, as each caller. Returns the
-/// address it listens on.
+/// leasing through `keylease`, this server's own client (its lease calls as functions, or its
+/// gRPC service through memory), as each caller. Returns the address it listens on.
 pub async fn start_embedded(
     settings: ProxySettings,
-    local: &crate::connections::LocalConnector,
+    keylease: KeyLeaseClient,
     embedding: Embedding,
 ) -> Result<SocketAddr, ProxyStartError> {
     let listen = settings.listen;
@@ -218,11 +218,6 @@ pub async fn start_embedded(
     };
     let listener = TcpListener::bind(listen).await.map_err(listen_failed)?;
     let address = listener.local_addr().map_err(listen_failed)?;
-    let keylease = KeyLeaseClient::over_channel(
-        local.channel(),
-        keylease_client::ClientConfig::new("http://keylease.local"),
-    )
-    .map_err(|e| ProxyStartError::KeyLease(e.to_string()))?;
     let upstream = settings.upstream.clone();
     let proxy = Proxy::new(settings, keylease, Some(embedding))?;
     tracing::info!(%address, %upstream, "Gemini-compatible proxy at http://{address}");

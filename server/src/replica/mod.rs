@@ -189,7 +189,13 @@ pub async fn run(
     };
     if let Some((proxy, local)) = proxy {
         let embedding = crate::proxy::Embedding::replica(router.metrics().clone(), &settings);
-        crate::proxy::start_embedded(proxy, &local, embedding).await?;
+        // Through the router, which forwards to the leader while this replica follows.
+        let keylease = keylease_client::KeyLeaseClient::over_channel(
+            local.channel(),
+            keylease_client::ClientConfig::new("http://keylease.local"),
+        )
+        .map_err(|e| crate::proxy::ProxyStartError::KeyLease(e.to_string()))?;
+        crate::proxy::start_embedded(proxy, keylease, embedding).await?;
     }
     if let Some(listener) = metrics {
         let scraped = router.clone();
