@@ -1,6 +1,7 @@
 //! `keylease batch` end to end: the real binary, the fake Gemini over real HTTP, keylease
-//! in-process (its state directory) or a real keylease server over gRPC. Time is scaled: the
-//! fake's minute lasts a second, and so does keylease's window.
+//! in-process (its state directory, called as functions) or a real keylease server over gRPC;
+//! the tests of what a run does whatever lends its keys run on both ([`Lender`]). Time is
+//! scaled: the fake's minute lasts a second, and so does keylease's window.
 
 use fake_gemini::limits::Limits;
 use fake_gemini::responses::REPLY_VERBATIM;
@@ -111,6 +112,32 @@ fn batch(dir: &Path, fake: &RunningFake, args: &[&str]) -> Command {
     command
 }
 
+/// Where a test's batch borrows its keys.
+#[derive(Debug, Clone, Copy)]
+enum Lender {
+    /// keylease in the batch's own process (the default).
+    InProcess,
+    /// A keylease server on a loopback port, over gRPC (`--keylease URL`).
+    Server,
+}
+
+impl Lender {
+    /// The batch's arguments for this lender, on the configuration in `dir`; the server, when
+    /// there is one, runs until the second value is dropped.
+    async fn arguments(
+        self,
+        dir: &Path,
+    ) -> (Vec<String>, Option<tokio::sync::oneshot::Sender<()>>) {
+        match self {
+            Self::InProcess => (Vec::new(), None),
+            Self::Server => {
+                let (address, server) = serve(&dir.join("keylease.toml")).await;
+                (vec!["--keylease".into(), address], Some(server))
+            }
+        }
+    }
+}
+
 /// Runs to the end: exit code and standard error.
 async fn finish(mut command: Command) -> (i32, String) {
     let child = command.spawn().expect("keylease binary");
@@ -168,6 +195,15 @@ fn assert_each_once(rows: &[Value], tasks: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_prompts_through_faults_finish_each_once_without_a_limit_429() {
+    a_thousand_prompts_through_faults(Lender::InProcess).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_prompts_through_faults_from_a_keylease_server() {
+    a_thousand_prompts_through_faults(Lender::Server).await;
+}
+
+async fn a_thousand_prompts_through_faults(lender: Lender) {
     let keys = keys(8, 2);
     let faults = Faults {
         error_rate: 0.03,
@@ -178,10 +214,9 @@ async fn a_thousand_prompts_through_faults_finish_each_once_without_a_limit_429(
     };
     let fake = start_fake(&keys, 120, faults, &[("k03", KeyHealth::Leaked)]).await;
     let dir = workdir(&config(&keys, 120), 1000);
-    let (code, stderr) = finish(batch(
-        dir.path(),
-        &fake,
-        &[
+    let (mut args, _server) = lender.arguments(dir.path()).await;
+    args.extend(
+        [
             "prompts.jsonl",
             "-o",
             "out.jsonl",
@@ -190,9 +225,11 @@ async fn a_thousand_prompts_through_faults_finish_each_once_without_a_limit_429(
             // The fake's minute lasts a second: a pause in proportion.
             "--backoff",
             "20ms",
-        ],
-    ))
-    .await;
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, stderr) = finish(batch(dir.path(), &fake, &args)).await;
     assert_eq!(code, 0, "{stderr}");
     let rows = rows(&dir.path().join("out.jsonl"));
     assert_each_once(&rows, 1000);
@@ -369,6 +406,15 @@ async fn a_torn_last_line_is_cut_and_its_task_redone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_answers_are_repaired_and_prose_is_retried_then_failed() {
+    json_answers_repaired_and_prose_failed(Lender::InProcess).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_answers_are_repaired_with_keys_from_a_keylease_server() {
+    json_answers_repaired_and_prose_failed(Lender::Server).await;
+}
+
+async fn json_answers_repaired_and_prose_failed(lender: Lender) {
     let keys = keys(2, 1);
     let fake = start_fake(&keys, 600, Faults::default(), &[]).await;
     let dir = workdir(&config(&keys, 600), 0);
@@ -387,14 +433,19 @@ async fn json_answers_are_repaired_and_prose_is_retried_then_failed() {
         })
         .collect();
     std::fs::write(dir.path().join("json.jsonl"), input).unwrap();
-    let args = [
-        "json.jsonl",
-        "-o",
-        "out.jsonl",
-        "--json",
-        "--max-retries",
-        "2",
-    ];
+    let (mut args, _server) = lender.arguments(dir.path()).await;
+    args.extend(
+        [
+            "json.jsonl",
+            "-o",
+            "out.jsonl",
+            "--json",
+            "--max-retries",
+            "2",
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (code, stderr) = finish(batch(dir.path(), &fake, &args)).await;
     assert_eq!(code, 1, "one task failed for good: {stderr}");
     let rows = rows(&dir.path().join("out.jsonl"));
@@ -602,16 +653,23 @@ async fn a_spent_day_leaves_the_rest_for_later_and_the_next_run_remembers_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_every_key_is_dead_the_tasks_are_left_at_once() {
+    when_every_key_is_dead(Lender::InProcess).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_key_of_a_keylease_server_is_dead_the_tasks_are_left_at_once() {
+    when_every_key_is_dead(Lender::Server).await;
+}
+
+async fn when_every_key_is_dead(lender: Lender) {
     let keys = keys(2, 1);
     let dead = [("k01", KeyHealth::Leaked), ("k02", KeyHealth::Suspended)];
     let fake = start_fake(&keys, 600, Faults::default(), &dead).await;
     let dir = workdir(&config(&keys, 600), 5);
-    let (code, stderr) = finish(batch(
-        dir.path(),
-        &fake,
-        &["prompts.jsonl", "-o", "out.jsonl"],
-    ))
-    .await;
+    let (mut args, _server) = lender.arguments(dir.path()).await;
+    args.extend(["prompts.jsonl", "-o", "out.jsonl"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, stderr) = finish(batch(dir.path(), &fake, &args)).await;
     assert_eq!(code, 75, "{stderr}");
     assert!(
         stderr.contains("left: no key: AllDisabled")

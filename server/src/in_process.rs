@@ -148,3 +148,142 @@ impl InProcessCalls for InProcess {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Clock;
+    use crate::config::{self, Overrides};
+    use crate::shell::State;
+    use keylease_client::in_process::InProcessCalls;
+    use std::time::Duration;
+
+    const WORKER: &str = "kl_in-process-worker-token-0123456789";
+    const VIEWER: &str = "kl_in-process-viewer-token-0123456789";
+
+    /// An ephemeral single server's state and its in-process calls, callers by token.
+    fn in_process() -> (Arc<State>, Arc<InProcess>) {
+        let hex = |token: &str| -> String {
+            crate::auth::token_sha256(token)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        let text = format!(
+            "[key_sources]\nenvironment = false\n[pools.gemini.models.m]\nrequests_per_minute = 10\n\
+             [[keys]]\nid = \"k1\"\nproject = \"p\"\nsecret = \"fake-key-1\"\n\
+             [[server.tokens]]\nname = \"workers\"\nrole = \"worker\"\nsha256 = \"{}\"\n\
+             [[server.tokens]]\nname = \"dashboards\"\nrole = \"viewer\"\nsha256 = \"{}\"\n",
+            hex(WORKER),
+            hex(VIEWER)
+        );
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("keylease-in-process-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keylease.toml");
+        std::fs::write(&path, text).unwrap();
+        let overrides = Overrides {
+            ephemeral: true,
+            ..Overrides::default()
+        };
+        let settings = config::load(Some(&path), &Default::default(), &overrides).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let (state, _) = State::open(&settings, Clock::system(), false).unwrap();
+        let service = Arc::new(KeyLeaseService::new(state.clone(), None));
+        let gate = Arc::new(crate::auth::Gate::new(&settings.access, None));
+        let calls = InProcess::new(service, gate, state.shutdown_token());
+        (state, calls)
+    }
+
+    fn ask(task: &str) -> pb::AcquireKeyRequest {
+        pb::AcquireKeyRequest {
+            task_id: task.into(),
+            model: "m".into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn each_call_passes_the_gate_as_over_grpc_and_its_events_name_the_caller() {
+        let (state, calls) = in_process();
+        let refused = calls.acquire_key(None, ask("a")).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+        let refused = calls.acquire_key(Some("kl_nobody"), ask("a")).await;
+        assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
+        let refused = calls.acquire_key(Some(VIEWER), ask("a")).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+        assert!(
+            calls
+                .get_status(Some(VIEWER), Default::default())
+                .await
+                .is_ok()
+        );
+
+        let mut events = state.subscribe();
+        let lease = calls.acquire_key(Some(WORKER), ask("a")).await.unwrap();
+        let granted = events.recv().await.unwrap();
+        assert_eq!(granted.by.as_deref(), Some("workers"));
+        // Bounds and validation are the service's: a second lease on the only key waits, and
+        // a wait past the maximum is refused by name.
+        let mut waits_too_long = ask("b");
+        waits_too_long.wait = Some(prost_types::Duration {
+            seconds: 10_000_000,
+            nanos: 0,
+        });
+        let refused = calls.acquire_key(Some(WORKER), waits_too_long).await;
+        let refused = refused.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert!(refused.message().contains("wait"), "{refused:?}");
+        let release = pb::ReleaseRequest {
+            lease_id: lease.lease_id,
+            fencing_token: lease.fencing_token,
+            requests_sent: Some(1),
+            input_tokens: None,
+        };
+        assert!(calls.release(Some(WORKER), release).await.unwrap().released);
+    }
+
+    #[tokio::test]
+    async fn a_stop_refuses_new_calls_and_waits_for_those_in_flight() {
+        let (state, calls) = in_process();
+        let held = calls.acquire_key(Some(WORKER), ask("a")).await.unwrap();
+        // A second task waits in line for the only key.
+        let waiting = {
+            let calls = calls.clone();
+            tokio::spawn(async move {
+                let mut waits = ask("b");
+                waits.wait = Some(prost_types::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                });
+                calls.acquire_key(Some(WORKER), waits).await
+            })
+        };
+        while !state.read(|engine, _| engine.has_waiters()).await.unwrap() {
+            tokio::task::yield_now().await;
+        }
+        let stopped = {
+            let calls = calls.clone();
+            tokio::spawn(async move { calls.stop().await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !stopped.is_finished(),
+            "the stop waits for the call in line"
+        );
+        // The server begins to stop: its waiters are answered, and nothing new starts.
+        state.shut_down();
+        let answered = waiting.await.unwrap().unwrap_err();
+        assert_eq!(answered.code(), tonic::Code::Unavailable, "{answered:?}");
+        stopped.await.unwrap();
+        let renewal = pb::RenewLeaseRequest {
+            lease_id: held.lease_id,
+            fencing_token: held.fencing_token,
+            ..Default::default()
+        };
+        let refused = calls.renew_lease(Some(WORKER), renewal).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    }
+}
