@@ -34,6 +34,8 @@ struct Measured {
     limit_429s: u64,
     injected: u64,
     overlaps: u64,
+    /// The batch process's CPU time (user + system).
+    cpu: Option<Duration>,
     summary: String,
 }
 
@@ -75,17 +77,20 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         backoff.as_millis()
     );
     println!(
-        "| injected trouble | tasks | lines written | wall time | achieved | pool's theoretical | fraction | 429s the limits caused | injected answers | overlaps |"
+        "| injected trouble | tasks | lines written | wall time | achieved | pool's theoretical | fraction | 429s the limits caused | injected answers | overlaps | batch CPU per task |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut summaries = String::new();
     // At smoke size, only that it works: the clean run.
     let runs = if smoke { &troubles[..1] } else { &troubles[..] };
     for trouble in runs {
         let measured = run_once(&exe, tasks, trouble.faults, backoff).await?;
         let achieved = tasks as f64 / measured.elapsed.as_secs_f64();
+        let cpu_per_task = measured.cpu.map_or("?".to_string(), |cpu| {
+            format!("{:.0} µs", cpu.as_secs_f64() * 1e6 / tasks as f64)
+        });
         println!(
-            "| {} | {tasks} | {} | {:.1} s | {achieved:.0}/s | {theoretical:.0}/s | {:.0}% | {} | {} | {} |",
+            "| {} | {tasks} | {} | {:.1} s | {achieved:.0}/s | {theoretical:.0}/s | {:.0}% | {} | {} | {} | {cpu_per_task} |",
             trouble.name,
             measured.lines,
             measured.elapsed.as_secs_f64(),
@@ -173,6 +178,7 @@ async fn run_once(
     std::fs::write(dir.join("prompts.jsonl"), prompts)?;
     let _ = std::fs::remove_file(dir.join("out.jsonl"));
     let started = now();
+    let cpu_before = procs::children_cpu_time();
     let output = tokio::process::Command::new(exe)
         .args(["batch", "prompts.jsonl", "-o", "out.jsonl", "--ephemeral"])
         .args(["--backoff", &format!("{}ms", backoff.as_millis())])
@@ -181,6 +187,9 @@ async fn run_once(
         .output()
         .await?;
     let elapsed = started.elapsed();
+    let cpu = procs::children_cpu_time()
+        .zip(cpu_before)
+        .map(|(after, before)| after.saturating_sub(before));
     let stderr = String::from_utf8_lossy(&output.stderr);
     anyhow::ensure!(output.status.success(), "keylease batch failed:\n{stderr}");
     let lines = std::fs::read_to_string(dir.join("out.jsonl"))?
@@ -200,6 +209,7 @@ async fn run_once(
         limit_429s: all.status(429) - all.injected.get(&429).copied().unwrap_or(0),
         injected,
         overlaps: all.overlaps,
+        cpu,
         summary,
     })
 }

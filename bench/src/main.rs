@@ -100,7 +100,12 @@ enum Scenario {
     },
     /// Role: a keylease server on 127.0.0.1:0.
     #[command(hide = true)]
-    Serve { config: PathBuf },
+    Serve {
+        config: PathBuf,
+        /// Its embedded proxy leases over its gRPC service, as before leases in process.
+        #[arg(long)]
+        over_grpc: bool,
+    },
     /// Role: a keylease replica on Redis, on 127.0.0.1:0.
     #[command(hide = true)]
     Replica { config: PathBuf },
@@ -116,7 +121,7 @@ enum Scenario {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.command {
-        Scenario::Serve { config } => return roles::serve(config).await,
+        Scenario::Serve { config, over_grpc } => return roles::serve(config, over_grpc).await,
         Scenario::Replica { config } => return roles::replica(config).await,
         Scenario::Fake { config } => return roles::fake(config).await,
         Scenario::Worker(worker) => return roles::worker(worker).await,

@@ -122,11 +122,24 @@ impl Drop for Child {
 /// CPU time (user + system) used so far by process `pid` ("self" for this one), from
 /// `/proc/PID/stat`, in the kernel's clock ticks (100 a second on Linux).
 pub fn cpu_time_of(pid: &str) -> Option<Duration> {
+    stat_ticks(pid, 11)
+}
+
+/// CPU time (user + system) of this process's children that have ended and been waited for:
+/// read before and after a child runs, what the child used.
+pub fn children_cpu_time() -> Option<Duration> {
+    stat_ticks("self", 13)
+}
+
+/// The sum of the two tick counts from field `first` (counted after the command name) of
+/// `/proc/PID/stat`.
+fn stat_ticks(pid: &str, first: usize) -> Option<Duration> {
     const TICKS_PER_SECOND: u64 = 100;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces; the fields after it are plain numbers.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let ticks: u64 =
+        fields.get(first)?.parse::<u64>().ok()? + fields.get(first + 1)?.parse::<u64>().ok()?;
     Some(Duration::from_millis(ticks * 1000 / TICKS_PER_SECOND))
 }
 

@@ -1,8 +1,10 @@
 //! Scenario: what the Gemini-compatible proxy adds to a call. Closed-loop callers post
 //! `generateContent` (or its server-sent-event stream) to the fake Gemini directly, and the same
-//! through keylease's proxy (a lease per call: acquire, send, release), at 1, 16 and 64
-//! concurrent callers, with the fake answering at once and after 50 ms; keylease ephemeral and
-//! durable. Each round runs the three targets in turn, so slow phases of the machine hit all.
+//! through keylease's embedded proxy (a lease per call: acquire, send, release), at 1, 16 and
+//! 64 concurrent callers, with the fake answering at once and after 50 ms; keylease ephemeral
+//! and durable, its proxy leasing in process (a single server's way) and over its own gRPC
+//! service (the way before, and a replica's). Each round runs the targets in turn, so slow
+//! phases of the machine hit all; the server's CPU time is read around each target's turn.
 
 use crate::procs;
 use crate::roles::now;
@@ -12,17 +14,62 @@ const MODEL: &str = "bench-model";
 /// Keys enough that 64 callers never wait for one another's key.
 const KEYS: usize = 128;
 
-/// Where a call goes.
+/// Where a call goes: the fake itself, or one of the proxies.
 #[derive(Clone, Copy, PartialEq)]
 enum Target {
     Direct,
-    Ephemeral,
-    Durable,
+    Proxy { durable: bool, over_grpc: bool },
+}
+
+impl Target {
+    const ALL: [Target; 5] = [
+        Target::Direct,
+        Target::Proxy {
+            durable: false,
+            over_grpc: false,
+        },
+        Target::Proxy {
+            durable: false,
+            over_grpc: true,
+        },
+        Target::Proxy {
+            durable: true,
+            over_grpc: false,
+        },
+        Target::Proxy {
+            durable: true,
+            over_grpc: true,
+        },
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Proxy {
+                durable: false,
+                over_grpc: false,
+            } => "ephemeral, in process",
+            Target::Proxy {
+                durable: false,
+                over_grpc: true,
+            } => "ephemeral, over gRPC",
+            Target::Proxy {
+                durable: true,
+                over_grpc: false,
+            } => "durable, in process",
+            Target::Proxy {
+                durable: true,
+                over_grpc: true,
+            } => "durable, over gRPC",
+        }
+    }
 }
 
 struct Samples {
     latencies: Vec<u64>,
     elapsed: Duration,
+    /// The proxying server's CPU time over the turns measured.
+    server_cpu: Duration,
 }
 
 impl Samples {
@@ -30,6 +77,7 @@ impl Samples {
         Self {
             latencies: Vec::new(),
             elapsed: Duration::ZERO,
+            server_cpu: Duration::ZERO,
         }
     }
 
@@ -40,6 +88,11 @@ impl Samples {
     fn percentile(&mut self, p: f64) -> u64 {
         self.latencies.sort_unstable();
         procs::percentile(&self.latencies, p)
+    }
+
+    /// The server's CPU per call, in µs.
+    fn server_cpu_per_call(&self) -> f64 {
+        self.server_cpu.as_secs_f64() * 1e6 / self.latencies.len().max(1) as f64
     }
 }
 
@@ -56,13 +109,19 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
     std::fs::write(&fake_path, fake_config.to_string())?;
     let fake = procs::spawn(&["fake".into(), fake_path.display().to_string()], true)?;
 
+    // One server per proxy target, in the order of `Target::ALL` after `Direct`.
     let mut proxies = Vec::new();
-    for (name, state) in [
-        ("ephemeral", "[state]\nephemeral = true\n"),
-        ("durable", ""),
-    ] {
-        let server_dir = dir.join(name);
+    for target in &Target::ALL[1..] {
+        let &Target::Proxy { durable, over_grpc } = target else {
+            unreachable!("proxies only")
+        };
+        let server_dir = dir.join(target.name().replace([',', ' '], "-"));
         std::fs::create_dir_all(&server_dir)?;
+        let state = if durable {
+            ""
+        } else {
+            "[state]\nephemeral = true\n"
+        };
         let extra = format!(
             "{state}\n[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
             fake.address
@@ -74,7 +133,11 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
             "requests_per_minute = 100000000",
             &extra,
         )?;
-        let server = procs::spawn(&["serve".into(), config.display().to_string()], true)?;
+        let mut args = vec!["serve".to_string(), config.display().to_string()];
+        if over_grpc {
+            args.push("--over-grpc".into());
+        }
+        let server = procs::spawn(&args, true)?;
         let proxy = server.proxy_url()?;
         proxies.push((server, proxy));
     }
@@ -92,9 +155,9 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
     println!("### Gemini-compatible proxy");
     println!();
     println!(
-        "| fake latency | call | callers | direct p50 / p99 ms | direct calls/s | proxy p50 / p99 ms (ephemeral) | added p50 ms | calls/s, × direct | durable p50 / p99 ms | durable calls/s, × direct |"
+        "| fake latency | call | callers | target | p50 / p99 ms | added p50 ms | calls/s | × direct | server CPU per call |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for latency_ms in [0u64, 50] {
         http.post(format!("{}/_fake/faults", fake.address))
             .json(&serde_json::json!({"latency_ms": latency_ms}))
@@ -103,44 +166,46 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
             .error_for_status()?;
         for stream in [false, true] {
             for callers in [1usize, 16, 64] {
-                let mut measured = [Samples::new(), Samples::new(), Samples::new()];
+                let mut measured: Vec<Samples> =
+                    Target::ALL.iter().map(|_| Samples::new()).collect();
                 for _ in 0..rounds {
-                    for (slot, target) in [Target::Direct, Target::Ephemeral, Target::Durable]
-                        .into_iter()
-                        .enumerate()
-                    {
-                        let base = match target {
-                            Target::Direct => fake.address.clone(),
-                            Target::Ephemeral => proxies[0].1.clone(),
-                            Target::Durable => proxies[1].1.clone(),
+                    for (slot, &target) in Target::ALL.iter().enumerate() {
+                        let (base, server) = match slot {
+                            0 => (fake.address.clone(), None),
+                            _ => (proxies[slot - 1].1.clone(), Some(&proxies[slot - 1].0)),
                         };
+                        let cpu_before = server.and_then(|s| s.cpu_time());
                         let samples =
                             measure(&http, &base, target, &keys, stream, callers, round).await?;
+                        let cpu_after = server.and_then(|s| s.cpu_time());
+                        if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
+                            measured[slot].server_cpu += after.saturating_sub(before);
+                        }
                         measured[slot].latencies.extend(samples.latencies);
                         measured[slot].elapsed += samples.elapsed;
                     }
                 }
-                let [mut direct, mut ephemeral, mut durable] = measured;
                 let ms = |us: u64| us as f64 / 1000.0;
-                let (d50, d99) = (direct.percentile(0.5), direct.percentile(0.99));
-                let (e50, e99) = (ephemeral.percentile(0.5), ephemeral.percentile(0.99));
-                let (s50, s99) = (durable.percentile(0.5), durable.percentile(0.99));
-                println!(
-                    "| {latency_ms} ms | {} | {callers} | {:.2} / {:.2} | {:.0} | {:.2} / {:.2} | {:+.2} | {:.0}, {:.2} | {:.2} / {:.2} | {:.0}, {:.2} |",
-                    if stream { "stream (SSE)" } else { "generate" },
-                    ms(d50),
-                    ms(d99),
-                    direct.per_second(),
-                    ms(e50),
-                    ms(e99),
-                    ms(e50) - ms(d50),
-                    ephemeral.per_second(),
-                    ephemeral.per_second() / direct.per_second(),
-                    ms(s50),
-                    ms(s99),
-                    durable.per_second(),
-                    durable.per_second() / direct.per_second(),
-                );
+                let direct_p50 = ms(measured[0].percentile(0.5));
+                let direct_rate = measured[0].per_second();
+                let call = if stream { "stream (SSE)" } else { "generate" };
+                for (slot, target) in Target::ALL.iter().enumerate() {
+                    let samples = &mut measured[slot];
+                    let (p50, p99) = (ms(samples.percentile(0.5)), ms(samples.percentile(0.99)));
+                    let (added, cpu) = match target {
+                        Target::Direct => (String::new(), String::new()),
+                        Target::Proxy { .. } => (
+                            format!("{:+.2}", p50 - direct_p50),
+                            format!("{:.0} µs", samples.server_cpu_per_call()),
+                        ),
+                    };
+                    println!(
+                        "| {latency_ms} ms | {call} | {callers} | {} | {p50:.2} / {p99:.2} | {added} | {:.0} | {:.2} | {cpu} |",
+                        target.name(),
+                        samples.per_second(),
+                        samples.per_second() / direct_rate,
+                    );
+                }
             }
         }
     }

@@ -8,7 +8,7 @@ use keylease_client::gemini::{
 };
 use keylease_client::{ClientConfig, KeyLeaseClient};
 use keylease_server::admin::ConfigSource;
-use keylease_server::builder::{GrpcListener, ServerBuilder};
+use keylease_server::builder::{GrpcListener, OwnLeases, ServerBuilder};
 use keylease_server::config::{self, Overrides};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
 
-pub async fn serve(config: PathBuf) -> anyhow::Result<()> {
+pub async fn serve(config: PathBuf, over_grpc: bool) -> anyhow::Result<()> {
     let source = ConfigSource {
         path: Some(config),
         ..Default::default()
@@ -24,7 +24,13 @@ pub async fn serve(config: PathBuf) -> anyhow::Result<()> {
     let settings = source.load()?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     println!("listening on http://{}", listener.local_addr()?);
+    let own_leases = if over_grpc {
+        OwnLeases::OverGrpc
+    } else {
+        OwnLeases::InProcess
+    };
     let server = ServerBuilder::new(source, settings)
+        .own_leases(own_leases)
         .build(GrpcListener::Tcp(listener))
         .await?;
     if let Some(address) = server.proxy_address {
