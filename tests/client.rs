@@ -95,6 +95,24 @@ async fn a_dropped_guard_releases_with_its_usage() {
 }
 
 #[tokio::test]
+async fn a_fresh_lease_is_not_renewed_before_a_call_longer_than_its_ttl() {
+    let server = TestServer::start(&config_toml(&[("k1", "p1")], 100, "")).await;
+    let mut watcher = server.watch().await;
+    let guard = client_for(&server).acquire(options("fresh")).await.unwrap();
+    // The TTL is the server's default, a minute: a renewal now would gain nothing.
+    let (_, allowed) = guard.begin_request(Duration::from_secs(600)).await.unwrap();
+    assert!(allowed <= Duration::from_secs(60), "{allowed:?}");
+    guard.release().await.unwrap();
+    let renewed_or_released = next_event(&mut watcher, |k| match k {
+        pb::event::Kind::Renewed(_) => Some("renewed"),
+        pb::event::Kind::Released(_) => Some("released"),
+        _ => None,
+    })
+    .await;
+    assert_eq!(renewed_or_released, "released");
+}
+
+#[tokio::test]
 async fn a_guard_never_sends_more_requests_than_granted() {
     let server = TestServer::start(&config_toml(&[("k1", "p1")], 100, "")).await;
     let guard = client_for(&server)

@@ -173,11 +173,16 @@ impl LeaseGuard {
         lock(&self.held).deadline.saturating_duration_since(now())
     }
 
-    /// Before a call that wants up to `call_time`: renews first if the lease could end sooner,
-    /// and takes one of the lease's requests. Returns the key and how long the call may take,
-    /// which is never past the lease's end: bound the call by it.
+    /// Before a call that wants up to `call_time`: renews first if the lease could end sooner
+    /// and a renewal would move its end (a third of its TTL has passed, as the background
+    /// renewal does), and takes one of the lease's requests. Returns the key and how long the
+    /// call may take, which is never past the lease's end: bound the call by it.
     pub async fn begin_request(&self, call_time: Duration) -> Result<(String, Duration), Error> {
-        if self.remaining() <= call_time {
+        let remaining = self.remaining();
+        let ttl = from_pb(lock(&self.held).lease.ttl);
+        // A renewal sets the end a TTL from now: on a fresh lease it would gain nothing but a
+        // round trip (and, durable, a commit) before every call that outlasts the TTL.
+        if remaining <= call_time && remaining <= ttl - ttl / 3 {
             self.renew(None, 0).await?;
         }
         let allowed = self.remaining().min(call_time);
