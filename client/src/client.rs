@@ -351,6 +351,9 @@ impl KeyLeaseClient {
         Ok(status)
     }
 
+    // The lease calls, each to either transport: the same few lines per call of the service,
+    // which differ in the call they make.
+
     /// `AcquireKey`, waiting up to `wait` for a key; with the send time of the attempt answered.
     pub(crate) async fn acquire_key(
         &self,
