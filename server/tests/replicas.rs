@@ -1177,10 +1177,17 @@ fn a_rolling_restart_with_sigterm_loses_nothing() {
     }
     // Releases this harness sent through a replica as it stopped failed, so their keys come back
     // only when those leases expire (a TTL): the fleet leases at full speed again after that.
+    // On a machine busy with the other replica tests of this file (three processes and Redis
+    // each) it may take a few seconds more: traffic must be back within five windows of two
+    // seconds, or something stalls.
     std::thread::sleep(TTL);
+    let windows: Vec<usize> = (0..5)
+        .map(|_| run_for(&load, Duration::from_secs(2)))
+        .take_while(|&grants| grants <= 20)
+        .collect();
     assert!(
-        run_for(&load, Duration::from_secs(2)) > 20,
-        "too little traffic after the rolling restart\n{}",
+        windows.len() < 5,
+        "too little traffic after the rolling restart: {windows:?} grants in five windows of 2 s\n{}",
         fleet.outputs()
     );
     let output = fleet.outputs();
