@@ -232,7 +232,8 @@ impl KeyLeaseClient {
     /// leases, answers and retries as over gRPC, without a connection. `config`'s endpoints
     /// and TLS settings are not used.
     pub fn in_process(calls: Arc<dyn InProcessCalls>, config: ClientConfig) -> Self {
-        Self::on(Transport::InProcess(calls), config)
+        let token = config.auth_token.as_deref().map(Arc::from);
+        Self::on(Transport::InProcess(calls, token), config)
     }
 
     fn on(transport: Transport, config: ClientConfig) -> Self {
@@ -257,7 +258,9 @@ impl KeyLeaseClient {
                 stub: Stub::with_interceptor(grpc.channel.clone(), Authorization(bearer)),
                 channel: grpc.channel.clone(),
             })),
-            Transport::InProcess(calls) => Transport::InProcess(calls.clone()),
+            Transport::InProcess(calls, _) => {
+                Transport::InProcess(calls.clone(), token.map(Arc::from))
+            }
         };
         Ok(Self {
             transport,
@@ -302,10 +305,7 @@ impl KeyLeaseClient {
             request.set_timeout(timeout);
             let via = match &self.transport {
                 Transport::Grpc(grpc) => Via::Grpc(grpc.stub.clone()),
-                Transport::InProcess(calls) => {
-                    let token = self.config.auth_token.as_deref().map(Arc::from);
-                    Via::InProcess(calls.clone(), token)
-                }
+                Transport::InProcess(calls, token) => Via::InProcess(calls.clone(), token.clone()),
             };
             let sent_at = crate::clock::now();
             match tokio::time::timeout(timeout, send(via, request)).await {
@@ -427,7 +427,8 @@ impl KeyLeaseClient {
 enum Transport {
     /// Shared: a client is cloned for every lease, and the stub is several hundred bytes.
     Grpc(Arc<Grpc>),
-    InProcess(Arc<dyn InProcessCalls>),
+    /// With the caller's token, shared by every call (as the gRPC stub's interceptor holds it).
+    InProcess(Arc<dyn InProcessCalls>, Option<Arc<str>>),
 }
 
 struct Grpc {

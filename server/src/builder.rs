@@ -223,7 +223,9 @@ impl ServerBuilder {
             })),
         };
         if let Some(proxy) = settings.proxy.clone() {
-            let keylease = assembled.client(ClientConfig::new("http://keylease.local"));
+            let keylease = assembled
+                .client(ClientConfig::new("http://keylease.local"))
+                .map_err(|e| crate::proxy::ProxyStartError::KeyLease(e.to_string()))?;
             let embedding = crate::proxy::Embedding::of(&state);
             assembled.proxy_address =
                 Some(crate::proxy::start_embedded(proxy, keylease, embedding).await?);
@@ -338,12 +340,12 @@ struct Replica {
 impl Assembled {
     /// A client of this server for this process (`config`'s endpoints and TLS are not used):
     /// calling its lease calls as functions on a single server, through its gRPC service in
-    /// memory on a replica (or when built with [`OwnLeases::OverGrpc`]).
-    pub fn client(&self, config: ClientConfig) -> KeyLeaseClient {
+    /// memory on a replica (or when built with [`OwnLeases::OverGrpc`]). Refused only for a
+    /// token that is no header text.
+    pub fn client(&self, config: ClientConfig) -> Result<KeyLeaseClient, keylease_client::Error> {
         match &self.own_calls {
-            Some(calls) => KeyLeaseClient::in_process(calls.clone(), config),
-            None => KeyLeaseClient::over_channel(self.connector.channel(), config)
-                .expect("a configuration without a token makes a client"),
+            Some(calls) => Ok(KeyLeaseClient::in_process(calls.clone(), config)),
+            None => KeyLeaseClient::over_channel(self.connector.channel(), config),
         }
     }
 

@@ -146,7 +146,7 @@ impl Pool {
                 LaunchError::Open(open) => PoolError::Open(open.to_string()),
                 other => PoolError::Config(other.to_string()),
             })?;
-        let client = server.client(ClientConfig::new("http://keylease.local"));
+        let client = server.client(ClientConfig::new("http://keylease.local"))?;
         let (stop, stopped) = oneshot::channel();
         let serving = tokio::spawn(server.serve(async {
             let _ = stopped.await;
