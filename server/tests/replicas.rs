@@ -1176,10 +1176,10 @@ fn a_rolling_restart_with_sigterm_loses_nothing() {
         run_for(&load, Duration::from_millis(500));
     }
     // Releases this harness sent through a replica as it stopped failed, so their keys come back
-    // only when those leases expire (a TTL): the fleet leases at full speed again after that.
-    // On a machine busy with the other replica tests of this file (three processes and Redis
-    // each) it may take a few seconds more: traffic must be back within five windows of two
-    // seconds, or something stalls.
+    // only when those leases expire (a TTL): the fleet leases at full speed again after that,
+    // within five windows of two seconds. Some runs (about one in four on CI's machine) see no
+    // grant at all in the five: the fleet stalls after the restart, not yet explained (each
+    // window's count is printed).
     std::thread::sleep(TTL);
     let windows: Vec<usize> = (0..5)
         .map(|_| run_for(&load, Duration::from_secs(2)))
