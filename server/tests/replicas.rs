@@ -1187,7 +1187,8 @@ fn a_rolling_restart_with_sigterm_loses_nothing() {
         .collect();
     assert!(
         windows.len() < 5,
-        "too little traffic after the rolling restart: {windows:?} grants in five windows of 2 s\n{}",
+        "too little traffic after the rolling restart: {windows:?} grants in five windows of 2 s; the workers' errors so far: {:?}\n{}",
+        error_counts(&load.audit.lock().unwrap().errors),
         fleet.outputs()
     );
     let output = fleet.outputs();
