@@ -36,23 +36,26 @@ pub struct KeyLeaseService {
     new_models: NewModels,
 }
 
-/// Which model names were leased before, and how many new ones each caller asked for in the
+/// A model name in its pool: `(pool, model)`.
+type PoolModel = (String, String);
+/// The minute (steady ms / 60,000) a caller's new names were counted in, and those names.
+type AskedInMinute = (u64, Vec<PoolModel>);
+
+/// Which model names were leased before, and which new ones each caller asked for in the
 /// current minute.
 #[derive(Default)]
 struct NewModels {
-    leased: std::sync::RwLock<std::collections::HashSet<(String, String)>>,
-    /// Per caller: the minute (steady ms / 60,000) counted, and its new names in it.
-    asked: std::sync::Mutex<std::collections::HashMap<Arc<str>, (u64, u32)>>,
+    leased: std::sync::RwLock<std::collections::HashSet<PoolModel>>,
+    /// Per caller, at most the bound of names.
+    asked: std::sync::Mutex<std::collections::HashMap<Arc<str>, AskedInMinute>>,
 }
 
 impl NewModels {
-    /// Counts a name never leased before against the caller's minute; refused past the bound.
-    fn admit(
-        &self,
-        by: Option<&Arc<str>>,
-        pair: &(String, String),
-        now_ms: u64,
-    ) -> Result<(), Status> {
+    /// Counts a name never leased before against the caller's minute, once however often it
+    /// is asked for (a replica that just took the leadership has leased nothing yet, and its
+    /// callers ask for their usual names again and again until keys come free); refused past
+    /// the bound.
+    fn admit(&self, by: Option<&Arc<str>>, pair: &PoolModel, now_ms: u64) -> Result<(), Status> {
         let known = self
             .leased
             .read()
@@ -70,11 +73,15 @@ impl NewModels {
         if asked.len() >= MAX_REMEMBERED && !asked.contains_key(&caller) {
             asked.clear();
         }
-        let (counted, count) = asked.entry(caller.clone()).or_insert((minute, 0));
+        let (counted, names) = asked.entry(caller.clone()).or_insert((minute, Vec::new()));
         if *counted != minute {
-            (*counted, *count) = (minute, 0);
+            *counted = minute;
+            names.clear();
         }
-        if *count >= NEW_MODELS_PER_CALLER_PER_MINUTE {
+        if names.contains(pair) {
+            return Ok(());
+        }
+        if names.len() >= NEW_MODELS_PER_CALLER_PER_MINUTE as usize {
             let who = if caller.is_empty() {
                 "this caller"
             } else {
@@ -84,12 +91,12 @@ impl NewModels {
                 "model: {who} asked for {NEW_MODELS_PER_CALLER_PER_MINUTE} model names never leased before in this minute, the most one caller may; retry in a minute, or list the model in the configuration"
             )));
         }
-        *count += 1;
+        names.push(pair.clone());
         Ok(())
     }
 
     /// A lease on the (pool, model) `pair` was granted: the name is known from now on.
-    fn leased(&self, pair: (String, String)) {
+    fn leased(&self, pair: PoolModel) {
         if self
             .leased
             .read()
@@ -458,5 +465,53 @@ impl KeyLease for KeyLeaseService {
             .set_key_enabled(by.as_ref(), request.into_inner())
             .await;
         self.outgoing(answer).map(Response::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(model: &str) -> (String, String) {
+        ("gemini".to_string(), model.to_string())
+    }
+
+    #[test]
+    fn a_new_name_asked_again_and_again_counts_once() {
+        let models = NewModels::default();
+        let caller: Arc<str> = Arc::from("workers");
+        // A replica that just took the leadership has leased nothing: its callers ask for their
+        // one model far more often than the bound before a key comes free.
+        for _ in 0..10 * NEW_MODELS_PER_CALLER_PER_MINUTE {
+            models.admit(Some(&caller), &pair("m"), 0).unwrap();
+        }
+        for n in 1..NEW_MODELS_PER_CALLER_PER_MINUTE {
+            models
+                .admit(Some(&caller), &pair(&format!("m{n}")), 0)
+                .unwrap();
+        }
+        let refused = models
+            .admit(Some(&caller), &pair("one-more"), 0)
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.message().contains("workers"), "{refused:?}");
+        // Names it asked for this minute are still admitted; other callers count apart; the
+        // next minute starts again.
+        models.admit(Some(&caller), &pair("m7"), 0).unwrap();
+        models.admit(None, &pair("one-more"), 0).unwrap();
+        models
+            .admit(Some(&caller), &pair("one-more"), 60_000)
+            .unwrap();
+    }
+
+    #[test]
+    fn a_name_leased_before_is_never_counted() {
+        let models = NewModels::default();
+        for n in 0..NEW_MODELS_PER_CALLER_PER_MINUTE {
+            models.admit(None, &pair(&format!("m{n}")), 0).unwrap();
+        }
+        models.leased(pair("known"));
+        models.admit(None, &pair("known"), 0).unwrap();
+        assert!(models.admit(None, &pair("unknown"), 0).is_err());
     }
 }

@@ -243,6 +243,13 @@ struct Audit {
     grants: Vec<Grant>,
     /// Acquires answered with something else than a lease or "no key now", by code.
     errors: Vec<Code>,
+    /// The last such answer of each code, with the replica it came from: what a failing test
+    /// prints.
+    last_errors: std::collections::BTreeMap<String, String>,
+    /// Acquires answered "no key now" after their wait.
+    exhausted: u64,
+    /// Acquires sent.
+    asked: u64,
     gemini_failures: u64,
 }
 
@@ -275,8 +282,15 @@ async fn worker(
             round += 1;
             match cycle(&mut keylease, n, round, &gemini, &audit).await {
                 Ok(()) => {}
-                Err(code) => {
-                    audit.lock().unwrap().errors.push(code);
+                Err(status) => {
+                    {
+                        let mut audit = audit.lock().unwrap();
+                        audit.errors.push(status.code());
+                        audit.last_errors.insert(
+                            format!("{:?}", status.code()),
+                            format!("{}: {}", endpoints[replica], status.message()),
+                        );
+                    }
                     replica = (replica + 1) % endpoints.len();
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     break;
@@ -292,8 +306,9 @@ async fn cycle(
     round: u64,
     gemini: &GeminiClient,
     audit: &Shared,
-) -> Result<(), Code> {
+) -> Result<(), tonic::Status> {
     let asked = Instant::now();
+    audit.lock().unwrap().asked += 1;
     let answer = keylease
         .acquire_key(pb::AcquireKeyRequest {
             task_id: format!("w{n}-{round}"),
@@ -307,8 +322,15 @@ async fn cycle(
         .await;
     let lease = match answer {
         Ok(lease) => lease.into_inner(),
-        Err(status) if status.code() == Code::ResourceExhausted => return Ok(()),
-        Err(status) => return Err(status.code()),
+        Err(status) if status.code() == Code::ResourceExhausted => {
+            let mut audit = audit.lock().unwrap();
+            audit.exhausted += 1;
+            audit
+                .last_errors
+                .insert("ResourceExhausted".into(), status.message().to_string());
+            return Ok(());
+        }
+        Err(status) => return Err(status),
     };
     let answered = Instant::now();
     let called = gemini
@@ -339,8 +361,7 @@ async fn cycle(
             requests_sent: Some(1),
             ..Default::default()
         })
-        .await
-        .map_err(|status| status.code())?;
+        .await?;
     Ok(())
 }
 
@@ -1177,20 +1198,28 @@ fn a_rolling_restart_with_sigterm_loses_nothing() {
     }
     // Releases this harness sent through a replica as it stopped failed, so their keys come back
     // only when those leases expire (a TTL): the fleet leases at full speed again after that,
-    // within five windows of two seconds. Some runs (about one in four on CI's machine) see no
-    // grant at all in the five: the fleet stalls after the restart, not yet explained (each
-    // window's count is printed).
+    // within five windows of two seconds. (Until the bound on new model names counted each
+    // name once, a new leader refused every acquire for the rest of the minute once its callers
+    // had asked thirty times for the model before their first grant: no grant in the five.)
     std::thread::sleep(TTL);
     let windows: Vec<usize> = (0..5)
         .map(|_| run_for(&load, Duration::from_secs(2)))
         .take_while(|&grants| grants <= 20)
         .collect();
-    assert!(
-        windows.len() < 5,
-        "too little traffic after the rolling restart: {windows:?} grants in five windows of 2 s; the workers' errors so far: {:?}\n{}",
-        error_counts(&load.audit.lock().unwrap().errors),
-        fleet.outputs()
-    );
+    if windows.len() == 5 {
+        let statuses: Vec<String> = (0..3)
+            .map(|i| format!("{:?}", status_of(&fleet.endpoint(i))))
+            .collect();
+        let audit = load.audit.lock().unwrap();
+        panic!(
+            "too little traffic after the rolling restart: {windows:?} grants in five windows of 2 s; the workers' errors so far: {:?}, the last of each: {:?}; acquires sent {}, answered no key {}; statuses: {statuses:#?}\n{}",
+            error_counts(&audit.errors),
+            audit.last_errors,
+            audit.asked,
+            audit.exhausted,
+            fleet.outputs()
+        );
+    }
     let output = fleet.outputs();
     let audit = load.finish();
     assert!(!output.contains("panicked"), "{output}");
