@@ -112,6 +112,9 @@ enum Scenario {
     /// Role: a fake Gemini on 127.0.0.1:0.
     #[command(hide = true)]
     Fake { config: PathBuf },
+    /// Role: a plain HTTP proxy to `upstream` on 127.0.0.1:0 (the proxy scenario's floor).
+    #[command(hide = true)]
+    PassThrough { upstream: String },
     /// Role: a worker process of the utilization scenario.
     #[command(hide = true)]
     Worker(roles::WorkerArgs),
@@ -124,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Serve { config, over_grpc } => return roles::serve(config, over_grpc).await,
         Scenario::Replica { config } => return roles::replica(config).await,
         Scenario::Fake { config } => return roles::fake(config).await,
+        Scenario::PassThrough { upstream } => return roles::pass_through(upstream).await,
         Scenario::Worker(worker) => return roles::worker(worker).await,
         _ => {}
     }
@@ -162,6 +166,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Serve { .. }
         | Scenario::Replica { .. }
         | Scenario::Fake { .. }
+        | Scenario::PassThrough { .. }
         | Scenario::Worker(_) => {
             unreachable!("handled above")
         }

@@ -3,8 +3,10 @@
 //! through keylease's embedded proxy (a lease per call: acquire, send, release), at 1, 16 and
 //! 64 concurrent callers, with the fake answering at once and after 50 ms; keylease ephemeral
 //! and durable, its proxy leasing in process (a single server's way) and over its own gRPC
-//! service (the way before, and a replica's). Each round runs the targets in turn, so slow
-//! phases of the machine hit all; the server's CPU time is read around each target's turn.
+//! service (the way before, and a replica's); and, as the floor of any proxy on keylease's
+//! stack, a plain pass-through proxy that leases nothing. Each round runs the targets in turn,
+//! so slow phases of the machine hit all; each process's CPU time is read around each target's
+//! turn.
 
 use crate::procs;
 use crate::roles::now;
@@ -14,16 +16,22 @@ const MODEL: &str = "bench-model";
 /// Keys enough that 64 callers never wait for one another's key.
 const KEYS: usize = 128;
 
-/// Where a call goes: the fake itself, or one of the proxies.
+/// Where a call goes: the fake itself, a plain proxy in front of it, or one of keylease's.
 #[derive(Clone, Copy, PartialEq)]
 enum Target {
     Direct,
-    Proxy { durable: bool, over_grpc: bool },
+    /// What a proxy hop costs at the least on keylease's stack (`roles::pass_through`).
+    PassThrough,
+    Proxy {
+        durable: bool,
+        over_grpc: bool,
+    },
 }
 
 impl Target {
-    const ALL: [Target; 5] = [
+    const ALL: [Target; 6] = [
         Target::Direct,
+        Target::PassThrough,
         Target::Proxy {
             durable: false,
             over_grpc: false,
@@ -45,6 +53,7 @@ impl Target {
     fn name(self) -> &'static str {
         match self {
             Target::Direct => "direct",
+            Target::PassThrough => "plain pass-through, no lease",
             Target::Proxy {
                 durable: false,
                 over_grpc: false,
@@ -70,6 +79,10 @@ struct Samples {
     elapsed: Duration,
     /// The proxying server's CPU time over the turns measured.
     server_cpu: Duration,
+    /// The fake Gemini's and this process's (the callers') CPU time over the same turns: with
+    /// every process on one core, a target's rate is one over the sum of the three per call.
+    fake_cpu: Duration,
+    callers_cpu: Duration,
 }
 
 impl Samples {
@@ -78,6 +91,8 @@ impl Samples {
             latencies: Vec::new(),
             elapsed: Duration::ZERO,
             server_cpu: Duration::ZERO,
+            fake_cpu: Duration::ZERO,
+            callers_cpu: Duration::ZERO,
         }
     }
 
@@ -90,9 +105,9 @@ impl Samples {
         procs::percentile(&self.latencies, p)
     }
 
-    /// The server's CPU per call, in µs.
-    fn server_cpu_per_call(&self) -> f64 {
-        self.server_cpu.as_secs_f64() * 1e6 / self.latencies.len().max(1) as f64
+    /// `cpu` per call, in µs.
+    fn per_call(&self, cpu: Duration) -> f64 {
+        cpu.as_secs_f64() * 1e6 / self.latencies.len().max(1) as f64
     }
 }
 
@@ -109,11 +124,22 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
     std::fs::write(&fake_path, fake_config.to_string())?;
     let fake = procs::spawn(&["fake".into(), fake_path.display().to_string()], true)?;
 
-    // One server per proxy target, in the order of `Target::ALL` after `Direct`.
-    let mut proxies = Vec::new();
-    for target in &Target::ALL[1..] {
-        let &Target::Proxy { durable, over_grpc } = target else {
-            unreachable!("proxies only")
+    // Each target's process and address, in the order of `Target::ALL` (none for `Direct`).
+    let mut proxies: Vec<Option<(procs::Child, String)>> = Vec::new();
+    for target in &Target::ALL {
+        let (durable, over_grpc) = match *target {
+            Target::Direct => {
+                proxies.push(None);
+                continue;
+            }
+            Target::PassThrough => {
+                let args = ["pass-through".to_string(), fake.address.clone()];
+                let proxy = procs::spawn(&args, true)?;
+                let address = proxy.address.clone();
+                proxies.push(Some((proxy, address)));
+                continue;
+            }
+            Target::Proxy { durable, over_grpc } => (durable, over_grpc),
         };
         let server_dir = dir.join(target.name().replace([',', ' '], "-"));
         std::fs::create_dir_all(&server_dir)?;
@@ -139,7 +165,7 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         }
         let server = procs::spawn(&args, true)?;
         let proxy = server.proxy_url()?;
-        proxies.push((server, proxy));
+        proxies.push(Some((server, proxy)));
     }
 
     let http = reqwest::Client::builder()
@@ -155,7 +181,7 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
     println!("### Gemini-compatible proxy");
     println!();
     println!(
-        "| fake latency | call | callers | target | p50 / p99 ms | added p50 ms | calls/s | × direct | server CPU per call |"
+        "| fake latency | call | callers | target | p50 / p99 ms | added p50 ms | calls/s | × direct | CPU per call: callers / server / fake |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for latency_ms in [0u64, 50] {
@@ -170,17 +196,29 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
                     Target::ALL.iter().map(|_| Samples::new()).collect();
                 for _ in 0..rounds {
                     for (slot, &target) in Target::ALL.iter().enumerate() {
-                        let (base, server) = match slot {
-                            0 => (fake.address.clone(), None),
-                            _ => (proxies[slot - 1].1.clone(), Some(&proxies[slot - 1].0)),
+                        let (base, server) = match &proxies[slot] {
+                            None => (fake.address.clone(), None),
+                            Some((server, address)) => (address.clone(), Some(server)),
                         };
-                        let cpu_before = server.and_then(|s| s.cpu_time());
+                        let cpu = || {
+                            (
+                                server.and_then(|s| s.cpu_time()),
+                                fake.cpu_time(),
+                                procs::cpu_time_of("self"),
+                            )
+                        };
+                        let before = cpu();
                         let samples =
                             measure(&http, &base, target, &keys, stream, callers, round).await?;
-                        let cpu_after = server.and_then(|s| s.cpu_time());
-                        if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
-                            measured[slot].server_cpu += after.saturating_sub(before);
-                        }
+                        let after = cpu();
+                        let spent = |before: Option<Duration>, after: Option<Duration>| {
+                            after
+                                .zip(before)
+                                .map_or(Duration::ZERO, |(a, b)| a.saturating_sub(b))
+                        };
+                        measured[slot].server_cpu += spent(before.0, after.0);
+                        measured[slot].fake_cpu += spent(before.1, after.1);
+                        measured[slot].callers_cpu += spent(before.2, after.2);
                         measured[slot].latencies.extend(samples.latencies);
                         measured[slot].elapsed += samples.elapsed;
                     }
@@ -192,13 +230,16 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
                 for (slot, target) in Target::ALL.iter().enumerate() {
                     let samples = &mut measured[slot];
                     let (p50, p99) = (ms(samples.percentile(0.5)), ms(samples.percentile(0.99)));
-                    let (added, cpu) = match target {
-                        Target::Direct => (String::new(), String::new()),
-                        Target::Proxy { .. } => (
-                            format!("{:+.2}", p50 - direct_p50),
-                            format!("{:.0} µs", samples.server_cpu_per_call()),
-                        ),
+                    let added = match target {
+                        Target::Direct => String::new(),
+                        _ => format!("{:+.2}", p50 - direct_p50),
                     };
+                    let cpu = format!(
+                        "{:.0} / {:.0} / {:.0} µs",
+                        samples.per_call(samples.callers_cpu),
+                        samples.per_call(samples.server_cpu),
+                        samples.per_call(samples.fake_cpu),
+                    );
                     println!(
                         "| {latency_ms} ms | {call} | {callers} | {} | {p50:.2} / {p99:.2} | {added} | {:.0} | {:.2} | {cpu} |",
                         target.name(),
@@ -215,8 +256,8 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `callers` closed loops posting to `base` for `duration`; each direct caller holds a key of
-/// its own, as a worker with a key would.
+/// `callers` closed loops posting to `base` for `duration`; each caller past no lease (direct,
+/// or through the plain proxy) holds a key of its own, as a worker with a key would.
 async fn measure(
     http: &reqwest::Client,
     base: &str,
@@ -238,7 +279,7 @@ async fn measure(
     let stop = began + duration;
     let mut loops = Vec::new();
     for caller in 0..callers {
-        let key = if target == Target::Direct {
+        let key = if matches!(target, Target::Direct | Target::PassThrough) {
             keys[caller % keys.len()].2.clone()
         } else {
             "bench".to_string()

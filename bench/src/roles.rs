@@ -16,6 +16,62 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
 
+/// A plain HTTP proxy in front of `upstream`, built on the crates keylease's proxy uses (axum
+/// and hyper toward the caller, reqwest toward the provider) and doing nothing else: no lease,
+/// no reading of the body, the caller's own key passed on. What a proxy hop costs at the least
+/// on this stack, for the proxy scenario to set keylease's beside.
+pub async fn pass_through(upstream: String) -> anyhow::Result<()> {
+    use axum::body::Body;
+    use axum::extract::{Request, State};
+    use axum::http::{HeaderName, StatusCode, header};
+    use axum::response::{IntoResponse, Response};
+
+    const PASSED: [HeaderName; 2] = [
+        header::CONTENT_TYPE,
+        HeaderName::from_static("x-goog-api-key"),
+    ];
+    async fn forward(
+        State((http, upstream)): State<(reqwest::Client, Arc<str>)>,
+        request: Request,
+    ) -> Response {
+        let (parts, body) = request.into_parts();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let Ok(body) = axum::body::to_bytes(body, 1 << 20).await else {
+            return StatusCode::BAD_REQUEST.into_response();
+        };
+        let mut sent = http.request(parts.method, format!("{upstream}{path}"));
+        for name in &PASSED {
+            if let Some(value) = parts.headers.get(name) {
+                sent = sent.header(name, value);
+            }
+        }
+        match sent.body(body).send().await {
+            Ok(answer) => {
+                let mut response = Response::builder().status(answer.status());
+                if let Some(kind) = answer.headers().get(header::CONTENT_TYPE) {
+                    response = response.header(header::CONTENT_TYPE, kind);
+                }
+                response
+                    .body(Body::from_stream(answer.bytes_stream()))
+                    .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
+            }
+            Err(_) => StatusCode::BAD_GATEWAY.into_response(),
+        }
+    }
+    let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
+    let app = axum::Router::new()
+        .fallback(forward)
+        .with_state((http, Arc::<str>::from(upstream)));
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    // As keylease's own listeners: a stream's last chunk must not wait for the caller's ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
 pub async fn serve(config: PathBuf, over_grpc: bool) -> anyhow::Result<()> {
     let source = ConfigSource {
         path: Some(config),
