@@ -167,7 +167,7 @@ async fn a_scrape_counts_what_happened_and_shows_what_holds() {
 }
 
 /// A worker inventing model names in a pool that serves any model: past the per-caller bound of
-/// names never leased before, it is refused for the minute; its names never become labels, which
+/// names no pool serves yet, it is refused for the minute; its names never become labels, which
 /// only configured models and models the provider answered carry.
 #[tokio::test]
 async fn invented_model_names_are_bounded_per_caller_and_never_labels() {

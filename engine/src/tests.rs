@@ -2418,3 +2418,22 @@ fn a_reply_is_no_larger_than_a_reports() {
         std::mem::size_of::<Reply>()
     );
 }
+
+/// What the server's bound on new model names asks: a name the pool lists, or remembers, makes
+/// the engine remember nothing new.
+#[test]
+fn a_pool_serves_its_listed_models_and_those_it_remembers() {
+    let e = engine(&[("k1", "p1")]);
+    assert!(e.serves("", MODEL));
+    assert!(e.serves(DEFAULT_POOL, &format!("models/{MODEL}")));
+    assert!(!e.serves("", "not-listed"));
+    assert!(!e.serves("no-such-pool", MODEL));
+
+    let mut e = engine_of_unlisted_models(&[("k1", "p1")]);
+    assert!(!e.serves("", "new-model"));
+    let lease = granted(e.acquire(T0, of_model("t", "new-model")));
+    assert!(e.serves("", "new-model"));
+    e.release(T0, &lease.lease_id, lease.fencing_token, Usage::UNUSED)
+        .unwrap();
+    assert!(e.serves("", "new-model"));
+}

@@ -20,10 +20,10 @@ use tonic::{Request, Response, Status};
 /// Keys per `GetStatus` page unless asked otherwise, and at most.
 const DEFAULT_PAGE_SIZE: usize = 1000;
 const MAX_PAGE_SIZE: usize = 10_000;
-/// Model names never leased before that one caller may ask for in a minute: each may make a
-/// pool remember a model, and the engine, which does not know callers, bounds only their number.
+/// Model names no pool serves yet that one caller may ask for in a minute: each may make a pool
+/// remember a model, and the engine, which does not know callers, bounds only their number.
 pub const NEW_MODELS_PER_CALLER_PER_MINUTE: u32 = 30;
-/// (pool, model) pairs remembered as leased before, and callers counted, at most: past it the
+/// (pool, model) pairs remembered as served, and callers counted, at most: past it the
 /// memory starts again (a caller then meets its bound later, never sooner).
 const MAX_REMEMBERED: usize = 10_000;
 
@@ -41,27 +41,37 @@ type PoolModel = (String, String);
 /// The minute (steady ms / 60,000) a caller's new names were counted in, and those names.
 type AskedInMinute = (u64, Vec<PoolModel>);
 
-/// Which model names were leased before, and which new ones each caller asked for in the
-/// current minute.
+/// Which model names their pool serves (listed, or leased before), and which new ones each
+/// caller asked for in the current minute.
 #[derive(Default)]
 struct NewModels {
-    leased: std::sync::RwLock<std::collections::HashSet<PoolModel>>,
+    known: std::sync::RwLock<std::collections::HashSet<PoolModel>>,
     /// Per caller, at most the bound of names.
     asked: std::sync::Mutex<std::collections::HashMap<Arc<str>, AskedInMinute>>,
 }
 
 impl NewModels {
-    /// Counts a name never leased before against the caller's minute, once however often it
-    /// is asked for (a replica that just took the leadership has leased nothing yet, and its
-    /// callers ask for their usual names again and again until keys come free); refused past
-    /// the bound.
-    fn admit(&self, by: Option<&Arc<str>>, pair: &PoolModel, now_ms: u64) -> Result<(), Status> {
+    /// Counts a name its pool does not serve yet (`served` asks the engine, on a name not
+    /// known here) against the caller's minute, once however often it is asked for (a replica
+    /// that just took the leadership has leased nothing yet, and its callers ask for their
+    /// usual names again and again until keys come free); refused past the bound.
+    fn admit(
+        &self,
+        by: Option<&Arc<str>>,
+        pair: &PoolModel,
+        now_ms: u64,
+        served: impl FnOnce() -> bool,
+    ) -> Result<(), Status> {
         let known = self
-            .leased
+            .known
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .contains(pair);
         if known {
+            return Ok(());
+        }
+        if served() {
+            self.learn(pair.clone());
             return Ok(());
         }
         let minute = now_ms / 60_000;
@@ -88,31 +98,32 @@ impl NewModels {
                 &caller
             };
             return Err(Status::resource_exhausted(format!(
-                "model: {who} asked for {NEW_MODELS_PER_CALLER_PER_MINUTE} model names never leased before in this minute, the most one caller may; retry in a minute, or list the model in the configuration"
+                "model: {who} asked for {NEW_MODELS_PER_CALLER_PER_MINUTE} model names no pool serves yet in this minute, the most one caller may; retry in a minute, or list the model in the configuration"
             )));
         }
         names.push(pair.clone());
         Ok(())
     }
 
-    /// A lease on the (pool, model) `pair` was granted: the name is known from now on.
-    fn leased(&self, pair: PoolModel) {
+    /// The pool serves the (pool, model) `pair` (a lease on it was granted): the name is known
+    /// from now on.
+    fn learn(&self, pair: PoolModel) {
         if self
-            .leased
+            .known
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .contains(&pair)
         {
             return;
         }
-        let mut leased = self
-            .leased
+        let mut known = self
+            .known
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if leased.len() >= MAX_REMEMBERED {
-            leased.clear();
+        if known.len() >= MAX_REMEMBERED {
+            known.clear();
         }
-        leased.insert(pair);
+        known.insert(pair);
     }
 }
 
@@ -147,10 +158,12 @@ impl KeyLeaseService {
             request.pool.clone(),
             keylease_engine::canonical_model(&request.model).to_string(),
         );
-        self.new_models.admit(by, &pair, self.state.now_ms())?;
+        self.new_models.admit(by, &pair, self.state.now_ms(), || {
+            self.state.serves_model(&pair.0, &pair.1)
+        })?;
         match self.state.acquire(by, request, wait).await {
             Ok(lease) => {
-                self.new_models.leased(pair);
+                self.new_models.learn(pair);
                 Ok(wire::lease_to_pb(lease, self.state.time()))
             }
             Err(failure) => Err(wire::acquire_failure_status(failure, self.state.now_ms())),
@@ -476,42 +489,57 @@ mod tests {
         ("gemini".to_string(), model.to_string())
     }
 
+    /// The engine's answer for a pool that serves any model: none served yet.
+    fn unserved() -> bool {
+        false
+    }
+
     #[test]
     fn a_new_name_asked_again_and_again_counts_once() {
         let models = NewModels::default();
         let caller: Arc<str> = Arc::from("workers");
-        // A replica that just took the leadership has leased nothing: its callers ask for their
-        // one model far more often than the bound before a key comes free.
+        // Until a key comes free, callers ask for a model their pool does not serve yet far
+        // more often than the bound.
         for _ in 0..10 * NEW_MODELS_PER_CALLER_PER_MINUTE {
-            models.admit(Some(&caller), &pair("m"), 0).unwrap();
+            models
+                .admit(Some(&caller), &pair("m"), 0, unserved)
+                .unwrap();
         }
         for n in 1..NEW_MODELS_PER_CALLER_PER_MINUTE {
             models
-                .admit(Some(&caller), &pair(&format!("m{n}")), 0)
+                .admit(Some(&caller), &pair(&format!("m{n}")), 0, unserved)
                 .unwrap();
         }
         let refused = models
-            .admit(Some(&caller), &pair("one-more"), 0)
+            .admit(Some(&caller), &pair("one-more"), 0, unserved)
             .unwrap_err();
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
         assert!(refused.message().contains("workers"), "{refused:?}");
         // Names it asked for this minute are still admitted; other callers count apart; the
         // next minute starts again.
-        models.admit(Some(&caller), &pair("m7"), 0).unwrap();
-        models.admit(None, &pair("one-more"), 0).unwrap();
         models
-            .admit(Some(&caller), &pair("one-more"), 60_000)
+            .admit(Some(&caller), &pair("m7"), 0, unserved)
+            .unwrap();
+        models.admit(None, &pair("one-more"), 0, unserved).unwrap();
+        models
+            .admit(Some(&caller), &pair("one-more"), 60_000, unserved)
             .unwrap();
     }
 
     #[test]
-    fn a_name_leased_before_is_never_counted() {
+    fn a_name_its_pool_serves_is_never_counted() {
         let models = NewModels::default();
         for n in 0..NEW_MODELS_PER_CALLER_PER_MINUTE {
-            models.admit(None, &pair(&format!("m{n}")), 0).unwrap();
+            models
+                .admit(None, &pair(&format!("m{n}")), 0, unserved)
+                .unwrap();
         }
-        models.leased(pair("known"));
-        models.admit(None, &pair("known"), 0).unwrap();
-        assert!(models.admit(None, &pair("unknown"), 0).is_err());
+        // Leased before here, or served by the engine (listed, or remembered: a replica that
+        // just took the leadership has leased nothing yet).
+        models.learn(pair("leased"));
+        models.admit(None, &pair("leased"), 0, unserved).unwrap();
+        models.admit(None, &pair("listed"), 0, || true).unwrap();
+        models.admit(None, &pair("listed"), 0, unserved).unwrap();
+        assert!(models.admit(None, &pair("unknown"), 0, unserved).is_err());
     }
 }

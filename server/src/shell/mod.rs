@@ -238,6 +238,12 @@ impl State {
         &self.clock
     }
 
+    /// Whether `pool` serves `model` now (listed, or remembered from an earlier lease):
+    /// a lease on it makes the engine remember nothing new.
+    pub fn serves_model(&self, pool: &str, model: &str) -> bool {
+        self.lock().engine.serves(pool, model)
+    }
+
     /// Where what happens is counted.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
