@@ -47,6 +47,8 @@ pub enum KeyHealth {
     Suspended,
     /// 400 `API_KEY_INVALID`, "API key expired".
     Expired,
+    /// 403 `SERVICE_DISABLED`: the project has not enabled the Generative Language API.
+    ServiceDisabled,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,6 +121,10 @@ pub struct Counts {
     pub injected: BTreeMap<u16, u64>,
     /// Calls that arrived while another call with the same key was in flight.
     pub overlaps: u64,
+    /// Reads of the model listing or of one model (what a health probe sends): no call, so
+    /// in neither `by_status` nor `overlaps`.
+    #[serde(default)]
+    pub probes: u64,
 }
 
 impl Counts {
@@ -152,6 +158,7 @@ impl Stats {
                 *all.injected.entry(*status).or_default() += n;
             }
             all.overlaps += counts.overlaps;
+            all.probes += counts.probes;
         }
         all
     }
@@ -240,7 +247,8 @@ impl FakeGemini {
         self.lock().faults = faults;
     }
 
-    /// Marks a key, by id, leaked, suspended, expired or healthy again.
+    /// Marks a key, by id, leaked, suspended, expired, its project's service disabled, or
+    /// healthy again.
     pub fn set_health(&self, key_id: &str, health: KeyHealth) -> bool {
         let mut inner = self.lock();
         match inner.keys.values_mut().find(|k| k.id == key_id) {
@@ -255,7 +263,7 @@ impl FakeGemini {
     /// The HTTP API: Gemini's routes, plus `/_fake/stats` and `/_fake/faults` for other processes.
     pub fn router(&self) -> Router {
         Router::new()
-            .route("/{version}/models/{call}", post(call))
+            .route("/{version}/models/{call}", post(call).get(get_model))
             .route("/{version}/models", get(list_models))
             .route("/v1beta/openai/chat/completions", post(openai_chat))
             .route("/v1beta/openai/embeddings", post(openai_embeddings))
@@ -449,31 +457,82 @@ async fn openai(fake: FakeGemini, headers: HeaderMap, body: String, method: Meth
     answer(fake, model, method, secret, body).await
 }
 
+/// The key a read of the listing or of one model came with, counted as a probe, or the
+/// answer (status, body) Gemini gives such a read instead: no key, an unknown key, or the
+/// key's ill health.
+fn probed_key(
+    fake: &FakeGemini,
+    headers: &HeaderMap,
+    query: CallQuery,
+) -> Result<FakeKey, (StatusCode, &'static str)> {
+    let secret = headers
+        .get("x-goog-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or(query.key);
+    let mut inner = fake.lock();
+    let Some(secret) = secret else {
+        return Err((StatusCode::FORBIDDEN, responses::UNREGISTERED));
+    };
+    let Some(key) = inner.keys.get(&secret).cloned() else {
+        return Err((StatusCode::BAD_REQUEST, responses::API_KEY_INVALID));
+    };
+    let stats = &mut inner.stats;
+    for counts in [
+        stats.keys.entry(key.id.clone()).or_default(),
+        stats.projects.entry(key.project.clone()).or_default(),
+    ] {
+        counts.probes += 1;
+    }
+    match verdict::health_answer(key.health) {
+        Some(refused) => Err(refused),
+        None => Ok(key),
+    }
+}
+
 /// The models the fake serves, in the listing's shape (one page).
 async fn list_models(
     State(fake): State<FakeGemini>,
     headers: HeaderMap,
     Query(query): Query<CallQuery>,
 ) -> Response {
-    let secret = headers
-        .get("x-goog-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or(query.key);
-    let inner = fake.lock();
-    match secret.as_deref().map(|s| inner.keys.contains_key(s)) {
-        None => return raw_response(StatusCode::FORBIDDEN, responses::UNREGISTERED, false),
-        Some(false) => {
-            return raw_response(StatusCode::BAD_REQUEST, responses::API_KEY_INVALID, false);
-        }
-        Some(true) => {}
+    if let Err((status, body)) = probed_key(&fake, &headers, query) {
+        return raw_response(status, body, false);
     }
-    let models: Vec<Value> = inner
+    let models: Vec<Value> = fake
+        .lock()
         .models
         .keys()
         .map(|name| responses::model_entry(name))
         .collect();
     json_response(StatusCode::OK, serde_json::json!({ "models": models }))
+}
+
+/// One model (`models.get`): what a health probe asks, costing no quota.
+async fn get_model(
+    State(fake): State<FakeGemini>,
+    Path((_version, model)): Path<(String, String)>,
+    Query(query): Query<CallQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let key = match probed_key(&fake, &headers, query) {
+        Ok(key) => key,
+        Err((status, body)) => return raw_response(status, body, false),
+    };
+    let inner = fake.lock();
+    let served = inner.models.contains_key(&model)
+        || inner
+            .projects
+            .get(&key.project)
+            .is_some_and(|models| models.contains_key(&model));
+    if served {
+        json_response(StatusCode::OK, responses::model_entry(&model))
+    } else {
+        json_response(
+            StatusCode::NOT_FOUND,
+            responses::model_not_found(&model, "models.get"),
+        )
+    }
 }
 
 /// Decides and answers one call: key, limits, faults, then the answer in its method's shape.
@@ -685,4 +744,117 @@ async fn set_faults(
 ) -> StatusCode {
     fake.set_faults(faults);
     StatusCode::NO_CONTENT
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    fn fake_with(keys: &[(&str, KeyHealth)]) -> FakeGemini {
+        FakeGemini::new(FakeConfig {
+            keys: keys
+                .iter()
+                .map(|&(id, health)| FakeKey {
+                    id: id.to_string(),
+                    secret: format!("secret-{id}"),
+                    project: format!("project-{id}"),
+                    health,
+                })
+                .collect(),
+            models: [("m".to_string(), Limits::default())].into(),
+            projects: BTreeMap::new(),
+            time_scale: 1.0,
+            faults: Faults::default(),
+            seed: 0,
+        })
+    }
+
+    /// The status and the error's `reason` (or the model's name) of `GET path` with `key`.
+    async fn get(fake: &FakeGemini, path: &str, key: Option<&str>) -> (u16, String) {
+        let mut request = Request::get(path);
+        if let Some(key) = key {
+            request = request.header("x-goog-api-key", key);
+        }
+        let response = fake
+            .router()
+            .oneshot(request.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        let said = body["name"]
+            .as_str()
+            .or_else(|| body["error"]["details"][0]["reason"].as_str())
+            .or_else(|| body["error"]["details"][1]["reason"].as_str())
+            .or_else(|| body["error"]["status"].as_str())
+            .unwrap_or_default();
+        (status, said.to_string())
+    }
+
+    #[tokio::test]
+    async fn a_read_of_a_model_answers_by_the_keys_health_and_counts_as_a_probe() {
+        let fake = fake_with(&[
+            ("fine", KeyHealth::Healthy),
+            ("leaked", KeyHealth::Leaked),
+            ("suspended", KeyHealth::Suspended),
+            ("expired", KeyHealth::Expired),
+            ("disabled", KeyHealth::ServiceDisabled),
+        ]);
+        let one = "/v1beta/models/m";
+        assert_eq!(
+            get(&fake, one, Some("secret-fine")).await,
+            (200, "models/m".into())
+        );
+        assert_eq!(get(&fake, one, Some("secret-leaked")).await.0, 403);
+        assert_eq!(
+            get(&fake, one, Some("secret-suspended")).await,
+            (403, "CONSUMER_SUSPENDED".into())
+        );
+        assert_eq!(
+            get(&fake, one, Some("secret-expired")).await,
+            (400, "API_KEY_INVALID".into())
+        );
+        assert_eq!(
+            get(&fake, one, Some("secret-disabled")).await,
+            (403, "SERVICE_DISABLED".into())
+        );
+        assert_eq!(
+            get(&fake, one, Some("unknown")).await,
+            (400, "API_KEY_INVALID".into())
+        );
+        assert_eq!(get(&fake, one, None).await.0, 403);
+        assert_eq!(
+            get(&fake, "/v1beta/models/other", Some("secret-fine")).await,
+            (404, "NOT_FOUND".into())
+        );
+        // The listing answers by health too.
+        assert_eq!(
+            get(&fake, "/v1beta/models", Some("secret-disabled"))
+                .await
+                .0,
+            403
+        );
+        assert_eq!(
+            get(&fake, "/v1beta/models", Some("secret-fine")).await.0,
+            200
+        );
+
+        // Probes are counted apart from calls: no status, no overlap.
+        let stats = fake.stats();
+        assert_eq!(stats.keys["fine"].probes, 3);
+        assert_eq!(stats.keys["disabled"].probes, 2);
+        assert_eq!(stats.all().probes, 8);
+        assert_eq!(stats.all().total(), 0);
+        assert_eq!(stats.all().overlaps, 0);
+
+        // A project whose service is enabled again answers at once.
+        fake.set_health("disabled", KeyHealth::Healthy);
+        assert_eq!(get(&fake, one, Some("secret-disabled")).await.0, 200);
+    }
 }

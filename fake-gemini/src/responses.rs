@@ -8,6 +8,7 @@ pub const API_KEY_INVALID: &str = include_str!("../fixtures/errors/400-api-key-i
 pub const API_KEY_EXPIRED: &str = include_str!("../fixtures/errors/400-api-key-expired.json");
 pub const LEAKED: &str = include_str!("../fixtures/errors/403-leaked.json");
 pub const SUSPENDED: &str = include_str!("../fixtures/errors/403-consumer-suspended.json");
+pub const SERVICE_DISABLED: &str = include_str!("../fixtures/errors/403-service-disabled.json");
 pub const UNREGISTERED: &str = include_str!("../fixtures/errors/403-unregistered-caller.json");
 pub const QUOTA_NO_DETAILS: &str = include_str!("../fixtures/errors/429-no-details.json");
 pub const INTERNAL: &str = include_str!("../fixtures/errors/500-internal.json");

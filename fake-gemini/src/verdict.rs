@@ -18,6 +18,17 @@ impl Verdict {
     }
 }
 
+/// What a key in ill `health` is answered, whatever it asks (a call or a read of the models).
+pub(super) fn health_answer(health: KeyHealth) -> Option<(StatusCode, &'static str)> {
+    match health {
+        KeyHealth::Healthy => None,
+        KeyHealth::Leaked => Some((StatusCode::FORBIDDEN, responses::LEAKED)),
+        KeyHealth::Suspended => Some((StatusCode::FORBIDDEN, responses::SUSPENDED)),
+        KeyHealth::Expired => Some((StatusCode::BAD_REQUEST, responses::API_KEY_EXPIRED)),
+        KeyHealth::ServiceDisabled => Some((StatusCode::FORBIDDEN, responses::SERVICE_DISABLED)),
+    }
+}
+
 pub(super) fn decide(
     fake: &FakeGemini,
     inner: &mut Inner,
@@ -28,20 +39,8 @@ pub(super) fn decide(
     tokens: u64,
 ) -> (Verdict, bool) {
     let verdict = |verdict| (verdict, false);
-    match key.health {
-        KeyHealth::Healthy => {}
-        KeyHealth::Leaked => {
-            return verdict(Verdict::Raw(StatusCode::FORBIDDEN, responses::LEAKED));
-        }
-        KeyHealth::Suspended => {
-            return verdict(Verdict::Raw(StatusCode::FORBIDDEN, responses::SUSPENDED));
-        }
-        KeyHealth::Expired => {
-            return verdict(Verdict::Raw(
-                StatusCode::BAD_REQUEST,
-                responses::API_KEY_EXPIRED,
-            ));
-        }
+    if let Some((status, body)) = health_answer(key.health) {
+        return verdict(Verdict::Raw(status, body));
     }
     let Some(&limits) = inner
         .projects
