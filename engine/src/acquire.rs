@@ -8,8 +8,8 @@ use super::ids::{KeyIdx, ModelIdx, PoolIdx, ProjectIdx};
 use super::leases::{Lease, lease_id};
 use super::waiting::{Ask, Line, WaitQueue, Waiter};
 use super::{
-    AcquireRequest, Acquired, DEFAULT_POOL, Engine, EngineError, EventKind, Time, Unavailable,
-    UnavailableReason, WaiterId, canonical_model, invalid, show_ms, validate_id, validate_tokens,
+    AcquireRequest, Acquired, Engine, EngineError, EventKind, Time, Unavailable, UnavailableReason,
+    WaiterId, canonical_model, invalid, pool_or_default, show_ms, validate_id, validate_tokens,
 };
 use foldhash::{HashMap, HashMapExt, HashSet};
 
@@ -117,11 +117,7 @@ impl Engine {
         if let Some(id) = &request.client_request_id {
             validate_id("client_request_id", id, false)?;
         }
-        let pool_name = if request.pool.is_empty() {
-            DEFAULT_POOL
-        } else {
-            request.pool.as_str()
-        };
+        let pool_name = pool_or_default(&request.pool);
         let pool = self
             .catalogue
             .pool_by_name(pool_name)

@@ -57,7 +57,7 @@ pub use requests::{
 };
 pub use setup::{
     DEFAULT_POOL, EngineConfig, KeySpec, OLDEST_RULES_DECIDED, PoolConfig, RULES_VERSION, Setup,
-    SetupError, canonical_model,
+    SetupError, canonical_model, pool_or_default,
 };
 pub(crate) use setup::{
     RULES_EVIDENCE_STANDING, RULES_FORGETTING_UNLISTED_MODELS, RULES_WEIGHING_EVIDENCE,

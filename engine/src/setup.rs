@@ -6,6 +6,11 @@ use super::*;
 /// The pool an acquire without one goes to.
 pub const DEFAULT_POOL: &str = "gemini";
 
+/// The pool a request names: `pool`, or [`DEFAULT_POOL`] when it names none.
+pub fn pool_or_default(pool: &str) -> &str {
+    if pool.is_empty() { DEFAULT_POOL } else { pool }
+}
+
 /// The rules the engine enforces, validated by the configuration before it gets here.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EngineConfig {

@@ -9,9 +9,8 @@ use super::learning::Learned;
 use super::leases::{Lease, lease_id};
 use super::quota::QuotaGroup;
 use super::{
-    Counts, DEFAULT_POOL, Engine, EngineError, GroupView, KeyState, KeyView, LeaseEvent,
-    LeaseSummary, LeaseView, LimitKind, LimitView, StatusView, Time, UsageView, canonical_model,
-    invalid,
+    Counts, Engine, EngineError, GroupView, KeyState, KeyView, LeaseEvent, LeaseSummary, LeaseView,
+    LimitKind, LimitView, StatusView, Time, UsageView, canonical_model, invalid, pool_or_default,
 };
 use foldhash::{HashMap, HashMapExt};
 use std::collections::BTreeSet;
@@ -251,12 +250,13 @@ impl Engine {
     /// Whether `pool` (the default pool when empty) serves `model` now, listed or remembered:
     /// asking for it makes the engine remember nothing new.
     pub fn serves(&self, pool: &str, model: &str) -> bool {
-        let pool = if pool.is_empty() { DEFAULT_POOL } else { pool };
-        self.catalogue.pool_by_name(pool).is_some_and(|pool| {
-            self.catalogue
-                .model_served(pool, canonical_model(model))
-                .is_some()
-        })
+        self.catalogue
+            .pool_by_name(pool_or_default(pool))
+            .is_some_and(|pool| {
+                self.catalogue
+                    .model_served(pool, canonical_model(model))
+                    .is_some()
+            })
     }
 
     /// Keys (a page of them, starting after key `after`), quota groups and lines, for

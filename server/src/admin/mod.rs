@@ -326,11 +326,7 @@ impl Control {
         ] {
             self.check_name(field, name)?;
         }
-        let pool = if request.pool.is_empty() {
-            keylease_engine::DEFAULT_POOL
-        } else {
-            request.pool.as_str()
-        };
+        let pool = keylease_engine::pool_or_default(&request.pool);
         if model.is_empty() {
             return Err(invalid("model", "empty"));
         }
@@ -522,11 +518,7 @@ impl KeyAdmin for KeyAdminService {
     ) -> Result<Response<pb::QuotaGroupStatus>, Status> {
         let by = caller_name(&request);
         let request = request.into_inner();
-        let pool = if request.pool.is_empty() {
-            keylease_engine::DEFAULT_POOL.to_string()
-        } else {
-            request.pool
-        };
+        let pool = keylease_engine::pool_or_default(&request.pool).to_string();
         let reset = Command::ResetCooldown {
             pool,
             project: request.project,
