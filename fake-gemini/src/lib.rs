@@ -179,6 +179,18 @@ struct Inner {
     next_response: u64,
 }
 
+impl Inner {
+    /// The limits `project` has for `model` (its own, or the model's for every project); `None`
+    /// when the fake does not serve the model.
+    fn limits_of(&self, project: &str, model: &str) -> Option<Limits> {
+        self.projects
+            .get(project)
+            .and_then(|models| models.get(model))
+            .or_else(|| self.models.get(model))
+            .copied()
+    }
+}
+
 struct Shared {
     inner: Mutex<Inner>,
     started: Instant,
@@ -519,12 +531,7 @@ async fn get_model(
         Ok(key) => key,
         Err((status, body)) => return raw_response(status, body, false),
     };
-    let inner = fake.lock();
-    let served = inner.models.contains_key(&model)
-        || inner
-            .projects
-            .get(&key.project)
-            .is_some_and(|models| models.contains_key(&model));
+    let served = fake.lock().limits_of(&key.project, &model).is_some();
     if served {
         json_response(StatusCode::OK, responses::model_entry(&model))
     } else {

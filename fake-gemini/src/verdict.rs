@@ -42,12 +42,7 @@ pub(super) fn decide(
     if let Some((status, body)) = health_answer(key.health) {
         return verdict(Verdict::Raw(status, body));
     }
-    let Some(&limits) = inner
-        .projects
-        .get(&key.project)
-        .and_then(|models| models.get(model))
-        .or_else(|| inner.models.get(model))
-    else {
+    let Some(limits) = inner.limits_of(&key.project, model) else {
         return verdict(Verdict::Json(
             StatusCode::NOT_FOUND,
             responses::model_not_found(model, "generateContent"),
