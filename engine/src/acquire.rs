@@ -409,7 +409,8 @@ impl Engine {
                     }
                     continue;
                 }
-                if self.catalogue.pool(pool).enabled_keys() == 0 {
+                let entry = self.catalogue.pool(pool);
+                if entry.enabled_keys() == 0 && !entry.awaits_check(self.catalogue.keys()) {
                     queue.remove(id);
                     served.push((id, None));
                     let failure = Unavailable {
@@ -542,8 +543,14 @@ impl Engine {
             }
         }
         if !any_enabled {
+            let pool = self.catalogue.pool(ask.pool);
+            let reason = if pool.awaits_check(self.catalogue.keys()) {
+                UnavailableReason::AwaitingCheck
+            } else {
+                UnavailableReason::AllDisabled
+            };
             return Unavailable {
-                reason: UnavailableReason::AllDisabled,
+                reason,
                 retry_at_ms: None,
             };
         }

@@ -1,9 +1,10 @@
-//! The key catalogue: every configured key with its pool and project, which are disabled, which
-//! live leases each holds, and each pool's free set (enabled keys with a free slot, least
+//! The key catalogue: every configured key with its pool and project, its health (see
+//! [`super::health`]), which live leases each holds, and each pool's free set (enabled keys with a free slot, least
 //! recently granted first). A key no longer configured while leases run on it stays, draining:
 //! never lent again, and gone from every view once its last lease ends. A key only changes through [`Catalogue::update`], which keeps the
 //! free set and the pool's count of enabled keys in step with it.
 
+use super::health::{Disabled, KeyCheck};
 use super::ids::{KeyIdx, ModelIdx, PoolIdx, ProjectIdx, Token};
 use super::quota::Limits;
 use super::{EngineConfig, KeySpec, PoolConfig, SetupError};
@@ -51,7 +52,13 @@ pub(super) struct Key {
     pub pool: PoolIdx,
     pub project: ProjectIdx,
     pub max_leases: u32,
-    pub disabled: Option<String>,
+    pub disabled: Option<Disabled>,
+    /// Leases from this fencing token on were granted after the key was last enabled.
+    pub enabled_from_token: u64,
+    /// What the last check with the provider found.
+    pub last_check: Option<KeyCheck>,
+    /// Added while keys are checked: never lent before its first check answers.
+    pub awaiting_check: bool,
     /// No longer configured: it serves its live leases to their end and is never lent again.
     pub draining: bool,
     /// Fencing tokens of its live leases, oldest first.
@@ -65,9 +72,9 @@ impl Key {
         self.is_lendable() && (self.live.len() as u32) < self.max_leases
     }
 
-    /// Neither disabled nor draining.
+    /// Neither disabled, draining, nor waiting for its first check.
     pub fn is_lendable(&self) -> bool {
-        self.disabled.is_none() && !self.draining
+        self.disabled.is_none() && !self.draining && !self.awaiting_check
     }
 
     /// Drained: no longer configured and no lease left on it. Nothing shows it any more.
@@ -108,6 +115,12 @@ pub(super) struct Pool {
 impl Pool {
     pub fn enabled_keys(&self) -> usize {
         self.enabled_keys
+    }
+
+    /// Whether a key of the pool waits for its first check: the pool may serve once it is
+    /// checked, though no key is enabled now.
+    pub fn awaits_check(&self, keys: &[Key]) -> bool {
+        self.keys.iter().any(|&key| keys[key].awaiting_check)
     }
 
     /// Enabled keys with a free slot, least recently granted first.
@@ -222,7 +235,8 @@ impl Catalogue {
                 .max_leases
                 .unwrap_or(pool_entry.config.max_leases_per_key);
             pool_entry.keys.push(idx);
-            if !is_draining {
+            let awaiting_check = config.check_keys && !is_draining;
+            if !is_draining && !awaiting_check {
                 pool_entry.enabled_keys += 1;
                 pool_entry.free.insert((0, idx));
             }
@@ -233,6 +247,9 @@ impl Catalogue {
                 project,
                 max_leases,
                 disabled: None,
+                enabled_from_token: 0,
+                last_check: None,
+                awaiting_check,
                 draining: is_draining,
                 live: Vec::new(),
                 last_granted_ms: 0,
@@ -255,6 +272,13 @@ impl Catalogue {
             .get(id)
             .copied()
             .filter(|&idx| !self.keys[idx].is_gone())
+    }
+
+    /// The key whose identity (fingerprint) is `identity`, unless it is gone.
+    pub fn key_by_identity(&self, identity: &str) -> Option<KeyIdx> {
+        self.keys
+            .iter()
+            .position(|key| key.spec.identity() == identity && !key.is_gone())
     }
 
     pub fn pool(&self, idx: PoolIdx) -> &Pool {

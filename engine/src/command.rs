@@ -3,8 +3,9 @@
 //! state. Reads (status, a key's view, the next deadline) take `&self` and change nothing.
 
 use super::{
-    AcquireRequest, Acquired, Amount, Engine, EngineError, EventKind, FailureReport, GroupView,
-    KeyView, Notices, Renewal, Renewed, Reported, Setup, SetupError, Time, Usage, WaiterId,
+    AcquireRequest, Acquired, Amount, CheckOutcome, Engine, EngineError, EventKind, FailureReport,
+    GroupView, KeyView, Notices, Renewal, Renewed, Reported, Setup, SetupError, Time, Usage,
+    WaiterId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -64,6 +65,12 @@ pub enum Command {
     /// A renewal whose requests and tokens more, when their group has no room now, wait in
     /// the lease's line for it (rules 7 on); [`Command::Renew`] says why there is none.
     RenewWaiting(Renewal),
+    /// What a check of a key with the provider found (rules 8 on); the key is named by its
+    /// identity, so that a check of a secret since replaced changes nothing.
+    KeyChecked {
+        identity: String,
+        outcome: CheckOutcome,
+    },
 }
 
 impl Command {
@@ -83,6 +90,7 @@ impl Command {
             Self::ResetCooldown { .. } => "reset_cooldown",
             Self::ReportFailureAndReplace { .. } => "report_failure_and_replace",
             Self::RenewWaiting(_) => "renew_waiting",
+            Self::KeyChecked { .. } => "key_checked",
         }
     }
 }
@@ -97,7 +105,10 @@ pub enum Reply {
     /// `Ok(None)`: the lease had already ended.
     Released(Result<Option<Amount>, EngineError>),
     Reported(Result<Reported, EngineError>),
-    KeySet(Result<KeyView, EngineError>),
+    /// Boxed, as the other key views are: see [`Reply::ReportedAndReplaced`].
+    KeySet(Result<Box<KeyView>, EngineError>),
+    /// The key as the check left it.
+    KeyChecked(Result<Box<KeyView>, EngineError>),
     HandedBack,
     Ticked,
     /// How many waiters left.
@@ -168,6 +179,9 @@ impl Engine {
             Command::CancelWaiter(id) => Reply::WaiterCancelled(self.cancel_waiter(time, id)),
             Command::Renew(renewal) => Reply::Renewed(self.renew(time, renewal, false)),
             Command::RenewWaiting(renewal) => Reply::Renewed(self.renew(time, renewal, true)),
+            Command::KeyChecked { identity, outcome } => {
+                Reply::KeyChecked(self.key_checked(time, &identity, outcome).map(Box::new))
+            }
             Command::Release {
                 lease_id,
                 fencing_token,
@@ -182,7 +196,10 @@ impl Engine {
                 key_id,
                 enabled,
                 reason,
-            } => Reply::KeySet(self.set_key_enabled(time, &key_id, enabled, &reason)),
+            } => Reply::KeySet(
+                self.set_key_enabled(time, &key_id, enabled, &reason)
+                    .map(Box::new),
+            ),
             Command::HandBack {
                 lease_id,
                 fencing_token,
@@ -289,9 +306,16 @@ impl Reply {
         }
     }
 
+    pub fn into_key_checked(self) -> Result<KeyView, EngineError> {
+        match self {
+            Self::KeyChecked(reply) => reply.map(|view| *view),
+            other => unreachable!("a check answered {other:?}"),
+        }
+    }
+
     pub fn into_key_set(self) -> Result<KeyView, EngineError> {
         match self {
-            Self::KeySet(reply) => reply,
+            Self::KeySet(reply) => reply.map(|view| *view),
             other => unreachable!("a set-enabled answered {other:?}"),
         }
     }

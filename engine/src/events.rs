@@ -34,9 +34,17 @@ pub enum EventKind {
     KeyDisabled {
         key_id: String,
         reason: String,
+        by: Decider,
     },
     KeyEnabled {
         key_id: String,
+        by: Decider,
+    },
+    /// A check of the key with the provider answered (what it did to the key follows as its
+    /// own event).
+    KeyChecked {
+        key_id: String,
+        outcome: CheckOutcome,
     },
     /// A key came with a new configuration.
     KeyAdded {

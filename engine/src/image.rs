@@ -11,8 +11,8 @@ use super::outage::Answers;
 use super::quota::QuotaGroup;
 use super::waiting::{Ask, WaitQueue, Waiter};
 use super::{
-    Engine, EventKind, KeySpec, Reconfigured, Setup, SetupError, Time, Unavailable,
-    UnavailableReason, WaiterId,
+    Disabled, Engine, EventKind, KeyCheck, KeySpec, Reconfigured, Setup, SetupError, Time,
+    Unavailable, UnavailableReason, WaiterId,
 };
 use foldhash::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
@@ -49,8 +49,12 @@ pub struct KeyImage {
     pub id: String,
     /// The key's identity across configurations (its fingerprint).
     pub identity: String,
-    pub disabled: Option<String>,
+    pub disabled: Option<Disabled>,
     pub last_granted_ms: u64,
+    /// Leases from this fencing token on were granted after it was last enabled (rules 8 on).
+    pub enabled_from_token: u64,
+    pub last_check: Option<KeyCheck>,
+    pub awaiting_check: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,6 +216,9 @@ impl Engine {
                     identity: key.spec.identity().to_string(),
                     disabled: key.disabled.clone(),
                     last_granted_ms: key.last_granted_ms,
+                    enabled_from_token: key.enabled_from_token,
+                    last_check: key.last_check.clone(),
+                    awaiting_check: key.awaiting_check,
                 })
                 .collect(),
             leases,
@@ -343,6 +350,11 @@ impl Engine {
             let renamed = engine.catalogue.update(idx, |entry| {
                 entry.last_granted_ms = key.last_granted_ms;
                 entry.disabled = key.disabled.clone();
+                entry.enabled_from_token = key.enabled_from_token;
+                entry.last_check = key.last_check.clone();
+                // A key checked no longer waits; one that waited keeps waiting while keys are
+                // checked.
+                entry.awaiting_check = key.awaiting_check && entry.awaiting_check;
                 entry.live = live;
                 (entry.spec.id != key.id).then(|| entry.spec.id.clone())
             });

@@ -13,6 +13,7 @@ mod catalogue;
 pub mod command;
 mod error;
 mod events;
+pub mod health;
 mod ids;
 pub mod image;
 pub mod layout;
@@ -51,6 +52,7 @@ use waiting::Lines;
 pub use error::EngineError;
 pub(crate) use error::{invalid, validate_detail, validate_id, validate_tokens};
 pub use events::{Event, EventKind, LeaseEvent, Notices};
+pub use health::{CheckOutcome, CheckTarget, Decider, Disabled, KeyCheck, KeyProblem};
 pub use requests::{
     AcquireRequest, Acquired, FailureKind, FailureReport, LeaseSummary, LeaseView, Renewal,
     Renewed, Reported, Unavailable, UnavailableReason, Usage, WaiterId,

@@ -5,7 +5,7 @@
 
 use super::RULES_WEIGHING_EVIDENCE;
 use super::catalogue::GroupKey;
-use super::ids::KeyIdx;
+use super::health::Decider;
 use super::ids::Token;
 use super::learning::weighing::span_of;
 use super::quota::{Amount, Cooldown, CooldownReason};
@@ -95,7 +95,7 @@ impl Engine {
             ));
         }
         let weighs = self.rules >= RULES_WEIGHING_EVIDENCE;
-        let (ended, event, booked) = match self.leases.live_token(lease_id, fencing_token) {
+        let (token, ended, event, booked) = match self.leases.live_token(lease_id, fencing_token) {
             Ok(token) => {
                 let lease = self.leases.get(token).expect("live").clone();
                 let mut used = lease.used(Usage {
@@ -111,7 +111,7 @@ impl Engine {
                     }
                 }
                 let event = self.end_lease(token, time, used);
-                (lease, event, Some(used))
+                (token, lease, event, Some(used))
             }
             // A lease that ended may still bring news of its key; a live one with another
             // token is simply refused.
@@ -127,7 +127,7 @@ impl Engine {
                     });
                 };
                 let event = self.event_of(token, &ended);
-                (ended, event, None)
+                (token, ended, event, None)
             }
             Err(error) => return Err(error),
         };
@@ -239,7 +239,7 @@ impl Engine {
                 } else {
                     format!("{}: {}", report.kind.as_str(), report.detail)
                 };
-                self.disable(time, key, reason);
+                self.reported_problem(time, key, token, report.kind, reason);
             }
             FailureKind::ServerError | FailureKind::Timeout | FailureKind::Other => {}
         }
@@ -380,7 +380,8 @@ impl Engine {
         );
     }
 
-    /// Disables a key (its leases end, counted as fully used) or enables it again.
+    /// An operator disables a key (its leases end, counted as fully used) or enables it again,
+    /// whoever disabled it.
     pub(super) fn set_key_enabled(
         &mut self,
         now: impl Into<Time>,
@@ -395,23 +396,14 @@ impl Engine {
             .key_by_id(key_id)
             .ok_or_else(|| EngineError::KeyNotFound(key_id.to_string()))?;
         if enabled {
-            if self.catalogue.key(key).disabled.is_some() {
-                self.catalogue.update(key, |key| key.disabled = None);
-                self.freed = true;
-                self.emit(
-                    time,
-                    EventKind::KeyEnabled {
-                        key_id: key_id.to_string(),
-                    },
-                );
-            }
+            self.enable(time, key, Decider::Operator);
         } else {
             let reason = if reason.is_empty() {
                 "disabled by an operator"
             } else {
                 reason
             };
-            self.disable(time, key, reason.to_string());
+            self.disable(time, key, Decider::Operator, None, reason.to_string());
         }
         self.tick(time);
         Ok(self.key_view(key, time.steady_ms))
@@ -479,34 +471,6 @@ impl Engine {
         );
         self.tick(time);
         Ok(view)
-    }
-
-    fn disable(&mut self, time: Time, key: KeyIdx, reason: String) {
-        if self.catalogue.key(key).disabled.is_some() {
-            return;
-        }
-        for token in self.catalogue.key(key).live.clone() {
-            let used = self.leases.get(token).expect("live").reserved();
-            let event = self.end_lease(token, time, used);
-            self.emit(
-                time,
-                EventKind::Released {
-                    lease: event,
-                    requests_sent: used.requests,
-                },
-            );
-        }
-        self.catalogue
-            .update(key, |entry| entry.disabled = Some(reason.clone()));
-        // Waiters that only this key could serve must now fail rather than wait.
-        self.freed = true;
-        self.emit(
-            time,
-            EventKind::KeyDisabled {
-                key_id: self.catalogue.key(key).spec.id.clone(),
-                reason,
-            },
-        );
     }
 
     /// Ends a live lease: frees its slot and settles its quota with what it `used`.

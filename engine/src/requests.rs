@@ -56,6 +56,8 @@ pub enum UnavailableReason {
     AllExcluded,
     /// The lease's key is draining: it serves what was granted, nothing more.
     KeyDraining,
+    /// Every key that could serve waits for its first check with the provider.
+    AwaitingCheck,
 }
 
 impl UnavailableReason {
@@ -69,6 +71,7 @@ impl UnavailableReason {
             Self::KeyDraining => {
                 "the lease's key is being removed: it serves what was granted, nothing more"
             }
+            Self::AwaitingCheck => "every usable key waits for its first check with the provider",
         }
     }
 }

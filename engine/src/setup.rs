@@ -33,6 +33,10 @@ pub struct EngineConfig {
     /// Windows that press a limit lowered by a 429 without a figure, without another 429,
     /// before it climbs back (see [`learning`]).
     pub relearn_after_windows: u32,
+    /// Keys are checked with the provider (rules 8 on): a key added waits for its first check
+    /// before it is lent. Laid out after the rest of a setup (see [`layout`]).
+    #[serde(skip)]
+    pub check_keys: bool,
 }
 
 impl EngineConfig {
@@ -110,8 +114,11 @@ pub struct Setup {
 /// two commands it joins decide, so nothing older is decided differently. Version 7: a renewal
 /// may wait in its lease's line for the requests it asks for more
 /// ([`Command::RenewWaiting`]), and snapshots keep such waiters; older builds can read
-/// neither, and nothing older is decided differently.
-pub const RULES_VERSION: u32 = 7;
+/// neither, and nothing older is decided differently. Version 8: a key's health is kept (see
+/// [`health`]): who disabled it, checks with the provider ([`Command::KeyChecked`]), keys added
+/// waiting for their first check, and a report on a lease granted before the key was last
+/// enabled disabling nothing; snapshots keep it, in a layout older builds cannot read.
+pub const RULES_VERSION: u32 = 8;
 /// The oldest rules this build still decides by: records decided under them replay.
 pub const OLDEST_RULES_DECIDED: u32 = 2;
 /// The rules from which a pool at its bound forgets an unlisted model.

@@ -19,6 +19,10 @@ pub enum KeyState {
     Disabled,
     /// No longer configured: its live leases run to their end, then it is gone.
     Draining,
+    /// Lent, though its last check with the provider got no answer that says anything of it.
+    Unchecked,
+    /// Added while keys are checked: not lent before its first check answers.
+    Checking,
 }
 
 #[derive(Debug, Clone)]
@@ -28,7 +32,8 @@ pub struct KeyView {
     pub pool: String,
     pub project: String,
     pub state: KeyState,
-    pub disabled_reason: Option<String>,
+    pub disabled: Option<Disabled>,
+    pub last_check: Option<KeyCheck>,
     pub max_leases: u32,
     pub leases: Vec<LeaseSummary>,
     pub cooling_until_ms: Option<u64>,

@@ -41,6 +41,7 @@ pub(super) fn config(rpm: u64, rpd: u64) -> EngineConfig {
         },
         pools: BTreeMap::from([(DEFAULT_POOL.to_string(), pool)]),
         relearn_after_windows: 10,
+        check_keys: false,
     }
 }
 
@@ -679,9 +680,11 @@ fn an_invalid_key_is_disabled_until_an_operator_enables_it() {
         .unwrap();
     let status = e.key_status(T0, "k1").unwrap();
     assert_eq!(status.state, KeyState::Disabled);
+    let disabled = status.disabled.expect("disabled");
+    assert_eq!(disabled.reason, "invalid key: API_KEY_INVALID");
     assert_eq!(
-        status.disabled_reason.as_deref(),
-        Some("invalid key: API_KEY_INVALID")
+        (disabled.by, disabled.problem, disabled.since_wall_ms),
+        (Decider::Report, Some(KeyProblem::Invalid), Some(T0))
     );
     let why = unavailable(e.acquire(
         T0 + 60 * MINUTE,
@@ -2209,6 +2212,7 @@ fn a_new_model_is_refused_only_when_every_unlisted_model_is_held() {
     assert!(refused.contains("list \"one-too-many\""), "{refused}");
 }
 
+mod health;
 mod learning_properties;
 mod properties;
 mod provider;

@@ -9,8 +9,9 @@ use super::learning::Learned;
 use super::leases::{Lease, lease_id};
 use super::quota::QuotaGroup;
 use super::{
-    Counts, Engine, EngineError, GroupView, KeyState, KeyView, LeaseEvent, LeaseSummary, LeaseView,
-    LimitKind, LimitView, StatusView, Time, UsageView, canonical_model, invalid, pool_or_default,
+    CheckOutcome, Counts, Engine, EngineError, GroupView, KeyState, KeyView, LeaseEvent,
+    LeaseSummary, LeaseView, LimitKind, LimitView, StatusView, Time, UsageView, canonical_model,
+    invalid, pool_or_default,
 };
 use foldhash::{HashMap, HashMapExt};
 use std::collections::BTreeSet;
@@ -148,14 +149,22 @@ impl Engine {
 
     fn key_view_with(&self, key: KeyIdx, cooling_until_ms: Option<u64>) -> KeyView {
         let entry = self.catalogue.key(key);
+        let unchecked = entry
+            .last_check
+            .as_ref()
+            .is_some_and(|check| matches!(check.outcome, CheckOutcome::NoAnswer { .. }));
         let state = if entry.disabled.is_some() {
             KeyState::Disabled
         } else if entry.draining {
             KeyState::Draining
+        } else if entry.awaiting_check {
+            KeyState::Checking
         } else if !entry.live.is_empty() {
             KeyState::Leased
         } else if cooling_until_ms.is_some() {
             KeyState::CoolingDown
+        } else if unchecked {
+            KeyState::Unchecked
         } else {
             KeyState::Available
         };
@@ -165,7 +174,8 @@ impl Engine {
             pool: self.catalogue.pool(entry.pool).name.clone(),
             project: self.catalogue.projects.name(entry.project).to_string(),
             state,
-            disabled_reason: entry.disabled.clone(),
+            disabled: entry.disabled.clone(),
+            last_check: entry.last_check.clone(),
             max_leases: entry.max_leases,
             leases: entry.live.iter().map(|&t| self.summary(t)).collect(),
             cooling_until_ms,

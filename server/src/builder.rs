@@ -10,6 +10,7 @@ use crate::clock::Clock;
 use crate::config::{Settings, StateLocation};
 use crate::connections::{Front, Incoming, LocalConnector};
 use crate::in_process::InProcess;
+use crate::key_checks::CheckSetup;
 use crate::metrics::StatusSource;
 use crate::service::KeyLeaseService;
 use crate::shell::{OpenError, Recovered, State};
@@ -45,6 +46,8 @@ pub enum LaunchError {
     Serve(#[from] crate::server::ServeError),
     #[error("{0}")]
     Replica(#[from] crate::replica::StartError),
+    #[error("[health]: keys cannot be checked: {0}")]
+    Checks(String),
 }
 
 impl From<crate::replica::ServeError> for LaunchError {
@@ -162,7 +165,8 @@ impl ServerBuilder {
         } = self;
         let (state, recovered) = State::open(&settings, clock, reset_state)?;
         log_recovery(&settings, &recovered);
-        let control = Control::new(source, settings.clone(), state.clone())?;
+        let checks = CheckSetup::of(settings.health.as_ref()).map_err(LaunchError::Checks)?;
+        let control = Control::new(source, settings.clone(), state.clone(), checks)?;
         let service = Arc::new(KeyLeaseService::new(state.clone(), None));
         let in_process = InProcess::new(
             service.clone(),

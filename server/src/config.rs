@@ -3,7 +3,7 @@
 //! port is bound; an error names the file, field or line, and the reason, never a secret. Text
 //! that can hold one (a secret or token field, a keys-file line, a token variable, any value a
 //! parser quotes) is never quoted: the error gives where it is and what was expected.
-//! A section with settings of its own is split out beside this file: [`proxy`].
+//! A section with settings of its own is split out beside this file: [`proxy`], [`health`].
 
 use crate::auth::{self, Access, Credential, Role, TokenSpec};
 use crate::secret::Redactor;
@@ -23,6 +23,7 @@ use std::time::Duration;
 
 /// Prefix of environment overrides: `KEYLEASE_SERVER__LISTEN=0.0.0.0:50051`.
 mod access;
+pub mod health;
 mod keys;
 mod pools;
 pub mod proxy;
@@ -33,6 +34,7 @@ pub use keys::{name_problem, secret_problem};
 pub use pools::{AutoCeiling, LimitSection, LimitValue, PoolSection};
 pub use replication::{Replication, ReplicationSection};
 
+use health::{HealthSection, HealthSettings, health_settings};
 use proxy::{ProxySection, ProxySettings, proxy_settings};
 
 pub const ENV_PREFIX: &str = "KEYLEASE";
@@ -73,6 +75,8 @@ pub struct FileConfig {
     pub replication: ReplicationSection,
     pub metrics: MetricsSection,
     pub proxy: ProxySection,
+    /// Absent: keys are not checked.
+    pub health: Option<HealthSection>,
     pub pools: BTreeMap<String, PoolSection>,
     pub keys: Vec<KeyEntry>,
 }
@@ -336,6 +340,8 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     /// The Gemini-compatible endpoint, when configured.
     pub proxy: Option<ProxySettings>,
+    /// Checking keys with the provider, when configured.
+    pub health: Option<HealthSettings>,
     /// What the operator should hear about at start (deprecated settings, no auth).
     pub notices: Vec<String>,
     pub max_wait: Duration,
@@ -371,6 +377,28 @@ impl Settings {
 }
 
 impl Settings {
+    /// These settings read again, with what only a restart changes as it runs in `running`
+    /// (compared again at the next reload). Keys are checked as they were: a key added waits
+    /// for its first check only where a checker runs.
+    pub fn keeping_what_needs_a_restart(self, running: &Settings) -> Settings {
+        let mut engine = self.engine;
+        engine.check_keys = running.engine.check_keys;
+        Settings {
+            listen: running.listen,
+            log_format: running.log_format,
+            shutdown_grace: running.shutdown_grace,
+            limits: running.limits,
+            max_wait: running.max_wait,
+            state: running.state.clone(),
+            tls: running.tls.clone(),
+            metrics_listen: running.metrics_listen,
+            proxy: running.proxy.clone(),
+            health: running.health.clone(),
+            engine,
+            ..self
+        }
+    }
+
     /// The SHA-256 of every token known only by it: masked where a caller writes one.
     pub fn token_hashes(&self) -> impl Iterator<Item = [u8; 32]> + '_ {
         self.access
@@ -653,6 +681,11 @@ pub fn validate(
         return Err(invalid(at("quota.relearn_after"), "must be above zero"));
     }
     let pools = pools::pools(&file, &mut notices, &at)?;
+    let listed: Vec<(String, Vec<String>)> = pools
+        .iter()
+        .map(|(name, pool)| (name.clone(), pool.models.keys().cloned().collect()))
+        .collect();
+    let health = health_settings(&file, &listed, &at)?;
     let (keys, keys_file) = keys::keys(&file, origin, base_dir, env, overrides, &pools, &at)?;
     let state = replication::state_location(&file, overrides, listen, base_dir, &at)?;
     Ok(Settings {
@@ -666,6 +699,7 @@ pub fn validate(
         metrics_listen,
         proxy,
         notices,
+        health,
         max_wait: leases.max_wait,
         engine: EngineConfig {
             default_ttl_ms: leases.default_ttl.as_millis() as u64,
@@ -680,6 +714,7 @@ pub fn validate(
             daily: DailyReset { zone },
             pools,
             relearn_after_windows: file.quota.relearn_after,
+            check_keys: file.health.is_some(),
         },
         keys,
         keys_file,

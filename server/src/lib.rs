@@ -19,6 +19,7 @@
 //! - [`secret`]: the ids and fingerprints derived from API keys, and the one redaction of
 //!   secrets in free text.
 //! - [`proxy`]: the Gemini-compatible HTTP proxy, leasing a key for each upstream call.
+//! - [`key_checks`]: checking keys with the provider (`[health]`), on schedule and on demand.
 //! - [`replica`]: replicas on Redis: the shared log, leading, following, forwarding.
 //! - [`clock`]: the one place that reads the time.
 //! - [`logs`]: how the binaries log; [`exit`]: the exit codes they share.
@@ -33,6 +34,7 @@ pub mod connections;
 pub mod exit;
 pub mod fleet;
 pub mod in_process;
+pub mod key_checks;
 pub mod lock_file;
 pub mod logs;
 pub mod metrics;

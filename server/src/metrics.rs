@@ -5,7 +5,7 @@
 //! the configuration (pool, project, model) and fixed words: never a secret, a key id or a task.
 
 use crate::store::journal::CommitObserver;
-use keylease_engine::{EventKind, FailureKind, KeyState, LimitKind, StatusView};
+use keylease_engine::{CheckOutcome, EventKind, FailureKind, KeyState, LimitKind, StatusView};
 use metrics::{Counter, Histogram, Key, Label, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -17,6 +17,7 @@ const GRANTED: &str = "keylease_leases_granted_total";
 const RELEASED: &str = "keylease_leases_released_total";
 const EXPIRED: &str = "keylease_leases_expired_total";
 const FAILURES: &str = "keylease_failures_reported_total";
+const CHECKS: &str = "keylease_key_checks_total";
 const ACQUIRE_WAIT: &str = "keylease_acquire_wait_seconds";
 const ACTIVE: &str = "keylease_leases_active";
 const KEYS: &str = "keylease_keys";
@@ -39,13 +40,23 @@ const WAIT_BUCKETS: [f64; 12] = [
     0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 180.0, 600.0,
 ];
 
-const KEY_STATES: [(KeyState, &str); 5] = [
+const KEY_STATES: [(KeyState, &str); 7] = [
     (KeyState::Available, "available"),
     (KeyState::Leased, "leased"),
     (KeyState::CoolingDown, "cooling_down"),
     (KeyState::Disabled, "disabled"),
     (KeyState::Draining, "draining"),
+    (KeyState::Unchecked, "unchecked"),
+    (KeyState::Checking, "checking"),
 ];
+
+fn outcome_label(outcome: &CheckOutcome) -> &'static str {
+    match outcome {
+        CheckOutcome::Fine => "fine",
+        CheckOutcome::Refused { .. } => "refused",
+        CheckOutcome::NoAnswer { .. } => "no_answer",
+    }
+}
 
 fn kind_label(kind: FailureKind) -> &'static str {
     match kind {
@@ -236,6 +247,7 @@ impl Metrics {
             }
             EventKind::Expired(lease) => (EXPIRED, "model", self.model_label(&lease.lease.model)),
             EventKind::Failed { kind, .. } => (FAILURES, "kind", kind_label(*kind)),
+            EventKind::KeyChecked { outcome, .. } => (CHECKS, "outcome", outcome_label(outcome)),
             _ => return,
         };
         let mut counters = self.counters.lock().unwrap_or_else(PoisonError::into_inner);

@@ -40,6 +40,9 @@ pub async fn serve_single(
     let state = control.state().clone();
     let front = control.front().clone();
     let timer = tokio::spawn(state.clone().run_timer());
+    if let Some(checker) = control.checker() {
+        tokio::spawn(checker.clone().run());
+    }
     let clock = state.clock().clone();
     let shut_down = {
         let state = state.clone();

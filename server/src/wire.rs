@@ -9,9 +9,9 @@ use keylease::{ERROR_DOMAIN, RETRY_AFTER_METADATA, pb};
 use keylease_engine::learning::LearnedLimit;
 use keylease_engine::learning::weighing::Tally;
 use keylease_engine::{
-    AcquireRequest, EngineError, EventKind, FailureKind, GroupView, KeyState, KeyView, LeaseEvent,
-    LeaseSummary, LeaseView, LimitKind, LimitView, QuotaViolation, Time, Unavailable,
-    UnavailableReason, Usage, UsageView,
+    AcquireRequest, CheckOutcome, Decider, EngineError, EventKind, FailureKind, GroupView,
+    KeyCheck, KeyProblem, KeyState, KeyView, LeaseEvent, LeaseSummary, LeaseView, LimitKind,
+    LimitView, QuotaViolation, Time, Unavailable, UnavailableReason, Usage, UsageView,
 };
 use std::time::Duration;
 use tonic::metadata::{MetadataMap, MetadataValue};
@@ -90,6 +90,7 @@ fn reason_code(reason: UnavailableReason) -> &'static str {
         UnavailableReason::AllDisabled => "ALL_DISABLED",
         UnavailableReason::AllExcluded => "ALL_EXCLUDED",
         UnavailableReason::KeyDraining => "KEY_DRAINING",
+        UnavailableReason::AwaitingCheck => "AWAITING_CHECK",
     }
 }
 
@@ -101,6 +102,7 @@ fn reason_to_pb(reason: UnavailableReason) -> pb::UnavailableReason {
         UnavailableReason::AllDisabled => pb::UnavailableReason::AllDisabled,
         UnavailableReason::AllExcluded => pb::UnavailableReason::AllExcluded,
         UnavailableReason::KeyDraining => pb::UnavailableReason::KeyDraining,
+        UnavailableReason::AwaitingCheck => pb::UnavailableReason::AwaitingCheck,
     }
 }
 
@@ -312,14 +314,23 @@ pub fn key_to_pb(key: KeyView, now: Time) -> pb::KeyStatus {
         KeyState::CoolingDown => pb::KeyState::CoolingDown,
         KeyState::Disabled => pb::KeyState::Disabled,
         KeyState::Draining => pb::KeyState::Draining,
+        KeyState::Unchecked => pb::KeyState::Unchecked,
+        KeyState::Checking => pb::KeyState::Checking,
     };
+    let disabled = key.disabled.as_ref();
     pb::KeyStatus {
         key_id: key.key_id,
         masked_key: key.masked_key,
         pool: key.pool,
         project: key.project,
         state: state as i32,
-        disabled_reason: key.disabled_reason.unwrap_or_default(),
+        disabled_reason: disabled.map(|d| d.reason.clone()).unwrap_or_default(),
+        disabled_by: disabled.map_or(pb::Decider::Unspecified, |d| decider_to_pb(d.by)) as i32,
+        disabled_since: disabled.and_then(|d| d.since_wall_ms).map(timestamp),
+        problem: disabled
+            .and_then(|d| d.problem)
+            .map_or(pb::KeyProblem::Unspecified, problem_to_pb) as i32,
+        last_check: key.last_check.as_ref().map(check_to_pb),
         max_leases: key.max_leases,
         leases: key
             .leases
@@ -329,6 +340,41 @@ pub fn key_to_pb(key: KeyView, now: Time) -> pb::KeyStatus {
         cooling_until: key
             .cooling_until_ms
             .map(|until| steady_timestamp(until, now)),
+    }
+}
+
+pub fn decider_to_pb(decider: Decider) -> pb::Decider {
+    match decider {
+        Decider::Operator => pb::Decider::Operator,
+        Decider::Report => pb::Decider::Report,
+        Decider::Check => pb::Decider::Check,
+    }
+}
+
+pub fn problem_to_pb(problem: KeyProblem) -> pb::KeyProblem {
+    match problem {
+        KeyProblem::Invalid => pb::KeyProblem::Invalid,
+        KeyProblem::Leaked => pb::KeyProblem::Leaked,
+        KeyProblem::Suspended => pb::KeyProblem::Suspended,
+        KeyProblem::ServiceDisabled => pb::KeyProblem::ServiceDisabled,
+        KeyProblem::PermissionDenied => pb::KeyProblem::PermissionDenied,
+    }
+}
+
+pub fn check_to_pb(check: &KeyCheck) -> pb::KeyCheck {
+    let outcome = match check.outcome {
+        CheckOutcome::Fine => pb::CheckOutcome::Fine,
+        CheckOutcome::Refused { .. } => pb::CheckOutcome::Refused,
+        CheckOutcome::NoAnswer { .. } => pb::CheckOutcome::NoAnswer,
+    };
+    pb::KeyCheck {
+        at: Some(timestamp(check.at_wall_ms)),
+        outcome: outcome as i32,
+        problem: check
+            .outcome
+            .problem()
+            .map_or(pb::KeyProblem::Unspecified, problem_to_pb) as i32,
+        detail: check.outcome.detail().to_string(),
     }
 }
 
@@ -473,26 +519,46 @@ pub fn event_to_pb(event: keylease_engine::Event, by: Option<&str>) -> pb::Event
             until: Some(steady_timestamp(until_ms, at)),
             reason: reason.as_str().to_string(),
         }),
-        EventKind::KeyDisabled { key_id, reason } => {
-            Kind::Disabled(pb::KeyEvent { key_id, reason })
-        }
-        EventKind::KeyEnabled { key_id } => Kind::Enabled(pb::KeyEvent {
+        EventKind::KeyDisabled { key_id, reason, by } => Kind::Disabled(pb::KeyEvent {
+            key_id,
+            reason,
+            by: decider_to_pb(by) as i32,
+            check: None,
+        }),
+        EventKind::KeyEnabled { key_id, by } => Kind::Enabled(pb::KeyEvent {
+            key_id,
+            reason: match by {
+                Decider::Check => "a check found it fine".to_string(),
+                _ => String::new(),
+            },
+            by: decider_to_pb(by) as i32,
+            check: None,
+        }),
+        EventKind::KeyChecked { key_id, outcome } => Kind::Checked(pb::KeyEvent {
             key_id,
             reason: String::new(),
+            by: pb::Decider::Check as i32,
+            check: Some(check_to_pb(&KeyCheck {
+                at_wall_ms: at.wall_ms,
+                outcome,
+            })),
         }),
         EventKind::KeyAdded { key_id } => Kind::Added(pb::KeyEvent {
             key_id,
             reason: String::new(),
+            ..Default::default()
         }),
         EventKind::KeyDraining { key_id, leases } => Kind::Draining(pb::KeyEvent {
             key_id,
             reason: format!(
                 "removed from the configuration; {leases} live lease(s) run to their end"
             ),
+            ..Default::default()
         }),
         EventKind::KeyRemoved { key_id } => Kind::Removed(pb::KeyEvent {
             key_id,
             reason: String::new(),
+            ..Default::default()
         }),
         EventKind::CooldownReset {
             pool,

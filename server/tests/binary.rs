@@ -84,7 +84,8 @@ fn operators_can_explore_it_with_grpcurl_and_stop_it_with_sigterm() {
     let lease = grpcurl(&[
         "-plaintext",
         "-d",
-        r#"{"task_id":"tour","model":"gemini-2.5-flash"}"#,
+        // As the README's tour asks: the example checks its keys at start, within 10 s.
+        r#"{"task_id":"tour","model":"gemini-2.5-flash","wait":"20s"}"#,
         &address,
         "keylease.v1.KeyLease/AcquireKey",
     ]);
@@ -386,6 +387,11 @@ fn a_damaged_state_file_is_refused_wherever_it_is_damaged_and_never_panics() {
                     .acquire_key(keylease::pb::AcquireKeyRequest {
                         task_id: format!("fill-{n}"),
                         model: "gemini-2.5-flash".into(),
+                        // The example checks its keys at start: the first waits for that.
+                        wait: Some(prost_types::Duration {
+                            seconds: 20,
+                            nanos: 0,
+                        }),
                         ..Default::default()
                     })
                     .await

@@ -1229,3 +1229,52 @@ fn a_rolling_restart_with_sigterm_loses_nothing() {
         error_counts(&audit.errors)
     );
 }
+
+/// With `[health]`, only the leader checks keys; what its checks found is in the log, so the
+/// next leader serves it from the first moment: a dead key is never lent after a failover.
+#[test]
+fn only_the_leader_checks_keys_and_a_failover_keeps_what_they_found() {
+    let keys = keys(3);
+    let (runtime, fake) = fake_with(&keys, Limits::default(), 1.0, Default::default());
+    fake.fake.set_health("k1", fake_gemini::KeyHealth::Leaked);
+    let upstream = fake.base_url();
+    let env = [("KEYLEASE_HEALTH__UPSTREAM", upstream.as_str())];
+    let mut fleet = Fleet::start(2, &keys, &env);
+    let leader = fleet.wait_for_leader(None);
+    until_health(&fleet, 1 - leader, ServingStatus::Serving);
+    let k1 = |endpoint: &str| {
+        let status = status_of(endpoint).unwrap();
+        status.keys.into_iter().find(|k| k.key_id == "k1").unwrap()
+    };
+    let began = Instant::now();
+    let disabled = loop {
+        let key = k1(&fleet.endpoint(leader));
+        if key.state() == pb::KeyState::Disabled {
+            break key;
+        }
+        assert!(
+            began.elapsed() < LIMIT,
+            "k1 never disabled:\n{}",
+            fleet.outputs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(disabled.disabled_by(), pb::Decider::Check);
+    assert_eq!(disabled.problem(), pb::KeyProblem::Leaked);
+    // The follower checks nothing: each key was read once, by the leader.
+    std::thread::sleep(Duration::from_millis(500));
+    let probes = |id: &str| fake.fake.stats().keys[id].probes;
+    for id in ["k0", "k1", "k2"] {
+        assert_eq!(probes(id), 1, "{id}: checked by more than one replica");
+    }
+
+    fleet.kill(leader);
+    let next = fleet.wait_for_leader(Some(leader));
+    // At once, before any check of its own could have answered: the same disable, from the log.
+    let after = k1(&fleet.endpoint(next));
+    assert_eq!(after.state(), pb::KeyState::Disabled);
+    assert_eq!(after.disabled_since, disabled.disabled_since);
+    let leases = each_lends(&fleet, next..next + 1, "after-the-failover");
+    assert!(leases.iter().all(|lease| lease.key_id != "k1"));
+    drop(runtime);
+}

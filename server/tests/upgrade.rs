@@ -1,8 +1,9 @@
-//! What earlier builds (rules versions 2 to 6) left behind, opened by this one: a state
+//! What earlier builds (rules versions 2 to 7) left behind, opened by this one: a state
 //! directory and a Redis log each wrote and then was killed on (`fixtures/rules-N`, see their
 //! READMEs). All hold records that build decided after its last snapshot: this build replays
 //! them as that build decided them, then serves under its own rules, its fencing tokens above
-//! the old ones. The state directory of rules 6 also holds a snapshot in that build's layout.
+//! the old ones. The state directories of rules 6 and 7 also hold a snapshot in that build's
+//! layout.
 
 mod support;
 
@@ -27,6 +28,11 @@ struct Fixture {
     tokens_per_day_learned: Option<(&'static str, u64)>,
     /// Its state directory holds a snapshot that build wrote.
     state_snapshot: bool,
+    /// A key an operator disabled, and why: it reads as an operator's disable.
+    disabled_by_an_operator: Option<(&'static str, &'static str)>,
+    /// A key that build disabled on late news of a lease granted before an operator enabled it
+    /// again, which today's rules would not: the replay must decide as that build did.
+    disabled_late_by_its_rules: Option<&'static str>,
 }
 
 const RULES_2: Fixture = Fixture {
@@ -36,6 +42,8 @@ const RULES_2: Fixture = Fixture {
     lowered_by_its_rules: None,
     tokens_per_day_learned: None,
     state_snapshot: false,
+    disabled_by_an_operator: None,
+    disabled_late_by_its_rules: None,
 };
 
 const RULES_3: Fixture = Fixture {
@@ -45,6 +53,8 @@ const RULES_3: Fixture = Fixture {
     lowered_by_its_rules: Some("p2"),
     tokens_per_day_learned: None,
     state_snapshot: false,
+    disabled_by_an_operator: None,
+    disabled_late_by_its_rules: None,
 };
 
 const RULES_4: Fixture = Fixture {
@@ -54,6 +64,8 @@ const RULES_4: Fixture = Fixture {
     lowered_by_its_rules: None,
     tokens_per_day_learned: Some(("p3", 1_000_000)),
     state_snapshot: false,
+    disabled_by_an_operator: None,
+    disabled_late_by_its_rules: None,
 };
 
 const RULES_5: Fixture = Fixture {
@@ -63,6 +75,8 @@ const RULES_5: Fixture = Fixture {
     lowered_by_its_rules: None,
     tokens_per_day_learned: Some(("p3", 1_000_000)),
     state_snapshot: false,
+    disabled_by_an_operator: None,
+    disabled_late_by_its_rules: None,
 };
 
 const RULES_6: Fixture = Fixture {
@@ -72,6 +86,19 @@ const RULES_6: Fixture = Fixture {
     lowered_by_its_rules: None,
     tokens_per_day_learned: Some(("p3", 1_000_000)),
     state_snapshot: true,
+    disabled_by_an_operator: None,
+    disabled_late_by_its_rules: None,
+};
+
+const RULES_7: Fixture = Fixture {
+    name: "rules-7",
+    state_highest_token: 1_796_677_680_030_000,
+    redis_highest_token: 1_796_677_683_533_000,
+    lowered_by_its_rules: None,
+    tokens_per_day_learned: None,
+    state_snapshot: true,
+    disabled_by_an_operator: Some(("k3", "rotating k3")),
+    disabled_late_by_its_rules: Some("k1"),
 };
 
 impl Fixture {
@@ -98,6 +125,25 @@ impl Fixture {
             let group = group(project);
             let limit = group.requests_per_minute_limit.as_ref().unwrap();
             assert_eq!(limit.learned, Some(1), "{group:?}");
+        }
+        let key = |id: &str| {
+            status
+                .keys
+                .iter()
+                .find(|k| k.key_id == id)
+                .unwrap_or_else(|| panic!("no key {id}: {status:?}"))
+                .clone()
+        };
+        if let Some((id, reason)) = self.disabled_by_an_operator {
+            let key = key(id);
+            assert_eq!(key.state(), pb::KeyState::Disabled, "{key:?}");
+            assert_eq!(key.disabled_by(), pb::Decider::Operator, "{key:?}");
+            assert_eq!(key.disabled_reason, reason, "{key:?}");
+        }
+        if let Some(id) = self.disabled_late_by_its_rules {
+            let key = key(id);
+            assert_eq!(key.state(), pb::KeyState::Disabled, "{key:?}");
+            assert!(key.disabled_reason.starts_with("invalid key"), "{key:?}");
         }
         if let Some((project, figure)) = self.tokens_per_day_learned {
             let group = group(project);
@@ -167,6 +213,16 @@ fn a_state_directory_rules_5_crashed_on_is_replayed_with_its_report_and_replacem
 #[test]
 fn a_state_directory_rules_6_crashed_on_is_read_from_its_snapshot_and_replayed() {
     replays_the_state_directory(&RULES_6);
+}
+
+#[test]
+fn a_state_directory_rules_7_crashed_on_is_read_from_its_snapshot_and_replayed() {
+    replays_the_state_directory(&RULES_7);
+}
+
+#[test]
+fn a_redis_log_rules_7_led_is_followed_and_led_on() {
+    follows_and_leads_the_redis_log(&RULES_7);
 }
 
 #[test]

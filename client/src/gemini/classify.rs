@@ -4,7 +4,7 @@
 //! wrapped in a one-element array.
 
 use keylease::gemini::{QuotaLimit, quota_limit};
-use keylease::pb::{FailureClass, FailureKind};
+use keylease::pb::{FailureClass, FailureKind, KeyProblem};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -71,6 +71,10 @@ pub struct Classified {
     pub reason: String,
     /// The limits a 429 says were hit (at most [`keylease::MAX_QUOTA_VIOLATIONS`]).
     pub violations: Vec<QuotaViolation>,
+    /// What is wrong with the key, for [`Failure::InvalidKey`] and [`Failure::KeyUnusable`]:
+    /// whether it may come back once an operator fixes its project (a check looks again) or
+    /// never (invalid, leaked).
+    pub key_problem: Option<KeyProblem>,
 }
 
 impl Classified {
@@ -165,24 +169,30 @@ pub fn classify(status: u16, body: &str) -> Classified {
     let no_capacity = error_reason.as_deref() == Some("MODEL_CAPACITY_EXHAUSTED")
         || message.starts_with("No capacity available for model");
 
-    let failure = match status {
-        429 | 503 if no_capacity => Failure::ModelCapacity,
-        429 if per_day || no_quota_at_all => Failure::DailyQuota,
-        429 => Failure::RateLimited,
-        400 if error_reason.as_deref() == Some("API_KEY_INVALID") => Failure::InvalidKey,
-        403 if message.contains("unregistered callers") => Failure::CallerBug,
-        403 if message.contains("reported as leaked")
-            || matches!(
-                error_reason.as_deref(),
-                Some("CONSUMER_SUSPENDED" | "SERVICE_DISABLED" | "API_KEY_SERVICE_BLOCKED")
-            ) =>
+    let unusable = |problem| (Failure::KeyUnusable, Some(problem));
+    let (failure, key_problem) = match status {
+        429 | 503 if no_capacity => (Failure::ModelCapacity, None),
+        429 if per_day || no_quota_at_all => (Failure::DailyQuota, None),
+        429 => (Failure::RateLimited, None),
+        400 if error_reason.as_deref() == Some("API_KEY_INVALID") => {
+            (Failure::InvalidKey, Some(KeyProblem::Invalid))
+        }
+        403 if message.contains("unregistered callers") => (Failure::CallerBug, None),
+        403 if message.contains("reported as leaked") => unusable(KeyProblem::Leaked),
+        403 if error_reason.as_deref() == Some("CONSUMER_SUSPENDED") => {
+            unusable(KeyProblem::Suspended)
+        }
+        403 if matches!(
+            error_reason.as_deref(),
+            Some("SERVICE_DISABLED" | "API_KEY_SERVICE_BLOCKED")
+        ) =>
         {
-            Failure::KeyUnusable
+            unusable(KeyProblem::ServiceDisabled)
         }
         // Other permission errors are about the key or its project too.
-        401 | 403 => Failure::KeyUnusable,
-        500..=599 => Failure::Server,
-        _ => Failure::Request,
+        401 | 403 => unusable(KeyProblem::PermissionDenied),
+        500..=599 => (Failure::Server, None),
+        _ => (Failure::Request, None),
     };
     let reason = error_reason.unwrap_or_else(|| {
         if status_word.is_empty() {
@@ -197,6 +207,7 @@ pub fn classify(status: u16, body: &str) -> Classified {
         message,
         reason,
         violations,
+        key_problem,
     }
 }
 
@@ -287,6 +298,37 @@ mod tests {
         for (status, name, failure) in expected {
             assert_eq!(of(status, name).failure, failure, "{name}");
         }
+    }
+
+    #[test]
+    fn a_refused_key_says_whether_its_problem_may_heal() {
+        let expected = [
+            (400, "400-api-key-expired.json", Some(KeyProblem::Invalid)),
+            (400, "400-api-key-invalid.json", Some(KeyProblem::Invalid)),
+            (
+                403,
+                "403-consumer-suspended.json",
+                Some(KeyProblem::Suspended),
+            ),
+            (403, "403-leaked.json", Some(KeyProblem::Leaked)),
+            (
+                403,
+                "403-service-disabled.json",
+                Some(KeyProblem::ServiceDisabled),
+            ),
+            (403, "403-unregistered-caller.json", None),
+            (404, "404-model-not-found.json", None),
+            (429, "429-no-details.json", None),
+            (503, "503-overloaded.json", None),
+        ];
+        for (status, name, problem) in expected {
+            assert_eq!(of(status, name).key_problem, problem, "{name}");
+        }
+        let denied = r#"{"error":{"code":403,"message":"Permission denied on the model","status":"PERMISSION_DENIED"}}"#;
+        assert_eq!(
+            classify(403, denied).key_problem,
+            Some(KeyProblem::PermissionDenied)
+        );
     }
 
     #[test]

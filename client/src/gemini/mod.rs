@@ -106,6 +106,24 @@ impl GeminiClient {
         answered(request.send().await.map_err(transport)?).await
     }
 
+    /// Reads `model` (or, with none, the first page of the models) with `api_key`: a call that
+    /// costs no quota, and that the provider refuses as it would refuse a generation with a
+    /// dead key. `Ok` once the provider accepted the key.
+    pub async fn check_key(&self, api_key: &str, model: Option<&str>) -> Result<(), CallError> {
+        let url = match model {
+            Some(model) => {
+                let model = model.strip_prefix("models/").unwrap_or(model);
+                format!("{}/v1beta/models/{model}", self.base_url)
+            }
+            None => format!("{}/v1beta/models?pageSize=1", self.base_url),
+        };
+        let request = self.http.get(url).header(KEY_HEADER, api_key);
+        let response = answered(request.send().await.map_err(transport)?).await?;
+        // Read to the end, so that the connection serves the next check.
+        let _ = response.bytes().await;
+        Ok(())
+    }
+
     pub async fn generate_content(
         &self,
         api_key: &str,

@@ -1,13 +1,14 @@
 //! How the engine's commands and state are laid out in bytes, for stores to keep and replicas
 //! to replay: a [`Record`] of each command applied, a [`Snapshot`] of the whole state, and the
-//! layouts older builds wrote, read into today's types ([`v1`], [`v3`], [`v6`]; a [`Setup`]'s
-//! own in [`setup`]). Bytes are postcard's: compact and fast to read back (a log of millions of
+//! layouts older builds wrote, read into today's types ([`v1`], [`v3`], [`v6`], [`v7`]; a
+//! [`Setup`]'s own in [`setup`]). Bytes are postcard's: compact and fast to read back (a log of millions of
 //! records is replayed at start-up).
 
 mod setup;
 mod v1;
 mod v3;
 mod v6;
+mod v7;
 
 pub(super) use setup::LimitsLayout;
 
@@ -37,8 +38,10 @@ pub struct Snapshot {
 const SNAPSHOT_MARK: u64 = u64::MAX;
 /// Opened the snapshots of rules 4 to 6 (since learning weighs evidence).
 const SNAPSHOT_MARK_WEIGHING: u64 = u64::MAX - 1;
-/// Opens every snapshot written since renewals wait in line (rules 7).
+/// Opened the snapshots of rules 7 (since renewals wait in line).
 const SNAPSHOT_MARK_RENEWALS: u64 = u64::MAX - 2;
+/// Opens every snapshot written since a key's health is kept (rules 8).
+const SNAPSHOT_MARK_HEALTH: u64 = u64::MAX - 3;
 
 impl Snapshot {
     pub fn of(engine: &Engine, seq: u64) -> Self {
@@ -50,15 +53,16 @@ impl Snapshot {
         }
     }
 
-    /// Its bytes, behind [`SNAPSHOT_MARK_RENEWALS`].
+    /// Its bytes, behind [`SNAPSHOT_MARK_HEALTH`].
     pub fn encode(&self) -> Vec<u8> {
-        encode(&(SNAPSHOT_MARK_RENEWALS, self))
+        encode(&(SNAPSHOT_MARK_HEALTH, self))
     }
 
     /// A snapshot from its bytes, as written by this server or an earlier one.
     pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotError> {
         let read = match postcard::take_from_bytes::<u64>(bytes) {
-            Ok((SNAPSHOT_MARK_RENEWALS, rest)) => decode(rest),
+            Ok((SNAPSHOT_MARK_HEALTH, rest)) => decode(rest),
+            Ok((SNAPSHOT_MARK_RENEWALS, rest)) => v7::decode(rest),
             Ok((SNAPSHOT_MARK_WEIGHING, rest)) => v6::decode(rest),
             Ok((SNAPSHOT_MARK, rest)) => v3::decode(rest),
             Ok((mark, _)) if mark > NEWER_MARKS_FROM => {
@@ -174,9 +178,9 @@ mod tests {
             Time::at(5_000),
         )
         .unwrap();
-        let newer = encode(&(SNAPSHOT_MARK_RENEWALS - 1, Snapshot::of(&engine, 3)));
+        let newer = encode(&(SNAPSHOT_MARK_HEALTH - 1, Snapshot::of(&engine, 3)));
         let error = Snapshot::decode(&newer).unwrap_err();
-        assert!(matches!(error, SnapshotError::NewerLayout(3)), "{error:?}");
+        assert!(matches!(error, SnapshotError::NewerLayout(4)), "{error:?}");
         assert!(error.to_string().contains("newer keylease"), "{error}");
         // Today's reads back (without the keys' secrets, which snapshots never hold).
         let today = Snapshot::decode(&Snapshot::of(&engine, 3).encode()).unwrap();

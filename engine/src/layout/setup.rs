@@ -7,6 +7,7 @@
 //! and an older build ignores bytes after what it reads. Such a build reads a newer setup
 //! whole, learns from its `rules` that newer rules decided what follows, and refuses the
 //! records with a message that says so, instead of misreading every limit after the first.
+//! Whether keys are checked, which rules 8 added, follows the table the same way.
 
 use crate::quota::Limits;
 use crate::{EngineConfig, KeySpec, Setup};
@@ -17,6 +18,8 @@ use std::fmt;
 
 /// The rules from which a setup carries tokens per day.
 pub(crate) const RULES_TOKENS_PER_DAY: u32 = 4;
+/// The rules from which a setup says whether keys are checked.
+const RULES_CHECKING_KEYS: u32 = crate::health::RULES_KEY_HEALTH;
 
 /// [`Limits`] as rules 2 and 3 laid them out.
 #[derive(Serialize, Deserialize)]
@@ -130,13 +133,18 @@ fn apply_table(config: &mut EngineConfig, table: Vec<TokensPerDay>) -> Result<()
 impl Serialize for Setup {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let trailing = self.rules >= RULES_TOKENS_PER_DAY;
-        let mut tuple = serializer.serialize_tuple(if trailing { 5 } else { 4 })?;
+        let checks = self.rules >= RULES_CHECKING_KEYS;
+        let len = 4 + usize::from(trailing) + usize::from(checks);
+        let mut tuple = serializer.serialize_tuple(len)?;
         tuple.serialize_element(&self.config)?;
         tuple.serialize_element(&self.keys)?;
         tuple.serialize_element(&self.token_floor)?;
         tuple.serialize_element(&self.rules)?;
         if trailing {
             tuple.serialize_element(&table_of(&self.config))?;
+        }
+        if checks {
+            tuple.serialize_element(&self.config.check_keys)?;
         }
         tuple.end()
     }
@@ -167,6 +175,9 @@ impl<'de> Deserialize<'de> for Setup {
                         .ok_or_else(|| missing("tokens per day"))?;
                     apply_table(&mut config, table).map_err(de::Error::custom)?;
                 }
+                if rules >= RULES_CHECKING_KEYS {
+                    config.check_keys = seq.next_element()?.ok_or_else(|| missing("key checks"))?;
+                }
                 Ok(Setup {
                     config,
                     keys,
@@ -177,7 +188,7 @@ impl<'de> Deserialize<'de> for Setup {
         }
 
         // Read as a tuple as long as the longest layout: postcard reads only what is asked.
-        deserializer.deserialize_tuple(5, SetupVisitor)
+        deserializer.deserialize_tuple(6, SetupVisitor)
     }
 }
 
@@ -218,6 +229,21 @@ mod tests {
         keys: Vec<KeySpec>,
         token_floor: u64,
         rules: u32,
+    }
+
+    #[test]
+    fn key_checks_survive_a_record_from_rules_8_on() {
+        let mut checked = setup(RULES_VERSION);
+        checked.config.check_keys = true;
+        let read: Setup = super::super::decode(&super::super::encode(&checked)).unwrap();
+        assert!(read.config.check_keys);
+        // Rules 7 had no checks: nothing is written, and none are read.
+        let mut older = setup(7);
+        older.config.check_keys = true;
+        let bytes = super::super::encode(&older);
+        let read: Setup = super::super::decode(&bytes).unwrap();
+        assert!(!read.config.check_keys);
+        assert_eq!(bytes, super::super::encode(&setup(7)));
     }
 
     #[test]

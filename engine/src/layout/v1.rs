@@ -4,7 +4,8 @@
 
 use super::Snapshot;
 use super::v6::LineImageV6;
-use crate::image::{GroupImage, Image, KeyImage, LeaseImage};
+use super::v7::KeyImageV7;
+use crate::image::{GroupImage, Image, LeaseImage};
 use crate::quota::Limits;
 use crate::quota::before_tokens_per_day::QuotaGroupV3;
 use crate::{DailyReset, EngineConfig, KeySpec, PoolConfig, Setup, Time};
@@ -83,7 +84,7 @@ struct ImageV1 {
     next_token: u64,
     next_waiter: u64,
     freed: bool,
-    keys: Vec<KeyImage>,
+    keys: Vec<KeyImageV7>,
     leases: Vec<LeaseImage>,
     groups: Vec<GroupImageV1>,
     backoff: Vec<(String, String, u32)>,
@@ -166,6 +167,7 @@ fn setup(v1: SetupV1) -> Setup {
                 })
                 .collect(),
             relearn_after_windows: RELEARN_AFTER_WINDOWS,
+            check_keys: false,
         },
         keys: v1.keys,
         token_floor: v1.token_floor,
@@ -179,7 +181,7 @@ fn image(v1: ImageV1) -> Image {
         next_token: v1.next_token,
         next_waiter: v1.next_waiter,
         freed: v1.freed,
-        keys: v1.keys,
+        keys: super::v7::keys(v1.keys),
         leases: v1.leases,
         groups: v1
             .groups
@@ -256,7 +258,7 @@ mod tests {
             next_token: image.next_token,
             next_waiter: image.next_waiter,
             freed: image.freed,
-            keys: image.keys,
+            keys: super::super::v7::keys_v7(image.keys),
             leases: image.leases,
             groups: image
                 .groups

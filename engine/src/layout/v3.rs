@@ -4,7 +4,8 @@
 
 use super::Snapshot;
 use super::v6::LineImageV6;
-use crate::image::{GroupImage, Image, KeyImage, LeaseImage};
+use super::v7::KeyImageV7;
+use crate::image::{GroupImage, Image, LeaseImage};
 use crate::learning::{Learned, Reacting};
 use crate::quota::before_tokens_per_day::QuotaGroupV3;
 use crate::{KeySpec, Setup, Time};
@@ -27,7 +28,7 @@ struct ImageV3 {
     next_token: u64,
     next_waiter: u64,
     freed: bool,
-    keys: Vec<KeyImage>,
+    keys: Vec<KeyImageV7>,
     leases: Vec<LeaseImage>,
     groups: Vec<GroupImageV3>,
     backoff: Vec<(String, String, u32)>,
@@ -58,7 +59,7 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, postcard::Error> {
             next_token: i.next_token,
             next_waiter: i.next_waiter,
             freed: i.freed,
-            keys: i.keys,
+            keys: super::v7::keys(i.keys),
             leases: i.leases,
             groups: i
                 .groups
@@ -126,7 +127,7 @@ mod tests {
             next_token: i.next_token,
             next_waiter: i.next_waiter,
             freed: i.freed,
-            keys: i.keys,
+            keys: super::super::v7::keys_v7(i.keys),
             leases: i.leases,
             groups: i
                 .groups

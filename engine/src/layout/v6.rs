@@ -4,7 +4,8 @@
 //! changes with the engine.
 
 use super::Snapshot;
-use crate::image::{GroupImage, Image, KeyImage, LeaseImage, LineImage, WaiterImage};
+use super::v7::KeyImageV7;
+use crate::image::{GroupImage, Image, LeaseImage, LineImage, WaiterImage};
 use crate::outage::Answers;
 use crate::{KeySpec, Setup, Time, WaiterId};
 use serde::Deserialize;
@@ -106,7 +107,7 @@ struct ImageV6 {
     next_token: u64,
     next_waiter: u64,
     freed: bool,
-    keys: Vec<KeyImage>,
+    keys: Vec<KeyImageV7>,
     leases: Vec<LeaseImage>,
     groups: Vec<GroupImage>,
     backoff: Vec<(String, String, u32)>,
@@ -138,7 +139,7 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, postcard::Error> {
             next_token: i.next_token,
             next_waiter: i.next_waiter,
             freed: i.freed,
-            keys: i.keys,
+            keys: super::v7::keys(i.keys),
             leases: i.leases,
             groups: i.groups,
             backoff: i.backoff,
@@ -189,7 +190,7 @@ mod tests {
             next_token: i.next_token,
             next_waiter: i.next_waiter,
             freed: i.freed,
-            keys: i.keys,
+            keys: super::super::v7::keys_v7(i.keys),
             leases: i.leases,
             groups: i.groups,
             backoff: i.backoff,

@@ -1,6 +1,7 @@
 //! Random interleavings of acquire, renew (at once or waiting in line), release, report,
-//! cancel, operator toggles, keys removed from and added back to the configuration, cooldown
-//! resets and clock advances, checked after every step against a model of what the provider
+//! cancel, operator toggles, checks of keys with the provider, keys removed from and added
+//! back to the configuration (to wait for their first check), cooldown resets and clock
+//! advances, checked after every step against a model of what the provider
 //! would see: each request sent on a lease arrives at some moment of that lease chosen
 //! adversarially (at its grant, at its end, or between), and no provider window nor Pacific day
 //! may exceed its limit.
@@ -69,6 +70,12 @@ enum Op {
     Toggle {
         key: u8,
     },
+    /// A check of the key answered: fine, refused (for a problem that may heal, or not), or
+    /// no answer.
+    Check {
+        key: u8,
+        outcome: u8,
+    },
     /// A new configuration with every key but `without`.
     Reconfigure {
         without: Option<u8>,
@@ -123,6 +130,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(pick, kind, retry_after_ms, sent, rotate, named)| Op::Report { pick, kind, retry_after_ms, sent, rotate, named }),
         1 => any::<u16>().prop_map(|pick| Op::Cancel { pick }),
         1 => (0..5u8).prop_map(|key| Op::Toggle { key }),
+        1 => (0..5u8, 0..4u8).prop_map(|(key, outcome)| Op::Check { key, outcome }),
         1 => proptest::option::weighted(0.7, 0..5u8).prop_map(|without| Op::Reconfigure { without }),
         1 => (0..3u8).prop_map(|project| Op::ResetCooldown { project }),
         3 => (0..40_000u32).prop_map(|ms| Op::Advance { ms }),
@@ -159,6 +167,10 @@ struct Model {
     arrivals: HashMap<String, Vec<u64>>,
     last_token: HashMap<String, u64>,
     disabled: HashMap<String, bool>,
+    /// Who disabled each disabled key.
+    disabled_by: HashMap<String, Decider>,
+    /// Keys added while keys are checked, before their first check.
+    awaiting_check: std::collections::HashSet<String>,
     /// Keys the configuration no longer has (draining or gone).
     unconfigured: std::collections::HashSet<String>,
     cooling_until: HashMap<String, u64>,
@@ -262,6 +274,10 @@ impl Model {
                         "lease on disabled {key}"
                     );
                     prop_assert!(
+                        !self.awaiting_check.contains(&key),
+                        "lease on {key} before its first check"
+                    );
+                    prop_assert!(
                         !self.unconfigured.contains(&key),
                         "lease on {key}, no longer configured"
                     );
@@ -357,11 +373,20 @@ impl Model {
                     let until = self.cooling_until.entry(project).or_insert(0);
                     *until = (*until).max(until_ms);
                 }
-                EventKind::KeyDisabled { key_id, .. } => {
-                    self.disabled.insert(key_id, true);
+                EventKind::KeyDisabled { key_id, by, .. } => {
+                    self.disabled.insert(key_id.clone(), true);
+                    self.disabled_by.insert(key_id, by);
                 }
-                EventKind::KeyEnabled { key_id } => {
+                EventKind::KeyEnabled { key_id, by } => {
+                    let was = self.disabled_by.remove(&key_id);
+                    prop_assert!(
+                        by == Decider::Operator || was != Some(Decider::Operator),
+                        "a check enabled {key_id}, which an operator disabled"
+                    );
                     self.disabled.insert(key_id, false);
+                }
+                EventKind::KeyChecked { key_id, .. } => {
+                    self.awaiting_check.remove(&key_id);
                 }
                 EventKind::KeyDraining { key_id, leases } => {
                     let live = self.live.values().filter(|t| t.key_id == key_id).count();
@@ -373,10 +398,13 @@ impl Model {
                 EventKind::KeyRemoved { key_id } => {
                     let live = self.live.values().filter(|t| t.key_id == key_id).count();
                     prop_assert_eq!(live, 0, "{} removed with live leases", key_id);
-                    // Gone: it comes back enabled.
+                    // Gone: it comes back enabled, and waits for its first check.
                     self.disabled.remove(&key_id);
+                    self.disabled_by.remove(&key_id);
                 }
-                EventKind::KeyAdded { .. } => {}
+                EventKind::KeyAdded { key_id } => {
+                    self.awaiting_check.insert(key_id);
+                }
                 EventKind::CooldownReset { project, .. } => {
                     self.cooling_until.insert(project, at);
                 }
@@ -748,8 +776,33 @@ fn run(ops: Vec<Op>, cut: usize) -> Result<(), TestCaseError> {
                 };
                 engine.apply(now, toggle).into_key_set().unwrap();
             }
+            Op::Check { key, .. } if model.unconfigured.contains(KEYS[key as usize].0) => {}
+            Op::Check { key, outcome } => {
+                let outcome = match outcome {
+                    0 => CheckOutcome::Fine,
+                    1 => CheckOutcome::Refused {
+                        problem: KeyProblem::Suspended,
+                        detail: "CONSUMER_SUSPENDED".into(),
+                    },
+                    2 => CheckOutcome::Refused {
+                        problem: KeyProblem::Leaked,
+                        detail: String::new(),
+                    },
+                    _ => CheckOutcome::NoAnswer {
+                        detail: "timed out".into(),
+                    },
+                };
+                let check = Command::KeyChecked {
+                    identity: format!("fp-{}", KEYS[key as usize].0),
+                    outcome,
+                };
+                engine.apply(now, check).into_key_checked().unwrap();
+            }
             Op::Reconfigure { without } => {
-                let setup = property_setup(without.map(usize::from));
+                // Keys are checked from the first new configuration on: those it adds back
+                // wait for their first check.
+                let mut setup = property_setup(without.map(usize::from));
+                setup.config.check_keys = true;
                 let configured = engine
                     .apply(now, Command::Configure(setup))
                     .into_configured();

@@ -220,6 +220,7 @@ pub(super) fn diff(old: &Settings, new: &Settings) -> Reloaded {
             differs(&old.metrics_listen, &new.metrics_listen),
         ),
         ("[proxy]", differs(&old.proxy, &new.proxy)),
+        ("[health]", differs(&old.health, &new.health)),
     ];
     for (name, changed) in restart_only {
         if changed {

@@ -16,6 +16,7 @@ use files::{keys_file, read, replace_file, with_limits, without_key};
 use crate::auth::caller_name;
 use crate::config::{self, ConfigError, Overrides, Settings, StateLocation};
 use crate::connections::Front;
+use crate::key_checks::{CheckError, CheckSetup, Checked, Checker};
 use crate::shell::State;
 use crate::store::journal::StoreFailed;
 use crate::tls::TlsError;
@@ -23,7 +24,7 @@ use crate::wire;
 use keylease::pb;
 use keylease::pb::key_admin_server::KeyAdmin;
 use keylease_engine::{
-    Command, EventKind, KeyView, LimitKind, Reconfigured, SetupError, canonical_model,
+    Command, EngineError, EventKind, KeyView, LimitKind, Reconfigured, SetupError, canonical_model,
 };
 use std::collections::HashMap;
 use std::io::Write;
@@ -115,6 +116,8 @@ pub struct Control {
     running: tokio::sync::Mutex<Settings>,
     front: Front,
     state: Arc<State>,
+    /// Checks keys with the provider, when `[health]` is configured.
+    checker: Option<Arc<Checker>>,
 }
 
 impl Control {
@@ -124,13 +127,41 @@ impl Control {
         source: ConfigSource,
         settings: Settings,
         state: Arc<State>,
+        checks: Option<CheckSetup>,
     ) -> Result<Arc<Self>, TlsError> {
         Ok(Arc::new(Self {
             source,
             front: Front::new(&settings)?,
             running: tokio::sync::Mutex::new(settings),
+            checker: checks.map(|setup| Checker::new(state.clone(), setup)),
             state,
         }))
+    }
+
+    /// The checker of keys, when `[health]` is configured: whoever serves this state runs it.
+    pub fn checker(&self) -> Option<&Arc<Checker>> {
+        self.checker.as_ref()
+    }
+
+    /// Checks the keys named (all when none is) with the provider now.
+    pub async fn check_keys(
+        &self,
+        by: Option<&Arc<str>>,
+        key_ids: Vec<String>,
+    ) -> Result<Vec<Checked>, AdminError> {
+        let checker = self.checker.as_ref().ok_or_else(|| {
+            AdminError::Refused(
+                "keys are not checked here: configure [health] (and restart) to check them".into(),
+            )
+        })?;
+        checker
+            .check_now(by, key_ids)
+            .await
+            .map_err(|error| match error {
+                CheckError::UnknownKey(id) => AdminError::Engine(EngineError::KeyNotFound(id)),
+                CheckError::TooMany(_) => invalid("key_ids", error.to_string()),
+                CheckError::Store(failure) => AdminError::Store(failure),
+            })
     }
 
     pub fn state(&self) -> &Arc<State> {
@@ -157,8 +188,10 @@ impl Control {
         by: Option<&Arc<str>>,
         running: &mut Settings,
     ) -> Result<Reloaded, AdminError> {
-        let loaded = self.source.load()?;
-        let mut report = diff(running, &loaded);
+        let read = self.source.load()?;
+        let mut report = diff(running, &read);
+        let read_tls = read.tls.clone();
+        let loaded = read.keeping_what_needs_a_restart(running);
         let configured = self.state.reconfigure(by, &loaded).await??;
         describe_drains(&configured, &mut report.changes);
         // The report quotes names from the files, where a mistake can put a secret: masked
@@ -172,26 +205,14 @@ impl Control {
         };
         self.front.gate.replace(&loaded.access, replication_token);
         if let Some(tls) = &self.front.tls
-            && loaded.tls.as_ref() == Some(tls.files())
+            && read_tls.as_ref() == Some(tls.files())
         {
             tls.reload()?;
             report
                 .changes
                 .push("TLS certificates read again from their files".into());
         }
-        *running = Settings {
-            // What only a restart changes stays as it runs, and is compared again next time.
-            listen: running.listen,
-            log_format: running.log_format,
-            shutdown_grace: running.shutdown_grace,
-            limits: running.limits,
-            max_wait: running.max_wait,
-            state: running.state.clone(),
-            tls: running.tls.clone(),
-            metrics_listen: running.metrics_listen,
-            proxy: running.proxy.clone(),
-            ..loaded
-        };
+        *running = loaded;
         self.state.publish(
             by,
             EventKind::Reloaded {
@@ -509,6 +530,30 @@ impl KeyAdmin for KeyAdminService {
         let answer = self
             .key_enabled(by.as_ref(), key_id, true, String::new())
             .await;
+        self.state().outgoing(answer).map(Response::new)
+    }
+
+    async fn check_keys(
+        &self,
+        request: Request<pb::CheckKeysRequest>,
+    ) -> Result<Response<pb::CheckKeysResponse>, Status> {
+        let by = caller_name(&request);
+        let key_ids = request.into_inner().key_ids;
+        let answer = self
+            .control
+            .check_keys(by.as_ref(), key_ids)
+            .await
+            .map(|checked| pb::CheckKeysResponse {
+                keys: checked
+                    .into_iter()
+                    .map(|c| pb::KeyChecked {
+                        key_id: c.key_id,
+                        check: Some(wire::check_to_pb(&c.check)),
+                        key: c.key.map(|key| self.key_status(key)),
+                    })
+                    .collect(),
+            })
+            .map_err(Status::from);
         self.state().outgoing(answer).map(Response::new)
     }
 

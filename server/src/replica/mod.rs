@@ -292,6 +292,8 @@ pub fn start(
     let redis = Redis::new(replication.url.reveal(), &replication.namespace)
         .map_err(|e| StartError::Invalid(format!("state.store: {e}")))?;
     let router = Router::new(&replication.token, tls).map_err(StartError::Invalid)?;
+    let checks = crate::key_checks::CheckSetup::of(settings.health.as_ref())
+        .map_err(|e| StartError::Invalid(format!("[health]: keys cannot be checked: {e}")))?;
     let reset_at = reset.then(|| Clock::system().now().wall_ms);
     let (dir, moved_aside) = StateDir::open(&replication.dir, reset_at)?;
     if let Some(aside) = moved_aside {
@@ -331,6 +333,7 @@ pub fn start(
         fleet: FleetView::default(),
         reset_ms: reset_at,
         runtime,
+        checks,
         shutdown,
         keys_published_ms: 0,
         reloaded: reloaded.clone(),

@@ -10,6 +10,7 @@ use crate::admin::{ConfigSource, Control, KeyAdminService};
 use crate::auth::{CALLER_HEADER, Caller};
 use crate::config::Settings;
 use crate::fleet::FleetView;
+use crate::key_checks::CheckSetup;
 use crate::metrics::{Metrics, StatusSource};
 use crate::server::keylease_routes;
 use crate::shell::State;
@@ -158,12 +159,19 @@ where
 
 impl Serving {
     /// Serving KeyLease and KeyAdmin from `state`, which this replica leads with `settings`.
+    /// Serving `state` as the leader; its checker of keys, if any, runs on `runtime` until
+    /// the state shuts down.
     pub fn leading(
         state: Arc<State>,
         fleet: FleetView,
         settings: Settings,
+        checks: Option<CheckSetup>,
+        runtime: &tokio::runtime::Handle,
     ) -> Result<Self, crate::tls::TlsError> {
-        let control = Control::new(ConfigSource::default(), settings, state.clone())?;
+        let control = Control::new(ConfigSource::default(), settings, state.clone(), checks)?;
+        if let Some(checker) = control.checker() {
+            runtime.spawn(checker.clone().run());
+        }
         let routes = Routes::new(keylease_routes(state.clone(), Some(fleet)))
             .add_service(KeyAdminServer::new(KeyAdminService::new(control)));
         Ok(Self::Leading(routes, state))

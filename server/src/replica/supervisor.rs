@@ -23,6 +23,8 @@ pub(super) struct Supervisor {
     /// When an operator confirmed a reset by starting this replica with `--reset-state`.
     pub(super) reset_ms: Option<u64>,
     pub(super) runtime: Handle,
+    /// What the leader checks keys with, when `[health]` is configured.
+    pub(super) checks: Option<crate::key_checks::CheckSetup>,
     pub(super) shutdown: CancellationToken,
     pub(super) keys_published_ms: u64,
     /// Settings read again (SIGHUP), for the supervisor to take up at its next step.
@@ -394,7 +396,14 @@ impl Supervisor {
             fleet.replica = self.identity.clone();
             fleet.epoch = leader.epoch;
         }
-        match Serving::leading(state.clone(), self.fleet.clone(), self.settings.clone()) {
+        let leading = Serving::leading(
+            state.clone(),
+            self.fleet.clone(),
+            self.settings.clone(),
+            self.checks.clone(),
+            &self.runtime,
+        );
+        match leading {
             Ok(serving) => self.router.set(serving),
             Err(error) => {
                 tracing::error!(%error, "cannot lead: the TLS files cannot be read");
@@ -562,17 +571,7 @@ impl Supervisor {
         else {
             return false;
         };
-        self.settings = Settings {
-            listen: self.settings.listen,
-            log_format: self.settings.log_format,
-            shutdown_grace: self.settings.shutdown_grace,
-            limits: self.settings.limits,
-            max_wait: self.settings.max_wait,
-            state: self.settings.state.clone(),
-            tls: self.settings.tls.clone(),
-            metrics_listen: self.settings.metrics_listen,
-            ..loaded
-        };
+        self.settings = loaded.keeping_what_needs_a_restart(&self.settings);
         // Published at once, so that the fleet learns of new keys without waiting.
         self.keys_published_ms = 0;
         true

@@ -1,6 +1,7 @@
 //! Each event, logged: one line a change, with the caller's name and never a secret.
 
 use super::*;
+use keylease_engine::{CheckOutcome, KeyProblem};
 
 /// What operators need in the log: key and project trouble at `info`, lease traffic at `debug`.
 /// A match of its own beside `wire::event_to_pb`'s: a log line picks fields and a level for
@@ -8,10 +9,35 @@ use super::*;
 /// should change when the other does.
 pub(super) fn log(event: &Event, by: Option<&str>) {
     match &event.kind {
-        EventKind::KeyDisabled { key_id, reason } => {
-            tracing::warn!(key_id, reason, by, "key disabled")
+        EventKind::KeyDisabled {
+            key_id,
+            reason,
+            by: decider,
+        } => {
+            tracing::warn!(
+                key_id,
+                reason,
+                decided_by = decider.as_str(),
+                by,
+                "key disabled"
+            )
         }
-        EventKind::KeyEnabled { key_id } => tracing::info!(key_id, by, "key enabled"),
+        EventKind::KeyEnabled {
+            key_id,
+            by: decider,
+        } => tracing::info!(key_id, decided_by = decider.as_str(), by, "key enabled"),
+        EventKind::KeyChecked {
+            key_id,
+            outcome: CheckOutcome::Fine,
+        } => tracing::debug!(key_id, by, "key checked: fine"),
+        EventKind::KeyChecked { key_id, outcome } => tracing::info!(
+            key_id,
+            outcome = outcome.as_str(),
+            problem = outcome.problem().map(KeyProblem::as_str),
+            detail = outcome.detail(),
+            by,
+            "key checked"
+        ),
         EventKind::KeyAdded { key_id } => tracing::info!(key_id, by, "key added"),
         EventKind::KeyDraining { key_id, leases } => {
             tracing::info!(

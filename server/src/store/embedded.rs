@@ -461,6 +461,7 @@ mod tests {
             },
             pools: Default::default(),
             relearn_after_windows: 10,
+            check_keys: false,
         };
         let older = Command::Configure(Setup {
             rules: keylease_engine::RULES_VERSION - 1,
