@@ -20,6 +20,10 @@ pub struct Plan {
     pub projects: Vec<ProjectPlan>,
     /// The window per-minute limits count over.
     pub window: Duration,
+    /// Keys by state, in the words metrics use (`available`, `checking`, `disabled`, ...).
+    pub key_states: BTreeMap<String, usize>,
+    /// Each disabled key: who disabled it, and why.
+    pub disabled: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -91,7 +95,31 @@ impl Plan {
             .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
             .filter(|w| !w.is_zero())
             .unwrap_or(Duration::from_secs(60));
+        let mut key_states = BTreeMap::new();
+        let mut disabled = Vec::new();
+        for key in &status.keys {
+            let state = pb::KeyState::try_from(key.state).unwrap_or_default();
+            let word = state
+                .as_str_name()
+                .trim_start_matches("KEY_STATE_")
+                .to_lowercase();
+            *key_states.entry(word).or_default() += 1;
+            if state == pb::KeyState::Disabled {
+                let by = match key.disabled_by() {
+                    pb::Decider::Operator => "an operator",
+                    pb::Decider::Report => "a worker's report",
+                    pb::Decider::Check => "a check",
+                    pb::Decider::Unspecified => "keylease",
+                };
+                disabled.push(format!(
+                    "{} disabled by {by}: {}",
+                    key.key_id, key.disabled_reason
+                ));
+            }
+        }
         Self {
+            key_states,
+            disabled,
             model: model.to_string(),
             keys: enabled.len(),
             slots: enabled.iter().map(|k| k.max_leases.max(1) as usize).sum(),
@@ -146,6 +174,17 @@ impl Plan {
             self.keys,
             self.projects.len()
         );
+        if self.key_states.len() > 1 || !self.key_states.contains_key("available") {
+            let states: Vec<String> = self
+                .key_states
+                .iter()
+                .map(|(state, n)| format!("{n} {state}"))
+                .collect();
+            let _ = writeln!(text, "  keys: {}", states.join(", "));
+        }
+        for line in &self.disabled {
+            let _ = writeln!(text, "  {line}");
+        }
         for p in &self.projects {
             let figure = |v: Option<u64>| v.map_or("no limit".to_string(), |v| v.to_string());
             let _ = writeln!(
@@ -337,6 +376,40 @@ mod tests {
     }
 
     #[test]
+    fn the_plan_counts_keys_by_state_and_says_who_disabled_which() {
+        let key = |id: &str, state: pb::KeyState| pb::KeyStatus {
+            key_id: id.into(),
+            project: "p".into(),
+            state: state as i32,
+            max_leases: 1,
+            ..Default::default()
+        };
+        let mut dead = key("k3", pb::KeyState::Disabled);
+        dead.disabled_by = pb::Decider::Check as i32;
+        dead.disabled_reason = "leaked: PERMISSION_DENIED".into();
+        let status = pb::GetStatusResponse {
+            keys: vec![
+                key("k1", pb::KeyState::Available),
+                key("k2", pb::KeyState::Checking),
+                dead,
+                key("k4", pb::KeyState::Unchecked),
+            ],
+            ..Default::default()
+        };
+        let plan = Plan::from_status(&status, "m");
+        assert_eq!(plan.keys, 3, "every key but the disabled one");
+        let text = plan.describe(10, 100, 2);
+        assert!(
+            text.contains("keys: 1 available, 1 checking, 1 disabled, 1 unchecked"),
+            "{text}"
+        );
+        assert!(
+            text.contains("k3 disabled by a check: leaked: PERMISSION_DENIED"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn the_theoretical_rate_sums_each_projects_tighter_limit() {
         let plan = Plan {
             model: "m".into(),
@@ -347,6 +420,8 @@ mod tests {
                 project(Some(120), Some(6_000), Some(50)),
             ],
             window: Duration::from_secs(60),
+            key_states: BTreeMap::new(),
+            disabled: Vec::new(),
         };
         // 1/s, plus min(2/s, 6000 tokens / 100 per prompt / 60 s = 1/s).
         assert_eq!(plan.theoretical_rate(100), Some(2.0));
@@ -382,6 +457,8 @@ mod tests {
             slots: 2,
             projects: vec![tokens_only, both],
             window: Duration::from_secs(60),
+            key_states: BTreeMap::new(),
+            disabled: Vec::new(),
         };
         // 10,000 / 500 = 20 tasks, plus min(300, 100,000 / 500 = 200).
         assert_eq!(plan.left_today(500), Some(220));
