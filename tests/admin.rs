@@ -562,3 +562,64 @@ async fn an_acquire_excluding_too_many_keys_is_refused() {
         .into_inner();
     assert_eq!(fine.key_id, "k2");
 }
+
+/// A key's secret replaced in the keys file (same id) and reloaded: the new secret is lent at
+/// once, and the old one drains beside it under an id of its own until its lease ends; neither
+/// secret shows anywhere.
+#[tokio::test]
+async fn a_secret_replaced_under_its_id_drains_beside_the_new_one() {
+    let server = server().await;
+    let mut admin = admin_with_token(&server, ADMIN).await;
+    let mut worker = raw_with_token(&server, WORKER).await;
+    let old = worker
+        .acquire_key(pb::AcquireKeyRequest {
+            exclude_key_ids: vec!["k1".into()],
+            ..acquire("holder")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(old.key_id, "k2");
+    let rotated = "AIzaFAKE.k2-rotated-secret-000000000000000";
+    std::fs::write(
+        server.config_dir().join("keys.txt"),
+        format!("{rotated} id=k2 project=p2\n"),
+    )
+    .unwrap();
+    let reloaded = admin
+        .reload(pb::ReloadRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let text = format!("{reloaded:?}");
+    assert!(text.contains("k2: its secret was replaced"), "{text}");
+    assert!(
+        !text.contains(rotated) && !text.contains(&fake_secret("k2")),
+        "{text}"
+    );
+
+    let status = server.status().await;
+    let draining: Vec<&pb::KeyStatus> = status
+        .keys
+        .iter()
+        .filter(|k| k.state() == pb::KeyState::Draining)
+        .collect();
+    assert_eq!(draining.len(), 1, "{status:?}");
+    assert!(draining[0].key_id.starts_with("k2~"), "{status:?}");
+    assert_eq!(draining[0].leases.len(), 1);
+    let new = worker
+        .acquire_key(pb::AcquireKeyRequest {
+            exclude_key_ids: vec!["k1".into()],
+            ..acquire("after")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((new.key_id.as_str(), new.api_key.as_str()), ("k2", rotated));
+    worker.release(release(&old, 1)).await.unwrap();
+    let status = server.status().await;
+    assert!(
+        status.keys.iter().all(|k| !k.key_id.starts_with("k2~")),
+        "the old secret is gone once its lease ended: {status:?}"
+    );
+}

@@ -1,8 +1,10 @@
 //! The key catalogue: every configured key with its pool and project, its health (see
-//! [`super::health`]), which live leases each holds, and each pool's free set (enabled keys with a free slot, least
-//! recently granted first). A key no longer configured while leases run on it stays, draining:
-//! never lent again, and gone from every view once its last lease ends. A key only changes through [`Catalogue::update`], which keeps the
-//! free set and the pool's count of enabled keys in step with it.
+//! [`super::health`]), which live leases each holds, and each pool's free set (enabled keys
+//! with a free slot, least recently granted first). A key no longer configured while leases
+//! run on it stays, draining: never lent again, and gone from every view once its last lease
+//! ends. A secret replaced under the same id drains under an id of its own (see
+//! [`draining_id`]), beside its successor. A key only changes through [`Catalogue::update`],
+//! which keeps the free set and the pool's count of enabled keys in step with it.
 
 use super::health::{Disabled, KeyCheck};
 use super::ids::{KeyIdx, ModelIdx, PoolIdx, ProjectIdx, Token};
@@ -143,6 +145,18 @@ impl Pool {
     }
 }
 
+/// The rules from which a secret replaced under the same id drains beside its successor, where
+/// it was dropped with its leases.
+pub(super) const RULES_ROTATION: u32 = 8;
+
+/// The id a draining secret goes by while a configured key has its id: the id, and the start
+/// of its fingerprint (a keyed hash, which says nothing of the secret).
+pub(super) fn draining_id(spec: &KeySpec) -> String {
+    let identity = spec.identity();
+    let short = identity.get(..8).unwrap_or(identity);
+    format!("{}~{short}", spec.id)
+}
+
 /// How many models not listed in its configuration a pool serves at most: each is named by a
 /// client, and remembered.
 pub(super) const MAX_OTHER_MODELS: usize = 1_000;
@@ -159,11 +173,13 @@ pub(super) struct Catalogue {
 
 impl Catalogue {
     /// The keys of `specs`, then those of `draining` (no longer configured, still leased),
-    /// except any whose pool is gone or whose id a configured key took: those are returned.
+    /// except any whose pool is gone: those are returned. A draining key whose id a configured
+    /// key took goes by [`draining_id`] from rules 8 on; before, it was returned too.
     pub fn new(
         config: &EngineConfig,
         specs: Vec<KeySpec>,
         draining: Vec<KeySpec>,
+        rules: u32,
     ) -> Result<(Self, Vec<KeySpec>), SetupError> {
         let mut catalogue = Self {
             keys: Vec::new(),
@@ -207,8 +223,12 @@ impl Catalogue {
         let mut identities = HashSet::new();
         let mut left_out = Vec::new();
         let configured = specs.len();
-        for (position, spec) in specs.into_iter().chain(draining).enumerate() {
+        for (position, mut spec) in specs.into_iter().chain(draining).enumerate() {
             let is_draining = position >= configured;
+            if is_draining && catalogue.by_id.contains_key(&spec.id) && rules >= RULES_ROTATION {
+                // Its secret was replaced: it drains beside the new one.
+                spec.id = draining_id(&spec);
+            }
             if is_draining
                 && (catalogue.by_id.contains_key(&spec.id)
                     || !catalogue.pool_by_name.contains_key(&spec.pool))

@@ -345,7 +345,9 @@ impl Engine {
                 // Its last lease ended with the configuration that drained it.
                 report.removed_keys.push(key.id.clone());
             } else if draining {
-                report.draining_keys.push((key.id.clone(), live.len()));
+                // By the id it drains under: its own, or its own beside its successor's.
+                let id = engine.catalogue.key(idx).spec.id.clone();
+                report.draining_keys.push((id, live.len()));
             }
             let renamed = engine.catalogue.update(idx, |entry| {
                 entry.last_granted_ms = key.last_granted_ms;
@@ -356,7 +358,8 @@ impl Engine {
                 // checked.
                 entry.awaiting_check = key.awaiting_check && entry.awaiting_check;
                 entry.live = live;
-                (entry.spec.id != key.id).then(|| entry.spec.id.clone())
+                // A secret replaced under its id drains under another: not a rename.
+                (!draining && entry.spec.id != key.id).then(|| entry.spec.id.clone())
             });
             if let Some(new_id) = renamed {
                 report.renamed_keys.push((key.id.clone(), new_id));

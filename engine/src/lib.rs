@@ -115,7 +115,7 @@ impl Engine {
             token_floor,
             rules,
         } = setup;
-        let (catalogue, left_out) = Catalogue::new(&config, keys, draining)?;
+        let (catalogue, left_out) = Catalogue::new(&config, keys, draining, rules)?;
         let engine = Self {
             books: Books::new(&config, &catalogue, rules),
             waves: Waves::default(),

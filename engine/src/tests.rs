@@ -1714,6 +1714,88 @@ fn a_key_removed_while_idle_is_gone_at_once_and_a_draining_key_configured_again_
     );
 }
 
+/// `keys` with k1's secret replaced (a new fingerprint under the same id).
+fn with_k1_rotated(keys: &[(&str, &str)]) -> Vec<KeySpec> {
+    let mut specs = key_specs(keys);
+    specs[0].secret = ApiKey::new("AIzaFAKE.k1-rotated-00000000000000000000".to_string());
+    specs[0].fingerprint = "fp-k1-rotated".into();
+    specs
+}
+
+#[test]
+fn a_secret_replaced_under_its_id_drains_beside_its_successor() {
+    let mut e = engine(&[("k1", "p1")]);
+    let old = granted(e.acquire(T0, ask_n("a", 2)));
+    let rotated = Setup::new(config(10, 100), with_k1_rotated(&[("k1", "p1")]), 0);
+    let (reply, notices) = e.apply(Time::at(T0 + SECOND), Command::Configure(rotated));
+    let report = reply.into_configured().unwrap();
+    assert_eq!(report.draining_keys, [("k1~fp-k1".to_string(), 1)]);
+    assert!(report.renamed_keys.is_empty(), "{report:?}");
+    assert_eq!(report.dropped_leases, 0);
+    assert_eq!(key_events(&notices), ["added k1", "draining k1~fp-k1 (1)"]);
+    // The new secret is lent at once; the old one serves its lease to its end.
+    let new = granted(e.acquire(T0 + SECOND, ask("b")));
+    assert_eq!(new.key_id, "k1");
+    assert_ne!(new.api_key, old.api_key);
+    let status = e.status(T0 + SECOND, None, None, 10).unwrap();
+    let states: Vec<(String, KeyState)> = status
+        .keys
+        .iter()
+        .map(|k| (k.key_id.clone(), k.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("k1".to_string(), KeyState::Leased),
+            ("k1~fp-k1".to_string(), KeyState::Draining)
+        ]
+    );
+    // The project's books are one: both leases count on them.
+    let group = &status.groups[0];
+    assert_eq!(group.requests_per_minute.used, 3);
+    // The old lease still reports and releases; then its secret is gone.
+    let release = Command::Release {
+        lease_id: old.lease_id.clone(),
+        fencing_token: old.fencing_token,
+        usage: used(2, 0),
+    };
+    let (reply, notices) = e.apply(Time::at(T0 + 2 * SECOND), release);
+    assert!(reply.into_released().unwrap().is_some());
+    assert_eq!(key_events(&notices), ["removed k1~fp-k1"]);
+    let status = e.status(T0 + 2 * SECOND, None, None, 10).unwrap();
+    assert_eq!(status.total_keys, 1);
+}
+
+#[test]
+fn a_secret_replaced_while_both_live_survives_a_snapshot() {
+    let mut e = engine(&[("k1", "p1")]);
+    granted(e.acquire(T0, ask("a")));
+    let rotated = Setup::new(config(10, 100), with_k1_rotated(&[("k1", "p1")]), 0);
+    e.apply(Time::at(T0 + SECOND), Command::Configure(rotated));
+    let snapshot = crate::layout::Snapshot::of(&e, 1);
+    let read = crate::layout::Snapshot::decode(&snapshot.encode()).unwrap();
+    let (restored, report) = Engine::restore(read.setup, read.draining, read.image).unwrap();
+    assert_eq!(restored.image(), e.image());
+    assert_eq!(report.dropped_leases, 0);
+}
+
+#[test]
+fn under_rules_7_a_secret_replaced_under_its_id_drops_its_leases() {
+    let setup = |keys| Setup {
+        rules: 7,
+        ..Setup::new(config(10, 100), keys, 0)
+    };
+    let mut e = Engine::new(setup(key_specs(&[("k1", "p1")])), Time::at(T0)).unwrap();
+    granted(e.acquire(T0, ask("a")));
+    let (reply, _) = e.apply(
+        Time::at(T0 + SECOND),
+        Command::Configure(setup(with_k1_rotated(&[("k1", "p1")]))),
+    );
+    let report = reply.into_configured().unwrap();
+    assert_eq!(report.dropped_leases, 1, "as rules 7 decided");
+    assert!(report.draining_keys.is_empty());
+}
+
 #[test]
 fn an_operator_ends_a_cooldown_and_its_backoff() {
     let mut engine = engine(&[("k1", "p1")]);
