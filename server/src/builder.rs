@@ -7,10 +7,11 @@
 
 use crate::admin::{ConfigSource, Control};
 use crate::clock::Clock;
-use crate::config::{Settings, StateLocation};
+use crate::config::{ConfigError, Settings, StateLocation};
 use crate::connections::{Front, Incoming, LocalConnector};
 use crate::in_process::InProcess;
 use crate::key_checks::CheckSetup;
+use crate::key_sources;
 use crate::metrics::StatusSource;
 use crate::service::KeyLeaseService;
 use crate::shell::{OpenError, Recovered, State};
@@ -22,6 +23,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 
 /// Why a server could not be assembled, or stopped other than when asked.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +50,10 @@ pub enum LaunchError {
     Replica(#[from] crate::replica::StartError),
     #[error("[health]: keys cannot be checked: {0}")]
     Checks(String),
+    #[error(
+        "{0}: the keys file cannot be watched for changes: {1} (set key_sources.watch = false to read it only on reloads)"
+    )]
+    Watch(String, notify::Error),
 }
 
 impl From<crate::replica::ServeError> for LaunchError {
@@ -204,11 +210,53 @@ impl ServerBuilder {
                             "SIGHUP: configuration reloaded"
                         ),
                         Err(error) => {
+                            let error = control.state().redact(error.to_string());
                             tracing::error!(%error, "SIGHUP: the configuration was not reloaded")
                         }
                     }
                 }
             })?;
+        }
+        let reload_by = {
+            let control = control.clone();
+            move |why: &'static str, trigger: &'static str| {
+                let control = control.clone();
+                async move {
+                    let by: Arc<str> = Arc::from(why);
+                    match control.reload(Some(&by)).await {
+                        Ok(report) if report.changes.is_empty() => {}
+                        Ok(report) => tracing::info!(
+                            changes = report.changes.len(),
+                            "{why}: the keys were read again"
+                        ),
+                        Err(error) => {
+                            control.state().metrics().reload_failed(trigger);
+                            // A key source's errors may quote a key it printed.
+                            let error = control.state().redact(error.to_string());
+                            tracing::error!(
+                                %error,
+                                "{why}: the keys were not read again; those in force stay"
+                            )
+                        }
+                    }
+                }
+            }
+        };
+        if let Some(every) = settings.key_refresh {
+            let reload_by = reload_by.clone();
+            key_sources::every(every, state.shutdown_token(), move || {
+                reload_by("key_sources.refresh", "refresh")
+            });
+        }
+        if let Some(path) = settings
+            .keys_file
+            .as_ref()
+            .filter(|_| settings.watch_keys_file)
+        {
+            key_sources::watch(path, state.shutdown_token(), move || {
+                reload_by("the keys file changed", "keys_file")
+            })
+            .map_err(|e| LaunchError::Watch(path.display().to_string(), e))?;
         }
         let (incoming, connector) = listen(grpc, &settings).await?;
         let own_calls = (own_leases == OwnLeases::InProcess).then(|| in_process.clone());
@@ -261,25 +309,41 @@ impl ServerBuilder {
         };
         let front = Front::new(&settings)?;
         let (reloads, reload_requests) = tokio::sync::mpsc::unbounded_channel();
-        if reload_on_hangup {
-            // Read here; the replica takes up callers and TLS, its supervisor keys and limits.
-            on_hangup(move || {
-                let loaded = source.load();
-                let reloads = reloads.clone();
-                async move {
-                    match loaded {
-                        Ok(loaded) => {
-                            tracing::info!(
-                                "SIGHUP: configuration read again; the replica takes it up"
-                            );
-                            let _ = reloads.send(loaded);
-                        }
-                        Err(error) => {
-                            tracing::error!(%error, "SIGHUP: the configuration was not reloaded")
-                        }
+        // Read here; the replica takes up callers and TLS, its supervisor keys and limits.
+        let read_again = move |why: &'static str| {
+            let source = source.clone();
+            let reloads = reloads.clone();
+            async move {
+                match load_off_the_runtime(source).await {
+                    Ok(loaded) => {
+                        tracing::info!("{why}: configuration read again; the replica takes it up");
+                        let _ = reloads.send(loaded);
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "{why}: the configuration was not read again; what is in force stays")
                     }
                 }
-            })?;
+            }
+        };
+        if reload_on_hangup {
+            let read_again = read_again.clone();
+            on_hangup(move || read_again("SIGHUP"))?;
+        }
+        if let Some(every) = settings.key_refresh {
+            let read_again = read_again.clone();
+            key_sources::every(every, CancellationToken::new(), move || {
+                read_again("key_sources.refresh")
+            });
+        }
+        if let Some(path) = settings
+            .keys_file
+            .as_ref()
+            .filter(|_| settings.watch_keys_file)
+        {
+            key_sources::watch(path, CancellationToken::new(), move || {
+                read_again("the keys file changed")
+            })
+            .map_err(|e| LaunchError::Watch(path.display().to_string(), e))?;
         }
         let listeners = crate::replica::Listeners {
             grpc: incoming,
@@ -435,6 +499,19 @@ impl Assembled {
 }
 
 /// Runs `reload` at each SIGHUP, one after the other.
+/// Reads the configuration on a thread of its own: a key source may run a command that takes
+/// seconds, which must not hold a runtime thread.
+pub async fn load_off_the_runtime(source: ConfigSource) -> Result<Settings, ConfigError> {
+    tokio::task::spawn_blocking(move || source.load())
+        .await
+        .unwrap_or_else(|join| {
+            Err(ConfigError::Invalid {
+                location: "the configuration".into(),
+                reason: format!("reading it failed: {join}"),
+            })
+        })
+}
+
 fn on_hangup<F, Fut>(mut reload: F) -> Result<(), LaunchError>
 where
     F: FnMut() -> Fut + Send + 'static,

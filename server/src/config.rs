@@ -51,7 +51,7 @@ pub enum ConfigError {
     Invalid { location: String, reason: String },
     /// Nothing configures a key: a tool may tell this from a mistake.
     #[error(
-        "{location}: no keys: add [[keys]] entries, key_sources.file, or {GEMINI_KEY_VAR} / {GEMINI_KEY_VAR}_<n>"
+        "{location}: no keys: add [[keys]] entries, key_sources.file, key_sources.command, or {GEMINI_KEY_VAR} / {GEMINI_KEY_VAR}_<n>"
     )]
     NoKeys { location: String },
 }
@@ -269,6 +269,17 @@ impl Default for QuotaSection {
 pub struct KeySourceSection {
     /// One key per line; relative to the config file.
     pub file: Option<PathBuf>,
+    /// A program and its arguments whose standard output is read as a keys file (vault,
+    /// gcloud secrets, sops, 1Password's op); run in the config file's directory.
+    pub command: Option<Vec<String>>,
+    /// Longest the command may run before it is killed and its keys refused.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Read the keys again this often (the command re-run, the file re-read); off when unset.
+    #[serde(with = "humantime_serde")]
+    pub refresh: Option<Duration>,
+    /// Read the keys again when the keys file changes.
+    pub watch: bool,
     /// Read `GEMINI_API_KEY` and `GEMINI_API_KEY_<n>` (project from `GEMINI_API_KEY_<n>_PROJECT`).
     pub environment: bool,
     /// Salt of the ids derived from secrets; set your own to keep ids unlinkable elsewhere.
@@ -279,6 +290,10 @@ impl Default for KeySourceSection {
     fn default() -> Self {
         Self {
             file: None,
+            command: None,
+            command_timeout: keys::DEFAULT_COMMAND_TIMEOUT,
+            refresh: None,
+            watch: true,
             environment: true,
             id_salt: "keylease".into(),
         }
@@ -349,6 +364,10 @@ pub struct Settings {
     pub keys: Vec<KeySpec>,
     /// The keys file, when one is configured: where `AddKey` and `RemoveKey` write.
     pub keys_file: Option<PathBuf>,
+    /// How often the keys are read again by themselves (`key_sources.refresh`).
+    pub key_refresh: Option<Duration>,
+    /// Whether the keys file is read again when it changes (`key_sources.watch`).
+    pub watch_keys_file: bool,
     pub state: StateLocation,
 }
 
@@ -686,6 +705,20 @@ pub fn validate(
         .map(|(name, pool)| (name.clone(), pool.models.keys().cloned().collect()))
         .collect();
     let health = health_settings(&file, &listed, &at)?;
+    let key_refresh = file.key_sources.refresh;
+    for (field, value) in [
+        ("key_sources.refresh", key_refresh),
+        (
+            "key_sources.command_timeout",
+            Some(file.key_sources.command_timeout),
+        ),
+    ] {
+        if let Some(value) = value
+            && (value < Duration::from_secs(1) || value > MAX_DURATION)
+        {
+            return Err(invalid(at(field), "must be between a second and a year"));
+        }
+    }
     let (keys, keys_file) = keys::keys(&file, origin, base_dir, env, overrides, &pools, &at)?;
     let state = replication::state_location(&file, overrides, listen, base_dir, &at)?;
     Ok(Settings {
@@ -718,6 +751,8 @@ pub fn validate(
         },
         keys,
         keys_file,
+        key_refresh,
+        watch_keys_file: file.key_sources.watch,
     })
 }
 

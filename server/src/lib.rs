@@ -20,6 +20,7 @@
 //!   secrets in free text.
 //! - [`proxy`]: the Gemini-compatible HTTP proxy, leasing a key for each upstream call.
 //! - [`key_checks`]: checking keys with the provider (`[health]`), on schedule and on demand.
+//! - [`key_sources`]: keys read again by themselves: on a schedule, and when the file changes.
 //! - [`replica`]: replicas on Redis: the shared log, leading, following, forwarding.
 //! - [`clock`]: the one place that reads the time.
 //! - [`logs`]: how the binaries log; [`exit`]: the exit codes they share.
@@ -35,6 +36,7 @@ pub mod exit;
 pub mod fleet;
 pub mod in_process;
 pub mod key_checks;
+pub mod key_sources;
 pub mod lock_file;
 pub mod logs;
 pub mod metrics;

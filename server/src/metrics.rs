@@ -18,6 +18,7 @@ const RELEASED: &str = "keylease_leases_released_total";
 const EXPIRED: &str = "keylease_leases_expired_total";
 const FAILURES: &str = "keylease_failures_reported_total";
 const CHECKS: &str = "keylease_key_checks_total";
+const RELOAD_FAILURES: &str = "keylease_reload_failures_total";
 const ACQUIRE_WAIT: &str = "keylease_acquire_wait_seconds";
 const ACTIVE: &str = "keylease_leases_active";
 const KEYS: &str = "keylease_keys";
@@ -145,6 +146,14 @@ impl Metrics {
             "Leases that reached their end unreleased, by model.",
         );
         describe(
+            CHECKS,
+            "Checks of keys with the provider, by outcome (fine, refused, no_answer).",
+        );
+        describe(
+            RELOAD_FAILURES,
+            "Reloads the server began by itself (key_sources.refresh, a changed keys file) that failed: the keys in force stay.",
+        );
+        describe(
             FAILURES,
             "Failures reported by workers, by kind (rate_limited is the provider's 429).",
         );
@@ -250,6 +259,17 @@ impl Metrics {
             EventKind::KeyChecked { outcome, .. } => (CHECKS, "outcome", outcome_label(outcome)),
             _ => return,
         };
+        self.count(name, label, value);
+    }
+
+    /// A reload the server began by itself (`trigger`: what began it) failed: the keys and
+    /// settings in force stay.
+    pub fn reload_failed(&self, trigger: &'static str) {
+        self.count(RELOAD_FAILURES, "trigger", trigger);
+    }
+
+    /// One more of counter `name` with `label` = `value`.
+    fn count(&self, name: &'static str, label: &'static str, value: &str) {
         let mut counters = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
         let by_value = counters.entry(name).or_default();
         match by_value.get(value) {

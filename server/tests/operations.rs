@@ -376,8 +376,11 @@ async fn nothing_the_server_writes_or_answers_holds_a_secret() {
     ];
     let added = unshaped("hyg-added");
     let reloaded = gemini_shaped("hyg-reload");
+    // Printed by a key source that fails, on its output and in its errors.
+    let vaulted = unshaped("hyg-vaulted");
     let wrong_token = "kl_not-a-token-anyone-configured-1234";
-    // The proxy's upstream knows these keys; h3 is reported leaked there.
+    // The proxy's upstream knows these keys; h3 is reported leaked there once the checks at
+    // start found it fine. Keys are checked there too.
     let fake = fake_gemini::FakeGemini::start(fake_gemini::FakeConfig {
         keys: keys
             .iter()
@@ -385,11 +388,7 @@ async fn nothing_the_server_writes_or_answers_holds_a_secret() {
                 id: id.to_string(),
                 secret: secret.clone(),
                 project: format!("project-{id}"),
-                health: if *id == "h3" {
-                    fake_gemini::KeyHealth::Leaked
-                } else {
-                    fake_gemini::KeyHealth::Healthy
-                },
+                health: fake_gemini::KeyHealth::Healthy,
             })
             .collect(),
         models: [("gemini-2.5-flash".to_string(), Default::default())].into(),
@@ -401,7 +400,7 @@ async fn nothing_the_server_writes_or_answers_holds_a_secret() {
     .await
     .unwrap();
     let proxy = format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"{0}\"\n\n[health]\nupstream = \"{0}\"\n",
         fake.base_url()
     );
     let setup = setup("hygiene", &keys, &proxy);
@@ -412,6 +411,18 @@ async fn nothing_the_server_writes_or_answers_holds_a_secret() {
     let mut seen = Vec::<String>::new();
     // Lease replies hold the api_key for the task that asked: the one exception, not scanned.
     let mut leases = Vec::new();
+    for _ in 0..200 {
+        let status = lease_client
+            .get_status(with_token(VIEWER, pb::GetStatusRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        if status.keys.iter().all(|k| k.last_check.is_some()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fake.fake.set_health("h3", fake_gemini::KeyHealth::Leaked);
 
     // Through the proxy: calls that reach every key (one of them leaked), the token in the
     // query string, a token nobody configured. Its answers are scanned with the rest.
@@ -482,7 +493,7 @@ async fn nothing_the_server_writes_or_answers_holds_a_secret() {
     let every_secret: Vec<String> = keys
         .iter()
         .map(|(_, s)| s.clone())
-        .chain([added.clone(), reloaded.clone()])
+        .chain([added.clone(), reloaded.clone(), vaulted.clone()])
         .collect();
     let kinds = [
         (
@@ -739,6 +750,42 @@ async fn nothing_the_server_writes_or_answers_holds_a_secret() {
     seen.push(answered(
         admin.reload(with_token(ADMIN, pb::ReloadRequest {})).await,
     ));
+    // A key source that fails, printing a key and quoting it and a configured one in its errors.
+    let vault = format!(
+        "environment = false\ncommand = [\"sh\", \"-c\", \"echo {vaulted}; echo vault sealed: {vaulted} {reloaded} >&2; exit 3\"]\n"
+    );
+    std::fs::write(
+        &setup.config,
+        with_key.replacen("environment = false\n", &vault, 1),
+    )
+    .unwrap();
+    let refused = answered(admin.reload(with_token(ADMIN, pb::ReloadRequest {})).await);
+    assert!(refused.contains("exited with 3"), "{refused}");
+    seen.push(refused);
+    // Checks on demand: h3 refused as leaked, the provider's words in the answer.
+    let checked = answered(
+        admin
+            .check_keys(with_token(ADMIN, pb::CheckKeysRequest::default()))
+            .await,
+    );
+    assert!(
+        checked.contains("REFUSED") || checked.contains("Refused"),
+        "{checked}"
+    );
+    seen.push(checked);
+    // The keys file edited with a broken line holding a secret: the watch reads it, refuses it,
+    // and logs why without it.
+    let keys_text = std::fs::read_to_string(&setup.keys_file).unwrap();
+    std::fs::write(
+        &setup.keys_file,
+        format!("{keys_text}{vaulted} colour=blue\n"),
+    )
+    .unwrap();
+    until_logged(
+        &server,
+        "the keys file changed: the keys were not read again",
+    );
+    std::fs::write(&setup.keys_file, &keys_text).unwrap();
     std::fs::write(&setup.config, &with_key).unwrap();
     let hup = Command::new("kill")
         .args(["-HUP", &server.pid().to_string()])

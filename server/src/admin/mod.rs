@@ -188,7 +188,7 @@ impl Control {
         by: Option<&Arc<str>>,
         running: &mut Settings,
     ) -> Result<Reloaded, AdminError> {
-        let read = self.source.load()?;
+        let read = crate::builder::load_off_the_runtime(self.source.clone()).await?;
         let mut report = diff(running, &read);
         let read_tls = read.tls.clone();
         let loaded = read.keeping_what_needs_a_restart(running);

@@ -201,7 +201,7 @@ fn exit_code(failure: &LaunchError) -> u8 {
         }
         LaunchError::Proxy(_) => exit::USAGE,
         LaunchError::Store(_) => exit::IO,
-        LaunchError::Signals(_) | LaunchError::Checks(_) => exit::OS,
+        LaunchError::Signals(_) | LaunchError::Checks(_) | LaunchError::Watch(..) => exit::OS,
         LaunchError::Serve(_) => exit::SOFTWARE,
     }
 }

@@ -1,7 +1,18 @@
-//! The keys: `[[keys]]` entries, a keys file and `GEMINI_API_KEY*` variables, collected into
-//! [`KeySpec`]s with every mistake named where it is, and never a secret quoted.
+//! The keys: `[[keys]]` entries, a keys file, a command's output and `GEMINI_API_KEY*`
+//! variables, collected into [`KeySpec`]s with every mistake named where it is, and never a
+//! secret quoted.
 
 use super::*;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use wait_timeout::ChildExt;
+
+/// How long `key_sources.command` may run unless configured.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most of a command's standard output read as keys (a keys file of ~100,000 keys).
+const MAX_COMMAND_OUTPUT: u64 = 16 << 20;
+/// Most of a command's standard error quoted (masked) when it fails: its end.
+const STDERR_QUOTED: usize = 1024;
 
 /// Gathers keys from every source, refusing duplicates with both places named.
 pub(super) struct KeyCollector<'a> {
@@ -118,7 +129,27 @@ impl<'a> KeyCollector<'a> {
         let name = path.display().to_string();
         let bytes = std::fs::read(path)
             .map_err(|e| invalid(&name, format!("cannot read the keys file: {e}")))?;
-        let bytes = bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(&bytes);
+        self.add_text(&name, &bytes)
+    }
+
+    /// The standard output of `argv` (run in `dir`, killed after `timeout`), read as a keys
+    /// file. A failure says how it ended and what it wrote to standard error, masked: any
+    /// word it printed on standard output, and anything shaped like a credential.
+    pub(super) fn add_command(
+        &mut self,
+        argv: &[String],
+        dir: &Path,
+        timeout: Duration,
+    ) -> Result<(), ConfigError> {
+        const ORIGIN: &str = "key_sources.command";
+        let output = run_command(argv, dir, timeout).map_err(|reason| invalid(ORIGIN, reason))?;
+        self.add_text(&format!("{ORIGIN} (its output)"), &output)
+    }
+
+    /// `bytes` read as a keys file named `name` in errors.
+    fn add_text(&mut self, name: &str, bytes: &[u8]) -> Result<(), ConfigError> {
+        let name = name.to_string();
+        let bytes = bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(bytes);
         let text = std::str::from_utf8(bytes).map_err(|e| {
             invalid(
                 &name,
@@ -283,6 +314,108 @@ impl<'a> KeyCollector<'a> {
     }
 }
 
+/// Runs `argv` in `dir` and returns its standard output, or why it gave none: not run, killed
+/// after `timeout`, or exited other than with 0 (with the end of its standard error, masked).
+fn run_command(argv: &[String], dir: &Path, timeout: Duration) -> Result<Vec<u8>, String> {
+    let Some((program, args)) = argv.split_first() else {
+        return Err(
+            "is empty: give the program and its arguments, such as [\"sh\", \"-c\", \"vault kv get -field=keys secret/gemini\"]"
+                .into(),
+        );
+    };
+    let shown = Redactor::new([]).redact(program).into_owned();
+    let mut child = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {shown:?}: {e}"))?;
+    // Read while it runs, so that a full pipe never stalls it.
+    let drain = |pipe: Option<Box<dyn Read + Send>>, limit: u64| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(pipe) = pipe {
+                let mut pipe = pipe.take(limit + 1);
+                let _ = pipe.read_to_end(&mut bytes);
+                // Whatever is past the limit is read and dropped, for the program to finish.
+                let _ = std::io::copy(&mut pipe.into_inner(), &mut std::io::sink());
+            }
+            bytes
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        MAX_COMMAND_OUTPUT,
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        MAX_COMMAND_OUTPUT,
+    );
+    let status = match child.wait_timeout(timeout) {
+        Ok(Some(status)) => status,
+        Ok(None) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "{shown:?} gave no answer within {}: killed (key_sources.command_timeout)",
+                humantime::format_duration(timeout)
+            ));
+        }
+        Err(e) => return Err(format!("waiting for {shown:?} failed: {e}")),
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    if status.success() && stdout.len() as u64 > MAX_COMMAND_OUTPUT {
+        return Err(format!(
+            "{shown:?} wrote more than {} MiB of keys",
+            MAX_COMMAND_OUTPUT >> 20
+        ));
+    }
+    if status.success() {
+        return Ok(stdout);
+    }
+    // Whatever it printed may be a key, and so may anything in its errors.
+    let printed: Vec<ApiKey> = String::from_utf8_lossy(&stdout)
+        .split_whitespace()
+        .flat_map(|word| {
+            [
+                word.to_string(),
+                word.split_once('=')
+                    .map_or(String::new(), |(_, v)| v.to_string()),
+            ]
+        })
+        .filter(|word| word.len() >= 8)
+        .map(ApiKey::new)
+        .collect();
+    let errors = String::from_utf8_lossy(&stderr);
+    let errors = errors.trim();
+    let tail_start = errors
+        .char_indices()
+        .map(|(i, _)| i)
+        .find(|&i| errors.len() - i <= STDERR_QUOTED)
+        .unwrap_or(errors.len());
+    let masked = Redactor::new(printed.iter())
+        .redact(&errors[tail_start..])
+        .into_owned();
+    let how = match status.code() {
+        Some(code) => format!("exited with {code}"),
+        None => "was killed by a signal".to_string(),
+    };
+    Err(if masked.is_empty() {
+        format!("{shown:?} {how}, writing nothing to standard error")
+    } else {
+        format!("{shown:?} {how}; its standard error (masked): {masked}")
+    })
+}
+
 /// What a keys-file line may say after its key, as `name=value`.
 pub(super) const ANNOTATIONS: [&str; 4] = ["id", "project", "pool", "max_leases"];
 
@@ -354,6 +487,9 @@ pub(super) fn keys(
         .or_else(|| file.key_sources.file.as_ref().map(|f| base_dir.join(f)));
     if let Some(path) = &keys_file {
         keys.add_file(path)?;
+    }
+    if let Some(argv) = &file.key_sources.command {
+        keys.add_command(argv, base_dir, file.key_sources.command_timeout)?;
     }
     if file.key_sources.environment {
         keys.add_environment(env)?;

@@ -975,3 +975,81 @@ fn proxy_mistakes_name_the_field_and_never_quote_the_upstream() {
     let told = format!("[server]\nauth = \"off\"\n[proxy]\nlisten = \"0.0.0.0:8080\"\n{keys}");
     assert!(Dir::new(&told).load(&no_env()).unwrap().proxy.is_some());
 }
+
+/// `key_sources.command` running `script` (a shell script beside the config) with `timeout`.
+fn command_config(timeout: &str) -> String {
+    format!(
+        "{POOL}\n[key_sources]\nenvironment = false\ncommand = [\"sh\", \"keys.sh\"]\ncommand_timeout = \"{timeout}\"\n"
+    )
+}
+
+#[test]
+fn a_command_prints_the_keys_as_a_keys_file() {
+    let [shaped, arbitrary] = planted_secrets();
+    let dir = Dir::new(&command_config("10s"));
+    dir.write(
+        "keys.sh",
+        &format!("echo '# from the vault'\necho '{shaped} id=v1 project=p1'\necho 'GEMINI_API_KEY_2={arbitrary}'\n"),
+    );
+    let settings = dir.load(&no_env()).unwrap();
+    let keys: Vec<(&str, &str)> = settings
+        .keys
+        .iter()
+        .map(|k| (k.id.as_str(), k.secret.reveal()))
+        .collect();
+    assert_eq!(keys[0], ("v1", shaped.as_str()));
+    assert_eq!(keys[1].1, arbitrary);
+}
+
+#[test]
+fn a_failing_hanging_or_garbled_command_is_named_and_never_shows_a_secret() {
+    let [shaped, arbitrary] = planted_secrets();
+    let dir = Dir::new(&command_config("1s"));
+    // Fails, printing a key on standard output and both on standard error.
+    dir.write(
+        "keys.sh",
+        &format!("echo '{arbitrary}'\necho 'vault: permission denied reading {shaped} and {arbitrary}' >&2\nexit 3\n"),
+    );
+    let error = error_of(dir.load(&no_env()));
+    assert!(error.starts_with("key_sources.command:"), "{error}");
+    assert!(error.contains("exited with 3"), "{error}");
+    assert!(error.contains("vault: permission denied"), "{error}");
+    assert!(
+        !error.contains(&shaped) && !error.contains(&arbitrary),
+        "{error}"
+    );
+    // Hangs: killed after its timeout.
+    dir.write("keys.sh", "sleep 30\n");
+    let error = error_of(dir.load(&no_env()));
+    assert!(error.contains("no answer within 1s: killed"), "{error}");
+    // Prints something that is not a keys file: the line, not its text.
+    dir.write(
+        "keys.sh",
+        &format!("echo '{shaped}'\necho '{arbitrary} colour=blue'\n"),
+    );
+    let error = error_of(dir.load(&no_env()));
+    assert!(
+        error.starts_with("key_sources.command (its output):2:"),
+        "{error}"
+    );
+    assert!(!error.contains(&arbitrary), "{error}");
+    // Prints nothing: no keys.
+    dir.write("keys.sh", "true\n");
+    assert!(matches!(
+        dir.load(&no_env()),
+        Err(ConfigError::NoKeys { .. })
+    ));
+    // Not a program at all.
+    let dir = Dir::new(&format!(
+        "{POOL}\n[key_sources]\nenvironment = false\ncommand = [\"/nonexistent/vault\"]\n"
+    ));
+    let error = error_of(dir.load(&no_env()));
+    assert!(
+        error.contains("cannot run \"/nonexistent/vault\""),
+        "{error}"
+    );
+    let dir = Dir::new(&format!(
+        "{POOL}\n[key_sources]\nenvironment = false\ncommand = []\n"
+    ));
+    assert!(error_of(dir.load(&no_env())).contains("is empty"));
+}
