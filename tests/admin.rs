@@ -598,7 +598,7 @@ async fn a_secret_replaced_under_its_id_drains_beside_the_new_one() {
         "{text}"
     );
 
-    let status = server.status().await;
+    let status = admin_status(&server).await;
     let draining: Vec<&pb::KeyStatus> = status
         .keys
         .iter()
@@ -617,9 +617,19 @@ async fn a_secret_replaced_under_its_id_drains_beside_the_new_one() {
         .into_inner();
     assert_eq!((new.key_id.as_str(), new.api_key.as_str()), ("k2", rotated));
     worker.release(release(&old, 1)).await.unwrap();
-    let status = server.status().await;
+    let status = admin_status(&server).await;
     assert!(
         status.keys.iter().all(|k| !k.key_id.starts_with("k2~")),
         "the old secret is gone once its lease ended: {status:?}"
     );
+}
+
+/// `GetStatus` as an admin asks it (the server requires tokens).
+async fn admin_status(server: &TestServer) -> pb::GetStatusResponse {
+    raw_with_token(server, ADMIN)
+        .await
+        .get_status(pb::GetStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
 }
