@@ -49,23 +49,6 @@ fn key<'a>(status: &'a pb::GetStatusResponse, id: &str) -> &'a pb::KeyStatus {
         .unwrap_or_else(|| panic!("no key {id} in {status:?}"))
 }
 
-/// Waits (bounded, looking every 20 ms) until `done` holds of the status.
-async fn until_status(
-    server: &TestServer,
-    within: Duration,
-    done: impl Fn(&pb::GetStatusResponse) -> bool,
-) -> pb::GetStatusResponse {
-    const EVERY: Duration = Duration::from_millis(20);
-    for _ in 0..within.as_millis() / EVERY.as_millis() {
-        let status = server.status().await;
-        if done(&status) {
-            return status;
-        }
-        tokio::time::sleep(EVERY).await;
-    }
-    panic!("not within {within:?}: {:#?}", server.status().await);
-}
-
 fn state_of(status: &pb::GetStatusResponse, id: &str) -> pb::KeyState {
     key(status, id).state()
 }
@@ -121,19 +104,22 @@ async fn dead_keys_are_found_at_start_and_no_call_is_spent_on_them() {
 async fn a_fixed_project_comes_back_by_itself_and_a_leaked_key_never_does() {
     let fake = fake_with_dead_keys().await;
     let server = server_checking(&fake.base_url(), "retry_interval = \"1s\"").await;
-    until_status(&server, Duration::from_secs(10), |s| {
-        state_of(s, "k4") == pb::KeyState::Disabled && state_of(s, "k3") == pb::KeyState::Disabled
-    })
-    .await;
+    server
+        .until_status(Duration::from_secs(10), |s| {
+            state_of(s, "k4") == pb::KeyState::Disabled
+                && state_of(s, "k3") == pb::KeyState::Disabled
+        })
+        .await;
     let mut events = server.watch().await;
     // The operator fixes the suspended project; the leaked key is "fixed" too, which Gemini
     // never does: keylease must not look again.
     fake.fake.set_health("k4", KeyHealth::Healthy);
     fake.fake.set_health("k3", KeyHealth::Healthy);
-    let status = until_status(&server, Duration::from_secs(5), |s| {
-        state_of(s, "k4") == pb::KeyState::Available
-    })
-    .await;
+    let status = server
+        .until_status(Duration::from_secs(5), |s| {
+            state_of(s, "k4") == pb::KeyState::Available
+        })
+        .await;
     assert_eq!(state_of(&status, "k3"), pb::KeyState::Disabled);
     // The event says a check enabled it.
     let enabled = next_event(&mut events, |kind| match kind {
@@ -164,10 +150,11 @@ async fn checks_on_demand_answer_each_key_and_an_operators_disable_holds() {
     let mut admin = pb::key_admin_client::KeyAdminClient::connect(server.address.clone())
         .await
         .unwrap();
-    until_status(&server, Duration::from_secs(10), |s| {
-        s.keys.iter().all(|k| k.last_check.is_some())
-    })
-    .await;
+    server
+        .until_status(Duration::from_secs(10), |s| {
+            s.keys.iter().all(|k| k.last_check.is_some())
+        })
+        .await;
     admin
         .disable_key(pb::DisableKeyRequest {
             key_id: "k1".into(),
@@ -253,10 +240,11 @@ async fn an_unreachable_check_endpoint_disables_nothing_and_keys_say_unchecked()
         .unwrap()
         .into_inner();
     client.release(release(&lease, 1)).await.unwrap();
-    let status = until_status(&server, Duration::from_secs(10), |s| {
-        s.keys.iter().all(|k| k.last_check.is_some())
-    })
-    .await;
+    let status = server
+        .until_status(Duration::from_secs(10), |s| {
+            s.keys.iter().all(|k| k.last_check.is_some())
+        })
+        .await;
     for k in &status.keys {
         assert_eq!(k.state(), pb::KeyState::Unchecked, "{k:?}");
         let check = k.last_check.as_ref().unwrap();
@@ -275,10 +263,11 @@ async fn a_key_added_while_checking_waits_for_its_check_and_a_dead_one_is_never_
         "[key_sources]\nenvironment = false\nfile = \"keys.txt\"\n",
     );
     let server = TestServer::start_with_files(&config, &[("keys.txt", "")]).await;
-    until_status(&server, Duration::from_secs(10), |s| {
-        state_of(s, "k1") == pb::KeyState::Available
-    })
-    .await;
+    server
+        .until_status(Duration::from_secs(10), |s| {
+            state_of(s, "k1") == pb::KeyState::Available
+        })
+        .await;
     let keys = format!(
         "{} id=k5 project=p5\n{} id=k6 project=p6\n",
         fake_secret("k5"),
@@ -289,10 +278,12 @@ async fn a_key_added_while_checking_waits_for_its_check_and_a_dead_one_is_never_
         .await
         .unwrap();
     admin.reload(pb::ReloadRequest {}).await.unwrap();
-    let status = until_status(&server, Duration::from_secs(10), |s| {
-        state_of(s, "k5") == pb::KeyState::Available && state_of(s, "k6") == pb::KeyState::Disabled
-    })
-    .await;
+    let status = server
+        .until_status(Duration::from_secs(10), |s| {
+            state_of(s, "k5") == pb::KeyState::Available
+                && state_of(s, "k6") == pb::KeyState::Disabled
+        })
+        .await;
     assert_eq!(key(&status, "k6").problem(), pb::KeyProblem::Leaked);
     // Every key lent in turn: never k6.
     let mut client = server.client().await;

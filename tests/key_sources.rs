@@ -7,21 +7,11 @@ use keylease::pb;
 use std::time::Duration;
 use support::*;
 
-/// Waits (bounded, looking every 50 ms) until `done` holds of the status.
-async fn until_status(
-    server: &TestServer,
-    within: Duration,
-    done: impl Fn(&pb::GetStatusResponse) -> bool,
-) -> pb::GetStatusResponse {
-    const EVERY: Duration = Duration::from_millis(50);
-    for _ in 0..within.as_millis() / EVERY.as_millis() {
-        let status = server.status().await;
-        if done(&status) {
-            return status;
-        }
-        tokio::time::sleep(EVERY).await;
-    }
-    panic!("not within {within:?}: {:#?}", server.status().await);
+/// Reloads the watch of the keys file began that failed.
+async fn keys_file_failures(server: &TestServer) -> u64 {
+    server
+        .metric("keylease_reload_failures_total{trigger=\"keys_file\"}")
+        .await as u64
 }
 
 fn ids(status: &pb::GetStatusResponse) -> Vec<String> {
@@ -44,7 +34,9 @@ async fn a_commands_keys_are_read_again_every_refresh_and_a_failure_keeps_them()
     assert_eq!(ids(&server.status().await), ["v1"]);
     let keys_sh = server.config_dir().join("keys.sh");
     std::fs::write(&keys_sh, script(&["v1", "v2"])).unwrap();
-    until_status(&server, Duration::from_secs(10), |s| ids(s) == ["v1", "v2"]).await;
+    server
+        .until_status(Duration::from_secs(10), |s| ids(s) == ["v1", "v2"])
+        .await;
 
     // The vault is down: the keys in force stay, and the failure is counted.
     std::fs::write(
@@ -52,47 +44,28 @@ async fn a_commands_keys_are_read_again_every_refresh_and_a_failure_keeps_them()
         format!("echo 'vault: sealed, {}' >&2\nexit 2\n", fake_secret("v1")),
     )
     .unwrap();
-    let metrics = reqwest::Client::new();
     let mut failures = 0;
     for _ in 0..100 {
-        let text = metrics
-            .get(&server.metrics_url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        assert!(!text.contains(&fake_secret("v1")), "{text}");
-        failures = text
-            .lines()
-            .find(|l| l.starts_with("keylease_reload_failures_total{trigger=\"refresh\"}"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .unwrap_or(0);
+        failures = server
+            .metric("keylease_reload_failures_total{trigger=\"refresh\"}")
+            .await as u64;
         if failures > 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(failures > 0, "no failed refresh counted");
-    assert_eq!(ids(&server.status().await), ["v1", "v2"]);
-    let mut client = server.client().await;
-    let lease = client.acquire_key(acquire("t")).await.unwrap().into_inner();
-    client.release(release(&lease, 0)).await.unwrap();
-}
-
-/// The `keylease_reload_failures_total` of `trigger` the server's metrics show now.
-async fn reload_failures(server: &TestServer, trigger: &str) -> u64 {
-    let text = reqwest::get(&server.metrics_url)
+    let scrape = reqwest::get(&server.metrics_url)
         .await
         .unwrap()
         .text()
         .await
         .unwrap();
-    let prefix = format!("keylease_reload_failures_total{{trigger=\"{trigger}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
-        .unwrap_or(0)
+    assert!(!scrape.contains(&fake_secret("v1")), "{scrape}");
+    assert!(failures > 0, "no failed refresh counted");
+    assert_eq!(ids(&server.status().await), ["v1", "v2"]);
+    let mut client = server.client().await;
+    let lease = client.acquire_key(acquire("t")).await.unwrap().into_inner();
+    client.release(release(&lease, 0)).await.unwrap();
 }
 
 #[tokio::test]
@@ -126,30 +99,34 @@ async fn a_watched_keys_file_is_taken_up_when_swapped_and_a_broken_one_keeps_the
     assert_eq!(ids(&server.status().await), ["w1"]);
 
     swap_to("..v2", Some(&format!("{}{}", line("w1"), line("w2"))));
-    until_status(&server, Duration::from_secs(10), |s| ids(s) == ["w1", "w2"]).await;
+    server
+        .until_status(Duration::from_secs(10), |s| ids(s) == ["w1", "w2"])
+        .await;
 
     // Truncated in place (a writer caught mid-way): no keys, refused; the keys in force stay.
     std::fs::write(secret.join("..v2/keys.txt"), "").unwrap();
     for _ in 0..100 {
-        if reload_failures(&server, "keys_file").await >= 1 {
+        if keys_file_failures(&server).await >= 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(reload_failures(&server, "keys_file").await, 1);
+    assert_eq!(keys_file_failures(&server).await, 1);
     // Swapped to something unreadable: refused too.
     swap_to("..v3", None);
     for _ in 0..100 {
-        if reload_failures(&server, "keys_file").await >= 2 {
+        if keys_file_failures(&server).await >= 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(reload_failures(&server, "keys_file").await, 2);
+    assert_eq!(keys_file_failures(&server).await, 2);
     assert_eq!(ids(&server.status().await), ["w1", "w2"]);
 
     // Fixed: taken up.
     swap_to("..v4", Some(&line("w3")));
-    until_status(&server, Duration::from_secs(10), |s| ids(s) == ["w3"]).await;
+    server
+        .until_status(Duration::from_secs(10), |s| ids(s) == ["w3"])
+        .await;
     let _ = std::fs::remove_dir_all(&dir);
 }

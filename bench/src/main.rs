@@ -3,11 +3,12 @@
 //! runs it at a size that only shows it still works (CI does that; figures are never asserted).
 //!
 //! ```sh
-//! cargo run --release -p keylease-bench -- overhead | scale | utilization | limits | recovery | replicas | proxy | learning | batch | idle | sdk | all [--smoke]
+//! cargo run --release -p keylease-bench -- overhead | scale | utilization | limits | recovery | replicas | proxy | learning | batch | idle | sdk | health | all [--smoke]
 //! ```
 //! The other subcommands are the roles the scenarios start this binary in.
 
 mod batch;
+mod health;
 mod idle;
 mod learning;
 mod limits;
@@ -93,6 +94,11 @@ enum Scenario {
         #[arg(long)]
         smoke: bool,
     },
+    /// Calls wasted on dead keys without and with `[health]`; start-up time checking 1,000 keys.
+    Health {
+        #[arg(long)]
+        smoke: bool,
+    },
     /// Every scenario.
     All {
         #[arg(long)]
@@ -150,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Batch { smoke } => batch::run(smoke).await?,
         Scenario::Idle { smoke } => idle::run(smoke).await?,
         Scenario::Sdk { smoke } => sdk::run(smoke).await?,
+        Scenario::Health { smoke } => health::run(smoke).await?,
         Scenario::All { smoke } => {
             overhead::run(smoke).await?;
             scale::run(smoke).await?;
@@ -162,6 +169,7 @@ async fn main() -> anyhow::Result<()> {
             batch::run(smoke).await?;
             idle::run(smoke).await?;
             sdk::run(smoke).await?;
+            health::run(smoke).await?;
         }
         Scenario::Serve { .. }
         | Scenario::Replica { .. }

@@ -229,6 +229,39 @@ impl TestServer {
             .into_inner()
     }
 
+    /// Waits (bounded, looking every 20 ms) until `done` holds of the status; panics with the
+    /// last status when it does not within `within`.
+    pub async fn until_status(
+        &self,
+        within: std::time::Duration,
+        done: impl Fn(&pb::GetStatusResponse) -> bool,
+    ) -> pb::GetStatusResponse {
+        const EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+        for _ in 0..within.as_millis() / EVERY.as_millis() {
+            let status = self.status().await;
+            if done(&status) {
+                return status;
+            }
+            tokio::time::sleep(EVERY).await;
+        }
+        panic!("not within {within:?}: {:#?}", self.status().await);
+    }
+
+    /// The value of one series of the server's metrics (`name{labels}` as Prometheus prints
+    /// it); 0 when it has none yet.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = reqwest::get(&self.metrics_url)
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        let prefix = format!("{series} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(&prefix)?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// The server's event stream, from now on.
     pub async fn watch(&self) -> tonic::Streaming<pb::Event> {
         self.client()
