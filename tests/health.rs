@@ -298,3 +298,44 @@ async fn a_key_added_while_checking_waits_for_its_check_and_a_dead_one_is_never_
     }
     assert_eq!(fake.fake.stats().keys["k6"].total(), 0);
 }
+
+/// The proxy says how long each call took; the key's record in the status keeps its calls and
+/// latency (the engine's tests show a key whose calls time out lent less, never not at all).
+#[tokio::test]
+async fn the_proxys_calls_are_timed_into_their_keys_record() {
+    let fake = start_fake_with(
+        &[("k1", "p1")],
+        limits(),
+        &[],
+        1.0,
+        fake_gemini::Faults {
+            latency_ms: 50,
+            ..Default::default()
+        },
+    )
+    .await;
+    let extra = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        fake.base_url()
+    );
+    let server = TestServer::start(&config_toml(&[("k1", "p1")], 1_000, &extra)).await;
+    let proxy = server.proxy_url.clone().unwrap();
+    let http = reqwest::Client::new();
+    for n in 0..5 {
+        let answer = http
+            .post(format!("{proxy}/v1beta/models/{MODEL}:generateContent"))
+            .header("x-goog-api-key", "any")
+            .json(&serde_json::json!({"contents":[{"parts":[{"text": format!("call {n}")}]}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    let status = server.status().await;
+    let record = key(&status, "k1").performance.clone().unwrap();
+    assert_eq!(record.calls, 5);
+    let p50 = record.latency_p50.unwrap();
+    let p50_ms = p50.seconds * 1_000 + i64::from(p50.nanos / 1_000_000);
+    assert!((64..=1_024).contains(&p50_ms), "{record:?}");
+    assert!(record.failures.is_empty(), "{record:?}");
+}

@@ -619,6 +619,7 @@ async fn absurd_usage_figures_book_no_more_than_the_grant_and_the_ceiling() {
         fencing_token: lease.fencing_token,
         requests_sent: Some(u32::MAX),
         input_tokens: Some(u64::MAX),
+        call_duration: None,
     };
     let released = client.release(release).await.unwrap().into_inner();
     assert_eq!(

@@ -204,6 +204,7 @@ pub async fn cycle(channel: Channel, client: usize) -> anyhow::Result<()> {
         fencing_token: lease.fencing_token,
         requests_sent: Some(1),
         input_tokens: Some(0),
+        call_duration: None,
     };
     keylease.release(release).await?;
     Ok(())

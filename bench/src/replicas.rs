@@ -87,6 +87,7 @@ async fn until_serving(server: &Child, limit: Duration) -> anyhow::Result<Durati
                     fencing_token: lease.fencing_token,
                     requests_sent: Some(0),
                     input_tokens: Some(0),
+                    call_duration: None,
                 })
                 .await?;
             anyhow::Ok(())

@@ -50,6 +50,9 @@ pub struct Usage {
     pub requests_sent: u32,
     /// Input tokens recorded; `None` until some are, and then the server keeps the estimate.
     pub input_tokens: Option<u64>,
+    /// How long the last call made with the key took, when recorded: the server keeps it in
+    /// the key's record.
+    pub last_call: Option<Duration>,
 }
 
 /// A failed call, to report.
@@ -223,6 +226,11 @@ impl LeaseGuard {
         usage.input_tokens = Some(usage.input_tokens.unwrap_or(0).saturating_add(input_tokens));
     }
 
+    /// Records how long a call made with the key took (to its answer, or to its timeout).
+    pub fn record_call(&self, took: Duration) {
+        lock(&self.held).usage.last_call = Some(took);
+    }
+
     pub fn usage(&self) -> Usage {
         lock(&self.held).usage
     }
@@ -264,6 +272,7 @@ impl LeaseGuard {
             .to_string(),
             rotate: replacement.is_some(),
             requests_sent: Some(usage.requests_sent),
+            call_duration: usage.last_call.map(to_pb),
             replacement_wait: replacement.map(to_pb),
             quota_violations: failure
                 .violations
@@ -310,6 +319,7 @@ impl LeaseGuard {
             fencing_token: held.lease.fencing_token,
             requests_sent: Some(held.usage.requests_sent),
             input_tokens: held.usage.input_tokens,
+            call_duration: held.usage.last_call.map(to_pb),
         });
         (request, held.lease.clone())
     }

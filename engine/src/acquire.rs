@@ -3,6 +3,7 @@
 //! the lines in order, and saying why nothing can be lent and until when.
 
 use super::catalogue::{GroupKey, MAX_OTHER_MODELS};
+use super::health::RULES_KEY_HEALTH;
 use super::ids::Token;
 use super::ids::{KeyIdx, ModelIdx, PoolIdx, ProjectIdx};
 use super::leases::{Lease, lease_id};
@@ -321,6 +322,11 @@ impl Engine {
         let task_exclusions = self.memory.excluded_keys(task, time.steady_ms);
         let mut unaffordable = Vec::new();
         let mut best: Option<(KeyIdx, f64)> = None;
+        // Keys whose own recent failures have them passed over this time, while another is as
+        // good (rules 8 on): the best of them if no other is.
+        let mut deferred: Vec<KeyIdx> = Vec::new();
+        let mut best_deferred: Option<(KeyIdx, f64)> = None;
+        let weighs_records = self.rules >= RULES_KEY_HEALTH;
         let mut candidates = 0;
         let Self {
             catalogue, books, ..
@@ -339,17 +345,28 @@ impl Engine {
                 continue;
             }
             let headroom = group.headroom();
-            if best.is_none_or(|(_, h)| headroom > h) {
+            candidates += 1;
+            if weighs_records && catalogue.key(key).record.deferred() {
+                deferred.push(key);
+                if best_deferred.is_none_or(|(_, h)| headroom > h) {
+                    best_deferred = Some((key, headroom));
+                }
+            } else if best.is_none_or(|(_, h)| headroom > h) {
                 best = Some((key, headroom));
             }
-            candidates += 1;
             if candidates == SPREAD_CANDIDATES {
                 break;
             }
         }
-        match best {
-            Some((key, _)) => Selection::Key(key),
-            None => Selection::None { unaffordable },
+        match (best, best_deferred) {
+            (Some((key, _)), _) => {
+                for passed in deferred {
+                    self.catalogue.update(passed, |k| k.record.passed());
+                }
+                Selection::Key(key)
+            }
+            (None, Some((key, _))) => Selection::Key(key),
+            (None, None) => Selection::None { unaffordable },
         }
     }
 
@@ -376,6 +393,7 @@ impl Engine {
             expires_ms: now + ask.ttl_ms,
         });
         self.catalogue.lend(key, token, now);
+        self.catalogue.update(key, |k| k.record.granted());
         if let Some(id) = client_request_id {
             self.memory.remember_request(id, token);
         }

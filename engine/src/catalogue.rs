@@ -8,6 +8,7 @@
 
 use super::health::{Disabled, KeyCheck};
 use super::ids::{KeyIdx, ModelIdx, PoolIdx, ProjectIdx, Token};
+use super::performance::KeyRecord;
 use super::quota::Limits;
 use super::{EngineConfig, KeySpec, PoolConfig, SetupError};
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
@@ -61,6 +62,8 @@ pub(super) struct Key {
     pub last_check: Option<KeyCheck>,
     /// Added while keys are checked: never lent before its first check answers.
     pub awaiting_check: bool,
+    /// Its calls, failures and latency (see [`super::performance`]).
+    pub record: KeyRecord,
     /// No longer configured: it serves its live leases to their end and is never lent again.
     pub draining: bool,
     /// Fencing tokens of its live leases, oldest first.
@@ -270,6 +273,7 @@ impl Catalogue {
                 enabled_from_token: 0,
                 last_check: None,
                 awaiting_check,
+                record: KeyRecord::default(),
                 draining: is_draining,
                 live: Vec::new(),
                 last_granted_ms: 0,

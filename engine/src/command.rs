@@ -71,9 +71,25 @@ pub enum Command {
         identity: String,
         outcome: CheckOutcome,
     },
+    /// A release or a failure report (with its replacement or not) whose holder said how long
+    /// its call took, `call_ms`: kept in the lease's key's record, then `command` applied as
+    /// itself (rules 8 on).
+    Timed { call_ms: u64, command: Box<Command> },
 }
 
 impl Command {
+    /// This command, with how long its call took when its holder said (see
+    /// [`Command::Timed`]).
+    pub fn timed(self, call_ms: Option<u64>) -> Self {
+        match call_ms {
+            Some(call_ms) => Self::Timed {
+                call_ms,
+                command: Box::new(self),
+            },
+            None => self,
+        }
+    }
+
     /// A short name for logs and metrics.
     pub fn name(&self) -> &'static str {
         match self {
@@ -91,6 +107,7 @@ impl Command {
             Self::ReportFailureAndReplace { .. } => "report_failure_and_replace",
             Self::RenewWaiting(_) => "renew_waiting",
             Self::KeyChecked { .. } => "key_checked",
+            Self::Timed { command, .. } => command.name(),
         }
     }
 }
@@ -145,6 +162,10 @@ impl Engine {
     /// with what the shell must carry out. Given the same commands at the same times, a fresh
     /// engine reaches the same state.
     pub fn apply(&mut self, time: Time, command: Command) -> (Reply, Notices) {
+        if let Command::Timed { call_ms, command } = command {
+            self.timed(&command, call_ms);
+            return self.apply(time, *command);
+        }
         if let Command::ReportFailureAndReplace {
             lease_id,
             fencing_token,
@@ -215,6 +236,7 @@ impl Engine {
             Command::DropWaiters => Reply::WaitersDropped(self.drop_waiters(time)),
             Command::Configure(setup) => Reply::Configured(self.configure(time, setup)),
             Command::ReportFailureAndReplace { .. } => unreachable!("applied as its two parts"),
+            Command::Timed { .. } => unreachable!("applied as its command"),
             Command::ResetCooldown {
                 pool,
                 project,
@@ -245,6 +267,35 @@ impl Engine {
             self.forget_gone_keys();
         }
         (reply, self.drain())
+    }
+}
+
+impl Engine {
+    /// Keeps `call_ms` in the record of the key of the live lease `command` ends, if it is
+    /// one that ends a lease (anything else is applied as itself, timing nothing).
+    fn timed(&mut self, command: &Command, call_ms: u64) {
+        let (Command::Release {
+            lease_id,
+            fencing_token,
+            ..
+        }
+        | Command::ReportFailure {
+            lease_id,
+            fencing_token,
+            ..
+        }
+        | Command::ReportFailureAndReplace {
+            lease_id,
+            fencing_token,
+            ..
+        }) = command
+        else {
+            return;
+        };
+        if let Ok(token) = self.leases.live_token(lease_id, *fencing_token) {
+            let key = self.leases.get(token).expect("live").key;
+            self.catalogue.update(key, |key| key.record.timed(call_ms));
+        }
     }
 }
 

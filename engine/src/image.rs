@@ -11,8 +11,8 @@ use super::outage::Answers;
 use super::quota::QuotaGroup;
 use super::waiting::{Ask, WaitQueue, Waiter};
 use super::{
-    Disabled, Engine, EventKind, KeyCheck, KeySpec, Reconfigured, Setup, SetupError, Time,
-    Unavailable, UnavailableReason, WaiterId,
+    Disabled, Engine, EventKind, KeyCheck, KeyRecord, KeySpec, Reconfigured, Setup, SetupError,
+    Time, Unavailable, UnavailableReason, WaiterId,
 };
 use foldhash::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
@@ -55,6 +55,7 @@ pub struct KeyImage {
     pub enabled_from_token: u64,
     pub last_check: Option<KeyCheck>,
     pub awaiting_check: bool,
+    pub record: KeyRecord,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -219,6 +220,7 @@ impl Engine {
                     enabled_from_token: key.enabled_from_token,
                     last_check: key.last_check.clone(),
                     awaiting_check: key.awaiting_check,
+                    record: key.record.clone(),
                 })
                 .collect(),
             leases,
@@ -354,6 +356,7 @@ impl Engine {
                 entry.disabled = key.disabled.clone();
                 entry.enabled_from_token = key.enabled_from_token;
                 entry.last_check = key.last_check.clone();
+                entry.record = key.record.clone();
                 // A key checked no longer waits; one that waited keeps waiting while keys are
                 // checked.
                 entry.awaiting_check = key.awaiting_check && entry.awaiting_check;

@@ -22,6 +22,7 @@ pub mod learning;
 mod leases;
 mod memory;
 mod outage;
+pub mod performance;
 pub mod quota;
 mod release;
 mod renew;
@@ -53,6 +54,7 @@ pub use error::EngineError;
 pub(crate) use error::{invalid, validate_detail, validate_id, validate_tokens};
 pub use events::{Event, EventKind, LeaseEvent, Notices};
 pub use health::{CheckOutcome, CheckTarget, Decider, Disabled, KeyCheck, KeyProblem};
+pub use performance::KeyRecord;
 pub use requests::{
     AcquireRequest, Acquired, FailureKind, FailureReport, LeaseSummary, LeaseView, Renewal,
     Renewed, Reported, Unavailable, UnavailableReason, Usage, WaiterId,

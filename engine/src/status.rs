@@ -34,6 +34,7 @@ pub struct KeyView {
     pub state: KeyState,
     pub disabled: Option<Disabled>,
     pub last_check: Option<KeyCheck>,
+    pub record: KeyRecord,
     pub max_leases: u32,
     pub leases: Vec<LeaseSummary>,
     pub cooling_until_ms: Option<u64>,

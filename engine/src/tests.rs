@@ -2296,6 +2296,7 @@ fn a_new_model_is_refused_only_when_every_unlisted_model_is_held() {
 
 mod health;
 mod learning_properties;
+mod performance;
 mod properties;
 mod provider;
 

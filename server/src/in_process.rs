@@ -241,6 +241,7 @@ mod tests {
             fencing_token: lease.fencing_token,
             requests_sent: Some(1),
             input_tokens: None,
+            call_duration: None,
         };
         assert!(calls.release(Some(WORKER), release).await.unwrap().released);
     }

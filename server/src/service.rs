@@ -198,16 +198,15 @@ impl KeyLeaseService {
         request: pb::ReleaseRequest,
     ) -> Result<pb::ReleaseResponse, Status> {
         let usage = wire::usage(&request);
+        let call_ms = wire::duration_ms("call_duration", request.call_duration)?;
+        let release = Command::Release {
+            lease_id: request.lease_id,
+            fencing_token: request.fencing_token,
+            usage,
+        };
         let booked = self
             .state
-            .run(
-                by,
-                Command::Release {
-                    lease_id: request.lease_id,
-                    fencing_token: request.fencing_token,
-                    usage,
-                },
-            )
+            .run(by, release.timed(call_ms))
             .await?
             .into_released()
             .map_err(wire::engine_status)?;
@@ -243,10 +242,18 @@ impl KeyLeaseService {
             request.replacement_wait,
             self.state.max_wait,
         )?;
+        let call_ms = wire::duration_ms("call_duration", request.call_duration)?;
         let (reported, replacement) = if request.rotate {
             let (reported, replacement) = self
                 .state
-                .report_and_replace(by, request.lease_id, request.fencing_token, report, wait)
+                .report_and_replace(
+                    by,
+                    request.lease_id,
+                    request.fencing_token,
+                    report,
+                    wait,
+                    call_ms,
+                )
                 .await
                 .map_err(|failure| wire::acquire_failure_status(failure, self.state.now_ms()))?;
             (reported, Some(replacement))
@@ -256,7 +263,7 @@ impl KeyLeaseService {
                 fencing_token: request.fencing_token,
                 report,
             };
-            let reply = self.state.run(by, command).await?;
+            let reply = self.state.run(by, command.timed(call_ms)).await?;
             (reply.into_reported().map_err(wire::engine_status)?, None)
         };
         let mut response = pb::ReportFailureResponse {

@@ -10,8 +10,8 @@ use keylease_engine::learning::LearnedLimit;
 use keylease_engine::learning::weighing::Tally;
 use keylease_engine::{
     AcquireRequest, CheckOutcome, Decider, EngineError, EventKind, FailureKind, GroupView,
-    KeyCheck, KeyProblem, KeyState, KeyView, LeaseEvent, LeaseSummary, LeaseView, LimitKind,
-    LimitView, QuotaViolation, Time, Unavailable, UnavailableReason, Usage, UsageView,
+    KeyCheck, KeyProblem, KeyRecord, KeyState, KeyView, LeaseEvent, LeaseSummary, LeaseView,
+    LimitKind, LimitView, QuotaViolation, Time, Unavailable, UnavailableReason, Usage, UsageView,
 };
 use std::time::Duration;
 use tonic::metadata::{MetadataMap, MetadataValue};
@@ -331,6 +331,7 @@ pub fn key_to_pb(key: KeyView, now: Time) -> pb::KeyStatus {
             .and_then(|d| d.problem)
             .map_or(pb::KeyProblem::Unspecified, problem_to_pb) as i32,
         last_check: key.last_check.as_ref().map(check_to_pb),
+        performance: Some(performance_to_pb(&key.record)),
         max_leases: key.max_leases,
         leases: key
             .leases
@@ -358,6 +359,30 @@ pub fn problem_to_pb(problem: KeyProblem) -> pb::KeyProblem {
         KeyProblem::Suspended => pb::KeyProblem::Suspended,
         KeyProblem::ServiceDisabled => pb::KeyProblem::ServiceDisabled,
         KeyProblem::PermissionDenied => pb::KeyProblem::PermissionDenied,
+    }
+}
+
+fn performance_to_pb(record: &KeyRecord) -> pb::KeyPerformance {
+    let latency = |p: f64| {
+        record
+            .latency_percentile_ms(p)
+            .map(|ms| duration_to_pb(Duration::from_millis(ms)))
+    };
+    pb::KeyPerformance {
+        calls: record.calls,
+        failures: FailureKind::ALL
+            .iter()
+            .zip(record.failures)
+            .filter(|(_, count)| *count > 0)
+            .map(|(&kind, count)| pb::FailureCount {
+                kind: failure_kind_to_pb(kind) as i32,
+                count,
+            })
+            .collect(),
+        latency_p50: latency(0.5),
+        latency_p90: latency(0.9),
+        latency_p99: latency(0.99),
+        recent_own_failure_percent: record.recent_own_failure_percent(),
     }
 }
 

@@ -873,5 +873,10 @@ fn support_release(lease: &keylease::pb::Lease) -> keylease::pb::ReleaseRequest 
         fencing_token: lease.fencing_token,
         requests_sent: Some(1),
         input_tokens: None,
+        // Timed, so that the secret scan sees a key's record too.
+        call_duration: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 250_000_000,
+        }),
     }
 }

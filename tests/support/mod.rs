@@ -411,6 +411,7 @@ pub fn release(lease: &pb::Lease, sent: u32) -> pb::ReleaseRequest {
         fencing_token: lease.fencing_token,
         requests_sent: Some(sent),
         input_tokens: Some(0),
+        call_duration: None,
     }
 }
 

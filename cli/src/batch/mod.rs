@@ -522,6 +522,12 @@ async fn run_on(
     tally.left = total.saturating_sub(tally.ok + tally.failed);
     let theoretical = plan.as_ref().and_then(|p| p.theoretical_rate(tokens));
     eprint!("{}", tally.summary(started.elapsed(), theoretical));
+    if !abandoned
+        && !tally.per_key.is_empty()
+        && let Ok(status) = pool.status(&args.model, &args.pool).await
+    {
+        eprint!("{}", report::key_records(&status, &tally.per_key));
+    }
     if abandoned {
         // Without waiting for the calls in flight nor closing keylease gracefully: what they
         // held is in the store already, and their leases expire as a killed run's do.

@@ -359,6 +359,55 @@ impl Tally {
     }
 }
 
+/// What keylease's records say of the keys this run used (`used`): calls, failures by kind,
+/// latency, a line each.
+pub fn key_records(status: &pb::GetStatusResponse, used: &BTreeMap<String, usize>) -> String {
+    let shown = |d: &Option<prost_types::Duration>| {
+        d.map(|d| {
+            humantime::format_duration(Duration::new(
+                d.seconds.max(0) as u64,
+                d.nanos.max(0) as u32,
+            ))
+            .to_string()
+        })
+    };
+    let mut text = String::new();
+    for key in status.keys.iter().filter(|k| used.contains_key(&k.key_id)) {
+        let Some(record) = &key.performance else {
+            continue;
+        };
+        let failures: Vec<String> = record
+            .failures
+            .iter()
+            .map(|f| {
+                let kind = pb::FailureKind::try_from(f.kind).unwrap_or_default();
+                format!(
+                    "{} {}",
+                    f.count,
+                    kind.as_str_name()
+                        .trim_start_matches("FAILURE_KIND_")
+                        .to_lowercase()
+                )
+            })
+            .collect();
+        let _ = write!(text, "key {}: {} calls", key.key_id, record.calls);
+        if !failures.is_empty() {
+            let _ = write!(text, ", failed {}", failures.join(", "));
+        }
+        if let (Some(p50), Some(p90)) = (shown(&record.latency_p50), shown(&record.latency_p90)) {
+            let _ = write!(text, "; latency p50 ≤ {p50}, p90 ≤ {p90}");
+        }
+        if let Some(percent) = record.recent_own_failure_percent.filter(|&p| p > 0) {
+            let _ = write!(
+                text,
+                "; {percent}% of its recent calls failed for its own reasons"
+            );
+        }
+        text.push('\n');
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,6 +422,40 @@ mod tests {
             tokens_left_today: None,
             guessed: false,
         }
+    }
+
+    #[test]
+    fn the_records_of_the_keys_a_run_used_are_a_line_each() {
+        let ms = |ms: i32| {
+            Some(prost_types::Duration {
+                seconds: 0,
+                nanos: ms * 1_000_000,
+            })
+        };
+        let key = |id: &str| pb::KeyStatus {
+            key_id: id.into(),
+            performance: Some(pb::KeyPerformance {
+                calls: 40,
+                failures: vec![pb::FailureCount {
+                    kind: pb::FailureKind::Timeout as i32,
+                    count: 12,
+                }],
+                latency_p50: ms(256),
+                latency_p90: ms(512),
+                latency_p99: ms(512),
+                recent_own_failure_percent: Some(30),
+            }),
+            ..Default::default()
+        };
+        let status = pb::GetStatusResponse {
+            keys: vec![key("k1"), key("k2")],
+            ..Default::default()
+        };
+        let used = [("k1".to_string(), 28)].into();
+        assert_eq!(
+            key_records(&status, &used),
+            "key k1: 40 calls, failed 12 timeout; latency p50 ≤ 256ms, p90 ≤ 512ms; 30% of its recent calls failed for its own reasons\n"
+        );
     }
 
     #[test]

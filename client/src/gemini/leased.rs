@@ -165,6 +165,7 @@ where
             Booking::Request => lease.begin_request(call_time).await?.0,
             Booking::Nothing => lease.api_key()?,
         };
+        let began = now();
         let answer = tokio::time::timeout(call_time, async {
             tokio::select! {
                 answer = send(key.clone()) => Some(answer),
@@ -172,6 +173,10 @@ where
             }
         })
         .await;
+        if !matches!(answer, Ok(None)) {
+            // To its answer (a stream's start) or its timeout: the key's latency.
+            lease.record_call(began.elapsed());
+        }
         let mut failure = match answer {
             Ok(Some(Ok(answer))) => return Ok((answer, lease)),
             Ok(Some(Err(CallError::Provider {

@@ -176,7 +176,12 @@ mod tests {
             Some(Learned::Reacting(_))
         ));
         let (restored, _) = Engine::restore(read.setup, read.draining, read.image).unwrap();
-        assert_eq!(restored.image(), engine.image());
+        let mut expected = engine.image();
+        // That build kept no record of the keys' calls.
+        for key in &mut expected.keys {
+            key.record = Default::default();
+        }
+        assert_eq!(restored.image(), expected);
         // Cut short, it is refused rather than misread.
         assert!(Snapshot::decode(&bytes[..bytes.len() - 2]).is_err());
     }

@@ -35,6 +35,7 @@ impl From<KeyImageV7> for KeyImage {
             enabled_from_token: 0,
             last_check: None,
             awaiting_check: false,
+            record: Default::default(),
         }
     }
 }
@@ -44,7 +45,8 @@ pub(super) fn keys(keys: Vec<KeyImageV7>) -> Vec<KeyImage> {
     keys.into_iter().map(KeyImage::from).collect()
 }
 
-/// Today's keys as those builds wrote them (tests only: they kept no health).
+/// Today's keys as those builds wrote them (tests only: they kept no health, and no record,
+/// which is left out).
 #[cfg(test)]
 pub(super) fn keys_v7(keys: Vec<KeyImage>) -> Vec<KeyImageV7> {
     keys.into_iter()

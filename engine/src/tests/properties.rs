@@ -646,11 +646,18 @@ fn run(ops: Vec<Op>, cut: usize) -> Result<(), TestCaseError> {
                         requests_sent: sent,
                         input_tokens: tokens,
                     };
-                    let release = Command::Release {
+                    let mut release = Command::Release {
                         lease_id: id.clone(),
                         fencing_token: token,
                         usage,
                     };
+                    if pick % 3 == 0 {
+                        // Some holders say how long their call took.
+                        release = Command::Timed {
+                            call_ms: u64::from(pick),
+                            command: Box::new(release),
+                        };
+                    }
                     let released = engine.apply(now, release).into_released();
                     prop_assert!(released.is_ok(), "release of {id}: {released:?}");
                 }

@@ -150,6 +150,7 @@ impl State {
         fencing_token: u64,
         report: FailureReport,
         wait: Duration,
+        call_ms: Option<u64>,
     ) -> Result<(Reported, Result<LeaseView, AcquireFailure>), AcquireFailure> {
         let began_ms = self.clock.now_ms();
         let command = Command::ReportFailureAndReplace {
@@ -157,7 +158,8 @@ impl State {
             fencing_token,
             report,
             wait: !wait.is_zero(),
-        };
+        }
+        .timed(call_ms);
         let (outcome, applied) = self.apply_queueing(
             by,
             command,

@@ -386,6 +386,7 @@ pub async fn a_report_and_its_replacement_survive_together(reopen: Reopen) {
             a.fencing_token,
             report,
             Duration::ZERO,
+            None,
         )
         .await
         .unwrap();
