@@ -97,7 +97,8 @@ impl Checker {
     }
 
     /// Checks keys on schedule until the state shuts down (its server stops, or its replica
-    /// stops leading). A key added wakes it at once.
+    /// stops leading). A key added, disabled or enabled has it look at the schedule again at
+    /// once; other events (grants, releases) do not.
     pub async fn run(self: Arc<Self>) {
         let mut events = self.state.subscribe();
         let shutdown = self.state.shutdown_token();
@@ -127,15 +128,19 @@ impl Checker {
                     None => std::future::pending().await,
                 }
             };
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = sleep => {}
-                event = events.recv() => match event {
-                    Ok(published) if !matches!(published.event.kind, EventKind::KeyAdded { .. }) => {}
-                    // A key added, or events missed (one may have been): look again.
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                },
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = &mut sleep => break,
+                    event = events.recv() => match event {
+                        Ok(published) if changes_the_schedule(&published.event.kind) => break,
+                        Ok(_) => {}
+                        // Events were missed, one of them may have mattered: look again.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                }
             }
         }
     }
@@ -236,6 +241,14 @@ impl Checker {
         let masked = self.state.redact(detail);
         keylease::truncate_on_char_boundary(&masked, MAX_DETAIL_BYTES).to_string()
     }
+}
+
+/// Whether an event may make a key due for a check sooner than the schedule said.
+fn changes_the_schedule(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::KeyAdded { .. } | EventKind::KeyDisabled { .. } | EventKind::KeyEnabled { .. }
+    )
 }
 
 /// What an answer to a check says of the key: only a refusal that blames the key is
