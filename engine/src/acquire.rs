@@ -361,7 +361,7 @@ impl Engine {
         match (best, best_deferred) {
             (Some((key, _)), _) => {
                 for passed in deferred {
-                    self.catalogue.update(passed, |k| k.record.passed());
+                    self.catalogue.record(passed).passed();
                 }
                 Selection::Key(key)
             }
@@ -393,7 +393,6 @@ impl Engine {
             expires_ms: now + ask.ttl_ms,
         });
         self.catalogue.lend(key, token, now);
-        self.catalogue.update(key, |k| k.record.granted());
         if let Some(id) = client_request_id {
             self.memory.remember_request(id, token);
         }

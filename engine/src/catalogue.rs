@@ -4,7 +4,8 @@
 //! run on it stays, draining: never lent again, and gone from every view once its last lease
 //! ends. A secret replaced under the same id drains under an id of its own (see
 //! [`draining_id`]), beside its successor. A key only changes through [`Catalogue::update`],
-//! which keeps the free set and the pool's count of enabled keys in step with it.
+//! which keeps the free set and the pool's count of enabled keys in step with it; but for its
+//! record, which neither depends on ([`Catalogue::record`], cheap on the lease path).
 
 use super::health::{Disabled, KeyCheck};
 use super::ids::{KeyIdx, ModelIdx, PoolIdx, ProjectIdx, Token};
@@ -380,7 +381,13 @@ impl Catalogue {
         self.update(idx, |key| {
             key.live.push(token);
             key.last_granted_ms = now_ms;
+            key.record.granted();
         });
+    }
+
+    /// The key's record, to change: no set depends on it.
+    pub fn record(&mut self, idx: KeyIdx) -> &mut KeyRecord {
+        &mut self.keys[idx].record
     }
 
     /// Lease `token` on the key ended.

@@ -294,7 +294,7 @@ impl Engine {
         };
         if let Ok(token) = self.leases.live_token(lease_id, *fencing_token) {
             let key = self.leases.get(token).expect("live").key;
-            self.catalogue.update(key, |key| key.record.timed(call_ms));
+            self.catalogue.record(key).timed(call_ms);
         }
     }
 }

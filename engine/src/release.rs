@@ -55,8 +55,7 @@ impl Engine {
         let (pool, project) = (key.pool, key.project);
         let used = lease.used(usage);
         let event = self.end_lease(token, time, used);
-        self.catalogue
-            .update(key_idx, |key| key.record.called(used.requests));
+        self.catalogue.record(key_idx).called(used.requests);
         if self.rules >= RULES_WEIGHING_EVIDENCE {
             let group = self.catalogue.key(key_idx).group(model);
             self.accepted(time, group, used.requests);
@@ -115,10 +114,9 @@ impl Engine {
                 let event = self.end_lease(token, time, used);
                 // The calls before the failed one went through.
                 let before = used.requests.saturating_sub(1);
-                self.catalogue.update(lease.key, |key| {
-                    key.record.called(before);
-                    key.record.failed(report.kind);
-                });
+                let record = self.catalogue.record(lease.key);
+                record.called(before);
+                record.failed(report.kind);
                 (token, lease, event, Some(used))
             }
             // A lease that ended may still bring news of its key; a live one with another
