@@ -197,26 +197,8 @@ impl ServerBuilder {
                 }
             });
         }
-        if reload_on_hangup {
-            let control = control.clone();
-            on_hangup(move || {
-                let control = control.clone();
-                async move {
-                    let by: Arc<str> = Arc::from("SIGHUP");
-                    match control.reload(Some(&by)).await {
-                        Ok(report) => tracing::info!(
-                            changes = report.changes.len(),
-                            needs_restart = ?report.needs_restart,
-                            "SIGHUP: configuration reloaded"
-                        ),
-                        Err(error) => {
-                            let error = control.state().redact(error.to_string());
-                            tracing::error!(%error, "SIGHUP: the configuration was not reloaded")
-                        }
-                    }
-                }
-            })?;
-        }
+        // A reload no call asked for: SIGHUP, a refresh, the keys file changing. Its outcome
+        // is logged (a refresh that changed nothing, only at debug) and a failure counted.
         let reload_by = {
             let control = control.clone();
             move |why: &'static str, trigger: &'static str| {
@@ -224,10 +206,17 @@ impl ServerBuilder {
                 async move {
                     let by: Arc<str> = Arc::from(why);
                     match control.reload(Some(&by)).await {
-                        Ok(report) if report.changes.is_empty() => {}
+                        Ok(report)
+                            if trigger != "sighup"
+                                && report.changes.is_empty()
+                                && report.needs_restart.is_empty() =>
+                        {
+                            tracing::debug!("{why}: configuration reloaded, nothing changed")
+                        }
                         Ok(report) => tracing::info!(
                             changes = report.changes.len(),
-                            "{why}: the keys were read again"
+                            needs_restart = ?report.needs_restart,
+                            "{why}: configuration reloaded"
                         ),
                         Err(error) => {
                             control.state().metrics().reload_failed(trigger);
@@ -235,13 +224,17 @@ impl ServerBuilder {
                             let error = control.state().redact(error.to_string());
                             tracing::error!(
                                 %error,
-                                "{why}: the keys were not read again; those in force stay"
+                                "{why}: the configuration was not reloaded; what is in force stays"
                             )
                         }
                     }
                 }
             }
         };
+        if reload_on_hangup {
+            let reload_by = reload_by.clone();
+            on_hangup(move || reload_by("SIGHUP", "sighup"))?;
+        }
         if let Some(every) = settings.key_refresh {
             let reload_by = reload_by.clone();
             key_sources::every(every, state.shutdown_token(), move || {
@@ -320,7 +313,7 @@ impl ServerBuilder {
                         let _ = reloads.send(loaded);
                     }
                     Err(error) => {
-                        tracing::error!(%error, "{why}: the configuration was not read again; what is in force stays")
+                        tracing::error!(%error, "{why}: the configuration was not reloaded; what is in force stays")
                     }
                 }
             }

@@ -151,7 +151,7 @@ impl Metrics {
         );
         describe(
             RELOAD_FAILURES,
-            "Reloads the server began by itself (key_sources.refresh, a changed keys file) that failed: the keys in force stay.",
+            "Reloads no call asked for that failed, by trigger (sighup, refresh, keys_file): what is in force stays.",
         );
         describe(
             FAILURES,
@@ -262,8 +262,8 @@ impl Metrics {
         self.count(name, label, value);
     }
 
-    /// A reload the server began by itself (`trigger`: what began it) failed: the keys and
-    /// settings in force stay.
+    /// A reload no call asked for (`trigger`: SIGHUP, a refresh, the keys file changing)
+    /// failed: the keys and settings in force stay.
     pub fn reload_failed(&self, trigger: &'static str) {
         self.count(RELOAD_FAILURES, "trigger", trigger);
     }

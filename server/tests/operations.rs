@@ -783,7 +783,7 @@ async fn nothing_the_server_writes_or_answers_holds_a_secret() {
     .unwrap();
     until_logged(
         &server,
-        "the keys file changed: the keys were not read again",
+        "the keys file changed: the configuration was not reloaded",
     );
     std::fs::write(&setup.keys_file, &keys_text).unwrap();
     std::fs::write(&setup.config, &with_key).unwrap();
