@@ -346,7 +346,7 @@ impl Engine {
             }
             let headroom = group.headroom();
             candidates += 1;
-            if weighs_records && catalogue.key(key).record.deferred() {
+            if weighs_records && catalogue.record_of(key).deferred() {
                 deferred.push(key);
                 if best_deferred.is_none_or(|(_, h)| headroom > h) {
                     best_deferred = Some((key, headroom));

@@ -63,8 +63,6 @@ pub(super) struct Key {
     pub last_check: Option<KeyCheck>,
     /// Added while keys are checked: never lent before its first check answers.
     pub awaiting_check: bool,
-    /// Its calls, failures and latency (see [`super::performance`]).
-    pub record: KeyRecord,
     /// No longer configured: it serves its live leases to their end and is never lent again.
     pub draining: bool,
     /// Fencing tokens of its live leases, oldest first.
@@ -168,6 +166,9 @@ pub(super) const MAX_OTHER_MODELS: usize = 1_000;
 #[derive(Debug)]
 pub(super) struct Catalogue {
     keys: Vec<Key>,
+    /// Each key's calls, failures and latency (see [`super::performance`]), beside the keys
+    /// rather than in them: the lease path reads a key's other fields far more often.
+    records: Vec<KeyRecord>,
     by_id: HashMap<String, KeyIdx>,
     pools: Vec<Pool>,
     pool_by_name: HashMap<String, PoolIdx>,
@@ -187,6 +188,7 @@ impl Catalogue {
     ) -> Result<(Self, Vec<KeySpec>), SetupError> {
         let mut catalogue = Self {
             keys: Vec::new(),
+            records: Vec::new(),
             by_id: HashMap::new(),
             pools: Vec::new(),
             pool_by_name: HashMap::new(),
@@ -265,6 +267,7 @@ impl Catalogue {
                 pool_entry.free.insert((0, idx));
             }
             catalogue.by_id.insert(spec.id.clone(), idx);
+            catalogue.records.push(KeyRecord::default());
             catalogue.keys.push(Key {
                 spec,
                 pool,
@@ -274,7 +277,6 @@ impl Catalogue {
                 enabled_from_token: 0,
                 last_check: None,
                 awaiting_check,
-                record: KeyRecord::default(),
                 draining: is_draining,
                 live: Vec::new(),
                 last_granted_ms: 0,
@@ -381,13 +383,17 @@ impl Catalogue {
         self.update(idx, |key| {
             key.live.push(token);
             key.last_granted_ms = now_ms;
-            key.record.granted();
         });
+        self.records[idx].granted();
     }
 
     /// The key's record, to change: no set depends on it.
     pub fn record(&mut self, idx: KeyIdx) -> &mut KeyRecord {
-        &mut self.keys[idx].record
+        &mut self.records[idx]
+    }
+
+    pub fn record_of(&self, idx: KeyIdx) -> &KeyRecord {
+        &self.records[idx]
     }
 
     /// Lease `token` on the key ended.

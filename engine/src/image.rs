@@ -211,8 +211,9 @@ impl Engine {
             keys: catalogue
                 .keys()
                 .iter()
-                .filter(|key| !key.is_gone())
-                .map(|key| KeyImage {
+                .enumerate()
+                .filter(|(_, key)| !key.is_gone())
+                .map(|(idx, key)| KeyImage {
                     id: key.spec.id.clone(),
                     identity: key.spec.identity().to_string(),
                     disabled: key.disabled.clone(),
@@ -220,7 +221,7 @@ impl Engine {
                     enabled_from_token: key.enabled_from_token,
                     last_check: key.last_check.clone(),
                     awaiting_check: key.awaiting_check,
-                    record: key.record.clone(),
+                    record: catalogue.record_of(idx).clone(),
                 })
                 .collect(),
             leases,
@@ -356,7 +357,6 @@ impl Engine {
                 entry.disabled = key.disabled.clone();
                 entry.enabled_from_token = key.enabled_from_token;
                 entry.last_check = key.last_check.clone();
-                entry.record = key.record.clone();
                 // A key checked no longer waits; one that waited keeps waiting while keys are
                 // checked.
                 entry.awaiting_check = key.awaiting_check && entry.awaiting_check;
@@ -364,6 +364,7 @@ impl Engine {
                 // A secret replaced under its id drains under another: not a rename.
                 (!draining && entry.spec.id != key.id).then(|| entry.spec.id.clone())
             });
+            *engine.catalogue.record(idx) = key.record.clone();
             if let Some(new_id) = renamed {
                 report.renamed_keys.push((key.id.clone(), new_id));
             }

@@ -176,7 +176,7 @@ impl Engine {
             state,
             disabled: entry.disabled.clone(),
             last_check: entry.last_check.clone(),
-            record: entry.record.clone(),
+            record: self.catalogue.record_of(key).clone(),
             max_leases: entry.max_leases,
             leases: entry.live.iter().map(|&t| self.summary(t)).collect(),
             cooling_until_ms,
