@@ -49,6 +49,20 @@ fn key<'a>(status: &'a pb::GetStatusResponse, id: &str) -> &'a pb::KeyStatus {
         .unwrap_or_else(|| panic!("no key {id} in {status:?}"))
 }
 
+/// Call `n` through the server's proxy, which must answer 200.
+async fn generate_through(server: &TestServer, n: usize) {
+    let proxy = server.proxy_url.as_ref().expect("a proxy");
+    let answer = reqwest::Client::new()
+        .post(format!("{proxy}/v1beta/models/{MODEL}:generateContent"))
+        .header("x-goog-api-key", "any")
+        .json(&serde_json::json!({"contents":[{"parts":[{"text": format!("call {n}")}]}]}))
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status();
+    assert_eq!(status, 200, "{}", answer.text().await.unwrap());
+}
+
 fn state_of(status: &pb::GetStatusResponse, id: &str) -> pb::KeyState {
     key(status, id).state()
 }
@@ -58,17 +72,8 @@ async fn dead_keys_are_found_at_start_and_no_call_is_spent_on_them() {
     let fake = fake_with_dead_keys().await;
     let server = server_checking(&fake.base_url(), "").await;
     // The first call through the proxy waits for the first checks rather than meeting a dead key.
-    let http = reqwest::Client::new();
-    let proxy = server.proxy_url.clone().unwrap();
     for n in 0..12 {
-        let answer = http
-            .post(format!("{proxy}/v1beta/models/{MODEL}:generateContent"))
-            .header("x-goog-api-key", "any")
-            .json(&serde_json::json!({"contents":[{"parts":[{"text": format!("call {n}")}]}]}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+        generate_through(&server, n).await;
     }
     let stats = fake.fake.stats();
     for dead in ["k2", "k3", "k4"] {
@@ -319,17 +324,8 @@ async fn the_proxys_calls_are_timed_into_their_keys_record() {
         fake.base_url()
     );
     let server = TestServer::start(&config_toml(&[("k1", "p1")], 1_000, &extra)).await;
-    let proxy = server.proxy_url.clone().unwrap();
-    let http = reqwest::Client::new();
     for n in 0..5 {
-        let answer = http
-            .post(format!("{proxy}/v1beta/models/{MODEL}:generateContent"))
-            .header("x-goog-api-key", "any")
-            .json(&serde_json::json!({"contents":[{"parts":[{"text": format!("call {n}")}]}]}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(answer.status(), 200);
+        generate_through(&server, n).await;
     }
     let status = server.status().await;
     let record = key(&status, "k1").performance.clone().unwrap();
