@@ -1,8 +1,8 @@
-//! What earlier builds (rules versions 2 to 7) left behind, opened by this one: a state
+//! What earlier builds (rules versions 2 to 8) left behind, opened by this one: a state
 //! directory and a Redis log each wrote and then was killed on (`fixtures/rules-N`, see their
 //! READMEs). All hold records that build decided after its last snapshot: this build replays
 //! them as that build decided them, then serves under its own rules, its fencing tokens above
-//! the old ones. The state directories of rules 6 and 7 also hold a snapshot in that build's
+//! the old ones. The state directories of rules 6 to 8 also hold a snapshot in that build's
 //! layout.
 
 mod support;
@@ -33,6 +33,12 @@ struct Fixture {
     /// A key that build disabled on late news of a lease granted before an operator enabled it
     /// again, which today's rules would not: the replay must decide as that build did.
     disabled_late_by_its_rules: Option<&'static str>,
+    /// A key whose late news that build left alone, as the lease was granted before an
+    /// operator enabled the key again: the replay must leave it enabled too.
+    enabled_despite_late_news: Option<&'static str>,
+    /// A key one of whose calls was timed on its release, and that call's median latency as
+    /// the status shows it: the key's record came through.
+    timed_call: Option<(&'static str, &'static str)>,
 }
 
 const RULES_2: Fixture = Fixture {
@@ -44,6 +50,8 @@ const RULES_2: Fixture = Fixture {
     state_snapshot: false,
     disabled_by_an_operator: None,
     disabled_late_by_its_rules: None,
+    enabled_despite_late_news: None,
+    timed_call: None,
 };
 
 const RULES_3: Fixture = Fixture {
@@ -55,6 +63,8 @@ const RULES_3: Fixture = Fixture {
     state_snapshot: false,
     disabled_by_an_operator: None,
     disabled_late_by_its_rules: None,
+    enabled_despite_late_news: None,
+    timed_call: None,
 };
 
 const RULES_4: Fixture = Fixture {
@@ -66,6 +76,8 @@ const RULES_4: Fixture = Fixture {
     state_snapshot: false,
     disabled_by_an_operator: None,
     disabled_late_by_its_rules: None,
+    enabled_despite_late_news: None,
+    timed_call: None,
 };
 
 const RULES_5: Fixture = Fixture {
@@ -77,6 +89,8 @@ const RULES_5: Fixture = Fixture {
     state_snapshot: false,
     disabled_by_an_operator: None,
     disabled_late_by_its_rules: None,
+    enabled_despite_late_news: None,
+    timed_call: None,
 };
 
 const RULES_6: Fixture = Fixture {
@@ -88,6 +102,8 @@ const RULES_6: Fixture = Fixture {
     state_snapshot: true,
     disabled_by_an_operator: None,
     disabled_late_by_its_rules: None,
+    enabled_despite_late_news: None,
+    timed_call: None,
 };
 
 const RULES_7: Fixture = Fixture {
@@ -99,6 +115,21 @@ const RULES_7: Fixture = Fixture {
     state_snapshot: true,
     disabled_by_an_operator: Some(("k3", "rotating k3")),
     disabled_late_by_its_rules: Some("k1"),
+    enabled_despite_late_news: None,
+    timed_call: None,
+};
+
+const RULES_8: Fixture = Fixture {
+    name: "rules-8",
+    state_highest_token: 1_796_690_982_725_000,
+    redis_highest_token: 1_796_690_988_793_000,
+    lowered_by_its_rules: None,
+    tokens_per_day_learned: None,
+    state_snapshot: true,
+    disabled_by_an_operator: Some(("k3", "rotating k3")),
+    disabled_late_by_its_rules: None,
+    enabled_despite_late_news: Some("k1"),
+    timed_call: Some(("k1", "0.256s")),
 };
 
 impl Fixture {
@@ -144,6 +175,18 @@ impl Fixture {
             let key = key(id);
             assert_eq!(key.state(), pb::KeyState::Disabled, "{key:?}");
             assert!(key.disabled_reason.starts_with("invalid key"), "{key:?}");
+        }
+        if let Some(id) = self.enabled_despite_late_news {
+            let key = key(id);
+            assert_eq!(key.state(), pb::KeyState::Available, "{key:?}");
+        }
+        if let Some((id, p50)) = self.timed_call {
+            let key = key(id);
+            let performance = key.performance.as_ref().expect("a record");
+            let p50_read = performance
+                .latency_p50
+                .map(|d| format!("{}.{:03}s", d.seconds, d.nanos / 1_000_000));
+            assert_eq!(p50_read.as_deref(), Some(p50), "{key:?}");
         }
         if let Some((project, figure)) = self.tokens_per_day_learned {
             let group = group(project);
@@ -223,6 +266,16 @@ fn a_state_directory_rules_7_crashed_on_is_read_from_its_snapshot_and_replayed()
 #[test]
 fn a_redis_log_rules_7_led_is_followed_and_led_on() {
     follows_and_leads_the_redis_log(&RULES_7);
+}
+
+#[test]
+fn a_state_directory_rules_8_crashed_on_is_read_from_its_snapshot_and_replayed() {
+    replays_the_state_directory(&RULES_8);
+}
+
+#[test]
+fn a_redis_log_rules_8_led_is_followed_and_led_on() {
+    follows_and_leads_the_redis_log(&RULES_8);
 }
 
 #[test]
