@@ -7,12 +7,13 @@ use super::health::RULES_KEY_HEALTH;
 use super::ids::Token;
 use super::ids::{KeyIdx, ModelIdx, PoolIdx, ProjectIdx};
 use super::leases::{Lease, lease_id};
-use super::waiting::{Ask, Line, WaitQueue, Waiter};
+use super::tenants::{Place, RULES_TENANTS};
+use super::waiting::{Ask, Blocked, Line, WaitQueue, Waiter};
 use super::{
     AcquireRequest, Acquired, Engine, EngineError, EventKind, Time, Unavailable, UnavailableReason,
     WaiterId, canonical_model, invalid, pool_or_default, show_ms, validate_id, validate_tokens,
 };
-use foldhash::{HashMap, HashMapExt, HashSet};
+use foldhash::{HashMap, HashMapExt};
 
 /// How many grantable keys, least recently used first, are compared for quota headroom.
 const SPREAD_CANDIDATES: usize = 4;
@@ -57,7 +58,7 @@ impl Engine {
         let blocked = self
             .lines
             .queue(ask.line())
-            .map(|queue| queue.blocked.clone())
+            .map(|queue| queue.blocked_for(self.caller.priority))
             .unwrap_or_default();
         match self.select(time, &ask, &request.task_id, &blocked) {
             Selection::Key(key) => {
@@ -82,8 +83,11 @@ impl Engine {
                     ask,
                     client_request_id: request.client_request_id,
                     renews: None,
+                    tenant: String::new(),
+                    place: Place::ARRIVAL,
                 };
-                self.lines.join(id, waiter, unaffordable);
+                let caller = (self.rules >= RULES_TENANTS).then_some(&self.caller);
+                self.lines.join(id, waiter, caller, unaffordable);
                 self.wake_line_at(time, line);
                 Ok(Acquired::Queued(id))
             }
@@ -312,13 +316,7 @@ impl Engine {
 
     /// Picks a key for an ask: among the first grantable keys, least recently used first, the
     /// one whose group has the most headroom. Groups in `blocked` are kept off.
-    fn select(
-        &mut self,
-        time: Time,
-        ask: &Ask,
-        task: &str,
-        blocked: &HashSet<GroupKey>,
-    ) -> Selection {
+    fn select(&mut self, time: Time, ask: &Ask, task: &str, blocked: &Blocked) -> Selection {
         let task_exclusions = self.memory.excluded_keys(task, time.steady_ms);
         let mut unaffordable = Vec::new();
         let mut best: Option<(KeyIdx, f64)> = None;
@@ -336,7 +334,7 @@ impl Engine {
                 continue;
             }
             let group_key = catalogue.key(key).group(ask.model);
-            if blocked.contains(&group_key) || unaffordable.contains(&group_key) {
+            if blocked.contains_key(&group_key) || unaffordable.contains(&group_key) {
                 continue;
             }
             let group = books.group(group_key, time);
@@ -410,15 +408,12 @@ impl Engine {
         for line in self.lines.lines() {
             let mut queue = self.lines.take(line);
             let (pool, model) = line;
-            let mut blocked = HashSet::default();
+            let mut blocked = Blocked::default();
             let mut served = Vec::new();
-            let mut next = queue.waiters.first_key_value().map(|(&id, _)| id);
-            while let Some(id) = next {
-                next = queue
-                    .waiters
-                    .range(id + 1..)
-                    .next()
-                    .map(|(&later, _)| later);
+            let mut next = queue.first();
+            while let Some(at) = next {
+                next = queue.after(at);
+                let (place, id) = at;
                 let renews = queue.waiters[&id].renews;
                 if let Some(token) = renews {
                     if self.serve_renewal(time, id, &mut queue, &mut blocked) {
@@ -451,6 +446,7 @@ impl Engine {
                 match self.select(time, &waiter.ask, &waiter.task_id, &blocked) {
                     Selection::Key(key) => {
                         let waiter = queue.remove(id).expect("in line");
+                        queue.clock.granted(place.start);
                         served.push((id, None));
                         let token = self.grant(
                             time,
@@ -462,7 +458,11 @@ impl Engine {
                         let view = self.view(token);
                         self.notices.waiter_grants.push((id, view));
                     }
-                    Selection::None { unaffordable } => blocked.extend(unaffordable),
+                    Selection::None { unaffordable } => {
+                        for group in unaffordable {
+                            blocked.entry(group).or_insert(place.priority);
+                        }
+                    }
                 }
             }
             queue.blocked = blocked;
@@ -472,11 +472,11 @@ impl Engine {
     }
 
     /// Whether the pool has a free key outside the `blocked` groups for this model.
-    fn any_key_beyond(&self, pool: PoolIdx, model: ModelIdx, blocked: &HashSet<GroupKey>) -> bool {
+    fn any_key_beyond(&self, pool: PoolIdx, model: ModelIdx, blocked: &Blocked) -> bool {
         self.catalogue
             .pool(pool)
             .free_keys()
-            .any(|key| !blocked.contains(&self.catalogue.key(key).group(model)))
+            .any(|key| !blocked.contains_key(&self.catalogue.key(key).group(model)))
     }
 
     /// Sets when `line` must be looked at again though nothing is freed.

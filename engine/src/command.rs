@@ -5,7 +5,7 @@
 use super::{
     AcquireRequest, Acquired, Amount, CheckOutcome, Engine, EngineError, EventKind, FailureReport,
     GroupView, KeyView, Notices, Renewal, Renewed, Reported, Setup, SetupError, Time, Usage,
-    WaiterId,
+    WaiterId, tenants::Caller,
 };
 use serde::{Deserialize, Serialize};
 
@@ -75,6 +75,13 @@ pub enum Command {
     /// its call took, `call_ms`: kept in the lease's key's record, then `command` applied as
     /// itself (rules 8 on).
     Timed { call_ms: u64, command: Box<Command> },
+    /// An acquire, a failure report with its replacement, or a renewal that may wait, made
+    /// for `caller` (rules 9 on): the tenant, class and share its waiter is placed by (see
+    /// [`crate::tenants`]). Anything else, or under older rules, applies as itself.
+    ForCaller {
+        caller: Caller,
+        command: Box<Command>,
+    },
 }
 
 impl Command {
@@ -87,6 +94,14 @@ impl Command {
                 command: Box::new(self),
             },
             None => self,
+        }
+    }
+
+    /// This command, made for `caller` (see [`Command::ForCaller`]).
+    pub fn for_caller(self, caller: Caller) -> Self {
+        Self::ForCaller {
+            caller,
+            command: Box::new(self),
         }
     }
 
@@ -107,7 +122,7 @@ impl Command {
             Self::ReportFailureAndReplace { .. } => "report_failure_and_replace",
             Self::RenewWaiting(_) => "renew_waiting",
             Self::KeyChecked { .. } => "key_checked",
-            Self::Timed { command, .. } => command.name(),
+            Self::Timed { command, .. } | Self::ForCaller { command, .. } => command.name(),
         }
     }
 }
@@ -165,6 +180,12 @@ impl Engine {
         if let Command::Timed { call_ms, command } = command {
             self.timed(&command, call_ms);
             return self.apply(time, *command);
+        }
+        if let Command::ForCaller { caller, command } = command {
+            self.caller = caller;
+            let applied = self.apply(time, *command);
+            self.caller = Caller::default();
+            return applied;
         }
         if let Command::ReportFailureAndReplace {
             lease_id,
@@ -236,7 +257,9 @@ impl Engine {
             Command::DropWaiters => Reply::WaitersDropped(self.drop_waiters(time)),
             Command::Configure(setup) => Reply::Configured(self.configure(time, setup)),
             Command::ReportFailureAndReplace { .. } => unreachable!("applied as its two parts"),
-            Command::Timed { .. } => unreachable!("applied as its command"),
+            Command::Timed { .. } | Command::ForCaller { .. } => {
+                unreachable!("applied as its command")
+            }
             Command::ResetCooldown {
                 pool,
                 project,

@@ -9,6 +9,7 @@ use super::learning::Learned;
 use super::leases::Lease;
 use super::outage::Answers;
 use super::quota::QuotaGroup;
+use super::tenants::{FairClock, Place, Priority};
 use super::waiting::{Ask, WaitQueue, Waiter};
 use super::{
     Disabled, Engine, EventKind, KeyCheck, KeyRecord, KeySpec, Reconfigured, Setup, SetupError,
@@ -85,11 +86,16 @@ pub struct GroupImage {
 pub struct LineImage {
     pub pool: String,
     pub model: String,
-    /// In line order.
+    /// By id (their places say the line's order).
     pub waiters: Vec<WaiterImage>,
-    /// Projects an earlier waiter could not have at the last pass, sorted.
-    pub blocked: Vec<String>,
+    /// Projects a waiter could not have at the last pass, with the most urgent class that
+    /// could not, sorted.
+    pub blocked: Vec<(String, Priority)>,
     pub wake_at_ms: Option<u64>,
+    /// The line's fair-queueing clock: where it stands, and each tenant's finish past it,
+    /// sorted (rules 9 on).
+    pub clock_now: u64,
+    pub finishes: Vec<(String, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,6 +111,9 @@ pub struct WaiterImage {
     pub exclusion_ends: Vec<u64>,
     /// A renewal's: the fencing token of the live lease it waits on (rules 7 on).
     pub renews: Option<u64>,
+    /// Whom it waits for, and its place in line (rules 9 on).
+    pub tenant: String,
+    pub place: Place,
 }
 
 impl Engine {
@@ -169,12 +178,19 @@ impl Engine {
             .lines
             .iter()
             .map(|((pool, model), queue)| {
-                let mut blocked: Vec<String> = queue
+                let mut blocked: Vec<(String, Priority)> = queue
                     .blocked
                     .iter()
-                    .map(|g| catalogue.projects.name(g.project).to_string())
+                    .map(|(g, &class)| (catalogue.projects.name(g.project).to_string(), class))
                     .collect();
                 blocked.sort();
+                let mut finishes: Vec<(String, u64)> = queue
+                    .clock
+                    .finishes
+                    .iter()
+                    .map(|(tenant, &finish)| (tenant.clone(), finish))
+                    .collect();
+                finishes.sort();
                 LineImage {
                     pool: catalogue.pool(pool).name.clone(),
                     model: catalogue.models.name(model).to_string(),
@@ -195,11 +211,15 @@ impl Engine {
                                 client_request_id: waiter.client_request_id.clone(),
                                 exclusion_ends: waiter.exclusion_ends.clone(),
                                 renews: waiter.renews,
+                                tenant: waiter.tenant.clone(),
+                                place: waiter.place,
                             }
                         })
                         .collect(),
                     blocked,
                     wake_at_ms: queue.wake_at_ms,
+                    clock_now: queue.clock.now,
+                    finishes,
                 }
             })
             .collect();
@@ -437,13 +457,20 @@ impl Engine {
             queue.blocked = line
                 .blocked
                 .iter()
-                .map(|project| GroupKey {
-                    pool,
-                    project: engine.catalogue.projects.intern(project),
-                    model,
+                .map(|(project, class)| {
+                    let group = GroupKey {
+                        pool,
+                        project: engine.catalogue.projects.intern(project),
+                        model,
+                    };
+                    (group, *class)
                 })
                 .collect();
             queue.wake_at_ms = line.wake_at_ms;
+            queue.clock = FairClock {
+                now: line.clock_now,
+                finishes: line.finishes.into_iter().collect(),
+            };
             for waiter in line.waiters {
                 if let Some(token) = waiter.renews
                     && !engine.leases.is_live(token)
@@ -476,6 +503,8 @@ impl Engine {
                         client_request_id: waiter.client_request_id,
                         exclusion_ends: waiter.exclusion_ends,
                         renews: waiter.renews,
+                        tenant: waiter.tenant,
+                        place: waiter.place,
                     },
                 );
             }

@@ -29,6 +29,7 @@ mod renew;
 mod requests;
 mod setup;
 mod status;
+pub mod tenants;
 mod views;
 mod waiting;
 
@@ -95,6 +96,9 @@ pub struct Engine {
     rules: u32,
     /// Recent answers of each project, to tell a wave across the pool from its quota.
     waves: Waves,
+    /// Whom the command being applied is for (see [`Command::ForCaller`]); the default
+    /// caller between commands.
+    caller: tenants::Caller,
 }
 
 impl Engine {
@@ -121,6 +125,7 @@ impl Engine {
         let engine = Self {
             books: Books::new(&config, &catalogue, rules),
             waves: Waves::default(),
+            caller: tenants::Caller::default(),
             leases: LeaseTable::new(token_floor, config.memory_capacity),
             memory: Memory::new(config.memory_capacity),
             lines: Lines::new(),

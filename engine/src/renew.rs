@@ -6,7 +6,8 @@
 use super::catalogue::GroupKey;
 use super::ids::Token;
 use super::quota::QuotaGroup;
-use super::waiting::{Ask, WaitQueue, Waiter};
+use super::tenants::{Place, RULES_TENANTS};
+use super::waiting::{Ask, Blocked, WaitQueue, Waiter};
 use super::{
     Engine, EngineError, EventKind, Renewal, Renewed, Time, Unavailable, UnavailableReason,
     WaiterId, invalid, validate_tokens,
@@ -92,8 +93,11 @@ impl Engine {
                     client_request_id: None,
                     exclusion_ends: Vec::new(),
                     renews: Some(token),
+                    tenant: String::new(),
+                    place: Place::ARRIVAL,
                 };
-                self.lines.join(id, waiter, vec![group_key]);
+                let caller = (self.rules >= RULES_TENANTS).then_some(&self.caller);
+                self.lines.join(id, waiter, caller, vec![group_key]);
                 self.wake_line_at(time, line);
                 Renewed::Queued(view, id)
             }
@@ -171,14 +175,15 @@ impl Engine {
         time: Time,
         id: WaiterId,
         queue: &mut WaitQueue,
-        blocked: &mut HashSet<GroupKey>,
+        blocked: &mut Blocked,
     ) -> bool {
         let waiter = &queue.waiters[&id];
+        let place = waiter.place;
         let token = waiter.renews.expect("a renewal");
         let (requests, tokens) = (waiter.ask.requests, waiter.ask.tokens);
         let lease = self.leases.get(token).expect("a renewal's lease is live");
         let group_key = self.catalogue.key(lease.key).group(lease.model);
-        if blocked.contains(&group_key) {
+        if blocked.contains_key(&group_key) {
             return false;
         }
         #[cfg(test)]
@@ -188,6 +193,7 @@ impl Engine {
         match self.more_for_lease(time, token, requests, tokens) {
             None => {
                 queue.remove(id);
+                queue.clock.granted(place.start);
                 let event = self.lease_event(token);
                 self.emit(time, EventKind::Renewed(event));
                 let view = self.view(token);
@@ -200,7 +206,7 @@ impl Engine {
                 true
             }
             Some(_) => {
-                blocked.insert(group_key);
+                blocked.entry(group_key).or_insert(place.priority);
                 false
             }
         }

@@ -118,7 +118,10 @@ pub struct Setup {
 /// [`health`]): who disabled it, checks with the provider ([`Command::KeyChecked`]), keys added
 /// waiting for their first check, and a report on a lease granted before the key was last
 /// enabled disabling nothing; snapshots keep it, in a layout older builds cannot read.
-pub const RULES_VERSION: u32 = 8;
+/// Version 9: waiters are placed by class and by their tenants' shares ([`Command::ForCaller`],
+/// see [`crate::tenants`]); one tenant of one class is still served first come, first served.
+/// Snapshots keep the places, in a layout older builds cannot read.
+pub const RULES_VERSION: u32 = 9;
 /// The oldest rules this build still decides by: records decided under them replay.
 pub const OLDEST_RULES_DECIDED: u32 = 2;
 /// The rules from which a pool at its bound forgets an unlisted model.

@@ -2299,6 +2299,7 @@ mod learning_properties;
 mod performance;
 mod properties;
 mod provider;
+mod tenants;
 
 #[test]
 fn the_plan_shows_every_project_with_a_key_used_or_not() {

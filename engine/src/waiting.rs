@@ -1,11 +1,14 @@
-//! The waiting lines: one per (pool, model), first come first served. Each waiter keeps its
-//! validated ask: a key, or (a renewal) more requests and tokens on the lease it holds. Each
-//! line keeps the groups an earlier waiter could not have at the last pass (later arrivals keep
-//! off them), its waiters' exclusion ends, and when it must be looked at again though nothing
-//! was freed.
+//! The waiting lines: one per (pool, model), each served in its waiters' places (see
+//! [`super::tenants`]: by class, then fair shares among tenants; first come, first served for
+//! one tenant). Each waiter keeps its validated ask: a key, or (a renewal) more requests and
+//! tokens on the lease it holds. Each line keeps the groups a waiter could not have at the last
+//! pass, with the most urgent class that could not (later arrivals of that class or a lower one
+//! keep off them), its waiters' exclusion ends, and when it must be looked at again though
+//! nothing was freed.
 
 use super::catalogue::GroupKey;
 use super::ids::{KeyIdx, ModelIdx, PoolIdx, Token};
+use super::tenants::{Caller, FairClock, Place, Priority};
 use super::{Time, WaiterId};
 use foldhash::{HashMap, HashMapExt, HashSet};
 use std::collections::{BTreeMap, BTreeSet};
@@ -41,17 +44,27 @@ pub(super) struct Waiter {
     /// A renewal's: the live lease whose group must afford the ask's requests and tokens. It
     /// needs no free key, and leaves the line when the lease ends.
     pub renews: Option<Token>,
+    /// Whom it waits for, and its place in line.
+    pub tenant: String,
+    pub place: Place,
 }
+
+/// Groups a waiter could not have at the last pass, with the most urgent class that could not.
+pub(super) type Blocked = HashMap<GroupKey, Priority>;
 
 /// The line for one (pool, model).
 #[derive(Debug, Default)]
 pub(super) struct WaitQueue {
-    /// In line order: waiter ids only grow, so the first is the one waiting longest. A map, so
-    /// that a waiter leaves from anywhere in the line in O(log n).
+    /// By id: ids only grow, so in arrival order. A map, so that a waiter leaves from anywhere
+    /// in the line in O(log n).
     pub waiters: BTreeMap<WaiterId, Waiter>,
-    /// Groups an earlier waiter could not have at the last pass (spent or cooling): later
-    /// arrivals keep off them.
-    pub blocked: HashSet<GroupKey>,
+    /// The line's order: each waiter's place, then its id.
+    order: BTreeSet<(Place, WaiterId)>,
+    /// Where the line's fair queueing stands.
+    pub clock: FairClock,
+    /// Groups a waiter could not have at the last pass (spent or cooling): later arrivals of
+    /// that class or a lower one keep off them.
+    pub blocked: Blocked,
     /// (end, waiter) of the waiters' exclusions: the line is looked at again when one ends.
     exclusion_ends: BTreeSet<(u64, WaiterId)>,
     /// When the books next change by themselves, so the line is looked at again.
@@ -66,16 +79,38 @@ impl WaitQueue {
             self.exclusion_ends.insert((end, id));
         }
         self.renewals += usize::from(waiter.renews.is_some());
+        self.order.insert((waiter.place, id));
         self.waiters.insert(id, waiter);
     }
 
     pub fn remove(&mut self, id: WaiterId) -> Option<Waiter> {
         let waiter = self.waiters.remove(&id)?;
+        self.order.remove(&(waiter.place, id));
         for &end in &waiter.exclusion_ends {
             self.exclusion_ends.remove(&(end, id));
         }
         self.renewals -= usize::from(waiter.renews.is_some());
         Some(waiter)
+    }
+
+    /// The first waiter in line order.
+    pub fn first(&self) -> Option<(Place, WaiterId)> {
+        self.order.first().copied()
+    }
+
+    /// The waiter after `at` in line order.
+    pub fn after(&self, at: (Place, WaiterId)) -> Option<(Place, WaiterId)> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        self.order.range((Excluded(at), Unbounded)).next().copied()
+    }
+
+    /// The groups a new arrival of class `priority` keeps off.
+    pub fn blocked_for(&self, priority: Priority) -> Blocked {
+        self.blocked
+            .iter()
+            .filter(|&(_, &class)| class <= priority)
+            .map(|(&group, &class)| (group, class))
+            .collect()
     }
 
     pub fn has_renewals(&self) -> bool {
@@ -126,11 +161,26 @@ impl Lines {
         self.next_waiter
     }
 
-    /// Puts waiter `id` at the end of its line, whose blocked groups grow by `blocked`.
-    pub fn join(&mut self, id: WaiterId, waiter: Waiter, blocked: Vec<GroupKey>) {
+    /// Puts waiter `id` in its line, placed for `caller` (rules 9 on; before, in arrival
+    /// order), and the line's blocked groups grow by `blocked`.
+    pub fn join(
+        &mut self,
+        id: WaiterId,
+        mut waiter: Waiter,
+        caller: Option<&Caller>,
+        blocked: Vec<GroupKey>,
+    ) {
         let line = waiter.ask.line();
         let queue = self.queues.entry(line).or_default();
-        queue.blocked.extend(blocked);
+        if let Some(caller) = caller {
+            waiter.tenant.clone_from(&caller.tenant);
+            waiter.place = queue.clock.place(caller, waiter.ask.requests);
+        }
+        let class = waiter.place.priority;
+        for group in blocked {
+            let most_urgent = queue.blocked.entry(group).or_insert(class);
+            *most_urgent = (*most_urgent).min(class);
+        }
         if let Some(token) = waiter.renews {
             self.renewals.insert((token, id));
         }

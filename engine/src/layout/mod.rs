@@ -1,6 +1,6 @@
 //! How the engine's commands and state are laid out in bytes, for stores to keep and replicas
 //! to replay: a [`Record`] of each command applied, a [`Snapshot`] of the whole state, and the
-//! layouts older builds wrote, read into today's types ([`v1`], [`v3`], [`v6`], [`v7`]; a
+//! layouts older builds wrote, read into today's types ([`v1`], [`v3`], [`v6`], [`v7`], [`v8`]; a
 //! [`Setup`]'s own in [`setup`]). Bytes are postcard's: compact and fast to read back (a log of millions of
 //! records is replayed at start-up).
 
@@ -9,6 +9,7 @@ mod v1;
 mod v3;
 mod v6;
 mod v7;
+mod v8;
 
 pub(super) use setup::LimitsLayout;
 
@@ -40,8 +41,10 @@ const SNAPSHOT_MARK: u64 = u64::MAX;
 const SNAPSHOT_MARK_WEIGHING: u64 = u64::MAX - 1;
 /// Opened the snapshots of rules 7 (since renewals wait in line).
 const SNAPSHOT_MARK_RENEWALS: u64 = u64::MAX - 2;
-/// Opens every snapshot written since a key's health is kept (rules 8).
+/// Opened the snapshots of rules 8 (since a key's health is kept).
 const SNAPSHOT_MARK_HEALTH: u64 = u64::MAX - 3;
+/// Opens every snapshot written since waiters are placed by class and share (rules 9).
+const SNAPSHOT_MARK_TENANTS: u64 = u64::MAX - 4;
 
 impl Snapshot {
     pub fn of(engine: &Engine, seq: u64) -> Self {
@@ -53,15 +56,16 @@ impl Snapshot {
         }
     }
 
-    /// Its bytes, behind [`SNAPSHOT_MARK_HEALTH`].
+    /// Its bytes, behind [`SNAPSHOT_MARK_TENANTS`].
     pub fn encode(&self) -> Vec<u8> {
-        encode(&(SNAPSHOT_MARK_HEALTH, self))
+        encode(&(SNAPSHOT_MARK_TENANTS, self))
     }
 
     /// A snapshot from its bytes, as written by this server or an earlier one.
     pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotError> {
         let read = match postcard::take_from_bytes::<u64>(bytes) {
-            Ok((SNAPSHOT_MARK_HEALTH, rest)) => decode(rest),
+            Ok((SNAPSHOT_MARK_TENANTS, rest)) => decode(rest),
+            Ok((SNAPSHOT_MARK_HEALTH, rest)) => v8::decode(rest),
             Ok((SNAPSHOT_MARK_RENEWALS, rest)) => v7::decode(rest),
             Ok((SNAPSHOT_MARK_WEIGHING, rest)) => v6::decode(rest),
             Ok((SNAPSHOT_MARK, rest)) => v3::decode(rest),
@@ -178,9 +182,9 @@ mod tests {
             Time::at(5_000),
         )
         .unwrap();
-        let newer = encode(&(SNAPSHOT_MARK_HEALTH - 1, Snapshot::of(&engine, 3)));
+        let newer = encode(&(SNAPSHOT_MARK_TENANTS - 1, Snapshot::of(&engine, 3)));
         let error = Snapshot::decode(&newer).unwrap_err();
-        assert!(matches!(error, SnapshotError::NewerLayout(4)), "{error:?}");
+        assert!(matches!(error, SnapshotError::NewerLayout(5)), "{error:?}");
         assert!(error.to_string().contains("newer keylease"), "{error}");
         // Today's reads back (without the keys' secrets, which snapshots never hold).
         let today = Snapshot::decode(&Snapshot::of(&engine, 3).encode()).unwrap();

@@ -7,6 +7,7 @@ use super::Snapshot;
 use super::v7::KeyImageV7;
 use crate::image::{GroupImage, Image, LeaseImage, LineImage, WaiterImage};
 use crate::outage::Answers;
+use crate::tenants::Place;
 use crate::{KeySpec, Setup, Time, WaiterId};
 use serde::Deserialize;
 
@@ -51,10 +52,14 @@ impl From<LineImageV6> for LineImage {
                     client_request_id: w.client_request_id,
                     exclusion_ends: w.exclusion_ends,
                     renews: None,
+                    tenant: String::new(),
+                    place: Place::ARRIVAL,
                 })
                 .collect(),
-            blocked: line.blocked,
+            blocked: super::v8::blocked(line.blocked),
             wake_at_ms: line.wake_at_ms,
+            clock_now: 0,
+            finishes: Vec::new(),
         }
     }
 }
@@ -71,6 +76,7 @@ impl From<LineImage> for LineImageV6 {
                 .into_iter()
                 .map(|w| {
                     assert!(w.renews.is_none(), "rules 6 had no renewals in line");
+                    assert_eq!(w.place, Place::ARRIVAL, "rules 6 placed by arrival alone");
                     WaiterImageV6 {
                         id: w.id,
                         task_id: w.task_id,
@@ -83,7 +89,7 @@ impl From<LineImage> for LineImageV6 {
                     }
                 })
                 .collect(),
-            blocked: line.blocked,
+            blocked: super::v8::blocked_v8(line.blocked),
             wake_at_ms: line.wake_at_ms,
         }
     }

@@ -4,7 +4,8 @@
 //! engine.
 
 use super::Snapshot;
-use crate::image::{GroupImage, Image, KeyImage, LeaseImage, LineImage};
+use super::v8::LineImageV8;
+use crate::image::{GroupImage, Image, KeyImage, LeaseImage};
 use crate::outage::Answers;
 use crate::{Decider, Disabled, KeySpec, Setup, Time};
 use serde::Deserialize;
@@ -79,7 +80,7 @@ struct ImageV7 {
     exclusions: Vec<(String, Vec<(String, u64)>)>,
     request_ids: Vec<(String, u64)>,
     ended: Vec<LeaseImage>,
-    lines: Vec<LineImage>,
+    lines: Vec<LineImageV8>,
     waves: Vec<(String, String, Answers)>,
 }
 
@@ -111,7 +112,7 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, postcard::Error> {
             exclusions: i.exclusions,
             request_ids: i.request_ids,
             ended: i.ended,
-            lines: i.lines,
+            lines: super::v8::lines(i.lines),
             waves: i.waves,
         },
         draining: v7.draining,
@@ -158,7 +159,7 @@ mod tests {
             exclusions: i.exclusions,
             request_ids: i.request_ids,
             ended: i.ended,
-            lines: i.lines,
+            lines: super::super::v8::lines_v8(i.lines),
             waves: i.waves,
         };
         super::super::encode(&(

@@ -620,7 +620,17 @@ fn run(ops: Vec<Op>, cut: usize) -> Result<(), TestCaseError> {
                     || u128::from(tokens) > TPM
                     || ttl_ms.is_some_and(|ttl| ttl == 0 || ttl > 10 * MINUTE);
                 model.asked_tokens.insert(task.clone(), tokens);
-                let outcome = engine.apply(now, Command::Acquire(request)).into_acquired();
+                let mut acquire = Command::Acquire(request);
+                if requests % 2 == 1 {
+                    // Made for the one tenant there is, of some share: it waits first come,
+                    // first served all the same.
+                    acquire = acquire.for_caller(crate::tenants::Caller {
+                        tenant: "team".into(),
+                        priority: crate::tenants::Priority::Normal,
+                        share: tokens as u32,
+                    });
+                }
+                let outcome = engine.apply(now, acquire).into_acquired();
                 prop_assert_eq!(outcome.is_err(), refused, "acquire: {:?}", outcome);
                 if let Ok(Acquired::Queued(id)) = outcome {
                     model.waiting.push(WaitingTask {

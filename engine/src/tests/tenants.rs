@@ -1,0 +1,294 @@
+//! Waiters placed by class and by their tenants' shares (rules 9).
+
+use super::*;
+use crate::tenants::{Caller, Priority};
+
+fn caller(tenant: &str, priority: Priority, share: u32) -> Caller {
+    Caller {
+        tenant: tenant.into(),
+        priority,
+        share,
+    }
+}
+
+/// `task` waiting for a key, for `caller`.
+fn wait_for(e: &mut Engine, now: u64, task: &str, caller: &Caller) -> Reply {
+    let request = AcquireRequest {
+        wait: true,
+        ..ask(task)
+    };
+    e.apply(
+        Time::at(now),
+        Command::Acquire(request).for_caller(caller.clone()),
+    )
+    .0
+}
+
+fn waiting(reply: Reply) -> WaiterId {
+    queued(reply.into_acquired())
+}
+
+#[test]
+fn an_interactive_waiter_is_served_before_batch_waiters_that_came_earlier() {
+    let mut e = engine(&[("k1", "p1")]);
+    let holder = granted(e.acquire(T0, ask("holder")));
+    let batch = caller("nightly", Priority::Batch, 1);
+    let interactive = caller("chat", Priority::Interactive, 1);
+    let b1 = waiting(wait_for(&mut e, T0, "b1", &batch));
+    let b2 = waiting(wait_for(&mut e, T0, "b2", &batch));
+    let i1 = waiting(wait_for(&mut e, T0 + 1, "i1", &interactive));
+    let mut lease = holder;
+    let mut order = Vec::new();
+    for n in 1..=3 {
+        e.release(
+            T0 + n * SECOND,
+            &lease.lease_id,
+            lease.fencing_token,
+            used(1, 0),
+        )
+        .unwrap();
+        let grants = e.drain().waiter_grants;
+        assert_eq!(grants.len(), 1);
+        order.push(grants[0].0);
+        lease = grants[0].1.clone();
+    }
+    assert_eq!(order, vec![i1, b1, b2]);
+}
+
+#[test]
+fn under_rules_8_a_caller_changes_nothing() {
+    let setup = Setup {
+        rules: 8,
+        ..Setup::new(config(10, 100), key_specs(&[("k1", "p1")]), 0)
+    };
+    let mut e = Engine::new(setup, Time::at(T0)).unwrap();
+    let holder = granted(e.acquire(T0, ask("holder")));
+    let b1 = waiting(wait_for(&mut e, T0, "b1", &caller("n", Priority::Batch, 1)));
+    waiting(wait_for(
+        &mut e,
+        T0,
+        "i1",
+        &caller("c", Priority::Interactive, 1),
+    ));
+    e.release(
+        T0 + SECOND,
+        &holder.lease_id,
+        holder.fencing_token,
+        used(1, 0),
+    )
+    .unwrap();
+    assert_eq!(e.drain().waiter_grants[0].0, b1);
+}
+
+/// The tenants' tasks of [`grants_per_window`], and what they were granted.
+#[derive(Default)]
+struct Fleet {
+    tasks: u64,
+    owner: BTreeMap<WaiterId, String>,
+    granted_now: BTreeMap<String, u64>,
+    /// Grants to waiters not yet used.
+    pending: Vec<(WaiterId, LeaseView)>,
+}
+
+impl Fleet {
+    /// A new task of `who` asks until it waits; each grant on the way is used and released at
+    /// once.
+    fn ask_until_waiting(&mut self, e: &mut Engine, now: u64, who: &Caller) {
+        loop {
+            self.tasks += 1;
+            let request = AcquireRequest {
+                wait: true,
+                ..ask(&format!("t{}", self.tasks))
+            };
+            let command = Command::Acquire(request).for_caller(who.clone());
+            let (reply, notices) = e.apply(Time::at(now), command);
+            self.pending.extend(notices.waiter_grants);
+            match reply.into_acquired() {
+                Ok(Acquired::Queued(id)) => {
+                    self.owner.insert(id, who.tenant.clone());
+                    return;
+                }
+                Ok(Acquired::Granted(lease)) => self.use_and_release(e, now, &who.tenant, &lease),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    fn use_and_release(&mut self, e: &mut Engine, now: u64, tenant: &str, lease: &LeaseView) {
+        *self.granted_now.entry(tenant.to_string()).or_default() += 1;
+        e.release(now, &lease.lease_id, lease.fencing_token, used(1, 0))
+            .unwrap();
+        self.pending.extend(e.drain().waiter_grants);
+    }
+}
+
+/// Requests each tenant of `tenants` (name, share, waiting from which minute) was granted in
+/// each of `minutes` minutes of a project allowing 20 requests a minute, each tenant keeping
+/// 8 tasks waiting from its minute on, every call released at once and its task replaced.
+fn grants_per_window(tenants: &[(&str, u32, u64)], minutes: u64) -> Vec<BTreeMap<String, u64>> {
+    let mut e = new_engine(
+        config(20, 1_000_000),
+        key_specs(&[("k1", "p1"), ("k2", "p1"), ("k3", "p1"), ("k4", "p1")]),
+    )
+    .unwrap();
+    let callers: BTreeMap<String, Caller> = tenants
+        .iter()
+        .map(|&(tenant, share, _)| (tenant.to_string(), caller(tenant, Priority::Normal, share)))
+        .collect();
+    let mut fleet = Fleet::default();
+    let mut windows = Vec::new();
+    for second in 0..minutes * 60 {
+        let now = T0 + second * SECOND;
+        for &(tenant, _, from) in tenants {
+            if second == from * 60 {
+                for _ in 0..8 {
+                    fleet.ask_until_waiting(&mut e, now, &callers[tenant]);
+                }
+            }
+        }
+        let (_, notices) = e.apply(Time::at(now), Command::Tick);
+        fleet.pending.extend(notices.waiter_grants);
+        while let Some((id, lease)) = fleet.pending.pop() {
+            let tenant = fleet.owner.remove(&id).expect("a waiter of a tenant");
+            fleet.use_and_release(&mut e, now, &tenant, &lease);
+            fleet.ask_until_waiting(&mut e, now, &callers[&tenant]);
+        }
+        if second % 60 == 59 {
+            windows.push(std::mem::take(&mut fleet.granted_now));
+        }
+    }
+    windows
+}
+
+#[test]
+fn two_saturating_tenants_of_shares_1_and_3_are_served_1_to_3() {
+    // The first minute is taken by whoever asks first, before anyone waits: uncontended,
+    // anyone may take everything. The ten after it are contended.
+    let windows = grants_per_window(&[("small", 1, 0), ("large", 3, 0)], 11);
+    let total = |tenant: &str| {
+        windows[1..]
+            .iter()
+            .map(|w| w.get(tenant).copied().unwrap_or(0))
+            .sum::<u64>()
+    };
+    let (small, large) = (total("small"), total("large"));
+    eprintln!("shares 1 and 3 over 10 contended minutes: {small} and {large} requests");
+    // A request holds the window for a minute and the safety margin's second after it.
+    assert!(
+        small + large >= 190,
+        "the project's requests are used: {windows:?}"
+    );
+    let ratio = large as f64 / small as f64;
+    assert!((ratio / 3.0 - 1.0).abs() <= 0.05, "{small} : {large}");
+}
+
+#[test]
+fn an_idle_tenants_share_goes_to_the_other_and_it_banks_nothing() {
+    // Alone for five minutes, "small" takes everything; "large" arrives and gets its 3 of 4
+    // at once: what "small" used alone is not held against it, nor banked by "large".
+    let windows = grants_per_window(&[("small", 1, 0), ("large", 3, 5)], 10);
+    for window in &windows[..5] {
+        assert_eq!(window.get("small"), Some(&20), "{window:?}");
+        assert_eq!(window.get("large"), None, "{window:?}");
+    }
+    for window in &windows[6..] {
+        let small = window.get("small").copied().unwrap_or(0);
+        let large = window.get("large").copied().unwrap_or(0);
+        assert_eq!((small, large), (5, 15), "{window:?}");
+    }
+}
+
+#[test]
+fn one_tenant_is_served_first_come_first_served() {
+    let mut e = engine(&[("k1", "p1")]);
+    let mut lease = granted(e.acquire(T0, ask("holder")));
+    let team = caller("team", Priority::Normal, 7);
+    let ids: Vec<WaiterId> = (0..5)
+        .map(|n| waiting(wait_for(&mut e, T0, &format!("w{n}"), &team)))
+        .collect();
+    let mut order = Vec::new();
+    for n in 1..=5 {
+        e.release(
+            T0 + n * SECOND,
+            &lease.lease_id,
+            lease.fencing_token,
+            used(1, 0),
+        )
+        .unwrap();
+        let grants = e.drain().waiter_grants;
+        order.push(grants[0].0);
+        lease = grants[0].1.clone();
+    }
+    assert_eq!(order, ids);
+}
+
+#[test]
+fn a_newcomer_keeps_off_groups_only_its_class_or_a_more_urgent_one_was_refused() {
+    // p1 has room for one request more; a batch waiter asking for three is refused it and
+    // keeps later batch arrivals off p1, not an interactive one.
+    let mut e = new_engine(config(3, 100), key_specs(&[("k1", "p1"), ("k2", "p1")])).unwrap();
+    let holder = granted(e.acquire(T0, ask_n("holder", 2)));
+    let big = AcquireRequest {
+        wait: true,
+        ..ask_n("big", 3)
+    };
+    let batch = caller("nightly", Priority::Batch, 1);
+    queued(
+        e.apply(
+            Time::at(T0),
+            Command::Acquire(big).for_caller(batch.clone()),
+        )
+        .0
+        .into_acquired(),
+    );
+    let small_batch = e
+        .apply(
+            Time::at(T0),
+            Command::Acquire(ask("later-batch")).for_caller(batch),
+        )
+        .0;
+    unavailable(small_batch.into_acquired());
+    let interactive = caller("chat", Priority::Interactive, 1);
+    let chat = e
+        .apply(
+            Time::at(T0),
+            Command::Acquire(ask("chat")).for_caller(interactive),
+        )
+        .0;
+    granted(chat.into_acquired());
+    let _ = holder;
+}
+
+#[test]
+fn places_survive_a_snapshot() {
+    let mut e = engine(&[("k1", "p1")]);
+    granted(e.acquire(T0, ask("holder")));
+    waiting(wait_for(
+        &mut e,
+        T0,
+        "b1",
+        &caller("nightly", Priority::Batch, 1),
+    ));
+    waiting(wait_for(
+        &mut e,
+        T0,
+        "n1",
+        &caller("a", Priority::Normal, 1),
+    ));
+    waiting(wait_for(
+        &mut e,
+        T0,
+        "n2",
+        &caller("b", Priority::Normal, 3),
+    ));
+    waiting(wait_for(
+        &mut e,
+        T0,
+        "n3",
+        &caller("a", Priority::Normal, 1),
+    ));
+    let snapshot = layout::Snapshot::of(&e, 1);
+    let read = layout::Snapshot::decode(&snapshot.encode()).unwrap();
+    let (restored, _) = Engine::restore(read.setup, read.draining, read.image).unwrap();
+    assert_eq!(restored.image(), e.image());
+}
