@@ -274,7 +274,7 @@ async fn cancels(count: usize) -> anyhow::Result<()> {
     };
     // One request spends the minute's quota for the only project.
     state
-        .acquire(None, ask("spender".into()), Duration::ZERO)
+        .acquire(None, ask("spender".into()), Duration::ZERO, None)
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let mut waiting = Vec::with_capacity(count);
@@ -283,7 +283,7 @@ async fn cancels(count: usize) -> anyhow::Result<()> {
         let request = ask(format!("waiter-{i}"));
         waiting.push(tokio::spawn(async move {
             let _ = state
-                .acquire(None, request, Duration::from_secs(3600))
+                .acquire(None, request, Duration::from_secs(3600), None)
                 .await;
         }));
     }

@@ -26,6 +26,11 @@ pub struct AcquireOptions {
     pub wait: Duration,
     pub requests: u32,
     pub estimated_input_tokens: u64,
+    /// How urgently to wait, where the server has tenants; the lease's replacement and its
+    /// renewals wait so too. Unspecified: normal.
+    pub priority: pb::Priority,
+    /// The tenant to wait as, where the caller's may name others; empty: the caller's own.
+    pub tenant: String,
 }
 
 impl AcquireOptions {
@@ -39,6 +44,8 @@ impl AcquireOptions {
             wait: Duration::from_secs(30),
             requests: 1,
             estimated_input_tokens: 0,
+            priority: pb::Priority::Unspecified,
+            tenant: String::new(),
         }
     }
 }
@@ -77,6 +84,9 @@ struct Held {
     usage: Usage,
     /// Released, reported, or found ended by a renewal.
     ended: bool,
+    /// The class and tenant asked for: renewals and the replacement wait so too.
+    priority: pb::Priority,
+    tenant: String,
 }
 
 /// A borrowed key. Use [`LeaseGuard::api_key`] for each call, record what was sent, and end it
@@ -126,19 +136,34 @@ impl LeaseGuard {
             estimated_input_tokens: options.estimated_input_tokens,
             // Retries after a lost reply get the same lease instead of a second one.
             client_request_id: client.next_request_id(),
+            priority: options.priority as i32,
+            tenant: options.tenant,
         };
         let (lease, sent_at) = client.acquire_key(options.wait, &request).await?;
-        Ok(Self::hold(client, lease, sent_at))
+        Ok(Self::hold(
+            client,
+            lease,
+            sent_at,
+            (options.priority, request.tenant),
+        ))
     }
 
-    /// Wraps a lease granted at `sent_at` (acquire or replacement) and starts renewing it.
-    fn hold(client: KeyLeaseClient, lease: pb::Lease, sent_at: Instant) -> Self {
+    /// Wraps a lease granted at `sent_at` (acquire or replacement) and starts renewing it;
+    /// `asked`: the class and tenant it was asked for.
+    fn hold(
+        client: KeyLeaseClient,
+        lease: pb::Lease,
+        sent_at: Instant,
+        (priority, tenant): (pb::Priority, String),
+    ) -> Self {
         let deadline = sent_at + from_pb(lease.ttl);
         let held = Arc::new(Mutex::new(Held {
             lease,
             deadline,
             usage: Usage::default(),
             ended: false,
+            priority,
+            tenant,
         }));
         let renewer = tokio::spawn(renew_in_background(client.clone(), Arc::downgrade(&held)));
         Self {
@@ -258,7 +283,10 @@ impl LeaseGuard {
         replacement: Option<Duration>,
     ) -> Result<Option<LeaseGuard>, Error> {
         let (_, lease) = self.end();
-        let usage = lock(&self.held).usage;
+        let (usage, asked) = {
+            let held = lock(&self.held);
+            (held.usage, (held.priority, held.tenant.clone()))
+        };
         let request = pb::ReportFailureRequest {
             lease_id: lease.lease_id.clone(),
             fencing_token: lease.fencing_token,
@@ -280,6 +308,8 @@ impl LeaseGuard {
                 .take(keylease::MAX_QUOTA_VIOLATIONS)
                 .map(|v| v.to_pb())
                 .collect(),
+            priority: asked.0 as i32,
+            tenant: asked.1.clone(),
         };
         let reported = self
             .client
@@ -296,7 +326,7 @@ impl LeaseGuard {
             Err(error) => return Err(error),
         };
         match (reported.replacement, reported.replacement_unavailable) {
-            (Some(next), _) => Ok(Some(Self::hold(self.client.clone(), next, sent_at))),
+            (Some(next), _) => Ok(Some(Self::hold(self.client.clone(), next, sent_at, asked))),
             (None, Some(unavailable)) if replacement.is_some() => {
                 let why = pb::UnavailableReason::try_from(unavailable.reason).unwrap_or_default();
                 Err(Error::NoKey {
@@ -357,6 +387,8 @@ async fn renew(
             additional_requests: more_requests,
             additional_input_tokens: 0,
             wait: (more_requests > 0).then(|| to_pb(client.config().call_timeout / 2)),
+            priority: held.priority as i32,
+            tenant: held.tenant.clone(),
         };
         (request, held.ended)
     };

@@ -67,7 +67,9 @@ pub use setup::{
 pub(crate) use setup::{
     RULES_EVIDENCE_STANDING, RULES_FORGETTING_UNLISTED_MODELS, RULES_WEIGHING_EVIDENCE,
 };
-pub use status::{Counts, GroupView, KeyState, KeyView, LimitView, StatusView, UsageView};
+pub use status::{
+    Counts, GroupView, KeyState, KeyView, LimitView, StatusView, TenantWaiting, UsageView,
+};
 
 /// How far the wall clock must move against the steady one to count as stepped (two readings
 /// taken one after the other differ by a millisecond or so).

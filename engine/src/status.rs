@@ -80,6 +80,9 @@ pub struct StatusView {
     pub groups: Vec<GroupView>,
     /// (pool, model, waiters): acquires and renewals in line.
     pub waiting: Vec<(String, String, usize)>,
+    /// The same by tenant and class, where waiters were made for a tenant (rules 9 on, with
+    /// tenants configured): by pool, model, class, then tenant.
+    pub tenants_waiting: Vec<TenantWaiting>,
     /// The last key of this page, when more follow: the next page starts after it.
     pub next_after: Option<String>,
     pub total_keys: usize,
@@ -87,4 +90,14 @@ pub struct StatusView {
     pub now: Time,
     /// The quota window the per-minute figures count over.
     pub window_ms: u64,
+}
+
+/// How many waiters of one tenant and class stand in one line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantWaiting {
+    pub pool: String,
+    pub model: String,
+    pub tenant: String,
+    pub priority: crate::tenants::Priority,
+    pub waiters: usize,
 }

@@ -8,13 +8,15 @@ use super::ids::{KeyIdx, PoolIdx, ProjectIdx};
 use super::learning::Learned;
 use super::leases::{Lease, lease_id};
 use super::quota::QuotaGroup;
+use super::status::TenantWaiting;
+use super::tenants::Priority;
 use super::{
     CheckOutcome, Counts, Engine, EngineError, GroupView, KeyState, KeyView, LeaseEvent,
     LeaseSummary, LeaseView, LimitKind, LimitView, StatusView, Time, UsageView, canonical_model,
     invalid, pool_or_default,
 };
 use foldhash::{HashMap, HashMapExt};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 impl Engine {
     /// How much state there is, at `now`: for the start-up log.
@@ -362,10 +364,32 @@ impl Engine {
                 )
             })
             .collect();
+        let mut tenants_waiting = Vec::new();
+        for ((p, m), queue) in self.lines.iter() {
+            if pool.is_some_and(|pool| p != pool) {
+                continue;
+            }
+            let mut counts: BTreeMap<(Priority, &str), usize> = BTreeMap::new();
+            for waiter in queue.waiters.values().filter(|w| !w.tenant.is_empty()) {
+                *counts
+                    .entry((waiter.place.priority, waiter.tenant.as_str()))
+                    .or_default() += 1;
+            }
+            tenants_waiting.extend(counts.into_iter().map(|((priority, tenant), waiters)| {
+                TenantWaiting {
+                    pool: self.catalogue.pool(p).name.clone(),
+                    model: self.catalogue.models.name(m).to_string(),
+                    tenant: tenant.to_string(),
+                    priority,
+                    waiters,
+                }
+            }));
+        }
         Ok(StatusView {
             keys,
             groups,
             waiting,
+            tenants_waiting,
             next_after,
             total_keys: selected.len(),
             live_leases: self.leases.len(),

@@ -28,6 +28,7 @@ mod keys;
 mod pools;
 pub mod proxy;
 mod replication;
+pub mod tenants;
 
 use access::tls_files;
 pub use keys::{name_problem, secret_problem};
@@ -77,6 +78,8 @@ pub struct FileConfig {
     pub proxy: ProxySection,
     /// Absent: keys are not checked.
     pub health: Option<HealthSection>,
+    /// Absent: every acquire waits first come, first served.
+    pub tenants: BTreeMap<String, tenants::TenantSection>,
     pub pools: BTreeMap<String, PoolSection>,
     pub keys: Vec<KeyEntry>,
 }
@@ -357,6 +360,8 @@ pub struct Settings {
     pub proxy: Option<ProxySettings>,
     /// Checking keys with the provider, when configured.
     pub health: Option<HealthSettings>,
+    /// The teams sharing the keys; empty without `[tenants]`.
+    pub tenants: tenants::Tenants,
     /// What the operator should hear about at start (deprecated settings, no auth).
     pub notices: Vec<String>,
     pub max_wait: Duration,
@@ -705,6 +710,7 @@ pub fn validate(
         .map(|(name, pool)| (name.clone(), pool.models.keys().cloned().collect()))
         .collect();
     let health = health_settings(&file, &listed, &at)?;
+    let tenants = tenants::tenants(&file, &at)?;
     let key_refresh = file.key_sources.refresh;
     for (field, value) in [
         ("key_sources.refresh", key_refresh),
@@ -733,6 +739,7 @@ pub fn validate(
         proxy,
         notices,
         health,
+        tenants,
         max_wait: leases.max_wait,
         engine: EngineConfig {
             default_ttl_ms: leases.default_ttl.as_millis() as u64,

@@ -4,6 +4,7 @@
 //! message on its way out.
 
 use crate::auth::caller_name;
+use crate::config::tenants::Decided;
 use crate::fleet::FleetView;
 use crate::shell::{AcquireFailure, State};
 use crate::wire;
@@ -142,6 +143,21 @@ impl KeyLeaseService {
         self.state.redact(text)
     }
 
+    /// The caller a call of `by` is made for, from the tenant it named (masked: a name is free
+    /// text, and an error quotes it) and the class it asked for.
+    fn decide_caller(
+        &self,
+        by: Option<&Arc<str>>,
+        named: &str,
+        priority: i32,
+    ) -> Result<Decided, Status> {
+        let asked = wire::priority_of("priority", priority)?;
+        let named = self.redact(named.to_string());
+        self.state
+            .decide_caller(by, &named, asked)
+            .map_err(wire::tenant_status)
+    }
+
     pub(crate) fn outgoing<T>(&self, result: Result<T, Status>) -> Result<T, Status> {
         self.state.outgoing(result)
     }
@@ -152,6 +168,7 @@ impl KeyLeaseService {
         request: pb::AcquireKeyRequest,
     ) -> Result<pb::Lease, Status> {
         let wait = wire::wait_of("wait", request.wait, self.state.max_wait)?;
+        let decided = self.decide_caller(by, &request.tenant, request.priority)?;
         let mut request = wire::acquire_request(request)?;
         request.task_id = self.redact(request.task_id);
         let pair = (
@@ -161,10 +178,11 @@ impl KeyLeaseService {
         self.new_models.admit(by, &pair, self.state.now_ms(), || {
             self.state.serves_model(&pair.0, &pair.1)
         })?;
-        match self.state.acquire(by, request, wait).await {
+        let priority = decided.caller.as_ref().map(|c| c.priority);
+        match self.state.acquire(by, request, wait, decided.caller).await {
             Ok(lease) => {
                 self.new_models.learn(pair);
-                Ok(wire::lease_to_pb(lease, self.state.time()))
+                Ok(wire::lease_to_pb(lease, self.state.time(), priority))
             }
             Err(failure) => Err(wire::acquire_failure_status(failure, self.state.now_ms())),
         }
@@ -177,6 +195,8 @@ impl KeyLeaseService {
     ) -> Result<pb::RenewLeaseResponse, Status> {
         let ttl_ms = wire::duration_ms("ttl", request.ttl)?;
         let wait = wire::wait_of("wait", request.wait, self.state.max_wait)?;
+        let decided = self.decide_caller(by, &request.tenant, request.priority)?;
+        let priority = decided.caller.as_ref().map(|c| c.priority);
         let renewal = Renewal {
             lease_id: request.lease_id,
             fencing_token: request.fencing_token,
@@ -184,9 +204,9 @@ impl KeyLeaseService {
             additional_requests: request.additional_requests,
             additional_tokens: request.additional_input_tokens,
         };
-        match self.state.renew(by, renewal, wait).await {
+        match self.state.renew(by, renewal, wait, decided.caller).await {
             Ok(lease) => Ok(pb::RenewLeaseResponse {
-                lease: Some(wire::lease_to_pb(lease, self.state.time())),
+                lease: Some(wire::lease_to_pb(lease, self.state.time(), priority)),
             }),
             Err(failure) => Err(wire::acquire_failure_status(failure, self.state.now_ms())),
         }
@@ -243,16 +263,18 @@ impl KeyLeaseService {
             self.state.max_wait,
         )?;
         let call_ms = wire::duration_ms("call_duration", request.call_duration)?;
+        let decided = self.decide_caller(by, &request.tenant, request.priority)?;
+        let priority = decided.caller.as_ref().map(|c| c.priority);
         let (reported, replacement) = if request.rotate {
             let (reported, replacement) = self
                 .state
                 .report_and_replace(
                     by,
-                    request.lease_id,
-                    request.fencing_token,
+                    (request.lease_id, request.fencing_token),
                     report,
                     wait,
                     call_ms,
+                    decided.caller,
                 )
                 .await
                 .map_err(|failure| wire::acquire_failure_status(failure, self.state.now_ms()))?;
@@ -274,7 +296,7 @@ impl KeyLeaseService {
         match replacement {
             None => {}
             Some(Ok(lease)) => {
-                response.replacement = Some(wire::lease_to_pb(lease, self.state.time()));
+                response.replacement = Some(wire::lease_to_pb(lease, self.state.time(), priority));
             }
             Some(Err(AcquireFailure::Unavailable(unavailable))) => {
                 response.replacement_unavailable =
@@ -342,6 +364,16 @@ impl KeyLeaseService {
                 .waiting
                 .into_iter()
                 .map(|(pool, model, waiters)| pb::WaitingCount {
+                    tenants: status
+                        .tenants_waiting
+                        .iter()
+                        .filter(|t| t.pool == pool && t.model == model)
+                        .map(|t| pb::TenantWaiting {
+                            tenant: t.tenant.clone(),
+                            priority: wire::priority_to_pb(t.priority) as i32,
+                            waiters: t.waiters as u32,
+                        })
+                        .collect(),
                     pool,
                     model,
                     waiters: waiters as u32,

@@ -2,12 +2,14 @@
 //! types (validating what the wire can get wrong, such as negative durations) and back, and the
 //! one mapping of domain errors to gRPC status codes.
 
+use crate::config::tenants::TenantError;
 use crate::shell::AcquireFailure;
 use crate::store::journal::StoreFailed;
 use keylease::gemini::{QuotaLimit, quota_limit};
 use keylease::{ERROR_DOMAIN, RETRY_AFTER_METADATA, pb};
 use keylease_engine::learning::LearnedLimit;
 use keylease_engine::learning::weighing::Tally;
+use keylease_engine::tenants::Priority;
 use keylease_engine::{
     AcquireRequest, CheckOutcome, Decider, EngineError, EventKind, FailureKind, GroupView,
     KeyCheck, KeyProblem, KeyRecord, KeyState, KeyView, LeaseEvent, LeaseSummary, LeaseView,
@@ -279,8 +281,40 @@ fn failure_kind_to_pb(kind: FailureKind) -> pb::FailureKind {
     }
 }
 
-/// The lease as its holder gets it: the only place a secret is revealed.
-pub fn lease_to_pb(lease: LeaseView, now: Time) -> pb::Lease {
+/// A class as a call asks for it: `None` when unspecified.
+pub fn priority_of(field: &str, value: i32) -> Result<Option<Priority>, Status> {
+    match pb::Priority::try_from(value) {
+        Ok(pb::Priority::Unspecified) => Ok(None),
+        Ok(pb::Priority::Interactive) => Ok(Some(Priority::Interactive)),
+        Ok(pb::Priority::Normal) => Ok(Some(Priority::Normal)),
+        Ok(pb::Priority::Batch) => Ok(Some(Priority::Batch)),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "{field}: {value} is not a class (interactive, normal or batch)"
+        ))),
+    }
+}
+
+pub fn priority_to_pb(priority: Priority) -> pb::Priority {
+    match priority {
+        Priority::Interactive => pb::Priority::Interactive,
+        Priority::Normal => pb::Priority::Normal,
+        Priority::Batch => pb::Priority::Batch,
+    }
+}
+
+/// A call's tenant refused.
+pub fn tenant_status(error: TenantError) -> Status {
+    match error {
+        TenantError::MayNotName(_) => Status::permission_denied(error.to_string()),
+        TenantError::NoTenants | TenantError::Unknown(_) => {
+            Status::invalid_argument(error.to_string())
+        }
+    }
+}
+
+/// The lease as its holder gets it: the only place a secret is revealed. `priority`: the
+/// class it was waited for in, where tenants are configured.
+pub fn lease_to_pb(lease: LeaseView, now: Time, priority: Option<Priority>) -> pb::Lease {
     pb::Lease {
         lease_id: lease.lease_id,
         key_id: lease.key_id,
@@ -293,6 +327,7 @@ pub fn lease_to_pb(lease: LeaseView, now: Time) -> pb::Lease {
         pool: lease.pool,
         requests_granted: lease.requests_granted,
         task_id: lease.task_id,
+        priority: priority.map_or(pb::Priority::Unspecified, priority_to_pb) as i32,
     }
 }
 

@@ -178,6 +178,9 @@ fn call() -> impl Strategy<Value = Call> {
         any_u32(),
         any_u64(),
         mostly(&["", "", "", "request-1", "request-2"]),
+        // Classes, and numbers that are none; tenants, which this server has none of.
+        any_u32().prop_map(|n| n as i32),
+        mostly(&["", "", "", "", "team"]),
     )
         .prop_map(
             |(
@@ -190,6 +193,8 @@ fn call() -> impl Strategy<Value = Call> {
                 requests,
                 estimated_input_tokens,
                 client_request_id,
+                priority,
+                tenant,
             )| {
                 Call::Acquire(pb::AcquireKeyRequest {
                     task_id,
@@ -201,6 +206,8 @@ fn call() -> impl Strategy<Value = Call> {
                     requests,
                     estimated_input_tokens,
                     client_request_id,
+                    priority,
+                    tenant,
                 })
             },
         );

@@ -15,6 +15,7 @@ pub mod run;
 pub mod tasks;
 
 use checkpoint::{Output, RowError, Status};
+use keylease::pb;
 use keylease_client::gemini::{
     DEFAULT_BASE_URL, GeminiClient, GenerateContentRequest, GenerationConfig,
 };
@@ -58,6 +59,24 @@ const MAX_CONCURRENCY: usize = 10_000;
 const MAX_RETRIES: u32 = 100;
 /// Bad lines shown one by one; the rest are counted.
 const BAD_LINES_SHOWN: usize = 20;
+
+/// A class of waiting, as `--priority` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Priority {
+    Interactive,
+    Normal,
+    Batch,
+}
+
+impl Priority {
+    fn to_pb(self) -> pb::Priority {
+        match self {
+            Self::Interactive => pb::Priority::Interactive,
+            Self::Normal => pb::Priority::Normal,
+            Self::Batch => pb::Priority::Batch,
+        }
+    }
+}
 
 /// Runs a file of prompts through Gemini on the pool's keys: resumable, with a progress bar.
 #[derive(Debug, clap::Args)]
@@ -146,6 +165,10 @@ pub struct BatchArgs {
     /// The pool to lease from (default: keylease's default pool).
     #[arg(long, default_value = "")]
     pub pool: String,
+    /// How urgently the tasks wait for keys where keylease has [tenants] (default: normal);
+    /// a class above what this caller's tenant may use is lowered.
+    #[arg(long, value_enum)]
+    pub priority: Option<Priority>,
     /// In-process: the configuration file (default: keylease.toml here, if any); keys also come
     /// from GEMINI_API_KEY_<n>.
     #[arg(long, value_name = "PATH")]
@@ -414,6 +437,9 @@ async fn run_on(
         gemini,
         model: args.model.clone(),
         pool: args.pool.clone(),
+        priority: args
+            .priority
+            .map_or(pb::Priority::Unspecified, Priority::to_pb),
         base,
         system: args.system.clone(),
         json: args.json,

@@ -35,6 +35,8 @@ pub struct Runner {
     pub gemini: GeminiClient,
     pub model: String,
     pub pool: String,
+    /// The class its tasks wait in (`--priority`).
+    pub priority: keylease::pb::Priority,
     /// Generation settings and the like, shared by every task.
     pub base: GenerateContentRequest,
     pub system: Option<String>,
@@ -192,6 +194,7 @@ impl Runner {
             };
             let mut options = AcquireOptions::new(self.lease_task_id(&task), self.model.clone());
             options.pool = self.pool.clone();
+            options.priority = self.priority;
             options.ttl = Some(self.lease_ttl);
             options.estimated_input_tokens = request.estimated_input_tokens();
             let id = &task.id;

@@ -2,6 +2,7 @@
 //! drain.
 
 use super::*;
+use crate::config::tenants::{TenantSettings, Tenants};
 
 /// What changed between the settings in force and those read again, and what of it needs a
 /// restart. Never a secret: keys by id, callers by name.
@@ -44,6 +45,7 @@ pub(super) fn diff(old: &Settings, new: &Settings) -> Reloaded {
             changes.push(format!("key {} removed", key.id));
         }
     }
+    tenants_changed(&old.tenants, &new.tenants, &mut changes);
     let (old_engine, new_engine) = (&old.engine, &new.engine);
     for (name, pool) in &new_engine.pools {
         let Some(was) = old_engine.pools.get(name) else {
@@ -270,5 +272,39 @@ pub(super) fn describe_drains(configured: &Reconfigured, changes: &mut Vec<Strin
             "{} lease(s) dropped: their model or pool is no longer configured",
             configured.dropped_leases
         ));
+    }
+}
+
+/// Tenants added, removed or set otherwise: they decide the calls made from now on.
+fn tenants_changed(old: &Tenants, new: &Tenants, changes: &mut Vec<String>) {
+    let described = |t: &TenantSettings| {
+        format!(
+            "share {}, priority up to {}{}",
+            t.share,
+            t.highest.as_str(),
+            if t.may_name_tenants {
+                ", may name tenants"
+            } else {
+                ""
+            }
+        )
+    };
+    let before: HashMap<&str, &TenantSettings> = old.names().collect();
+    let after: HashMap<&str, &TenantSettings> = new.names().collect();
+    for (name, settings) in new.names() {
+        match before.get(name) {
+            None => changes.push(format!("tenant {name} added ({})", described(settings))),
+            Some(was) if *was != settings => changes.push(format!(
+                "tenant {name}: from {} to {}",
+                described(was),
+                described(settings)
+            )),
+            Some(_) => {}
+        }
+    }
+    for (name, _) in old.names() {
+        if !after.contains_key(name) {
+            changes.push(format!("tenant {name} removed"));
+        }
     }
 }

@@ -1053,3 +1053,53 @@ fn a_failing_hanging_or_garbled_command_is_named_and_never_shows_a_secret() {
     ));
     assert!(error_of(dir.load(&no_env())).contains("is empty"));
 }
+
+#[test]
+fn tenants_are_read_and_each_mistake_names_its_field() {
+    let keys = format!("[[keys]]\nsecret = \"{SECRET}\"\n{POOL}");
+    let dir = Dir::new(&format!(
+        "[tenants.chat]\nshare = 3\npriority = \"interactive\"\n\n[tenants.gateway]\nmay_name_tenants = true\n\n{keys}"
+    ));
+    let tenants = dir.load(&no_env()).unwrap().tenants;
+    let read: Vec<(String, u32, &str, bool)> = tenants
+        .names()
+        .map(|(name, t)| {
+            (
+                name.to_string(),
+                t.share,
+                t.highest.as_str(),
+                t.may_name_tenants,
+            )
+        })
+        .collect();
+    assert_eq!(
+        read,
+        vec![
+            ("chat".to_string(), 3, "interactive", false),
+            ("gateway".to_string(), 1, "normal", true)
+        ]
+    );
+    for (section, expected) in [
+        (
+            "[tenants.chat]\nshare = 0\n",
+            "tenants.chat.share: must be between 1 and 10000",
+        ),
+        (
+            "[tenants.chat]\nshare = 10001\n",
+            "tenants.chat.share: must be between 1 and 10000",
+        ),
+        (
+            "[tenants.chat]\npriority = \"urgent\"\n",
+            "tenants.chat.priority: \"urgent\" is not a class",
+        ),
+        ("[tenants.\"two words\"]\n", "a tenant is a caller's name"),
+        ("[tenants.chat]\nweight = 2\n", "unknown field `weight`"),
+    ] {
+        let dir = Dir::new(&format!("{section}\n{keys}"));
+        let error = error_of(dir.load(&no_env()));
+        assert!(error.contains(expected), "{section}: {error}");
+    }
+    // None configured: an empty set, and calls go as they always went.
+    let dir = Dir::new(&keys);
+    assert!(dir.load(&no_env()).unwrap().tenants.is_empty());
+}

@@ -8,11 +8,13 @@ use super::reply::ProxyError;
 use super::route::{Call, Route, route, valid_model};
 use super::{LISTING_TTL, Proxy};
 use crate::auth::token_sha256;
+use crate::config::tenants::priority_named;
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, Request};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt};
+use keylease::pb;
 use keylease_client::gemini::{Booking, CallError, KEY_HEADER, RetryPolicy, transport, with_lease};
 use keylease_client::lease::Failure;
 use keylease_client::{AcquireOptions, KeyLeaseClient, LeaseGuard};
@@ -25,6 +27,11 @@ use std::time::Duration;
 pub const TASK_HEADER: HeaderName = HeaderName::from_static("x-keylease-task");
 /// Picks the pool to lease from; the server's default when absent.
 pub const POOL_HEADER: HeaderName = HeaderName::from_static("x-keylease-pool");
+/// How urgently the call waits for a key, where the server has tenants: `interactive`,
+/// `normal` (when absent) or `batch`.
+pub const PRIORITY_HEADER: HeaderName = HeaderName::from_static("x-keylease-priority");
+/// The tenant the call waits as, where the caller's tenant may name others.
+pub const TENANT_HEADER: HeaderName = HeaderName::from_static("x-keylease-tenant");
 /// On answers: the id of the key that served the call (never the key).
 pub const KEY_ID_HEADER: HeaderName = HeaderName::from_static("x-keylease-key-id");
 /// The SDKs' own deadline for the call, in seconds.
@@ -84,6 +91,9 @@ struct CheckedCall {
     model: String,
     task_id: String,
     pool: String,
+    /// From [`PRIORITY_HEADER`] and [`TENANT_HEADER`].
+    priority: pb::Priority,
+    tenant: String,
     policy: RetryPolicy,
     upstream: Upstream,
 }
@@ -146,6 +156,17 @@ impl CheckedCall {
         };
         let task_id = text(&TASK_HEADER)?.unwrap_or_else(|| proxy.new_task_id());
         let pool = text(&POOL_HEADER)?.unwrap_or_default();
+        let tenant = text(&TENANT_HEADER)?.unwrap_or_default();
+        let priority = match text(&PRIORITY_HEADER)? {
+            None => pb::Priority::Unspecified,
+            Some(name) => priority_named(name.trim())
+                .map(crate::wire::priority_to_pb)
+                .ok_or_else(|| {
+                    ProxyError::BadRequest(format!(
+                        "{PRIORITY_HEADER}: {name:?} is not a class: interactive, normal or batch"
+                    ))
+                })?,
+        };
         let deadline = match text(&SERVER_TIMEOUT_HEADER)? {
             None => proxy.settings.timeout,
             Some(seconds) => parse_seconds(&seconds)
@@ -176,6 +197,8 @@ impl CheckedCall {
             model,
             task_id,
             pool,
+            priority,
+            tenant,
             policy,
             upstream,
         })
@@ -206,6 +229,8 @@ impl CheckedCall {
         let mut options = AcquireOptions::new(self.task_id.clone(), self.model.clone());
         options.pool = self.pool.clone();
         options.estimated_input_tokens = input_tokens(&self.json).min(keylease::MAX_INPUT_TOKENS);
+        options.priority = self.priority;
+        options.tenant = self.tenant.clone();
         options
     }
 

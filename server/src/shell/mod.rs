@@ -20,6 +20,7 @@ pub use open::{OpenError, Opening, Recovered, token_floor};
 use open::{attest_listed_models, setup_of};
 
 use crate::clock::Clock;
+use crate::config::tenants::{Decided, TenantError, Tenants};
 use crate::config::{ConnectionLimits, Settings, StateLocation};
 use crate::metrics::Metrics;
 use crate::secret::{FingerprintKey, Redactor};
@@ -28,6 +29,7 @@ use crate::store::journal::{Journal, StoreFailed};
 use crate::store::{self, Store, StoreError};
 use keylease_core::ApiKey;
 use keylease_engine::layout::{Snapshot, encode_record};
+use keylease_engine::tenants::{Caller, Priority};
 use keylease_engine::{
     AcquireRequest, Acquired, Command, Engine, EngineError, Event, EventKind, FailureReport,
     KeyView, LeaseView, Notices, Reconfigured, Renewal, Renewed, Reply, Reported, Setup,
@@ -127,6 +129,8 @@ pub struct State {
     pub max_wait: Duration,
     /// Masks every configured secret (keys and auth tokens) in free text; replaced by a reload.
     redactor: RwLock<Arc<Redactor>>,
+    /// The teams sharing the keys, which decide each call's caller; replaced by a reload.
+    tenants: RwLock<Arc<Tenants>>,
     /// Every secret configured since start: one removed by a reload may still be in a client's
     /// hands and so in what it writes, and stays masked.
     secrets: Mutex<HashSet<ApiKey>>,
@@ -150,6 +154,30 @@ impl State {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// The caller of a call by `by` that named tenant `named` and asked for class `asked` (see
+    /// [`Tenants::caller`]).
+    pub fn decide_caller(
+        &self,
+        by: Option<&Arc<str>>,
+        named: &str,
+        asked: Option<Priority>,
+    ) -> Result<Decided, TenantError> {
+        let tenants = self
+            .tenants
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        tenants.caller(by.map_or(crate::auth::ANONYMOUS, |b| b), named, asked)
+    }
+
+    /// `command`, made for `caller` where there is one (tenants configured).
+    pub fn for_caller(command: Command, caller: Option<Caller>) -> Command {
+        match caller {
+            Some(caller) => command.for_caller(caller),
+            None => command,
+        }
     }
 
     /// `text` with any secret in it masked.
@@ -200,6 +228,8 @@ impl State {
             .redactor
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Arc::new(redactor);
+        *self.tenants.write().unwrap_or_else(PoisonError::into_inner) =
+            Arc::new(settings.tenants.clone());
         attest_listed_models(&self.metrics, settings);
         let setup = setup_of(settings, &self.fingerprint_key, self.clock.now());
         Ok(self
@@ -588,7 +618,10 @@ mod tests {
             "[key_sources]\nenvironment = false\n[pools.gemini.models.m]\n[[keys]]\nid = \"k1\"\nsecret = \"fake-key-1\"\n",
         );
         tokio::spawn(state.clone().run_timer());
-        let lease = state.acquire(None, ask("a"), Duration::ZERO).await.unwrap();
+        let lease = state
+            .acquire(None, ask("a"), Duration::ZERO, None)
+            .await
+            .unwrap();
         let report = keylease_engine::FailureReport {
             violations: Vec::new(),
             kind: keylease_engine::FailureKind::DailyQuotaExhausted,
@@ -613,7 +646,7 @@ mod tests {
             let state = state.clone();
             tokio::spawn(async move {
                 state
-                    .acquire(None, ask("b"), Duration::from_secs(3_600))
+                    .acquire(None, ask("b"), Duration::from_secs(3_600), None)
                     .await
             })
         };
@@ -643,11 +676,11 @@ mod tests {
             ..ask(task)
         };
         let lease = state
-            .acquire(None, long("a"), Duration::ZERO)
+            .acquire(None, long("a"), Duration::ZERO, None)
             .await
             .unwrap();
         let other = state
-            .acquire(None, long("b"), Duration::ZERO)
+            .acquire(None, long("b"), Duration::ZERO, None)
             .await
             .unwrap();
         let more = || Renewal {
@@ -657,11 +690,16 @@ mod tests {
             additional_requests: 1,
             additional_tokens: 0,
         };
-        let renewed = state.renew(None, more(), Duration::ZERO).await.unwrap();
+        let renewed = state
+            .renew(None, more(), Duration::ZERO, None)
+            .await
+            .unwrap();
         assert_eq!(renewed.requests_granted, 2);
 
         let began = state.now_ms();
-        let refused = state.renew(None, more(), Duration::from_secs(10)).await;
+        let refused = state
+            .renew(None, more(), Duration::from_secs(10), None)
+            .await;
         assert!(
             matches!(&refused, Err(AcquireFailure::Unavailable(u)) if u.reason == keylease_engine::UnavailableReason::QuotaSpent),
             "{refused:?}"
@@ -671,7 +709,11 @@ mod tests {
         // A renewal whose caller leaves takes itself out of line; the lease stays its holder's.
         let leaving = {
             let (state, renewal) = (state.clone(), more());
-            tokio::spawn(async move { state.renew(None, renewal, Duration::from_secs(120)).await })
+            tokio::spawn(async move {
+                state
+                    .renew(None, renewal, Duration::from_secs(120), None)
+                    .await
+            })
         };
         tokio::time::sleep(Duration::from_secs(1)).await;
         let waits = || state.read(|engine, _| engine.has_waiters());
@@ -689,7 +731,11 @@ mod tests {
         // Room comes when the other lease ends unused, ten seconds on: the renewal wakes then.
         let waiting = {
             let (state, renewal) = (state.clone(), more());
-            tokio::spawn(async move { state.renew(None, renewal, Duration::from_secs(120)).await })
+            tokio::spawn(async move {
+                state
+                    .renew(None, renewal, Duration::from_secs(120), None)
+                    .await
+            })
         };
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(!waiting.is_finished());
@@ -717,13 +763,16 @@ mod tests {
         let mut tokens = Vec::new();
         for i in 0..3 {
             let lease = first
-                .acquire(None, ask(&format!("t{i}")), Duration::ZERO)
+                .acquire(None, ask(&format!("t{i}")), Duration::ZERO, None)
                 .await
                 .unwrap();
             tokens.push(lease.fencing_token);
         }
         let later = state_at(config, first.time().wall_ms + 1);
-        let lease = later.acquire(None, ask("t"), Duration::ZERO).await.unwrap();
+        let lease = later
+            .acquire(None, ask("t"), Duration::ZERO, None)
+            .await
+            .unwrap();
         assert!(
             tokens.iter().all(|&t| t < lease.fencing_token),
             "{tokens:?} then {}",
@@ -750,10 +799,13 @@ mod tests {
         let clock = Clock::starting_at(1_773_086_400_000);
         let (state, _) =
             State::open_on(&settings, clock, Some(Box::new(store)), key, u64::MAX).unwrap();
-        state.acquire(None, ask("a"), Duration::ZERO).await.unwrap();
+        state
+            .acquire(None, ask("a"), Duration::ZERO, None)
+            .await
+            .unwrap();
 
         broken.store(true, Ordering::Relaxed);
-        match state.acquire(None, ask("b"), Duration::ZERO).await {
+        match state.acquire(None, ask("b"), Duration::ZERO, None).await {
             Err(AcquireFailure::Store(failed)) => {
                 assert!(
                     failed.to_string().contains("Input/output error"),
@@ -794,7 +846,7 @@ mod tests {
             State::open_on(&settings, clock, Some(Box::new(store)), key, u64::MAX).unwrap();
         let caller = {
             let state = state.clone();
-            tokio::spawn(async move { state.acquire(None, ask("a"), Duration::ZERO).await })
+            tokio::spawn(async move { state.acquire(None, ask("a"), Duration::ZERO, None).await })
         };
         // The caller runs until it waits for the commit, then goes away.
         tokio::task::yield_now().await;
@@ -820,11 +872,11 @@ mod tests {
             "[key_sources]\nenvironment = false\n[pools.gemini.models.m]\n[[keys]]\nid = \"k1\"\nsecret = \"fake-key-1\"\n",
         );
         let held = state
-            .acquire(None, ask("holder"), Duration::ZERO)
+            .acquire(None, ask("holder"), Duration::ZERO, None)
             .await
             .unwrap();
         let waited = state
-            .acquire(None, ask("waiter"), Duration::from_millis(1_000))
+            .acquire(None, ask("waiter"), Duration::from_millis(1_000), None)
             .await;
         let lease = waited.unwrap_or_else(|failure| panic!("no lease: {failure:?}"));
         assert_eq!(lease.key_id, "k1");

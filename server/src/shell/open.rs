@@ -174,6 +174,7 @@ impl State {
             shutdown: CancellationToken::new(),
             max_wait: settings.max_wait,
             redactor: RwLock::new(Arc::new(settings.redactor())),
+            tenants: RwLock::new(Arc::new(settings.tenants.clone())),
             secrets: Mutex::new(settings.secrets().cloned().collect()),
             fingerprint_key,
             metrics,

@@ -106,15 +106,17 @@ impl Drop for Waiting<'_> {
 }
 
 impl State {
-    /// Lends a key to caller `by`, waiting up to `wait` for one in first-come-first-served order.
+    /// Lends a key to caller `by`, made for `caller` (tenants configured), waiting up to `wait`
+    /// for one in its place in line.
     pub async fn acquire(
         &self,
         by: Option<&Arc<str>>,
         request: AcquireRequest,
         wait: Duration,
+        caller: Option<Caller>,
     ) -> Result<LeaseView, AcquireFailure> {
         let began_ms = self.clock.now_ms();
-        let acquired = self.acquire_waiting(by, request, wait).await;
+        let acquired = self.acquire_waiting(by, request, wait, caller).await;
         if acquired.is_ok() {
             let waited_ms = self.clock.now_ms().saturating_sub(began_ms);
             self.metrics.acquire_waited(waited_ms as f64 / 1000.0);
@@ -127,11 +129,12 @@ impl State {
         by: Option<&Arc<str>>,
         mut request: AcquireRequest,
         wait: Duration,
+        caller: Option<Caller>,
     ) -> Result<LeaseView, AcquireFailure> {
         request.wait = !wait.is_zero();
         let (outcome, applied) = self.apply_queueing(
             by,
-            Command::Acquire(request),
+            State::for_caller(Command::Acquire(request), caller),
             |reply| Ok(((), reply.into_acquired())),
             queued_acquire,
         );
@@ -142,15 +145,15 @@ impl State {
     /// Reports a lease's failure and, in the same command, acquires its replacement for caller
     /// `by`, waiting up to `wait` for one as [`State::acquire`] does. The report is answered
     /// once durable whatever the replacement's fate; an error refuses the report, and then
-    /// nothing was acquired.
+    /// nothing was acquired. `lease`: its id and fencing token.
     pub async fn report_and_replace(
         &self,
         by: Option<&Arc<str>>,
-        lease_id: String,
-        fencing_token: u64,
+        (lease_id, fencing_token): (String, u64),
         report: FailureReport,
         wait: Duration,
         call_ms: Option<u64>,
+        caller: Option<Caller>,
     ) -> Result<(Reported, Result<LeaseView, AcquireFailure>), AcquireFailure> {
         let began_ms = self.clock.now_ms();
         let command = Command::ReportFailureAndReplace {
@@ -160,6 +163,7 @@ impl State {
             wait: !wait.is_zero(),
         }
         .timed(call_ms);
+        let command = State::for_caller(command, caller);
         let (outcome, applied) = self.apply_queueing(
             by,
             command,
@@ -282,18 +286,19 @@ fn queued_acquire<R>(outcome: &AcquiringOutcome<R>) -> Option<WaiterId> {
 impl State {
     /// Renews a lease for caller `by`: it lives on at once, and the requests and tokens it asks
     /// for more are booked when the quota has room, the renewal waiting up to `wait` for it in
-    /// the lease's line (first come, first served with the acquires there; it leaves when the
-    /// lease ends).
+    /// the lease's line (in its place among the acquires there, made for `caller`; it leaves
+    /// when the lease ends).
     pub async fn renew(
         &self,
         by: Option<&Arc<str>>,
         renewal: Renewal,
         wait: Duration,
+        caller: Option<Caller>,
     ) -> Result<LeaseView, AcquireFailure> {
         let command = if wait.is_zero() {
             Command::Renew(renewal)
         } else {
-            Command::RenewWaiting(renewal)
+            State::for_caller(Command::RenewWaiting(renewal), caller)
         };
         let (renewed, applied) =
             self.apply_queueing(by, command, Reply::into_renewed, |renewed| match renewed {

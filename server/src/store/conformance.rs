@@ -130,7 +130,7 @@ fn ask(task: &str) -> AcquireRequest {
 }
 
 async fn acquire(state: &State, task: &str) -> Result<LeaseView, AcquireFailure> {
-    state.acquire(None, ask(task), Duration::ZERO).await
+    state.acquire(None, ask(task), Duration::ZERO, None).await
 }
 
 async fn granted(state: &State, task: &str) -> LeaseView {
@@ -382,10 +382,10 @@ pub async fn a_report_and_its_replacement_survive_together(reopen: Reopen) {
     let (reported, replacement) = state
         .report_and_replace(
             None,
-            a.lease_id.clone(),
-            a.fencing_token,
+            (a.lease_id.clone(), a.fencing_token),
             report,
             Duration::ZERO,
+            None,
             None,
         )
         .await
@@ -434,7 +434,10 @@ pub async fn a_renewal_served_in_line_survives(reopen: Reopen) {
         requests: 2,
         ..ask("a")
     };
-    let a = state.acquire(None, two, Duration::ZERO).await.unwrap();
+    let a = state
+        .acquire(None, two, Duration::ZERO, None)
+        .await
+        .unwrap();
     let b = granted(&state, "b").await;
     let renewing = {
         let (state, a) = (state.clone(), a.clone());
@@ -446,7 +449,9 @@ pub async fn a_renewal_served_in_line_survives(reopen: Reopen) {
                 additional_requests: 1,
                 additional_tokens: 0,
             };
-            state.renew(None, renewal, Duration::from_secs(600)).await
+            state
+                .renew(None, renewal, Duration::from_secs(600), None)
+                .await
         })
     };
     while !state.read(|engine, _| engine.has_waiters()).await.unwrap() {
@@ -511,7 +516,7 @@ pub async fn a_grant_to_a_waiter_survives(reopen: Reopen) {
         let state = state.clone();
         tokio::spawn(async move {
             state
-                .acquire(None, ask("w"), Duration::from_secs(600))
+                .acquire(None, ask("w"), Duration::from_secs(600), None)
                 .await
         })
     };
