@@ -103,6 +103,12 @@ async fn an_interactive_call_goes_before_batch_calls_that_waited_longer() {
     chat.release(release(&first, 1)).await.unwrap();
     let second = batch.await.unwrap().unwrap().into_inner();
     assert_eq!(second.priority(), pb::Priority::Batch);
+    // Counted by tenant and class (the holder's lease too: nightly's, lowered to batch).
+    let series = |tenant: &str, priority: &str| {
+        format!("keylease_tenant_grants_total{{tenant=\"{tenant}\",priority=\"{priority}\"}}")
+    };
+    assert_eq!(server.metric(&series("chat", "interactive")).await, 1.0);
+    assert_eq!(server.metric(&series("nightly", "batch")).await, 2.0);
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 //! the configuration (pool, project, model) and fixed words: never a secret, a key id or a task.
 
 use crate::store::journal::CommitObserver;
+use keylease_engine::tenants::{Caller, Priority};
 use keylease_engine::{CheckOutcome, EventKind, FailureKind, KeyState, LimitKind, StatusView};
 use metrics::{Counter, Histogram, Key, Label, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
@@ -19,6 +20,7 @@ const EXPIRED: &str = "keylease_leases_expired_total";
 const FAILURES: &str = "keylease_failures_reported_total";
 const CHECKS: &str = "keylease_key_checks_total";
 const RELOAD_FAILURES: &str = "keylease_reload_failures_total";
+const TENANT_GRANTS: &str = "keylease_tenant_grants_total";
 const ACQUIRE_WAIT: &str = "keylease_acquire_wait_seconds";
 const ACTIVE: &str = "keylease_leases_active";
 const KEYS: &str = "keylease_keys";
@@ -83,6 +85,8 @@ pub struct Metrics {
     counters: Mutex<HashMap<&'static str, HashMap<String, Counter>>>,
     /// The proxy's answers, by call and HTTP status.
     proxied: Mutex<HashMap<(&'static str, u16), Counter>>,
+    /// Leases granted to acquires made for a tenant, by tenant and class.
+    tenant_grants: Mutex<HashMap<(String, Priority), Counter>>,
     acquire_wait: Histogram,
     commit_latency: Histogram,
     /// Histograms keep each sample until an upkeep folds it into their buckets: they record
@@ -150,6 +154,10 @@ impl Metrics {
             "Checks of keys with the provider, by outcome (fine, refused, no_answer).",
         );
         describe(
+            TENANT_GRANTS,
+            "Leases granted to acquires made for a tenant ([tenants] configured), by tenant (a caller's name) and priority.",
+        );
+        describe(
             RELOAD_FAILURES,
             "Reloads no call asked for that failed, by trigger (sighup, refresh, keys_file): what is in force stays.",
         );
@@ -195,6 +203,7 @@ impl Metrics {
             recorder,
             counters: Mutex::new(HashMap::new()),
             proxied: Mutex::new(HashMap::new()),
+            tenant_grants: Mutex::new(HashMap::new()),
             acquire_wait,
             commit_latency,
             served: std::sync::atomic::AtomicBool::new(false),
@@ -282,6 +291,25 @@ impl Metrics {
                 by_value.insert(value.to_string(), counter);
             }
         }
+    }
+
+    /// A lease was granted to an acquire made for `caller`.
+    pub fn granted_to(&self, caller: &Caller) {
+        let mut counters = self
+            .tenant_grants
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        counters
+            .entry((caller.tenant.clone(), caller.priority))
+            .or_insert_with(|| {
+                let labels = [
+                    ("tenant", caller.tenant.as_str()),
+                    ("priority", caller.priority.as_str()),
+                ];
+                self.recorder
+                    .register_counter(&key(TENANT_GRANTS, &labels), &METADATA)
+            })
+            .increment(1);
     }
 
     /// The proxy answered a `call` with HTTP status `code`.

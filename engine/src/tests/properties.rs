@@ -622,10 +622,10 @@ fn run(ops: Vec<Op>, cut: usize) -> Result<(), TestCaseError> {
                 model.asked_tokens.insert(task.clone(), tokens);
                 let mut acquire = Command::Acquire(request);
                 if requests % 2 == 1 {
-                    // Made for the one tenant there is, of some share: it waits first come,
-                    // first served all the same.
+                    // Made for the one tenant there is (the one every other command is made
+                    // for), of some share: it waits first come, first served all the same.
                     acquire = acquire.for_caller(crate::tenants::Caller {
-                        tenant: "team".into(),
+                        tenant: String::new(),
                         priority: crate::tenants::Priority::Normal,
                         share: tokens as u32,
                     });

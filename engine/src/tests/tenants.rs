@@ -292,3 +292,150 @@ fn places_survive_a_snapshot() {
     let (restored, _) = Engine::restore(read.setup, read.draining, read.image).unwrap();
     assert_eq!(restored.image(), e.image());
 }
+
+mod properties {
+    //! Random joins of waiters of three tenants in three classes, releases, cancels and clock
+    //! advances on a contended pool: every pass serves its line in the places the engine
+    //! gave (no waiter is granted while one placed before it, which could have used the same
+    //! key, stays in line), each place's class is its caller's, and when the callers stop
+    //! coming and holders finish, every waiter is served.
+
+    use super::*;
+    use crate::image::LineImage;
+    use crate::tenants::Place;
+    use proptest::prelude::*;
+
+    const TENANTS: [&str; 3] = ["a", "b", "c"];
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Join { tenant: u8, class: u8, share: u32 },
+        Release { pick: u16, sent: bool },
+        Cancel { pick: u16 },
+        Advance { ms: u64 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            5 => (0..3u8, 0..3u8, 1..5u32).prop_map(|(tenant, class, share)| Op::Join { tenant, class, share }),
+            4 => (any::<u16>(), any::<bool>()).prop_map(|(pick, sent)| Op::Release { pick, sent }),
+            1 => any::<u16>().prop_map(|pick| Op::Cancel { pick }),
+            2 => (0..30_000u64).prop_map(|ms| Op::Advance { ms }),
+        ]
+    }
+
+    /// Each waiter in line, and its place.
+    fn places(line: Option<&LineImage>) -> BTreeMap<WaiterId, Place> {
+        line.map(|line| line.waiters.iter().map(|w| (w.id, w.place)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Applies `command`, checking that the waiters it granted were first in line.
+    fn served_in_place(
+        e: &mut Engine,
+        now: u64,
+        command: Command,
+        granted: &mut Vec<LeaseView>,
+    ) -> Result<Reply, TestCaseError> {
+        let before = places(e.image().lines.first());
+        let (reply, mut notices) = e.apply(Time::at(now), command);
+        notices.extend(e.drain());
+        let after = places(e.image().lines.first());
+        for (id, lease) in notices.waiter_grants {
+            let Some(&place) = before.get(&id) else {
+                // Joined by this very command and granted in it: nobody stood before it.
+                granted.push(lease);
+                continue;
+            };
+            // Spelled out rather than by `Place`'s order: class first, then start, then
+            // arrival.
+            let key = |p: Place, id: WaiterId| (p.priority, p.start, id);
+            for (&other, &other_place) in &after {
+                prop_assert!(
+                    key(other_place, other) > key(place, id),
+                    "waiter {id} at {place:?} was granted while {other} at {other_place:?} stays"
+                );
+            }
+            granted.push(lease);
+        }
+        Ok(reply)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn lines_are_served_in_their_places_and_every_waiter_is_served(
+            ops in prop::collection::vec(op(), 1..80)
+        ) {
+            let mut e = new_engine(
+                config(6, 1_000_000),
+                key_specs(&[("k1", "p1"), ("k2", "p1"), ("k3", "p1")]),
+            )
+            .unwrap();
+            let mut now = T0;
+            let mut live: Vec<LeaseView> = Vec::new();
+            let mut tasks = 0u32;
+            let mut classes: BTreeMap<WaiterId, Priority> = BTreeMap::new();
+            for op in ops {
+                match op {
+                    Op::Join { tenant, class, share } => {
+                        tasks += 1;
+                        let who = caller(TENANTS[tenant as usize], Priority::ALL[class as usize], share);
+                        let request = AcquireRequest { wait: true, ..ask(&format!("t{tasks}")) };
+                        let command = Command::Acquire(request).for_caller(who.clone());
+                        match served_in_place(&mut e, now, command, &mut live)?.into_acquired() {
+                            Ok(Acquired::Queued(id)) => {
+                                classes.insert(id, who.priority);
+                            }
+                            Ok(Acquired::Granted(lease)) => live.push(lease),
+                            other => prop_assert!(false, "{other:?}"),
+                        }
+                    }
+                    Op::Release { pick, sent } if !live.is_empty() => {
+                        let lease = live.remove(pick as usize % live.len());
+                        let release = Command::Release {
+                            lease_id: lease.lease_id,
+                            fencing_token: lease.fencing_token,
+                            usage: used(u32::from(sent), 0),
+                        };
+                        served_in_place(&mut e, now, release, &mut live)?;
+                    }
+                    Op::Cancel { pick } => {
+                        let waiting: Vec<WaiterId> = places(e.image().lines.first()).into_keys().collect();
+                        if !waiting.is_empty() {
+                            let id = waiting[pick as usize % waiting.len()];
+                            served_in_place(&mut e, now, Command::CancelWaiter(id), &mut live)?;
+                        }
+                    }
+                    Op::Advance { ms } => {
+                        now += ms;
+                        served_in_place(&mut e, now, Command::Tick, &mut live)?;
+                    }
+                    Op::Release { .. } => {}
+                }
+                for (id, place) in places(e.image().lines.first()) {
+                    prop_assert_eq!(Some(&place.priority), classes.get(&id), "waiter {}", id);
+                }
+            }
+            // Nobody comes any more; holders finish, and the clock moves on: every waiter is
+            // served, however it was placed.
+            for _ in 0..200 {
+                if !e.has_waiters() {
+                    break;
+                }
+                for lease in std::mem::take(&mut live) {
+                    let release = Command::Release {
+                        lease_id: lease.lease_id,
+                        fencing_token: lease.fencing_token,
+                        usage: used(1, 0),
+                    };
+                    served_in_place(&mut e, now, release, &mut live)?;
+                }
+                now += 20 * SECOND;
+                served_in_place(&mut e, now, Command::Tick, &mut live)?;
+            }
+            prop_assert!(!e.has_waiters(), "waiters left: {:?}", e.image().lines);
+        }
+    }
+}

@@ -116,7 +116,11 @@ impl State {
         caller: Option<Caller>,
     ) -> Result<LeaseView, AcquireFailure> {
         let began_ms = self.clock.now_ms();
+        let counted = caller.clone();
         let acquired = self.acquire_waiting(by, request, wait, caller).await;
+        if let (Ok(_), Some(caller)) = (&acquired, &counted) {
+            self.metrics.granted_to(caller);
+        }
         if acquired.is_ok() {
             let waited_ms = self.clock.now_ms().saturating_sub(began_ms);
             self.metrics.acquire_waited(waited_ms as f64 / 1000.0);
@@ -163,6 +167,7 @@ impl State {
             wait: !wait.is_zero(),
         }
         .timed(call_ms);
+        let counted = caller.clone();
         let command = State::for_caller(command, caller);
         let (outcome, applied) = self.apply_queueing(
             by,
@@ -177,6 +182,9 @@ impl State {
             Ok(acquired) => self.deliver_acquired(acquired, applied, wait).await,
             Err(error) => Err(error.into()),
         };
+        if let (Ok(_), Some(caller)) = (&replacement, &counted) {
+            self.metrics.granted_to(caller);
+        }
         if replacement.is_ok() {
             let waited_ms = self.clock.now_ms().saturating_sub(began_ms);
             self.metrics.acquire_waited(waited_ms as f64 / 1000.0);
