@@ -28,18 +28,11 @@ fn waiting(reply: Reply) -> WaiterId {
     queued(reply.into_acquired())
 }
 
-#[test]
-fn an_interactive_waiter_is_served_before_batch_waiters_that_came_earlier() {
-    let mut e = engine(&[("k1", "p1")]);
-    let holder = granted(e.acquire(T0, ask("holder")));
-    let batch = caller("nightly", Priority::Batch, 1);
-    let interactive = caller("chat", Priority::Interactive, 1);
-    let b1 = waiting(wait_for(&mut e, T0, "b1", &batch));
-    let b2 = waiting(wait_for(&mut e, T0, "b2", &batch));
-    let i1 = waiting(wait_for(&mut e, T0 + 1, "i1", &interactive));
-    let mut lease = holder;
+/// The waiters a one-key pool serves, in order, as `lease` and each lease after it are
+/// released a second apart, `rounds` times.
+fn served_one_by_one(e: &mut Engine, mut lease: LeaseView, rounds: u64) -> Vec<WaiterId> {
     let mut order = Vec::new();
-    for n in 1..=3 {
+    for n in 1..=rounds {
         e.release(
             T0 + n * SECOND,
             &lease.lease_id,
@@ -52,7 +45,19 @@ fn an_interactive_waiter_is_served_before_batch_waiters_that_came_earlier() {
         order.push(grants[0].0);
         lease = grants[0].1.clone();
     }
-    assert_eq!(order, vec![i1, b1, b2]);
+    order
+}
+
+#[test]
+fn an_interactive_waiter_is_served_before_batch_waiters_that_came_earlier() {
+    let mut e = engine(&[("k1", "p1")]);
+    let holder = granted(e.acquire(T0, ask("holder")));
+    let batch = caller("nightly", Priority::Batch, 1);
+    let interactive = caller("chat", Priority::Interactive, 1);
+    let b1 = waiting(wait_for(&mut e, T0, "b1", &batch));
+    let b2 = waiting(wait_for(&mut e, T0, "b2", &batch));
+    let i1 = waiting(wait_for(&mut e, T0 + 1, "i1", &interactive));
+    assert_eq!(served_one_by_one(&mut e, holder, 3), vec![i1, b1, b2]);
 }
 
 #[test]
@@ -201,25 +206,12 @@ fn an_idle_tenants_share_goes_to_the_other_and_it_banks_nothing() {
 #[test]
 fn one_tenant_is_served_first_come_first_served() {
     let mut e = engine(&[("k1", "p1")]);
-    let mut lease = granted(e.acquire(T0, ask("holder")));
+    let holder = granted(e.acquire(T0, ask("holder")));
     let team = caller("team", Priority::Normal, 7);
     let ids: Vec<WaiterId> = (0..5)
         .map(|n| waiting(wait_for(&mut e, T0, &format!("w{n}"), &team)))
         .collect();
-    let mut order = Vec::new();
-    for n in 1..=5 {
-        e.release(
-            T0 + n * SECOND,
-            &lease.lease_id,
-            lease.fencing_token,
-            used(1, 0),
-        )
-        .unwrap();
-        let grants = e.drain().waiter_grants;
-        order.push(grants[0].0);
-        lease = grants[0].1.clone();
-    }
-    assert_eq!(order, ids);
+    assert_eq!(served_one_by_one(&mut e, holder, 5), ids);
 }
 
 #[test]
