@@ -274,6 +274,38 @@ async fn in_turn(
     Ok(measured)
 }
 
+/// The lease cycle on the ephemeral server against the same server with `[tenants]` (every
+/// acquire then decided for a tenant and made for it), 16 clients, taken in turn.
+async fn with_and_without_tenants(
+    dir: &std::path::Path,
+    keys: &[(String, String, String)],
+    without: &procs::Child,
+    rounds: usize,
+    round: Duration,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir.join("tenants"))?;
+    let config = procs::keylease_config(
+        &dir.join("tenants"),
+        keys,
+        MODEL,
+        "",
+        "[state]\nephemeral = true\n\n[tenants.anonymous]\nshare = 3\npriority = \"interactive\"",
+    )?;
+    let with = procs::spawn(&["serve".into(), config.display().to_string()], true)?;
+    let (mut none, mut some) = (Samples::default(), Samples::default());
+    for _ in 0..rounds {
+        none.add(measure(without, 16, round, Pace::Closed, cycle).await?);
+        some.add(measure(&with, 16, round, Pace::Closed, cycle).await?);
+    }
+    println!(
+        "\nWith `[tenants]` (each acquire decided for a tenant and made for it), 16 clients, taken in turn: {:.0} cycles/s without, {:.0} with ({:.3} of without).",
+        none.per_second(),
+        some.per_second(),
+        some.per_second() / none.per_second()
+    );
+    Ok(())
+}
+
 pub async fn run(smoke: bool) -> anyhow::Result<()> {
     let dir = procs::scratch("overhead")?;
     // More keys than clients, no limits: the cycle measures the service, not contention.
@@ -420,6 +452,7 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         server.peak_memory_mib().unwrap_or(0.0),
         servers.durable.peak_memory_mib().unwrap_or(0.0)
     );
+    with_and_without_tenants(&dir, &keys, &servers.ephemeral, rounds, round).await?;
     let engine = engine_alone(&ephemeral_config, if smoke { 20_000 } else { 1_000_000 })?;
     println!(
         "\nThe engine alone, in this process without gRPC: {engine:.0} AcquireKey+Release cycles/s on one core."
